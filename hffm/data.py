@@ -1,0 +1,291 @@
+"""Synthetic multi-task VQA, deterministic by seed, and its non-IID split over devices.
+
+Two tasks with different questions and label spaces:
+- ``art`` (an attribute task, after AQUA): one shape on a textured canvas; "what color is the
+  shape ?" / "what shape is it ?" -> {red, green, blue, yellow, circle, square, triangle}.
+- ``gqa`` (a relational task, after GQA): two shapes of different colours, one on each side;
+  "what color is the left|right shape ?" / "is the C1 shape left of the C2 shape ?" ->
+  {red, green, blue, yellow, yes, no}.
+
+Every sample is rendered from its own generator seeded by (seed, task, index), so any node can
+build any sample without data moving. Each task's training pool has uniform labels; its samples are
+split over the devices holding the task by a Dirichlet(alpha) over each label's share. A device's
+local test split follows its own label mix; the global test set of a task is uniform.
+The tokenizer is a word-level ``PreTrainedTokenizerFast`` built offline from the question vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.8, 0.2),
+    "blue": (0.15, 0.25, 0.95),
+    "yellow": (0.95, 0.9, 0.1),
+}
+SHAPES = ("circle", "square", "triangle")
+TASK_LABELS: dict[str, list[str]] = {
+    "art": [*COLORS, *SHAPES],
+    "gqa": [*COLORS, "yes", "no"],
+}
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = sorted(
+    {
+        *"what color is the shape it ? left right of in picture".split(),
+        *COLORS,
+        *SHAPES,
+    }
+)
+# ViLT/BERT-style normalisation of pixel values.
+_MEAN, _STD = 0.5, 0.5
+
+
+@lru_cache(maxsize=1)
+def build_tokenizer():
+    """A word-level tokenizer over the synthetic vocabulary, built without any download."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def load_tokenizer(backbone: str):
+    """The synthetic tokenizer for the tiny backbone; a checkpoint directory's own one otherwise
+    (falling back to the synthetic one when the directory ships none)."""
+    if backbone == "tiny":
+        return build_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(backbone, local_files_only=True)
+    except (OSError, ValueError):
+        return build_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+def _shape_mask(shape: str, size: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
+    # triangle pointing up: inside when below the apex lines and above the base
+    top, base = cy - r, cy + r * 0.8
+    half = (yy - top) / (base - top) * r
+    return (yy >= top) & (yy <= base) & (np.abs(xx - cx) <= half)
+
+
+def _canvas(rng: np.random.Generator, size: int) -> np.ndarray:
+    bg = rng.uniform(0.0, 0.35, size=3).astype(np.float32)
+    img = np.broadcast_to(bg[:, None, None], (3, size, size)).copy()
+    img += rng.normal(0, 0.04, size=img.shape).astype(np.float32)
+    return img
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, color: str, rng: np.random.Generator) -> None:
+    c = np.asarray(COLORS[color], dtype=np.float32) + rng.normal(0, 0.04, 3).astype(np.float32)
+    img[:, mask] = c[:, None]
+
+
+def render_sample(task: str, label: int, seed: int, index: int, size: int) -> tuple[np.ndarray, str]:
+    """(image CHW float32 in [0,1], question) for one sample whose answer is ``label``."""
+    rng = np.random.default_rng([seed, 0 if task == "art" else 1, index])
+    answer = TASK_LABELS[task][label]
+    img = _canvas(rng, size)
+    colors = list(COLORS)
+    if task == "art":
+        if answer in COLORS:
+            color, shape = answer, SHAPES[rng.integers(len(SHAPES))]
+            question = "what color is the shape ?"
+        else:
+            color, shape = colors[rng.integers(len(colors))], answer
+            question = "what shape is it ?"
+        r = rng.uniform(0.22, 0.34) * size
+        cy, cx = rng.uniform(r, size - r, size=2)
+        _paint(img, _shape_mask(shape, size, cy, cx, r), color, rng)
+    elif task == "gqa":
+        c_left, c_right = rng.choice(len(colors), size=2, replace=False)
+        left, right = colors[c_left], colors[c_right]
+        kind = "color" if answer in COLORS else "relation"
+        if kind == "color":
+            side = rng.integers(2)
+            target = left if side == 0 else right
+            if target != answer:  # make the asked side carry the answer colour
+                other = [c for c in colors if c != answer][rng.integers(3)]
+                left, right = (answer, other) if side == 0 else (other, answer)
+            question = f"what color is the {'left' if side == 0 else 'right'} shape ?"
+        else:
+            a, b = (left, right) if answer == "yes" else (right, left)
+            question = f"is the {a} shape left of the {b} shape ?"
+        r = rng.uniform(0.14, 0.2) * size
+        for col, (lo, hi) in ((left, (r, size / 2 - r * 0.3)), (right, (size / 2 + r * 0.3, size - r))):
+            cx = rng.uniform(lo, max(lo, hi))
+            cy = rng.uniform(r, size - r)
+            _paint(img, _shape_mask(SHAPES[rng.integers(len(SHAPES))], size, cy, cx, r), col, rng)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return np.clip(img, 0.0, 1.0), question
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    """Pre-tokenised, pre-rendered samples of one task: tensors indexed by sample."""
+
+    task: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
+        pv = self.pixel_values[idx].to(device)
+        return {
+            "input_ids": self.input_ids[idx].to(device),
+            "attention_mask": self.attention_mask[idx].to(device),
+            "pixel_values": pv,
+            "pixel_mask": torch.ones(pv.shape[0], pv.shape[2], pv.shape[3], dtype=torch.long, device=device),
+            "labels": self.labels[idx].to(device),
+        }
+
+    def label_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=len(TASK_LABELS[self.task])).tolist()
+
+
+def make_task_data(task: str, labels: np.ndarray, indices: np.ndarray, seed: int, image_size: int,
+                   max_text_len: int, tokenizer) -> TaskData:
+    imgs, questions = [], []
+    for lab, idx in zip(labels.tolist(), indices.tolist(), strict=True):
+        img, q = render_sample(task, int(lab), seed, int(idx), image_size)
+        imgs.append(img)
+        questions.append(q)
+    enc = tokenizer(
+        questions, padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt"
+    ) if questions else {"input_ids": torch.zeros(0, max_text_len, dtype=torch.long),
+                         "attention_mask": torch.zeros(0, max_text_len, dtype=torch.long)}
+    pix = torch.from_numpy(np.stack(imgs)) if imgs else torch.zeros(0, 3, image_size, image_size)
+    return TaskData(
+        task=task,
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        pixel_values=(pix - _MEAN) / _STD,
+        labels=torch.as_tensor(labels, dtype=torch.long),
+    )
+
+
+def dirichlet_split(
+    labels: np.ndarray, n_parts: int, alpha: float, rng: np.random.Generator, min_size: int = 1
+) -> list[np.ndarray]:
+    """Split sample indices over ``n_parts`` with a Dirichlet(alpha) over each label's share.
+
+    Redraws (bounded) until every part holds at least ``min_size`` samples, the usual practice for
+    small alpha; raises when impossible."""
+    if n_parts < 1:
+        raise ValueError("n_parts must be >= 1")
+    if len(labels) < n_parts * min_size:
+        raise ValueError(f"{len(labels)} samples cannot give {n_parts} parts of >= {min_size}")
+    classes = np.unique(labels)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(n_parts)]
+        for c in classes:
+            idx = np.flatnonzero(labels == c)
+            idx = idx[rng.permutation(len(idx))]
+            props = rng.dirichlet(np.full(n_parts, alpha))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for p, piece in enumerate(np.split(idx, cuts)):
+                parts[p].extend(piece.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"could not draw a Dirichlet({alpha}) split with >= {min_size} samples per part")
+
+
+def device_tasks(device_index: int, tasks: list[str], tasks_per_device: int | str) -> list[str]:
+    """Tasks of the device with global index ``device_index`` (round-robin when not 'all')."""
+    if tasks_per_device == "all" or int(tasks_per_device) >= len(tasks):
+        return list(tasks)
+    k = int(tasks_per_device)
+    return [tasks[(device_index + j) % len(tasks)] for j in range(k)]
+
+
+def task_pool_labels(task: str, n: int, seed: int) -> np.ndarray:
+    """Uniform labels of a task's training pool (sample i has answer labels[i])."""
+    rng = np.random.default_rng([seed, 101, 0 if task == "art" else 1])
+    n_labels = len(TASK_LABELS[task])
+    labels = np.arange(n) % n_labels
+    return labels[rng.permutation(n)]
+
+
+@dataclass
+class DeviceData:
+    train: dict[str, TaskData]
+    test: dict[str, TaskData]
+
+    def train_samples(self) -> dict[str, int]:
+        return {t: len(d) for t, d in self.train.items()}
+
+
+def split_for_task(task: str, holders: list[str], cfg_data, seed: int) -> dict[str, np.ndarray]:
+    """Pool sample indices of ``task`` for each device in ``holders`` (deterministic)."""
+    labels = task_pool_labels(task, cfg_data.train_per_task, seed)
+    rng = np.random.default_rng([seed, 202, 0 if task == "art" else 1])
+    parts = dirichlet_split(labels, len(holders), cfg_data.alpha, rng, cfg_data.min_samples_per_device)
+    return dict(zip(holders, parts, strict=True))
+
+
+def build_device_data(cfg, device_id: str, holders_by_task: dict[str, list[str]], tokenizer) -> DeviceData:
+    """This device's train split (Dirichlet share of each of its tasks) and local test split."""
+    train, test = {}, {}
+    for task, holders in holders_by_task.items():
+        if device_id not in holders:
+            continue
+        labels = task_pool_labels(task, cfg.data.train_per_task, cfg.seed)
+        idx = split_for_task(task, holders, cfg.data, cfg.seed)[device_id]
+        train[task] = make_task_data(
+            task, labels[idx], idx, cfg.seed, cfg.model.image_size, cfg.model.max_text_len, tokenizer
+        )
+        # Local test: same label mix as the device's train split, fresh samples (indices past the pool).
+        counts = np.bincount(labels[idx], minlength=len(TASK_LABELS[task])).astype(np.float64)
+        rng = np.random.default_rng([cfg.seed, 303, holders.index(device_id), 0 if task == "art" else 1])
+        n = cfg.data.local_test_per_device
+        test_labels = rng.choice(len(counts), size=n, p=counts / counts.sum())
+        base = cfg.data.train_per_task + cfg.data.global_test_per_task + holders.index(device_id) * n
+        test[task] = make_task_data(
+            task, test_labels, np.arange(base, base + n), cfg.seed, cfg.model.image_size,
+            cfg.model.max_text_len, tokenizer,
+        )
+    return DeviceData(train, test)
+
+
+def build_global_test(cfg, task: str, tokenizer) -> TaskData:
+    n = cfg.data.global_test_per_task
+    labels = np.arange(n) % len(TASK_LABELS[task])
+    idx = np.arange(cfg.data.train_per_task, cfg.data.train_per_task + n)
+    return make_task_data(task, labels, idx, cfg.seed, cfg.model.image_size, cfg.model.max_text_len, tokenizer)

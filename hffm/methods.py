@@ -1,0 +1,163 @@
+"""Methods: who sends which modules to whom in a round.
+
+A ``Method`` turns (round, topology) into a ``RoundPlan``: for every node taking part, the ordered
+steps it executes. The services carry plans out without knowing which method they serve; adding a
+method (D2D clusters, edge-only, per-module schedules) is adding a class to ``METHODS``.
+
+Steps:
+- ``Train``: local training of the node's modules (devices).
+- ``Send(to, link, tag, modules)``: push those modules (the node's current ones) to ``to``,
+  feeding ``to``'s collect step ``tag``.
+- ``Collect(tag, senders, link)``: wait for a push from every sender, FedAvg what arrived, and
+  adopt the result as the node's current modules (a single sender means: adopt what it sent).
+- ``Evaluate``: test the node's current modules (devices).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from hffm.topology import CLOUD, Topology
+
+# Link kinds (also metric and results labels).
+DEVICE_EDGE = "device_edge"
+EDGE_CLOUD = "edge_cloud"
+DEVICE_CLOUD = "device_cloud"
+D2D = "d2d"
+LINK_KINDS = (DEVICE_EDGE, EDGE_CLOUD, DEVICE_CLOUD, D2D)
+
+
+@dataclass(frozen=True)
+class Train:
+    pass
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    pass
+
+
+@dataclass(frozen=True)
+class Send:
+    to: str
+    link: str
+    tag: str
+    modules: tuple[str, ...]
+    route: tuple[str, ...] = ()  # intermediate hops (D2D relaying); empty: direct
+
+
+@dataclass(frozen=True)
+class Collect:
+    tag: str
+    senders: tuple[str, ...]
+    link: str
+    include_self: bool = False
+
+
+Step = Train | Evaluate | Send | Collect
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    steps: dict[str, list[Step]] = field(default_factory=dict)
+
+    def add(self, node: str, *steps: Step) -> None:
+        self.steps.setdefault(node, []).extend(steps)
+
+    def transfers(self) -> list[tuple[str, Send]]:
+        return [(n, s) for n, ss in self.steps.items() for s in ss if isinstance(s, Send)]
+
+    def validate(self) -> None:
+        """Every Send feeds a Collect at its receiver listing the sender; every Collect's senders send."""
+        collects = {(n, s.tag): s for n, ss in self.steps.items() for s in ss if isinstance(s, Collect)}
+        sends = self.transfers()
+        for n, s in sends:
+            c = collects.get((s.to, s.tag))
+            if c is None or n not in c.senders:
+                raise ValueError(f"round {self.round}: {n} sends to {s.to}/{s.tag} which does not collect from it")
+        for (n, tag), c in collects.items():
+            for sender in c.senders:
+                if not any(src == sender and s.to == n and s.tag == tag for src, s in sends):
+                    raise ValueError(f"round {self.round}: {n}/{tag} waits for {sender} which never sends")
+
+
+class Method(ABC):
+    name: str
+
+    def __init__(self, e_agg: int = 1) -> None:
+        self.e_agg = e_agg
+
+    @abstractmethod
+    def plan(self, round_: int, topo: Topology) -> RoundPlan: ...
+
+    def cloud_round(self, round_: int) -> bool:
+        """Whether the cloud aggregates in this round."""
+        return True
+
+
+class Star(Method):
+    """Conventional FFM: every device uploads to the cloud each round; FedAvg there; broadcast."""
+
+    name = "star"
+
+    def plan(self, round_: int, topo: Topology) -> RoundPlan:
+        plan = RoundPlan(round_)
+        devices = [d.id for d in topo.devices]
+        for d in devices:
+            plan.add(
+                d,
+                Train(),
+                Send(CLOUD, DEVICE_CLOUD, "aggregate", tuple(topo.modules_for(d))),
+                Collect("broadcast", (CLOUD,), DEVICE_CLOUD),
+                Evaluate(),
+            )
+        plan.add(CLOUD, Collect("aggregate", tuple(devices), DEVICE_CLOUD))
+        plan.add(CLOUD, *(Send(d, DEVICE_CLOUD, "broadcast", tuple(topo.modules_for(d))) for d in devices))
+        return plan
+
+
+class HFM(Method):
+    """HF-FM: devices <-> edge every round; edges <-> cloud every ``e_agg`` rounds."""
+
+    name = "hfm"
+
+    def cloud_round(self, round_: int) -> bool:
+        return round_ % self.e_agg == 0
+
+    def plan(self, round_: int, topo: Topology) -> RoundPlan:
+        plan = RoundPlan(round_)
+        sync = self.cloud_round(round_)
+        for edge in topo.edges:
+            members = [d.id for d in topo.cluster(edge)]
+            for d in members:
+                plan.add(
+                    d,
+                    Train(),
+                    Send(edge, DEVICE_EDGE, "aggregate", tuple(topo.modules_for(d))),
+                    Collect("broadcast", (edge,), DEVICE_EDGE),
+                    Evaluate(),
+                )
+            plan.add(edge, Collect("aggregate", tuple(members), DEVICE_EDGE))
+            if sync:
+                plan.add(
+                    edge,
+                    Send(CLOUD, EDGE_CLOUD, "aggregate", tuple(topo.modules_for(edge))),
+                    Collect("broadcast", (CLOUD,), EDGE_CLOUD),
+                )
+            plan.add(edge, *(Send(d, DEVICE_EDGE, "broadcast", tuple(topo.modules_for(d))) for d in members))
+        if sync:
+            plan.add(CLOUD, Collect("aggregate", topo.edges, EDGE_CLOUD))
+            plan.add(CLOUD, *(Send(e, EDGE_CLOUD, "broadcast", tuple(topo.modules_for(e))) for e in topo.edges))
+        return plan
+
+
+METHODS: dict[str, type[Method]] = {Star.name: Star, HFM.name: HFM}
+
+
+def make_method(name: str, e_agg: int = 1) -> Method:
+    try:
+        return METHODS[name](e_agg=e_agg)
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None

@@ -1,0 +1,246 @@
+"""Frozen ViLT backbone + Double-Adapters + per-task heads.
+
+The trainable parts are *modules*, each with a name derived from where it sits: ``adapter.<layer>``
+(the Double-Adapter of transformer layer ``<layer>``) and ``head.<task>``. The same string names a
+module in memory, on the wire, in safetensors files, in metrics and in logs.
+
+Wiring (fixing the seed code, which discarded the feed-forward output): in each ViLT layer the
+feed-forward output ``f = Dropout(Dense(intermediate))`` becomes ``f + A1(f) + A2(f)`` before the
+layer's residual addition. With the adapters' up-projections zero-initialised the model computes
+exactly what the frozen backbone computes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hffm.config import HFFMConfig, ModelConfig
+
+ADAPTER_PREFIX = "adapter."
+HEAD_PREFIX = "head."
+
+
+def adapter_name(layer: int) -> str:
+    return f"{ADAPTER_PREFIX}{layer}"
+
+
+def head_name(task: str) -> str:
+    return f"{HEAD_PREFIX}{task}"
+
+
+def task_of(module: str) -> str | None:
+    """The task a module belongs to (heads), or None (shared modules such as adapters)."""
+    return module[len(HEAD_PREFIX):] if module.startswith(HEAD_PREFIX) else None
+
+
+class BottleneckAdapter(nn.Module):
+    """down-projection -> GELU -> up-projection (up zero-initialised: starts as the identity map)."""
+
+    def __init__(self, hidden: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck)
+        self.act = nn.GELU()
+        self.up = nn.Linear(bottleneck, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))
+
+
+class DoubleAdapter(nn.Module):
+    """Two parallel bottleneck adapters whose outputs are summed."""
+
+    def __init__(self, hidden: int, bottleneck: int) -> None:
+        super().__init__()
+        self.a = BottleneckAdapter(hidden, bottleneck)
+        self.b = BottleneckAdapter(hidden, bottleneck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class TaskHead(nn.Module):
+    """Answer classifier on the pooled output (ViLT's VQA head shape, smaller hidden)."""
+
+    def __init__(self, hidden: int, head_hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(hidden, head_hidden),
+            nn.LayerNorm(head_hidden),
+            nn.GELU(),
+            nn.Linear(head_hidden, num_labels),
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled)
+
+
+class AdaptedOutput(nn.Module):
+    """Replaces ``ViltOutput``: keeps its dense/dropout (frozen) and adds the Double-Adapter."""
+
+    def __init__(self, original: nn.Module, adapter: DoubleAdapter) -> None:
+        super().__init__()
+        self.dense = original.dense
+        self.dropout = original.dropout
+        self.adapter = adapter
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        ffn = self.dropout(self.dense(hidden_states))
+        return ffn + self.adapter(ffn) + input_tensor
+
+
+def _stable_seed(base: int, name: str) -> int:
+    return (base * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def build_trainable_modules(
+    hidden: int, num_layers: int, model_cfg: ModelConfig, task_labels: dict[str, int]
+) -> nn.ModuleDict:
+    """All modules of the federation, initialised identically on every node (seeded by name).
+
+    Keys are module names with ``.`` replaced by ``:`` (ModuleDict keys cannot contain dots).
+    """
+    mods: dict[str, nn.Module] = {}
+    for layer in range(num_layers):
+        name = adapter_name(layer)
+        torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
+        mods[name.replace(".", ":")] = DoubleAdapter(hidden, model_cfg.bottleneck)
+    for task, n in task_labels.items():
+        name = head_name(task)
+        torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
+        mods[name.replace(".", ":")] = TaskHead(hidden, model_cfg.head_hidden, n)
+    return nn.ModuleDict(mods)
+
+
+def tiny_vilt_config(model_cfg: ModelConfig, vocab_size: int):
+    from transformers import ViltConfig
+
+    return ViltConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        intermediate_size=model_cfg.intermediate_size,
+        image_size=model_cfg.image_size,
+        patch_size=model_cfg.patch_size,
+        max_position_embeddings=max(model_cfg.max_text_len, 8),
+        max_image_length=-1,  # keep every patch: no random patch sampling
+        initializer_range=model_cfg.initializer_range,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def backbone_dims(cfg: HFFMConfig) -> tuple[int, int]:
+    """(hidden_size, num_layers) of the configured backbone, without building it."""
+    if cfg.model.backbone == "tiny":
+        return cfg.model.hidden_size, cfg.model.num_layers
+    from transformers import ViltConfig
+
+    vc = ViltConfig.from_pretrained(_local_dir(cfg.model.backbone))
+    return vc.hidden_size, vc.num_hidden_layers
+
+
+def _local_dir(path: str) -> str:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"model.backbone: {path!r} is neither 'tiny' nor a local checkpoint directory (no hub access)"
+        )
+    return str(p)
+
+
+def build_backbone(cfg: HFFMConfig, vocab_size: int):
+    """A frozen ``ViltModel``: seeded random tiny config, or ``from_pretrained`` on a local dir."""
+    from transformers import ViltModel
+
+    if cfg.model.backbone == "tiny":
+        torch.manual_seed(cfg.model.init_seed)
+        backbone = ViltModel(tiny_vilt_config(cfg.model, vocab_size))
+    else:
+        backbone = ViltModel.from_pretrained(_local_dir(cfg.model.backbone), local_files_only=True)
+        backbone.config.max_image_length = -1
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone
+
+
+class HFFMModel(nn.Module):
+    """A frozen ViLT with Double-Adapters injected in every layer and one head per task."""
+
+    def __init__(self, backbone: nn.Module, modules: nn.ModuleDict) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.trainable = modules
+        layers = backbone.encoder.layer
+        for i, layer in enumerate(layers):
+            key = adapter_name(i).replace(".", ":")
+            if key not in modules:
+                raise ValueError(f"no module {adapter_name(i)} for backbone layer {i}")
+            layer.output = AdaptedOutput(layer.output, modules[key])
+
+    # -- modules ---------------------------------------------------------------------------
+    def module_names(self) -> list[str]:
+        return [k.replace(":", ".") for k in self.trainable]
+
+    def module(self, name: str) -> nn.Module:
+        return self.trainable[name.replace(".", ":")]
+
+    def module_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.module(name).state_dict().items()}
+
+    def load_module_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        self.module(name).load_state_dict(state, strict=True)
+
+    def trainable_parameters(self, names: Iterable[str]) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for n in names:
+            params.extend(self.module(n).parameters())
+        return params
+
+    # -- forward ---------------------------------------------------------------------------
+    def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+            pixel_values=batch["pixel_values"],
+            pixel_mask=batch["pixel_mask"],
+        )
+        return out.pooler_output
+
+    def forward(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        return self.module(head_name(task))(self.pooled(batch))
+
+    def train(self, mode: bool = True) -> HFFMModel:
+        super().train(mode)
+        self.backbone.eval()  # the backbone is frozen: never in training mode (dropout off)
+        return self
+
+
+def build_model(cfg: HFFMConfig, vocab_size: int, task_labels: dict[str, int]) -> HFFMModel:
+    backbone = build_backbone(cfg, vocab_size)
+    hidden, layers = backbone.config.hidden_size, backbone.config.num_hidden_layers
+    mods = build_trainable_modules(hidden, layers, cfg.model, task_labels)
+    return HFFMModel(backbone, mods)
+
+
+def initial_modules(cfg: HFFMConfig, names: list[str], task_labels: dict[str, int]):
+    """The federation's round-0 modules (identical on every node), restricted to ``names``,
+    built without the backbone (edges and the cloud never load it)."""
+    from hffm.modules import Module
+
+    hidden, layers = backbone_dims(cfg)
+    mods = build_trainable_modules(hidden, layers, cfg.model, task_labels)
+    out = {}
+    for n in names:
+        state = {k: v.detach().clone() for k, v in mods[n.replace(".", ":")].state_dict().items()}
+        out[n] = Module(n, state, 0, 1.0)
+    return out

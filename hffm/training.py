@@ -1,0 +1,78 @@
+"""Local training (E_local epochs over a device's tasks) and evaluation of modules.
+
+Only the named modules are optimised; the backbone stays frozen. A fresh optimiser is made each
+round (the usual FedAvg practice: optimiser state is not shared or kept across aggregations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hffm.config import TrainConfig
+from hffm.data import TaskData
+from hffm.model import HFFMModel
+
+
+@dataclass
+class TrainStats:
+    loss: float  # mean training loss over every sample seen
+    samples: int  # samples processed (E_local x dataset size)
+    steps: int
+
+
+def train_local(
+    model: HFFMModel,
+    data: dict[str, TaskData],
+    module_names: list[str],
+    cfg: TrainConfig,
+    device: str,
+    seed: int,
+) -> TrainStats:
+    """E_local epochs; each epoch visits every batch of every task once, tasks interleaved."""
+    gen = torch.Generator().manual_seed(seed)
+    params = model.trainable_parameters(module_names)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    model.train()
+    total_loss, seen, steps = 0.0, 0, 0
+    for _ in range(cfg.local_epochs):
+        batches: list[tuple[str, torch.Tensor]] = []
+        for task, td in data.items():
+            perm = torch.randperm(len(td), generator=gen)
+            batches.extend((task, perm[i : i + cfg.batch_size]) for i in range(0, len(td), cfg.batch_size))
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        for bi in order:
+            task, idx = batches[bi]
+            batch = data[task].batch(idx, device)
+            if cfg.noop:
+                seen += len(idx)
+                continue
+            logits = model(batch, task)
+            loss = loss_fn(logits, batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            (loss / len(idx)).backward()
+            opt.step()
+            total_loss += float(loss.detach())
+            seen += len(idx)
+            steps += 1
+    model.eval()
+    return TrainStats(loss=total_loss / max(seen, 1) if not cfg.noop else 0.0, samples=seen, steps=steps)
+
+
+@torch.no_grad()
+def evaluate(model: HFFMModel, data: dict[str, TaskData], device: str, batch_size: int = 128) -> dict[str, tuple[int, int]]:
+    """{task: (correct, total)}."""
+    model.eval()
+    out: dict[str, tuple[int, int]] = {}
+    for task, td in data.items():
+        correct = 0
+        for i in range(0, len(td), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(td)))
+            batch = td.batch(idx, device)
+            pred = model(batch, task).argmax(-1)
+            correct += int((pred == batch["labels"]).sum())
+        out[task] = (correct, len(td))
+    return out

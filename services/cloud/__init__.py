@@ -1,0 +1,1 @@
+"""Cloud tier: coordinates rounds, aggregates edges (hfm) or devices (star), writes results."""

@@ -1,0 +1,82 @@
+"""Start-up shared by every tier's ``__main__``: config, logging, topology, registration."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+
+import grpc
+
+from hffm.config import ConfigError, HFFMConfig, load_config
+from hffm.data import TASK_LABELS
+from hffm.model import backbone_dims, initial_modules
+from hffm.modules import ModuleSet, ModuleSpec, spec_of
+from hffm.topology import Topology
+from services.rpc import pb, pb_grpc
+
+
+def base_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--config", default=os.environ.get("HFFM_CONFIG"), help="YAML config (env HFFM_CONFIG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--log-level", default=os.environ.get("HFFM_LOG_LEVEL", "INFO"))
+    return p
+
+
+def load(args: argparse.Namespace) -> HFFMConfig:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    env_sets = [s for s in os.environ.get("HFFM_SET", "").split(";") if s.strip()]
+    try:
+        return load_config(args.config, env_sets + args.overrides)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+
+
+def task_labels(cfg: HFFMConfig) -> dict[str, int]:
+    return {t: len(TASK_LABELS[t]) for t in cfg.tasks}
+
+
+def topology(cfg: HFFMConfig) -> Topology:
+    return Topology.from_config(cfg, backbone_dims(cfg)[1])
+
+
+def node_modules(cfg: HFFMConfig, topo: Topology, node: str) -> tuple[ModuleSpec, ModuleSet]:
+    mods = initial_modules(cfg, topo.modules_for(node), task_labels(cfg))
+    return spec_of({n: m.tensors for n, m in mods.items()}), mods
+
+
+def advertise_address(listen: str, port: int, advertise: str | None) -> str:
+    if advertise:
+        return advertise
+    host = listen.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+def register(upstream: str, info: pb.NodeInfo, timeout_s: float, stop=None) -> pb.RegisterAck:
+    """Register with ``upstream``, waiting and retrying while it is not up yet (any start order)."""
+    log = logging.getLogger("hffm.register")
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    with grpc.insecure_channel(upstream) as ch:
+        stub = pb_grpc.RegistryStub(ch)
+        while True:
+            try:
+                return stub.Register(info, timeout=max(1.0, min(30.0, deadline - time.monotonic())), wait_for_ready=True)
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                    raise TimeoutError(f"{info.id}: upstream {upstream} not reachable after {timeout_s:.0f}s") from err
+                log.info("%s: upstream %s not ready (%s); retrying", info.id, upstream, err.code().name)
+                time.sleep(delay)
+                delay = min(delay * 2, 3.0)

@@ -1,0 +1,87 @@
+"""Client side of module pushes and control calls: channel cache, chunked streaming, retries.
+
+Every link (device->edge, edge->cloud, device->cloud, device->device) uses ``push_modules``; the
+link kind is only a header field. A retried push carries the same push id, so the receiver counts
+it once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import grpc
+
+from hffm.modules import EncodedModule
+from hffm.wire import PushHeader, chunks
+from services.common.convert import header_to_pb
+from services.rpc import pb, pb_grpc
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.max_receive_message_length", 8 << 20),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+T = TypeVar("T")
+
+
+class Channels:
+    """One channel per address, shared by every caller in the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def get(self, address: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            return ch
+
+    def close(self) -> None:
+        with self._lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+
+
+def push_requests(header: PushHeader, encoded: Sequence[EncodedModule], chunk_bytes: int) -> Iterator[pb.PushRequest]:
+    yield pb.PushRequest(header=header_to_pb(header))
+    for i, off, view in chunks(encoded, chunk_bytes):
+        yield pb.PushRequest(chunk=pb.Chunk(module_index=i, offset=off, data=bytes(view)))
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int, what: str, backoff_s: float = 0.2) -> T:
+    """Call ``fn``; retry transient gRPC failures with exponential backoff."""
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            if code not in RETRYABLE or attempt == attempts:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError(f"unreachable: {what}")
+
+
+def push_modules(
+    channel: grpc.Channel,
+    header: PushHeader,
+    encoded: Sequence[EncodedModule],
+    *,
+    chunk_bytes: int,
+    timeout_s: float,
+    attempts: int = 5,
+) -> pb.PushAck:
+    stub = pb_grpc.ModuleExchangeStub(channel)
+    return with_retries(
+        lambda: stub.Push(push_requests(header, encoded, chunk_bytes), timeout=timeout_s, wait_for_ready=True),
+        attempts=attempts,
+        what=f"push {header.push_id}",
+    )

@@ -1,0 +1,254 @@
+"""The runtime every node shares: its modules, its inbox, and the execution of its round steps.
+
+A tier is a ``NodeRuntime`` subclass that adds what only it does (devices train and evaluate; edges
+forward registrations; the cloud coordinates). The gRPC servicers at the bottom translate requests
+into calls on the runtime and ``ModuleError``s into gRPC statuses; they hold no logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from hffm.config import HFFMConfig
+from hffm.inbox import Inbox
+from hffm.methods import Collect, Evaluate, Send, Step, Train
+from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, encode_module
+from hffm.wire import ModuleHeader, PushAssembler, PushHeader, push_id_for
+from services.common.client import Channels, push_modules
+from services.common.convert import header_from_pb, step_from_pb
+from services.rpc import pb, pb_grpc
+
+log = logging.getLogger("hffm.node")
+
+
+@dataclass
+class RoundState:
+    round: int
+    method: str
+    steps: list[Step]
+    peers: dict[str, str]
+    future: Future | None = None
+    sent: list[pb.TransferRecord] = field(default_factory=list)
+    metrics: list[pb.TaskMetric] = field(default_factory=list)
+    train_loss: float = 0.0
+    train_samples: int = 0
+    train_s: float = 0.0
+
+
+class NodeRuntime:
+    role = "node"
+
+    def __init__(self, node_id: str, cfg: HFFMConfig, spec: ModuleSpec, modules: ModuleSet, address: str) -> None:
+        self.node_id = node_id
+        self.cfg = cfg
+        self.spec = spec
+        self.address = address
+        self.modules: ModuleSet = modules
+        self.inbox = Inbox(node_id)
+        self.channels = Channels()
+        self.stopped = threading.Event()
+        self._lock = threading.RLock()
+        self._rounds: dict[int, RoundState] = {}
+        self._current: int = 0
+        self._encoded: dict[str, EncodedModule] = {}
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"{node_id}-send")
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-round")
+
+    # ---- hooks for tiers -------------------------------------------------------------------
+    def train(self, state: RoundState) -> None:
+        raise ModuleError("FAILED_PRECONDITION", "bad_step", f"{self.role} {self.node_id} does not train")
+
+    def evaluate(self, state: RoundState) -> None:
+        raise ModuleError("FAILED_PRECONDITION", "bad_step", f"{self.role} {self.node_id} does not evaluate")
+
+    # ---- round control ---------------------------------------------------------------------
+    def assign(self, round_: int, method: str, steps: list[Step], peers: dict[str, str]) -> None:
+        """Install the node's steps for ``round_`` and open its inbox (validates first)."""
+        for s in steps:
+            if isinstance(s, Send):
+                if s.to not in peers:
+                    raise ModuleError("INVALID_ARGUMENT", "bad_task", f"send to {s.to!r} but no address for it")
+                unknown = [m for m in s.modules if m not in self.spec]
+                if unknown:
+                    raise ModuleError("INVALID_ARGUMENT", "bad_task", f"send of modules {self.node_id} lacks: {unknown}")
+            if isinstance(s, Collect) and s.include_self and not self.modules:
+                raise ModuleError("INVALID_ARGUMENT", "bad_task", "include_self on a node without modules")
+        with self._lock:
+            prev = self._rounds.get(round_)
+            if prev is not None:
+                if prev.steps == steps:
+                    return  # a retried assignment
+                raise ModuleError("ALREADY_EXISTS", "bad_task", f"round {round_} already assigned differently")
+            if round_ <= self._current:
+                raise ModuleError(
+                    "FAILED_PRECONDITION", "bad_task", f"round {round_} is not after current round {self._current}"
+                )
+            self._rounds[round_] = RoundState(round_, method, steps, dict(peers))
+            self._current = round_
+            for old in [r for r in self._rounds if r < round_ - 2]:
+                del self._rounds[old]
+            registered = set(peers)
+            self.inbox.open_round(round_, [s for s in steps if isinstance(s, Collect)], registered)
+
+    def await_round(self, round_: int, timeout_s: float) -> pb.RoundReport:
+        with self._lock:
+            state = self._rounds.get(round_)
+            if state is None:
+                raise ModuleError("FAILED_PRECONDITION", "no_round", f"round {round_} was not assigned")
+            if state.future is None:
+                state.future = self._runner.submit(self._execute, state)
+        return state.future.result(timeout=timeout_s)
+
+    def _execute(self, state: RoundState) -> pb.RoundReport:
+        t0 = time.perf_counter()
+        steps = state.steps
+        i = 0
+        while i < len(steps):
+            s = steps[i]
+            if isinstance(s, Send):  # consecutive sends go out concurrently
+                j = i
+                while j < len(steps) and isinstance(steps[j], Send):
+                    j += 1
+                futs = [self._pool.submit(self._send, state, x) for x in steps[i:j]]
+                for f in futs:
+                    f.result()
+                i = j
+                continue
+            if isinstance(s, Train):
+                self.train(state)
+                self._encoded.clear()
+            elif isinstance(s, Collect):
+                if s.include_self:
+                    self.inbox.add_own(s.tag, {n: self.modules[n] for n in self.modules})
+                agg = self.inbox.wait(s.tag, self.cfg.runtime.round_timeout_s)
+                self.modules.update(agg)
+                self._encoded.clear()
+            elif isinstance(s, Evaluate):
+                self.evaluate(state)
+            i += 1
+        return pb.RoundReport(
+            node=self.node_id,
+            round=state.round,
+            sent=state.sent,
+            metrics=state.metrics,
+            train_loss=state.train_loss,
+            train_samples=state.train_samples,
+            wall_s=time.perf_counter() - t0,
+            train_s=state.train_s,
+        )
+
+    def _encoded_module(self, name: str) -> EncodedModule:
+        with self._lock:
+            em = self._encoded.get(name)
+            if em is None:
+                mod = self.modules.get(name)
+                if mod is None:
+                    raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {name}")
+                em = self._encoded[name] = encode_module(mod, self.cfg.wire.dtype)
+            return em
+
+    def _send(self, state: RoundState, s: Send) -> None:
+        encoded = [self._encoded_module(n) for n in s.modules]
+        header = PushHeader(
+            push_id=push_id_for(self.node_id, s.to, state.round, s.tag),
+            sender=self.node_id,
+            receiver=s.to,
+            round=state.round,
+            tag=s.tag,
+            link=s.link,
+            modules=tuple(ModuleHeader.of(em) for em in encoded),
+            route=s.route,
+        )
+        push_modules(
+            self.channels.get(state.peers[s.to]),
+            header,
+            encoded,
+            chunk_bytes=self.cfg.wire.chunk_bytes,
+            timeout_s=self.cfg.runtime.rpc_timeout_s,
+        )
+        with self._lock:
+            state.sent.extend(
+                pb.TransferRecord(sender=self.node_id, receiver=s.to, module=em.name, link=s.link, bytes=em.size_bytes, tag=s.tag)
+                for em in encoded
+            )
+
+    # ---- receiving -------------------------------------------------------------------------
+    def receive(self, requests: Iterator[pb.PushRequest]) -> pb.PushAck:
+        first = next(requests, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise ModuleError("INVALID_ARGUMENT", "no_header", "a push must start with its header")
+        header = header_from_pb(first.header)
+        duplicate = self.inbox.precheck(header)
+        assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
+        for req in requests:
+            if req.WhichOneof("kind") != "chunk":
+                raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
+            c = req.chunk
+            assembler.add_chunk(c.module_index, c.offset, c.data)
+        modules = assembler.finish()
+        if not duplicate:
+            duplicate = self.inbox.accept(header, modules)
+        return pb.PushAck(duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules])
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._runner.shutdown(wait=False, cancel_futures=True)
+        self.channels.close()
+
+
+# ---- servicers: translate, do not think -------------------------------------------------------
+def abort_for(context: grpc.ServicerContext, err: Exception) -> None:
+    if isinstance(err, ModuleError):
+        context.abort(getattr(grpc.StatusCode, err.code), str(err))
+    if isinstance(err, TimeoutError):
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err) or "timed out")
+    if isinstance(err, ValueError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    log.exception("internal error")
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+
+class ModuleExchangeServicer(pb_grpc.ModuleExchangeServicer):
+    def __init__(self, node: NodeRuntime) -> None:
+        self.node = node
+
+    def Push(self, request_iterator, context):  # noqa: N802
+        try:
+            return self.node.receive(request_iterator)
+        except grpc.RpcError:
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure becomes a status
+            abort_for(context, err)
+
+
+class RoundControlServicer(pb_grpc.RoundControlServicer):
+    def __init__(self, node: NodeRuntime) -> None:
+        self.node = node
+
+    def AssignRound(self, request, context):  # noqa: N802
+        try:
+            steps = [step_from_pb(s) for s in request.steps]
+            self.node.assign(request.round, request.method, steps, dict(request.peers))
+            return pb.AssignAck()
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
+
+    def AwaitRound(self, request, context):  # noqa: N802
+        try:
+            return self.node.await_round(request.round, self.node.cfg.runtime.round_timeout_s)
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
+
+    def Shutdown(self, request, context):  # noqa: N802
+        self.node.shutdown()
+        return pb.Empty()

@@ -1,0 +1,48 @@
+"""gRPC server construction shared by all tiers: health checking, reflection, node servicers."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.client import CHANNEL_OPTIONS
+from services.common.node import ModuleExchangeServicer, NodeRuntime, RoundControlServicer
+from services.rpc import pb, pb_grpc
+
+SERVICE_NAMES = {
+    "ModuleExchange": pb.DESCRIPTOR.services_by_name["ModuleExchange"].full_name,
+    "RoundControl": pb.DESCRIPTOR.services_by_name["RoundControl"].full_name,
+    "Registry": pb.DESCRIPTOR.services_by_name["Registry"].full_name,
+    "Coordinator": pb.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+}
+
+
+class NodeServer:
+    """A started gRPC server for one node, with health status SERVING for its services."""
+
+    def __init__(self, node: NodeRuntime, listen: str, *, max_workers: int = 32, extra=()) -> None:
+        self.node = node
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+        pb_grpc.add_ModuleExchangeServicer_to_server(ModuleExchangeServicer(node), self.server)
+        pb_grpc.add_RoundControlServicer_to_server(RoundControlServicer(node), self.server)
+        names = [SERVICE_NAMES["ModuleExchange"], SERVICE_NAMES["RoundControl"]]
+        for add, servicer, name in extra:
+            add(servicer, self.server)
+            names.append(SERVICE_NAMES[name])
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"{node.node_id}: cannot listen on {listen}")
+        self.server.start()
+        for name in ["", *names]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.node.close()

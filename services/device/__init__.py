@@ -1,0 +1,1 @@
+"""Device tier: trains its modules on local data, pushes them, adopts what comes back."""

@@ -1,0 +1,92 @@
+"""``python -m services.device``: one or more device servers in this process.
+
+Each ``--node ID=HOST:PORT`` is a device with its own gRPC server and identity; devices registered
+here share one frozen backbone (memory) and take turns training on it. ``--upstream EDGE=ADDR``
+gives each edge's address; a device registers with its own edge (retrying until it is up).
+Environment: HFFM_CONFIG, HFFM_NODES (comma-separated ID=HOST:PORT), HFFM_UPSTREAMS, HFFM_ADVERTISE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from services.common.bootstrap import advertise_address, base_parser, load, register, topology
+from services.common.server import NodeServer
+from services.device.node import DeviceNode, ModelHost
+from services.rpc import pb
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        for item in v.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if "=" not in item:
+                sys.exit(f"{what}: expected ID=HOST:PORT, got {item!r}")
+            k, a = item.split("=", 1)
+            out[k] = a
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser("services.device")
+    p.add_argument("--node", action="append", default=[], help="ID=HOST:PORT to listen on (repeatable)")
+    p.add_argument("--upstream", action="append", default=[], help="EDGE_ID=HOST:PORT (repeatable)")
+    p.add_argument("--advertise", default=os.environ.get("HFFM_ADVERTISE"), help="ID=HOST:PORT others dial")
+    args = p.parse_args(argv)
+    cfg = load(args)
+    nodes = _pairs(args.node or [os.environ.get("HFFM_NODES", "")], "--node")
+    upstreams = _pairs(args.upstream or [os.environ.get("HFFM_UPSTREAMS", "")], "--upstream")
+    adverts = _pairs([args.advertise] if args.advertise else [], "--advertise")
+    if not nodes:
+        sys.exit("--node: at least one device ID=HOST:PORT is required")
+    topo = topology(cfg)
+    for nid in nodes:
+        if nid not in topo.device_map:
+            sys.exit(f"--node: {nid!r} is not a device of this topology ({len(topo.devices)} devices)")
+        if topo.device_map[nid].edge not in upstreams:
+            sys.exit(f"--upstream: no address for {topo.device_map[nid].edge}, the edge of {nid}")
+    log = logging.getLogger("hffm.device")
+    host = ModelHost(cfg)
+    servers: list[NodeServer] = []
+    for nid, listen in nodes.items():
+        node = DeviceNode(nid, cfg, topo, host, listen)
+        srv = NodeServer(node, listen, max_workers=8)
+        node.address = advertise_address(listen, srv.port, adverts.get(nid))
+        servers.append(srv)
+        log.info("%s serving on %s (advertised %s), tasks %s, train samples %s",
+                 nid, listen, node.address, list(node.info.tasks), node.train_samples())
+    stop = threading.Event()
+    failed = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def _register(srv: NodeServer) -> None:
+        n: DeviceNode = srv.node  # type: ignore[assignment]
+        info = pb.NodeInfo(id=n.node_id, role="device", address=n.address, edge=n.info.edge,
+                           tasks=list(n.info.tasks), train_samples=n.train_samples())
+        try:
+            ack = register(upstreams[n.info.edge], info, cfg.runtime.register_timeout_s, stop)
+            log.info("%s registered (%d/%d)", n.node_id, ack.registered, ack.expected)
+        except Exception as err:  # noqa: BLE001
+            log.error("%s: registration failed: %s", n.node_id, err)
+            failed.set()
+            stop.set()
+
+    for srv in servers:
+        threading.Thread(target=_register, args=(srv,), daemon=True).start()
+    while not stop.is_set() and not all(s.node.stopped.is_set() for s in servers):
+        stop.wait(0.2)
+    for srv in servers:
+        srv.stop()
+    return 1 if failed.is_set() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

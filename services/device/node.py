@@ -1,0 +1,95 @@
+"""Device runtime: local training and evaluation over a backbone shared by the process's devices."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+
+import torch
+
+from hffm.config import HFFMConfig, resolve_torch_device
+from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer
+from hffm.model import HFFMModel, build_model, task_of
+from hffm.modules import Module, ModuleSet, spec_of
+from hffm.topology import Topology
+from hffm.training import evaluate, train_local
+from services.common.bootstrap import task_labels
+from services.common.node import NodeRuntime, RoundState
+from services.rpc import pb
+
+
+class ModelHost:
+    """One frozen backbone per process; its devices take turns loading their modules into it."""
+
+    def __init__(self, cfg: HFFMConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_torch_device(cfg.runtime.device)
+        torch.set_num_threads(cfg.runtime.torch_threads)
+        self.tokenizer = load_tokenizer(cfg.model.backbone)
+        self.model: HFFMModel = build_model(cfg, len(self.tokenizer), task_labels(cfg)).to(self.device)
+        self.lock = threading.Lock()
+        self._global_test: dict[str, TaskData] = {}
+
+    def global_test(self, task: str) -> TaskData:
+        with self.lock:
+            if task not in self._global_test:
+                self._global_test[task] = build_global_test(self.cfg, task, self.tokenizer)
+            return self._global_test[task]
+
+    def load(self, modules: ModuleSet) -> None:
+        for name, m in modules.items():
+            self.model.load_module_state(name, {k: v.to(self.device) for k, v in m.tensors.items()})
+
+
+class DeviceNode(NodeRuntime):
+    role = "device"
+
+    def __init__(self, node_id: str, cfg: HFFMConfig, topo: Topology, host: ModelHost, address: str) -> None:
+        names = topo.modules_for(node_id)
+        modules = {n: Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0) for n in names}
+        super().__init__(node_id, cfg, spec_of({n: m.tensors for n, m in modules.items()}), modules, address)
+        self.topo = topo
+        self.host = host
+        self.info = topo.device_map[node_id]
+        self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer)
+
+    def train_samples(self) -> dict[str, int]:
+        return self.data.train_samples()
+
+    def train(self, state: RoundState) -> None:
+        t0 = time.perf_counter()
+        names = list(self.modules)
+        with self.host.lock:
+            self.host.load(self.modules)
+            stats = train_local(
+                self.host.model,
+                self.data.train,
+                names,
+                self.cfg.train,
+                self.host.device,
+                seed=zlib.crc32(f"{self.cfg.seed}/{self.node_id}/{state.round}".encode()),
+            )
+            trained = {n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names}
+        samples = self.data.train_samples()
+        total = sum(samples.values())
+        new: ModuleSet = {}
+        for n, tensors in trained.items():
+            task = task_of(n)
+            weight = samples.get(task, 0) if task else total
+            new[n] = Module(n, tensors, state.round, float(max(weight, 1)))
+        with self._lock:
+            self.modules = new
+        state.train_loss = stats.loss
+        state.train_samples = stats.samples
+        state.train_s = time.perf_counter() - t0
+
+    def evaluate(self, state: RoundState) -> None:
+        global_sets = {task: self.host.global_test(task) for task in self.info.tasks}
+        with self.host.lock:
+            self.host.load(self.modules)
+            local = evaluate(self.host.model, self.data.test, self.host.device)
+            glob = evaluate(self.host.model, global_sets, self.host.device)
+        for split, res in (("local", local), ("global", glob)):
+            for task, (c, n) in res.items():
+                state.metrics.append(pb.TaskMetric(task=task, split=split, correct=c, total=n))

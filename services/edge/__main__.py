@@ -1,0 +1,91 @@
+"""``python -m services.edge --id edge-0 --listen HOST:PORT --upstream CLOUD_ADDR``.
+
+Serves ModuleExchange, RoundControl and Registry (its devices register here; it forwards each to
+the cloud). Registers itself with the cloud, retrying until the cloud is up.
+Environment: HFFM_ID, HFFM_LISTEN, HFFM_UPSTREAM, HFFM_ADVERTISE, HFFM_CONFIG.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+import grpc
+
+from hffm.topology import Topology
+from services.common.bootstrap import advertise_address, base_parser, load, node_modules, register, topology
+from services.common.node import NodeRuntime
+from services.common.server import NodeServer
+from services.rpc import pb, pb_grpc
+
+log = logging.getLogger("hffm.edge")
+
+
+class EdgeNode(NodeRuntime):
+    role = "edge"
+
+
+class EdgeRegistry(pb_grpc.RegistryServicer):
+    """Accepts registrations of this edge's devices and forwards them to the cloud."""
+
+    def __init__(self, node: EdgeNode, topo: Topology, upstream: str, timeout_s: float) -> None:
+        self.node, self.topo, self.upstream, self.timeout_s = node, topo, upstream, timeout_s
+
+    def Register(self, request, context):  # noqa: N802
+        dev = self.topo.device_map.get(request.id)
+        if request.role != "device" or dev is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.id!r} is not a device of this topology")
+        if dev.edge != self.node.node_id:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{request.id} belongs to {dev.edge}, not {self.node.node_id}"
+            )
+        try:
+            return register(self.upstream, request, self.timeout_s)
+        except grpc.RpcError as err:
+            context.abort(err.code(), err.details())
+        except TimeoutError as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser("services.edge")
+    p.add_argument("--id", default=os.environ.get("HFFM_ID"))
+    p.add_argument("--listen", default=os.environ.get("HFFM_LISTEN", "127.0.0.1:0"))
+    p.add_argument("--upstream", default=os.environ.get("HFFM_UPSTREAM"), help="cloud address")
+    p.add_argument("--advertise", default=os.environ.get("HFFM_ADVERTISE"))
+    args = p.parse_args(argv)
+    cfg = load(args)
+    topo = topology(cfg)
+    if args.id not in topo.edges:
+        sys.exit(f"--id: {args.id!r} is not an edge of this topology ({list(topo.edges)})")
+    if not args.upstream:
+        sys.exit("--upstream: the cloud's address is required")
+    spec, modules = node_modules(cfg, topo, args.id)
+    node = EdgeNode(args.id, cfg, spec, modules, args.listen)
+    registry = EdgeRegistry(node, topo, args.upstream, cfg.runtime.register_timeout_s)
+    srv = NodeServer(node, args.listen, max_workers=max(16, 4 * cfg.topology.devices_per_edge),
+                     extra=[(pb_grpc.add_RegistryServicer_to_server, registry, "Registry")])
+    node.address = advertise_address(args.listen, srv.port, args.advertise)
+    log.info("%s serving on %s (advertised %s)", args.id, args.listen, node.address)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        ack = register(args.upstream, pb.NodeInfo(id=args.id, role="edge", address=node.address),
+                       cfg.runtime.register_timeout_s, stop)
+        log.info("%s registered with the cloud (%d/%d)", args.id, ack.registered, ack.expected)
+    except Exception as err:  # noqa: BLE001
+        log.error("%s: registration failed: %s", args.id, err)
+        srv.stop()
+        return 1
+    while not stop.is_set() and not node.stopped.is_set():
+        stop.wait(0.2)
+    srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

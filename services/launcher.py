@@ -1,0 +1,265 @@
+"""Local launcher: the cloud, edges and devices as separate OS processes on loopback ports.
+
+It writes the resolved config once (every process reads that same file), starts the processes
+(several device servers per process: ``runtime.devices_per_process``), follows the cloud's
+progress stream, and stops every process it started — on success, on failure (showing the failing
+process's log) and on Ctrl-C. Results land in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hffm.config import HFFMConfig, dump_config
+from hffm.results import plot_results
+from hffm.topology import Topology
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+def free_ports(n: int, host: str) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every process of the run, with loopback ports assigned."""
+    host = cfg.runtime.host
+    ports = iter(free_ports(1 + len(topo.edges) + len(topo.devices), host))
+    py = [sys.executable, "-m"]
+    common = ["--config", str(cfg_path)]
+    cloud_addr = f"{host}:{next(ports)}"
+    procs = [("cloud", [*py, "services.cloud", *common, "--listen", cloud_addr, "--out", str(out)])]
+    edge_addr = {}
+    for e in topo.edges:
+        edge_addr[e] = f"{host}:{next(ports)}"
+        procs.append((e, [*py, "services.edge", *common, "--id", e, "--listen", edge_addr[e], "--upstream", cloud_addr]))
+    k = cfg.runtime.devices_per_process
+    for e in topo.edges:
+        members = topo.cluster(e)
+        for g in range(0, len(members), k):
+            group = members[g : g + k]
+            argv = [*py, "services.device", *common, "--upstream", f"{e}={edge_addr[e]}"]
+            for d in group:
+                argv += ["--node", f"{d.id}={host}:{next(ports)}"]
+            name = group[0].id if len(group) == 1 else f"devices-{e}-{g // k}"
+            procs.append((name, argv))
+    return procs
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop_all(procs: list[Proc], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.popen.poll() is None:
+            try:
+                os.killpg(p.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        left = max(0.1, deadline - time.monotonic())
+        try:
+            p.popen.wait(left)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.popen.wait(5)
+
+
+def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: float | None = None) -> dict:
+    """Run a federation of local processes; return the parsed results.json."""
+    from hffm.model import backbone_dims
+
+    console = console or Console()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    cfg_path = out / "config.yaml"
+    cfg_path.write_text(dump_config(cfg))
+    results_path = out / "results.json"
+    if results_path.exists():
+        results_path.unlink()
+    import services.rpc  # noqa: F401 - build the generated code once, before the children start
+
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    plan = plan_processes(cfg, topo, cfg_path, out)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", str(cfg.runtime.torch_threads))
+    env["PYTHONUNBUFFERED"] = "1"
+    procs: list[Proc] = []
+    cloud_addr = plan[0][1][plan[0][1].index("--listen") + 1]
+    deadline = time.monotonic() + (timeout_s or (cfg.runtime.register_timeout_s + cfg.rounds * cfg.runtime.round_timeout_s))
+    console.print(
+        f"[bold]hffm[/bold] {cfg.method} · {len(topo.edges)} edges × {cfg.topology.devices_per_edge} devices · "
+        f"{cfg.rounds} rounds (e_agg={cfg.e_agg}) · {len(plan)} processes · out: {out}"
+    )
+    try:
+        with ExitStack() as stack:
+            for name, argv in plan:
+                log = out / "logs" / f"{name}.log"
+                fh = stack.enter_context(open(log, "wb"))
+                popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                                         start_new_session=True)
+                procs.append(Proc(name, popen, log))
+            _follow(cfg, topo, cloud_addr, procs, console, deadline)
+            cloud = procs[0].popen
+            try:
+                cloud.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            # Nodes were told to shut down by the cloud; give them a moment, then make sure.
+            end = time.monotonic() + 10
+            while time.monotonic() < end and any(p.popen.poll() is None for p in procs):
+                time.sleep(0.1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping every process[/yellow]")
+        raise
+    finally:
+        _stop_all(procs)
+    if not results_path.exists():
+        raise RunFailed(f"no results were written to {results_path}")
+    results = json.loads(results_path.read_text())
+    if not results.get("complete"):
+        raise RunFailed("the run did not complete; see the cloud's log: " + str(out / "logs" / "cloud.log"))
+    plot_results(results, out / "results.png")
+    _summary(results, console)
+    console.print(f"results: {results_path}  plot: {out / 'results.png'}  modules: {out / 'global_modules.safetensors'}")
+    return results
+
+
+def _watch(cloud_addr: str, events: queue.Queue, stop: threading.Event) -> None:
+    """Follow the cloud's progress stream into ``events`` (reconnecting while it is not up)."""
+    from services.rpc import pb, pb_grpc
+
+    with grpc.insecure_channel(cloud_addr) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        while not stop.is_set():
+            try:
+                for ev in stub.Watch(pb.WatchRequest(), wait_for_ready=True, timeout=3600):
+                    events.put(ev)
+                    if ev.phase in ("done", "failed"):
+                        return
+            except grpc.RpcError:
+                pass
+            stop.wait(0.3)
+
+
+def _follow(cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc], console: Console, deadline: float) -> None:
+    def check_children() -> None:
+        for p in procs:
+            rc = p.popen.poll()
+            if rc is not None and rc != 0:
+                console.print(f"[red]process {p.name} exited with code {rc}; last lines of {p.log}:[/red]")
+                console.print(_tail(p.log), markup=False, highlight=False)
+                raise RunFailed(f"{p.name} exited with code {rc}")
+
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(cloud_addr, events, stop), daemon=True)
+    watcher.start()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            reg = progress.add_task("registering nodes", total=len(topo.node_ids()))
+            rounds = progress.add_task("rounds", total=cfg.rounds)
+            while True:
+                check_children()
+                if time.monotonic() > deadline:
+                    raise RunFailed("the run exceeded its time limit")
+                try:
+                    ev = events.get(timeout=0.5)
+                except queue.Empty:
+                    if procs[0].popen.poll() is not None and events.empty():
+                        raise RunFailed("the cloud exited before reporting the end of the run") from None
+                    continue
+                if ev.phase == "waiting":
+                    progress.update(reg, completed=ev.registered)
+                elif ev.phase == "round":
+                    progress.update(reg, completed=len(topo.node_ids()))
+                    progress.update(rounds, completed=ev.round)
+                    if ev.results_json:
+                        progress.console.print(_round_line(json.loads(ev.results_json)))
+                elif ev.phase == "done":
+                    return
+                elif ev.phase == "failed":
+                    raise RunFailed(f"the cloud reported failure: {ev.message}")
+    finally:
+        stop.set()
+
+
+def _round_line(rec: dict) -> str:
+    acc = " ".join(
+        f"{t}={v.get('global') or 0:.2f}/{v.get('local') or 0:.2f}" for t, v in rec["accuracy"].items()
+    )
+    loss = rec["loss"] if rec["loss"] is not None else float("nan")
+    return (
+        f"round {rec['round']:>3}  loss {loss:.3f}  acc(global/local) {acc}  "
+        f"{rec['bytes_total'] / 1e6:.2f} MB  {rec['wall_s']:.1f}s" + ("  [cloud]" if rec["cloud_aggregation"] else "")
+    )
+
+
+def _summary(results: dict, console: Console) -> None:
+    rounds = results["rounds"]
+    if not rounds:
+        return
+    table = Table(title="per round")
+    tasks = sorted({t for r in rounds for t in r["accuracy"]})
+    table.add_column("round", justify="right")
+    for t in tasks:
+        table.add_column(f"{t} global", justify="right")
+        table.add_column(f"{t} local", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("MB sent", justify="right")
+    table.add_column("wall s", justify="right")
+    for r in rounds:
+        cells = [str(r["round"])]
+        for t in tasks:
+            a = r["accuracy"].get(t, {})
+            cells += [f"{a.get('global') or 0:.3f}", f"{a.get('local') or 0:.3f}"]
+        cells += [f"{r['loss'] or 0:.3f}", f"{r['bytes_total'] / 1e6:.2f}", f"{r['wall_s']:.1f}"]
+        table.add_row(*cells)
+    console.print(table)

@@ -1,0 +1,7 @@
+"""``python -m services.rpc [--force]``: build the generated gRPC code now."""
+
+import sys
+
+from services.rpc import build
+
+print(build(force="--force" in sys.argv))
