@@ -98,6 +98,9 @@ class RuntimeConfig(_Strict):
     round_timeout_s: float = Field(600.0, gt=0)
     rpc_timeout_s: float = Field(60.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    # When set, every node records each push it accepted and each aggregate it adopted, as
+    # safetensors under <trace_dir>/<node>/ (an audit trail; the integration tests read it).
+    trace_dir: str | None = None
 
 
 class HFFMConfig(_Strict):

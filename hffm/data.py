@@ -3,9 +3,8 @@
 Two tasks with different questions and label spaces:
 - ``art`` (an attribute task, after AQUA): one shape on a textured canvas; "what color is the
   shape ?" / "what shape is it ?" -> {red, green, blue, yellow, circle, square, triangle}.
-- ``gqa`` (a relational task, after GQA): two shapes of different colours, one on each side;
-  "what color is the left|right shape ?" / "is the C1 shape left of the C2 shape ?" ->
-  {red, green, blue, yellow, yes, no}.
+- ``gqa`` (a multi-object task, after GQA's count and verify questions): one to three objects on
+  a grid; "how many shapes are there ?" / "is there a C shape ?" -> {one, two, three, yes, no}.
 
 Every sample is rendered from its own generator seeded by (seed, task, index), so any node can
 build any sample without data moving. Each task's training pool has uniform labels; its samples are
@@ -29,14 +28,15 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "yellow": (0.95, 0.9, 0.1),
 }
 SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = ("one", "two", "three")
 TASK_LABELS: dict[str, list[str]] = {
     "art": [*COLORS, *SHAPES],
-    "gqa": [*COLORS, "yes", "no"],
+    "gqa": [*COUNT_WORDS, "yes", "no"],
 }
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = sorted(
     {
-        *"what color is the shape it ? left right of in picture".split(),
+        *"what color is the shape it ? how many shapes are there a".split(),
         *COLORS,
         *SHAPES,
     }
@@ -127,24 +127,25 @@ def render_sample(task: str, label: int, seed: int, index: int, size: int) -> tu
         cy, cx = rng.uniform(r, size - r, size=2)
         _paint(img, _shape_mask(shape, size, cy, cx, r), color, rng)
     elif task == "gqa":
-        c_left, c_right = rng.choice(len(colors), size=2, replace=False)
-        left, right = colors[c_left], colors[c_right]
-        kind = "color" if answer in COLORS else "relation"
-        if kind == "color":
-            side = rng.integers(2)
-            target = left if side == 0 else right
-            if target != answer:  # make the asked side carry the answer colour
-                other = [c for c in colors if c != answer][rng.integers(3)]
-                left, right = (answer, other) if side == 0 else (other, answer)
-            question = f"what color is the {'left' if side == 0 else 'right'} shape ?"
+        # Several objects on a 3x3 grid of cells (no overlap); count or verify existence.
+        cells = rng.permutation(9)
+        if answer in COUNT_WORDS:
+            n = COUNT_WORDS.index(answer) + 1
+            cols = [colors[rng.integers(len(colors))] for _ in range(n)]
+            question = "how many shapes are there ?"
         else:
-            a, b = (left, right) if answer == "yes" else (right, left)
-            question = f"is the {a} shape left of the {b} shape ?"
-        r = rng.uniform(0.14, 0.2) * size
-        for col, (lo, hi) in ((left, (r, size / 2 - r * 0.3)), (right, (size / 2 + r * 0.3, size - r))):
-            cx = rng.uniform(lo, max(lo, hi))
-            cy = rng.uniform(r, size - r)
-            _paint(img, _shape_mask(SHAPES[rng.integers(len(SHAPES))], size, cy, cx, r), col, rng)
+            n = 2
+            idx = rng.choice(len(colors), size=3, replace=False)
+            cols = [colors[idx[0]], colors[idx[1]]]
+            asked = cols[rng.integers(2)] if answer == "yes" else colors[idx[2]]
+            question = f"is there a {asked} shape ?"
+        cell = size / 3
+        r = rng.uniform(0.3, 0.4) * cell
+        for k in range(n):
+            row, col = divmod(int(cells[k]), 3)
+            cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+            cx = (col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+            _paint(img, _shape_mask(SHAPES[rng.integers(len(SHAPES))], size, cy, cx, r), cols[k], rng)
     else:
         raise ValueError(f"unknown task {task!r}")
     return np.clip(img, 0.0, 1.0), question

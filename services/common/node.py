@@ -13,13 +13,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
 from hffm.config import HFFMConfig
 from hffm.inbox import Inbox
 from hffm.methods import Collect, Evaluate, Send, Step, Train
-from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, encode_module
+from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, encode_module, save_modules
 from hffm.wire import ModuleHeader, PushAssembler, PushHeader, push_id_for
 from services.common.client import Channels, push_modules
 from services.common.convert import header_from_pb, step_from_pb
@@ -128,6 +129,7 @@ class NodeRuntime:
                 if s.include_self:
                     self.inbox.add_own(s.tag, {n: self.modules[n] for n in self.modules})
                 agg = self.inbox.wait(s.tag, self.cfg.runtime.round_timeout_s)
+                self._trace(f"r{state.round}-{s.tag}-aggregate", agg)
                 self.modules.update(agg)
                 self._encoded.clear()
             elif isinstance(s, Evaluate):
@@ -195,7 +197,15 @@ class NodeRuntime:
         modules = assembler.finish()
         if not duplicate:
             duplicate = self.inbox.accept(header, modules)
+            if not duplicate:
+                self._trace(f"r{header.round}-{header.tag}-from-{header.sender}", {m.name: m for m in modules})
         return pb.PushAck(duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules])
+
+    def _trace(self, what: str, modules: ModuleSet) -> None:
+        if self.cfg.runtime.trace_dir and modules:
+            d = Path(self.cfg.runtime.trace_dir) / self.node_id
+            d.mkdir(parents=True, exist_ok=True)
+            save_modules(modules, str(d / f"{what}.safetensors"))
 
     def shutdown(self) -> None:
         self.stopped.set()

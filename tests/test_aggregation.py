@@ -1,0 +1,70 @@
+"""FedAvg as a running sum: exact weighted mean, heads only over their task's nodes, atomic adds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hffm.aggregation import FedAvg, make_aggregator, weighted_mean
+from hffm.modules import ModuleError
+from tests.conftest import make_module
+
+AD = {"w": (8, 4), "b": (4,)}
+HEAD = {"w": (4, 3)}
+
+
+def test_fedavg_equals_weighted_mean_with_unequal_weights():
+    weights = [1.0, 7.0, 30.0, 2.5]
+    sets = [{"adapter.0": make_module("adapter.0", AD, num_samples=w, seed=i)} for i, w in enumerate(weights)]
+    agg = FedAvg()
+    for i, s in enumerate(sets):
+        agg.add(f"d{i}", s.values())
+    got = agg.result(version=5)["adapter.0"]
+    want = sum(w * s["adapter.0"].tensors["w"].double() for w, s in zip(weights, sets)) / sum(weights)
+    assert torch.allclose(got.tensors["w"].double(), want, atol=1e-6)
+    assert got.num_samples == sum(weights) and got.version == 5
+    # not the unweighted mean
+    unweighted = sum(s["adapter.0"].tensors["w"] for s in sets) / len(sets)
+    assert not torch.allclose(got.tensors["w"], unweighted, atol=1e-3)
+    ref = weighted_mean(sets)["adapter.0"]
+    assert torch.allclose(got.tensors["b"], ref.tensors["b"], atol=1e-6)
+
+
+def test_head_averaged_only_over_nodes_with_the_task():
+    a = {"adapter.0": make_module("adapter.0", AD, num_samples=10, seed=1),
+         "head.art": make_module("head.art", HEAD, num_samples=4, seed=2)}
+    b = {"adapter.0": make_module("adapter.0", AD, num_samples=30, seed=3),
+         "head.gqa": make_module("head.gqa", HEAD, num_samples=6, seed=4)}
+    agg = FedAvg()
+    agg.add("a", a.values())
+    agg.add("b", b.values())
+    res = agg.result(1)
+    assert torch.equal(res["head.art"].tensors["w"], a["head.art"].tensors["w"] * 4 / 4)
+    assert torch.allclose(res["head.gqa"].tensors["w"], b["head.gqa"].tensors["w"])
+    assert agg.contributors("head.art") == 1 and agg.contributors("adapter.0") == 2
+    assert res["head.art"].num_samples == 4
+
+
+def test_rejected_add_leaves_state_unchanged():
+    agg = FedAvg()
+    agg.add("a", [make_module("adapter.0", AD, num_samples=2, seed=1)])
+    before = agg.result(1)["adapter.0"].tensors["w"].clone()
+    bad = [make_module("head.art", HEAD, seed=5), make_module("adapter.0", {"w": (8, 5), "b": (4,)}, seed=2)]
+    with pytest.raises(ModuleError):
+        agg.add("b", bad)  # the head would have been fine: all-or-nothing
+    assert agg.senders == ["a"] and "head.art" not in agg.result(1)
+    assert torch.equal(agg.result(1)["adapter.0"].tensors["w"], before)
+    with pytest.raises(ModuleError):
+        agg.add("a", [make_module("adapter.0", AD)])  # a sender contributes once
+
+
+def test_running_sum_memory_is_one_set():
+    agg = FedAvg()
+    for i in range(20):
+        agg.add(f"d{i}", [make_module("adapter.0", AD, seed=i)])
+    assert len(agg._sum) == 1 and set(agg._sum["adapter.0"]) == {"w", "b"}
+
+
+def test_unknown_rule():
+    with pytest.raises(ValueError, match="unknown aggregation rule"):
+        make_aggregator("median-of-nothing")

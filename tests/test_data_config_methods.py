@@ -1,0 +1,180 @@
+"""Data generation and split, config overrides, and round plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hffm.config import ConfigError, load_config
+from hffm.data import (
+    TASK_LABELS,
+    build_device_data,
+    build_tokenizer,
+    device_tasks,
+    dirichlet_split,
+    render_sample,
+    task_pool_labels,
+)
+from hffm.methods import EDGE_CLOUD, Collect, Send, Train, make_method
+from hffm.topology import CLOUD, Topology
+
+
+# ---- data ------------------------------------------------------------------------------------
+def test_dirichlet_split_is_a_partition_with_min_size():
+    labels = task_pool_labels("art", 700, seed=3)
+    parts = dirichlet_split(labels, 6, 0.1, np.random.default_rng(0), min_size=8)
+    allidx = np.concatenate(parts)
+    assert len(allidx) == len(labels) == len(set(allidx.tolist()))
+    assert min(len(p) for p in parts) >= 8
+
+
+def _skew(parts, labels):
+    """Mean over parts of the share of the part's most common label."""
+    return np.mean([np.bincount(labels[p]).max() / len(p) for p in parts])
+
+
+def test_small_alpha_is_non_iid_large_alpha_near_iid():
+    labels = task_pool_labels("gqa", 1200, seed=0)
+    skew_small = _skew(dirichlet_split(labels, 8, 0.1, np.random.default_rng(1), 8), labels)
+    skew_large = _skew(dirichlet_split(labels, 8, 1000.0, np.random.default_rng(1), 8), labels)
+    assert skew_small > 0.5
+    assert skew_large < 0.3  # uniform over 5 labels would be 1/5
+
+
+def test_split_and_samples_deterministic_by_seed():
+    labels = task_pool_labels("art", 300, seed=0)
+    a = dirichlet_split(labels, 4, 0.1, np.random.default_rng(7), 4)
+    b = dirichlet_split(labels, 4, 0.1, np.random.default_rng(7), 4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    i1, q1 = render_sample("gqa", 5, 0, 42, 32)
+    i2, q2 = render_sample("gqa", 5, 0, 42, 32)
+    assert q1 == q2 and np.array_equal(i1, i2)
+    i3, _ = render_sample("gqa", 5, 1, 42, 32)
+    assert not np.array_equal(i1, i3)
+
+
+def test_tasks_differ_in_questions_and_labels():
+    assert TASK_LABELS["art"] != TASK_LABELS["gqa"]
+    qa = {render_sample("art", lab, 0, i, 32)[1] for i, lab in enumerate(range(7))}
+    qg = {render_sample("gqa", lab, 0, i, 32)[1] for i, lab in enumerate(range(5))}
+    assert qa.isdisjoint(qg)
+    tok = build_tokenizer()
+    ids = tok("is there a red shape ?")["input_ids"]
+    assert tok.unk_token_id not in ids
+
+
+def test_device_tasks_assignment():
+    assert device_tasks(3, ["art", "gqa"], "all") == ["art", "gqa"]
+    assert device_tasks(0, ["art", "gqa"], 1) == ["art"]
+    assert device_tasks(1, ["art", "gqa"], 1) == ["gqa"]
+
+
+def test_device_data_local_test_follows_device_mix(small_cfg):
+    topo = Topology.from_config(small_cfg, 2)
+    tok = build_tokenizer()
+    holders = topo.holders_by_task()
+    datas = {d.id: build_device_data(small_cfg, d.id, holders, tok) for d in topo.devices}
+    total = sum(len(dd.train["art"]) for dd in datas.values())
+    assert total == small_cfg.data.train_per_task
+    for dd in datas.values():
+        train_labels = set(np.flatnonzero(dd.train["art"].label_counts()).tolist())
+        test_labels = set(np.flatnonzero(dd.test["art"].label_counts()).tolist())
+        assert test_labels <= train_labels
+
+
+# ---- config ----------------------------------------------------------------------------------
+def test_required_overrides_apply():
+    cfg = load_config(None, ["topology.edges=3", "topology.devices_per_edge=4", "method=star", "e_agg=2",
+                             "rounds=6", "seed=7", "tasks=[art,gqa]"])
+    assert (cfg.topology.edges, cfg.topology.devices_per_edge, cfg.method, cfg.e_agg, cfg.rounds, cfg.seed) == (
+        3, 4, "star", 2, 6, 7)
+    assert cfg.tasks == ["art", "gqa"]
+    assert load_config(None, ["tasks=[gqa]"]).tasks == ["gqa"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("topology.edgez=3", "topology.edgez"),
+        ("nosuch=1", "nosuch"),
+        ("rounds=0", "rounds"),
+        ("rounds=many", "rounds"),
+        ("method=ring", "method"),
+        ("tasks=[art,vqa2]", "tasks"),
+        ("topology.devices_per_edge=-1", "topology.devices_per_edge"),
+        ("e_agg.x=1", "e_agg.x"),
+        ("wire.dtype=fp8", "wire.dtype"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "c.yaml"
+    p.write_text("topology:\n  edges: 2\n  colour: red\n")
+    with pytest.raises(ConfigError, match="topology.colour: unknown key"):
+        load_config(p)
+    p.write_text("rounds: 3\n")
+    assert load_config(p, ["rounds=4"]).rounds == 4
+
+
+def test_repo_configs_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert files, "configs/ holds the run configs"
+    for f in files:
+        load_config(f)
+
+
+# ---- methods ---------------------------------------------------------------------------------
+def _topo(edges=3, per=2):
+    cfg = load_config(None, [f"topology.edges={edges}", f"topology.devices_per_edge={per}", "topology.tasks_per_device=1"])
+    return Topology.from_config(cfg, 2)
+
+
+def test_hfm_edge_cloud_only_every_e_agg_rounds():
+    topo = _topo()
+    method = make_method("hfm", e_agg=3)
+    for r in range(1, 10):
+        plan = method.plan(r, topo)
+        plan.validate()
+        cloud_links = [s for _, s in plan.transfers() if s.link == EDGE_CLOUD]
+        assert bool(cloud_links) == (r % 3 == 0)
+        assert (CLOUD in plan.steps) == (r % 3 == 0)
+        for d in topo.devices:
+            steps = plan.steps[d.id]
+            assert isinstance(steps[0], Train)
+            assert steps[1] == Send(d.edge, "device_edge", "aggregate", tuple(topo.modules_for(d.id)))
+
+
+def test_star_every_device_talks_to_cloud():
+    topo = _topo()
+    plan = make_method("star").plan(1, topo)
+    plan.validate()
+    collect = plan.steps[CLOUD][0]
+    assert isinstance(collect, Collect) and set(collect.senders) == {d.id for d in topo.devices}
+    assert not any(e in plan.steps for e in topo.edges)
+
+
+def test_heads_only_where_tasks_are():
+    topo = _topo(edges=1, per=2)
+    assert topo.modules_for("device-0-0") == ["adapter.0", "adapter.1", "head.art"]
+    assert topo.modules_for("device-0-1") == ["adapter.0", "adapter.1", "head.gqa"]
+    assert topo.modules_for("edge-0") == ["adapter.0", "adapter.1", "head.art", "head.gqa"]
+
+
+def test_plan_validation_catches_dangling_sends():
+    from hffm.methods import RoundPlan
+
+    plan = RoundPlan(1)
+    plan.add("device-0-0", Send("edge-0", "device_edge", "aggregate", ("adapter.0",)))
+    with pytest.raises(ValueError, match="does not collect"):
+        plan.validate()
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("gossip")

@@ -1,0 +1,117 @@
+"""Double-Adapter wiring: zero-init equals the frozen backbone, the feed-forward output is kept."""
+
+from __future__ import annotations
+
+import torch
+
+from hffm.config import load_config
+from hffm.data import TASK_LABELS, build_global_test, build_tokenizer
+from hffm.model import AdaptedOutput, DoubleAdapter, build_backbone, build_model, head_name
+
+
+def _labels(cfg):
+    return {t: len(TASK_LABELS[t]) for t in cfg.tasks}
+
+
+def _batch(cfg, n=8):
+    td = build_global_test(cfg, "art", build_tokenizer())
+    b = td.batch(torch.arange(n))
+    b.pop("labels")
+    return b
+
+
+def _pooled(backbone, batch):
+    torch.manual_seed(0)  # ViLT permutes patches with the global RNG; fix it for both sides
+    return backbone(**batch).pooler_output
+
+
+def test_module_names_follow_position(small_cfg):
+    m = build_model(small_cfg, build_tokenizer().vocab_size, _labels(small_cfg))
+    assert m.module_names() == ["adapter.0", "adapter.1", "head.art", "head.gqa"]
+    frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert all("adapter" in n or n.startswith("trainable.") for n in trainable)
+    assert not any("adapter" in n for n in frozen)
+    assert any("attention" in n for n in frozen)
+
+
+def test_zero_init_adapters_compute_exactly_the_backbone(small_cfg):
+    tok = build_tokenizer()
+    plain = build_backbone(small_cfg, tok.vocab_size)
+    adapted = build_model(small_cfg, tok.vocab_size, _labels(small_cfg))
+    batch = _pooled_batch = _batch(small_cfg)
+    with torch.no_grad():
+        a = _pooled(plain, _pooled_batch)
+        torch.manual_seed(0)
+        b = adapted.pooled(batch)
+    assert torch.equal(a, b)
+
+
+def test_nonzero_adapters_change_the_output(small_cfg):
+    tok = build_tokenizer()
+    plain = build_backbone(small_cfg, tok.vocab_size)
+    adapted = build_model(small_cfg, tok.vocab_size, _labels(small_cfg))
+    with torch.no_grad():
+        adapted.module("adapter.0").a.up.weight.normal_()
+        batch = _batch(small_cfg)
+        a = _pooled(plain, batch)
+        torch.manual_seed(0)
+        b = adapted.pooled(batch)
+    assert not torch.allclose(a, b)
+
+
+def test_adapted_output_keeps_feed_forward_output():
+    """out = FFN(h) + A1(FFN(h)) + A2(FFN(h)) + residual; the seed code dropped FFN(h)."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(12, 8)
+
+    class Orig(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = dense
+            self.dropout = torch.nn.Dropout(0.0)
+
+    ad = DoubleAdapter(8, 4)
+    for p in ad.parameters():
+        torch.nn.init.normal_(p)
+    layer = AdaptedOutput(Orig(), ad)
+    h, residual = torch.randn(3, 5, 12), torch.randn(3, 5, 8)
+    ffn = dense(h)
+    expected = ffn + ad.a(ffn) + ad.b(ffn) + residual
+    assert torch.allclose(layer(h, residual), expected, atol=1e-6)
+    # and it is not the seed code's wiring (adapter output + residual, FFN output lost)
+    assert not torch.allclose(layer(h, residual), ad(ffn) + residual, atol=1e-3)
+
+
+def test_heads_have_task_label_spaces(small_cfg):
+    m = build_model(small_cfg, build_tokenizer().vocab_size, _labels(small_cfg))
+    batch = _batch(small_cfg, 4)
+    for task in small_cfg.tasks:
+        assert m(batch, task).shape == (4, len(TASK_LABELS[task]))
+        assert m.module(head_name(task)) is not None
+
+
+def test_from_pretrained_local_checkpoint(tmp_path, small_cfg):
+    """The real loading path: a checkpoint saved to a directory loads with from_pretrained."""
+    tok = build_tokenizer()
+    tiny = build_backbone(small_cfg, tok.vocab_size)
+    tiny.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    cfg = load_config(None, [f"model.backbone={tmp_path / 'ckpt'}", "model.bottleneck=16", "model.head_hidden=32"])
+    loaded = build_model(cfg, tok.vocab_size, _labels(cfg))
+    assert loaded.backbone.config.hidden_size == small_cfg.model.hidden_size
+    assert loaded.module_names()[: small_cfg.model.num_layers] == ["adapter.0", "adapter.1"]
+    batch = _batch(small_cfg)
+    with torch.no_grad():
+        a = _pooled(tiny, batch)
+        torch.manual_seed(0)
+        b = loaded.pooled(batch)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
+    import pytest
+
+    cfg = load_config(None, [f"model.backbone={tmp_path / 'nope'}"])
+    with pytest.raises(FileNotFoundError, match="model.backbone"):
+        build_backbone(cfg, 30)

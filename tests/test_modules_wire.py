@@ -1,0 +1,135 @@
+"""Serialization round trips, digests, chunking and the checks a receiver makes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from hffm.modules import ModuleError, decode_module, encode_module, spec_of
+from hffm.wire import MAX_CHUNK_BYTES, ModuleHeader, PushAssembler, PushHeader, chunks
+from tests.conftest import make_module
+
+SHAPES = {"a.down.weight": (256, 768), "a.down.bias": (256,), "a.up.weight": (768, 256)}
+
+
+def _decode(em, spec, **kw):
+    args = dict(name=em.name, version=em.version, num_samples=em.num_samples, dtype=em.dtype, sha256=em.sha256, spec=spec)
+    args.update(kw)
+    return decode_module(em.data, **args)
+
+
+def test_fp32_round_trip_is_exact():
+    m = make_module("adapter.0", SHAPES, version=3, num_samples=17)
+    em = encode_module(m)
+    assert em.sha256 == hashlib.sha256(em.data).digest()
+    back = _decode(em, spec_of({m.name: m.tensors}))
+    assert back.version == 3 and back.num_samples == 17
+    for k in SHAPES:
+        assert torch.equal(back.tensors[k], m.tensors[k])
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_on_the_wire_measured(dtype):
+    m = make_module("adapter.0", SHAPES)
+    em32, em16 = encode_module(m, "fp32"), encode_module(m, dtype)
+    numel = m.numel()
+    # measured, not assumed: payload ~ numel * bytes/elem plus a small header
+    assert numel * 4 <= em32.size_bytes < numel * 4 + 2048
+    assert numel * 2 <= em16.size_bytes < numel * 2 + 2048
+    back = _decode(em16, spec_of({m.name: m.tensors}))
+    assert back.tensors["a.down.weight"].dtype == torch.float32
+    assert torch.allclose(back.tensors["a.down.weight"], m.tensors["a.down.weight"], rtol=1e-2, atol=1e-2)
+
+
+def test_digest_mismatch_rejected():
+    m = make_module("adapter.0", SHAPES)
+    em = encode_module(m)
+    with pytest.raises(ModuleError) as e:
+        _decode(em, spec_of({m.name: m.tensors}), sha256=hashlib.sha256(b"x").digest())
+    assert e.value.code == "DATA_LOSS"
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda t: {**t, "a.down.bias": torch.zeros(255)}, "shape_mismatch"),
+        (lambda t: {k: v for k, v in t.items() if k != "a.up.weight"}, "shape_mismatch"),
+        (lambda t: {**t, "a.down.bias": torch.full((256,), float("nan"))}, "non_finite"),
+        (lambda t: {**t, "a.down.bias": torch.full((256,), float("inf"))}, "non_finite"),
+        (lambda t: {**t, "a.down.bias": torch.zeros(256, dtype=torch.float64)}, "dtype_mismatch"),
+    ],
+)
+def test_bad_tensors_rejected(mutate, reason):
+    m = make_module("adapter.0", SHAPES)
+    spec = spec_of({m.name: m.tensors})
+    data = st_save({k: v.contiguous() for k, v in mutate(m.tensors).items()})
+    with pytest.raises(ModuleError) as e:
+        decode_module(data, name=m.name, version=1, num_samples=1.0, dtype="fp32",
+                      sha256=hashlib.sha256(data).digest(), spec=spec)
+    assert e.value.reason == reason and e.value.code == "INVALID_ARGUMENT"
+
+
+def test_unknown_module_and_garbage_rejected():
+    m = make_module("adapter.0", SHAPES)
+    spec = spec_of({m.name: m.tensors})
+    em = encode_module(m)
+    with pytest.raises(ModuleError, match="unknown module"):
+        _decode(em, spec, name="adapter.99")
+    junk = b"\x00" * 64
+    with pytest.raises(ModuleError, match="safetensors"):
+        decode_module(junk, name="adapter.0", version=1, num_samples=1.0, dtype="fp32",
+                      sha256=hashlib.sha256(junk).digest(), spec=spec)
+
+
+def _push(mods, wire="fp32"):
+    ems = [encode_module(m, wire) for m in mods]
+    h = PushHeader("p1", "device-0-0", "edge-0", 1, "aggregate", "device_edge", tuple(ModuleHeader.of(e) for e in ems))
+    return h, ems
+
+
+def test_chunks_are_at_most_one_mib_and_reassemble():
+    mods = [make_module("adapter.0", SHAPES, seed=1), make_module("adapter.1", SHAPES, seed=2)]
+    spec = spec_of({"adapter.0": mods[0].tensors, "adapter.1": mods[1].tensors})
+    h, ems = _push(mods)
+    pieces = list(chunks(ems))
+    assert all(len(d) <= MAX_CHUNK_BYTES for _, _, d in pieces)
+    assert len(pieces) > 2  # a 1.5 MB module does not fit one chunk
+    asm = PushAssembler(h, spec)
+    for i, off, data in pieces:
+        asm.add_chunk(i, off, bytes(data))
+    out = asm.finish()
+    assert [m.name for m in out] == ["adapter.0", "adapter.1"]
+    assert torch.equal(out[1].tensors["a.up.weight"], mods[1].tensors["a.up.weight"])
+    assert asm.bytes_received == sum(e.size_bytes for e in ems)
+
+
+def test_truncated_and_out_of_order_streams_rejected():
+    mods = [make_module("adapter.0", SHAPES, seed=1), make_module("adapter.1", SHAPES, seed=2)]
+    spec = spec_of({m.name: m.tensors for m in mods})
+    h, ems = _push(mods)
+    pieces = list(chunks(ems))
+    asm = PushAssembler(h, spec)
+    for i, off, data in pieces[:-1]:
+        asm.add_chunk(i, off, bytes(data))
+    with pytest.raises(ModuleError, match="truncated"):
+        asm.finish()
+    asm = PushAssembler(h, spec)
+    asm.add_chunk(*pieces[0][:2], bytes(pieces[0][2]))
+    with pytest.raises(ModuleError, match="out-of-order"):
+        asm.add_chunk(pieces[2][0], pieces[2][1], bytes(pieces[2][2]))
+    asm = PushAssembler(h, spec)
+    with pytest.raises(ModuleError, match="out-of-order"):
+        asm.add_chunk(1, 0, b"x")
+
+
+def test_declared_size_is_bounded_by_the_spec():
+    m = make_module("adapter.0", SHAPES)
+    spec = spec_of({m.name: m.tensors})
+    h, _ = _push([m])
+    big = PushHeader(h.push_id, h.sender, h.receiver, h.round, h.tag, h.link,
+                     (ModuleHeader("adapter.0", 1, 1.0, 10**12, h.modules[0].sha256, "fp32"),))
+    with pytest.raises(ModuleError, match="declared size"):
+        PushAssembler(big, spec)
