@@ -46,10 +46,10 @@ def test_split_and_samples_deterministic_by_seed():
     a = dirichlet_split(labels, 4, 0.1, np.random.default_rng(7), 4)
     b = dirichlet_split(labels, 4, 0.1, np.random.default_rng(7), 4)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    i1, q1 = render_sample("gqa", 5, 0, 42, 32)
-    i2, q2 = render_sample("gqa", 5, 0, 42, 32)
+    i1, q1 = render_sample("gqa", 4, 0, 42, 32)
+    i2, q2 = render_sample("gqa", 4, 0, 42, 32)
     assert q1 == q2 and np.array_equal(i1, i2)
-    i3, _ = render_sample("gqa", 5, 1, 42, 32)
+    i3, _ = render_sample("gqa", 4, 1, 42, 32)
     assert not np.array_equal(i1, i3)
 
 
