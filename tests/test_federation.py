@@ -1,0 +1,129 @@
+"""Whole federations through the real launcher: cloud, edges and devices as separate processes on
+loopback, modules moving over gRPC. The nodes' trace (runtime.trace_dir) records what each node
+accepted and adopted, so aggregates can be checked against the uploads that produced them."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from hffm.aggregation import weighted_mean
+from hffm.config import load_config
+from hffm.modules import load_modules
+from services.launcher import run
+
+BASE = ["topology.edges=2", "topology.devices_per_edge=2", "runtime.devices_per_process=2",
+        "data.train_per_task=800", "data.global_test_per_task=200"]
+
+
+def _run(tmp: Path, *sets: str) -> tuple[Path, dict]:
+    cfg = load_config(None, [*BASE, f"runtime.trace_dir={tmp / 'trace'}", *sets])
+    console = Console(file=io.StringIO(), width=120)
+    results = run(cfg, tmp, console, timeout_s=600)
+    return tmp, results
+
+
+@pytest.fixture(scope="module")
+def hfm_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("hfm"), "method=hfm", "e_agg=2", "rounds=6")
+
+
+@pytest.fixture(scope="module")
+def star_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("star"), "method=star", "rounds=3")
+
+
+def _close(a: dict, b: dict, atol=1e-6) -> bool:
+    return set(a) == set(b) and all(
+        torch.allclose(a[n].tensors[k], b[n].tensors[k], atol=atol) for n in a for k in a[n].tensors
+    )
+
+
+def _trace(out: Path, node: str, name: str):
+    return load_modules(str(out / "trace" / node / f"{name}.safetensors"))
+
+
+def test_hfm_edge_aggregate_is_weighted_mean_of_its_devices(hfm_run):
+    out, results = hfm_run
+    for r in range(1, 7):
+        for e in (0, 1):
+            ups = [_trace(out, f"edge-{e}", f"r{r}-aggregate-from-device-{e}-{i}") for i in (0, 1)]
+            agg = _trace(out, f"edge-{e}", f"r{r}-aggregate-aggregate")
+            assert _close(agg, weighted_mean(ups))
+            assert all(m.version == r for m in agg.values())
+            # weights are sample counts: the adapters' weight is the cluster's total samples
+            assert agg["adapter.0"].num_samples == sum(u["adapter.0"].num_samples for u in ups)
+
+
+def test_hfm_cloud_aggregate_is_weighted_mean_of_edges_every_e_agg(hfm_run):
+    out, results = hfm_run
+    for r in (2, 4, 6):
+        ups = [_trace(out, "cloud", f"r{r}-aggregate-from-edge-{e}") for e in (0, 1)]
+        for e in (0, 1):  # what the cloud received is what the edge had aggregated (fp32 wire)
+            assert _close(ups[e], _trace(out, f"edge-{e}", f"r{r}-aggregate-aggregate"), atol=0)
+        cloud = _trace(out, "cloud", f"r{r}-aggregate-aggregate")
+        assert _close(cloud, weighted_mean(ups))
+        # the cloud's aggregate travels down: edges and then devices adopt it
+        for e in (0, 1):
+            assert _close(_trace(out, f"edge-{e}", f"r{r}-broadcast-aggregate"), cloud, atol=0)
+            assert _close(_trace(out, f"device-{e}-0", f"r{r}-broadcast-aggregate"), cloud, atol=0)
+    for r in (1, 3, 5):
+        assert not (out / "trace" / "cloud" / f"r{r}-aggregate-aggregate.safetensors").exists()
+        edge0 = _trace(out, "edge-0", f"r{r}-aggregate-aggregate")
+        assert _close(_trace(out, "device-0-1", f"r{r}-broadcast-aggregate"), edge0, atol=0)
+
+
+def test_hfm_edge_cloud_traffic_exactly_in_rounds_divisible_by_e_agg(hfm_run):
+    _, results = hfm_run
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 7))
+    for r in rounds:
+        links = r["bytes_by_link"]
+        assert (links["edge_cloud"] > 0) == (r["round"] % 2 == 0) == r["cloud_aggregation"]
+        assert links["device_edge"] > 0 and links["device_cloud"] == 0 and links["d2d"] == 0
+        assert sum(r["bytes_by_module"].values()) == r["bytes_total"] == sum(links.values())
+    # device<->edge traffic is the same every round: 4 uploads + 4 downloads of the same module shapes
+    assert len({r["bytes_by_link"]["device_edge"] for r in rounds}) == 1
+
+
+def test_hfm_accuracy_rises_above_chance(hfm_run):
+    _, results = hfm_run
+    first, last = results["rounds"][0]["accuracy"], results["rounds"][-1]["accuracy"]
+    mean = lambda acc, split: sum(v[split] for v in acc.values()) / len(acc)  # noqa: E731
+    assert mean(last, "global") > mean(first, "global") + 0.1
+    assert last["art"]["global"] > 2 / 7  # twice chance (7 labels)
+    assert last["gqa"]["global"] > 1.5 / 5
+
+
+def test_hfm_outputs_written(hfm_run):
+    out, results = hfm_run
+    assert results["complete"] and (out / "results.png").stat().st_size > 10_000
+    mods = load_modules(str(out / "global_modules.safetensors"))
+    assert set(mods) == {"adapter.0", "adapter.1", "adapter.2", "adapter.3", "head.art", "head.gqa"}
+    assert all(m.version == 6 for m in mods.values())
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    assert logs == ["cloud.log", "devices-edge-0-0.log", "devices-edge-1-0.log", "edge-0.log", "edge-1.log"]
+    assert "registered" in (out / "logs" / "cloud.log").read_text()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["method"] == "hfm" and len(saved["rounds"]) == 6
+    # every process the launcher started is gone
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out / "config.yaml") not in ps
+
+
+def test_star_cloud_averages_every_device_each_round(star_run):
+    out, results = star_run
+    for r in results["rounds"]:
+        links = r["bytes_by_link"]
+        assert links["device_cloud"] > 0 and links["device_edge"] == links["edge_cloud"] == 0
+        assert r["cloud_aggregation"]
+    for r in (1, 2, 3):
+        ups = [_trace(out, "cloud", f"r{r}-aggregate-from-device-{e}-{i}") for e in (0, 1) for i in (0, 1)]
+        assert _close(_trace(out, "cloud", f"r{r}-aggregate-aggregate"), weighted_mean(ups))
+    assert not (out / "trace" / "edge-0").exists()  # edges idle in star

@@ -1,0 +1,220 @@
+"""A real node gRPC server on loopback fed crafted pushes: every bad input gets its status code and
+leaves the node's state exactly as it was; a retried push is counted once."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import save as st_save
+
+from hffm.aggregation import weighted_mean
+from hffm.methods import Collect
+from hffm.modules import Module, encode_module
+from hffm.wire import ModuleHeader, PushHeader, chunks, push_id_for
+from services.common.bootstrap import node_modules, topology
+from services.common.client import push_requests
+from services.common.convert import header_to_pb, step_to_pb
+from services.common.node import NodeRuntime
+from services.common.server import NodeServer
+from services.rpc import pb, pb_grpc
+
+D0, D1, EDGE = "device-0-0", "device-0-1", "edge-0"
+
+
+class _Edge(NodeRuntime):
+    role = "edge"
+
+
+@pytest.fixture
+def edge(small_cfg):
+    topo = topology(small_cfg)
+    spec, modules = node_modules(small_cfg, topo, EDGE)
+    node = _Edge(EDGE, small_cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    ch = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    node.assign(1, "hfm", [Collect("aggregate", (D0, D1), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
+    yield node, ch, topo
+    ch.close()
+    srv.stop(0)
+
+
+def _device_modules(node, seed, samples=10.0, version=1):
+    g = torch.Generator().manual_seed(seed)
+    return {n: Module(n, {k: torch.randn(v.shape, generator=g) for k, v in m.tensors.items()}, version, samples)
+            for n, m in node.modules.items() if n != "head.gqa"}
+
+
+def _header(sender, ems, round_=1, tag="aggregate", link="device_edge", push_id=None):
+    return PushHeader(push_id or push_id_for(sender, EDGE, round_, tag), sender, EDGE, round_, tag, link,
+                      tuple(ModuleHeader.of(e) for e in ems))
+
+
+def _push(ch, reqs):
+    return pb_grpc.ModuleExchangeStub(ch).Push(iter(list(reqs)), timeout=10)
+
+
+def _good(node, sender, seed, samples=10.0):
+    ems = [encode_module(m) for m in _device_modules(node, seed, samples).values()]
+    return _header(sender, ems), ems
+
+
+def _expect(ch, node, reqs, code, match):
+    before = node.inbox.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        _push(ch, reqs)
+    assert e.value.code() == code, e.value.details()
+    assert match in e.value.details()
+    assert node.inbox.snapshot() == before
+
+
+def test_health_and_reflection(edge):
+    node, ch, _ = edge
+    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="hffm.v1.ModuleExchange"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_truncated_stream(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    reqs = list(push_requests(h, ems, 4096))
+    _expect(ch, node, reqs[:-1], grpc.StatusCode.INVALID_ARGUMENT, "truncated")
+
+
+def test_out_of_order_chunks(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    reqs = list(push_requests(h, ems, 4096))
+    reqs[1], reqs[2] = reqs[2], reqs[1]
+    _expect(ch, node, reqs, grpc.StatusCode.INVALID_ARGUMENT, "out-of-order")
+
+
+def test_missing_header(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    _expect(ch, node, list(push_requests(h, ems, 4096))[1:], grpc.StatusCode.INVALID_ARGUMENT, "header")
+
+
+def test_digest_mismatch(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    bad = replace(h, modules=(replace(h.modules[0], sha256=hashlib.sha256(b"x").digest()), *h.modules[1:]))
+    _expect(ch, node, push_requests(bad, ems, 4096), grpc.StatusCode.DATA_LOSS, "SHA-256")
+
+
+def test_unknown_module_name(edge):
+    node, ch, _ = edge
+    m = next(iter(_device_modules(node, 1).values()))
+    em = encode_module(Module("adapter.77", m.tensors, 1, 3.0))
+    _expect(ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.INVALID_ARGUMENT, "unknown module")
+
+
+def _raw(name, tensors, dtype="fp32", version=1):
+    data = st_save({k: v.contiguous() for k, v in tensors.items()})
+    class E:  # noqa: N801 - a hand-made encoded module
+        pass
+    e = E()
+    e.name, e.version, e.num_samples, e.dtype, e.data = name, version, 5.0, dtype, data
+    e.sha256, e.size_bytes = hashlib.sha256(data).digest(), len(data)
+    return e
+
+
+def test_shape_mismatch(edge):
+    node, ch, _ = edge
+    t = {k: v.clone() for k, v in node.modules["head.art"].tensors.items()}
+    key = next(iter(t))
+    t[key] = torch.zeros(*[s + 1 for s in t[key].shape])
+    em = _raw("head.art", t)
+    _expect(ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.INVALID_ARGUMENT, "shape")
+
+
+def test_dtype_mismatch(edge):
+    node, ch, _ = edge
+    em = _raw("head.art", node.modules["head.art"].tensors, dtype="fp16")  # fp32 bytes, header says fp16
+    _expect(ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.INVALID_ARGUMENT, "header says fp16")
+
+
+def test_nan_values(edge):
+    node, ch, _ = edge
+    t = {k: v.clone() for k, v in node.modules["head.art"].tensors.items()}
+    next(iter(t.values())).view(-1)[0] = float("nan")
+    em = _raw("head.art", t)
+    _expect(ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.INVALID_ARGUMENT, "NaN")
+
+
+def test_version_from_wrong_round(edge):
+    node, ch, _ = edge
+    em = _raw("head.art", node.modules["head.art"].tensors, version=0)
+    _expect(ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.FAILED_PRECONDITION, "version 0")
+    em2 = _raw("head.art", node.modules["head.art"].tensors, version=2)
+    _expect(ch, node, push_requests(_header(D0, [em2], round_=2), [em2], 4096),
+            grpc.StatusCode.FAILED_PRECONDITION, "round 2")
+
+
+def test_unregistered_sender(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, "device-1-0", 1)
+    _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.PERMISSION_DENIED, "not registered")
+
+
+def test_wrong_collect_step(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    h2 = _header(D0, ems, tag="broadcast")
+    _expect(ch, node, push_requests(h2, ems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "collects nothing")
+
+
+def test_good_pushes_retry_counted_once_and_weighted_mean(edge, small_cfg):
+    node, ch, _ = edge
+    m0, m1 = _device_modules(node, 1, samples=12.0), _device_modules(node, 2, samples=36.0)
+    e0 = [encode_module(m) for m in m0.values()]
+    h0 = _header(D0, e0)
+    ack = _push(ch, push_requests(h0, e0, 4096))
+    assert not ack.duplicate and ack.bytes_received == sum(e.size_bytes for e in e0)
+    snap = node.inbox.snapshot()
+    ack2 = _push(ch, push_requests(h0, e0, 4096))  # the client retried
+    assert ack2.duplicate and node.inbox.snapshot() == snap
+    other = [encode_module(m) for m in _device_modules(node, 9).values()]
+    _expect(ch, node, push_requests(_header(D0, other), other, 4096), grpc.StatusCode.ALREADY_EXISTS, "already")
+    e1 = [encode_module(m) for m in m1.values()]
+    _push(ch, push_requests(_header(D1, e1), e1, 1 << 20))
+    report = pb_grpc.RoundControlStub(ch).AwaitRound(pb.AwaitRequest(round=1), timeout=30)
+    assert report.node == EDGE and report.round == 1
+    want = weighted_mean([m0, m1])
+    for name, mod in want.items():
+        got = node.modules[name]
+        assert got.version == 1 and got.num_samples == 48.0
+        for k in mod.tensors:
+            assert torch.allclose(got.tensors[k], mod.tensors[k], atol=1e-6)
+    assert node.modules["head.gqa"].version == 0  # nobody sent it: the edge keeps its own
+
+
+def test_assign_round_bad_input(edge):
+    node, ch, _ = edge
+    stub = pb_grpc.RoundControlStub(ch)
+    from hffm.methods import Send
+
+    bad = pb.RoundTask(round=5, method="hfm", steps=[step_to_pb(Send("cloud", "edge_cloud", "aggregate", ("adapter.0",)))])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AssignRound(bad, timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no address" in e.value.details()
+    old = pb.RoundTask(round=1, method="hfm", steps=[])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AssignRound(old, timeout=5)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AwaitRound(pb.AwaitRequest(round=9), timeout=5)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_header_round_trip_through_protobuf(edge):
+    node, _, _ = edge
+    h, _ = _good(node, D0, 1)
+    from services.common.convert import header_from_pb
+
+    assert header_from_pb(header_to_pb(h)) == h
+    assert all(len(c[2]) <= 1 << 20 for c in chunks([encode_module(m) for m in node.modules.values()]))
