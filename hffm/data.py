@@ -208,14 +208,17 @@ def dirichlet_split(
     """Split sample indices over ``n_parts`` with a Dirichlet(alpha) over each label's share.
 
     Redraws (bounded) until every part holds at least ``min_size`` samples, the usual practice for
-    small alpha; raises when impossible."""
+    small alpha. With many parts that can be hopeless (Dirichlet(0.1) over 40 devices), so the last
+    draw is then repaired: a part short of ``min_size`` takes samples, preferably of labels it
+    already holds, from the largest part. Raises when the pool is too small."""
     if n_parts < 1:
         raise ValueError("n_parts must be >= 1")
     if len(labels) < n_parts * min_size:
         raise ValueError(f"{len(labels)} samples cannot give {n_parts} parts of >= {min_size}")
     classes = np.unique(labels)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(n_parts)]
+    parts: list[list[int]] = []
+    for _ in range(100):
+        parts = [[] for _ in range(n_parts)]
         for c in classes:
             idx = np.flatnonzero(labels == c)
             idx = idx[rng.permutation(len(idx))]
@@ -224,8 +227,16 @@ def dirichlet_split(
             for p, piece in enumerate(np.split(idx, cuts)):
                 parts[p].extend(piece.tolist())
         if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"could not draw a Dirichlet({alpha}) split with >= {min_size} samples per part")
+            break
+    else:
+        for small in range(n_parts):
+            while len(parts[small]) < min_size:
+                big = max(range(n_parts), key=lambda k: len(parts[k]))
+                have = {int(labels[i]) for i in parts[small]}
+                pick = [j for j, i in enumerate(parts[big]) if int(labels[i]) in have] or list(range(len(parts[big])))
+                j = pick[int(rng.integers(len(pick)))]
+                parts[small].append(parts[big].pop(j))
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
 def device_tasks(device_index: int, tasks: list[str], tasks_per_device: int | str) -> list[str]:

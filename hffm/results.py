@@ -76,10 +76,11 @@ def plot_results(results: dict[str, Any], out_png: str | Path) -> None:
     xs = [r["round"] for r in rounds]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     tasks = sorted({t for r in rounds for t in r["accuracy"]})
-    for task in tasks:
+    for i, task in enumerate(tasks):
         for split, style in (("local", "-o"), ("global", "--s")):
             ys = [r["accuracy"].get(task, {}).get(split) for r in rounds]
-            ax1.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=f"{task} ({split})")
+            ax1.plot(xs, [y if y is not None else float("nan") for y in ys], style, color=f"C{i}",
+                     label=f"{task} ({split})")
     ax1.set_xlabel("round")
     ax1.set_ylabel("accuracy")
     ax1.set_ylim(0, 1)

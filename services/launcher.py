@@ -70,16 +70,18 @@ def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -
     for e in topo.edges:
         edge_addr[e] = f"{host}:{next(ports)}"
         procs.append((e, [*py, "services.edge", *common, "--id", e, "--listen", edge_addr[e], "--upstream", cloud_addr]))
+    # Devices in global order, k per process (a process may host devices of several edges).
     k = cfg.runtime.devices_per_process
-    for e in topo.edges:
-        members = topo.cluster(e)
-        for g in range(0, len(members), k):
-            group = members[g : g + k]
-            argv = [*py, "services.device", *common, "--upstream", f"{e}={edge_addr[e]}"]
-            for d in group:
-                argv += ["--node", f"{d.id}={host}:{next(ports)}"]
-            name = group[0].id if len(group) == 1 else f"devices-{e}-{g // k}"
-            procs.append((name, argv))
+    devices = list(topo.devices)
+    for g in range(0, len(devices), k):
+        group = devices[g : g + k]
+        argv = [*py, "services.device", *common]
+        for e in dict.fromkeys(d.edge for d in group):
+            argv += ["--upstream", f"{e}={edge_addr[e]}"]
+        for d in group:
+            argv += ["--node", f"{d.id}={host}:{next(ports)}"]
+        name = group[0].id if len(group) == 1 else f"devices-{g // k}"
+        procs.append((name, argv))
     return procs
 
 

@@ -178,3 +178,14 @@ def test_plan_validation_catches_dangling_sends():
         plan.validate()
     with pytest.raises(ValueError, match="unknown method"):
         make_method("gossip")
+
+
+def test_dirichlet_split_many_parts_is_repaired_not_refused():
+    """Dirichlet(0.1) over 40 devices rarely gives every device 8 samples; the split still does."""
+    labels = task_pool_labels("art", 1200, seed=0)
+    parts = dirichlet_split(labels, 40, 0.1, np.random.default_rng(0), min_size=8)
+    assert min(len(p) for p in parts) >= 8
+    assert len(np.concatenate(parts)) == 1200 == len(set(np.concatenate(parts).tolist()))
+    assert _skew(parts, labels) > 0.5  # still strongly non-IID
+    with pytest.raises(ValueError, match="cannot give"):
+        dirichlet_split(labels[:100], 40, 0.1, np.random.default_rng(0), min_size=8)

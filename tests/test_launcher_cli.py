@@ -1,0 +1,132 @@
+"""Process lifecycle: any start order, Ctrl-C and child failures stop everything; CLI errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from hffm.cli import app
+from hffm.config import dump_config, load_config
+from services.launcher import REPO_ROOT, RunFailed, free_ports, run
+from tests.conftest import processes_with
+
+SMALL = ["topology.edges=1", "topology.devices_per_edge=2", "data.train_per_task=200",
+         "data.global_test_per_task=40", "model.num_layers=2"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+def _alive(marker: str) -> list[str]:
+    return processes_with(marker)
+
+
+def test_start_order_does_not_matter(tmp_path):
+    """Devices first, then the edge, then the cloud: each waits and retries for its upstream."""
+    cfg = load_config(None, [*SMALL, "rounds=2"])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(dump_config(cfg))
+    cloud_p, edge_p, d0, d1 = free_ports(4, "127.0.0.1")
+    py = [sys.executable, "-m"]
+    common = ["--config", str(cfg_path)]
+    argvs = [
+        [*py, "services.device", *common, "--upstream", f"edge-0=127.0.0.1:{edge_p}",
+         "--node", f"device-0-0=127.0.0.1:{d0}", "--node", f"device-0-1=127.0.0.1:{d1}"],
+        [*py, "services.edge", *common, "--id", "edge-0", "--listen", f"127.0.0.1:{edge_p}",
+         "--upstream", f"127.0.0.1:{cloud_p}"],
+        [*py, "services.cloud", *common, "--listen", f"127.0.0.1:{cloud_p}", "--out", str(tmp_path / "out"),
+         "--linger-s", "0"],
+    ]
+    procs = []
+    try:
+        for argv in argvs:  # each starts only once the previous one serves (and so waits for it)
+            path = tmp_path / f"{argv[2]}.log"
+            procs.append(subprocess.Popen(argv, stdout=open(path, "wb"), stderr=subprocess.STDOUT, env=_env(),
+                                          cwd=REPO_ROOT))
+            deadline = time.monotonic() + 120
+            while "serving on" not in path.read_text() and time.monotonic() < deadline:
+                assert procs[-1].poll() is None, path.read_text()
+                time.sleep(0.2)
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+    assert codes == [0, 0, 0], logs
+    # The devices started first and really waited: they registered only once the cloud was up.
+    def stamp(log: str, needle: str) -> str:
+        return next(line[:23] for line in log.splitlines() if needle in line)
+
+    cloud_up = stamp(logs["services.cloud.log"], "cloud serving on")
+    assert stamp(logs["services.device.log"], "serving on") < cloud_up
+    assert stamp(logs["services.device.log"], "registered (") >= cloud_up
+    import json
+
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["complete"] and len(res["rounds"]) == 2
+
+
+def test_failing_child_stops_everything_and_shows_its_log(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA to make the device processes fail")
+    cfg = load_config(None, [*SMALL, "rounds=2", "runtime.device=cuda"])
+    buf = io.StringIO()
+    with pytest.raises(RunFailed, match="exited with code 1"):
+        run(cfg, tmp_path, Console(file=buf, width=200), timeout_s=120)
+    assert "CUDA is not available" in buf.getvalue()  # the failing process's log is shown
+    time.sleep(0.5)
+    assert _alive(str(tmp_path / "config.yaml")) == []
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    cmd = [sys.executable, "-m", "hffm.cli", "run", "--out", str(tmp_path), *sum((["--set", s] for s in SMALL), []),
+           "--set", "rounds=200"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT,
+                         text=True)
+    seen = []
+    deadline = time.monotonic() + 180
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            if line.startswith("round   1") or time.monotonic() > deadline:
+                break
+        assert any(x.startswith("round   1") for x in seen), "".join(seen)
+        assert _alive(str(tmp_path / "config.yaml"))  # the federation is running
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == 130
+    time.sleep(0.5)
+    assert _alive(str(tmp_path / "config.yaml")) == []
+
+
+def test_cli_refuses_bad_overrides_naming_the_key():
+    r = CliRunner().invoke(app, ["run", "--set", "topology.edgez=3"])
+    assert r.exit_code == 2 and "topology.edgez" in r.output
+    r = CliRunner().invoke(app, ["run", "--set", "e_agg=zero"])
+    assert r.exit_code == 2 and "e_agg" in r.output
+    r = CliRunner().invoke(app, ["run", "--config", "/nonexistent.yaml"])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_cli_config_shows_resolved_values():
+    r = CliRunner().invoke(app, ["config", "--config", str(Path(REPO_ROOT) / "configs" / "default.yaml"),
+                                 "--set", "rounds=3", "--set", "tasks=[gqa]"])
+    assert r.exit_code == 0, r.output
+    assert "rounds: 3" in r.output and "- gqa" in r.output and "- art" not in r.output
