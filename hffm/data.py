@@ -181,17 +181,22 @@ class TaskData:
         return torch.bincount(self.labels, minlength=len(TASK_LABELS[self.task])).tolist()
 
 
-def make_task_data(task: str, labels: np.ndarray, indices: np.ndarray, seed: int, image_size: int,
-                   max_text_len: int, tokenizer) -> TaskData:
+def make_task_data(
+    task: str, labels: np.ndarray, indices: np.ndarray, seed: int, image_size: int, max_text_len: int, tokenizer
+) -> TaskData:
     imgs, questions = [], []
     for lab, idx in zip(labels.tolist(), indices.tolist(), strict=True):
         img, q = render_sample(task, int(lab), seed, int(idx), image_size)
         imgs.append(img)
         questions.append(q)
-    enc = tokenizer(
-        questions, padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt"
-    ) if questions else {"input_ids": torch.zeros(0, max_text_len, dtype=torch.long),
-                         "attention_mask": torch.zeros(0, max_text_len, dtype=torch.long)}
+    enc = (
+        tokenizer(questions, padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt")
+        if questions
+        else {
+            "input_ids": torch.zeros(0, max_text_len, dtype=torch.long),
+            "attention_mask": torch.zeros(0, max_text_len, dtype=torch.long),
+        }
+    )
     pix = torch.from_numpy(np.stack(imgs)) if imgs else torch.zeros(0, 3, image_size, image_size)
     return TaskData(
         task=task,
@@ -290,8 +295,13 @@ def build_device_data(cfg, device_id: str, holders_by_task: dict[str, list[str]]
         test_labels = rng.choice(len(counts), size=n, p=counts / counts.sum())
         base = cfg.data.train_per_task + cfg.data.global_test_per_task + holders.index(device_id) * n
         test[task] = make_task_data(
-            task, test_labels, np.arange(base, base + n), cfg.seed, cfg.model.image_size,
-            cfg.model.max_text_len, tokenizer,
+            task,
+            test_labels,
+            np.arange(base, base + n),
+            cfg.seed,
+            cfg.model.image_size,
+            cfg.model.max_text_len,
+            tokenizer,
         )
     return DeviceData(train, test)
 

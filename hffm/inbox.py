@@ -68,16 +68,22 @@ class Inbox:
             raise ModuleError("FAILED_PRECONDITION", "no_round", f"{self.node_id} has no open round")
         if h.round != self.round:
             raise ModuleError(
-                "FAILED_PRECONDITION", "wrong_round", f"push for round {h.round}, {self.node_id} is in round {self.round}"
+                "FAILED_PRECONDITION",
+                "wrong_round",
+                f"push for round {h.round}, {self.node_id} is in round {self.round}",
             )
         coll = self._collections.get(h.tag)
         if coll is None:
             raise ModuleError(
-                "FAILED_PRECONDITION", "unexpected_push", f"{self.node_id} collects nothing as {h.tag!r} in round {self.round}"
+                "FAILED_PRECONDITION",
+                "unexpected_push",
+                f"{self.node_id} collects nothing as {h.tag!r} in round {self.round}",
             )
         if h.sender not in coll.step.senders:
             raise ModuleError(
-                "FAILED_PRECONDITION", "unexpected_sender", f"{h.sender} is not a sender of {self.node_id}/{h.tag} this round"
+                "FAILED_PRECONDITION",
+                "unexpected_sender",
+                f"{h.sender} is not a sender of {self.node_id}/{h.tag} this round",
             )
         if h.link != coll.step.link:
             raise ModuleError("INVALID_ARGUMENT", "wrong_link", f"link {h.link!r}, expected {coll.step.link!r}")
@@ -94,7 +100,9 @@ class Inbox:
             if prev == (h.push_id, digests):
                 return coll, True
             raise ModuleError(
-                "ALREADY_EXISTS", "conflicting_push", f"{h.sender} already pushed different modules to {h.tag} this round"
+                "ALREADY_EXISTS",
+                "conflicting_push",
+                f"{h.sender} already pushed different modules to {h.tag} this round",
             )
         return coll, False
 

@@ -35,7 +35,7 @@ def head_name(task: str) -> str:
 
 def task_of(module: str) -> str | None:
     """The task a module belongs to (heads), or None (shared modules such as adapters)."""
-    return module[len(HEAD_PREFIX):] if module.startswith(HEAD_PREFIX) else None
+    return module[len(HEAD_PREFIX) :] if module.startswith(HEAD_PREFIX) else None
 
 
 class BottleneckAdapter(nn.Module):

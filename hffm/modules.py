@@ -118,7 +118,7 @@ def decode_module(
     try:
         tensors = st_load(bytes(data))
     except Exception as err:  # safetensors raises its own error types
-        raise ModuleError("INVALID_ARGUMENT", "bad_encoding", f"module {name}: not a safetensors blob: {err}")
+        raise ModuleError("INVALID_ARGUMENT", "bad_encoding", f"module {name}: not a safetensors blob: {err}") from None
     want = spec[name]
     if set(tensors) != set(want):
         missing = sorted(set(want) - set(tensors))

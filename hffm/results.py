@@ -46,7 +46,8 @@ def round_record(
         # device level = each device's modules on its own test split; global = the same modules on
         # the task's global test set. Pooled over devices (sample-weighted).
         "accuracy": {
-            task: {split: (c / n if n else None) for split, (c, n) in splits.items()} for task, splits in sorted(acc.items())
+            task: {split: (c / n if n else None) for split, (c, n) in splits.items()}
+            for task, splits in sorted(acc.items())
         },
         "loss": loss_sum / samples if samples else None,
         "train_samples": samples,
@@ -79,8 +80,9 @@ def plot_results(results: dict[str, Any], out_png: str | Path) -> None:
     for i, task in enumerate(tasks):
         for split, style in (("local", "-o"), ("global", "--s")):
             ys = [r["accuracy"].get(task, {}).get(split) for r in rounds]
-            ax1.plot(xs, [y if y is not None else float("nan") for y in ys], style, color=f"C{i}",
-                     label=f"{task} ({split})")
+            ax1.plot(
+                xs, [y if y is not None else float("nan") for y in ys], style, color=f"C{i}", label=f"{task} ({split})"
+            )
     ax1.set_xlabel("round")
     ax1.set_ylabel("accuracy")
     ax1.set_ylim(0, 1)

@@ -63,7 +63,9 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: HFFMModel, data: dict[str, TaskData], device: str, batch_size: int = 128) -> dict[str, tuple[int, int]]:
+def evaluate(
+    model: HFFMModel, data: dict[str, TaskData], device: str, batch_size: int = 128
+) -> dict[str, tuple[int, int]]:
     """{task: (correct, total)}."""
     model.eval()
     out: dict[str, tuple[int, int]] = {}

@@ -51,7 +51,9 @@ def push_id_for(sender: str, receiver: str, round_: int, tag: str) -> str:
     return f"{sender}>{receiver}@{round_}/{tag}"
 
 
-def chunks(encoded: Sequence[EncodedModule], chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[tuple[int, int, memoryview]]:
+def chunks(
+    encoded: Sequence[EncodedModule], chunk_bytes: int = MAX_CHUNK_BYTES
+) -> Iterator[tuple[int, int, memoryview]]:
     """(module_index, offset, bytes) for every chunk of every module, in order (zero-copy views)."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")

@@ -69,7 +69,9 @@ def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -
     edge_addr = {}
     for e in topo.edges:
         edge_addr[e] = f"{host}:{next(ports)}"
-        procs.append((e, [*py, "services.edge", *common, "--id", e, "--listen", edge_addr[e], "--upstream", cloud_addr]))
+        procs.append(
+            (e, [*py, "services.edge", *common, "--id", e, "--listen", edge_addr[e], "--upstream", cloud_addr])
+        )
     # Devices in global order, k per process (a process may host devices of several edges).
     k = cfg.runtime.devices_per_process
     devices = list(topo.devices)
@@ -134,7 +136,9 @@ def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: f
     env["PYTHONUNBUFFERED"] = "1"
     procs: list[Proc] = []
     cloud_addr = plan[0][1][plan[0][1].index("--listen") + 1]
-    deadline = time.monotonic() + (timeout_s or (cfg.runtime.register_timeout_s + cfg.rounds * cfg.runtime.round_timeout_s))
+    deadline = time.monotonic() + (
+        timeout_s or (cfg.runtime.register_timeout_s + cfg.rounds * cfg.runtime.round_timeout_s)
+    )
     console.print(
         f"[bold]hffm[/bold] {cfg.method} · {len(topo.edges)} edges × {cfg.topology.devices_per_edge} devices · "
         f"{cfg.rounds} rounds (e_agg={cfg.e_agg}) · {len(plan)} processes · out: {out}"
@@ -144,8 +148,9 @@ def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: f
             for name, argv in plan:
                 log = out / "logs" / f"{name}.log"
                 fh = stack.enter_context(open(log, "wb"))
-                popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
-                                         start_new_session=True)
+                popen = subprocess.Popen(
+                    argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
+                )
                 procs.append(Proc(name, popen, log))
             _follow(cfg, topo, cloud_addr, procs, console, deadline)
             cloud = procs[0].popen
@@ -169,7 +174,9 @@ def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: f
         raise RunFailed("the run did not complete; see the cloud's log: " + str(out / "logs" / "cloud.log"))
     plot_results(results, out / "results.png")
     _summary(results, console)
-    console.print(f"results: {results_path}  plot: {out / 'results.png'}  modules: {out / 'global_modules.safetensors'}")
+    console.print(
+        f"results: {results_path}  plot: {out / 'results.png'}  modules: {out / 'global_modules.safetensors'}"
+    )
     return results
 
 
@@ -190,7 +197,9 @@ def _watch(cloud_addr: str, events: queue.Queue, stop: threading.Event) -> None:
             stop.wait(0.3)
 
 
-def _follow(cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc], console: Console, deadline: float) -> None:
+def _follow(
+    cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc], console: Console, deadline: float
+) -> None:
     def check_children() -> None:
         for p in procs:
             rc = p.popen.poll()
@@ -234,9 +243,7 @@ def _follow(cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc],
 
 
 def _round_line(rec: dict) -> str:
-    acc = " ".join(
-        f"{t}={v.get('global') or 0:.2f}/{v.get('local') or 0:.2f}" for t, v in rec["accuracy"].items()
-    )
+    acc = " ".join(f"{t}={v.get('global') or 0:.2f}/{v.get('local') or 0:.2f}" for t, v in rec["accuracy"].items())
     loss = rec["loss"] if rec["loss"] is not None else float("nan")
     return (
         f"round {rec['round']:>3}  loss {loss:.3f}  acc(global/local) {acc}  "

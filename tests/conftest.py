@@ -11,16 +11,28 @@ from hffm.modules import Module
 
 @pytest.fixture
 def small_cfg():
-    return load_config(None, [
-        "topology.edges=2", "topology.devices_per_edge=2", "rounds=2",
-        "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
-        "model.bottleneck=16", "model.head_hidden=32",
-        "data.train_per_task=160", "data.local_test_per_device=16", "data.global_test_per_task=32",
-    ])
+    return load_config(
+        None,
+        [
+            "topology.edges=2",
+            "topology.devices_per_edge=2",
+            "rounds=2",
+            "model.hidden_size=32",
+            "model.num_layers=2",
+            "model.num_heads=2",
+            "model.intermediate_size=64",
+            "model.bottleneck=16",
+            "model.head_hidden=32",
+            "data.train_per_task=160",
+            "data.local_test_per_device=16",
+            "data.global_test_per_task=32",
+        ],
+    )
 
 
-def make_module(name: str, shapes: dict[str, tuple[int, ...]], version: int = 1, num_samples: float = 1.0,
-                seed: int = 0) -> Module:
+def make_module(
+    name: str, shapes: dict[str, tuple[int, ...]], version: int = 1, num_samples: float = 1.0, seed: int = 0
+) -> Module:
     g = torch.Generator().manual_seed(seed)
     return Module(name, {k: torch.randn(*s, generator=g) for k, s in shapes.items()}, version, num_samples)
 

@@ -20,7 +20,7 @@ def test_fedavg_equals_weighted_mean_with_unequal_weights():
     for i, s in enumerate(sets):
         agg.add(f"d{i}", s.values())
     got = agg.result(version=5)["adapter.0"]
-    want = sum(w * s["adapter.0"].tensors["w"].double() for w, s in zip(weights, sets)) / sum(weights)
+    want = sum(w * s["adapter.0"].tensors["w"].double() for w, s in zip(weights, sets, strict=True)) / sum(weights)
     assert torch.allclose(got.tensors["w"].double(), want, atol=1e-6)
     assert got.num_samples == sum(weights) and got.version == 5
     # not the unweighted mean
@@ -31,10 +31,14 @@ def test_fedavg_equals_weighted_mean_with_unequal_weights():
 
 
 def test_head_averaged_only_over_nodes_with_the_task():
-    a = {"adapter.0": make_module("adapter.0", AD, num_samples=10, seed=1),
-         "head.art": make_module("head.art", HEAD, num_samples=4, seed=2)}
-    b = {"adapter.0": make_module("adapter.0", AD, num_samples=30, seed=3),
-         "head.gqa": make_module("head.gqa", HEAD, num_samples=6, seed=4)}
+    a = {
+        "adapter.0": make_module("adapter.0", AD, num_samples=10, seed=1),
+        "head.art": make_module("head.art", HEAD, num_samples=4, seed=2),
+    }
+    b = {
+        "adapter.0": make_module("adapter.0", AD, num_samples=30, seed=3),
+        "head.gqa": make_module("head.gqa", HEAD, num_samples=6, seed=4),
+    }
     agg = FedAvg()
     agg.add("a", a.values())
     agg.add("b", b.values())

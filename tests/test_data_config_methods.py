@@ -45,7 +45,7 @@ def test_split_and_samples_deterministic_by_seed():
     labels = task_pool_labels("art", 300, seed=0)
     a = dirichlet_split(labels, 4, 0.1, np.random.default_rng(7), 4)
     b = dirichlet_split(labels, 4, 0.1, np.random.default_rng(7), 4)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     i1, q1 = render_sample("gqa", 4, 0, 42, 32)
     i2, q2 = render_sample("gqa", 4, 0, 42, 32)
     assert q1 == q2 and np.array_equal(i1, i2)
@@ -84,10 +84,26 @@ def test_device_data_local_test_follows_device_mix(small_cfg):
 
 # ---- config ----------------------------------------------------------------------------------
 def test_required_overrides_apply():
-    cfg = load_config(None, ["topology.edges=3", "topology.devices_per_edge=4", "method=star", "e_agg=2",
-                             "rounds=6", "seed=7", "tasks=[art,gqa]"])
+    cfg = load_config(
+        None,
+        [
+            "topology.edges=3",
+            "topology.devices_per_edge=4",
+            "method=star",
+            "e_agg=2",
+            "rounds=6",
+            "seed=7",
+            "tasks=[art,gqa]",
+        ],
+    )
     assert (cfg.topology.edges, cfg.topology.devices_per_edge, cfg.method, cfg.e_agg, cfg.rounds, cfg.seed) == (
-        3, 4, "star", 2, 6, 7)
+        3,
+        4,
+        "star",
+        2,
+        6,
+        7,
+    )
     assert cfg.tasks == ["art", "gqa"]
     assert load_config(None, ["tasks=[gqa]"]).tasks == ["gqa"]
 
@@ -134,7 +150,9 @@ def test_repo_configs_are_valid():
 
 # ---- methods ---------------------------------------------------------------------------------
 def _topo(edges=3, per=2):
-    cfg = load_config(None, [f"topology.edges={edges}", f"topology.devices_per_edge={per}", "topology.tasks_per_device=1"])
+    cfg = load_config(
+        None, [f"topology.edges={edges}", f"topology.devices_per_edge={per}", "topology.tasks_per_device=1"]
+    )
     return Topology.from_config(cfg, 2)
 
 

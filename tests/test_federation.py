@@ -18,8 +18,13 @@ from hffm.modules import load_modules
 from services.launcher import run
 from tests.conftest import processes_with
 
-BASE = ["topology.edges=2", "topology.devices_per_edge=2", "runtime.devices_per_process=2",
-        "data.train_per_task=800", "data.global_test_per_task=200"]
+BASE = [
+    "topology.edges=2",
+    "topology.devices_per_edge=2",
+    "runtime.devices_per_process=2",
+    "data.train_per_task=800",
+    "data.global_test_per_task=200",
+]
 
 
 def _run(tmp: Path, *sets: str) -> tuple[Path, dict]:

@@ -45,13 +45,23 @@ def edge(small_cfg):
 
 def _device_modules(node, seed, samples=10.0, version=1):
     g = torch.Generator().manual_seed(seed)
-    return {n: Module(n, {k: torch.randn(v.shape, generator=g) for k, v in m.tensors.items()}, version, samples)
-            for n, m in node.modules.items() if n != "head.gqa"}
+    return {
+        n: Module(n, {k: torch.randn(v.shape, generator=g) for k, v in m.tensors.items()}, version, samples)
+        for n, m in node.modules.items()
+        if n != "head.gqa"
+    }
 
 
 def _header(sender, ems, round_=1, tag="aggregate", link="device_edge", push_id=None):
-    return PushHeader(push_id or push_id_for(sender, EDGE, round_, tag), sender, EDGE, round_, tag, link,
-                      tuple(ModuleHeader.of(e) for e in ems))
+    return PushHeader(
+        push_id or push_id_for(sender, EDGE, round_, tag),
+        sender,
+        EDGE,
+        round_,
+        tag,
+        link,
+        tuple(ModuleHeader.of(e) for e in ems),
+    )
 
 
 def _push(ch, reqs):
@@ -115,8 +125,10 @@ def test_unknown_module_name(edge):
 
 def _raw(name, tensors, dtype="fp32", version=1):
     data = st_save({k: v.contiguous() for k, v in tensors.items()})
+
     class E:  # noqa: N801 - a hand-made encoded module
         pass
+
     e = E()
     e.name, e.version, e.num_samples, e.dtype, e.data = name, version, 5.0, dtype, data
     e.sha256, e.size_bytes = hashlib.sha256(data).digest(), len(data)
@@ -135,7 +147,9 @@ def test_shape_mismatch(edge):
 def test_dtype_mismatch(edge):
     node, ch, _ = edge
     em = _raw("head.art", node.modules["head.art"].tensors, dtype="fp16")  # fp32 bytes, header says fp16
-    _expect(ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.INVALID_ARGUMENT, "header says fp16")
+    _expect(
+        ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.INVALID_ARGUMENT, "header says fp16"
+    )
 
 
 def test_nan_values(edge):
@@ -151,8 +165,13 @@ def test_version_from_wrong_round(edge):
     em = _raw("head.art", node.modules["head.art"].tensors, version=0)
     _expect(ch, node, push_requests(_header(D0, [em]), [em], 4096), grpc.StatusCode.FAILED_PRECONDITION, "version 0")
     em2 = _raw("head.art", node.modules["head.art"].tensors, version=2)
-    _expect(ch, node, push_requests(_header(D0, [em2], round_=2), [em2], 4096),
-            grpc.StatusCode.FAILED_PRECONDITION, "round 2")
+    _expect(
+        ch,
+        node,
+        push_requests(_header(D0, [em2], round_=2), [em2], 4096),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "round 2",
+    )
 
 
 def test_unregistered_sender(edge):
@@ -198,7 +217,9 @@ def test_assign_round_bad_input(edge):
     stub = pb_grpc.RoundControlStub(ch)
     from hffm.methods import Send
 
-    bad = pb.RoundTask(round=5, method="hfm", steps=[step_to_pb(Send("cloud", "edge_cloud", "aggregate", ("adapter.0",)))])
+    bad = pb.RoundTask(
+        round=5, method="hfm", steps=[step_to_pb(Send("cloud", "edge_cloud", "aggregate", ("adapter.0",)))]
+    )
     with pytest.raises(grpc.RpcError) as e:
         stub.AssignRound(bad, timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no address" in e.value.details()

@@ -20,8 +20,13 @@ from hffm.config import dump_config, load_config
 from services.launcher import REPO_ROOT, RunFailed, free_ports, run
 from tests.conftest import processes_with
 
-SMALL = ["topology.edges=1", "topology.devices_per_edge=2", "data.train_per_task=200",
-         "data.global_test_per_task=40", "model.num_layers=2"]
+SMALL = [
+    "topology.edges=1",
+    "topology.devices_per_edge=2",
+    "data.train_per_task=200",
+    "data.global_test_per_task=40",
+    "model.num_layers=2",
+]
 
 
 def _env():
@@ -43,19 +48,47 @@ def test_start_order_does_not_matter(tmp_path):
     py = [sys.executable, "-m"]
     common = ["--config", str(cfg_path)]
     argvs = [
-        [*py, "services.device", *common, "--upstream", f"edge-0=127.0.0.1:{edge_p}",
-         "--node", f"device-0-0=127.0.0.1:{d0}", "--node", f"device-0-1=127.0.0.1:{d1}"],
-        [*py, "services.edge", *common, "--id", "edge-0", "--listen", f"127.0.0.1:{edge_p}",
-         "--upstream", f"127.0.0.1:{cloud_p}"],
-        [*py, "services.cloud", *common, "--listen", f"127.0.0.1:{cloud_p}", "--out", str(tmp_path / "out"),
-         "--linger-s", "0"],
+        [
+            *py,
+            "services.device",
+            *common,
+            "--upstream",
+            f"edge-0=127.0.0.1:{edge_p}",
+            "--node",
+            f"device-0-0=127.0.0.1:{d0}",
+            "--node",
+            f"device-0-1=127.0.0.1:{d1}",
+        ],
+        [
+            *py,
+            "services.edge",
+            *common,
+            "--id",
+            "edge-0",
+            "--listen",
+            f"127.0.0.1:{edge_p}",
+            "--upstream",
+            f"127.0.0.1:{cloud_p}",
+        ],
+        [
+            *py,
+            "services.cloud",
+            *common,
+            "--listen",
+            f"127.0.0.1:{cloud_p}",
+            "--out",
+            str(tmp_path / "out"),
+            "--linger-s",
+            "0",
+        ],
     ]
     procs = []
     try:
         for argv in argvs:  # each starts only once the previous one serves (and so waits for it)
             path = tmp_path / f"{argv[2]}.log"
-            procs.append(subprocess.Popen(argv, stdout=open(path, "wb"), stderr=subprocess.STDOUT, env=_env(),
-                                          cwd=REPO_ROOT))
+            procs.append(
+                subprocess.Popen(argv, stdout=open(path, "wb"), stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT)
+            )
             deadline = time.monotonic() + 120
             while "serving on" not in path.read_text() and time.monotonic() < deadline:
                 assert procs[-1].poll() is None, path.read_text()
@@ -67,6 +100,7 @@ def test_start_order_does_not_matter(tmp_path):
                 p.kill()
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
     assert codes == [0, 0, 0], logs
+
     # The devices started first and really waited: they registered only once the cloud was up.
     def stamp(log: str, needle: str) -> str:
         return next(line[:23] for line in log.splitlines() if needle in line)
@@ -93,10 +127,18 @@ def test_failing_child_stops_everything_and_shows_its_log(tmp_path):
 
 
 def test_ctrl_c_stops_every_process(tmp_path):
-    cmd = [sys.executable, "-m", "hffm.cli", "run", "--out", str(tmp_path), *sum((["--set", s] for s in SMALL), []),
-           "--set", "rounds=200"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT,
-                         text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hffm.cli",
+        "run",
+        "--out",
+        str(tmp_path),
+        *sum((["--set", s] for s in SMALL), []),
+        "--set",
+        "rounds=200",
+    ]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT, text=True)
     seen = []
     deadline = time.monotonic() + 180
     try:
@@ -126,7 +168,17 @@ def test_cli_refuses_bad_overrides_naming_the_key():
 
 
 def test_cli_config_shows_resolved_values():
-    r = CliRunner().invoke(app, ["config", "--config", str(Path(REPO_ROOT) / "configs" / "default.yaml"),
-                                 "--set", "rounds=3", "--set", "tasks=[gqa]"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "config",
+            "--config",
+            str(Path(REPO_ROOT) / "configs" / "default.yaml"),
+            "--set",
+            "rounds=3",
+            "--set",
+            "tasks=[gqa]",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "rounds: 3" in r.output and "- gqa" in r.output and "- art" not in r.output

@@ -16,7 +16,9 @@ SHAPES = {"a.down.weight": (256, 768), "a.down.bias": (256,), "a.up.weight": (76
 
 
 def _decode(em, spec, **kw):
-    args = dict(name=em.name, version=em.version, num_samples=em.num_samples, dtype=em.dtype, sha256=em.sha256, spec=spec)
+    args = dict(
+        name=em.name, version=em.version, num_samples=em.num_samples, dtype=em.dtype, sha256=em.sha256, spec=spec
+    )
     args.update(kw)
     return decode_module(em.data, **args)
 
@@ -67,8 +69,9 @@ def test_bad_tensors_rejected(mutate, reason):
     spec = spec_of({m.name: m.tensors})
     data = st_save({k: v.contiguous() for k, v in mutate(m.tensors).items()})
     with pytest.raises(ModuleError) as e:
-        decode_module(data, name=m.name, version=1, num_samples=1.0, dtype="fp32",
-                      sha256=hashlib.sha256(data).digest(), spec=spec)
+        decode_module(
+            data, name=m.name, version=1, num_samples=1.0, dtype="fp32", sha256=hashlib.sha256(data).digest(), spec=spec
+        )
     assert e.value.reason == reason and e.value.code == "INVALID_ARGUMENT"
 
 
@@ -80,8 +83,15 @@ def test_unknown_module_and_garbage_rejected():
         _decode(em, spec, name="adapter.99")
     junk = b"\x00" * 64
     with pytest.raises(ModuleError, match="safetensors"):
-        decode_module(junk, name="adapter.0", version=1, num_samples=1.0, dtype="fp32",
-                      sha256=hashlib.sha256(junk).digest(), spec=spec)
+        decode_module(
+            junk,
+            name="adapter.0",
+            version=1,
+            num_samples=1.0,
+            dtype="fp32",
+            sha256=hashlib.sha256(junk).digest(),
+            spec=spec,
+        )
 
 
 def _push(mods, wire="fp32"):
@@ -129,7 +139,14 @@ def test_declared_size_is_bounded_by_the_spec():
     m = make_module("adapter.0", SHAPES)
     spec = spec_of({m.name: m.tensors})
     h, _ = _push([m])
-    big = PushHeader(h.push_id, h.sender, h.receiver, h.round, h.tag, h.link,
-                     (ModuleHeader("adapter.0", 1, 1.0, 10**12, h.modules[0].sha256, "fp32"),))
+    big = PushHeader(
+        h.push_id,
+        h.sender,
+        h.receiver,
+        h.round,
+        h.tag,
+        h.link,
+        (ModuleHeader("adapter.0", 1, 1.0, 10**12, h.modules[0].sha256, "fp32"),),
+    )
     with pytest.raises(ModuleError, match="declared size"):
         PushAssembler(big, spec)

@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", default=os.environ.get("HFFM_LISTEN", "127.0.0.1:50051"))
     p.add_argument("--advertise", default=os.environ.get("HFFM_ADVERTISE"))
     p.add_argument("--out", default=os.environ.get("HFFM_OUT", "runs/latest"))
-    p.add_argument("--linger-s", type=float, default=float(os.environ.get("HFFM_LINGER_S", "2")),
-                   help="keep serving progress this long after the run ends")
+    p.add_argument(
+        "--linger-s",
+        type=float,
+        default=float(os.environ.get("HFFM_LINGER_S", "2")),
+        help="keep serving progress this long after the run ends",
+    )
     args = p.parse_args(argv)
     cfg = load(args)
     topo = topology(cfg)
@@ -42,13 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     node = CloudNode(CLOUD, cfg, spec, modules, args.listen)
     coord = Coordinator(cfg, topo, node, out)
     srv = NodeServer(
-        node, args.listen, max_workers=max(32, 2 * len(topo.node_ids()) + 8),
-        extra=[(pb_grpc.add_RegistryServicer_to_server, CloudRegistry(coord), "Registry"),
-               (pb_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coord), "Coordinator")],
+        node,
+        args.listen,
+        max_workers=max(32, 2 * len(topo.node_ids()) + 8),
+        extra=[
+            (pb_grpc.add_RegistryServicer_to_server, CloudRegistry(coord), "Registry"),
+            (pb_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coord), "Coordinator"),
+        ],
     )
     node.address = coord.addresses[CLOUD] = advertise_address(args.listen, srv.port, args.advertise)
-    log.info("cloud serving on %s (advertised %s); method %s, %d rounds, %d nodes expected",
-             args.listen, node.address, cfg.method, cfg.rounds, coord.expected)
+    log.info(
+        "cloud serving on %s (advertised %s); method %s, %d rounds, %d nodes expected",
+        args.listen,
+        node.address,
+        cfg.method,
+        cfg.rounds,
+        coord.expected,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -63,8 +63,15 @@ class Coordinator:
         with self._cv:
             self.addresses[info.id] = info.address  # a restarted node re-registers with its new address
             n = len(self.addresses)
-            self._publish_locked(pb.Progress(phase="waiting", registered=n, expected=self.expected,
-                                             rounds=self.cfg.rounds, message=f"{info.id} registered"))
+            self._publish_locked(
+                pb.Progress(
+                    phase="waiting",
+                    registered=n,
+                    expected=self.expected,
+                    rounds=self.cfg.rounds,
+                    message=f"{info.id} registered",
+                )
+            )
             self._cv.notify_all()
         log.info("registered %s at %s (%d/%d)", info.id, info.address, n, self.expected)
         return pb.RegisterAck(registered=n, expected=self.expected)
@@ -102,8 +109,9 @@ class Coordinator:
             self.node.assign(task.round, task.method, [step_from_pb(s) for s in task.steps], dict(task.peers))
             return
         stub = self._stub(node)
-        with_retries(lambda: stub.AssignRound(task, timeout=self.cfg.runtime.rpc_timeout_s), attempts=5,
-                     what=f"assign {node}")
+        with_retries(
+            lambda: stub.AssignRound(task, timeout=self.cfg.runtime.rpc_timeout_s), attempts=5, what=f"assign {node}"
+        )
 
     def _await(self, node: str, round_: int) -> pb.RoundReport:
         if node == CLOUD:
@@ -122,7 +130,9 @@ class Coordinator:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(self.topo.node_ids()) - set(self.addresses))
-                    raise TimeoutError(f"nodes not registered after {self.cfg.runtime.register_timeout_s:.0f}s: {missing}")
+                    raise TimeoutError(
+                        f"nodes not registered after {self.cfg.runtime.register_timeout_s:.0f}s: {missing}"
+                    )
                 self._cv.wait(min(left, 1.0))
 
     def tasks_for(self, round_: int) -> dict[str, pb.RoundTask]:
@@ -139,7 +149,9 @@ class Coordinator:
                 elif isinstance(s, Collect):
                     peers.update(s.senders)
             tasks[nid] = pb.RoundTask(
-                round=round_, method=self.method.name, steps=[step_to_pb(s) for s in steps],
+                round=round_,
+                method=self.method.name,
+                steps=[step_to_pb(s) for s in steps],
                 peers={p: self.addresses[p] for p in sorted(peers)},
             )
         return tasks
@@ -147,31 +159,60 @@ class Coordinator:
     def run(self) -> None:
         try:
             self.wait_for_members()
-            self.publish(pb.Progress(phase="round", round=0, rounds=self.cfg.rounds, registered=self.expected,
-                                     expected=self.expected, message="all nodes registered"))
+            self.publish(
+                pb.Progress(
+                    phase="round",
+                    round=0,
+                    rounds=self.cfg.rounds,
+                    registered=self.expected,
+                    expected=self.expected,
+                    message="all nodes registered",
+                )
+            )
             nodes = self.topo.node_ids()
             with ThreadPoolExecutor(max_workers=min(64, len(nodes))) as pool:
                 for r in range(1, self.cfg.rounds + 1):
                     t0 = time.perf_counter()
                     tasks = self.tasks_for(r)
-                    list(pool.map(lambda n: self._assign(n, tasks[n]), nodes))
-                    reports = list(pool.map(lambda n: self._await(n, r), nodes))
+                    list(pool.map(lambda n, t=tasks: self._assign(n, t[n]), nodes))
+                    reports = list(pool.map(lambda n, r=r: self._await(n, r), nodes))
                     wall = time.perf_counter() - t0
                     rec = round_record(
-                        self.method.name, r, self.cfg.e_agg, self.method.cloud_round(r),
-                        [MessageToDict(x, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-                         for x in reports],
+                        self.method.name,
+                        r,
+                        self.cfg.e_agg,
+                        self.method.cloud_round(r),
+                        [
+                            MessageToDict(
+                                x, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                            )
+                            for x in reports
+                        ],
                         wall,
                     )
                     self.rounds.append(rec)
                     self._write()
-                    self.publish(pb.Progress(phase="round", round=r, rounds=self.cfg.rounds, registered=self.expected,
-                                             expected=self.expected, results_json=json.dumps(rec)))
+                    self.publish(
+                        pb.Progress(
+                            phase="round",
+                            round=r,
+                            rounds=self.cfg.rounds,
+                            registered=self.expected,
+                            expected=self.expected,
+                            results_json=json.dumps(rec),
+                        )
+                    )
                     log.info("round %d done in %.2fs: %s", r, wall, json.dumps(rec["accuracy"]))
             save_modules(self.node.modules, str(self.out_dir / "global_modules.safetensors"))
             self.ok = True
-            self.publish(pb.Progress(phase="done", round=self.cfg.rounds, rounds=self.cfg.rounds,
-                                     message=str(self.out_dir / "results.json")))
+            self.publish(
+                pb.Progress(
+                    phase="done",
+                    round=self.cfg.rounds,
+                    rounds=self.cfg.rounds,
+                    message=str(self.out_dir / "results.json"),
+                )
+            )
         except Exception as err:  # noqa: BLE001
             log.exception("run failed")
             self.publish(pb.Progress(phase="failed", message=f"{type(err).__name__}: {err}"))
@@ -182,8 +223,13 @@ class Coordinator:
 
     def _write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_results(self.out_dir / "results.json", self.cfg.model_dump(mode="json"), self.rounds,
-                      nodes=dict(sorted(self.addresses.items())), complete=self.ok)
+        write_results(
+            self.out_dir / "results.json",
+            self.cfg.model_dump(mode="json"),
+            self.rounds,
+            nodes=dict(sorted(self.addresses.items())),
+            complete=self.ok,
+        )
 
     def shutdown_nodes(self) -> None:
         for nid, addr in list(self.addresses.items()):

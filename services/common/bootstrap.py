@@ -71,7 +71,9 @@ def register(upstream: str, info: pb.NodeInfo, timeout_s: float, stop=None) -> p
         stub = pb_grpc.RegistryStub(ch)
         while True:
             try:
-                return stub.Register(info, timeout=max(1.0, min(30.0, deadline - time.monotonic())), wait_for_ready=True)
+                return stub.Register(
+                    info, timeout=max(1.0, min(30.0, deadline - time.monotonic())), wait_for_ready=True
+                )
             except grpc.RpcError as err:
                 if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise

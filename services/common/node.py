@@ -78,7 +78,9 @@ class NodeRuntime:
                     raise ModuleError("INVALID_ARGUMENT", "bad_task", f"send to {s.to!r} but no address for it")
                 unknown = [m for m in s.modules if m not in self.spec]
                 if unknown:
-                    raise ModuleError("INVALID_ARGUMENT", "bad_task", f"send of modules {self.node_id} lacks: {unknown}")
+                    raise ModuleError(
+                        "INVALID_ARGUMENT", "bad_task", f"send of modules {self.node_id} lacks: {unknown}"
+                    )
             if isinstance(s, Collect) and s.include_self and not self.modules:
                 raise ModuleError("INVALID_ARGUMENT", "bad_task", "include_self on a node without modules")
         with self._lock:
@@ -177,7 +179,9 @@ class NodeRuntime:
         )
         with self._lock:
             state.sent.extend(
-                pb.TransferRecord(sender=self.node_id, receiver=s.to, module=em.name, link=s.link, bytes=em.size_bytes, tag=s.tag)
+                pb.TransferRecord(
+                    sender=self.node_id, receiver=s.to, module=em.name, link=s.link, bytes=em.size_bytes, tag=s.tag
+                )
                 for em in encoded
             )
 
@@ -199,7 +203,9 @@ class NodeRuntime:
             duplicate = self.inbox.accept(header, modules)
             if not duplicate:
                 self._trace(f"r{header.round}-{header.tag}-from-{header.sender}", {m.name: m for m in modules})
-        return pb.PushAck(duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules])
+        return pb.PushAck(
+            duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules]
+        )
 
     def _trace(self, what: str, modules: ModuleSet) -> None:
         if self.cfg.runtime.trace_dir and modules:

@@ -60,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         srv = NodeServer(node, listen, max_workers=8)
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
-        log.info("%s serving on %s (advertised %s), tasks %s, train samples %s",
-                 nid, listen, node.address, list(node.info.tasks), node.train_samples())
+        log.info(
+            "%s serving on %s (advertised %s), tasks %s, train samples %s",
+            nid,
+            listen,
+            node.address,
+            list(node.info.tasks),
+            node.train_samples(),
+        )
     stop = threading.Event()
     failed = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -69,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def _register(srv: NodeServer) -> None:
         n: DeviceNode = srv.node  # type: ignore[assignment]
-        info = pb.NodeInfo(id=n.node_id, role="device", address=n.address, edge=n.info.edge,
-                           tasks=list(n.info.tasks), train_samples=n.train_samples())
+        info = pb.NodeInfo(
+            id=n.node_id,
+            role="device",
+            address=n.address,
+            edge=n.info.edge,
+            tasks=list(n.info.tasks),
+            train_samples=n.train_samples(),
+        )
         try:
             ack = register(upstreams[n.info.edge], info, cfg.runtime.register_timeout_s, stop)
             log.info("%s registered (%d/%d)", n.node_id, ack.registered, ack.expected)

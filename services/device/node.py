@@ -47,7 +47,9 @@ class DeviceNode(NodeRuntime):
 
     def __init__(self, node_id: str, cfg: HFFMConfig, topo: Topology, host: ModelHost, address: str) -> None:
         names = topo.modules_for(node_id)
-        modules = {n: Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0) for n in names}
+        modules = {
+            n: Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0) for n in names
+        }
         super().__init__(node_id, cfg, spec_of({n: m.tensors for n, m in modules.items()}), modules, address)
         self.topo = topo
         self.host = host
@@ -70,7 +72,9 @@ class DeviceNode(NodeRuntime):
                 self.host.device,
                 seed=zlib.crc32(f"{self.cfg.seed}/{self.node_id}/{state.round}".encode()),
             )
-            trained = {n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names}
+            trained = {
+                n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names
+            }
         samples = self.data.train_samples()
         total = sum(samples.values())
         new: ModuleSet = {}

@@ -66,16 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     spec, modules = node_modules(cfg, topo, args.id)
     node = EdgeNode(args.id, cfg, spec, modules, args.listen)
     registry = EdgeRegistry(node, topo, args.upstream, cfg.runtime.register_timeout_s)
-    srv = NodeServer(node, args.listen, max_workers=max(16, 4 * cfg.topology.devices_per_edge),
-                     extra=[(pb_grpc.add_RegistryServicer_to_server, registry, "Registry")])
+    srv = NodeServer(
+        node,
+        args.listen,
+        max_workers=max(16, 4 * cfg.topology.devices_per_edge),
+        extra=[(pb_grpc.add_RegistryServicer_to_server, registry, "Registry")],
+    )
     node.address = advertise_address(args.listen, srv.port, args.advertise)
     log.info("%s serving on %s (advertised %s)", args.id, args.listen, node.address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        ack = register(args.upstream, pb.NodeInfo(id=args.id, role="edge", address=node.address),
-                       cfg.runtime.register_timeout_s, stop)
+        ack = register(
+            args.upstream,
+            pb.NodeInfo(id=args.id, role="edge", address=node.address),
+            cfg.runtime.register_timeout_s,
+            stop,
+        )
         log.info("%s registered with the cloud (%d/%d)", args.id, ack.registered, ack.expected)
     except Exception as err:  # noqa: BLE001
         log.error("%s: registration failed: %s", args.id, err)
