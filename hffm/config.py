@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("star", "hfm")
+METHODS = ("star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d")
 KNOWN_TASKS = ("art", "gqa")
 
 
@@ -103,8 +103,64 @@ class RuntimeConfig(_Strict):
     trace_dir: str | None = None
 
 
+class GeometryConfig(_Strict):
+    """Where nodes stand (paper Section IV; the seed code's draws with seed 49)."""
+
+    seed: int = 49
+    area_m: float = Field(5000.0, gt=0)
+    min_server_separation_m: float = Field(500.0, ge=0)
+    cluster_center_radius_m: float = Field(1000.0, ge=0)  # cluster centre within this of its server
+    device_radius_m: float = Field(500.0, gt=0)  # devices within this of their cluster centre
+    d2d_range_m: float = Field(30.0, gt=0)  # D2D link when within this distance (else MST patch)
+
+
+class LinkConfig(_Strict):
+    tx_power_w: float = Field(gt=0)  # used for the rate (and the energy unless energy_power_w is set)
+    bandwidth_hz: float = Field(gt=0)
+    energy_power_w: float | None = Field(None, gt=0)  # the seed code's separate "energy" power
+
+
+class BackhaulConfig(_Strict):
+    delay_s: float = Field(0.1, ge=0)
+    rate_bps: float = Field(4e6, gt=0)
+    tx_power_w: float = Field(0.8, gt=0)
+
+
+class ComputeConfig(_Strict):
+    """Local training: T = c*D/f, E = kappa*c*D*f^2 (D = samples processed)."""
+
+    cycles_per_sample: float = Field(1e7, ge=0)
+    cpu_hz: float = Field(1e9, gt=0)
+    kappa: float = Field(1e-28, ge=0)
+
+
+class CostConfig(_Strict):
+    """The wireless latency/energy model (docs/cost-model.md). ``paper`` reproduces the seed code's
+    model, quirks included; ``corrected`` (default) fixes them."""
+
+    profile: Literal["corrected", "paper"] = "corrected"
+    noise_dbm_per_hz: float = -174.0
+    pathloss: Literal["paper", "uma"] = "paper"  # beta0*(d/d0)^-alpha, or 3GPP UMa 128.1+37.6 log10(d_km)
+    beta0_db: float = -30.0
+    d0_m: float = Field(1.0, gt=0)
+    pathloss_exponent: float = Field(3.0, gt=0)
+    fading_seed: int = 49
+    uplink: LinkConfig = Field(default_factory=lambda: LinkConfig(tx_power_w=1.0, bandwidth_hz=1e6))
+    downlink: LinkConfig = Field(default_factory=lambda: LinkConfig(tx_power_w=1.0, bandwidth_hz=1e6))
+    d2d: LinkConfig = Field(default_factory=lambda: LinkConfig(tx_power_w=0.2, bandwidth_hz=8e6))
+    backhaul: BackhaulConfig = Field(default_factory=BackhaulConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    # Charge every transfer as if a whole push were this many bytes (the seed code's 6 MB).
+    module_bytes_override: int | None = Field(None, gt=0)
+
+
+class D2DConfig(_Strict):
+    head_policy: Literal["random", "central", "rotate"] = "random"
+    probe_timeout_s: float = Field(1.0, gt=0)  # a head candidate not answering health within this is skipped
+
+
 class HFFMConfig(_Strict):
-    method: Literal["star", "hfm"] = "hfm"
+    method: Literal["star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d"] = "hfm"
     rounds: int = Field(8, ge=1)
     e_agg: int = Field(2, ge=1)  # edges upload to the cloud every e_agg rounds (hfm)
     seed: int = 0
@@ -115,6 +171,9 @@ class HFFMConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     wire: WireConfig = Field(default_factory=WireConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    geometry: GeometryConfig = Field(default_factory=GeometryConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+    d2d: D2DConfig = Field(default_factory=D2DConfig)
 
     @field_validator("tasks")
     @classmethod
@@ -163,8 +222,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded
-    data = apply_overrides(data, overrides or [])
+    # Layers: defaults <- file <- --set; a partial section keeps the defaults of its other keys.
+    data = apply_overrides(_deep_merge(HFFMConfig().model_dump(mode="json"), data), overrides or [])
     return validate_config(data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _known_keys(model: type[BaseModel]) -> dict[str, Any]:

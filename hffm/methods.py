@@ -11,6 +11,9 @@ Steps:
 - ``Collect(tag, senders, link)``: wait for a push from every sender, FedAvg what arrived, and
   adopt the result as the node's current modules (a single sender means: adopt what it sent).
 - ``Evaluate``: test the node's current modules (devices).
+
+A ``Send`` with a ``route`` goes hop by hop through those devices (D2D relaying): each relay
+streams the push on to the next hop without decoding it; only the final receiver checks it.
 """
 
 from __future__ import annotations
@@ -83,14 +86,25 @@ class RoundPlan:
                     raise ValueError(f"round {self.round}: {n}/{tag} waits for {sender} which never sends")
 
 
+@dataclass
+class RoundContext:
+    """What the coordinator decided for a round beyond the topology: D2D cluster heads and the
+    latency-weighted shortest paths (each a list of node ids, both ends included)."""
+
+    heads: dict[str, str] = field(default_factory=dict)  # edge -> cluster head
+    up_paths: dict[str, list[str]] = field(default_factory=dict)  # device -> path to its head
+    down_paths: dict[str, list[str]] = field(default_factory=dict)  # device -> path from its head
+
+
 class Method(ABC):
     name: str
+    uses_d2d = False
 
     def __init__(self, e_agg: int = 1) -> None:
         self.e_agg = e_agg
 
     @abstractmethod
-    def plan(self, round_: int, topo: Topology) -> RoundPlan: ...
+    def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan: ...
 
     def cloud_round(self, round_: int) -> bool:
         """Whether the cloud aggregates in this round."""
@@ -102,7 +116,7 @@ class Star(Method):
 
     name = "star"
 
-    def plan(self, round_: int, topo: Topology) -> RoundPlan:
+    def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan:
         plan = RoundPlan(round_)
         devices = [d.id for d in topo.devices]
         for d in devices:
@@ -126,7 +140,7 @@ class HFM(Method):
     def cloud_round(self, round_: int) -> bool:
         return round_ % self.e_agg == 0
 
-    def plan(self, round_: int, topo: Topology) -> RoundPlan:
+    def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan:
         plan = RoundPlan(round_)
         sync = self.cloud_round(round_)
         for edge in topo.edges:
@@ -153,7 +167,86 @@ class HFM(Method):
         return plan
 
 
-METHODS: dict[str, type[Method]] = {Star.name: Star, HFM.name: HFM}
+class EdgeOnly(HFM):
+    """HF-FM with no cloud aggregation ever: each cluster learns on its own."""
+
+    name = "edge-only"
+
+    def cloud_round(self, round_: int) -> bool:
+        return False
+
+
+class HFMD2D(Method):
+    """HF-FM + D2D: each cluster aggregates at its cluster head over multi-hop D2D every round
+    (devices -> head along shortest paths, head -> devices back along its shortest-path tree);
+    every ``e_agg`` rounds the heads upload via their edge to the cloud and get the global modules
+    back the same way."""
+
+    name = "hfm-d2d"
+    uses_d2d = True
+
+    def cloud_round(self, round_: int) -> bool:
+        return round_ % self.e_agg == 0
+
+    def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan:
+        if ctx is None or not ctx.heads:
+            raise ValueError(f"{self.name} needs cluster heads and D2D paths")
+        plan = RoundPlan(round_)
+        sync = self.cloud_round(round_)
+        for edge in topo.edges:
+            members = [d.id for d in topo.cluster(edge)]
+            if not members:
+                continue
+            head = ctx.heads[edge]
+            others = [d for d in members if d != head]
+            for d in others:
+                plan.add(
+                    d,
+                    Train(),
+                    Send(head, D2D, "cluster", tuple(topo.modules_for(d)), tuple(ctx.up_paths[d][1:-1])),
+                    Collect("broadcast", (head,), D2D),
+                    Evaluate(),
+                )
+            plan.add(head, Train(), Collect("cluster", tuple(others), D2D, include_self=True))
+            cluster_modules = tuple(topo.modules_for(edge))
+            if sync:
+                plan.add(
+                    head,
+                    Send(edge, DEVICE_EDGE, "aggregate", cluster_modules),
+                    Collect("down", (edge,), DEVICE_EDGE),
+                )
+                plan.add(
+                    edge,
+                    Collect("aggregate", (head,), DEVICE_EDGE),
+                    Send(CLOUD, EDGE_CLOUD, "aggregate", cluster_modules),
+                    Collect("broadcast", (CLOUD,), EDGE_CLOUD),
+                    Send(head, DEVICE_EDGE, "down", cluster_modules),
+                )
+            plan.add(
+                head,
+                *(
+                    Send(d, D2D, "broadcast", tuple(topo.modules_for(d)), tuple(ctx.down_paths[d][1:-1]))
+                    for d in others
+                ),
+                Evaluate(),
+            )
+        if sync:
+            edges = tuple(e for e in topo.edges if topo.cluster(e))
+            plan.add(CLOUD, Collect("aggregate", edges, EDGE_CLOUD))
+            plan.add(CLOUD, *(Send(e, EDGE_CLOUD, "broadcast", tuple(topo.modules_for(e))) for e in edges))
+        return plan
+
+
+class EdgeOnlyD2D(HFMD2D):
+    """HF-FM + D2D with no cloud aggregation ever."""
+
+    name = "edge-only-d2d"
+
+    def cloud_round(self, round_: int) -> bool:
+        return False
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Star, HFM, EdgeOnly, HFMD2D, EdgeOnlyD2D)}
 
 
 def make_method(name: str, e_agg: int = 1) -> Method:

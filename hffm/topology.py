@@ -51,6 +51,12 @@ class Topology:
                 g += 1
         return cls(edges, tuple(devices), tuple(cfg.tasks), num_layers)
 
+    def without(self, devices: set[str]) -> Topology:
+        """The same federation minus ``devices`` (unreachable this round)."""
+        if not devices:
+            return self
+        return Topology(self.edges, tuple(d for d in self.devices if d.id not in devices), self.tasks, self.num_layers)
+
     @cached_property
     def device_map(self) -> dict[str, DeviceInfo]:
         return {d.id: d for d in self.devices}

@@ -20,7 +20,9 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from hffm.config import HFFMConfig
-from hffm.methods import Collect, Send, make_method
+from hffm.costmodel import CostModel, Hop
+from hffm.geometry import choose_head, path
+from hffm.methods import Collect, RoundContext, RoundPlan, Send, make_method
 from hffm.modules import save_modules
 from hffm.results import round_record, write_results
 from hffm.topology import CLOUD, Topology
@@ -40,6 +42,7 @@ class Coordinator:
     def __init__(self, cfg: HFFMConfig, topo: Topology, node: CloudNode, out_dir: Path) -> None:
         self.cfg, self.topo, self.node, self.out_dir = cfg, topo, node, out_dir
         self.method = make_method(cfg.method, cfg.e_agg)
+        self.costs = CostModel(cfg, topo)
         self.addresses: dict[str, str] = {CLOUD: node.address}
         self.expected = len(topo.node_ids())
         self.rounds: list[dict[str, Any]] = []
@@ -135,11 +138,46 @@ class Coordinator:
                     )
                 self._cv.wait(min(left, 1.0))
 
-    def tasks_for(self, round_: int) -> dict[str, pb.RoundTask]:
-        plan = self.method.plan(round_, self.topo)
+    def probe(self, nodes: list[str]) -> set[str]:
+        """Devices that do not answer a health check in time (unreachable at the start of a round)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        def dead(n: str) -> bool:
+            try:
+                stub = health_pb2_grpc.HealthStub(self.node.channels.get(self.addresses[n]))
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.cfg.d2d.probe_timeout_s)
+                return resp.status != health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return True
+
+        with ThreadPoolExecutor(max_workers=min(32, max(1, len(nodes)))) as pool:
+            return {n for n, d in zip(nodes, pool.map(dead, nodes), strict=True) if d}
+
+    def plan_round(self, round_: int) -> tuple[RoundPlan, Topology, RoundContext]:
+        """This round's topology (unreachable devices left out), cluster heads, paths and plan."""
+        down = self.probe([d.id for d in self.topo.devices])
+        if down:
+            log.warning("round %d: unreachable devices left out: %s", round_, sorted(down))
+        topo = self.topo.without(down)
+        ctx = RoundContext()
+        if self.method.uses_d2d:
+            for edge in topo.edges:
+                members = [d.id for d in topo.cluster(edge)]
+                if not members:
+                    continue
+                g = self.costs.d2d_graph(edge, exclude=frozenset(down & {d.id for d in self.topo.cluster(edge)}))
+                head = choose_head(self.cfg.d2d.head_policy, members, g, self.cfg.seed, round_, edge)
+                ctx.heads[edge] = head
+                for m in members:
+                    ctx.up_paths[m] = path(g, m, head)
+                    ctx.down_paths[m] = path(g, head, m)
+        plan = self.method.plan(round_, topo, ctx)
         plan.validate()
+        return plan, topo, ctx
+
+    def tasks_for(self, plan: RoundPlan, topo: Topology) -> dict[str, pb.RoundTask]:
         tasks = {}
-        for nid in self.topo.node_ids():
+        for nid in topo.node_ids():
             steps = plan.steps.get(nid, [])
             peers = set()
             for s in steps:
@@ -148,13 +186,38 @@ class Coordinator:
                     peers.update(s.route)
                 elif isinstance(s, Collect):
                     peers.update(s.senders)
+            if self.method.uses_d2d and topo.role(nid) == "device":  # relays reach any cluster peer
+                peers.update(d.id for d in topo.cluster(topo.device_map[nid].edge) if d.id != nid)
             tasks[nid] = pb.RoundTask(
-                round=round_,
+                round=plan.round,
                 method=self.method.name,
                 steps=[step_to_pb(s) for s in steps],
                 peers={p: self.addresses[p] for p in sorted(peers)},
             )
         return tasks
+
+    def model_round(self, plan: RoundPlan, ctx: RoundContext, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        hops = [
+            Hop(
+                t["sender"],
+                t["receiver"],
+                t["link"],
+                t["module"],
+                int(t["bytes"]),
+                t["tag"],
+                t.get("origin") or t["sender"],
+                t.get("destination") or t["receiver"],
+            )
+            for r in reports
+            for t in r.get("sent", [])
+        ]
+        samples = {r["node"]: int(r.get("train_samples", 0)) for r in reports if int(r.get("train_samples", 0))}
+        cost = self.costs.round_cost(plan, hops, samples).as_dict()
+        cost["profile"] = self.costs.cost.profile
+        if self.costs.cost.profile == "paper":  # the seed code's per-round composition
+            cost["latency_s"], cost["energy_j"] = self.costs.paper_round(self.method.name, self.cfg.e_agg, ctx.heads)
+        cost["heads"] = dict(ctx.heads)
+        return cost
 
     def run(self) -> None:
         try:
@@ -173,23 +236,19 @@ class Coordinator:
             with ThreadPoolExecutor(max_workers=min(64, len(nodes))) as pool:
                 for r in range(1, self.cfg.rounds + 1):
                     t0 = time.perf_counter()
-                    tasks = self.tasks_for(r)
+                    plan, topo, ctx = self.plan_round(r)
+                    nodes = topo.node_ids()
+                    tasks = self.tasks_for(plan, topo)
                     list(pool.map(lambda n, t=tasks: self._assign(n, t[n]), nodes))
                     reports = list(pool.map(lambda n, r=r: self._await(n, r), nodes))
                     wall = time.perf_counter() - t0
-                    rec = round_record(
-                        self.method.name,
-                        r,
-                        self.cfg.e_agg,
-                        self.method.cloud_round(r),
-                        [
-                            MessageToDict(
-                                x, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                            )
-                            for x in reports
-                        ],
-                        wall,
-                    )
+                    dicts = [
+                        MessageToDict(x, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                        for x in reports
+                    ]
+                    rec = round_record(self.method.name, r, self.cfg.e_agg, self.method.cloud_round(r), dicts, wall)
+                    rec["modeled"] = self.model_round(plan, ctx, dicts)
+                    rec["left_out"] = sorted(set(self.topo.node_ids()) - set(nodes))
                     self.rounds.append(rec)
                     self._write()
                     self.publish(

@@ -12,18 +12,18 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
 from hffm.config import HFFMConfig
 from hffm.inbox import Inbox
-from hffm.methods import Collect, Evaluate, Send, Step, Train
+from hffm.methods import D2D, Collect, Evaluate, Send, Step, Train
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, encode_module, save_modules
 from hffm.wire import ModuleHeader, PushAssembler, PushHeader, push_id_for
 from services.common.client import Channels, push_modules
-from services.common.convert import header_from_pb, step_from_pb
+from services.common.convert import header_from_pb, header_to_pb, step_from_pb
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.node")
@@ -45,6 +45,7 @@ class RoundState:
 
 class NodeRuntime:
     role = "node"
+    relays = False  # devices relay D2D pushes for their peers
 
     def __init__(self, node_id: str, cfg: HFFMConfig, spec: ModuleSpec, modules: ModuleSet, address: str) -> None:
         self.node_id = node_id
@@ -63,6 +64,10 @@ class NodeRuntime:
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-round")
 
     # ---- hooks for tiers -------------------------------------------------------------------
+    def own_module_names(self) -> list[str]:
+        """Modules this node contributes as its own (include_self collect steps)."""
+        return list(self.modules)
+
     def train(self, state: RoundState) -> None:
         raise ModuleError("FAILED_PRECONDITION", "bad_step", f"{self.role} {self.node_id} does not train")
 
@@ -129,7 +134,7 @@ class NodeRuntime:
                 self._encoded.clear()
             elif isinstance(s, Collect):
                 if s.include_self:
-                    self.inbox.add_own(s.tag, {n: self.modules[n] for n in self.modules})
+                    self.inbox.add_own(s.tag, {n: self.modules[n] for n in self.own_module_names()})
                 agg = self.inbox.wait(s.tag, self.cfg.runtime.round_timeout_s)
                 self._trace(f"r{state.round}-{s.tag}-aggregate", agg)
                 self.modules.update(agg)
@@ -160,6 +165,7 @@ class NodeRuntime:
 
     def _send(self, state: RoundState, s: Send) -> None:
         encoded = [self._encoded_module(n) for n in s.modules]
+        first_hop = s.route[0] if s.route else s.to
         header = PushHeader(
             push_id=push_id_for(self.node_id, s.to, state.round, s.tag),
             sender=self.node_id,
@@ -168,22 +174,65 @@ class NodeRuntime:
             tag=s.tag,
             link=s.link,
             modules=tuple(ModuleHeader.of(em) for em in encoded),
-            route=s.route,
+            route=s.route[1:],
         )
         push_modules(
-            self.channels.get(state.peers[s.to]),
+            self.channels.get(state.peers[first_hop]),
             header,
             encoded,
             chunk_bytes=self.cfg.wire.chunk_bytes,
             timeout_s=self.cfg.runtime.rpc_timeout_s,
         )
+        self._record(state.round, header, self.node_id, first_hop)
+
+    def _record(self, round_: int, header: PushHeader, sender: str, receiver: str) -> None:
         with self._lock:
+            state = self._rounds.get(round_)
+            if state is None:
+                return
             state.sent.extend(
                 pb.TransferRecord(
-                    sender=self.node_id, receiver=s.to, module=em.name, link=s.link, bytes=em.size_bytes, tag=s.tag
+                    sender=sender,
+                    receiver=receiver,
+                    module=m.name,
+                    link=header.link,
+                    bytes=m.size_bytes,
+                    tag=header.tag,
+                    origin=header.sender,
+                    destination=header.receiver,
                 )
-                for em in encoded
+                for m in header.modules
             )
+
+    def _relay(self, header: PushHeader, requests: Iterator[pb.PushRequest]) -> pb.PushAck:
+        """Stream a push on to its next hop without decoding it (D2D relaying)."""
+        with self._lock:
+            state = self._rounds.get(header.round)
+        if state is None or header.round != self._current:
+            raise ModuleError(
+                "FAILED_PRECONDITION",
+                "wrong_round",
+                f"relay for round {header.round}, {self.node_id} is in {self._current}",
+            )
+        if header.sender not in state.peers:
+            raise ModuleError("PERMISSION_DENIED", "unregistered_sender", f"sender {header.sender!r} is not registered")
+        nxt = header.route[0] if header.route else header.receiver
+        if nxt not in state.peers:
+            raise ModuleError("FAILED_PRECONDITION", "no_route", f"{self.node_id} has no address for next hop {nxt!r}")
+        onward = replace(header, route=header.route[1:])
+
+        def stream() -> Iterator[pb.PushRequest]:
+            yield pb.PushRequest(header=header_to_pb(onward))
+            yield from requests  # chunks go on as they arrive
+
+        stub = pb_grpc.ModuleExchangeStub(self.channels.get(state.peers[nxt]))
+        try:
+            ack = stub.Push(stream(), timeout=self.cfg.runtime.rpc_timeout_s, wait_for_ready=True)
+        except grpc.RpcError as err:
+            code = err.code().name if err.code() is not None else "UNAVAILABLE"
+            raise ModuleError(code, "relay_failed", f"relay {self.node_id} -> {nxt}: {err.details()}") from None
+        self._record(header.round, header, self.node_id, nxt)
+        return ack
 
     # ---- receiving -------------------------------------------------------------------------
     def receive(self, requests: Iterator[pb.PushRequest]) -> pb.PushAck:
@@ -191,6 +240,8 @@ class NodeRuntime:
         if first is None or first.WhichOneof("kind") != "header":
             raise ModuleError("INVALID_ARGUMENT", "no_header", "a push must start with its header")
         header = header_from_pb(first.header)
+        if self.relays and header.link == D2D and (header.receiver != self.node_id or header.route):
+            return self._relay(header, requests)
         duplicate = self.inbox.precheck(header)
         assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
         for req in requests:

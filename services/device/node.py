@@ -44,24 +44,33 @@ class ModelHost:
 
 class DeviceNode(NodeRuntime):
     role = "device"
+    relays = True
 
     def __init__(self, node_id: str, cfg: HFFMConfig, topo: Topology, host: ModelHost, address: str) -> None:
-        names = topo.modules_for(node_id)
-        modules = {
-            n: Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0) for n in names
-        }
-        super().__init__(node_id, cfg, spec_of({n: m.tensors for n, m in modules.items()}), modules, address)
+        def initial(n: str) -> Module:
+            return Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0)
+
+        # A device trains its own tasks' modules but accepts its whole cluster's: as a D2D cluster
+        # head it aggregates heads of tasks it does not train itself.
+        own = topo.modules_for(node_id)
+        cluster = topo.modules_for(topo.device_map[node_id].edge)
+        spec = spec_of({n: initial(n).tensors for n in cluster})
+        super().__init__(node_id, cfg, spec, {n: initial(n) for n in own}, address)
+        self.own_modules = own
         self.topo = topo
         self.host = host
         self.info = topo.device_map[node_id]
         self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer)
+
+    def own_module_names(self) -> list[str]:
+        return self.own_modules
 
     def train_samples(self) -> dict[str, int]:
         return self.data.train_samples()
 
     def train(self, state: RoundState) -> None:
         t0 = time.perf_counter()
-        names = list(self.modules)
+        names = self.own_modules
         with self.host.lock:
             self.host.load(self.modules)
             stats = train_local(
@@ -83,7 +92,7 @@ class DeviceNode(NodeRuntime):
             weight = samples.get(task, 0) if task else total
             new[n] = Module(n, tensors, state.round, float(max(weight, 1)))
         with self._lock:
-            self.modules = new
+            self.modules = {**self.modules, **new}  # other tasks' heads held as a cluster head stay
         state.train_loss = stats.loss
         state.train_samples = stats.samples
         state.train_s = time.perf_counter() - t0
