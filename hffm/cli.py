@@ -69,6 +69,106 @@ def plot(results: Path = typer.Argument(..., help="results.json"), out: Path = t
     console.print(str(target))
 
 
+@app.command()
+def topology(
+    config: Path = typer.Option(None, "--config", "-c"),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Path = typer.Option(Path("topology.png"), "--out", "-o", help="PNG drawing"),
+    round_: int = typer.Option(1, "--round", help="round whose cluster heads are shown"),
+) -> None:
+    """Print node positions, link rates and D2D paths; draw them to a PNG."""
+    from hffm.costmodel import CostModel
+    from hffm.model import backbone_dims
+    from hffm.table1 import round_context
+    from hffm.topology import Topology
+    from hffm.topoview import draw_topology, topology_report
+
+    cfg = _config(config, overrides)
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    costs = CostModel(cfg, topo)
+    ctx = round_context(cfg, topo, costs, round_)
+    console.print(topology_report(topo, costs, ctx), highlight=False)
+    draw_topology(topo, costs, ctx, out)
+    console.print(f"drawing: {out}")
+
+
+@app.command()
+def table1(
+    config: Path = typer.Option(Path("configs/paper.yaml"), "--config", "-c"),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    profile: str = typer.Option("corrected", "--profile", help="paper | corrected"),
+    skip_training: bool = typer.Option(False, "--skip-training", help="cost model only, no accuracy runs"),
+    fmt: str = typer.Option("table", "--format", help="table | json | md"),
+    out: Path = typer.Option(Path("runs/table1"), "--out", "-o"),
+    rounds: int = typer.Option(8, "--rounds", help="rounds per method (averaged; accuracy from the last)"),
+    module_size: str = typer.Option(
+        "paper", "--module-size", help="paper: charge ViLT-B/32-sized modules (37.8 MB); config: the config's"
+    ),
+) -> None:
+    """The paper's Table I: all seven rows, modeled latency and energy, accuracy from real runs."""
+    import json as _json
+
+    from rich.table import Table
+
+    from hffm.config import PAPER_MODEL
+    from hffm.table1 import PAPER_ROWS, as_json, as_markdown, build_rows, label, write_outputs
+
+    if profile not in ("paper", "corrected"):
+        console.print(f"[red]--profile: {profile!r} is not one of paper, corrected[/red]")
+        raise typer.Exit(2)
+    if fmt not in ("table", "json", "md"):
+        console.print(f"[red]--format: {fmt!r} is not one of table, json, md[/red]")
+        raise typer.Exit(2)
+    if module_size not in ("paper", "config"):
+        console.print(f"[red]--module-size: {module_size!r} is not one of paper, config[/red]")
+        raise typer.Exit(2)
+    cfg = _config(config, [*overrides, f"cost.profile={profile}", f"rounds={rounds}"])
+    cost_cfg = _config(
+        config, [*overrides, f"cost.profile={profile}", *(PAPER_MODEL if module_size == "paper" else [])]
+    )
+    accuracy = None
+    if not skip_training:
+        from services.launcher import RunFailed
+        from services.launcher import run as launch
+
+        accuracy = {}
+        for method, e_agg, *_ in PAPER_ROWS:
+            run_cfg = cfg.model_copy(update={"method": method, "e_agg": e_agg})
+            console.print(f"[bold]training run[/bold] {method} e_agg={e_agg}")
+            try:
+                res = launch(run_cfg, out / f"{method}-e{e_agg}", console)
+            except RunFailed as err:
+                console.print(f"[red]run failed:[/red] {err}")
+                raise typer.Exit(1) from None
+            last = res["rounds"][-1]["accuracy"]
+            accuracy[(method, e_agg)] = sum(v["global"] for v in last.values()) / len(last)
+    rows = build_rows(cost_cfg, rounds, accuracy)
+    paths = write_outputs(rows, out, profile)
+    if fmt == "json":
+        typer.echo(_json.dumps(as_json(rows), indent=2))
+    elif fmt == "md":
+        typer.echo(as_markdown(rows, profile), nl=False)
+    else:
+        t = Table(title=f'Table I — profile {profile} (paper\'s "kJ" are joules)')
+        for col in ("method", "latency s", "paper", "ratio", "energy J", "paper", "ratio", "accuracy %", "paper"):
+            t.add_column(col, justify="left" if col == "method" else "right")
+        for r in rows:
+            acc = f"{100 * r.accuracy:.2f}" if r.accuracy is not None else "—"
+            t.add_row(
+                label(r),
+                f"{r.latency_s:.2f}",
+                f"{r.paper_latency_s:.2f}",
+                f"{r.latency_ratio:.3f}",
+                f"{r.energy_j:.2f}",
+                f"{r.paper_energy_j:.2f}",
+                f"{r.energy_ratio:.3f}",
+                acc,
+                f"{r.paper_accuracy:.2f}",
+            )
+        console.print(t)
+        console.print(" ".join(str(p) for p in paths.values()))
+
+
 def main() -> None:
     app()
 

@@ -101,6 +101,8 @@ class RuntimeConfig(_Strict):
     # When set, every node records each push it accepted and each aggregate it adopted, as
     # safetensors under <trace_dir>/<node>/ (an audit trail; the integration tests read it).
     trace_dir: str | None = None
+    # The cloud waits this long after every node registered before round 1 (a grace period).
+    start_delay_s: float = Field(0.0, ge=0)
 
 
 class GeometryConfig(_Strict):
@@ -274,6 +276,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = nxt
         node[parts[-1]] = value
     return out
+
+
+# The paper's module sizes: ViLT-B/32 dimensions (hidden 768, 12 layers), bottleneck 256 -> Double-Adapters
+# of 9.46 M parameters (37.8 MB fp32), plus small heads. For the cost model and benchmarks; the
+# backbone itself stays whatever model.backbone says.
+PAPER_MODEL = [
+    "model.hidden_size=768",
+    "model.num_layers=12",
+    "model.num_heads=12",
+    "model.intermediate_size=3072",
+    "model.bottleneck=256",
+    "model.head_hidden=32",
+]
 
 
 def dump_config(cfg: HFFMConfig) -> str:

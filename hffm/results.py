@@ -23,6 +23,7 @@ def round_record(
     by_module: dict[str, int] = defaultdict(int)
     by_link_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     transfers = 0
+    hops: dict[tuple[str, ...], int] = defaultdict(int)
     acc: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     loss_sum, samples = 0.0, 0
     for r in reports:
@@ -31,6 +32,15 @@ def round_record(
             by_module[t["module"]] += int(t["bytes"])
             by_link_module[t["link"]][t["module"]] += int(t["bytes"])
             transfers += 1
+            key = (
+                t["sender"],
+                t["receiver"],
+                t.get("origin") or t["sender"],
+                t.get("destination") or t["receiver"],
+                t["tag"],
+                t["link"],
+            )
+            hops[key] += int(t["bytes"])
         for m in r.get("metrics", []):
             cell = acc[m["task"]][m["split"]]
             cell[0] += int(m["correct"])
@@ -56,6 +66,19 @@ def round_record(
         "bytes_by_link_module": {k: dict(sorted(v.items())) for k, v in by_link_module.items()},
         "bytes_total": sum(by_link.values()),
         "transfers": transfers,
+        # every hop of every push, as the sending (or relaying) node recorded it
+        "hops": [
+            {
+                "sender": k[0],
+                "receiver": k[1],
+                "origin": k[2],
+                "destination": k[3],
+                "tag": k[4],
+                "link": k[5],
+                "bytes": b,
+            }
+            for k, b in sorted(hops.items())
+        ],
         "wall_s": wall_s,
     }
 

@@ -200,13 +200,25 @@ def _watch(cloud_addr: str, events: queue.Queue, stop: threading.Event) -> None:
 def _follow(
     cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc], console: Console, deadline: float
 ) -> None:
+    running = False  # every node registered: from then on a device process may be lost
+    lost: set[str] = set()
+
     def check_children() -> None:
         for p in procs:
             rc = p.popen.poll()
-            if rc is not None and rc != 0:
-                console.print(f"[red]process {p.name} exited with code {rc}; last lines of {p.log}:[/red]")
-                console.print(_tail(p.log), markup=False, highlight=False)
-                raise RunFailed(f"{p.name} exited with code {rc}")
+            if rc is None or rc == 0 or p.name in lost:
+                continue
+            if running and p.name.startswith("device"):
+                # The federation survives losing devices: they are left out of the next rounds.
+                lost.add(p.name)
+                console.print(
+                    f"[yellow]device process {p.name} exited with code {rc}; its devices are "
+                    f"left out from the next round (log: {p.log})[/yellow]"
+                )
+                continue
+            console.print(f"[red]process {p.name} exited with code {rc}; last lines of {p.log}:[/red]")
+            console.print(_tail(p.log), markup=False, highlight=False)
+            raise RunFailed(f"{p.name} exited with code {rc}")
 
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -230,6 +242,7 @@ def _follow(
                 if ev.phase == "waiting":
                     progress.update(reg, completed=ev.registered)
                 elif ev.phase == "round":
+                    running = True
                     progress.update(reg, completed=len(topo.node_ids()))
                     progress.update(rounds, completed=ev.round)
                     if ev.results_json:

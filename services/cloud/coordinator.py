@@ -232,6 +232,7 @@ class Coordinator:
                     message="all nodes registered",
                 )
             )
+            time.sleep(self.cfg.runtime.start_delay_s)
             nodes = self.topo.node_ids()
             with ThreadPoolExecutor(max_workers=min(64, len(nodes))) as pool:
                 for r in range(1, self.cfg.rounds + 1):

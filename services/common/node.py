@@ -134,7 +134,9 @@ class NodeRuntime:
                 self._encoded.clear()
             elif isinstance(s, Collect):
                 if s.include_self:
-                    self.inbox.add_own(s.tag, {n: self.modules[n] for n in self.own_module_names()})
+                    own = {n: self.modules[n] for n in self.own_module_names()}
+                    self.inbox.add_own(s.tag, own)
+                    self._trace(f"r{state.round}-{s.tag}-own", own)
                 agg = self.inbox.wait(s.tag, self.cfg.runtime.round_timeout_s)
                 self._trace(f"r{state.round}-{s.tag}-aggregate", agg)
                 self.modules.update(agg)
