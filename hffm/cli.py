@@ -87,7 +87,7 @@ def topology(
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     costs = CostModel(cfg, topo)
     ctx = round_context(cfg, topo, costs, round_)
-    console.print(topology_report(topo, costs, ctx), highlight=False)
+    console.print(topology_report(topo, costs, ctx), highlight=False, markup=False)
     draw_topology(topo, costs, ctx, out)
     console.print(f"drawing: {out}")
 

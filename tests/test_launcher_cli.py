@@ -182,3 +182,62 @@ def test_cli_config_shows_resolved_values():
     )
     assert r.exit_code == 0, r.output
     assert "rounds: 3" in r.output and "- gqa" in r.output and "- art" not in r.output
+
+
+def test_table1_command_writes_every_format(tmp_path):
+    import json
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "table1",
+            "--profile",
+            "paper",
+            "--skip-training",
+            "--format",
+            "json",
+            "--out",
+            str(tmp_path),
+            "--config",
+            str(Path(REPO_ROOT) / "configs" / "paper.yaml"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [(x["method"], x["e_agg"]) for x in rows] == [
+        ("star", 1),
+        ("edge-only", 1),
+        ("edge-only-d2d", 1),
+        ("hfm", 2),
+        ("hfm", 8),
+        ("hfm-d2d", 2),
+        ("hfm-d2d", 8),
+    ]
+    for x in rows:
+        assert {"method", "e_agg", "latency_s", "energy_j", "accuracy", "paper_latency_s", "paper_energy_j"} <= set(x)
+        assert x["accuracy"] is None
+    assert rows[0]["latency_s"] == pytest.approx(12.1) and rows[0]["energy_j"] == pytest.approx(387.2)
+    for f in ("table1.json", "table1.csv", "table1.md", "table1.png"):
+        assert (tmp_path / f).stat().st_size > 100
+    assert "| star | 12.10 | 12.10 | 1.000 |" in (tmp_path / "table1.md").read_text()
+    bad = CliRunner().invoke(app, ["table1", "--profile", "nope", "--skip-training"])
+    assert bad.exit_code == 2 and "--profile" in bad.output
+
+
+def test_topology_command_prints_and_draws(tmp_path):
+    r = CliRunner().invoke(
+        app,
+        [
+            "topology",
+            "--set",
+            "topology.edges=2",
+            "--set",
+            "topology.devices_per_edge=4",
+            "--out",
+            str(tmp_path / "t.png"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "edge-1 at (" in r.output and "uplink" in r.output and "path device-0-" in r.output
+    assert "[head]" in r.output
+    assert (tmp_path / "t.png").stat().st_size > 10_000
