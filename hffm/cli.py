@@ -32,6 +32,12 @@ def run(
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory for results and logs"),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (runtime.device)"),
+    prometheus: bool = typer.Option(False, "--prometheus", help="start a real Prometheus scraping the run"),
+    hold_s: float = typer.Option(
+        None,
+        "--hold-s",
+        help="with --prometheus: keep it up this long after the run (default: until Ctrl-C when interactive)",
+    ),
 ) -> None:
     """Run a federation (cloud, edges, devices) as local processes on loopback and write results."""
     cfg = _config(config, overrides, device)
@@ -39,7 +45,7 @@ def run(
     from services.launcher import run as launch
 
     try:
-        launch(cfg, out, console)
+        launch(cfg, out, console, prometheus=prometheus, hold_s=hold_s)
     except RunFailed as err:
         console.print(f"[red]run failed:[/red] {err}")
         raise typer.Exit(1) from None

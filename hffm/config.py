@@ -103,6 +103,9 @@ class RuntimeConfig(_Strict):
     trace_dir: str | None = None
     # The cloud waits this long after every node registered before round 1 (a grace period).
     start_delay_s: float = Field(0.0, ge=0)
+    # After the run, every process keeps serving (metrics included) this long before it exits,
+    # so a scraper sees the final values.
+    linger_s: float = Field(0.0, ge=0)
 
 
 class GeometryConfig(_Strict):

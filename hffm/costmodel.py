@@ -144,6 +144,8 @@ class RoundCost:
     by_link: dict[str, dict[str, float]] = field(default_factory=dict)  # link -> latency_s (sum), energy_j, bytes
     by_module: dict[str, float] = field(default_factory=dict)  # module -> energy_j
     by_node: dict[str, float] = field(default_factory=dict)  # node -> energy_j (transmit + compute)
+    hop_costs: list[tuple[Hop, float, float]] = field(default_factory=list)  # (hop, latency_s, energy_j)
+    compute: dict[str, tuple[float, float]] = field(default_factory=dict)  # device -> (seconds, joules)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -253,8 +255,10 @@ class CostModel:
         by_node: dict[str, float] = defaultdict(float)
         push_latency: dict[tuple[str, str, str], float] = defaultdict(float)
         energy = 0.0
+        hop_costs = []
         for h, nbytes in zip(hops, charged, strict=True):
             t, e = self.hop_cost(h.link, h.sender, h.receiver, nbytes)
+            hop_costs.append((h, t, e))
             by_link[h.link]["latency_s"] += t
             by_link[h.link]["energy_j"] += e
             by_link[h.link]["bytes"] += nbytes
@@ -265,13 +269,17 @@ class CostModel:
             push_latency[h.push()] += t
         compute_j = 0.0
         compute_s: dict[str, float] = {}
+        compute: dict[str, tuple[float, float]] = {}
         for dev, n in samples.items():
             t, e = self.compute_cost(n)
             compute_s[dev] = t
+            compute[dev] = (t, e)
             compute_j += e
             by_node[dev] += e
         latency = self._critical_path(plan, push_latency, compute_s)
-        return RoundCost(latency, energy + compute_j, compute_j, dict(by_link), dict(by_module), dict(by_node))
+        return RoundCost(
+            latency, energy + compute_j, compute_j, dict(by_link), dict(by_module), dict(by_node), hop_costs, compute
+        )
 
     @staticmethod
     def _critical_path(plan: RoundPlan, push_latency: dict[tuple[str, str, str], float], compute_s) -> float:

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/system-deps.sh   # Prometheus/promtool for the metrics tests (Debian packages)
 .venv/bin/ruff check .
 rc=0
 .venv/bin/python -m pytest "$@" || rc=$?

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +61,10 @@ def free_ports(n: int, host: str) -> list[int]:
 
 
 def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every process of the run, with loopback ports assigned."""
+    """(name, argv) of every process of the run, with loopback ports assigned (gRPC and metrics)."""
     host = cfg.runtime.host
-    ports = iter(free_ports(1 + len(topo.edges) + len(topo.devices), host))
+    n_dev_procs = -(-len(topo.devices) // cfg.runtime.devices_per_process)
+    ports = iter(free_ports(1 + len(topo.edges) + len(topo.devices) + 1 + len(topo.edges) + n_dev_procs, host))
     py = [sys.executable, "-m"]
     common = ["--config", str(cfg_path)]
     cloud_addr = f"{host}:{next(ports)}"
@@ -84,7 +87,65 @@ def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -
             argv += ["--node", f"{d.id}={host}:{next(ports)}"]
         name = group[0].id if len(group) == 1 else f"devices-{g // k}"
         procs.append((name, argv))
+    for _, argv in procs:
+        argv += ["--metrics-port", str(next(ports)), "--metrics-addr", host]
     return procs
+
+
+def metrics_targets(plan: list[tuple[str, list[str]]], host: str) -> list[dict]:
+    """Prometheus file_sd target groups for the planned processes."""
+    groups = []
+    for name, argv in plan:
+        port = argv[argv.index("--metrics-port") + 1]
+        tier = "cloud" if name == "cloud" else ("edge" if name.startswith("edge") else "device")
+        groups.append({"targets": [f"{host}:{port}"], "labels": {"process": name, "tier": tier}})
+    return groups
+
+
+def write_prometheus_dir(out: Path, targets: list[dict]) -> Path:
+    """DIR/prometheus/{prometheus.yml, rules.yml, targets/hffm.json} from deploy/prometheus/."""
+    d = out / "prometheus"
+    (d / "targets").mkdir(parents=True, exist_ok=True)
+    for f in ("prometheus.yml", "rules.yml"):
+        shutil.copy(REPO_ROOT / "deploy" / "prometheus" / f, d / f)
+    tmp = d / "targets" / "hffm.json.tmp"
+    tmp.write_text(json.dumps(targets, indent=2))
+    tmp.replace(d / "targets" / "hffm.json")
+    return d
+
+
+def start_prometheus(prom_dir: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+    """A real Prometheus scraping the run (Debian's `prometheus` binary). Returns (process, URL)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RunFailed("--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus)")
+    port = free_ports(1, host)[0]
+    log = open(prom_dir / "prometheus.log", "wb")
+    p = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={prom_dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={prom_dir / 'data'}",
+            f"--web.listen-address={host}:{port}",
+            "--web.enable-lifecycle",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + 60
+    while True:  # ready when its HTTP API answers
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:  # noqa: S310 - loopback
+                if r.status == 200:
+                    return p, url
+        except OSError:
+            pass
+        if p.poll() is not None or time.monotonic() > deadline:
+            _stop_all([Proc("prometheus", p, prom_dir / "prometheus.log")])
+            raise RunFailed(f"Prometheus did not start; see {prom_dir / 'prometheus.log'}")
+        time.sleep(0.2)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -114,8 +175,19 @@ def _stop_all(procs: list[Proc], grace_s: float = 5.0) -> None:
             p.popen.wait(5)
 
 
-def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: float | None = None) -> dict:
-    """Run a federation of local processes; return the parsed results.json."""
+def run(
+    cfg: HFFMConfig,
+    out: Path,
+    console: Console | None = None,
+    timeout_s: float | None = None,
+    prometheus: bool = False,
+    hold_s: float | None = 0.0,
+) -> dict:
+    """Run a federation of local processes; return the parsed results.json.
+
+    Every process serves /metrics; DIR/prometheus/ holds a Prometheus config and the file_sd target
+    list. With ``prometheus`` a real Prometheus scrapes the run; it stays up ``hold_s`` seconds after
+    the run (None: until Ctrl-C)."""
     from hffm.model import backbone_dims
 
     console = console or Console()
@@ -128,8 +200,16 @@ def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: f
         results_path.unlink()
     import services.rpc  # noqa: F401 - build the generated code once, before the children start
 
+    if prometheus and cfg.runtime.linger_s < 5:  # let the last scrape see the final values
+        cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"linger_s": 5.0})})
+        cfg_path.write_text(dump_config(cfg))
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     plan = plan_processes(cfg, topo, cfg_path, out)
+    prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host))
+    prom: subprocess.Popen | None = None
+    if prometheus:
+        prom, url = start_prometheus(prom_dir, cfg.runtime.host)
+        console.print(f"Prometheus: {url}  (config {prom_dir / 'prometheus.yml'})")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", str(cfg.runtime.torch_threads))
@@ -159,14 +239,18 @@ def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: f
             except subprocess.TimeoutExpired:
                 pass
             # Nodes were told to shut down by the cloud; give them a moment, then make sure.
-            end = time.monotonic() + 10
+            end = time.monotonic() + 10 + cfg.runtime.linger_s
             while time.monotonic() < end and any(p.popen.poll() is None for p in procs):
                 time.sleep(0.1)
+        if prom is not None:
+            _hold(prom, url, hold_s, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping every process[/yellow]")
         raise
     finally:
         _stop_all(procs)
+        if prom is not None:
+            _stop_all([Proc("prometheus", prom, prom_dir / "prometheus.log")])
     if not results_path.exists():
         raise RunFailed(f"no results were written to {results_path}")
     results = json.loads(results_path.read_text())
@@ -178,6 +262,20 @@ def run(cfg: HFFMConfig, out: Path, console: Console | None = None, timeout_s: f
         f"results: {results_path}  plot: {out / 'results.png'}  modules: {out / 'global_modules.safetensors'}"
     )
     return results
+
+
+def _hold(prom: subprocess.Popen, url: str, hold_s: float | None, console: Console) -> None:
+    if hold_s is None:
+        if not sys.stdin.isatty():
+            return
+        console.print(f"run done; Prometheus still serving at {url} — Ctrl-C to stop it")
+        try:
+            prom.wait()
+        except KeyboardInterrupt:
+            return
+    elif hold_s > 0:
+        console.print(f"Prometheus stays up {hold_s:.0f}s at {url}")
+        time.sleep(hold_s)
 
 
 def _watch(cloud_addr: str, events: queue.Queue, stop: threading.Event) -> None:

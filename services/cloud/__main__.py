@@ -18,7 +18,7 @@ from pathlib import Path
 from hffm.config import dump_config
 from hffm.topology import CLOUD
 from services.cloud.coordinator import CloudNode, CloudRegistry, Coordinator, CoordinatorServicer
-from services.common.bootstrap import advertise_address, base_parser, load, node_modules, topology
+from services.common.bootstrap import advertise_address, base_parser, load, node_modules, start_metrics, topology
 from services.common.server import NodeServer
 from services.rpc import pb_grpc
 
@@ -31,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--advertise", default=os.environ.get("HFFM_ADVERTISE"))
     p.add_argument("--out", default=os.environ.get("HFFM_OUT", "runs/latest"))
     p.add_argument(
-        "--linger-s",
-        type=float,
-        default=float(os.environ.get("HFFM_LINGER_S", "2")),
-        help="keep serving progress this long after the run ends",
+        "--linger-s", type=float, default=None, help="serve this long after the run (default: runtime.linger_s, >= 1 s)"
     )
     args = p.parse_args(argv)
     cfg = load(args)
@@ -43,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     spec, modules = node_modules(cfg, topo, CLOUD)
-    node = CloudNode(CLOUD, cfg, spec, modules, args.listen)
+    node = CloudNode(CLOUD, cfg, spec, modules, args.listen, start_metrics(args))
     coord = Coordinator(cfg, topo, node, out)
     srv = NodeServer(
         node,
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.is_set() and not coord.done.is_set():
         stop.wait(0.2)
     if coord.done.is_set():
-        stop.wait(args.linger_s)
+        stop.wait(args.linger_s if args.linger_s is not None else max(1.0, cfg.runtime.linger_s))
     else:
         log.warning("interrupted before the run finished")
         coord.shutdown_nodes()

@@ -28,6 +28,7 @@ from hffm.results import round_record, write_results
 from hffm.topology import CLOUD, Topology
 from services.common.client import with_retries
 from services.common.convert import step_to_pb
+from services.common.metrics import link_label, role_of
 from services.common.node import NodeRuntime
 from services.rpc import pb, pb_grpc
 
@@ -212,7 +213,17 @@ class Coordinator:
             for t in r.get("sent", [])
         ]
         samples = {r["node"]: int(r.get("train_samples", 0)) for r in reports if int(r.get("train_samples", 0))}
-        cost = self.costs.round_cost(plan, hops, samples).as_dict()
+        rc = self.costs.round_cost(plan, hops, samples)
+        m = self.node.metrics
+        for h, t, e in rc.hop_costs:
+            link = link_label(h.link, role_of(h.sender))
+            m.modeled_latency.labels(node=h.sender, link=link).inc(t)
+            m.modeled_energy.labels(node=h.sender, link=link, module=h.module).inc(e)
+        for dev, (_t, e) in rc.compute.items():
+            m.modeled_energy.labels(node=dev, link="compute", module="").inc(e)
+        for edge, head in ctx.heads.items():
+            m.set_head(edge, head)
+        cost = rc.as_dict()
         cost["profile"] = self.costs.cost.profile
         if self.costs.cost.profile == "paper":  # the seed code's per-round composition
             cost["latency_s"], cost["energy_j"] = self.costs.paper_round(self.method.name, self.cfg.e_agg, ctx.heads)
@@ -250,6 +261,7 @@ class Coordinator:
                     rec = round_record(self.method.name, r, self.cfg.e_agg, self.method.cloud_round(r), dicts, wall)
                     rec["modeled"] = self.model_round(plan, ctx, dicts)
                     rec["left_out"] = sorted(set(self.topo.node_ids()) - set(nodes))
+                    self._observe_round(rec)
                     self.rounds.append(rec)
                     self._write()
                     self.publish(
@@ -280,6 +292,17 @@ class Coordinator:
             self._write()
             self.shutdown_nodes()
             self.done.set()
+
+    def _observe_round(self, rec: dict[str, Any]) -> None:
+        m, method = self.node.metrics, self.method.name
+        m.round_modeled_latency.labels(method=method).set(rec["modeled"]["latency_s"])
+        m.round_modeled_energy.labels(method=method).set(rec["modeled"]["energy_j"])
+        m.round_wall.labels(method=method).set(rec["wall_s"])
+        for task, splits in rec["accuracy"].items():
+            for split, v in splits.items():
+                if v is not None:
+                    m.round_accuracy.labels(method=method, task=task, split=split).set(v)
+        m.rounds_done.labels(method=method).inc()
 
     def _write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from hffm.data import TASK_LABELS
 from hffm.model import backbone_dims, initial_modules
 from hffm.modules import ModuleSet, ModuleSpec, spec_of
 from hffm.topology import Topology
+from services.common.metrics import Metrics
 from services.rpc import pb, pb_grpc
 
 
@@ -24,7 +25,23 @@ def base_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default=os.environ.get("HFFM_CONFIG"), help="YAML config (env HFFM_CONFIG)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--log-level", default=os.environ.get("HFFM_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("HFFM_METRICS_PORT", "0")),
+        help="serve Prometheus /metrics on this port (0: off; env HFFM_METRICS_PORT)",
+    )
+    p.add_argument("--metrics-addr", default=os.environ.get("HFFM_METRICS_ADDR", "0.0.0.0"))
     return p
+
+
+def start_metrics(args: argparse.Namespace) -> Metrics:
+    """The process's metrics, served on --metrics-port when it is not 0."""
+    metrics = Metrics()
+    if args.metrics_port:
+        port = metrics.serve(args.metrics_port, args.metrics_addr)
+        logging.getLogger("hffm.metrics").info("metrics on http://%s:%d/metrics", args.metrics_addr, port)
+    return metrics
 
 
 def load(args: argparse.Namespace) -> HFFMConfig:

@@ -24,6 +24,7 @@ from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, enco
 from hffm.wire import ModuleHeader, PushAssembler, PushHeader, push_id_for
 from services.common.client import Channels, push_modules
 from services.common.convert import header_from_pb, header_to_pb, step_from_pb
+from services.common.metrics import Metrics, link_label, role_of
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.node")
@@ -47,8 +48,18 @@ class NodeRuntime:
     role = "node"
     relays = False  # devices relay D2D pushes for their peers
 
-    def __init__(self, node_id: str, cfg: HFFMConfig, spec: ModuleSpec, modules: ModuleSet, address: str) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        cfg: HFFMConfig,
+        spec: ModuleSpec,
+        modules: ModuleSet,
+        address: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.node_id = node_id
+        self.metrics = metrics or Metrics()
+        self.metrics.init_node(node_id)
         self.cfg = cfg
         self.spec = spec
         self.address = address
@@ -100,6 +111,7 @@ class NodeRuntime:
                 )
             self._rounds[round_] = RoundState(round_, method, steps, dict(peers))
             self._current = round_
+            self.metrics.round.labels(node=self.node_id).set(round_)
             for old in [r for r in self._rounds if r < round_ - 2]:
                 del self._rounds[old]
             registered = set(peers)
@@ -138,6 +150,7 @@ class NodeRuntime:
                     self.inbox.add_own(s.tag, own)
                     self._trace(f"r{state.round}-{s.tag}-own", own)
                 agg = self.inbox.wait(s.tag, self.cfg.runtime.round_timeout_s)
+                self.metrics.aggregations.labels(node=self.node_id, tag=s.tag).inc()
                 self._trace(f"r{state.round}-{s.tag}-aggregate", agg)
                 self.modules.update(agg)
                 self._encoded.clear()
@@ -188,6 +201,11 @@ class NodeRuntime:
         self._record(state.round, header, self.node_id, first_hop)
 
     def _record(self, round_: int, header: PushHeader, sender: str, receiver: str) -> None:
+        link = link_label(header.link, self.role)
+        for m in header.modules:
+            self.metrics.bytes_sent.labels(
+                node=self.node_id, link=link, peer_tier=role_of(receiver), module=m.name
+            ).inc(m.size_bytes)
         with self._lock:
             state = self._rounds.get(round_)
             if state is None:
@@ -233,11 +251,27 @@ class NodeRuntime:
         except grpc.RpcError as err:
             code = err.code().name if err.code() is not None else "UNAVAILABLE"
             raise ModuleError(code, "relay_failed", f"relay {self.node_id} -> {nxt}: {err.details()}") from None
+        self._count_received(header)
         self._record(header.round, header, self.node_id, nxt)
         return ack
 
     # ---- receiving -------------------------------------------------------------------------
     def receive(self, requests: Iterator[pb.PushRequest]) -> pb.PushAck:
+        try:
+            return self._receive(requests)
+        except ModuleError as err:
+            self.metrics.modules_rejected.labels(node=self.node_id, reason=err.reason).inc()
+            raise
+
+    def _count_received(self, header: PushHeader) -> None:
+        link = link_label(header.link, role_of(header.sender))
+        tier = role_of(header.sender) if header.link != D2D else "device"
+        for m in header.modules:
+            self.metrics.bytes_received.labels(node=self.node_id, link=link, peer_tier=tier, module=m.name).inc(
+                m.size_bytes
+            )
+
+    def _receive(self, requests: Iterator[pb.PushRequest]) -> pb.PushAck:
         first = next(requests, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise ModuleError("INVALID_ARGUMENT", "no_header", "a push must start with its header")
@@ -255,6 +289,9 @@ class NodeRuntime:
         if not duplicate:
             duplicate = self.inbox.accept(header, modules)
             if not duplicate:
+                self._count_received(header)
+                for m in modules:
+                    self.metrics.modules_received.labels(node=self.node_id, module=m.name).inc()
                 self._trace(f"r{header.round}-{header.tag}-from-{header.sender}", {m.name: m for m in modules})
         return pb.PushAck(
             duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules]

@@ -9,6 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.client import CHANNEL_OPTIONS
+from services.common.metrics import MetricsInterceptor
 from services.common.node import ModuleExchangeServicer, NodeRuntime, RoundControlServicer
 from services.rpc import pb, pb_grpc
 
@@ -25,7 +26,11 @@ class NodeServer:
 
     def __init__(self, node: NodeRuntime, listen: str, *, max_workers: int = 32, extra=()) -> None:
         self.node = node
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            options=CHANNEL_OPTIONS,
+            interceptors=[MetricsInterceptor(node.metrics, node.node_id)],
+        )
         pb_grpc.add_ModuleExchangeServicer_to_server(ModuleExchangeServicer(node), self.server)
         pb_grpc.add_RoundControlServicer_to_server(RoundControlServicer(node), self.server)
         names = [SERVICE_NAMES["ModuleExchange"], SERVICE_NAMES["RoundControl"]]

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from services.common.bootstrap import advertise_address, base_parser, load, register, topology
+from services.common.bootstrap import advertise_address, base_parser, load, register, start_metrics, topology
 from services.common.server import NodeServer
 from services.device.node import DeviceNode, ModelHost
 from services.rpc import pb
@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"--upstream: no address for {topo.device_map[nid].edge}, the edge of {nid}")
     log = logging.getLogger("hffm.device")
     host = ModelHost(cfg)
+    metrics = start_metrics(args)
     servers: list[NodeServer] = []
     for nid, listen in nodes.items():
-        node = DeviceNode(nid, cfg, topo, host, listen)
+        node = DeviceNode(nid, cfg, topo, host, listen, metrics)
         srv = NodeServer(node, listen, max_workers=8)
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_register, args=(srv,), daemon=True).start()
     while not stop.is_set() and not all(s.node.stopped.is_set() for s in servers):
         stop.wait(0.2)
+    if all(s.node.stopped.is_set() for s in servers):
+        stop.wait(cfg.runtime.linger_s)
     for srv in servers:
         srv.stop()
     return 1 if failed.is_set() else 0

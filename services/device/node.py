@@ -46,7 +46,9 @@ class DeviceNode(NodeRuntime):
     role = "device"
     relays = True
 
-    def __init__(self, node_id: str, cfg: HFFMConfig, topo: Topology, host: ModelHost, address: str) -> None:
+    def __init__(
+        self, node_id: str, cfg: HFFMConfig, topo: Topology, host: ModelHost, address: str, metrics=None
+    ) -> None:
         def initial(n: str) -> Module:
             return Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0)
 
@@ -55,7 +57,7 @@ class DeviceNode(NodeRuntime):
         own = topo.modules_for(node_id)
         cluster = topo.modules_for(topo.device_map[node_id].edge)
         spec = spec_of({n: initial(n).tensors for n in cluster})
-        super().__init__(node_id, cfg, spec, {n: initial(n) for n in own}, address)
+        super().__init__(node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics)
         self.own_modules = own
         self.topo = topo
         self.host = host
@@ -96,6 +98,9 @@ class DeviceNode(NodeRuntime):
         state.train_loss = stats.loss
         state.train_samples = stats.samples
         state.train_s = time.perf_counter() - t0
+        self.metrics.train_seconds.labels(node=self.node_id).inc(state.train_s)
+        self.metrics.train_samples.labels(node=self.node_id).inc(stats.samples)
+        self.metrics.train_loss.labels(node=self.node_id).set(stats.loss)
 
     def evaluate(self, state: RoundState) -> None:
         global_sets = {task: self.host.global_test(task) for task in self.info.tasks}
@@ -106,3 +111,4 @@ class DeviceNode(NodeRuntime):
         for split, res in (("local", local), ("global", glob)):
             for task, (c, n) in res.items():
                 state.metrics.append(pb.TaskMetric(task=task, split=split, correct=c, total=n))
+                self.metrics.accuracy.labels(node=self.node_id, task=task, split=split).set(c / n if n else 0.0)

@@ -16,7 +16,15 @@ import threading
 import grpc
 
 from hffm.topology import Topology
-from services.common.bootstrap import advertise_address, base_parser, load, node_modules, register, topology
+from services.common.bootstrap import (
+    advertise_address,
+    base_parser,
+    load,
+    node_modules,
+    register,
+    start_metrics,
+    topology,
+)
 from services.common.node import NodeRuntime
 from services.common.server import NodeServer
 from services.rpc import pb, pb_grpc
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.upstream:
         sys.exit("--upstream: the cloud's address is required")
     spec, modules = node_modules(cfg, topo, args.id)
-    node = EdgeNode(args.id, cfg, spec, modules, args.listen)
+    node = EdgeNode(args.id, cfg, spec, modules, args.listen, start_metrics(args))
     registry = EdgeRegistry(node, topo, args.upstream, cfg.runtime.register_timeout_s)
     srv = NodeServer(
         node,
@@ -91,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     while not stop.is_set() and not node.stopped.is_set():
         stop.wait(0.2)
+    if node.stopped.is_set():
+        stop.wait(cfg.runtime.linger_s)
     srv.stop()
     return 0
 
