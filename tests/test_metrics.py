@@ -179,7 +179,7 @@ def test_promtool_checks(scraped):
 
 def test_labels_are_bounded(scraped):
     *_, scrapes, _ = scraped
-    for name, text in scrapes.items():
+    for _name, text in scrapes.items():
         for line in text.splitlines():
             if line.startswith("#"):
                 continue

@@ -79,7 +79,7 @@ RUN = dashboard(
             "Round progress",
             "stat",
             [
-                ("max(hffm_round{%s})" % NODE, "current round"),
+                (f"max(hffm_round{{{NODE}}})", "current round"),
                 ('sum(hffm_rounds_completed_total{method=~"$method"})', "rounds completed"),
             ],
             0,
@@ -106,7 +106,7 @@ RUN = dashboard(
             "Accuracy per task by tier (device modules, mean over devices)",
             "timeseries",
             [
-                ("avg by (task, split) (hffm_accuracy{%s})" % NODE, "device {{task}} {{split}}"),
+                (f"avg by (task, split) (hffm_accuracy{{{NODE}}})", "device {{task}} {{split}}"),
             ],
             0,
             5,
@@ -119,7 +119,7 @@ RUN = dashboard(
             "Bytes per second by link kind",
             "timeseries",
             [
-                ("sum by (link) (rate(hffm_bytes_sent_total{%s}[$__rate_interval]))" % NODE, "{{link}}"),
+                (f"sum by (link) (rate(hffm_bytes_sent_total{{{NODE}}}[$__rate_interval]))", "{{link}}"),
             ],
             12,
             5,
@@ -133,8 +133,8 @@ RUN = dashboard(
             "timeseries",
             [
                 (
-                    'sum by (tier, link) (label_replace(hffm_modeled_energy_joules_total{%s}, "tier", "$1", "node", '
-                    '"(cloud|edge|device).*"))' % NODE,
+                    f"sum by (tier, link) (label_replace(hffm_modeled_energy_joules_total{{{NODE}}}, "
+                    '"tier", "$1", "node", "(cloud|edge|device).*"))',
                     "{{tier}} {{link}}",
                 ),
             ],
@@ -164,8 +164,8 @@ RUN = dashboard(
             "timeseries",
             [
                 (
-                    "histogram_quantile(0.95, sum by (le, method) (rate(hffm_rpc_duration_seconds_bucket{%s}"
-                    "[$__rate_interval])))" % NODE,
+                    f"histogram_quantile(0.95, sum by (le, method) (rate(hffm_rpc_duration_seconds_bucket{{{NODE}}}"
+                    "[$__rate_interval])))",
                     "{{method}}",
                 ),
             ],
@@ -180,7 +180,7 @@ RUN = dashboard(
             "Traffic per module",
             "bargauge",
             [
-                ("sum by (module) (hffm_bytes_sent_total{%s})" % NODE, "{{module}}"),
+                (f"sum by (module) (hffm_bytes_sent_total{{{NODE}}})", "{{module}}"),
             ],
             12,
             21,
@@ -193,7 +193,7 @@ RUN = dashboard(
             "Rejected pushes by reason",
             "timeseries",
             [
-                ("sum by (reason) (hffm_modules_rejected_total{%s})" % NODE, "{{reason}}"),
+                (f"sum by (reason) (hffm_modules_rejected_total{{{NODE}}})", "{{reason}}"),
             ],
             0,
             29,
@@ -205,8 +205,8 @@ RUN = dashboard(
             "Local training: samples per second, loss",
             "timeseries",
             [
-                ("sum(rate(hffm_train_samples_total{%s}[$__rate_interval]))" % NODE, "samples/s"),
-                ("avg(hffm_train_loss{%s})" % NODE, "mean loss"),
+                (f"sum(rate(hffm_train_samples_total{{{NODE}}}[$__rate_interval]))", "samples/s"),
+                (f"avg(hffm_train_loss{{{NODE}}})", "mean loss"),
             ],
             12,
             29,
