@@ -175,6 +175,45 @@ def table1(
         console.print(" ".join(str(p) for p in paths.values()))
 
 
+@app.command()
+def report(
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the PNGs"),
+    results: list[Path] = typer.Option([], "--results", "-r", help="results.json (repeat for a Table I view)"),
+    prometheus: str = typer.Option(None, "--prometheus", help="Prometheus URL: draw every dashboard panel from it"),
+    since: str = typer.Option("30m", "--since", help="with --prometheus: window ending now, e.g. 30m, 2h"),
+) -> None:
+    """Render the dashboards' panels to PNG from results.json files or from Prometheus."""
+    import json as _json
+    import time as _time
+
+    from hffm import report as rep
+
+    if not results and not prometheus:
+        console.print("[red]--results or --prometheus: give at least one source[/red]")
+        raise typer.Exit(2)
+    for r in results:
+        if not r.is_file():
+            console.print(f"[red]--results: {r} not found[/red]")
+            raise typer.Exit(2)
+    if results:
+        for name, path in rep.from_results([_json.loads(r.read_text()) for r in results], out).items():
+            console.print(f"{name}: {path}")
+    if prometheus:
+        m = __import__("re").fullmatch(r"(\d+)([smh])", since)
+        if not m:
+            console.print(f"[red]--since: {since!r} is not like 30m, 2h, 90s[/red]")
+            raise typer.Exit(2)
+        window = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+        end = _time.time()
+        drawn = rep.from_prometheus(prometheus.rstrip("/"), end - window, end, out, step_s=max(2.0, window / 300))
+        for uid, counts in drawn.items():
+            empty = [t for t, n in counts.items() if n == 0]
+            console.print(
+                f"report-{uid}.png: {len(counts) - len(empty)}/{len(counts)} panels with data"
+                + (f" (no data: {', '.join(empty)})" if empty else "")
+            )
+
+
 def main() -> None:
     app()
 

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -88,7 +89,15 @@ def scraped(tmp_path_factory):
             time.sleep(0.5)
         t.join(600)
         assert at is not None and "results" in box, "the run did not complete while Prometheus watched"
-        yield (lambda expr: query(url, expr, at)), box["results"], scrapes, prom_dir
+        yield SimpleNamespace(
+            q=lambda expr: query(url, expr, at),
+            results=box["results"],
+            scrapes=scrapes,
+            prom_dir=prom_dir,
+            url=url,
+            at=at,
+            out=out,
+        )
     finally:
         _stop_all([Proc("prometheus", prom, prom_dir / "prometheus.log")])
 
@@ -115,13 +124,12 @@ def test_dashboards_exist_and_are_valid_grafana_json():
 
 @pytest.mark.parametrize("dashboard, title, expr", list(_panels()), ids=lambda x: str(x)[:40])
 def test_every_panel_returns_data(scraped, dashboard, title, expr):
-    q, *_ = scraped
-    result = q(_substitute(expr))
+    result = scraped.q(_substitute(expr))
     assert result, f"{dashboard} / {title}: no data for {expr}"
 
 
 def test_variables_queries_resolve(scraped):
-    q, *_ = scraped
+    q = scraped.q
     for p in DASHBOARDS:
         for v in json.loads(p.read_text())["templating"]["list"]:
             m = re.match(r"label_values\((\w+), (\w+)\)", v["query"]["query"])
@@ -130,7 +138,7 @@ def test_variables_queries_resolve(scraped):
 
 
 def test_bytes_per_link_equal_results_exactly(scraped):
-    q, results, *_ = scraped
+    q, results = scraped.q, scraped.results
     want = {"device_edge": 0, "edge_cloud": 0, "device_cloud": 0, "d2d": 0}
     for r in results["rounds"]:
         for k, v in r["bytes_by_link"].items():
@@ -146,7 +154,7 @@ def test_bytes_per_link_equal_results_exactly(scraped):
 
 
 def test_modeled_energy_and_rounds_agree_with_results(scraped):
-    q, results, *_ = scraped
+    q, results = scraped.q, scraped.results
     energy = float(q("sum(hffm_modeled_energy_joules_total)")[0]["value"][1])
     assert energy == pytest.approx(sum(r["modeled"]["energy_j"] for r in results["rounds"]), rel=1e-9)
     last = results["rounds"][-1]
@@ -160,7 +168,7 @@ def test_modeled_energy_and_rounds_agree_with_results(scraped):
 
 
 def test_promtool_checks(scraped):
-    _, _, scrapes, prom_dir = scraped
+    scrapes, prom_dir = scraped.scrapes, scraped.prom_dir
     assert {"cloud", "edge-0", "edge-1"} <= set(scrapes) and any(k.startswith("device") for k in scrapes)
     r = subprocess.run(
         ["promtool", "check", "config", str(prom_dir / "prometheus.yml")], capture_output=True, text=True
@@ -178,8 +186,7 @@ def test_promtool_checks(scraped):
 
 
 def test_labels_are_bounded(scraped):
-    *_, scrapes, _ = scraped
-    for _name, text in scrapes.items():
+    for text in scraped.scrapes.values():
         for line in text.splitlines():
             if line.startswith("#"):
                 continue
@@ -190,3 +197,32 @@ def test_every_rejection_reason_is_preinitialised():
     src = "\n".join(p.read_text() for p in [*REPO_ROOT.glob("hffm/*.py"), *REPO_ROOT.glob("services/**/*.py")])
     reasons = set(re.findall(r'ModuleError\(\s*"[A-Z_]+",\s*"([a-z_]+)"', src))
     assert reasons - {"bad_step", "bad_task", "missing_module"} <= set(REJECT_REASONS)
+
+
+def test_report_from_prometheus_draws_every_panel(scraped, tmp_path):
+    from hffm.report import from_prometheus
+
+    start = scraped.at - 120
+    drawn = from_prometheus(scraped.url, start, scraped.at, tmp_path, step_s=2.0)
+    assert set(drawn) == {"hffm-run", "hffm-table1"}
+    for uid, counts in drawn.items():
+        assert all(n > 0 for n in counts.values()), (uid, counts)
+        assert (tmp_path / f"report-{uid}.png").stat().st_size > 20_000
+
+
+def test_report_from_results(scraped, tmp_path):
+    from typer.testing import CliRunner
+
+    from hffm.cli import app
+
+    r = CliRunner().invoke(app, ["report", "--out", str(tmp_path), "--results", str(scraped.out / "results.json")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "report-run.png").stat().st_size > 20_000
+    assert (tmp_path / "report-table1.png").stat().st_size > 10_000
+    keys = {k for r in scraped.results["rounds"] for k in r["modeled"]["by_tier_link"]}
+    assert keys >= {"device/d2d", "device/compute", "edge/backhaul", "cloud/backhaul", "device/uplink"}
+    assert sum(sum(r["modeled"]["by_tier_link"].values()) for r in scraped.results["rounds"]) == pytest.approx(
+        sum(r["modeled"]["energy_j"] for r in scraped.results["rounds"])
+    )
+    bad = CliRunner().invoke(app, ["report", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--results or --prometheus" in bad.output

@@ -219,11 +219,17 @@ class Coordinator:
             link = link_label(h.link, role_of(h.sender))
             m.modeled_latency.labels(node=h.sender, link=link).inc(t)
             m.modeled_energy.labels(node=h.sender, link=link, module=h.module).inc(e)
+        by_tier_link: dict[str, float] = {}
+        for h, _t, e in rc.hop_costs:
+            key = f"{role_of(h.sender)}/{link_label(h.link, role_of(h.sender))}"
+            by_tier_link[key] = by_tier_link.get(key, 0.0) + e
         for dev, (_t, e) in rc.compute.items():
             m.modeled_energy.labels(node=dev, link="compute", module="").inc(e)
+            by_tier_link["device/compute"] = by_tier_link.get("device/compute", 0.0) + e
         for edge, head in ctx.heads.items():
             m.set_head(edge, head)
         cost = rc.as_dict()
+        cost["by_tier_link"] = dict(sorted(by_tier_link.items()))
         cost["profile"] = self.costs.cost.profile
         if self.costs.cost.profile == "paper":  # the seed code's per-round composition
             cost["latency_s"], cost["energy_j"] = self.costs.paper_round(self.method.name, self.cfg.e_agg, ctx.heads)
