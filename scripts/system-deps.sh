@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Debian packages the tests use: Prometheus and promtool (the metrics/dashboard tests).
-# Installed when missing and we can (root + apt-get); otherwise those tests skip with a reason.
+# Debian packages the tests use, installed when missing and we can (root + apt-get); otherwise the
+# tests that need them skip with a reason:
+#   prometheus (prometheus + promtool)        metrics and dashboard tests
+#   docker.io, docker-compose, debootstrap    compose testbed, images built offline
+#   kubectl                                   Kubernetes manifests (kustomize)
 set -uo pipefail
+declare -A want=([prometheus]=promtool [docker.io]=dockerd [docker-compose]=docker-compose
+                 [debootstrap]=debootstrap [kubectl]=kubectl)
 need=()
-command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+for pkg in "${!want[@]}"; do
+  command -v "${want[$pkg]}" >/dev/null || need+=("$pkg")
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-deps: cannot install ${need[*]} (need root and apt-get); dependent tests will skip" >&2
@@ -11,8 +18,10 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null 2>&1 || true
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
-  || echo "system-deps: apt-get install ${need[*]} failed; dependent tests will skip" >&2
-# Debian's package may start its own service where an init system runs; hffm starts its own.
+for pkg in "${need[@]}"; do  # one at a time: one unavailable package must not block the others
+  apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 \
+    || echo "system-deps: apt-get install $pkg failed; the tests that need it will skip" >&2
+done
+# Debian's prometheus package may start its own service where an init system runs; hffm starts its own.
 pkill -x prometheus 2>/dev/null || true
 exit 0

@@ -1,0 +1,139 @@
+"""Deployment descriptions generated from the one config: docker compose and Prometheus targets.
+
+Every node is its own container, named by its node id (``cloud``, ``edge-1``, ``device-1-3``) on one
+network, so devices reach their edge and their D2D peers by name and a restarted container keeps its
+identity. Containers run the same entry points as the local launcher (``python -m services.<tier>``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hffm.config import HFFMConfig
+from hffm.topology import CLOUD, Topology
+
+GRPC_PORT = 50051
+METRICS_PORT = 9100
+
+
+def _rel(path: Path, base: Path) -> str:
+    rel = os.path.relpath(path, base)
+    return rel if rel.startswith(".") else f"./{rel}"
+
+
+def compose_spec(
+    cfg: HFFMConfig,
+    topo: Topology,
+    *,
+    repo: Path,
+    compose_dir: Path,
+    config_path: Path,
+    prometheus_config: Path,
+    results_dir: str,
+) -> dict[str, Any]:
+    image = "${HFFM_IMAGE:-hffm:latest}"
+    cfg_mount = f"{_rel(config_path, compose_dir)}:/etc/hffm/config.yaml:ro"
+    common = ["--config", "/etc/hffm/config.yaml", "--metrics-port", str(METRICS_PORT)]
+
+    def node(name: str, command: list[str], **extra: Any) -> dict[str, Any]:
+        svc: dict[str, Any] = {
+            "image": image,
+            "hostname": name,
+            "command": ["python", "-m", *command, *common],
+            "volumes": [cfg_mount],
+            "networks": ["hffm"],
+            "restart": "on-failure",
+        }
+        svc.update(extra)
+        return svc
+
+    listen = f"0.0.0.0:{GRPC_PORT}"
+    services: dict[str, Any] = {
+        CLOUD: node(
+            CLOUD,
+            ["services.cloud", "--listen", listen, "--advertise", f"{CLOUD}:{GRPC_PORT}", "--out", "/results"],
+            build={
+                "context": _rel(repo, compose_dir),
+                "dockerfile": "deploy/Dockerfile",
+                "args": {"BASE_IMAGE": "${HFFM_BASE_IMAGE:-hffm-base:bookworm}"},
+            },
+            volumes=[cfg_mount, f"{results_dir}:/results"],
+            restart="no",
+        )
+    }
+    for e in topo.edges:
+        services[e] = node(
+            e,
+            [
+                "services.edge",
+                "--id",
+                e,
+                "--listen",
+                listen,
+                "--advertise",
+                f"{e}:{GRPC_PORT}",
+                "--upstream",
+                f"{CLOUD}:{GRPC_PORT}",
+            ],
+        )
+    for d in topo.devices:
+        services[d.id] = node(
+            d.id,
+            [
+                "services.device",
+                "--node",
+                f"{d.id}={listen}",
+                "--advertise",
+                f"{d.id}={d.id}:{GRPC_PORT}",
+                "--upstream",
+                f"{d.edge}={d.edge}:{GRPC_PORT}",
+            ],
+        )
+    services["prometheus"] = {
+        "image": "${HFFM_PROMETHEUS_IMAGE:-hffm-base:bookworm}",
+        "entrypoint": ["prometheus"],
+        "command": [
+            "--config.file=/etc/prometheus/prometheus.yml",
+            "--storage.tsdb.path=/tmp/prometheus",
+            "--web.listen-address=0.0.0.0:9090",
+        ],
+        "volumes": [
+            f"{_rel(prometheus_config, compose_dir)}:/etc/prometheus/prometheus.yml:ro",
+            f"{_rel(repo / 'deploy' / 'prometheus' / 'rules.yml', compose_dir)}:/etc/prometheus/rules.yml:ro",
+        ],
+        "ports": ["127.0.0.1:${HFFM_PROMETHEUS_PORT:-9090}:9090"],
+        "networks": ["hffm"],
+    }
+    grafana = repo / "deploy" / "grafana"
+    services["grafana"] = {
+        "image": "${HFFM_GRAFANA_IMAGE:-grafana/grafana:10.4.2}",
+        "profiles": ["grafana"],  # needs a registry to pull from: docker compose --profile grafana up
+        "environment": ["GF_AUTH_ANONYMOUS_ENABLED=true", "GF_AUTH_ANONYMOUS_ORG_ROLE=Admin"],
+        "volumes": [
+            f"{_rel(grafana / 'provisioning', compose_dir)}:/etc/grafana/provisioning:ro",
+            f"{_rel(grafana / 'dashboards', compose_dir)}:/var/lib/grafana/dashboards:ro",
+        ],
+        "ports": ["127.0.0.1:${HFFM_GRAFANA_PORT:-3000}:3000"],
+        "networks": ["hffm"],
+    }
+    return {"version": "3.9", "services": services, "networks": {"hffm": {}}}
+
+
+def prometheus_static_config(topo: Topology, scrape_interval_s: float = 2.0) -> dict[str, Any]:
+    """Prometheus config for the compose testbed: every container's /metrics by name."""
+
+    def group(node: str, tier: str) -> dict[str, Any]:
+        return {"targets": [f"{node}:{METRICS_PORT}"], "labels": {"process": node, "tier": tier}}
+
+    groups = [
+        group(CLOUD, "cloud"),
+        *(group(e, "edge") for e in topo.edges),
+        *(group(d.id, "device") for d in topo.devices),
+    ]
+    return {
+        "global": {"scrape_interval": f"{scrape_interval_s:g}s", "evaluation_interval": f"{scrape_interval_s:g}s"},
+        "rule_files": ["rules.yml"],
+        "scrape_configs": [{"job_name": "hffm", "static_configs": groups}],
+    }
