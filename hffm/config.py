@@ -106,6 +106,9 @@ class RuntimeConfig(_Strict):
     # After the run, every process keeps serving (metrics included) this long before it exits,
     # so a scraper sees the final values.
     linger_s: float = Field(0.0, ge=0)
+    # False (Kubernetes): after the run every process stays up, idle, until it is terminated, so
+    # a Deployment / StatefulSet does not restart it into a new run.
+    exit_after_run: bool = True
 
 
 class GeometryConfig(_Strict):

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait(0.2)
     if coord.done.is_set():
         stop.wait(args.linger_s if args.linger_s is not None else max(1.0, cfg.runtime.linger_s))
+        if not cfg.runtime.exit_after_run:
+            log.info("run over; staying up until terminated (runtime.exit_after_run: false)")
+            stop.wait()
     else:
         log.warning("interrupted before the run finished")
         coord.shutdown_nodes()

@@ -34,16 +34,48 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def device_for_ordinal(ordinal: int, devices_per_edge: int) -> tuple[str, str]:
+    """(device id, edge id) of StatefulSet ordinal k: edge k // per-edge, index k % per-edge."""
+    e, i = divmod(ordinal, devices_per_edge)
+    return f"device-{e}-{i}", f"edge-{e}"
+
+
+def _from_ordinal(args, cfg) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    name = args.pod_name
+    stem, _, ordinal = name.rpartition("-")
+    if not stem or not ordinal.isdigit():
+        sys.exit(f"--pod-name: {name!r} is not NAME-ORDINAL")
+    dev, edge = device_for_ordinal(int(ordinal), cfg.topology.devices_per_edge)
+    suffix = f".{args.peer_domain}" if args.peer_domain else ""
+    return (
+        {dev: "0.0.0.0:50051"},
+        {edge: f"{edge}.edge{suffix}:50051"},
+        {dev: f"{name}.{stem}{suffix}:50051"},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("services.device")
     p.add_argument("--node", action="append", default=[], help="ID=HOST:PORT to listen on (repeatable)")
     p.add_argument("--upstream", action="append", default=[], help="EDGE_ID=HOST:PORT (repeatable)")
     p.add_argument("--advertise", default=os.environ.get("HFFM_ADVERTISE"), help="ID=HOST:PORT others dial")
+    p.add_argument(
+        "--pod-name",
+        default=os.environ.get("HFFM_POD_NAME"),
+        help="StatefulSet pod name (NAME-ORDINAL): device id from the ordinal (Kubernetes)",
+    )
+    p.add_argument(
+        "--peer-domain",
+        default=os.environ.get("HFFM_PEER_DOMAIN", ""),
+        help="with --pod-name: DNS suffix of the headless services, e.g. hffm.svc.cluster.local",
+    )
     args = p.parse_args(argv)
     cfg = load(args)
     nodes = _pairs(args.node or [os.environ.get("HFFM_NODES", "")], "--node")
     upstreams = _pairs(args.upstream or [os.environ.get("HFFM_UPSTREAMS", "")], "--upstream")
     adverts = _pairs([args.advertise] if args.advertise else [], "--advertise")
+    if not nodes and args.pod_name:  # Kubernetes StatefulSet: the ordinal gives the identity
+        nodes, upstreams, adverts = _from_ordinal(args, cfg)
     if not nodes:
         sys.exit("--node: at least one device ID=HOST:PORT is required")
     topo = topology(cfg)
@@ -98,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait(0.2)
     if all(s.node.stopped.is_set() for s in servers):
         stop.wait(cfg.runtime.linger_s)
+        if not cfg.runtime.exit_after_run:
+            log.info("run over; staying up until terminated (runtime.exit_after_run: false)")
+            stop.wait()
     for srv in servers:
         srv.stop()
     return 1 if failed.is_set() else 0

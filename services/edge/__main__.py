@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait(0.2)
     if node.stopped.is_set():
         stop.wait(cfg.runtime.linger_s)
+        if not cfg.runtime.exit_after_run:
+            log.info("run over; staying up until terminated (runtime.exit_after_run: false)")
+            stop.wait()
     srv.stop()
     return 0
 
