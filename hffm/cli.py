@@ -258,6 +258,19 @@ def compose(
     console.print(f"{out} ({len(spec['services'])} services), {prometheus_out}")
 
 
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("runs/bench"), "--out", "-o"),
+    quick: bool = typer.Option(False, "--quick", help="fewer repeats and senders (under 3 minutes)"),
+) -> None:
+    """Benchmarks side by side: module transfer vs a loopback socket, aggregation vs in-place add."""
+    from benchmarks.run import markdown, run_all
+
+    b = run_all(out, quick, log=console.print)
+    console.print(markdown(b), markup=False)
+    console.print(f"{out / 'bench.json'}  {out / 'bench.md'}  {out / 'transfer.png'}")
+
+
 def main() -> None:
     app()
 

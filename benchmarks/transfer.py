@@ -1,0 +1,149 @@
+"""Module transfer device -> edge through hffm's real path vs a plain loopback TCP socket.
+
+Both receivers run in their own process. hffm: the sender encodes the module set (safetensors), and
+pushes it in <= 1 MiB chunks over gRPC to a real node server, which checks order and SHA-256,
+validates and decodes every tensor and folds it into its inbox (FedAvg of one sender). Socket: the
+same number of bytes with sendall() to a process that recv_into()s them into a buffer.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+
+from benchmarks.common import median, paper_config, paper_modules, timeit
+from hffm.methods import Collect
+from hffm.modules import encode_module
+from hffm.wire import ModuleHeader, PushHeader, push_id_for
+from services.common.client import CHANNEL_OPTIONS, push_requests
+from services.common.convert import step_to_pb
+from services.launcher import REPO_ROOT, free_ports
+from services.rpc import pb, pb_grpc
+
+SOCKET_RECEIVER = r"""
+import socket, sys
+n = int(sys.argv[2]); buf = bytearray(n); view = memoryview(buf)
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(1); print("ready", flush=True)
+conn, _ = srv.accept()
+while True:
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[got:], n - got)
+        if k == 0: sys.exit(0)
+        got += k
+    conn.sendall(b"k")
+"""
+
+NODE_RECEIVER = r"""
+import sys, time
+from benchmarks.common import paper_config
+from services.common.bootstrap import node_modules, topology
+from services.common.node import NodeRuntime
+from services.common.server import NodeServer
+cfg = paper_config("wire.dtype=" + sys.argv[2])
+topo = topology(cfg)
+spec, mods = node_modules(cfg, topo, "edge-0")
+class Edge(NodeRuntime):
+    role = "edge"
+node = Edge("edge-0", cfg, spec, mods, "")
+srv = NodeServer(node, "127.0.0.1:" + sys.argv[1], max_workers=4)
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def _spawn(code: str, *args: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+def socket_gbps(nbytes: int, repeat: int) -> float:
+    port = free_ports(1, "127.0.0.1")[0]
+    p = _spawn(SOCKET_RECEIVER, str(port), str(nbytes))
+    try:
+        payload = bytes(nbytes)
+        s = socket.create_connection(("127.0.0.1", port))
+
+        def once() -> None:
+            s.sendall(payload)
+            assert s.recv(1) == b"k"
+
+        t = median(timeit(once, repeat))
+        s.close()
+        return nbytes / t / 1e9
+    finally:
+        p.kill()
+
+
+def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
+    """(GB/s of serialized module bytes, bytes per push, phase times) for full pushes."""
+    cfg = paper_config(f"wire.dtype={wire}")
+    modules = paper_modules()
+    port = free_ports(1, "127.0.0.1")[0]
+    p = _spawn(NODE_RECEIVER, str(port), wire)
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        ctl, ex = pb_grpc.RoundControlStub(ch), pb_grpc.ModuleExchangeStub(ch)
+        state = {"round": 0}
+        phases = {"encode_s": [], "push_s": []}
+
+        def once() -> int:
+            state["round"] += 1
+            r = state["round"]
+            ctl.AssignRound(
+                pb.RoundTask(
+                    round=r,
+                    method="bench",
+                    peers={"device-0-0": "x"},
+                    steps=[step_to_pb(Collect("aggregate", ("device-0-0",), "device_edge"))],
+                )
+            )
+            t0 = time.perf_counter()
+            for m in modules.values():
+                m.version = r
+            encoded = [encode_module(m, wire) for m in modules.values()]
+            t1 = time.perf_counter()
+            header = PushHeader(
+                push_id_for("device-0-0", "edge-0", r, "aggregate"),
+                "device-0-0",
+                "edge-0",
+                r,
+                "aggregate",
+                "device_edge",
+                tuple(ModuleHeader.of(e) for e in encoded),
+            )
+            ex.Push(push_requests(header, encoded, cfg.wire.chunk_bytes), timeout=120)
+            t2 = time.perf_counter()
+            phases["encode_s"].append(t1 - t0)
+            phases["push_s"].append(t2 - t1)
+            return sum(e.size_bytes for e in encoded)
+
+        nbytes = once()
+        times = timeit(once, repeat, warmup=0)
+        ch.close()
+        return nbytes / median(times) / 1e9, nbytes, {k: median(v) for k, v in phases.items()}
+    finally:
+        p.kill()
+
+
+def run(quick: bool = False) -> dict:
+    repeat = 3 if quick else 8
+    out: dict = {}
+    for wire in ("fp32", "fp16"):
+        gbps, nbytes, phases = hffm_gbps(wire, repeat)
+        sock = socket_gbps(nbytes, repeat)  # the same bytes, measured right after
+        out[wire] = {"bytes": nbytes, "hffm_gbps": gbps, "socket_gbps": sock, "ratio": gbps / sock, **phases}
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -1,0 +1,25 @@
+"""The benchmark harness runs and writes what it promises (no timing asserts: benchmarks check speed,
+tests check behaviour). The aggregator's memory bound is behaviour: O(one module set)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from hffm.cli import app
+
+
+def test_bench_quick_writes_its_outputs(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    b = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("transfer_ratio", "aggregation_ratio", "aggregator_peak_sets", "flower_round_ratio", "max_devices"):
+        assert key in b
+    assert b["transfer_ratio"] > 0 and b["aggregation_ratio"] > 0
+    tr = b["details"]["transfer"]
+    assert 37e6 < tr["fp32"]["bytes"] < 39e6  # the paper-size module set, measured on the wire
+    assert 0.45 < tr["fp16"]["bytes"] / tr["fp32"]["bytes"] < 0.55
+    assert b["aggregator_peak_sets"] <= 3  # running sum: not one copy per sender
+    assert "| transfer_ratio (fp32) |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "transfer.png").stat().st_size > 5_000
