@@ -102,13 +102,17 @@ def decode_module(
     dtype: str,
     sha256: bytes,
     spec: ModuleSpec,
+    computed_sha256: bytes | None = None,
 ) -> Module:
-    """Verify and decode one module blob received with the given header fields."""
+    """Verify and decode one module blob received with the given header fields.
+
+    ``computed_sha256``: the digest of ``data`` when the caller already hashed it (incrementally, as
+    chunks arrived); otherwise it is computed here."""
     if name not in spec:
         raise ModuleError("INVALID_ARGUMENT", "unknown_module", f"unknown module name {name!r}")
     if dtype not in WIRE_DTYPES:
         raise ModuleError("INVALID_ARGUMENT", "bad_dtype", f"module {name}: unsupported wire dtype {dtype!r}")
-    digest = hashlib.sha256(data).digest()
+    digest = computed_sha256 if computed_sha256 is not None else hashlib.sha256(data).digest()
     if digest != sha256:
         raise ModuleError(
             "DATA_LOSS", "digest_mismatch", f"module {name}: SHA-256 of received bytes does not match header"
@@ -142,10 +146,19 @@ def decode_module(
                 f"module {name}: tensor {key} is {_DTYPE_NAMES.get(t.dtype, t.dtype)}, header says {dtype}",
             )
         t32 = t.to(torch.float32)
-        if not torch.isfinite(t32).all():
+        if not all_finite(t32):
             raise ModuleError("INVALID_ARGUMENT", "non_finite", f"module {name}: tensor {key} has NaN or Inf")
         out[key] = t32
     return Module(name=name, tensors=out, version=version, num_samples=float(num_samples))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. One reduction (a sum is finite only if every element is); only when the
+    sum is not finite — a NaN/Inf, or finite values overflowing the sum — the exact element-wise check
+    decides."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def clone_modules(modules: ModuleSet) -> ModuleSet:

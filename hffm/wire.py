@@ -8,6 +8,7 @@ out of order, oversized or not matching its digest, before any state is touched.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -90,6 +91,9 @@ class PushAssembler:
         self.spec = spec
         self.max_chunk_bytes = max_chunk_bytes
         self._bufs: list[bytearray | None] = [None] * len(header.modules)
+        # SHA-256 of each module, updated as its chunks arrive (hashlib releases the GIL on large
+        # updates, so hashing overlaps with gRPC receiving the next chunk)
+        self._hashes = [hashlib.sha256() for _ in header.modules]
         self._index = 0
         self._offset = 0
         self.bytes_received = 0
@@ -122,6 +126,7 @@ class PushAssembler:
         if buf is None:
             buf = self._bufs[self._index] = bytearray(mh.size_bytes)
         buf[offset : offset + n] = data
+        self._hashes[self._index].update(data)
         self._offset += n
         self.bytes_received += n
 
@@ -151,6 +156,7 @@ class PushAssembler:
                     dtype=mh.dtype,
                     sha256=mh.sha256,
                     spec=self.spec,
+                    computed_sha256=self._hashes[i].digest(),
                 )
             )
             self._bufs[i] = None  # release as we go

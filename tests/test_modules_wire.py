@@ -150,3 +150,38 @@ def test_declared_size_is_bounded_by_the_spec():
     )
     with pytest.raises(ModuleError, match="declared size"):
         PushAssembler(big, spec)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    from hffm.modules import all_finite
+
+    big = torch.full((1000,), 3e38)  # every value finite, their sum is not
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.zeros(100)
+        t[37] = bad
+        assert not all_finite(t)
+    mixed = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
+    assert not all_finite(mixed)
+
+
+def test_incremental_digest_matches_and_still_rejects():
+    m = make_module("adapter.0", SHAPES)
+    spec = spec_of({m.name: m.tensors})
+    h, ems = _push([m])
+    asm = PushAssembler(h, spec)
+    pieces = list(chunks(ems, 4096))
+    for i, off, data in pieces:
+        asm.add_chunk(i, off, bytes(data))
+    assert asm._hashes[0].digest() == hashlib.sha256(ems[0].data).digest()
+    assert torch.equal(asm.finish()[0].tensors["a.up.weight"], m.tensors["a.up.weight"])
+    # a flipped byte in transit is caught by the incremental digest
+    asm = PushAssembler(h, spec)
+    for i, off, data in pieces:
+        b = bytearray(data)
+        if off == 8192:
+            b[100] ^= 0xFF
+        asm.add_chunk(i, off, bytes(b))
+    with pytest.raises(ModuleError) as e:
+        asm.finish()
+    assert e.value.code == "DATA_LOSS"
