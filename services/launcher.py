@@ -207,7 +207,12 @@ def run(
     plan = plan_processes(cfg, topo, cfg_path, out)
     prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host))
     prom: subprocess.Popen | None = None
-    if prometheus:
+    if prometheus and shutil.which("prometheus") is None:
+        console.print(
+            "[yellow]--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus); "
+            f"running without it. Targets for your own Prometheus: {prom_dir / 'targets'}[/yellow]"
+        )
+    elif prometheus:
         prom, url = start_prometheus(prom_dir, cfg.runtime.host)
         console.print(f"Prometheus: {url}  (config {prom_dir / 'prometheus.yml'})")
     env = dict(os.environ)

@@ -27,8 +27,8 @@ BASE = [
 ]
 
 
-def _run(tmp: Path, *sets: str) -> tuple[Path, dict]:
-    cfg = load_config(None, [*BASE, f"runtime.trace_dir={tmp / 'trace'}", *sets])
+def _run(tmp: Path, *sets: str, trace: bool = True) -> tuple[Path, dict]:
+    cfg = load_config(None, [*BASE, *([f"runtime.trace_dir={tmp / 'trace'}"] if trace else []), *sets])
     console = Console(file=io.StringIO(), width=120)
     results = run(cfg, tmp, console, timeout_s=600)
     return tmp, results
@@ -131,3 +131,26 @@ def test_star_cloud_averages_every_device_each_round(star_run):
         ups = [_trace(out, "cloud", f"r{r}-aggregate-from-device-{e}-{i}") for e in (0, 1) for i in (0, 1)]
         assert _close(_trace(out, "cloud", f"r{r}-aggregate-aggregate"), weighted_mean(ups))
     assert not (out / "trace" / "edge-0").exists()  # edges idle in star
+
+
+def test_paper_scale_topology_runs(tmp_path):
+    """The paper's 10 edges x 4 devices (51 nodes) on this 2-core machine, 8 device servers a process."""
+    out, results = _run(
+        tmp_path,
+        "method=hfm",
+        "e_agg=2",
+        "rounds=2",
+        "topology.edges=10",
+        "topology.devices_per_edge=4",
+        "runtime.devices_per_process=8",
+        "data.train_per_task=1200",
+        "data.global_test_per_task=100",
+        trace=False,
+    )
+    assert results["complete"] and len(results["rounds"]) == 2
+    assert len(results["nodes"]) == 51
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    assert len(logs) == 1 + 10 + 5  # cloud, edges, 5 device processes
+    origins = {h["origin"] for r in results["rounds"] for h in r["hops"]}
+    assert len({o for o in origins if o.startswith("device")}) == 40
+    assert results["rounds"][1]["bytes_by_link"]["edge_cloud"] > 0

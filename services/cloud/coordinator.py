@@ -217,7 +217,7 @@ class Coordinator:
         m = self.node.metrics
         for h, t, e in rc.hop_costs:
             link = link_label(h.link, role_of(h.sender))
-            m.modeled_latency.labels(node=h.sender, link=link).inc(t)
+            m.modeled_latency.labels(node=h.sender, link=link, module=h.module).inc(t)
             m.modeled_energy.labels(node=h.sender, link=link, module=h.module).inc(e)
         by_tier_link: dict[str, float] = {}
         for h, _t, e in rc.hop_costs:

@@ -87,7 +87,11 @@ class Metrics:
             "hffm_rpc_handled", "RPCs handled by method and status", ["node", "method", "code"], registry=r
         )
         self.rpc_seconds = Histogram(
-            "hffm_rpc_duration_seconds", "RPC handling time", ["node", "method"], buckets=RPC_BUCKETS, registry=r
+            "hffm_rpc_duration_seconds",
+            "RPC handling time",
+            ["node", "method", "code"],
+            buckets=RPC_BUCKETS,
+            registry=r,
         )
         self.modules_received = Counter("hffm_modules_received", "Modules accepted", ["node", "module"], registry=r)
         self.modules_rejected = Counter(
@@ -103,7 +107,7 @@ class Metrics:
         self.modeled_latency = Counter(
             "hffm_modeled_transfer_latency_seconds",
             "Modeled transmit time, summed over hops",
-            ["node", "link"],
+            ["node", "link", "module"],
             registry=r,
         )
         self.modeled_energy = Counter(
@@ -162,7 +166,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def _observe(self, method: str, t0: float, code: str) -> None:
         self.m.rpc_handled.labels(node=self.node, method=method, code=code).inc()
-        self.m.rpc_seconds.labels(node=self.node, method=method).observe(time.perf_counter() - t0)
+        self.m.rpc_seconds.labels(node=self.node, method=method, code=code).observe(time.perf_counter() - t0)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
