@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from hffm.methods import LINK_KINDS
+from hffm.results import plot_accuracy, plot_bytes_by_link
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dashboards"
 
@@ -52,24 +52,10 @@ def from_results(results: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     a_prog.set_xlabel("round")
     a_prog.set_ylabel("elapsed wall time (s)")
 
-    for i, task in enumerate(sorted({t for r in rounds for t in r["accuracy"]})):
-        for split, style in (("local", "-o"), ("global", "--s")):
-            ys = [r["accuracy"].get(task, {}).get(split) for r in rounds]
-            a_acc.plot(
-                xs, [y if y is not None else float("nan") for y in ys], style, color=f"C{i}", label=f"{task} {split}"
-            )
-    a_acc.set_ylim(0, 1)
+    plot_accuracy(a_acc, rounds)
     a_acc.set_title("accuracy per task (device modules; local / global test sets)")
-    a_acc.legend(fontsize=8)
-
-    bottom = [0.0] * len(xs)
-    for link in LINK_KINDS:
-        ys = [r["bytes_by_link"].get(link, 0) / 1e6 for r in rounds]
-        if any(ys):
-            a_bytes.bar(xs, ys, bottom=bottom, label=link)
-            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    plot_bytes_by_link(a_bytes, rounds)
     a_bytes.set_title("MB sent per round by link kind")
-    a_bytes.legend(fontsize=8)
 
     cum: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(rounds))
     for i, r in enumerate(rounds):

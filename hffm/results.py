@@ -90,6 +90,35 @@ def write_results(path: str | Path, config: dict[str, Any], rounds: list[dict[st
     tmp.replace(path)
 
 
+def plot_accuracy(ax, rounds: list[dict[str, Any]]) -> None:
+    """Accuracy per task and split over rounds (one colour per task; solid local, dashed global)."""
+    xs = [r["round"] for r in rounds]
+    for i, task in enumerate(sorted({t for r in rounds for t in r["accuracy"]})):
+        for split, style in (("local", "-o"), ("global", "--s")):
+            ys = [r["accuracy"].get(task, {}).get(split) for r in rounds]
+            ax.plot(
+                xs, [y if y is not None else float("nan") for y in ys], style, color=f"C{i}", label=f"{task} ({split})"
+            )
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+
+
+def plot_bytes_by_link(ax, rounds: list[dict[str, Any]]) -> None:
+    """MB sent per round, stacked by link kind."""
+    xs = [r["round"] for r in rounds]
+    bottom = [0.0] * len(xs)
+    for link in LINK_KINDS:
+        ys = [r["bytes_by_link"].get(link, 0) / 1e6 for r in rounds]
+        if any(ys):
+            ax.bar(xs, ys, bottom=bottom, label=link)
+            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB sent")
+    ax.legend(fontsize=8)
+
+
 def plot_results(results: dict[str, Any], out_png: str | Path) -> None:
     import matplotlib
 
@@ -97,30 +126,11 @@ def plot_results(results: dict[str, Any], out_png: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rounds = results["rounds"]
-    xs = [r["round"] for r in rounds]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    tasks = sorted({t for r in rounds for t in r["accuracy"]})
-    for i, task in enumerate(tasks):
-        for split, style in (("local", "-o"), ("global", "--s")):
-            ys = [r["accuracy"].get(task, {}).get(split) for r in rounds]
-            ax1.plot(
-                xs, [y if y is not None else float("nan") for y in ys], style, color=f"C{i}", label=f"{task} ({split})"
-            )
-    ax1.set_xlabel("round")
-    ax1.set_ylabel("accuracy")
-    ax1.set_ylim(0, 1)
+    plot_accuracy(ax1, rounds)
     ax1.set_title(f"accuracy — {rounds[0]['method'] if rounds else ''}")
-    ax1.legend(fontsize=8)
-    bottom = [0.0] * len(xs)
-    for link in LINK_KINDS:
-        ys = [r["bytes_by_link"].get(link, 0) / 1e6 for r in rounds]
-        if any(ys):
-            ax2.bar(xs, ys, bottom=bottom, label=link)
-            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
-    ax2.set_xlabel("round")
-    ax2.set_ylabel("MB sent")
+    plot_bytes_by_link(ax2, rounds)
     ax2.set_title("bytes per round by link")
-    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
