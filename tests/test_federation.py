@@ -154,3 +154,23 @@ def test_paper_scale_topology_runs(tmp_path):
     origins = {h["origin"] for r in results["rounds"] for h in r["hops"]}
     assert len({o for o in origins if o.startswith("device")}) == 40
     assert results["rounds"][1]["bytes_by_link"]["edge_cloud"] > 0
+
+
+def test_more_nodes_than_the_coordinators_thread_pool(tmp_path):
+    """73 nodes: every node's round must be in flight at once (they wait on each other)."""
+    out, results = _run(
+        tmp_path,
+        "method=hfm",
+        "e_agg=1",
+        "rounds=1",
+        "topology.edges=8",
+        "topology.devices_per_edge=8",
+        "runtime.devices_per_process=16",
+        "train.noop=true",
+        "data.train_per_task=1024",
+        "data.global_test_per_task=40",
+        "runtime.round_timeout_s=120",
+        trace=False,
+    )
+    assert results["complete"] and len(results["nodes"]) == 73
+    assert len({h["origin"] for h in results["rounds"][0]["hops"] if h["origin"].startswith("device")}) == 64

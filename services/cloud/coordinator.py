@@ -26,7 +26,7 @@ from hffm.methods import Collect, RoundContext, RoundPlan, Send, make_method
 from hffm.modules import save_modules
 from hffm.results import round_record, write_results
 from hffm.topology import CLOUD, Topology
-from services.common.client import with_retries
+from services.common.client import RETRYABLE, with_retries
 from services.common.convert import step_to_pb
 from services.common.metrics import link_label, role_of
 from services.common.node import NodeRuntime
@@ -117,15 +117,26 @@ class Coordinator:
             lambda: stub.AssignRound(task, timeout=self.cfg.runtime.rpc_timeout_s), attempts=5, what=f"assign {node}"
         )
 
-    def _await(self, node: str, round_: int) -> pb.RoundReport:
-        if node == CLOUD:
-            return self.node.await_round(round_, self.cfg.runtime.round_timeout_s)
-        stub = self._stub(node)
-        return with_retries(
-            lambda: stub.AwaitRound(pb.AwaitRequest(round=round_), timeout=self.cfg.runtime.round_timeout_s + 30),
-            attempts=3,
-            what=f"await {node}",
-        )
+    def await_all(self, nodes: list[str], round_: int, pool: ThreadPoolExecutor) -> list[pb.RoundReport]:
+        """Start and await every node's round at once. A node runs its steps only once asked, and
+        its steps wait on other nodes', so every call must be in flight together: they are gRPC
+        futures (no thread held per node), retried once each on a transient failure."""
+        timeout = self.cfg.runtime.round_timeout_s + 30
+        req = pb.AwaitRequest(round=round_)
+        own = pool.submit(self.node.await_round, round_, self.cfg.runtime.round_timeout_s) if CLOUD in nodes else None
+        futures = {n: self._stub(n).AwaitRound.future(req, timeout=timeout) for n in nodes if n != CLOUD}
+        reports = {}
+        for n, fut in futures.items():
+            try:
+                reports[n] = fut.result()
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise
+                log.warning("await %s: %s; retrying", n, err.code().name)  # AwaitRound is idempotent
+                reports[n] = self._stub(n).AwaitRound(req, timeout=timeout)
+        if own is not None:
+            reports[CLOUD] = own.result()
+        return [reports[n] for n in nodes]
 
     def wait_for_members(self) -> None:
         deadline = time.monotonic() + self.cfg.runtime.register_timeout_s
@@ -258,7 +269,7 @@ class Coordinator:
                     nodes = topo.node_ids()
                     tasks = self.tasks_for(plan, topo)
                     list(pool.map(lambda n, t=tasks: self._assign(n, t[n]), nodes))
-                    reports = list(pool.map(lambda n, r=r: self._await(n, r), nodes))
+                    reports = self.await_all(nodes, r, pool)
                     wall = time.perf_counter() - t0
                     dicts = [
                         MessageToDict(x, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
