@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import aggregation, transfer
+from benchmarks import aggregation, devices, transfer
 from benchmarks.common import machine
 
 TARGETS = {
@@ -18,13 +18,16 @@ TARGETS = {
 }
 
 
-def run_all(out: Path, quick: bool = False, log=print) -> dict:
+def run_all(out: Path, quick: bool = False, log=print, sizes: list[int] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     log("transfer: hffm push vs loopback socket (fp32, fp16)...")
     tr = transfer.run(quick)
     log("aggregation: decode + FedAvg vs in-place multiply-add...")
     ag = aggregation.run(quick)
+    sizes = sizes or ([10, 40, 100] if quick else [10, 40, 100, 400, 1000])
+    log(f"devices per machine: {sizes}...")
+    dv = devices.run_sweep(out, sizes, log)
     bench = {
         "machine": machine(),
         "quick": quick,
@@ -34,14 +37,16 @@ def run_all(out: Path, quick: bool = False, log=print) -> dict:
         "aggregator_peak_sets": ag["peak_sets_above_idle"],
         # not measured yet (issue "Benchmarks side by side"): round overhead vs Flower, devices per machine
         "flower_round_ratio": None,
-        "max_devices": None,
-        "details": {"transfer": tr, "aggregation": ag},
+        "max_devices": dv["max_devices"],
+        "devices_slope_s_per_device": dv["fit"]["slope_s_per_device"] if dv["fit"] else None,
+        "details": {"transfer": tr, "aggregation": ag, "devices": dv},
         "targets": TARGETS,
         "elapsed_s": time.time() - t0,
     }
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     (out / "bench.md").write_text(markdown(bench))
     plot(bench, out / "transfer.png")
+    plot_devices(dv, out / "devices.png")
     return bench
 
 
@@ -75,11 +80,46 @@ def markdown(b: dict) -> str:
             TARGETS["aggregator_peak_sets"],
         ),
         ("flower_round_ratio", "not measured yet", "", TARGETS["flower_round_ratio"]),
-        ("max_devices", "not measured yet", "", TARGETS["max_devices"]),
+        ("max_devices", str(b["max_devices"]), _devices_note(b["details"]["devices"]), TARGETS["max_devices"]),
     ]
     lines = ["| figure | value | measured | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {v} | {m} | {t} |" for a, v, m, t in rows]
     return "\n".join(lines) + "\n"
+
+
+def _devices_note(dv: dict) -> str:
+    pts = ", ".join(
+        f"{p['devices']}: {p['round_s']:.1f} s / {p['peak_rss_bytes'] / 2**30:.1f} GiB" for p in dv["points"]
+    )
+    f = dv["fit"]
+    fit = f"; slope {f['slope_s_per_device'] * 1000:.1f} ms/device, R² {f['r2']:.3f}" if f else ""
+    return f"round time / peak RSS: {pts}{fit}"
+
+
+def plot_devices(dv: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = dv["points"]
+    if not pts:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [p["devices"] for p in pts]
+    a1.plot(xs, [p["round_s"] for p in pts], "-o", label="measured")
+    if dv["fit"]:
+        f = dv["fit"]
+        a1.plot(xs, [f["intercept_s"] + f["slope_s_per_device"] * x for x in xs], "--", label="linear fit")
+    a1.set_xlabel("devices")
+    a1.set_ylabel("round time (s)")
+    a1.legend()
+    a2.plot(xs, [p["peak_rss_bytes"] / 2**30 for p in pts], "-o")
+    a2.set_xlabel("devices")
+    a2.set_ylabel("peak RSS, all processes (GiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(b: dict, path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from hffm.config import ConfigError, dump_config, load_config
+from hffm.config import ConfigError, dump_config, load_config, write_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hierarchical Federated Foundation Models")
 console = Console()
@@ -234,7 +234,7 @@ def compose(
     cfg = _config(config, overrides)
     if overrides:  # the containers must read the same config the file was generated from
         config = out.with_name(out.stem + ".config.yaml")
-        config.write_text(dump_config(cfg))
+        write_config(cfg, config)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     repo = Path(__file__).resolve().parent.parent
     spec = compose_spec(
@@ -262,13 +262,21 @@ def compose(
 def bench(
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="fewer repeats and senders (under 3 minutes)"),
+    devices: str = typer.Option(None, "--devices", help="device counts to sweep, e.g. 10,100,1000"),
 ) -> None:
-    """Benchmarks side by side: module transfer vs a loopback socket, aggregation vs in-place add."""
+    """Benchmarks side by side: transfer vs a loopback socket, aggregation vs in-place add, devices per machine."""
     from benchmarks.run import markdown, run_all
 
-    b = run_all(out, quick, log=console.print)
+    sizes = None
+    if devices:
+        try:
+            sizes = [int(x) for x in devices.split(",") if x.strip()]
+        except ValueError:
+            console.print(f"[red]--devices: {devices!r} is not a comma-separated list of integers[/red]")
+            raise typer.Exit(2) from None
+    b = run_all(out, quick, log=console.print, sizes=sizes)
     console.print(markdown(b), markup=False)
-    console.print(f"{out / 'bench.json'}  {out / 'bench.md'}  {out / 'transfer.png'}")
+    console.print(f"{out / 'bench.json'}  {out / 'bench.md'}  {out / 'transfer.png'}  {out / 'devices.png'}")
 
 
 def main() -> None:

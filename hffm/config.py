@@ -7,6 +7,7 @@ as YAML scalars/lists (``--set tasks=[art,gqa]``, ``--set e_agg=2``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,6 +300,19 @@ PAPER_MODEL = [
 
 def dump_config(cfg: HFFMConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_config(cfg: HFFMConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML atomically (temp file + rename): processes reading the same file while
+    it is (re)written never see it empty or half-written. Unchanged content is not rewritten."""
+    p = Path(path)
+    text = dump_config(cfg)
+    if p.is_file() and p.read_text() == text:
+        return p
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(p)
+    return p
 
 
 def resolve_torch_device(name: str) -> str:

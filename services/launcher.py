@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hffm.config import HFFMConfig, dump_config
+from hffm.config import HFFMConfig, write_config
 from hffm.results import plot_results
 from hffm.topology import Topology
 
@@ -194,7 +194,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     cfg_path = out / "config.yaml"
-    cfg_path.write_text(dump_config(cfg))
+    write_config(cfg, cfg_path)
     results_path = out / "results.json"
     if results_path.exists():
         results_path.unlink()
@@ -202,7 +202,7 @@ def run(
 
     if prometheus and cfg.runtime.linger_s < 5:  # let the last scrape see the final values
         cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"linger_s": 5.0})})
-        cfg_path.write_text(dump_config(cfg))
+        write_config(cfg, cfg_path)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     plan = plan_processes(cfg, topo, cfg_path, out)
     prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host))
@@ -218,6 +218,7 @@ def run(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", str(cfg.runtime.torch_threads))
+    env.setdefault("MALLOC_ARENA_MAX", "2")  # many threads per process: bound glibc's per-thread arenas
     env["PYTHONUNBUFFERED"] = "1"
     procs: list[Proc] = []
     cloud_addr = plan[0][1][plan[0][1].index("--listen") + 1]

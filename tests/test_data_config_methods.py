@@ -207,3 +207,32 @@ def test_dirichlet_split_many_parts_is_repaired_not_refused():
     assert _skew(parts, labels) > 0.5  # still strongly non-IID
     with pytest.raises(ValueError, match="cannot give"):
         dirichlet_split(labels[:100], 40, 0.1, np.random.default_rng(0), min_size=8)
+
+
+def test_config_writes_are_atomic_and_skip_unchanged(tmp_path):
+    """Processes read the run's config.yaml while others (re)write it: never empty or partial."""
+    import threading
+
+    from hffm.config import write_config
+
+    path = tmp_path / "config.yaml"
+    a = load_config(None, ["topology.edges=10", "topology.devices_per_edge=10"])
+    b = load_config(None, ["topology.edges=10", "topology.devices_per_edge=10", "seed=3"])
+    write_config(a, path)
+    seen, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(load_config(path).topology.edges)
+
+    t = threading.Thread(target=read)
+    t.start()
+    for i in range(200):
+        write_config(a if i % 2 else b, path)
+    stop.set()
+    t.join()
+    assert seen and set(seen) == {10}  # never the defaults of an empty file
+    mtime = path.stat().st_mtime_ns
+    write_config(a, path)
+    write_config(a, path)
+    assert path.stat().st_mtime_ns == mtime or load_config(path) == a

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from hffm.config import dump_config
+from hffm.config import write_config
 from hffm.topology import CLOUD
 from services.cloud.coordinator import CloudNode, CloudRegistry, Coordinator, CoordinatorServicer
 from services.common.bootstrap import advertise_address, base_parser, load, node_modules, start_metrics, topology
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     topo = topology(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    write_config(cfg, out / "config.yaml")
     spec, modules = node_modules(cfg, topo, CLOUD)
     node = CloudNode(CLOUD, cfg, spec, modules, args.listen, start_metrics(args))
     coord = Coordinator(cfg, topo, node, out)

@@ -56,6 +56,7 @@ class NodeRuntime:
         modules: ModuleSet,
         address: str,
         metrics: Metrics | None = None,
+        channels: Channels | None = None,
     ) -> None:
         self.node_id = node_id
         self.metrics = metrics or Metrics()
@@ -65,13 +66,15 @@ class NodeRuntime:
         self.address = address
         self.modules: ModuleSet = modules
         self.inbox = Inbox(node_id)
-        self.channels = Channels()
+        # one channel per peer address, shared by every node of the process when given
+        self.channels = channels or Channels()
+        self._owns_channels = channels is None
         self.stopped = threading.Event()
         self._lock = threading.RLock()
         self._rounds: dict[int, RoundState] = {}
         self._current: int = 0
         self._encoded: dict[str, EncodedModule] = {}
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"{node_id}-send")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{node_id}-send")
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-round")
 
     # ---- hooks for tiers -------------------------------------------------------------------
@@ -309,7 +312,8 @@ class NodeRuntime:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._runner.shutdown(wait=False, cancel_futures=True)
-        self.channels.close()
+        if self._owns_channels:
+            self.channels.close()
 
 
 # ---- servicers: translate, do not think -------------------------------------------------------

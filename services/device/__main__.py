@@ -15,6 +15,7 @@ import sys
 import threading
 
 from services.common.bootstrap import advertise_address, base_parser, load, register, start_metrics, topology
+from services.common.client import Channels
 from services.common.server import NodeServer
 from services.device.node import DeviceNode, ModelHost
 from services.rpc import pb
@@ -87,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("hffm.device")
     host = ModelHost(cfg)
     metrics = start_metrics(args)
+    channels = Channels()  # the process's devices share one channel per peer
     servers: list[NodeServer] = []
     for nid, listen in nodes.items():
-        node = DeviceNode(nid, cfg, topo, host, listen, metrics)
-        srv = NodeServer(node, listen, max_workers=8)
+        node = DeviceNode(nid, cfg, topo, host, listen, metrics, channels)
+        srv = NodeServer(node, listen, max_workers=4)
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
         log.info(

@@ -47,7 +47,14 @@ class DeviceNode(NodeRuntime):
     relays = True
 
     def __init__(
-        self, node_id: str, cfg: HFFMConfig, topo: Topology, host: ModelHost, address: str, metrics=None
+        self,
+        node_id: str,
+        cfg: HFFMConfig,
+        topo: Topology,
+        host: ModelHost,
+        address: str,
+        metrics=None,
+        channels=None,
     ) -> None:
         def initial(n: str) -> Module:
             return Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0)
@@ -57,7 +64,7 @@ class DeviceNode(NodeRuntime):
         own = topo.modules_for(node_id)
         cluster = topo.modules_for(topo.device_map[node_id].edge)
         spec = spec_of({n: initial(n).tensors for n in cluster})
-        super().__init__(node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics)
+        super().__init__(node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics, channels)
         self.own_modules = own
         self.topo = topo
         self.host = host
