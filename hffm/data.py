@@ -271,9 +271,19 @@ class DeviceData:
 
 def split_for_task(task: str, holders: list[str], cfg_data, seed: int) -> dict[str, np.ndarray]:
     """Pool sample indices of ``task`` for each device in ``holders`` (deterministic)."""
-    labels = task_pool_labels(task, cfg_data.train_per_task, seed)
+    return _split(task, tuple(holders), cfg_data.alpha, cfg_data.train_per_task, cfg_data.min_samples_per_device, seed)
+
+
+@lru_cache(maxsize=16)
+def _split(
+    task: str, holders: tuple[str, ...], alpha: float, n: int, min_size: int, seed: int
+) -> dict[str, np.ndarray]:
+    # cached: every device of a process needs the same split (once per process, not once per device)
+    labels = task_pool_labels(task, n, seed)
     rng = np.random.default_rng([seed, 202, 0 if task == "art" else 1])
-    parts = dirichlet_split(labels, len(holders), cfg_data.alpha, rng, cfg_data.min_samples_per_device)
+    parts = dirichlet_split(labels, len(holders), alpha, rng, min_size)
+    for p in parts:
+        p.setflags(write=False)  # shared between callers
     return dict(zip(holders, parts, strict=True))
 
 
