@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import aggregation, devices, transfer
+from benchmarks import accuracy, aggregation, devices, transfer
 from benchmarks.common import machine
 
 TARGETS = {
@@ -25,9 +25,11 @@ def run_all(out: Path, quick: bool = False, log=print, sizes: list[int] | None =
     tr = transfer.run(quick)
     log("aggregation: decode + FedAvg vs in-place multiply-add...")
     ag = aggregation.run(quick)
-    sizes = sizes or ([10, 40, 100] if quick else [10, 40, 100, 400, 1000])
+    sizes = sizes or ([10, 50] if quick else [10, 40, 100, 400, 1000])
     log(f"devices per machine: {sizes}...")
     dv = devices.run_sweep(out, sizes, log)
+    log("time to accuracy: star, hfm, hfm-d2d...")
+    tta = accuracy.run_all(out, quick, log=log)
     bench = {
         "machine": machine(),
         "quick": quick,
@@ -39,6 +41,7 @@ def run_all(out: Path, quick: bool = False, log=print, sizes: list[int] | None =
         "flower_round_ratio": None,
         "max_devices": dv["max_devices"],
         "devices_slope_s_per_device": dv["fit"]["slope_s_per_device"] if dv["fit"] else None,
+        "time_to_accuracy": tta,
         "details": {"transfer": tr, "aggregation": ag, "devices": dv},
         "targets": TARGETS,
         "elapsed_s": time.time() - t0,
@@ -84,6 +87,20 @@ def markdown(b: dict) -> str:
     ]
     lines = ["| figure | value | measured | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {v} | {m} | {t} |" for a, v, m, t in rows]
+    tta = b.get("time_to_accuracy")
+    if tta:
+        lines += [
+            "",
+            f"Time to mean global accuracy {tta['threshold']:.2f}:",
+            "",
+            "| method | round | wall-clock (s) | modeled (s) |",
+            "|---|---|---|---|",
+        ]
+        for m, x in tta["methods"].items():
+            if x["round"] is None:
+                lines.append(f"| {m} | not reached (best {x['accuracy']:.3f}) | — | — |")
+            else:
+                lines.append(f"| {m} | {x['round']} | {x['wall_s']:.1f} | {x['modeled_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
