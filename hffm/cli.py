@@ -85,14 +85,13 @@ def topology(
     """Print node positions, link rates and D2D paths; draw them to a PNG."""
     from hffm.costmodel import CostModel
     from hffm.model import backbone_dims
-    from hffm.table1 import round_context
     from hffm.topology import Topology
     from hffm.topoview import draw_topology, topology_report
 
     cfg = _config(config, overrides)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     costs = CostModel(cfg, topo)
-    ctx = round_context(cfg, topo, costs, round_)
+    ctx = costs.d2d_context(topo, round_)
     console.print(topology_report(topo, costs, ctx), highlight=False, markup=False)
     draw_topology(topo, costs, ctx, out)
     console.print(f"drawing: {out}")

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from hffm.config import BackhaulConfig, ComputeConfig, CostConfig, HFFMConfig, LinkConfig
-from hffm.geometry import Geometry, d2d_graph, draw_geometry, path, path_latency
-from hffm.methods import D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, Collect, RoundPlan, Send, Train
+from hffm.geometry import Geometry, choose_head, d2d_graph, draw_geometry, path, path_latency
+from hffm.methods import D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, Collect, RoundContext, RoundPlan, Send, Train
 from hffm.topology import CLOUD, Topology
 
 PAPER_MODULE_BYTES = 6 * 8000 * 1000 // 8  # the seed code's "6 MB" = 48,000 kbit
@@ -115,6 +115,17 @@ def draw_budget(cost: CostConfig, topo: Topology, geo: Geometry) -> LinkBudget:
         for d in topo.cluster(e):
             down[d.id] = rate_bps(cost, cost.downlink, geo.distance(d.id, e), _h2(rng, cost.profile))
     return LinkBudget(up, down, d2d)
+
+
+def module_sizes(cfg: HFFMConfig) -> dict[str, int]:
+    """Serialized size (wire dtype) of each of the federation's modules: what the services send."""
+    from hffm.data import TASK_LABELS
+    from hffm.model import backbone_dims, initial_modules
+    from hffm.modules import encode_module
+
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    mods = initial_modules(cfg, topo.modules_for(CLOUD), {t: len(TASK_LABELS[t]) for t in cfg.tasks})
+    return {n: encode_module(m, cfg.wire.dtype).size_bytes for n, m in mods.items()}
 
 
 # ---- charging transfers --------------------------------------------------------------------------
@@ -227,7 +238,7 @@ class CostModel:
         """The cluster's D2D graph (weights: latency of a whole module set) without ``exclude``."""
         key = (edge, exclude)
         if key not in self._graphs:
-            size = nbytes or self.cost.module_bytes_override or self._module_set_bytes()
+            size = nbytes or self.cost.module_bytes_override or float(sum(module_sizes(self.cfg).values()))
             members = [d.id for d in self.topo.cluster(edge) if d.id not in exclude]
             self._graphs[key] = d2d_graph(
                 members,
@@ -237,14 +248,21 @@ class CostModel:
             )
         return self._graphs[key]
 
-    def _module_set_bytes(self) -> float:
-        from hffm.data import TASK_LABELS
-        from hffm.model import initial_modules
-        from hffm.modules import encode_module
-
-        names = self.topo.modules_for(CLOUD)
-        mods = initial_modules(self.cfg, names, {t: len(TASK_LABELS[t]) for t in self.cfg.tasks})
-        return float(sum(encode_module(m, self.cfg.wire.dtype).size_bytes for m in mods.values()))
+    def d2d_context(self, topo: Topology, round_: int, down: set[str] | frozenset[str] = frozenset()) -> RoundContext:
+        """Cluster heads (``d2d.head_policy``) and latency-weighted shortest paths for ``round_`` over
+        ``topo``; devices in ``down`` (unreachable) are left out of every cluster's D2D graph."""
+        ctx = RoundContext()
+        for edge in topo.edges:
+            members = [d.id for d in topo.cluster(edge)]
+            if not members:
+                continue
+            g = self.d2d_graph(edge, exclude=frozenset(down & {d.id for d in self.topo.cluster(edge)}))
+            head = choose_head(self.cfg.d2d.head_policy, members, g, self.cfg.seed, round_, edge)
+            ctx.heads[edge] = head
+            for m in members:
+                ctx.up_paths[m] = path(g, m, head)
+                ctx.down_paths[m] = path(g, head, m)
+        return ctx
 
     # -- a round -----------------------------------------------------------------------------------
     def round_cost(self, plan: RoundPlan, hops: list[Hop], samples: dict[str, int]) -> RoundCost:

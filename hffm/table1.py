@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hffm.config import HFFMConfig
-from hffm.costmodel import CostModel, Hop
-from hffm.geometry import choose_head, path
-from hffm.methods import RoundContext, RoundPlan, Send, Train, make_method
+from hffm.costmodel import CostModel, Hop, module_sizes
+from hffm.methods import RoundPlan, Send, Train, make_method
 from hffm.topology import Topology
 
 # (method, e_agg, paper latency s, paper energy J ("kJ" in the paper), paper accuracy %)
@@ -54,19 +53,6 @@ class Row:
         return self.energy_j / self.paper_energy_j
 
 
-def round_context(cfg: HFFMConfig, topo: Topology, costs: CostModel, round_: int) -> RoundContext:
-    ctx = RoundContext()
-    for edge in topo.edges:
-        members = [d.id for d in topo.cluster(edge)]
-        g = costs.d2d_graph(edge)
-        head = choose_head(cfg.d2d.head_policy, members, g, cfg.seed, round_, edge)
-        ctx.heads[edge] = head
-        for m in members:
-            ctx.up_paths[m] = path(g, m, head)
-            ctx.down_paths[m] = path(g, head, m)
-    return ctx
-
-
 def plan_hops(plan: RoundPlan, module_bytes: dict[str, int]) -> list[Hop]:
     """The hops a plan makes, each module with its serialized size (what the services would send)."""
     hops = []
@@ -78,16 +64,6 @@ def plan_hops(plan: RoundPlan, module_bytes: dict[str, int]) -> list[Hop]:
                     for m in s.modules:
                         hops.append(Hop(a, b, s.link, m, module_bytes[m], s.tag, node, s.to))
     return hops
-
-
-def module_sizes(cfg: HFFMConfig) -> dict[str, int]:
-    from hffm.data import TASK_LABELS
-    from hffm.model import backbone_dims, initial_modules
-    from hffm.modules import encode_module
-
-    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
-    mods = initial_modules(cfg, topo.modules_for("cloud"), {t: len(TASK_LABELS[t]) for t in cfg.tasks})
-    return {n: encode_module(m, cfg.wire.dtype).size_bytes for n, m in mods.items()}
 
 
 def device_samples(cfg: HFFMConfig, topo: Topology) -> dict[str, int]:
@@ -109,13 +85,13 @@ def modeled_row(cfg: HFFMConfig, method_name: str, e_agg: int, rounds: int) -> t
     costs = CostModel(cfg, topo)
     method = make_method(method_name, e_agg)
     if costs.cost.profile == "paper":
-        heads = round_context(cfg, topo, costs, 1).heads if method.uses_d2d else None
+        heads = costs.d2d_context(topo, 1).heads if method.uses_d2d else None
         return costs.paper_round(method_name, e_agg, heads)
     sizes = module_sizes(cfg)
     samples = device_samples(cfg, topo)
     lat, energy = 0.0, 0.0
     for r in range(1, rounds + 1):
-        ctx = round_context(cfg, topo, costs, r) if method.uses_d2d else None
+        ctx = costs.d2d_context(topo, r) if method.uses_d2d else None
         plan = method.plan(r, topo, ctx)
         trainers = {n for n, steps in plan.steps.items() if any(isinstance(s, Train) for s in steps)}
         rc = costs.round_cost(plan, plan_hops(plan, sizes), {d: n for d, n in samples.items() if d in trainers})

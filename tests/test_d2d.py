@@ -18,10 +18,10 @@ from rich.console import Console
 
 from hffm.aggregation import weighted_mean
 from hffm.config import load_config
-from hffm.costmodel import CostModel
+from hffm.costmodel import CostModel, module_sizes
 from hffm.methods import D2D, Collect, Send
 from hffm.modules import Module, load_modules
-from hffm.table1 import module_sizes, plan_hops
+from hffm.table1 import plan_hops
 from hffm.topology import Topology
 from services.common.bootstrap import node_modules, topology
 from services.common.node import NodeRuntime
@@ -204,9 +204,7 @@ def test_unreachable_head_is_replaced_and_the_round_goes_on(tmp_path):
         ],
     )
     topo = Topology.from_config(cfg, cfg.model.num_layers)
-    from hffm.table1 import round_context
-
-    head = round_context(cfg, topo, CostModel(cfg, topo), 1).heads["edge-0"]
+    head = CostModel(cfg, topo).d2d_context(topo, 1).heads["edge-0"]
     box: dict = {}
 
     def go():

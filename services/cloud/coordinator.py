@@ -21,7 +21,6 @@ from google.protobuf.json_format import MessageToDict
 
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
-from hffm.geometry import choose_head, path
 from hffm.methods import Collect, RoundContext, RoundPlan, Send, make_method
 from hffm.modules import save_modules
 from hffm.results import round_record, write_results
@@ -171,18 +170,7 @@ class Coordinator:
         if down:
             log.warning("round %d: unreachable devices left out: %s", round_, sorted(down))
         topo = self.topo.without(down)
-        ctx = RoundContext()
-        if self.method.uses_d2d:
-            for edge in topo.edges:
-                members = [d.id for d in topo.cluster(edge)]
-                if not members:
-                    continue
-                g = self.costs.d2d_graph(edge, exclude=frozenset(down & {d.id for d in self.topo.cluster(edge)}))
-                head = choose_head(self.cfg.d2d.head_policy, members, g, self.cfg.seed, round_, edge)
-                ctx.heads[edge] = head
-                for m in members:
-                    ctx.up_paths[m] = path(g, m, head)
-                    ctx.down_paths[m] = path(g, head, m)
+        ctx = self.costs.d2d_context(topo, round_, down) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
         plan.validate()
         return plan, topo, ctx

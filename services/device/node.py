@@ -63,7 +63,7 @@ class DeviceNode(NodeRuntime):
         # head it aggregates heads of tasks it does not train itself.
         own = topo.modules_for(node_id)
         cluster = topo.modules_for(topo.device_map[node_id].edge)
-        spec = spec_of({n: initial(n).tensors for n in cluster})
+        spec = spec_of({n: host.model.module_state(n) for n in cluster})  # shapes only: no copies
         super().__init__(node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics, channels)
         self.own_modules = own
         self.topo = topo
