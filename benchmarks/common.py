@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from hffm.config import PAPER_MODEL, load_config
 from hffm.data import TASK_LABELS
@@ -49,3 +51,59 @@ def median(xs: list[float]) -> float:
 
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def rss_of(marker: str) -> int:
+    """Summed RSS of every process whose command line contains ``marker``."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if marker not in (d / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            for line in (d / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class MemoryWatch:
+    """Samples, every ``period_s`` while in the ``with`` block, the peak summed RSS of the processes whose
+    command line contains ``marker``; when the machine's MemAvailable drops below ``floor_bytes`` it
+    calls ``on_low`` once (the caller stops what it started) and sets ``low``."""
+
+    def __init__(
+        self, marker: str, floor_bytes: int = 0, on_low: Callable[[], None] | None = None, period_s: float = 0.25
+    ) -> None:
+        self.marker, self.floor, self.on_low, self.period = marker, floor_bytes, on_low, period_s
+        self.peak = 0
+        self.low = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_of(self.marker))
+            if self.floor and not self.low and mem_available() < self.floor:
+                self.low = True
+                if self.on_low is not None:
+                    self.on_low()
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

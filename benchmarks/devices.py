@@ -9,30 +9,14 @@ from __future__ import annotations
 
 import io
 import math
-import threading
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from benchmarks.common import MemoryWatch
 from hffm.config import load_config
 from services.launcher import run
-
-
-def _rss_of(marker: str) -> int:
-    total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if marker not in (d / "cmdline").read_bytes().decode(errors="replace"):
-                continue
-            for line in (d / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
 
 
 def one(n: int, out: Path) -> dict:
@@ -57,27 +41,14 @@ def one(n: int, out: Path) -> dict:
         ],
     )
     run_dir = out / f"devices-{n}"
-    peak = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_of(str(run_dir / "config.yaml")))
-            stop.wait(0.25)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
     t0 = time.perf_counter()
-    try:
+    with MemoryWatch(str(run_dir / "config.yaml")) as mem:
         res = run(cfg, run_dir, Console(file=io.StringIO()), timeout_s=3000)
-    finally:
-        stop.set()
-        t.join()
     return {
         "devices": edges * per_edge,
         "round_s": res["rounds"][-1]["wall_s"],
         "run_s": time.perf_counter() - t0,
-        "peak_rss_bytes": peak[0],
+        "peak_rss_bytes": mem.peak,
         "bytes_per_round": res["rounds"][-1]["bytes_total"],
     }
 

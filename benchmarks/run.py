@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import accuracy, aggregation, devices, transfer
+from benchmarks import accuracy, aggregation, devices, flower, transfer
 from benchmarks.common import machine
 
 TARGETS = {
@@ -18,7 +18,13 @@ TARGETS = {
 }
 
 
-def run_all(out: Path, quick: bool = False, log=print, sizes: list[int] | None = None) -> dict:
+def run_all(
+    out: Path,
+    quick: bool = False,
+    log=print,
+    sizes: list[int] | None = None,
+    flower_clients: list[int] | None = None,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     log("transfer: hffm push vs loopback socket (fp32, fp16)...")
@@ -28,6 +34,9 @@ def run_all(out: Path, quick: bool = False, log=print, sizes: list[int] | None =
     sizes = sizes or ([10, 50] if quick else [10, 40, 100, 400, 1000])
     log(f"devices per machine: {sizes}...")
     dv = devices.run_sweep(out, sizes, log)
+    flower_clients = flower_clients or ([2] if quick else [10, 20, 40])
+    log(f"round overhead vs Flower: {flower_clients} clients...")
+    fl = flower.run_sweep(out / "flower", flower_clients, log)
     log("time to accuracy: star, hfm, hfm-d2d...")
     tta = accuracy.run_all(out, quick, log=log)
     bench = {
@@ -37,12 +46,12 @@ def run_all(out: Path, quick: bool = False, log=print, sizes: list[int] | None =
         "transfer_ratio_fp16": tr["fp16"]["ratio"],
         "aggregation_ratio": ag["ratio"],
         "aggregator_peak_sets": ag["peak_sets_above_idle"],
-        # not measured yet (issue "Benchmarks side by side"): round overhead vs Flower, devices per machine
-        "flower_round_ratio": None,
+        "flower_round_ratio": fl["ratio"],  # hffm round / Flower round at the largest size both ran
+        "flower_clients": fl["clients"],
         "max_devices": dv["max_devices"],
         "devices_slope_s_per_device": dv["fit"]["slope_s_per_device"] if dv["fit"] else None,
         "time_to_accuracy": tta,
-        "details": {"transfer": tr, "aggregation": ag, "devices": dv},
+        "details": {"transfer": tr, "aggregation": ag, "devices": dv, "flower": fl},
         "targets": TARGETS,
         "elapsed_s": time.time() - t0,
     }
@@ -55,6 +64,7 @@ def run_all(out: Path, quick: bool = False, log=print, sizes: list[int] | None =
 
 def markdown(b: dict) -> str:
     tr, ag = b["details"]["transfer"], b["details"]["aggregation"]
+    bd = tr["bounds"]
     rows = [
         (
             "transfer_ratio (fp32)",
@@ -71,9 +81,18 @@ def markdown(b: dict) -> str:
             "—",
         ),
         (
+            "transfer bounds",
+            f"{bd['grpc_bare_ratio']:.3f} / {bd['socket_sha256_ratio']:.3f}",
+            f"bare Python gRPC stream {bd['grpc_bare_gbps']:.3f} GB/s / socket + SHA-256 "
+            f"{bd['socket_sha256_gbps']:.2f} GB/s, vs the socket; "
+            f"hffm reaches {bd['hffm_vs_grpc_bare']:.2f} of bare gRPC",
+            "—",
+        ),
+        (
             "aggregation_ratio",
             f"{b['aggregation_ratio']:.3f}",
-            f"{ag['senders']} uploads: hffm {ag['hffm_s']:.2f} s vs in-place add {ag['baseline_s']:.3f} s",
+            f"{ag['senders']} uploads: hffm {ag['hffm_s']:.3f} s vs in-place add {ag['baseline_s']:.3f} s "
+            f"(with the digest computed here too: {ag['ratio_with_digest']:.3f})",
             TARGETS["aggregation_ratio"],
         ),
         (
@@ -82,7 +101,12 @@ def markdown(b: dict) -> str:
             "module sets above idle (VmHWM)",
             TARGETS["aggregator_peak_sets"],
         ),
-        ("flower_round_ratio", "not measured yet", "", TARGETS["flower_round_ratio"]),
+        (
+            "flower_round_ratio",
+            f"{b['flower_round_ratio']:.3f}" if b["flower_round_ratio"] is not None else "not measured",
+            _flower_note(b["details"]["flower"]),
+            TARGETS["flower_round_ratio"],
+        ),
         ("max_devices", str(b["max_devices"]), _devices_note(b["details"]["devices"]), TARGETS["max_devices"]),
     ]
     lines = ["| figure | value | measured | target |", "|---|---|---|---|"]
@@ -102,6 +126,20 @@ def markdown(b: dict) -> str:
             else:
                 lines.append(f"| {m} | {x['round']} | {x['wall_s']:.1f} | {x['modeled_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _flower_note(fl: dict) -> str:
+    parts = []
+    for p in fl["points"]:
+        hf = p["hffm"]
+        h = f"{p['clients']} clients: hffm {hf['rounds_s'][-1]:.1f} s / {hf['peak_rss_bytes'] / 2**30:.1f} GiB"
+        if p["flower"] is None:
+            parts.append(f"{h}, Flower failed ({p['error']})")
+        else:
+            f = p["flower"]
+            fs, fm = f["rounds_s"][-1], f["peak_rss_bytes"] / 2**30
+            parts.append(f"{h} vs Flower {fs:.1f} s / {fm:.1f} GiB (ratio {p['ratio']:.3f})")
+    return "; ".join(parts) + f" (flwr {flower.FLWR_VERSION}, second round, paper-size modules, no-op step)"
 
 
 def _devices_note(dv: dict) -> str:

@@ -42,6 +42,7 @@ class FedAvg(Aggregator):
     def __init__(self) -> None:
         super().__init__()
         self._sum: dict[str, dict[str, torch.Tensor]] = {}
+        self._flat: dict[str, torch.Tensor] = {}  # module -> one tensor that _sum[module] views
         self._weight: dict[str, float] = {}
         self._contributors: dict[str, int] = {}
 
@@ -61,13 +62,22 @@ class FedAvg(Aggregator):
         for m in mods:
             w = float(m.num_samples)
             acc = self._sum.get(m.name)
+            flat = m.flat if m.flat is not None and m.flat.dtype == torch.float32 else None
             if acc is None:
-                self._sum[m.name] = {k: t.detach().to(torch.float32).mul(w) for k, t in m.tensors.items()}
+                if flat is not None:  # one operation for the module, tensors as views (same layout)
+                    self._flat[m.name] = f = flat.detach().mul(w)
+                    self._sum[m.name] = _views(f, m.tensors)
+                else:
+                    self._sum[m.name] = {k: t.detach().to(torch.float32).mul(w) for k, t in m.tensors.items()}
                 self._weight[m.name] = w
                 self._contributors[m.name] = 1
             else:
-                for k, t in m.tensors.items():
-                    acc[k].add_(t.to(acc[k].device, torch.float32), alpha=w)
+                f = self._flat.get(m.name)
+                if f is not None and flat is not None and flat.device == f.device:
+                    f.add_(flat, alpha=w)  # shapes checked above: both are the sorted-key layout
+                else:
+                    for k, t in m.tensors.items():
+                        acc[k].add_(t.to(acc[k].device, torch.float32), alpha=w)
                 self._weight[m.name] += w
                 self._contributors[m.name] += 1
         self.senders.append(sender)
@@ -81,6 +91,16 @@ class FedAvg(Aggregator):
             w = self._weight[name]
             out[name] = Module(name, {k: v / w for k, v in acc.items()}, version, w)
         return out
+
+
+def _views(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` shaped as ``like``'s tensors, in sorted-key order without gaps."""
+    out, off = {}, 0
+    for k in sorted(like):
+        n = like[k].numel()
+        out[k] = flat[off : off + n].view(like[k].shape)
+        off += n
+    return out
 
 
 RULES: dict[str, type[Aggregator]] = {FedAvg.name: FedAvg}

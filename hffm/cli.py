@@ -262,20 +262,34 @@ def bench(
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="fewer repeats and senders (under 3 minutes)"),
     devices: str = typer.Option(None, "--devices", help="device counts to sweep, e.g. 10,100,1000"),
+    flower_clients: str = typer.Option(None, "--flower-clients", help="client counts vs Flower, e.g. 10,20,40"),
 ) -> None:
-    """Benchmarks side by side: transfer vs a loopback socket, aggregation vs in-place add, devices per machine."""
+    """Benchmarks side by side: transfer vs a loopback socket, aggregation vs in-place add, round time vs
+    Flower, devices per machine, time to accuracy."""
     from benchmarks.run import markdown, run_all
 
-    sizes = None
-    if devices:
-        try:
-            sizes = [int(x) for x in devices.split(",") if x.strip()]
-        except ValueError:
-            console.print(f"[red]--devices: {devices!r} is not a comma-separated list of integers[/red]")
-            raise typer.Exit(2) from None
-    b = run_all(out, quick, log=console.print, sizes=sizes)
+    b = run_all(
+        out,
+        quick,
+        log=console.print,
+        sizes=_int_list("--devices", devices),
+        flower_clients=_int_list("--flower-clients", flower_clients),
+    )
     console.print(markdown(b), markup=False)
     console.print(f"{out / 'bench.json'}  {out / 'bench.md'}  {out / 'transfer.png'}  {out / 'devices.png'}")
+
+
+def _int_list(option: str, text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        console.print(f"[red]{option}: {text!r} is not a comma-separated list of positive integers[/red]")
+        raise typer.Exit(2)
+    return vals
 
 
 def main() -> None:

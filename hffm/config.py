@@ -84,6 +84,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     # Skip the optimisation step but keep every exchange (benchmarks of the runtime itself).
     noop: bool = False
+    # Devices test their modules in rounds r with r % eval_every == 0 and in the last round;
+    # 0: never (benchmarks of the exchange alone).
+    eval_every: int = Field(1, ge=0)
 
 
 class WireConfig(_Strict):

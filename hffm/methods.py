@@ -69,6 +69,11 @@ class RoundPlan:
     def add(self, node: str, *steps: Step) -> None:
         self.steps.setdefault(node, []).extend(steps)
 
+    def without_evaluation(self) -> RoundPlan:
+        """The same plan with every ``Evaluate`` step left out."""
+        steps = {n: [s for s in ss if not isinstance(s, Evaluate)] for n, ss in self.steps.items()}
+        return RoundPlan(self.round, steps)
+
     def transfers(self) -> list[tuple[str, Send]]:
         return [(n, s) for n, ss in self.steps.items() for s in ss if isinstance(s, Send)]
 
@@ -84,6 +89,11 @@ class RoundPlan:
             for sender in c.senders:
                 if not any(src == sender and s.to == n and s.tag == tag for src, s in sends):
                     raise ValueError(f"round {self.round}: {n}/{tag} waits for {sender} which never sends")
+
+
+def evaluates(round_: int, rounds: int, eval_every: int) -> bool:
+    """Whether devices test their modules in this round (``train.eval_every``; 0: never)."""
+    return eval_every > 0 and (round_ % eval_every == 0 or round_ == rounds)
 
 
 @dataclass

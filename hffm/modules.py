@@ -5,18 +5,27 @@ that produced it (``version``) and the number of samples behind it (its FedAvg w
 a module is one safetensors blob (never pickle) in the configured wire dtype, identified by the
 SHA-256 of its bytes. ``decode_module`` checks everything a receiver must check before the module
 may touch any state: digest, header/metadata agreement, tensor names, shapes, dtype, finiteness.
+
+The wire codec writes and reads the safetensors format itself (8-byte little-endian header length,
+JSON header, tensor bytes), because the library's in-memory API copies every tensor twice each way
+(``docs/performance.md``): ``encode_module`` casts each tensor straight into one preallocated buffer,
+``decode_module`` returns tensors that are views of the received buffer (``torch.frombuffer``), after
+the same format checks the library makes (header bounds, dtypes, offsets covering the data exactly,
+no overlap). Tests check both directions against the safetensors library; files
+(``save_modules``/``load_modules``) use the library.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
@@ -38,6 +47,9 @@ class Module:
     tensors: dict[str, torch.Tensor]
     version: int
     num_samples: float
+    # When set: one contiguous fp32 tensor of which ``tensors`` are views, laid out in sorted-key order
+    # without gaps (what ``decode_module`` returns). Aggregators then fold a module in one operation.
+    flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
@@ -55,7 +67,7 @@ class EncodedModule:
     version: int
     num_samples: float
     dtype: str
-    data: bytes
+    data: bytes | bytearray  # the safetensors blob; never modified once encoded
     sha256: bytes = field(repr=False)
 
     @property
@@ -67,16 +79,25 @@ def spec_of(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> ModuleSpec:
     return {name: {k: tuple(t.shape) for k, t in tensors.items()} for name, tensors in modules.items()}
 
 
+# safetensors dtype codes of the wire dtypes; other codes are valid safetensors but never a module
+ST_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_ST_DTYPES = {v: k for k, v in ST_CODES.items()}
+_ST_OTHER = {"F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
+if sys.byteorder != "little":  # safetensors is little-endian; the codec writes and views memory as is
+    raise ImportError("hffm's wire codec needs a little-endian host")
+
+
 def encode_module(module: Module, wire_dtype: str = "fp32") -> EncodedModule:
+    """One safetensors blob: every tensor cast into its place in one buffer (a single pass)."""
     dtype = WIRE_DTYPES[wire_dtype]
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.tensors.items()}
     meta = {
         "name": module.name,
         "version": str(module.version),
         "num_samples": repr(float(module.num_samples)),
         "dtype": wire_dtype,
     }
-    data = st_save(tensors, metadata=meta)
+    data = _encode(module.tensors, dtype, meta)
     return EncodedModule(
         name=module.name,
         version=module.version,
@@ -85,6 +106,75 @@ def encode_module(module: Module, wire_dtype: str = "fp32") -> EncodedModule:
         data=data,
         sha256=hashlib.sha256(data).digest(),
     )
+
+
+def _encode(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, meta: dict[str, str]) -> bytearray:
+    item = dtype.itemsize
+    header: dict[str, object] = {}
+    off = 0
+    for k in sorted(tensors):
+        n = tensors[k].numel() * item
+        header[k] = {"dtype": ST_CODES[dtype], "shape": list(tensors[k].shape), "data_offsets": [off, off + n]}
+        off += n
+    header["__metadata__"] = meta
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-len(hjson) % 8)  # tensor data starts 8-byte aligned, as the library writes it
+    base = 8 + len(hjson)
+    buf = bytearray(base + off)
+    struct.pack_into("<Q", buf, 0, len(hjson))
+    buf[8:base] = hjson
+    for k in sorted(tensors):
+        t = tensors[k].detach()
+        begin, end = header[k]["data_offsets"]  # type: ignore[index]
+        if end > begin:
+            torch.frombuffer(buf, dtype=dtype, count=t.numel(), offset=base + begin).copy_(t.reshape(-1))
+    return buf
+
+
+TensorEntry = tuple[str, tuple[int, ...], int, int]  # (safetensors dtype code, shape, begin, end)
+
+
+def parse_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
+    """Check a safetensors blob's structure as the library does; return ``({name: (dtype code, shape,
+    begin, end)}, metadata, data start)`` with offsets relative to the data start. Raises ValueError."""
+    n_all = len(data)
+    if n_all < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", data, 0)
+    if n > min(n_all - 8, MAX_HEADER_BYTES):
+        raise ValueError(f"header length {n} runs past the {n_all} B blob")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("__metadata__ must map strings to strings")
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name}: entry must have exactly dtype, shape, data_offsets")
+        code, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in _ST_DTYPES and code not in _ST_OTHER:
+            raise ValueError(f"tensor {name}: unknown dtype {code!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name}: shape must be a list of non-negative integers")
+        ok = isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+        if not (ok and 0 <= offs[0] <= offs[1]):
+            raise ValueError(f"tensor {name}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        entries[name] = (code, tuple(shape), offs[0], offs[1])
+    pos = 0
+    for name, (code, shape, begin, end) in sorted(entries.items(), key=lambda e: (e[1][2], e[1][3])):
+        if begin != pos:
+            raise ValueError(f"tensor {name}: data starts at {begin}, expected {pos} (gap or overlap)")
+        if code in _ST_DTYPES and end - begin != math.prod(shape) * _ST_DTYPES[code].itemsize:
+            raise ValueError(f"tensor {name}: {end - begin} B do not hold shape {list(shape)} of {code}")
+        pos = end
+    if pos != n_all - 8 - n:
+        raise ValueError(f"tensors cover {pos} B of the {n_all - 8 - n} B of data")
+    return entries, meta, 8 + n
 
 
 def expected_size_bound(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -119,37 +209,58 @@ def decode_module(
         )
     if not (math.isfinite(num_samples) and num_samples > 0):
         raise ModuleError("INVALID_ARGUMENT", "bad_weight", f"module {name}: num_samples must be > 0")
+    if isinstance(data, memoryview):
+        data = data.obj if isinstance(data.obj, bytearray) and len(data.obj) == len(data) else bytearray(data)
+    elif not isinstance(data, bytearray):  # tensors must not alias an immutable buffer
+        data = bytearray(data)
     try:
-        tensors = st_load(bytes(data))
-    except Exception as err:  # safetensors raises its own error types
+        entries, _, base = parse_safetensors(data)
+    except ValueError as err:
         raise ModuleError("INVALID_ARGUMENT", "bad_encoding", f"module {name}: not a safetensors blob: {err}") from None
     want = spec[name]
-    if set(tensors) != set(want):
-        missing = sorted(set(want) - set(tensors))
-        extra = sorted(set(tensors) - set(want))
+    if set(entries) != set(want):
+        missing = sorted(set(want) - set(entries))
+        extra = sorted(set(entries) - set(want))
         raise ModuleError(
             "INVALID_ARGUMENT", "shape_mismatch", f"module {name}: tensors missing {missing}, unexpected {extra}"
         )
     wire = WIRE_DTYPES[dtype]
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        if tuple(t.shape) != tuple(want[key]):
+    for key, (code, shape, _, _) in entries.items():
+        if shape != tuple(want[key]):
             raise ModuleError(
                 "INVALID_ARGUMENT",
                 "shape_mismatch",
-                f"module {name}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(want[key])}",
+                f"module {name}: tensor {key} has shape {shape}, expected {tuple(want[key])}",
             )
-        if t.dtype != wire:
+        if _ST_DTYPES.get(code) != wire:
             raise ModuleError(
                 "INVALID_ARGUMENT",
                 "dtype_mismatch",
-                f"module {name}: tensor {key} is {_DTYPE_NAMES.get(t.dtype, t.dtype)}, header says {dtype}",
+                f"module {name}: tensor {key} is {_DTYPE_NAMES.get(_ST_DTYPES.get(code), code)}, header says {dtype}",
             )
-        t32 = t.to(torch.float32)
-        if not all_finite(t32):
-            raise ModuleError("INVALID_ARGUMENT", "non_finite", f"module {name}: tensor {key} has NaN or Inf")
-        out[key] = t32
-    return Module(name=name, tensors=out, version=version, num_samples=float(num_samples))
+    # Every tensor has the wire dtype and together they tile the data region (parse_safetensors), so
+    # the region is one array: one view of the buffer, one cast, one finiteness check for the module.
+    region = _region(data, wire, base)
+    item = wire.itemsize
+    by_offset = sorted(entries.items(), key=lambda e: e[1][2])
+    out = {key: region[b // item : e // item].view(shape) for key, (_, shape, b, e) in by_offset}
+    if not all_finite(region):
+        bad = next(k for k, t in out.items() if not all_finite(t))
+        raise ModuleError("INVALID_ARGUMENT", "non_finite", f"module {name}: tensor {bad} has NaN or Inf")
+    flat = region if [k for k, _ in by_offset] == sorted(out) else None
+    return Module(name=name, tensors=out, version=version, num_samples=float(num_samples), flat=flat)
+
+
+def _region(buf: bytearray, dtype: torch.dtype, base: int) -> torch.Tensor:
+    """The data region of a blob as fp32: a view of ``buf`` (no copy) for aligned fp32, else one cast."""
+    n = (len(buf) - base) // dtype.itemsize
+    if n == 0:
+        return torch.empty(0, dtype=torch.float32)
+    if base % dtype.itemsize == 0:
+        raw = torch.frombuffer(buf, dtype=dtype, count=n, offset=base)
+    else:  # a valid but unaligned blob (not one we write): copy it once
+        raw = torch.frombuffer(bytearray(buf[base:]), dtype=dtype)
+    return raw.to(torch.float32)
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -359,8 +359,13 @@ def _follow(
         stop.set()
 
 
+def _fmt(x: float | None, digits: int) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
 def _round_line(rec: dict) -> str:
-    acc = " ".join(f"{t}={v.get('global') or 0:.2f}/{v.get('local') or 0:.2f}" for t, v in rec["accuracy"].items())
+    acc = " ".join(f"{t}={_fmt(v.get('global'), 2)}/{_fmt(v.get('local'), 2)}" for t, v in rec["accuracy"].items())
+    acc = acc or "— (not evaluated)"
     loss = rec["loss"] if rec["loss"] is not None else float("nan")
     return (
         f"round {rec['round']:>3}  loss {loss:.3f}  acc(global/local) {acc}  "
@@ -385,7 +390,7 @@ def _summary(results: dict, console: Console) -> None:
         cells = [str(r["round"])]
         for t in tasks:
             a = r["accuracy"].get(t, {})
-            cells += [f"{a.get('global') or 0:.3f}", f"{a.get('local') or 0:.3f}"]
-        cells += [f"{r['loss'] or 0:.3f}", f"{r['bytes_total'] / 1e6:.2f}", f"{r['wall_s']:.1f}"]
+            cells += [_fmt(a.get("global"), 3), _fmt(a.get("local"), 3)]
+        cells += [_fmt(r["loss"], 3), f"{r['bytes_total'] / 1e6:.2f}", f"{r['wall_s']:.1f}"]
         table.add_row(*cells)
     console.print(table)

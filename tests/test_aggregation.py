@@ -72,3 +72,43 @@ def test_running_sum_memory_is_one_set():
 def test_unknown_rule():
     with pytest.raises(ValueError, match="unknown aggregation rule"):
         make_aggregator("median-of-nothing")
+
+
+@pytest.mark.parametrize("order", ["flat-first", "plain-first", "fp16"])
+def test_decoded_modules_fold_in_one_operation_and_mix_with_plain_ones(order):
+    """Decoded modules carry one flat region (their tensors are views of it); FedAvg folds that in one
+    add. Mixed with modules held as separate tensors (a node's own), the mean is the same."""
+    import hashlib
+
+    from hffm.modules import decode_module, encode_module, spec_of
+
+    wire = "fp16" if order == "fp16" else "fp32"
+    plain = [make_module("adapter.0", AD, num_samples=w, seed=i) for i, w in enumerate([3.0, 5.0, 11.0])]
+    spec = spec_of({"adapter.0": plain[0].tensors})
+
+    def dec(m):
+        e = encode_module(m, wire)
+        return decode_module(
+            bytearray(e.data),
+            name=e.name,
+            version=1,
+            num_samples=m.num_samples,
+            dtype=wire,
+            sha256=hashlib.sha256(e.data).digest(),
+            spec=spec,
+        )
+
+    decoded = [dec(m) for m in plain]
+    assert all(d.flat is not None and d.flat.numel() == d.numel() for d in decoded)
+    for d in decoded:  # the tensors are views of the region, in sorted-key order
+        assert all(t.data_ptr() >= d.flat.data_ptr() for t in d.tensors.values())
+    seq = decoded[:2] + [plain[2]] if order != "plain-first" else [plain[0]] + decoded[1:]
+    agg = FedAvg()
+    for i, m in enumerate(seq):
+        agg.add(f"d{i}", [m])
+    got = agg.result(1)["adapter.0"]
+    want = weighted_mean([{"adapter.0": m} for m in seq])["adapter.0"]
+    for k in AD:
+        assert torch.allclose(got.tensors[k], want.tensors[k], atol=1e-6)
+    if wire == "fp16":  # the region is a cast, not a view of the fp16 bytes
+        assert decoded[0].flat.dtype == torch.float32

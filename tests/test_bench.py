@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from benchmarks.common import paper_modules
 from hffm.cli import app
 
 
@@ -28,3 +30,13 @@ def test_bench_quick_writes_its_outputs(tmp_path):
         assert (x["round"] is None) == (x["wall_s"] is None)
     assert "| transfer_ratio (fp32) |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "transfer.png").stat().st_size > 5_000
+    bounds = tr["bounds"]
+    assert bounds["grpc_bare_gbps"] > 0 and bounds["socket_sha256_gbps"] > 0
+    fl = b["details"]["flower"]["points"][0]
+    assert fl["clients"] == 2 and fl["hffm"]["devices"] == 2 and len(fl["hffm"]["rounds_s"]) == 2
+    if fl["flower"] is None:  # Flower is installed from PyPI into build/flower-venv
+        pytest.skip(f"Flower could not run here: {fl['error']}")
+    f = fl["flower"]
+    # the same payload went both ways: Flower's FedAvg returns arrays of the module set's size
+    assert f["payload_bytes"] == sum(t.numel() * 4 for m in paper_modules().values() for t in m.tensors.values())
+    assert len(f["rounds_s"]) == 2 and b["flower_round_ratio"] == fl["ratio"] > 0

@@ -27,7 +27,6 @@ from services.common.bootstrap import node_modules, topology
 from services.common.node import NodeRuntime
 from services.common.server import NodeServer
 from services.launcher import run
-from services.rpc import pb_grpc
 from tests.conftest import processes_with
 
 
@@ -82,7 +81,7 @@ def test_relay_refuses_unregistered_origin(chain):
     d2.assign(1, "hfm-d2d", [Collect("cluster", (d0.node_id,), D2D)], {d0.node_id: "x", d1.node_id: d1.address})
     from hffm.modules import encode_module
     from hffm.wire import ModuleHeader, PushHeader
-    from services.common.client import push_requests
+    from services.common.client import push_callable, push_requests
 
     m = next(iter(d0.modules.values()))
     m.version = 1
@@ -90,7 +89,7 @@ def test_relay_refuses_unregistered_origin(chain):
     h = PushHeader("p", d0.node_id, d2.node_id, 1, "cluster", D2D, (ModuleHeader.of(em),), ())
     ch = grpc.insecure_channel(d1.address)
     with pytest.raises(grpc.RpcError) as e:
-        pb_grpc.ModuleExchangeStub(ch).Push(push_requests(h, [em], 4096), timeout=10)
+        push_callable(ch)(push_requests(h, [em], 4096), timeout=10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     ch.close()
 

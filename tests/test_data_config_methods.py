@@ -15,7 +15,7 @@ from hffm.data import (
     render_sample,
     task_pool_labels,
 )
-from hffm.methods import EDGE_CLOUD, Collect, Send, Train, make_method
+from hffm.methods import EDGE_CLOUD, Collect, Evaluate, Send, Train, evaluates, make_method
 from hffm.topology import CLOUD, Topology
 
 
@@ -236,3 +236,16 @@ def test_config_writes_are_atomic_and_skip_unchanged(tmp_path):
     write_config(a, path)
     write_config(a, path)
     assert path.stat().st_mtime_ns == mtime or load_config(path) == a
+
+
+def test_eval_every_leaves_evaluation_out_of_plans_but_keeps_exchanges():
+    assert [r for r in range(1, 8) if evaluates(r, 7, 3)] == [3, 6, 7]  # every 3rd and the last
+    assert not any(evaluates(r, 7, 0) for r in range(1, 8))  # 0: never
+    assert all(evaluates(r, 7, 1) for r in range(1, 8))
+    topo = Topology.from_config(load_config(None, ["topology.edges=2", "topology.devices_per_edge=2"]), 2)
+    plan = make_method("hfm", 1).plan(1, topo)
+    bare = plan.without_evaluation()
+    bare.validate()
+    assert any(isinstance(s, Evaluate) for ss in plan.steps.values() for s in ss)
+    assert not any(isinstance(s, Evaluate) for ss in bare.steps.values() for s in ss)
+    assert bare.transfers() == plan.transfers()

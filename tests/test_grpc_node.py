@@ -17,7 +17,7 @@ from hffm.methods import Collect
 from hffm.modules import Module, encode_module
 from hffm.wire import ModuleHeader, PushHeader, chunks, push_id_for
 from services.common.bootstrap import node_modules, topology
-from services.common.client import push_requests
+from services.common.client import push_callable, push_requests
 from services.common.convert import header_to_pb, step_to_pb
 from services.common.node import NodeRuntime
 from services.common.server import NodeServer
@@ -65,7 +65,7 @@ def _header(sender, ems, round_=1, tag="aggregate", link="device_edge", push_id=
 
 
 def _push(ch, reqs):
-    return pb_grpc.ModuleExchangeStub(ch).Push(iter(list(reqs)), timeout=10)
+    return push_callable(ch)(iter(list(reqs)), timeout=10)
 
 
 def _good(node, sender, seed, samples=10.0):
@@ -200,7 +200,10 @@ def test_good_pushes_retry_counted_once_and_weighted_mean(edge, small_cfg):
     other = [encode_module(m) for m in _device_modules(node, 9).values()]
     _expect(ch, node, push_requests(_header(D0, other), other, 4096), grpc.StatusCode.ALREADY_EXISTS, "already")
     e1 = [encode_module(m) for m in m1.values()]
-    _push(ch, push_requests(_header(D1, e1), e1, 1 << 20))
+    # any gRPC client works: the generated stub with protobuf objects throughout (no chunkwire)
+    plain = [pb.PushRequest(header=header_to_pb(_header(D1, e1)))]
+    plain += [pb.PushRequest(chunk=pb.Chunk(module_index=i, offset=o, data=bytes(v))) for i, o, v in chunks(e1)]
+    pb_grpc.ModuleExchangeStub(ch).Push(iter(plain), timeout=10)
     report = pb_grpc.RoundControlStub(ch).AwaitRound(pb.AwaitRequest(round=1), timeout=30)
     assert report.node == EDGE and report.round == 1
     want = weighted_mean([m0, m1])

@@ -185,3 +185,119 @@ def test_incremental_digest_matches_and_still_rejects():
     with pytest.raises(ModuleError) as e:
         asm.finish()
     assert e.value.code == "DATA_LOSS"
+
+
+# -- the wire codec against the safetensors library ---------------------------------------------
+
+
+def _blob(header: dict, data: bytes, pad: int = 0) -> bytes:
+    import json
+    import struct
+
+    h = json.dumps(header).encode() + b" " * pad
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_encoding_is_safetensors_the_library_reads(dtype):
+    from safetensors import safe_open  # noqa: F401 - the library is the reference
+    from safetensors.torch import load as st_load
+
+    m = make_module("adapter.0", SHAPES, version=4, num_samples=9)
+    em = encode_module(m, dtype)
+    back = st_load(bytes(em.data))
+    wire = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    assert set(back) == set(SHAPES)
+    for k, t in m.tensors.items():
+        assert back[k].dtype == wire and torch.equal(back[k], t.to(wire))
+
+
+@pytest.mark.parametrize("wire", [torch.float32, torch.float16, torch.bfloat16])
+def test_library_blobs_decode_the_same(wire):
+    from safetensors.torch import load as st_load
+
+    m = make_module("adapter.0", SHAPES)
+    blob = st_save({k: v.to(wire) for k, v in m.tensors.items()}, metadata={"name": "adapter.0"})
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[wire]
+    got = decode_module(
+        blob,
+        name="adapter.0",
+        version=1,
+        num_samples=1.0,
+        dtype=name,
+        sha256=hashlib.sha256(blob).digest(),
+        spec=spec_of({m.name: m.tensors}),
+    )
+    ref = st_load(blob)
+    for k in SHAPES:
+        assert torch.equal(got.tensors[k], ref[k].to(torch.float32))
+
+
+def test_decoded_tensors_are_views_of_the_received_buffer():
+    """The zero-copy decode (a speed-up kept under test): fp32 tensors alias the buffer they came in."""
+    import ctypes
+
+    m = make_module("adapter.0", SHAPES)
+    em = encode_module(m)
+    buf = bytearray(em.data)
+    start = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    back = decode_module(
+        buf, name=em.name, version=1, num_samples=1.0, dtype="fp32", sha256=em.sha256, spec=spec_of({m.name: m.tensors})
+    )
+    for t in back.tensors.values():
+        assert start <= t.data_ptr() < start + len(buf)
+    # an immutable input is copied first: the tensors never alias bytes the caller may reuse
+    back2 = _decode(em, spec_of({m.name: m.tensors}))
+    imm = ctypes.cast(ctypes.c_char_p(bytes(em.data)), ctypes.c_void_p).value
+    assert all(not (imm <= t.data_ptr() < imm + em.size_bytes) for t in back2.tensors.values())
+
+
+T = torch.arange(6, dtype=torch.float32).numpy().tobytes()  # 24 B: a (2, 3) fp32 tensor
+
+
+@pytest.mark.parametrize(
+    "blob, why",
+    [
+        (b"\x05\x00", "shorter"),
+        (b"\xff" * 8 + b"{}", "runs past"),
+        (_blob({}, b"")[:8] + b"not json", "not JSON"),
+        (_blob({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}, T)[:-1], "cover"),
+        (_blob({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, T[:20]), "do not hold"),
+        (_blob({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [4, 28]}}, T + b"0000"), "gap"),
+        (
+            _blob(
+                {
+                    "x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+                    "y": {"dtype": "F32", "shape": [1], "data_offsets": [20, 24]},
+                },
+                T,
+            ),
+            "gap or overlap",
+        ),
+        (_blob({"x": {"dtype": "Q7", "shape": [2, 3], "data_offsets": [0, 24]}}, T), "unknown dtype"),
+        (_blob({"x": {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}}, T), "non-negative"),
+        (_blob({"x": {"dtype": "F32", "shape": [2, 3]}}, T), "exactly"),
+        (_blob([1, 2], b""), "object"),
+        (_blob({"__metadata__": {"a": 1}}, b""), "strings"),
+    ],
+)
+def test_malformed_safetensors_rejected_like_the_library(blob, why):
+    from safetensors.torch import load as st_load
+
+    from hffm.modules import parse_safetensors
+
+    with pytest.raises(ValueError, match=why):
+        parse_safetensors(blob)
+    with pytest.raises(Exception):  # noqa: B017 - the library refuses every one of them too
+        st_load(blob)
+    with pytest.raises(ModuleError) as e:
+        decode_module(
+            blob,
+            name="m",
+            version=1,
+            num_samples=1.0,
+            dtype="fp32",
+            sha256=hashlib.sha256(blob).digest(),
+            spec={"m": {"x": (2, 3)}},
+        )
+    assert e.value.reason == "bad_encoding"

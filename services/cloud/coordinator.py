@@ -21,7 +21,7 @@ from google.protobuf.json_format import MessageToDict
 
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
-from hffm.methods import Collect, RoundContext, RoundPlan, Send, make_method
+from hffm.methods import Collect, RoundContext, RoundPlan, Send, evaluates, make_method
 from hffm.modules import save_modules
 from hffm.results import round_record, write_results
 from hffm.topology import CLOUD, Topology
@@ -172,6 +172,8 @@ class Coordinator:
         topo = self.topo.without(down)
         ctx = self.costs.d2d_context(topo, round_, down) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
+        if not evaluates(round_, self.cfg.rounds, self.cfg.train.eval_every):
+            plan = plan.without_evaluation()
         plan.validate()
         return plan, topo, ctx
 

@@ -16,8 +16,11 @@ import grpc
 
 from hffm.modules import EncodedModule
 from hffm.wire import PushHeader, chunks
+from services.common.chunkwire import chunk_message, serialize_push_request
 from services.common.convert import header_to_pb
-from services.rpc import pb, pb_grpc
+from services.rpc import pb
+
+PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['ModuleExchange'].full_name}/Push"
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 CHANNEL_OPTIONS = [
@@ -49,10 +52,20 @@ class Channels:
             self._channels.clear()
 
 
-def push_requests(header: PushHeader, encoded: Sequence[EncodedModule], chunk_bytes: int) -> Iterator[pb.PushRequest]:
+def push_requests(
+    header: PushHeader, encoded: Sequence[EncodedModule], chunk_bytes: int
+) -> Iterator[pb.PushRequest | bytes]:
+    """The header, then every chunk as an already serialized message (``chunkwire``)."""
     yield pb.PushRequest(header=header_to_pb(header))
     for i, off, view in chunks(encoded, chunk_bytes):
-        yield pb.PushRequest(chunk=pb.Chunk(module_index=i, offset=off, data=bytes(view)))
+        yield chunk_message(i, off, view)
+
+
+def push_callable(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
+    """``ModuleExchange.Push`` on ``channel``, taking protobuf requests or serialized chunk messages."""
+    return channel.stream_unary(
+        PUSH_METHOD, request_serializer=serialize_push_request, response_deserializer=pb.PushAck.FromString
+    )
 
 
 def with_retries(fn: Callable[[], T], *, attempts: int, what: str, backoff_s: float = 0.2) -> T:
@@ -79,9 +92,9 @@ def push_modules(
     timeout_s: float,
     attempts: int = 5,
 ) -> pb.PushAck:
-    stub = pb_grpc.ModuleExchangeStub(channel)
+    push = push_callable(channel)
     return with_retries(
-        lambda: stub.Push(push_requests(header, encoded, chunk_bytes), timeout=timeout_s, wait_for_ready=True),
+        lambda: push(push_requests(header, encoded, chunk_bytes), timeout=timeout_s, wait_for_ready=True),
         attempts=attempts,
         what=f"push {header.push_id}",
     )

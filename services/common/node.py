@@ -22,7 +22,8 @@ from hffm.inbox import Inbox
 from hffm.methods import D2D, Collect, Evaluate, Send, Step, Train
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, encode_module, save_modules
 from hffm.wire import ModuleHeader, PushAssembler, PushHeader, push_id_for
-from services.common.client import Channels, push_modules
+from services.common.chunkwire import RawChunk
+from services.common.client import Channels, push_callable, push_modules
 from services.common.convert import header_from_pb, header_to_pb, step_from_pb
 from services.common.metrics import Metrics, link_label, role_of
 from services.rpc import pb, pb_grpc
@@ -244,13 +245,13 @@ class NodeRuntime:
             raise ModuleError("FAILED_PRECONDITION", "no_route", f"{self.node_id} has no address for next hop {nxt!r}")
         onward = replace(header, route=header.route[1:])
 
-        def stream() -> Iterator[pb.PushRequest]:
+        def stream() -> Iterator[pb.PushRequest | RawChunk]:
             yield pb.PushRequest(header=header_to_pb(onward))
-            yield from requests  # chunks go on as they arrive
+            yield from requests  # chunks go on as they arrive, as the bytes they came in
 
-        stub = pb_grpc.ModuleExchangeStub(self.channels.get(state.peers[nxt]))
+        push = push_callable(self.channels.get(state.peers[nxt]))
         try:
-            ack = stub.Push(stream(), timeout=self.cfg.runtime.rpc_timeout_s, wait_for_ready=True)
+            ack = push(stream(), timeout=self.cfg.runtime.rpc_timeout_s, wait_for_ready=True)
         except grpc.RpcError as err:
             code = err.code().name if err.code() is not None else "UNAVAILABLE"
             raise ModuleError(code, "relay_failed", f"relay {self.node_id} -> {nxt}: {err.details()}") from None
@@ -276,7 +277,7 @@ class NodeRuntime:
 
     def _receive(self, requests: Iterator[pb.PushRequest]) -> pb.PushAck:
         first = next(requests, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if first is None or isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
             raise ModuleError("INVALID_ARGUMENT", "no_header", "a push must start with its header")
         header = header_from_pb(first.header)
         if self.relays and header.link == D2D and (header.receiver != self.node_id or header.route):
@@ -284,9 +285,12 @@ class NodeRuntime:
         duplicate = self.inbox.precheck(header)
         assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
         for req in requests:
-            if req.WhichOneof("kind") != "chunk":
+            if isinstance(req, RawChunk):
+                c = req
+            elif req.WhichOneof("kind") == "chunk":
+                c = req.chunk
+            else:
                 raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
-            c = req.chunk
             assembler.add_chunk(c.module_index, c.offset, c.data)
         modules = assembler.finish()
         if not duplicate:

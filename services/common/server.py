@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.chunkwire import parse_push_request
 from services.common.client import CHANNEL_OPTIONS
 from services.common.metrics import MetricsInterceptor
 from services.common.node import ModuleExchangeServicer, NodeRuntime, RoundControlServicer
@@ -31,7 +32,22 @@ class NodeServer:
             options=CHANNEL_OPTIONS,
             interceptors=[MetricsInterceptor(node.metrics, node.node_id)],
         )
-        pb_grpc.add_ModuleExchangeServicer_to_server(ModuleExchangeServicer(node), self.server)
+        exchange = ModuleExchangeServicer(node)
+        self.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE_NAMES["ModuleExchange"],
+                    {
+                        # chunks are read as views of the received bytes (chunkwire), not protobuf objects
+                        "Push": grpc.stream_unary_rpc_method_handler(
+                            exchange.Push,
+                            request_deserializer=parse_push_request,
+                            response_serializer=pb.PushAck.SerializeToString,
+                        )
+                    },
+                ),
+            )
+        )
         pb_grpc.add_RoundControlServicer_to_server(RoundControlServicer(node), self.server)
         names = [SERVICE_NAMES["ModuleExchange"], SERVICE_NAMES["RoundControl"]]
         for add, servicer, name in extra:

@@ -1,0 +1,124 @@
+"""Chunk messages of a push, encoded and parsed without a protobuf object in between.
+
+A push moves its bytes as ``PushRequest{chunk: Chunk{module_index, offset, data}}`` messages of up to
+1 MiB. Building a protobuf object per chunk costs two copies of the data on the sender (into the
+message, then into its serialization) and two on the receiver (out of the serialization, then out of
+the message's field), and the profile showed those copies as a large share of a push
+(``docs/performance.md``). So chunk messages are written here in protobuf's wire format directly,
+one copy, byte for byte what ``SerializeToString`` writes; and read as a view of the received bytes,
+no copy. Field numbers come from the generated descriptors: ``proto/hffm.proto`` stays the contract.
+
+Anything but a chunk message in that canonical form (a header, unknown or repeated fields, a
+malformed message) goes to the full protobuf parser, so every message is read as protobuf reads it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from services.rpc import pb
+
+_F_CHUNK = pb.PushRequest.DESCRIPTOR.fields_by_name["chunk"].number
+_F_INDEX = pb.Chunk.DESCRIPTOR.fields_by_name["module_index"].number
+_F_OFFSET = pb.Chunk.DESCRIPTOR.fields_by_name["offset"].number
+_F_DATA = pb.Chunk.DESCRIPTOR.fields_by_name["data"].number
+_LEN, _VARINT = 2, 0  # protobuf wire types
+_TAG_CHUNK = (_F_CHUNK << 3) | _LEN
+_TAG_INDEX = (_F_INDEX << 3) | _VARINT
+_TAG_OFFSET = (_F_OFFSET << 3) | _VARINT
+_TAG_DATA = (_F_DATA << 3) | _LEN
+assert max(_TAG_CHUNK, _TAG_INDEX, _TAG_OFFSET, _TAG_DATA) < 0x80  # one-byte tags below
+
+
+class RawChunk(NamedTuple):
+    """A chunk read without copying: ``data`` is a view of ``raw``, the message as received."""
+
+    module_index: int
+    offset: int
+    data: memoryview
+    raw: bytes
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def chunk_message(module_index: int, offset: int, data: bytes | memoryview) -> bytes:
+    """The serialized ``PushRequest{chunk: Chunk{module_index, offset, data}}``, as protobuf writes it
+    (proto3: zero-valued fields left out)."""
+    head = bytearray()
+    if module_index:
+        head += bytes((_TAG_INDEX,)) + _varint(module_index)
+    if offset:
+        head += bytes((_TAG_OFFSET,)) + _varint(offset)
+    n = len(data)
+    if n:
+        head += bytes((_TAG_DATA,)) + _varint(n)
+    return b"".join((bytes((_TAG_CHUNK,)), _varint(len(head) + n), head, data))
+
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    v = shift = 0
+    while pos < end and shift < 64:
+        b = buf[pos]
+        pos += 1
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v, pos
+        shift += 7
+    return None
+
+
+def _fast_chunk(buf: bytes) -> RawChunk | None:
+    """The chunk in ``buf`` if it is in the form ``chunk_message`` writes, else None."""
+    end = len(buf)
+    if end < 2 or buf[0] != _TAG_CHUNK:
+        return None
+    r = _read_varint(buf, 1, end)
+    if r is None or r[1] + r[0] != end:
+        return None
+    pos = r[1]
+    index = offset = 0
+    data = None
+    last = 0  # fields in increasing order, each at most once (what protobuf writes)
+    while pos < end:
+        tag = buf[pos]
+        pos += 1
+        if tag == _TAG_INDEX and last < 1:
+            r = _read_varint(buf, pos, end)
+            if r is None or r[0] >= 1 << 32:
+                return None
+            index, pos, last = r[0], r[1], 1
+        elif tag == _TAG_OFFSET and last < 2:
+            r = _read_varint(buf, pos, end)
+            if r is None:
+                return None
+            offset, pos, last = r[0], r[1], 2
+        elif tag == _TAG_DATA and last < 3:
+            r = _read_varint(buf, pos, end)
+            if r is None or r[1] + r[0] != end:  # data is the last field and ends the message
+                return None
+            data = memoryview(buf)[r[1] : end]
+            pos, last = end, 3
+        else:
+            return None
+    return RawChunk(index, offset, data if data is not None else memoryview(b""), buf)
+
+
+def parse_push_request(buf: bytes) -> RawChunk | pb.PushRequest:
+    """The server's request deserializer for ``Push``: chunks as views, everything else via protobuf."""
+    return _fast_chunk(buf) or pb.PushRequest.FromString(buf)
+
+
+def serialize_push_request(req: bytes | RawChunk | pb.PushRequest) -> bytes:
+    """The client's request serializer for ``Push``: chunk messages are already bytes."""
+    if isinstance(req, bytes):
+        return req
+    if isinstance(req, RawChunk):  # a relay passes chunks on as they came
+        return req.raw
+    return req.SerializeToString()
