@@ -25,7 +25,7 @@ import grpc
 
 from benchmarks.common import median, paper_config, paper_modules, timeit
 from hffm.methods import Collect
-from hffm.modules import encode_module
+from hffm.modules import encode_modules
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common.client import CHANNEL_OPTIONS, push_callable, push_requests
 from services.common.convert import step_to_pb
@@ -189,7 +189,7 @@ def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
             t0 = time.perf_counter()
             for m in modules.values():
                 m.version = r
-            encoded = [encode_module(m, wire) for m in modules.values()]
+            encoded = encode_modules(list(modules.values()), wire)  # as a node's Send does
             t1 = time.perf_counter()
             header = PushHeader(
                 push_id_for("device-0-0", "edge-0", r, "aggregate"),

@@ -20,7 +20,7 @@ import grpc
 from hffm.config import HFFMConfig
 from hffm.inbox import Inbox
 from hffm.methods import D2D, Collect, Evaluate, Send, Step, Train
-from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, encode_module, save_modules
+from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, encode_modules, save_modules
 from hffm.wire import ModuleHeader, PushAssembler, PushHeader, push_id_for
 from services.common.chunkwire import RawChunk
 from services.common.client import Channels, push_callable, push_modules
@@ -172,18 +172,21 @@ class NodeRuntime:
             train_s=state.train_s,
         )
 
-    def _encoded_module(self, name: str) -> EncodedModule:
+    def _encoded_modules(self, names: tuple[str, ...]) -> list[EncodedModule]:
+        """The modules' encodings, cached until the node adopts new modules (an edge's broadcast to
+        its devices encodes each module once); missing ones are encoded in parallel."""
         with self._lock:
-            em = self._encoded.get(name)
-            if em is None:
-                mod = self.modules.get(name)
-                if mod is None:
-                    raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {name}")
-                em = self._encoded[name] = encode_module(mod, self.cfg.wire.dtype)
-            return em
+            missing = [n for n in names if n not in self._encoded]
+            for n in missing:
+                if n not in self.modules:
+                    raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {n}")
+            mods = [self.modules[n] for n in missing]
+            for n, em in zip(missing, encode_modules(mods, self.cfg.wire.dtype), strict=True):
+                self._encoded[n] = em
+            return [self._encoded[n] for n in names]
 
     def _send(self, state: RoundState, s: Send) -> None:
-        encoded = [self._encoded_module(n) for n in s.modules]
+        encoded = self._encoded_modules(s.modules)
         first_hop = s.route[0] if s.route else s.to
         header = PushHeader(
             push_id=push_id_for(self.node_id, s.to, state.round, s.tag),
