@@ -27,18 +27,27 @@ def run_all(
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    sections: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t = time.time()
+        try:
+            return fn()
+        finally:
+            sections[name] = time.time() - t
+
     log("transfer: hffm push vs loopback socket (fp32, fp16)...")
-    tr = transfer.run(quick)
+    tr = timed("transfer", lambda: transfer.run(quick))
     log("aggregation: decode + FedAvg vs in-place multiply-add...")
-    ag = aggregation.run(quick)
-    sizes = sizes or ([10, 50] if quick else [10, 40, 100, 400, 1000])
+    ag = timed("aggregation", lambda: aggregation.run(quick))
+    sizes = sizes or ([10, 30] if quick else [10, 40, 100, 400, 1000])
     log(f"devices per machine: {sizes}...")
-    dv = devices.run_sweep(out, sizes, log)
+    dv = timed("devices", lambda: devices.run_sweep(out, sizes, log))
     flower_clients = flower_clients or ([2] if quick else [10, 20, 40])
     log(f"round overhead vs Flower: {flower_clients} clients...")
-    fl = flower.run_sweep(out / "flower", flower_clients, log)
+    fl = timed("flower", lambda: flower.run_sweep(out / "flower", flower_clients, log))
     log("time to accuracy: star, hfm, hfm-d2d...")
-    tta = accuracy.run_all(out, quick, log=log)
+    tta = timed("time_to_accuracy", lambda: accuracy.run_all(out, quick, log=log))
     bench = {
         "machine": machine(),
         "quick": quick,
@@ -54,6 +63,7 @@ def run_all(
         "details": {"transfer": tr, "aggregation": ag, "devices": dv, "flower": fl},
         "targets": TARGETS,
         "elapsed_s": time.time() - t0,
+        "section_s": sections,
     }
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     (out / "bench.md").write_text(markdown(bench))

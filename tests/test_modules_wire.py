@@ -301,3 +301,14 @@ def test_malformed_safetensors_rejected_like_the_library(blob, why):
             spec={"m": {"x": (2, 3)}},
         )
     assert e.value.reason == "bad_encoding"
+
+
+def test_parallel_encoding_gives_the_same_blobs():
+    from hffm.modules import encode_modules
+
+    big = {"w": (1024, 640), "b": (640,)}
+    mods = [make_module(f"adapter.{i}", big, seed=i) for i in range(4)]
+    par = encode_modules(mods, "fp32", workers=4)
+    ser = [encode_module(m, "fp32") for m in mods]
+    assert [e.name for e in par] == [m.name for m in mods]
+    assert [(bytes(a.data), a.sha256) for a in par] == [(bytes(b.data), b.sha256) for b in ser]
