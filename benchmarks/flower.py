@@ -100,6 +100,7 @@ def write_payload(path: Path) -> int:
 def flower_round(n: int, out: Path, log=print, timeout_s: float = 900.0) -> dict:
     """Time Flower FedAvg rounds with ``n`` SuperNodes; returns the ServerApp's measurements."""
     bin_dir = flower_env(log)
+    out = out.resolve()  # the processes run in ``out``: every path handed to them is absolute
     out.mkdir(parents=True, exist_ok=True)
     payload = out / "payload.npz"
     write_payload(payload)

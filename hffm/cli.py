@@ -293,6 +293,11 @@ def _int_list(option: str, text: str | None) -> list[int] | None:
 
 
 def main() -> None:
+    import signal
+    import sys
+
+    # SIGTERM (kill, systemd, a CI timeout) stops a run like Ctrl-C: every process it started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app()
 
 

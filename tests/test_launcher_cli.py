@@ -126,7 +126,8 @@ def test_failing_child_stops_everything_and_shows_its_log(tmp_path):
     assert _alive(str(tmp_path / "config.yaml")) == []
 
 
-def test_ctrl_c_stops_every_process(tmp_path):
+@pytest.mark.parametrize("sig, rc_want", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want):
     cmd = [
         sys.executable,
         "-m",
@@ -148,12 +149,12 @@ def test_ctrl_c_stops_every_process(tmp_path):
                 break
         assert any(x.startswith("round   1") for x in seen), "".join(seen)
         assert _alive(str(tmp_path / "config.yaml"))  # the federation is running
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         rc = p.wait(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
-    assert rc == 130
+    assert rc == rc_want
     time.sleep(0.5)
     assert _alive(str(tmp_path / "config.yaml")) == []
 
