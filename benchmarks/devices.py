@@ -69,15 +69,18 @@ def fit(points: list[dict]) -> dict:
 
 def run_sweep(out: Path, sizes: list[int], log=print) -> dict:
     points = []
+    error = None
     for n in sizes:
         log(f"  {n} devices...")
         try:
             points.append(one(n, out))
         except Exception as err:  # noqa: BLE001 - the largest size that completes is the result
+            error = f"{n} devices: {type(err).__name__}: {err}"
             log(f"  {n} devices failed: {err}")
             break
     return {
         "points": points,
+        "error": error,
         "fit": fit(points) if len(points) >= 2 else None,
         "max_devices": max((p["devices"] for p in points), default=0),
     }
