@@ -20,7 +20,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from rich.console import Console
 
 from benchmarks.common import MemoryWatch, paper_modules
 from hffm.config import PAPER_MODEL, load_config
-from services.launcher import REPO_ROOT, free_ports, run
+from services.launcher import REPO_ROOT, free_ports, run, stop_process_groups
 
 FLWR_VERSION = "1.39.0"  # the newest release whose Fleet API is gRPC (1.40 moved it to HTTP)
 APP_DIR = REPO_ROOT / "benchmarks" / "flower_app"
@@ -77,19 +76,6 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 
     raise FlowerUnavailable(f"{what} did not listen on {port} within {timeout_s:.0f}s")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process group (SuperNodes start SuperExec and ClientApp children), then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in procs:
-            try:
-                os.killpg(p.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + 5
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
 def write_payload(path: Path) -> int:
     """The paper-size module set as the arrays Flower exchanges; returns their size in bytes."""
     arrays = {f"{n}/{k}": t.numpy() for n, m in sorted(paper_modules().items()) for k, t in sorted(m.tensors.items())}
@@ -130,57 +116,56 @@ def flower_round(n: int, out: Path, log=print, timeout_s: float = 900.0) -> dict
 
     result_file = out / "flower.json"
     result_file.unlink(missing_ok=True)
-    watch = MemoryWatch(str(VENV), MEMORY_FLOOR, on_low=lambda: _stop(procs))
-    try:
-        watch.__enter__()
-        link = start(
-            "superlink",
-            str(bin_dir / "flower-superlink"),
-            "--insecure",
-            "--fleet-api-address",
-            f"127.0.0.1:{fleet}",
-            "--port",
-            str(http),
-            "--disable-runtime-dependency-installation",
-        )
-        _wait_port(http, link, "flower-superlink")
-        _wait_port(fleet, link, "flower-superlink (Fleet API)")
-        for i, port in enumerate(node_ports):
-            start(
-                f"supernode-{i}",
-                str(bin_dir / "flower-supernode"),
+    with MemoryWatch(str(VENV), MEMORY_FLOOR, on_low=lambda: stop_process_groups(procs)) as watch:
+        try:
+            link = start(
+                "superlink",
+                str(bin_dir / "flower-superlink"),
                 "--insecure",
-                "--superlink",
+                "--fleet-api-address",
                 f"127.0.0.1:{fleet}",
                 "--port",
-                str(port),
+                str(http),
+                "--disable-runtime-dependency-installation",
             )
-        run_config = f'num-clients={n} rounds={ROUNDS} payload="{payload}" out="{result_file}"'
-        t0 = time.perf_counter()
-        r = subprocess.run(
-            [str(bin_dir / "flwr"), "run", str(APP_DIR), "bench", "--run-config", run_config, "--stream"],
-            env=env,
-            cwd=out,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-        (logs / "flwr-run.log").write_text(r.stdout + r.stderr)
-        if watch.low:
-            raise FlowerUnavailable(
-                f"out of memory: {n} SuperNodes reached {watch.peak / 2**30:.1f} GiB and the machine fell below "
-                f"{MEMORY_FLOOR / 2**30:.1f} GiB available; the run was stopped"
+            _wait_port(http, link, "flower-superlink")
+            _wait_port(fleet, link, "flower-superlink (Fleet API)")
+            for i, port in enumerate(node_ports):
+                start(
+                    f"supernode-{i}",
+                    str(bin_dir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{fleet}",
+                    "--port",
+                    str(port),
+                )
+            run_config = f'num-clients={n} rounds={ROUNDS} payload="{payload}" out="{result_file}"'
+            t0 = time.perf_counter()
+            r = subprocess.run(
+                [str(bin_dir / "flwr"), "run", str(APP_DIR), "bench", "--run-config", run_config, "--stream"],
+                env=env,
+                cwd=out,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
             )
-        if not result_file.exists():
-            raise FlowerUnavailable(f"the Flower run wrote no result (rc {r.returncode}); see {logs / 'flwr-run.log'}")
-        res = json.loads(result_file.read_text())
-        res["run_s"] = time.perf_counter() - t0
-        res["flwr"] = FLWR_VERSION
-        res["peak_rss_bytes"] = watch.peak
-        return res
-    finally:
-        watch.__exit__()
-        _stop(procs)
+            (logs / "flwr-run.log").write_text(r.stdout + r.stderr)
+            if watch.low:
+                raise FlowerUnavailable(
+                    f"out of memory: {n} SuperNodes reached {watch.peak / 2**30:.1f} GiB and the machine fell below "
+                    f"{MEMORY_FLOOR / 2**30:.1f} GiB available; the run was stopped"
+                )
+            if not result_file.exists():
+                why = f"the Flower run wrote no result (rc {r.returncode}); see {logs / 'flwr-run.log'}"
+                raise FlowerUnavailable(why)
+            res = json.loads(result_file.read_text())
+            res["run_s"] = time.perf_counter() - t0
+            res["flwr"] = FLWR_VERSION
+            res["peak_rss_bytes"] = watch.peak
+            return res
+        finally:
+            stop_process_groups(procs)
 
 
 def hffm_config(n: int):

@@ -155,24 +155,34 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _stop_all(procs: list[Proc], grace_s: float = 5.0) -> None:
-    for p in procs:
-        if p.popen.poll() is None:
+def stop_process_groups(popens: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    """Stop processes started with ``start_new_session``: SIGTERM each one's process group, wait up to
+    ``grace_s``, then SIGKILL every group (children that outlived their leader included) and reap."""
+
+    def signal_groups(sig: signal.Signals) -> None:
+        for p in popens:
             try:
-                os.killpg(p.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.killpg(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
                 pass
+
+    signal_groups(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    for p in procs:
-        left = max(0.1, deadline - time.monotonic())
+    for p in popens:
         try:
-            p.popen.wait(left)
+            p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.popen.wait(5)
+            pass
+    signal_groups(signal.SIGKILL)
+    for p in popens:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _stop_all(procs: list[Proc], grace_s: float = 5.0) -> None:
+    stop_process_groups([p.popen for p in procs], grace_s)
 
 
 def run(
