@@ -102,7 +102,8 @@ def plot_accuracy(ax, rounds: list[dict[str, Any]]) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no round was evaluated
+        ax.legend(fontsize=8)
 
 
 def plot_bytes_by_link(ax, rounds: list[dict[str, Any]]) -> None:
