@@ -242,3 +242,29 @@ def test_topology_command_prints_and_draws(tmp_path):
     assert "edge-1 at (" in r.output and "uplink" in r.output and "path device-0-" in r.output
     assert "[head]" in r.output
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_cloud_that_ends_before_its_progress_stream_is_seen(tmp_path, code):
+    """A short run can end while the launcher's Watch channel is still backing off: a cloud that exits
+    0 hands the verdict to results.json; one that fails is a RunFailed naming its code."""
+    from hffm.model import backbone_dims
+    from hffm.topology import Topology
+    from services.launcher import Proc, _follow
+
+    cfg = load_config(None, SMALL)
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    log = tmp_path / "cloud.log"
+    with open(log, "wb") as fh:
+        cloud = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"], stdout=fh, stderr=fh)
+    cloud.wait()
+    addr = f"127.0.0.1:{free_ports(1, '127.0.0.1')[0]}"  # nothing ever listens here
+    procs = [Proc("cloud", cloud, log)]
+    console = Console(file=io.StringIO())
+    t0 = time.monotonic()
+    if code == 0:
+        _follow(cfg, topo, addr, procs, console, time.monotonic() + 30)
+    else:
+        with pytest.raises(RunFailed, match="cloud exited with code 3"):
+            _follow(cfg, topo, addr, procs, console, time.monotonic() + 30)
+    assert time.monotonic() - t0 < 10
