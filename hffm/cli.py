@@ -293,9 +293,12 @@ def _int_list(option: str, text: str | None) -> list[int] | None:
 
 
 def main() -> None:
+    import faulthandler
     import signal
     import sys
 
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck run waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # SIGTERM (kill, systemd, a CI timeout) stops a run like Ctrl-C: every process it started is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app()

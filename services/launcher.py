@@ -294,24 +294,48 @@ def _hold(prom: subprocess.Popen, url: str, hold_s: float | None, console: Conso
         time.sleep(hold_s)
 
 
-def _watch(cloud_addr: str, events: queue.Queue, stop: threading.Event) -> None:
-    """Follow the cloud's progress stream into ``events`` (reconnecting while it is not up)."""
-    from services.rpc import pb, pb_grpc
+class _Watcher(threading.Thread):
+    """Follows the cloud's progress stream into ``events``, reconnecting while it is not up.
 
-    # The cloud is still importing when this starts: retry the connection every 0.1-0.5 s, not
-    # with gRPC's default backoff (1 s growing 1.6x), which a short run can end inside.
-    opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
-    with grpc.insecure_channel(cloud_addr, options=opts) as ch:
-        stub = pb_grpc.CoordinatorStub(ch)
-        while not stop.is_set():
-            try:
-                for ev in stub.Watch(pb.WatchRequest(), wait_for_ready=True, timeout=3600):
-                    events.put(ev)
-                    if ev.phase in ("done", "failed"):
+    ``close()`` cancels the open stream and joins the thread, so no gRPC call or channel outlives
+    the run (an RPC left blocking in a thread can hold up the interpreter's exit)."""
+
+    def __init__(self, cloud_addr: str) -> None:
+        super().__init__(name="hffm-watch", daemon=True)
+        self.cloud_addr = cloud_addr
+        self.events: queue.Queue = queue.Queue()
+        self._stop_ev = threading.Event()
+        self._lock = threading.Lock()
+        self._call = None
+
+    def run(self) -> None:
+        from services.rpc import pb, pb_grpc
+
+        # The cloud is still importing when this starts: retry the connection every 0.1-0.5 s, not
+        # with gRPC's default backoff (1 s growing 1.6x), which a short run can end inside.
+        opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+        with grpc.insecure_channel(self.cloud_addr, options=opts) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            while not self._stop_ev.is_set():
+                with self._lock:
+                    if self._stop_ev.is_set():
                         return
-            except grpc.RpcError:
-                pass
-            stop.wait(0.3)
+                    self._call = stub.Watch(pb.WatchRequest(), wait_for_ready=True, timeout=3600)
+                try:
+                    for ev in self._call:
+                        self.events.put(ev)
+                        if ev.phase in ("done", "failed"):
+                            return
+                except grpc.RpcError:
+                    pass
+                self._stop_ev.wait(0.3)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            self._stop_ev.set()
+            if self._call is not None:
+                self._call.cancel()
+        self.join(timeout_s)
 
 
 def _follow(
@@ -337,9 +361,8 @@ def _follow(
             console.print(_tail(p.log), markup=False, highlight=False)
             raise RunFailed(f"{p.name} exited with code {rc}")
 
-    events: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(cloud_addr, events, stop), daemon=True)
+    watcher = _Watcher(cloud_addr)
+    events = watcher.events
     watcher.start()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
@@ -372,7 +395,7 @@ def _follow(
                 elif ev.phase == "failed":
                     raise RunFailed(f"the cloud reported failure: {ev.message}")
     finally:
-        stop.set()
+        watcher.close()
 
 
 def _fmt(x: float | None, digits: int) -> str:

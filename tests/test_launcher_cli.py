@@ -150,7 +150,13 @@ def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want):
         assert any(x.startswith("round   1") for x in seen), "".join(seen)
         assert _alive(str(tmp_path / "config.yaml"))  # the federation is running
         p.send_signal(sig)
-        rc = p.wait(timeout=60)
+        try:
+            rc = p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGUSR1)  # the CLI's faulthandler: every thread's stack, to show the hang
+            time.sleep(2)
+            p.kill()
+            pytest.fail(f"no exit 60 s after {sig.name}; its stacks:\n" + p.stdout.read()[-20000:])
     finally:
         if p.poll() is None:
             p.kill()
