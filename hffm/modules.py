@@ -196,6 +196,58 @@ def expected_size_bound(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return numel * 4 + 16_384 + 256 * len(shapes)
 
 
+class ArrivalCheck:
+    """What a receiver computes on a module's bytes as they arrive, each chunk once while it is still
+    in cache: the SHA-256 of the blob, and whether every value of its data region is finite.
+
+    Call ``update(buf, end)`` after bytes up to ``end`` of ``buf`` (the module's receive buffer) were
+    written. ``finite`` is True/False once the whole blob went through, or None when it could not be
+    decided on the way (a header length that does not fit, a data region not aligned to the wire
+    dtype): ``decode_module`` then checks finiteness itself. The finiteness decided here concerns the
+    bytes from the header's end to the blob's end, which ``decode_module`` accepts only if they are
+    exactly the tensors' data, all in the wire dtype."""
+
+    def __init__(self, wire_dtype: str, size: int) -> None:
+        self.sha = hashlib.sha256()
+        self._dtype = WIRE_DTYPES.get(wire_dtype)
+        self._size = size
+        self._hashed = 0  # bytes hashed so far
+        self._checked = -1  # data region checked up to here; -1: data start not known yet
+        self._finite: bool | None = None if self._dtype is None else True
+
+    def update(self, buf: bytearray, end: int) -> None:
+        self.sha.update(memoryview(buf)[self._hashed : end])
+        self._hashed = end
+        if self._finite is None or self._dtype is None:
+            return
+        if self._checked < 0:
+            if end < 8:
+                return
+            (n,) = struct.unpack_from("<Q", buf, 0)
+            base = 8 + n
+            if n > min(self._size - 8, MAX_HEADER_BYTES) or base % self._dtype.itemsize:
+                self._finite = None  # decode_module rejects it or checks it itself
+                return
+            self._checked = base
+        item = self._dtype.itemsize
+        stop = self._checked + (max(0, end - self._checked) // item) * item
+        if stop > self._checked:
+            t = torch.frombuffer(buf, dtype=self._dtype, count=(stop - self._checked) // item, offset=self._checked)
+            if not all_finite(t):
+                self._finite = False
+            self._checked = stop
+
+    @property
+    def finite(self) -> bool | None:
+        """True/False when the whole data region was checked on arrival, else None."""
+        if self._finite is False:
+            return False
+        return self._finite if self._checked == self._size == self._hashed else None
+
+    def digest(self) -> bytes:
+        return self.sha.digest()
+
+
 def decode_module(
     data: bytes | bytearray | memoryview,
     *,
@@ -206,11 +258,13 @@ def decode_module(
     sha256: bytes,
     spec: ModuleSpec,
     computed_sha256: bytes | None = None,
+    finite: bool | None = None,
 ) -> Module:
     """Verify and decode one module blob received with the given header fields.
 
     ``computed_sha256``: the digest of ``data`` when the caller already hashed it (incrementally, as
-    chunks arrived); otherwise it is computed here."""
+    chunks arrived); otherwise it is computed here. ``finite``: True when the caller checked on arrival
+    that every value of the data region is finite (``ArrivalCheck``); otherwise it is checked here."""
     if name not in spec:
         raise ModuleError("INVALID_ARGUMENT", "unknown_module", f"unknown module name {name!r}")
     if dtype not in WIRE_DTYPES:
@@ -257,7 +311,7 @@ def decode_module(
     item = wire.itemsize
     by_offset = sorted(entries.items(), key=lambda e: e[1][2])
     out = {key: region[b // item : e // item].view(shape) for key, (_, shape, b, e) in by_offset}
-    if not all_finite(region):
+    if finite is not True and not all_finite(region):
         bad = next(k for k, t in out.items() if not all_finite(t))
         raise ModuleError("INVALID_ARGUMENT", "non_finite", f"module {name}: tensor {bad} has NaN or Inf")
     flat = region if [k for k, _ in by_offset] == sorted(out) else None
@@ -277,10 +331,10 @@ def _region(buf: bytearray, dtype: torch.dtype, base: int) -> torch.Tensor:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``. One reduction (a sum is finite only if every element is); only when the
-    sum is not finite — a NaN/Inf, or finite values overflowing the sum — the exact element-wise check
-    decides."""
-    if bool(torch.isfinite(t.sum())):
+    """No NaN or Inf in ``t``. One reduction (a sum is finite only if every element is; half types are
+    summed in fp32); only when the sum is not finite — a NaN/Inf, or finite values overflowing the sum —
+    the exact element-wise check decides."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return True
     return bool(torch.isfinite(t).all())
 

@@ -8,11 +8,18 @@ out of order, oversized or not matching its digest, before any state is touched.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from hffm.modules import EncodedModule, Module, ModuleError, ModuleSpec, decode_module, expected_size_bound
+from hffm.modules import (
+    ArrivalCheck,
+    EncodedModule,
+    Module,
+    ModuleError,
+    ModuleSpec,
+    decode_module,
+    expected_size_bound,
+)
 
 MAX_CHUNK_BYTES = 1 << 20
 
@@ -91,9 +98,9 @@ class PushAssembler:
         self.spec = spec
         self.max_chunk_bytes = max_chunk_bytes
         self._bufs: list[bytearray | None] = [None] * len(header.modules)
-        # SHA-256 of each module, updated as its chunks arrive (hashlib releases the GIL on large
-        # updates, so hashing overlaps with gRPC receiving the next chunk)
-        self._hashes = [hashlib.sha256() for _ in header.modules]
+        # SHA-256 and finiteness of each module, updated as its chunks arrive, while each chunk is in
+        # cache (hashlib releases the GIL on large updates: hashing overlaps with receiving the next chunk)
+        self._checks = [ArrivalCheck(m.dtype, m.size_bytes) for m in header.modules]
         self._index = 0
         self._offset = 0
         self.bytes_received = 0
@@ -126,7 +133,7 @@ class PushAssembler:
         if buf is None:
             buf = self._bufs[self._index] = bytearray(mh.size_bytes)
         buf[offset : offset + n] = data
-        self._hashes[self._index].update(data)
+        self._checks[self._index].update(buf, offset + n)
         self._offset += n
         self.bytes_received += n
 
@@ -156,7 +163,8 @@ class PushAssembler:
                     dtype=mh.dtype,
                     sha256=mh.sha256,
                     spec=self.spec,
-                    computed_sha256=self._hashes[i].digest(),
+                    computed_sha256=self._checks[i].digest(),
+                    finite=self._checks[i].finite,
                 )
             )
             self._bufs[i] = None  # release as we go

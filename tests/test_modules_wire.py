@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from hffm.modules import ModuleError, decode_module, encode_module, spec_of
+from hffm.modules import Module, ModuleError, decode_module, encode_module, spec_of
 from hffm.wire import MAX_CHUNK_BYTES, ModuleHeader, PushAssembler, PushHeader, chunks
 from tests.conftest import make_module
 
@@ -173,7 +173,8 @@ def test_incremental_digest_matches_and_still_rejects():
     pieces = list(chunks(ems, 4096))
     for i, off, data in pieces:
         asm.add_chunk(i, off, bytes(data))
-    assert asm._hashes[0].digest() == hashlib.sha256(ems[0].data).digest()
+    assert asm._checks[0].digest() == hashlib.sha256(ems[0].data).digest()
+    assert asm._checks[0].finite is True  # decided on arrival: decode does not check again
     assert torch.equal(asm.finish()[0].tensors["a.up.weight"], m.tensors["a.up.weight"])
     # a flipped byte in transit is caught by the incremental digest
     asm = PushAssembler(h, spec)
@@ -312,3 +313,70 @@ def test_parallel_encoding_gives_the_same_blobs():
     ser = [encode_module(m, "fp32") for m in mods]
     assert [e.name for e in par] == [m.name for m in mods]
     assert [(bytes(a.data), a.sha256) for a in par] == [(bytes(b.data), b.sha256) for b in ser]
+
+
+def _assemble(h, ems, spec, piece_sizes):
+    """Feed each module's blob in pieces of the given sizes (cycled), as a sender with odd chunks would."""
+    asm = PushAssembler(h, spec)
+    for i, em in enumerate(ems):
+        off, k = 0, 0
+        while off < em.size_bytes:
+            n = piece_sizes[k % len(piece_sizes)]
+            asm.add_chunk(i, off, bytes(em.data[off : off + n]))
+            off, k = off + n, k + 1
+    return asm
+
+
+@pytest.mark.parametrize("wire", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("pieces", [[4096], [4095], [1, 7, 3, 1000], [MAX_CHUNK_BYTES]])
+def test_finiteness_checked_on_arrival_whatever_the_chunking(wire, pieces):
+    """A NaN or Inf anywhere (a value split across chunks included) is caught by the check made as the
+    bytes arrive, and the push is rejected naming the tensor; clean pushes decode to the same values."""
+    m = make_module("adapter.0", SHAPES)
+    spec = spec_of({m.name: m.tensors})
+    h, ems = _push([m], wire)
+    asm = _assemble(h, ems, spec, pieces)
+    assert asm._checks[0].finite is True
+    assert asm._checks[0].digest() == ems[0].sha256
+    back = asm.finish()[0]
+    assert torch.equal(back.tensors["a.up.weight"], _decode(ems[0], spec).tensors["a.up.weight"])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for key, pos in (("a.down.bias", 0), ("a.up.weight", 1023), ("a.up.weight", -1)):
+            t = {k: v.clone() for k, v in m.tensors.items()}
+            t[key].view(-1)[pos] = bad
+            h2, ems2 = _push([Module("adapter.0", t, 1, 1.0)], wire)
+            asm = _assemble(h2, ems2, spec, pieces)
+            assert asm._checks[0].finite is False
+            with pytest.raises(ModuleError, match=f"tensor {key} has NaN or Inf") as e:
+                asm.finish()
+            assert e.value.reason == "non_finite"
+
+
+def test_finiteness_left_to_decode_when_the_data_region_is_unaligned():
+    """A valid blob from another writer whose data does not start on a 4-byte boundary: the arrival check
+    cannot view it as floats, says so (None), and decode_module checks it itself."""
+    import json
+    import struct
+
+    from hffm.modules import ArrivalCheck
+
+    vals = torch.tensor([1.0, float("nan"), 3.0])
+    hdr = json.dumps({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}).encode()
+    hdr += b" " * ((5 - len(hdr)) % 8)  # 8 + len(hdr) = 5 (mod 8): misaligned
+    blob = bytearray(struct.pack("<Q", len(hdr)) + hdr + vals.numpy().tobytes())
+    assert (8 + len(hdr)) % 4
+    chk = ArrivalCheck("fp32", len(blob))
+    chk.update(blob, len(blob))
+    assert chk.finite is None and chk.digest() == hashlib.sha256(blob).digest()
+    with pytest.raises(ModuleError, match="NaN or Inf"):
+        decode_module(
+            blob,
+            name="m",
+            version=1,
+            num_samples=1.0,
+            dtype="fp32",
+            sha256=chk.digest(),
+            spec={"m": {"x": (3,)}},
+            computed_sha256=chk.digest(),
+            finite=chk.finite,
+        )
