@@ -274,3 +274,42 @@ def test_cloud_that_ends_before_its_progress_stream_is_seen(tmp_path, code):
         with pytest.raises(RunFailed, match="cloud exited with code 3"):
             _follow(cfg, topo, addr, procs, console, time.monotonic() + 30)
     assert time.monotonic() - t0 < 10
+
+
+def test_progress_watcher_is_cancelled_and_joined(tmp_path):
+    """The launcher's watcher holds a stream the cloud never ends (a cloud that sends nothing): closing
+    it cancels the stream and the thread ends, so no RPC outlives the run."""
+    from concurrent import futures
+
+    import grpc
+
+    from services.launcher import _Watcher
+    from services.rpc import pb, pb_grpc
+
+    opened = []
+
+    class Silent(pb_grpc.CoordinatorServicer):
+        def Watch(self, request, context):  # noqa: N802
+            opened.append(1)
+            while context.is_active():
+                time.sleep(0.05)
+            return
+            yield pb.Progress()
+
+    srv = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_CoordinatorServicer_to_server(Silent(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        w = _Watcher(f"127.0.0.1:{port}")
+        w.start()
+        end = time.monotonic() + 10
+        while not opened and time.monotonic() < end:
+            time.sleep(0.05)
+        assert opened, "the watcher never opened its stream"
+        t0 = time.monotonic()
+        w.close()
+        assert not w.is_alive() and time.monotonic() - t0 < 3
+        assert w.events.empty()
+    finally:
+        srv.stop(0)
