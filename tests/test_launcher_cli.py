@@ -139,7 +139,17 @@ def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want):
         "--set",
         "rounds=200",
     ]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT, text=True)
+    # As from a terminal: SIGINT handled by default. A test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN.
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        cwd=REPO_ROOT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = []
     deadline = time.monotonic() + 180
     try:
