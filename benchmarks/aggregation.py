@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import median, paper_modules, timeit
+from benchmarks.common import interleaved, median, paper_modules
 from hffm.aggregation import FedAvg
 from hffm.modules import ArrivalCheck, decode_module, encode_module, spec_of
 from hffm.wire import MAX_CHUNK_BYTES
@@ -41,7 +42,8 @@ def _arrival(e) -> tuple[bytes, bool | None]:
     return chk.digest(), chk.finite
 
 
-def hffm_time(n: int, repeat: int, arrival: bool = False) -> float:
+def hffm_fn(n: int, arrival: bool = False) -> Callable[[], None]:
+    """One pass: n uploads decoded and folded into a fresh FedAvg, then its result."""
     mods, encoded = _uploads(n)
     spec = spec_of({k: m.tensors for k, m in mods.items()})
     done_on_arrival = [(e.sha256, True) for e in encoded]  # what ArrivalCheck found while receiving
@@ -67,10 +69,11 @@ def hffm_time(n: int, repeat: int, arrival: bool = False) -> float:
             agg.add(f"d{i}", decoded)
         agg.result(1)
 
-    return median(timeit(once, repeat))
+    return once
 
 
-def baseline_time(n: int, repeat: int) -> float:
+def baseline_fn(n: int) -> Callable[[], None]:
+    """One pass: n in-place multiply-adds of the module set's tensors into an accumulator."""
     mods = paper_modules()
     tensors = [t for m in mods.values() for t in m.tensors.values()]
     acc = [torch.zeros_like(t) for t in tensors]
@@ -80,7 +83,7 @@ def baseline_time(n: int, repeat: int) -> float:
             for a, t in zip(acc, tensors, strict=True):
                 a.add_(t, alpha=10.0)
 
-    return median(timeit(once, repeat))
+    return once
 
 
 CHILD = r"""
@@ -114,17 +117,18 @@ def peak_sets(n: int) -> float:
 
 def run(quick: bool = False) -> dict:
     n = 10 if quick else SENDERS
-    repeat = 2 if quick else 3
-    t_hffm = hffm_time(n, repeat)
-    t_base = baseline_time(n, repeat)
-    t_arrival = hffm_time(n, repeat, arrival=True)
+    repeat = 3 if quick else 5
+    # hffm, the baseline and hffm with the arrival checks taken in turn, repeat times; each ratio is the
+    # median of the ratios of passes run side by side.
+    t = interleaved({"hffm": hffm_fn(n), "base": baseline_fn(n), "arrival": hffm_fn(n, arrival=True)}, repeat)
     return {
         "senders": n,
-        "hffm_s": t_hffm,
-        "baseline_s": t_base,
-        "ratio": t_base / t_hffm,
-        "hffm_with_arrival_s": t_arrival,
-        "ratio_with_arrival": t_base / t_arrival,
+        "repeat": repeat,
+        "hffm_s": median(t["hffm"]),
+        "baseline_s": median(t["base"]),
+        "ratio": median([b / h for b, h in zip(t["base"], t["hffm"], strict=True)]),
+        "hffm_with_arrival_s": median(t["arrival"]),
+        "ratio_with_arrival": median([b / a for b, a in zip(t["base"], t["arrival"], strict=True)]),
         "peak_sets_above_idle": peak_sets(n),
         "peak_sets_above_idle_10": peak_sets(10) if n != 10 else None,
     }

@@ -45,6 +45,21 @@ def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float
     return out
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each function ``repeat`` times, taking them in turn (a, b, a, b, ...) so that a burst of
+    load on this shared machine hits the measurements being compared alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
