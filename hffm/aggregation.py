@@ -89,7 +89,12 @@ class FedAvg(Aggregator):
         out: ModuleSet = {}
         for name, acc in self._sum.items():
             w = self._weight[name]
-            out[name] = Module(name, {k: v / w for k, v in acc.items()}, version, w)
+            f = self._flat.get(name)
+            if f is not None:  # one division for the module; its tensors view the result (same layout)
+                mean = f / w
+                out[name] = Module(name, _views(mean, acc), version, w, flat=mean)
+            else:
+                out[name] = Module(name, {k: v / w for k, v in acc.items()}, version, w)
         return out
 
 
