@@ -23,6 +23,13 @@ def _decode(em, spec, **kw):
     return decode_module(em.data, **args)
 
 
+def _decode_blob(blob, spec, name="adapter.0", dtype="fp32", **kw):
+    """``decode_module`` of a raw blob sent with its true digest, version 1 and weight 1."""
+    args = dict(name=name, version=1, num_samples=1.0, dtype=dtype, sha256=hashlib.sha256(blob).digest(), spec=spec)
+    args.update(kw)
+    return decode_module(blob, **args)
+
+
 def test_fp32_round_trip_is_exact():
     m = make_module("adapter.0", SHAPES, version=3, num_samples=17)
     em = encode_module(m)
@@ -69,9 +76,7 @@ def test_bad_tensors_rejected(mutate, reason):
     spec = spec_of({m.name: m.tensors})
     data = st_save({k: v.contiguous() for k, v in mutate(m.tensors).items()})
     with pytest.raises(ModuleError) as e:
-        decode_module(
-            data, name=m.name, version=1, num_samples=1.0, dtype="fp32", sha256=hashlib.sha256(data).digest(), spec=spec
-        )
+        _decode_blob(data, spec, name=m.name)
     assert e.value.reason == reason and e.value.code == "INVALID_ARGUMENT"
 
 
@@ -83,15 +88,7 @@ def test_unknown_module_and_garbage_rejected():
         _decode(em, spec, name="adapter.99")
     junk = b"\x00" * 64
     with pytest.raises(ModuleError, match="safetensors"):
-        decode_module(
-            junk,
-            name="adapter.0",
-            version=1,
-            num_samples=1.0,
-            dtype="fp32",
-            sha256=hashlib.sha256(junk).digest(),
-            spec=spec,
-        )
+        _decode_blob(junk, spec)
 
 
 def _push(mods, wire="fp32"):
@@ -220,15 +217,7 @@ def test_library_blobs_decode_the_same(wire):
     m = make_module("adapter.0", SHAPES)
     blob = st_save({k: v.to(wire) for k, v in m.tensors.items()}, metadata={"name": "adapter.0"})
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[wire]
-    got = decode_module(
-        blob,
-        name="adapter.0",
-        version=1,
-        num_samples=1.0,
-        dtype=name,
-        sha256=hashlib.sha256(blob).digest(),
-        spec=spec_of({m.name: m.tensors}),
-    )
+    got = _decode_blob(blob, spec_of({m.name: m.tensors}), dtype=name)
     ref = st_load(blob)
     for k in SHAPES:
         assert torch.equal(got.tensors[k], ref[k].to(torch.float32))
@@ -242,9 +231,7 @@ def test_decoded_tensors_are_views_of_the_received_buffer():
     em = encode_module(m)
     buf = bytearray(em.data)
     start = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    back = decode_module(
-        buf, name=em.name, version=1, num_samples=1.0, dtype="fp32", sha256=em.sha256, spec=spec_of({m.name: m.tensors})
-    )
+    back = _decode_blob(buf, spec_of({m.name: m.tensors}))
     for t in back.tensors.values():
         assert start <= t.data_ptr() < start + len(buf)
     # an immutable input is copied first: the tensors never alias bytes the caller may reuse
@@ -292,15 +279,7 @@ def test_malformed_safetensors_rejected_like_the_library(blob, why):
     with pytest.raises(Exception):  # noqa: B017 - the library refuses every one of them too
         st_load(blob)
     with pytest.raises(ModuleError) as e:
-        decode_module(
-            blob,
-            name="m",
-            version=1,
-            num_samples=1.0,
-            dtype="fp32",
-            sha256=hashlib.sha256(blob).digest(),
-            spec={"m": {"x": (2, 3)}},
-        )
+        _decode_blob(blob, {"m": {"x": (2, 3)}}, name="m")
     assert e.value.reason == "bad_encoding"
 
 
@@ -369,14 +348,4 @@ def test_finiteness_left_to_decode_when_the_data_region_is_unaligned():
     chk.update(blob, len(blob))
     assert chk.finite is None and chk.digest() == hashlib.sha256(blob).digest()
     with pytest.raises(ModuleError, match="NaN or Inf"):
-        decode_module(
-            blob,
-            name="m",
-            version=1,
-            num_samples=1.0,
-            dtype="fp32",
-            sha256=chk.digest(),
-            spec={"m": {"x": (3,)}},
-            computed_sha256=chk.digest(),
-            finite=chk.finite,
-        )
+        _decode_blob(blob, {"m": {"x": (3,)}}, name="m", computed_sha256=chk.digest(), finite=chk.finite)
