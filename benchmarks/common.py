@@ -35,14 +35,7 @@ def paper_modules(version: int = 1, num_samples: float = 10.0) -> ModuleSet:
 
 
 def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    return interleaved({"fn": fn}, repeat, warmup)["fn"]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -144,6 +144,17 @@ def _encode(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, meta: dict[
     return buf
 
 
+def _header_length(data: bytes | bytearray | memoryview, n_all: int) -> int:
+    """The JSON header's length from a blob of ``n_all`` bytes whose first 8 are in ``data``; ValueError
+    when it cannot be one (past the blob, or over the library's bound)."""
+    if n_all < 8 or len(data) < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", data, 0)
+    if n > min(n_all - 8, MAX_HEADER_BYTES):
+        raise ValueError(f"header length {n} runs past the {n_all} B blob")
+    return n
+
+
 TensorEntry = tuple[str, tuple[int, ...], int, int]  # (safetensors dtype code, shape, begin, end)
 
 
@@ -151,11 +162,7 @@ def parse_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, T
     """Check a safetensors blob's structure as the library does; return ``({name: (dtype code, shape,
     begin, end)}, metadata, data start)`` with offsets relative to the data start. Raises ValueError."""
     n_all = len(data)
-    if n_all < 8:
-        raise ValueError("shorter than the 8-byte header length")
-    (n,) = struct.unpack_from("<Q", data, 0)
-    if n > min(n_all - 8, MAX_HEADER_BYTES):
-        raise ValueError(f"header length {n} runs past the {n_all} B blob")
+    n = _header_length(data, n_all)
     try:
         header = json.loads(bytes(data[8 : 8 + n]))
     except (ValueError, UnicodeDecodeError) as err:
@@ -218,18 +225,20 @@ class ArrivalCheck:
     def update(self, buf: bytearray, end: int) -> None:
         self.sha.update(memoryview(buf)[self._hashed : end])
         self._hashed = end
-        if self._finite is None or self._dtype is None:
+        if self._finite is not True:  # decided (a NaN/Inf seen) or left to decode_module
             return
+        item = self._dtype.itemsize
         if self._checked < 0:
             if end < 8:
                 return
-            (n,) = struct.unpack_from("<Q", buf, 0)
-            base = 8 + n
-            if n > min(self._size - 8, MAX_HEADER_BYTES) or base % self._dtype.itemsize:
-                self._finite = None  # decode_module rejects it or checks it itself
+            try:
+                base = 8 + _header_length(buf, self._size)
+            except ValueError:
+                base = -1  # decode_module rejects the blob
+            if base < 0 or base % item:
+                self._finite = None
                 return
             self._checked = base
-        item = self._dtype.itemsize
         stop = self._checked + (max(0, end - self._checked) // item) * item
         if stop > self._checked:
             t = torch.frombuffer(buf, dtype=self._dtype, count=(stop - self._checked) // item, offset=self._checked)

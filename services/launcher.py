@@ -316,8 +316,8 @@ class _Watcher(threading.Thread):
         opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
         with grpc.insecure_channel(self.cloud_addr, options=opts) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
-            while not self._stop_ev.is_set():
-                with self._lock:
+            while True:
+                with self._lock:  # close() sets the stop and cancels the call under this lock
                     if self._stop_ev.is_set():
                         return
                     self._call = stub.Watch(pb.WatchRequest(), wait_for_ready=True, timeout=3600)
