@@ -1,20 +1,30 @@
 """Aggregation rules behind one small interface.
 
-Contract of an ``Aggregator``:
-- ``add(sender, modules)`` folds one sender's modules in. It is all-or-nothing: it validates every
-  module first and raises ``ModuleError`` without changing state if any is unacceptable.
-- ``result(version)`` returns the aggregate of every module received from at least one sender (a
-  task head is therefore averaged only over the nodes that train that task), or an empty set when
-  nothing arrived.
-- Memory is O(one module set) for FedAvg (a running weighted sum), whatever the number of senders.
+Contract of an ``Aggregator`` (the base class does the bookkeeping; a rule implements ``_fold`` and
+``_result``):
+- ``add(sender, modules)`` takes one sender's modules. It is all-or-nothing: ``validate`` checks every
+  module (weight, and shape against the round's reference module or the first sender's) and raises
+  ``ModuleError`` without changing state if any is unacceptable.
+- Senders are folded in a canonical ``order`` (given at construction: the collect step's senders),
+  whatever order they arrive in: a sender that arrives early waits in ``pending`` until every sender
+  before it was folded or ``result`` is asked for. Floating-point sums therefore do not depend on
+  network timing, and the same contributors give the same aggregate bit for bit.
+- ``result(version)`` folds what is still pending (skipping senders that never came: a quorum) and
+  returns the aggregate of every module received from at least one sender (a task head is therefore
+  averaged only over the nodes that train that task), or an empty set when nothing arrived.
+- ``reset()`` forgets everything (a round's new attempt).
+- ``reference`` (optional) is the node's module set at the start of the round: the shape every
+  contribution must have, and what clipping or anomaly scores measure updates against.
+- Memory: FedAvg keeps one running weighted sum per module, plus the senders that arrived out of order.
 
-A new rule (coordinate-wise median, trimmed mean, ...) is a new class registered in ``RULES``.
+A new rule (coordinate-wise median, trimmed mean, ...) is a new subclass registered in ``RULES``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -24,14 +34,72 @@ from hffm.modules import Module, ModuleError, ModuleSet
 class Aggregator(ABC):
     name: str = "abstract"
 
-    def __init__(self) -> None:
-        self.senders: list[str] = []
+    def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
+        if params:
+            raise ValueError(f"aggregation rule {self.name!r} takes no parameters {sorted(params)}")
+        self.order = list(order)
+        self.reference = dict(reference or {})
+        self.reset()
+
+    def reset(self) -> None:
+        self.senders: list[str] = []  # folded, in fold order
+        self.pending: dict[str, list[Module]] = {}
+        self._shapes: dict[str, dict[str, torch.Size]] = {
+            n: {k: t.shape for k, t in m.tensors.items()} for n, m in self.reference.items()
+        }
+        self._next = 0
+        self._reset()
+
+    # ---- the bookkeeping every rule shares ---------------------------------------------------
+    def validate(self, sender: str, modules: Sequence[Module]) -> None:
+        """Raise ``ModuleError`` if ``modules`` cannot be added (nothing changes either way)."""
+        if sender in self.senders or sender in self.pending:
+            raise ModuleError("ALREADY_EXISTS", "duplicate_sender", f"{sender} already contributed")
+        if self.order and sender not in self.order:
+            raise ModuleError("FAILED_PRECONDITION", "unexpected_sender", f"{sender} is not a sender of this step")
+        for m in modules:
+            if not (m.num_samples > 0) or m.num_samples == float("inf"):
+                raise ModuleError("INVALID_ARGUMENT", "bad_weight", f"module {m.name}: num_samples must be finite, > 0")
+            want = self._shapes.get(m.name)
+            if want is not None and (set(want) != set(m.tensors) or any(want[k] != m.tensors[k].shape for k in want)):
+                raise ModuleError(
+                    "INVALID_ARGUMENT", "shape_mismatch", f"module {m.name}: differs in shape from earlier senders"
+                )
+
+    def add(self, sender: str, modules: Iterable[Module]) -> None:
+        mods = list(modules)
+        self.validate(sender, mods)
+        for m in mods:
+            self._shapes.setdefault(m.name, {k: t.shape for k, t in m.tensors.items()})
+        if not self.order:
+            self._fold_one(sender, mods)
+            return
+        self.pending[sender] = mods
+        while self._next < len(self.order) and self.order[self._next] in self.pending:
+            s = self.order[self._next]
+            self._fold_one(s, self.pending.pop(s))
+            self._next += 1
+
+    def result(self, version: int) -> ModuleSet:
+        for s in self.order[self._next :]:  # a quorum: whoever came, still in canonical order
+            if s in self.pending:
+                self._fold_one(s, self.pending.pop(s))
+        self._next = len(self.order)
+        return self._result(version)
+
+    def _fold_one(self, sender: str, mods: list[Module]) -> None:
+        self._fold(sender, mods)
+        self.senders.append(sender)
+
+    # ---- what a rule implements ---------------------------------------------------------------
+    @abstractmethod
+    def _reset(self) -> None: ...
 
     @abstractmethod
-    def add(self, sender: str, modules: Iterable[Module]) -> None: ...
+    def _fold(self, sender: str, modules: list[Module]) -> None: ...
 
     @abstractmethod
-    def result(self, version: int) -> ModuleSet: ...
+    def _result(self, version: int) -> ModuleSet: ...
 
 
 class FedAvg(Aggregator):
@@ -39,26 +107,13 @@ class FedAvg(Aggregator):
 
     name = "fedavg"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def _reset(self) -> None:
         self._sum: dict[str, dict[str, torch.Tensor]] = {}
         self._flat: dict[str, torch.Tensor] = {}  # module -> one tensor that _sum[module] views
         self._weight: dict[str, float] = {}
         self._contributors: dict[str, int] = {}
 
-    def add(self, sender: str, modules: Iterable[Module]) -> None:
-        mods = list(modules)
-        if sender in self.senders:
-            raise ModuleError("ALREADY_EXISTS", "duplicate_sender", f"{sender} already contributed")
-        for m in mods:  # validate all before changing anything
-            if not (m.num_samples > 0):
-                raise ModuleError("INVALID_ARGUMENT", "bad_weight", f"module {m.name}: num_samples must be > 0")
-            acc = self._sum.get(m.name)
-            if acc is not None:
-                if set(acc) != set(m.tensors) or any(acc[k].shape != m.tensors[k].shape for k in acc):
-                    raise ModuleError(
-                        "INVALID_ARGUMENT", "shape_mismatch", f"module {m.name}: differs in shape from earlier senders"
-                    )
+    def _fold(self, sender: str, mods: list[Module]) -> None:
         for m in mods:
             w = float(m.num_samples)
             acc = self._sum.get(m.name)
@@ -74,18 +129,17 @@ class FedAvg(Aggregator):
             else:
                 f = self._flat.get(m.name)
                 if f is not None and flat is not None and flat.device == f.device:
-                    f.add_(flat, alpha=w)  # shapes checked above: both are the sorted-key layout
+                    f.add_(flat, alpha=w)  # shapes checked: both are the sorted-key layout
                 else:
                     for k, t in m.tensors.items():
                         acc[k].add_(t.to(acc[k].device, torch.float32), alpha=w)
                 self._weight[m.name] += w
                 self._contributors[m.name] += 1
-        self.senders.append(sender)
 
     def contributors(self, name: str) -> int:
         return self._contributors.get(name, 0)
 
-    def result(self, version: int) -> ModuleSet:
+    def _result(self, version: int) -> ModuleSet:
         out: ModuleSet = {}
         for name, acc in self._sum.items():
             w = self._weight[name]
@@ -111,11 +165,17 @@ def _views(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch
 RULES: dict[str, type[Aggregator]] = {FedAvg.name: FedAvg}
 
 
-def make_aggregator(rule: str = "fedavg") -> Aggregator:
+def make_aggregator(
+    rule: str = "fedavg",
+    order: Sequence[str] = (),
+    reference: Mapping[str, Module] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Aggregator:
     try:
-        return RULES[rule]()
+        cls = RULES[rule]
     except KeyError:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULES)}") from None
+    return cls(order, reference, **dict(params or {}))
 
 
 def weighted_mean(sets: list[ModuleSet]) -> ModuleSet:

@@ -129,7 +129,7 @@ def module_sizes(cfg: HFFMConfig) -> dict[str, int]:
 
 
 # ---- charging transfers --------------------------------------------------------------------------
-@dataclass
+@dataclass(order=True)
 class Hop:
     """One module over one hop. ``origin``/``destination`` name the push (they differ from
     sender/receiver on relayed D2D hops)."""

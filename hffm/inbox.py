@@ -44,8 +44,12 @@ class Inbox:
         with self._cv:
             self.round = round_
             self.registered = set(registered)
-            self._collections = {c.tag: _Collection(c, make_aggregator(self.rule)) for c in collects}
+            self._collections = {c.tag: _Collection(c, make_aggregator(self.rule, self._order(c))) for c in collects}
             self._cv.notify_all()
+
+    def _order(self, c: Collect) -> list[str]:
+        """The canonical fold order of a collect step: its senders (and this node) sorted."""
+        return sorted({*c.senders, *([self.node_id] if c.include_self else [])})
 
     def snapshot(self) -> dict[str, object]:
         """A comparable view of the inbox state (tests use it to show rejections change nothing)."""
@@ -53,7 +57,7 @@ class Inbox:
             return {
                 "round": self.round,
                 "accepted": {t: dict(c.accepted) for t, c in self._collections.items()},
-                "senders": {t: list(c.aggregator.senders) for t, c in self._collections.items()},
+                "senders": {t: [*c.aggregator.senders, *c.aggregator.pending] for t, c in self._collections.items()},
             }
 
     # -- receiving ------------------------------------------------------------------------

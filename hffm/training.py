@@ -33,6 +33,9 @@ def train_local(
 ) -> TrainStats:
     """E_local epochs; each epoch visits every batch of every task once, tasks interleaved."""
     gen = torch.Generator().manual_seed(seed)
+    # ViLT's embedding draws a random patch order from torch's global RNG on every forward; without a
+    # seed here the result depends on what else ran in the process before (not reproducible).
+    torch.manual_seed(seed)
     params = model.trainable_parameters(module_names)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -68,6 +71,7 @@ def evaluate(
 ) -> dict[str, tuple[int, int]]:
     """{task: (correct, total)}."""
     model.eval()
+    torch.manual_seed(0)  # ViLT's patch order (global RNG): the same modules always score the same
     out: dict[str, tuple[int, int]] = {}
     for task, td in data.items():
         correct = 0

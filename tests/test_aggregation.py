@@ -112,3 +112,56 @@ def test_decoded_modules_fold_in_one_operation_and_mix_with_plain_ones(order):
         assert torch.allclose(got.tensors[k], want.tensors[k], atol=1e-6)
     if wire == "fp16":  # the region is a cast, not a view of the fp16 bytes
         assert decoded[0].flat.dtype == torch.float32
+
+
+def test_canonical_order_makes_the_aggregate_independent_of_arrival_order():
+    """Senders fold in the step's order whatever order they arrive in: bit-identical aggregates."""
+    senders = [f"d{i}" for i in range(6)]
+    sets = {s: [make_module("adapter.0", AD, num_samples=1 + 3.7 * i, seed=i)] for i, s in enumerate(senders)}
+    results = []
+    for arrival in (senders, senders[::-1], ["d3", "d0", "d5", "d1", "d4", "d2"]):
+        agg = FedAvg(order=senders)
+        for s in arrival:
+            agg.add(s, sets[s])
+        assert agg.senders == senders and not agg.pending
+        results.append(agg.result(1)["adapter.0"].tensors)
+    assert all(torch.equal(r[k], results[0][k]) for r in results for k in r)
+    # without an order, arrival order shows in the last bits (why the order matters)
+    plain = []
+    for arrival in (senders, senders[::-1]):
+        agg = FedAvg()
+        for s in arrival:
+            agg.add(s, sets[s])
+        plain.append(agg.result(1)["adapter.0"].tensors)
+    assert not all(torch.equal(plain[0][k], plain[1][k]) for k in plain[0])
+
+
+def test_quorum_result_folds_whoever_came_in_order_and_reset_forgets():
+    agg = FedAvg(order=["a", "b", "c"])
+    agg.add("c", [make_module("adapter.0", AD, num_samples=2, seed=1)])
+    agg.add("a", [make_module("adapter.0", AD, num_samples=3, seed=2)])
+    assert agg.senders == ["a"] and list(agg.pending) == ["c"]
+    with pytest.raises(ModuleError, match="already contributed"):
+        agg.add("c", [make_module("adapter.0", AD, num_samples=2, seed=1)])
+    with pytest.raises(ModuleError, match="not a sender"):
+        agg.add("z", [make_module("adapter.0", AD, num_samples=2, seed=1)])
+    out = agg.result(4)
+    assert agg.senders == ["a", "c"] and out["adapter.0"].num_samples == 5
+    agg.reset()
+    assert agg.senders == [] and agg.result(4) == {}
+
+
+def test_reference_module_fixes_the_shape_before_any_sender():
+    ref = {"adapter.0": make_module("adapter.0", AD)}
+    agg = FedAvg(reference=ref)
+    with pytest.raises(ModuleError, match="differs in shape"):
+        agg.add("a", [make_module("adapter.0", {"w": (8, 5), "b": (4,)})])
+    assert agg.senders == []
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_weight_must_be_finite_and_positive(bad):
+    agg = FedAvg()
+    with pytest.raises(ModuleError, match="num_samples"):
+        agg.add("a", [make_module("adapter.0", AD, num_samples=bad)])
+    assert agg.senders == []

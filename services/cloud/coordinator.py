@@ -199,7 +199,7 @@ class Coordinator:
         return tasks
 
     def model_round(self, plan: RoundPlan, ctx: RoundContext, reports: list[dict[str, Any]]) -> dict[str, Any]:
-        hops = [
+        hops = sorted(  # a canonical order: float sums must not depend on which send finished first
             Hop(
                 t["sender"],
                 t["receiver"],
@@ -212,7 +212,7 @@ class Coordinator:
             )
             for r in reports
             for t in r.get("sent", [])
-        ]
+        )
         samples = {r["node"]: int(r.get("train_samples", 0)) for r in reports if int(r.get("train_samples", 0))}
         rc = self.costs.round_cost(plan, hops, samples)
         m = self.node.metrics
