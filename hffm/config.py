@@ -14,8 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d")
-KNOWN_TASKS = ("art", "gqa")
+from hffm.ids import AGGREGATION_RULES, METHODS, TASKS
+
+D = Field  # every field says what it is: ``hffm config --explain`` prints these descriptions
 
 
 class ConfigError(ValueError):
@@ -27,11 +28,15 @@ class _Strict(BaseModel):
 
 
 class TopologyConfig(_Strict):
-    edges: int = Field(3, ge=1, le=1000)
-    devices_per_edge: int = Field(4, ge=1, le=1000)
-    # How many of the federation's tasks each device holds: "all", or an int (assigned round-robin
-    # by device index, so every task is held by some device of every edge when possible).
-    tasks_per_device: int | Literal["all"] = "all"
+    """The federation the run starts with (membership may change between rounds)."""
+
+    edges: int = D(3, ge=1, le=1000, description="edge servers (one cluster of devices each)")
+    devices_per_edge: int = D(4, ge=1, le=1000, description="devices in each edge's cluster at start")
+    tasks_per_device: int | Literal["all"] = D(
+        "all",
+        description="how many of the federation's tasks each device holds: 'all', or N (assigned round-robin "
+        "by device index, so every task is held by some device of every edge when possible)",
+    )
 
     @field_validator("tasks_per_device")
     @classmethod
@@ -42,23 +47,29 @@ class TopologyConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    # "tiny" builds a seeded random ViltConfig from the fields below; any other value is a local
-    # directory holding a transformers ViLT checkpoint loaded with from_pretrained (no hub).
-    backbone: str = "tiny"
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(128, ge=8)
-    image_size: int = Field(32, ge=8)
-    patch_size: int = Field(8, ge=2)
-    max_text_len: int = Field(16, ge=4)
-    bottleneck: int = Field(256, ge=1)  # Double-Adapter bottleneck (paper: 256)
-    head_hidden: int = Field(128, ge=1)
-    init_seed: int = 1234  # backbone, adapters and heads are initialised from this seed everywhere
-    # Init std of the random tiny backbone. BERT's 0.02 gives near-uniform attention and an almost
-    # constant pooled output (nothing to adapt); a wider init stands in for a pretrained backbone's
-    # informative features. Ignored for checkpoints.
-    initializer_range: float = Field(0.2, gt=0)
+    """The frozen backbone and the trainable modules (Double-Adapters, heads)."""
+
+    backbone: str = D(
+        "tiny",
+        description="'tiny': a seeded random ViltConfig from the fields below; otherwise a local directory "
+        "holding a transformers ViLT checkpoint, loaded with from_pretrained (no hub)",
+    )
+    hidden_size: int = D(64, ge=8, description="tiny backbone: hidden size")
+    num_layers: int = D(4, ge=1, description="tiny backbone: transformer layers (one Double-Adapter each)")
+    num_heads: int = D(4, ge=1, description="tiny backbone: attention heads")
+    intermediate_size: int = D(128, ge=8, description="tiny backbone: feed-forward size")
+    image_size: int = D(32, ge=8, description="tiny backbone: image side in pixels")
+    patch_size: int = D(8, ge=2, description="tiny backbone: patch side in pixels")
+    max_text_len: int = D(16, ge=4, description="question tokens (padded or truncated)")
+    bottleneck: int = D(256, ge=1, description="Double-Adapter bottleneck width (paper: 256)")
+    head_hidden: int = D(128, ge=1, description="hidden width of each task head's MLP")
+    init_seed: int = D(1234, description="backbone, adapters and heads are initialised from this seed everywhere")
+    initializer_range: float = D(
+        0.2,
+        gt=0,
+        description="init std of the random tiny backbone (BERT's 0.02 gives an almost constant pooled "
+        "output: nothing to adapt); ignored for checkpoints",
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
@@ -70,131 +81,219 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    alpha: float = Field(0.1, gt=0)  # Dirichlet concentration of the label split over devices
-    train_per_task: int = Field(1200, ge=1)  # samples of each task spread over its devices
-    local_test_per_device: int = Field(64, ge=1)
-    global_test_per_task: int = Field(256, ge=1)
-    min_samples_per_device: int = Field(8, ge=1)
+    """The synthetic multi-task VQA set and its non-IID split over devices."""
+
+    alpha: float = D(0.1, gt=0, description="Dirichlet concentration of each label's split over devices")
+    train_per_task: int = D(
+        1200, ge=1, description="training samples of each task, split over the devices that start with it"
+    )
+    local_test_per_device: int = D(64, ge=1, description="samples in each device's local test split")
+    global_test_per_task: int = D(256, ge=1, description="samples in each task's global (uniform) test set")
+    min_samples_per_device: int = D(8, ge=1, description="fewest training samples a device gets of a task")
 
 
 class TrainConfig(_Strict):
-    local_epochs: int = Field(1, ge=1)  # E_local
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    # Skip the optimisation step but keep every exchange (benchmarks of the runtime itself).
-    noop: bool = False
-    # Devices test their modules in rounds r with r % eval_every == 0 and in the last round;
-    # 0: never (benchmarks of the exchange alone).
-    eval_every: int = Field(1, ge=0)
+    """Local training on devices."""
+
+    local_epochs: int = D(1, ge=1, description="E_local: epochs over the local data per round")
+    batch_size: int = D(32, ge=1, description="samples per optimisation step")
+    lr: float = D(3e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = D(0.0, ge=0, description="AdamW weight decay")
+    noop: bool = D(False, description="skip the optimisation step but keep every exchange (runtime benchmarks)")
+    eval_every: int = D(
+        1,
+        ge=0,
+        description="devices test their modules in rounds r with r % eval_every == 0 and in the last round; "
+        "0: never (benchmarks of the exchange alone)",
+    )
 
 
 class WireConfig(_Strict):
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 20)  # at most 1 MiB per gRPC message
+    """How modules travel."""
+
+    dtype: Literal["fp32", "fp16", "bf16"] = D("fp32", description="tensor dtype on the wire (fp16/bf16: half)")
+    chunk_bytes: int = D(1 << 20, ge=1024, le=1 << 20, description="bytes per chunk message (at most 1 MiB)")
 
 
 class RuntimeConfig(_Strict):
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    host: str = "127.0.0.1"
-    devices_per_process: int = Field(4, ge=1)  # the launcher hosts several device servers per process
-    register_timeout_s: float = Field(180.0, gt=0)
-    round_timeout_s: float = Field(600.0, gt=0)
-    rpc_timeout_s: float = Field(60.0, gt=0)
-    torch_threads: int = Field(1, ge=1)
-    # When set, every node records each push it accepted and each aggregate it adopted, as
-    # safetensors under <trace_dir>/<node>/ (an audit trail; the integration tests read it).
-    trace_dir: str | None = None
-    # The cloud waits this long after every node registered before round 1 (a grace period).
-    start_delay_s: float = Field(0.0, ge=0)
-    # After the run, every process keeps serving (metrics included) this long before it exits,
-    # so a scraper sees the final values.
-    linger_s: float = Field(0.0, ge=0)
-    # False (Kubernetes): after the run every process stays up, idle, until it is terminated, so
-    # a Deployment / StatefulSet does not restart it into a new run.
-    exit_after_run: bool = True
+    """Processes, addresses and time limits."""
+
+    device: str = D("auto", description="torch device: auto (CUDA when present) | cpu | cuda | cuda:N")
+    host: str = D("127.0.0.1", description="address the local launcher's processes listen on")
+    devices_per_process: int = D(4, ge=1, description="device servers the local launcher hosts in one process")
+    register_timeout_s: float = D(
+        180.0, gt=0, description="how long nodes wait for their upstream and the cloud for all nodes"
+    )
+    round_timeout_s: float = D(
+        600.0, gt=0, description="longest a round's step may wait (a collect's default deadline)"
+    )
+    rpc_timeout_s: float = D(60.0, gt=0, description="deadline of one control or push RPC")
+    torch_threads: int = D(1, ge=1, description="torch intra-op threads per process")
+    trace_dir: str | None = D(
+        None,
+        description="when set, every node records each push it accepted and each aggregate it adopted as "
+        "safetensors under <trace_dir>/<node>/ (an audit trail)",
+    )
+    start_delay_s: float = D(
+        0.0, ge=0, description="the cloud waits this long after every node registered before round 1"
+    )
+    linger_s: float = D(0.0, ge=0, description="processes keep serving (metrics included) this long after the run")
+    exit_after_run: bool = D(
+        True,
+        description="false (Kubernetes): after the run every process stays up, idle, until terminated, so a "
+        "StatefulSet does not restart it into a new run",
+    )
 
 
 class GeometryConfig(_Strict):
     """Where nodes stand (paper Section IV; the seed code's draws with seed 49)."""
 
-    seed: int = 49
-    area_m: float = Field(5000.0, gt=0)
-    min_server_separation_m: float = Field(500.0, ge=0)
-    cluster_center_radius_m: float = Field(1000.0, ge=0)  # cluster centre within this of its server
-    device_radius_m: float = Field(500.0, gt=0)  # devices within this of their cluster centre
-    d2d_range_m: float = Field(30.0, gt=0)  # D2D link when within this distance (else MST patch)
+    seed: int = D(49, description="seed of the position draws")
+    area_m: float = D(5000.0, gt=0, description="side of the square area")
+    min_server_separation_m: float = D(500.0, ge=0, description="least distance between edge servers")
+    cluster_center_radius_m: float = D(1000.0, ge=0, description="a cluster's centre lies within this of its server")
+    device_radius_m: float = D(500.0, gt=0, description="devices lie within this of their cluster centre")
+    d2d_range_m: float = D(30.0, gt=0, description="D2D link when within this distance (else a spanning-tree patch)")
 
 
 class LinkConfig(_Strict):
-    tx_power_w: float = Field(gt=0)  # used for the rate (and the energy unless energy_power_w is set)
-    bandwidth_hz: float = Field(gt=0)
-    energy_power_w: float | None = Field(None, gt=0)  # the seed code's separate "energy" power
+    """One wireless link kind."""
+
+    tx_power_w: float = D(gt=0, description="transmit power: the rate's (and the energy's unless energy_power_w)")
+    bandwidth_hz: float = D(gt=0, description="bandwidth")
+    energy_power_w: float | None = D(None, gt=0, description="the seed code's separate power for energy")
 
 
 class BackhaulConfig(_Strict):
-    delay_s: float = Field(0.1, ge=0)
-    rate_bps: float = Field(4e6, gt=0)
-    tx_power_w: float = Field(0.8, gt=0)
+    """Edge/device to cloud: a fixed delay plus size over rate."""
+
+    delay_s: float = D(0.1, ge=0, description="fixed delay per transfer")
+    rate_bps: float = D(4e6, gt=0, description="rate in bits per second")
+    tx_power_w: float = D(0.8, gt=0, description="transmit power (energy)")
 
 
 class ComputeConfig(_Strict):
     """Local training: T = c*D/f, E = kappa*c*D*f^2 (D = samples processed)."""
 
-    cycles_per_sample: float = Field(1e7, ge=0)
-    cpu_hz: float = Field(1e9, gt=0)
-    kappa: float = Field(1e-28, ge=0)
+    cycles_per_sample: float = D(1e7, ge=0, description="c: cycles per training sample")
+    cpu_hz: float = D(1e9, gt=0, description="f: the device's clock")
+    kappa: float = D(1e-28, ge=0, description="kappa: effective switched capacitance")
 
 
 class CostConfig(_Strict):
     """The wireless latency/energy model (docs/cost-model.md). ``paper`` reproduces the seed code's
     model, quirks included; ``corrected`` (default) fixes them."""
 
-    profile: Literal["corrected", "paper"] = "corrected"
-    noise_dbm_per_hz: float = -174.0
-    pathloss: Literal["paper", "uma"] = "paper"  # beta0*(d/d0)^-alpha, or 3GPP UMa 128.1+37.6 log10(d_km)
-    beta0_db: float = -30.0
-    d0_m: float = Field(1.0, gt=0)
-    pathloss_exponent: float = Field(3.0, gt=0)
-    fading_seed: int = 49
-    uplink: LinkConfig = Field(default_factory=lambda: LinkConfig(tx_power_w=1.0, bandwidth_hz=1e6))
-    downlink: LinkConfig = Field(default_factory=lambda: LinkConfig(tx_power_w=1.0, bandwidth_hz=1e6))
-    d2d: LinkConfig = Field(default_factory=lambda: LinkConfig(tx_power_w=0.2, bandwidth_hz=8e6))
-    backhaul: BackhaulConfig = Field(default_factory=BackhaulConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
-    # Charge every transfer as if a whole push were this many bytes (the seed code's 6 MB).
-    module_bytes_override: int | None = Field(None, gt=0)
+    profile: Literal["corrected", "paper"] = D("corrected", description="corrected, or the seed code's model")
+    noise_dbm_per_hz: float = D(-174.0, description="noise power spectral density")
+    pathloss: Literal["paper", "uma"] = D(
+        "paper", description="paper: beta0*(d/d0)^-alpha; uma: 3GPP UMa 128.1+37.6 log10(d_km)"
+    )
+    beta0_db: float = D(-30.0, description="path gain at the reference distance")
+    d0_m: float = D(1.0, gt=0, description="reference distance")
+    pathloss_exponent: float = D(3.0, gt=0, description="alpha")
+    fading_seed: int = D(49, description="seed of the Rayleigh fading draws")
+    uplink: LinkConfig = D(
+        default_factory=lambda: LinkConfig(tx_power_w=1.0, bandwidth_hz=1e6), description="device -> edge"
+    )
+    downlink: LinkConfig = D(
+        default_factory=lambda: LinkConfig(tx_power_w=1.0, bandwidth_hz=1e6), description="edge -> device"
+    )
+    d2d: LinkConfig = D(
+        default_factory=lambda: LinkConfig(tx_power_w=0.2, bandwidth_hz=8e6), description="device -> device"
+    )
+    backhaul: BackhaulConfig = D(default_factory=BackhaulConfig, description="to and from the cloud")
+    compute: ComputeConfig = D(default_factory=ComputeConfig, description="local training")
+    module_bytes_override: int | None = D(
+        None, gt=0, description="charge every transfer as if a push were this many bytes (the seed code's 6 MB)"
+    )
 
 
 class D2DConfig(_Strict):
-    head_policy: Literal["random", "central", "rotate"] = "random"
-    probe_timeout_s: float = Field(1.0, gt=0)  # a head candidate not answering health within this is skipped
+    """Device-to-device clusters."""
+
+    head_policy: Literal["random", "central", "rotate"] = D(
+        "random", description="cluster head each round: random (seeded) | central (least path latency) | rotate"
+    )
+    probe_timeout_s: float = D(
+        1.0, gt=0, description="a device not answering a health check within this sits out the round"
+    )
+
+
+class QuorumConfig(_Strict):
+    """How many senders a collect step needs; defaults: all of them, waiting up to the round's timeout."""
+
+    min_senders: int = D(0, ge=0, description="at least this many senders (0: use min_fraction alone)")
+    min_fraction: float = D(1.0, gt=0, le=1, description="at least this fraction of the step's senders")
+    deadline_s: float | None = D(
+        None, gt=0, description="aggregate whoever came after this long, if enough did (default: round_timeout_s)"
+    )
+
+
+class AggregationConfig(_Strict):
+    """How every collect step aggregates (carried by the plan to every node)."""
+
+    rule: str = D("fedavg", description=f"aggregation rule: {' | '.join(AGGREGATION_RULES)}")
+    params: dict[str, float] = D(default_factory=dict, description="the rule's parameters")
+    quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        if v not in AGGREGATION_RULES:
+            raise ValueError(f"unknown rule {v!r}; known: {list(AGGREGATION_RULES)}")
+        return v
+
+
+class SecurityConfig(_Strict):
+    """Link security and identities (mTLS, authorization): nothing yet; the trust issue fills it."""
+
+
+class CheckpointConfig(_Strict):
+    """Durable state saved at round boundaries: nothing yet; the fault-tolerance issue fills it."""
+
+
+class CirculationConfig(_Strict):
+    """Per-module aggregation depth, period and path: nothing yet; the circulation issue fills it."""
 
 
 class HFFMConfig(_Strict):
-    method: Literal["star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d"] = "hfm"
-    rounds: int = Field(8, ge=1)
-    e_agg: int = Field(2, ge=1)  # edges upload to the cloud every e_agg rounds (hfm)
-    seed: int = 0
-    tasks: list[str] = Field(default_factory=lambda: list(KNOWN_TASKS))
-    topology: TopologyConfig = Field(default_factory=TopologyConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    wire: WireConfig = Field(default_factory=WireConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    geometry: GeometryConfig = Field(default_factory=GeometryConfig)
-    cost: CostConfig = Field(default_factory=CostConfig)
-    d2d: D2DConfig = Field(default_factory=D2DConfig)
+    """A whole run."""
+
+    method: str = D("hfm", description=f"the round plan: {' | '.join(METHODS)}")
+    rounds: int = D(8, ge=1, description="rounds to run")
+    e_agg: int = D(2, ge=1, description="edges aggregate at the cloud every e_agg rounds (hfm, hfm-d2d)")
+    seed: int = D(0, description="seed of the data, its split and local training")
+    tasks: list[str] = D(default_factory=lambda: list(TASKS), description=f"tasks of the federation: {list(TASKS)}")
+    topology: TopologyConfig = D(default_factory=TopologyConfig, description=TopologyConfig.__doc__)
+    model: ModelConfig = D(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    data: DataConfig = D(default_factory=DataConfig, description=DataConfig.__doc__)
+    train: TrainConfig = D(default_factory=TrainConfig, description=TrainConfig.__doc__)
+    wire: WireConfig = D(default_factory=WireConfig, description=WireConfig.__doc__)
+    runtime: RuntimeConfig = D(default_factory=RuntimeConfig, description=RuntimeConfig.__doc__)
+    geometry: GeometryConfig = D(default_factory=GeometryConfig, description=GeometryConfig.__doc__)
+    cost: CostConfig = D(default_factory=CostConfig, description="the wireless latency/energy model")
+    d2d: D2DConfig = D(default_factory=D2DConfig, description=D2DConfig.__doc__)
+    aggregation: AggregationConfig = D(default_factory=AggregationConfig, description=AggregationConfig.__doc__)
+    security: SecurityConfig = D(default_factory=SecurityConfig, description=SecurityConfig.__doc__)
+    checkpoint: CheckpointConfig = D(default_factory=CheckpointConfig, description=CheckpointConfig.__doc__)
+    circulation: CirculationConfig = D(default_factory=CirculationConfig, description=CirculationConfig.__doc__)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {list(METHODS)}")
+        return v
 
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("at least one task is needed")
-        unknown = [t for t in v if t not in KNOWN_TASKS]
+        unknown = [t for t in v if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {list(KNOWN_TASKS)}")
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
         if len(set(v)) != len(v):
             raise ValueError("tasks must be distinct")
         return v

@@ -21,17 +21,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-COLORS: dict[str, tuple[float, float, float]] = {
+from hffm.ids import COUNT_WORDS, SHAPES, TASK_LABELS
+
+COLORS: dict[str, tuple[float, float, float]] = {  # the names and their order: hffm.ids.COLORS
     "red": (0.9, 0.1, 0.1),
     "green": (0.1, 0.8, 0.2),
     "blue": (0.15, 0.25, 0.95),
     "yellow": (0.95, 0.9, 0.1),
-}
-SHAPES = ("circle", "square", "triangle")
-COUNT_WORDS = ("one", "two", "three")
-TASK_LABELS: dict[str, list[str]] = {
-    "art": [*COLORS, *SHAPES],
-    "gqa": [*COUNT_WORDS, "yes", "no"],
 }
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = sorted(
@@ -242,14 +238,6 @@ def dirichlet_split(
                 j = pick[int(rng.integers(len(pick)))]
                 parts[small].append(parts[big].pop(j))
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-
-
-def device_tasks(device_index: int, tasks: list[str], tasks_per_device: int | str) -> list[str]:
-    """Tasks of the device with global index ``device_index`` (round-robin when not 'all')."""
-    if tasks_per_device == "all" or int(tasks_per_device) >= len(tasks):
-        return list(tasks)
-    k = int(tasks_per_device)
-    return [tasks[(device_index + j) % len(tasks)] for j in range(k)]
 
 
 def task_pool_labels(task: str, n: int, seed: int) -> np.ndarray:

@@ -1,10 +1,16 @@
 """The receiving side of a node's round: which pushes it expects, and their running aggregates.
 
-An ``Inbox`` is opened for a round with the node's ``Collect`` steps. A push is checked twice:
-``precheck`` on its header before any byte is read (round, collect step, sender, duplicates), and
-``accept`` with its decoded modules, which folds them into that step's aggregator all-or-nothing.
-A rejected push raises ``ModuleError`` and leaves the inbox exactly as it was. A push repeated by a
-retrying client (same push id, same digests) is acknowledged as a duplicate and counted once.
+An ``Inbox`` is opened for a round's attempt with the node's ``Collect`` steps. A push is checked
+twice: ``precheck`` on its header before any byte is read (who calls, round and attempt, collect
+step, sender, versions, weights, duplicates), and ``accept`` with its decoded modules, which hands
+them to that step's aggregator all-or-nothing. A rejected push raises ``ModuleError`` and leaves
+the inbox exactly as it was. A push repeated by a retrying client (same push id, same digests) is
+acknowledged as a duplicate and counted once.
+
+The caller's identity is an input (``caller``: who the transport says is calling), never a header
+field: a direct push must come from its sender; a relayed D2D push from its sender or from a member
+the round registered (a relay). ``wait`` applies the step's quorum: every sender, or enough of them
+once the deadline passed; ``Aggregate`` says who was counted and who was left out.
 """
 
 from __future__ import annotations
@@ -14,16 +20,33 @@ import time
 from dataclasses import dataclass, field
 
 from hffm.aggregation import Aggregator, make_aggregator
+from hffm.ids import D2D
 from hffm.methods import Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.wire import PushHeader
+
+
+class RoundAborted(RuntimeError):
+    """The round's attempt was replaced by a new one while a step waited."""
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What a collect step adopted: the modules, and whose pushes they count."""
+
+    tag: str
+    modules: ModuleSet
+    counted: tuple[str, ...]  # senders folded in, in fold order (this node too with include_self)
+    left_out: tuple[str, ...]  # senders that had not pushed when the quorum's deadline passed
 
 
 @dataclass
 class _Collection:
     step: Collect
     aggregator: Aggregator
+    caps: dict[str, dict[str, float]]  # sender -> module -> largest weight it may claim
     accepted: dict[str, tuple[str, tuple[bytes, ...]]] = field(default_factory=dict)  # sender -> (push id, digests)
+    closed: bool = False  # the aggregate was formed: later pushes are stale
 
     @property
     def complete(self) -> bool:
@@ -31,20 +54,39 @@ class _Collection:
 
 
 class Inbox:
-    def __init__(self, node_id: str, rule: str = "fedavg") -> None:
+    def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self.rule = rule
         self.round: int | None = None
+        self.attempt = 0
         self.registered: set[str] = set()
         self._collections: dict[str, _Collection] = {}
+        self._generation = 0
         self._cv = threading.Condition()
 
     # -- round lifecycle ------------------------------------------------------------------
-    def open_round(self, round_: int, collects: list[Collect], registered: set[str]) -> None:
+    def open_round(
+        self,
+        round_: int,
+        collects: list[Collect],
+        registered: set[str],
+        attempt: int = 0,
+        reference: ModuleSet | None = None,
+    ) -> None:
+        """Expect this round's (attempt's) pushes; whatever an earlier attempt collected is dropped and
+        a step still waiting on it is aborted."""
         with self._cv:
             self.round = round_
+            self.attempt = attempt
             self.registered = set(registered)
-            self._collections = {c.tag: _Collection(c, make_aggregator(self.rule, self._order(c))) for c in collects}
+            self._collections = {
+                c.tag: _Collection(
+                    c,
+                    make_aggregator(c.rule, self._order(c), reference, dict(c.params)),
+                    {s: c.caps_of(s) for s, _ in c.weight_caps},
+                )
+                for c in collects
+            }
+            self._generation += 1
             self._cv.notify_all()
 
     def _order(self, c: Collect) -> list[str]:
@@ -56,15 +98,22 @@ class Inbox:
         with self._cv:
             return {
                 "round": self.round,
+                "attempt": self.attempt,
                 "accepted": {t: dict(c.accepted) for t, c in self._collections.items()},
                 "senders": {t: [*c.aggregator.senders, *c.aggregator.pending] for t, c in self._collections.items()},
             }
 
     # -- receiving ------------------------------------------------------------------------
-    def _check(self, h: PushHeader) -> tuple[_Collection, bool]:
+    def _check(self, h: PushHeader, caller: str | None) -> tuple[_Collection, bool]:
         if h.receiver != self.node_id:
             raise ModuleError(
                 "INVALID_ARGUMENT", "wrong_receiver", f"push addressed to {h.receiver!r}, this is {self.node_id!r}"
+            )
+        if not caller:
+            raise ModuleError("UNAUTHENTICATED", "no_identity", "the caller's identity is unknown")
+        if caller != h.sender and not (h.link == D2D and caller in self.registered):
+            raise ModuleError(
+                "PERMISSION_DENIED", "sender_mismatch", f"{caller} may not push as {h.sender} on a {h.link} link"
             )
         if h.sender not in self.registered:
             raise ModuleError("PERMISSION_DENIED", "unregistered_sender", f"sender {h.sender!r} is not registered")
@@ -75,6 +124,12 @@ class Inbox:
                 "FAILED_PRECONDITION",
                 "wrong_round",
                 f"push for round {h.round}, {self.node_id} is in round {self.round}",
+            )
+        if h.attempt != self.attempt:
+            raise ModuleError(
+                "FAILED_PRECONDITION",
+                "wrong_attempt",
+                f"push for attempt {h.attempt} of round {h.round}; this node runs attempt {self.attempt}",
             )
         coll = self._collections.get(h.tag)
         if coll is None:
@@ -98,7 +153,29 @@ class Inbox:
                     "wrong_version",
                     f"module {m.name} has version {m.version}, round is {h.round}",
                 )
+        caps = coll.caps.get(h.sender)
+        if caps is not None:
+            if {m.name for m in h.modules} != set(caps):
+                raise ModuleError(
+                    "INVALID_ARGUMENT",
+                    "incomplete_push",
+                    f"{h.sender} must push exactly {sorted(caps)} to {h.tag}, got {[m.name for m in h.modules]}",
+                )
+            for m in h.modules:
+                if not m.num_samples <= caps[m.name] * (1 + 1e-9):
+                    raise ModuleError(
+                        "INVALID_ARGUMENT",
+                        "bad_weight",
+                        f"module {m.name}: weight {m.num_samples} exceeds the {caps[m.name]:g} samples "
+                        f"registered behind {h.sender}",
+                    )
         prev = coll.accepted.get(h.sender)
+        if coll.closed and prev is None:
+            raise ModuleError(
+                "FAILED_PRECONDITION",
+                "stale_push",
+                f"{self.node_id}/{h.tag} already aggregated without {h.sender} this round",
+            )
         if prev is not None:
             digests = tuple(m.sha256 for m in h.modules)
             if prev == (h.push_id, digests):
@@ -110,15 +187,15 @@ class Inbox:
             )
         return coll, False
 
-    def precheck(self, header: PushHeader) -> bool:
+    def precheck(self, header: PushHeader, caller: str | None) -> bool:
         """Raise if the push cannot be accepted; True when it repeats one already accepted."""
         with self._cv:
-            return self._check(header)[1]
+            return self._check(header, caller)[1]
 
-    def accept(self, header: PushHeader, modules: list[Module]) -> bool:
+    def accept(self, header: PushHeader, modules: list[Module], caller: str | None) -> bool:
         """Fold the push in (all-or-nothing); True when it was a duplicate (nothing changed)."""
         with self._cv:
-            coll, dup = self._check(header)
+            coll, dup = self._check(header, caller)
             if dup:
                 return True
             coll.aggregator.add(header.sender, modules)
@@ -131,16 +208,33 @@ class Inbox:
         with self._cv:
             self._collections[tag].aggregator.add(self.node_id, modules.values())
 
-    def wait(self, tag: str, timeout_s: float) -> ModuleSet:
-        """Block until every sender of ``tag`` pushed; return the aggregate (version = round)."""
-        deadline = time.monotonic() + timeout_s
+    def wait(self, tag: str, timeout_s: float) -> Aggregate:
+        """Block until every sender of ``tag`` pushed, or until the quorum's deadline (default
+        ``timeout_s``) if enough did; return the aggregate (version = round)."""
         with self._cv:
             coll = self._collections[tag]
+            gen = self._generation
+            q = coll.step.quorum
+            wait_s = q.deadline_s if q.deadline_s is not None else timeout_s
+            deadline = time.monotonic() + wait_s
             while not coll.complete:
+                if self._generation != gen:
+                    raise RoundAborted(f"{self.node_id}/{tag}: round {self.round} moved to attempt {self.attempt}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(coll.step.senders) - set(coll.accepted))
-                    raise TimeoutError(f"{self.node_id}/{tag}: no push from {missing} after {timeout_s:.0f}s")
+                    if len(coll.accepted) >= q.needed(len(coll.step.senders)) and (
+                        coll.accepted or coll.step.include_self
+                    ):
+                        break
+                    raise TimeoutError(f"{self.node_id}/{tag}: no push from {missing} after {wait_s:.0f}s")
                 self._cv.wait(left)
             assert self.round is not None
-            return coll.aggregator.result(self.round)
+            coll.closed = True
+            modules = coll.aggregator.result(self.round)
+            return Aggregate(
+                tag,
+                modules,
+                tuple(coll.aggregator.senders),
+                tuple(sorted(set(coll.step.senders) - set(coll.accepted))),
+            )

@@ -8,8 +8,12 @@ Steps:
 - ``Train``: local training of the node's modules (devices).
 - ``Send(to, link, tag, modules)``: push those modules (the node's current ones) to ``to``,
   feeding ``to``'s collect step ``tag``.
-- ``Collect(tag, senders, link)``: wait for a push from every sender, FedAvg what arrived, and
-  adopt the result as the node's current modules (a single sender means: adopt what it sent).
+- ``Collect(tag, senders, link, rule, params, quorum, weight_caps)``: wait for pushes from the
+  senders, aggregate what arrived with ``rule`` (FedAvg by default) and adopt the result as the
+  node's current modules (a single sender means: adopt what it sent). The ``quorum`` says how many
+  senders must have pushed and how long to wait for the rest (default: all of them, the round's
+  timeout); ``weight_caps`` bound each sender's module weights by what the coordinator knows of the
+  samples behind them (registered sample counts), whatever a push header claims.
 - ``Evaluate``: test the node's current modules (devices).
 
 A ``Send`` with a ``route`` goes hop by hop through those devices (D2D relaying): each relay
@@ -18,17 +22,15 @@ streams the push on to the next hop without decoding it; only the final receiver
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
-from hffm.topology import CLOUD, Topology
+from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, task_of
+from hffm.topology import Topology
 
-# Link kinds (also metric and results labels).
-DEVICE_EDGE = "device_edge"
-EDGE_CLOUD = "edge_cloud"
-DEVICE_CLOUD = "device_cloud"
-D2D = "d2d"
-LINK_KINDS = (DEVICE_EDGE, EDGE_CLOUD, DEVICE_CLOUD, D2D)
+__all__ = ["D2D", "DEVICE_CLOUD", "DEVICE_EDGE", "EDGE_CLOUD", "LINK_KINDS"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,37 @@ class Send:
 
 
 @dataclass(frozen=True)
+class Quorum:
+    """How many senders a collect step needs, and how long it waits for the rest.
+
+    The step needs ``max(min_senders, ceil(min_fraction * senders))`` pushes (at most all, and at
+    least one when it has senders). It returns as soon as every sender pushed; once ``deadline_s``
+    has passed (None: the round's timeout) it aggregates whoever came if that is enough, else fails."""
+
+    min_senders: int = 0
+    min_fraction: float = 1.0
+    deadline_s: float | None = None
+
+    def needed(self, senders: int) -> int:
+        if senders == 0:
+            return 0
+        return max(1, min(senders, max(self.min_senders, math.ceil(self.min_fraction * senders - 1e-9))))
+
+
+@dataclass(frozen=True)
 class Collect:
     tag: str
     senders: tuple[str, ...]
     link: str
     include_self: bool = False
+    rule: str = "fedavg"
+    params: tuple[tuple[str, float], ...] = ()  # the rule's parameters, sorted by name
+    quorum: Quorum = Quorum()
+    # sender -> ((module, largest weight it may claim), ...); senders not listed are unbounded
+    weight_caps: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+
+    def caps_of(self, sender: str) -> dict[str, float]:
+        return dict(next((c for s, c in self.weight_caps if s == sender), ()))
 
 
 Step = Train | Evaluate | Send | Collect
@@ -72,6 +100,41 @@ class RoundPlan:
     def without_evaluation(self) -> RoundPlan:
         """The same plan with every ``Evaluate`` step left out."""
         steps = {n: [s for s in ss if not isinstance(s, Evaluate)] for n, ss in self.steps.items()}
+        return RoundPlan(self.round, steps)
+
+    def collects(self) -> list[tuple[str, Collect]]:
+        return [(n, s) for n, ss in self.steps.items() for s in ss if isinstance(s, Collect)]
+
+    def with_weight_caps(self, samples: Mapping[str, Mapping[str, int]], topo: Topology) -> RoundPlan:
+        """The plan with every collect's senders' weights bounded by registered sample counts
+        (``samples``: device -> task -> samples). A device that trains and sends its own update may
+        claim exactly its samples (adapters: all of its tasks; a head: its task); any other sender (an
+        aggregate from an edge, the cloud or a cluster head) at most the federation's total."""
+
+        def total(tasks: Mapping[str, int], module: str) -> float:
+            t = task_of(module)
+            return float(max(1, sum(tasks.values()) if t is None else tasks.get(t, 0)))
+
+        heads = {n for n, c in self.collects() if c.include_self}
+        trainers = {n for n, ss in self.steps.items() if any(isinstance(s, Train) for s in ss)} - heads
+        everyone: dict[str, int] = {}
+        for d in topo.devices:
+            for t, k in samples.get(d.id, {}).items():
+                everyone[t] = everyone.get(t, 0) + int(k)
+        sent = {(src, x.to, x.tag): x.modules for src, x in self.transfers()}
+        steps: dict[str, list[Step]] = {}
+        for n, ss in self.steps.items():
+            out: list[Step] = []
+            for s in ss:
+                if isinstance(s, Collect):
+                    caps = []
+                    for sender in s.senders:
+                        mods = sent.get((sender, n, s.tag), ())
+                        basis = samples.get(sender, {}) if sender in trainers else everyone
+                        caps.append((sender, tuple((m, total(basis, m)) for m in mods)))
+                    s = replace(s, weight_caps=tuple(caps))
+                out.append(s)
+            steps[n] = out
         return RoundPlan(self.round, steps)
 
     def transfers(self) -> list[tuple[str, Send]]:
@@ -106,12 +169,27 @@ class RoundContext:
     down_paths: dict[str, list[str]] = field(default_factory=dict)  # device -> path from its head
 
 
+@dataclass(frozen=True)
+class AggregationSpec:
+    """The rule, its parameters and the quorum every collect step of a method uses (config
+    ``aggregation``); the default, FedAvg over every sender, is the paper's."""
+
+    rule: str = "fedavg"
+    params: tuple[tuple[str, float], ...] = ()
+    quorum: Quorum = Quorum()
+
+
 class Method(ABC):
     name: str
     uses_d2d = False
 
-    def __init__(self, e_agg: int = 1) -> None:
+    def __init__(self, e_agg: int = 1, aggregation: AggregationSpec | None = None) -> None:
         self.e_agg = e_agg
+        self.aggregation = aggregation or AggregationSpec()
+
+    def collect(self, tag: str, senders: tuple[str, ...] | list[str], link: str, include_self: bool = False) -> Collect:
+        a = self.aggregation
+        return Collect(tag, tuple(senders), link, include_self, a.rule, a.params, a.quorum)
 
     @abstractmethod
     def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan: ...
@@ -134,10 +212,10 @@ class Star(Method):
                 d,
                 Train(),
                 Send(CLOUD, DEVICE_CLOUD, "aggregate", tuple(topo.modules_for(d))),
-                Collect("broadcast", (CLOUD,), DEVICE_CLOUD),
+                self.collect("broadcast", (CLOUD,), DEVICE_CLOUD),
                 Evaluate(),
             )
-        plan.add(CLOUD, Collect("aggregate", tuple(devices), DEVICE_CLOUD))
+        plan.add(CLOUD, self.collect("aggregate", devices, DEVICE_CLOUD))
         plan.add(CLOUD, *(Send(d, DEVICE_CLOUD, "broadcast", tuple(topo.modules_for(d))) for d in devices))
         return plan
 
@@ -153,27 +231,28 @@ class HFM(Method):
     def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan:
         plan = RoundPlan(round_)
         sync = self.cloud_round(round_)
-        for edge in topo.edges:
+        edges = tuple(e for e in topo.edges if topo.cluster(e))  # an edge with no device sits the round out
+        for edge in edges:
             members = [d.id for d in topo.cluster(edge)]
             for d in members:
                 plan.add(
                     d,
                     Train(),
                     Send(edge, DEVICE_EDGE, "aggregate", tuple(topo.modules_for(d))),
-                    Collect("broadcast", (edge,), DEVICE_EDGE),
+                    self.collect("broadcast", (edge,), DEVICE_EDGE),
                     Evaluate(),
                 )
-            plan.add(edge, Collect("aggregate", tuple(members), DEVICE_EDGE))
+            plan.add(edge, self.collect("aggregate", members, DEVICE_EDGE))
             if sync:
                 plan.add(
                     edge,
                     Send(CLOUD, EDGE_CLOUD, "aggregate", tuple(topo.modules_for(edge))),
-                    Collect("broadcast", (CLOUD,), EDGE_CLOUD),
+                    self.collect("broadcast", (CLOUD,), EDGE_CLOUD),
                 )
             plan.add(edge, *(Send(d, DEVICE_EDGE, "broadcast", tuple(topo.modules_for(d))) for d in members))
         if sync:
-            plan.add(CLOUD, Collect("aggregate", topo.edges, EDGE_CLOUD))
-            plan.add(CLOUD, *(Send(e, EDGE_CLOUD, "broadcast", tuple(topo.modules_for(e))) for e in topo.edges))
+            plan.add(CLOUD, self.collect("aggregate", edges, EDGE_CLOUD))
+            plan.add(CLOUD, *(Send(e, EDGE_CLOUD, "broadcast", tuple(topo.modules_for(e))) for e in edges))
         return plan
 
 
@@ -214,22 +293,22 @@ class HFMD2D(Method):
                     d,
                     Train(),
                     Send(head, D2D, "cluster", tuple(topo.modules_for(d)), tuple(ctx.up_paths[d][1:-1])),
-                    Collect("broadcast", (head,), D2D),
+                    self.collect("broadcast", (head,), D2D),
                     Evaluate(),
                 )
-            plan.add(head, Train(), Collect("cluster", tuple(others), D2D, include_self=True))
+            plan.add(head, Train(), self.collect("cluster", others, D2D, include_self=True))
             cluster_modules = tuple(topo.modules_for(edge))
             if sync:
                 plan.add(
                     head,
                     Send(edge, DEVICE_EDGE, "aggregate", cluster_modules),
-                    Collect("down", (edge,), DEVICE_EDGE),
+                    self.collect("down", (edge,), DEVICE_EDGE),
                 )
                 plan.add(
                     edge,
-                    Collect("aggregate", (head,), DEVICE_EDGE),
+                    self.collect("aggregate", (head,), DEVICE_EDGE),
                     Send(CLOUD, EDGE_CLOUD, "aggregate", cluster_modules),
-                    Collect("broadcast", (CLOUD,), EDGE_CLOUD),
+                    self.collect("broadcast", (CLOUD,), EDGE_CLOUD),
                     Send(head, DEVICE_EDGE, "down", cluster_modules),
                 )
             plan.add(
@@ -242,7 +321,7 @@ class HFMD2D(Method):
             )
         if sync:
             edges = tuple(e for e in topo.edges if topo.cluster(e))
-            plan.add(CLOUD, Collect("aggregate", edges, EDGE_CLOUD))
+            plan.add(CLOUD, self.collect("aggregate", edges, EDGE_CLOUD))
             plan.add(CLOUD, *(Send(e, EDGE_CLOUD, "broadcast", tuple(topo.modules_for(e))) for e in edges))
         return plan
 
@@ -256,11 +335,12 @@ class EdgeOnlyD2D(HFMD2D):
         return False
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Star, HFM, EdgeOnly, HFMD2D, EdgeOnlyD2D)}
+# by name, in the order of hffm.ids.METHODS (the config's list; a test holds the two together)
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Star, HFM, HFMD2D, EdgeOnly, EdgeOnlyD2D)}
 
 
-def make_method(name: str, e_agg: int = 1) -> Method:
+def make_method(name: str, e_agg: int = 1, aggregation: AggregationSpec | None = None) -> Method:
     try:
-        return METHODS[name](e_agg=e_agg)
+        return REGISTRY[name](e_agg=e_agg, aggregation=aggregation)
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}") from None

@@ -20,22 +20,7 @@ import torch
 from torch import nn
 
 from hffm.config import HFFMConfig, ModelConfig
-
-ADAPTER_PREFIX = "adapter."
-HEAD_PREFIX = "head."
-
-
-def adapter_name(layer: int) -> str:
-    return f"{ADAPTER_PREFIX}{layer}"
-
-
-def head_name(task: str) -> str:
-    return f"{HEAD_PREFIX}{task}"
-
-
-def task_of(module: str) -> str | None:
-    """The task a module belongs to (heads), or None (shared modules such as adapters)."""
-    return module[len(HEAD_PREFIX) :] if module.startswith(HEAD_PREFIX) else None
+from hffm.ids import adapter_name, head_name, task_of  # noqa: F401 - module names live in hffm.ids
 
 
 class BottleneckAdapter(nn.Module):

@@ -348,13 +348,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def clone_modules(modules: ModuleSet) -> ModuleSet:
-    return {
-        n: Module(n, {k: v.detach().clone() for k, v in m.tensors.items()}, m.version, m.num_samples)
-        for n, m in modules.items()
-    }
-
-
 def save_modules(modules: ModuleSet, path: str) -> None:
     """All modules in one safetensors file, keys ``<module>/<param>``, versions in the metadata."""
     from safetensors.torch import save_file

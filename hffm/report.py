@@ -33,10 +33,6 @@ def _plt():
     return plt
 
 
-def _tier(node: str) -> str:
-    return "cloud" if node == "cloud" else ("edge" if node.startswith("edge-") else "device")
-
-
 def from_results(results: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     """Panels from one or more results.json documents; returns {name: png}."""
     plt = _plt()

@@ -1,13 +1,92 @@
-"""Round records from node reports, ``results.json``, and the accuracy/bytes plot."""
+"""What nodes report about a round (typed), the round records built from them once, ``results.json``
+(its schema: docs/results.md), and the accuracy/bytes plot."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hffm.methods import LINK_KINDS
+from hffm.ids import LINK_KINDS
+
+
+# ---- what nodes report (core types; services/common/convert.py maps them to and from protobuf) ----
+@dataclass(frozen=True)
+class Transfer:
+    """One hop of one module: sender -> receiver. ``origin``/``destination`` name the push it belongs
+    to (they differ from sender/receiver on relayed D2D hops)."""
+
+    sender: str
+    receiver: str
+    module: str
+    link: str
+    bytes: int
+    tag: str
+    origin: str
+    destination: str
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: str
+    split: str  # "local" (the node's own test split) | "global" (the task's global test set)
+    correct: int
+    total: int
+
+
+@dataclass(frozen=True)
+class AggregateRecord:
+    """What one collect step of one node adopted: whose pushes it counted, who was left out."""
+
+    node: str
+    tag: str
+    counted: tuple[str, ...]
+    left_out: tuple[str, ...]
+
+
+@dataclass
+class NodeReport:
+    """One node's account of one round."""
+
+    node: str
+    round: int
+    attempt: int = 0
+    sent: list[Transfer] = field(default_factory=list)
+    scores: list[TaskScore] = field(default_factory=list)
+    aggregates: list[AggregateRecord] = field(default_factory=list)
+    train_loss: float = 0.0
+    train_samples: int = 0
+    wall_s: float = 0.0
+    train_s: float = 0.0
+
+
+# ---- a round's record in results.json (docs/results.md documents every field) -----------------------
+@dataclass
+class RoundRecord:
+    method: str
+    round: int
+    attempt: int
+    e_agg: int
+    cloud_aggregation: bool
+    accuracy: dict[str, dict[str, float | None]]
+    loss: float | None
+    train_samples: int
+    bytes_by_link: dict[str, int]
+    bytes_by_module: dict[str, int]
+    bytes_by_link_module: dict[str, dict[str, int]]
+    bytes_total: int
+    transfers: int
+    hops: list[dict[str, Any]]
+    aggregates: list[dict[str, Any]]
+    wall_s: float
+    left_out: list[str] = field(default_factory=list)
+    modeled: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def round_record(
@@ -15,10 +94,12 @@ def round_record(
     round_: int,
     e_agg: int,
     cloud_aggregation: bool,
-    reports: list[dict[str, Any]],
+    reports: list[NodeReport],
     wall_s: float,
-) -> dict[str, Any]:
-    """One round's results from every node's report (plain dicts, see ``RoundReport``)."""
+    attempt: int = 0,
+    left_out: list[str] | None = None,
+) -> RoundRecord:
+    """One round's record from every node's report."""
     by_link = dict.fromkeys(LINK_KINDS, 0)
     by_module: dict[str, int] = defaultdict(int)
     by_link_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -27,47 +108,39 @@ def round_record(
     acc: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     loss_sum, samples = 0.0, 0
     for r in reports:
-        for t in r.get("sent", []):
-            by_link[t["link"]] = by_link.get(t["link"], 0) + int(t["bytes"])
-            by_module[t["module"]] += int(t["bytes"])
-            by_link_module[t["link"]][t["module"]] += int(t["bytes"])
+        for t in r.sent:
+            by_link[t.link] = by_link.get(t.link, 0) + t.bytes
+            by_module[t.module] += t.bytes
+            by_link_module[t.link][t.module] += t.bytes
             transfers += 1
-            key = (
-                t["sender"],
-                t["receiver"],
-                t.get("origin") or t["sender"],
-                t.get("destination") or t["receiver"],
-                t["tag"],
-                t["link"],
-            )
-            hops[key] += int(t["bytes"])
-        for m in r.get("metrics", []):
-            cell = acc[m["task"]][m["split"]]
-            cell[0] += int(m["correct"])
-            cell[1] += int(m["total"])
-        n = int(r.get("train_samples", 0))
-        loss_sum += float(r.get("train_loss", 0.0)) * n
-        samples += n
-    return {
-        "method": method,
-        "round": round_,
-        "e_agg": e_agg,
-        "cloud_aggregation": cloud_aggregation,
+            hops[(t.sender, t.receiver, t.origin or t.sender, t.destination or t.receiver, t.tag, t.link)] += t.bytes
+        for m in r.scores:
+            cell = acc[m.task][m.split]
+            cell[0] += m.correct
+            cell[1] += m.total
+        loss_sum += r.train_loss * r.train_samples
+        samples += r.train_samples
+    return RoundRecord(
+        method=method,
+        round=round_,
+        attempt=attempt,
+        e_agg=e_agg,
+        cloud_aggregation=cloud_aggregation,
         # device level = each device's modules on its own test split; global = the same modules on
         # the task's global test set. Pooled over devices (sample-weighted).
-        "accuracy": {
+        accuracy={
             task: {split: (c / n if n else None) for split, (c, n) in splits.items()}
             for task, splits in sorted(acc.items())
         },
-        "loss": loss_sum / samples if samples else None,
-        "train_samples": samples,
-        "bytes_by_link": by_link,
-        "bytes_by_module": dict(sorted(by_module.items())),
-        "bytes_by_link_module": {k: dict(sorted(v.items())) for k, v in by_link_module.items()},
-        "bytes_total": sum(by_link.values()),
-        "transfers": transfers,
+        loss=loss_sum / samples if samples else None,
+        train_samples=samples,
+        bytes_by_link=by_link,
+        bytes_by_module=dict(sorted(by_module.items())),
+        bytes_by_link_module={k: dict(sorted(v.items())) for k, v in by_link_module.items()},
+        bytes_total=sum(by_link.values()),
+        transfers=transfers,
         # every hop of every push, as the sending (or relaying) node recorded it
-        "hops": [
+        hops=[
             {
                 "sender": k[0],
                 "receiver": k[1],
@@ -79,15 +152,35 @@ def round_record(
             }
             for k, b in sorted(hops.items())
         ],
-        "wall_s": wall_s,
-    }
+        aggregates=[
+            {"node": a.node, "tag": a.tag, "counted": list(a.counted), "left_out": list(a.left_out)}
+            for a in sorted((a for r in reports for a in r.aggregates), key=lambda a: (a.node, a.tag))
+        ],
+        wall_s=wall_s,
+        left_out=sorted(left_out or []),
+    )
 
 
-def write_results(path: str | Path, config: dict[str, Any], rounds: list[dict[str, Any]], **extra: Any) -> None:
-    doc = {"config": config, "rounds": rounds, **extra}
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
+def write_results(path: str | Path, config: dict[str, Any], rounds: list[RoundRecord], **extra: Any) -> None:
+    """results.json, written atomically (readers never see a half-written file)."""
+    doc = {"config": config, "rounds": [r.to_dict() for r in rounds], **extra}
+    atomic_write_bytes(Path(path), json.dumps(doc, indent=2).encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it holds the old or the new content, never a part:
+    a temp file beside it, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 def plot_accuracy(ax, rounds: list[dict[str, Any]]) -> None:

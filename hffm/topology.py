@@ -1,34 +1,38 @@
-"""Who is in the federation: node ids, tiers, clusters and the modules each node handles.
+"""Membership: who is in the federation right now, as data.
 
-Pure and deterministic from the config, so every process (launcher, cloud, edge, device) derives
-the same view. Ids: ``cloud``, ``edge-<e>``, ``device-<e>-<i>`` (edge e, index i in its cluster).
+A ``Topology`` is a membership table at one moment: the edges, the devices (each with its edge and
+its tasks) and the modules each node handles. It is a value: ``with_device``, ``without`` and
+``rehome`` return the table after a node joined, left or moved to another edge, so membership can
+change between rounds while every round's plan is made from one consistent table.
+``Topology.from_config`` is the federation the config starts with; every process derives the same.
+
+Pure: no torch, no gRPC (tested), so planning is fast and testable without the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from hffm.config import HFFMConfig
-from hffm.data import device_tasks
-from hffm.model import adapter_name, head_name
+from hffm.ids import CLOUD, adapter_name, device_id, edge_id, head_name, parse_node_id
 
-CLOUD = "cloud"
-
-
-def edge_id(e: int) -> str:
-    return f"edge-{e}"
+__all__ = ["CLOUD", "DeviceInfo", "Topology", "device_tasks"]
 
 
-def device_id(e: int, i: int) -> str:
-    return f"device-{e}-{i}"
+def device_tasks(device_index: int, tasks: list[str], tasks_per_device: int | str) -> list[str]:
+    """Tasks of the device with global index ``device_index`` (round-robin when not 'all')."""
+    if tasks_per_device == "all" or int(tasks_per_device) >= len(tasks):
+        return list(tasks)
+    k = int(tasks_per_device)
+    return [tasks[(device_index + j) % len(tasks)] for j in range(k)]
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
     id: str
     edge: str
-    index: int  # global index over all devices
+    index: int  # order of creation over all devices (the config's devices first)
     tasks: tuple[str, ...]
 
 
@@ -51,12 +55,36 @@ class Topology:
                 g += 1
         return cls(edges, tuple(devices), tuple(cfg.tasks), num_layers)
 
+    # ---- membership changes (each returns a new table) -----------------------------------------
+    def with_device(self, device: str, edge: str, tasks: tuple[str, ...]) -> Topology:
+        """The table after ``device`` joined ``edge`` holding ``tasks``."""
+        if parse_node_id(device).role != "device":
+            raise ValueError(f"{device!r} is not a device id")
+        if device in self.device_map:
+            raise ValueError(f"{device} is already a member")
+        if edge not in self.edges:
+            raise ValueError(f"{device}: no edge {edge!r}")
+        unknown = [t for t in tasks if t not in self.tasks]
+        if not tasks or unknown:
+            raise ValueError(f"{device}: tasks {list(tasks)} (federation's: {list(self.tasks)})")
+        index = 1 + max((d.index for d in self.devices), default=-1)
+        return replace(self, devices=(*self.devices, DeviceInfo(device, edge, index, tuple(tasks))))
+
     def without(self, devices: set[str]) -> Topology:
-        """The same federation minus ``devices`` (unreachable this round)."""
+        """The same federation minus ``devices`` (left, or unreachable this round)."""
         if not devices:
             return self
-        return Topology(self.edges, tuple(d for d in self.devices if d.id not in devices), self.tasks, self.num_layers)
+        return replace(self, devices=tuple(d for d in self.devices if d.id not in devices))
 
+    def rehome(self, device: str, edge: str) -> Topology:
+        """The table after ``device`` moved to ``edge`` (its id, tasks and data stay)."""
+        if device not in self.device_map:
+            raise ValueError(f"{device} is not a member")
+        if edge not in self.edges:
+            raise ValueError(f"{device}: no edge {edge!r}")
+        return replace(self, devices=tuple(replace(d, edge=edge) if d.id == device else d for d in self.devices))
+
+    # ---- queries ---------------------------------------------------------------------------------
     @cached_property
     def device_map(self) -> dict[str, DeviceInfo]:
         return {d.id: d for d in self.devices}
@@ -68,16 +96,13 @@ class Topology:
         return [CLOUD, *self.edges, *(d.id for d in self.devices)]
 
     def role(self, node: str) -> str:
-        if node == CLOUD:
-            return "cloud"
-        if node in self.edges:
-            return "edge"
-        if node in self.device_map:
-            return "device"
+        """The role of a member (``KeyError`` for a node that is not one)."""
+        if node == CLOUD or node in self.edges or node in self.device_map:
+            return parse_node_id(node).role
         raise KeyError(f"unknown node {node!r}")
 
     def holders(self, task: str) -> list[str]:
-        """Devices holding ``task``, in global order (the order the data split uses)."""
+        """Devices holding ``task``, in creation order (the order the data split uses)."""
         return [d.id for d in self.devices if task in d.tasks]
 
     def holders_by_task(self) -> dict[str, list[str]]:

@@ -48,15 +48,12 @@ class PushHeader:
     link: str
     modules: tuple[ModuleHeader, ...]
     route: tuple[str, ...] = field(default=())  # hops still to go after the receiver (D2D relay)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(m.size_bytes for m in self.modules)
+    attempt: int = 0  # the round's attempt (a round re-run after an abort is a new attempt)
 
 
-def push_id_for(sender: str, receiver: str, round_: int, tag: str) -> str:
+def push_id_for(sender: str, receiver: str, round_: int, tag: str, attempt: int = 0) -> str:
     """Deterministic id: a client's retry of the same push carries the same id."""
-    return f"{sender}>{receiver}@{round_}/{tag}"
+    return f"{sender}>{receiver}@{round_}.{attempt}/{tag}"
 
 
 def chunks(

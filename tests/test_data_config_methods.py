@@ -10,13 +10,12 @@ from hffm.data import (
     TASK_LABELS,
     build_device_data,
     build_tokenizer,
-    device_tasks,
     dirichlet_split,
     render_sample,
     task_pool_labels,
 )
 from hffm.methods import EDGE_CLOUD, Collect, Evaluate, Send, Train, evaluates, make_method
-from hffm.topology import CLOUD, Topology
+from hffm.topology import CLOUD, Topology, device_tasks
 
 
 # ---- data ------------------------------------------------------------------------------------

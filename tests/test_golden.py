@@ -54,6 +54,4 @@ def test_golden_run_is_reproduced_exactly(tmp_path):
 
 def test_mismatch_finder_sees_a_changed_value():
     assert _mismatches({"a": [1, {"b": 2.0}]}, {"a": [1, {"b": 2.0}], "new": 1}) == []
-    assert _mismatches({"a": [1, {"b": 2.0}]}, {"a": [1, {"b": 2.0000001}]}) == [
-        ".a[1].b: expected 2.0, got 2.0000001"
-    ]
+    assert _mismatches({"a": [1, {"b": 2.0}]}, {"a": [1, {"b": 2.0000001}]}) == [".a[1].b: expected 2.0, got 2.0000001"]

@@ -19,6 +19,7 @@ from hffm.wire import ModuleHeader, PushHeader, chunks, push_id_for
 from services.common.bootstrap import node_modules, topology
 from services.common.client import push_callable, push_requests
 from services.common.convert import header_to_pb, step_to_pb
+from services.common.identity import identity_metadata
 from services.common.node import NodeRuntime
 from services.common.server import NodeServer
 from services.rpc import pb, pb_grpc
@@ -64,8 +65,13 @@ def _header(sender, ems, round_=1, tag="aggregate", link="device_edge", push_id=
     )
 
 
-def _push(ch, reqs):
-    return push_callable(ch)(iter(list(reqs)), timeout=10)
+def _push(ch, reqs, caller: str | None = "sender"):
+    """Push as ``caller`` (default: the header's sender; None: no identity at all)."""
+    reqs = list(reqs)
+    if caller == "sender":
+        caller = reqs[0].header.sender if reqs and isinstance(reqs[0], pb.PushRequest) else D0
+    meta = identity_metadata(caller) if caller else None
+    return push_callable(ch)(iter(reqs), timeout=10, metadata=meta)
 
 
 def _good(node, sender, seed, samples=10.0):
@@ -73,10 +79,10 @@ def _good(node, sender, seed, samples=10.0):
     return _header(sender, ems), ems
 
 
-def _expect(ch, node, reqs, code, match):
+def _expect(ch, node, reqs, code, match, caller: str | None = "sender"):
     before = node.inbox.snapshot()
     with pytest.raises(grpc.RpcError) as e:
-        _push(ch, reqs)
+        _push(ch, reqs, caller)
     assert e.value.code() == code, e.value.details()
     assert match in e.value.details()
     assert node.inbox.snapshot() == before
@@ -203,8 +209,9 @@ def test_good_pushes_retry_counted_once_and_weighted_mean(edge, small_cfg):
     # any gRPC client works: the generated stub with protobuf objects throughout (no chunkwire)
     plain = [pb.PushRequest(header=header_to_pb(_header(D1, e1)))]
     plain += [pb.PushRequest(chunk=pb.Chunk(module_index=i, offset=o, data=bytes(v))) for i, o, v in chunks(e1)]
-    pb_grpc.ModuleExchangeStub(ch).Push(iter(plain), timeout=10)
+    pb_grpc.ModuleExchangeStub(ch).Push(iter(plain), timeout=10, metadata=identity_metadata(D1))
     report = pb_grpc.RoundControlStub(ch).AwaitRound(pb.AwaitRequest(round=1), timeout=30)
+    assert [(a.tag, list(a.counted), list(a.left_out)) for a in report.aggregates] == [("aggregate", [D0, D1], [])]
     assert report.node == EDGE and report.round == 1
     want = weighted_mean([m0, m1])
     for name, mod in want.items():
@@ -242,3 +249,95 @@ def test_header_round_trip_through_protobuf(edge):
 
     assert header_from_pb(header_to_pb(h)) == h
     assert all(len(c[2]) <= 1 << 20 for c in chunks([encode_module(m) for m in node.modules.values()]))
+
+
+# ---- identity from the transport, weights from the coordinator, attempts -------------------------
+def test_a_push_without_identity_is_unauthenticated(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.UNAUTHENTICATED, "identity", caller=None)
+
+
+def test_a_device_cannot_push_as_another(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)  # the header says device-0-0; the caller is device-0-1
+    _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.PERMISSION_DENIED, "may not push as", caller=D1)
+
+
+def _capped_edge(node, caps_d0: float):
+    mods = tuple(sorted(n for n in node.modules if n != "head.gqa"))
+    caps = ((D0, tuple((m, caps_d0) for m in mods)), (D1, tuple((m, 100.0) for m in mods)))
+    node.assign(
+        2,
+        "hfm",
+        [Collect("aggregate", (D0, D1), "device_edge", weight_caps=caps)],
+        {D0: "127.0.0.1:1", D1: "127.0.0.1:2"},
+    )
+    return mods
+
+
+def _round2(node, sender, seed, samples, names=None):
+    mods = {n: m for n, m in _device_modules(node, seed, samples, version=2).items() if names is None or n in names}
+    ems = [encode_module(m) for m in mods.values()]
+    return _header(sender, ems, round_=2), ems
+
+
+def test_a_sender_cannot_claim_more_samples_than_registered(edge):
+    node, ch, _ = edge
+    _capped_edge(node, caps_d0=12.0)
+    h, ems = _round2(node, D0, 1, samples=1e30)
+    _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the 12 samples")
+    h, ems = _round2(node, D0, 1, samples=12.0)
+    assert not _push(ch, push_requests(h, ems, 4096)).duplicate
+
+
+def test_a_sender_must_push_every_module_its_step_names(edge):
+    node, ch, _ = edge
+    _capped_edge(node, caps_d0=12.0)
+    h, ems = _round2(node, D0, 1, samples=12.0, names={"adapter.0"})
+    _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.INVALID_ARGUMENT, "must push exactly")
+
+
+def test_a_new_attempt_replaces_the_round_and_old_attempt_pushes_are_refused(edge):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    _push(ch, push_requests(h, ems, 4096))
+    assert node.inbox.snapshot()["accepted"]["aggregate"]
+    stub = pb_grpc.RoundControlStub(ch)
+    collect = step_to_pb(Collect("aggregate", (D0, D1), "device_edge"))
+    peers = {D0: "127.0.0.1:1", D1: "127.0.0.1:2"}
+    stub.AssignRound(pb.RoundTask(round=1, attempt=1, method="hfm", steps=[collect], peers=peers), timeout=5)
+    assert node.inbox.snapshot()["attempt"] == 1 and not node.inbox.snapshot()["accepted"]["aggregate"]
+    _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "attempt 0")
+    h1 = replace(h, attempt=1, push_id=push_id_for(D0, EDGE, 1, "aggregate", 1))
+    assert not _push(ch, push_requests(h1, ems, 4096)).duplicate
+    # the same attempt with other peers is not a retry; an older attempt is refused
+    with pytest.raises(grpc.RpcError) as e:
+        other = {D0: "10.9.9.9:1", D1: "127.0.0.1:2"}
+        stub.AssignRound(pb.RoundTask(round=1, attempt=1, method="hfm", steps=[collect], peers=other), timeout=5)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AssignRound(pb.RoundTask(round=1, attempt=0, method="hfm", steps=[collect], peers=peers), timeout=5)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_quorum_aggregates_whoever_came_by_the_deadline(edge):
+    from hffm.methods import Quorum
+
+    node, ch, _ = edge
+    node.assign(
+        2,
+        "hfm",
+        [Collect("aggregate", (D0, D1), "device_edge", quorum=Quorum(min_fraction=0.5, deadline_s=0.5))],
+        {D0: "127.0.0.1:1", D1: "127.0.0.1:2"},
+    )
+    h, ems = _round2(node, D1, 3, samples=7.0)
+    _push(ch, push_requests(h, ems, 4096))
+    report = pb_grpc.RoundControlStub(ch).AwaitRound(pb.AwaitRequest(round=2), timeout=30)
+    assert [(list(a.counted), list(a.left_out)) for a in report.aggregates] == [([D1], [D0])]
+    assert node.modules["adapter.0"].num_samples == 7.0 and node.modules["adapter.0"].version == 2
+    # a late push from the left-out sender is stale: never counted, in this round or after it
+    late, lems = _round2(node, D0, 4, samples=7.0)
+    _expect(ch, node, push_requests(late, lems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "without device-0-0")
+    node.assign(3, "hfm", [], {D0: "127.0.0.1:1"})
+    _expect(ch, node, push_requests(late, lems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "round 3")

@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
             (pb_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coord), "Coordinator"),
         ],
     )
-    node.address = coord.addresses[CLOUD] = advertise_address(args.listen, srv.port, args.advertise)
+    node.address = coord.members.addresses[CLOUD] = advertise_address(args.listen, srv.port, args.advertise)
     log.info(
         "cloud serving on %s (advertised %s); method %s, %d rounds, %d nodes expected",
         args.listen,
         node.address,
         cfg.method,
         cfg.rounds,
-        coord.expected,
+        coord.members.expected,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

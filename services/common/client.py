@@ -18,6 +18,7 @@ from hffm.modules import EncodedModule
 from hffm.wire import PushHeader, chunks
 from services.common.chunkwire import chunk_message, serialize_push_request
 from services.common.convert import header_to_pb
+from services.common.identity import identity_metadata
 from services.rpc import pb
 
 PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['ModuleExchange'].full_name}/Push"
@@ -90,11 +91,16 @@ def push_modules(
     *,
     chunk_bytes: int,
     timeout_s: float,
+    caller: str,
     attempts: int = 5,
 ) -> pb.PushAck:
+    """Push ``encoded`` with ``header``, as node ``caller`` (the sender, or a relay)."""
     push = push_callable(channel)
+    meta = identity_metadata(caller)
     return with_retries(
-        lambda: push(push_requests(header, encoded, chunk_bytes), timeout=timeout_s, wait_for_ready=True),
+        lambda: push(
+            push_requests(header, encoded, chunk_bytes), timeout=timeout_s, wait_for_ready=True, metadata=meta
+        ),
         attempts=attempts,
         what=f"push {header.push_id}",
     )

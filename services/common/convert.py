@@ -1,8 +1,10 @@
-"""Translation between protobuf messages and the core's plain dataclasses (nothing else)."""
+"""Translation between protobuf messages and the core's plain dataclasses (nothing else): the one place
+per message type where the wire meets the core. Runtime state holds core types, never messages."""
 
 from __future__ import annotations
 
-from hffm.methods import Collect, Evaluate, Send, Step, Train
+from hffm.methods import Collect, Evaluate, Quorum, Send, Step, Train
+from hffm.results import AggregateRecord, NodeReport, TaskScore, Transfer
 from hffm.wire import ModuleHeader, PushHeader
 from services.rpc import pb
 
@@ -16,6 +18,7 @@ def header_to_pb(h: PushHeader) -> pb.PushHeader:
         tag=h.tag,
         link=h.link,
         route=list(h.route),
+        attempt=h.attempt,
         modules=[
             pb.ModuleHeader(
                 name=m.name,
@@ -39,6 +42,7 @@ def header_from_pb(h: pb.PushHeader) -> PushHeader:
         tag=h.tag,
         link=h.link,
         route=tuple(h.route),
+        attempt=h.attempt,
         modules=tuple(
             ModuleHeader(m.name, m.version, m.num_samples, m.size_bytes, bytes(m.sha256), m.dtype) for m in h.modules
         ),
@@ -53,8 +57,20 @@ def step_to_pb(s: Step) -> pb.Step:
     if isinstance(s, Send):
         return pb.Step(send=pb.SendStep(to=s.to, link=s.link, tag=s.tag, modules=list(s.modules), route=list(s.route)))
     if isinstance(s, Collect):
+        q = s.quorum
         return pb.Step(
-            collect=pb.CollectStep(tag=s.tag, senders=list(s.senders), link=s.link, include_self=s.include_self)
+            collect=pb.CollectStep(
+                tag=s.tag,
+                senders=list(s.senders),
+                link=s.link,
+                include_self=s.include_self,
+                rule=s.rule,
+                params=dict(s.params),
+                quorum=pb.Quorum(
+                    min_senders=q.min_senders, min_fraction=q.min_fraction, deadline_s=q.deadline_s or 0.0
+                ),
+                weight_caps={sender: pb.ModuleWeights(module=dict(caps)) for sender, caps in s.weight_caps},
+            )
         )
     raise TypeError(f"not a step: {s!r}")
 
@@ -69,5 +85,61 @@ def step_from_pb(s: pb.Step) -> Step:
         return Send(s.send.to, s.send.link, s.send.tag, tuple(s.send.modules), tuple(s.send.route))
     if kind == "collect":
         c = s.collect
-        return Collect(c.tag, tuple(c.senders), c.link, c.include_self)
+        q = c.quorum
+        if q.min_senders < 0 or not 0 <= q.min_fraction <= 1 or q.deadline_s < 0:
+            raise ValueError(f"collect {c.tag!r}: quorum out of range")
+        return Collect(
+            c.tag,
+            tuple(c.senders),
+            c.link,
+            c.include_self,
+            c.rule or "fedavg",
+            tuple(sorted(c.params.items())),
+            Quorum(q.min_senders, q.min_fraction or 1.0, q.deadline_s or None),
+            tuple((sender, tuple(sorted(w.module.items()))) for sender, w in sorted(c.weight_caps.items())),
+        )
     raise ValueError("step has no kind")
+
+
+def report_to_pb(r: NodeReport) -> pb.RoundReport:
+    return pb.RoundReport(
+        node=r.node,
+        round=r.round,
+        attempt=r.attempt,
+        sent=[
+            pb.TransferRecord(
+                sender=t.sender,
+                receiver=t.receiver,
+                module=t.module,
+                link=t.link,
+                bytes=t.bytes,
+                tag=t.tag,
+                origin=t.origin,
+                destination=t.destination,
+            )
+            for t in r.sent
+        ],
+        metrics=[pb.TaskMetric(task=m.task, split=m.split, correct=m.correct, total=m.total) for m in r.scores],
+        aggregates=[pb.AggregateRecord(tag=a.tag, counted=a.counted, left_out=a.left_out) for a in r.aggregates],
+        train_loss=r.train_loss,
+        train_samples=r.train_samples,
+        wall_s=r.wall_s,
+        train_s=r.train_s,
+    )
+
+
+def report_from_pb(r: pb.RoundReport) -> NodeReport:
+    return NodeReport(
+        node=r.node,
+        round=r.round,
+        attempt=r.attempt,
+        sent=[
+            Transfer(t.sender, t.receiver, t.module, t.link, t.bytes, t.tag, t.origin, t.destination) for t in r.sent
+        ],
+        scores=[TaskScore(m.task, m.split, m.correct, m.total) for m in r.metrics],
+        aggregates=[AggregateRecord(r.node, a.tag, tuple(a.counted), tuple(a.left_out)) for a in r.aggregates],
+        train_loss=r.train_loss,
+        train_samples=r.train_samples,
+        wall_s=r.wall_s,
+        train_s=r.train_s,
+    )

@@ -10,13 +10,14 @@ import torch
 
 from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer
-from hffm.model import HFFMModel, build_model, task_of
+from hffm.ids import task_of
+from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet, spec_of
+from hffm.results import TaskScore
 from hffm.topology import Topology
 from hffm.training import evaluate, train_local
 from services.common.bootstrap import task_labels
 from services.common.node import NodeRuntime, RoundState
-from services.rpc import pb
 
 
 class ModelHost:
@@ -100,12 +101,10 @@ class DeviceNode(NodeRuntime):
             task = task_of(n)
             weight = samples.get(task, 0) if task else total
             new[n] = Module(n, tensors, state.round, float(max(weight, 1)))
-        with self._lock:
-            self.modules = {**self.modules, **new}  # other tasks' heads held as a cluster head stay
-        state.train_loss = stats.loss
-        state.train_samples = stats.samples
-        state.train_s = time.perf_counter() - t0
-        self.metrics.train_seconds.labels(node=self.node_id).inc(state.train_s)
+        self.modules = {**self.modules, **new}  # other tasks' heads held as a cluster head stay
+        rep = state.report
+        rep.train_loss, rep.train_samples, rep.train_s = stats.loss, stats.samples, time.perf_counter() - t0
+        self.metrics.train_seconds.labels(node=self.node_id).inc(rep.train_s)
         self.metrics.train_samples.labels(node=self.node_id).inc(stats.samples)
         self.metrics.train_loss.labels(node=self.node_id).set(stats.loss)
 
@@ -117,5 +116,5 @@ class DeviceNode(NodeRuntime):
             glob = evaluate(self.host.model, global_sets, self.host.device)
         for split, res in (("local", local), ("global", glob)):
             for task, (c, n) in res.items():
-                state.metrics.append(pb.TaskMetric(task=task, split=split, correct=c, total=n))
+                state.report.scores.append(TaskScore(task, split, c, n))
                 self.metrics.accuracy.labels(node=self.node_id, task=task, split=split).set(c / n if n else 0.0)

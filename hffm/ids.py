@@ -1,0 +1,105 @@
+"""The federation's vocabulary, defined once: node ids and roles, module names, tasks, methods and link
+kinds. Pure (no torch, no gRPC): every layer imports it.
+
+Node ids: ``cloud``, ``edge-<e>``, ``device-<e>-<i>`` (edge e, index i in the cluster it was created
+in). A device's id is its identity, not its place: membership may re-home it to another edge, and
+its id stays. Module names: ``adapter.<layer>``, ``head.<task>``; the same string in memory, on the
+wire, in safetensors files, in metrics and in logs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# ---- nodes --------------------------------------------------------------------------------------
+CLOUD = "cloud"
+ROLES = ("cloud", "edge", "device")
+_EDGE = re.compile(r"edge-(\d+)")
+_DEVICE = re.compile(r"device-(\d+)-(\d+)")
+
+
+def edge_id(e: int) -> str:
+    return f"edge-{e}"
+
+
+def device_id(e: int, i: int) -> str:
+    return f"device-{e}-{i}"
+
+
+@dataclass(frozen=True)
+class NodeId:
+    """A parsed node id: its role, and for edges and devices the indices in the id."""
+
+    role: str
+    edge: int | None = None  # edge-<e>, device-<e>-<i>: e
+    index: int | None = None  # device-<e>-<i>: i
+
+    def __str__(self) -> str:
+        if self.role == "cloud":
+            return CLOUD
+        if self.role == "edge":
+            return edge_id(self.edge or 0)
+        return device_id(self.edge or 0, self.index or 0)
+
+
+def parse_node_id(node: str) -> NodeId:
+    """Parse ``node``; ``ValueError`` naming it when it is not a node id."""
+    if node == CLOUD:
+        return NodeId("cloud")
+    if m := _EDGE.fullmatch(node):
+        return NodeId("edge", int(m.group(1)))
+    if m := _DEVICE.fullmatch(node):
+        return NodeId("device", int(m.group(1)), int(m.group(2)))
+    raise ValueError(f"{node!r} is not a node id (cloud, edge-<e>, device-<e>-<i>)")
+
+
+def role_of(node: str) -> str:
+    """``cloud`` | ``edge`` | ``device`` of a node id (``unknown`` for anything else: a metric label)."""
+    try:
+        return parse_node_id(node).role
+    except ValueError:
+        return "unknown"
+
+
+# ---- modules ------------------------------------------------------------------------------------
+ADAPTER_PREFIX = "adapter."
+HEAD_PREFIX = "head."
+
+
+def adapter_name(layer: int) -> str:
+    return f"{ADAPTER_PREFIX}{layer}"
+
+
+def head_name(task: str) -> str:
+    return f"{HEAD_PREFIX}{task}"
+
+
+def task_of(module: str) -> str | None:
+    """The task a module belongs to (heads), or None (shared modules such as adapters)."""
+    return module[len(HEAD_PREFIX) :] if module.startswith(HEAD_PREFIX) else None
+
+
+# ---- tasks, methods, links ------------------------------------------------------------------------
+# The synthetic data set's tasks and their answer labels (hffm/data.py renders them).
+COLORS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = ("one", "two", "three")
+TASK_LABELS: dict[str, list[str]] = {
+    "art": [*COLORS, *SHAPES],
+    "gqa": [*COUNT_WORDS, "yes", "no"],
+}
+TASKS = tuple(TASK_LABELS)
+
+# Round plans by name (hffm/methods.py implements each; a test holds the two lists together).
+METHODS = ("star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d")
+
+# Aggregation rules by name (hffm/aggregation.py implements each; a test holds the two together).
+AGGREGATION_RULES = ("fedavg",)
+
+# Link kinds (also metric and results labels).
+DEVICE_EDGE = "device_edge"
+EDGE_CLOUD = "edge_cloud"
+DEVICE_CLOUD = "device_cloud"
+D2D = "d2d"
+LINK_KINDS = (DEVICE_EDGE, EDGE_CLOUD, DEVICE_CLOUD, D2D)

@@ -1,0 +1,88 @@
+"""The cloud's membership: who registered, where each node is reachable, and the training samples each
+device registered (the weights a sender may claim are bounded by them). Registration is validated
+against the membership table (``hffm.topology.Topology``); the table itself is data that later changes
+(joins, leaves, re-homing) replace between rounds."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hffm.ids import CLOUD
+from hffm.topology import Topology
+
+log = logging.getLogger("hffm.membership")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a node says about itself when it registers (services/cloud/coordinator.py converts the
+    NodeInfo message into this)."""
+
+    id: str
+    role: str
+    address: str
+    edge: str = ""
+    train_samples: tuple[tuple[str, int], ...] = ()
+
+
+class Membership:
+    def __init__(self, topo: Topology, cloud_address: str, on_change: Callable[[str], None] | None = None) -> None:
+        self.topo = topo
+        self.addresses: dict[str, str] = {CLOUD: cloud_address}
+        self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
+        self._on_change = on_change or (lambda _msg: None)
+        self._cv = threading.Condition()
+
+    @property
+    def expected(self) -> int:
+        return len(self.topo.node_ids())
+
+    def register(self, reg: Registration) -> int:
+        """Validate and record ``reg``; returns how many nodes are registered. ``ValueError`` names
+        what is wrong and changes nothing."""
+        try:
+            role = self.topo.role(reg.id)
+        except KeyError:
+            raise ValueError(f"{reg.id!r} is not a node of this topology") from None
+        if role != reg.role:
+            raise ValueError(f"{reg.id} is a {role}, registered as {reg.role!r}")
+        if role == "device" and reg.edge != self.topo.device_map[reg.id].edge:
+            raise ValueError(f"{reg.id} belongs to {self.topo.device_map[reg.id].edge}, not {reg.edge!r}")
+        if not reg.address:
+            raise ValueError(f"{reg.id}: address is required")
+        samples = dict(reg.train_samples)
+        if role == "device":
+            tasks = set(self.topo.device_map[reg.id].tasks)
+            if set(samples) - tasks or any(not 0 <= v < 2**31 for v in samples.values()):
+                raise ValueError(f"{reg.id}: train_samples {samples} (tasks {sorted(tasks)}, each 0 <= n < 2^31)")
+        with self._cv:
+            self.addresses[reg.id] = reg.address  # a restarted node re-registers with its new address
+            if role == "device":
+                self.samples[reg.id] = samples
+            n = len(self.addresses)
+            self._cv.notify_all()
+        log.info("registered %s at %s (%d/%d)", reg.id, reg.address, n, self.expected)
+        self._on_change(f"{reg.id} registered")
+        return n
+
+    def wait_for_all(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while len(self.addresses) < self.expected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(self.topo.node_ids()) - set(self.addresses))
+                    raise TimeoutError(f"nodes not registered after {timeout_s:.0f}s: {missing}")
+                self._cv.wait(min(left, 1.0))
+
+    def address(self, node: str) -> str:
+        with self._cv:
+            return self.addresses[node]
+
+    def snapshot(self) -> dict[str, str]:
+        with self._cv:
+            return dict(sorted(self.addresses.items()))

@@ -1,0 +1,58 @@
+"""Runs a node's steps for one round, in order, without knowing which method planned them: trains,
+sends (consecutive sends concurrently), collects (its own modules first when the step includes them)
+and adopts the aggregate, evaluates. What the node does for each kind of step is the node's."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from hffm.inbox import Aggregate
+from hffm.methods import Collect, Evaluate, Send, Train
+from hffm.results import AggregateRecord, NodeReport
+from services.common.rounds import RoundState
+
+if TYPE_CHECKING:
+    from services.common.node import NodeRuntime
+
+
+class StepExecutor:
+    def __init__(self, node: NodeRuntime) -> None:
+        self.node = node
+
+    def run(self, state: RoundState) -> NodeReport:
+        node = self.node
+        t0 = time.perf_counter()
+        steps = state.steps
+        i = 0
+        while i < len(steps):
+            s = steps[i]
+            if isinstance(s, Send):
+                j = i
+                while j < len(steps) and isinstance(steps[j], Send):
+                    j += 1
+                node.sender.send_all(state, list(steps[i:j]))  # type: ignore[arg-type]
+                i = j
+                continue
+            if isinstance(s, Train):
+                node.train(state)
+                node.sender.invalidate()
+            elif isinstance(s, Collect):
+                self._collect(state, s)
+            elif isinstance(s, Evaluate):
+                node.evaluate(state)
+            i += 1
+        state.report.wall_s = time.perf_counter() - t0
+        return state.report
+
+    def _collect(self, state: RoundState, s: Collect) -> None:
+        node = self.node
+        if s.include_self:
+            own = {n: node.modules[n] for n in node.own_module_names()}
+            node.inbox.add_own(s.tag, own)
+            node.trace(f"r{state.round}-{s.tag}-own", own)
+        agg: Aggregate = node.inbox.wait(s.tag, node.cfg.runtime.round_timeout_s)
+        node.metrics.aggregations.labels(node=node.node_id, tag=s.tag).inc()
+        node.trace(f"r{state.round}-{s.tag}-aggregate", agg.modules)
+        node.adopt(agg.modules)
+        state.report.aggregates.append(AggregateRecord(node.node_id, s.tag, agg.counted, agg.left_out))

@@ -1,0 +1,127 @@
+"""The receiving side of a node: a push stream in, checked against the node's inbox, reassembled and
+verified (``PushAssembler``), folded into its collect step; or, on a D2D route through this device,
+streamed on to the next hop without decoding (relaying). Every rejection is a ``ModuleError`` and is
+counted by reason; nothing changes before every check passed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import grpc
+
+from hffm.config import HFFMConfig
+from hffm.ids import D2D, role_of
+from hffm.inbox import Inbox
+from hffm.modules import ModuleError, ModuleSet, ModuleSpec
+from hffm.wire import PushAssembler, PushHeader
+from services.common.chunkwire import RawChunk
+from services.common.client import Channels, push_callable
+from services.common.convert import header_from_pb, header_to_pb
+from services.common.identity import identity_metadata
+from services.common.metrics import Metrics, link_label
+from services.common.rounds import RoundRegistry
+from services.common.sender import Sender
+from services.rpc import pb
+
+
+class Receiver:
+    def __init__(
+        self,
+        node_id: str,
+        cfg: HFFMConfig,
+        spec: ModuleSpec,
+        inbox: Inbox,
+        rounds: RoundRegistry,
+        sender: Sender,
+        channels: Channels,
+        metrics: Metrics,
+        trace: Callable[[str, ModuleSet], None],
+        relays: bool,
+    ) -> None:
+        self.node_id, self.cfg, self.spec = node_id, cfg, spec
+        self.inbox, self.rounds, self.sender, self.channels = inbox, rounds, sender, channels
+        self.metrics = metrics
+        self.trace = trace
+        self.relays = relays  # devices relay D2D pushes for their cluster peers
+
+    def receive(self, requests: Iterator[pb.PushRequest], caller: str | None) -> pb.PushAck:
+        try:
+            return self._receive(requests, caller)
+        except ModuleError as err:
+            self.metrics.modules_rejected.labels(node=self.node_id, reason=err.reason).inc()
+            raise
+
+    def _receive(self, requests: Iterator[pb.PushRequest], caller: str | None) -> pb.PushAck:
+        first = next(requests, None)
+        if first is None or isinstance(first, RawChunk) or first.WhichOneof("kind") != "header":
+            raise ModuleError("INVALID_ARGUMENT", "no_header", "a push must start with its header")
+        header = header_from_pb(first.header)
+        if self.relays and header.link == D2D and (header.receiver != self.node_id or header.route):
+            return self._relay(header, requests, caller)
+        duplicate = self.inbox.precheck(header, caller)
+        assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
+        for req in requests:
+            if isinstance(req, RawChunk):
+                c = req
+            elif req.WhichOneof("kind") == "chunk":
+                c = req.chunk
+            else:
+                raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
+            assembler.add_chunk(c.module_index, c.offset, c.data)
+        modules = assembler.finish()
+        if not duplicate:
+            duplicate = self.inbox.accept(header, modules, caller)
+            if not duplicate:
+                self._count_received(header)
+                for m in modules:
+                    self.metrics.modules_received.labels(node=self.node_id, module=m.name).inc()
+                self.trace(f"r{header.round}-{header.tag}-from-{header.sender}", {m.name: m for m in modules})
+        return pb.PushAck(
+            duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules]
+        )
+
+    def _count_received(self, header: PushHeader) -> None:
+        link = link_label(header.link, role_of(header.sender))
+        tier = role_of(header.sender) if header.link != D2D else "device"
+        for m in header.modules:
+            self.metrics.bytes_received.labels(node=self.node_id, link=link, peer_tier=tier, module=m.name).inc(
+                m.size_bytes
+            )
+
+    def _relay(self, header: PushHeader, requests: Iterator[pb.PushRequest], caller: str | None) -> pb.PushAck:
+        """Stream a push on to its next hop without decoding it (D2D relaying)."""
+        state = self.rounds.get(header.round)
+        if state is None or header.round != self.rounds.current or header.attempt != state.attempt:
+            raise ModuleError(
+                "FAILED_PRECONDITION",
+                "wrong_round",
+                f"relay for round {header.round}, {self.node_id} is in {self.rounds.current}",
+            )
+        if not caller or caller not in state.peers:
+            raise ModuleError("PERMISSION_DENIED", "unregistered_caller", f"caller {caller!r} is not a peer this round")
+        if header.sender not in state.peers:
+            raise ModuleError("PERMISSION_DENIED", "unregistered_sender", f"sender {header.sender!r} is not registered")
+        nxt = header.route[0] if header.route else header.receiver
+        if nxt not in state.peers:
+            raise ModuleError("FAILED_PRECONDITION", "no_route", f"{self.node_id} has no address for next hop {nxt!r}")
+        onward = replace(header, route=header.route[1:])
+
+        def stream() -> Iterator[pb.PushRequest | RawChunk]:
+            yield pb.PushRequest(header=header_to_pb(onward))
+            yield from requests  # chunks go on as they arrive, as the bytes they came in
+
+        push = push_callable(self.channels.get(state.peers[nxt]))
+        try:
+            ack = push(
+                stream(),
+                timeout=self.cfg.runtime.rpc_timeout_s,
+                wait_for_ready=True,
+                metadata=identity_metadata(self.node_id),
+            )
+        except grpc.RpcError as err:
+            code = err.code().name if err.code() is not None else "UNAVAILABLE"
+            raise ModuleError(code, "relay_failed", f"relay {self.node_id} -> {nxt}: {err.details()}") from None
+        self._count_received(header)
+        self.sender.record(header, nxt)
+        return ack

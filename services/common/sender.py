@@ -1,0 +1,115 @@
+"""The sending side of a node: encodes its current modules (cached until it adopts new ones), pushes
+them along a ``Send`` step (directly, or to the first relay of a D2D route), and records every hop
+it sent or relayed in its round's report and its metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from hffm.config import HFFMConfig
+from hffm.ids import role_of
+from hffm.methods import Send
+from hffm.modules import EncodedModule, ModuleError, ModuleSet, encode_modules
+from hffm.results import Transfer
+from hffm.wire import ModuleHeader, PushHeader, push_id_for
+from services.common.client import Channels, push_modules
+from services.common.metrics import Metrics, link_label
+from services.common.rounds import RoundRegistry, RoundState
+
+
+class Sender:
+    def __init__(
+        self,
+        node_id: str,
+        role: str,
+        cfg: HFFMConfig,
+        modules: Callable[[], ModuleSet],
+        channels: Channels,
+        rounds: RoundRegistry,
+        metrics: Metrics,
+    ) -> None:
+        self.node_id, self.role, self.cfg = node_id, role, cfg
+        self._modules = modules  # the node's current modules, read when encoding
+        self.channels = channels
+        self.rounds = rounds
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._encoded: dict[str, EncodedModule] = {}
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{node_id}-send")
+
+    def invalidate(self) -> None:
+        """The node adopted new modules: encodings made before are stale."""
+        with self._lock:
+            self._encoded.clear()
+
+    def encoded(self, names: tuple[str, ...]) -> list[EncodedModule]:
+        """The modules' encodings, cached until the node adopts new modules (an edge's broadcast to
+        its devices encodes each module once); missing ones are encoded in parallel."""
+        with self._lock:
+            current = self._modules()
+            missing = [n for n in names if n not in self._encoded]
+            for n in missing:
+                if n not in current:
+                    raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {n}")
+            for n, em in zip(missing, encode_modules([current[n] for n in missing], self.cfg.wire.dtype), strict=True):
+                self._encoded[n] = em
+            return [self._encoded[n] for n in names]
+
+    def send_all(self, state: RoundState, sends: list[Send]) -> None:
+        """Consecutive sends go out concurrently; returns when every one is acknowledged."""
+        for f in [self.pool.submit(self.send, state, s) for s in sends]:
+            f.result()
+
+    def send(self, state: RoundState, s: Send) -> None:
+        encoded = self.encoded(s.modules)
+        first_hop = s.route[0] if s.route else s.to
+        header = PushHeader(
+            push_id=push_id_for(self.node_id, s.to, state.round, s.tag, state.attempt),
+            sender=self.node_id,
+            receiver=s.to,
+            round=state.round,
+            tag=s.tag,
+            link=s.link,
+            modules=tuple(ModuleHeader.of(em) for em in encoded),
+            route=s.route[1:],
+            attempt=state.attempt,
+        )
+        push_modules(
+            self.channels.get(state.peers[first_hop]),
+            header,
+            encoded,
+            chunk_bytes=self.cfg.wire.chunk_bytes,
+            timeout_s=self.cfg.runtime.rpc_timeout_s,
+            caller=self.node_id,
+        )
+        self.record(header, first_hop)
+
+    def record(self, header: PushHeader, receiver: str) -> None:
+        """One hop of ``header``'s push, from this node to ``receiver`` (sent or relayed)."""
+        link = link_label(header.link, self.role)
+        for m in header.modules:
+            self.metrics.bytes_sent.labels(
+                node=self.node_id, link=link, peer_tier=role_of(receiver), module=m.name
+            ).inc(m.size_bytes)
+        state = self.rounds.get(header.round)
+        if state is None:
+            return
+        with self.rounds.lock:
+            state.report.sent.extend(
+                Transfer(
+                    sender=self.node_id,
+                    receiver=receiver,
+                    module=m.name,
+                    link=header.link,
+                    bytes=m.size_bytes,
+                    tag=header.tag,
+                    origin=header.sender,
+                    destination=header.receiver,
+                )
+                for m in header.modules
+            )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
