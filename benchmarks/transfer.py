@@ -29,6 +29,7 @@ from hffm.modules import encode_modules
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common.client import CHANNEL_OPTIONS, push_callable, push_requests
 from services.common.convert import step_to_pb
+from services.common.identity import identity_metadata
 from services.launcher import REPO_ROOT, free_ports
 from services.rpc import pb, pb_grpc
 
@@ -185,7 +186,11 @@ def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
                 "device_edge",
                 tuple(ModuleHeader.of(e) for e in encoded),
             )
-            push(push_requests(header, encoded, cfg.wire.chunk_bytes), timeout=120)
+            push(
+                push_requests(header, encoded, cfg.wire.chunk_bytes),
+                timeout=120,
+                metadata=identity_metadata("device-0-0"),
+            )
             t2 = time.perf_counter()
             phases["encode_s"].append(t1 - t0)
             phases["push_s"].append(t2 - t1)

@@ -400,6 +400,25 @@ PAPER_MODEL = [
 ]
 
 
+def explain_config(cfg: HFFMConfig) -> list[tuple[str, str | None, str]]:
+    """(dotted key, value as YAML or None for a section, description) for every field, in order."""
+    rows: list[tuple[str, str | None, str]] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, f in type(model).model_fields.items():
+            value = getattr(model, name)
+            key = prefix + name
+            if isinstance(value, BaseModel):
+                rows.append((key, None, f.description or ""))
+                walk(value, key + ".")
+            else:
+                shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                rows.append((key, shown, f.description or ""))
+
+    walk(cfg, "")
+    return rows
+
+
 def dump_config(cfg: HFFMConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

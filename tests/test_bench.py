@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from benchmarks.common import paper_modules
-from hffm.cli import app
+from hffm_cli.main import app
 
 
 def test_bench_quick_writes_its_outputs(tmp_path):

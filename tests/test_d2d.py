@@ -87,10 +87,13 @@ def test_relay_refuses_unregistered_origin(chain):
     m.version = 1
     em = encode_module(m)
     h = PushHeader("p", d0.node_id, d2.node_id, 1, "cluster", D2D, (ModuleHeader.of(em),), ())
+    from services.common.identity import identity_metadata
+
     ch = grpc.insecure_channel(d1.address)
-    with pytest.raises(grpc.RpcError) as e:
-        push_callable(ch)(push_requests(h, [em], 4096), timeout=10)
-    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for caller, match in ((d2.node_id, "sender 'device-0-0' is not registered"), ("device-1-1", "not a peer")):
+        with pytest.raises(grpc.RpcError) as e:
+            push_callable(ch)(push_requests(h, [em], 4096), timeout=10, metadata=identity_metadata(caller))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and match in e.value.details()
     ch.close()
 
 

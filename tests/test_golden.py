@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 
 from hffm.config import load_config
@@ -42,11 +43,17 @@ def _mismatches(want: Any, got: Any, path: str = "") -> list[str]:
     return [] if want == got else [f"{path}: expected {want!r}, got {got!r}"]
 
 
-def test_golden_run_is_reproduced_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def golden_run(tmp_path_factory):
     golden = json.loads(GOLDEN.read_text())
-    cfg = load_config(None, golden["sets"])
-    run(cfg, tmp_path, Console(file=io.StringIO(), width=120), timeout_s=300)
-    got = golden_view(tmp_path)
+    out = tmp_path_factory.mktemp("golden")
+    run(load_config(None, golden["sets"]), out, Console(file=io.StringIO(), width=120), timeout_s=300)
+    return golden, out
+
+
+def test_golden_run_is_reproduced_exactly(golden_run):
+    golden, out = golden_run
+    got = golden_view(out)
     want = {k: v for k, v in golden.items() if k != "sets"}
     diffs = _mismatches(want, got)
     assert not diffs, f"{len(diffs)} differences from the golden run, first: {diffs[:10]}"
@@ -55,3 +62,24 @@ def test_golden_run_is_reproduced_exactly(tmp_path):
 def test_mismatch_finder_sees_a_changed_value():
     assert _mismatches({"a": [1, {"b": 2.0}]}, {"a": [1, {"b": 2.0}], "new": 1}) == []
     assert _mismatches({"a": [1, {"b": 2.0}]}, {"a": [1, {"b": 2.0000001}]}) == [".a[1].b: expected 2.0, got 2.0000001"]
+
+
+def _documented(section: str) -> set[str]:
+    """The keys listed in the first column of the table under ``section`` in docs/results.md."""
+    text = (Path(__file__).parent.parent / "docs" / "results.md").read_text()
+    body = text.split(section, 1)[1].split("\n#", 1)[0]
+    return {line.split("|")[1].strip().strip("`") for line in body.splitlines() if line.startswith("| `")}
+
+
+def test_results_json_matches_its_documented_schema(golden_run):
+    """Every key results.json has is documented in docs/results.md, and every documented key is there."""
+    _, out = golden_run
+    res = json.loads((out / "results.json").read_text())
+    rec = res["rounds"][-1]  # a cloud round of hfm-d2d: every link kind, heads, aggregates
+    assert set(res) == _documented("## Top level")
+    assert set(rec) == _documented("## A round")
+    assert {k for h in rec["hops"] for k in h} == _documented("### `hops[j]`")
+    assert {k for a in rec["aggregates"] for k in a} == _documented("### `aggregates[j]`")
+    assert set(rec["modeled"]) == _documented("### `modeled`")
+    assert {a["node"] for a in rec["aggregates"]} >= {"cloud", "edge-0", "edge-1"}
+    assert all(a["left_out"] == [] for a in rec["aggregates"])

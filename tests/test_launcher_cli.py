@@ -15,8 +15,8 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from hffm.cli import app
 from hffm.config import dump_config, load_config
+from hffm_cli.main import app
 from services.launcher import REPO_ROOT, RunFailed, free_ports, run
 from tests.conftest import processes_with
 
@@ -131,7 +131,7 @@ def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want):
     cmd = [
         sys.executable,
         "-m",
-        "hffm.cli",
+        "hffm_cli.main",
         "run",
         "--out",
         str(tmp_path),

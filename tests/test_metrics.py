@@ -213,7 +213,7 @@ def test_report_from_prometheus_draws_every_panel(scraped, tmp_path):
 def test_report_from_results(scraped, tmp_path):
     from typer.testing import CliRunner
 
-    from hffm.cli import app
+    from hffm_cli.main import app
 
     r = CliRunner().invoke(app, ["report", "--out", str(tmp_path), "--results", str(scraped.out / "results.json")])
     assert r.exit_code == 0, r.output

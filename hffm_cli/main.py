@@ -57,10 +57,17 @@ def run(
 def show_config(
     config: Path = typer.Option(None, "--config", "-c"),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    explain: bool = typer.Option(False, "--explain", help="every key with its value and what it means"),
 ) -> None:
     """Print the resolved config (defaults + file + overrides)."""
     cfg = _config(config, overrides)
-    typer.echo(dump_config(cfg), nl=False)
+    if not explain:
+        typer.echo(dump_config(cfg), nl=False)
+        return
+    from hffm.config import explain_config
+
+    for key, value, description in explain_config(cfg):
+        typer.echo(f"{key} = {value}\n    {description}" if value is not None else f"[{key}]  {description}")
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""The ``hffm`` command line: above the core (hffm), the services and the benchmarks, which it drives."""

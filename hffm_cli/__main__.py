@@ -1,0 +1,3 @@
+from hffm_cli.main import main
+
+main()

@@ -1,0 +1,227 @@
+"""The groundwork the next capabilities plug into: layering (the core imports no service, planning no
+torch or gRPC), one vocabulary, membership as data, quorum plans, the persistor, config descriptions."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hffm.config import HFFMConfig, load_config
+from hffm.costmodel import CostModel
+from hffm.ids import AGGREGATION_RULES, METHODS, NodeId, device_id, parse_node_id, role_of
+from hffm.methods import REGISTRY, Collect, Quorum, Send, Train
+from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
+from hffm.planner import Planner
+from hffm.topology import Topology
+from tests.conftest import make_module
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- layering ----------------------------------------------------------------------------------
+def test_the_core_imports_neither_services_nor_benchmarks():
+    offenders = []
+    for f in sorted((ROOT / "hffm").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{f.name}: {n}" for n in names if n.split(".")[0] in ("services", "benchmarks", "hffm_cli")]
+    assert offenders == []
+
+
+def test_planning_imports_no_torch_and_no_grpc():
+    code = (
+        "import sys, hffm.methods, hffm.topology, hffm.planner, hffm.ids, hffm.config;"
+        "bad = [m for m in ('torch', 'grpc') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---- one vocabulary --------------------------------------------------------------------------------
+def test_one_list_of_methods_and_rules():
+    from hffm.aggregation import RULES
+
+    assert tuple(REGISTRY) == METHODS
+    assert tuple(RULES) == AGGREGATION_RULES
+    assert HFFMConfig.model_fields["method"].description.endswith(" | ".join(METHODS))
+
+
+@pytest.mark.parametrize(
+    "node, parsed", [("cloud", NodeId("cloud")), ("edge-3", NodeId("edge", 3)), ("device-2-7", NodeId("device", 2, 7))]
+)
+def test_node_ids_parse_and_format_in_one_place(node, parsed):
+    assert parse_node_id(node) == parsed and str(parsed) == node and role_of(node) == parsed.role
+
+
+@pytest.mark.parametrize("bad", ["edge", "edge-x", "device-1", "device-1-2-3", "Cloud", ""])
+def test_malformed_node_ids_are_refused(bad):
+    with pytest.raises(ValueError, match="not a node id"):
+        parse_node_id(bad)
+    assert role_of(bad) == "unknown"
+
+
+# ---- membership is data ----------------------------------------------------------------------------
+def _topo(**sets) -> Topology:
+    cfg = load_config(
+        None, [f"{k}={v}" for k, v in {"topology.edges": 2, "topology.devices_per_edge": 2, **sets}.items()]
+    )
+    return Topology.from_config(cfg, 2)
+
+
+def test_membership_changes_between_rounds():
+    t = _topo()
+    joined = t.with_device(device_id(0, 9), "edge-1", ("art",))
+    assert joined.device_map["device-0-9"].edge == "edge-1" and joined.device_map["device-0-9"].index == 4
+    assert [d.id for d in joined.cluster("edge-1")] == ["device-1-0", "device-1-1", "device-0-9"]
+    assert joined.holders("gqa") == t.holders("gqa")  # the newcomer holds art only: nobody else moves
+    moved = joined.rehome("device-0-0", "edge-1")
+    assert [d.id for d in moved.cluster("edge-0")] == ["device-0-1"]
+    assert moved.device_map["device-0-0"].tasks == t.device_map["device-0-0"].tasks
+    left = moved.without({"device-0-1"})
+    assert left.cluster("edge-0") == [] and left.modules_for("edge-0") == left.adapters()
+    for bad, match in (
+        (lambda: t.with_device("device-0-0", "edge-0", ("art",)), "already"),
+        (lambda: t.with_device("edge-5", "edge-0", ("art",)), "not a device"),
+        (lambda: t.with_device("device-5-0", "edge-9", ("art",)), "no edge"),
+        (lambda: t.with_device("device-5-0", "edge-0", ("vqa",)), "tasks"),
+        (lambda: t.rehome("device-7-7", "edge-0"), "not a member"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            bad()
+
+
+def _planner(method: str, **sets) -> tuple[Planner, Topology]:
+    cfg = load_config(
+        None,
+        [f"method={method}", "topology.edges=2", "topology.devices_per_edge=2", *(f"{k}={v}" for k, v in sets.items())],
+    )
+    topo = Topology.from_config(cfg, 2)
+    return Planner(cfg, CostModel(cfg, topo)), topo
+
+
+def test_hfm_with_an_empty_cluster_plans_no_stale_upload():
+    """Every device of edge-1 is left out: edge-1 sits the round out instead of pushing its round-0
+    modules to the cloud (which the cloud's version check refused, failing the run)."""
+    planner, topo = _planner("hfm", e_agg=1)
+    planned = planner.plan(1, topo, down={"device-1-0", "device-1-1"})
+    assert "edge-1" not in planned.plan.steps
+    cloud = [s for s in planned.plan.steps["cloud"] if isinstance(s, Collect)]
+    assert [c.senders for c in cloud] == [("edge-0",)]
+    assert set(planned.left_out) == {"device-1-0", "device-1-1"}
+
+
+def test_the_config_quorum_reaches_every_collect_step_and_caps_follow_registered_samples():
+    planner, topo = _planner(
+        "hfm", **{"aggregation.quorum.min_fraction": 0.5, "aggregation.quorum.deadline_s": 30, "e_agg": 1}
+    )
+    samples = {d.id: {"art": 10 + i, "gqa": 5} for i, d in enumerate(topo.devices)}
+    plan = planner.plan(1, topo, samples=samples).plan
+    collects = plan.collects()
+    assert collects and all(c.quorum == Quorum(0, 0.5, 30.0) and c.rule == "fedavg" for _, c in collects)
+    edge0 = next(c for n, c in collects if n == "edge-0" and c.tag == "aggregate")
+    caps = edge0.caps_of("device-0-1")
+    assert caps == {"adapter.0": 16.0, "adapter.1": 16.0, "head.art": 11.0, "head.gqa": 5.0}
+    cloud = next(c for n, c in collects if n == "cloud")
+    assert cloud.caps_of("edge-0")["head.art"] == 10 + 11 + 12 + 13  # an aggregate: at most everyone's
+    assert Quorum(0, 0.5).needed(3) == 2 and Quorum(2, 0.1).needed(3) == 2 and Quorum().needed(4) == 4
+
+
+def test_the_quorum_travels_through_protobuf_unchanged():
+    from services.common.convert import step_from_pb, step_to_pb
+
+    c = Collect(
+        "aggregate",
+        ("a", "b"),
+        "device_edge",
+        False,
+        "fedavg",
+        (("beta", 0.1),),
+        Quorum(1, 0.5, 2.5),
+        (("a", (("adapter.0", 3.0),)), ("b", (("adapter.0", 4.0),))),
+    )
+    assert step_from_pb(step_to_pb(c)) == c
+    assert step_from_pb(step_to_pb(Collect("x", ("a",), "d2d"))) == Collect("x", ("a",), "d2d")
+    assert step_from_pb(step_to_pb(Train())) == Train()
+    assert step_from_pb(step_to_pb(Send("e", "device_edge", "t", ("adapter.0",), ("r",)))) == Send(
+        "e", "device_edge", "t", ("adapter.0",), ("r",)
+    )
+
+
+# ---- the persistor ----------------------------------------------------------------------------------
+def test_persistor_round_trips_modules_rng_and_extra(tmp_path):
+    p = Persistor(tmp_path / "cloud", keep=2)
+    assert p.load() is None
+    mods = {"adapter.0": make_module("adapter.0", {"w": (3, 2)}, version=4, num_samples=7.5)}
+    torch.manual_seed(123)
+    states = rng_states()
+    want = torch.rand(3)
+    p.save(NodeState("cloud", 4, mods, states, {"rounds": [{"round": 4}]}))
+    got = p.load()
+    assert got is not None and got.round == 4 and got.extra == {"rounds": [{"round": 4}]}
+    assert torch.equal(got.modules["adapter.0"].tensors["w"], mods["adapter.0"].tensors["w"])
+    assert got.modules["adapter.0"].version == 4 and got.modules["adapter.0"].num_samples == 7.5
+    torch.manual_seed(999)
+    set_rng_states(json.loads(json.dumps(got.rng)))  # through JSON, as on disk
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_persistor_keeps_the_previous_checkpoint_when_a_save_dies_midway(tmp_path, monkeypatch):
+    p = Persistor(tmp_path / "edge-0", keep=2)
+    mods = {"adapter.0": make_module("adapter.0", {"w": (2, 2)}, version=1)}
+    p.save(NodeState("edge-0", 1, mods))
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hffm.persist.save_modules", crash)
+    with pytest.raises(OSError):
+        p.save(NodeState("edge-0", 2, mods))
+    assert p.load().round == 1  # the half-written round 2 never became visible
+    monkeypatch.undo()
+    for r in (2, 3, 4):
+        p.save(NodeState("edge-0", r, mods))
+    assert p.load().round == 4
+    assert sorted(d.name for d in (tmp_path / "edge-0").glob("round-*")) == ["round-3", "round-4"]
+
+
+# ---- config ------------------------------------------------------------------------------------------
+def test_every_config_field_has_a_description():
+    from pydantic import BaseModel
+
+    missing = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            if not f.description:
+                missing.append(prefix + name)
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(HFFMConfig, "")
+    assert missing == []
+    for section in ("security", "checkpoint", "aggregation", "circulation"):
+        assert section in HFFMConfig.model_fields
+
+
+def test_config_explain_prints_every_key_with_its_meaning():
+    from typer.testing import CliRunner
+
+    from hffm_cli.main import app
+
+    r = CliRunner().invoke(app, ["config", "--explain", "--set", "aggregation.quorum.min_fraction=0.75"])
+    assert r.exit_code == 0, r.output
+    assert "aggregation.quorum.min_fraction = 0.75\n    at least this fraction of the step's senders" in r.output
+    assert "[security]" in r.output and "runtime.round_timeout_s = 600.0" in r.output
+    bad = CliRunner().invoke(app, ["config", "--set", "aggregation.rule=median-of-nothing"])
+    assert bad.exit_code == 2 and "aggregation.rule" in bad.output and "fedavg" in bad.output
