@@ -15,6 +15,7 @@ The tokenizer is a word-level ``PreTrainedTokenizerFast`` built offline from the
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -275,11 +276,46 @@ def _split(
     return dict(zip(holders, parts, strict=True))
 
 
-def build_device_data(cfg, device_id: str, holders_by_task: dict[str, list[str]], tokenizer) -> DeviceData:
-    """This device's train split (Dirichlet share of each of its tasks) and local test split."""
+# A device that was not in the starting membership draws its own samples from an index range of its
+# own, far past the pool and the test sets: nobody else's partition changes when it joins.
+_JOINER_BASE = 1 << 40
+
+
+def joiner_partition(task: str, device_id: str, n: int, alpha: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, sample indices) of a device that joined after the start: ``n`` samples whose label mix
+    is a Dirichlet(alpha) draw of its own, indices in a range derived from its id (disjoint from the
+    pool, the test sets and, up to a 32-bit id hash, every other joiner)."""
+    h = zlib.crc32(device_id.encode())
+    rng = np.random.default_rng([seed, 404, h, 0 if task == "art" else 1])
+    n_labels = len(TASK_LABELS[task])
+    labels = rng.choice(n_labels, size=n, p=rng.dirichlet(np.full(n_labels, alpha)))
+    return labels, _JOINER_BASE + (h << 24) + np.arange(n, dtype=np.int64)
+
+
+def build_device_data(
+    cfg, device_id: str, holders_by_task: dict[str, list[str]], tokenizer, tasks: tuple[str, ...] = ()
+) -> DeviceData:
+    """This device's train split and local test split. ``holders_by_task`` is the starting membership
+    (the config's): its devices share each task's pool by a Dirichlet split, and a membership change
+    never reshuffles it. A device outside it holding ``tasks`` (a joiner) draws its own samples."""
     train, test = {}, {}
     for task, holders in holders_by_task.items():
         if device_id not in holders:
+            if task in tasks:
+                n = max(cfg.data.min_samples_per_device, cfg.data.train_per_task // max(1, len(holders)))
+                labels, idx = joiner_partition(task, device_id, n, cfg.data.alpha, cfg.seed)
+                train[task] = make_task_data(
+                    task, labels, idx, cfg.seed, cfg.model.image_size, cfg.model.max_text_len, tokenizer
+                )
+                test[task] = make_task_data(
+                    task,
+                    labels[: cfg.data.local_test_per_device],
+                    idx[-1] + 1 + np.arange(min(n, cfg.data.local_test_per_device)),
+                    cfg.seed,
+                    cfg.model.image_size,
+                    cfg.model.max_text_len,
+                    tokenizer,
+                )
             continue
         labels = task_pool_labels(task, cfg.data.train_per_task, cfg.seed)
         idx = split_for_task(task, holders, cfg.data, cfg.seed)[device_id]

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from hffm.config import HFFMConfig, write_config
 from hffm.results import plot_results
 from hffm.topology import Topology
+from services.launcher_ui import RunView
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,7 +199,7 @@ def run(
     the run (None: until Ctrl-C)."""
     from hffm.model import backbone_dims
 
-    console = console or Console()
+    view = RunView(console or Console())
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     cfg_path = out / "config.yaml"
@@ -218,13 +217,10 @@ def run(
     prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host))
     prom: subprocess.Popen | None = None
     if prometheus and shutil.which("prometheus") is None:
-        console.print(
-            "[yellow]--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus); "
-            f"running without it. Targets for your own Prometheus: {prom_dir / 'targets'}[/yellow]"
-        )
+        view.prometheus_missing(prom_dir / "targets")
     elif prometheus:
         prom, url = start_prometheus(prom_dir, cfg.runtime.host)
-        console.print(f"Prometheus: {url}  (config {prom_dir / 'prometheus.yml'})")
+        view.prometheus_started(url, prom_dir / "prometheus.yml")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", str(cfg.runtime.torch_threads))
@@ -235,10 +231,7 @@ def run(
     deadline = time.monotonic() + (
         timeout_s or (cfg.runtime.register_timeout_s + cfg.rounds * cfg.runtime.round_timeout_s)
     )
-    console.print(
-        f"[bold]hffm[/bold] {cfg.method} · {len(topo.edges)} edges × {cfg.topology.devices_per_edge} devices · "
-        f"{cfg.rounds} rounds (e_agg={cfg.e_agg}) · {len(plan)} processes · out: {out}"
-    )
+    view.header(cfg, topo, len(plan), out)
     try:
         with ExitStack() as stack:
             for name, argv in plan:
@@ -248,7 +241,7 @@ def run(
                     argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
                 )
                 procs.append(Proc(name, popen, log))
-            _follow(cfg, topo, cloud_addr, procs, console, deadline)
+            _follow(cfg, topo, cloud_addr, procs, view, deadline)
             cloud = procs[0].popen
             try:
                 cloud.wait(timeout=30)
@@ -259,9 +252,9 @@ def run(
             while time.monotonic() < end and any(p.popen.poll() is None for p in procs):
                 time.sleep(0.1)
         if prom is not None:
-            _hold(prom, url, hold_s, console)
+            _hold(prom, url, hold_s, view)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: stopping every process[/yellow]")
+        view.interrupted()
         raise
     finally:
         _stop_all(procs)
@@ -273,24 +266,22 @@ def run(
     if not results.get("complete"):
         raise RunFailed("the run did not complete; see the cloud's log: " + str(out / "logs" / "cloud.log"))
     plot_results(results, out / "results.png")
-    _summary(results, console)
-    console.print(
-        f"results: {results_path}  plot: {out / 'results.png'}  modules: {out / 'global_modules.safetensors'}"
-    )
+    view.summary(results)
+    view.outputs(results_path, out / "results.png", out / "global_modules.safetensors")
     return results
 
 
-def _hold(prom: subprocess.Popen, url: str, hold_s: float | None, console: Console) -> None:
+def _hold(prom: subprocess.Popen, url: str, hold_s: float | None, view: RunView) -> None:
     if hold_s is None:
         if not sys.stdin.isatty():
             return
-        console.print(f"run done; Prometheus still serving at {url} — Ctrl-C to stop it")
+        view.console.print(f"run done; Prometheus still serving at {url} — Ctrl-C to stop it")
         try:
             prom.wait()
         except KeyboardInterrupt:
             return
     elif hold_s > 0:
-        console.print(f"Prometheus stays up {hold_s:.0f}s at {url}")
+        view.console.print(f"Prometheus stays up {hold_s:.0f}s at {url}")
         time.sleep(hold_s)
 
 
@@ -339,8 +330,10 @@ class _Watcher(threading.Thread):
 
 
 def _follow(
-    cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc], console: Console, deadline: float
+    cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc], view: RunView, deadline: float
 ) -> None:
+    """Follow the run until the cloud reports its end, showing progress; raise RunFailed when a process
+    the run cannot lose exits, the cloud reports failure or the time limit passes."""
     running = False  # every node registered: from then on a device process may be lost
     lost: set[str] = set()
 
@@ -352,23 +345,16 @@ def _follow(
             if running and p.name.startswith("device"):
                 # The federation survives losing devices: they are left out of the next rounds.
                 lost.add(p.name)
-                console.print(
-                    f"[yellow]device process {p.name} exited with code {rc}; its devices are "
-                    f"left out from the next round (log: {p.log})[/yellow]"
-                )
+                view.device_process_lost(p.name, rc, p.log)
                 continue
-            console.print(f"[red]process {p.name} exited with code {rc}; last lines of {p.log}:[/red]")
-            console.print(_tail(p.log), markup=False, highlight=False)
+            view.process_failed(p.name, rc, p.log, _tail(p.log))
             raise RunFailed(f"{p.name} exited with code {rc}")
 
     watcher = _Watcher(cloud_addr)
     events = watcher.events
     watcher.start()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            reg = progress.add_task("registering nodes", total=len(topo.node_ids()))
-            rounds = progress.add_task("rounds", total=cfg.rounds)
+        with view.progress(len(topo.node_ids()), cfg.rounds) as show:
             while True:
                 check_children()
                 if time.monotonic() > deadline:
@@ -382,54 +368,12 @@ def _follow(
                         # file, checked by the caller, says whether the run completed.
                         return
                     continue
-                if ev.phase == "waiting":
-                    progress.update(reg, completed=ev.registered)
-                elif ev.phase == "round":
+                if ev.phase == "round":
                     running = True
-                    progress.update(reg, completed=len(topo.node_ids()))
-                    progress.update(rounds, completed=ev.round)
-                    if ev.results_json:
-                        progress.console.print(_round_line(json.loads(ev.results_json)))
-                elif ev.phase == "done":
+                show(ev)
+                if ev.phase == "done":
                     return
-                elif ev.phase == "failed":
+                if ev.phase == "failed":
                     raise RunFailed(f"the cloud reported failure: {ev.message}")
     finally:
         watcher.close()
-
-
-def _fmt(x: float | None, digits: int) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def _round_line(rec: dict) -> str:
-    acc = " ".join(f"{t}={_fmt(v.get('global'), 2)}/{_fmt(v.get('local'), 2)}" for t, v in rec["accuracy"].items())
-    acc = acc or "— (not evaluated)"
-    loss = rec["loss"] if rec["loss"] is not None else float("nan")
-    return (
-        f"round {rec['round']:>3}  loss {loss:.3f}  acc(global/local) {acc}  "
-        f"{rec['bytes_total'] / 1e6:.2f} MB  {rec['wall_s']:.1f}s" + ("  [cloud]" if rec["cloud_aggregation"] else "")
-    )
-
-
-def _summary(results: dict, console: Console) -> None:
-    rounds = results["rounds"]
-    if not rounds:
-        return
-    table = Table(title="per round")
-    tasks = sorted({t for r in rounds for t in r["accuracy"]})
-    table.add_column("round", justify="right")
-    for t in tasks:
-        table.add_column(f"{t} global", justify="right")
-        table.add_column(f"{t} local", justify="right")
-    table.add_column("loss", justify="right")
-    table.add_column("MB sent", justify="right")
-    table.add_column("wall s", justify="right")
-    for r in rounds:
-        cells = [str(r["round"])]
-        for t in tasks:
-            a = r["accuracy"].get(t, {})
-            cells += [_fmt(a.get("global"), 3), _fmt(a.get("local"), 3)]
-        cells += [_fmt(r["loss"], 3), f"{r['bytes_total'] / 1e6:.2f}", f"{r['wall_s']:.1f}"]
-        table.add_row(*cells)
-    console.print(table)

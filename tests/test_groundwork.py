@@ -225,3 +225,26 @@ def test_config_explain_prints_every_key_with_its_meaning():
     assert "[security]" in r.output and "runtime.round_timeout_s = 600.0" in r.output
     bad = CliRunner().invoke(app, ["config", "--set", "aggregation.rule=median-of-nothing"])
     assert bad.exit_code == 2 and "aggregation.rule" in bad.output and "fedavg" in bad.output
+
+
+def test_a_joining_device_reshuffles_no_one_s_data():
+    """The pooled Dirichlet split is over the starting membership; a device that joins later draws
+    its own samples from an index range of its own."""
+    from hffm.data import build_device_data, build_tokenizer, joiner_partition, split_for_task
+
+    cfg = load_config(None, ["topology.edges=2", "topology.devices_per_edge=2", "data.train_per_task=200"])
+    start = Topology.from_config(cfg, 2)
+    later = start.with_device("device-0-7", "edge-0", ("art",))
+    holders = start.holders_by_task()
+    before = {d: split_for_task("art", holders["art"], cfg.data, cfg.seed)[d] for d in holders["art"]}
+    tok = build_tokenizer()
+    data = build_device_data(cfg, "device-0-7", holders, tok, later.device_map["device-0-7"].tasks)
+    assert set(data.train) == {"art"} and len(data.train["art"]) == 200 // 4
+    after = {d: split_for_task("art", holders["art"], cfg.data, cfg.seed)[d] for d in holders["art"]}
+    assert all((before[d] == after[d]).all() for d in before)
+    _, idx = joiner_partition("art", "device-0-7", 50, 0.1, cfg.seed)
+    _, other = joiner_partition("art", "device-1-7", 50, 0.1, cfg.seed)
+    pool_end = cfg.data.train_per_task + cfg.data.global_test_per_task + 4 * cfg.data.local_test_per_device
+    assert idx.min() > pool_end and not set(idx.tolist()) & set(other.tolist())
+    labels, _ = joiner_partition("art", "device-0-7", 50, 0.1, cfg.seed)
+    assert (labels == joiner_partition("art", "device-0-7", 50, 0.1, cfg.seed)[0]).all()  # reproducible

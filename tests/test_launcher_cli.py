@@ -267,6 +267,7 @@ def test_cloud_that_ends_before_its_progress_stream_is_seen(tmp_path, code):
     from hffm.model import backbone_dims
     from hffm.topology import Topology
     from services.launcher import Proc, _follow
+    from services.launcher_ui import RunView
 
     cfg = load_config(None, SMALL)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
@@ -276,13 +277,13 @@ def test_cloud_that_ends_before_its_progress_stream_is_seen(tmp_path, code):
     cloud.wait()
     addr = f"127.0.0.1:{free_ports(1, '127.0.0.1')[0]}"  # nothing ever listens here
     procs = [Proc("cloud", cloud, log)]
-    console = Console(file=io.StringIO())
+    view = RunView(Console(file=io.StringIO()))
     t0 = time.monotonic()
     if code == 0:
-        _follow(cfg, topo, addr, procs, console, time.monotonic() + 30)
+        _follow(cfg, topo, addr, procs, view, time.monotonic() + 30)
     else:
         with pytest.raises(RunFailed, match="cloud exited with code 3"):
-            _follow(cfg, topo, addr, procs, console, time.monotonic() + 30)
+            _follow(cfg, topo, addr, procs, view, time.monotonic() + 30)
     assert time.monotonic() - t0 < 10
 
 

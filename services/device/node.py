@@ -70,7 +70,7 @@ class DeviceNode(NodeRuntime):
         self.topo = topo
         self.host = host
         self.info = topo.device_map[node_id]
-        self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer)
+        self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer, self.info.tasks)
 
     def own_module_names(self) -> list[str]:
         return self.own_modules

@@ -1,0 +1,108 @@
+"""What ``hffm run`` shows a person: the run's header, live progress (registrations, rounds, a line per
+round), what went wrong, and the closing per-round table. The launcher (process management) calls it
+and knows nothing of rich."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hffm.config import HFFMConfig
+from hffm.topology import Topology
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def round_line(rec: dict) -> str:
+    acc = " ".join(f"{t}={_fmt(v.get('global'), 2)}/{_fmt(v.get('local'), 2)}" for t, v in rec["accuracy"].items())
+    acc = acc or "— (not evaluated)"
+    loss = rec["loss"] if rec["loss"] is not None else float("nan")
+    return (
+        f"round {rec['round']:>3}  loss {loss:.3f}  acc(global/local) {acc}  "
+        f"{rec['bytes_total'] / 1e6:.2f} MB  {rec['wall_s']:.1f}s" + ("  [cloud]" if rec["cloud_aggregation"] else "")
+    )
+
+
+class RunView:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def header(self, cfg: HFFMConfig, topo: Topology, processes: int, out: Path) -> None:
+        self.console.print(
+            f"[bold]hffm[/bold] {cfg.method} · {len(topo.edges)} edges × {cfg.topology.devices_per_edge} devices · "
+            f"{cfg.rounds} rounds (e_agg={cfg.e_agg}) · {processes} processes · out: {out}"
+        )
+
+    def prometheus_missing(self, targets: Path) -> None:
+        self.console.print(
+            "[yellow]--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus); "
+            f"running without it. Targets for your own Prometheus: {targets}[/yellow]"
+        )
+
+    def prometheus_started(self, url: str, config: Path) -> None:
+        self.console.print(f"Prometheus: {url}  (config {config})")
+
+    @contextmanager
+    def progress(self, nodes: int, rounds: int) -> Iterator[Callable]:
+        """A live display; yields ``show(event)`` for each progress event of the cloud."""
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            reg = progress.add_task("registering nodes", total=nodes)
+            rnd = progress.add_task("rounds", total=rounds)
+
+            def show(ev) -> None:
+                if ev.phase == "waiting":
+                    progress.update(reg, completed=ev.registered)
+                elif ev.phase == "round":
+                    progress.update(reg, completed=nodes)
+                    progress.update(rnd, completed=ev.round)
+                    if ev.results_json:
+                        progress.console.print(round_line(json.loads(ev.results_json)))
+
+            yield show
+
+    def device_process_lost(self, name: str, rc: int, log: Path) -> None:
+        self.console.print(
+            f"[yellow]device process {name} exited with code {rc}; its devices are "
+            f"left out from the next round (log: {log})[/yellow]"
+        )
+
+    def process_failed(self, name: str, rc: int, log: Path, tail: str) -> None:
+        self.console.print(f"[red]process {name} exited with code {rc}; last lines of {log}:[/red]")
+        self.console.print(tail, markup=False, highlight=False)
+
+    def interrupted(self) -> None:
+        self.console.print("[yellow]interrupted: stopping every process[/yellow]")
+
+    def summary(self, results: dict) -> None:
+        rounds = results["rounds"]
+        if not rounds:
+            return
+        table = Table(title="per round")
+        tasks = sorted({t for r in rounds for t in r["accuracy"]})
+        table.add_column("round", justify="right")
+        for t in tasks:
+            table.add_column(f"{t} global", justify="right")
+            table.add_column(f"{t} local", justify="right")
+        table.add_column("loss", justify="right")
+        table.add_column("MB sent", justify="right")
+        table.add_column("wall s", justify="right")
+        for r in rounds:
+            cells = [str(r["round"])]
+            for t in tasks:
+                a = r["accuracy"].get(t, {})
+                cells += [_fmt(a.get("global"), 3), _fmt(a.get("local"), 3)]
+            cells += [_fmt(r["loss"], 3), f"{r['bytes_total'] / 1e6:.2f}", f"{r['wall_s']:.1f}"]
+            table.add_row(*cells)
+        self.console.print(table)
+
+    def outputs(self, results: Path, plot: Path, modules: Path) -> None:
+        self.console.print(f"results: {results}  plot: {plot}  modules: {modules}")
