@@ -17,7 +17,7 @@ from functools import cached_property
 from hffm.config import HFFMConfig
 from hffm.ids import CLOUD, adapter_name, device_id, edge_id, head_name, parse_node_id
 
-__all__ = ["CLOUD", "DeviceInfo", "Topology", "device_tasks"]
+__all__ = ["CLOUD", "DeviceInfo", "Registration", "Topology", "device_tasks"]
 
 
 def device_tasks(device_index: int, tasks: list[str], tasks_per_device: int | str) -> list[str]:
@@ -26,6 +26,17 @@ def device_tasks(device_index: int, tasks: list[str], tasks_per_device: int | st
         return list(tasks)
     k = int(tasks_per_device)
     return [tasks[(device_index + j) % len(tasks)] for j in range(k)]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a node says about itself when it registers (the ``NodeInfo`` message, converted)."""
+
+    id: str
+    role: str
+    address: str
+    edge: str = ""
+    train_samples: tuple[tuple[str, int], ...] = ()  # devices: (task, training samples), sorted
 
 
 @dataclass(frozen=True)

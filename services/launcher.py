@@ -27,6 +27,7 @@ import grpc
 from rich.console import Console
 
 from hffm.config import HFFMConfig, write_config
+from hffm.ids import role_of
 from hffm.results import plot_results
 from hffm.topology import Topology
 from services.launcher_ui import RunView
@@ -96,7 +97,7 @@ def metrics_targets(plan: list[tuple[str, list[str]]], host: str) -> list[dict]:
     groups = []
     for name, argv in plan:
         port = argv[argv.index("--metrics-port") + 1]
-        tier = "cloud" if name == "cloud" else ("edge" if name.startswith("edge") else "device")
+        tier = role_of(name) if role_of(name) != "unknown" else "device"  # a process hosting devices
         groups.append({"targets": [f"{host}:{port}"], "labels": {"process": name, "tier": tier}})
     return groups
 

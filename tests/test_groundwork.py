@@ -248,3 +248,23 @@ def test_a_joining_device_reshuffles_no_one_s_data():
     assert idx.min() > pool_end and not set(idx.tolist()) & set(other.tolist())
     labels, _ = joiner_partition("art", "device-0-7", 50, 0.1, cfg.seed)
     assert (labels == joiner_partition("art", "device-0-7", 50, 0.1, cfg.seed)[0]).all()  # reproducible
+
+
+def test_membership_validates_registrations_and_keeps_registered_samples():
+    from hffm.topology import Registration
+    from services.cloud.membership import Membership
+
+    m = Membership(_topo(), "127.0.0.1:1")
+    assert m.register(Registration("device-0-1", "device", "a:1", "edge-0", (("art", 40), ("gqa", 9)))) == 2
+    assert m.samples == {"device-0-1": {"art": 40, "gqa": 9}}
+    for reg, match in (
+        (Registration("device-9-9", "device", "a:2", "edge-0"), "not a node"),
+        (Registration("device-0-0", "edge", "a:2"), "is a device"),
+        (Registration("device-0-0", "device", "a:2", "edge-1"), "belongs to edge-0"),
+        (Registration("device-0-0", "device", "", "edge-0"), "address"),
+        (Registration("device-0-0", "device", "a:2", "edge-0", (("vqa", 3),)), "train_samples"),
+        (Registration("device-0-0", "device", "a:2", "edge-0", (("art", -1),)), "train_samples"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            m.register(reg)
+    assert m.snapshot() == {"cloud": "127.0.0.1:1", "device-0-1": "a:1"}  # refusals changed nothing

@@ -25,11 +25,11 @@ from hffm.methods import Collect, RoundContext, RoundPlan, Send
 from hffm.planner import PlannedRound, Planner
 from hffm.results import NodeReport, round_record
 from hffm.topology import Topology
-from services.cloud.dispatcher import Dispatcher
+from services.cloud.dispatcher import Assignment, Dispatcher
 from services.cloud.membership import Membership, Registration
-from services.cloud.progress import ProgressFeed
+from services.cloud.progress import ProgressEvent, ProgressFeed
 from services.cloud.results_writer import ResultsWriter
-from services.common.convert import step_to_pb
+from services.common.convert import progress_to_pb, registration_from_pb
 from services.common.metrics import link_label
 from services.common.node import NodeRuntime
 from services.rpc import pb, pb_grpc
@@ -63,14 +63,13 @@ class Coordinator:
         return self.members.topo
 
     # ---- membership and progress ------------------------------------------------------------
-    def register(self, info: pb.NodeInfo) -> pb.RegisterAck:
-        reg = Registration(info.id, info.role, info.address, info.edge, tuple(sorted(info.train_samples.items())))
-        n = self.members.register(reg)
-        return pb.RegisterAck(registered=n, expected=self.members.expected)
+    def register(self, reg: Registration) -> tuple[int, int]:
+        """(registered, expected) after ``reg``; ``ValueError`` names what is wrong."""
+        return self.members.register(reg), self.members.expected
 
     def _registered(self, message: str) -> None:
         self.progress.publish(
-            pb.Progress(
+            ProgressEvent(
                 phase="waiting",
                 registered=len(self.members.addresses),
                 expected=self.members.expected,
@@ -80,7 +79,8 @@ class Coordinator:
         )
 
     def watch(self, context: grpc.ServicerContext):
-        yield from self.progress.watch(context.is_active)
+        for ev in self.progress.watch(context.is_active):
+            yield progress_to_pb(ev)
 
     # ---- a round -----------------------------------------------------------------------------
     def plan_round(self, round_: int) -> PlannedRound:
@@ -91,7 +91,8 @@ class Coordinator:
             log.warning("round %d: unreachable devices left out: %s", round_, sorted(down))
         return self.planner.plan(round_, self.topo, down, self.members.samples)
 
-    def tasks_for(self, planned: PlannedRound, attempt: int = 0) -> dict[str, pb.RoundTask]:
+    def tasks_for(self, planned: PlannedRound, attempt: int = 0) -> dict[str, Assignment]:
+        """Every taking-part node's assignment: its steps and the address of every node it may talk to."""
         plan, topo = planned.plan, planned.topo
         tasks = {}
         for nid in topo.node_ids():
@@ -105,13 +106,8 @@ class Coordinator:
                     peers.update(s.senders)
             if self.method.uses_d2d and topo.role(nid) == "device":  # relays reach any cluster peer
                 peers.update(d.id for d in topo.cluster(topo.device_map[nid].edge) if d.id != nid)
-            tasks[nid] = pb.RoundTask(
-                round=plan.round,
-                attempt=attempt,
-                method=self.method.name,
-                steps=[step_to_pb(s) for s in steps],
-                peers={p: self.members.address(p) for p in sorted(peers)},
-            )
+            peer_addresses = {p: self.members.address(p) for p in sorted(peers)}
+            tasks[nid] = Assignment(plan.round, attempt, self.method.name, tuple(steps), peer_addresses)
         return tasks
 
     def model_round(self, plan: RoundPlan, ctx: RoundContext, reports: list[NodeReport]) -> dict[str, Any]:
@@ -174,7 +170,7 @@ class Coordinator:
         self.results.add(rec)
         self.results.write(self.members.snapshot(), complete=False)
         self.progress.publish(
-            pb.Progress(
+            ProgressEvent(
                 phase="round",
                 round=r,
                 rounds=self.cfg.rounds,
@@ -191,7 +187,7 @@ class Coordinator:
             self.members.wait_for_all(self.cfg.runtime.register_timeout_s)
             expected = self.members.expected
             self.progress.publish(
-                pb.Progress(
+                ProgressEvent(
                     phase="round",
                     round=0,
                     rounds=self.cfg.rounds,
@@ -207,7 +203,7 @@ class Coordinator:
             self.results.finish(self.node.modules, self.members.snapshot())
             self.ok = True
             self.progress.publish(
-                pb.Progress(
+                ProgressEvent(
                     phase="done",
                     round=self.cfg.rounds,
                     rounds=self.cfg.rounds,
@@ -216,7 +212,7 @@ class Coordinator:
             )
         except Exception as err:  # noqa: BLE001
             log.exception("run failed")
-            self.progress.publish(pb.Progress(phase="failed", message=f"{type(err).__name__}: {err}"))
+            self.progress.publish(ProgressEvent(phase="failed", message=f"{type(err).__name__}: {err}"))
         finally:
             self.results.write(self.members.snapshot(), complete=self.ok)
             self.shutdown_nodes()
@@ -232,7 +228,8 @@ class CloudRegistry(pb_grpc.RegistryServicer):
 
     def Register(self, request, context):  # noqa: N802
         try:
-            return self.coord.register(request)
+            registered, expected = self.coord.register(registration_from_pb(request))
+            return pb.RegisterAck(registered=registered, expected=expected)
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 

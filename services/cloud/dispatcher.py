@@ -5,22 +5,44 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hffm.config import HFFMConfig
 from hffm.ids import CLOUD
+from hffm.methods import Step
 from hffm.results import NodeReport
 from services.cloud.membership import Membership
 from services.common.client import RETRYABLE, with_retries
-from services.common.convert import report_from_pb, step_from_pb
+from services.common.convert import report_from_pb, step_from_pb, step_to_pb
 from services.common.identity import identity_metadata
 from services.common.node import NodeRuntime
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.dispatcher")
 AS_CLOUD = identity_metadata(CLOUD)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One node's part of a round: its steps and the addresses of every node it may talk to."""
+
+    round: int
+    attempt: int
+    method: str
+    steps: tuple[Step, ...]
+    peers: dict[str, str]
+
+    def to_pb(self) -> pb.RoundTask:
+        return pb.RoundTask(
+            round=self.round,
+            attempt=self.attempt,
+            method=self.method,
+            steps=[step_to_pb(s) for s in self.steps],
+            peers=self.peers,
+        )
 
 
 class Dispatcher:
@@ -44,8 +66,9 @@ class Dispatcher:
         with ThreadPoolExecutor(max_workers=min(32, max(1, len(nodes)))) as pool:
             return {n for n, d in zip(nodes, pool.map(dead, nodes), strict=True) if d}
 
-    def assign(self, node: str, task: pb.RoundTask) -> None:
-        if node == CLOUD:  # the coordinator's own node: the same conversion a servicer makes
+    def assign(self, node: str, a: Assignment) -> None:
+        task = a.to_pb()
+        if node == CLOUD:  # the coordinator's own node: through the same conversion a servicer makes
             steps = [step_from_pb(s) for s in task.steps]
             self.node.assign(task.round, task.method, steps, dict(task.peers), task.attempt)
             return
@@ -56,7 +79,7 @@ class Dispatcher:
             what=f"assign {node}",
         )
 
-    def assign_all(self, tasks: dict[str, pb.RoundTask], pool: ThreadPoolExecutor) -> None:
+    def assign_all(self, tasks: dict[str, Assignment], pool: ThreadPoolExecutor) -> None:
         list(pool.map(lambda n: self.assign(n, tasks[n]), list(tasks)))
 
     def await_all(self, nodes: list[str], round_: int, attempt: int, pool: ThreadPoolExecutor) -> list[NodeReport]:

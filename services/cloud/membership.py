@@ -9,24 +9,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from hffm.ids import CLOUD
-from hffm.topology import Topology
+from hffm.topology import Registration, Topology
+
+__all__ = ["Membership", "Registration"]
 
 log = logging.getLogger("hffm.membership")
-
-
-@dataclass(frozen=True)
-class Registration:
-    """What a node says about itself when it registers (services/cloud/coordinator.py converts the
-    NodeInfo message into this)."""
-
-    id: str
-    role: str
-    address: str
-    edge: str = ""
-    train_samples: tuple[tuple[str, int], ...] = ()
 
 
 class Membership:

@@ -5,23 +5,35 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-
-from services.rpc import pb
+from dataclasses import dataclass
 
 FINAL = ("done", "failed")
 
 
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of the run, as watchers see it (``Progress`` on the wire)."""
+
+    phase: str  # waiting | round | done | failed
+    round: int = 0
+    rounds: int = 0
+    registered: int = 0
+    expected: int = 0
+    results_json: str = ""  # the round's record (JSON), in phase "round"
+    message: str = ""
+
+
 class ProgressFeed:
     def __init__(self) -> None:
-        self.events: list[pb.Progress] = []
+        self.events: list[ProgressEvent] = []
         self._cv = threading.Condition()
 
-    def publish(self, ev: pb.Progress) -> None:
+    def publish(self, ev: ProgressEvent) -> None:
         with self._cv:
             self.events.append(ev)
             self._cv.notify_all()
 
-    def watch(self, active: Callable[[], bool]) -> Iterator[pb.Progress]:
+    def watch(self, active: Callable[[], bool]) -> Iterator[ProgressEvent]:
         """Every event so far, then each new one, until a final one or ``active()`` turns false."""
         i = 0
         while active():

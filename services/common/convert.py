@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hffm.methods import Collect, Evaluate, Quorum, Send, Step, Train
 from hffm.results import AggregateRecord, NodeReport, TaskScore, Transfer
+from hffm.topology import Registration
 from hffm.wire import ModuleHeader, PushHeader
 from services.rpc import pb
 
@@ -143,3 +144,20 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
         wall_s=r.wall_s,
         train_s=r.train_s,
     )
+
+
+def progress_to_pb(ev) -> pb.Progress:
+    """A ``services.cloud.progress.ProgressEvent`` as the wire's ``Progress``."""
+    return pb.Progress(
+        phase=ev.phase,
+        round=ev.round,
+        rounds=ev.rounds,
+        registered=ev.registered,
+        expected=ev.expected,
+        results_json=ev.results_json,
+        message=ev.message,
+    )
+
+
+def registration_from_pb(info: pb.NodeInfo) -> Registration:
+    return Registration(info.id, info.role, info.address, info.edge, tuple(sorted(info.train_samples.items())))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from hffm.methods import D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD
+from hffm.ids import D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD
 
 # Every reason a push can be rejected for (ModuleError.reason); bounded.
 REJECT_REASONS = (
@@ -48,6 +48,12 @@ REJECT_REASONS = (
     "duplicate_sender",
     "no_route",
     "relay_failed",
+    "no_identity",
+    "sender_mismatch",
+    "unregistered_caller",
+    "wrong_attempt",
+    "incomplete_push",
+    "stale_push",
 )
 RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -63,12 +69,6 @@ def link_label(link: str, sender_role: str) -> str:
     if link == D2D:
         return "d2d"
     return link
-
-
-def role_of(node: str) -> str:
-    if node == "cloud":
-        return "cloud"
-    return "edge" if node.startswith("edge-") else "device"
 
 
 class Metrics:

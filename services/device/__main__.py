@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from hffm.ids import device_id, edge_id
 from services.common.bootstrap import advertise_address, base_parser, load, register, start_metrics, topology
 from services.common.client import Channels
 from services.common.server import NodeServer
@@ -38,7 +39,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 def device_for_ordinal(ordinal: int, devices_per_edge: int) -> tuple[str, str]:
     """(device id, edge id) of StatefulSet ordinal k: edge k // per-edge, index k % per-edge."""
     e, i = divmod(ordinal, devices_per_edge)
-    return f"device-{e}-{i}", f"edge-{e}"
+    return device_id(e, i), edge_id(e)
 
 
 def _from_ordinal(args, cfg) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
