@@ -18,7 +18,10 @@ from hffm.topology import Topology
 
 
 def paper_config(*sets: str):
-    return load_config(None, [*PAPER_MODEL, "topology.edges=1", "topology.devices_per_edge=1", *sets])
+    """The paper-size module set on one edge and one device; links plaintext (the transfer figures
+    measure the module stream itself; a node built from it needs no credentials)."""
+    sets_ = [*PAPER_MODEL, "topology.edges=1", "topology.devices_per_edge=1", "security.tls=false", *sets]
+    return load_config(None, sets_)
 
 
 def paper_modules(version: int = 1, num_samples: float = 10.0) -> ModuleSet:

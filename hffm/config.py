@@ -246,7 +246,27 @@ class AggregationConfig(_Strict):
 
 
 class SecurityConfig(_Strict):
-    """Link security and identities (mTLS, authorization): nothing yet; the trust issue fills it."""
+    """Link security: mTLS on every gRPC link with identities from certificates (docs/security.md)."""
+
+    tls: bool = D(
+        True,
+        description="mTLS on every link; false: plaintext, identities taken on trust from call metadata "
+        "(every process logs a warning)",
+    )
+    federation: str = D("hffm", description="the federation's name: the <federation> in every identity URI")
+    dir: str | None = D(
+        None,
+        description="directory with ca.crt, crl.pem and <node>.key/<node>.crt; hffm run makes a throwaway CA "
+        "under <out>/pki when unset",
+    )
+    cert_days: int = D(30, ge=1, description="validity of the certificates hffm run and hffm pki issue")
+
+    @field_validator("federation")
+    @classmethod
+    def _federation(cls, v: str) -> str:
+        if not v or not v.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("letters, digits, - and _ only")
+        return v
 
 
 class CheckpointConfig(_Strict):

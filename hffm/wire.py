@@ -8,6 +8,7 @@ out of order, oversized or not matching its digest, before any state is touched.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,26 @@ class PushHeader:
     modules: tuple[ModuleHeader, ...]
     route: tuple[str, ...] = field(default=())  # hops still to go after the receiver (D2D relay)
     attempt: int = 0  # the round's attempt (a round re-run after an abort is a new attempt)
+    signature: bytes = b""  # the sender's signature over signed_bytes() (with security on)
+    sender_cert: bytes = b""  # the sender's certificate (PEM): the receiver checks it against the CA
+
+    def signed_bytes(self) -> bytes:
+        """What the sender signs: everything a relay must not change (all but ``route``, which shrinks
+        hop by hop, and the signature itself), in one canonical encoding."""
+        doc = {
+            "push_id": self.push_id,
+            "sender": self.sender,
+            "receiver": self.receiver,
+            "round": self.round,
+            "attempt": self.attempt,
+            "tag": self.tag,
+            "link": self.link,
+            "modules": [
+                [m.name, m.version, repr(float(m.num_samples)), m.size_bytes, m.sha256.hex(), m.dtype]
+                for m in self.modules
+            ],
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def push_id_for(sender: str, receiver: str, round_: int, tag: str, attempt: int = 0) -> str:

@@ -286,6 +286,129 @@ def bench(
     console.print(f"{out / 'bench.json'}  {out / 'bench.md'}  {out / 'transfer.png'}  {out / 'devices.png'}")
 
 
+# ---- hffm pki: the federation's certificate authority ------------------------------------------------
+pki_app = typer.Typer(
+    no_args_is_help=True,
+    help="The federation's CA: init, issue (key+cert in one step), csr + sign (keys stay where made), revoke.",
+)
+app.add_typer(pki_app, name="pki")
+
+
+def _pki_fail(err: Exception) -> None:
+    console.print(f"[red]pki:[/red] {err}")
+    raise typer.Exit(2)
+
+
+@pki_app.command("init")
+def pki_init(
+    directory: Path = typer.Option(..., "--dir", help="where ca.key and ca.crt go (ca.key: keep it offline)"),
+    federation: str = typer.Option("hffm", "--federation"),
+    days: int = typer.Option(365, "--days"),
+) -> None:
+    """Create a federation CA."""
+    from hffm.pki import PKIError, make_ca, write_node_files
+
+    if (directory / "ca.key").exists():
+        _pki_fail(FileExistsError(f"{directory / 'ca.key'} exists: one CA per directory"))
+    try:
+        key, cert = make_ca(federation, days)
+    except PKIError as err:
+        _pki_fail(err)
+    write_node_files(directory, "ca", key, cert)
+    console.print(f"CA of federation {federation!r}: {directory / 'ca.crt'} (key {directory / 'ca.key'})")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    directory: Path = typer.Option(..., "--dir", help="the CA's directory; <id>.key and <id>.crt go here"),
+    role: str = typer.Option(..., "--role", help="cloud | edge | device | operator"),
+    node_id: str = typer.Option(..., "--id", help="node id (cloud, edge-<e>, device-<e>-<i>) or operator name"),
+    hosts: list[str] = typer.Option([], "--host", help="a host name or IP it is reached at (repeatable)"),
+    federation: str = typer.Option("hffm", "--federation"),
+    days: int = typer.Option(30, "--days"),
+) -> None:
+    """Key and certificate in one step (local runs, tests)."""
+    from hffm.pki import PKIError, issue, write_node_files
+
+    try:
+        key, cert = issue(
+            (directory / "ca.key").read_bytes(),
+            (directory / "ca.crt").read_bytes(),
+            federation,
+            role,
+            node_id,
+            hosts,
+            days,
+        )
+    except (PKIError, OSError) as err:
+        _pki_fail(err)
+    k, c = write_node_files(directory, node_id, key, cert)
+    console.print(f"{c} ({k})")
+
+
+@pki_app.command("csr")
+def pki_csr(
+    out_dir: Path = typer.Option(..., "--out-dir", help="where <id>.key (stays here) and <id>.csr go"),
+    role: str = typer.Option(..., "--role"),
+    node_id: str = typer.Option(..., "--id"),
+    hosts: list[str] = typer.Option([], "--host"),
+    federation: str = typer.Option("hffm", "--federation"),
+) -> None:
+    """Make a key and a signing request where the node runs; send only the .csr to the CA."""
+    from hffm.pki import PKIError, make_csr, write_node_files
+
+    try:
+        key, csr = make_csr(federation, role, node_id, hosts)
+    except PKIError as err:
+        _pki_fail(err)
+    k, _ = write_node_files(out_dir, node_id, key, b"")
+    (out_dir / f"{node_id}.crt").unlink()
+    (out_dir / f"{node_id}.csr").write_bytes(csr)
+    console.print(f"{out_dir / (node_id + '.csr')} (key {k})")
+
+
+@pki_app.command("sign")
+def pki_sign(
+    directory: Path = typer.Option(..., "--dir", help="the CA's directory"),
+    csr: Path = typer.Option(..., "--csr"),
+    out: Path = typer.Option(..., "--out", help="the certificate to write"),
+    federation: str = typer.Option("hffm", "--federation"),
+    days: int = typer.Option(30, "--days"),
+) -> None:
+    """Sign a node's request (checked: its signature, one identity of this federation)."""
+    from hffm.pki import PKIError, identity_of, load_cert, sign_csr
+
+    try:
+        cert = sign_csr(
+            (directory / "ca.key").read_bytes(), (directory / "ca.crt").read_bytes(), csr.read_bytes(), federation, days
+        )
+    except (PKIError, OSError) as err:
+        _pki_fail(err)
+    out.write_bytes(cert)
+    console.print(f"{out}: {identity_of(load_cert(cert)).uri}")
+
+
+@pki_app.command("revoke")
+def pki_revoke(
+    directory: Path = typer.Option(..., "--dir", help="the CA's directory; crl.pem is rewritten here"),
+    cert: list[Path] = typer.Option([], "--cert", help="a certificate to revoke (repeatable)"),
+    serial: list[str] = typer.Option([], "--serial", help="a serial (hex) to revoke (repeatable)"),
+) -> None:
+    """Add certificates to the revocation list every server honours (at its next start)."""
+    from hffm.pki import PKIError, load_cert, make_crl, revoked_serials
+
+    ca_key, ca_cert = (directory / "ca.key").read_bytes(), (directory / "ca.crt").read_bytes()
+    crl_path = directory / "crl.pem"
+    try:
+        serials = set(revoked_serials(crl_path.read_bytes(), ca_cert)) if crl_path.is_file() else set()
+        serials |= {load_cert(c.read_bytes()).serial_number for c in cert}
+        serials |= {int(s, 16) for s in serial}
+    except (PKIError, OSError, ValueError) as err:
+        _pki_fail(err)
+    crl_path.write_bytes(make_crl(ca_key, ca_cert, sorted(serials)))
+    console.print(f"{crl_path}: {len(serials)} revoked")
+
+
 def _int_list(option: str, text: str | None) -> list[int] | None:
     if not text:
         return None

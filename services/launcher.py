@@ -27,9 +27,11 @@ import grpc
 from rich.console import Console
 
 from hffm.config import HFFMConfig, write_config
-from hffm.ids import role_of
+from hffm.ids import CLOUD, role_of
+from hffm.pki import OPERATOR, issue, make_ca, write_node_files
 from hffm.results import plot_results
 from hffm.topology import Topology
+from services.common.security import Security
 from services.launcher_ui import RunView
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +216,11 @@ def run(
         cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"linger_s": 5.0})})
         write_config(cfg, cfg_path)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    if cfg.security.tls and not cfg.security.dir:  # a throwaway CA for this run
+        cfg = cfg.model_copy(
+            update={"security": cfg.security.model_copy(update={"dir": str(provision_pki(cfg, topo, out / "pki"))})}
+        )
+        write_config(cfg, cfg_path)
     plan = plan_processes(cfg, topo, cfg_path, out)
     prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host))
     prom: subprocess.Popen | None = None
@@ -242,7 +249,7 @@ def run(
                     argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
                 )
                 procs.append(Proc(name, popen, log))
-            _follow(cfg, topo, cloud_addr, procs, view, deadline)
+            _follow(cfg, topo, cloud_addr, procs, view, deadline, Security(cfg.security, OPERATOR))
             cloud = procs[0].popen
             try:
                 cloud.wait(timeout=30)
@@ -286,15 +293,30 @@ def _hold(prom: subprocess.Popen, url: str, hold_s: float | None, view: RunView)
         time.sleep(hold_s)
 
 
+def provision_pki(cfg: HFFMConfig, topo: Topology, directory: Path) -> Path:
+    """A CA for this run and a key and certificate for every node and for the operator (the launcher,
+    which watches the run), under ``directory`` (absolute, returned). Keys are written 0600."""
+    directory = directory.resolve()
+    days, fed = cfg.security.cert_days, cfg.security.federation
+    ca_key, ca_cert = make_ca(fed, days)
+    write_node_files(directory, "ca", ca_key, ca_cert)
+    hosts = [cfg.runtime.host, "localhost"]
+    for node in topo.node_ids():
+        write_node_files(directory, node, *issue(ca_key, ca_cert, fed, topo.role(node), node, hosts, days))
+    write_node_files(directory, OPERATOR, *issue(ca_key, ca_cert, fed, OPERATOR, OPERATOR, hosts, days))
+    return directory
+
+
 class _Watcher(threading.Thread):
     """Follows the cloud's progress stream into ``events``, reconnecting while it is not up.
 
     ``close()`` cancels the open stream and joins the thread, so no gRPC call or channel outlives
     the run (an RPC left blocking in a thread can hold up the interpreter's exit)."""
 
-    def __init__(self, cloud_addr: str) -> None:
+    def __init__(self, cloud_addr: str, security: Security) -> None:
         super().__init__(name="hffm-watch", daemon=True)
         self.cloud_addr = cloud_addr
+        self.security = security
         self.events: queue.Queue = queue.Queue()
         self._stop_ev = threading.Event()
         self._lock = threading.Lock()
@@ -306,13 +328,15 @@ class _Watcher(threading.Thread):
         # The cloud is still importing when this starts: retry the connection every 0.1-0.5 s, not
         # with gRPC's default backoff (1 s growing 1.6x), which a short run can end inside.
         opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
-        with grpc.insecure_channel(self.cloud_addr, options=opts) as ch:
+        with self.security.channel(self.cloud_addr, CLOUD, opts) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             while True:
                 with self._lock:  # close() sets the stop and cancels the call under this lock
                     if self._stop_ev.is_set():
                         return
-                    self._call = stub.Watch(pb.WatchRequest(), wait_for_ready=True, timeout=3600)
+                    self._call = stub.Watch(
+                        pb.WatchRequest(), wait_for_ready=True, timeout=3600, metadata=self.security.call_metadata()
+                    )
                 try:
                     for ev in self._call:
                         self.events.put(ev)
@@ -331,7 +355,13 @@ class _Watcher(threading.Thread):
 
 
 def _follow(
-    cfg: HFFMConfig, topo: Topology, cloud_addr: str, procs: list[Proc], view: RunView, deadline: float
+    cfg: HFFMConfig,
+    topo: Topology,
+    cloud_addr: str,
+    procs: list[Proc],
+    view: RunView,
+    deadline: float,
+    security: Security,
 ) -> None:
     """Follow the run until the cloud reports its end, showing progress; raise RunFailed when a process
     the run cannot lose exits, the cloud reports failure or the time limit passes."""
@@ -351,7 +381,7 @@ def _follow(
             view.process_failed(p.name, rc, p.log, _tail(p.log))
             raise RunFailed(f"{p.name} exited with code {rc}")
 
-    watcher = _Watcher(cloud_addr)
+    watcher = _Watcher(cloud_addr, security)
     events = watcher.events
     watcher.start()
     try:

@@ -9,11 +9,24 @@ from hffm.config import load_config
 from hffm.modules import Module
 
 
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory):
+    """A federation CA with a key and certificate for every node id up to 10 edges x 10 devices, and the
+    operator (what hffm run makes for one run): tests that build nodes directly run with mTLS too."""
+    from hffm.model import backbone_dims
+    from hffm.topology import Topology
+    from services.launcher import provision_pki
+
+    cfg = load_config(None, ["topology.edges=10", "topology.devices_per_edge=10"])
+    return provision_pki(cfg, Topology.from_config(cfg, backbone_dims(cfg)[1]), tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
-def small_cfg():
+def small_cfg(pki_dir):
     return load_config(
         None,
         [
+            f"security.dir={pki_dir}",
             "topology.edges=2",
             "topology.devices_per_edge=2",
             "rounds=2",

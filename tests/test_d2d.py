@@ -87,14 +87,66 @@ def test_relay_refuses_unregistered_origin(chain):
     m.version = 1
     em = encode_module(m)
     h = PushHeader("p", d0.node_id, d2.node_id, 1, "cluster", D2D, (ModuleHeader.of(em),), ())
-    from services.common.identity import identity_metadata
+    from services.common.security import Security
 
-    ch = grpc.insecure_channel(d1.address)
     for caller, match in ((d2.node_id, "sender 'device-0-0' is not registered"), ("device-1-1", "not a peer")):
+        ch = Security(d1.cfg.security, caller).channel(d1.address, d1.node_id)
         with pytest.raises(grpc.RpcError) as e:
-            push_callable(ch)(push_requests(h, [em], 4096), timeout=10, metadata=identity_metadata(caller))
+            push_callable(ch)(push_requests(h, [em], 4096), timeout=10)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and match in e.value.details()
-    ch.close()
+        ch.close()
+
+
+@pytest.mark.parametrize("attack", ["rewrite_samples", "flip_chunk_byte"])
+def test_a_compromised_relay_is_caught_and_nothing_is_counted(chain, attack):
+    """device-0-1 relays device-0-0's push to device-1-0 and tampers with it on the way: a rewritten
+    header breaks the origin's signature, a flipped byte the digest. The final receiver refuses the
+    push, aggregates nothing of it, and the origin's send fails."""
+    from dataclasses import replace
+
+    from services.common.chunkwire import RawChunk, chunk_message, parse_push_request
+
+    d0, d1, d2 = chain.values()
+    peers = {n.node_id: n.address for n in chain.values()}
+    for n in chain.values():
+        for m in n.modules.values():
+            m.version = 1
+    real_relay = d1.receiver._relay
+
+    def evil_relay(header, requests, caller):
+        if attack == "rewrite_samples":
+            header = replace(
+                header, modules=tuple(replace(m, num_samples=m.num_samples * 1000) for m in header.modules)
+            )
+            return real_relay(header, requests, caller)
+
+        def flipped():
+            first = True
+            for req in requests:
+                if first and isinstance(req, RawChunk):
+                    data = bytearray(req.data)
+                    data[len(data) // 2] ^= 0x01
+                    req = parse_push_request(chunk_message(req.module_index, req.offset, memoryview(bytes(data))))
+                    first = False
+                yield req
+
+        return real_relay(header, flipped(), caller)
+
+    d1.receiver._relay = evil_relay
+    d0.assign(1, "hfm-d2d", [Send(d2.node_id, D2D, "cluster", tuple(d0.modules), (d1.node_id,))], peers)
+    d1.assign(1, "hfm-d2d", [], peers)
+    d2.assign(1, "hfm-d2d", [Collect("cluster", (d0.node_id,), D2D)], peers)
+    before = d2.inbox.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        d0.await_round(1, 30)
+    code, reason = (
+        (grpc.StatusCode.PERMISSION_DENIED, "bad_signature")
+        if attack == "rewrite_samples"
+        else (grpc.StatusCode.DATA_LOSS, "digest_mismatch")
+    )
+    assert e.value.code() == code, e.value.details()
+    assert d2.inbox.snapshot() == before
+    assert d2.metrics.modules_rejected.labels(node=d2.node_id, reason=reason)._value.get() >= 1
 
 
 # ---- whole hfm-d2d federations ----------------------------------------------------------------

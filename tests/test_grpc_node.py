@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,9 +19,10 @@ from hffm.modules import Module, encode_module
 from hffm.wire import ModuleHeader, PushHeader, chunks, push_id_for
 from services.common.bootstrap import node_modules, topology
 from services.common.client import push_callable, push_requests
-from services.common.convert import header_to_pb, step_to_pb
+from services.common.convert import header_from_pb, header_to_pb, step_to_pb
 from services.common.identity import identity_metadata
 from services.common.node import NodeRuntime
+from services.common.security import Security
 from services.common.server import NodeServer
 from services.rpc import pb, pb_grpc
 
@@ -31,13 +33,56 @@ class _Edge(NodeRuntime):
     role = "edge"
 
 
-@pytest.fixture
-def edge(small_cfg):
+class Clients:
+    """Channels to the node under test, one per calling identity (TLS: each presents that identity's
+    certificate; plaintext: each call names it in its metadata). ``None``: a caller with no identity."""
+
+    def __init__(self, cfg, address: str, target: str) -> None:
+        self.cfg, self.address, self.target = cfg, address, target
+        self._channels: dict[str | None, grpc.Channel] = {}
+
+    def as_(self, name: str | None) -> grpc.Channel:
+        if name not in self._channels:
+            if name is not None:
+                ch = Security(self.cfg.security, name).channel(self.address, self.target)
+            elif self.cfg.security.tls:  # the CA, so it can verify the server, but no certificate of its own
+                ca = (Path(self.cfg.security.dir) / "ca.crt").read_bytes()
+                ch = grpc.secure_channel(
+                    self.address,
+                    grpc.ssl_channel_credentials(ca),
+                    options=[("grpc.ssl_target_name_override", self.target)],
+                )
+            else:
+                ch = grpc.insecure_channel(self.address)
+            self._channels[name] = ch
+        return self._channels[name]
+
+    def security(self, name: str) -> Security:
+        return Security(self.cfg.security, name)
+
+    def meta(self, name: str | None):
+        return None if self.cfg.security.tls or name is None else identity_metadata(name)
+
+    def control(self, name: str = "cloud"):
+        """RoundControl as ``name`` (the coordinator by default), metadata included."""
+        stub = pb_grpc.RoundControlStub(self.as_(name))
+        meta = self.meta(name)
+        return lambda rpc, req, **kw: getattr(stub, rpc)(req, metadata=meta, **kw)
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+
+
+@pytest.fixture(params=["tls", "plaintext"])
+def edge(request, small_cfg):
+    if request.param == "plaintext":
+        small_cfg = small_cfg.model_copy(update={"security": small_cfg.security.model_copy(update={"tls": False})})
     topo = topology(small_cfg)
     spec, modules = node_modules(small_cfg, topo, EDGE)
     node = _Edge(EDGE, small_cfg, spec, modules, "127.0.0.1:0")
     srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
-    ch = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    ch = Clients(small_cfg, f"127.0.0.1:{srv.port}", EDGE)
     node.assign(1, "hfm", [Collect("aggregate", (D0, D1), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
     yield node, ch, topo
     ch.close()
@@ -66,12 +111,16 @@ def _header(sender, ems, round_=1, tag="aggregate", link="device_edge", push_id=
 
 
 def _push(ch, reqs, caller: str | None = "sender"):
-    """Push as ``caller`` (default: the header's sender; None: no identity at all)."""
+    """Push as ``caller`` (default: the header's sender; None: no identity at all). With security on,
+    an unsigned header is signed by its sender, as a node's Send does."""
     reqs = list(reqs)
+    first = reqs[0] if reqs and isinstance(reqs[0], pb.PushRequest) and reqs[0].HasField("header") else None
     if caller == "sender":
-        caller = reqs[0].header.sender if reqs and isinstance(reqs[0], pb.PushRequest) else D0
-    meta = identity_metadata(caller) if caller else None
-    return push_callable(ch)(iter(reqs), timeout=10, metadata=meta)
+        caller = first.header.sender if first is not None else D0
+    if first is not None and ch.cfg.security.tls and not first.header.signature:
+        signed = ch.security(first.header.sender).sign_header(header_from_pb(first.header))
+        reqs[0] = pb.PushRequest(header=header_to_pb(signed))
+    return push_callable(ch.as_(caller))(iter(reqs), timeout=10, metadata=ch.meta(caller))
 
 
 def _good(node, sender, seed, samples=10.0):
@@ -90,7 +139,7 @@ def _expect(ch, node, reqs, code, match, caller: str | None = "sender"):
 
 def test_health_and_reflection(edge):
     node, ch, _ = edge
-    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="hffm.v1.ModuleExchange"))
+    resp = health_pb2_grpc.HealthStub(ch.as_(D0)).Check(health_pb2.HealthCheckRequest(service="hffm.v1.ModuleExchange"))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -207,10 +256,10 @@ def test_good_pushes_retry_counted_once_and_weighted_mean(edge, small_cfg):
     _expect(ch, node, push_requests(_header(D0, other), other, 4096), grpc.StatusCode.ALREADY_EXISTS, "already")
     e1 = [encode_module(m) for m in m1.values()]
     # any gRPC client works: the generated stub with protobuf objects throughout (no chunkwire)
-    plain = [pb.PushRequest(header=header_to_pb(_header(D1, e1)))]
+    plain = [pb.PushRequest(header=header_to_pb(ch.security(D1).sign_header(_header(D1, e1))))]
     plain += [pb.PushRequest(chunk=pb.Chunk(module_index=i, offset=o, data=bytes(v))) for i, o, v in chunks(e1)]
-    pb_grpc.ModuleExchangeStub(ch).Push(iter(plain), timeout=10, metadata=identity_metadata(D1))
-    report = pb_grpc.RoundControlStub(ch).AwaitRound(pb.AwaitRequest(round=1), timeout=30)
+    pb_grpc.ModuleExchangeStub(ch.as_(D1)).Push(iter(plain), timeout=10, metadata=ch.meta(D1))
+    report = ch.control()("AwaitRound", pb.AwaitRequest(round=1), timeout=30)
     assert [(a.tag, list(a.counted), list(a.left_out)) for a in report.aggregates] == [("aggregate", [D0, D1], [])]
     assert report.node == EDGE and report.round == 1
     want = weighted_mean([m0, m1])
@@ -224,21 +273,21 @@ def test_good_pushes_retry_counted_once_and_weighted_mean(edge, small_cfg):
 
 def test_assign_round_bad_input(edge):
     node, ch, _ = edge
-    stub = pb_grpc.RoundControlStub(ch)
+    call = ch.control()
     from hffm.methods import Send
 
     bad = pb.RoundTask(
         round=5, method="hfm", steps=[step_to_pb(Send("cloud", "edge_cloud", "aggregate", ("adapter.0",)))]
     )
     with pytest.raises(grpc.RpcError) as e:
-        stub.AssignRound(bad, timeout=5)
+        call("AssignRound", bad, timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no address" in e.value.details()
     old = pb.RoundTask(round=1, method="hfm", steps=[])
     with pytest.raises(grpc.RpcError) as e:
-        stub.AssignRound(old, timeout=5)
+        call("AssignRound", old, timeout=5)
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(grpc.RpcError) as e:
-        stub.AwaitRound(pb.AwaitRequest(round=9), timeout=5)
+        call("AwaitRound", pb.AwaitRequest(round=9), timeout=5)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -252,10 +301,14 @@ def test_header_round_trip_through_protobuf(edge):
 
 
 # ---- identity from the transport, weights from the coordinator, attempts -------------------------
-def test_a_push_without_identity_is_unauthenticated(edge):
+def test_a_push_without_identity_is_refused(edge):
+    """TLS: a client without a certificate does not get through the handshake; plaintext: no metadata."""
     node, ch, _ = edge
     h, ems = _good(node, D0, 1)
-    _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.UNAUTHENTICATED, "identity", caller=None)
+    if node.security.enabled:
+        _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.UNAVAILABLE, "", caller=None)
+    else:
+        _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.UNAUTHENTICATED, "identity", caller=None)
 
 
 def test_a_device_cannot_push_as_another(edge):
@@ -303,10 +356,10 @@ def test_a_new_attempt_replaces_the_round_and_old_attempt_pushes_are_refused(edg
     h, ems = _good(node, D0, 1)
     _push(ch, push_requests(h, ems, 4096))
     assert node.inbox.snapshot()["accepted"]["aggregate"]
-    stub = pb_grpc.RoundControlStub(ch)
+    call = ch.control()
     collect = step_to_pb(Collect("aggregate", (D0, D1), "device_edge"))
     peers = {D0: "127.0.0.1:1", D1: "127.0.0.1:2"}
-    stub.AssignRound(pb.RoundTask(round=1, attempt=1, method="hfm", steps=[collect], peers=peers), timeout=5)
+    call("AssignRound", pb.RoundTask(round=1, attempt=1, method="hfm", steps=[collect], peers=peers), timeout=5)
     assert node.inbox.snapshot()["attempt"] == 1 and not node.inbox.snapshot()["accepted"]["aggregate"]
     _expect(ch, node, push_requests(h, ems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "attempt 0")
     h1 = replace(h, attempt=1, push_id=push_id_for(D0, EDGE, 1, "aggregate", 1))
@@ -314,10 +367,10 @@ def test_a_new_attempt_replaces_the_round_and_old_attempt_pushes_are_refused(edg
     # the same attempt with other peers is not a retry; an older attempt is refused
     with pytest.raises(grpc.RpcError) as e:
         other = {D0: "10.9.9.9:1", D1: "127.0.0.1:2"}
-        stub.AssignRound(pb.RoundTask(round=1, attempt=1, method="hfm", steps=[collect], peers=other), timeout=5)
+        call("AssignRound", pb.RoundTask(round=1, attempt=1, method="hfm", steps=[collect], peers=other), timeout=5)
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(grpc.RpcError) as e:
-        stub.AssignRound(pb.RoundTask(round=1, attempt=0, method="hfm", steps=[collect], peers=peers), timeout=5)
+        call("AssignRound", pb.RoundTask(round=1, attempt=0, method="hfm", steps=[collect], peers=peers), timeout=5)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -333,7 +386,7 @@ def test_a_quorum_aggregates_whoever_came_by_the_deadline(edge):
     )
     h, ems = _round2(node, D1, 3, samples=7.0)
     _push(ch, push_requests(h, ems, 4096))
-    report = pb_grpc.RoundControlStub(ch).AwaitRound(pb.AwaitRequest(round=2), timeout=30)
+    report = ch.control()("AwaitRound", pb.AwaitRequest(round=2), timeout=30)
     assert [(list(a.counted), list(a.left_out)) for a in report.aggregates] == [([D1], [D0])]
     assert node.modules["adapter.0"].num_samples == 7.0 and node.modules["adapter.0"].version == 2
     # a late push from the left-out sender is stale: never counted, in this round or after it
@@ -341,3 +394,31 @@ def test_a_quorum_aggregates_whoever_came_by_the_deadline(edge):
     _expect(ch, node, push_requests(late, lems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "without device-0-0")
     node.assign(3, "hfm", [], {D0: "127.0.0.1:1"})
     _expect(ch, node, push_requests(late, lems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "round 3")
+
+
+# ---- pushes signed end to end ------------------------------------------------------------------------
+def _raw_push(ch, header, ems, caller):
+    reqs = [pb.PushRequest(header=header_to_pb(header)), *list(push_requests(header, ems, 4096))[1:]]
+    return push_callable(ch.as_(caller))(iter(reqs), timeout=10)
+
+
+@pytest.mark.parametrize("tamper", ["unsigned", "other_key", "changed_after_signing"])
+def test_a_push_must_be_signed_by_its_sender_and_unchanged(edge, tamper):
+    node, ch, _ = edge
+    if not node.security.enabled:
+        pytest.skip("signatures need keys: security on")
+    h, ems = _good(node, D0, 1)
+    if tamper == "unsigned":
+        bad, match = h, "not signed"
+    elif tamper == "other_key":  # device-0-1 signs a push in device-0-0's name
+        bad, match = ch.security(D1).sign_header(h), "carries the certificate of spiffe://hffm/hffm/device/device-0-1"
+    else:  # signed, then its weights raised on the way
+        signed = ch.security(D0).sign_header(h)
+        bad = replace(signed, modules=tuple(replace(m, num_samples=9.0) for m in signed.modules))
+        match = "signature does not match"
+    before = node.inbox.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_push(ch, bad, ems, D0)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and match in e.value.details()
+    assert node.inbox.snapshot() == before
+    assert not _raw_push(ch, ch.security(D0).sign_header(h), ems, D0).duplicate  # the honest push still goes in

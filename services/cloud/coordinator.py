@@ -22,6 +22,7 @@ from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
 from hffm.ids import role_of
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
+from hffm.pki import Identity
 from hffm.planner import PlannedRound, Planner
 from hffm.results import NodeReport, round_record
 from hffm.topology import Topology
@@ -31,7 +32,7 @@ from services.cloud.progress import ProgressEvent, ProgressFeed
 from services.cloud.results_writer import ResultsWriter
 from services.common.convert import progress_to_pb, registration_from_pb
 from services.common.metrics import link_label
-from services.common.node import NodeRuntime
+from services.common.node import NodeRuntime, abort_for, authorize
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.coordinator")
@@ -222,14 +223,28 @@ class Coordinator:
         self.dispatcher.shutdown_nodes()
 
 
+def may_register(caller: Identity, info: pb.NodeInfo, topo: Topology) -> bool:
+    """A node registers only itself; an edge forwards the registrations of its own devices."""
+    if caller.id == info.id and caller.role == info.role:
+        return True
+    dev = topo.device_map.get(info.id)
+    return caller.role == "edge" and info.role == "device" and dev is not None and dev.edge == caller.id
+
+
 class CloudRegistry(pb_grpc.RegistryServicer):
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
 
     def Register(self, request, context):  # noqa: N802
         try:
+            authorize(self.coord.node, context, "Register", lambda i: may_register(i, request, self.coord.topo))
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
+        try:
             registered, expected = self.coord.register(registration_from_pb(request))
             return pb.RegisterAck(registered=registered, expected=expected)
+        except PermissionError as err:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
@@ -239,4 +254,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.coord = coord
 
     def Watch(self, request, context):  # noqa: N802
+        try:  # the run's results go to the operator (the launcher) and the coordinator alone
+            authorize(self.coord.node, context, "Watch", lambda i: i.role in ("operator", "cloud"))
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
         yield from self.coord.watch(context)

@@ -17,12 +17,10 @@ from hffm.results import NodeReport
 from services.cloud.membership import Membership
 from services.common.client import RETRYABLE, with_retries
 from services.common.convert import report_from_pb, step_from_pb, step_to_pb
-from services.common.identity import identity_metadata
 from services.common.node import NodeRuntime
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.dispatcher")
-AS_CLOUD = identity_metadata(CLOUD)
 
 
 @dataclass(frozen=True)
@@ -48,16 +46,20 @@ class Assignment:
 class Dispatcher:
     def __init__(self, cfg: HFFMConfig, node: NodeRuntime, members: Membership) -> None:
         self.cfg, self.node, self.members = cfg, node, members
+        self.meta = node.security.call_metadata()  # plaintext: names the cloud (TLS: its certificate does)
+
+    def _channel(self, node: str):
+        return self.node.channels.get(self.members.address(node), node)
 
     def _stub(self, node: str) -> pb_grpc.RoundControlStub:
-        return pb_grpc.RoundControlStub(self.node.channels.get(self.members.address(node)))
+        return pb_grpc.RoundControlStub(self._channel(node))
 
     def probe(self, nodes: list[str]) -> set[str]:
         """Nodes that do not answer a health check in time (unreachable at the start of a round)."""
 
         def dead(n: str) -> bool:
             try:
-                stub = health_pb2_grpc.HealthStub(self.node.channels.get(self.members.address(n)))
+                stub = health_pb2_grpc.HealthStub(self._channel(n))
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.cfg.d2d.probe_timeout_s)
                 return resp.status != health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
@@ -74,7 +76,7 @@ class Dispatcher:
             return
         stub = self._stub(node)
         with_retries(
-            lambda: stub.AssignRound(task, timeout=self.cfg.runtime.rpc_timeout_s, metadata=AS_CLOUD),
+            lambda: stub.AssignRound(task, timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.meta),
             attempts=5,
             what=f"assign {node}",
         )
@@ -94,7 +96,7 @@ class Dispatcher:
             else None
         )
         futures = {
-            n: self._stub(n).AwaitRound.future(req, timeout=timeout, metadata=AS_CLOUD) for n in nodes if n != CLOUD
+            n: self._stub(n).AwaitRound.future(req, timeout=timeout, metadata=self.meta) for n in nodes if n != CLOUD
         }
         reports: dict[str, NodeReport] = {}
         for n, fut in futures.items():
@@ -104,18 +106,16 @@ class Dispatcher:
                 if err.code() not in RETRYABLE:
                     raise
                 log.warning("await %s: %s; retrying", n, err.code().name)  # AwaitRound is idempotent
-                reports[n] = report_from_pb(self._stub(n).AwaitRound(req, timeout=timeout, metadata=AS_CLOUD))
+                reports[n] = report_from_pb(self._stub(n).AwaitRound(req, timeout=timeout, metadata=self.meta))
         if own is not None:
             reports[CLOUD] = own.result()
         return [reports[n] for n in nodes]
 
     def shutdown_nodes(self) -> None:
-        for nid, addr in self.members.snapshot().items():
+        for nid in self.members.snapshot():
             if nid == CLOUD:
                 continue
             try:
-                pb_grpc.RoundControlStub(self.node.channels.get(addr)).Shutdown(
-                    pb.Empty(), timeout=5, metadata=AS_CLOUD
-                )
+                self._stub(nid).Shutdown(pb.Empty(), timeout=5, metadata=self.meta)
             except grpc.RpcError as err:
                 log.warning("shutdown of %s failed: %s", nid, err.code().name)

@@ -49,7 +49,10 @@ class Membership:
             if set(samples) - tasks or any(not 0 <= v < 2**31 for v in samples.values()):
                 raise ValueError(f"{reg.id}: train_samples {samples} (tasks {sorted(tasks)}, each 0 <= n < 2^31)")
         with self._cv:
-            self.addresses[reg.id] = reg.address  # a restarted node re-registers with its new address
+            prev = self.addresses.get(reg.id)
+            if prev is not None and prev != reg.address and role != "device":
+                raise PermissionError(f"{reg.id} is registered at {prev}; the cloud's and an edge's address never move")
+            self.addresses[reg.id] = reg.address  # a restarted device re-registers with its new address
             if role == "device":
                 self.samples[reg.id] = samples
             n = len(self.addresses)

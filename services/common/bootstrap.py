@@ -17,6 +17,7 @@ from hffm.model import backbone_dims, initial_modules
 from hffm.modules import ModuleSet, ModuleSpec, spec_of
 from hffm.topology import Topology
 from services.common.metrics import Metrics
+from services.common.security import Security
 from services.rpc import pb, pb_grpc
 
 
@@ -79,17 +80,23 @@ def advertise_address(listen: str, port: int, advertise: str | None) -> str:
     return f"{host}:{port}"
 
 
-def register(upstream: str, info: pb.NodeInfo, timeout_s: float, stop=None) -> pb.RegisterAck:
-    """Register with ``upstream``, waiting and retrying while it is not up yet (any start order)."""
+def register(
+    security: Security, upstream: str, target: str, info: pb.NodeInfo, timeout_s: float, stop=None
+) -> pb.RegisterAck:
+    """Register ``info`` with the node ``target`` at ``upstream`` as ``security``'s identity, waiting and
+    retrying while it is not up yet (any start order)."""
     log = logging.getLogger("hffm.register")
     deadline = time.monotonic() + timeout_s
     delay = 0.2
-    with grpc.insecure_channel(upstream) as ch:
+    with security.channel(upstream, target) as ch:
         stub = pb_grpc.RegistryStub(ch)
         while True:
             try:
                 return stub.Register(
-                    info, timeout=max(1.0, min(30.0, deadline - time.monotonic())), wait_for_ready=True
+                    info,
+                    timeout=max(1.0, min(30.0, deadline - time.monotonic())),
+                    wait_for_ready=True,
+                    metadata=security.call_metadata(),
                 )
             except grpc.RpcError as err:
                 if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

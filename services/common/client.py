@@ -18,7 +18,7 @@ from hffm.modules import EncodedModule
 from hffm.wire import PushHeader, chunks
 from services.common.chunkwire import chunk_message, serialize_push_request
 from services.common.convert import header_to_pb
-from services.common.identity import identity_metadata
+from services.common.security import Security
 from services.rpc import pb
 
 PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['ModuleExchange'].full_name}/Push"
@@ -33,17 +33,30 @@ T = TypeVar("T")
 
 
 class Channels:
-    """One channel per address, shared by every caller in the process."""
+    """One channel per peer. With TLS (``security``) a channel presents one node's certificate and
+    verifies the peer is ``target``: it belongs to that node alone. Plaintext channels are one per
+    address and may be shared by every node of a process (callers name themselves per call)."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: Security | None = None) -> None:
+        self.security = security
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.Channel] = {}
 
-    def get(self, address: str) -> grpc.Channel:
+    @property
+    def tls(self) -> bool:
+        return self.security is not None and self.security.enabled
+
+    def get(self, address: str, target: str) -> grpc.Channel:
+        key = (address, target if self.tls else "")
         with self._lock:
-            ch = self._channels.get(address)
+            ch = self._channels.get(key)
             if ch is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                if self.tls:
+                    assert self.security is not None
+                    ch = self.security.channel(address, target, CHANNEL_OPTIONS)
+                else:
+                    ch = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels[key] = ch
             return ch
 
     def close(self) -> None:
@@ -91,12 +104,12 @@ def push_modules(
     *,
     chunk_bytes: int,
     timeout_s: float,
-    caller: str,
+    metadata: tuple[tuple[str, str], ...] | None = None,
     attempts: int = 5,
 ) -> pb.PushAck:
-    """Push ``encoded`` with ``header``, as node ``caller`` (the sender, or a relay)."""
+    """Push ``encoded`` with ``header`` (``metadata``: the caller's, on plaintext links)."""
     push = push_callable(channel)
-    meta = identity_metadata(caller)
+    meta = metadata
     return with_retries(
         lambda: push(
             push_requests(header, encoded, chunk_bytes), timeout=timeout_s, wait_for_ready=True, metadata=meta

@@ -20,6 +20,8 @@ def header_to_pb(h: PushHeader) -> pb.PushHeader:
         link=h.link,
         route=list(h.route),
         attempt=h.attempt,
+        signature=h.signature,
+        sender_cert=h.sender_cert,
         modules=[
             pb.ModuleHeader(
                 name=m.name,
@@ -44,6 +46,8 @@ def header_from_pb(h: pb.PushHeader) -> PushHeader:
         link=h.link,
         route=tuple(h.route),
         attempt=h.attempt,
+        signature=bytes(h.signature),
+        sender_cert=bytes(h.sender_cert),
         modules=tuple(
             ModuleHeader(m.name, m.version, m.num_samples, m.size_bytes, bytes(m.sha256), m.dtype) for m in h.modules
         ),

@@ -54,6 +54,7 @@ REJECT_REASONS = (
     "wrong_attempt",
     "incomplete_push",
     "stale_push",
+    "bad_signature",
 )
 RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -96,6 +97,12 @@ class Metrics:
         self.modules_received = Counter("hffm_modules_received", "Modules accepted", ["node", "module"], registry=r)
         self.modules_rejected = Counter(
             "hffm_modules_rejected", "Pushes rejected, by reason", ["node", "reason"], registry=r
+        )
+        self.denied = Counter(
+            "hffm_rpc_denied",
+            "Calls refused before any state changed: no or a bad identity, or not allowed",
+            ["node", "rpc", "reason"],
+            registry=r,
         )
         self.aggregations = Counter("hffm_aggregations", "Collect steps aggregated", ["node", "tag"], registry=r)
         self.round = Gauge("hffm_round", "Round the node is in", ["node"], registry=r)

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 
 from hffm.config import HFFMConfig
+from hffm.ids import CLOUD
 from hffm.inbox import Inbox, RoundAborted
 from hffm.methods import Collect, Step
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec, save_modules
+from hffm.pki import Identity
 from hffm.results import NodeReport
 from services.common.client import Channels
 from services.common.convert import report_to_pb, step_from_pb
 from services.common.executor import StepExecutor
-from services.common.identity import peer_identity
 from services.common.metrics import Metrics
 from services.common.receiver import Receiver
 from services.common.rounds import RoundRegistry, RoundState
+from services.common.security import Security, Unauthenticated
 from services.common.sender import Sender
 from services.rpc import pb, pb_grpc
 
@@ -52,21 +54,35 @@ class NodeRuntime:
         address: str,
         metrics: Metrics | None = None,
         channels: Channels | None = None,
+        security: Security | None = None,
     ) -> None:
         self.node_id = node_id
+        self.security = security or Security(cfg.security, node_id)
         self.metrics = metrics or Metrics()
         self.metrics.init_node(node_id)
         self.cfg = cfg
         self.spec = spec
         self.address = address
         self.modules: ModuleSet = modules
-        # one channel per peer address, shared by every node of the process when given
-        self.channels = channels or Channels()
+        # plaintext channels may be shared by the nodes of a process; TLS channels carry this node's certificate
+        if channels is not None and channels.tls and channels.security is not self.security:
+            raise ValueError(f"{node_id}: TLS channels belong to one node")
+        self.channels = channels or Channels(self.security)
         self._owns_channels = channels is None
         self.stopped = threading.Event()
         self.rounds = RoundRegistry(node_id)
         self.inbox = Inbox(node_id)
-        self.sender = Sender(node_id, self.role, cfg, lambda: self.modules, self.channels, self.rounds, self.metrics)
+        self.sender = Sender(
+            node_id,
+            self.role,
+            cfg,
+            lambda: self.modules,
+            self.channels,
+            self.rounds,
+            self.metrics,
+            self.security.call_metadata(),
+            self.security.sign_header,
+        )
         self.receiver = Receiver(
             node_id,
             cfg,
@@ -78,6 +94,7 @@ class NodeRuntime:
             self.metrics,
             self.trace,
             self.relays,
+            self.security,
         )
         self.executor = StepExecutor(self)
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-round")
@@ -143,6 +160,8 @@ class NodeRuntime:
 
 # ---- servicers: translate, do not think -------------------------------------------------------
 def abort_for(context: grpc.ServicerContext, err: Exception) -> None:
+    if isinstance(err, Unauthenticated):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
     if isinstance(err, ModuleError):
         context.abort(getattr(grpc.StatusCode, err.code), str(err))
     if isinstance(err, RoundAborted):
@@ -155,13 +174,37 @@ def abort_for(context: grpc.ServicerContext, err: Exception) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
 
 
+def authorize(
+    node: NodeRuntime, context: grpc.ServicerContext, rpc: str, allowed: Callable[[Identity], bool]
+) -> Identity:
+    """The caller's identity if ``allowed`` says it may make this call; otherwise a ``ModuleError``
+    (UNAUTHENTICATED without an identity, PERMISSION_DENIED for anyone else), counted by reason."""
+    try:
+        ident = node.security.peer(context)
+    except Unauthenticated:
+        node.metrics.denied.labels(node=node.node_id, rpc=rpc, reason="bad_identity").inc()
+        raise
+    if ident is None:
+        node.metrics.denied.labels(node=node.node_id, rpc=rpc, reason="no_identity").inc()
+        raise ModuleError("UNAUTHENTICATED", "no_identity", f"{rpc}: the caller presented no identity")
+    if not allowed(ident):
+        node.metrics.denied.labels(node=node.node_id, rpc=rpc, reason="not_allowed").inc()
+        raise ModuleError("PERMISSION_DENIED", "not_allowed", f"{ident.role} {ident.id} may not call {rpc}")
+    return ident
+
+
+def from_coordinator(ident: Identity) -> bool:
+    return ident.role == "cloud" and ident.id == CLOUD
+
+
 class ModuleExchangeServicer(pb_grpc.ModuleExchangeServicer):
     def __init__(self, node: NodeRuntime) -> None:
         self.node = node
 
     def Push(self, request_iterator, context):  # noqa: N802
         try:
-            return self.node.receive(request_iterator, peer_identity(context))
+            caller = authorize(self.node, context, "Push", lambda i: i.role in ("cloud", "edge", "device"))
+            return self.node.receive(request_iterator, caller.id)
         except grpc.RpcError:
             raise
         except Exception as err:  # noqa: BLE001 - every failure becomes a status
@@ -174,6 +217,7 @@ class RoundControlServicer(pb_grpc.RoundControlServicer):
 
     def AssignRound(self, request, context):  # noqa: N802
         try:
+            authorize(self.node, context, "AssignRound", from_coordinator)
             steps = [step_from_pb(s) for s in request.steps]
             self.node.assign(request.round, request.method, steps, dict(request.peers), request.attempt)
             return pb.AssignAck()
@@ -182,11 +226,16 @@ class RoundControlServicer(pb_grpc.RoundControlServicer):
 
     def AwaitRound(self, request, context):  # noqa: N802
         try:
+            authorize(self.node, context, "AwaitRound", from_coordinator)
             report = self.node.await_round(request.round, self.node.cfg.runtime.round_timeout_s, request.attempt)
             return report_to_pb(report)
         except Exception as err:  # noqa: BLE001
             abort_for(context, err)
 
     def Shutdown(self, request, context):  # noqa: N802
+        try:
+            authorize(self.node, context, "Shutdown", from_coordinator)
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
         self.node.shutdown()
         return pb.Empty()

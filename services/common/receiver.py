@@ -14,13 +14,14 @@ from hffm.config import HFFMConfig
 from hffm.ids import D2D, role_of
 from hffm.inbox import Inbox
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec
+from hffm.pki import PKIError
 from hffm.wire import PushAssembler, PushHeader
 from services.common.chunkwire import RawChunk
 from services.common.client import Channels, push_callable
 from services.common.convert import header_from_pb, header_to_pb
-from services.common.identity import identity_metadata
 from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry
+from services.common.security import Security
 from services.common.sender import Sender
 from services.rpc import pb
 
@@ -38,12 +39,14 @@ class Receiver:
         metrics: Metrics,
         trace: Callable[[str, ModuleSet], None],
         relays: bool,
+        security: Security,
     ) -> None:
         self.node_id, self.cfg, self.spec = node_id, cfg, spec
         self.inbox, self.rounds, self.sender, self.channels = inbox, rounds, sender, channels
         self.metrics = metrics
         self.trace = trace
         self.relays = relays  # devices relay D2D pushes for their cluster peers
+        self.security = security
 
     def receive(self, requests: Iterator[pb.PushRequest], caller: str | None) -> pb.PushAck:
         try:
@@ -60,6 +63,10 @@ class Receiver:
         if self.relays and header.link == D2D and (header.receiver != self.node_id or header.route):
             return self._relay(header, requests, caller)
         duplicate = self.inbox.precheck(header, caller)
+        try:
+            self.security.verify_header(header)
+        except PKIError as err:
+            raise ModuleError("PERMISSION_DENIED", "bad_signature", str(err)) from None
         assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
         for req in requests:
             if isinstance(req, RawChunk):
@@ -111,13 +118,13 @@ class Receiver:
             yield pb.PushRequest(header=header_to_pb(onward))
             yield from requests  # chunks go on as they arrive, as the bytes they came in
 
-        push = push_callable(self.channels.get(state.peers[nxt]))
+        push = push_callable(self.channels.get(state.peers[nxt], nxt))
         try:
             ack = push(
                 stream(),
                 timeout=self.cfg.runtime.rpc_timeout_s,
                 wait_for_ready=True,
-                metadata=identity_metadata(self.node_id),
+                metadata=self.sender.metadata,
             )
         except grpc.RpcError as err:
             code = err.code().name if err.code() is not None else "UNAVAILABLE"

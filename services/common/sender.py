@@ -29,12 +29,16 @@ class Sender:
         channels: Channels,
         rounds: RoundRegistry,
         metrics: Metrics,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        sign: Callable[[PushHeader], PushHeader] = lambda h: h,
     ) -> None:
         self.node_id, self.role, self.cfg = node_id, role, cfg
         self._modules = modules  # the node's current modules, read when encoding
         self.channels = channels
         self.rounds = rounds
         self.metrics = metrics
+        self.metadata = metadata  # names this node on plaintext links (None with TLS: the certificate does)
+        self.sign = sign  # signs a push header end to end (security on)
         self._lock = threading.Lock()
         self._encoded: dict[str, EncodedModule] = {}
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{node_id}-send")
@@ -76,13 +80,14 @@ class Sender:
             route=s.route[1:],
             attempt=state.attempt,
         )
+        header = self.sign(header)
         push_modules(
-            self.channels.get(state.peers[first_hop]),
+            self.channels.get(state.peers[first_hop], first_hop),
             header,
             encoded,
             chunk_bytes=self.cfg.wire.chunk_bytes,
             timeout_s=self.cfg.runtime.rpc_timeout_s,
-            caller=self.node_id,
+            metadata=self.metadata,
         )
         self.record(header, first_hop)
 

@@ -56,7 +56,7 @@ class NodeServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(listen)
+        self.port = node.security.add_port(self.server, listen)
         if self.port == 0:
             raise OSError(f"{node.node_id}: cannot listen on {listen}")
         self.server.start()

@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("hffm.device")
     host = ModelHost(cfg)
     metrics = start_metrics(args)
-    channels = Channels()  # the process's devices share one channel per peer
+    # plaintext: the process's devices share one channel per peer; TLS: each device's channels carry its certificate
+    shared = None if cfg.security.tls else Channels()
     servers: list[NodeServer] = []
     for nid, listen in nodes.items():
-        node = DeviceNode(nid, cfg, topo, host, listen, metrics, channels)
+        node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared)
         srv = NodeServer(node, listen, max_workers=4)
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             train_samples=n.train_samples(),
         )
         try:
-            ack = register(upstreams[n.info.edge], info, cfg.runtime.register_timeout_s, stop)
+            ack = register(n.security, upstreams[n.info.edge], n.info.edge, info, cfg.runtime.register_timeout_s, stop)
             log.info("%s registered (%d/%d)", n.node_id, ack.registered, ack.expected)
         except Exception as err:  # noqa: BLE001
             log.error("%s: registration failed: %s", n.node_id, err)

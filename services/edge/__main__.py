@@ -15,6 +15,7 @@ import threading
 
 import grpc
 
+from hffm.ids import CLOUD
 from hffm.topology import Topology
 from services.common.bootstrap import (
     advertise_address,
@@ -25,7 +26,7 @@ from services.common.bootstrap import (
     start_metrics,
     topology,
 )
-from services.common.node import NodeRuntime
+from services.common.node import NodeRuntime, abort_for, authorize
 from services.common.server import NodeServer
 from services.rpc import pb, pb_grpc
 
@@ -43,6 +44,10 @@ class EdgeRegistry(pb_grpc.RegistryServicer):
         self.node, self.topo, self.upstream, self.timeout_s = node, topo, upstream, timeout_s
 
     def Register(self, request, context):  # noqa: N802
+        try:  # a device registers itself only, and only with its own edge
+            authorize(self.node, context, "Register", lambda i: i.role == "device" and i.id == request.id)
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
         dev = self.topo.device_map.get(request.id)
         if request.role != "device" or dev is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.id!r} is not a device of this topology")
@@ -51,7 +56,7 @@ class EdgeRegistry(pb_grpc.RegistryServicer):
                 grpc.StatusCode.PERMISSION_DENIED, f"{request.id} belongs to {dev.edge}, not {self.node.node_id}"
             )
         try:
-            return register(self.upstream, request, self.timeout_s)
+            return register(self.node.security, self.upstream, CLOUD, request, self.timeout_s)
         except grpc.RpcError as err:
             context.abort(err.code(), err.details())
         except TimeoutError as err:
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         ack = register(
+            node.security,
             args.upstream,
+            CLOUD,
             pb.NodeInfo(id=args.id, role="edge", address=node.address),
             cfg.runtime.register_timeout_s,
             stop,

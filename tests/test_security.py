@@ -1,0 +1,269 @@
+"""Trust on every link, over real TLS on loopback: the federation's PKI, and what an outsider or a
+compromised node gets when it tries. Every refusal has its status and changes nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from hffm.config import load_config
+from hffm.methods import Collect
+from hffm.pki import (
+    Identity,
+    PKIError,
+    identity_of,
+    issue,
+    load_cert,
+    make_ca,
+    make_crl,
+    make_csr,
+    revoked_serials,
+    sign_csr,
+    write_node_files,
+)
+from services.cloud.coordinator import CloudNode, CloudRegistry, Coordinator, CoordinatorServicer
+from services.cloud.progress import ProgressEvent
+from services.common.bootstrap import node_modules, topology
+from services.common.node import NodeRuntime
+from services.common.security import Security
+from services.common.server import NodeServer
+from services.rpc import pb, pb_grpc
+
+D0, D1, EDGE = "device-0-0", "device-0-1", "edge-0"
+
+
+# ---- the PKI -------------------------------------------------------------------------------------
+def test_issued_certificate_names_one_identity_as_uri_and_dns():
+    ca_key, ca_cert = make_ca("lab")
+    key, cert = issue(ca_key, ca_cert, "lab", "device", D0, ["127.0.0.1", "node7.example"])
+    c = load_cert(cert)
+    assert identity_of(c) == Identity("lab", "device", D0)
+    san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {D0, "node7.example"}
+    assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert c.issuer == load_cert(ca_cert).subject
+
+
+def test_signing_request_enrollment_keeps_the_key_and_checks_the_request():
+    ca_key, ca_cert = make_ca("lab")
+    key, csr = make_csr("lab", "edge", "edge-3")
+    cert = sign_csr(ca_key, ca_cert, csr, "lab")
+    assert identity_of(load_cert(cert)).id == "edge-3"
+    with pytest.raises(PKIError, match="federation 'lab'"):
+        sign_csr(ca_key, ca_cert, csr, "other")
+    tampered = csr.replace(csr[200:204], b"AAAA") if csr[200:204] != b"AAAA" else csr.replace(csr[200:204], b"BBBB")
+    with pytest.raises(PKIError):
+        sign_csr(ca_key, ca_cert, tampered, "lab")
+    for role, node, match in (
+        ("edge", D0, "is a device"),
+        ("device", "cloud-2", "not a node id"),
+        ("root", D0, "role"),
+    ):
+        with pytest.raises(PKIError, match=match):
+            make_csr("lab", role, node)
+
+
+def test_a_revocation_list_is_checked_against_the_ca():
+    ca_key, ca_cert = make_ca("lab")
+    _, other_ca = make_ca("lab")
+    crl = make_crl(ca_key, ca_cert, [7, 11])
+    assert revoked_serials(crl, ca_cert) == {7, 11}
+    with pytest.raises(PKIError, match="not signed"):
+        revoked_serials(crl, other_ca)
+
+
+# ---- a node's server under attack ------------------------------------------------------------------
+class _Edge(NodeRuntime):
+    role = "edge"
+
+
+def _with_dir(cfg, directory: Path):
+    return cfg.model_copy(update={"security": cfg.security.model_copy(update={"dir": str(directory)})})
+
+
+def _channel(directory: Path, name: str, address: str, target: str) -> grpc.Channel:
+    cfg = load_config(None, [f"security.dir={directory}"])
+    return Security(cfg.security, name).channel(address, target)
+
+
+@pytest.fixture
+def edge_server(small_cfg, pki_dir, tmp_path):
+    """edge-0 serving with the federation's credentials plus a CRL revoking device-1-1."""
+    d = tmp_path / "pki"
+    shutil.copytree(pki_dir, d)
+    revoked = load_cert((d / "device-1-1.crt").read_bytes()).serial_number
+    (d / "crl.pem").write_bytes(make_crl((d / "ca.key").read_bytes(), (d / "ca.crt").read_bytes(), [revoked]))
+    cfg = _with_dir(small_cfg, d)
+    topo = topology(cfg)
+    spec, modules = node_modules(cfg, topo, EDGE)
+    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    node.assign(1, "hfm", [Collect("aggregate", (D0, D1), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
+    yield node, f"127.0.0.1:{srv.port}", d
+    srv.stop(0)
+
+
+def _assign_as(ch: grpc.Channel) -> None:
+    pb_grpc.RoundControlStub(ch).AssignRound(pb.RoundTask(round=2, method="hfm"), timeout=5)
+
+
+def _status(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code()
+
+
+def test_the_coordinator_may_assign(edge_server):
+    node, addr, d = edge_server
+    _assign_as(_channel(d, "cloud", addr, EDGE))
+    assert node.rounds.current == 2
+
+
+def test_a_certificate_from_another_ca_does_not_get_in(edge_server, tmp_path):
+    node, addr, d = edge_server
+    rogue = tmp_path / "rogue"
+    ca_key, ca_cert = make_ca("hffm")  # same federation name, another CA
+    write_node_files(rogue, "ca", ca_key, ca_cert)
+    write_node_files(rogue, "cloud", *issue(ca_key, ca_cert, "hffm", "cloud", "cloud", ["127.0.0.1"]))
+    assert _status(lambda: _assign_as(_channel(rogue, "cloud", addr, EDGE))) == grpc.StatusCode.UNAVAILABLE
+    assert node.rounds.current == 1
+
+
+def test_an_expired_certificate_does_not_get_in(edge_server, tmp_path):
+    node, addr, d = edge_server
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+    ca_key, ca_cert = (d / "ca.key").read_bytes(), (d / "ca.crt").read_bytes()
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    write_node_files(old, "cloud", *issue(ca_key, ca_cert, "hffm", "cloud", "cloud", [], days=30, issued_at=past))
+    assert _status(lambda: _assign_as(_channel(old, "cloud", addr, EDGE))) == grpc.StatusCode.UNAVAILABLE
+    assert node.rounds.current == 1
+
+
+def test_a_revoked_certificate_is_unauthenticated(edge_server):
+    node, addr, d = edge_server
+    ch = _channel(d, "device-1-1", addr, EDGE)
+    assert _status(lambda: _assign_as(ch)) == grpc.StatusCode.UNAUTHENTICATED
+    assert node.metrics.denied.labels(node=EDGE, rpc="AssignRound", reason="bad_identity")._value.get() == 1
+
+
+@pytest.mark.parametrize("rpc", ["AssignRound", "AwaitRound", "Shutdown"])
+def test_a_device_may_not_control_an_edge(edge_server, rpc):
+    node, addr, d = edge_server
+    stub = pb_grpc.RoundControlStub(_channel(d, D0, addr, EDGE))
+    req = {"AssignRound": pb.RoundTask(round=2, method="hfm"), "AwaitRound": pb.AwaitRequest(round=1)}.get(
+        rpc, pb.Empty()
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        getattr(stub, rpc)(req, timeout=5)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "device device-0-0 may not" in e.value.details()
+    assert node.rounds.current == 1 and not node.stopped.is_set()
+
+
+def test_a_server_must_prove_it_is_the_node_dialed(edge_server):
+    """A client that dials edge-0's address expecting edge-1 refuses the connection: edge-0's certificate
+    names edge-0 (an address taken over by another member is not that member)."""
+    node, addr, d = edge_server
+    ch = _channel(d, "cloud", addr, "edge-1")
+    assert _status(lambda: _assign_as(ch)) == grpc.StatusCode.UNAVAILABLE
+    assert node.rounds.current == 1
+
+
+# ---- the cloud's registry and progress stream ------------------------------------------------------
+@pytest.fixture
+def cloud_server(small_cfg, tmp_path):
+    topo = topology(small_cfg)
+    spec, modules = node_modules(small_cfg, topo, "cloud")
+    node = CloudNode("cloud", small_cfg, spec, modules, "127.0.0.1:0")
+    coord = Coordinator(small_cfg, topo, node, tmp_path)
+    srv = NodeServer(
+        node,
+        "127.0.0.1:0",
+        max_workers=8,
+        extra=[
+            (pb_grpc.add_RegistryServicer_to_server, CloudRegistry(coord), "Registry"),
+            (pb_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coord), "Coordinator"),
+        ],
+    )
+    node.address = coord.members.addresses["cloud"] = f"127.0.0.1:{srv.port}"
+    yield coord, node.address, Path(small_cfg.security.dir)
+    srv.stop(0)
+
+
+def _register(d: Path, caller: str, addr: str, info: pb.NodeInfo) -> pb.RegisterAck:
+    return pb_grpc.RegistryStub(_channel(d, caller, addr, "cloud")).Register(info, timeout=5)
+
+
+@pytest.mark.parametrize(
+    "caller, info",
+    [
+        (D0, pb.NodeInfo(id="cloud", role="cloud", address="10.6.6.6:1")),  # a device as the cloud
+        (D0, pb.NodeInfo(id="edge-0", role="edge", address="10.6.6.6:1")),  # ... as an edge
+        (D0, pb.NodeInfo(id=D1, role="device", address="10.6.6.6:1", edge="edge-0")),  # ... as another device
+        ("edge-1", pb.NodeInfo(id=D0, role="device", address="10.6.6.6:1", edge="edge-0")),  # not its device
+    ],
+)
+def test_nobody_registers_as_another_node(cloud_server, caller, info):
+    coord, addr, d = cloud_server
+    before = coord.members.snapshot()
+    assert _status(lambda: _register(d, caller, addr, info)) == grpc.StatusCode.PERMISSION_DENIED
+    assert coord.members.snapshot() == before
+
+
+def test_registration_cannot_move_an_edge(cloud_server):
+    coord, addr, d = cloud_server
+    _register(d, "edge-0", addr, pb.NodeInfo(id="edge-0", role="edge", address="127.0.0.1:5000"))
+    _register(d, "edge-1", addr, pb.NodeInfo(id="edge-1", role="edge", address="127.0.0.1:5001"))
+    moved = pb.NodeInfo(id="edge-0", role="edge", address="10.6.6.6:1")
+    assert _status(lambda: _register(d, "edge-0", addr, moved)) == grpc.StatusCode.PERMISSION_DENIED
+    assert coord.members.address("edge-0") == "127.0.0.1:5000"
+    # an edge forwards its own device; a device re-registers (a restart) with a new address
+    dev = pb.NodeInfo(id=D0, role="device", address="127.0.0.1:6000", edge="edge-0", train_samples={"art": 5})
+    _register(d, "edge-0", addr, dev)
+    dev.address = "127.0.0.1:6001"
+    _register(d, D0, addr, dev)
+    assert coord.members.address(D0) == "127.0.0.1:6001" and coord.members.samples[D0] == {"art": 5}
+
+
+@pytest.mark.parametrize("caller, allowed", [("operator", True), (D0, False), ("edge-0", False)])
+def test_only_the_operator_watches_the_run(cloud_server, caller, allowed):
+    coord, addr, d = cloud_server
+    coord.progress.publish(ProgressEvent("done"))
+    stream = pb_grpc.CoordinatorStub(_channel(d, caller, addr, "cloud")).Watch(pb.WatchRequest(), timeout=5)
+    if allowed:
+        assert [ev.phase for ev in stream] == ["done"]
+    else:
+        assert _status(lambda: list(stream)) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_hffm_pki_commands_enroll_a_node_without_moving_its_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from hffm_cli.main import app
+
+    ca, node = tmp_path / "ca", tmp_path / "node"
+
+    def run(*args: str):
+        return CliRunner().invoke(app, ["pki", *args])
+
+    assert run("init", "--dir", str(ca), "--federation", "lab").exit_code == 0
+    assert run("init", "--dir", str(ca)).exit_code == 2  # one CA per directory
+    r = run("csr", "--out-dir", str(node), "--role", "edge", "--id", "edge-2", "--federation", "lab")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in node.iterdir()) == ["edge-2.csr", "edge-2.key"]
+    assert oct((node / "edge-2.key").stat().st_mode & 0o777) == "0o600"
+    crt = node / "edge-2.crt"
+    r = run("sign", "--dir", str(ca), "--csr", str(node / "edge-2.csr"), "--out", str(crt), "--federation", "lab")
+    assert r.exit_code == 0 and "spiffe://hffm/lab/edge/edge-2" in r.output
+    assert not (ca / "edge-2.key").exists()  # the CA never saw the key
+    assert run("sign", "--dir", str(ca), "--csr", str(node / "edge-2.csr"), "--out", str(crt)).exit_code == 2
+    assert run("revoke", "--dir", str(ca), "--cert", str(crt)).exit_code == 0
+    serial = load_cert(crt.read_bytes()).serial_number
+    assert revoked_serials((ca / "crl.pem").read_bytes(), (ca / "ca.crt").read_bytes()) == {serial}
+    bad = run("issue", "--dir", str(ca), "--role", "edge", "--id", "device-0-1", "--federation", "lab")
+    assert bad.exit_code == 2 and "is a device, not a edge" in bad.output
