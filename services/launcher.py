@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import yaml
 from rich.console import Console
 
 from hffm.config import HFFMConfig, write_config
@@ -35,6 +36,7 @@ from services.common.security import Security
 from services.launcher_ui import RunView
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRAPER = "prometheus"  # the operator identity Prometheus scrapes /metrics with
 
 
 class RunFailed(RuntimeError):
@@ -104,12 +106,22 @@ def metrics_targets(plan: list[tuple[str, list[str]]], host: str) -> list[dict]:
     return groups
 
 
-def write_prometheus_dir(out: Path, targets: list[dict]) -> Path:
-    """DIR/prometheus/{prometheus.yml, rules.yml, targets/hffm.json} from deploy/prometheus/."""
+def write_prometheus_dir(out: Path, targets: list[dict], pki: Path | None = None) -> Path:
+    """DIR/prometheus/{prometheus.yml, rules.yml, targets/hffm.json} from deploy/prometheus/; with
+    ``pki`` (security on) Prometheus scrapes over HTTPS with the run's scraper certificate."""
     d = out / "prometheus"
     (d / "targets").mkdir(parents=True, exist_ok=True)
-    for f in ("prometheus.yml", "rules.yml"):
-        shutil.copy(REPO_ROOT / "deploy" / "prometheus" / f, d / f)
+    shutil.copy(REPO_ROOT / "deploy" / "prometheus" / "rules.yml", d / "rules.yml")
+    prom = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    if pki is not None:
+        for job in prom["scrape_configs"]:
+            job["scheme"] = "https"
+            job["tls_config"] = {
+                "ca_file": str(pki / "ca.crt"),
+                "cert_file": str(pki / f"{SCRAPER}.crt"),
+                "key_file": str(pki / f"{SCRAPER}.key"),
+            }
+    (d / "prometheus.yml").write_text(yaml.safe_dump(prom, sort_keys=False))
     tmp = d / "targets" / "hffm.json.tmp"
     tmp.write_text(json.dumps(targets, indent=2))
     tmp.replace(d / "targets" / "hffm.json")
@@ -222,7 +234,8 @@ def run(
         )
         write_config(cfg, cfg_path)
     plan = plan_processes(cfg, topo, cfg_path, out)
-    prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host))
+    pki_dir = Path(cfg.security.dir) if cfg.security.tls and cfg.security.dir else None
+    prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host), pki_dir)
     prom: subprocess.Popen | None = None
     if prometheus and shutil.which("prometheus") is None:
         view.prometheus_missing(prom_dir / "targets")
@@ -304,6 +317,7 @@ def provision_pki(cfg: HFFMConfig, topo: Topology, directory: Path) -> Path:
     for node in topo.node_ids():
         write_node_files(directory, node, *issue(ca_key, ca_cert, fed, topo.role(node), node, hosts, days))
     write_node_files(directory, OPERATOR, *issue(ca_key, ca_cert, fed, OPERATOR, OPERATOR, hosts, days))
+    write_node_files(directory, SCRAPER, *issue(ca_key, ca_cert, fed, OPERATOR, SCRAPER, hosts, days))
     return directory
 
 

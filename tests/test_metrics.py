@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -21,8 +22,10 @@ import pytest
 from rich.console import Console
 
 from hffm.config import load_config
+from hffm.model import backbone_dims
+from hffm.topology import Topology
 from services.common.metrics import REJECT_REASONS
-from services.launcher import REPO_ROOT, Proc, _stop_all, run, start_prometheus, write_prometheus_dir
+from services.launcher import REPO_ROOT, Proc, _stop_all, provision_pki, run, start_prometheus, write_prometheus_dir
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -33,9 +36,16 @@ DASHBOARDS = sorted((REPO_ROOT / "deploy" / "grafana" / "dashboards").glob("*.js
 ROUNDS = 3
 
 
-def _get(url: str, timeout: float = 10) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+def _get(url: str, timeout: float = 10, context=None) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as r:  # noqa: S310 - loopback only
         return r.read()
+
+
+def _client_tls(pki) -> ssl.SSLContext:
+    """What a scraper needs for /metrics with security on: the CA, and a certificate of its own."""
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "prometheus.crt"), str(pki / "prometheus.key"))
+    return ctx
 
 
 def query(prom: str, expr: str, at: float | None = None) -> list[dict]:
@@ -54,8 +64,6 @@ def scraped(tmp_path_factory):
     Queries are evaluated at a moment after Prometheus scraped every process's final values and
     before the processes (lingering after the run) exit: after that their series go stale."""
     out = tmp_path_factory.mktemp("metrics")
-    prom_dir = write_prometheus_dir(out, [])
-    prom, url = start_prometheus(prom_dir)
     cfg = load_config(
         None,
         [
@@ -69,10 +77,17 @@ def scraped(tmp_path_factory):
             "runtime.linger_s=15",
         ],
     )
+    # the run's CA made up front, so Prometheus starts with the scraper's certificate (security on)
+    pki = provision_pki(cfg, Topology.from_config(cfg, backbone_dims(cfg)[1]), out / "pki")
+    cfg = cfg.model_copy(update={"security": cfg.security.model_copy(update={"dir": str(pki)})})
+    prom_dir = write_prometheus_dir(out, [], pki)
+    prom, url = start_prometheus(prom_dir)
+    tls = _client_tls(pki)
     box: dict = {}
     t = threading.Thread(target=lambda: box.update(results=run(cfg, out, Console(file=io.StringIO()), 600)))
     t.start()
     scrapes: dict[str, str] = {}
+    refused: dict[str, bool] = {}
     at = None
     try:
         deadline = time.monotonic() + 600
@@ -82,7 +97,14 @@ def scraped(tmp_path_factory):
                 at = time.time()
                 targets = json.loads((prom_dir / "targets" / "hffm.json").read_text())
                 for g in targets:
-                    scrapes[g["labels"]["process"]] = _get(f"http://{g['targets'][0]}/metrics", 5).decode()
+                    scrapes[g["labels"]["process"]] = _get(f"https://{g['targets'][0]}/metrics", 5, tls).decode()
+                first = targets[0]["targets"][0]
+                for ctx, name in ((ssl.create_default_context(cafile=str(pki / "ca.crt")), "no_client_cert"),):
+                    try:
+                        _get(f"https://{first}/metrics", 5, ctx)
+                        refused[name] = False
+                    except OSError:
+                        refused[name] = True
                 up = query(url, "up", at)
                 assert len(up) == len(targets) and all(x["value"][1] == "1" for x in up), up
                 break
@@ -97,9 +119,18 @@ def scraped(tmp_path_factory):
             url=url,
             at=at,
             out=out,
+            refused=refused,
         )
     finally:
         _stop_all([Proc("prometheus", prom, prom_dir / "prometheus.log")])
+
+
+def test_metrics_are_served_over_tls_to_certified_scrapers_only(scraped):
+    """Prometheus scraped every process over HTTPS with the run's scraper certificate (up == 1 for
+    each); a client without a certificate of the federation is refused."""
+    assert scraped.refused == {"no_client_cert": True}
+    prom_cfg = (scraped.prom_dir / "prometheus.yml").read_text()
+    assert "scheme: https" in prom_cfg and "prometheus.crt" in prom_cfg
 
 
 def _panels():
@@ -196,7 +227,8 @@ def test_labels_are_bounded(scraped):
 def test_every_rejection_reason_is_preinitialised():
     src = "\n".join(p.read_text() for p in [*REPO_ROOT.glob("hffm/*.py"), *REPO_ROOT.glob("services/**/*.py")])
     reasons = set(re.findall(r'ModuleError\(\s*"[A-Z_]+",\s*"([a-z_]+)"', src))
-    assert reasons - {"bad_step", "bad_task", "missing_module"} <= set(REJECT_REASONS)
+    # not_allowed: refused before a push is read, counted in hffm_rpc_denied_total (reason label)
+    assert reasons - {"bad_step", "bad_task", "missing_module", "not_allowed"} <= set(REJECT_REASONS)
 
 
 def test_report_from_prometheus_draws_every_panel(scraped, tmp_path):

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out / "config.yaml")
     spec, modules = node_modules(cfg, topo, CLOUD)
-    node = CloudNode(CLOUD, cfg, spec, modules, args.listen, start_metrics(args))
+    node = CloudNode(CLOUD, cfg, spec, modules, args.listen, start_metrics(args, cfg, CLOUD))
     coord = Coordinator(cfg, topo, node, out)
     srv = NodeServer(
         node,

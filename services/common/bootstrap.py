@@ -17,7 +17,7 @@ from hffm.model import backbone_dims, initial_modules
 from hffm.modules import ModuleSet, ModuleSpec, spec_of
 from hffm.topology import Topology
 from services.common.metrics import Metrics
-from services.common.security import Security
+from services.common.security import Security, credential_paths
 from services.rpc import pb, pb_grpc
 
 
@@ -36,11 +36,15 @@ def base_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def start_metrics(args: argparse.Namespace) -> Metrics:
-    """The process's metrics, served on --metrics-port when it is not 0."""
+def start_metrics(args: argparse.Namespace, cfg: HFFMConfig, identity: str) -> Metrics:
+    """The process's metrics, served on --metrics-port when it is not 0; with security on over HTTPS
+    with ``identity``'s certificate, to scrapers with a certificate of the federation's CA."""
     metrics = Metrics()
     if args.metrics_port:
-        port = metrics.serve(args.metrics_port, args.metrics_addr)
+        tls = None
+        if cfg.security.tls and cfg.security.dir:
+            tls = {k: str(v) for k, v in credential_paths(cfg.security.dir, identity).items() if k != "crl"}
+        port = metrics.serve(args.metrics_port, args.metrics_addr, tls)
         logging.getLogger("hffm.metrics").info("metrics on http://%s:%d/metrics", args.metrics_addr, port)
     return metrics
 

@@ -153,8 +153,21 @@ class Metrics:
             self.modules_rejected.labels(node=node, reason=reason)
         self.round.labels(node=node).set(0)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        server, _ = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0", tls: dict[str, str] | None = None) -> int:
+        """Serve /metrics; with ``tls`` (paths ``ca``, ``cert``, ``key``) over HTTPS, and only to
+        clients with a certificate of the federation's CA (the scraper's)."""
+        if tls is None:
+            server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        else:
+            server, _ = start_http_server(
+                port,
+                addr=addr,
+                registry=self.registry,
+                certfile=tls["cert"],
+                keyfile=tls["key"],
+                client_cafile=tls["ca"],
+                client_auth_required=True,
+            )
         return server.server_port
 
     def set_head(self, edge: str, head: str) -> None:

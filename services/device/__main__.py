@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"--upstream: no address for {topo.device_map[nid].edge}, the edge of {nid}")
     log = logging.getLogger("hffm.device")
     host = ModelHost(cfg)
-    metrics = start_metrics(args)
+    metrics = start_metrics(args, cfg, next(iter(nodes)))  # one /metrics per process, with its first device's identity
     # plaintext: the process's devices share one channel per peer; TLS: each device's channels carry its certificate
     shared = None if cfg.security.tls else Channels()
     servers: list[NodeServer] = []

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.upstream:
         sys.exit("--upstream: the cloud's address is required")
     spec, modules = node_modules(cfg, topo, args.id)
-    node = EdgeNode(args.id, cfg, spec, modules, args.listen, start_metrics(args))
+    node = EdgeNode(args.id, cfg, spec, modules, args.listen, start_metrics(args, cfg, args.id))
     registry = EdgeRegistry(node, topo, args.upstream, cfg.runtime.register_timeout_s)
     srv = NodeServer(
         node,
