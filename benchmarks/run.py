@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import accuracy, aggregation, devices, flower, transfer
+from benchmarks import accuracy, aggregation, devices, flower, security, transfer
 from benchmarks.common import machine
 
 TARGETS = {
@@ -15,6 +15,7 @@ TARGETS = {
     "aggregator_peak_sets": "<= 3",
     "flower_round_ratio": "<= 0.5",
     "max_devices": ">= 1000",
+    "security_round_ratio": "<= 1.10",
 }
 
 
@@ -48,6 +49,7 @@ def run_all(
     fl = timed("flower", lambda: flower.run_sweep(out / "flower", flower_clients, log))
     log("time to accuracy: star, hfm, hfm-d2d...")
     tta = timed("time_to_accuracy", lambda: accuracy.run_all(out, quick, log=log))
+    sec = timed("security", lambda: security.run_all(out, quick, log=log))
     bench = {
         "machine": machine(),
         "quick": quick,
@@ -58,9 +60,10 @@ def run_all(
         "flower_round_ratio": fl["ratio"],  # hffm round / Flower round at the largest size both ran
         "flower_clients": fl["clients"],
         "max_devices": dv["max_devices"],
+        "security_round_ratio": sec["ratio"],
         "devices_slope_s_per_device": dv["fit"]["slope_s_per_device"] if dv["fit"] else None,
         "time_to_accuracy": tta,
-        "details": {"transfer": tr, "aggregation": ag, "devices": dv, "flower": fl},
+        "details": {"transfer": tr, "aggregation": ag, "devices": dv, "flower": fl, "security": sec},
         "targets": TARGETS,
         "elapsed_s": time.time() - t0,
         "section_s": sections,
@@ -119,6 +122,18 @@ def markdown(b: dict) -> str:
         ),
         ("max_devices", str(b["max_devices"]), _devices_note(b["details"]["devices"]), TARGETS["max_devices"]),
     ]
+    sec = b["details"].get("security")
+    if sec:
+        rows.append(
+            (
+                "security_round_ratio",
+                f"{sec['ratio']:.3f}",
+                f"{sec['devices']} devices, hfm, no-op training: round {sec['round_s_tls']:.2f} s with mTLS + signed "
+                f"pushes vs {sec['round_s_plaintext']:.2f} s plaintext "
+                "(median of rounds 2-4, two runs each, alternated)",
+                TARGETS["security_round_ratio"],
+            )
+        )
     lines = ["| figure | value | measured | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {v} | {m} | {t} |" for a, v, m, t in rows]
     tta = b.get("time_to_accuracy")

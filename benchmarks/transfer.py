@@ -165,12 +165,13 @@ def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
             state["round"] += 1
             r = state["round"]
             ctl.AssignRound(
-                pb.RoundTask(
+                metadata=identity_metadata("cloud"),
+                request=pb.RoundTask(
                     round=r,
                     method="bench",
                     peers={"device-0-0": "x"},
                     steps=[step_to_pb(Collect("aggregate", ("device-0-0",), "device_edge"))],
-                )
+                ),
             )
             t0 = time.perf_counter()
             for m in modules.values():

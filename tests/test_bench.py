@@ -16,8 +16,18 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     r = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     b = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("transfer_ratio", "aggregation_ratio", "aggregator_peak_sets", "flower_round_ratio", "max_devices"):
+    for key in (
+        "transfer_ratio",
+        "aggregation_ratio",
+        "aggregator_peak_sets",
+        "flower_round_ratio",
+        "max_devices",
+        "security_round_ratio",
+    ):
         assert key in b
+    sec = b["details"]["security"]  # both sides ran: 2 runs x rounds 2-4 each
+    assert len(sec["rounds_tls"]) == len(sec["rounds_plaintext"]) == 6 and sec["ratio"] > 0
+    assert "| security_round_ratio |" in (tmp_path / "bench.md").read_text()
     assert b["transfer_ratio"] > 0 and b["aggregation_ratio"] > 0
     tr = b["details"]["transfer"]
     assert 37e6 < tr["fp32"]["bytes"] < 39e6  # the paper-size module set, measured on the wire

@@ -39,9 +39,22 @@ def _alive(marker: str) -> list[str]:
     return processes_with(marker)
 
 
+def _plaintext_operator():
+    from services.common.security import Security
+
+    return Security(load_config(None, ["security.tls=false"]).security, "operator")
+
+
 def test_start_order_does_not_matter(tmp_path):
-    """Devices first, then the edge, then the cloud: each waits and retries for its upstream."""
+    """Devices first, then the edge, then the cloud: each waits and retries for its upstream (over
+    mTLS, with a CA made for the test as an operator would with hffm pki)."""
+    from hffm.model import backbone_dims
+    from hffm.topology import Topology
+    from services.launcher import provision_pki
+
     cfg = load_config(None, [*SMALL, "rounds=2"])
+    pki = provision_pki(cfg, Topology.from_config(cfg, backbone_dims(cfg)[1]), tmp_path / "pki")
+    cfg = cfg.model_copy(update={"security": cfg.security.model_copy(update={"dir": str(pki)})})
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(dump_config(cfg))
     cloud_p, edge_p, d0, d1 = free_ports(4, "127.0.0.1")
@@ -280,10 +293,10 @@ def test_cloud_that_ends_before_its_progress_stream_is_seen(tmp_path, code):
     view = RunView(Console(file=io.StringIO()))
     t0 = time.monotonic()
     if code == 0:
-        _follow(cfg, topo, addr, procs, view, time.monotonic() + 30)
+        _follow(cfg, topo, addr, procs, view, time.monotonic() + 30, _plaintext_operator())
     else:
         with pytest.raises(RunFailed, match="cloud exited with code 3"):
-            _follow(cfg, topo, addr, procs, view, time.monotonic() + 30)
+            _follow(cfg, topo, addr, procs, view, time.monotonic() + 30, _plaintext_operator())
     assert time.monotonic() - t0 < 10
 
 
@@ -312,7 +325,7 @@ def test_progress_watcher_is_cancelled_and_joined(tmp_path):
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
     try:
-        w = _Watcher(f"127.0.0.1:{port}")
+        w = _Watcher(f"127.0.0.1:{port}", _plaintext_operator())
         w.start()
         end = time.monotonic() + 10
         while not opened and time.monotonic() < end:
