@@ -15,18 +15,20 @@ from pathlib import Path
 from rich.console import Console
 
 from benchmarks.common import MemoryWatch
-from hffm.config import load_config
+from hffm.config import HFFMConfig, load_config
 from services.launcher import run
 
 
-def one(n: int, out: Path) -> dict:
+def sweep_config(n: int, rounds: int, *sets: str) -> HFFMConfig:
+    """An hfm federation of about ``n`` devices in up to 10 clusters with a no-op local step (every
+    exchange kept), as the device sweeps run it."""
     edges = min(10, n)
     per_edge = max(1, n // edges)
-    cfg = load_config(
+    return load_config(
         None,
         [
             "method=hfm",
-            "rounds=2",
+            f"rounds={rounds}",
             "e_agg=1",
             f"topology.edges={edges}",
             f"topology.devices_per_edge={per_edge}",
@@ -38,8 +40,14 @@ def one(n: int, out: Path) -> dict:
             "data.local_test_per_device=4",
             "runtime.register_timeout_s=900",
             "runtime.round_timeout_s=900",
+            *sets,
         ],
     )
+
+
+def one(n: int, out: Path) -> dict:
+    cfg = sweep_config(n, 2)
+    edges, per_edge = cfg.topology.edges, cfg.topology.devices_per_edge
     run_dir = out / f"devices-{n}"
     t0 = time.perf_counter()
     with MemoryWatch(str(run_dir / "config.yaml")) as mem:

@@ -11,39 +11,19 @@ shared machine hit both; the ratio is median(on) / median(off) over both pairs' 
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 from rich.console import Console
 
 from benchmarks.common import median
-from hffm.config import load_config
+from benchmarks.devices import sweep_config
 from services.launcher import run
 
 TARGET_RATIO = 1.10  # a round with security on within 10 % of one without
 
 
 def one(n: int, tls: bool, out: Path) -> list[float]:
-    edges = min(10, n)
-    per_edge = max(1, n // edges)
-    cfg = load_config(
-        None,
-        [
-            "method=hfm",
-            "rounds=4",
-            "e_agg=1",
-            f"topology.edges={edges}",
-            f"topology.devices_per_edge={per_edge}",
-            f"runtime.devices_per_process={max(10, math.ceil(edges * per_edge / 8))}",
-            "train.noop=true",
-            "train.eval_every=0",
-            f"data.train_per_task={max(400, 4 * n)}",
-            "data.min_samples_per_device=1",
-            "data.global_test_per_task=20",
-            "data.local_test_per_device=4",
-            f"security.tls={'true' if tls else 'false'}",
-        ],
-    )
+    cfg = sweep_config(n, 4, "train.eval_every=0", f"security.tls={'true' if tls else 'false'}")
     res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1200)
     return [r["wall_s"] for r in res["rounds"][1:]]
 

@@ -19,6 +19,12 @@ from hffm.ids import AGGREGATION_RULES, METHODS, TASKS
 D = Field  # every field says what it is: ``hffm config --explain`` prints these descriptions
 
 
+def _one_of(value: str, known: tuple[str, ...], what: str) -> str:
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; known: {list(known)}")
+    return value
+
+
 class ConfigError(ValueError):
     """A config file or an override is invalid; the message names the offending key."""
 
@@ -240,9 +246,7 @@ class AggregationConfig(_Strict):
     @field_validator("rule")
     @classmethod
     def _rule(cls, v: str) -> str:
-        if v not in AGGREGATION_RULES:
-            raise ValueError(f"unknown rule {v!r}; known: {list(AGGREGATION_RULES)}")
-        return v
+        return _one_of(v, AGGREGATION_RULES, "rule")
 
 
 class SecurityConfig(_Strict):
@@ -302,9 +306,7 @@ class HFFMConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {list(METHODS)}")
-        return v
+        return _one_of(v, METHODS, "method")
 
     @field_validator("tasks")
     @classmethod
