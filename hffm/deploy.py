@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from hffm.config import HFFMConfig
+from hffm.pki import SCRAPER, provision
 from hffm.topology import CLOUD, Topology
 
 GRPC_PORT = 50051
 METRICS_PORT = 9100
+PKI_IN_CONTAINER = "/etc/hffm/pki"
+CONFIG_IN_CONTAINER = "/etc/hffm/config.yaml"
+PROMETHEUS_PKI = "/etc/prometheus/pki"
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -32,21 +36,40 @@ def compose_spec(
     config_path: Path,
     prometheus_config: Path,
     results_dir: str,
+    pki_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Every node a container. With ``pki_dir`` (security on) each container mounts the CA, the
+    revocation list and its own key and certificate alone, and Prometheus its scraper's."""
     image = "${HFFM_IMAGE:-hffm:latest}"
-    cfg_mount = f"{_rel(config_path, compose_dir)}:/etc/hffm/config.yaml:ro"
-    common = ["--config", "/etc/hffm/config.yaml", "--metrics-port", str(METRICS_PORT)]
+    cfg_mount = f"{_rel(config_path, compose_dir)}:{CONFIG_IN_CONTAINER}:ro"
+    common = ["--config", CONFIG_IN_CONTAINER, "--metrics-port", str(METRICS_PORT)]
+    tls = cfg.security.tls and pki_dir is not None
+
+    def pki_mounts(name: str, target: str) -> list[str]:
+        if not tls:
+            return []
+        assert pki_dir is not None
+        files = ["ca.crt", "crl.pem", f"{name}.key", f"{name}.crt"]
+        return [f"{_rel(pki_dir / f, compose_dir)}:{target}/{f}:ro" for f in files]
 
     def node(name: str, command: list[str], **extra: Any) -> dict[str, Any]:
         svc: dict[str, Any] = {
             "image": image,
             "hostname": name,
             "command": ["python", "-m", *command, *common],
-            "volumes": [cfg_mount],
+            "volumes": [cfg_mount, *pki_mounts(name, PKI_IN_CONTAINER)],
+            # the healthcheck dials this node as itself; HFFM_SET points every process at its credentials
+            "environment": [
+                f"HFFM_ID={name}",
+                f"HFFM_CONFIG={CONFIG_IN_CONTAINER}",
+                *([f"HFFM_SET=security.dir={PKI_IN_CONTAINER}"] if tls else []),
+            ],
             "networks": ["hffm"],
             "restart": "on-failure",
         }
         svc.update(extra)
+        if "volumes" in extra:
+            svc["volumes"] = [*extra["volumes"], *pki_mounts(name, PKI_IN_CONTAINER)]
         return svc
 
     listen = f"0.0.0.0:{GRPC_PORT}"
@@ -102,6 +125,7 @@ def compose_spec(
         "volumes": [
             f"{_rel(prometheus_config, compose_dir)}:/etc/prometheus/prometheus.yml:ro",
             f"{_rel(repo / 'deploy' / 'prometheus' / 'rules.yml', compose_dir)}:/etc/prometheus/rules.yml:ro",
+            *pki_mounts(SCRAPER, PROMETHEUS_PKI),
         ],
         "ports": ["127.0.0.1:${HFFM_PROMETHEUS_PORT:-9090}:9090"],
         "networks": ["hffm"],
@@ -121,8 +145,9 @@ def compose_spec(
     return {"version": "3.9", "services": services, "networks": {"hffm": {}}}
 
 
-def prometheus_static_config(topo: Topology, scrape_interval_s: float = 2.0) -> dict[str, Any]:
-    """Prometheus config for the compose testbed: every container's /metrics by name."""
+def prometheus_static_config(topo: Topology, scrape_interval_s: float = 2.0, tls: bool = False) -> dict[str, Any]:
+    """Prometheus config for the compose testbed: every container's /metrics by name (with ``tls``
+    over HTTPS, as the scraper, checking each container's certificate names it)."""
 
     def group(node: str, tier: str) -> dict[str, Any]:
         return {"targets": [f"{node}:{METRICS_PORT}"], "labels": {"process": node, "tier": tier}}
@@ -135,5 +160,35 @@ def prometheus_static_config(topo: Topology, scrape_interval_s: float = 2.0) -> 
     return {
         "global": {"scrape_interval": f"{scrape_interval_s:g}s", "evaluation_interval": f"{scrape_interval_s:g}s"},
         "rule_files": ["rules.yml"],
-        "scrape_configs": [{"job_name": "hffm", "static_configs": groups}],
+        "scrape_configs": [
+            {
+                "job_name": "hffm",
+                "static_configs": groups,
+                **(
+                    {
+                        "scheme": "https",
+                        "tls_config": {
+                            "ca_file": f"{PROMETHEUS_PKI}/ca.crt",
+                            "cert_file": f"{PROMETHEUS_PKI}/{SCRAPER}.crt",
+                            "key_file": f"{PROMETHEUS_PKI}/{SCRAPER}.key",
+                        },
+                    }
+                    if tls
+                    else {}
+                ),
+            }
+        ],
     }
+
+
+def provision_compose_pki(cfg: HFFMConfig, topo: Topology, directory: Path, uid: int = 1000) -> Path:
+    """The testbed's CA and every container's credentials (reached by container name). The containers
+    run as ``uid``: key files are given to it when this process may (root), else made readable."""
+    members = {n: topo.role(n) for n in topo.node_ids()}
+    d = provision(directory, cfg.security.federation, members, lambda n: [n], cfg.security.cert_days)
+    for f in d.iterdir():
+        if os.geteuid() == 0:
+            os.chown(f, uid, uid)
+        elif f.suffix == ".key":
+            f.chmod(0o644)  # a local testbed only: docs/security.md
+    return d

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,6 +287,28 @@ class NodeCredentials:
     @property
     def identity(self) -> Identity:
         return identity_of(load_cert(self.cert_pem))
+
+
+SCRAPER = "prometheus"  # the operator identity Prometheus scrapes /metrics with
+
+
+def provision(
+    directory: Path,
+    federation: str,
+    members: dict[str, str],
+    hosts: Callable[[str], list[str]],
+    days: int = 30,
+) -> Path:
+    """A new CA under ``directory`` (absolute, returned) with a key and certificate for every member
+    (id -> role), the operator and the scraper, and an empty revocation list: what a run, a compose
+    testbed or a cluster starts from. ``hosts(name)``: the names and addresses it is reached at."""
+    directory = directory.resolve()
+    ca_key, ca_cert = make_ca(federation, days)
+    write_node_files(directory, "ca", ca_key, ca_cert)
+    for name, role in [*members.items(), (OPERATOR, OPERATOR), (SCRAPER, OPERATOR)]:
+        write_node_files(directory, name, *issue(ca_key, ca_cert, federation, role, name, hosts(name), days))
+    (directory / "crl.pem").write_bytes(make_crl(ca_key, ca_cert, []))
+    return directory
 
 
 def write_node_files(directory: Path, name: str, key_pem: bytes, cert_pem: bytes) -> tuple[Path, Path]:

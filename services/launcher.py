@@ -29,14 +29,13 @@ from rich.console import Console
 
 from hffm.config import HFFMConfig, write_config
 from hffm.ids import CLOUD, role_of
-from hffm.pki import OPERATOR, issue, make_ca, write_node_files
+from hffm.pki import OPERATOR, SCRAPER, provision
 from hffm.results import plot_results
 from hffm.topology import Topology
 from services.common.security import Security
 from services.launcher_ui import RunView
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRAPER = "prometheus"  # the operator identity Prometheus scrapes /metrics with
 
 
 class RunFailed(RuntimeError):
@@ -307,18 +306,11 @@ def _hold(prom: subprocess.Popen, url: str, hold_s: float | None, view: RunView)
 
 
 def provision_pki(cfg: HFFMConfig, topo: Topology, directory: Path) -> Path:
-    """A CA for this run and a key and certificate for every node and for the operator (the launcher,
-    which watches the run), under ``directory`` (absolute, returned). Keys are written 0600."""
-    directory = directory.resolve()
-    days, fed = cfg.security.cert_days, cfg.security.federation
-    ca_key, ca_cert = make_ca(fed, days)
-    write_node_files(directory, "ca", ca_key, ca_cert)
+    """A CA for this run and a key and certificate for every node, the operator (the launcher, which
+    watches the run) and the scraper, under ``directory`` (absolute, returned). Keys are written 0600."""
+    members = {n: topo.role(n) for n in topo.node_ids()}
     hosts = [cfg.runtime.host, "localhost"]
-    for node in topo.node_ids():
-        write_node_files(directory, node, *issue(ca_key, ca_cert, fed, topo.role(node), node, hosts, days))
-    write_node_files(directory, OPERATOR, *issue(ca_key, ca_cert, fed, OPERATOR, OPERATOR, hosts, days))
-    write_node_files(directory, SCRAPER, *issue(ca_key, ca_cert, fed, OPERATOR, SCRAPER, hosts, days))
-    return directory
+    return provision(directory, cfg.security.federation, members, lambda _n: hosts, cfg.security.cert_days)
 
 
 class _Watcher(threading.Thread):

@@ -113,11 +113,17 @@ def test_committed_compose_file_matches_its_config():
         config_path=REPO_ROOT / "configs" / "compose.yaml",
         prometheus_config=REPO_ROOT / "deploy" / "prometheus" / "compose.yml",
         results_dir="./runs/compose",
+        pki_dir=REPO_ROOT / "build" / "compose-pki",
     )
     assert yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text()) == want
     assert yaml.safe_load(
         (REPO_ROOT / "deploy" / "prometheus" / "compose.yml").read_text()
-    ) == prometheus_static_config(topo)
+    ) == prometheus_static_config(topo, tls=True)
+    # security on: each container mounts its own key alone
+    dev = want["services"]["device-0-1"]
+    keys = [v for v in dev["volumes"] if v.split(":")[0].endswith(".key")]
+    assert keys == ["./build/compose-pki/device-0-1.key:/etc/hffm/pki/device-0-1.key:ro"]
+    assert "HFFM_SET=security.dir=/etc/hffm/pki" in dev["environment"]
     nodes = [n for n in want["services"] if n not in ("prometheus", "grafana")]
     assert len(nodes) == 1 + cfg.topology.edges * (1 + cfg.topology.devices_per_edge)
 

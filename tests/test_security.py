@@ -267,3 +267,46 @@ def test_hffm_pki_commands_enroll_a_node_without_moving_its_key(tmp_path):
     assert revoked_serials((ca / "crl.pem").read_bytes(), (ca / "ca.crt").read_bytes()) == {serial}
     bad = run("issue", "--dir", str(ca), "--role", "edge", "--id", "device-0-1", "--federation", "lab")
     assert bad.exit_code == 2 and "is a device, not a edge" in bad.output
+
+
+def test_the_health_check_dials_a_node_as_itself_and_stays_light(edge_server, tmp_path):
+    """The image's HEALTHCHECK runs every few seconds: over mTLS it presents the node's own certificate,
+    and it must start fast (no torch: a slow check times out, and checks pile up)."""
+    import subprocess
+    import sys
+
+    from hffm.config import dump_config
+
+    node, addr, d = edge_server
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(dump_config(node.cfg))
+    env = {"HFFM_ID": EDGE, "HFFM_CONFIG": str(cfg_file), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(
+        [sys.executable, "-m", "services.healthcheck", addr],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert r.returncode == 0 and "SERVING" in r.stdout, r.stdout + r.stderr
+    light = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, services.healthcheck, services.common.security; print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert light.stdout.strip() == "False", light.stderr
+    r = subprocess.run(  # without the node's identity: no certificate, no way in
+        [sys.executable, "-m", "services.healthcheck", addr],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert r.returncode == 1

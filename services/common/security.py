@@ -17,6 +17,7 @@ import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
@@ -34,8 +35,10 @@ from hffm.pki import (
     verify_issued,
     verify_signature,
 )
-from hffm.wire import PushHeader
 from services.common.identity import identity_metadata, peer_identity
+
+if TYPE_CHECKING:  # hffm.wire imports torch (modules): not for a health check's start-up
+    from hffm.wire import PushHeader
 
 log = logging.getLogger("hffm.security")
 
