@@ -7,12 +7,13 @@ identity. Containers run the same entry points as the local launcher (``python -
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 from typing import Any
 
 from hffm.config import HFFMConfig
-from hffm.pki import SCRAPER, provision
+from hffm.pki import OPERATOR, SCRAPER, issue, make_ca, make_crl, provision, write_node_files
 from hffm.topology import CLOUD, Topology
 
 GRPC_PORT = 50051
@@ -192,3 +193,87 @@ def provision_compose_pki(cfg: HFFMConfig, topo: Topology, directory: Path, uid:
         elif f.suffix == ".key":
             f.chmod(0o644)  # a local testbed only: docs/security.md
     return d
+
+
+# ---- Kubernetes ---------------------------------------------------------------------------------------
+# Every pod's name is its node id: the cloud's pod sets hostname "cloud", StatefulSet `edge` names its
+# pods edge-<e>, and StatefulSet `device-<e>` (one per edge) names its pods device-<e>-<i>. Each tier has
+# a headless Service named after its role, so node N of role R is reached at N.R (N.R.<namespace>.svc).
+K8S_NAMESPACE = "hffm"
+K8S_TLS_DIR = "/etc/hffm-tls"  # beside, not inside, the read-only config mount /etc/hffm
+K8S_CA_SECRET = "hffm-ca"  # ca.crt, crl.pem
+K8S_SCRAPER_SECRET = "hffm-tls-prometheus"  # kubernetes.io/tls: the scraper's tls.crt and tls.key
+K8S_CA_KEYPAIR_SECRET = "hffm-ca-keypair"  # kubernetes.io/tls: the CA itself, for cert-manager's CA Issuer
+
+
+def k8s_node_secret(role: str) -> str:
+    """The Secret that holds every key and certificate of one role's nodes (``<id>.key``, ``<id>.crt``);
+    a pod mounts its own two files alone (``subPathExpr``)."""
+    return f"hffm-tls-{role}"
+
+
+def k8s_hosts(node: str, role: str, namespace: str = K8S_NAMESPACE) -> list[str]:
+    """The names node ``node`` is reached at in the cluster: its id (the TLS target name of every gRPC
+    link) and its pod's DNS names under its tier's headless Service (what Prometheus scrapes)."""
+    fqdn = f"{node}.{role}.{namespace}.svc"
+    return [node, f"{node}.{role}", fqdn, f"{fqdn}.cluster.local"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _secret(name: str, namespace: str, files: dict[str, bytes], kind: str = "Opaque") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "hffm"}},
+        "type": kind,
+        "data": {k: _b64(v) for k, v in sorted(files.items())},
+    }
+
+
+def k8s_secrets(
+    topo: Topology, pki_dir: Path, namespace: str = K8S_NAMESPACE, cert_manager: bool = False
+) -> list[dict[str, Any]]:
+    """The Secrets the manifests mount, from a provisioned directory (``provision_k8s_pki``): the CA
+    and revocation list, one Secret per role with its nodes' credentials, the scraper's. With
+    ``cert_manager`` only the CA (public part and, for the CA Issuer, the key pair): cert-manager's
+    csi-driver makes each pod's key inside the pod and has it signed."""
+    read = lambda name: (pki_dir / name).read_bytes()  # noqa: E731
+    docs = [_secret(K8S_CA_SECRET, namespace, {"ca.crt": read("ca.crt"), "crl.pem": read("crl.pem")})]
+    if cert_manager:
+        pair = {"tls.crt": read("ca.crt"), "tls.key": read("ca.key")}
+        return [*docs, _secret(K8S_CA_KEYPAIR_SECRET, namespace, pair, "kubernetes.io/tls")]
+    by_role: dict[str, dict[str, bytes]] = {}
+    for n in topo.node_ids():
+        files = by_role.setdefault(topo.role(n), {})
+        files[f"{n}.key"], files[f"{n}.crt"] = read(f"{n}.key"), read(f"{n}.crt")
+    docs += [_secret(k8s_node_secret(role), namespace, files) for role, files in sorted(by_role.items())]
+    scraper = {"tls.crt": read(f"{SCRAPER}.crt"), "tls.key": read(f"{SCRAPER}.key")}
+    return [*docs, _secret(K8S_SCRAPER_SECRET, namespace, scraper, "kubernetes.io/tls")]
+
+
+def provision_k8s_pki(
+    cfg: HFFMConfig, topo: Topology, directory: Path, namespace: str = K8S_NAMESPACE, cert_manager: bool = False
+) -> Path:
+    """The cluster's CA and (unless cert-manager issues them) every node's and the scraper's credentials,
+    each certificate naming the node's id and its pod's DNS names. An existing CA in ``directory`` is
+    kept: only what is missing is issued (a topology that grew, a rotated node whose files were removed)."""
+    directory = directory.resolve()
+    fed, days = cfg.security.federation, cfg.security.cert_days
+    if not (directory / "ca.key").is_file():
+        write_node_files(directory, "ca", *make_ca(fed, max(days, 365)))
+    ca_key, ca_cert = (directory / "ca.key").read_bytes(), (directory / "ca.crt").read_bytes()
+    if not (directory / "crl.pem").is_file():
+        (directory / "crl.pem").write_bytes(make_crl(ca_key, ca_cert, []))
+    if cert_manager:
+        return directory
+    members = {n: topo.role(n) for n in topo.node_ids()}
+    for name, role, hosts in [
+        *((n, r, k8s_hosts(n, r, namespace)) for n, r in members.items()),
+        (SCRAPER, OPERATOR, [SCRAPER]),
+    ]:
+        if not (directory / f"{name}.crt").is_file():
+            write_node_files(directory, name, *issue(ca_key, ca_cert, fed, role, name, hosts, days))
+    return directory

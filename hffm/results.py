@@ -167,11 +167,11 @@ def write_results(path: str | Path, config: dict[str, Any], rounds: list[RoundRe
     atomic_write_bytes(Path(path), json.dumps(doc, indent=2).encode())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that it holds the old or the new content, never a part:
-    a temp file beside it, fsync, rename, fsync of the directory."""
+    a temp file beside it (created with ``mode``), fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

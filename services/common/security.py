@@ -44,8 +44,13 @@ log = logging.getLogger("hffm.security")
 
 
 def credential_paths(directory: str | Path, name: str) -> dict[str, Path]:
+    """``<dir>/{ca.crt, crl.pem, <name>.key, <name>.crt}``; a directory that holds one node's credentials
+    alone (a Kubernetes pod's mount, docs/security.md) may name them ``node.key`` and ``node.crt``."""
     d = Path(directory)
-    return {"ca": d / "ca.crt", "key": d / f"{name}.key", "cert": d / f"{name}.crt", "crl": d / "crl.pem"}
+    key, cert = d / f"{name}.key", d / f"{name}.crt"
+    if not key.is_file() and (d / "node.key").is_file():
+        key, cert = d / "node.key", d / "node.crt"
+    return {"ca": d / "ca.crt", "key": key, "cert": cert, "crl": d / "crl.pem"}
 
 
 class Unauthenticated(Exception):

@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 
-from hffm.ids import device_id, edge_id
 from services.common.bootstrap import advertise_address, base_parser, load, register, start_metrics, topology
 from services.common.client import Channels
 from services.common.server import NodeServer
@@ -36,23 +35,18 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def device_for_ordinal(ordinal: int, devices_per_edge: int) -> tuple[str, str]:
-    """(device id, edge id) of StatefulSet ordinal k: edge k // per-edge, index k % per-edge."""
-    e, i = divmod(ordinal, devices_per_edge)
-    return device_id(e, i), edge_id(e)
-
-
-def _from_ordinal(args, cfg) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+def _from_pod_name(args, topo) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Kubernetes: the pod's name is the device's id (StatefulSet ``device-<e>`` names its pods
+    ``device-<e>-<i>``); its edge is ``<edge>.edge``, and peers reach it at ``<id>.device``."""
     name = args.pod_name
-    stem, _, ordinal = name.rpartition("-")
-    if not stem or not ordinal.isdigit():
-        sys.exit(f"--pod-name: {name!r} is not NAME-ORDINAL")
-    dev, edge = device_for_ordinal(int(ordinal), cfg.topology.devices_per_edge)
+    if name not in topo.device_map:
+        sys.exit(f"--pod-name: {name!r} is not a device of this topology ({len(topo.devices)} devices)")
+    edge = topo.device_map[name].edge
     suffix = f".{args.peer_domain}" if args.peer_domain else ""
     return (
-        {dev: "0.0.0.0:50051"},
+        {name: "0.0.0.0:50051"},
         {edge: f"{edge}.edge{suffix}:50051"},
-        {dev: f"{name}.{stem}{suffix}:50051"},
+        {name: f"{name}.device{suffix}:50051"},
     )
 
 
@@ -64,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pod-name",
         default=os.environ.get("HFFM_POD_NAME"),
-        help="StatefulSet pod name (NAME-ORDINAL): device id from the ordinal (Kubernetes)",
+        help="Kubernetes: the pod's name, which is the device's id (device-<e>-<i>)",
     )
     p.add_argument(
         "--peer-domain",
@@ -76,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     nodes = _pairs(args.node or [os.environ.get("HFFM_NODES", "")], "--node")
     upstreams = _pairs(args.upstream or [os.environ.get("HFFM_UPSTREAMS", "")], "--upstream")
     adverts = _pairs([args.advertise] if args.advertise else [], "--advertise")
-    if not nodes and args.pod_name:  # Kubernetes StatefulSet: the ordinal gives the identity
-        nodes, upstreams, adverts = _from_ordinal(args, cfg)
+    topo = topology(cfg)
+    if not nodes and args.pod_name:  # Kubernetes: the pod's name is the device's id
+        nodes, upstreams, adverts = _from_pod_name(args, topo)
     if not nodes:
         sys.exit("--node: at least one device ID=HOST:PORT is required")
-    topo = topology(cfg)
     for nid in nodes:
         if nid not in topo.device_map:
             sys.exit(f"--node: {nid!r} is not a device of this topology ({len(topo.devices)} devices)")
