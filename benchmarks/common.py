@@ -18,8 +18,9 @@ from hffm.topology import Topology
 
 
 def paper_config(*sets: str):
-    """The paper-size module set on one edge and one device; links plaintext (the transfer figures
-    measure the module stream itself; a node built from it needs no credentials)."""
+    """The paper-size module set on one edge and one device; links plaintext unless ``sets`` turn
+    security on (the transfer figures measure the module stream itself; a node built from it needs
+    no credentials)."""
     sets_ = [*PAPER_MODEL, "topology.edges=1", "topology.devices_per_edge=1", "security.tls=false", *sets]
     return load_config(None, sets_)
 

@@ -55,6 +55,7 @@ def run_all(
         "quick": quick,
         "transfer_ratio": tr["fp32"]["ratio"],
         "transfer_ratio_fp16": tr["fp16"]["ratio"],
+        "transfer_tls_ratio": tr["tls"]["ratio"],  # hffm over mTLS vs a raw TLS socket, same cipher
         "aggregation_ratio": ag["ratio"],
         "aggregator_peak_sets": ag["peak_sets_above_idle"],
         "flower_round_ratio": fl["ratio"],  # hffm round / Flower round at the largest size both ran
@@ -99,6 +100,14 @@ def markdown(b: dict) -> str:
             f"bare Python gRPC stream {bd['grpc_bare_gbps']:.3f} GB/s / socket + SHA-256 "
             f"{bd['socket_sha256_gbps']:.2f} GB/s, vs the socket; "
             f"hffm reaches {bd['hffm_vs_grpc_bare']:.2f} of bare gRPC",
+            "—",
+        ),
+        (
+            "transfer_tls_ratio (fp32, mTLS)",
+            f"{b['transfer_tls_ratio']:.3f}",
+            f"hffm over mTLS, signed header {tr['tls']['hffm_gbps']:.3f} GB/s vs raw TLS socket "
+            f"{tr['tls']['tls_socket_gbps']:.2f} GB/s ({tr['tls']['cipher']}); "
+            f"{tr['tls']['vs_plaintext']:.2f} of hffm's plaintext push",
             "—",
         ),
         (
@@ -214,7 +223,9 @@ def plot(b: dict, path: Path) -> None:
     for wire in ("fp32", "fp16"):
         labels += [f"hffm {wire}", f"socket ({wire} bytes)"]
         vals += [tr[wire]["hffm_gbps"], tr[wire]["socket_gbps"]]
-    ax.bar(labels, vals, color=["C0", "C7", "C0", "C7"])
+    labels += ["hffm fp32\nmTLS", "TLS socket"]
+    vals += [tr["tls"]["hffm_gbps"], tr["tls"]["tls_socket_gbps"]]
+    ax.bar(labels, vals, color=["C0", "C7", "C0", "C7", "C1", "C7"])
     ax.set_ylabel("GB/s")
     ax.set_title("module set device -> edge on loopback")
     fig.tight_layout()

@@ -10,6 +10,12 @@ Two more baselines on the same bytes, to show what bounds the figure on this mac
   (no protobuf, no work): the most any gRPC-based push can reach here;
 - ``socket_sha256``: the socket with SHA-256 computed by the sender and checked by the receiver:
   the least a verified transfer costs.
+
+With security on (the default of every run) the same push goes over mTLS with a signed header; its
+limit is a raw TLS socket of Python's ``ssl`` (OpenSSL) between the same certificates with the cipher
+gRPC's BoringSSL picks on a machine with AES instructions, AES-128-GCM (TLS 1.2
+ECDHE-ECDSA-AES128-GCM-SHA256: Python cannot choose a TLS 1.3 suite, and the record cipher is the same),
+random bytes.
 """
 
 from __future__ import annotations
@@ -19,17 +25,21 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 
-from benchmarks.common import median, paper_config, paper_modules, timeit
+from benchmarks.common import interleaved, median, paper_config, paper_modules, timeit
 from hffm.methods import Collect
 from hffm.modules import encode_modules
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common.client import CHANNEL_OPTIONS, push_callable, push_requests
 from services.common.convert import step_to_pb
-from services.common.identity import identity_metadata
+from services.common.security import Security
 from services.launcher import REPO_ROOT, free_ports
 from services.rpc import pb, pb_grpc
 
@@ -82,13 +92,34 @@ while True:
     time.sleep(3600)
 """
 
+TLS_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+TLS_SOCKET_RECEIVER = r"""
+import socket, ssl, sys
+port, n, d, cipher = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(d + "/edge-0.crt", d + "/edge-0.key"); ctx.load_verify_locations(d + "/ca.crt")
+ctx.verify_mode = ssl.CERT_REQUIRED; ctx.maximum_version = ssl.TLSVersion.TLSv1_2; ctx.set_ciphers(cipher)
+buf = bytearray(n); view = memoryview(buf)
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port)); srv.listen(1); print("ready", flush=True)
+raw, _ = srv.accept(); conn = ctx.wrap_socket(raw, server_side=True)
+while True:
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[got:], n - got)
+        if k == 0: sys.exit(0)
+        got += k
+    conn.sendall(b"k")
+"""
+
 NODE_RECEIVER = r"""
 import sys, time
 from benchmarks.common import paper_config
 from services.common.bootstrap import node_modules, topology
 from services.common.node import NodeRuntime
 from services.common.server import NodeServer
-cfg = paper_config("wire.dtype=" + sys.argv[2])
+cfg = paper_config("wire.dtype=" + sys.argv[2], *sys.argv[3:])
 topo = topology(cfg)
 spec, mods = node_modules(cfg, topo, "edge-0")
 class Edge(NodeRuntime):
@@ -149,23 +180,62 @@ def grpc_bare_gbps(nbytes: int, repeat: int, chunk: int = 1 << 20) -> float:
         p.kill()
 
 
-def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
-    """(GB/s of serialized module bytes, bytes per push, phase times) for full pushes."""
-    cfg = paper_config(f"wire.dtype={wire}")
+@contextmanager
+def tls_socket_sender(nbytes: int, pki: Path) -> Iterator[tuple[Callable[[], None], str]]:
+    """(send once, cipher): the bytes through a loopback TLS socket between edge-0's and device-0-0's
+    certificates, both ends verifying the other."""
+    import ssl
+
+    port = free_ports(1, "127.0.0.1")[0]
+    p = _spawn(TLS_SOCKET_RECEIVER, str(port), str(nbytes), str(pki), TLS_CIPHER)
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(pki / "ca.crt")
+        ctx.load_cert_chain(pki / "device-0-0.crt", pki / "device-0-0.key")
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(TLS_CIPHER)
+        payload = os.urandom(nbytes)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="edge-0") as s:
+
+            def once() -> None:
+                s.sendall(payload)
+                assert s.recv(1) == b"k"
+
+            yield once, s.cipher()[0]
+    finally:
+        p.kill()
+
+
+def bench_pki(directory: Path) -> Path:
+    """A throwaway CA with the transfer's three identities (the coordinator assigns the round)."""
+    from hffm.pki import provision
+
+    return provision(directory, "hffm", {"cloud": "cloud", "edge-0": "edge", "device-0-0": "device"}, lambda n: [n])
+
+
+@contextmanager
+def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[], int], dict[str, list[float]]]]:
+    """(push once -> bytes, phase times): full pushes of the module set from device-0-0 to a real edge
+    node in another process; with ``pki`` over mTLS with the header signed by the device, as every run
+    with security on does."""
+    tls = ["security.tls=true", f"security.dir={pki}"] if pki else []
+    cfg = paper_config(f"wire.dtype={wire}", *tls)
     modules = paper_modules()
     port = free_ports(1, "127.0.0.1")[0]
-    p = _spawn(NODE_RECEIVER, str(port), wire)
+    p = _spawn(NODE_RECEIVER, str(port), wire, *tls)
     try:
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-        ctl, push = pb_grpc.RoundControlStub(ch), push_callable(ch)
+        addr = f"127.0.0.1:{port}"
+        device, cloud = Security(cfg.security, "device-0-0"), Security(cfg.security, "cloud")
+        ch, control = device.channel(addr, "edge-0", CHANNEL_OPTIONS), cloud.channel(addr, "edge-0", CHANNEL_OPTIONS)
+        ctl, push = pb_grpc.RoundControlStub(control), push_callable(ch)
         state = {"round": 0}
-        phases = {"encode_s": [], "push_s": []}
+        phases: dict[str, list[float]] = {"encode_s": [], "push_s": []}
 
         def once() -> int:
             state["round"] += 1
             r = state["round"]
             ctl.AssignRound(
-                metadata=identity_metadata("cloud"),
+                metadata=cloud.call_metadata(),
                 request=pb.RoundTask(
                     round=r,
                     method="bench",
@@ -178,31 +248,63 @@ def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
                 m.version = r
             encoded = encode_modules(list(modules.values()), wire)  # as a node's Send does
             t1 = time.perf_counter()
-            header = PushHeader(
-                push_id_for("device-0-0", "edge-0", r, "aggregate"),
-                "device-0-0",
-                "edge-0",
-                r,
-                "aggregate",
-                "device_edge",
-                tuple(ModuleHeader.of(e) for e in encoded),
+            header = device.sign_header(
+                PushHeader(
+                    push_id_for("device-0-0", "edge-0", r, "aggregate"),
+                    "device-0-0",
+                    "edge-0",
+                    r,
+                    "aggregate",
+                    "device_edge",
+                    tuple(ModuleHeader.of(e) for e in encoded),
+                )
             )
             push(
                 push_requests(header, encoded, cfg.wire.chunk_bytes),
                 timeout=120,
-                metadata=identity_metadata("device-0-0"),
+                metadata=device.call_metadata(),
             )
             t2 = time.perf_counter()
             phases["encode_s"].append(t1 - t0)
             phases["push_s"].append(t2 - t1)
             return sum(e.size_bytes for e in encoded)
 
-        nbytes = once()
-        times = timeit(once, repeat, warmup=0)
-        ch.close()
-        return nbytes / median(times) / 1e9, nbytes, {k: median(v) for k, v in phases.items()}
+        with ch, control:
+            yield once, phases
     finally:
         p.kill()
+
+
+def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
+    """(GB/s of serialized module bytes, bytes per push, median phase times) for full pushes."""
+    with hffm_pusher(wire) as (once, phases):
+        nbytes = once()
+        times = timeit(once, repeat, warmup=0)
+        return nbytes / median(times) / 1e9, nbytes, {k: median(v[1:]) for k, v in phases.items()}
+
+
+def tls_transfer(repeat: int) -> dict:
+    """The push over mTLS against its limit, the raw TLS socket, and against the plaintext push: the
+    three taken in turn (a, b, c, a, b, c, ...) so that load bursts hit them alike; each ratio is the
+    median of the per-turn ratios."""
+    with tempfile.TemporaryDirectory(prefix="hffm-bench-pki-") as d:
+        pki = bench_pki(Path(d))
+        with hffm_pusher("fp32", pki) as (tls_push, phases), hffm_pusher("fp32") as (plain_push, _):
+            nbytes = tls_push()
+            with tls_socket_sender(nbytes, pki) as (sock_send, cipher):
+                t = interleaved({"tls": tls_push, "socket": sock_send, "plain": plain_push}, repeat)
+    return {
+        "bytes": nbytes,
+        "hffm_gbps": nbytes / median(t["tls"]) / 1e9,
+        "tls_socket_gbps": nbytes / median(t["socket"]) / 1e9,
+        "plaintext_gbps": nbytes / median(t["plain"]) / 1e9,
+        "cipher": cipher,
+        "ratio": median([s / h for h, s in zip(t["tls"], t["socket"], strict=True)]),  # vs its limit
+        "vs_plaintext": median([p / h for h, p in zip(t["tls"], t["plain"], strict=True)]),  # security's cost
+        **{  # the timed pushes (not the first two)
+            k: median(v[2:]) for k, v in phases.items()
+        },
+    }
 
 
 def run(quick: bool = False) -> dict:
@@ -222,6 +324,7 @@ def run(quick: bool = False) -> dict:
         "socket_sha256_ratio": sha / sock,  # the ceiling of any verified transfer, vs the socket
         "hffm_vs_grpc_bare": out["fp32"]["hffm_gbps"] / bare,
     }
+    out["tls"] = tls_transfer(repeat)
     return out
 
 

@@ -43,6 +43,10 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     assert (tmp_path / "transfer.png").stat().st_size > 5_000
     bounds = tr["bounds"]
     assert bounds["grpc_bare_gbps"] > 0 and bounds["socket_sha256_gbps"] > 0
+    tls = tr["tls"]  # the push over mTLS (signed) and its limit, a TLS socket with gRPC's cipher
+    assert tls["bytes"] == tr["fp32"]["bytes"] and tls["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    assert tls["hffm_gbps"] > 0 and tls["tls_socket_gbps"] > 0 and b["transfer_tls_ratio"] == tls["ratio"]
+    assert "| transfer_tls_ratio (fp32, mTLS) |" in (tmp_path / "bench.md").read_text()
     fl = b["details"]["flower"]["points"][0]
     assert fl["clients"] == 2 and fl["hffm"]["devices"] == 2 and len(fl["hffm"]["rounds_s"]) == 2
     if fl["flower"] is None:  # Flower is installed from PyPI into build/flower-venv
