@@ -44,11 +44,17 @@ from services.launcher import REPO_ROOT, free_ports
 from services.rpc import pb, pb_grpc
 
 SOCKET_RECEIVER = r"""
-import socket, sys
+import socket, ssl, sys
 n = int(sys.argv[2]); buf = bytearray(n); view = memoryview(buf)
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(1); print("ready", flush=True)
 conn, _ = srv.accept()
+if len(sys.argv) > 3:  # TLS: PKI directory, cipher; edge-0's certificate, the client's verified
+    d, cipher = sys.argv[3], sys.argv[4]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d + "/edge-0.crt", d + "/edge-0.key"); ctx.load_verify_locations(d + "/ca.crt")
+    ctx.verify_mode = ssl.CERT_REQUIRED; ctx.maximum_version = ssl.TLSVersion.TLSv1_2; ctx.set_ciphers(cipher)
+    conn = ctx.wrap_socket(conn, server_side=True)
 while True:
     got = 0
     while got < n:
@@ -93,25 +99,6 @@ while True:
 """
 
 TLS_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
-
-TLS_SOCKET_RECEIVER = r"""
-import socket, ssl, sys
-port, n, d, cipher = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(d + "/edge-0.crt", d + "/edge-0.key"); ctx.load_verify_locations(d + "/ca.crt")
-ctx.verify_mode = ssl.CERT_REQUIRED; ctx.maximum_version = ssl.TLSVersion.TLSv1_2; ctx.set_ciphers(cipher)
-buf = bytearray(n); view = memoryview(buf)
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", port)); srv.listen(1); print("ready", flush=True)
-raw, _ = srv.accept(); conn = ctx.wrap_socket(raw, server_side=True)
-while True:
-    got = 0
-    while got < n:
-        k = conn.recv_into(view[got:], n - got)
-        if k == 0: sys.exit(0)
-        got += k
-    conn.sendall(b"k")
-"""
 
 NODE_RECEIVER = r"""
 import sys, time
@@ -187,7 +174,7 @@ def tls_socket_sender(nbytes: int, pki: Path) -> Iterator[tuple[Callable[[], Non
     import ssl
 
     port = free_ports(1, "127.0.0.1")[0]
-    p = _spawn(TLS_SOCKET_RECEIVER, str(port), str(nbytes), str(pki), TLS_CIPHER)
+    p = _spawn(SOCKET_RECEIVER, str(port), str(nbytes), str(pki), TLS_CIPHER)
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(pki / "ca.crt")
