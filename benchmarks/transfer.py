@@ -125,26 +125,47 @@ def _spawn(code: str, *args: str) -> subprocess.Popen:
     return p
 
 
-def socket_gbps(nbytes: int, repeat: int, sha256: bool = False) -> float:
-    """The bytes through a loopback TCP socket; with ``sha256`` the sender hashes them and the receiver
-    checks the digest chunk by chunk as they arrive."""
+@contextmanager
+def socket_sender(
+    nbytes: int, sha256: bool = False, pki: Path | None = None
+) -> Iterator[tuple[Callable[[], None], str | None]]:
+    """(send once, TLS cipher or None): the bytes through a loopback TCP socket to a receiver process.
+    With ``sha256`` the sender hashes them and the receiver checks the digest chunk by chunk as they
+    arrive; with ``pki`` the socket is TLS between edge-0's and device-0-0's certificates (``TLS_CIPHER``),
+    both ends verifying the other."""
+    import ssl
+
+    assert not (sha256 and pki), "the SHA-256 receiver speaks plain TCP"
     port = free_ports(1, "127.0.0.1")[0]
-    p = _spawn(SHA_RECEIVER if sha256 else SOCKET_RECEIVER, str(port), str(nbytes))
+    tls_args = [str(pki), TLS_CIPHER] if pki else []
+    p = _spawn(SHA_RECEIVER if sha256 else SOCKET_RECEIVER, str(port), str(nbytes), *tls_args)
     try:
-        payload = os.urandom(nbytes) if sha256 else bytes(nbytes)
+        payload = os.urandom(nbytes) if sha256 or pki else bytes(nbytes)
         s = socket.create_connection(("127.0.0.1", port))
+        if pki:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(pki / "ca.crt")
+            ctx.load_cert_chain(pki / "device-0-0.crt", pki / "device-0-0.key")
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_ciphers(TLS_CIPHER)
+            s = ctx.wrap_socket(s, server_hostname="edge-0")
+        with s:
 
-        def once() -> None:
-            if sha256:
-                s.sendall(hashlib.sha256(payload).digest())
-            s.sendall(payload)
-            assert s.recv(1) == b"k"
+            def once() -> None:
+                if sha256:
+                    s.sendall(hashlib.sha256(payload).digest())
+                s.sendall(payload)
+                assert s.recv(1) == b"k"
 
-        t = median(timeit(once, repeat))
-        s.close()
-        return nbytes / t / 1e9
+            yield once, s.cipher()[0] if pki else None
     finally:
         p.kill()
+
+
+def socket_gbps(nbytes: int, repeat: int, sha256: bool = False) -> float:
+    """GB/s of the bytes through a loopback TCP socket (``socket_sender``)."""
+    with socket_sender(nbytes, sha256) as (once, _):
+        return nbytes / median(timeit(once, repeat)) / 1e9
 
 
 def grpc_bare_gbps(nbytes: int, repeat: int, chunk: int = 1 << 20) -> float:
@@ -163,32 +184,6 @@ def grpc_bare_gbps(nbytes: int, repeat: int, chunk: int = 1 << 20) -> float:
         t = median(timeit(once, repeat))
         ch.close()
         return nbytes / t / 1e9
-    finally:
-        p.kill()
-
-
-@contextmanager
-def tls_socket_sender(nbytes: int, pki: Path) -> Iterator[tuple[Callable[[], None], str]]:
-    """(send once, cipher): the bytes through a loopback TLS socket between edge-0's and device-0-0's
-    certificates, both ends verifying the other."""
-    import ssl
-
-    port = free_ports(1, "127.0.0.1")[0]
-    p = _spawn(SOCKET_RECEIVER, str(port), str(nbytes), str(pki), TLS_CIPHER)
-    try:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(pki / "ca.crt")
-        ctx.load_cert_chain(pki / "device-0-0.crt", pki / "device-0-0.key")
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(TLS_CIPHER)
-        payload = os.urandom(nbytes)
-        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="edge-0") as s:
-
-            def once() -> None:
-                s.sendall(payload)
-                assert s.recv(1) == b"k"
-
-            yield once, s.cipher()[0]
     finally:
         p.kill()
 
@@ -278,7 +273,7 @@ def tls_transfer(repeat: int) -> dict:
         pki = bench_pki(Path(d))
         with hffm_pusher("fp32", pki) as (tls_push, phases), hffm_pusher("fp32") as (plain_push, _):
             nbytes = tls_push()
-            with tls_socket_sender(nbytes, pki) as (sock_send, cipher):
+            with socket_sender(nbytes, pki=pki) as (sock_send, cipher):
                 t = interleaved({"tls": tls_push, "socket": sock_send, "plain": plain_push}, repeat)
     return {
         "bytes": nbytes,
@@ -288,9 +283,7 @@ def tls_transfer(repeat: int) -> dict:
         "cipher": cipher,
         "ratio": median([s / h for h, s in zip(t["tls"], t["socket"], strict=True)]),  # vs its limit
         "vs_plaintext": median([p / h for h, p in zip(t["tls"], t["plain"], strict=True)]),  # security's cost
-        **{  # the timed pushes (not the first two)
-            k: median(v[2:]) for k, v in phases.items()
-        },
+        **{k: median(v[2:]) for k, v in phases.items()},  # the timed pushes, not the first two
     }
 
 
