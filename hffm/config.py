@@ -274,7 +274,38 @@ class SecurityConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    """Durable state saved at round boundaries: nothing yet; the fault-tolerance issue fills it."""
+    """Durable state: every node saves its modules at the end of each round it completes, the cloud also
+    the results so far, the membership and what every node holds (docs/reliability.md)."""
+
+    dir: str | None = D(
+        None,
+        description="directory of the nodes' checkpoints (<dir>/<node>/); hffm run uses <out>/state; unset in "
+        "a service: the cloud uses <out>/state, other nodes keep their round ends in memory only",
+    )
+    keep: int = D(3, ge=1, description="round ends each node keeps (a resumed coordinator may name an older one)")
+
+
+class FaultsConfig(_Strict):
+    """How a run survives nodes that die, stall or restart (docs/reliability.md)."""
+
+    max_attempts: int = D(
+        4, ge=1, description="attempts of one round before the run fails (a lost edge, head or relay aborts one)"
+    )
+    retry_delay_s: float = D(
+        2.0, ge=0, description="pause before re-planning an aborted attempt (restarted nodes come back meanwhile)"
+    )
+    resume_wait_s: float = D(
+        60.0, ge=0, description="a resumed cloud waits up to this long for every member to answer before going on"
+    )
+    rejoin_wait_s: float = D(
+        0.0,
+        ge=0,
+        description="a round waits up to this long for members lost in earlier rounds to answer again (restarting) "
+        "before it starts without them",
+    )
+    restart: bool = D(True, description="hffm run restarts a process that died (compose: restart: on-failure)")
+    max_restarts: int = D(5, ge=0, description="restarts of one process in one hffm run")
+    restart_delay_s: float = D(1.0, ge=0, description="hffm run waits this long before restarting a process")
 
 
 class CirculationConfig(_Strict):
@@ -301,6 +332,7 @@ class HFFMConfig(_Strict):
     aggregation: AggregationConfig = D(default_factory=AggregationConfig, description=AggregationConfig.__doc__)
     security: SecurityConfig = D(default_factory=SecurityConfig, description=SecurityConfig.__doc__)
     checkpoint: CheckpointConfig = D(default_factory=CheckpointConfig, description=CheckpointConfig.__doc__)
+    faults: FaultsConfig = D(default_factory=FaultsConfig, description=FaultsConfig.__doc__)
     circulation: CirculationConfig = D(default_factory=CirculationConfig, description=CirculationConfig.__doc__)
 
     @field_validator("method")

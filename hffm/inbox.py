@@ -5,7 +5,8 @@ twice: ``precheck`` on its header before any byte is read (who calls, round and 
 step, sender, versions, weights, duplicates), and ``accept`` with its decoded modules, which hands
 them to that step's aggregator all-or-nothing. A rejected push raises ``ModuleError`` and leaves
 the inbox exactly as it was. A push repeated by a retrying client (same push id, same digests) is
-acknowledged as a duplicate and counted once.
+acknowledged as a duplicate and counted once. ``leave_out`` is the coordinator's verdict on a sender
+lost mid-round: its steps stop waiting for it, and a push from it that arrives later is stale.
 
 The caller's identity is an input (``caller``: who the transport says is calling), never a header
 field: a direct push must come from its sender; a relayed D2D push from its sender or from a member
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 from hffm.aggregation import Aggregator, make_aggregator
 from hffm.ids import D2D
-from hffm.methods import Collect
+from hffm.methods import SYNC, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.wire import PushHeader
 
@@ -46,11 +47,12 @@ class _Collection:
     aggregator: Aggregator
     caps: dict[str, dict[str, float]]  # sender -> module -> largest weight it may claim
     accepted: dict[str, tuple[str, tuple[bytes, ...]]] = field(default_factory=dict)  # sender -> (push id, digests)
+    dropped: dict[str, str] = field(default_factory=dict)  # sender left out by the coordinator -> why
     closed: bool = False  # the aggregate was formed: later pushes are stale
 
     @property
     def complete(self) -> bool:
-        return len(self.accepted) == len(self.step.senders)
+        return len(self.accepted) + len(self.dropped) == len(self.step.senders)
 
 
 class Inbox:
@@ -146,12 +148,12 @@ class Inbox:
             )
         if h.link != coll.step.link:
             raise ModuleError("INVALID_ARGUMENT", "wrong_link", f"link {h.link!r}, expected {coll.step.link!r}")
-        for m in h.modules:
-            if m.version != h.round:
+        for m in h.modules:  # a sync carries the state of an earlier round; anything else this round's
+            if (m.version >= h.round) if coll.step.tag == SYNC else (m.version != h.round):
                 raise ModuleError(
                     "FAILED_PRECONDITION",
                     "wrong_version",
-                    f"module {m.name} has version {m.version}, round is {h.round}",
+                    f"module {m.name} has version {m.version}, round is {h.round} ({h.tag})",
                 )
         caps = coll.caps.get(h.sender)
         if caps is not None:
@@ -170,6 +172,12 @@ class Inbox:
                         f"registered behind {h.sender}",
                     )
         prev = coll.accepted.get(h.sender)
+        if h.sender in coll.dropped:
+            raise ModuleError(
+                "FAILED_PRECONDITION",
+                "stale_push",
+                f"{self.node_id}/{h.tag}: {h.sender} was left out of this round ({coll.dropped[h.sender]})",
+            )
         if coll.closed and prev is None:
             raise ModuleError(
                 "FAILED_PRECONDITION",
@@ -203,6 +211,20 @@ class Inbox:
             self._cv.notify_all()
             return False
 
+    def leave_out(self, round_: int, attempt: int, sender: str, reason: str) -> list[str]:
+        """Stop waiting for ``sender`` in this round's attempt (the coordinator found it lost); returns
+        the collect steps it was dropped from (those it had already pushed to keep its push)."""
+        with self._cv:
+            if (round_, attempt) != (self.round, self.attempt):
+                return []
+            tags = []
+            for tag, coll in self._collections.items():
+                if sender in coll.step.senders and sender not in coll.accepted and not coll.closed:
+                    coll.dropped.setdefault(sender, reason)
+                    tags.append(tag)
+            self._cv.notify_all()
+            return tags
+
     def add_own(self, tag: str, modules: ModuleSet) -> None:
         """A collect step with include_self: the node's own modules count like a sender's."""
         with self._cv:
@@ -217,9 +239,20 @@ class Inbox:
             q = coll.step.quorum
             wait_s = q.deadline_s if q.deadline_s is not None else timeout_s
             deadline = time.monotonic() + wait_s
-            while not coll.complete:
+            while True:
                 if self._generation != gen:
                     raise RoundAborted(f"{self.node_id}/{tag}: round {self.round} moved to attempt {self.attempt}")
+                if coll.complete:
+                    if len(coll.accepted) < q.needed(len(coll.step.senders)) or not (
+                        coll.accepted or coll.step.include_self
+                    ):
+                        raise ModuleError(
+                            "FAILED_PRECONDITION",
+                            "quorum_lost",
+                            f"{self.node_id}/{tag}: {len(coll.accepted)} of {len(coll.step.senders)} senders "
+                            f"pushed, {q.needed(len(coll.step.senders))} needed; lost {sorted(coll.dropped)}",
+                        )
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(coll.step.senders) - set(coll.accepted))

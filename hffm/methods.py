@@ -30,7 +30,11 @@ from dataclasses import dataclass, field, replace
 from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, task_of
 from hffm.topology import Topology
 
-__all__ = ["D2D", "DEVICE_CLOUD", "DEVICE_EDGE", "EDGE_CLOUD", "LINK_KINDS"]
+__all__ = ["D2D", "DEVICE_CLOUD", "DEVICE_EDGE", "EDGE_CLOUD", "LINK_KINDS", "SYNC"]
+
+# The collect tag of a sync: a node that missed rounds (or lost its state) first adopts its tier's
+# current modules from a node that holds them (hffm/recovery.py); they carry an earlier round's version.
+SYNC = "sync"
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,8 @@ class RoundPlan:
                     caps = []
                     for sender in s.senders:
                         mods = sent.get((sender, n, s.tag), ())
-                        basis = samples.get(sender, {}) if sender in trainers else everyone
+                        own = sender in trainers and s.tag != SYNC  # a sync carries an aggregate
+                        basis = samples.get(sender, {}) if own else everyone
                         caps.append((sender, tuple((m, total(basis, m)) for m in mods)))
                     s = replace(s, weight_caps=tuple(caps))
                 out.append(s)

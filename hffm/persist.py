@@ -1,16 +1,17 @@
 """Durable node state, saved and loaded atomically.
 
-A node's state at a round boundary is its modules (with versions and weights), the round it
-completed, its RNG states, and whatever else it needs to continue (the coordinator: results so far
-and membership), as JSON. ``Persistor.save`` writes one checkpoint directory
-``<dir>/round-<r>/`` (``modules.safetensors`` + ``state.json``) into a temporary directory, fsyncs
-every file, renames the directory into place and fsyncs the parent, then points ``LATEST`` at it the
-same way: a crash at any moment leaves either the previous checkpoint or the new one, never a mix.
-``load`` returns the newest complete checkpoint (or None). Old checkpoints beyond ``keep`` are removed.
+A node's state at a round boundary is its modules (with versions and weights), the round and attempt
+it completed, its RNG states, and whatever else it needs to continue (the coordinator: results so far,
+membership, what every node holds), as JSON. ``Persistor.save`` writes one checkpoint directory
+``<dir>/round-<r>-attempt-<a>/`` (``modules.safetensors`` + ``state.json``) into a temporary
+directory, fsyncs every file, renames the directory into place and fsyncs the parent, then points
+``LATEST`` at it the same way: a crash at any moment leaves either the previous checkpoint or the new
+one, never a mix. ``load()`` returns the newest complete checkpoint (or None), ``load((r, a))`` that
+round end's; ``available()`` lists them. Checkpoints beyond the newest ``keep`` are removed.
 
-The cloud saves its final state through it today; the fault-tolerance issue saves every node's state
-at every round boundary and resumes from ``load``. A new backend (object storage, a database) is a
-class with the same two methods.
+Every node (cloud, edge, device) saves at the end of each round it completed; a restarted node loads
+the round end the coordinator names (docs/reliability.md). A new backend (object storage, a database)
+is a class with the same methods.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class NodeState:
     modules: ModuleSet
     rng: dict[str, Any] = field(default_factory=dict)  # rng_states() at the boundary
     extra: dict[str, Any] = field(default_factory=dict)  # JSON: results so far, membership, ...
+    attempt: int = 0  # the round's attempt whose end this is
 
 
 def rng_states() -> dict[str, Any]:
@@ -81,14 +83,24 @@ class Persistor:
         self.dir = Path(directory)
         self.keep = max(1, keep)
 
+    @staticmethod
+    def _name(ref: tuple[int, int]) -> str:
+        return f"round-{ref[0]}-attempt-{ref[1]}"
+
     def save(self, state: NodeState) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"round-{state.round}"
-        tmp = self.dir / f".round-{state.round}.{os.getpid()}.tmp"
+        final = self.dir / self._name((state.round, state.attempt))
+        tmp = self.dir / f".{final.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_modules(state.modules, str(tmp / "modules.safetensors"))
-        doc = {"node": state.node, "round": state.round, "rng": state.rng, "extra": state.extra}
+        doc = {
+            "node": state.node,
+            "round": state.round,
+            "attempt": state.attempt,
+            "rng": state.rng,
+            "extra": state.extra,
+        }
         (tmp / "state.json").write_text(json.dumps(doc))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -102,18 +114,38 @@ class Persistor:
         self._prune(final.name)
         return final
 
-    def load(self) -> NodeState | None:
-        """The newest complete checkpoint, or None when there is none."""
-        latest = self.dir / LATEST
-        if not latest.is_file():
-            return None
-        d = self.dir / latest.read_text().strip()
+    def available(self) -> list[tuple[int, int]]:
+        """(round, attempt) of every complete checkpoint, oldest first."""
+        refs = []
+        for p in self.dir.glob("round-*-attempt-*"):
+            parts = p.name.split("-")
+            if p.is_dir() and (p / "state.json").is_file() and parts[1].isdigit() and parts[3].isdigit():
+                refs.append((int(parts[1]), int(parts[3])))
+        return sorted(refs)
+
+    def load(self, ref: tuple[int, int] | None = None) -> NodeState | None:
+        """The newest complete checkpoint (``ref``: that round end's), or None when there is none."""
+        if ref is None:
+            latest = self.dir / LATEST
+            if not latest.is_file():
+                return None
+            d = self.dir / latest.read_text().strip()
+        else:
+            d = self.dir / self._name(ref)
+            if not (d / "state.json").is_file():
+                return None
         doc = json.loads((d / "state.json").read_text())
         modules = load_modules(str(d / "modules.safetensors"))
-        return NodeState(doc["node"], int(doc["round"]), modules, doc.get("rng", {}), doc.get("extra", {}))
+        return NodeState(
+            doc["node"],
+            int(doc["round"]),
+            modules,
+            doc.get("rng", {}),
+            doc.get("extra", {}),
+            int(doc.get("attempt", 0)),
+        )
 
     def _prune(self, newest: str) -> None:
-        done = sorted((p for p in self.dir.glob("round-*") if p.is_dir()), key=lambda p: int(p.name.split("-", 1)[1]))
-        for p in done[: -self.keep]:
-            if p.name != newest:
-                shutil.rmtree(p, ignore_errors=True)
+        for ref in self.available()[: -self.keep]:
+            if self._name(ref) != newest:
+                shutil.rmtree(self.dir / self._name(ref), ignore_errors=True)

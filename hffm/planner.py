@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from hffm.config import AggregationConfig, HFFMConfig
 from hffm.costmodel import CostModel
+from hffm.geometry import path
 from hffm.methods import AggregationSpec, Method, Quorum, RoundContext, RoundPlan, evaluates, make_method
+from hffm.recovery import StartPlan, StateKey, critical, plan_starts, with_syncs
 from hffm.topology import Topology
 
 
@@ -27,6 +29,8 @@ class PlannedRound:
     topo: Topology  # the members taking part (unreachable ones left out)
     ctx: RoundContext  # cluster heads and D2D paths (empty without D2D)
     left_out: tuple[str, ...]  # members that do not take part, sorted
+    starts: StartPlan = StartPlan({}, {})  # the round end each node starts from, or its sync source
+    critical: frozenset[str] = frozenset()  # nodes the round cannot lose midway (hffm.recovery.critical)
 
 
 class Planner:
@@ -41,16 +45,28 @@ class Planner:
         members: Topology,
         down: set[str] | frozenset[str] = frozenset(),
         samples: Mapping[str, Mapping[str, int]] | None = None,
+        held: Mapping[str, StateKey] | None = None,
+        cloud_rounds_done: list[int] | None = None,
     ) -> PlannedRound:
-        """The plan of ``round_`` over ``members`` minus the devices in ``down``. ``samples``
-        (device -> task -> registered training samples) bound the weights senders may claim."""
+        """The plan of ``round_`` over ``members`` minus the nodes in ``down`` (an edge takes its cluster
+        with it). ``samples`` (device -> task -> registered training samples) bound the weights senders
+        may claim; ``held`` (node -> the round end it holds) decides who starts with a sync."""
         topo = members.without(set(down))
-        ctx = self.costs.d2d_context(topo, round_, set(down)) if self.method.uses_d2d else RoundContext()
+        gone = set(members.node_ids()) - set(topo.node_ids())
+        ctx = self.costs.d2d_context(topo, round_, gone) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
         if not evaluates(round_, self.cfg.rounds, self.cfg.train.eval_every):
             plan = plan.without_evaluation()
+        starts = StartPlan({n: (0, 0) for n in topo.node_ids()}, {})
+        if held is not None:
+
+            def route(edge: str, src: str, dst: str) -> list[str]:
+                return path(self.costs.d2d_graph(edge, exclude=frozenset(gone)), src, dst)
+
+            starts = plan_starts(self.method, topo, held, cloud_rounds_done or [], ctx, route)
+            plan = with_syncs(plan, starts, topo, self.method.collect)
         if samples is not None:
             plan = plan.with_weight_caps(samples, topo)
         plan.validate()
-        left_out = tuple(sorted(set(members.node_ids()) - set(topo.node_ids())))
-        return PlannedRound(plan, topo, ctx, left_out)
+        left_out = tuple(sorted(gone))
+        return PlannedRound(plan, topo, ctx, left_out, starts, frozenset(critical(plan)))

@@ -61,6 +61,7 @@ class NodeReport:
     train_samples: int = 0
     wall_s: float = 0.0
     train_s: float = 0.0
+    undelivered: list[str] = field(default_factory=list)  # receivers of its sends that were lost
 
 
 # ---- a round's record in results.json (docs/results.md documents every field) -----------------------
@@ -82,11 +83,19 @@ class RoundRecord:
     hops: list[dict[str, Any]]
     aggregates: list[dict[str, Any]]
     wall_s: float
-    left_out: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # members not answering at the start: sat it out
     modeled: dict[str, Any] = field(default_factory=dict)
+    lost: dict[str, str] = field(default_factory=dict)  # node -> why it was left out mid-round
+    aborted: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts: attempt, reason, lost
+    synced: dict[str, str] = field(default_factory=dict)  # node -> the node it took current modules from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
+        """A record read back (a resumed coordinator's checkpoint)."""
+        return cls(**d)
 
 
 def round_record(

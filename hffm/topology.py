@@ -37,6 +37,7 @@ class Registration:
     address: str
     edge: str = ""
     train_samples: tuple[tuple[str, int], ...] = ()  # devices: (task, training samples), sorted
+    states: tuple[tuple[int, int], ...] = ()  # (round, attempt) ends it holds checkpoints of, sorted
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,17 @@ class Topology:
         index = 1 + max((d.index for d in self.devices), default=-1)
         return replace(self, devices=(*self.devices, DeviceInfo(device, edge, index, tuple(tasks))))
 
-    def without(self, devices: set[str]) -> Topology:
-        """The same federation minus ``devices`` (left, or unreachable this round)."""
-        if not devices:
+    def without(self, nodes: set[str]) -> Topology:
+        """The same federation minus ``nodes`` (left, or unreachable this round): devices, and edges
+        together with their whole cluster (a cluster sits out with its edge)."""
+        if not nodes:
             return self
-        return replace(self, devices=tuple(d for d in self.devices if d.id not in devices))
+        edges = tuple(e for e in self.edges if e not in nodes)
+        return replace(
+            self,
+            edges=edges,
+            devices=tuple(d for d in self.devices if d.id not in nodes and d.edge in edges),
+        )
 
     def rehome(self, device: str, edge: str) -> Topology:
         """The table after ``device`` moved to ``edge`` (its id, tasks and data stay)."""

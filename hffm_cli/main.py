@@ -38,14 +38,25 @@ def run(
         "--hold-s",
         help="with --prometheus: keep it up this long after the run (default: until Ctrl-C when interactive)",
     ),
+    resume: Path = typer.Option(
+        None,
+        "--resume",
+        help="continue the stopped run in this directory from its last complete round (its own config)",
+    ),
 ) -> None:
     """Run a federation (cloud, edges, devices) as local processes on loopback and write results."""
+    if resume is not None and (config is not None or overrides or device is not None):
+        console.print("[red]--resume:[/red] a resumed run keeps its own config (drop --config, --set, --device)")
+        raise typer.Exit(2)
     cfg = _config(config, overrides, device)
     from services.launcher import RunFailed
     from services.launcher import run as launch
 
     try:
-        launch(cfg, out, console, prometheus=prometheus, hold_s=hold_s)
+        if resume is not None:
+            launch(cfg, resume, console, prometheus=prometheus, hold_s=hold_s, resume=True)
+        else:
+            launch(cfg, out, console, prometheus=prometheus, hold_s=hold_s)
     except RunFailed as err:
         console.print(f"[red]run failed:[/red] {err}")
         raise typer.Exit(1) from None

@@ -27,7 +27,7 @@ import grpc
 import yaml
 from rich.console import Console
 
-from hffm.config import HFFMConfig, write_config
+from hffm.config import HFFMConfig, load_config, write_config
 from hffm.ids import CLOUD, role_of
 from hffm.pki import OPERATOR, SCRAPER, provision
 from hffm.results import plot_results
@@ -47,6 +47,86 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    argv: list[str] | None = None
+    restarts: int = 0
+    died_at: float | None = None  # when it was found dead (a restart is due after the delay)
+    stopped_at: float | None = None  # when it was found stopped (SIGSTOP)
+
+
+@dataclass
+class FaultPlan:
+    """Faults injected into a run (hffm chaos, the fault scenarios): failpoints every process gets at
+    its first start (``node:point:round:action``, services/common/faults.py), how long after its death
+    each process is restarted (default ``faults.restart_delay_s``; None: never) and how long a process
+    that stopped itself stays stopped before it is sent SIGCONT."""
+
+    failpoints: list[str]
+    restart_after_s: dict[str, float | None]
+    stop_s: dict[str, float]
+
+
+class Supervisor:
+    """Keeps the run's processes going, as compose's ``restart: on-failure`` and Kubernetes do: a process
+    that dies (non-zero exit or a signal) is started again with the same command line, its log appended,
+    after ``faults.restart_delay_s`` (at most ``faults.max_restarts`` times); one that stopped (SIGSTOP)
+    is continued after its scenario's stop time. With ``faults.restart: false`` a lost device process is
+    tolerated and any other ends the run (as before)."""
+
+    def __init__(self, cfg: HFFMConfig, procs: list[Proc], env: dict[str, str], view: RunView, plan: FaultPlan) -> None:
+        self.cfg, self.procs, self.env, self.view, self.plan = cfg, procs, env, view, plan
+        self.lost: set[str] = set()
+        self.restarts = 0
+
+    def poll(self, running: bool) -> None:
+        now = time.monotonic()
+        for p in self.procs:
+            rc = p.popen.poll()
+            if rc is None:
+                self._check_stopped(p, now)
+                continue
+            if rc == 0 or p.name in self.lost:
+                continue
+            restart_after = self.plan.restart_after_s.get(p.name, self.cfg.faults.restart_delay_s)
+            if self.cfg.faults.restart and restart_after is not None and p.restarts < self.cfg.faults.max_restarts:
+                if p.died_at is None:
+                    p.died_at = now
+                    self.view.process_died(p.name, rc, restart_after)
+                if now - p.died_at >= restart_after:
+                    self._restart(p)
+                continue
+            if running and role_of(p.name) != "cloud" and not p.name.startswith("edge") and not self.cfg.faults.restart:
+                self.lost.add(p.name)  # the federation survives losing devices: left out of the next rounds
+                self.view.device_process_lost(p.name, rc, p.log)
+                continue
+            self.view.process_failed(p.name, rc, p.log, _tail(p.log))
+            raise RunFailed(f"{p.name} exited with code {rc}")
+
+    def _check_stopped(self, p: Proc, now: float) -> None:
+        try:
+            state = Path(f"/proc/{p.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state != "T":
+            p.stopped_at = None
+            return
+        if p.stopped_at is None:
+            p.stopped_at = now
+        if now - p.stopped_at >= self.plan.stop_s.get(p.name, self.cfg.faults.restart_delay_s):
+            os.killpg(p.popen.pid, signal.SIGCONT)
+            self.view.process_continued(p.name, now - p.stopped_at)
+            p.stopped_at = None
+
+    def _restart(self, p: Proc) -> None:
+        assert p.argv is not None
+        env = {k: v for k, v in self.env.items() if k != "HFFM_FAILPOINTS"}  # a failpoint fires once a run
+        with open(p.log, "ab") as fh:
+            p.popen = subprocess.Popen(
+                p.argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
+            )
+        p.restarts += 1
+        p.died_at = None
+        self.restarts += 1
+        self.view.process_restarted(p.name, p.restarts)
 
 
 def free_ports(n: int, host: str) -> list[int]:
@@ -205,22 +285,35 @@ def run(
     timeout_s: float | None = None,
     prometheus: bool = False,
     hold_s: float | None = 0.0,
+    resume: bool = False,
+    faults: FaultPlan | None = None,
 ) -> dict:
     """Run a federation of local processes; return the parsed results.json.
 
     Every process serves /metrics; DIR/prometheus/ holds a Prometheus config and the file_sd target
     list. With ``prometheus`` a real Prometheus scrapes the run; it stays up ``hold_s`` seconds after
-    the run (None: until Ctrl-C)."""
+    the run (None: until Ctrl-C). Every node saves its round ends under DIR/state; with ``resume`` the
+    run in DIR continues from its last complete round (same config, same ports). ``faults``: failpoints
+    and restart timing (fault scenarios, ``hffm chaos``)."""
     from hffm.model import backbone_dims
 
     view = RunView(console or Console())
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     cfg_path = out / "config.yaml"
-    write_config(cfg, cfg_path)
     results_path = out / "results.json"
-    if results_path.exists():
-        results_path.unlink()
+    state_dir = out / "state"
+    if resume:
+        if not (state_dir / CLOUD).is_dir():
+            raise RunFailed(f"--resume: {out} holds no saved state ({state_dir / CLOUD})")
+        cfg = load_config(cfg_path)
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)  # a new run starts from round 0
+        if results_path.exists():
+            results_path.unlink()
+    if not cfg.checkpoint.dir:
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": str(state_dir.resolve())})})
+    write_config(cfg, cfg_path)
     import services.rpc  # noqa: F401 - build the generated code once, before the children start
 
     if prometheus and cfg.runtime.linger_s < 5:  # let the last scrape see the final values
@@ -232,7 +325,12 @@ def run(
             update={"security": cfg.security.model_copy(update={"dir": str(provision_pki(cfg, topo, out / "pki"))})}
         )
         write_config(cfg, cfg_path)
-    plan = plan_processes(cfg, topo, cfg_path, out)
+    plan_file = out / "processes.json"
+    if resume and plan_file.is_file():  # the same ports: every saved address stays right
+        plan = [(n, list(a)) for n, a in json.loads(plan_file.read_text())]
+    else:
+        plan = plan_processes(cfg, topo, cfg_path, out)
+        plan_file.write_text(json.dumps(plan, indent=1))
     pki_dir = Path(cfg.security.dir) if cfg.security.tls and cfg.security.dir else None
     prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host), pki_dir)
     prom: subprocess.Popen | None = None
@@ -246,6 +344,9 @@ def run(
     env.setdefault("OMP_NUM_THREADS", str(cfg.runtime.torch_threads))
     env.setdefault("MALLOC_ARENA_MAX", "2")  # many threads per process: bound glibc's per-thread arenas
     env["PYTHONUNBUFFERED"] = "1"
+    fault_plan = faults or FaultPlan([], {}, {})
+    if fault_plan.failpoints:
+        env["HFFM_FAILPOINTS"] = ",".join(fault_plan.failpoints)
     procs: list[Proc] = []
     cloud_addr = plan[0][1][plan[0][1].index("--listen") + 1]
     deadline = time.monotonic() + (
@@ -256,12 +357,13 @@ def run(
         with ExitStack() as stack:
             for name, argv in plan:
                 log = out / "logs" / f"{name}.log"
-                fh = stack.enter_context(open(log, "wb"))
+                fh = stack.enter_context(open(log, "ab" if resume else "wb"))
                 popen = subprocess.Popen(
                     argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
                 )
-                procs.append(Proc(name, popen, log))
-            _follow(cfg, topo, cloud_addr, procs, view, deadline, Security(cfg.security, OPERATOR))
+                procs.append(Proc(name, popen, log, argv))
+            supervisor = Supervisor(cfg, procs, env, view, fault_plan)
+            _follow(cfg, topo, cloud_addr, supervisor, view, deadline, Security(cfg.security, OPERATOR))
             cloud = procs[0].popen
             try:
                 cloud.wait(timeout=30)
@@ -364,28 +466,19 @@ def _follow(
     cfg: HFFMConfig,
     topo: Topology,
     cloud_addr: str,
-    procs: list[Proc],
+    supervisor: Supervisor,
     view: RunView,
     deadline: float,
     security: Security,
 ) -> None:
-    """Follow the run until the cloud reports its end, showing progress; raise RunFailed when a process
-    the run cannot lose exits, the cloud reports failure or the time limit passes."""
+    """Follow the run until the cloud reports its end, showing progress (the watcher reconnects to a
+    restarted cloud); raise RunFailed when a process the run cannot do without is gone for good, the
+    cloud reports failure or the time limit passes."""
     running = False  # every node registered: from then on a device process may be lost
-    lost: set[str] = set()
+    procs = supervisor.procs
 
     def check_children() -> None:
-        for p in procs:
-            rc = p.popen.poll()
-            if rc is None or rc == 0 or p.name in lost:
-                continue
-            if running and p.name.startswith("device"):
-                # The federation survives losing devices: they are left out of the next rounds.
-                lost.add(p.name)
-                view.device_process_lost(p.name, rc, p.log)
-                continue
-            view.process_failed(p.name, rc, p.log, _tail(p.log))
-            raise RunFailed(f"{p.name} exited with code {rc}")
+        supervisor.poll(running)
 
     watcher = _Watcher(cloud_addr, security)
     events = watcher.events
@@ -399,7 +492,7 @@ def _follow(
                 try:
                     ev = events.get(timeout=0.5)
                 except queue.Empty:
-                    if procs[0].popen.poll() is not None and events.empty():
+                    if procs[0].popen.poll() == 0 and events.empty():
                         # check_children() raised for a failed cloud; exit 0 with the stream missed
                         # (a short run can end inside the channel's reconnect backoff): the results
                         # file, checked by the caller, says whether the run completed.

@@ -25,9 +25,18 @@ def round_line(rec: dict) -> str:
     acc = " ".join(f"{t}={_fmt(v.get('global'), 2)}/{_fmt(v.get('local'), 2)}" for t, v in rec["accuracy"].items())
     acc = acc or "— (not evaluated)"
     loss = rec["loss"] if rec["loss"] is not None else float("nan")
+    faults = []
+    if rec.get("aborted"):
+        faults.append(f"{len(rec['aborted'])} attempt(s) aborted")
+    if rec.get("lost"):
+        faults.append("lost " + ",".join(rec["lost"]))
+    if rec.get("synced"):
+        faults.append("synced " + ",".join(rec["synced"]))
     return (
         f"round {rec['round']:>3}  loss {loss:.3f}  acc(global/local) {acc}  "
-        f"{rec['bytes_total'] / 1e6:.2f} MB  {rec['wall_s']:.1f}s" + ("  [cloud]" if rec["cloud_aggregation"] else "")
+        f"{rec['bytes_total'] / 1e6:.2f} MB  {rec['wall_s']:.1f}s"
+        + ("  [cloud]" if rec["cloud_aggregation"] else "")
+        + (f"  [{'; '.join(faults)}]" if faults else "")
     )
 
 
@@ -66,6 +75,8 @@ class RunView:
                     progress.update(rnd, completed=ev.round)
                     if ev.results_json:
                         progress.console.print(round_line(json.loads(ev.results_json)))
+                    elif ev.message.startswith("resumed"):
+                        progress.console.print(ev.message)
 
             yield show
 
@@ -74,6 +85,15 @@ class RunView:
             f"[yellow]device process {name} exited with code {rc}; its devices are "
             f"left out from the next round (log: {log})[/yellow]"
         )
+
+    def process_died(self, name: str, rc: int, restart_after_s: float) -> None:
+        self.console.print(f"[yellow]process {name} died (code {rc}); restarting it in {restart_after_s:g}s[/yellow]")
+
+    def process_restarted(self, name: str, restarts: int) -> None:
+        self.console.print(f"[yellow]process {name} restarted ({restarts}x); it rejoins from its checkpoint[/yellow]")
+
+    def process_continued(self, name: str, stopped_s: float) -> None:
+        self.console.print(f"[yellow]process {name} was stopped {stopped_s:.0f}s; sent SIGCONT[/yellow]")
 
     def process_failed(self, name: str, rc: int, log: Path, tail: str) -> None:
         self.console.print(f"[red]process {name} exited with code {rc}; last lines of {log}:[/red]")

@@ -191,7 +191,13 @@ def test_persistor_keeps_the_previous_checkpoint_when_a_save_dies_midway(tmp_pat
     for r in (2, 3, 4):
         p.save(NodeState("edge-0", r, mods))
     assert p.load().round == 4
-    assert sorted(d.name for d in (tmp_path / "edge-0").glob("round-*")) == ["round-3", "round-4"]
+    assert sorted(d.name for d in (tmp_path / "edge-0").glob("round-*")) == [
+        "round-3-attempt-0",
+        "round-4-attempt-0",
+    ]
+    p.save(NodeState("edge-0", 4, mods, attempt=1))  # a re-run attempt of round 4 is a round end of its own
+    assert p.available() == [(4, 0), (4, 1)] and p.load().attempt == 1 and p.load((4, 0)).attempt == 0
+    assert p.load((3, 0)) is None
 
 
 # ---- config ------------------------------------------------------------------------------------------

@@ -20,16 +20,18 @@ import grpc
 
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
-from hffm.ids import role_of
+from hffm.ids import CLOUD, role_of
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
+from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity
 from hffm.planner import PlannedRound, Planner
-from hffm.results import NodeReport, round_record
+from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record
 from hffm.topology import Topology
 from services.cloud.dispatcher import Assignment, Dispatcher
 from services.cloud.membership import Membership, Registration
 from services.cloud.progress import ProgressEvent, ProgressFeed
 from services.cloud.results_writer import ResultsWriter
+from services.common import faults
 from services.common.convert import progress_to_pb, registration_from_pb
 from services.common.metrics import link_label
 from services.common.node import NodeRuntime, abort_for, authorize
@@ -42,6 +44,24 @@ class CloudNode(NodeRuntime):
     role = "cloud"
 
 
+class AttemptFailed(RuntimeError):
+    """A round's attempt cannot complete (a node it needs was lost); ``lost``: the nodes found gone."""
+
+    def __init__(self, message: str, lost: set[str]) -> None:
+        super().__init__(message)
+        self.lost = lost
+
+
+# codes of an AwaitRound whose node went away (died, restarted, or stalled past the call's deadline)
+GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, grpc.RpcError) and hasattr(err, "code"):
+        return f"{err.code().name}: {err.details()}"
+    return f"{type(err).__name__}: {err}"
+
+
 class Coordinator:
     """The round loop over its parts: membership (who is in, where, with how many samples), the
     planner (pure: plans from membership), the dispatcher (assign and await over gRPC), the progress
@@ -50,12 +70,18 @@ class Coordinator:
     def __init__(self, cfg: HFFMConfig, topo: Topology, node: CloudNode, out_dir: Path) -> None:
         self.cfg, self.node, self.out_dir = cfg, node, out_dir
         self.progress = ProgressFeed()
-        self.members = Membership(topo, node.address, on_change=self._registered)
+        self.members = Membership(topo, node.address, on_change=self._registered, on_states=self._holds)
         self.costs = CostModel(cfg, topo)
         self.planner = Planner(cfg, self.costs)
         self.method = self.planner.method
         self.dispatcher = Dispatcher(cfg, node, self.members)
         self.results = ResultsWriter(cfg, out_dir, node.metrics)
+        self.persistor = Persistor(Path(cfg.checkpoint.dir or out_dir / "state") / CLOUD, keep=cfg.checkpoint.keep)
+        # node -> the round end it holds, as far as the coordinator knows (hffm/recovery.py)
+        self.held: dict[str, tuple[int, int]] = {n: (0, 0) for n in topo.node_ids()}
+        self._held_lock = threading.Lock()
+        self.first_round = self.resume()  # before the server starts: registrations then update what it loaded
+        self.missing: set[str] = set()  # members lost or unreachable lately (faults.rejoin_wait_s)
         self.done = threading.Event()
         self.ok = False
 
@@ -85,12 +111,17 @@ class Coordinator:
 
     # ---- a round -----------------------------------------------------------------------------
     def plan_round(self, round_: int) -> PlannedRound:
-        """This round's plan over the members that answer a health check (devices that do not sit the
-        round out: their cluster and paths are recomputed without them)."""
-        down = self.dispatcher.probe([d.id for d in self.topo.devices])
+        """This round's plan over the members that answer a health check (a device that does not sits
+        the round out: its cluster and paths are recomputed without it; an edge that does not takes its
+        cluster with it), starting every node from the round end it holds or with a sync."""
+        if self.missing and self.cfg.faults.rejoin_wait_s > 0:
+            self._await_members(self.missing, self.cfg.faults.rejoin_wait_s)
+        down = self.dispatcher.probe([n for n in self.topo.node_ids() if n != CLOUD])
         if down:
-            log.warning("round %d: unreachable devices left out: %s", round_, sorted(down))
-        return self.planner.plan(round_, self.topo, down, self.members.samples)
+            log.warning("round %d: unreachable nodes sit it out: %s", round_, sorted(down))
+        self.missing = set(down)
+        cloud_rounds = [x.round for x in self.results.rounds if x.cloud_aggregation]
+        return self.planner.plan(round_, self.topo, down, self.members.samples, self.held, cloud_rounds)
 
     def tasks_for(self, planned: PlannedRound, attempt: int = 0) -> dict[str, Assignment]:
         """Every taking-part node's assignment: its steps and the address of every node it may talk to."""
@@ -108,7 +139,9 @@ class Coordinator:
             if self.method.uses_d2d and topo.role(nid) == "device":  # relays reach any cluster peer
                 peers.update(d.id for d in topo.cluster(topo.device_map[nid].edge) if d.id != nid)
             peer_addresses = {p: self.members.address(p) for p in sorted(peers)}
-            tasks[nid] = Assignment(plan.round, attempt, self.method.name, tuple(steps), peer_addresses)
+            tasks[nid] = Assignment(
+                plan.round, attempt, self.method.name, tuple(steps), peer_addresses, planned.starts.base.get(nid)
+            )
         return tasks
 
     def model_round(self, plan: RoundPlan, ctx: RoundContext, reports: list[NodeReport]) -> dict[str, Any]:
@@ -150,12 +183,103 @@ class Coordinator:
         cost["heads"] = dict(ctx.heads)
         return cost
 
-    def run_round(self, r: int, pool: ThreadPoolExecutor, attempt: int = 0) -> None:
+    def run_round(self, r: int, pool: ThreadPoolExecutor) -> None:
+        """Round ``r`` to completion: attempts until one completes (a lost critical node aborts one;
+        the next is planned over whoever answers, with syncs for nodes that missed state), at most
+        ``faults.max_attempts``; then the round's record and the checkpoint."""
+        attempt = self._first_attempt(r)
+        aborted: list[dict[str, Any]] = []
+        while True:
+            self._write_intent(r, attempt)
+            try:
+                rec = self.run_attempt(r, attempt, pool)
+                break
+            except AttemptFailed as err:
+                self.missing |= err.lost
+                aborted.append({"attempt": attempt, "reason": str(err), "lost": sorted(err.lost)})
+                log.warning("round %d attempt %d aborted: %s", r, attempt, err)
+                self.node.metrics.attempts_aborted.inc()
+                if len(aborted) >= self.cfg.faults.max_attempts:
+                    raise RuntimeError(f"round {r}: {len(aborted)} attempts failed; the last: {err}") from None
+                attempt += 1
+                time.sleep(self.cfg.faults.retry_delay_s)
+        rec.aborted = aborted
+        self.results.add(rec)
+        self.results.write(self.members.snapshot(), complete=False)
+        self.checkpoint(r, attempt)
+        faults.hit(CLOUD, "round_end", r)
+        self.progress.publish(
+            ProgressEvent(
+                phase="round",
+                round=r,
+                rounds=self.cfg.rounds,
+                registered=self.members.expected,
+                expected=self.members.expected,
+                results_json=json.dumps(rec.to_dict()),
+            )
+        )
+        log.info("round %d done in %.2fs: %s", r, rec.wall_s, json.dumps(rec.accuracy))
+
+    def run_attempt(self, r: int, attempt: int, pool: ThreadPoolExecutor) -> RoundRecord:
         t0 = time.perf_counter()
         planned = self.plan_round(r)
         nodes = planned.topo.node_ids()
-        self.dispatcher.assign_all(self.tasks_for(planned, attempt), pool)
-        reports = self.dispatcher.await_all(nodes, r, attempt, pool)
+        tasks = self.tasks_for(planned, attempt)
+        failed = self.dispatcher.assign_all(tasks, pool)
+        if failed:
+            with self._held_lock:
+                for n, err in failed.items():  # it lost the round end it was to start from: sync it next
+                    if isinstance(err, grpc.RpcError) and "no_base_state" in (err.details() or ""):
+                        self.held.pop(n, None)
+            why = "; ".join(f"{n}: {_describe(e)}" for n, e in sorted(failed.items()))
+            raise AttemptFailed(f"assignment failed: {why}", set(failed))
+        lost: dict[str, str] = {}
+
+        def tell(x: str) -> list[str]:  # the nodes whose steps name x
+            out = []
+            for n in nodes:
+                for st in planned.plan.steps.get(n, []):
+                    if (isinstance(st, Collect) and x in st.senders) or (
+                        isinstance(st, Send) and x in (st.to, *st.route)
+                    ):
+                        out.append(n)
+                        break
+            return out
+
+        def leave_out(x: str, reason: str) -> None:
+            lost[x] = reason
+            self.missing.add(x)
+            log.warning("round %d attempt %d: %s left out (%s)", r, attempt, x, reason)
+            self.node.metrics.nodes_lost.labels(node=x).inc()
+            self.dispatcher.leave_out(r, attempt, x, reason, tell(x))
+
+        def on_failure(n: str, err: BaseException) -> None:
+            if n in lost:
+                return
+            if n == CLOUD:
+                raise AttemptFailed(f"the cloud's own steps failed: {_describe(err)}", set())
+            dead = self.dispatcher.probe([x for x in nodes if x != CLOUD and x not in lost])
+            if isinstance(err, grpc.RpcError) and err.code() in GONE:
+                dead.add(n)  # its call broke: it died (and may already be back, without this round)
+            if n in planned.critical or dead & planned.critical:
+                why = f"{n} failed ({_describe(err)})" + (f"; not answering: {sorted(dead)}" if dead else "")
+                raise AttemptFailed(why, dead)
+            for x in sorted(dead | {n}):
+                leave_out(x, _describe(err) if x == n else "not answering")
+
+        def on_report(rep: NodeReport) -> list[str]:
+            late = sorted({x for a in rep.aggregates for x in a.left_out} - set(lost))
+            for x in late:
+                if x in planned.critical:
+                    raise AttemptFailed(f"{rep.node} went on without {x}, which the round needs", {x})
+                leave_out(x, f"missed the deadline of {rep.node}")
+            return late
+
+        by_node = self.dispatcher.await_all(nodes, r, attempt, pool, on_failure, on_report)
+        reports = [by_node[n] for n in nodes if n in by_node]
+        with self._held_lock:  # what each node completing the round now holds
+            for n in by_node:
+                self.held[n] = (r, attempt)
         wall = time.perf_counter() - t0
         rec = round_record(
             self.method.name,
@@ -167,41 +291,106 @@ class Coordinator:
             attempt,
             list(planned.left_out),
         )
+        rec.lost = dict(sorted(lost.items()))
+        rec.synced = {n: src.source for n, src in sorted(planned.starts.sync.items())}
         rec.modeled = self.model_round(planned.plan, planned.ctx, reports)
-        self.results.add(rec)
-        self.results.write(self.members.snapshot(), complete=False)
-        self.progress.publish(
-            ProgressEvent(
-                phase="round",
-                round=r,
-                rounds=self.cfg.rounds,
-                registered=self.members.expected,
-                expected=self.members.expected,
-                results_json=json.dumps(rec.to_dict()),
+        return rec
+
+    # ---- durable state -----------------------------------------------------------------------
+    def checkpoint(self, r: int, attempt: int) -> None:
+        """The coordinator's state at the end of round ``r``: the cloud's modules, the results so far,
+        the members, what every node holds, RNG states (atomic: docs/reliability.md)."""
+        self.persistor.save(
+            NodeState(
+                CLOUD,
+                r,
+                self.node.modules,
+                rng_states(),
+                {
+                    "rounds": [x.to_dict() for x in self.results.rounds],
+                    "members": self.members.to_json(),
+                    "held": {n: list(k) for n, k in sorted(self.held.items())},
+                },
+                attempt,
             )
         )
-        log.info("round %d done in %.2fs: %s", r, wall, json.dumps(rec.accuracy))
+        self.node.metrics.checkpoints.labels(node=CLOUD).inc()
+
+    def resume(self) -> int:
+        """Continue from the newest checkpoint, if any: returns the first round to run (1 without one)."""
+        saved = self.persistor.load()
+        if saved is None:
+            return 1
+        extra = saved.extra
+        self.results.rounds = [RoundRecord.from_dict(d) for d in extra.get("rounds", [])]
+        self.members.restore(extra.get("members", {}))
+        self.held = {n: (int(k[0]), int(k[1])) for n, k in extra.get("held", {}).items()}
+        self.node.modules = {**self.node.modules, **saved.modules}
+        self.node.held = (saved.round, saved.attempt)
+        self.node._ends[self.node.held] = dict(self.node.modules)
+        set_rng_states(saved.rng)
+        log.warning("resuming after round %d (attempt %d) from %s", saved.round, saved.attempt, self.persistor.dir)
+        return saved.round + 1
+
+    def _intent_path(self) -> Path:
+        return self.persistor.dir / "attempt.json"
+
+    def _write_intent(self, r: int, attempt: int) -> None:
+        """Written before an attempt's first assignment: a restarted coordinator numbers its attempt of
+        the same round above every one the nodes may still be running."""
+        self.persistor.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._intent_path(), json.dumps({"round": r, "attempt": attempt}).encode())
+
+    def _first_attempt(self, r: int) -> int:
+        try:
+            doc = json.loads(self._intent_path().read_text())
+        except (OSError, ValueError):
+            return 0
+        return int(doc["attempt"]) + 1 if int(doc.get("round", -1)) == r else 0
+
+    def _holds(self, node: str, states: set[tuple[int, int]]) -> None:
+        """A node registered (again: it restarted) holding ``states``: a round end it no longer holds is
+        forgotten, so it starts its next round with a sync."""
+        with self._held_lock:
+            if node in self.held and self.held[node] not in states:
+                log.warning("%s holds %s, not round end %s: it will be synced", node, sorted(states), self.held[node])
+                del self.held[node]
+
+    def _await_members(self, nodes: list[str] | set[str], timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` until ``nodes`` answer (restarted nodes come back)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            down = self.dispatcher.probe(sorted(set(nodes) - {CLOUD}))
+            if not down or time.monotonic() > deadline:
+                if down:
+                    log.warning("going on without %s (not answering after %.0fs)", sorted(down), timeout_s)
+                return
+            time.sleep(0.5)
 
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            self.members.wait_for_all(self.cfg.runtime.register_timeout_s)
+            first = self.first_round
+            self.members.wait_for_all(self.cfg.runtime.register_timeout_s)  # a resumed one knows them
+            if first > 1:
+                self._await_members(self.topo.node_ids(), self.cfg.faults.resume_wait_s)
             expected = self.members.expected
             self.progress.publish(
                 ProgressEvent(
                     phase="round",
-                    round=0,
+                    round=first - 1,
                     rounds=self.cfg.rounds,
                     registered=expected,
                     expected=expected,
-                    message="all nodes registered",
+                    message="all nodes registered" if first == 1 else f"resumed after round {first - 1}",
                 )
             )
-            time.sleep(self.cfg.runtime.start_delay_s)
+            if first == 1:
+                time.sleep(self.cfg.runtime.start_delay_s)
             with ThreadPoolExecutor(max_workers=min(64, len(self.topo.node_ids()))) as pool:
-                for r in range(1, self.cfg.rounds + 1):
+                for r in range(first, self.cfg.rounds + 1):
                     self.run_round(r, pool)
-            self.results.finish(self.node.modules, self.members.snapshot())
+            self.results.finish(self.node.modules)
             self.ok = True
             self.progress.publish(
                 ProgressEvent(

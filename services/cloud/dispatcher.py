@@ -4,8 +4,11 @@ round at once, and the final shutdown. Talks gRPC; decides nothing (the planner 
 from __future__ import annotations
 
 import logging
+import queue
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hffm.config import HFFMConfig
 from hffm.ids import CLOUD
 from hffm.methods import Step
+from hffm.modules import ModuleError
 from hffm.results import NodeReport
 from services.cloud.membership import Membership
 from services.common.client import RETRYABLE, with_retries
@@ -32,6 +36,7 @@ class Assignment:
     method: str
     steps: tuple[Step, ...]
     peers: dict[str, str]
+    base: tuple[int, int] | None = None  # the round end it starts from (None: a sync replaces its state)
 
     def to_pb(self) -> pb.RoundTask:
         return pb.RoundTask(
@@ -40,6 +45,9 @@ class Assignment:
             method=self.method,
             steps=[step_to_pb(s) for s in self.steps],
             peers=self.peers,
+            has_base=self.base is not None,
+            base_round=self.base[0] if self.base else 0,
+            base_attempt=self.base[1] if self.base else 0,
         )
 
 
@@ -72,7 +80,7 @@ class Dispatcher:
         task = a.to_pb()
         if node == CLOUD:  # the coordinator's own node: through the same conversion a servicer makes
             steps = [step_from_pb(s) for s in task.steps]
-            self.node.assign(task.round, task.method, steps, dict(task.peers), task.attempt)
+            self.node.assign(task.round, task.method, steps, dict(task.peers), task.attempt, a.base)
             return
         stub = self._stub(node)
         with_retries(
@@ -81,35 +89,90 @@ class Dispatcher:
             what=f"assign {node}",
         )
 
-    def assign_all(self, tasks: dict[str, Assignment], pool: ThreadPoolExecutor) -> None:
-        list(pool.map(lambda n: self.assign(n, tasks[n]), list(tasks)))
+    def assign_all(self, tasks: dict[str, Assignment], pool: ThreadPoolExecutor) -> dict[str, Exception]:
+        """Assign every node its part; the nodes that refused or could not be reached, with why."""
 
-    def await_all(self, nodes: list[str], round_: int, attempt: int, pool: ThreadPoolExecutor) -> list[NodeReport]:
-        """Start and await every node's round at once. A node runs its steps only once asked, and
-        its steps wait on other nodes', so every call must be in flight together: they are gRPC
-        futures (no thread held per node), retried once each on a transient failure."""
+        def one(n: str) -> Exception | None:
+            try:
+                self.assign(n, tasks[n])
+                return None
+            except (grpc.RpcError, ModuleError) as err:
+                return err
+
+        return {n: e for n, e in zip(tasks, pool.map(one, list(tasks)), strict=True) if e is not None}
+
+    def await_all(
+        self,
+        nodes: list[str],
+        round_: int,
+        attempt: int,
+        pool: ThreadPoolExecutor,
+        on_failure: Callable[[str, BaseException], None],
+        on_report: Callable[[NodeReport], Iterable[str]] = lambda _r: (),
+    ) -> dict[str, NodeReport]:
+        """Start and await every node's round at once. A node runs its steps only once asked, and its
+        steps wait on other nodes', so every call must be in flight together: they are gRPC futures (no
+        thread held per node). Reports are handled as they come: ``on_report`` names nodes the round
+        no longer waits for (left out by a collector's deadline); a failed node goes to ``on_failure``,
+        which raises to abort the attempt (the calls still open are cancelled) or returns to go on
+        without it. A transient failure of a node that still answers is retried once (idempotent)."""
         timeout = self.cfg.runtime.round_timeout_s + 30
         req = pb.AwaitRequest(round=round_, attempt=attempt)
-        own = (
-            pool.submit(self.node.await_round, round_, self.cfg.runtime.round_timeout_s, attempt)
-            if CLOUD in nodes
-            else None
-        )
-        futures = {
-            n: self._stub(n).AwaitRound.future(req, timeout=timeout, metadata=self.meta) for n in nodes if n != CLOUD
-        }
+        done: queue.Queue = queue.Queue()
+        futures: dict[str, Any] = {}
+
+        def start(n: str) -> None:
+            if n == CLOUD:  # the coordinator's own node
+                fut = pool.submit(self.node.await_round, round_, self.cfg.runtime.round_timeout_s, attempt)
+            else:
+                fut = self._stub(n).AwaitRound.future(req, timeout=timeout, metadata=self.meta)
+            futures[n] = fut
+            fut.add_done_callback(lambda f, n=n: done.put((n, f)))
+
+        for n in nodes:
+            start(n)
+        retried: set[str] = set()
+        pending = set(nodes)
         reports: dict[str, NodeReport] = {}
-        for n, fut in futures.items():
+        try:
+            while pending:
+                n, fut = done.get()
+                if n not in pending or fut is not futures[n]:
+                    continue
+                try:
+                    res = fut.result()
+                    reports[n] = res if n == CLOUD else report_from_pb(res)
+                except Exception as err:  # noqa: BLE001 - judged by the coordinator
+                    code = err.code() if isinstance(err, grpc.RpcError) else None
+                    if code in RETRYABLE and n not in retried and n != CLOUD and not self.probe([n]):
+                        log.warning("await %s: %s; retrying", n, code.name if code else err)
+                        retried.add(n)
+                        start(n)
+                        continue
+                    pending.discard(n)
+                    on_failure(n, err)
+                    continue
+                pending.discard(n)
+                for gone in on_report(reports[n]):
+                    if gone in pending:
+                        pending.discard(gone)
+                        futures[gone].cancel()
+        finally:
+            for n in pending:
+                futures[n].cancel()
+        return reports
+
+    def leave_out(self, round_: int, attempt: int, lost: str, reason: str, tell: list[str]) -> None:
+        """Tell ``tell`` (the nodes that collect from or send to ``lost``) to go on without it."""
+        req = pb.LeaveOutRequest(round=round_, attempt=attempt, node=lost, reason=reason)
+        for n in tell:
+            if n == CLOUD:
+                self.node.leave_out(round_, attempt, lost, reason)
+                continue
             try:
-                reports[n] = report_from_pb(fut.result())
-            except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
-                    raise
-                log.warning("await %s: %s; retrying", n, err.code().name)  # AwaitRound is idempotent
-                reports[n] = report_from_pb(self._stub(n).AwaitRound(req, timeout=timeout, metadata=self.meta))
-        if own is not None:
-            reports[CLOUD] = own.result()
-        return [reports[n] for n in nodes]
+                self._stub(n).LeaveOut(req, timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.meta)
+            except grpc.RpcError as err:  # that node's own failure is judged on its own
+                log.warning("leave-out of %s at %s failed: %s", lost, n, err.code().name)
 
     def shutdown_nodes(self) -> None:
         for nid in self.members.snapshot():

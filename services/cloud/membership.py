@@ -19,10 +19,17 @@ log = logging.getLogger("hffm.membership")
 
 
 class Membership:
-    def __init__(self, topo: Topology, cloud_address: str, on_change: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        cloud_address: str,
+        on_change: Callable[[str], None] | None = None,
+        on_states: Callable[[str, set[tuple[int, int]]], None] | None = None,
+    ) -> None:
         self.topo = topo
         self.addresses: dict[str, str] = {CLOUD: cloud_address}
         self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
+        self._on_states = on_states or (lambda _n, _s: None)  # the round ends a registering node holds
         self._on_change = on_change or (lambda _msg: None)
         self._cv = threading.Condition()
 
@@ -55,6 +62,7 @@ class Membership:
             self.addresses[reg.id] = reg.address  # a restarted device re-registers with its new address
             if role == "device":
                 self.samples[reg.id] = samples
+            self._on_states(reg.id, set(reg.states))
             n = len(self.addresses)
             self._cv.notify_all()
         log.info("registered %s at %s (%d/%d)", reg.id, reg.address, n, self.expected)
@@ -78,3 +86,17 @@ class Membership:
     def snapshot(self) -> dict[str, str]:
         with self._cv:
             return dict(sorted(self.addresses.items()))
+
+    def to_json(self) -> dict:
+        with self._cv:
+            return {"addresses": dict(self.addresses), "samples": dict(self.samples)}
+
+    def restore(self, doc: dict) -> None:
+        """A resumed coordinator: the members and their samples as saved (nodes that restart register
+        again and replace their entry)."""
+        with self._cv:
+            for n, a in doc.get("addresses", {}).items():
+                self.addresses.setdefault(n, a)
+            for n, s in doc.get("samples", {}).items():
+                self.samples.setdefault(n, dict(s))
+            self._cv.notify_all()

@@ -1,14 +1,12 @@
 """The run's results: round records in order, results.json rewritten atomically after every round,
-the per-round gauges, and the cloud's final state through the persistor."""
+the per-round gauges, and the final global modules."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from hffm.config import HFFMConfig
-from hffm.ids import CLOUD
 from hffm.modules import ModuleSet, save_modules
-from hffm.persist import NodeState, Persistor, rng_states
 from hffm.results import RoundRecord, write_results
 from services.common.metrics import Metrics
 
@@ -17,7 +15,6 @@ class ResultsWriter:
     def __init__(self, cfg: HFFMConfig, out_dir: Path, metrics: Metrics) -> None:
         self.cfg, self.out_dir, self.metrics = cfg, out_dir, metrics
         self.rounds: list[RoundRecord] = []
-        self.persistor = Persistor(out_dir / "state" / CLOUD)
 
     def add(self, rec: RoundRecord) -> None:
         self.rounds.append(rec)
@@ -40,12 +37,6 @@ class ResultsWriter:
             self.out_dir / "results.json", self.cfg.model_dump(mode="json"), self.rounds, nodes=nodes, complete=complete
         )
 
-    def finish(self, modules: ModuleSet, nodes: dict[str, str]) -> None:
-        """The final global modules, and the cloud's state at the end of the run."""
+    def finish(self, modules: ModuleSet) -> None:
+        """The final global modules (the coordinator's checkpoint of the last round holds the rest)."""
         save_modules(modules, str(self.out_dir / "global_modules.safetensors"))
-        last = self.rounds[-1].round if self.rounds else 0
-        self.persistor.save(
-            NodeState(
-                CLOUD, last, modules, rng_states(), {"rounds": [r.to_dict() for r in self.rounds], "nodes": nodes}
-            )
-        )

@@ -15,6 +15,7 @@ from hffm.config import ConfigError, HFFMConfig, load_config
 from hffm.data import TASK_LABELS
 from hffm.model import backbone_dims, initial_modules
 from hffm.modules import ModuleSet, ModuleSpec, spec_of
+from hffm.persist import Persistor
 from hffm.topology import Topology
 from services.common.metrics import Metrics
 from services.common.security import Security, credential_paths
@@ -33,7 +34,22 @@ def base_parser(prog: str) -> argparse.ArgumentParser:
         help="serve Prometheus /metrics on this port (0: off; env HFFM_METRICS_PORT)",
     )
     p.add_argument("--metrics-addr", default=os.environ.get("HFFM_METRICS_ADDR", "0.0.0.0"))
+    p.add_argument(
+        "--state-dir",
+        default=os.environ.get("HFFM_STATE_DIR"),
+        help="durable state: <dir>/<node>/ (default: checkpoint.dir; env HFFM_STATE_DIR)",
+    )
     return p
+
+
+def persistor(args: argparse.Namespace, cfg: HFFMConfig, node: str) -> Persistor | None:
+    """The node's checkpoints under --state-dir (or checkpoint.dir); None: round ends in memory only."""
+    d = args.state_dir or cfg.checkpoint.dir
+    return Persistor(os.path.join(d, node), keep=cfg.checkpoint.keep) if d else None
+
+
+def state_refs(states: list[tuple[int, int]]) -> list[pb.StateRef]:
+    return [pb.StateRef(round=r, attempt=a) for r, a in states]
 
 
 def start_metrics(args: argparse.Namespace, cfg: HFFMConfig, identity: str) -> Metrics:

@@ -1,8 +1,8 @@
 """Client side of module pushes and control calls: channel cache, chunked streaming, retries.
 
-Every link (device->edge, edge->cloud, device->cloud, device->device) uses ``push_modules``; the
-link kind is only a header field. A retried push carries the same push id, so the receiver counts
-it once.
+Every link (device->edge, edge->cloud, device->cloud, device->device) pushes through ``push_callable``
+with ``push_requests`` (the node's ``Sender`` retries and cancels); the link kind is only a header
+field. A retried push carries the same push id, so the receiver counts it once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.keepalive_time_ms", 30_000),
+    # a peer that restarted is dialled again within 2 s (gRPC's default backoff grows to 120 s)
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 T = TypeVar("T")
 
@@ -67,12 +71,17 @@ class Channels:
 
 
 def push_requests(
-    header: PushHeader, encoded: Sequence[EncodedModule], chunk_bytes: int
+    header: PushHeader,
+    encoded: Sequence[EncodedModule],
+    chunk_bytes: int,
+    after_first_chunk: Callable[[], None] | None = None,
 ) -> Iterator[pb.PushRequest | bytes]:
     """The header, then every chunk as an already serialized message (``chunkwire``)."""
     yield pb.PushRequest(header=header_to_pb(header))
-    for i, off, view in chunks(encoded, chunk_bytes):
+    for n, (i, off, view) in enumerate(chunks(encoded, chunk_bytes)):
         yield chunk_message(i, off, view)
+        if n == 0 and after_first_chunk is not None:
+            after_first_chunk()
 
 
 def push_callable(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
@@ -95,25 +104,3 @@ def with_retries(fn: Callable[[], T], *, attempts: int, what: str, backoff_s: fl
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError(f"unreachable: {what}")
-
-
-def push_modules(
-    channel: grpc.Channel,
-    header: PushHeader,
-    encoded: Sequence[EncodedModule],
-    *,
-    chunk_bytes: int,
-    timeout_s: float,
-    metadata: tuple[tuple[str, str], ...] | None = None,
-    attempts: int = 5,
-) -> pb.PushAck:
-    """Push ``encoded`` with ``header`` (``metadata``: the caller's, on plaintext links)."""
-    push = push_callable(channel)
-    meta = metadata
-    return with_retries(
-        lambda: push(
-            push_requests(header, encoded, chunk_bytes), timeout=timeout_s, wait_for_ready=True, metadata=meta
-        ),
-        attempts=attempts,
-        what=f"push {header.push_id}",
-    )

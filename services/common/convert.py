@@ -130,6 +130,7 @@ def report_to_pb(r: NodeReport) -> pb.RoundReport:
         train_samples=r.train_samples,
         wall_s=r.wall_s,
         train_s=r.train_s,
+        undelivered=list(r.undelivered),
     )
 
 
@@ -147,6 +148,7 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
         train_samples=r.train_samples,
         wall_s=r.wall_s,
         train_s=r.train_s,
+        undelivered=list(r.undelivered),
     )
 
 
@@ -164,4 +166,11 @@ def progress_to_pb(ev) -> pb.Progress:
 
 
 def registration_from_pb(info: pb.NodeInfo) -> Registration:
-    return Registration(info.id, info.role, info.address, info.edge, tuple(sorted(info.train_samples.items())))
+    return Registration(
+        info.id,
+        info.role,
+        info.address,
+        info.edge,
+        tuple(sorted(info.train_samples.items())),
+        tuple(sorted({(s.round, s.attempt) for s in info.states})),
+    )

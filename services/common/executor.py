@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from hffm.inbox import Aggregate
+from hffm.inbox import Aggregate, RoundAborted
 from hffm.methods import Collect, Evaluate, Send, Train
 from hffm.results import AggregateRecord, NodeReport
+from services.common import faults
 from services.common.rounds import RoundState
 
 if TYPE_CHECKING:
@@ -24,8 +25,11 @@ class StepExecutor:
         node = self.node
         t0 = time.perf_counter()
         steps = state.steps
+        node.start_round(state)
         i = 0
         while i < len(steps):
+            if state.aborted.is_set():
+                raise RoundAborted(f"{node.node_id}: round {state.round} attempt {state.attempt} was replaced")
             s = steps[i]
             if isinstance(s, Send):
                 j = i
@@ -42,6 +46,9 @@ class StepExecutor:
             elif isinstance(s, Evaluate):
                 node.evaluate(state)
             i += 1
+        if state.aborted.is_set():
+            raise RoundAborted(f"{node.node_id}: round {state.round} attempt {state.attempt} was replaced")
+        node.end_round(state)
         state.report.wall_s = time.perf_counter() - t0
         return state.report
 
@@ -50,9 +57,14 @@ class StepExecutor:
         if s.include_self:
             own = {n: node.modules[n] for n in node.own_module_names()}
             node.inbox.add_own(s.tag, own)
-            node.trace(f"r{state.round}-{s.tag}-own", own)
+            node.trace(f"{state.trace_prefix}-{s.tag}-own", own)
+        faults.hit(node.node_id, f"collect.{s.tag}", state.round)
         agg: Aggregate = node.inbox.wait(s.tag, node.cfg.runtime.round_timeout_s)
+        faults.hit(node.node_id, f"collected.{s.tag}", state.round)
         node.metrics.aggregations.labels(node=node.node_id, tag=s.tag).inc()
-        node.trace(f"r{state.round}-{s.tag}-aggregate", agg.modules)
+        node.trace(f"{state.trace_prefix}-{s.tag}-aggregate", agg.modules)
         node.adopt(agg.modules)
+        if agg.left_out:  # senders that missed the deadline are not sent this round's result either
+            with node.rounds.lock:
+                state.lost.update(agg.left_out)
         state.report.aggregates.append(AggregateRecord(node.node_id, s.tag, agg.counted, agg.left_out))

@@ -145,6 +145,16 @@ class Metrics:
         self.cluster_head = Gauge(
             "hffm_cluster_head", "1 for the current cluster head of an edge", ["edge", "head"], registry=r
         )
+        self.attempts_aborted = Counter(
+            "hffm_round_attempts_aborted", "Round attempts aborted (a node the round needed was lost)", registry=r
+        )
+        self.nodes_lost = Counter(
+            "hffm_nodes_lost",
+            "Nodes left out of a round midway (died, stalled or missed a deadline)",
+            ["node"],
+            registry=r,
+        )
+        self.checkpoints = Counter("hffm_checkpoints", "Round ends saved to durable state", ["node"], registry=r)
         self._heads: dict[str, str] = {}
 
     def init_node(self, node: str) -> None:

@@ -20,6 +20,7 @@ from hffm.ids import CLOUD
 from hffm.inbox import Inbox, RoundAborted
 from hffm.methods import Collect, Step
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec, save_modules
+from hffm.persist import NodeState, Persistor
 from hffm.pki import Identity
 from hffm.results import NodeReport
 from services.common.client import Channels
@@ -55,6 +56,7 @@ class NodeRuntime:
         metrics: Metrics | None = None,
         channels: Channels | None = None,
         security: Security | None = None,
+        persistor: Persistor | None = None,
     ) -> None:
         self.node_id = node_id
         self.security = security or Security(cfg.security, node_id)
@@ -64,6 +66,13 @@ class NodeRuntime:
         self.spec = spec
         self.address = address
         self.modules: ModuleSet = modules
+        # Round ends: the (round, attempt) whose end state the node holds, the last few in memory, and
+        # on disk through the persistor (a restarted node reloads the one the coordinator names).
+        self.held: tuple[int, int] = (0, 0)
+        self._ends: dict[tuple[int, int], ModuleSet] = {(0, 0): dict(modules)}
+        self.persistor = persistor
+        if persistor is not None:
+            self._restore()
         # plaintext channels may be shared by the nodes of a process; TLS channels carry this node's certificate
         if channels is not None and channels.tls and channels.security is not self.security:
             raise ValueError(f"{node_id}: TLS channels belong to one node")
@@ -115,17 +124,91 @@ class NodeRuntime:
         self.modules.update(modules)
         self.sender.invalidate()
 
+    # ---- round ends: what the node holds, in memory and on disk ---------------------------------
+    def _restore(self) -> None:
+        """A restarted node: its newest checkpoint becomes its modules."""
+        assert self.persistor is not None
+        saved = self.persistor.load()
+        if saved is None:
+            return
+        unknown = sorted(set(saved.modules) - set(self.spec))
+        if saved.node != self.node_id or unknown:
+            raise ValueError(f"{self.persistor.dir}: a checkpoint of {saved.node} (modules {unknown} unknown here)")
+        self.modules = {**self.modules, **saved.modules}
+        self.held = (saved.round, saved.attempt)
+        self._ends[self.held] = dict(self.modules)  # beside the initial modules (a fresh run starts there)
+        log.info("%s resumed from its checkpoint of round %d attempt %d", self.node_id, *self.held)
+
+    def states(self) -> list[tuple[int, int]]:
+        """Every round end this node can start a round from."""
+        on_disk = self.persistor.available() if self.persistor is not None else []
+        return sorted({*self._ends, *on_disk})
+
+    def _end_state(self, ref: tuple[int, int]) -> ModuleSet | None:
+        if ref in self._ends:
+            return dict(self._ends[ref])
+        saved = self.persistor.load(ref) if self.persistor is not None else None
+        return None if saved is None else {**self._ends.get((0, 0), {}), **saved.modules}
+
+    def start_round(self, state: RoundState) -> None:
+        """Before a round's first step: go back to the round end it starts from (an aborted attempt may
+        have changed the modules; a restarted node may hold a later one)."""
+        if state.base is None:
+            return
+        mods = self._end_state(state.base)
+        if mods is None:
+            raise ModuleError("FAILED_PRECONDITION", "no_base_state", f"{self.node_id} lost round end {state.base}")
+        self.modules = mods
+        self.sender.invalidate()
+
+    def end_round(self, state: RoundState) -> None:
+        """Every step of the round done: its end is what the node holds now (saved when it persists)."""
+        key = (state.round, state.attempt)
+        self.held = key
+        self._ends[key] = dict(self.modules)
+        for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
+            del self._ends[old]
+        if self.persistor is not None:
+            self.persistor.save(NodeState(self.node_id, state.round, self.modules, attempt=state.attempt))
+            self.metrics.checkpoints.labels(node=self.node_id).inc()
+
     # ---- round control ---------------------------------------------------------------------
-    def assign(self, round_: int, method: str, steps: list[Step], peers: dict[str, str], attempt: int = 0) -> None:
-        """Install the node's steps for ``round_`` (attempt ``attempt``) and open its inbox (validates first)."""
+    def assign(
+        self,
+        round_: int,
+        method: str,
+        steps: list[Step],
+        peers: dict[str, str],
+        attempt: int = 0,
+        base: tuple[int, int] | None = None,
+    ) -> None:
+        """Install the node's steps for ``round_`` (attempt ``attempt``) starting from round end ``base``
+        (None: what it holds; its first step is then a sync) and open its inbox (validates first)."""
         self.rounds.validate(steps, peers, self.spec, bool(self.modules))
-        state = RoundState(round_, method, steps, dict(peers), attempt)
+        if base is not None and base not in self._ends and base not in self.states():
+            raise ModuleError(
+                "FAILED_PRECONDITION",
+                "no_base_state",
+                f"{self.node_id} holds no state of round {base[0]} attempt {base[1]} (it has {self.states()})",
+            )
+        state = RoundState(round_, method, steps, dict(peers), attempt, base)
         with self.rounds.lock:
             if not self.rounds.install(state):
                 return
             self.metrics.round.labels(node=self.node_id).set(round_)
             collects = [s for s in steps if isinstance(s, Collect)]
             self.inbox.open_round(round_, collects, set(peers), attempt, reference=self.modules)
+
+    def leave_out(self, round_: int, attempt: int, node: str, reason: str) -> None:
+        """The coordinator's verdict: ``node`` is lost for this attempt (collects stop waiting for it,
+        sends to it are skipped)."""
+        with self.rounds.lock:
+            state = self.rounds.get(round_)
+            if state is None or state.attempt != attempt:
+                return
+            state.lost.add(node)
+        tags = self.inbox.leave_out(round_, attempt, node, reason)
+        log.warning("%s: %s left out of round %d (%s); collects %s", self.node_id, node, round_, reason, tags)
 
     def await_round(self, round_: int, timeout_s: float, attempt: int = 0) -> NodeReport:
         with self.rounds.lock:
@@ -219,7 +302,8 @@ class RoundControlServicer(pb_grpc.RoundControlServicer):
         try:
             authorize(self.node, context, "AssignRound", from_coordinator)
             steps = [step_from_pb(s) for s in request.steps]
-            self.node.assign(request.round, request.method, steps, dict(request.peers), request.attempt)
+            base = (request.base_round, request.base_attempt) if request.has_base else None
+            self.node.assign(request.round, request.method, steps, dict(request.peers), request.attempt, base)
             return pb.AssignAck()
         except Exception as err:  # noqa: BLE001
             abort_for(context, err)
@@ -229,6 +313,14 @@ class RoundControlServicer(pb_grpc.RoundControlServicer):
             authorize(self.node, context, "AwaitRound", from_coordinator)
             report = self.node.await_round(request.round, self.node.cfg.runtime.round_timeout_s, request.attempt)
             return report_to_pb(report)
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
+
+    def LeaveOut(self, request, context):  # noqa: N802
+        try:
+            authorize(self.node, context, "LeaveOut", from_coordinator)
+            self.node.leave_out(request.round, request.attempt, request.node, request.reason or "lost")
+            return pb.Empty()
         except Exception as err:  # noqa: BLE001
             abort_for(context, err)
 

@@ -16,6 +16,7 @@ from hffm.inbox import Inbox
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec
 from hffm.pki import PKIError
 from hffm.wire import PushAssembler, PushHeader
+from services.common import faults
 from services.common.chunkwire import RawChunk
 from services.common.client import Channels, push_callable
 from services.common.convert import header_from_pb, header_to_pb
@@ -83,7 +84,8 @@ class Receiver:
                 self._count_received(header)
                 for m in modules:
                     self.metrics.modules_received.labels(node=self.node_id, module=m.name).inc()
-                self.trace(f"r{header.round}-{header.tag}-from-{header.sender}", {m.name: m for m in modules})
+                prefix = f"r{header.round}" + (f"a{header.attempt}" if header.attempt else "")
+                self.trace(f"{prefix}-{header.tag}-from-{header.sender}", {m.name: m for m in modules})
         return pb.PushAck(
             duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules]
         )
@@ -118,14 +120,19 @@ class Receiver:
             yield pb.PushRequest(header=header_to_pb(onward))
             yield from requests  # chunks go on as they arrive, as the bytes they came in
 
+        faults.hit(self.node_id, "relay", header.round)
         push = push_callable(self.channels.get(state.peers[nxt], nxt))
+        fut = push.future(stream(), timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.sender.metadata)
+        while not fut.done():  # a later attempt replacing this one ends the relay
+            if state.aborted.is_set():
+                fut.cancel()
+                raise ModuleError("ABORTED", "relay_aborted", f"relay {self.node_id} -> {nxt}: attempt replaced")
+            try:
+                fut.exception(timeout=0.25)
+            except grpc.FutureTimeoutError:
+                pass
         try:
-            ack = push(
-                stream(),
-                timeout=self.cfg.runtime.rpc_timeout_s,
-                wait_for_ready=True,
-                metadata=self.sender.metadata,
-            )
+            ack = fut.result()
         except grpc.RpcError as err:
             code = err.code().name if err.code() is not None else "UNAVAILABLE"
             raise ModuleError(code, "relay_failed", f"relay {self.node_id} -> {nxt}: {err.details()}") from None

@@ -19,11 +19,19 @@ class RoundState:
     steps: list[Step]
     peers: dict[str, str]
     attempt: int = 0
+    base: tuple[int, int] | None = None  # the round end it starts from; None: what it holds (then a sync)
     future: Future | None = None
     report: NodeReport = field(init=False)
+    aborted: threading.Event = field(default_factory=threading.Event)  # a later attempt replaced this one
+    lost: set[str] = field(default_factory=set)  # nodes the coordinator left out of this attempt
 
     def __post_init__(self) -> None:
         self.report = NodeReport(node="", round=self.round, attempt=self.attempt)
+
+    @property
+    def trace_prefix(self) -> str:
+        """How trace files of this round's attempt begin: ``r<round>`` (``r<round>a<attempt>`` re-runs)."""
+        return f"r{self.round}" + (f"a{self.attempt}" if self.attempt else "")
 
 
 class RoundRegistry:
@@ -74,6 +82,8 @@ class RoundRegistry:
                     "FAILED_PRECONDITION", "bad_task", f"round {state.round} is not after current round {self.current}"
                 )
             state.report.node = self.node_id
+            for other in self._rounds.values():  # a run still going on an earlier assignment is moot
+                other.aborted.set()
             self._rounds[state.round] = state
             self.current = state.round
             for old in [r for r in self._rounds if r < state.round - self.keep + 1]:

@@ -5,16 +5,21 @@ it sent or relayed in its round's report and its metrics."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+
 from hffm.config import HFFMConfig
 from hffm.ids import role_of
+from hffm.inbox import RoundAborted
 from hffm.methods import Send
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, encode_modules
 from hffm.results import Transfer
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
-from services.common.client import Channels, push_modules
+from services.common import faults
+from services.common.client import RETRYABLE, Channels, push_callable, push_requests
 from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry, RoundState
 
@@ -81,15 +86,52 @@ class Sender:
             attempt=state.attempt,
         )
         header = self.sign(header)
-        push_modules(
-            self.channels.get(state.peers[first_hop], first_hop),
-            header,
-            encoded,
-            chunk_bytes=self.cfg.wire.chunk_bytes,
-            timeout_s=self.cfg.runtime.rpc_timeout_s,
-            metadata=self.metadata,
-        )
-        self.record(header, first_hop)
+        if self._push(state, s, header, first_hop, encoded):
+            self.record(header, first_hop)
+
+    def _push(self, state: RoundState, s: Send, header: PushHeader, first_hop: str, encoded) -> bool:
+        """Push until acknowledged (True), retrying transient failures (the same push id: the receiver
+        counts it once) while the receiver may be restarting; False when the coordinator left the
+        receiver out of the round meanwhile (the send is skipped and reported as undelivered). A later
+        attempt replacing this one cancels the push (``RoundAborted``)."""
+        push = push_callable(self.channels.get(state.peers[first_hop], first_hop))
+        deadline = time.monotonic() + self.cfg.runtime.rpc_timeout_s
+        delay = 0.2
+
+        def mid_push() -> None:
+            faults.hit(self.node_id, f"send.{s.tag}", state.round)
+
+        while True:
+            if s.to in state.lost:
+                with self.rounds.lock:
+                    state.report.undelivered.append(s.to)
+                return False
+            fut = push.future(
+                push_requests(header, encoded, self.cfg.wire.chunk_bytes, mid_push),
+                timeout=max(1.0, deadline - time.monotonic()),
+                metadata=self.metadata,
+            )
+            while not fut.done():
+                if state.aborted.is_set() or s.to in state.lost:
+                    fut.cancel()
+                    break
+                try:
+                    fut.exception(timeout=0.25)
+                except grpc.FutureTimeoutError:
+                    pass
+            if state.aborted.is_set():
+                raise RoundAborted(f"{self.node_id}: round {state.round} attempt {state.attempt} was replaced")
+            if fut.cancelled():
+                continue  # the receiver was left out: recorded above
+            err = fut.exception()
+            if err is None:
+                return True
+            if not isinstance(err, grpc.RpcError) or err.code() not in RETRYABLE:
+                raise err
+            if time.monotonic() + delay >= deadline:
+                raise err
+            state.aborted.wait(delay)  # the receiver or a relay may be restarting, or about to be left out
+            delay = min(delay * 2, 2.0)
 
     def record(self, header: PushHeader, receiver: str) -> None:
         """One hop of ``header``'s push, from this node to ``receiver`` (sent or relayed)."""

@@ -14,7 +14,16 @@ import signal
 import sys
 import threading
 
-from services.common.bootstrap import advertise_address, base_parser, load, register, start_metrics, topology
+from services.common.bootstrap import (
+    advertise_address,
+    base_parser,
+    load,
+    persistor,
+    register,
+    start_metrics,
+    state_refs,
+    topology,
+)
 from services.common.client import Channels
 from services.common.server import NodeServer
 from services.device.node import DeviceNode, ModelHost
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = None if cfg.security.tls else Channels()
     servers: list[NodeServer] = []
     for nid, listen in nodes.items():
-        node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared)
+        node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared, persistor(args, cfg, nid))
         srv = NodeServer(node, listen, max_workers=4)
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             edge=n.info.edge,
             tasks=list(n.info.tasks),
             train_samples=n.train_samples(),
+            states=state_refs(n.states()),
         )
         try:
             ack = register(n.security, upstreams[n.info.edge], n.info.edge, info, cfg.runtime.register_timeout_s, stop)

@@ -16,6 +16,7 @@ from hffm.modules import Module, ModuleSet, spec_of
 from hffm.results import TaskScore
 from hffm.topology import Topology
 from hffm.training import evaluate, train_local
+from services.common import faults
 from services.common.bootstrap import task_labels
 from services.common.node import NodeRuntime, RoundState
 
@@ -56,6 +57,7 @@ class DeviceNode(NodeRuntime):
         address: str,
         metrics=None,
         channels=None,
+        persistor=None,
     ) -> None:
         def initial(n: str) -> Module:
             return Module(n, {k: v.cpu().clone() for k, v in host.model.module_state(n).items()}, 0, 1.0)
@@ -65,7 +67,9 @@ class DeviceNode(NodeRuntime):
         own = topo.modules_for(node_id)
         cluster = topo.modules_for(topo.device_map[node_id].edge)
         spec = spec_of({n: host.model.module_state(n) for n in cluster})  # shapes only: no copies
-        super().__init__(node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics, channels)
+        super().__init__(
+            node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics, channels, persistor=persistor
+        )
         self.own_modules = own
         self.topo = topo
         self.host = host
@@ -79,6 +83,7 @@ class DeviceNode(NodeRuntime):
         return self.data.train_samples()
 
     def train(self, state: RoundState) -> None:
+        faults.hit(self.node_id, "train", state.round)
         t0 = time.perf_counter()
         names = self.own_modules
         with self.host.lock:

@@ -22,8 +22,10 @@ from services.common.bootstrap import (
     base_parser,
     load,
     node_modules,
+    persistor,
     register,
     start_metrics,
+    state_refs,
     topology,
 )
 from services.common.node import NodeRuntime, abort_for, authorize
@@ -77,7 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.upstream:
         sys.exit("--upstream: the cloud's address is required")
     spec, modules = node_modules(cfg, topo, args.id)
-    node = EdgeNode(args.id, cfg, spec, modules, args.listen, start_metrics(args, cfg, args.id))
+    node = EdgeNode(
+        args.id,
+        cfg,
+        spec,
+        modules,
+        args.listen,
+        start_metrics(args, cfg, args.id),
+        persistor=persistor(args, cfg, args.id),
+    )
     registry = EdgeRegistry(node, topo, args.upstream, cfg.runtime.register_timeout_s)
     srv = NodeServer(
         node,
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             node.security,
             args.upstream,
             CLOUD,
-            pb.NodeInfo(id=args.id, role="edge", address=node.address),
+            pb.NodeInfo(id=args.id, role="edge", address=node.address, states=state_refs(node.states())),
             cfg.runtime.register_timeout_s,
             stop,
         )

@@ -1,0 +1,153 @@
+"""Recovery planning, apart from any network: which state every node starts a round from, which nodes
+first adopt their tier's current modules (a *sync*), and which nodes a round cannot lose.
+
+Every node's state is named by the round end it holds: ``(round, attempt)`` of the last round it
+completed (``(0, 0)``: its initial modules). The coordinator keeps that table (``held``), updates it
+from every completed round and from what a restarted node says it still has on disk, and plans from
+it:
+
+- a node whose state is its tier's current one starts from it (``base``: it reloads that round end
+  from its checkpoints if it restarted, or restores it if an aborted attempt left it half-changed);
+- a node that missed rounds (it sat out, was lost, or restarted without its state) starts with a
+  ``Collect(SYNC)`` from a node that holds the current state, which pushes it first thing in the round
+  (``Send(SYNC)``), so it never trains on, or contributes, stale modules.
+
+Whose state is current, per method:
+
+- star: the cloud's, for every device;
+- hfm / edge-only: a device's edge's (the edge broadcast it); an edge's own, unless a cloud
+  aggregation completed since it last took part (then the cloud's global modules: a cluster that
+  sat out a cloud round starts over from the federation's modules);
+- hfm-d2d / edge-only-d2d: the newest round end any member of the cluster holds (heads broadcast
+  it over D2D); the source is a member holding it whose tasks cover the stale device's (the
+  round's head first), along the shortest D2D path; with no such member, the edge (its modules of
+  the last cloud round). An edge's state is never read in these methods (its collects replace it).
+
+``critical(plan)``: the nodes whose loss in the middle of a round the round cannot absorb (anything
+another node's step waits on alone: an edge, the cloud, a D2D cluster head, a relay, a sync source).
+Losing any other node (a device whose update is one of several) leaves it out of that aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD
+from hffm.methods import SYNC, Collect, Method, RoundContext, RoundPlan, Send, Step
+from hffm.topology import Topology
+
+StateKey = tuple[int, int]  # (round, attempt) of a round end; (0, 0): the initial modules
+INITIAL: StateKey = (0, 0)
+
+
+@dataclass(frozen=True)
+class SyncSource:
+    source: str
+    link: str
+    route: tuple[str, ...] = ()  # D2D relays between the source and the node
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """Where each node taking part starts: ``base`` (a round end it holds) or ``sync`` (a source)."""
+
+    base: dict[str, StateKey]
+    sync: dict[str, SyncSource]
+
+
+def plan_starts(
+    method: Method,
+    topo: Topology,
+    held: Mapping[str, StateKey],
+    cloud_rounds_done: list[int],
+    ctx: RoundContext,
+    route: Callable[[str, str, str], list[str]] | None = None,
+) -> StartPlan:
+    """The start of every node of ``topo`` (the members taking part this round). ``held``: the round
+    end each node holds (missing: none it can use); ``cloud_rounds_done``: completed rounds in which the
+    cloud aggregated; ``route(edge, src, dst)``: a D2D path, both ends included."""
+    base: dict[str, StateKey] = {}
+    sync: dict[str, SyncSource] = {}
+
+    def keep(n: str) -> None:
+        base[n] = held.get(n, INITIAL)
+
+    keep(CLOUD)
+    star = method.name == "star"
+    d2d = method.uses_d2d
+    has_cloud = any(method.cloud_round(r) for r in range(1, 1 + method.e_agg))
+    for edge in topo.edges:
+        mine = held.get(edge)
+        missed_cloud = mine is None or any(r > mine[0] for r in cloud_rounds_done)
+        if not star and not d2d and has_cloud and missed_cloud:
+            sync[edge] = SyncSource(CLOUD, EDGE_CLOUD)
+        else:
+            keep(edge)
+    for dev in topo.devices:
+        n = dev.id
+        mine = held.get(n)
+        if star:
+            if mine is None or mine != held.get(CLOUD, INITIAL):
+                sync[n] = SyncSource(CLOUD, DEVICE_CLOUD)
+            else:
+                keep(n)
+        elif not d2d:
+            if mine is None or edge_state(dev.edge, held, sync) != mine:
+                sync[n] = SyncSource(dev.edge, DEVICE_EDGE)
+            else:
+                keep(n)
+        else:
+            members = [d for d in topo.cluster(dev.edge)]
+            newest = max((held[d.id] for d in members if d.id in held), default=None)
+            if mine is not None and mine == newest:
+                keep(n)
+                continue
+            holders = [d for d in members if d.id != n and held.get(d.id) == newest and set(dev.tasks) <= set(d.tasks)]
+            head = ctx.heads.get(dev.edge)
+            holders.sort(key=lambda d: (d.id != head, d.id))
+            if newest is not None and holders and route is not None:
+                src = holders[0].id
+                sync[n] = SyncSource(src, D2D, tuple(route(dev.edge, src, n)[1:-1]))
+            else:
+                sync[n] = SyncSource(dev.edge, DEVICE_EDGE)
+                keep(dev.edge)
+    return StartPlan(base, sync)
+
+
+def edge_state(edge: str, held: Mapping[str, StateKey], sync: Mapping[str, SyncSource]) -> StateKey | None:
+    """The round end an edge's devices must hold to be current: the edge's own; None when the edge is
+    synced from the cloud this round (its devices are synced after it)."""
+    if edge in sync:
+        return None
+    return held.get(edge, INITIAL)
+
+
+def with_syncs(plan: RoundPlan, starts: StartPlan, topo: Topology, collect: Callable[..., Collect]) -> RoundPlan:
+    """``plan`` with every synced node's ``Collect(SYNC)`` first, and each source's ``Send(SYNC)`` right
+    after its own sync (if any) and before everything else it does. ``collect(tag, senders, link)`` makes
+    the method's collect step (its rule; a sync has one sender)."""
+    if not starts.sync:
+        return plan
+    steps: dict[str, list[Step]] = {n: list(ss) for n, ss in plan.steps.items()}
+    first: dict[str, list[Step]] = {}
+    for n, src in sorted(starts.sync.items()):
+        first.setdefault(n, []).insert(0, collect(SYNC, (src.source,), src.link))
+    for n, src in sorted(starts.sync.items()):
+        first.setdefault(src.source, []).append(Send(n, src.link, SYNC, tuple(topo.modules_for(n)), src.route))
+    for n, pre in first.items():
+        steps[n] = [*pre, *steps.get(n, [])]
+    return RoundPlan(plan.round, steps)
+
+
+def critical(plan: RoundPlan) -> set[str]:
+    """Nodes whose loss mid-round the round cannot absorb: every relay of a route and every node that
+    is the only sender of another node's collect (an edge or the cloud to its broadcast, a cluster
+    head, a sync source, the one device of a cluster)."""
+    out: set[str] = set()
+    for _n, s in plan.transfers():
+        out.update(s.route)
+    for _n, c in plan.collects():
+        if len(c.senders) == 1:
+            out.add(c.senders[0])
+    return out
