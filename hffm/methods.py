@@ -12,8 +12,9 @@ Steps:
   senders, aggregate what arrived with ``rule`` (FedAvg by default) and adopt the result as the
   node's current modules (a single sender means: adopt what it sent). The ``quorum`` says how many
   senders must have pushed and how long to wait for the rest (default: all of them, the round's
-  timeout); ``weight_caps`` bound each sender's module weights by what the coordinator knows of the
-  samples behind them (registered sample counts), whatever a push header claims.
+  timeout; config ``aggregation.quorum`` applies to collects of devices' own updates);
+  ``weight_caps`` bound each sender's module weights by what the coordinator knows of the samples
+  behind them (registered sample counts), whatever a push header claims.
 - ``Evaluate``: test the node's current modules (devices).
 
 A ``Send`` with a ``route`` goes hop by hop through those devices (D2D relaying): each relay
@@ -193,6 +194,16 @@ class Method(ABC):
         self.aggregation = aggregation or AggregationSpec()
 
     def collect(self, tag: str, senders: tuple[str, ...] | list[str], link: str, include_self: bool = False) -> Collect:
+        """A collect of aggregates (an edge's, a head's, the cloud's): the rule, and every sender waited
+        for (a lost aggregator aborts the attempt: docs/reliability.md)."""
+        a = self.aggregation
+        return Collect(tag, tuple(senders), link, include_self, a.rule, a.params)
+
+    def collect_updates(
+        self, tag: str, senders: tuple[str, ...] | list[str], link: str, include_self: bool = False
+    ) -> Collect:
+        """A collect of devices' own updates: the rule and the quorum (a straggler or a lost device is
+        left out once the deadline passed, if enough came)."""
         a = self.aggregation
         return Collect(tag, tuple(senders), link, include_self, a.rule, a.params, a.quorum)
 
@@ -220,7 +231,7 @@ class Star(Method):
                 self.collect("broadcast", (CLOUD,), DEVICE_CLOUD),
                 Evaluate(),
             )
-        plan.add(CLOUD, self.collect("aggregate", devices, DEVICE_CLOUD))
+        plan.add(CLOUD, self.collect_updates("aggregate", devices, DEVICE_CLOUD))
         plan.add(CLOUD, *(Send(d, DEVICE_CLOUD, "broadcast", tuple(topo.modules_for(d))) for d in devices))
         return plan
 
@@ -247,7 +258,7 @@ class HFM(Method):
                     self.collect("broadcast", (edge,), DEVICE_EDGE),
                     Evaluate(),
                 )
-            plan.add(edge, self.collect("aggregate", members, DEVICE_EDGE))
+            plan.add(edge, self.collect_updates("aggregate", members, DEVICE_EDGE))
             if sync:
                 plan.add(
                     edge,
@@ -301,7 +312,7 @@ class HFMD2D(Method):
                     self.collect("broadcast", (head,), D2D),
                     Evaluate(),
                 )
-            plan.add(head, Train(), self.collect("cluster", others, D2D, include_self=True))
+            plan.add(head, Train(), self.collect_updates("cluster", others, D2D, include_self=True))
             cluster_modules = tuple(topo.modules_for(edge))
             if sync:
                 plan.add(

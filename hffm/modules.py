@@ -349,13 +349,23 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def save_modules(modules: ModuleSet, path: str) -> None:
-    """All modules in one safetensors file, keys ``<module>/<param>``, versions in the metadata."""
-    from safetensors.torch import save_file
+    """All modules in one safetensors file, keys ``<module>/<param>``, versions in the metadata. The
+    same modules give the same bytes: the library writes its metadata in hash order, so the header is
+    rewritten with sorted keys (same length; the format pads headers with spaces)."""
+    from safetensors.torch import save
 
     flat = {f"{n}/{k}": v.detach().cpu().contiguous() for n, m in modules.items() for k, v in m.tensors.items()}
     meta = {f"{n}/version": str(m.version) for n, m in modules.items()}
     meta.update({f"{n}/num_samples": repr(float(m.num_samples)) for n, m in modules.items()})
-    save_file(flat, path, metadata=meta)
+    data = bytearray(save(flat, metadata=meta))
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + n]))
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    canon = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode()
+    if len(canon) <= n:
+        data[8 : 8 + n] = canon.ljust(n, b" ")
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def load_modules(path: str) -> ModuleSet:

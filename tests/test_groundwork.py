@@ -120,14 +120,18 @@ def test_hfm_with_an_empty_cluster_plans_no_stale_upload():
     assert set(planned.left_out) == {"device-1-0", "device-1-1"}
 
 
-def test_the_config_quorum_reaches_every_collect_step_and_caps_follow_registered_samples():
+def test_the_config_quorum_reaches_every_collect_of_device_updates_and_caps_follow_registered_samples():
     planner, topo = _planner(
         "hfm", **{"aggregation.quorum.min_fraction": 0.5, "aggregation.quorum.deadline_s": 30, "e_agg": 1}
     )
     samples = {d.id: {"art": 10 + i, "gqa": 5} for i, d in enumerate(topo.devices)}
     plan = planner.plan(1, topo, samples=samples).plan
     collects = plan.collects()
-    assert collects and all(c.quorum == Quorum(0, 0.5, 30.0) and c.rule == "fedavg" for _, c in collects)
+    assert collects and all(c.rule == "fedavg" for _, c in collects)
+    # devices' own updates: the quorum; aggregates (edges' to the cloud) and broadcasts: every sender
+    updates = [c for n, c in collects if n.startswith("edge") and c.tag == "aggregate"]
+    assert len(updates) == 2 and all(c.quorum == Quorum(0, 0.5, 30.0) for c in updates)
+    assert all(c.quorum == Quorum() for _, c in collects if not any(c is u for u in updates))
     edge0 = next(c for n, c in collects if n == "edge-0" and c.tag == "aggregate")
     caps = edge0.caps_of("device-0-1")
     assert caps == {"adapter.0": 16.0, "adapter.1": 16.0, "head.art": 11.0, "head.gqa": 5.0}

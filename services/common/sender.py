@@ -126,10 +126,11 @@ class Sender:
             err = fut.exception()
             if err is None:
                 return True
-            if not isinstance(err, grpc.RpcError) or err.code() not in RETRYABLE:
+            if not isinstance(err, grpc.RpcError):
                 raise err
-            if time.monotonic() + delay >= deadline:
-                raise err
+            if err.code() not in RETRYABLE or time.monotonic() + delay >= deadline:
+                code = err.code().name if err.code() is not None else "UNAVAILABLE"
+                raise ModuleError(code, "push_failed", f"push to {s.to}/{s.tag}: {err.details()}") from None
             state.aborted.wait(delay)  # the receiver or a relay may be restarting, or about to be left out
             delay = min(delay * 2, 2.0)
 
