@@ -312,6 +312,24 @@ class CirculationConfig(_Strict):
     """Per-module aggregation depth, period and path: nothing yet; the circulation issue fills it."""
 
 
+class LimitsConfig(_Strict):
+    """What one client may hold of a node: a stalled or flooding peer is cut off with a status, the node
+    keeps serving everyone else (docs/reliability.md)."""
+
+    header_timeout_s: float = D(10.0, gt=0, description="a push stream must deliver its header within this")
+    chunk_timeout_s: float = D(30.0, gt=0, description="longest wait for the next chunk of a push stream")
+    max_streams: int = D(32, ge=1, description="push streams a node receives at once (beyond: RESOURCE_EXHAUSTED)")
+    max_streams_per_peer: int = D(
+        4, ge=1, description="push streams one caller may have open at a node at once (beyond: RESOURCE_EXHAUSTED)"
+    )
+    max_bytes_in_flight: int = D(
+        1 << 30,
+        ge=1024,
+        description="module bytes a node assembles at once, as push headers declare them (beyond: RESOURCE_EXHAUSTED)",
+    )
+    max_watchers: int = D(8, ge=1, description="progress streams (Coordinator.Watch) the cloud serves at once")
+
+
 class HFFMConfig(_Strict):
     """A whole run."""
 
@@ -333,6 +351,7 @@ class HFFMConfig(_Strict):
     security: SecurityConfig = D(default_factory=SecurityConfig, description=SecurityConfig.__doc__)
     checkpoint: CheckpointConfig = D(default_factory=CheckpointConfig, description=CheckpointConfig.__doc__)
     faults: FaultsConfig = D(default_factory=FaultsConfig, description=FaultsConfig.__doc__)
+    limits: LimitsConfig = D(default_factory=LimitsConfig, description=LimitsConfig.__doc__)
     circulation: CirculationConfig = D(default_factory=CirculationConfig, description=CirculationConfig.__doc__)
 
     @field_validator("method")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,7 @@ from hffm.pki import (
 )
 from services.cloud.coordinator import CloudNode, CloudRegistry, Coordinator, CoordinatorServicer
 from services.cloud.progress import ProgressEvent
-from services.common.bootstrap import node_modules, topology
+from services.common.bootstrap import node_modules, server_workers, topology
 from services.common.node import NodeRuntime
 from services.common.security import Security
 from services.common.server import NodeServer
@@ -184,7 +185,7 @@ def cloud_server(small_cfg, tmp_path):
     srv = NodeServer(
         node,
         "127.0.0.1:0",
-        max_workers=8,
+        max_workers=server_workers(small_cfg, "cloud", topo),
         extra=[
             (pb_grpc.add_RegistryServicer_to_server, CloudRegistry(coord), "Registry"),
             (pb_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coord), "Coordinator"),
@@ -239,6 +240,30 @@ def test_only_the_operator_watches_the_run(cloud_server, caller, allowed):
         assert [ev.phase for ev in stream] == ["done"]
     else:
         assert _status(lambda: list(stream)) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_progress_streams_are_capped(cloud_server):
+    """Each watcher holds a server thread: beyond limits.max_watchers the cloud refuses at once."""
+    coord, addr, d = cloud_server
+    stub = pb_grpc.CoordinatorStub(_channel(d, "operator", addr, "cloud"))
+    cap = coord.cfg.limits.max_watchers
+    coord.progress.publish(ProgressEvent("waiting"))
+    streams = [stub.Watch(pb.WatchRequest(), timeout=20) for _ in range(cap)]
+    firsts = [next(s) for s in streams]  # every one is being served
+    assert len(firsts) == cap
+    assert _status(lambda: list(stub.Watch(pb.WatchRequest(), timeout=5))) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for s in streams:
+        s.cancel()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # a cancelled watcher gives its slot back
+        try:
+            coord.progress.publish(ProgressEvent("done"))
+            assert [ev.phase for ev in stub.Watch(pb.WatchRequest(), timeout=5)][-1] == "done"
+            break
+        except grpc.RpcError:
+            time.sleep(0.2)
+    else:
+        raise AssertionError("the watcher slots were not given back")
 
 
 def test_hffm_pki_commands_enroll_a_node_without_moving_its_key(tmp_path):

@@ -18,7 +18,15 @@ from pathlib import Path
 from hffm.config import write_config
 from hffm.topology import CLOUD
 from services.cloud.coordinator import CloudNode, CloudRegistry, Coordinator, CoordinatorServicer
-from services.common.bootstrap import advertise_address, base_parser, load, node_modules, start_metrics, topology
+from services.common.bootstrap import (
+    advertise_address,
+    base_parser,
+    load,
+    node_modules,
+    server_workers,
+    start_metrics,
+    topology,
+)
 from services.common.server import NodeServer
 from services.rpc import pb_grpc
 
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = NodeServer(
         node,
         args.listen,
-        max_workers=max(32, 2 * len(topo.node_ids()) + 8),
+        max_workers=server_workers(cfg, "cloud", topo),
         extra=[
             (pb_grpc.add_RegistryServicer_to_server, CloudRegistry(coord), "Registry"),
             (pb_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coord), "Coordinator"),

@@ -441,10 +441,23 @@ class CloudRegistry(pb_grpc.RegistryServicer):
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
+        self._lock = threading.Lock()
+        self._watchers = 0
 
     def Watch(self, request, context):  # noqa: N802
         try:  # the run's results go to the operator (the launcher) and the coordinator alone
             authorize(self.coord.node, context, "Watch", lambda i: i.role in ("operator", "cloud"))
         except Exception as err:  # noqa: BLE001
             abort_for(context, err)
-        yield from self.coord.watch(context)
+        with self._lock:  # each watcher holds a server thread: a cap keeps some for the round's calls
+            if self._watchers >= self.coord.cfg.limits.max_watchers:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self._watchers} progress streams already (limits.max_watchers)",
+                )
+            self._watchers += 1
+        try:
+            yield from self.coord.watch(context)
+        finally:
+            with self._lock:
+                self._watchers -= 1

@@ -91,6 +91,14 @@ def node_modules(cfg: HFFMConfig, topo: Topology, node: str) -> tuple[ModuleSpec
     return spec_of({n: m.tensors for n, m in mods.items()}), mods
 
 
+def server_workers(cfg: HFFMConfig, role: str, topo: Topology) -> int:
+    """Worker threads of a node's gRPC server: its push streams (``limits.max_streams``) plus what its
+    other calls hold at once (round control and health; an edge's devices registering through it; the
+    cloud's progress watchers and every node's registration), so no kind of call starves the others."""
+    extra = {"cloud": cfg.limits.max_watchers + len(topo.node_ids()), "edge": cfg.topology.devices_per_edge}
+    return cfg.limits.max_streams + extra.get(role, 0) + 8
+
+
 def advertise_address(listen: str, port: int, advertise: str | None) -> str:
     if advertise:
         return advertise

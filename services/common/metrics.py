@@ -48,6 +48,9 @@ REJECT_REASONS = (
     "duplicate_sender",
     "no_route",
     "relay_failed",
+    "too_many_streams",
+    "bytes_in_flight",
+    "stream_stalled",
     "no_identity",
     "sender_mismatch",
     "unregistered_caller",
@@ -154,6 +157,10 @@ class Metrics:
             ["node"],
             registry=r,
         )
+        self.push_streams = Gauge("hffm_push_streams", "Push streams being received", ["node"], registry=r)
+        self.push_bytes_in_flight = Gauge(
+            "hffm_push_bytes_in_flight", "Module bytes being assembled (as push headers declare)", ["node"], registry=r
+        )
         self.checkpoints = Counter("hffm_checkpoints", "Round ends saved to durable state", ["node"], registry=r)
         self._heads: dict[str, str] = {}
 
@@ -162,6 +169,8 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.modules_rejected.labels(node=node, reason=reason)
         self.round.labels(node=node).set(0)
+        self.push_streams.labels(node=node).set(0)
+        self.push_bytes_in_flight.labels(node=node).set(0)
 
     def serve(self, port: int, addr: str = "0.0.0.0", tls: dict[str, str] | None = None) -> int:
         """Serve /metrics; with ``tls`` (paths ``ca``, ``cert``, ``key``) over HTTPS, and only to

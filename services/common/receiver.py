@@ -20,6 +20,7 @@ from services.common import faults
 from services.common.chunkwire import RawChunk
 from services.common.client import Channels, push_callable
 from services.common.convert import header_from_pb, header_to_pb
+from services.common.limits import Admission, TimedStream
 from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry
 from services.common.security import Security
@@ -42,6 +43,7 @@ class Receiver:
         relays: bool,
         security: Security,
     ) -> None:
+        self.admission = Admission(node_id, cfg.limits, metrics)
         self.node_id, self.cfg, self.spec = node_id, cfg, spec
         self.inbox, self.rounds, self.sender, self.channels = inbox, rounds, sender, channels
         self.metrics = metrics
@@ -50,11 +52,18 @@ class Receiver:
         self.security = security
 
     def receive(self, requests: Iterator[pb.PushRequest], caller: str | None) -> pb.PushAck:
+        """One push stream, within the node's limits: a slot for the caller's stream, deadlines on its
+        header and each chunk, and (once the header says how much) the bytes it will assemble."""
+        lim = self.cfg.limits
+        timed = TimedStream(requests, lim.header_timeout_s, lim.chunk_timeout_s, f"push from {caller}")
         try:
-            return self._receive(requests, caller)
+            with self.admission.stream(caller or ""):
+                return self._receive(timed, caller)
         except ModuleError as err:
             self.metrics.modules_rejected.labels(node=self.node_id, reason=err.reason).inc()
             raise
+        finally:
+            timed.close()
 
     def _receive(self, requests: Iterator[pb.PushRequest], caller: str | None) -> pb.PushAck:
         first = next(requests, None)
@@ -68,16 +77,18 @@ class Receiver:
             self.security.verify_header(header)
         except PKIError as err:
             raise ModuleError("PERMISSION_DENIED", "bad_signature", str(err)) from None
-        assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
-        for req in requests:
-            if isinstance(req, RawChunk):
-                c = req
-            elif req.WhichOneof("kind") == "chunk":
-                c = req.chunk
-            else:
-                raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
-            assembler.add_chunk(c.module_index, c.offset, c.data)
-        modules = assembler.finish()
+        declared = sum(max(0, m.size_bytes) for m in header.modules)
+        with self.admission.bytes(declared, f"push {header.push_id}"):
+            assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
+            for req in requests:
+                if isinstance(req, RawChunk):
+                    c = req
+                elif req.WhichOneof("kind") == "chunk":
+                    c = req.chunk
+                else:
+                    raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
+                assembler.add_chunk(c.module_index, c.offset, c.data)
+            modules = assembler.finish()
         if not duplicate:
             duplicate = self.inbox.accept(header, modules, caller)
             if not duplicate:

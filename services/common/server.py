@@ -14,6 +14,15 @@ from services.common.metrics import MetricsInterceptor
 from services.common.node import ModuleExchangeServicer, NodeRuntime, RoundControlServicer
 from services.rpc import pb, pb_grpc
 
+# Clients ping every 30 s (keepalive) to notice a dead peer in a long call; gRPC servers answer a ping
+# more often than every 5 min with GOAWAY "too_many_pings", which cut round calls longer than that.
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
 SERVICE_NAMES = {
     "ModuleExchange": pb.DESCRIPTOR.services_by_name["ModuleExchange"].full_name,
     "RoundControl": pb.DESCRIPTOR.services_by_name["RoundControl"].full_name,
@@ -23,13 +32,15 @@ SERVICE_NAMES = {
 
 
 class NodeServer:
-    """A started gRPC server for one node, with health status SERVING for its services."""
+    """A started gRPC server for one node, with health status SERVING for its services. Its worker
+    threads (``max_workers``) exceed the push streams it accepts (``limits.max_streams``) by what
+    control calls, health checks and registrations need, so pushes never starve them."""
 
     def __init__(self, node: NodeRuntime, listen: str, *, max_workers: int = 32, extra=()) -> None:
         self.node = node
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            options=CHANNEL_OPTIONS,
+            options=SERVER_OPTIONS,
             interceptors=[MetricsInterceptor(node.metrics, node.node_id)],
         )
         exchange = ModuleExchangeServicer(node)

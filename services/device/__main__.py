@@ -20,6 +20,7 @@ from services.common.bootstrap import (
     load,
     persistor,
     register,
+    server_workers,
     start_metrics,
     state_refs,
     topology,
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[NodeServer] = []
     for nid, listen in nodes.items():
         node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared, persistor(args, cfg, nid))
-        srv = NodeServer(node, listen, max_workers=4)
+        srv = NodeServer(node, listen, max_workers=server_workers(cfg, "device", topo))
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
         log.info(

@@ -24,6 +24,7 @@ from services.common.bootstrap import (
     node_modules,
     persistor,
     register,
+    server_workers,
     start_metrics,
     state_refs,
     topology,
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = NodeServer(
         node,
         args.listen,
-        max_workers=max(16, 4 * cfg.topology.devices_per_edge),
+        max_workers=server_workers(cfg, "edge", topo),
         extra=[(pb_grpc.add_RegistryServicer_to_server, registry, "Registry")],
     )
     node.address = advertise_address(args.listen, srv.port, args.advertise)
