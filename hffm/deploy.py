@@ -21,6 +21,7 @@ METRICS_PORT = 9100
 PKI_IN_CONTAINER = "/etc/hffm/pki"
 CONFIG_IN_CONTAINER = "/etc/hffm/config.yaml"
 PROMETHEUS_PKI = "/etc/prometheus/pki"
+STATE_IN_CONTAINER = "/state"
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -53,24 +54,30 @@ def compose_spec(
         files = ["ca.crt", "crl.pem", f"{name}.key", f"{name}.crt"]
         return [f"{_rel(pki_dir / f, compose_dir)}:{target}/{f}:ro" for f in files]
 
+    volumes: dict[str, Any] = {}
+
     def node(name: str, command: list[str], **extra: Any) -> dict[str, Any]:
+        # each node's round ends on a volume of its own: a restarted container rejoins from them
+        state = f"{name}-state:{STATE_IN_CONTAINER}"
+        volumes[f"{name}-state"] = {}
         svc: dict[str, Any] = {
             "image": image,
             "hostname": name,
             "command": ["python", "-m", *command, *common],
-            "volumes": [cfg_mount, *pki_mounts(name, PKI_IN_CONTAINER)],
+            "volumes": [cfg_mount, state, *pki_mounts(name, PKI_IN_CONTAINER)],
             # the healthcheck dials this node as itself; HFFM_SET points every process at its credentials
             "environment": [
                 f"HFFM_ID={name}",
                 f"HFFM_CONFIG={CONFIG_IN_CONTAINER}",
+                f"HFFM_STATE_DIR={STATE_IN_CONTAINER}",
                 *([f"HFFM_SET=security.dir={PKI_IN_CONTAINER}"] if tls else []),
             ],
             "networks": ["hffm"],
-            "restart": "on-failure",
+            "restart": "on-failure",  # a crashed node comes back and rejoins (docs/reliability.md)
         }
         svc.update(extra)
         if "volumes" in extra:
-            svc["volumes"] = [*extra["volumes"], *pki_mounts(name, PKI_IN_CONTAINER)]
+            svc["volumes"] = [*extra["volumes"], state, *pki_mounts(name, PKI_IN_CONTAINER)]
         return svc
 
     listen = f"0.0.0.0:{GRPC_PORT}"
@@ -84,7 +91,7 @@ def compose_spec(
                 "args": {"BASE_IMAGE": "${HFFM_BASE_IMAGE:-hffm-base:bookworm}"},
             },
             volumes=[cfg_mount, f"{results_dir}:/results"],
-            restart="no",
+            restart="on-failure:5",  # it resumes from its checkpoint (a failed run: five more tries); 0 when done
         )
     }
     for e in topo.edges:
@@ -143,7 +150,7 @@ def compose_spec(
         "ports": ["127.0.0.1:${HFFM_GRAFANA_PORT:-3000}:3000"],
         "networks": ["hffm"],
     }
-    return {"version": "3.9", "services": services, "networks": {"hffm": {}}}
+    return {"version": "3.9", "services": services, "networks": {"hffm": {}}, "volumes": volumes}
 
 
 def prometheus_static_config(topo: Topology, scrape_interval_s: float = 2.0, tls: bool = False) -> dict[str, Any]:

@@ -64,6 +64,57 @@ def run(
         raise typer.Exit(130) from None
 
 
+@app.command()
+def chaos(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)"),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    kills: int = typer.Option(10, "--kills", min=0, help="processes to SIGKILL at seeded random moments"),
+    rounds: int = typer.Option(None, "--rounds", min=2, help="rounds (default: the config's)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the kill schedule (moments and targets)"),
+    scenario: Path = typer.Option(None, "--scenario", help="run this fault scenario file instead (tests/scenarios/)"),
+    out: Path = typer.Option(Path("runs/chaos"), "--out", "-o", help="directory for both runs and chaos.json"),
+) -> None:
+    """Run a federation while killing random nodes (seeded), after the same run without faults; print
+    rounds, aggregates, updates left out, lost and double-counted updates (both must be 0) and the
+    wall-time overhead (docs/reliability.md)."""
+    from rich.table import Table
+
+    from services.launcher import RunFailed
+
+    sets = [*overrides, *([f"rounds={rounds}"] if rounds else [])]
+    try:
+        if scenario is not None:
+            from hffm.scenario import Scenario
+            from services.chaos import run_scenario
+
+            sc = Scenario.load(scenario)
+            outcome = run_scenario(sc, out, console, sets)
+            for p in outcome.problems:
+                console.print(f"[red]{p}[/red]")
+            console.print(f"audit: {outcome.audit.as_dict()}")
+            raise typer.Exit(0 if outcome.ok else 1)
+        from services.chaos import soak
+
+        figures = soak(_config(config, sets), kills, seed, out, console)
+    except RunFailed as err:
+        console.print(f"[red]run failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"hffm chaos: {figures['nodes']} {figures['method']}, {figures['rounds']} rounds")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        if key not in ("problems", "final_accuracy", "baseline_final_accuracy", "killed"):
+            table.add_row(key, str(value))
+    console.print(table)
+    console.print(f"killed: {', '.join(figures['killed'])}")
+    console.print(f"final accuracy {figures['final_accuracy']} (fault-free: {figures['baseline_final_accuracy']})")
+    for p in figures["problems"]:
+        console.print(f"[red]{p}[/red]")
+    console.print(f"figures: {out / 'chaos.json'}")
+    if figures["problems"] or not figures["baseline_audit_ok"]:
+        raise typer.Exit(1)
+
+
 @app.command("config")
 def show_config(
     config: Path = typer.Option(None, "--config", "-c"),

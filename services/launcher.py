@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,7 @@ def run(
     hold_s: float | None = 0.0,
     resume: bool = False,
     faults: FaultPlan | None = None,
+    on_start: Callable[[Supervisor], None] | None = None,
 ) -> dict:
     """Run a federation of local processes; return the parsed results.json.
 
@@ -294,7 +296,9 @@ def run(
     list. With ``prometheus`` a real Prometheus scrapes the run; it stays up ``hold_s`` seconds after
     the run (None: until Ctrl-C). Every node saves its round ends under DIR/state; with ``resume`` the
     run in DIR continues from its last complete round (same config, same ports). ``faults``: failpoints
-    and restart timing (fault scenarios, ``hffm chaos``)."""
+    and restart timing (fault scenarios, ``hffm chaos``); ``on_start`` gets the supervisor once every
+    process started (``hffm chaos`` kills processes through it). ``results["restarts"]``: processes
+    restarted."""
     from hffm.model import backbone_dims
 
     view = RunView(console or Console())
@@ -363,6 +367,8 @@ def run(
                 )
                 procs.append(Proc(name, popen, log, argv))
             supervisor = Supervisor(cfg, procs, env, view, fault_plan)
+            if on_start is not None:
+                on_start(supervisor)
             _follow(cfg, topo, cloud_addr, supervisor, view, deadline, Security(cfg.security, OPERATOR))
             cloud = procs[0].popen
             try:
@@ -387,6 +393,7 @@ def run(
     results = json.loads(results_path.read_text())
     if not results.get("complete"):
         raise RunFailed("the run did not complete; see the cloud's log: " + str(out / "logs" / "cloud.log"))
+    results["restarts"] = supervisor.restarts
     plot_results(results, out / "results.png")
     view.summary(results)
     view.outputs(results_path, out / "results.png", out / "global_modules.safetensors")

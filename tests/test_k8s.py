@@ -126,7 +126,14 @@ def test_probes_resources_metrics_and_results(overlay):
         assert limits["nvidia.com/gpu"] == "1" and device["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert {"HFFM_ID", "HFFM_SET"} <= env
     else:
-        assert "nvidia.com/gpu" not in limits and "tolerations" not in device and env == {"HFFM_ID", "HFFM_CONFIG"}
+        assert "nvidia.com/gpu" not in limits and "tolerations" not in device
+        assert env == {"HFFM_ID", "HFFM_CONFIG", "HFFM_STATE_DIR"}
+    # every edge and device pod keeps its round ends on a claim of its own (a StatefulSet's template)
+    for sts in _by_kind(docs, "StatefulSet"):
+        assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["state"]
+        c = sts["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "state", "mountPath": "/state"} in c["volumeMounts"]
+        assert {"name": "HFFM_STATE_DIR", "value": "/state"} in c["env"]
     monitor = _by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]
     assert monitor["scheme"] == "https"
     assert monitor["tlsConfig"]["cert"]["secret"]["name"] == monitor["tlsConfig"]["keySecret"]["name"]
