@@ -91,6 +91,12 @@ class Inbox:
             self._generation += 1
             self._cv.notify_all()
 
+    def abort_waits(self) -> None:
+        """Every step waiting on this inbox raises ``RoundAborted`` (the node is closing)."""
+        with self._cv:
+            self._generation += 1
+            self._cv.notify_all()
+
     def _order(self, c: Collect) -> list[str]:
         """The canonical fold order of a collect step: its senders (and this node) sorted."""
         return sorted({*c.senders, *([self.node_id] if c.include_self else [])})

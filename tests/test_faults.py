@@ -105,3 +105,16 @@ def test_a_run_sigkilled_after_round_3_of_6_resumes_bit_for_bit(tmp_path):
 
     assert [timeless(x) for x in got["rounds"]] == [timeless(x) for x in ref["rounds"]]
     assert _pids_with(str(out / "config.yaml")) == []
+
+
+def test_hffm_chaos_soak_loses_nothing_and_counts_nothing_twice(tmp_path):
+    sets = [*SMALL, "aggregation.quorum.min_fraction=0.5", "faults.rejoin_wait_s=30"]
+    args = ["chaos", "--kills", "3", "--rounds", "5", "--seed", "1", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, [*args, *(x for s in sets for x in ("--set", s))])
+    assert r.exit_code == 0, r.output[-4000:]
+    figures = json.loads((tmp_path / "chaos.json").read_text())
+    assert figures["rounds_completed"] == 5 and figures["kills"] == 3 and figures["restarts"] >= 3
+    assert figures["lost"] == figures["double_counted"] == figures["wrong_aggregates"] == 0
+    assert figures["baseline_audit_ok"] and figures["aggregates_formed"] > 0 and figures["wall_overhead"] > 0
+    for line in ("rounds_completed", "double_counted", "wall_overhead"):
+        assert line in r.output

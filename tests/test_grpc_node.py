@@ -396,6 +396,44 @@ def test_a_quorum_aggregates_whoever_came_by_the_deadline(edge):
     _expect(ch, node, push_requests(late, lems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "round 3")
 
 
+def test_the_coordinators_leave_out_ends_the_wait_and_makes_the_lost_senders_push_stale(edge):
+    """A sender lost mid-round: the collect stops waiting for it at once (no deadline), aggregates the
+    others, and refuses the lost sender's push if it ever comes; only the coordinator may say so."""
+    from hffm.methods import Quorum
+
+    node, ch, _ = edge
+    node.assign(
+        2,
+        "hfm",
+        [Collect("aggregate", (D0, D1), "device_edge", quorum=Quorum(min_fraction=0.5))],
+        {D0: "127.0.0.1:1", D1: "127.0.0.1:2"},
+    )
+    h, ems = _round2(node, D1, 3, samples=7.0)
+    _push(ch, push_requests(h, ems, 4096))
+    req = pb.LeaveOutRequest(round=2, attempt=0, node=D0, reason="died")
+    with pytest.raises(grpc.RpcError) as e:
+        ch.control(D1)("LeaveOut", req, timeout=5)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    before = node.inbox.snapshot()
+    ch.control()("LeaveOut", req, timeout=5)
+    assert node.inbox.snapshot() == before  # nothing counted or dropped from what was accepted
+    report = ch.control()("AwaitRound", pb.AwaitRequest(round=2), timeout=10)  # at once: no 600 s deadline
+    assert [(list(a.counted), list(a.left_out)) for a in report.aggregates] == [([D1], [D0])]
+    late, lems = _round2(node, D0, 4, samples=7.0)
+    _expect(ch, node, push_requests(late, lems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "(died)")
+
+
+def test_a_collect_that_cannot_reach_its_quorum_fails_at_once(edge):
+    node, ch, _ = edge
+    node.assign(2, "hfm", [Collect("aggregate", (D0, D1), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
+    ch.control()("LeaveOut", pb.LeaveOutRequest(round=2, attempt=0, node=D0, reason="died"), timeout=5)
+    h, ems = _round2(node, D1, 3, samples=7.0)
+    _push(ch, push_requests(h, ems, 4096))
+    with pytest.raises(grpc.RpcError) as e:  # every sender needed (the default): it cannot be formed
+        ch.control()("AwaitRound", pb.AwaitRequest(round=2), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "1 of 2 senders" in e.value.details()
+
+
 # ---- pushes signed end to end ------------------------------------------------------------------------
 def _raw_push(ch, header, ems, caller):
     reqs = [pb.PushRequest(header=header_to_pb(header)), *list(push_requests(header, ems, 4096))[1:]]

@@ -170,7 +170,8 @@ class Dispatcher:
                 self.node.leave_out(round_, attempt, lost, reason)
                 continue
             try:
-                self._stub(n).LeaveOut(req, timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.meta)
+                # a short deadline: a stalled node must not hold up the round (its own failure comes apart)
+                self._stub(n).LeaveOut(req, timeout=max(5.0, self.cfg.d2d.probe_timeout_s), metadata=self.meta)
             except grpc.RpcError as err:  # that node's own failure is judged on its own
                 log.warning("leave-out of %s at %s failed: %s", lost, n, err.code().name)
 

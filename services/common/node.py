@@ -235,6 +235,8 @@ class NodeRuntime:
         self.stopped.set()
 
     def close(self) -> None:
+        self.rounds.abort_all()  # a round still running (a failed run) ends now, not at its timeout
+        self.inbox.abort_waits()
         self.sender.close()
         self._runner.shutdown(wait=False, cancel_futures=True)
         if self._owns_channels:

@@ -90,6 +90,11 @@ class RoundRegistry:
                 del self._rounds[old]
             return True
 
+    def abort_all(self) -> None:
+        with self.lock:
+            for state in self._rounds.values():
+                state.aborted.set()
+
     def get(self, round_: int) -> RoundState | None:
         with self.lock:
             return self._rounds.get(round_)
