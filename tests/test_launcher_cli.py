@@ -279,18 +279,18 @@ def test_cloud_that_ends_before_its_progress_stream_is_seen(tmp_path, code):
     0 hands the verdict to results.json; one that fails is a RunFailed naming its code."""
     from hffm.model import backbone_dims
     from hffm.topology import Topology
-    from services.launcher import Proc, _follow
+    from services.launcher import FaultPlan, Proc, Supervisor, _follow
     from services.launcher_ui import RunView
 
-    cfg = load_config(None, SMALL)
+    cfg = load_config(None, [*SMALL, "faults.restart=false"])  # (restarted, it would resume: test_faults.py)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     log = tmp_path / "cloud.log"
     with open(log, "wb") as fh:
         cloud = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"], stdout=fh, stderr=fh)
     cloud.wait()
     addr = f"127.0.0.1:{free_ports(1, '127.0.0.1')[0]}"  # nothing ever listens here
-    procs = [Proc("cloud", cloud, log)]
     view = RunView(Console(file=io.StringIO()))
+    procs = Supervisor(cfg, [Proc("cloud", cloud, log)], {}, view, FaultPlan([], {}, {}))
     t0 = time.monotonic()
     if code == 0:
         _follow(cfg, topo, addr, procs, view, time.monotonic() + 30, _plaintext_operator())

@@ -227,8 +227,10 @@ def test_labels_are_bounded(scraped):
 def test_every_rejection_reason_is_preinitialised():
     src = "\n".join(p.read_text() for p in [*REPO_ROOT.glob("hffm/*.py"), *REPO_ROOT.glob("services/**/*.py")])
     reasons = set(re.findall(r'ModuleError\(\s*"[A-Z_]+",\s*"([a-z_]+)"', src))
-    # not_allowed: refused before a push is read, counted in hffm_rpc_denied_total (reason label)
-    assert reasons - {"bad_step", "bad_task", "missing_module", "not_allowed"} <= set(REJECT_REASONS)
+    # not_allowed: refused before a push is read, counted in hffm_rpc_denied_total (reason label); the
+    # others fail a node's round, not a push (an assignment, a collect below quorum, a sender's push)
+    rounds = {"bad_step", "bad_task", "missing_module", "no_base_state", "quorum_lost", "push_failed"}
+    assert reasons - {*rounds, "not_allowed"} <= set(REJECT_REASONS)
 
 
 def test_report_from_prometheus_draws_every_panel(scraped, tmp_path):

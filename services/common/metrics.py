@@ -48,6 +48,7 @@ REJECT_REASONS = (
     "duplicate_sender",
     "no_route",
     "relay_failed",
+    "relay_aborted",
     "too_many_streams",
     "bytes_in_flight",
     "stream_stalled",
