@@ -325,9 +325,7 @@ class Coordinator:
         self.results.rounds = [RoundRecord.from_dict(d) for d in extra.get("rounds", [])]
         self.members.restore(extra.get("members", {}))
         self.held = {n: (int(k[0]), int(k[1])) for n, k in extra.get("held", {}).items()}
-        self.node.modules = {**self.node.modules, **saved.modules}
-        self.node.held = (saved.round, saved.attempt)
-        self.node._ends[self.node.held] = dict(self.node.modules)
+        self.node.hold((saved.round, saved.attempt), saved.modules)
         set_rng_states(saved.rng)
         log.warning("resuming after round %d (attempt %d) from %s", saved.round, saved.attempt, self.persistor.dir)
         return saved.round + 1

@@ -66,9 +66,8 @@ class NodeRuntime:
         self.spec = spec
         self.address = address
         self.modules: ModuleSet = modules
-        # Round ends: the (round, attempt) whose end state the node holds, the last few in memory, and
-        # on disk through the persistor (a restarted node reloads the one the coordinator names).
-        self.held: tuple[int, int] = (0, 0)
+        # Round ends ((round, attempt) -> modules) the node can start a round from: the last few in memory,
+        # and on disk through the persistor (a restarted node reloads the one the coordinator names).
         self._ends: dict[tuple[int, int], ModuleSet] = {(0, 0): dict(modules)}
         self.persistor = persistor
         if persistor is not None:
@@ -134,10 +133,14 @@ class NodeRuntime:
         unknown = sorted(set(saved.modules) - set(self.spec))
         if saved.node != self.node_id or unknown:
             raise ValueError(f"{self.persistor.dir}: a checkpoint of {saved.node} (modules {unknown} unknown here)")
-        self.modules = {**self.modules, **saved.modules}
-        self.held = (saved.round, saved.attempt)
-        self._ends[self.held] = dict(self.modules)  # beside the initial modules (a fresh run starts there)
-        log.info("%s resumed from its checkpoint of round %d attempt %d", self.node_id, *self.held)
+        self.hold((saved.round, saved.attempt), saved.modules)
+        log.info("%s resumed from its checkpoint of round %d attempt %d", self.node_id, saved.round, saved.attempt)
+
+    def hold(self, key: tuple[int, int], modules: ModuleSet) -> None:
+        """Make ``modules`` the node's current modules and round end ``key`` (a checkpoint read back),
+        beside the initial modules (a fresh run starts from those)."""
+        self.modules = {**self.modules, **modules}
+        self._ends[key] = dict(self.modules)
 
     def states(self) -> list[tuple[int, int]]:
         """Every round end this node can start a round from."""
@@ -163,9 +166,7 @@ class NodeRuntime:
 
     def end_round(self, state: RoundState) -> None:
         """Every step of the round done: its end is what the node holds now (saved when it persists)."""
-        key = (state.round, state.attempt)
-        self.held = key
-        self._ends[key] = dict(self.modules)
+        self._ends[(state.round, state.attempt)] = dict(self.modules)
         for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
             del self._ends[old]
         if self.persistor is not None:
