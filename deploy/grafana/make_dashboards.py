@@ -213,6 +213,33 @@ RUN = dashboard(
             12,
             8,
         ),
+        panel(
+            12,
+            "Faults: attempts re-run, nodes lost midway, round ends saved (docs/reliability.md)",
+            "timeseries",
+            [
+                ("sum(hffm_round_attempts_aborted_total)", "attempts re-run"),
+                ("sum(hffm_nodes_lost_total) or vector(0)", "nodes lost midway"),
+                (f"sum(hffm_checkpoints_total{{{NODE}}})", "round ends saved"),
+            ],
+            0,
+            37,
+            12,
+            8,
+        ),
+        panel(
+            13,
+            "Limits: push streams open, module bytes in flight",
+            "timeseries",
+            [
+                (f"sum(hffm_push_streams{{{NODE}}})", "push streams"),
+                (f"sum(hffm_push_bytes_in_flight{{{NODE}}})", "bytes in flight"),
+            ],
+            12,
+            37,
+            12,
+            8,
+        ),
     ],
     [
         variable("method", "label_values(hffm_rounds_completed_total, method)"),
