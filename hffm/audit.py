@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hffm.aggregation import weighted_mean
+from hffm.ids import trace_prefix
 from hffm.modules import ModuleSet, load_modules
 
 
@@ -47,10 +48,6 @@ class Audit:
         }
 
 
-def _prefix(round_: int, attempt: int) -> str:
-    return f"r{round_}" + (f"a{attempt}" if attempt else "")
-
-
 def _close(a: ModuleSet, b: ModuleSet, atol: float) -> bool:
     return set(a) == set(b) and all(
         a[n].tensors.keys() == b[n].tensors.keys()
@@ -63,7 +60,7 @@ def audit_run(results: dict[str, Any], trace_dir: str | Path, atol: float = 1e-6
     trace = Path(trace_dir)
     out = Audit()
     for rec in results["rounds"]:
-        pre = _prefix(rec["round"], rec["attempt"])
+        pre = trace_prefix(rec["round"], rec["attempt"])
         for agg in rec["aggregates"]:
             node, tag, counted = agg["node"], agg["tag"], list(agg["counted"])
             where = f"round {rec['round']} {node}/{tag}"

@@ -103,3 +103,9 @@ EDGE_CLOUD = "edge_cloud"
 DEVICE_CLOUD = "device_cloud"
 D2D = "d2d"
 LINK_KINDS = (DEVICE_EDGE, EDGE_CLOUD, DEVICE_CLOUD, D2D)
+
+
+def trace_prefix(round_: int, attempt: int) -> str:
+    """How a round attempt's trace files begin (``runtime.trace_dir``): ``r<round>``, ``r<round>a<attempt>``
+    for a re-run attempt."""
+    return f"r{round_}" + (f"a{attempt}" if attempt else "")

@@ -91,6 +91,20 @@ def push_callable(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
     )
 
 
+def wait_unless(fut: grpc.Future, stop: Callable[[], bool], poll_s: float = 0.25) -> bool:
+    """Wait for ``fut`` (a call's future), cancelling it as soon as ``stop()`` turns true (the round's
+    attempt was replaced, the receiver left out); False when it was cancelled so."""
+    while not fut.done():
+        if stop():
+            fut.cancel()
+            return not fut.cancelled()
+        try:
+            fut.exception(timeout=poll_s)
+        except grpc.FutureTimeoutError:
+            pass
+    return True
+
+
 def with_retries(fn: Callable[[], T], *, attempts: int, what: str, backoff_s: float = 0.2) -> T:
     """Call ``fn``; retry transient gRPC failures with exponential backoff."""
     delay = backoff_s

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from hffm.inbox import Aggregate, RoundAborted
+from hffm.inbox import Aggregate
 from hffm.methods import Collect, Evaluate, Send, Train
 from hffm.results import AggregateRecord, NodeReport
 from services.common import faults
@@ -28,8 +28,7 @@ class StepExecutor:
         node.start_round(state)
         i = 0
         while i < len(steps):
-            if state.aborted.is_set():
-                raise RoundAborted(f"{node.node_id}: round {state.round} attempt {state.attempt} was replaced")
+            state.raise_if_aborted()
             s = steps[i]
             if isinstance(s, Send):
                 j = i
@@ -46,8 +45,7 @@ class StepExecutor:
             elif isinstance(s, Evaluate):
                 node.evaluate(state)
             i += 1
-        if state.aborted.is_set():
-            raise RoundAborted(f"{node.node_id}: round {state.round} attempt {state.attempt} was replaced")
+        state.raise_if_aborted()
         node.end_round(state)
         state.report.wall_s = time.perf_counter() - t0
         return state.report

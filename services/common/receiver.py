@@ -11,14 +11,14 @@ from dataclasses import replace
 import grpc
 
 from hffm.config import HFFMConfig
-from hffm.ids import D2D, role_of
+from hffm.ids import D2D, role_of, trace_prefix
 from hffm.inbox import Inbox
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec
 from hffm.pki import PKIError
 from hffm.wire import PushAssembler, PushHeader
 from services.common import faults
 from services.common.chunkwire import RawChunk
-from services.common.client import Channels, push_callable
+from services.common.client import Channels, push_callable, wait_unless
 from services.common.convert import header_from_pb, header_to_pb
 from services.common.limits import Admission, TimedStream
 from services.common.metrics import Metrics, link_label
@@ -95,7 +95,7 @@ class Receiver:
                 self._count_received(header)
                 for m in modules:
                     self.metrics.modules_received.labels(node=self.node_id, module=m.name).inc()
-                prefix = f"r{header.round}" + (f"a{header.attempt}" if header.attempt else "")
+                prefix = trace_prefix(header.round, header.attempt)
                 self.trace(f"{prefix}-{header.tag}-from-{header.sender}", {m.name: m for m in modules})
         return pb.PushAck(
             duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules]
@@ -134,14 +134,8 @@ class Receiver:
         faults.hit(self.node_id, "relay", header.round)
         push = push_callable(self.channels.get(state.peers[nxt], nxt))
         fut = push.future(stream(), timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.sender.metadata)
-        while not fut.done():  # a later attempt replacing this one ends the relay
-            if state.aborted.is_set():
-                fut.cancel()
-                raise ModuleError("ABORTED", "relay_aborted", f"relay {self.node_id} -> {nxt}: attempt replaced")
-            try:
-                fut.exception(timeout=0.25)
-            except grpc.FutureTimeoutError:
-                pass
+        if not wait_unless(fut, state.aborted.is_set):  # a later attempt replacing this one ends the relay
+            raise ModuleError("ABORTED", "relay_aborted", f"relay {self.node_id} -> {nxt}: attempt replaced")
         try:
             ack = fut.result()
         except grpc.RpcError as err:

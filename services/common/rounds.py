@@ -7,6 +7,8 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from hffm.ids import trace_prefix
+from hffm.inbox import RoundAborted
 from hffm.methods import Collect, Send, Step
 from hffm.modules import ModuleError, ModuleSpec
 from hffm.results import NodeReport
@@ -30,8 +32,12 @@ class RoundState:
 
     @property
     def trace_prefix(self) -> str:
-        """How trace files of this round's attempt begin: ``r<round>`` (``r<round>a<attempt>`` re-runs)."""
-        return f"r{self.round}" + (f"a{self.attempt}" if self.attempt else "")
+        return trace_prefix(self.round, self.attempt)
+
+    def raise_if_aborted(self) -> None:
+        """``RoundAborted`` once a later attempt (or round) replaced this one."""
+        if self.aborted.is_set():
+            raise RoundAborted(f"{self.report.node}: round {self.round} attempt {self.attempt} was replaced")
 
 
 class RoundRegistry:

@@ -13,13 +13,12 @@ import grpc
 
 from hffm.config import HFFMConfig
 from hffm.ids import role_of
-from hffm.inbox import RoundAborted
 from hffm.methods import Send
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, encode_modules
 from hffm.results import Transfer
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common import faults
-from services.common.client import RETRYABLE, Channels, push_callable, push_requests
+from services.common.client import RETRYABLE, Channels, push_callable, push_requests, wait_unless
 from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry, RoundState
 
@@ -111,17 +110,8 @@ class Sender:
                 timeout=max(1.0, deadline - time.monotonic()),
                 metadata=self.metadata,
             )
-            while not fut.done():
-                if state.aborted.is_set() or s.to in state.lost:
-                    fut.cancel()
-                    break
-                try:
-                    fut.exception(timeout=0.25)
-                except grpc.FutureTimeoutError:
-                    pass
-            if state.aborted.is_set():
-                raise RoundAborted(f"{self.node_id}: round {state.round} attempt {state.attempt} was replaced")
-            if fut.cancelled():
+            if not wait_unless(fut, lambda: state.aborted.is_set() or s.to in state.lost):
+                state.raise_if_aborted()
                 continue  # the receiver was left out: recorded above
             err = fut.exception()
             if err is None:
