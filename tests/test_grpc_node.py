@@ -291,6 +291,38 @@ def test_assign_round_bad_input(edge):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_an_assignment_from_a_round_end_the_node_lacks_is_refused_and_changes_nothing(edge):
+    node, ch, _ = edge
+    before = (node.inbox.snapshot(), node.rounds.current)
+    task = pb.RoundTask(round=2, method="hfm", steps=[], has_base=True, base_round=7, base_attempt=1)
+    with pytest.raises(grpc.RpcError) as e:
+        ch.control()("AssignRound", task, timeout=5)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "round 7 attempt 1" in e.value.details()
+    assert (node.inbox.snapshot(), node.rounds.current) == before
+    task.base_round, task.base_attempt = 0, 0  # its initial modules: always held
+    ch.control()("AssignRound", task, timeout=5)
+    assert node.rounds.current == 2
+
+
+def test_a_sync_takes_an_earlier_rounds_modules_and_nothing_else(edge):
+    """A sync (a node that missed rounds) carries its tier's current state: a version below the round;
+    this round's or a later one is refused."""
+    from hffm.methods import SYNC
+
+    node, ch, _ = edge
+    node.assign(3, "hfm", [Collect(SYNC, (D0,), "device_edge")], {D0: "127.0.0.1:1"})
+    for version in (3, 4):
+        mods = _device_modules(node, 5, version=version)
+        ems = [encode_module(m) for m in mods.values()]
+        _expect(
+            ch, node, push_requests(_header(D0, ems, 3, SYNC), ems, 4096), grpc.StatusCode.FAILED_PRECONDITION, "sync"
+        )
+    ems = [encode_module(m) for m in _device_modules(node, 5, version=1).values()]
+    _push(ch, push_requests(_header(D0, ems, 3, SYNC), ems, 4096))
+    report = ch.control()("AwaitRound", pb.AwaitRequest(round=3), timeout=10)
+    assert [list(a.counted) for a in report.aggregates] == [[D0]]
+
+
 def test_header_round_trip_through_protobuf(edge):
     node, _, _ = edge
     h, _ = _good(node, D0, 1)
