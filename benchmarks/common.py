@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hffm.config import PAPER_MODEL, load_config
-from hffm.data import TASK_LABELS
+from hffm.data import task_labels
 from hffm.model import initial_modules
 from hffm.modules import ModuleSet
 from hffm.topology import Topology
@@ -29,7 +29,7 @@ def paper_modules(version: int = 1, num_samples: float = 10.0) -> ModuleSet:
     """Double-Adapters of a ViLT-B/32-sized model (bottleneck 256) + two task heads: ~38 MB fp32."""
     cfg = paper_config()
     topo = Topology.from_config(cfg, cfg.model.num_layers)
-    mods = initial_modules(cfg, topo.modules_for("cloud"), {t: len(TASK_LABELS[t]) for t in cfg.tasks})
+    mods = initial_modules(cfg, topo.modules_for("cloud"), task_labels(cfg))
     for m in mods.values():
         m.version, m.num_samples = version, num_samples
         for t in m.tensors.values():  # zero-initialised up-projections would be unusually tidy data

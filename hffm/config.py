@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hffm.ids import AGGREGATION_RULES, METHODS, TASKS
+from hffm.ids import AGGREGATION_RULES, METHODS, SOURCE_TASKS, TASKS
 
 D = Field  # every field says what it is: ``hffm config --explain`` prints these descriptions
 
@@ -86,16 +86,108 @@ class ModelConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
-    """The synthetic multi-task VQA set and its non-IID split over devices."""
+class VQAv2Config(_Strict):
+    """``data.source: vqa-v2``: the official VQA v2 layout (questions JSON, annotations JSON, COCO images)."""
 
+    train_questions: str = D("", description="v2_OpenEnded_mscoco_train2014_questions.json")
+    train_annotations: str = D("", description="v2_mscoco_train2014_annotations.json")
+    train_images: str = D("", description="directory of the training images (train2014/)")
+    train_image_pattern: str = D(
+        "COCO_train2014_{image_id:012d}.jpg", description="file name of an image in train_images, by image_id"
+    )
+    test_questions: str = D("", description="the evaluation split's questions (v2_..._val2014_questions.json)")
+    test_annotations: str = D("", description="the evaluation split's annotations (v2_mscoco_val2014_annotations.json)")
+    test_images: str = D("", description="directory of the evaluation images (val2014/)")
+    test_image_pattern: str = D(
+        "COCO_val2014_{image_id:012d}.jpg", description="file name of an image in test_images, by image_id"
+    )
+    top_k: int = D(
+        3129,
+        ge=1,
+        description="answer vocabulary: the top-K multiple_choice_answers of the training annotations (per task); "
+        "training questions outside it are dropped (the usual practice), test ones score 0 unless annotators agree",
+    )
+    tasks_by: Literal["answer_type", "none"] = D(
+        "answer_type",
+        description="answer_type: one task (and head) per annotation answer_type (yesno, number, other); "
+        "none: one task 'vqa'",
+    )
+
+
+class GQAConfig(_Strict):
+    """``data.source: gqa``: GQA's balanced questions JSON (keyed by question id) and its images."""
+
+    train_questions: str = D("", description="train_balanced_questions.json")
+    test_questions: str = D("", description="val_balanced_questions.json (or testdev_balanced_questions.json)")
+    images: str = D("", description="directory of GQA's images (<imageId>.jpg)")
+    image_pattern: str = D("{image_id}.jpg", description="file name of an image in images, by imageId")
+    top_k: int = D(1843, ge=1, description="answer vocabulary: the top-K training answers (per task)")
+    tasks_by: Literal["structural", "none"] = D(
+        "structural",
+        description="structural: one task per types.structural (verify, query, choose, logical, compare); "
+        "none: one task 'gqa'",
+    )
+
+
+class HFDiskConfig(_Strict):
+    """``data.source: hf-disk``: a Hugging Face ``datasets`` DatasetDict saved with ``save_to_disk``."""
+
+    path: str = D("", description="the directory save_to_disk wrote")
+    train_split: str = D("train", description="split to train on")
+    test_split: str = D("test", description="split to test on")
+    image_column: str = D("image", description="column of images (datasets Image feature, or file paths)")
+    question_column: str = D("question", description="column of question strings")
+    answer_column: str = D("answer", description="column of answer strings")
+    task_column: str | None = D(
+        None, description="column naming each row's task (then list the tasks in `tasks`); unset: one task 'vqa'"
+    )
+    answers: list[str] | None = D(
+        None,
+        description="the answer vocabulary (all tasks); unset: every training answer. An answer outside a given "
+        "vocabulary is an error naming the row",
+    )
+
+
+class DataConfig(_Strict):
+    """The data set (synthetic by default; real ones from local files) and its non-IID split over devices."""
+
+    source: Literal["synthetic", "easy-vqa", "vqa-v2", "gqa", "hf-disk"] = D(
+        "synthetic",
+        description="synthetic: generated shapes (no files); easy-vqa: the easy-VQA package (pip install "
+        "'hffm[easy-vqa]'); vqa-v2, gqa: the official files (data.vqa_v2.*, data.gqa.*); hf-disk: a datasets "
+        "save_to_disk directory (data.hf_disk.*)",
+    )
     alpha: float = D(0.1, gt=0, description="Dirichlet concentration of each label's split over devices")
     train_per_task: int = D(
-        1200, ge=1, description="training samples of each task, split over the devices that start with it"
+        1200,
+        ge=1,
+        description="training samples of each task, split over the devices that start with it (real sources: "
+        "at most this many, a seeded subset of the split's)",
     )
-    local_test_per_device: int = D(64, ge=1, description="samples in each device's local test split")
-    global_test_per_task: int = D(256, ge=1, description="samples in each task's global (uniform) test set")
+    local_test_per_device: int = D(
+        64,
+        ge=1,
+        description="samples in each device's local test split (real sources: drawn from the test split "
+        "with the device's label mix)",
+    )
+    global_test_per_task: int = D(
+        256,
+        ge=1,
+        description="samples in each task's global test set (real sources: a seeded subset of the test "
+        "split, at most this many)",
+    )
     min_samples_per_device: int = D(8, ge=1, description="fewest training samples a device gets of a task")
+    image_cache: int = D(
+        4096, ge=0, description="real sources: prepared images a process keeps in memory (LRU; images load lazily)"
+    )
+    check_images: bool = D(
+        True,
+        description="real sources: before any process starts, open every image the run will use (a missing or "
+        "unreadable one is an error naming the file and the question)",
+    )
+    vqa_v2: VQAv2Config = D(default_factory=VQAv2Config, description=VQAv2Config.__doc__)
+    gqa: GQAConfig = D(default_factory=GQAConfig, description=GQAConfig.__doc__)
+    hf_disk: HFDiskConfig = D(default_factory=HFDiskConfig, description=HFDiskConfig.__doc__)
 
 
 class TrainConfig(_Strict):
@@ -337,7 +429,12 @@ class HFFMConfig(_Strict):
     rounds: int = D(8, ge=1, description="rounds to run")
     e_agg: int = D(2, ge=1, description="edges aggregate at the cloud every e_agg rounds (hfm, hfm-d2d)")
     seed: int = D(0, description="seed of the data, its split and local training")
-    tasks: list[str] = D(default_factory=lambda: list(TASKS), description=f"tasks of the federation: {list(TASKS)}")
+    tasks: list[str] = D(
+        default_factory=list,
+        description="tasks of the federation (one head each); empty: every task of the data source "
+        f"(synthetic: {list(TASKS)}; easy-vqa: {list(SOURCE_TASKS['easy-vqa'])}; vqa-v2: "
+        f"{list(SOURCE_TASKS['vqa-v2'])}; gqa: {list(SOURCE_TASKS['gqa'])}; hf-disk: the task_column's values)",
+    )
     topology: TopologyConfig = D(default_factory=TopologyConfig, description=TopologyConfig.__doc__)
     model: ModelConfig = D(default_factory=ModelConfig, description=ModelConfig.__doc__)
     data: DataConfig = D(default_factory=DataConfig, description=DataConfig.__doc__)
@@ -362,24 +459,48 @@ class HFFMConfig(_Strict):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one task is needed")
-        unknown = [t for t in v if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
         if len(set(v)) != len(v):
             raise ValueError("tasks must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _source_tasks(self) -> HFFMConfig:
+        known = source_tasks(self.data)
+        if not self.tasks:
+            if known is None:
+                raise ValueError("tasks: list the tasks (the values of data.hf_disk.task_column) to train")
+            # assigned silently: validate_assignment would re-enter this validator
+            object.__setattr__(self, "tasks", list(known))
+            return self
+        if known is not None:
+            unknown = [t for t in self.tasks if t not in known]
+            if unknown:
+                raise ValueError(
+                    f"tasks: unknown task(s) {unknown} of data source {self.data.source}; known: {list(known)}"
+                )
+        return self
+
+
+def source_tasks(data: DataConfig) -> tuple[str, ...] | None:
+    """The tasks a data source defines, known from the config alone (None: hf-disk's task column, whose
+    values only the data set knows)."""
+    if data.source == "vqa-v2":
+        return SOURCE_TASKS["vqa-v2"] if data.vqa_v2.tasks_by == "answer_type" else ("vqa",)
+    if data.source == "gqa":
+        return SOURCE_TASKS["gqa"] if data.gqa.tasks_by == "structural" else ("gqa",)
+    if data.source == "hf-disk":
+        return None if data.hf_disk.task_column else ("vqa",)
+    return SOURCE_TASKS[data.source]
 
 
 def _format_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if e["loc"] else msg)  # a whole-config check names its keys itself
     return "; ".join(parts)
 
 
@@ -407,7 +528,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded
     # Layers: defaults <- file <- --set; a partial section keeps the defaults of its other keys.
-    data = apply_overrides(_deep_merge(HFFMConfig().model_dump(mode="json"), data), overrides or [])
+    defaults = HFFMConfig().model_dump(mode="json")
+    defaults["tasks"] = []  # the data source's own, unless the file or a --set names some
+    data = apply_overrides(_deep_merge(defaults, data), overrides or [])
     return validate_config(data)
 
 

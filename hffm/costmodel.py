@@ -119,12 +119,12 @@ def draw_budget(cost: CostConfig, topo: Topology, geo: Geometry) -> LinkBudget:
 
 def module_sizes(cfg: HFFMConfig) -> dict[str, int]:
     """Serialized size (wire dtype) of each of the federation's modules: what the services send."""
-    from hffm.data import TASK_LABELS
+    from hffm.data import task_labels
     from hffm.model import backbone_dims, initial_modules
     from hffm.modules import encode_module
 
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
-    mods = initial_modules(cfg, topo.modules_for(CLOUD), {t: len(TASK_LABELS[t]) for t in cfg.tasks})
+    mods = initial_modules(cfg, topo.modules_for(CLOUD), task_labels(cfg))
     return {n: encode_module(m, cfg.wire.dtype).size_bytes for n, m in mods.items()}
 
 

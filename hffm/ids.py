@@ -91,6 +91,20 @@ TASK_LABELS: dict[str, list[str]] = {
 }
 TASKS = tuple(TASK_LABELS)
 
+# The tasks each data source defines (hffm/data): easy-VQA's question families; VQA v2's answer types;
+# GQA's structural question types. hf-disk names its own (a column).
+EASY_VQA_TASKS: dict[str, tuple[str, ...]] = {
+    "shape": ("circle", "rectangle", "triangle"),
+    "color": ("red", "green", "blue", "yellow", "teal", "brown", "black", "gray"),
+    "yesno": ("yes", "no"),
+}
+SOURCE_TASKS: dict[str, tuple[str, ...]] = {
+    "synthetic": TASKS,
+    "easy-vqa": tuple(EASY_VQA_TASKS),
+    "vqa-v2": ("yesno", "number", "other"),
+    "gqa": ("verify", "query", "choose", "logical", "compare"),
+}
+
 # Round plans by name (hffm/methods.py implements each; a test holds the two lists together).
 METHODS = ("star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d")
 

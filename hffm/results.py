@@ -33,8 +33,16 @@ class Transfer:
 class TaskScore:
     task: str
     split: str  # "local" (the node's own test split) | "global" (the task's global test set)
-    correct: int
+    correct: int  # predictions equal to the label
     total: int
+    score: float | None = None  # summed VQA accuracy (min(#annotators who gave the answer / 3, 1)); None: exact match
+
+    @property
+    def accuracy(self) -> float:
+        """VQA accuracy where the data set has human answers, else exact-match accuracy."""
+        if not self.total:
+            return 0.0
+        return (self.score if self.score is not None else self.correct) / self.total
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ def round_record(
     by_link_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     transfers = 0
     hops: dict[tuple[str, ...], int] = defaultdict(int)
-    acc: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     loss_sum, samples = 0.0, 0
     for r in reports:
         for t in r.sent:
@@ -125,7 +133,7 @@ def round_record(
             hops[(t.sender, t.receiver, t.origin or t.sender, t.destination or t.receiver, t.tag, t.link)] += t.bytes
         for m in r.scores:
             cell = acc[m.task][m.split]
-            cell[0] += m.correct
+            cell[0] += m.score if m.score is not None else m.correct
             cell[1] += m.total
         loss_sum += r.train_loss * r.train_samples
         samples += r.train_samples

@@ -14,6 +14,7 @@ from torch import nn
 from hffm.config import TrainConfig
 from hffm.data import TaskData
 from hffm.model import HFFMModel
+from hffm.results import TaskScore
 
 
 @dataclass
@@ -67,18 +68,21 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(
-    model: HFFMModel, data: dict[str, TaskData], device: str, batch_size: int = 128
-) -> dict[str, tuple[int, int]]:
-    """{task: (correct, total)}."""
+    model: HFFMModel, data: dict[str, TaskData], device: str, batch_size: int = 128, split: str = "global"
+) -> dict[str, TaskScore]:
+    """{task: its score}: exact matches, and for a data set with human answers (VQA v2) the summed VQA
+    accuracy."""
     model.eval()
     torch.manual_seed(0)  # ViLT's patch order (global RNG): the same modules always score the same
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, TaskScore] = {}
     for task, td in data.items():
-        correct = 0
+        correct, score = 0, None
         for i in range(0, len(td), batch_size):
             idx = torch.arange(i, min(i + batch_size, len(td)))
-            batch = td.batch(idx, device)
-            pred = model(batch, task).argmax(-1)
-            correct += int((pred == batch["labels"]).sum())
-        out[task] = (correct, len(td))
+            pred = model(td.batch(idx, device), task).argmax(-1)
+            c, s = td.score(idx, pred)
+            correct += c
+            if s is not None:
+                score = (score or 0.0) + s
+        out[task] = TaskScore(task, split, correct, len(td), score)
     return out

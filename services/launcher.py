@@ -299,6 +299,7 @@ def run(
     and restart timing (fault scenarios, ``hffm chaos``); ``on_start`` gets the supervisor once every
     process started (``hffm chaos`` kills processes through it). ``results["restarts"]``: processes
     restarted."""
+    from hffm.data import DataError, preflight
     from hffm.model import backbone_dims
 
     view = RunView(console or Console())
@@ -324,6 +325,10 @@ def run(
         cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"linger_s": 5.0})})
         write_config(cfg, cfg_path)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    try:  # the data set's files, entries and images, before any process starts
+        view.console.print(preflight(cfg))
+    except DataError as err:
+        raise RunFailed(f"data error: {err}") from None
     if cfg.security.tls and not cfg.security.dir:  # a throwaway CA for this run
         cfg = cfg.model_copy(
             update={"security": cfg.security.model_copy(update={"dir": str(provision_pki(cfg, topo, out / "pki"))})}

@@ -12,7 +12,7 @@ import time
 import grpc
 
 from hffm.config import ConfigError, HFFMConfig, load_config
-from hffm.data import TASK_LABELS
+from hffm.data import DataError, task_labels
 from hffm.model import backbone_dims, initial_modules
 from hffm.modules import ModuleSet, ModuleSpec, spec_of
 from hffm.persist import Persistor
@@ -78,16 +78,16 @@ def load(args: argparse.Namespace) -> HFFMConfig:
         sys.exit(f"config error: {err}")
 
 
-def task_labels(cfg: HFFMConfig) -> dict[str, int]:
-    return {t: len(TASK_LABELS[t]) for t in cfg.tasks}
-
-
 def topology(cfg: HFFMConfig) -> Topology:
     return Topology.from_config(cfg, backbone_dims(cfg)[1])
 
 
 def node_modules(cfg: HFFMConfig, topo: Topology, node: str) -> tuple[ModuleSpec, ModuleSet]:
-    mods = initial_modules(cfg, topo.modules_for(node), task_labels(cfg))
+    try:
+        labels = task_labels(cfg)  # a real data set's answer vocabularies size the heads
+    except DataError as err:
+        sys.exit(f"data error: {err}")
+    mods = initial_modules(cfg, topo.modules_for(node), labels)
     return spec_of({n: m.tensors for n, m in mods.items()}), mods
 
 

@@ -124,7 +124,9 @@ def report_to_pb(r: NodeReport) -> pb.RoundReport:
             )
             for t in r.sent
         ],
-        metrics=[pb.TaskMetric(task=m.task, split=m.split, correct=m.correct, total=m.total) for m in r.scores],
+        metrics=[
+            pb.TaskMetric(task=m.task, split=m.split, correct=m.correct, total=m.total, score=m.score) for m in r.scores
+        ],
         aggregates=[pb.AggregateRecord(tag=a.tag, counted=a.counted, left_out=a.left_out) for a in r.aggregates],
         train_loss=r.train_loss,
         train_samples=r.train_samples,
@@ -142,7 +144,9 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
         sent=[
             Transfer(t.sender, t.receiver, t.module, t.link, t.bytes, t.tag, t.origin, t.destination) for t in r.sent
         ],
-        scores=[TaskScore(m.task, m.split, m.correct, m.total) for m in r.metrics],
+        scores=[
+            TaskScore(m.task, m.split, m.correct, m.total, m.score if m.HasField("score") else None) for m in r.metrics
+        ],
         aggregates=[AggregateRecord(r.node, a.tag, tuple(a.counted), tuple(a.left_out)) for a in r.aggregates],
         train_loss=r.train_loss,
         train_samples=r.train_samples,

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from hffm.data import DataError
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
@@ -91,13 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         if topo.device_map[nid].edge not in upstreams:
             sys.exit(f"--upstream: no address for {topo.device_map[nid].edge}, the edge of {nid}")
     log = logging.getLogger("hffm.device")
-    host = ModelHost(cfg)
+    try:
+        host = ModelHost(cfg)
+    except DataError as err:
+        sys.exit(f"data error: {err}")
     metrics = start_metrics(args, cfg, next(iter(nodes)))  # one /metrics per process, with its first device's identity
     # plaintext: the process's devices share one channel per peer; TLS: each device's channels carry its certificate
     shared = None if cfg.security.tls else Channels()
     servers: list[NodeServer] = []
     for nid, listen in nodes.items():
-        node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared, persistor(args, cfg, nid))
+        try:
+            node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared, persistor(args, cfg, nid))
+        except DataError as err:
+            sys.exit(f"data error: {nid}: {err}")
         srv = NodeServer(node, listen, max_workers=server_workers(cfg, "device", topo))
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)

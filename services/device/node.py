@@ -9,15 +9,13 @@ import zlib
 import torch
 
 from hffm.config import HFFMConfig, resolve_torch_device
-from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer
+from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import task_of
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet, spec_of
-from hffm.results import TaskScore
 from hffm.topology import Topology
 from hffm.training import evaluate, train_local
 from services.common import faults
-from services.common.bootstrap import task_labels
 from services.common.node import NodeRuntime, RoundState
 
 
@@ -28,7 +26,7 @@ class ModelHost:
         self.cfg = cfg
         self.device = resolve_torch_device(cfg.runtime.device)
         torch.set_num_threads(cfg.runtime.torch_threads)
-        self.tokenizer = load_tokenizer(cfg.model.backbone)
+        self.tokenizer = load_tokenizer(cfg)
         self.model: HFFMModel = build_model(cfg, len(self.tokenizer), task_labels(cfg)).to(self.device)
         self.lock = threading.Lock()
         self._global_test: dict[str, TaskData] = {}
@@ -117,9 +115,9 @@ class DeviceNode(NodeRuntime):
         global_sets = {task: self.host.global_test(task) for task in self.info.tasks}
         with self.host.lock:
             self.host.load(self.modules)
-            local = evaluate(self.host.model, self.data.test, self.host.device)
-            glob = evaluate(self.host.model, global_sets, self.host.device)
+            local = evaluate(self.host.model, self.data.test, self.host.device, split="local")
+            glob = evaluate(self.host.model, global_sets, self.host.device, split="global")
         for split, res in (("local", local), ("global", glob)):
-            for task, (c, n) in res.items():
-                state.report.scores.append(TaskScore(task, split, c, n))
-                self.metrics.accuracy.labels(node=self.node_id, task=task, split=split).set(c / n if n else 0.0)
+            for task, s in res.items():
+                state.report.scores.append(s)
+                self.metrics.accuracy.labels(node=self.node_id, task=task, split=split).set(s.accuracy)

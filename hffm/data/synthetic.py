@@ -1,4 +1,5 @@
-"""Synthetic multi-task VQA, deterministic by seed, and its non-IID split over devices.
+"""The synthetic multi-task VQA set (``data.source: synthetic``, the zero-download default),
+deterministic by seed, and its non-IID split over devices.
 
 Two tasks with different questions and label spaces:
 - ``art`` (an attribute task, after AQUA): one shape on a textured canvas; "what color is the
@@ -16,12 +17,12 @@ The tokenizer is a word-level ``PreTrainedTokenizerFast`` built offline from the
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from hffm.data.base import DeviceData, TaskData, TensorImages, dirichlet_split, tokenize, word_level_tokenizer
 from hffm.ids import COUNT_WORDS, SHAPES, TASK_LABELS
 
 COLORS: dict[str, tuple[float, float, float]] = {  # the names and their order: hffm.ids.COLORS
@@ -30,7 +31,6 @@ COLORS: dict[str, tuple[float, float, float]] = {  # the names and their order: 
     "blue": (0.15, 0.25, 0.95),
     "yellow": (0.95, 0.9, 0.1),
 }
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = sorted(
     {
         *"what color is the shape it ? how many shapes are there a".split(),
@@ -45,39 +45,7 @@ _MEAN, _STD = 0.5, 0.5
 @lru_cache(maxsize=1)
 def build_tokenizer():
     """A word-level tokenizer over the synthetic vocabulary, built without any download."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    tok.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
-def load_tokenizer(backbone: str):
-    """The synthetic tokenizer for the tiny backbone; a checkpoint directory's own one otherwise
-    (falling back to the synthetic one when the directory ships none)."""
-    if backbone == "tiny":
-        return build_tokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(backbone, local_files_only=True)
-    except (OSError, ValueError):
-        return build_tokenizer()
+    return word_level_tokenizer(WORDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,33 +119,6 @@ def render_sample(task: str, label: int, seed: int, index: int, size: int) -> tu
 # --------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------
-@dataclass
-class TaskData:
-    """Pre-tokenised, pre-rendered samples of one task: tensors indexed by sample."""
-
-    task: str
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def batch(self, idx: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
-        pv = self.pixel_values[idx].to(device)
-        return {
-            "input_ids": self.input_ids[idx].to(device),
-            "attention_mask": self.attention_mask[idx].to(device),
-            "pixel_values": pv,
-            "pixel_mask": torch.ones(pv.shape[0], pv.shape[2], pv.shape[3], dtype=torch.long, device=device),
-            "labels": self.labels[idx].to(device),
-        }
-
-    def label_counts(self) -> list[int]:
-        return torch.bincount(self.labels, minlength=len(TASK_LABELS[self.task])).tolist()
-
-
 def make_task_data(
     task: str, labels: np.ndarray, indices: np.ndarray, seed: int, image_size: int, max_text_len: int, tokenizer
 ) -> TaskData:
@@ -186,59 +127,16 @@ def make_task_data(
         img, q = render_sample(task, int(lab), seed, int(idx), image_size)
         imgs.append(img)
         questions.append(q)
-    enc = (
-        tokenizer(questions, padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt")
-        if questions
-        else {
-            "input_ids": torch.zeros(0, max_text_len, dtype=torch.long),
-            "attention_mask": torch.zeros(0, max_text_len, dtype=torch.long),
-        }
-    )
+    input_ids, attention_mask = tokenize(tokenizer, questions, max_text_len)
     pix = torch.from_numpy(np.stack(imgs)) if imgs else torch.zeros(0, 3, image_size, image_size)
     return TaskData(
         task=task,
-        input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"],
-        pixel_values=(pix - _MEAN) / _STD,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        images=TensorImages((pix - _MEAN) / _STD),
         labels=torch.as_tensor(labels, dtype=torch.long),
+        answers=list(TASK_LABELS[task]),
     )
-
-
-def dirichlet_split(
-    labels: np.ndarray, n_parts: int, alpha: float, rng: np.random.Generator, min_size: int = 1
-) -> list[np.ndarray]:
-    """Split sample indices over ``n_parts`` with a Dirichlet(alpha) over each label's share.
-
-    Redraws (bounded) until every part holds at least ``min_size`` samples, the usual practice for
-    small alpha. With many parts that can be hopeless (Dirichlet(0.1) over 40 devices), so the last
-    draw is then repaired: a part short of ``min_size`` takes samples, preferably of labels it
-    already holds, from the largest part. Raises when the pool is too small."""
-    if n_parts < 1:
-        raise ValueError("n_parts must be >= 1")
-    if len(labels) < n_parts * min_size:
-        raise ValueError(f"{len(labels)} samples cannot give {n_parts} parts of >= {min_size}")
-    classes = np.unique(labels)
-    parts: list[list[int]] = []
-    for _ in range(100):
-        parts = [[] for _ in range(n_parts)]
-        for c in classes:
-            idx = np.flatnonzero(labels == c)
-            idx = idx[rng.permutation(len(idx))]
-            props = rng.dirichlet(np.full(n_parts, alpha))
-            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
-            for p, piece in enumerate(np.split(idx, cuts)):
-                parts[p].extend(piece.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            break
-    else:
-        for small in range(n_parts):
-            while len(parts[small]) < min_size:
-                big = max(range(n_parts), key=lambda k: len(parts[k]))
-                have = {int(labels[i]) for i in parts[small]}
-                pick = [j for j, i in enumerate(parts[big]) if int(labels[i]) in have] or list(range(len(parts[big])))
-                j = pick[int(rng.integers(len(pick)))]
-                parts[small].append(parts[big].pop(j))
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
 def task_pool_labels(task: str, n: int, seed: int) -> np.ndarray:
@@ -247,15 +145,6 @@ def task_pool_labels(task: str, n: int, seed: int) -> np.ndarray:
     n_labels = len(TASK_LABELS[task])
     labels = np.arange(n) % n_labels
     return labels[rng.permutation(n)]
-
-
-@dataclass
-class DeviceData:
-    train: dict[str, TaskData]
-    test: dict[str, TaskData]
-
-    def train_samples(self) -> dict[str, int]:
-        return {t: len(d) for t, d in self.train.items()}
 
 
 def split_for_task(task: str, holders: list[str], cfg_data, seed: int) -> dict[str, np.ndarray]:
