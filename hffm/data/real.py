@@ -65,6 +65,7 @@ class RealData:
         self.train_labels: dict[str, np.ndarray] = {}
         self.test_labels: dict[str, np.ndarray] = {}
         self.dropped: dict[str, int] = {}  # training questions outside a top-K vocabulary
+        self.splits: dict[tuple[str, tuple[str, ...]], dict[str, np.ndarray]] = {}  # (task, holders) -> partitions
         for task in tasks:
             if task not in counts:
                 raise DataError(
@@ -173,13 +174,10 @@ class RealData:
         )
 
 
-_SPLITS: dict[tuple[int, str, tuple[str, ...]], dict[str, np.ndarray]] = {}
-
-
 def _split(rd: RealData, task: str, holders: tuple[str, ...]) -> dict[str, np.ndarray]:
-    # once per process: every device of a process needs the same split
-    key = (id(rd), task, holders)
-    if key not in _SPLITS:
+    # once per prepared data set: every device of a process needs the same split
+    key = (task, holders)
+    if key not in rd.splits:
         rng = np.random.default_rng([rd.seed, 202, _task_seed(task)])
         labels = rd.train_labels[task]
         try:
@@ -188,8 +186,8 @@ def _split(rd: RealData, task: str, holders: tuple[str, ...]) -> dict[str, np.nd
             raise DataError(f"task {task!r}: {err} (data.min_samples_per_device, data.train_per_task)") from None
         for p in parts:
             p.setflags(write=False)
-        _SPLITS[key] = dict(zip(holders, parts, strict=True))
-    return _SPLITS[key]
+        rd.splits[key] = dict(zip(holders, parts, strict=True))
+    return rd.splits[key]
 
 
 @lru_cache(maxsize=4)
