@@ -31,7 +31,8 @@ BASE = [
     "model.image_size=64",  # easy-VQA's own resolution
     "e_agg=2",
     "seed=0",
-    "data.global_test_per_task=500",
+    "data.global_test_per_task=300",
+    "train.eval_every=2",  # devices test in the cloud rounds (and the last): 12 devices x 3 tasks x 300 each time
     "topology.edges=3",
     "topology.devices_per_edge=4",
     "rounds=10",
@@ -66,14 +67,26 @@ def run_all(out: Path, quick: bool = False, sets: list[str] | None = None, log=p
     from services.launcher import run
 
     res: dict = {"sets": sets_, "methods": {}, "curves": {}}
+
+    def part(name: str, make) -> dict:
+        # each part's results are kept (DIR/<name>.json with the settings): a re-run redoes only what changed
+        f = out / f"{name}.json"
+        if f.is_file() and (kept := json.loads(f.read_text())).get("sets") == sets_:
+            log(f"{name}: kept from {f}")
+            return kept["results"]
+        log(f"{name}...")
+        results = make()
+        f.write_text(json.dumps({"sets": sets_, "results": results}))
+        return results
+
     t = time.time()
-    log("centralised (upper bound)...")
-    central = run_centralised(load_config(None, sets_), log=lambda s: log("  " + s))
+    central = part("centralised", lambda: run_centralised(load_config(None, sets_), log=lambda s: log("  " + s)))
     res["centralised"] = {"accuracy": final_accuracy(central), "wall_s": time.time() - t}
     res["curves"]["centralised"] = [_mean(r) for r in central["rounds"]]
     for m in METHODS:
-        log(f"{m}...")
-        results = run(load_config(None, [*sets_, f"method={m}"]), out / m, Console(file=io.StringIO()))
+        results = part(
+            m, lambda m=m: run(load_config(None, [*sets_, f"method={m}"]), out / m, Console(file=io.StringIO()))
+        )
         res["methods"][m] = {"accuracy": final_accuracy(results), **totals(results)}
         res["curves"][m] = [_mean(r) for r in results["rounds"] if r["accuracy"]]
         log("  " + " ".join(f"{k}={v:.3f}" for k, v in res["methods"][m]["accuracy"].items()))

@@ -11,7 +11,8 @@ mkdir -p "$OUT"
 $PY - <<'PY' > "$OUT/requirements.txt.new"
 import importlib.metadata as md, re
 reqs = md.requires("hffm") or []
-names = sorted({re.split(r"[ ;<>=!\[]", r)[0] for r in reqs if "extra ==" not in r})
+# the runtime plus the easy-vqa extra (a small wheel: the image runs data.source=easy-vqa offline)
+names = sorted({re.split(r"[ ;<>=!\[]", r)[0] for r in reqs if "extra ==" not in r or '"easy-vqa"' in r})
 for n in names:
     print(f"{n}=={md.version(n)}")
 PY

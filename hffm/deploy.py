@@ -22,6 +22,9 @@ PKI_IN_CONTAINER = "/etc/hffm/pki"
 CONFIG_IN_CONTAINER = "/etc/hffm/config.yaml"
 PROMETHEUS_PKI = "/etc/prometheus/pki"
 STATE_IN_CONTAINER = "/state"
+# real data sets and checkpoints (data.*, model.backbone paths under /data): the host directory in
+# $HFFM_DATA, read-only in every container (edges and the cloud read the questions to size the heads)
+DATA_MOUNT = "${HFFM_DATA:-./build/data}:/data:ro"
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -64,7 +67,7 @@ def compose_spec(
             "image": image,
             "hostname": name,
             "command": ["python", "-m", *command, *common],
-            "volumes": [cfg_mount, state, *pki_mounts(name, PKI_IN_CONTAINER)],
+            "volumes": [cfg_mount, DATA_MOUNT, state, *pki_mounts(name, PKI_IN_CONTAINER)],
             # the healthcheck dials this node as itself; HFFM_SET points every process at its credentials
             "environment": [
                 f"HFFM_ID={name}",
@@ -77,7 +80,7 @@ def compose_spec(
         }
         svc.update(extra)
         if "volumes" in extra:
-            svc["volumes"] = [*extra["volumes"], state, *pki_mounts(name, PKI_IN_CONTAINER)]
+            svc["volumes"] = [*extra["volumes"], DATA_MOUNT, state, *pki_mounts(name, PKI_IN_CONTAINER)]
         return svc
 
     listen = f"0.0.0.0:{GRPC_PORT}"

@@ -118,7 +118,15 @@ def test_probes_resources_metrics_and_results(overlay):
             assert c["image"] == ("hffm:gpu" if overlay == "gpu" else "hffm:latest")
     cloud = _by_kind(docs, "Deployment", "cloud")[0]["spec"]["template"]["spec"]
     claims = [v["persistentVolumeClaim"]["claimName"] for v in cloud["volumes"] if "persistentVolumeClaim" in v]
-    assert claims == ["hffm-results"] and _by_kind(docs, "PersistentVolumeClaim", "hffm-results")
+    assert claims == ["hffm-results"] + (["hffm-data"] if overlay == "gpu" else [])
+    assert _by_kind(docs, "PersistentVolumeClaim", "hffm-results")
+    if overlay == "gpu":  # the checkpoint and real data sets: one read-only volume at /data in every pod
+        assert _by_kind(docs, "PersistentVolumeClaim", "hffm-data")[0]["spec"]["accessModes"] == ["ReadOnlyMany"]
+        for w in workloads:
+            c = w["spec"]["template"]["spec"]["containers"][0]
+            assert {"name": "data", "mountPath": "/data", "readOnly": True} in c["volumeMounts"]
+            sets = next(e["value"] for e in c["env"] if e["name"] == "HFFM_SET").split(";")
+            assert "model.backbone=/data/vilt-b32-mlm" in sets
     device = _by_kind(docs, "StatefulSet", "device-0")[0]["spec"]["template"]["spec"]
     limits = device["containers"][0]["resources"]["limits"]
     env = {e["name"] for e in device["containers"][0]["env"]}
