@@ -42,6 +42,8 @@ def run_all(out: Path, quick: bool = False, threshold: float = 0.5, log=print) -
     res = {}
     for m in METHODS:
         log(f"  time to accuracy {threshold:.2f}: {m}...")
-        results = run(load_config(None, [*sets, f"method={m}"]), out / f"tta-{m}", Console(file=io.StringIO()))
+        results = run(
+            load_config(None, [*sets, f"method={m}"]), out / f"tta-{m}", Console(file=io.StringIO()), force=True
+        )
         res[m] = time_to(results, threshold)
     return {"threshold": threshold, "methods": res}

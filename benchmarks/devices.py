@@ -51,7 +51,7 @@ def one(n: int, out: Path) -> dict:
     run_dir = out / f"devices-{n}"
     t0 = time.perf_counter()
     with MemoryWatch(str(run_dir / "config.yaml")) as mem:
-        res = run(cfg, run_dir, Console(file=io.StringIO()), timeout_s=3000)
+        res = run(cfg, run_dir, Console(file=io.StringIO()), timeout_s=3000, force=True)
     return {
         "devices": edges * per_edge,
         "round_s": res["rounds"][-1]["wall_s"],

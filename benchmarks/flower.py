@@ -191,7 +191,7 @@ def hffm_config(n: int):
 def hffm_round(n: int, out: Path) -> dict:
     cfg = hffm_config(n)
     with MemoryWatch(str(out / "config.yaml")) as mem:
-        res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1800)
+        res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1800, force=True)
     last = res["rounds"][-1]
     return {
         "peak_rss_bytes": mem.peak,

@@ -85,7 +85,10 @@ def run_all(out: Path, quick: bool = False, sets: list[str] | None = None, log=p
     res["curves"]["centralised"] = [_mean(r) for r in central["rounds"]]
     for m in METHODS:
         results = part(
-            m, lambda m=m: run(load_config(None, [*sets_, f"method={m}"]), out / m, Console(file=io.StringIO()))
+            m,
+            lambda m=m: run(
+                load_config(None, [*sets_, f"method={m}"]), out / m, Console(file=io.StringIO()), force=True
+            ),
         )
         res["methods"][m] = {"accuracy": final_accuracy(results), **totals(results)}
         res["curves"][m] = [_mean(r) for r in results["rounds"] if r["accuracy"]]

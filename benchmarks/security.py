@@ -24,7 +24,7 @@ TARGET_RATIO = 1.10  # a round with security on within 10 % of one without
 
 def one(n: int, tls: bool, out: Path) -> list[float]:
     cfg = sweep_config(n, 4, "train.eval_every=0", f"security.tls={'true' if tls else 'false'}")
-    res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1200)
+    res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1200, force=True)
     return [r["wall_s"] for r in res["rounds"][1:]]
 
 

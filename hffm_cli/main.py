@@ -29,7 +29,10 @@ def _config(config: Path | None, overrides: list[str], device: str | None = None
 @app.command()
 def run(
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)"),
-    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory for results and logs"),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="the run's folder (default: runs/<run id>); refused if it holds an earlier run"
+    ),
+    force: bool = typer.Option(False, "--force", help="--out holds an earlier run: replace it"),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (runtime.device)"),
     prometheus: bool = typer.Option(False, "--prometheus", help="start a real Prometheus scraping the run"),
@@ -48,7 +51,11 @@ def run(
     if resume is not None and (config is not None or overrides or device is not None):
         console.print("[red]--resume:[/red] a resumed run keeps its own config (drop --config, --set, --device)")
         raise typer.Exit(2)
+    if resume is not None and (out is not None or force):
+        console.print("[red]--resume:[/red] continues the run in its own folder (drop --out, --force)")
+        raise typer.Exit(2)
     cfg = _config(config, overrides, device)
+    from hffm.runinfo import new_run_id
     from services.launcher import RunFailed
     from services.launcher import run as launch
 
@@ -56,7 +63,16 @@ def run(
         if resume is not None:
             launch(cfg, resume, console, prometheus=prometheus, hold_s=hold_s, resume=True)
         else:
-            launch(cfg, out, console, prometheus=prometheus, hold_s=hold_s)
+            run_id = new_run_id(cfg.method)
+            launch(
+                cfg,
+                out or Path("runs") / run_id,
+                console,
+                prometheus=prometheus,
+                hold_s=hold_s,
+                force=force,
+                run_id=run_id,
+            )
     except RunFailed as err:
         console.print(f"[red]run failed:[/red] {err}")
         raise typer.Exit(1) from None
@@ -130,6 +146,70 @@ def show_config(
 
     for key, value, description in explain_config(cfg):
         typer.echo(f"{key} = {value}\n    {description}" if value is not None else f"[{key}]  {description}")
+
+
+@app.command("runs")
+def list_runs(
+    root: Path = typer.Option(Path("runs"), "--root", help="the folder holding run folders"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per run instead of a table"),
+) -> None:
+    """The runs under ROOT, oldest first: id, method, data, status, rounds done, final accuracy, bytes, time."""
+    import json
+
+    from rich.table import Table
+
+    from hffm.runinfo import list_runs as runs_under
+
+    rows = runs_under(root)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r))
+        return
+    if not rows:
+        console.print(f"no runs under {root}")
+        return
+    table = Table("run", "method", "data", "status", "rounds", "final acc (global)", "MB", "wall s")
+    colour = {"complete": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "stopped": "yellow"}
+    for r in rows:
+        acc = r["final_global_accuracy"]
+        st = r["status"]
+        table.add_row(
+            r["id"],
+            r["method"] or "?",
+            r["data"],
+            f"[{colour.get(st, 'white')}]{st}[/]",
+            r["rounds"],
+            "—" if acc is None else f"{acc:.3f}",
+            f"{r['mb']:.1f}",
+            f"{r['wall_s']:.0f}",
+        )
+    console.print(table)
+
+
+@app.command()
+def centralised(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)"),
+    out: Path = typer.Option(Path("runs/centralised"), "--out", "-o", help="directory for results.json"),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (runtime.device)"),
+) -> None:
+    """Train the same modules on all the data in one process (the federation's upper bound): as many
+    passes over the training pool as the federation makes, each tested on the same global test sets."""
+    import json
+
+    from hffm.centralised import run_centralised
+    from hffm.data import DataError, preflight
+
+    cfg = _config(config, overrides, device)
+    try:
+        console.print(preflight(cfg))
+        results = run_centralised(cfg, log=console.print)
+    except DataError as err:
+        console.print(f"[red]data error:[/red] {err}")
+        raise typer.Exit(1) from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    console.print(f"results: {out / 'results.json'}")
 
 
 @app.command()
@@ -210,7 +290,7 @@ def table1(
             run_cfg = cfg.model_copy(update={"method": method, "e_agg": e_agg})
             console.print(f"[bold]training run[/bold] {method} e_agg={e_agg}")
             try:
-                res = launch(run_cfg, out / f"{method}-e{e_agg}", console)
+                res = launch(run_cfg, out / f"{method}-e{e_agg}", console, force=True)
             except RunFailed as err:
                 console.print(f"[red]run failed:[/red] {err}")
                 raise typer.Exit(1) from None

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/hffm run --config configs/default.yaml --out runs/default "$@"
+exec .venv/bin/hffm run --config configs/default.yaml "$@"   # -> runs/<run id>/ (hffm runs lists them)

@@ -40,7 +40,7 @@ def run_scenario(
     cfg = scenario.config([*(extra or []), f"runtime.trace_dir={out / 'trace'}"])
     points, restart, stop = failpoints(scenario, cfg)
     console.print(f"[bold]{scenario.name}[/bold]: {scenario.description} (failpoints {points})")
-    results = run(cfg, out, console, timeout_s=timeout_s, faults=FaultPlan(points, restart, stop))
+    results = run(cfg, out, console, timeout_s=timeout_s, faults=FaultPlan(points, restart, stop), force=True)
     audit = audit_run(results, out / "trace")
     problems = check_expectations(scenario, results) + audit.lost + audit.double_counted + audit.wrong
     (out / "audit.json").write_text(json.dumps({**audit.as_dict(), "problems": problems}, indent=2))
@@ -116,7 +116,7 @@ def soak(cfg: HFFMConfig, kills: int, seed: int, out: Path, console: Console) ->
 
     console.print("[bold]chaos[/bold]: a fault-free run first (the baseline)")
     t0 = time.perf_counter()
-    base = run(traced(out / "baseline" / "trace"), out / "baseline", console, timeout_s=7200)
+    base = run(traced(out / "baseline" / "trace"), out / "baseline", console, timeout_s=7200, force=True)
     base_wall = time.perf_counter() - t0
     base_audit = audit_run(base, out / "baseline" / "trace")
     names = [n for n, _ in json.loads((out / "baseline" / "processes.json").read_text())]
@@ -125,7 +125,9 @@ def soak(cfg: HFFMConfig, kills: int, seed: int, out: Path, console: Console) ->
     killer = Killer(schedule, out / "chaos", console)
     t0 = time.perf_counter()
     try:
-        res = run(traced(out / "chaos" / "trace"), out / "chaos", console, timeout_s=7200, on_start=killer.attach)
+        res = run(
+            traced(out / "chaos" / "trace"), out / "chaos", console, timeout_s=7200, on_start=killer.attach, force=True
+        )
     finally:
         killer.stop.set()
     wall = time.perf_counter() - t0

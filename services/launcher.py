@@ -289,8 +289,68 @@ def run(
     resume: bool = False,
     faults: FaultPlan | None = None,
     on_start: Callable[[Supervisor], None] | None = None,
+    force: bool = False,
+    run_id: str | None = None,
 ) -> dict:
-    """Run a federation of local processes; return the parsed results.json.
+    """Run a federation of local processes in the run folder ``out``; return the parsed results.json.
+
+    ``out`` is this run's alone: locked while it runs; refused when it holds an earlier run unless
+    ``force`` (that run's files are removed) or ``resume``. DIR/run.json says which run it is (``run_id``,
+    default a new one), when it started and ended, with what code, and how it ended (``status``:
+    running, complete, failed with ``reason``, interrupted)."""
+    from hffm.runinfo import RunDirError, claim_run_dir, new_run_id, now_iso, provenance, write_run_json
+
+    out = out.absolute()  # processes start in the repository root: every path they get is absolute
+    try:
+        lock = claim_run_dir(out, force=force, resume=resume)
+    except RunDirError as err:
+        raise RunFailed(str(err)) from None
+    info: dict = {}
+    if resume and (out / "run.json").is_file():
+        try:
+            info = json.loads((out / "run.json").read_text())
+        except ValueError:
+            info = {}
+    info.update(
+        id=info.get("id") or run_id or new_run_id(cfg.method),
+        method=info.get("method") or cfg.method,
+        started=info.get("started") or now_iso(),
+        status="running",
+        pid=os.getpid(),
+        argv=sys.argv,
+        **provenance(),
+    )
+    info.pop("reason", None)
+    write_run_json(out, info)
+    try:
+        results = _run(cfg, out, info, console, timeout_s, prometheus, hold_s, resume, faults, on_start)
+        info["status"] = "complete"
+        return results
+    except KeyboardInterrupt:
+        info["status"] = "interrupted"
+        raise
+    except BaseException as err:
+        info["status"], info["reason"] = "failed", str(err) or type(err).__name__
+        raise
+    finally:
+        info["finished"] = now_iso()
+        write_run_json(out, info)
+        lock.release()
+
+
+def _run(
+    cfg: HFFMConfig,
+    out: Path,
+    info: dict,
+    console: Console | None,
+    timeout_s: float | None,
+    prometheus: bool,
+    hold_s: float | None,
+    resume: bool,
+    faults: FaultPlan | None,
+    on_start: Callable[[Supervisor], None] | None,
+) -> dict:
+    """The run itself (``run``'s docstring):
 
     Every process serves /metrics; DIR/prometheus/ holds a Prometheus config and the file_sd target
     list. With ``prometheus`` a real Prometheus scrapes the run; it stays up ``hold_s`` seconds after
@@ -353,6 +413,7 @@ def run(
     env.setdefault("OMP_NUM_THREADS", str(cfg.runtime.torch_threads))
     env.setdefault("MALLOC_ARENA_MAX", "2")  # many threads per process: bound glibc's per-thread arenas
     env["PYTHONUNBUFFERED"] = "1"
+    env["HFFM_RUN_ID"], env["HFFM_RUN_STARTED"] = info["id"], info["started"]  # results.json's run
     fault_plan = faults or FaultPlan([], {}, {})
     if fault_plan.failpoints:
         env["HFFM_FAILPOINTS"] = ",".join(fault_plan.failpoints)
@@ -361,7 +422,7 @@ def run(
     deadline = time.monotonic() + (
         timeout_s or (cfg.runtime.register_timeout_s + cfg.rounds * cfg.runtime.round_timeout_s)
     )
-    view.header(cfg, topo, len(plan), out)
+    view.header(cfg, topo, len(plan), out, info["id"])
     try:
         with ExitStack() as stack:
             for name, argv in plan:

@@ -44,11 +44,12 @@ class RunView:
     def __init__(self, console: Console) -> None:
         self.console = console
 
-    def header(self, cfg: HFFMConfig, topo: Topology, processes: int, out: Path) -> None:
+    def header(self, cfg: HFFMConfig, topo: Topology, processes: int, out: Path, run_id: str = "") -> None:
         self.console.print(
             f"[bold]hffm[/bold] {cfg.method} · {len(topo.edges)} edges × {cfg.topology.devices_per_edge} devices · "
-            f"{cfg.rounds} rounds (e_agg={cfg.e_agg}) · {processes} processes · out: {out}"
+            f"{cfg.rounds} rounds (e_agg={cfg.e_agg}) · {cfg.data.source} data · {processes} processes"
         )
+        self.console.print(f"run {run_id} · {out}" if run_id else f"out: {out}", soft_wrap=True)
 
     def prometheus_missing(self, targets: Path) -> None:
         self.console.print(

@@ -400,3 +400,24 @@ def test_easy_vqa_federation_over_grpc(tmp_path):
     assert all(0.0 <= v["global"] <= 1.0 for v in last["accuracy"].values())
     assert {m for m in last["bytes_by_module"] if m.startswith("head.")} == {"head.shape", "head.color", "head.yesno"}
     assert last["cloud_aggregation"] and last["train_samples"] == 3 * 48
+
+
+def test_hffm_centralised_trains_the_modules_on_the_whole_pool(tmp_path):
+    from hffm_cli.main import app
+
+    sets = [
+        "data.source=easy-vqa",
+        "tasks=[color]",
+        "rounds=2",
+        "data.train_per_task=64",
+        "data.global_test_per_task=32",
+    ]
+    r = CliRunner().invoke(app, ["centralised", "--out", str(tmp_path)] + [a for s in sets for a in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["method"] == "centralised" and [x["round"] for x in res["rounds"]] == [1, 2]
+    assert all(x["train_samples"] == 64 for x in res["rounds"])  # one pass over the whole pool per round
+    assert 0.0 <= res["rounds"][-1]["accuracy"]["color"]["global"] <= 1.0
+    assert res["rounds"][1]["loss"] < res["rounds"][0]["loss"]
+    bad = CliRunner().invoke(app, ["centralised", "--out", str(tmp_path), "--set", "data.source=vqa-v2"])
+    assert bad.exit_code == 1 and "data.vqa_v2.train_questions: not set" in bad.output.replace("\n", "")

@@ -3,18 +3,36 @@ the per-round gauges, and the final global modules."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from hffm.config import HFFMConfig
 from hffm.modules import ModuleSet, save_modules
 from hffm.results import RoundRecord, write_results
+from hffm.runinfo import new_run_id, now_iso, run_record, totals
 from services.common.metrics import Metrics
+
+
+def run_identity(cfg: HFFMConfig, out_dir: Path) -> tuple[str, str]:
+    """(run id, start time): what the launcher set (HFFM_RUN_ID, HFFM_RUN_STARTED); else what an earlier
+    life of this cloud wrote (a restarted cloud keeps its run's id); else new ones."""
+    if os.environ.get("HFFM_RUN_ID"):
+        return os.environ["HFFM_RUN_ID"], os.environ.get("HFFM_RUN_STARTED") or now_iso()
+    try:
+        run = json.loads((out_dir / "results.json").read_text()).get("run") or {}
+        if run.get("id") and run.get("started"):
+            return run["id"], run["started"]
+    except (OSError, ValueError):
+        pass
+    return new_run_id(cfg.method), now_iso()
 
 
 class ResultsWriter:
     def __init__(self, cfg: HFFMConfig, out_dir: Path, metrics: Metrics) -> None:
         self.cfg, self.out_dir, self.metrics = cfg, out_dir, metrics
         self.rounds: list[RoundRecord] = []
+        self.run = run_record(*run_identity(cfg, out_dir))
 
     def add(self, rec: RoundRecord) -> None:
         self.rounds.append(rec)
@@ -34,7 +52,13 @@ class ResultsWriter:
     def write(self, nodes: dict[str, str], complete: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_results(
-            self.out_dir / "results.json", self.cfg.model_dump(mode="json"), self.rounds, nodes=nodes, complete=complete
+            self.out_dir / "results.json",
+            self.cfg.model_dump(mode="json"),
+            self.rounds,
+            nodes=nodes,
+            complete=complete,
+            run=self.run,
+            totals=totals([r.to_dict() for r in self.rounds]),
         )
 
     def finish(self, modules: ModuleSet) -> None:
