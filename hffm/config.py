@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf or nan anywhere: round_timeout_s=inf would end as a bare "Deadline Exceeded"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TopologyConfig(_Strict):

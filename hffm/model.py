@@ -128,7 +128,7 @@ def backbone_dims(cfg: HFFMConfig) -> tuple[int, int]:
         return cfg.model.hidden_size, cfg.model.num_layers
     from transformers import ViltConfig
 
-    vc = ViltConfig.from_pretrained(_local_dir(cfg.model.backbone))
+    vc = ViltConfig.from_pretrained(_local_dir(cfg.model.backbone), local_files_only=True)
     return vc.hidden_size, vc.num_hidden_layers
 
 
@@ -137,6 +137,11 @@ def _local_dir(path: str) -> str:
     if not p.is_dir():
         raise FileNotFoundError(
             f"model.backbone: {path!r} is neither 'tiny' nor a local checkpoint directory (no hub access)"
+        )
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.backbone: {path!r} holds no config.json: not a checkpoint directory (save one with "
+            "ViltModel.save_pretrained)"
         )
     return str(p)
 

@@ -167,6 +167,8 @@ def parse_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, T
         header = json.loads(bytes(data[8 : 8 + n]))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"header is not JSON: {err}") from None
+    except RecursionError:  # "[[[[..." a few thousand deep: not a safetensors header, and no stack trace
+        raise ValueError("header is not a safetensors header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}

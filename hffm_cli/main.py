@@ -12,7 +12,7 @@ from hffm.config import ConfigError, dump_config, load_config, write_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hierarchical Federated Foundation Models")
 console = Console()
 
-SET_HELP = "Override a config value, e.g. --set topology.edges=3 --set method=star --set tasks=[art,gqa]"
+SET_HELP = r"Override a config value, e.g. --set topology.edges=3 --set method=star --set tasks=\[art,gqa]"
 
 
 def _config(config: Path | None, overrides: list[str], device: str | None = None):

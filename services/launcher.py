@@ -28,7 +28,7 @@ import grpc
 import yaml
 from rich.console import Console
 
-from hffm.config import HFFMConfig, load_config, write_config
+from hffm.config import ConfigError, HFFMConfig, load_config, resolve_torch_device, write_config
 from hffm.ids import CLOUD, role_of
 from hffm.pki import OPERATOR, SCRAPER, provision
 from hffm.results import plot_results
@@ -384,11 +384,27 @@ def _run(
     if prometheus and cfg.runtime.linger_s < 5:  # let the last scrape see the final values
         cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"linger_s": 5.0})})
         write_config(cfg, cfg_path)
-    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
-    try:  # the data set's files, entries and images, before any process starts
+    try:  # every input that can fail, each a one-line error before any process starts
+        device = resolve_torch_device(cfg.runtime.device)
+        topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+        check_capacity(cfg, topo)
         view.console.print(preflight(cfg))
     except DataError as err:
         raise RunFailed(f"data error: {err}") from None
+    except ConfigError as err:
+        raise RunFailed(str(err)) from None
+    except OSError as err:  # a backbone directory that holds no ViLT checkpoint
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RunFailed(first if first.startswith("model.backbone") else f"model.backbone: {first}") from None
+    view.console.print(
+        f"torch device: {device}"
+        + (" (runtime.device: auto)" if cfg.runtime.device == "auto" else "")
+        + (
+            " · [yellow]e_agg > rounds: no cloud aggregation in this run[/yellow]"
+            if cfg.e_agg > cfg.rounds and cfg.method in ("hfm", "hfm-d2d")
+            else ""
+        )
+    )
     if cfg.security.tls and not cfg.security.dir:  # a throwaway CA for this run
         cfg = cfg.model_copy(
             update={"security": cfg.security.model_copy(update={"dir": str(provision_pki(cfg, topo, out / "pki"))})}
@@ -464,6 +480,27 @@ def _run(
     view.summary(results)
     view.outputs(results_path, out / "results.png", out / "global_modules.safetensors")
     return results
+
+
+def check_capacity(cfg: HFFMConfig, topo: Topology) -> None:
+    """Refuse a federation this machine cannot hold open (a channel per node at the cloud, a log and pipes
+    per process here), raising the soft open-files limit to the hard one first (the children inherit it)."""
+    import math
+    import resource
+
+    nodes = len(topo.node_ids())
+    procs = 1 + len(topo.edges) + math.ceil(len(topo.devices) / cfg.runtime.devices_per_process)
+    need = 4 * procs + 2 * nodes + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            f"topology: {nodes:,} nodes in {procs:,} processes need about {need:,} open files; this machine allows "
+            f"{soft:,} (ulimit -n): fewer topology.edges x topology.devices_per_edge"
+        )
 
 
 def _hold(prom: subprocess.Popen, url: str, hold_s: float | None, view: RunView) -> None:

@@ -104,3 +104,43 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path):
         if first.poll() is None:
             first.kill()
     assert list_runs(tmp_path)[0]["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    "sets, says",
+    [
+        (["runtime.device=cuda"], "runtime.device: 'cuda' requested but CUDA is not available"),
+        (["model.backbone=/nonexistent"], "model.backbone: '/nonexistent' is neither 'tiny' nor a local checkpoint"),
+        (["model.backbone=EMPTY"], "holds no config.json: not a checkpoint directory"),
+        (["topology.edges=1000", "topology.devices_per_edge=1000"], "topology: 1,001,001 nodes in"),
+    ],
+)
+def test_bad_inputs_are_one_line_before_any_process_starts(tmp_path, sets, says):
+    import torch
+
+    if "cuda" in sets[0] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here: runtime.device=cuda is valid")
+    (tmp_path / "empty").mkdir()
+    sets = [s.replace("EMPTY", str(tmp_path / "empty")) for s in sets]
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+    text = r.output.replace("\n", "")
+    assert r.exit_code == 1 and says in text and "Traceback" not in r.output, r.output
+    assert not (out / "processes.json").exists()  # nothing started
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and says in info["reason"]
+
+
+def test_bad_values_and_folders_are_refused_naming_them(tmp_path):
+    for sets, says in (
+        (["runtime.round_timeout_s=inf"], "runtime.round_timeout_s: Input should be a finite number"),
+        (["cost.beta0_db=nan"], "cost.beta0_db: Input should be a finite number"),
+    ):
+        r = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "x"), *[a for s in sets for a in ("--set", s)]])
+        assert r.exit_code == 2 and says in r.output.replace("\n", ""), r.output
+    (tmp_path / "file").write_text("")
+    for out, says in ((tmp_path / "file" / "run", "cannot make the folder"), (Path("/proc/hffm-run"), "cannot make")):
+        r = CliRunner().invoke(app, ["run", "--out", str(out), *_sets()])
+        assert r.exit_code == 1 and says in r.output.replace("\n", "") and "Traceback" not in r.output, r.output
+    help_text = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "250"}).output
+    assert "tasks=[art,gqa]" in help_text  # not eaten as markup
