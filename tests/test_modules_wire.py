@@ -267,6 +267,7 @@ T = torch.arange(6, dtype=torch.float32).numpy().tobytes()  # 24 B: a (2, 3) fp3
         (_blob({"x": {"dtype": "F32", "shape": [2, 3]}}, T), "exactly"),
         (_blob([1, 2], b""), "object"),
         (_blob({"__metadata__": {"a": 1}}, b""), "strings"),
+        (len(b"[" * 50_000).to_bytes(8, "little") + b"[" * 50_000, "nested too deeply"),  # no RecursionError
     ],
 )
 def test_malformed_safetensors_rejected_like_the_library(blob, why):
