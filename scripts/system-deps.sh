@@ -17,11 +17,18 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
+# Packages must not start services (Debian's prometheus would start its own; hffm starts its own):
+# policy-rc.d's "101" tells the packages' scripts not to, for this install only. No process running
+# on the machine is touched.
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
+fi
 apt-get update -qq >/dev/null 2>&1 || true
 for pkg in "${need[@]}"; do  # one at a time: one unavailable package must not block the others
   apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 \
     || echo "system-deps: apt-get install $pkg failed; the tests that need it will skip" >&2
 done
-# Debian's prometheus package may start its own service where an init system runs; hffm starts its own.
-pkill -x prometheus 2>/dev/null || true
+[ "$made_policy" = 1 ] && rm -f "$policy"
 exit 0
