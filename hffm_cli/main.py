@@ -12,6 +12,7 @@ from hffm.config import ConfigError, dump_config, load_config, write_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hierarchical Federated Foundation Models")
 console = Console()
 
+REPO = Path(__file__).resolve().parent.parent  # defaults name the repository's files: any directory works
 SET_HELP = r"Override a config value, e.g. --set topology.edges=3 --set method=star --set tasks=\[art,gqa]"
 
 
@@ -228,7 +229,7 @@ def plot(results: Path = typer.Argument(..., help="results.json"), out: Path = t
 def topology(
     config: Path = typer.Option(None, "--config", "-c"),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(Path("topology.png"), "--out", "-o", help="PNG drawing"),
+    out: Path = typer.Option(Path("runs/topology.png"), "--out", "-o", help="PNG drawing"),
     round_: int = typer.Option(1, "--round", help="round whose cluster heads are shown"),
 ) -> None:
     """Print node positions, link rates and D2D paths; draw them to a PNG."""
@@ -242,13 +243,14 @@ def topology(
     costs = CostModel(cfg, topo)
     ctx = costs.d2d_context(topo, round_)
     console.print(topology_report(topo, costs, ctx), highlight=False, markup=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
     draw_topology(topo, costs, ctx, out)
     console.print(f"drawing: {out}")
 
 
 @app.command()
 def table1(
-    config: Path = typer.Option(Path("configs/paper.yaml"), "--config", "-c"),
+    config: Path = typer.Option(REPO / "configs" / "paper.yaml", "--config", "-c", show_default="configs/paper.yaml"),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     profile: str = typer.Option("corrected", "--profile", help="paper | corrected"),
     skip_training: bool = typer.Option(False, "--skip-training", help="cost model only, no accuracy runs"),
@@ -364,11 +366,18 @@ def report(
 
 @app.command()
 def compose(
-    config: Path = typer.Option(Path("configs/compose.yaml"), "--config", "-c"),
+    config: Path = typer.Option(
+        REPO / "configs" / "compose.yaml", "--config", "-c", show_default="configs/compose.yaml"
+    ),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path = typer.Option(Path("docker-compose.yml"), "--out", "-o", help="compose file to write"),
+    out: Path = typer.Option(
+        REPO / "docker-compose.yml", "--out", "-o", help="compose file to write", show_default="docker-compose.yml"
+    ),
     prometheus_out: Path = typer.Option(
-        Path("deploy/prometheus/compose.yml"), "--prometheus-out", help="Prometheus config for the testbed"
+        REPO / "deploy" / "prometheus" / "compose.yml",
+        "--prometheus-out",
+        help="Prometheus config for the testbed",
+        show_default="deploy/prometheus/compose.yml",
     ),
     results_dir: str = typer.Option("./runs/compose", "--results-dir", help="host directory for results"),
     pki_dir: Path = typer.Option(
