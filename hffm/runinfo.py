@@ -31,6 +31,8 @@ RUN_FILES = (
     "trace",
 )
 LOCK = ".lock"
+# What may be prepared before a run (a CA, a Prometheus config): not by itself an earlier run.
+PREPARED = ("pki", "prometheus", "trace")
 
 
 class RunDirError(RuntimeError):
@@ -163,13 +165,14 @@ def claim_run_dir(out: Path, force: bool = False, resume: bool = False) -> RunLo
         lock.release()
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise RunDirError(f"--out {out}: holds files that are not an hffm run's ({shown}); choose a new folder")
-    if present and not force:
+    earlier = [n for n in present if n not in PREPARED]
+    if earlier and not force:
         lock.release()
         raise RunDirError(
-            f"--out {out}: holds an earlier run ({', '.join(present[:4])}); choose a new folder, "
+            f"--out {out}: holds an earlier run ({', '.join(earlier[:4])}); choose a new folder, "
             "--force to replace it, or --resume to continue it"
         )
-    for name in present:
+    for name in present if force else ():
         p = out / name
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return lock
