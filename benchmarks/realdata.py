@@ -61,7 +61,9 @@ def totals(results: dict) -> dict[str, float]:
     }
 
 
-def run_all(out: Path, quick: bool = False, sets: list[str] | None = None, log=print) -> dict:
+def run_all(
+    out: Path, quick: bool = False, sets: list[str] | None = None, log=print, methods: tuple[str, ...] = METHODS
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sets_ = [*BASE, *(QUICK if quick else []), *(sets or [])]
     from services.launcher import run
@@ -82,8 +84,8 @@ def run_all(out: Path, quick: bool = False, sets: list[str] | None = None, log=p
     t = time.time()
     central = part("centralised", lambda: run_centralised(load_config(None, sets_), log=lambda s: log("  " + s)))
     res["centralised"] = {"accuracy": final_accuracy(central), "wall_s": time.time() - t}
-    res["curves"]["centralised"] = [_mean(r) for r in central["rounds"]]
-    for m in METHODS:
+    res["curves"]["centralised"] = [[r["round"], _mean(r)] for r in central["rounds"]]
+    for m in methods:
         results = part(
             m,
             lambda m=m: run(
@@ -91,7 +93,7 @@ def run_all(out: Path, quick: bool = False, sets: list[str] | None = None, log=p
             ),
         )
         res["methods"][m] = {"accuracy": final_accuracy(results), **totals(results)}
-        res["curves"][m] = [_mean(r) for r in results["rounds"] if r["accuracy"]]
+        res["curves"][m] = [[r["round"], _mean(r)] for r in results["rounds"] if r["accuracy"]]
         log("  " + " ".join(f"{k}={v:.3f}" for k, v in res["methods"][m]["accuracy"].items()))
     (out / "realdata.json").write_text(json.dumps(res, indent=1))
     (out / "realdata.md").write_text(table(res))
@@ -131,8 +133,10 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    style = {"centralised": ("--", "o"), "hfm-d2d": (":", "x")}  # hfm-d2d's accuracy is hfm's: drawn over it
     for name, curve in res["curves"].items():
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", ls="--" if name == "centralised" else "-", label=name)
+        ls, marker = style.get(name, ("-", "o"))
+        ax.plot([x for x, _ in curve], [y for _, y in curve], marker=marker, ls=ls, label=name)
     ax.set_xlabel("round (centralised: pass over the pool)")
     ax.set_ylabel("mean global accuracy (easy-VQA tasks)")
     ax.grid(alpha=0.3)
@@ -147,8 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/realdata"))
     p.add_argument("--quick", action="store_true", help="2 edges x 2 devices, 2 rounds, small pools")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     a = p.parse_args(argv)
-    res = run_all(a.out, a.quick, a.sets)
+    methods = tuple(m for m in a.methods.split(",") if m)
+    if unknown := [m for m in methods if m not in METHODS]:
+        p.error(f"--methods: unknown {unknown}")
+    res = run_all(a.out, a.quick, a.sets, methods=methods)
     print(table(res))
 
 
