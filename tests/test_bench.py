@@ -55,3 +55,19 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     # the same payload went both ways: Flower's FedAvg returns arrays of the module set's size
     assert f["payload_bytes"] == sum(t.numel() * 4 for m in paper_modules().values() for t in m.tensors.values())
     assert len(f["rounds_s"]) == 2 and b["flower_round_ratio"] == fl["ratio"] > 0
+
+
+def test_realdata_writes_its_table_and_plot_and_reuses_what_it_ran(tmp_path):
+    """benchmarks.realdata (the easy-VQA comparison in docs/results.md), quick: the centralised bound and
+    one federated method as real services; a second call with the same settings reruns nothing."""
+    from benchmarks.realdata import main
+
+    main(["--quick", "--methods", "hfm", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "realdata.json").read_text())
+    assert set(res["methods"]) == {"hfm"} and set(res["centralised"]["accuracy"]) == {"color", "shape", "yesno"}
+    assert [x for x, _ in res["curves"]["centralised"]] == [1, 2] and res["methods"]["hfm"]["bytes"] > 0
+    table = (tmp_path / "realdata.md").read_text()
+    assert "| centralised |" in table and "| hfm |" in table and (tmp_path / "realdata.png").stat().st_size > 0
+    kept = (tmp_path / "hfm.json").stat().st_mtime_ns
+    main(["--quick", "--methods", "hfm", "--out", str(tmp_path)])
+    assert (tmp_path / "hfm.json").stat().st_mtime_ns == kept
