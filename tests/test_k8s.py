@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,20 +21,13 @@ OVERLAYS = ("cpu", "gpu", "cert-manager")
 CONFIG = REPO_ROOT / "configs" / "k8s.yaml"
 
 
-def render(overlay: str) -> list[dict]:
+def render(overlay: str | Path) -> list[dict]:
+    """What `kubectl apply -k` applies: kustomize with its default load restrictor (files only from
+    inside each kustomization)."""
     if shutil.which("kubectl") is None:
         pytest.skip("needs kubectl (kustomize); scripts/system-deps.sh installs it")
-    r = subprocess.run(
-        [
-            "kubectl",
-            "kustomize",
-            "--load-restrictor",
-            "LoadRestrictionsNone",
-            str(REPO_ROOT / "deploy" / "k8s" / "overlays" / overlay),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    path = overlay if isinstance(overlay, Path) else REPO_ROOT / "deploy" / "k8s" / "overlays" / overlay
+    r = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return [d for d in yaml.safe_load_all(r.stdout) if d]
 
@@ -49,9 +43,9 @@ def test_every_object_validates_against_the_kubernetes_schema(overlay):
     kinds = sorted({d["kind"] for d in docs})
     crds = ["Certificate", "Issuer"] if overlay == "cert-manager" else []
     assert kinds == sorted(
-        ["ConfigMap", "Deployment", "Namespace", "PersistentVolumeClaim", "Service", "ServiceMonitor", "StatefulSet"]
-        + crds
+        ["ConfigMap", "Deployment", "Namespace", "PersistentVolumeClaim", "Service", "StatefulSet"] + crds
     )
+    assert Path(CONFIG).resolve() == REPO_ROOT / "deploy" / "k8s" / "base" / "config.yaml"  # one file, linked
     for d in docs:
         if d["apiVersion"].startswith("monitoring.coreos.com/"):  # a CRD: no upstream schema
             ep = d["spec"]["endpoints"][0]
@@ -142,9 +136,112 @@ def test_probes_resources_metrics_and_results(overlay):
         c = sts["spec"]["template"]["spec"]["containers"][0]
         assert {"name": "state", "mountPath": "/state"} in c["volumeMounts"]
         assert {"name": "HFFM_STATE_DIR", "value": "/state"} in c["env"]
+
+
+COMPONENTS = REPO_ROOT / "deploy" / "k8s" / "components"
+
+
+def _with_components(tmp_path: Path, overlay: str, *components: str) -> list[dict]:
+    """An overlay as an operator writes one: an existing overlay plus optional components."""
+    import os
+
+    rel = Path(os.path.relpath(REPO_ROOT / "deploy" / "k8s", tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [str(rel / "overlays" / overlay)],
+                "components": [str(rel / "components" / c) for c in components],
+            }
+        )
+    )
+    return render(tmp_path)
+
+
+def test_optional_components_servicemonitor_prometheus_and_dashboards(tmp_path):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = _with_components(tmp_path, "cpu", "servicemonitor", "monitoring")
+    for d in docs:
+        assert d["kind"] == "Namespace" or d["metadata"]["namespace"] == "hffm", d["metadata"]
+        if d["apiVersion"].startswith("monitoring.coreos.com/"):  # a CRD: no upstream schema
+            continue
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
     monitor = _by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]
-    assert monitor["scheme"] == "https"
+    assert monitor["port"] == "metrics" and monitor["scheme"] == "https"
     assert monitor["tlsConfig"]["cert"]["secret"]["name"] == monitor["tlsConfig"]["keySecret"]["name"]
+    # the in-cluster Prometheus: its config is the component's file, its credentials hffm pki k8s's Secrets
+    from hffm.deploy import K8S_CA_SECRET, K8S_SCRAPER_SECRET
+
+    (cm,) = [d for d in _by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("hffm-prometheus-config")]
+    assert cm["data"]["prometheus.yml"] == (COMPONENTS / "monitoring" / "prometheus.yml").read_text()
+    prom = _by_kind(docs, "Deployment", "hffm-prometheus")[0]["spec"]["template"]["spec"]
+    secrets = {v["secret"]["secretName"] for v in prom["volumes"] if "secret" in v}
+    assert secrets == {K8S_CA_SECRET, K8S_SCRAPER_SECRET} and prom["serviceAccountName"] == "hffm-prometheus"
+    # the Grafana sidecar's ConfigMaps hold exactly the dashboards tests/test_metrics.py proves
+    boards = {
+        k: v for d in _by_kind(docs, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+        for k, v in d["data"].items()
+    }  # fmt: skip
+    on_disk = {p.name: p.read_text() for p in (REPO_ROOT / "deploy" / "grafana" / "dashboards").glob("*.json")}
+    assert boards == on_disk
+    (ds,) = [d for d in _by_kind(docs, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_datasource")]
+    source = yaml.safe_load(ds["data"]["hffm-datasource.yaml"])["datasources"][0]
+    assert source["url"] == "http://hffm-prometheus:9090" and source["uid"] == "prometheus"
+    # the base alone carries no CRD: a cluster without the Prometheus Operator accepts it
+    assert not _by_kind(render("cpu"), "ServiceMonitor")
+
+
+def test_in_cluster_prometheus_rewrites_each_pod_to_its_certificate_name(tmp_path, pki_dir):
+    """The monitoring component's relabelling run by a real Prometheus: pods as Kubernetes service
+    discovery gives them (here from a file: Debian's Prometheus is built without the Kubernetes SD),
+    targets at <node>.<service>.hffm.svc:9100 over HTTPS, the cloud's Deployment pod as `cloud`, pods
+    without the scrape annotation dropped."""
+    import json
+    import urllib.request
+
+    from services.launcher import Proc, _stop_all, start_prometheus  # noqa: I001
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("needs Debian's prometheus; scripts/system-deps.sh installs it")
+    cfg = yaml.safe_load((COMPONENTS / "monitoring" / "prometheus.yml").read_text())
+    job = cfg["scrape_configs"][0]
+    job["tls_config"] = {
+        "ca_file": str(pki_dir / "ca.crt"),
+        "cert_file": str(pki_dir / "cloud.crt"),
+        "key_file": str(pki_dir / "cloud.key"),
+    }
+    job.pop("kubernetes_sd_configs")
+    job["file_sd_configs"] = [{"files": [str(tmp_path / "pods.json")]}]
+
+    def pod(name: str, app: str, scrape: str = "true") -> dict:
+        return {
+            "targets": [f"10.0.0.{len(name)}:9100"],
+            "labels": {
+                "__meta_kubernetes_pod_name": name,
+                "__meta_kubernetes_pod_label_app_kubernetes_io_name": app,
+                "__meta_kubernetes_namespace": "hffm",
+                "__meta_kubernetes_pod_annotation_prometheus_io_scrape": scrape,
+            },
+        }
+
+    pods = [pod("cloud-7d9f8b6c5d-x2x4q", "cloud"), pod("edge-1", "edge"), pod("device-1-2", "device")]
+    (tmp_path / "pods.json").write_text(json.dumps([*pods, pod("busybox", "other", "false")]))
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    prom, url = start_prometheus(tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        got: dict = {}
+        while time.monotonic() < deadline and len(got) < 3:
+            with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=5) as r:  # noqa: S310 - loopback
+                active = json.loads(r.read())["data"]["activeTargets"]
+            got = {t["labels"]["process"]: t["scrapeUrl"] for t in active}
+            time.sleep(0.5)
+    finally:
+        _stop_all([Proc("prometheus", prom, tmp_path / "prometheus.log")])
+    assert got == {
+        "cloud": "https://cloud.cloud.hffm.svc:9100/metrics",
+        "edge-1": "https://edge-1.edge.hffm.svc:9100/metrics",
+        "device-1-2": "https://device-1-2.device.hffm.svc:9100/metrics",
+    }
 
 
 def test_device_entry_point_takes_its_identity_from_the_pod_name():
