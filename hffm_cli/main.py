@@ -10,7 +10,8 @@ from rich.console import Console
 from hffm.config import ConfigError, dump_config, load_config, write_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hierarchical Federated Foundation Models")
-console = Console()
+# Output to a file or a pipe (logs, CI) is not cut at 80 columns: ids, paths and tables keep their width.
+console = Console() if Console().is_terminal else Console(width=200, soft_wrap=True)
 
 REPO = Path(__file__).resolve().parent.parent  # defaults name the repository's files: any directory works
 SET_HELP = r"Override a config value, e.g. --set topology.edges=3 --set method=star --set tasks=\[art,gqa]"

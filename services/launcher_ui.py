@@ -32,9 +32,13 @@ def round_line(rec: dict) -> str:
         faults.append("lost " + ",".join(rec["lost"]))
     if rec.get("synced"):
         faults.append("synced " + ",".join(rec["synced"]))
+    modeled = rec.get("modeled") or {}
+    model = (
+        f"  modeled {modeled['latency_s']:.1f}s {modeled['energy_j']:.1f}J" if "latency_s" in modeled else ""
+    )  # the cost model's, on the bytes this round sent (docs/cost-model.md)
     return (
         f"round {rec['round']:>3}  loss {loss:.3f}  acc(global/local) {acc}  "
-        f"{rec['bytes_total'] / 1e6:.2f} MB  {rec['wall_s']:.1f}s"
+        f"{rec['bytes_total'] / 1e6:.2f} MB  {rec['wall_s']:.1f}s{model}"
         + ("  [cloud]" if rec["cloud_aggregation"] else "")
         + (f"  [{'; '.join(faults)}]" if faults else "")
     )
@@ -116,14 +120,22 @@ class RunView:
         table.add_column("loss", justify="right")
         table.add_column("MB sent", justify="right")
         table.add_column("wall s", justify="right")
+        table.add_column("modeled s", justify="right")  # the cost model's latency and energy, on the bytes sent
+        table.add_column("modeled J", justify="right")
         for r in rounds:
             cells = [str(r["round"])]
             for t in tasks:
                 a = r["accuracy"].get(t, {})
                 cells += [_fmt(a.get("global"), 3), _fmt(a.get("local"), 3)]
+            m = r.get("modeled") or {}
             cells += [_fmt(r["loss"], 3), f"{r['bytes_total'] / 1e6:.2f}", f"{r['wall_s']:.1f}"]
+            cells += [_fmt(m.get("latency_s"), 1), _fmt(m.get("energy_j"), 1)]
             table.add_row(*cells)
         self.console.print(table)
+        self.console.print(
+            "modeled: the wireless cost model (cost.profile) charged on the bytes this run sent; hffm table1 "
+            "charges paper-size modules (--module-size paper), so its figures are larger for the tiny model"
+        )
 
     def outputs(self, results: Path, plot: Path, modules: Path) -> None:
         self.console.print(f"results: {results}  plot: {plot}  modules: {modules}")
