@@ -138,9 +138,21 @@ def show_config(
     config: Path = typer.Option(None, "--config", "-c"),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     explain: bool = typer.Option(False, "--explain", help="every key with its value and what it means"),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="write the resolved config to this file (what every process of a run reads)"
+    ),
 ) -> None:
-    """Print the resolved config (defaults + file + overrides)."""
+    """Print the resolved config (defaults + file + overrides), or write it (--out)."""
     cfg = _config(config, overrides)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out)
+        from hffm.model import backbone_dims
+        from hffm.topology import Topology
+
+        topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+        console.print(f"{out}: {len(topo.node_ids())} nodes: {', '.join(topo.node_ids())}", highlight=False)
+        return
     if not explain:
         typer.echo(dump_config(cfg), nl=False)
         return

@@ -28,7 +28,7 @@ from hffm.planner import PlannedRound, Planner
 from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record
 from hffm.topology import Topology
 from services.cloud.dispatcher import Assignment, Dispatcher
-from services.cloud.membership import Membership, Registration
+from services.cloud.membership import Membership, Registration, RegistrationTimeout
 from services.cloud.progress import ProgressEvent, ProgressFeed
 from services.cloud.results_writer import ResultsWriter
 from services.common import faults
@@ -398,6 +398,9 @@ class Coordinator:
                     message=str(self.out_dir / "results.json"),
                 )
             )
+        except RegistrationTimeout as err:  # an operator's mismatch, not a bug: one line, no stack trace
+            log.error("run failed: %s", err)
+            self.progress.publish(ProgressEvent(phase="failed", message=str(err)))
         except Exception as err:  # noqa: BLE001
             log.exception("run failed")
             self.progress.publish(ProgressEvent(phase="failed", message=f"{type(err).__name__}: {err}"))

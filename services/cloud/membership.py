@@ -18,6 +18,10 @@ __all__ = ["Membership", "Registration"]
 log = logging.getLogger("hffm.membership")
 
 
+class RegistrationTimeout(TimeoutError):
+    """Nodes of the topology never registered (the message names them)."""
+
+
 class Membership:
     def __init__(
         self,
@@ -69,15 +73,31 @@ class Membership:
         self._on_change(f"{reg.id} registered")
         return n
 
-    def wait_for_all(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def missing(self) -> list[str]:
+        with self._cv:
+            return sorted(set(self.topo.node_ids()) - set(self.addresses) - {CLOUD})
+
+    def wait_for_all(self, timeout_s: float, log_every_s: float = 10.0) -> None:
+        """Until every node of the topology registered; says every ``log_every_s`` whom it waits for (the
+        topology in the config names them: a node never started, or a config naming more nodes than were
+        started, shows here), and raises ``RegistrationTimeout`` naming them."""
+        start = time.monotonic()
+        deadline, next_log = start + timeout_s, start + log_every_s
         with self._cv:
             while len(self.addresses) < self.expected:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = sorted(set(self.topo.node_ids()) - set(self.addresses))
-                    raise TimeoutError(f"nodes not registered after {timeout_s:.0f}s: {missing}")
-                self._cv.wait(min(left, 1.0))
+                now = time.monotonic()
+                if now >= deadline or now >= next_log:
+                    missing = sorted(set(self.topo.node_ids()) - set(self.addresses) - {CLOUD})
+                    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                    if now >= deadline:
+                        raise RegistrationTimeout(
+                            f"{len(missing)} of the topology's nodes did not register within "
+                            f"runtime.register_timeout_s={timeout_s:.0f}s: {shown} (start them, or make topology.* "
+                            "match the nodes started)"
+                        )
+                    log.info("waiting for %d node(s) to register: %s (%.0fs)", len(missing), shown, now - start)
+                    next_log = now + log_every_s
+                self._cv.wait(min(deadline, next_log) - now)
 
     def address(self, node: str) -> str:
         with self._cv:
