@@ -201,6 +201,81 @@ def list_runs(
 
 
 @app.command()
+def compare(
+    runs: list[Path] = typer.Argument(None, help="run folders (or their results.json) to compare"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="compare.png, compare.md, compare.json"),
+    sweep: str = typer.Option(
+        None, "--sweep", help="KEY=V1,V2,...: run one federation per value first (with --config/--set), then compare"
+    ),
+    config: Path = typer.Option(None, "--config", "-c", help="with --sweep: the base config"),
+    overrides: list[str] = typer.Option([], "--set", help="with --sweep: " + SET_HELP),
+) -> None:
+    """Overlay runs: mean global accuracy, MB sent, modeled latency and energy per round, each run
+    labelled by what differs between their configs."""
+    from hffm.compare import compare as overlay
+    from hffm.compare import load_run
+
+    paths = list(runs or [])
+    if sweep:
+        if "=" not in sweep or not sweep.split("=", 1)[1]:
+            console.print("[red]--sweep:[/red] expected KEY=V1,V2,... e.g. --sweep method=star,hfm")
+            raise typer.Exit(2)
+        from hffm.runinfo import new_run_id
+        from services.launcher import RunFailed
+        from services.launcher import run as launch
+
+        key, values = sweep.split("=", 1)
+        cfgs = [_config(config, [*overrides, f"{key}={v}"]) for v in values.split(",")]  # all checked first
+        for cfg in cfgs:
+            rid = new_run_id(cfg.method)
+            try:
+                launch(cfg, Path("runs") / rid, console, run_id=rid)
+            except RunFailed as err:
+                console.print(f"[red]run failed:[/red] {err}")
+                raise typer.Exit(1) from None
+            paths.append(Path("runs") / rid)
+    if len(paths) < 2:
+        console.print("[red]compare:[/red] name two or more runs (or --sweep)")
+        raise typer.Exit(2)
+    try:
+        results = [load_run(p) for p in paths]
+    except ValueError as err:
+        console.print(f"[red]compare:[/red] {err}")
+        raise typer.Exit(2) from None
+    overlay(results, out)
+    console.print((out / "compare.md").read_text(), markup=False, highlight=False)
+    console.print(f"{out / 'compare.png'}  {out / 'compare.md'}  {out / 'compare.json'}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="a run folder (or its results.json)"),
+    tensorboard: Path = typer.Option(None, "--tensorboard", help="write TensorBoard event files under this logdir"),
+    mlflow: str = typer.Option(None, "--mlflow", help="log to this MLflow tracking URI (file:<dir> or a server)"),
+    experiment: str = typer.Option("hffm", "--experiment", help="MLflow experiment name"),
+) -> None:
+    """Write a run's per-round metrics to TensorBoard and/or MLflow (pip install 'hffm[tracking]')."""
+    from hffm.compare import load_run, to_mlflow, to_tensorboard
+
+    if tensorboard is None and mlflow is None:
+        console.print("[red]export:[/red] name --tensorboard DIR and/or --mlflow URI")
+        raise typer.Exit(2)
+    try:
+        results = load_run(run)
+    except ValueError as err:
+        console.print(f"[red]export:[/red] {err}")
+        raise typer.Exit(2) from None
+    try:
+        if tensorboard is not None:
+            console.print(f"TensorBoard: {to_tensorboard(results, tensorboard)}")
+        if mlflow is not None:
+            console.print(f"MLflow run {to_mlflow(results, mlflow, experiment)} in {mlflow}")
+    except ImportError as err:
+        console.print(f"[red]export:[/red] {err.name or err} is not installed: pip install 'hffm[tracking]'")
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def centralised(
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)"),
     out: Path = typer.Option(Path("runs/centralised"), "--out", "-o", help="directory for results.json"),
