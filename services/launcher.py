@@ -208,12 +208,25 @@ def write_prometheus_dir(out: Path, targets: list[dict], pki: Path | None = None
     return d
 
 
-def start_prometheus(prom_dir: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
-    """A real Prometheus scraping the run (Debian's `prometheus` binary). Returns (process, URL)."""
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def start_prometheus(prom_dir: Path, host: str = "127.0.0.1", port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus scraping the run (Debian's `prometheus` binary). Returns (process, URL). It
+    listens on ``port``, else $HFFM_PROMETHEUS_PORT or 9090 (the same URL run after run, for a Grafana
+    pointed at it) when free, else on a free port."""
     binary = shutil.which("prometheus")
     if binary is None:
         raise RunFailed("--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus)")
-    port = free_ports(1, host)[0]
+    if port is None:
+        wanted = int(os.environ.get("HFFM_PROMETHEUS_PORT", "9090"))
+        port = wanted if _port_free(host, wanted) else free_ports(1, host)[0]
     log = open(prom_dir / "prometheus.log", "wb")
     p = subprocess.Popen(
         [

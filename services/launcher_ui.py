@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from hffm.config import HFFMConfig
@@ -67,7 +67,14 @@ class RunView:
     @contextmanager
     def progress(self, nodes: int, rounds: int) -> Iterator[Callable]:
         """A live display; yields ``show(event)`` for each progress event of the cloud."""
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),  # from the rounds done so far
+        ]
         with Progress(*columns, console=self.console, transient=False) as progress:
             reg = progress.add_task("registering nodes", total=nodes)
             rnd = progress.add_task("rounds", total=rounds)

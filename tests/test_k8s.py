@@ -198,7 +198,7 @@ def test_in_cluster_prometheus_rewrites_each_pod_to_its_certificate_name(tmp_pat
     import json
     import urllib.request
 
-    from services.launcher import Proc, _stop_all, start_prometheus  # noqa: I001
+    from services.launcher import Proc, _stop_all, free_ports, start_prometheus
 
     if shutil.which("prometheus") is None:
         pytest.skip("needs Debian's prometheus; scripts/system-deps.sh installs it")
@@ -226,7 +226,7 @@ def test_in_cluster_prometheus_rewrites_each_pod_to_its_certificate_name(tmp_pat
     pods = [pod("cloud-7d9f8b6c5d-x2x4q", "cloud"), pod("edge-1", "edge"), pod("device-1-2", "device")]
     (tmp_path / "pods.json").write_text(json.dumps([*pods, pod("busybox", "other", "false")]))
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    prom, url = start_prometheus(tmp_path)
+    prom, url = start_prometheus(tmp_path, port=free_ports(1, "127.0.0.1")[0])
     try:
         deadline = time.monotonic() + 30
         got: dict = {}

@@ -25,7 +25,16 @@ from hffm.config import load_config
 from hffm.model import backbone_dims
 from hffm.topology import Topology
 from services.common.metrics import REJECT_REASONS
-from services.launcher import REPO_ROOT, Proc, _stop_all, provision_pki, run, start_prometheus, write_prometheus_dir
+from services.launcher import (
+    REPO_ROOT,
+    Proc,
+    _stop_all,
+    free_ports,
+    provision_pki,
+    run,
+    start_prometheus,
+    write_prometheus_dir,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -81,7 +90,7 @@ def scraped(tmp_path_factory):
     pki = provision_pki(cfg, Topology.from_config(cfg, backbone_dims(cfg)[1]), out / "pki")
     cfg = cfg.model_copy(update={"security": cfg.security.model_copy(update={"dir": str(pki)})})
     prom_dir = write_prometheus_dir(out, [], pki)
-    prom, url = start_prometheus(prom_dir)
+    prom, url = start_prometheus(prom_dir, port=free_ports(1, "127.0.0.1")[0])
     tls = _client_tls(pki)
     box: dict = {}
     t = threading.Thread(target=lambda: box.update(results=run(cfg, out, Console(file=io.StringIO()), 600)))
