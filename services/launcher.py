@@ -606,12 +606,19 @@ def _follow(
     watcher = _Watcher(cloud_addr, security)
     events = watcher.events
     watcher.start()
+    heartbeat_s = float(os.environ.get("HFFM_HEARTBEAT_S", "30"))  # a line each time a round runs this long
+    last_event = round_t0 = time.monotonic()
+    round_now = 0
     try:
         with view.progress(len(topo.node_ids()), cfg.rounds) as show:
             while True:
                 check_children()
                 if time.monotonic() > deadline:
                     raise RunFailed("the run exceeded its time limit")
+                now = time.monotonic()
+                if running and now - last_event >= heartbeat_s:  # a long round (a real backbone) is not silent
+                    view.round_running(round_now + 1, now - round_t0, [p.name for p in procs if p.popen.poll() is None])
+                    last_event = now
                 try:
                     ev = events.get(timeout=0.5)
                 except queue.Empty:
@@ -621,8 +628,10 @@ def _follow(
                         # file, checked by the caller, says whether the run completed.
                         return
                     continue
+                last_event = time.monotonic()
                 if ev.phase == "round":
                     running = True
+                    round_now, round_t0 = ev.round, last_event
                 show(ev)
                 if ev.phase == "done":
                     return

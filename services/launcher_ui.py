@@ -92,6 +92,11 @@ class RunView:
 
             yield show
 
+    def round_running(self, round_: int, elapsed_s: float, alive: list[str]) -> None:
+        self.console.print(
+            f"round {round_:>3}  running for {elapsed_s:.0f}s ({len(alive)} processes up)", highlight=False
+        )
+
     def device_process_lost(self, name: str, rc: int, log: Path) -> None:
         self.console.print(
             f"[yellow]device process {name} exited with code {rc}; its devices are "

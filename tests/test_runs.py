@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -144,3 +145,19 @@ def test_bad_values_and_folders_are_refused_naming_them(tmp_path):
         assert r.exit_code == 1 and says in r.output.replace("\n", "") and "Traceback" not in r.output, r.output
     help_text = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "250"}).output
     assert "tasks=[art,gqa]" in help_text  # not eaten as markup
+
+
+def test_a_long_round_is_not_silent(tmp_path, monkeypatch):
+    """While a round runs longer than HFFM_HEARTBEAT_S (30 s by default: a real backbone's rounds take
+    minutes), the console says so."""
+    import io
+
+    from rich.console import Console
+
+    from hffm.config import load_config
+    from services.launcher import run
+
+    monkeypatch.setenv("HFFM_HEARTBEAT_S", "0.5")
+    buf = io.StringIO()
+    run(load_config(None, [*TINY, "rounds=2", "train.local_epochs=3"]), tmp_path / "r", Console(file=buf, width=200))
+    assert re.search(r"round +2  running for \d+s \(\d processes up\)", buf.getvalue()), buf.getvalue()
