@@ -437,6 +437,11 @@ def _run(
     elif prometheus:
         prom, url = start_prometheus(prom_dir, cfg.runtime.host)
         view.prometheus_started(url, prom_dir / "prometheus.yml")
+        # a Grafana on this machine finds this Prometheus with this file in its provisioning/datasources
+        # (the compose testbed's datasource names the prometheus container, which resolves only there)
+        datasource = {"apiVersion": 1, "datasources": [{"name": "Prometheus", "uid": "prometheus",
+                      "type": "prometheus", "access": "proxy", "url": url, "isDefault": True}]}  # fmt: skip
+        (prom_dir / "grafana-datasource.yaml").write_text(yaml.safe_dump(datasource, sort_keys=False))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", str(cfg.runtime.torch_threads))

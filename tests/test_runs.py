@@ -161,3 +161,25 @@ def test_a_long_round_is_not_silent(tmp_path, monkeypatch):
     buf = io.StringIO()
     run(load_config(None, [*TINY, "rounds=2", "train.local_epochs=3"]), tmp_path / "r", Console(file=buf, width=200))
     assert re.search(r"round +2  running for \d+s \(\d processes up\)", buf.getvalue()), buf.getvalue()
+
+
+def test_prometheus_of_a_run_and_a_grafana_datasource_for_it(tmp_path):
+    """hffm run --prometheus: a real Prometheus scrapes the run; the run folder holds a Grafana
+    datasource pointing at it (for a Grafana on this machine)."""
+    import io
+    import shutil
+
+    import yaml
+    from rich.console import Console
+
+    from hffm.config import load_config
+    from services.launcher import run
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("needs Debian's prometheus; scripts/system-deps.sh installs it")
+    buf = io.StringIO()
+    run(load_config(None, [*TINY, "rounds=2"]), tmp_path / "r", Console(file=buf, width=200), prometheus=True)
+    url = re.search(r"Prometheus: (http://127\.0\.0\.1:\d+)", buf.getvalue()).group(1)
+    ds = yaml.safe_load((tmp_path / "r" / "prometheus" / "grafana-datasource.yaml").read_text())["datasources"][0]
+    assert ds["url"] == url and ds["uid"] == "prometheus"  # the uid every dashboard names
+    assert any((tmp_path / "r" / "prometheus" / "data").iterdir())  # it stored what it scraped

@@ -178,6 +178,9 @@ class Coordinator:
         cost = rc.as_dict()
         cost["by_tier_link"] = dict(sorted(by_tier_link.items()))
         cost["profile"] = self.costs.cost.profile
+        # what the transfers were charged on: the bytes really sent, or cost.module_bytes_override per push
+        override = self.costs.cost.module_bytes_override
+        cost["bytes_basis"] = f"override:{override}" if override else "sent"
         if self.costs.cost.profile == "paper":  # the seed code's per-round composition
             cost["latency_s"], cost["energy_j"] = self.costs.paper_round(self.method.name, self.cfg.e_agg, ctx.heads)
         cost["heads"] = dict(ctx.heads)
