@@ -177,6 +177,9 @@ class Coordinator:
             m.set_head(edge, head)
         cost = rc.as_dict()
         cost["by_tier_link"] = dict(sorted(by_tier_link.items()))
+        # the same maps under names that carry their unit; the short names stay for earlier readers
+        for short in ("by_module", "by_node", "by_tier_link"):
+            cost[f"energy_j_{short}"] = cost[short]
         cost["profile"] = self.costs.cost.profile
         # what the transfers were charged on: the bytes really sent, or cost.module_bytes_override per push
         override = self.costs.cost.module_bytes_override
