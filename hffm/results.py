@@ -178,9 +178,12 @@ def round_record(
     )
 
 
-def write_results(path: str | Path, config: dict[str, Any], rounds: list[RoundRecord], **extra: Any) -> None:
-    """results.json, written atomically (readers never see a half-written file)."""
-    doc = {"config": config, "rounds": [r.to_dict() for r in rounds], **extra}
+def write_results(
+    path: str | Path, config: dict[str, Any], rounds: list[RoundRecord] | list[dict[str, Any]], **extra: Any
+) -> None:
+    """results.json, written atomically (readers never see a half-written file). ``rounds``: records, or
+    their ``to_dict()`` made already."""
+    doc = {"config": config, "rounds": [r if isinstance(r, dict) else r.to_dict() for r in rounds], **extra}
     atomic_write_bytes(Path(path), json.dumps(doc, indent=2).encode())
 
 

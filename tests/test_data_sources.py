@@ -421,3 +421,26 @@ def test_hffm_centralised_trains_the_modules_on_the_whole_pool(tmp_path):
     assert res["rounds"][1]["loss"] < res["rounds"][0]["loss"]
     bad = CliRunner().invoke(app, ["centralised", "--out", str(tmp_path), "--set", "data.source=vqa-v2"])
     assert bad.exit_code == 1 and "data.vqa_v2.train_questions: not set" in bad.output.replace("\n", "")
+
+
+def test_a_node_reporting_more_than_it_tested_is_not_believed():
+    """Scores come from the nodes: one that reports more correct answers (or more VQA accuracy) than
+    questions, or a non-finite score, has that metric dropped; the rest of its report stands."""
+    from services.common.convert import report_from_pb
+    from services.rpc import pb
+
+    def rep(*metrics):
+        return report_from_pb(pb.RoundReport(node="device-0-0", round=1, metrics=list(metrics), train_samples=5))
+
+    ok = pb.TaskMetric(task="number", split="global", correct=3, total=8, score=4.5)
+    lies = [
+        pb.TaskMetric(task="number", split="local", correct=9, total=8),
+        pb.TaskMetric(task="number", split="local", correct=-1, total=8),
+        pb.TaskMetric(task="number", split="local", correct=3, total=8, score=8.5),
+        pb.TaskMetric(task="number", split="local", correct=3, total=8, score=float("nan")),
+        pb.TaskMetric(task="number", split="local", correct=3, total=8, score=-0.5),
+    ]
+    for lie in lies:
+        r = rep(ok, lie)
+        assert [(s.split, s.correct, s.score) for s in r.scores] == [("global", 3, 4.5)] and r.train_samples == 5
+    assert rep(ok).scores[0].accuracy == pytest.approx(4.5 / 8)

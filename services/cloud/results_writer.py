@@ -51,14 +51,15 @@ class ResultsWriter:
 
     def write(self, nodes: dict[str, str], complete: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        rounds = [r.to_dict() for r in self.rounds]  # once: the file and its totals
         write_results(
             self.out_dir / "results.json",
             self.cfg.model_dump(mode="json"),
-            self.rounds,
+            rounds,
             nodes=nodes,
             complete=complete,
             run=self.run,
-            totals=totals([r.to_dict() for r in self.rounds]),
+            totals=totals(rounds),
         )
 
     def finish(self, modules: ModuleSet) -> None:

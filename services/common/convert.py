@@ -136,6 +136,16 @@ def report_to_pb(r: NodeReport) -> pb.RoundReport:
     )
 
 
+def _plausible(m: pb.TaskMetric) -> bool:
+    """A score a node could have measured: 0 <= correct <= total, 0 <= score <= total (finite). A node
+    that reports more than it tested is not believed (its metric is dropped, the report kept)."""
+    import math
+
+    if not (0 <= m.correct <= m.total):
+        return False
+    return not m.HasField("score") or (math.isfinite(m.score) and 0.0 <= m.score <= m.total)
+
+
 def report_from_pb(r: pb.RoundReport) -> NodeReport:
     return NodeReport(
         node=r.node,
@@ -145,7 +155,9 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
             Transfer(t.sender, t.receiver, t.module, t.link, t.bytes, t.tag, t.origin, t.destination) for t in r.sent
         ],
         scores=[
-            TaskScore(m.task, m.split, m.correct, m.total, m.score if m.HasField("score") else None) for m in r.metrics
+            TaskScore(m.task, m.split, m.correct, m.total, m.score if m.HasField("score") else None)
+            for m in r.metrics
+            if _plausible(m)
         ],
         aggregates=[AggregateRecord(r.node, a.tag, tuple(a.counted), tuple(a.left_out)) for a in r.aggregates],
         train_loss=r.train_loss,
