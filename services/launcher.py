@@ -399,16 +399,18 @@ def _run(
         write_config(cfg, cfg_path)
     try:  # every input that can fail, each a one-line error before any process starts
         device = resolve_torch_device(cfg.runtime.device)
-        topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+        try:
+            layers = backbone_dims(cfg)[1]
+        except OSError as err:  # a backbone directory that holds no ViLT checkpoint
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(first if first.startswith("model.backbone") else f"model.backbone: {first}") from None
+        topo = Topology.from_config(cfg, layers)
         check_capacity(cfg, topo)
         view.console.print(preflight(cfg))
     except DataError as err:
         raise RunFailed(f"data error: {err}") from None
     except ConfigError as err:
         raise RunFailed(str(err)) from None
-    except OSError as err:  # a backbone directory that holds no ViLT checkpoint
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RunFailed(first if first.startswith("model.backbone") else f"model.backbone: {first}") from None
     view.console.print(
         f"torch device: {device}"
         + (" (runtime.device: auto)" if cfg.runtime.device == "auto" else "")

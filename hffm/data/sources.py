@@ -77,6 +77,8 @@ def _read_json(path: str, what: str) -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
 def _field(entry: Any, key: str, path: str, where: str, kind: type = str) -> Any:
