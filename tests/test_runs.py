@@ -155,11 +155,13 @@ def test_a_long_round_is_not_silent(tmp_path, monkeypatch):
     from rich.console import Console
 
     from hffm.config import load_config
-    from services.launcher import run
+    from services.launcher import FaultPlan, run
 
     monkeypatch.setenv("HFFM_HEARTBEAT_S", "0.5")
     buf = io.StringIO()
-    run(load_config(None, [*TINY, "rounds=2", "train.local_epochs=3"]), tmp_path / "r", Console(file=buf, width=200))
+    # round 2 made long for certain: the device's process stops itself as it starts training, for 3 s
+    slow = FaultPlan(["device-0-0:train:2:stop"], {}, {"devices-0": 3.0})
+    run(load_config(None, [*TINY, "rounds=2"]), tmp_path / "r", Console(file=buf, width=200), faults=slow)
     assert re.search(r"round +2  running for \d+s \(\d processes up\)", buf.getvalue()), buf.getvalue()
 
 
