@@ -385,6 +385,15 @@ def _run(
         if not (state_dir / CLOUD).is_dir():
             raise RunFailed(f"--resume: {out} holds no saved state ({state_dir / CLOUD})")
         cfg = load_config(cfg_path)
+        from hffm.persist import Persistor
+
+        saved = Persistor(state_dir / CLOUD).available()
+        # said here, from the cloud's checkpoints (the cloud says it too, once the watcher reaches it)
+        view.console.print(
+            f"resuming {out}: the cloud's last saved round end is round {saved[-1][0]} (attempt {saved[-1][1]})"
+            if saved
+            else f"resuming {out}: no complete round saved, starting from round 1"
+        )
     else:
         shutil.rmtree(state_dir, ignore_errors=True)  # a new run starts from round 0
         if results_path.exists():

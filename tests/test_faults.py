@@ -96,7 +96,7 @@ def test_a_run_sigkilled_after_round_3_of_6_resumes_bit_for_bit(tmp_path):
 
     r = CliRunner().invoke(app, ["run", "--resume", str(out)])
     assert r.exit_code == 0, r.output
-    assert "resumed after round 3" in r.output
+    assert "the cloud's last saved round end is round 3" in r.output
     got = json.loads((out / "results.json").read_text())
     assert (out / "global_modules.safetensors").read_bytes() == (ref_out / "global_modules.safetensors").read_bytes()
 
