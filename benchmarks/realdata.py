@@ -24,6 +24,7 @@ from rich.console import Console
 
 from hffm.centralised import run_centralised
 from hffm.config import load_config
+from hffm.runinfo import totals  # one definition of a run's totals: results.json's
 
 METHODS = ("star", "hfm", "hfm-d2d", "edge-only")
 BASE = [
@@ -49,16 +50,6 @@ QUICK = [
 def final_accuracy(results: dict) -> dict[str, float]:
     last = [r for r in results["rounds"] if r["accuracy"]][-1]
     return {t: v["global"] for t, v in sorted(last["accuracy"].items())}
-
-
-def totals(results: dict) -> dict[str, float]:
-    rounds = results["rounds"]
-    return {
-        "bytes": float(sum(r.get("bytes_total", 0) for r in rounds)),
-        "modeled_latency_s": float(sum(r.get("modeled", {}).get("latency_s", 0.0) for r in rounds)),
-        "modeled_energy_j": float(sum(r.get("modeled", {}).get("energy_j", 0.0) for r in rounds)),
-        "wall_s": float(sum(r.get("wall_s", 0.0) for r in rounds)),
-    }
 
 
 def run_all(
@@ -92,7 +83,7 @@ def run_all(
                 load_config(None, [*sets_, f"method={m}"]), out / m, Console(file=io.StringIO()), force=True
             ),
         )
-        res["methods"][m] = {"accuracy": final_accuracy(results), **totals(results)}
+        res["methods"][m] = {"accuracy": final_accuracy(results), **totals(results["rounds"])}
         res["curves"][m] = [[r["round"], _mean(r)] for r in results["rounds"] if r["accuracy"]]
         log("  " + " ".join(f"{k}={v:.3f}" for k, v in res["methods"][m]["accuracy"].items()))
     (out / "realdata.json").write_text(json.dumps(res, indent=1))
