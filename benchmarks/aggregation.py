@@ -1,14 +1,15 @@
-"""An edge folding 40 uploads of the paper-size module set into its FedAvg as they arrive, vs an
-in-place torch multiply-add over the same tensors; and the aggregator's peak memory.
+"""An edge folding 40 uploads of the paper-size module set into its FedAvg as they arrive, vs the
+simplest fast primitive: one flat in-place multiply-add per upload; and the aggregator's peak memory.
 
-hffm's path per upload, once its last byte has arrived: decode the received safetensors blob (format,
-names, shapes, dtype, fp32 tensors viewing the received buffer) and ``FedAvg.add`` it. Two checks are
-made chunk by chunk while the bytes arrive (``ArrivalCheck``, each chunk while it is in cache): the
-SHA-256 and the finiteness of the values; they are part of the transfer benchmark's path.
-``hffm_with_arrival_s`` repeats the measurement with both arrival checks run here too, in 1 MiB
-pieces, so the ratio with everything a receiver does to the bytes is reported as well. Baseline:
-``acc.add_(t, alpha=w)`` on tensors already in memory. Peak memory is measured in a fresh process
-(VmHWM), in module sets above the process's size once one module set is resident.
+hffm's path per upload, once its last byte has arrived in its receive buffer: decode the received
+safetensors blob of each module (format, names, shapes, dtype, fp32 tensors viewing the buffer) and
+``FedAvg.add`` them (one flat multiply-add per module). Two checks are made chunk by chunk while the
+bytes arrive (``ArrivalCheck``): the BLAKE3 digest and the finiteness of the values; they are part of
+the transfer benchmark's path, and ``ratio`` leaves them out. ``ratio_with_arrival`` repeats the
+measurement with both arrival checks run here too, in 1 MiB pieces: everything a receiver does to the
+bytes but copy them off the wire. Baseline: ``acc.add_(flat, alpha=w)``, one call over all of an
+upload's values (the module set as one tensor already in memory). Peak memory is measured in a fresh
+process (VmHWM), in module sets above the process's size once one module set is resident.
 """
 
 from __future__ import annotations
@@ -30,58 +31,71 @@ SENDERS = 40
 
 
 def _uploads(n: int):
+    """The module set, its encodings, and each blob in a receive buffer (a ``bytearray``, as received)."""
     mods = paper_modules()
-    return mods, [encode_module(m) for m in mods.values()]
+    encoded = [encode_module(m) for m in mods.values()]
+    return mods, encoded, [bytearray(e.data) for e in encoded]
 
 
-def _arrival(e) -> tuple[bytes, bool | None]:
+def _arrival(e, buf: bytearray) -> tuple[bytes, bool | None]:
     """The checks a receiver makes as ``e``'s bytes arrive in 1 MiB chunks (the copy itself excluded)."""
-    chk = ArrivalCheck(e.dtype, e.size_bytes)
+    chk = ArrivalCheck(e.dtype, e.size_bytes, e.digest_alg)
     for end in range(MAX_CHUNK_BYTES, e.size_bytes + MAX_CHUNK_BYTES, MAX_CHUNK_BYTES):
-        chk.update(e.data, min(end, e.size_bytes))
+        chk.update(buf, min(end, e.size_bytes))
     return chk.digest(), chk.finite
 
 
 def hffm_fn(n: int, arrival: bool = False) -> Callable[[], None]:
-    """One pass: n uploads decoded and folded into a fresh FedAvg, then its result."""
-    mods, encoded = _uploads(n)
+    """One pass: n uploads decoded from their receive buffers and folded into a fresh FedAvg, then its
+    result. As in a node's receiver, the first upload's modules are ``owned`` (their receive buffers,
+    filled untimed before each pass, become the running sum); the other uploads reuse one set of
+    buffers, which the fold only reads."""
+    mods, encoded, bufs = _uploads(n)
     spec = spec_of({k: m.tensors for k, m in mods.items()})
-    done_on_arrival = [(e.sha256, True) for e in encoded]  # what ArrivalCheck found while receiving
+    done_on_arrival = [(e.digest, True) for e in encoded]  # what ArrivalCheck found while receiving
+    first: list[bytearray] = []
+
+    def prepare() -> None:  # the first upload's fresh receive buffers, as the bytes arrived in them
+        first[:] = [bytearray(b) for b in bufs]
 
     def once() -> None:
         agg = FedAvg()
         for i in range(n):
-            checks = [_arrival(e) for e in encoded] if arrival else done_on_arrival
+            mine = first if i == 0 else bufs
+            checks = [_arrival(e, b) for e, b in zip(encoded, mine, strict=True)] if arrival else done_on_arrival
             decoded = [
                 decode_module(
-                    e.data,
+                    buf,
                     name=e.name,
                     version=e.version,
                     num_samples=e.num_samples,
                     dtype=e.dtype,
-                    sha256=e.sha256,
+                    digest=e.digest,
+                    digest_alg=e.digest_alg,
                     spec=spec,
-                    computed_sha256=digest,
+                    computed_digest=digest,
                     finite=finite,
                 )
-                for e, (digest, finite) in zip(encoded, checks, strict=True)
+                for e, buf, (digest, finite) in zip(encoded, mine, checks, strict=True)
             ]
+            for m in decoded:
+                m.owned = i == 0
             agg.add(f"d{i}", decoded)
         agg.result(1)
 
+    once.prepare = prepare  # type: ignore[attr-defined]
     return once
 
 
 def baseline_fn(n: int) -> Callable[[], None]:
-    """One pass: n in-place multiply-adds of the module set's tensors into an accumulator."""
-    mods = paper_modules()
-    tensors = [t for m in mods.values() for t in m.tensors.values()]
-    acc = [torch.zeros_like(t) for t in tensors]
+    """One pass: n in-place multiply-adds, one per upload, of the module set's values (one flat
+    tensor) into an accumulator."""
+    flat = torch.cat([t.reshape(-1) for m in paper_modules().values() for t in m.tensors.values()])
+    acc = torch.zeros_like(flat)
 
     def once() -> None:
         for _ in range(n):
-            for a, t in zip(acc, tensors, strict=True):
-                a.add_(t, alpha=10.0)
+            acc.add_(flat, alpha=10.0)
 
     return once
 
@@ -96,14 +110,14 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 n = int(sys.argv[1])
-mods, encoded = _uploads(n)           # one module set (and its encoding) resident
+mods, encoded, _ = _uploads(n)        # one module set (its encoding, a receive buffer) resident
 set_bytes = sum(e.size_bytes for e in encoded)
 spec = spec_of({k: m.tensors for k, m in mods.items()})
 idle = hwm()
 agg = FedAvg()
 for i in range(n):
     agg.add(f"d{i}", [decode_module(bytearray(e.data), name=e.name, version=e.version, num_samples=e.num_samples,
-                                     dtype=e.dtype, sha256=e.sha256, spec=spec) for e in encoded])
+                                     dtype=e.dtype, digest=e.digest, spec=spec) for e in encoded])
 agg.result(1)
 print(json.dumps({"idle": idle, "peak": hwm(), "set_bytes": set_bytes}))
 """

@@ -44,13 +44,18 @@ def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
     """Time each function ``repeat`` times, taking them in turn (a, b, a, b, ...) so that a burst of
-    load on this shared machine hits the measurements being compared alike."""
+    load on this shared machine hits the measurements being compared alike. A function with a
+    ``prepare`` attribute has it called, untimed, before each of its runs."""
     for fn in fns.values():
         for _ in range(warmup):
+            getattr(fn, "prepare", lambda: None)()
             fn()
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
+            prepare = getattr(fn, "prepare", None)
+            if prepare is not None:
+                prepare()
             t0 = time.perf_counter()
             fn()
             out[k].append(time.perf_counter() - t0)
@@ -65,8 +70,10 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
-def rss_of(marker: str) -> int:
-    """Summed RSS of every process whose command line contains ``marker``."""
+def pss_of(marker: str) -> int:
+    """Summed proportional set size (PSS) of every process whose command line contains ``marker``: a
+    page shared by k processes counts 1/k in each, so the sum is the memory the processes take
+    together (summed RSS would count a shared library or a forked parent's pages once per process)."""
     total = 0
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -74,9 +81,10 @@ def rss_of(marker: str) -> int:
         try:
             if marker not in (d / "cmdline").read_bytes().decode(errors="replace"):
                 continue
-            for line in (d / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in (d / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
+                    break
         except OSError:
             continue
     return total
@@ -90,7 +98,7 @@ def mem_available() -> int:
 
 
 class MemoryWatch:
-    """Samples, every ``period_s`` while in the ``with`` block, the peak summed RSS of the processes whose
+    """Samples, every ``period_s`` while in the ``with`` block, the peak summed PSS of the processes whose
     command line contains ``marker``; when the machine's MemAvailable drops below ``floor_bytes`` it
     calls ``on_low`` once (the caller stops what it started) and sets ``low``."""
 
@@ -105,7 +113,7 @@ class MemoryWatch:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_of(self.marker))
+            self.peak = max(self.peak, pss_of(self.marker))
             if self.floor and not self.low and mem_available() < self.floor:
                 self.low = True
                 if self.on_low is not None:

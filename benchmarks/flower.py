@@ -1,17 +1,24 @@
-"""Round overhead vs Flower: one hfm round vs one Flower FedAvg round, same clients, same payload.
+"""Round overhead vs Flower: an hfm round vs a Flower FedAvg round, same clients, same payload.
 
 hffm: an ``hfm`` round (E_agg = 1, so devices -> edges -> cloud -> edges -> devices) of N devices in
 N/4 clusters, the paper-size modules, ``train.noop`` (no optimisation step, every exchange kept) and
 ``train.eval_every=0`` (no testing), all as separate processes on loopback.
 
-Flower: its real deployment — a SuperLink (Fleet API over gRPC) and N SuperNodes as processes on
-loopback, each SuperNode running the ClientApp in its own subprocess — doing FedAvg with the same
-arrays (the paper-size module set, fp32) and a no-op fit (``benchmarks/flower_app``). The round is
-timed inside the ServerApp from ``configure_train`` to the end of ``aggregate_train``.
+Flower, in two configurations, both doing FedAvg with the same arrays (the paper-size module set,
+fp32) and a no-op fit that returns what it received:
+- ``legacy`` (the fastest Flower 1.39 offers, and the one the headline ratio is against):
+  ``start_server`` and N ``NumPyClient`` processes connected by ``start_client`` over one gRPC stream
+  each for the whole run (``benchmarks/flower_app/legacy.py``); a round is timed from
+  ``configure_fit`` to the end of ``aggregate_fit``.
+- ``superlink``: its current deployment, a SuperLink (Fleet API over gRPC) and N SuperNodes as
+  processes, each SuperNode running the ClientApp in a subprocess per round; timed inside the
+  ServerApp from ``configure_train`` to the end of ``aggregate_train``. Its rounds include Flower's
+  own poll sleeps and a process per SuperNode per round: that is how it runs, but not the fastest.
 
-Both run 2 rounds and report the second (the first includes start-up: ClientApp processes, channels).
-Flower is installed into its own virtual environment (``build/flower-venv``): its pins (protobuf 6)
-differ from hffm's.
+Each side runs several rounds; the first is left out (start-up: processes, channels) and the median
+of the others is reported. Memory is the peak summed PSS of each side's processes. The headline is
+the median over client counts of hffm's round / Flower legacy's round. Flower is installed into its
+own virtual environment (``build/flower-venv``): its pins (protobuf 6) differ from hffm's.
 """
 
 from __future__ import annotations
@@ -29,14 +36,16 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from benchmarks.common import MemoryWatch, paper_modules
+from benchmarks.common import MemoryWatch, median, paper_modules
 from hffm.config import PAPER_MODEL, load_config
 from services.launcher import REPO_ROOT, free_ports, run, stop_process_groups
 
 FLWR_VERSION = "1.39.0"  # the newest release whose Fleet API is gRPC (1.40 moved it to HTTP)
 APP_DIR = REPO_ROOT / "benchmarks" / "flower_app"
 VENV = REPO_ROOT / "build" / "flower-venv"
-ROUNDS = 2
+ROUNDS = 4  # hffm and Flower legacy: rounds 2-4 timed (--quick: 3)
+SUPERLINK_ROUNDS = 3  # ~3 s of Flower's poll sleeps and a ClientApp process per SuperNode each round (quick: 2)
+SUPERLINK_MAX_CLIENTS = 10  # its rounds grow to minutes beyond (240 s at 20 clients): measured up to here
 MEMORY_FLOOR = 3 << 30  # stop Flower when the machine has less than this available
 
 
@@ -83,7 +92,7 @@ def write_payload(path: Path) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
-def flower_round(n: int, out: Path, log=print, timeout_s: float = 900.0) -> dict:
+def flower_round(n: int, out: Path, log=print, timeout_s: float = 900.0, rounds: int = SUPERLINK_ROUNDS) -> dict:
     """Time Flower FedAvg rounds with ``n`` SuperNodes; returns the ServerApp's measurements."""
     bin_dir = flower_env(log)
     out = out.resolve()  # the processes run in ``out``: every path handed to them is absolute
@@ -103,20 +112,11 @@ def flower_round(n: int, out: Path, log=print, timeout_s: float = 900.0) -> dict
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
     env.pop("VIRTUAL_ENV", None)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *cmd: str) -> subprocess.Popen:
-        f = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process's end
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=out, start_new_session=True)
-        f.close()
-        procs.append(p)
-        return p
-
+    procs = _Processes(out, env)
+    start, logs = procs.start, procs.logs
     result_file = out / "flower.json"
     result_file.unlink(missing_ok=True)
-    with MemoryWatch(str(VENV), MEMORY_FLOOR, on_low=lambda: stop_process_groups(procs)) as watch:
+    with MemoryWatch(str(VENV), MEMORY_FLOOR, on_low=procs.stop) as watch:
         try:
             link = start(
                 "superlink",
@@ -140,7 +140,7 @@ def flower_round(n: int, out: Path, log=print, timeout_s: float = 900.0) -> dict
                     "--port",
                     str(port),
                 )
-            run_config = f'num-clients={n} rounds={ROUNDS} payload="{payload}" out="{result_file}"'
+            run_config = f'num-clients={n} rounds={rounds} payload="{payload}" out="{result_file}"'
             t0 = time.perf_counter()
             r = subprocess.run(
                 [str(bin_dir / "flwr"), "run", str(APP_DIR), "bench", "--run-config", run_config, "--stream"],
@@ -162,20 +162,86 @@ def flower_round(n: int, out: Path, log=print, timeout_s: float = 900.0) -> dict
             res = json.loads(result_file.read_text())
             res["run_s"] = time.perf_counter() - t0
             res["flwr"] = FLWR_VERSION
-            res["peak_rss_bytes"] = watch.peak
+            res["peak_pss_bytes"] = watch.peak
             return res
         finally:
-            stop_process_groups(procs)
+            procs.stop()
 
 
-def hffm_config(n: int):
+class _Processes:
+    """The processes of one Flower run: each logs to ``<out>/logs/<name>.log``, in a session of its own."""
+
+    def __init__(self, out: Path, env: dict[str, str]) -> None:
+        self.out, self.env = out, env
+        self.logs = out / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, *cmd: str) -> subprocess.Popen:
+        f = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process's end
+        p = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.out, start_new_session=True
+        )
+        f.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        stop_process_groups(self.procs)
+
+
+def flower_legacy_round(n: int, out: Path, log=print, timeout_s: float = 900.0, rounds: int = ROUNDS) -> dict:
+    """Time Flower FedAvg rounds with ``start_server`` and ``n`` persistent ``NumPyClient`` processes."""
+    bin_dir = flower_env(log)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    payload = out / "payload.npz"
+    write_payload(payload)
+    result_file = out / "flower.json"
+    result_file.unlink(missing_ok=True)
+    script = str(APP_DIR / "legacy.py")
+    (port,) = free_ports(1, "127.0.0.1")
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "GRPC_VERBOSITY": "ERROR"}
+    env.pop("VIRTUAL_ENV", None)
+    procs = _Processes(out, env)
+    logs = procs.logs
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        return procs.start(name, str(bin_dir / "python"), script, *args)
+
+    with MemoryWatch(script, MEMORY_FLOOR, on_low=procs.stop) as watch:
+        try:
+            srv = start("server", "server", str(port), str(n), str(rounds), str(payload), str(result_file))
+            _wait_port(port, srv, "flwr start_server")
+            for i in range(n):
+                start(f"client-{i}", "client", str(port))
+            try:
+                srv.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise FlowerUnavailable(f"start_server did not finish {rounds} rounds in {timeout_s:.0f}s") from None
+            if watch.low:
+                raise FlowerUnavailable(
+                    f"out of memory: {n} clients reached {watch.peak / 2**30:.1f} GiB (PSS) and the machine fell "
+                    f"below {MEMORY_FLOOR / 2**30:.1f} GiB available; the run was stopped"
+                )
+            if not result_file.exists():
+                raise FlowerUnavailable(f"start_server wrote no result (rc {srv.returncode}); see {logs}")
+            res = json.loads(result_file.read_text())
+            res["flwr"] = FLWR_VERSION
+            res["peak_pss_bytes"] = watch.peak
+            return res
+        finally:
+            procs.stop()
+
+
+def hffm_config(n: int, rounds: int = ROUNDS):
     edges = max(1, n // 4)
     return load_config(
         None,
         [
             *PAPER_MODEL,
             "method=hfm",
-            f"rounds={ROUNDS}",
+            f"rounds={rounds}",
             "e_agg=1",
             f"topology.edges={edges}",
             f"topology.devices_per_edge={n // edges}",
@@ -188,13 +254,13 @@ def hffm_config(n: int):
     )
 
 
-def hffm_round(n: int, out: Path) -> dict:
-    cfg = hffm_config(n)
+def hffm_round(n: int, out: Path, rounds: int = ROUNDS) -> dict:
+    cfg = hffm_config(n, rounds)
     with MemoryWatch(str(out / "config.yaml")) as mem:
         res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1800, force=True)
     last = res["rounds"][-1]
     return {
-        "peak_rss_bytes": mem.peak,
+        "peak_pss_bytes": mem.peak,
         "rounds_s": [r["wall_s"] for r in res["rounds"]],
         "devices": cfg.topology.edges * cfg.topology.devices_per_edge,
         "edges": cfg.topology.edges,
@@ -202,34 +268,70 @@ def hffm_round(n: int, out: Path) -> dict:
     }
 
 
-def compare(out: Path, n: int, log=print) -> dict:
-    """hffm and Flower side by side with ``n`` clients; ``ratio`` = hffm round / Flower round."""
-    log(f"  hffm: hfm round, {n} devices, paper-size modules, no-op step ...")
-    h = hffm_round(n, out / f"hffm-{n}")
-    log(f"  Flower {FLWR_VERSION}: SuperLink + {n} SuperNodes, FedAvg round, same payload, no-op fit ...")
-    try:
-        f = flower_round(n, out / f"flower-{n}", log)
-    except (FlowerUnavailable, subprocess.TimeoutExpired, OSError, subprocess.CalledProcessError) as err:
-        log(f"  Flower could not be measured: {err}")
-        return {"clients": n, "hffm": h, "flower": None, "ratio": None, "error": str(err)}
-    return {"clients": n, "hffm": h, "flower": f, "ratio": h["rounds_s"][-1] / f["rounds_s"][-1]}
+def round_s(rounds: list[float]) -> float:
+    """The median round, the first (start-up) left out."""
+    return median(rounds[1:] or rounds)
 
 
-def run_sweep(out: Path, sizes: list[int], log=print) -> dict:
-    """``compare`` for each size, stopping after the first size Flower cannot run. ``ratio``: at the
-    largest size both completed."""
+FLOWER_ERRORS = (FlowerUnavailable, subprocess.TimeoutExpired, OSError, subprocess.CalledProcessError)
+
+
+def compare(out: Path, n: int, log=print, superlink: bool = True, quick: bool = False) -> dict:
+    """hffm and both Flower configurations side by side with ``n`` clients; ``ratio`` = hffm round /
+    Flower legacy round, ``ratio_superlink`` = hffm round / SuperLink round."""
+    log(f"  hffm: hfm rounds, {n} devices, paper-size modules, no-op step ...")
+    rounds = ROUNDS - 1 if quick else ROUNDS
+    h = hffm_round(n, out / f"hffm-{n}", rounds)
+    h["round_s"] = round_s(h["rounds_s"])
+    point: dict = {"clients": n, "hffm": h, "flower": None, "ratio": None, "superlink": None, "ratio_superlink": None}
+
+    def measure(key: str, ratio: str, error: str, what: str, fn) -> None:
+        log(f"  Flower {FLWR_VERSION} {what}, {n} clients, same payload, no-op fit ...")
+        try:
+            f = fn()
+            f["round_s"] = round_s(f["rounds_s"])
+            point.update({key: f, ratio: h["round_s"] / f["round_s"]})
+        except FLOWER_ERRORS as err:
+            log(f"  Flower {what} could not be measured: {err}")
+            point[error] = str(err)
+
+    measure(
+        "flower",
+        "ratio",
+        "error",
+        "legacy (start_server + persistent NumPyClients)",
+        lambda: flower_legacy_round(n, out / f"flower-legacy-{n}", log, rounds=rounds),
+    )
+    if superlink:
+        measure(
+            "superlink",
+            "ratio_superlink",
+            "superlink_error",
+            "SuperLink + SuperNodes",
+            lambda: flower_round(
+                n, out / f"flower-{n}", log, rounds=SUPERLINK_ROUNDS - 1 if quick else SUPERLINK_ROUNDS
+            ),
+        )
+    return point
+
+
+def run_sweep(out: Path, sizes: list[int], log=print, quick: bool = False) -> dict:
+    """``compare`` for each size (SuperLink up to ``SUPERLINK_MAX_CLIENTS``, and until the first size it
+    cannot run). ``ratio``: the median over sizes of hffm's round / Flower legacy's round."""
     points = []
+    superlink = True
     for n in sizes:
-        p = compare(out, n, log)
+        p = compare(out, n, log, superlink and n <= SUPERLINK_MAX_CLIENTS, quick)
         points.append(p)
-        if p["flower"] is None:
-            break
-    done = [p for p in points if p["ratio"] is not None]
+        superlink = superlink and (p["superlink"] is not None or n > SUPERLINK_MAX_CLIENTS)
+    done = [p["ratio"] for p in points if p["ratio"] is not None]
+    sl = [p["ratio_superlink"] for p in points if p["ratio_superlink"] is not None]
     return {
         "points": points,
-        "ratio": done[-1]["ratio"] if done else None,
-        "clients": done[-1]["clients"] if done else None,
-        "flower_failed_at": points[-1]["clients"] if points and points[-1]["flower"] is None else None,
+        "ratio": median(done) if done else None,
+        "ratio_superlink": median(sl) if sl else None,
+        "clients": [p["clients"] for p in points if p["ratio"] is not None],
+        "flower_failed_at": next((p["clients"] for p in points if p["flower"] is None), None),
     }
 
 

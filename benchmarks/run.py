@@ -9,12 +9,15 @@ from pathlib import Path
 from benchmarks import accuracy, aggregation, devices, flower, security, transfer
 from benchmarks.common import machine
 
-TARGETS = {
-    "transfer_ratio": ">= 0.8",
-    "aggregation_ratio": ">= 0.5",
+TARGETS = {  # docs/performance.md says what each is measured against and what bounds it here
+    "transfer_ratio": ">= 0.5",
+    "transfer_tls_ratio": ">= 0.8",
+    "aggregation_ratio": ">= 0.8",
+    "aggregation_ratio_with_arrival": ">= 0.5",
     "aggregator_peak_sets": "<= 3",
-    "flower_round_ratio": "<= 0.5",
+    "flower_round_ratio": "<= 0.3",
     "max_devices": ">= 1000",
+    "device_round_ms": "<= 25",
     "security_round_ratio": "<= 1.10",
 }
 
@@ -39,14 +42,17 @@ def run_all(
 
     log("transfer: hffm push vs loopback socket (fp32, fp16)...")
     tr = timed("transfer", lambda: transfer.run(quick))
-    log("aggregation: decode + FedAvg vs in-place multiply-add...")
+    log("aggregation: decode + FedAvg vs one flat in-place multiply-add per upload...")
     ag = timed("aggregation", lambda: aggregation.run(quick))
-    sizes = sizes or ([10, 30] if quick else [10, 40, 100, 400, 1000])
-    log(f"devices per machine: {sizes}...")
+    sizes = sizes or ([10, 30] if quick else [10, 100, 400, 1000])
+    log(f"devices per machine, tiny model, training on: {sizes}...")
     dv = timed("devices", lambda: devices.run_sweep(out, sizes, log))
+    paper_sizes = [2] if quick else [4, 10, 20]
+    log(f"devices per machine, paper-size model, training on: {paper_sizes}...")
+    dvp = timed("devices_paper", lambda: devices.run_sweep(out, paper_sizes, log, model="paper"))
     flower_clients = flower_clients or ([2] if quick else [10, 20, 40])
     log(f"round overhead vs Flower: {flower_clients} clients...")
-    fl = timed("flower", lambda: flower.run_sweep(out / "flower", flower_clients, log))
+    fl = timed("flower", lambda: flower.run_sweep(out / "flower", flower_clients, log, quick))
     log("time to accuracy: star, hfm, hfm-d2d...")
     tta = timed("time_to_accuracy", lambda: accuracy.run_all(out, quick, log=log))
     sec = timed("security", lambda: security.run_all(out, quick, log=log))
@@ -56,15 +62,27 @@ def run_all(
         "transfer_ratio": tr["fp32"]["ratio"],
         "transfer_ratio_fp16": tr["fp16"]["ratio"],
         "transfer_tls_ratio": tr["tls"]["ratio"],  # hffm over mTLS vs a raw TLS socket, same cipher
-        "aggregation_ratio": ag["ratio"],
+        "aggregation_ratio": ag["ratio"],  # the arrival checks (digest, finiteness) excluded
+        "aggregation_ratio_with_arrival": ag["ratio_with_arrival"],
         "aggregator_peak_sets": ag["peak_sets_above_idle"],
-        "flower_round_ratio": fl["ratio"],  # hffm round / Flower round at the largest size both ran
+        "flower_round_ratio": fl["ratio"],  # hffm round / Flower legacy round, median over client counts
+        "flower_round_ratio_superlink": fl["ratio_superlink"],
         "flower_clients": fl["clients"],
         "max_devices": dv["max_devices"],
+        # tiny model, training on: round time per device at the largest size that ran
+        "device_round_ms": dv["points"][-1]["ms_per_device"] if dv["points"] else None,
+        "max_devices_paper": dvp["max_devices"],
         "security_round_ratio": sec["ratio"],
         "devices_slope_s_per_device": dv["fit"]["slope_s_per_device"] if dv["fit"] else None,
         "time_to_accuracy": tta,
-        "details": {"transfer": tr, "aggregation": ag, "devices": dv, "flower": fl, "security": sec},
+        "details": {
+            "transfer": tr,
+            "aggregation": ag,
+            "devices": dv,
+            "devices_paper": dvp,
+            "flower": fl,
+            "security": sec,
+        },
         "targets": TARGETS,
         "elapsed_s": time.time() - t0,
         "section_s": sections,
@@ -79,12 +97,14 @@ def run_all(
 def markdown(b: dict) -> str:
     tr, ag = b["details"]["transfer"], b["details"]["aggregation"]
     bd = tr["bounds"]
+    dv, dvp = b["details"]["devices"], b["details"]["devices_paper"]
     rows = [
         (
             "transfer_ratio (fp32)",
             f"{b['transfer_ratio']:.3f}",
-            f"hffm {tr['fp32']['hffm_gbps']:.3f} GB/s vs socket {tr['fp32']['socket_gbps']:.2f} GB/s, "
-            f"{tr['fp32']['bytes'] / 1e6:.1f} MB",
+            f"hffm {tr['fp32']['hffm_gbps']:.3f} GB/s vs socket {tr['fp32']['socket_gbps']:.2f} GB/s (random bytes), "
+            f"{tr['fp32']['bytes'] / 1e6:.1f} MB, BLAKE3 + finiteness checked; CPU per push: receiver "
+            f"{tr['fp32']['receiver_cpu_s'] * 1e3:.0f} ms, sender {tr['fp32']['sender_cpu_s'] * 1e3:.0f} ms",
             TARGETS["transfer_ratio"],
         ),
         (
@@ -96,9 +116,9 @@ def markdown(b: dict) -> str:
         ),
         (
             "transfer bounds",
-            f"{bd['grpc_bare_ratio']:.3f} / {bd['socket_sha256_ratio']:.3f}",
-            f"bare Python gRPC stream {bd['grpc_bare_gbps']:.3f} GB/s / socket + SHA-256 "
-            f"{bd['socket_sha256_gbps']:.2f} GB/s, vs the socket; "
+            f"{bd['grpc_bare_ratio']:.3f} / {bd['socket_blake3_ratio']:.3f}",
+            f"bare Python gRPC stream {bd['grpc_bare_gbps']:.3f} GB/s / socket + BLAKE3 "
+            f"{bd['socket_blake3_gbps']:.2f} GB/s, vs the socket; "
             f"hffm reaches {bd['hffm_vs_grpc_bare']:.2f} of bare gRPC",
             "—",
         ),
@@ -108,14 +128,20 @@ def markdown(b: dict) -> str:
             f"hffm over mTLS, signed header {tr['tls']['hffm_gbps']:.3f} GB/s vs raw TLS socket "
             f"{tr['tls']['tls_socket_gbps']:.2f} GB/s ({tr['tls']['cipher']}); "
             f"{tr['tls']['vs_plaintext']:.2f} of hffm's plaintext push",
-            "—",
+            TARGETS["transfer_tls_ratio"],
         ),
         (
             "aggregation_ratio",
             f"{b['aggregation_ratio']:.3f}",
-            f"{ag['senders']} uploads: hffm {ag['hffm_s']:.3f} s vs in-place add {ag['baseline_s']:.3f} s "
-            f"(with the arrival checks, SHA-256 and finiteness, run here too: {ag['ratio_with_arrival']:.3f})",
+            f"{ag['senders']} uploads: decode + FedAvg {ag['hffm_s']:.3f} s vs one flat add_ per upload "
+            f"{ag['baseline_s']:.3f} s (arrival checks excluded)",
             TARGETS["aggregation_ratio"],
+        ),
+        (
+            "aggregation_ratio_with_arrival",
+            f"{b['aggregation_ratio_with_arrival']:.3f}",
+            f"the same with the arrival checks (BLAKE3, finiteness) run here too: {ag['hffm_with_arrival_s']:.3f} s",
+            TARGETS["aggregation_ratio_with_arrival"],
         ),
         (
             "aggregator_peak_sets",
@@ -129,7 +155,15 @@ def markdown(b: dict) -> str:
             _flower_note(b["details"]["flower"]),
             TARGETS["flower_round_ratio"],
         ),
-        ("max_devices", str(b["max_devices"]), _devices_note(b["details"]["devices"]), TARGETS["max_devices"]),
+        ("max_devices", str(b["max_devices"]), _devices_note(dv), TARGETS["max_devices"]),
+        (
+            "device_round_ms",
+            f"{b['device_round_ms']:.1f}" if b["device_round_ms"] is not None else "not measured",
+            f"round time per device at {dv['points'][-1]['devices'] if dv['points'] else 0} devices, tiny model, "
+            "training on",
+            TARGETS["device_round_ms"],
+        ),
+        ("max_devices_paper", str(b["max_devices_paper"]), _devices_note(dvp), "—"),
     ]
     sec = b["details"].get("security")
     if sec:
@@ -166,23 +200,38 @@ def _flower_note(fl: dict) -> str:
     parts = []
     for p in fl["points"]:
         hf = p["hffm"]
-        h = f"{p['clients']} clients: hffm {hf['rounds_s'][-1]:.1f} s / {hf['peak_rss_bytes'] / 2**30:.1f} GiB"
-        if p["flower"] is None:
-            parts.append(f"{h}, Flower failed ({p['error']})")
-        else:
-            f = p["flower"]
-            fs, fm = f["rounds_s"][-1], f["peak_rss_bytes"] / 2**30
-            parts.append(f"{h} vs Flower {fs:.1f} s / {fm:.1f} GiB (ratio {p['ratio']:.3f})")
-    return "; ".join(parts) + f" (flwr {flower.FLWR_VERSION}, second round, paper-size modules, no-op step)"
+        h = f"{p['clients']} clients: hffm {hf['round_s']:.2f} s / {hf['peak_pss_bytes'] / 2**30:.1f} GiB"
+        f, s = p["flower"], p["superlink"]
+        lg = (
+            f"Flower legacy {f['round_s']:.2f} s / {f['peak_pss_bytes'] / 2**30:.1f} GiB (ratio {p['ratio']:.3f})"
+            if f is not None
+            else f"Flower legacy failed ({p.get('error')})"
+        )
+        sl = (
+            f"SuperLink {s['round_s']:.1f} s / {s['peak_pss_bytes'] / 2**30:.1f} GiB ({p['ratio_superlink']:.3f})"
+            if s is not None
+            else "SuperLink not measured"
+        )
+        parts.append(f"{h} vs {lg}, {sl}")
+    return (
+        "; ".join(parts) + f" (flwr {flower.FLWR_VERSION}, median round without the first, paper-size modules, "
+        "no-op step, memory as PSS; headline: median over client counts vs Flower legacy)"
+    )
 
 
 def _devices_note(dv: dict) -> str:
     pts = ", ".join(
-        f"{p['devices']}: {p['round_s']:.1f} s / {p['peak_rss_bytes'] / 2**30:.1f} GiB" for p in dv["points"]
+        f"{p['devices']}: {p['round_s']:.1f} s ({p['ms_per_device']:.0f} ms/device) / "
+        f"{p['peak_pss_bytes'] / 2**30:.1f} GiB ({p['pss_per_device_bytes'] / 2**20:.0f} MiB/device)"
+        for p in dv["points"]
     )
     f = dv["fit"]
     fit = f"; slope {f['slope_s_per_device'] * 1000:.1f} ms/device, R² {f['r2']:.3f}" if f else ""
-    return f"round time / peak RSS: {pts}{fit}"
+    err = f"; stopped: {dv['error']}" if dv.get("error") else ""
+    return (
+        f"{dv['model']} model ({dv['module_set_bytes'] / 1e6:.2f} MB module set), training on; "
+        f"round time / peak PSS: {pts}{fit}{err}"
+    )
 
 
 def plot_devices(dv: dict, path: Path) -> None:
@@ -203,9 +252,9 @@ def plot_devices(dv: dict, path: Path) -> None:
     a1.set_xlabel("devices")
     a1.set_ylabel("round time (s)")
     a1.legend()
-    a2.plot(xs, [p["peak_rss_bytes"] / 2**30 for p in pts], "-o")
+    a2.plot(xs, [p["peak_pss_bytes"] / 2**30 for p in pts], "-o")
     a2.set_xlabel("devices")
-    a2.set_ylabel("peak RSS, all processes (GiB)")
+    a2.set_ylabel("peak PSS, all processes (GiB)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

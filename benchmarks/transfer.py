@@ -1,15 +1,20 @@
 """Module transfer device -> edge through hffm's real path vs a plain loopback TCP socket.
 
-Every receiver runs in its own process. hffm: the sender encodes the module set (safetensors), and
-pushes it in <= 1 MiB chunks over gRPC to a real node server, which checks order and SHA-256,
-validates and decodes every tensor and folds it into its inbox (FedAvg of one sender). Socket: the
-same number of bytes with sendall() to a process that recv_into()s them into a buffer.
+Every receiver runs in its own process. hffm: the sender encodes the module set (safetensors, with
+its BLAKE3 digest), and pushes it in <= 1 MiB chunks over gRPC to a real node server, which checks
+order, digest and finiteness as the chunks arrive, validates and decodes every tensor and folds it
+into its inbox (FedAvg of one sender). Socket: the same number of random bytes (``os.urandom``: zero
+pages would flatter the copy) with sendall() to a process that recv_into()s them into a buffer. The
+two are taken in turn (hffm, socket, hffm, socket, ...) and the ratio is the median of the per-turn
+ratios, so that the machine's load bursts hit both alike.
 
-Two more baselines on the same bytes, to show what bounds the figure on this machine:
-- ``grpc_bare``: a bare Python gRPC stream of the same bytes in 1 MiB messages to an empty handler
-  (no protobuf, no work): the most any gRPC-based push can reach here;
-- ``socket_sha256``: the socket with SHA-256 computed by the sender and checked by the receiver:
-  the least a verified transfer costs.
+Two more baselines on the same bytes, taken in turn with the socket, to show what bounds the figure:
+- ``grpc_bare``: a bare Python gRPC stream of the same random bytes in 1 MiB messages to an empty
+  handler (no protobuf, no work): the most any push over Python gRPC can reach here;
+- ``socket_blake3``: the socket with the BLAKE3 digest computed by the sender and checked by the
+  receiver chunk by chunk: the least a transfer with integrity checked end to end costs.
+Each hffm push also records the CPU time the receiver's process and the sender spent on it: on a
+2-core machine the two processes' CPU time per push, not the wire, is what bounds the push.
 
 With security on (the default of every run) the same push goes over mTLS with a signed header; its
 limit is a raw TLS socket of Python's ``ssl`` (OpenSSL) between the same certificates with the cipher
@@ -20,8 +25,8 @@ random bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -31,9 +36,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import blake3
 import grpc
 
-from benchmarks.common import interleaved, median, paper_config, paper_modules, timeit
+from benchmarks.common import interleaved, median, paper_config, paper_modules
 from hffm.methods import Collect
 from hffm.modules import encode_modules
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
@@ -64,8 +70,8 @@ while True:
     conn.sendall(b"k")
 """
 
-SHA_RECEIVER = r"""
-import hashlib, socket, sys
+DIGEST_RECEIVER = r"""
+import blake3, socket, sys
 n = int(sys.argv[2]); chunk = 1 << 20; buf = bytearray(n); view = memoryview(buf)
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(1); print("ready", flush=True)
@@ -73,7 +79,7 @@ conn, _ = srv.accept()
 while True:
     want = conn.recv(32, socket.MSG_WAITALL)
     if len(want) < 32: sys.exit(0)
-    h = hashlib.sha256(); got = 0
+    h = blake3.blake3(); got = 0
     while got < n:
         k = conn.recv_into(view[got:], min(chunk, n - got))
         if k == 0: sys.exit(0)
@@ -127,20 +133,20 @@ def _spawn(code: str, *args: str) -> subprocess.Popen:
 
 @contextmanager
 def socket_sender(
-    nbytes: int, sha256: bool = False, pki: Path | None = None
+    nbytes: int, digest: bool = False, pki: Path | None = None
 ) -> Iterator[tuple[Callable[[], None], str | None]]:
-    """(send once, TLS cipher or None): the bytes through a loopback TCP socket to a receiver process.
-    With ``sha256`` the sender hashes them and the receiver checks the digest chunk by chunk as they
-    arrive; with ``pki`` the socket is TLS between edge-0's and device-0-0's certificates (``TLS_CIPHER``),
-    both ends verifying the other."""
+    """(send once, TLS cipher or None): ``nbytes`` random bytes through a loopback TCP socket to a
+    receiver process. With ``digest`` the sender computes their BLAKE3 digest (each time, as an encode
+    does) and the receiver checks it chunk by chunk as they arrive; with ``pki`` the socket is TLS
+    between edge-0's and device-0-0's certificates (``TLS_CIPHER``), both ends verifying the other."""
     import ssl
 
-    assert not (sha256 and pki), "the SHA-256 receiver speaks plain TCP"
+    assert not (digest and pki), "the digest receiver speaks plain TCP"
     port = free_ports(1, "127.0.0.1")[0]
     tls_args = [str(pki), TLS_CIPHER] if pki else []
-    p = _spawn(SHA_RECEIVER if sha256 else SOCKET_RECEIVER, str(port), str(nbytes), *tls_args)
+    p = _spawn(DIGEST_RECEIVER if digest else SOCKET_RECEIVER, str(port), str(nbytes), *tls_args)
     try:
-        payload = os.urandom(nbytes) if sha256 or pki else bytes(nbytes)
+        payload = os.urandom(nbytes)
         s = socket.create_connection(("127.0.0.1", port))
         if pki:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -152,8 +158,8 @@ def socket_sender(
         with s:
 
             def once() -> None:
-                if sha256:
-                    s.sendall(hashlib.sha256(payload).digest())
+                if digest:
+                    s.sendall(blake3.blake3(payload).digest())
                 s.sendall(payload)
                 assert s.recv(1) == b"k"
 
@@ -162,28 +168,22 @@ def socket_sender(
         p.kill()
 
 
-def socket_gbps(nbytes: int, repeat: int, sha256: bool = False) -> float:
-    """GB/s of the bytes through a loopback TCP socket (``socket_sender``)."""
-    with socket_sender(nbytes, sha256) as (once, _):
-        return nbytes / median(timeit(once, repeat)) / 1e9
-
-
-def grpc_bare_gbps(nbytes: int, repeat: int, chunk: int = 1 << 20) -> float:
+@contextmanager
+def grpc_bare_sender(nbytes: int, chunk: int = 1 << 20) -> Iterator[Callable[[], None]]:
+    """Send once: ``nbytes`` random bytes as a bare Python gRPC stream of ``chunk``-byte messages to an
+    empty handler in another process."""
     port = free_ports(1, "127.0.0.1")[0]
     p = _spawn(GRPC_SINK, str(port))
     try:
-        payload = bytes(nbytes)
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-        push = ch.stream_unary("/bench.Sink/Push")
-        view = memoryview(payload)
+        view = memoryview(os.urandom(nbytes))
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
+            push = ch.stream_unary("/bench.Sink/Push")
 
-        def once() -> None:
-            got = push(bytes(view[o : o + chunk]) for o in range(0, nbytes, chunk))
-            assert int.from_bytes(got, "little") == nbytes
+            def once() -> None:
+                got = push(bytes(view[o : o + chunk]) for o in range(0, nbytes, chunk))
+                assert int.from_bytes(got, "little") == nbytes
 
-        t = median(timeit(once, repeat))
-        ch.close()
-        return nbytes / t / 1e9
+            yield once
     finally:
         p.kill()
 
@@ -205,13 +205,23 @@ def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[
     modules = paper_modules()
     port = free_ports(1, "127.0.0.1")[0]
     p = _spawn(NODE_RECEIVER, str(port), wire, *tls)
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def receiver_cpu() -> float:
+        stat = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(stat[11]) + int(stat[12])) / tick  # utime + stime
+
+    def own_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     try:
         addr = f"127.0.0.1:{port}"
         device, cloud = Security(cfg.security, "device-0-0"), Security(cfg.security, "cloud")
         ch, control = device.channel(addr, "edge-0", CHANNEL_OPTIONS), cloud.channel(addr, "edge-0", CHANNEL_OPTIONS)
         ctl, push = pb_grpc.RoundControlStub(control), push_callable(ch)
         state = {"round": 0}
-        phases: dict[str, list[float]] = {"encode_s": [], "push_s": []}
+        phases: dict[str, list[float]] = {"encode_s": [], "push_s": [], "receiver_cpu_s": [], "sender_cpu_s": []}
 
         def once() -> int:
             state["round"] += 1
@@ -225,6 +235,7 @@ def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[
                     steps=[step_to_pb(Collect("aggregate", ("device-0-0",), "device_edge"))],
                 ),
             )
+            c_recv, c_own = receiver_cpu(), own_cpu()
             t0 = time.perf_counter()
             for m in modules.values():
                 m.version = r
@@ -249,6 +260,8 @@ def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[
             t2 = time.perf_counter()
             phases["encode_s"].append(t1 - t0)
             phases["push_s"].append(t2 - t1)
+            phases["receiver_cpu_s"].append(receiver_cpu() - c_recv)
+            phases["sender_cpu_s"].append(own_cpu() - c_own)
             return sum(e.size_bytes for e in encoded)
 
         with ch, control:
@@ -257,12 +270,38 @@ def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[
         p.kill()
 
 
-def hffm_gbps(wire: str, repeat: int) -> tuple[float, int, dict[str, float]]:
-    """(GB/s of serialized module bytes, bytes per push, median phase times) for full pushes."""
-    with hffm_pusher(wire) as (once, phases):
-        nbytes = once()
-        times = timeit(once, repeat, warmup=0)
-        return nbytes / median(times) / 1e9, nbytes, {k: median(v[1:]) for k, v in phases.items()}
+def plain_transfer(wire: str, repeat: int) -> dict:
+    """hffm's push of the module set in ``wire`` dtype and a socket carrying as many random bytes, in
+    turn; the ratio is the median of the per-turn ratios."""
+    with hffm_pusher(wire) as (push, phases):
+        nbytes = push()
+        with socket_sender(nbytes) as (sock, _):
+            t = interleaved({"hffm": push, "socket": sock}, repeat)
+    return {
+        "bytes": nbytes,
+        "hffm_gbps": nbytes / median(t["hffm"]) / 1e9,
+        "socket_gbps": nbytes / median(t["socket"]) / 1e9,
+        "ratio": median([s / h for h, s in zip(t["hffm"], t["socket"], strict=True)]),
+        **{k: median(v[2:]) for k, v in phases.items()},  # the timed pushes, not the first two
+    }
+
+
+def bounds(nbytes: int, repeat: int) -> dict:
+    """What bounds a push here, on ``nbytes`` random bytes, each taken in turn with the socket."""
+    with socket_sender(nbytes) as (sock, _), socket_sender(nbytes, digest=True) as (sock_digest, _):
+        with grpc_bare_sender(nbytes) as bare:
+            t = interleaved({"socket": sock, "socket_blake3": sock_digest, "grpc_bare": bare}, repeat)
+
+    def vs_socket(k: str) -> float:
+        return median([s / x for x, s in zip(t[k], t["socket"], strict=True)])
+
+    return {
+        "socket_gbps": nbytes / median(t["socket"]) / 1e9,
+        "grpc_bare_gbps": nbytes / median(t["grpc_bare"]) / 1e9,
+        "socket_blake3_gbps": nbytes / median(t["socket_blake3"]) / 1e9,
+        "grpc_bare_ratio": vs_socket("grpc_bare"),  # the ceiling of any push over Python gRPC, vs the socket
+        "socket_blake3_ratio": vs_socket("socket_blake3"),  # the ceiling of any transfer with integrity
+    }
 
 
 def tls_transfer(repeat: int) -> dict:
@@ -288,22 +327,10 @@ def tls_transfer(repeat: int) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    repeat = 3 if quick else 8
-    out: dict = {}
-    for wire in ("fp32", "fp16"):
-        gbps, nbytes, phases = hffm_gbps(wire, repeat)
-        sock = socket_gbps(nbytes, repeat)  # the same bytes, measured right after
-        out[wire] = {"bytes": nbytes, "hffm_gbps": gbps, "socket_gbps": sock, "ratio": gbps / sock, **phases}
-    nbytes = out["fp32"]["bytes"]
-    bare, sha = grpc_bare_gbps(nbytes, repeat), socket_gbps(nbytes, repeat, sha256=True)
-    sock = out["fp32"]["socket_gbps"]
-    out["bounds"] = {
-        "grpc_bare_gbps": bare,
-        "socket_sha256_gbps": sha,
-        "grpc_bare_ratio": bare / sock,  # the ceiling of any push over Python gRPC, vs the socket
-        "socket_sha256_ratio": sha / sock,  # the ceiling of any verified transfer, vs the socket
-        "hffm_vs_grpc_bare": out["fp32"]["hffm_gbps"] / bare,
-    }
+    repeat = 3 if quick else 10
+    out: dict = {wire: plain_transfer(wire, repeat) for wire in ("fp32", "fp16")}
+    out["bounds"] = b = bounds(out["fp32"]["bytes"], repeat)
+    b["hffm_vs_grpc_bare"] = out["fp32"]["hffm_gbps"] / b["grpc_bare_gbps"]
     out["tls"] = tls_transfer(repeat)
     return out
 

@@ -16,6 +16,10 @@ Contract of an ``Aggregator`` (the base class does the bookkeeping; a rule imple
 - ``reference`` (optional) is the node's module set at the start of the round: the shape every
   contribution must have, and what clipping or anomaly scores measure updates against.
 - Memory: FedAvg keeps one running weighted sum per module, plus the senders that arrived out of order.
+  When the first module folded is ``owned`` (a receive buffer nothing else reads), its buffer becomes the
+  running sum (scaled in place) and the mean is divided in place: no allocation per round, the same
+  arithmetic (bit for bit) as the out-of-place operations. ``result`` may be asked for again (it
+  returns the same aggregate); nothing may be added after it.
 
 A new rule (coordinate-wise median, trimmed mean, ...) is a new subclass registered in ``RULES``.
 """
@@ -108,19 +112,24 @@ class FedAvg(Aggregator):
     name = "fedavg"
 
     def _reset(self) -> None:
+        self._mean: ModuleSet | None = None  # the result, once asked for (the sums were divided in place)
         self._sum: dict[str, dict[str, torch.Tensor]] = {}
         self._flat: dict[str, torch.Tensor] = {}  # module -> one tensor that _sum[module] views
         self._weight: dict[str, float] = {}
         self._contributors: dict[str, int] = {}
 
     def _fold(self, sender: str, mods: list[Module]) -> None:
+        if self._mean is not None:
+            raise ModuleError("FAILED_PRECONDITION", "already_aggregated", f"{sender}: the aggregate was taken")
         for m in mods:
             w = float(m.num_samples)
             acc = self._sum.get(m.name)
             flat = m.flat if m.flat is not None and m.flat.dtype == torch.float32 else None
             if acc is None:
                 if flat is not None:  # one operation for the module, tensors as views (same layout)
-                    self._flat[m.name] = f = flat.detach().mul(w)
+                    f = flat.detach()
+                    f = f.mul_(w) if m.owned else f.mul(w)  # owned: nothing else reads it, reuse it
+                    self._flat[m.name] = f
                     self._sum[m.name] = _views(f, m.tensors)
                 else:
                     self._sum[m.name] = {k: t.detach().to(torch.float32).mul(w) for k, t in m.tensors.items()}
@@ -140,16 +149,16 @@ class FedAvg(Aggregator):
         return self._contributors.get(name, 0)
 
     def _result(self, version: int) -> ModuleSet:
-        out: ModuleSet = {}
-        for name, acc in self._sum.items():
-            w = self._weight[name]
-            f = self._flat.get(name)
-            if f is not None:  # one division for the module; its tensors view the result (same layout)
-                mean = f / w
-                out[name] = Module(name, _views(mean, acc), version, w, flat=mean)
-            else:
-                out[name] = Module(name, {k: v / w for k, v in acc.items()}, version, w)
-        return out
+        if self._mean is None:  # divide the running sums (ours alone) in place, once
+            self._mean = {}
+            for name, acc in self._sum.items():
+                w = self._weight[name]
+                f = self._flat.get(name)
+                if f is not None:  # one division for the module; its tensors view the result (same layout)
+                    self._mean[name] = Module(name, acc, version, w, flat=f.div_(w))
+                else:
+                    self._mean[name] = Module(name, {k: v.div_(w) for k, v in acc.items()}, version, w)
+        return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._mean.items()}
 
 
 def _views(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -212,6 +212,9 @@ class WireConfig(_Strict):
 
     dtype: Literal["fp32", "fp16", "bf16"] = D("fp32", description="tensor dtype on the wire (fp16/bf16: half)")
     chunk_bytes: int = D(1 << 20, ge=1024, le=1 << 20, description="bytes per chunk message (at most 1 MiB)")
+    digest: Literal["blake3", "sha256"] = D(
+        "blake3", description="digest a sender computes of each module blob (receivers check either)"
+    )
 
 
 class RuntimeConfig(_Strict):

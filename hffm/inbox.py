@@ -49,6 +49,7 @@ class _Collection:
     accepted: dict[str, tuple[str, tuple[bytes, ...]]] = field(default_factory=dict)  # sender -> (push id, digests)
     dropped: dict[str, str] = field(default_factory=dict)  # sender left out by the coordinator -> why
     closed: bool = False  # the aggregate was formed: later pushes are stale
+    newest: int = -1  # the newest module version accepted (a sync's aggregate keeps it)
 
     @property
     def complete(self) -> bool:
@@ -191,7 +192,7 @@ class Inbox:
                 f"{self.node_id}/{h.tag} already aggregated without {h.sender} this round",
             )
         if prev is not None:
-            digests = tuple(m.sha256 for m in h.modules)
+            digests = tuple(m.digest for m in h.modules)
             if prev == (h.push_id, digests):
                 return coll, True
             raise ModuleError(
@@ -213,7 +214,8 @@ class Inbox:
             if dup:
                 return True
             coll.aggregator.add(header.sender, modules)
-            coll.accepted[header.sender] = (header.push_id, tuple(m.sha256 for m in header.modules))
+            coll.accepted[header.sender] = (header.push_id, tuple(m.digest for m in header.modules))
+            coll.newest = max(coll.newest, *(m.version for m in header.modules))
             self._cv.notify_all()
             return False
 
@@ -270,7 +272,11 @@ class Inbox:
                 self._cv.wait(left)
             assert self.round is not None
             coll.closed = True
-            modules = coll.aggregator.result(self.round)
+            # A sync adopts an earlier round's state and keeps its version: a node synced from its tier
+            # (an edge from the cloud) may have to sync others next (its devices), and a sync carries
+            # an earlier round's modules only. Any other aggregate is this round's.
+            sync = coll.step.tag == SYNC and coll.newest >= 0
+            modules = coll.aggregator.result(coll.newest if sync else self.round)
             return Aggregate(
                 tag,
                 modules,

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hffm.modules import (
+    DIGESTS,
     ArrivalCheck,
     EncodedModule,
     Module,
@@ -31,12 +32,13 @@ class ModuleHeader:
     version: int
     num_samples: float
     size_bytes: int
-    sha256: bytes
+    digest: bytes
     dtype: str
+    digest_alg: str
 
     @classmethod
     def of(cls, em: EncodedModule) -> ModuleHeader:
-        return cls(em.name, em.version, em.num_samples, em.size_bytes, em.sha256, em.dtype)
+        return cls(em.name, em.version, em.num_samples, em.size_bytes, em.digest, em.dtype, em.digest_alg)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class PushHeader:
             "tag": self.tag,
             "link": self.link,
             "modules": [
-                [m.name, m.version, repr(float(m.num_samples)), m.size_bytes, m.sha256.hex(), m.dtype]
+                [m.name, m.version, repr(float(m.num_samples)), m.size_bytes, m.digest_alg, m.digest.hex(), m.dtype]
                 for m in self.modules
             ],
         }
@@ -77,24 +79,50 @@ def push_id_for(sender: str, receiver: str, round_: int, tag: str, attempt: int 
     return f"{sender}>{receiver}@{round_}.{attempt}/{tag}"
 
 
-def chunks(
+def chunk_pieces(
     encoded: Sequence[EncodedModule], chunk_bytes: int = MAX_CHUNK_BYTES
-) -> Iterator[tuple[int, int, memoryview]]:
-    """(module_index, offset, bytes) for every chunk of every module, in order (zero-copy views)."""
+) -> Iterator[tuple[int, int, tuple[memoryview, ...]]]:
+    """(module_index, offset, pieces) for every chunk of every module, in order: a chunk is
+    ``chunk_bytes`` of its module (the last one less), given as views of the module's segments
+    (no copy); the consumer writes them into one message."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
     for i, em in enumerate(encoded):
-        view = memoryview(em.data)
-        if len(view) == 0:
-            yield i, 0, view
-        for off in range(0, len(view), chunk_bytes):
-            yield i, off, view[off : off + chunk_bytes]
+        if em.size_bytes == 0:
+            yield i, 0, ()
+            continue
+        off, pieces, have = 0, [], 0
+        for seg in em.segments:
+            pos = 0
+            while pos < len(seg):
+                take = min(len(seg) - pos, chunk_bytes - have)
+                pieces.append(seg[pos : pos + take])
+                pos += take
+                have += take
+                if have == chunk_bytes:
+                    yield i, off, tuple(pieces)
+                    off, pieces, have = off + have, [], 0
+        if have:
+            yield i, off, tuple(pieces)
+
+
+def chunks(
+    encoded: Sequence[EncodedModule], chunk_bytes: int = MAX_CHUNK_BYTES
+) -> Iterator[tuple[int, int, memoryview]]:
+    """(module_index, offset, bytes) for every chunk of every module, in order: ``chunk_pieces``
+    with each chunk's pieces joined (a view when the chunk lies in one segment, else a copy)."""
+    for i, off, pieces in chunk_pieces(encoded, chunk_bytes):
+        yield i, off, pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
 
 
 class PushAssembler:
     """Reassembles and verifies one push. Feed ``add_chunk`` in stream order, then ``finish``."""
 
-    def __init__(self, header: PushHeader, spec: ModuleSpec, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
+    def __init__(
+        self, header: PushHeader, spec: ModuleSpec, max_chunk_bytes: int = MAX_CHUNK_BYTES, owned: bool = False
+    ) -> None:
+        """``owned``: the modules ``finish`` returns are the caller's alone (nothing else will read them,
+        a trace included), so an aggregator may fold them in place (``Module.owned``)."""
         if not header.modules:
             raise ModuleError("INVALID_ARGUMENT", "empty_push", "push carries no modules")
         names = [m.name for m in header.modules]
@@ -110,15 +138,27 @@ class PushAssembler:
                     "bad_size",
                     f"module {m.name}: declared size {m.size_bytes} B outside (0, {bound}]",
                 )
-            if len(m.sha256) != 32:
-                raise ModuleError("INVALID_ARGUMENT", "bad_digest", f"module {m.name}: digest is not SHA-256")
+            if m.digest_alg not in DIGESTS:
+                raise ModuleError(
+                    "INVALID_ARGUMENT",
+                    "bad_digest",
+                    f"module {m.name}: unknown digest algorithm {m.digest_alg!r} (know {sorted(DIGESTS)})",
+                )
+            want = DIGESTS[m.digest_alg][1]
+            if len(m.digest) != want:
+                raise ModuleError(
+                    "INVALID_ARGUMENT",
+                    "bad_digest",
+                    f"module {m.name}: digest is {len(m.digest)} B, {m.digest_alg} digests are {want} B",
+                )
         self.header = header
         self.spec = spec
         self.max_chunk_bytes = max_chunk_bytes
+        self.owned = owned
         self._bufs: list[bytearray | None] = [None] * len(header.modules)
-        # SHA-256 and finiteness of each module, updated as its chunks arrive, while each chunk is in
-        # cache (hashlib releases the GIL on large updates: hashing overlaps with receiving the next chunk)
-        self._checks = [ArrivalCheck(m.dtype, m.size_bytes) for m in header.modules]
+        # digest and finiteness of each module, updated as its chunks arrive, while each chunk is in
+        # cache (the hashers release the GIL on large updates: hashing overlaps with receiving the next chunk)
+        self._checks = [ArrivalCheck(m.dtype, m.size_bytes, m.digest_alg) for m in header.modules]
         self._index = 0
         self._offset = 0
         self.bytes_received = 0
@@ -179,11 +219,13 @@ class PushAssembler:
                     version=mh.version,
                     num_samples=mh.num_samples,
                     dtype=mh.dtype,
-                    sha256=mh.sha256,
+                    digest=mh.digest,
+                    digest_alg=mh.digest_alg,
                     spec=self.spec,
-                    computed_sha256=self._checks[i].digest(),
+                    computed_digest=self._checks[i].digest(),
                     finite=self._checks[i].finite,
                 )
             )
-            self._bufs[i] = None  # release as we go
+            out[-1].owned = self.owned
+            self._bufs[i] = None  # release as we go: the module's tensors are the only reference left
         return out

@@ -78,8 +78,6 @@ def test_unknown_rule():
 def test_decoded_modules_fold_in_one_operation_and_mix_with_plain_ones(order):
     """Decoded modules carry one flat region (their tensors are views of it); FedAvg folds that in one
     add. Mixed with modules held as separate tensors (a node's own), the mean is the same."""
-    import hashlib
-
     from hffm.modules import decode_module, encode_module, spec_of
 
     wire = "fp16" if order == "fp16" else "fp32"
@@ -94,7 +92,7 @@ def test_decoded_modules_fold_in_one_operation_and_mix_with_plain_ones(order):
             version=1,
             num_samples=m.num_samples,
             dtype=wire,
-            sha256=hashlib.sha256(e.data).digest(),
+            digest=e.digest,
             spec=spec,
         )
 

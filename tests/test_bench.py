@@ -35,6 +35,10 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     assert b["aggregator_peak_sets"] <= 3  # running sum: not one copy per sender
     dv = b["details"]["devices"]
     assert b["max_devices"] == 30 and dv["fit"]["slope_s_per_device"] > 0, dv.get("error")
+    assert dv["model"] == "tiny" and b["device_round_ms"] == dv["points"][-1]["ms_per_device"] > 0
+    dvp = b["details"]["devices_paper"]  # the paper-size module set, training on, stated as such
+    assert b["max_devices_paper"] == 2 and 37e6 < dvp["module_set_bytes"] < 39e6, dvp.get("error")
+    assert all(p["pss_per_device_bytes"] > 0 for p in dv["points"] + dvp["points"])
     tta = b["time_to_accuracy"]
     assert set(tta["methods"]) == {"star", "hfm", "hfm-d2d"}
     for x in tta["methods"].values():  # reached or not, the record says which
@@ -42,19 +46,25 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     assert "| transfer_ratio (fp32) |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "transfer.png").stat().st_size > 5_000
     bounds = tr["bounds"]
-    assert bounds["grpc_bare_gbps"] > 0 and bounds["socket_sha256_gbps"] > 0
+    assert bounds["grpc_bare_gbps"] > 0 and bounds["socket_blake3_gbps"] > 0
+    assert tr["fp32"]["receiver_cpu_s"] > 0 and tr["fp32"]["sender_cpu_s"] > 0
     tls = tr["tls"]  # the push over mTLS (signed) and its limit, a TLS socket with gRPC's cipher
     assert tls["bytes"] == tr["fp32"]["bytes"] and tls["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
     assert tls["hffm_gbps"] > 0 and tls["tls_socket_gbps"] > 0 and b["transfer_tls_ratio"] == tls["ratio"]
     assert "| transfer_tls_ratio (fp32, mTLS) |" in (tmp_path / "bench.md").read_text()
     fl = b["details"]["flower"]["points"][0]
-    assert fl["clients"] == 2 and fl["hffm"]["devices"] == 2 and len(fl["hffm"]["rounds_s"]) == 2
+    assert fl["clients"] == 2 and fl["hffm"]["devices"] == 2 and len(fl["hffm"]["rounds_s"]) == 3
     if fl["flower"] is None:  # Flower is installed from PyPI into build/flower-venv
         pytest.skip(f"Flower could not run here: {fl['error']}")
-    f = fl["flower"]
-    # the same payload went both ways: Flower's FedAvg returns arrays of the module set's size
-    assert f["payload_bytes"] == sum(t.numel() * 4 for m in paper_modules().values() for t in m.tensors.values())
-    assert len(f["rounds_s"]) == 2 and b["flower_round_ratio"] == fl["ratio"] > 0
+    payload = sum(t.numel() * 4 for m in paper_modules().values() for t in m.tensors.values())
+    # --quick: 3 rounds (SuperLink 2), the first left out of the median; the same payload went both ways,
+    # in both Flower configurations: FedAvg returns arrays of its size
+    f = fl["flower"]  # the persistent-client path (start_server + NumPyClient): the headline's baseline
+    assert f["payload_bytes"] == payload and len(f["rounds_s"]) == 3 and f["peak_pss_bytes"] > 0
+    assert b["flower_round_ratio"] == fl["ratio"] == fl["hffm"]["round_s"] / f["round_s"] > 0
+    s = fl["superlink"]
+    assert s is not None, fl.get("superlink_error")
+    assert s["payload_bytes"] == payload and len(s["rounds_s"]) == 2 and b["flower_round_ratio_superlink"] > 0
 
 
 def test_realdata_writes_its_table_and_plot_and_reuses_what_it_ran(tmp_path):

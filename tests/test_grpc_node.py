@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 
 from hffm.aggregation import weighted_mean
 from hffm.methods import Collect
-from hffm.modules import Module, encode_module
+from hffm.modules import EncodedModule, Module, digest_of, encode_module
 from hffm.wire import ModuleHeader, PushHeader, chunks, push_id_for
 from services.common.bootstrap import node_modules, topology
 from services.common.client import push_callable, push_requests
@@ -167,8 +167,36 @@ def test_missing_header(edge):
 def test_digest_mismatch(edge):
     node, ch, _ = edge
     h, ems = _good(node, D0, 1)
-    bad = replace(h, modules=(replace(h.modules[0], sha256=hashlib.sha256(b"x").digest()), *h.modules[1:]))
-    _expect(ch, node, push_requests(bad, ems, 4096), grpc.StatusCode.DATA_LOSS, "SHA-256")
+    bad = replace(h, modules=(replace(h.modules[0], digest=digest_of(b"x")), *h.modules[1:]))
+    _expect(ch, node, push_requests(bad, ems, 4096), grpc.StatusCode.DATA_LOSS, "blake3 digest")
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (dict(digest_alg="md5"), "unknown digest algorithm 'md5'"),
+        (dict(digest_alg=""), "unknown digest algorithm ''"),
+        (dict(digest=b"\x01" * 16), "digest is 16 B, blake3 digests are 32 B"),
+    ],
+)
+def test_digest_algorithm_checked_before_any_byte(edge, change, why):
+    """The digest's algorithm travels in the header: an unknown one, or a digest of the wrong length, is
+    INVALID_ARGUMENT from the header alone, and nothing is accepted."""
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    bad = replace(h, modules=(replace(h.modules[0], **change), *h.modules[1:]))
+    _expect(ch, node, push_requests(bad, ems, 4096), grpc.StatusCode.INVALID_ARGUMENT, why)
+
+
+def test_sha256_digests_accepted(edge):
+    """A sender configured for SHA-256 (``wire.digest: sha256``) is understood: the receiver hashes with
+    the algorithm the header names."""
+    node, ch, _ = edge
+    mods = _device_modules(node, 1)
+    ems = [encode_module(m, digest_alg="sha256") for m in mods.values()]
+    assert all(e.digest == hashlib.sha256(e.data).digest() for e in ems)
+    ack = _push(ch, push_requests(_header(D0, ems), ems, 4096))
+    assert not ack.duplicate and node.inbox.snapshot()["accepted"]["aggregate"]
 
 
 def test_unknown_module_name(edge):
@@ -181,13 +209,7 @@ def test_unknown_module_name(edge):
 def _raw(name, tensors, dtype="fp32", version=1):
     data = st_save({k: v.contiguous() for k, v in tensors.items()})
 
-    class E:  # noqa: N801 - a hand-made encoded module
-        pass
-
-    e = E()
-    e.name, e.version, e.num_samples, e.dtype, e.data = name, version, 5.0, dtype, data
-    e.sha256, e.size_bytes = hashlib.sha256(data).digest(), len(data)
-    return e
+    return EncodedModule(name, version, 5.0, dtype, (memoryview(data),), digest_of(data))
 
 
 def test_shape_mismatch(edge):
@@ -321,6 +343,10 @@ def test_a_sync_takes_an_earlier_rounds_modules_and_nothing_else(edge):
     _push(ch, push_requests(_header(D0, ems, 3, SYNC), ems, 4096))
     report = ch.control()("AwaitRound", pb.AwaitRequest(round=3), timeout=10)
     assert [list(a.counted) for a in report.aggregates] == [[D0]]
+    # the synced state keeps its round: this node may sync others from it next (an edge synced from the
+    # cloud syncs its devices), which only an earlier round's modules may do
+    synced = {n: m for n, m in node.modules.items() if n in {e.name for e in ems}}
+    assert synced and {m.version for m in synced.values()} == {1}
 
 
 def test_header_round_trip_through_protobuf(edge):

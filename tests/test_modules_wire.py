@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from hffm.modules import Module, ModuleError, decode_module, encode_module, spec_of
+from hffm.modules import Module, ModuleError, decode_module, digest_of, encode_module, spec_of
 from hffm.wire import MAX_CHUNK_BYTES, ModuleHeader, PushAssembler, PushHeader, chunks
 from tests.conftest import make_module
 
@@ -17,7 +15,7 @@ SHAPES = {"a.down.weight": (256, 768), "a.down.bias": (256,), "a.up.weight": (76
 
 def _decode(em, spec, **kw):
     args = dict(
-        name=em.name, version=em.version, num_samples=em.num_samples, dtype=em.dtype, sha256=em.sha256, spec=spec
+        name=em.name, version=em.version, num_samples=em.num_samples, dtype=em.dtype, digest=em.digest, spec=spec
     )
     args.update(kw)
     return decode_module(em.data, **args)
@@ -25,7 +23,7 @@ def _decode(em, spec, **kw):
 
 def _decode_blob(blob, spec, name="adapter.0", dtype="fp32", **kw):
     """``decode_module`` of a raw blob sent with its true digest, version 1 and weight 1."""
-    args = dict(name=name, version=1, num_samples=1.0, dtype=dtype, sha256=hashlib.sha256(blob).digest(), spec=spec)
+    args = dict(name=name, version=1, num_samples=1.0, dtype=dtype, digest=digest_of(blob), spec=spec)
     args.update(kw)
     return decode_module(blob, **args)
 
@@ -33,7 +31,7 @@ def _decode_blob(blob, spec, name="adapter.0", dtype="fp32", **kw):
 def test_fp32_round_trip_is_exact():
     m = make_module("adapter.0", SHAPES, version=3, num_samples=17)
     em = encode_module(m)
-    assert em.sha256 == hashlib.sha256(em.data).digest()
+    assert em.digest == digest_of(em.data) and em.digest_alg == "blake3"
     back = _decode(em, spec_of({m.name: m.tensors}))
     assert back.version == 3 and back.num_samples == 17
     for k in SHAPES:
@@ -57,7 +55,7 @@ def test_digest_mismatch_rejected():
     m = make_module("adapter.0", SHAPES)
     em = encode_module(m)
     with pytest.raises(ModuleError) as e:
-        _decode(em, spec_of({m.name: m.tensors}), sha256=hashlib.sha256(b"x").digest())
+        _decode(em, spec_of({m.name: m.tensors}), digest=digest_of(b"x"))
     assert e.value.code == "DATA_LOSS"
 
 
@@ -143,7 +141,7 @@ def test_declared_size_is_bounded_by_the_spec():
         h.round,
         h.tag,
         h.link,
-        (ModuleHeader("adapter.0", 1, 1.0, 10**12, h.modules[0].sha256, "fp32"),),
+        (ModuleHeader("adapter.0", 1, 1.0, 10**12, h.modules[0].digest, "fp32", "blake3"),),
     )
     with pytest.raises(ModuleError, match="declared size"):
         PushAssembler(big, spec)
@@ -170,7 +168,7 @@ def test_incremental_digest_matches_and_still_rejects():
     pieces = list(chunks(ems, 4096))
     for i, off, data in pieces:
         asm.add_chunk(i, off, bytes(data))
-    assert asm._checks[0].digest() == hashlib.sha256(ems[0].data).digest()
+    assert asm._checks[0].digest() == digest_of(ems[0].data)
     assert asm._checks[0].finite is True  # decided on arrival: decode does not check again
     assert torch.equal(asm.finish()[0].tensors["a.up.weight"], m.tensors["a.up.weight"])
     # a flipped byte in transit is caught by the incremental digest
@@ -292,7 +290,7 @@ def test_parallel_encoding_gives_the_same_blobs():
     par = encode_modules(mods, "fp32", workers=4)
     ser = [encode_module(m, "fp32") for m in mods]
     assert [e.name for e in par] == [m.name for m in mods]
-    assert [(bytes(a.data), a.sha256) for a in par] == [(bytes(b.data), b.sha256) for b in ser]
+    assert [(bytes(a.data), a.digest) for a in par] == [(bytes(b.data), b.digest) for b in ser]
 
 
 def _assemble(h, ems, spec, piece_sizes):
@@ -317,7 +315,7 @@ def test_finiteness_checked_on_arrival_whatever_the_chunking(wire, pieces):
     h, ems = _push([m], wire)
     asm = _assemble(h, ems, spec, pieces)
     assert asm._checks[0].finite is True
-    assert asm._checks[0].digest() == ems[0].sha256
+    assert asm._checks[0].digest() == ems[0].digest
     back = asm.finish()[0]
     assert torch.equal(back.tensors["a.up.weight"], _decode(ems[0], spec).tensors["a.up.weight"])
     for bad in (float("nan"), float("inf"), float("-inf")):
@@ -347,6 +345,48 @@ def test_finiteness_left_to_decode_when_the_data_region_is_unaligned():
     assert (8 + len(hdr)) % 4
     chk = ArrivalCheck("fp32", len(blob))
     chk.update(blob, len(blob))
-    assert chk.finite is None and chk.digest() == hashlib.sha256(blob).digest()
+    assert chk.finite is None and chk.digest() == digest_of(blob)
     with pytest.raises(ModuleError, match="NaN or Inf"):
-        _decode_blob(blob, {"m": {"x": (3,)}}, name="m", computed_sha256=chk.digest(), finite=chk.finite)
+        _decode_blob(blob, {"m": {"x": (3,)}}, name="m", computed_digest=chk.digest(), finite=chk.finite)
+
+
+def test_fp32_encoding_is_the_tensors_own_storage():
+    """The zero-copy encode (a speed-up kept under test): an fp32 blob is the header followed by views of
+    the module's tensors, no copy of their bytes; the blob is still exactly what the library writes."""
+    from safetensors.torch import load as st_load
+
+    m = make_module("adapter.0", SHAPES)
+    em = encode_module(m)
+    ptrs = {np_ptr(seg) for seg in em.segments[1:]}
+    assert ptrs == {t.data_ptr() for t in m.tensors.values()}
+    back = st_load(em.data)
+    assert all(torch.equal(back[k], m.tensors[k]) for k in SHAPES)
+    # fp16 is a cast: one buffer of its own, the tensors untouched
+    em16 = encode_module(m, "fp16")
+    assert len(em16.segments) == 2 and np_ptr(em16.segments[1]) not in ptrs
+
+
+def np_ptr(view: memoryview) -> int:
+    import ctypes
+
+    return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
+
+
+@pytest.mark.parametrize("chunk", [1024, 4096, 100_000, MAX_CHUNK_BYTES])
+def test_chunk_pieces_cut_the_segments_into_full_chunks(chunk):
+    """Chunks span segment (tensor) boundaries: every chunk but a module's last is exactly ``chunk``
+    bytes, offsets are contiguous, and the pieces concatenated are the blob."""
+    from hffm.wire import chunk_pieces
+
+    mods = [make_module("adapter.0", SHAPES), make_module("head.x", {"w": (3, 5), "b": (3,)}, seed=2)]
+    ems = [encode_module(m) for m in mods]
+    got: dict[int, list[tuple[int, bytes]]] = {0: [], 1: []}
+    for i, off, pieces in chunk_pieces(ems, chunk):
+        got[i].append((off, b"".join(pieces)))
+    for i, em in enumerate(ems):
+        offs = [o for o, _ in got[i]]
+        sizes = [len(b) for _, b in got[i]]
+        assert offs == list(range(0, em.size_bytes, chunk))
+        assert all(n == chunk for n in sizes[:-1]) and 0 < sizes[-1] <= chunk
+        assert b"".join(b for _, b in got[i]) == em.data
+    assert [(i, o, bytes(d)) for i, o, d in chunks(ems, chunk)] == [(i, o, b) for i in (0, 1) for o, b in got[i]]

@@ -14,6 +14,7 @@ malformed message) goes to the full protobuf parser, so every message is read as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from services.rpc import pb
@@ -48,18 +49,20 @@ def _varint(v: int) -> bytes:
     return bytes(out)
 
 
-def chunk_message(module_index: int, offset: int, data: bytes | memoryview) -> bytes:
+def chunk_message(module_index: int, offset: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> bytes:
     """The serialized ``PushRequest{chunk: Chunk{module_index, offset, data}}``, as protobuf writes it
-    (proto3: zero-valued fields left out)."""
+    (proto3: zero-valued fields left out). ``data`` may be given as pieces (``wire.chunk_pieces``):
+    they are written one after the other, the one copy a chunk's bytes make on the sender."""
+    pieces = (data,) if isinstance(data, bytes | bytearray | memoryview) else tuple(data)
     head = bytearray()
     if module_index:
         head += bytes((_TAG_INDEX,)) + _varint(module_index)
     if offset:
         head += bytes((_TAG_OFFSET,)) + _varint(offset)
-    n = len(data)
+    n = sum(len(p) for p in pieces)
     if n:
         head += bytes((_TAG_DATA,)) + _varint(n)
-    return b"".join((bytes((_TAG_CHUNK,)), _varint(len(head) + n), head, data))
+    return b"".join((bytes((_TAG_CHUNK,)), _varint(len(head) + n), head, *pieces))
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int] | None:

@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from hffm.modules import EncodedModule
-from hffm.wire import PushHeader, chunks
+from hffm.wire import PushHeader, chunk_pieces
 from services.common.chunkwire import chunk_message, serialize_push_request
 from services.common.convert import header_to_pb
 from services.common.security import Security
@@ -78,8 +78,8 @@ def push_requests(
 ) -> Iterator[pb.PushRequest | bytes]:
     """The header, then every chunk as an already serialized message (``chunkwire``)."""
     yield pb.PushRequest(header=header_to_pb(header))
-    for n, (i, off, view) in enumerate(chunks(encoded, chunk_bytes)):
-        yield chunk_message(i, off, view)
+    for n, (i, off, pieces) in enumerate(chunk_pieces(encoded, chunk_bytes)):
+        yield chunk_message(i, off, pieces)
         if n == 0 and after_first_chunk is not None:
             after_first_chunk()
 

@@ -28,8 +28,9 @@ def header_to_pb(h: PushHeader) -> pb.PushHeader:
                 version=m.version,
                 num_samples=m.num_samples,
                 size_bytes=m.size_bytes,
-                sha256=m.sha256,
+                digest=m.digest,
                 dtype=m.dtype,
+                digest_alg=m.digest_alg,
             )
             for m in h.modules
         ],
@@ -49,7 +50,8 @@ def header_from_pb(h: pb.PushHeader) -> PushHeader:
         signature=bytes(h.signature),
         sender_cert=bytes(h.sender_cert),
         modules=tuple(
-            ModuleHeader(m.name, m.version, m.num_samples, m.size_bytes, bytes(m.sha256), m.dtype) for m in h.modules
+            ModuleHeader(m.name, m.version, m.num_samples, m.size_bytes, bytes(m.digest), m.dtype, m.digest_alg)
+            for m in h.modules
         ),
     )
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import torch
 
 from hffm.config import HFFMConfig
 from hffm.ids import CLOUD
@@ -59,6 +60,9 @@ class NodeRuntime:
         persistor: Persistor | None = None,
     ) -> None:
         self.node_id = node_id
+        # every tier's process, however started (launcher, compose, Kubernetes): torch's intra-op pool
+        # would otherwise take every core and spin between the small per-chunk reductions of a push
+        torch.set_num_threads(cfg.runtime.torch_threads)
         self.security = security or Security(cfg.security, node_id)
         self.metrics = metrics or Metrics()
         self.metrics.init_node(node_id)

@@ -79,7 +79,9 @@ class Receiver:
             raise ModuleError("PERMISSION_DENIED", "bad_signature", str(err)) from None
         declared = sum(max(0, m.size_bytes) for m in header.modules)
         with self.admission.bytes(declared, f"push {header.push_id}"):
-            assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes)
+            # without a trace to write them, the decoded modules are the aggregator's alone (folded in place)
+            owned = not self.cfg.runtime.trace_dir
+            assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes, owned=owned)
             for req in requests:
                 if isinstance(req, RawChunk):
                     c = req

@@ -61,8 +61,9 @@ class Sender:
             for n in missing:
                 if n not in current:
                     raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {n}")
-            for n, em in zip(missing, encode_modules([current[n] for n in missing], self.cfg.wire.dtype), strict=True):
-                self._encoded[n] = em
+            wire = self.cfg.wire
+            fresh = encode_modules([current[n] for n in missing], wire.dtype, digest_alg=wire.digest)
+            self._encoded.update(zip(missing, fresh, strict=True))
             return [self._encoded[n] for n in names]
 
     def send_all(self, state: RoundState, sends: list[Send]) -> None:
