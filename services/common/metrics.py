@@ -46,6 +46,7 @@ REJECT_REASONS = (
     "wrong_version",
     "conflicting_push",
     "duplicate_sender",
+    "already_aggregated",
     "no_route",
     "relay_failed",
     "relay_aborted",
