@@ -57,12 +57,22 @@ DIGESTS = {
 DEFAULT_DIGEST = "blake3"
 
 
-def new_hasher(alg: str):
-    """An incremental hasher (``update``/``digest``) of ``alg``; ModuleError for an unknown one."""
+def _digest(alg: str) -> tuple:
+    """``DIGESTS[alg]``; ModuleError (INVALID_ARGUMENT) for an algorithm we do not know."""
     if alg not in DIGESTS:
         known = sorted(DIGESTS)
         raise ModuleError("INVALID_ARGUMENT", "bad_digest", f"unknown digest algorithm {alg!r} (know {known})")
-    return DIGESTS[alg][0]()
+    return DIGESTS[alg]
+
+
+def digest_size(alg: str) -> int:
+    """Bytes in an ``alg`` digest; ModuleError for an unknown algorithm."""
+    return _digest(alg)[1]
+
+
+def new_hasher(alg: str):
+    """An incremental hasher (``update``/``digest``) of ``alg``; ModuleError for an unknown one."""
+    return _digest(alg)[0]()
 
 
 def digest_of(data, alg: str = DEFAULT_DIGEST) -> bytes:

@@ -13,13 +13,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hffm.modules import (
-    DIGESTS,
     ArrivalCheck,
     EncodedModule,
     Module,
     ModuleError,
     ModuleSpec,
     decode_module,
+    digest_size,
     expected_size_bound,
 )
 
@@ -138,13 +138,10 @@ class PushAssembler:
                     "bad_size",
                     f"module {m.name}: declared size {m.size_bytes} B outside (0, {bound}]",
                 )
-            if m.digest_alg not in DIGESTS:
-                raise ModuleError(
-                    "INVALID_ARGUMENT",
-                    "bad_digest",
-                    f"module {m.name}: unknown digest algorithm {m.digest_alg!r} (know {sorted(DIGESTS)})",
-                )
-            want = DIGESTS[m.digest_alg][1]
+            try:
+                want = digest_size(m.digest_alg)
+            except ModuleError as err:  # an unknown algorithm: INVALID_ARGUMENT, naming the module
+                raise ModuleError(err.code, err.reason, f"module {m.name}: {err}") from None
             if len(m.digest) != want:
                 raise ModuleError(
                     "INVALID_ARGUMENT",
