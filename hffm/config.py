@@ -393,6 +393,12 @@ class FaultsConfig(_Strict):
     resume_wait_s: float = D(
         60.0, ge=0, description="a resumed cloud waits up to this long for every member to answer before going on"
     )
+    slow_probe_timeout_s: float = D(
+        10.0,
+        gt=0,
+        description="a node whose health check ran out of time (d2d.probe_timeout_s) is asked once more with "
+        "this deadline before it sits the round out (a loaded host is slow, not gone; a refused one is gone)",
+    )
     rejoin_wait_s: float = D(
         0.0,
         ge=0,

@@ -118,3 +118,51 @@ def test_hffm_chaos_soak_loses_nothing_and_counts_nothing_twice(tmp_path):
     assert figures["baseline_audit_ok"] and figures["aggregates_formed"] > 0 and figures["wall_overhead"] > 0
     for line in ("rounds_completed", "double_counted", "wall_overhead"):
         assert line in r.output
+
+
+def test_a_slow_health_check_is_asked_again_before_a_node_sits_a_round_out():
+    """The round-start probe over real gRPC health servers: a node answering after the first deadline
+    (a loaded host) takes part; one answering after the second deadline, or refusing, sits out."""
+    import socket
+    import types
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from services.cloud.dispatcher import Dispatcher
+    from services.common.client import Channels
+
+    class Slow(health.HealthServicer):
+        def __init__(self, delay_s: float) -> None:
+            super().__init__()
+            self.delay_s = delay_s
+
+        def Check(self, request, context):
+            time.sleep(self.delay_s)
+            return super().Check(request, context)
+
+    servers, addrs = [], {}
+    for name, delay in {"fast": 0.0, "slow": 0.8, "stuck": 3.0}.items():
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(Slow(delay), server)
+        addrs[name] = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        server.start()
+        servers.append(server)
+    with socket.socket() as s:  # a port nothing listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        addrs["gone"] = f"127.0.0.1:{s.getsockname()[1]}"
+    cfg = load_config(overrides=["d2d.probe_timeout_s=0.3", "faults.slow_probe_timeout_s=1.5"])
+    node = types.SimpleNamespace(channels=Channels(), security=types.SimpleNamespace(call_metadata=lambda: ()))
+    members = types.SimpleNamespace(address=lambda n: addrs[n])
+    try:
+        dispatcher = Dispatcher(cfg, node, members)
+        t0 = time.monotonic()
+        assert dispatcher.probe(sorted(addrs)) == {"stuck", "gone"}
+        assert time.monotonic() - t0 < 0.3 + 1.5 + 1.0  # one second pass, for the slow ones only
+        cfg.faults.slow_probe_timeout_s = 0.3  # no second chance worth the name: the slow one sits out
+        assert dispatcher.probe(["fast", "slow"]) == {"slow"}
+    finally:
+        node.channels.close()
+        for server in servers:
+            server.stop(0)

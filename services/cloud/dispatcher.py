@@ -63,18 +63,32 @@ class Dispatcher:
         return pb_grpc.RoundControlStub(self._channel(node))
 
     def probe(self, nodes: list[str]) -> set[str]:
-        """Nodes that do not answer a health check in time (unreachable at the start of a round)."""
+        """Nodes that do not answer a health check in time (unreachable at the start of a round). One
+        whose check ran out of time (slow, not refused: a loaded host, a first TLS handshake) is asked
+        once more with ``faults.slow_probe_timeout_s`` before it counts as down."""
 
-        def dead(n: str) -> bool:
+        def check(n: str, timeout_s: float) -> grpc.StatusCode | None:  # None: serving
             try:
                 stub = health_pb2_grpc.HealthStub(self._channel(n))
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.cfg.d2d.probe_timeout_s)
-                return resp.status != health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                return True
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+                return None if resp.status == health_pb2.HealthCheckResponse.SERVING else grpc.StatusCode.UNAVAILABLE
+            except grpc.RpcError as err:
+                return err.code()
 
-        with ThreadPoolExecutor(max_workers=min(32, max(1, len(nodes)))) as pool:
-            return {n for n, d in zip(nodes, pool.map(dead, nodes), strict=True) if d}
+        def sweep(names: list[str], timeout_s: float) -> dict[str, grpc.StatusCode]:
+            if not names:
+                return {}
+            with ThreadPoolExecutor(max_workers=min(32, len(names))) as pool:
+                codes = pool.map(lambda n: check(n, timeout_s), names)
+                return {n: c for n, c in zip(names, codes, strict=True) if c is not None}
+
+        failed = sweep(nodes, self.cfg.d2d.probe_timeout_s)
+        slow = [n for n, c in failed.items() if c == grpc.StatusCode.DEADLINE_EXCEEDED]
+        again = sweep(slow, max(self.cfg.faults.slow_probe_timeout_s, self.cfg.d2d.probe_timeout_s))
+        down = {n: c for n, c in failed.items() if n not in slow} | again
+        if down:
+            log.info("health checks failed: %s", ", ".join(f"{n} ({c.name})" for n, c in sorted(down.items())))
+        return set(down)
 
     def assign(self, node: str, a: Assignment) -> None:
         task = a.to_pb()

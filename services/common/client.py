@@ -28,9 +28,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.keepalive_time_ms", 30_000),
-    # a peer that restarted is dialled again within 2 s (gRPC's default backoff grows to 120 s)
+    # a peer that restarted is dialled again within 2 s (gRPC's default backoff grows to 120 s).
+    # Not grpc.min_reconnect_backoff_ms: C-core takes it as the *connect timeout* (MIN_CONNECT_TIMEOUT,
+    # 20 s by default); at 200 ms a TLS handshake on a loaded host never finished and the channel failed
+    # UNAVAILABLE "timed out before receiving SETTINGS frame" (grpc/grpc#33423)
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 T = TypeVar("T")
