@@ -1,8 +1,12 @@
-"""Round overhead vs Flower: an hfm round vs a Flower FedAvg round, same clients, same payload.
+"""Round overhead vs Flower: hffm rounds vs a Flower FedAvg round, same clients, same payload.
 
-hffm: an ``hfm`` round (E_agg = 1, so devices -> edges -> cloud -> edges -> devices) of N devices in
-N/4 clusters, the paper-size modules, ``train.noop`` (no optimisation step, every exchange kept) and
-``train.eval_every=0`` (no testing), all as separate processes on loopback.
+hffm, two ways, each with the paper-size modules, ``train.noop`` (no optimisation step, every
+exchange kept), ``train.eval_every=0`` (no testing), plaintext links (Flower runs ``--insecure``; what
+mTLS costs is the transfer and security benchmarks' subject), all nodes separate servers on loopback:
+- ``star`` (the headline): the cloud and N devices, Flower's own topology: the same 2N transfers.
+- ``hfm``: E_agg = 1, N devices in N/4 clusters (devices -> edges -> cloud -> edges -> devices): the
+  paper's hierarchy, 2N + 2N/4 transfers.
+Every hffm node also checkpoints its modules every round (written and fsynced); Flower keeps nothing.
 
 Flower, in two configurations, both doing FedAvg with the same arrays (the paper-size module set,
 fp32) and a no-op fit that returns what it received:
@@ -17,8 +21,8 @@ fp32) and a no-op fit that returns what it received:
 
 Each side runs several rounds; the first is left out (start-up: processes, channels) and the median
 of the others is reported. Memory is the peak summed PSS of each side's processes. The headline is
-the median over client counts of hffm's round / Flower legacy's round. Flower is installed into its
-own virtual environment (``build/flower-venv``): its pins (protobuf 6) differ from hffm's.
+the median over client counts of hffm star's round / Flower legacy's round. Flower is installed into
+its own virtual environment (``build/flower-venv``): its pins (protobuf 6) differ from hffm's.
 """
 
 from __future__ import annotations
@@ -234,18 +238,20 @@ def flower_legacy_round(n: int, out: Path, log=print, timeout_s: float = 900.0, 
             procs.stop()
 
 
-def hffm_config(n: int, rounds: int = ROUNDS):
-    edges = max(1, n // 4)
+def hffm_config(n: int, rounds: int = ROUNDS, method: str = "star"):
+    """``star``: the cloud and ``n`` devices; ``hfm``: ``n`` devices in ``n/4`` clusters, E_agg = 1."""
+    edges = 1 if method == "star" else max(1, n // 4)
     return load_config(
         None,
         [
             *PAPER_MODEL,
-            "method=hfm",
+            f"method={method}",
             f"rounds={rounds}",
             "e_agg=1",
             f"topology.edges={edges}",
             f"topology.devices_per_edge={n // edges}",
             "runtime.devices_per_process=10",
+            "security.tls=false",
             "train.noop=true",
             "train.eval_every=0",
             "data.global_test_per_task=20",
@@ -254,16 +260,17 @@ def hffm_config(n: int, rounds: int = ROUNDS):
     )
 
 
-def hffm_round(n: int, out: Path, rounds: int = ROUNDS) -> dict:
-    cfg = hffm_config(n, rounds)
+def hffm_round(n: int, out: Path, rounds: int = ROUNDS, method: str = "star") -> dict:
+    cfg = hffm_config(n, rounds, method)
     with MemoryWatch(str(out / "config.yaml")) as mem:
         res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1800, force=True)
     last = res["rounds"][-1]
     return {
+        "method": method,
         "peak_pss_bytes": mem.peak,
         "rounds_s": [r["wall_s"] for r in res["rounds"]],
         "devices": cfg.topology.edges * cfg.topology.devices_per_edge,
-        "edges": cfg.topology.edges,
+        "edges": cfg.topology.edges if method != "star" else 0,
         "bytes_per_round": last["bytes_total"],
     }
 
@@ -277,13 +284,28 @@ FLOWER_ERRORS = (FlowerUnavailable, subprocess.TimeoutExpired, OSError, subproce
 
 
 def compare(out: Path, n: int, log=print, superlink: bool = True, quick: bool = False) -> dict:
-    """hffm and both Flower configurations side by side with ``n`` clients; ``ratio`` = hffm round /
-    Flower legacy round, ``ratio_superlink`` = hffm round / SuperLink round."""
-    log(f"  hffm: hfm rounds, {n} devices, paper-size modules, no-op step ...")
+    """hffm (star and hfm) and both Flower configurations side by side with ``n`` clients; ``ratio`` =
+    hffm star round / Flower legacy round, ``ratio_hfm`` = hffm hfm round / Flower legacy round,
+    ``ratio_superlink`` = hffm star round / SuperLink round."""
     rounds = ROUNDS - 1 if quick else ROUNDS
-    h = hffm_round(n, out / f"hffm-{n}", rounds)
+    log(f"  hffm: star rounds, {n} devices, paper-size modules, no-op step ...")
+    h = hffm_round(n, out / f"hffm-star-{n}", rounds, "star")
     h["round_s"] = round_s(h["rounds_s"])
-    point: dict = {"clients": n, "hffm": h, "flower": None, "ratio": None, "superlink": None, "ratio_superlink": None}
+    hh = None
+    if not quick:  # --quick (the test suite) measures the headline's configuration alone
+        log(f"  hffm: hfm rounds (E_agg = 1), {n} devices in {max(1, n // 4)} clusters ...")
+        hh = hffm_round(n, out / f"hffm-hfm-{n}", rounds, "hfm")
+        hh["round_s"] = round_s(hh["rounds_s"])
+    point: dict = {
+        "clients": n,
+        "hffm": h,
+        "hffm_hfm": hh,
+        "flower": None,
+        "ratio": None,
+        "ratio_hfm": None,
+        "superlink": None,
+        "ratio_superlink": None,
+    }
 
     def measure(key: str, ratio: str, error: str, what: str, fn) -> None:
         log(f"  Flower {FLWR_VERSION} {what}, {n} clients, same payload, no-op fit ...")
@@ -291,6 +313,8 @@ def compare(out: Path, n: int, log=print, superlink: bool = True, quick: bool = 
             f = fn()
             f["round_s"] = round_s(f["rounds_s"])
             point.update({key: f, ratio: h["round_s"] / f["round_s"]})
+            if key == "flower" and hh is not None:
+                point["ratio_hfm"] = hh["round_s"] / f["round_s"]
         except FLOWER_ERRORS as err:
             log(f"  Flower {what} could not be measured: {err}")
             point[error] = str(err)
@@ -317,7 +341,8 @@ def compare(out: Path, n: int, log=print, superlink: bool = True, quick: bool = 
 
 def run_sweep(out: Path, sizes: list[int], log=print, quick: bool = False) -> dict:
     """``compare`` for each size (SuperLink up to ``SUPERLINK_MAX_CLIENTS``, and until the first size it
-    cannot run). ``ratio``: the median over sizes of hffm's round / Flower legacy's round."""
+    cannot run). ``ratio``: the median over sizes of hffm star's round / Flower legacy's round
+    (``ratio_hfm``: the same of hffm's hfm round)."""
     points = []
     superlink = True
     for n in sizes:
@@ -325,10 +350,12 @@ def run_sweep(out: Path, sizes: list[int], log=print, quick: bool = False) -> di
         points.append(p)
         superlink = superlink and (p["superlink"] is not None or n > SUPERLINK_MAX_CLIENTS)
     done = [p["ratio"] for p in points if p["ratio"] is not None]
+    hfm = [p["ratio_hfm"] for p in points if p["ratio_hfm"] is not None]
     sl = [p["ratio_superlink"] for p in points if p["ratio_superlink"] is not None]
     return {
         "points": points,
         "ratio": median(done) if done else None,
+        "ratio_hfm": median(hfm) if hfm else None,
         "ratio_superlink": median(sl) if sl else None,
         "clients": [p["clients"] for p in points if p["ratio"] is not None],
         "flower_failed_at": next((p["clients"] for p in points if p["flower"] is None), None),

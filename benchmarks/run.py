@@ -65,7 +65,8 @@ def run_all(
         "aggregation_ratio": ag["ratio"],  # the arrival checks (digest, finiteness) excluded
         "aggregation_ratio_with_arrival": ag["ratio_with_arrival"],
         "aggregator_peak_sets": ag["peak_sets_above_idle"],
-        "flower_round_ratio": fl["ratio"],  # hffm round / Flower legacy round, median over client counts
+        "flower_round_ratio": fl["ratio"],  # hffm star round / Flower legacy round, median over client counts
+        "flower_round_ratio_hfm": fl.get("ratio_hfm"),  # hffm's hfm round (two tiers) / Flower legacy round
         "flower_round_ratio_superlink": fl["ratio_superlink"],
         "flower_clients": fl["clients"],
         "max_devices": dv["max_devices"],
@@ -199,8 +200,10 @@ def markdown(b: dict) -> str:
 def _flower_note(fl: dict) -> str:
     parts = []
     for p in fl["points"]:
-        hf = p["hffm"]
-        h = f"{p['clients']} clients: hffm {hf['round_s']:.2f} s / {hf['peak_pss_bytes'] / 2**30:.1f} GiB"
+        hf, hh = p["hffm"], p.get("hffm_hfm")
+        h = f"{p['clients']} clients: hffm star {hf['round_s']:.2f} s / {hf['peak_pss_bytes'] / 2**30:.1f} GiB"
+        if hh is not None and p.get("ratio_hfm") is not None:
+            h += f" (hfm {hh['round_s']:.2f} s, ratio {p['ratio_hfm']:.3f})"
         f, s = p["flower"], p["superlink"]
         lg = (
             f"Flower legacy {f['round_s']:.2f} s / {f['peak_pss_bytes'] / 2**30:.1f} GiB (ratio {p['ratio']:.3f})"
@@ -215,7 +218,8 @@ def _flower_note(fl: dict) -> str:
         parts.append(f"{h} vs {lg}, {sl}")
     return (
         "; ".join(parts) + f" (flwr {flower.FLWR_VERSION}, median round without the first, paper-size modules, "
-        "no-op step, memory as PSS; headline: median over client counts vs Flower legacy)"
+        "no-op step, plaintext on both sides, memory as PSS; headline: hffm star (Flower's topology), median over "
+        "client counts vs Flower legacy)"
     )
 
 

@@ -15,8 +15,8 @@ followed by views of the tensors' own storage; module tensors are never changed 
 views stay valid) and casts fp16/bf16 once into one buffer; the digest is computed once per encoding.
 ``decode_module`` returns tensors that are views of the received buffer (``torch.frombuffer``), after
 the same format checks the library makes (header bounds, dtypes, offsets covering the data exactly,
-no overlap). Tests check both directions against the safetensors library; files
-(``save_modules``/``load_modules``) use the library.
+no overlap). Tests check both directions against the safetensors library; ``save_modules`` writes
+files with the same encoder, ``load_modules`` reads them with the library.
 """
 
 from __future__ import annotations
@@ -432,23 +432,18 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def save_modules(modules: ModuleSet, path: str) -> None:
-    """All modules in one safetensors file, keys ``<module>/<param>``, versions in the metadata. The
-    same modules give the same bytes: the library writes its metadata in hash order, so the header is
-    rewritten with sorted keys (same length; the format pads headers with spaces)."""
-    from safetensors.torch import save
-
-    flat = {f"{n}/{k}": v.detach().cpu().contiguous() for n, m in modules.items() for k, v in m.tensors.items()}
+    """All modules in one safetensors file, keys ``<module>/<param>``, versions in the metadata, written
+    by the wire codec's encoder: the header (keys sorted: the same modules give the same bytes), then
+    the fp32 tensors' own storage, each written once into the file (the library's ``save`` made three
+    copies of the whole set first: 150 ms of a 38 MB checkpoint here). ``load_modules`` reads it with
+    the library."""
+    flat = {f"{n}/{k}": v for n, m in modules.items() for k, v in m.tensors.items()}
     meta = {f"{n}/version": str(m.version) for n, m in modules.items()}
     meta.update({f"{n}/num_samples": repr(float(m.num_samples)) for n, m in modules.items()})
-    data = bytearray(save(flat, metadata=meta))
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(bytes(data[8 : 8 + n]))
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    canon = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode()
-    if len(canon) <= n:
-        data[8 : 8 + n] = canon.ljust(n, b" ")
+    segments = _encode(flat, torch.float32, dict(sorted(meta.items())))
     with open(path, "wb") as f:
-        f.write(data)
+        for seg in segments:
+            f.write(seg)
 
 
 def load_modules(path: str) -> ModuleSet:

@@ -54,6 +54,7 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     assert "| transfer_tls_ratio (fp32, mTLS) |" in (tmp_path / "bench.md").read_text()
     fl = b["details"]["flower"]["points"][0]
     assert fl["clients"] == 2 and fl["hffm"]["devices"] == 2 and len(fl["hffm"]["rounds_s"]) == 3
+    assert fl["hffm"]["method"] == "star" and fl["hffm_hfm"] is None  # --quick: the headline's side alone
     if fl["flower"] is None:  # Flower is installed from PyPI into build/flower-venv
         pytest.skip(f"Flower could not run here: {fl['error']}")
     payload = sum(t.numel() * 4 for m in paper_modules().values() for t in m.tensors.values())

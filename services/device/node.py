@@ -84,8 +84,10 @@ class DeviceNode(NodeRuntime):
         faults.hit(self.node_id, "train", state.round)
         t0 = time.perf_counter()
         names = self.own_modules
+        noop = self.cfg.train.noop  # the modules come back as they went in: no copy into the model and out
         with self.host.lock:
-            self.host.load(self.modules)
+            if not noop:
+                self.host.load(self.modules)
             stats = train_local(
                 self.host.model,
                 self.data.train,
@@ -94,9 +96,12 @@ class DeviceNode(NodeRuntime):
                 self.host.device,
                 seed=zlib.crc32(f"{self.cfg.seed}/{self.node_id}/{state.round}".encode()),
             )
-            trained = {
-                n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names
-            }
+            if noop:
+                trained = {n: dict(self.modules[n].tensors) for n in names}
+            else:
+                trained = {
+                    n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names
+                }
         samples = self.data.train_samples()
         total = sum(samples.values())
         new: ModuleSet = {}
