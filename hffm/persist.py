@@ -4,10 +4,12 @@ A node's state at a round boundary is its modules (with versions and weights), t
 it completed, its RNG states, and whatever else it needs to continue (the coordinator: results so far,
 membership, what every node holds), as JSON. ``Persistor.save`` writes one checkpoint directory
 ``<dir>/round-<r>-attempt-<a>/`` (``modules.safetensors`` + ``state.json``) into a temporary
-directory, fsyncs every file, renames the directory into place and fsyncs the parent, then points
-``LATEST`` at it the same way: a crash at any moment leaves either the previous checkpoint or the new
-one, never a mix. ``load()`` returns the newest complete checkpoint (or None), ``load((r, a))`` that
-round end's; ``available()`` lists them. Checkpoints beyond the newest ``keep`` are removed.
+directory, fsyncs every file, renames the directory into place and fsyncs the parent: a crash at any
+moment leaves either the previous checkpoint or the new one, never a mix, and a directory of that
+name exists only whole. ``load()`` returns the newest complete checkpoint by (round, attempt) (or
+None), ``load((r, a))`` that round end's; ``available()`` lists them. Checkpoints beyond the newest
+``keep`` are removed. (Until 2026-12-02 a ``LATEST`` file also named the newest, written atomically:
+two more fsyncs per save for what the names already say; a ``LATEST`` left by then is ignored.)
 
 Every node (cloud, edge, device) saves at the end of each round it completed; a restarted node loads
 the round end the coordinator names (docs/reliability.md). A new backend (object storage, a database)
@@ -27,9 +29,6 @@ from typing import Any
 import numpy as np
 
 from hffm.modules import ModuleSet, load_modules, save_modules
-from hffm.results import atomic_write_bytes
-
-LATEST = "LATEST"
 
 
 @dataclass
@@ -110,7 +109,6 @@ class Persistor:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
-        atomic_write_bytes(self.dir / LATEST, final.name.encode())
         self._prune(final.name)
         return final
 
@@ -126,14 +124,13 @@ class Persistor:
     def load(self, ref: tuple[int, int] | None = None) -> NodeState | None:
         """The newest complete checkpoint (``ref``: that round end's), or None when there is none."""
         if ref is None:
-            latest = self.dir / LATEST
-            if not latest.is_file():
+            refs = self.available()
+            if not refs:
                 return None
-            d = self.dir / latest.read_text().strip()
-        else:
-            d = self.dir / self._name(ref)
-            if not (d / "state.json").is_file():
-                return None
+            ref = refs[-1]
+        d = self.dir / self._name(ref)
+        if not (d / "state.json").is_file():
+            return None
         doc = json.loads((d / "state.json").read_text())
         modules = load_modules(str(d / "modules.safetensors"))
         return NodeState(
