@@ -67,3 +67,23 @@ def processes_with(marker: str) -> list[str]:
         if marker in args and "zombie" not in state:
             out.append(args)
     return out
+
+
+@pytest.fixture(scope="session")
+def golden_run(tmp_path_factory):
+    """The golden hfm-d2d run (tests/golden/hfm_d2d.json's config), once per session: ``(record, view of
+    this run, run dir)``. tests/test_golden.py compares it to the record; tests/test_attacks.py holds an
+    attacked run on this machine to it bit for bit."""
+    import io
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from services.launcher import run
+    from tests.golden.view import golden_view
+
+    golden = json.loads((Path(__file__).parent / "golden" / "hfm_d2d.json").read_text())
+    out = tmp_path_factory.mktemp("golden")
+    run(load_config(None, golden["sets"]), out, Console(file=io.StringIO(), width=120), timeout_s=300)
+    return golden, golden_view(out), out
