@@ -21,11 +21,23 @@ Contract of an ``Aggregator`` (the base class does the bookkeeping; a rule imple
   arithmetic (bit for bit) as the out-of-place operations. ``result`` may be asked for again (it
   returns the same aggregate); nothing may be added after it.
 
-A new rule (coordinate-wise median, trimmed mean, ...) is a new subclass registered in ``RULES``.
+Robust rules (``median``, ``trimmed_mean``, ``krum``, ``bulyan``, and ``fedavg`` with ``clip_norm``)
+need every sender's copy of a module at once: they hold each sender's modules as received (the receive
+buffers, no copy) and, at ``result``, make one module's aggregate at a time from an n × d matrix of its
+copies, releasing that module's copies as soon as its aggregate is made. Peak: the held copies plus one
+module's matrix (``peak_bytes``). Every robust rule takes ``clip_norm`` (clip each copy's update, its
+difference from the centre, to that L2 norm before the rule; the centre is the node's own module at the
+start of the round, or the copies' coordinate-wise median where the node has none). Order statistics
+ignore sample weights (a sender's claimed weight buys it no influence over them); Multi-Krum weights
+the copies it selects by samples. The aggregate's ``num_samples`` is every contributor's total, as FedAvg.
+
+A new rule is a new subclass registered in ``RULES`` (its name in ``hffm.ids.AGGREGATION_RULES``, its
+parameters in ``PARAMS``).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -171,7 +183,211 @@ def _views(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-RULES: dict[str, type[Aggregator]] = {FedAvg.name: FedAvg}
+def _flat32(m: Module) -> torch.Tensor:
+    """A module's tensors as one fp32 vector in sorted-key order (its received region when it has one)."""
+    if m.flat is not None and m.flat.dtype == torch.float32:
+        return m.flat.detach()
+    return torch.cat([m.tensors[k].detach().reshape(-1).to(torch.float32) for k in sorted(m.tensors)])
+
+
+def _coordinate_median(x: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of the rows of ``x`` (n × d); for even n the mean of the two middle values."""
+    n = x.shape[0]
+    s = x.sort(dim=0).values
+    if n % 2:
+        return s[n // 2].clone()
+    return (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _sq_distances(x: torch.Tensor) -> torch.Tensor:
+    """n × n squared Euclidean distances between the rows of ``x``, in float64 (exact enough to rank)."""
+    n = x.shape[0]
+    d = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        diff = (x[i + 1 :] - x[i]).double()
+        d[i, i + 1 :] = diff.pow(2).sum(dim=1)
+        d[i + 1 :, i] = d[i, i + 1 :]
+    return d
+
+
+def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum's score of each of n points: the sum of squared distances to its n - f - 2 nearest others
+    (at least 1 of them when n is too small for f)."""
+    n = d2.shape[0]
+    k = max(min(n - f - 2, n - 1), 1) if n > 1 else 0
+    out = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        others = torch.cat([d2[i, :i], d2[i, i + 1 :]])
+        out[i] = others.sort().values[:k].sum()
+    return out
+
+
+class _Buffered(Aggregator):
+    """Holds every sender's modules; ``_combine`` makes one module's aggregate from its copies' matrix."""
+
+    params: dict[str, tuple[type, float, float]] = {}  # name -> (type, lowest, highest) allowed
+
+    def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
+        self.clip_norm = params.pop("clip_norm", None)
+        if self.clip_norm is not None and not (float(self.clip_norm) > 0 and math.isfinite(float(self.clip_norm))):
+            raise ValueError(f"aggregation rule {self.name!r}: clip_norm must be finite and > 0, got {self.clip_norm}")
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"aggregation rule {self.name!r} takes no parameters {sorted(unknown)}; it takes "
+                f"{sorted([*self.params, 'clip_norm'])}"
+            )
+        self.args: dict[str, Any] = {}
+        for k, (typ, lo, hi) in self.params.items():
+            v = params.get(k, self.defaults()[k])
+            if typ is int and float(v) != int(v):
+                raise ValueError(f"aggregation rule {self.name!r}: {k} must be an integer, got {v}")
+            v = typ(v)
+            if not lo <= v <= hi:
+                raise ValueError(f"aggregation rule {self.name!r}: {k} must be in [{lo}, {hi}], got {v}")
+            self.args[k] = v
+        super().__init__(order, reference)
+
+    def defaults(self) -> dict[str, Any]:
+        return {}
+
+    def _reset(self) -> None:
+        self._held: dict[str, list[tuple[str, Module]]] = {}
+        self._out: ModuleSet | None = None
+        self.selected: dict[str, list[str]] = {}  # module -> senders the rule kept (Krum, Bulyan)
+        self.held_bytes = 0
+        self.peak_bytes = 0
+
+    def _fold(self, sender: str, mods: list[Module]) -> None:
+        if self._out is not None:
+            raise ModuleError("FAILED_PRECONDITION", "already_aggregated", f"{sender}: the aggregate was taken")
+        for m in mods:
+            self._held.setdefault(m.name, []).append((sender, m))
+            self.held_bytes += m.numel() * 4
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+
+    def contributors(self, name: str) -> int:
+        return len(self._held.get(name, ())) if self._out is None else self._counts.get(name, 0)
+
+    def _result(self, version: int) -> ModuleSet:
+        if self._out is None:
+            self._out, self._counts = {}, {}
+            for name in sorted(self._held):
+                copies = self._held.pop(name)
+                like = copies[0][1].tensors
+                x = torch.stack([_flat32(m) for _, m in copies])  # n x d: the one extra module-sized matrix
+                self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
+                if self.clip_norm is not None:
+                    x = self._clip(name, x)
+                w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
+                vec = self._combine(name, [s for s, _ in copies], x, w).contiguous()
+                self.held_bytes -= sum(m.numel() * 4 for _, m in copies)
+                self._out[name] = Module(name, _views(vec, like), version, float(w.sum()), flat=vec)
+                self._counts[name] = len(copies)
+        return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._out.items()}
+
+    def _clip(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        ref = self.reference.get(name)
+        centre = _flat32(ref).to(x.device) if ref is not None else _coordinate_median(x)
+        u = x - centre
+        norms = u.double().norm(dim=1)
+        scale = torch.clamp(float(self.clip_norm) / norms.clamp_min(1e-30), max=1.0).to(x.dtype)
+        return centre + u * scale[:, None]
+
+    @abstractmethod
+    def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+
+
+class ClippedFedAvg(_Buffered):
+    """FedAvg of norm-clipped copies (``fedavg`` with ``clip_norm``): clipping needs every copy's update
+    before the mean when the node has no module to clip against, so it holds the copies like the rules
+    below."""
+
+    name = "fedavg"
+
+    def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (x.double() * w[:, None]).sum(dim=0).div(w.sum()).to(torch.float32)
+
+
+class Median(_Buffered):
+    """Coordinate-wise median of the copies (even n: the mean of the two middle values)."""
+
+    name = "median"
+
+    def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _coordinate_median(x)
+
+
+class TrimmedMean(_Buffered):
+    """Per coordinate, drop the floor(beta * n) smallest and largest values and average the rest (at least
+    one value is kept)."""
+
+    name = "trimmed_mean"
+    params = {"beta": (float, 0.0, 0.4999)}
+
+    def defaults(self) -> dict[str, Any]:
+        return {"beta": 0.1}
+
+    def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        k = min(math.floor(self.args["beta"] * n), (n - 1) // 2)
+        s = x.sort(dim=0).values
+        return s[k : n - k].double().mean(dim=0).to(torch.float32)
+
+
+class Krum(_Buffered):
+    """Krum (m = 1) and Multi-Krum: the m copies with the lowest Krum scores for f attackers (their
+    sample-weighted mean). With n <= f + 2 the scores use the single nearest neighbour."""
+
+    name = "krum"
+    params = {"f": (int, 0, 1_000_000), "m": (int, 1, 1_000_000)}
+
+    def defaults(self) -> dict[str, Any]:
+        return {"f": 1, "m": 1}
+
+    def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        scores = krum_scores(_sq_distances(x), self.args["f"])
+        keep = sorted(scores.argsort(stable=True)[: min(self.args["m"], len(senders))].tolist())
+        self.selected[name] = [senders[i] for i in keep]
+        wk = w[keep]
+        return (x[keep].double() * wk[:, None]).sum(dim=0).div(wk.sum()).to(torch.float32)
+
+
+class Bulyan(_Buffered):
+    """Bulyan (El Mhamdi et al., 2018): Krum picks theta = n - 2f copies one at a time (scores recomputed on
+    what is left), then per coordinate the mean of the beta = theta - 2f selected values closest to their
+    median. Needs n >= 4f + 3; with fewer copies theta and beta are clamped to at least 1."""
+
+    name = "bulyan"
+    params = {"f": (int, 0, 1_000_000)}
+
+    def defaults(self) -> dict[str, Any]:
+        return {"f": 1}
+
+    def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        n, f = x.shape[0], self.args["f"]
+        theta = max(n - 2 * f, 1)
+        d2 = _sq_distances(x)
+        left, picked = list(range(n)), []
+        while len(picked) < theta:
+            sub = d2[left][:, left]
+            best = int(krum_scores(sub, f).argmin())  # the first of equal scores: canonical order
+            picked.append(left.pop(best))
+        picked.sort()
+        self.selected[name] = [senders[i] for i in picked]
+        sel = x[picked].double()  # float64: distances to the median tie exactly where they should
+        beta = max(theta - 2 * f, 1)
+        closest = (sel - _coordinate_median(sel)).abs().argsort(dim=0, stable=True)[:beta]
+        return sel.gather(0, closest).mean(dim=0).to(torch.float32)
+
+
+RULES: dict[str, type[Aggregator]] = {r.name: r for r in (FedAvg, Median, TrimmedMean, Krum, Bulyan)}
+
+
+def rule_parameters(rule: str) -> list[str]:
+    """The parameters ``rule`` takes (every rule takes ``clip_norm``)."""
+    cls = RULES[rule]
+    return sorted([*getattr(cls, "params", {}), "clip_norm"])
 
 
 def make_aggregator(
@@ -180,11 +396,15 @@ def make_aggregator(
     reference: Mapping[str, Module] | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> Aggregator:
+    """The aggregator for ``rule`` with ``params`` (ValueError naming a bad rule or parameter)."""
     try:
         cls = RULES[rule]
     except KeyError:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULES)}") from None
-    return cls(order, reference, **dict(params or {}))
+    params = dict(params or {})
+    if cls is FedAvg and "clip_norm" in params:
+        cls = ClippedFedAvg
+    return cls(order, reference, **params)
 
 
 def weighted_mean(sets: list[ModuleSet]) -> ModuleSet:

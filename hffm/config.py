@@ -8,6 +8,7 @@ as YAML scalars/lists (``--set tasks=[art,gqa]``, ``--set e_agg=2``).
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -336,13 +337,27 @@ class AggregationConfig(_Strict):
     """How every collect step aggregates (carried by the plan to every node)."""
 
     rule: str = D("fedavg", description=f"aggregation rule: {' | '.join(AGGREGATION_RULES)}")
-    params: dict[str, float] = D(default_factory=dict, description="the rule's parameters")
+    params: dict[str, float] = D(
+        default_factory=dict,
+        description="the rule's parameters: trimmed_mean beta (0.1); krum f (1), m (1: Krum, >1: Multi-Krum); "
+        "bulyan f (1); any rule clip_norm (clip each update to this L2 norm first)",
+    )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
 
     @field_validator("rule")
     @classmethod
     def _rule(cls, v: str) -> str:
         return _one_of(v, AGGREGATION_RULES, "rule")
+
+    @model_validator(mode="after")
+    def _params(self) -> AggregationConfig:
+        from hffm.aggregation import make_aggregator  # the rule's own check, at load time
+
+        try:
+            make_aggregator(self.rule, params=self.params)
+        except ValueError as err:
+            raise ValueError(f"params: {err}") from None
+        return self
 
 
 class SecurityConfig(_Strict):
@@ -570,13 +585,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         # Check the key path against the schema before touching the data.
         model: type[BaseModel] | None = HFFMConfig
         parts = key.split(".")
+        mapping = False  # inside a free mapping (aggregation.params): any key; the model checks it
         for i, part in enumerate(parts):
+            if mapping:
+                if i != len(parts) - 1:
+                    raise ConfigError(f"{key}: unknown key ({'.'.join(parts[: i + 1])} is not a section)")
+                break
             if model is None:
                 raise ConfigError(f"{key}: unknown key ({'.'.join(parts[:i])} is not a section)")
             fields = _known_keys(model)
             if part not in fields:
                 raise ConfigError(f"{key}: unknown key (known in this section: {sorted(fields)})")
             ann = fields[part].annotation
+            mapping = typing.get_origin(ann) is dict
             model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         try:
             value = yaml.safe_load(raw) if raw.strip() else raw

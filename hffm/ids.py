@@ -109,7 +109,7 @@ SOURCE_TASKS: dict[str, tuple[str, ...]] = {
 METHODS = ("star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d")
 
 # Aggregation rules by name (hffm/aggregation.py implements each; a test holds the two together).
-AGGREGATION_RULES = ("fedavg",)
+AGGREGATION_RULES = ("fedavg", "median", "trimmed_mean", "krum", "bulyan")
 
 # Link kinds (also metric and results labels).
 DEVICE_EDGE = "device_edge"

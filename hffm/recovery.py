@@ -31,7 +31,7 @@ Losing any other node (a device whose update is one of several) leaves it out of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD
 from hffm.methods import SYNC, Collect, Method, RoundContext, RoundPlan, Send, Step
@@ -132,7 +132,9 @@ def with_syncs(plan: RoundPlan, starts: StartPlan, topo: Topology, collect: Call
     steps: dict[str, list[Step]] = {n: list(ss) for n, ss in plan.steps.items()}
     first: dict[str, list[Step]] = {}
     for n, src in sorted(starts.sync.items()):
-        first.setdefault(n, []).insert(0, collect(SYNC, (src.source,), src.link))
+        # a sync adopts its one source's state as it is: plain FedAvg of one (no robust rule, no clipping)
+        sync = replace(collect(SYNC, (src.source,), src.link), rule="fedavg", params=())
+        first.setdefault(n, []).insert(0, sync)
     for n, src in sorted(starts.sync.items()):
         first.setdefault(src.source, []).append(Send(n, src.link, SYNC, tuple(topo.modules_for(n)), src.route))
     for n, pre in first.items():

@@ -1,0 +1,320 @@
+"""Robust aggregation rules (issue 17): each against an independent NumPy reference on small vectors,
+bit-identical whatever the arrival order, per module (heads over their task's senders only), with the
+peak memory they hold stated; their parameters checked at config load; and over real gRPC, an edge
+whose devices push through the network aggregates with the rule and resists a scaled attacker."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hffm.aggregation import make_aggregator, rule_parameters, weighted_mean
+from hffm.config import ConfigError, load_config
+from hffm.modules import Module
+from tests.conftest import make_module
+
+AD = {"w": (6, 5), "b": (5,)}
+
+
+def _flat(m: Module) -> np.ndarray:
+    return np.concatenate([m.tensors[k].double().numpy().reshape(-1) for k in sorted(m.tensors)])
+
+
+# ---- independent references (NumPy, float64, written from the papers' definitions) -------------------
+def ref_median(x: np.ndarray) -> np.ndarray:
+    return np.median(x, axis=0)
+
+
+def ref_trimmed(x: np.ndarray, beta: float) -> np.ndarray:
+    n = len(x)
+    k = min(int(np.floor(beta * n)), (n - 1) // 2)
+    out = np.empty(x.shape[1])
+    for j in range(x.shape[1]):
+        col = sorted(x[:, j])
+        out[j] = np.mean(col[k : n - k])
+    return out
+
+
+def ref_krum_scores(x: np.ndarray, f: int) -> list[float]:
+    n = len(x)
+    k = max(min(n - f - 2, n - 1), 1)
+    scores = []
+    for i in range(n):
+        d = sorted(float(np.sum((x[i] - x[j]) ** 2)) for j in range(n) if j != i)
+        scores.append(sum(d[:k]))
+    return scores
+
+
+def ref_multikrum(x: np.ndarray, w: np.ndarray, f: int, m: int) -> tuple[np.ndarray, list[int]]:
+    scores = ref_krum_scores(x, f)
+    keep = sorted(sorted(range(len(x)), key=lambda i: (scores[i], i))[:m])
+    return (x[keep] * w[keep, None]).sum(0) / w[keep].sum(), keep
+
+
+def ref_bulyan(x: np.ndarray, f: int) -> tuple[np.ndarray, list[int]]:
+    n = len(x)
+    theta, left, picked = max(n - 2 * f, 1), list(range(n)), []
+    while len(picked) < theta:
+        scores = ref_krum_scores(x[left], f) if len(left) > 1 else [0.0]
+        best = min(range(len(left)), key=lambda i: (scores[i], i))
+        picked.append(left.pop(best))
+    sel = x[sorted(picked)]
+    beta = max(theta - 2 * f, 1)
+    med = np.median(sel, axis=0)
+    out = np.empty(x.shape[1])
+    for j in range(x.shape[1]):
+        closest = sorted(range(len(sel)), key=lambda i: (abs(sel[i, j] - med[j]), i))[:beta]
+        out[j] = np.mean(sel[closest, j])
+    return out, sorted(picked)
+
+
+def ref_clip(x: np.ndarray, centre: np.ndarray, c: float) -> np.ndarray:
+    u = x - centre
+    norms = np.linalg.norm(u, axis=1)
+    return centre + u * np.minimum(1.0, c / norms)[:, None]
+
+
+def _reference(rule: str, p: dict, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    if rule == "median":
+        return ref_median(x)
+    if rule == "trimmed_mean":
+        return ref_trimmed(x, p.get("beta", 0.1))
+    if rule == "krum":
+        return ref_multikrum(x, w, int(p.get("f", 1)), int(p.get("m", 1)))[0]
+    assert rule == "bulyan"
+    return ref_bulyan(x, int(p.get("f", 1)))[0]
+
+
+def _senders(n: int, attacker_scale: float = 0.0, seed: int = 0) -> list[Module]:
+    """n copies of one module around a common point; with ``attacker_scale`` the last is scaled by it."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(*s, generator=g) for k, s in AD.items()}
+    mods = []
+    for i in range(n):
+        t = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        if attacker_scale and i == n - 1:
+            t = {k: v * attacker_scale for k, v in t.items()}
+        mods.append(Module("adapter.0", t, 1, float(3 + 2 * i)))
+    return mods
+
+
+def _aggregate(rule: str, params: dict, mods: list[Module], arrival=None, reference=None) -> Module:
+    names = [f"d{i}" for i in range(len(mods))]
+    agg = make_aggregator(rule, names, reference, params)
+    for i in arrival or range(len(mods)):
+        agg.add(names[i], [mods[i]])
+    return agg.result(2)["adapter.0"]
+
+
+CASES = [
+    ("median", {}, lambda x, w: ref_median(x)),
+    ("trimmed_mean", {"beta": 0.2}, lambda x, w: ref_trimmed(x, 0.2)),
+    ("trimmed_mean", {"beta": 0.0}, lambda x, w: x.mean(0)),
+    ("krum", {"f": 1}, lambda x, w: ref_multikrum(x, w, 1, 1)[0]),
+    ("krum", {"f": 2, "m": 3}, lambda x, w: ref_multikrum(x, w, 2, 3)[0]),
+    ("bulyan", {"f": 1}, lambda x, w: ref_bulyan(x, 1)[0]),
+    ("bulyan", {"f": 2}, lambda x, w: ref_bulyan(x, 2)[0]),
+]
+
+
+@pytest.mark.parametrize("n", [4, 7, 11])
+@pytest.mark.parametrize(("rule", "params", "ref"), CASES, ids=[f"{r}-{p}" for r, p, _ in CASES])
+def test_rule_equals_its_reference(rule, params, ref, n):
+    mods = _senders(n, attacker_scale=-8.0, seed=n)
+    x = np.stack([_flat(m) for m in mods])
+    w = np.array([m.num_samples for m in mods])
+    got = _aggregate(rule, params, mods)
+    assert np.allclose(_flat(got), ref(x, w), rtol=1e-5, atol=1e-6)
+    assert got.num_samples == sum(w) and got.version == 2
+    assert {k: t.shape for k, t in got.tensors.items()} == {k: torch.Size(s) for k, s in AD.items()}
+
+
+@pytest.mark.parametrize(("rule", "params"), [(r, p) for r, p, _ in CASES])
+def test_arrival_order_does_not_change_a_bit(rule, params):
+    mods = _senders(6, attacker_scale=5.0, seed=3)
+    first = _flat(_aggregate(rule, params, mods))
+    for perm in itertools.islice(itertools.permutations(range(6)), 1, 720, 97):
+        assert np.array_equal(_flat(_aggregate(rule, params, mods, arrival=perm)), first)
+
+
+def test_krum_and_bulyan_name_whom_they_kept():
+    mods = _senders(7, attacker_scale=20.0, seed=1)
+    x = np.stack([_flat(m) for m in mods])
+    names = [f"d{i}" for i in range(7)]
+    for rule, params, keep in (
+        ("krum", {"f": 1, "m": 3}, ref_multikrum(x, np.ones(7), 1, 3)[1]),
+        ("bulyan", {"f": 1}, ref_bulyan(x, 1)[1]),
+    ):
+        agg = make_aggregator(rule, names, None, params)
+        for i, m in enumerate(mods):
+            agg.add(names[i], [m])
+        agg.result(1)
+        assert agg.selected["adapter.0"] == [names[i] for i in keep]
+        assert "d6" not in agg.selected["adapter.0"]  # the scaled attacker
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed_mean", "krum", "bulyan"])
+def test_clip_norm_before_the_rule(rule):
+    """clip_norm clips each copy's update against the node's own module (the reference) before the rule;
+    without a reference, against the copies' coordinate-wise median."""
+    mods = _senders(5, attacker_scale=30.0, seed=4)
+    x = np.stack([_flat(m) for m in mods])
+    w = np.array([m.num_samples for m in mods])
+    own = make_module("adapter.0", AD, seed=99)
+    params = {"f": 1} if rule in ("krum", "bulyan") else {}
+    after = {
+        "fedavg": lambda c: (c * w[:, None]).sum(0) / w.sum(),
+        "median": ref_median,
+        "trimmed_mean": lambda c: ref_trimmed(c, 0.1),
+        "krum": lambda c: ref_multikrum(c, w, 1, 1)[0],
+        "bulyan": lambda c: ref_bulyan(c, 1)[0],
+    }[rule]
+    for reference, centre in (({"adapter.0": own}, _flat(own)), (None, np.median(x, axis=0))):
+        got = _aggregate(rule, {**params, "clip_norm": 0.5}, mods, reference=reference)
+        want = after(ref_clip(x, centre, 0.5))
+        assert np.allclose(_flat(got), want, rtol=1e-5, atol=1e-5), (rule, reference is None)
+
+
+def test_a_scaled_attacker_moves_fedavg_not_the_robust_rules():
+    mods = _senders(7, attacker_scale=50.0, seed=5)
+    honest = _flat(weighted_mean([{"adapter.0": m} for m in mods[:-1]])["adapter.0"])
+    rules = {
+        "fedavg": ("fedavg", {}),
+        "median": ("median", {}),
+        "trimmed_mean": ("trimmed_mean", {"beta": 0.2}),
+        "multi-krum": ("krum", {"f": 1, "m": 3}),
+        "bulyan": ("bulyan", {"f": 1}),
+        "clipped fedavg": ("fedavg", {"clip_norm": 1.0}),
+    }
+    dist = {k: float(np.linalg.norm(_flat(_aggregate(r, p, mods)) - honest)) for k, (r, p) in rules.items()}
+    assert dist["fedavg"] > 50
+    assert all(d < 2.0 for r, d in dist.items() if r != "fedavg"), dist
+
+
+def test_heads_only_over_their_senders_and_memory_is_the_copies_plus_one_matrix():
+    names = ["a", "b", "c", "d"]
+    agg = make_aggregator("median", names)
+    sets = {}
+    for i, s in enumerate(names):
+        mods = [make_module("adapter.0", AD, seed=i)]
+        if s != "d":
+            mods.append(make_module("head.art", {"w": (4, 3)}, seed=10 + i))
+        sets[s] = mods
+    order = names[:]
+    random.Random(0).shuffle(order)
+    for s in order:
+        agg.add(s, sets[s])
+    held = 4 * 35 * 4 + 3 * 12 * 4  # every copy, fp32
+    assert agg.held_bytes == held
+    res = agg.result(3)
+    heads = np.stack([_flat(sets[s][1]) for s in "abc"])
+    assert np.allclose(_flat(res["head.art"]), np.median(heads, axis=0))
+    assert res["head.art"].num_samples == 3.0 and res["adapter.0"].num_samples == 4.0
+    assert agg.peak_bytes == held + 4 * 35 * 4  # plus the largest module's n x d matrix
+    assert agg.held_bytes == 0  # every copy released once its module was aggregated
+    assert _flat(agg.result(3)["adapter.0"]).tolist() == _flat(res["adapter.0"]).tolist()  # asked again
+
+
+def test_bad_parameters_named_at_config_load():
+    for sets, match in (
+        (["aggregation.rule=krum", "aggregation.params.g=1"], "takes no parameters ['g']"),
+        (["aggregation.rule=trimmed_mean", "aggregation.params.beta=0.5"], "beta must be in"),
+        (["aggregation.rule=krum", "aggregation.params.m=0"], "m must be in"),
+        (["aggregation.rule=bulyan", "aggregation.params.f=1.5"], "f must be an integer"),
+        (["aggregation.params.clip_norm=0"], "clip_norm must be finite and > 0"),
+        (["aggregation.params.beta=0.1"], "'fedavg' takes no parameters ['beta']"),
+    ):
+        with pytest.raises(ConfigError, match="aggregation") as e:
+            load_config(None, sets)
+        assert match in str(e.value), (sets, str(e.value))
+    cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
+    assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
+    assert rule_parameters("krum") == ["clip_norm", "f", "m"] and rule_parameters("median") == ["clip_norm"]
+
+
+def test_a_sync_is_adopted_as_sent_whatever_the_rule():
+    """A sync (a node adopting another's state) never goes through a robust rule or clipping."""
+    from hffm.methods import Collect, RoundPlan
+    from hffm.model import backbone_dims
+    from hffm.recovery import StartPlan, SyncSource, with_syncs
+    from hffm.topology import Topology
+
+    def collect(tag, senders, link):
+        return Collect(tag, tuple(senders), link, False, "krum", (("clip_norm", 0.1), ("f", 1.0)))
+
+    cfg = load_config(None, ["topology.edges=1", "topology.devices_per_edge=2"])
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    plan = with_syncs(RoundPlan(1, {}), StartPlan({}, {"edge-0": SyncSource("cloud", "edge_cloud")}), topo, collect)
+    sync = plan.steps["edge-0"][0]
+    assert sync.tag == "sync" and sync.rule == "fedavg" and sync.params == ()
+    assert plan.steps["cloud"][0].tag == "sync"  # the source's send
+
+
+@pytest.mark.parametrize(
+    ("rule", "params"),
+    [("median", ()), ("trimmed_mean", (("beta", 0.2),)), ("krum", (("f", 1.0), ("m", 2.0))), ("bulyan", (("f", 1.0),))],
+)
+def test_an_edge_aggregates_pushes_over_grpc_with_the_rule(small_cfg, rule, params):
+    """A real edge node on loopback (mTLS): five devices push their modules through gRPC, one of them
+    scaled by 40; the edge adopts exactly what the rule makes of the five copies, far from the attacker."""
+    from hffm.methods import Collect
+    from hffm.modules import encode_module
+    from services.common.bootstrap import node_modules, topology
+    from services.common.client import push_requests
+    from services.common.server import NodeServer
+    from services.rpc import pb
+    from tests.test_grpc_node import EDGE, Clients, _device_modules, _Edge, _header, _push
+
+    cfg = small_cfg.model_copy(update={"topology": small_cfg.topology.model_copy(update={"devices_per_edge": 5})})
+    topo = topology(cfg)
+    spec, modules = node_modules(cfg, topo, EDGE)
+    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    ch = Clients(cfg, f"127.0.0.1:{srv.port}", EDGE)
+    devices = [f"device-0-{i}" for i in range(5)]
+    try:
+        node.assign(
+            1, "hfm", [Collect("aggregate", tuple(devices), "device_edge", False, rule, params)],
+            {d: f"127.0.0.1:{i + 1}" for i, d in enumerate(devices)},
+        )  # fmt: skip
+        sent = []
+        for i, d in enumerate(devices):
+            mods = _device_modules(node, seed=i, samples=10.0 + i)
+            if i == 4:
+                mods = {
+                    n: Module(n, {k: v * 40 for k, v in m.tensors.items()}, 1, m.num_samples) for n, m in mods.items()
+                }
+            sent.append(mods)
+            ems = [encode_module(m) for m in mods.values()]
+            _push(ch, push_requests(_header(d, ems), ems, 4096))
+        report = ch.control()("AwaitRound", pb.AwaitRequest(round=1), timeout=30)
+        assert [(a.tag, sorted(a.counted)) for a in report.aggregates] == [("aggregate", devices)]
+        for name in sent[0]:
+            x = np.stack([_flat(s[name]) for s in sent])
+            w = np.array([s[name].num_samples for s in sent])
+            want = _reference(rule, dict(params), x, w)
+            got = node.modules[name]
+            assert got.version == 1 and got.num_samples == sum(w)
+            assert np.allclose(_flat(got), want, rtol=1e-5, atol=1e-6), name
+            assert np.linalg.norm(_flat(got) - x[4]) > np.linalg.norm(_flat(got) - x[:4].mean(0))
+    finally:
+        ch.close()
+        srv.stop(0)
+
+
+def test_the_rule_and_its_parameters_travel_in_a_collect_step():
+    """Every node gets its collect steps from the coordinator over gRPC: the rule and parameters from
+    config survive the protobuf round trip (the plan's methods build them from config.aggregation)."""
+    from hffm.methods import make_method
+    from hffm.planner import aggregation_spec
+    from services.common.convert import step_from_pb, step_to_pb
+
+    cfg = load_config(None, ["aggregation.rule=bulyan", "aggregation.params.f=2", "aggregation.params.clip_norm=3"])
+    method = make_method("hfm", 2, aggregation_spec(cfg.aggregation))
+    step = method.collect_updates("aggregate", ("device-0-0", "device-0-1"), "device_edge")
+    back = step_from_pb(step_to_pb(step))
+    assert back.rule == "bulyan" and back.params == (("clip_norm", 3.0), ("f", 2.0)) and back == step
