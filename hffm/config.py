@@ -429,6 +429,21 @@ class CirculationConfig(_Strict):
     """Per-module aggregation depth, period and path: nothing yet; the circulation issue fills it."""
 
 
+class AdversaryConfig(_Strict):
+    """Test and benchmark only: devices that poison the update they send (an honest node is never
+    changed; docs/robustness.md). None by default."""
+
+    nodes: list[str] = D(default_factory=list, description="device ids that attack")
+    fraction: float = D(0.0, ge=0, le=1, description="and this fraction of all devices, chosen by seed")
+    behaviour: Literal["sign_flip", "scale", "noise", "free_ride"] = D(
+        "sign_flip",
+        description="sign_flip: start - scale x update; scale: start + scale x update; noise: start + "
+        "N(0, sigma^2) per value; free_ride: send what it received, untrained",
+    )
+    scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
+    sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")
+
+
 class LimitsConfig(_Strict):
     """What one client may hold of a node: a stalled or flooding peer is cut off with a status, the node
     keeps serving everyone else (docs/reliability.md)."""
@@ -475,6 +490,7 @@ class HFFMConfig(_Strict):
     faults: FaultsConfig = D(default_factory=FaultsConfig, description=FaultsConfig.__doc__)
     limits: LimitsConfig = D(default_factory=LimitsConfig, description=LimitsConfig.__doc__)
     circulation: CirculationConfig = D(default_factory=CirculationConfig, description=CirculationConfig.__doc__)
+    adversary: AdversaryConfig = D(default_factory=AdversaryConfig, description=AdversaryConfig.__doc__)
 
     @field_validator("method")
     @classmethod

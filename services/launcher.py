@@ -28,6 +28,7 @@ import grpc
 import yaml
 from rich.console import Console
 
+from hffm.adversary import adversaries
 from hffm.config import ConfigError, HFFMConfig, load_config, resolve_torch_device, write_config
 from hffm.ids import CLOUD, role_of
 from hffm.pki import OPERATOR, SCRAPER, provision
@@ -415,6 +416,12 @@ def _run(
             raise ConfigError(first if first.startswith("model.backbone") else f"model.backbone: {first}") from None
         topo = Topology.from_config(cfg, layers)
         check_capacity(cfg, topo)
+        try:
+            attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if attackers:
+            view.console.print(f"[yellow]adversaries (config adversary): {sorted(attackers)}[/]")
         view.console.print(preflight(cfg))
     except DataError as err:
         raise RunFailed(f"data error: {err}") from None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import zlib
 
 import torch
 
+from hffm.adversary import adversaries, poison
 from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import task_of
@@ -17,6 +19,8 @@ from hffm.topology import Topology
 from hffm.training import evaluate, train_local
 from services.common import faults
 from services.common.node import NodeRuntime, RoundState
+
+log = logging.getLogger(__name__)
 
 
 class ModelHost:
@@ -73,6 +77,10 @@ class DeviceNode(NodeRuntime):
         self.host = host
         self.info = topo.device_map[node_id]
         self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer, self.info.tasks)
+        # config adversary (tests and benchmarks): this device poisons what it sends
+        self.attacks = node_id in adversaries(cfg.adversary, topo.device_map, cfg.seed)
+        if self.attacks:
+            log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
 
     def own_module_names(self) -> list[str]:
         return self.own_modules
@@ -109,6 +117,8 @@ class DeviceNode(NodeRuntime):
             task = task_of(n)
             weight = samples.get(task, 0) if task else total
             new[n] = Module(n, tensors, state.round, float(max(weight, 1)))
+        if self.attacks:
+            new = poison(self.cfg.adversary, new, self.modules, self.cfg.seed, self.node_id, state.round)
         self.modules = {**self.modules, **new}  # other tasks' heads held as a cluster head stay
         rep = state.report
         rep.train_loss, rep.train_samples, rep.train_s = stats.loss, stats.samples, time.perf_counter() - t0

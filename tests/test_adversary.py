@@ -1,0 +1,80 @@
+"""Adversarial devices (config ``adversary``, tests and benchmarks only): who attacks, what each
+behaviour sends, and a real federation with a boosted attacker: FedAvg is dragged away from the clean
+run, the coordinate-wise median is not."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from hffm.adversary import adversaries, poison
+from hffm.config import AdversaryConfig, load_config
+from hffm.modules import Module, load_modules
+from services.launcher import RunFailed, run
+
+DEVICES = [f"device-{e}-{i}" for e in range(2) for i in range(5)]
+
+
+def test_who_attacks_is_named_or_drawn_by_seed():
+    assert adversaries(AdversaryConfig(), DEVICES, 0) == frozenset()
+    assert adversaries(AdversaryConfig(nodes=["device-1-2"]), DEVICES, 0) == {"device-1-2"}
+    drawn = adversaries(AdversaryConfig(fraction=0.2), DEVICES, 0)
+    assert len(drawn) == 2 and drawn <= set(DEVICES)
+    assert adversaries(AdversaryConfig(fraction=0.2), DEVICES, 0) == drawn  # reproducible
+    assert adversaries(AdversaryConfig(fraction=0.3, nodes=["device-0-0"]), DEVICES, 0) >= {"device-0-0"}
+    assert len(adversaries(AdversaryConfig(fraction=0.3, nodes=["device-0-0"]), DEVICES, 0)) == 3
+    with pytest.raises(ValueError, match=r"adversary.nodes: \['edge-0'\]"):
+        adversaries(AdversaryConfig(nodes=["edge-0"]), DEVICES, 0)
+
+
+def test_each_behaviour_sends_what_it_says():
+    start = {"adapter.0": Module("adapter.0", {"w": torch.ones(3)}, 0, 1.0)}
+    trained = {"adapter.0": Module("adapter.0", {"w": torch.tensor([2.0, 1.0, 0.0])}, 1, 7.0)}
+
+    def sent(**kw):
+        m = poison(AdversaryConfig(**kw), trained, start, 0, "device-0-0", 1)["adapter.0"]
+        assert m.version == 1 and m.num_samples == 7.0  # weight and version as the honest update
+        return m.tensors["w"]
+
+    assert torch.equal(sent(behaviour="sign_flip", scale=2), torch.tensor([-1.0, 1.0, 3.0]))
+    assert torch.equal(sent(behaviour="scale", scale=3), torch.tensor([4.0, 1.0, -2.0]))
+    assert torch.equal(sent(behaviour="free_ride"), torch.ones(3))
+    noisy = sent(behaviour="noise", sigma=0.5)
+    assert not torch.equal(noisy, torch.ones(3)) and torch.equal(noisy, sent(behaviour="noise", sigma=0.5))
+    assert torch.equal(trained["adapter.0"].tensors["w"], torch.tensor([2.0, 1.0, 0.0]))  # untouched
+
+
+def test_an_unknown_adversary_is_refused_before_any_process_starts(tmp_path):
+    cfg = load_config(None, ["adversary.nodes=[device-9-9]", "topology.edges=1", "topology.devices_per_edge=2"])
+    with pytest.raises(RunFailed, match=r"adversary.nodes: \['device-9-9'\]"):
+        run(cfg, tmp_path / "run", Console(file=io.StringIO()), timeout_s=60)
+    assert not (tmp_path / "run" / "logs").exists() or not list((tmp_path / "run" / "logs").iterdir())
+
+
+def _flat(path: Path) -> torch.Tensor:
+    ms = load_modules(str(path / "global_modules.safetensors"))
+    return torch.cat([ms[n].tensors[k].reshape(-1) for n in sorted(ms) for k in sorted(ms[n].tensors)])
+
+
+def test_a_boosted_attacker_drags_fedavg_not_the_median(tmp_path):
+    """Star over real gRPC, 6 devices, one of which sends its update x200. The median's global modules
+    stay where the clean run's are (they differ by median vs mean only); FedAvg's are dragged away."""
+    base = ["method=star", "rounds=2", "topology.edges=2", "topology.devices_per_edge=3",
+            "runtime.devices_per_process=3", "data.train_per_task=120"]  # fmt: skip
+    attack = ["adversary.nodes=[device-1-2]", "adversary.behaviour=scale", "adversary.scale=200"]
+    runs = {"clean": base, "fedavg": base + attack, "median": base + attack + ["aggregation.rule=median"]}
+    got = {}
+    for name, sets in runs.items():
+        out = tmp_path / name
+        run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
+        got[name] = _flat(out)
+        logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+        attackers = [n for n, text in logs.items() if "is an adversary" in text]
+        assert attackers == ([] if name == "clean" else ["devices-1.log"]), attackers
+    dragged = float((got["fedavg"] - got["clean"]).norm())
+    held = float((got["median"] - got["clean"]).norm())
+    assert dragged > 10 * held, (dragged, held)
