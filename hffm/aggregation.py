@@ -29,10 +29,17 @@ module's matrix (``peak_bytes``). Every robust rule takes ``clip_norm`` (clip ea
 difference from the centre, to that L2 norm before the rule; the centre is the node's own module at the
 start of the round, or the copies' coordinate-wise median where the node has none). Order statistics
 ignore sample weights (a sender's claimed weight buys it no influence over them); Multi-Krum weights
-the copies it selects by samples. The aggregate's ``num_samples`` is every contributor's total, as FedAvg.
+the copies it selects by samples. The aggregate's ``num_samples`` is every contributor's total, as FedAvg
+(less the senders excluded by ``exclude_flagged``).
+
+Detection (any rule, ``flag_z``): every copy of every module is scored against the others
+(``SenderScore``: distance to their coordinate-wise median, its update's norm and cosine to the median
+update, the larger robust z-score of distance and norm) and flagged above ``flag_z``; with
+``exclude_flagged`` flagged senders are left out of that module's aggregate (a majority is always
+kept). Scores are in ``scores`` for the node's report.
 
 A new rule is a new subclass registered in ``RULES`` (its name in ``hffm.ids.AGGREGATION_RULES``, its
-parameters in ``PARAMS``).
+parameters in ``hffm.ids.RULE_PARAMS``).
 """
 
 from __future__ import annotations
@@ -44,7 +51,33 @@ from typing import Any
 
 import torch
 
+from hffm.config import rule_arguments
+from hffm.ids import COMMON_AGGREGATION_PARAMS, RULE_PARAMS
 from hffm.modules import Module, ModuleError, ModuleSet
+from hffm.results import SenderScore
+
+
+def _median1(v: torch.Tensor) -> torch.Tensor:
+    n = len(v)
+    s = v.sort().values
+    return s[n // 2] if n % 2 else s[n // 2 - 1 : n // 2 + 1].mean()
+
+
+def _robust_z(v: torch.Tensor, floor: float) -> torch.Tensor:
+    """(v - median) / scale per value, scale = max(1.4826 MAD, floor): about a standard deviation for
+    normal data. The floor (Z_FLOOR x the median update's size): copies that agree more closely than
+    that (several senders' same untrained head) do not make a small difference an outlier; with MAD and
+    floor both zero, any value off the median is infinitely far."""
+    med = _median1(v)
+    dev = (v - med).abs()
+    scale = max(1.4826 * float(_median1(dev)), floor)
+    if scale <= 0:
+        return torch.where(dev > 0, torch.full_like(v, math.inf), torch.zeros_like(v))
+    return (v - med) / scale
+
+
+MIN_SENDERS_TO_FLAG = 4  # fewer copies give no meaningful spread: they are not scored
+Z_FLOOR = 0.25  # the least spread assumed, relative to the median update's norm (see _robust_z)
 
 
 class Aggregator(ABC):
@@ -59,6 +92,7 @@ class Aggregator(ABC):
 
     def reset(self) -> None:
         self.senders: list[str] = []  # folded, in fold order
+        self.scores: list[SenderScore] = []  # outlier scores per module and sender (rules with flag_z)
         self.pending: dict[str, list[Module]] = {}
         self._shapes: dict[str, dict[str, torch.Size]] = {
             n: {k: t.shape for k, t in m.tensors.items()} for n, m in self.reference.items()
@@ -225,31 +259,11 @@ def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
 class _Buffered(Aggregator):
     """Holds every sender's modules; ``_combine`` makes one module's aggregate from its copies' matrix."""
 
-    params: dict[str, tuple[type, float, float]] = {}  # name -> (type, lowest, highest) allowed
-
     def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
-        self.clip_norm = params.pop("clip_norm", None)
-        if self.clip_norm is not None and not (float(self.clip_norm) > 0 and math.isfinite(float(self.clip_norm))):
-            raise ValueError(f"aggregation rule {self.name!r}: clip_norm must be finite and > 0, got {self.clip_norm}")
-        unknown = set(params) - set(self.params)
-        if unknown:
-            raise ValueError(
-                f"aggregation rule {self.name!r} takes no parameters {sorted(unknown)}; it takes "
-                f"{sorted([*self.params, 'clip_norm'])}"
-            )
-        self.args: dict[str, Any] = {}
-        for k, (typ, lo, hi) in self.params.items():
-            v = params.get(k, self.defaults()[k])
-            if typ is int and float(v) != int(v):
-                raise ValueError(f"aggregation rule {self.name!r}: {k} must be an integer, got {v}")
-            v = typ(v)
-            if not lo <= v <= hi:
-                raise ValueError(f"aggregation rule {self.name!r}: {k} must be in [{lo}, {hi}], got {v}")
-            self.args[k] = v
+        self.args, common = rule_arguments(self.name, params)
+        self.clip_norm, self.flag_z = common["clip_norm"], common["flag_z"]
+        self.exclude_flagged = common["exclude_flagged"]
         super().__init__(order, reference)
-
-    def defaults(self) -> dict[str, Any]:
-        return {}
 
     def _reset(self) -> None:
         self._held: dict[str, list[tuple[str, Module]]] = {}
@@ -277,14 +291,50 @@ class _Buffered(Aggregator):
                 like = copies[0][1].tensors
                 x = torch.stack([_flat32(m) for _, m in copies])  # n x d: the one extra module-sized matrix
                 self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
+                w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
+                senders = [s for s, _ in copies]
+                if self.flag_z is not None and len(senders) >= MIN_SENDERS_TO_FLAG:
+                    keep = self._score(name, senders, x)
+                    if len(keep) < len(senders):
+                        x, w, senders = x[keep], w[keep], [senders[i] for i in keep]
                 if self.clip_norm is not None:
                     x = self._clip(name, x)
-                w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
-                vec = self._combine(name, [s for s, _ in copies], x, w).contiguous()
+                vec = self._combine(name, senders, x, w).contiguous()  # w: the kept senders' weights
                 self.held_bytes -= sum(m.numel() * 4 for _, m in copies)
                 self._out[name] = Module(name, _views(vec, like), version, float(w.sum()), flat=vec)
                 self._counts[name] = len(copies)
         return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._out.items()}
+
+    def _score(self, name: str, senders: list[str], x: torch.Tensor) -> list[int]:
+        """Score every copy of module ``name`` (``scores``); the rows to aggregate: all, or with
+        ``exclude_flagged`` those not flagged (never fewer than a majority: past that, the least
+        suspicious majority)."""
+        n = len(senders)
+        med = _coordinate_median(x).double()
+        ref = self.reference.get(name)
+        base = _flat32(ref).double() if ref is not None else med
+        xd = x.double()
+        dist = (xd - med).norm(dim=1)
+        u = xd - base
+        norm = u.norm(dim=1)
+        cu = med - base
+        denom = norm * cu.norm()
+        cos = torch.where(denom > 0, (u @ cu) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+        floor = Z_FLOOR * float(_median1(norm))
+        z = torch.maximum(_robust_z(dist, floor), _robust_z(norm, floor).abs())
+        flagged = [bool(z[i] > float(self.flag_z)) for i in range(n)]
+        keep = list(range(n))
+        if self.exclude_flagged and any(flagged):
+            majority = n // 2 + 1
+            order = sorted(range(n), key=lambda i: (flagged[i], float(z[i]), i))  # least suspicious first
+            keep = sorted(order[: max(majority, n - sum(flagged))])
+        for i, s in enumerate(senders):
+            self.scores.append(
+                SenderScore(
+                    name, s, float(dist[i]), float(norm[i]), float(cos[i]), float(z[i]), flagged[i], i not in keep
+                )
+            )
+        return keep
 
     def _clip(self, name: str, x: torch.Tensor) -> torch.Tensor:
         ref = self.reference.get(name)
@@ -298,10 +348,9 @@ class _Buffered(Aggregator):
     def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
 
-class ClippedFedAvg(_Buffered):
-    """FedAvg of norm-clipped copies (``fedavg`` with ``clip_norm``): clipping needs every copy's update
-    before the mean when the node has no module to clip against, so it holds the copies like the rules
-    below."""
+class BufferedFedAvg(_Buffered):
+    """FedAvg of held copies (``fedavg`` with ``clip_norm`` or ``flag_z``): clipping against the copies'
+    median and scoring need every copy before the mean, so it holds them like the rules below."""
 
     name = "fedavg"
 
@@ -323,10 +372,6 @@ class TrimmedMean(_Buffered):
     one value is kept)."""
 
     name = "trimmed_mean"
-    params = {"beta": (float, 0.0, 0.4999)}
-
-    def defaults(self) -> dict[str, Any]:
-        return {"beta": 0.1}
 
     def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -340,10 +385,6 @@ class Krum(_Buffered):
     sample-weighted mean). With n <= f + 2 the scores use the single nearest neighbour."""
 
     name = "krum"
-    params = {"f": (int, 0, 1_000_000), "m": (int, 1, 1_000_000)}
-
-    def defaults(self) -> dict[str, Any]:
-        return {"f": 1, "m": 1}
 
     def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         scores = krum_scores(_sq_distances(x), self.args["f"])
@@ -359,10 +400,6 @@ class Bulyan(_Buffered):
     median. Needs n >= 4f + 3; with fewer copies theta and beta are clamped to at least 1."""
 
     name = "bulyan"
-    params = {"f": (int, 0, 1_000_000)}
-
-    def defaults(self) -> dict[str, Any]:
-        return {"f": 1}
 
     def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         n, f = x.shape[0], self.args["f"]
@@ -385,9 +422,8 @@ RULES: dict[str, type[Aggregator]] = {r.name: r for r in (FedAvg, Median, Trimme
 
 
 def rule_parameters(rule: str) -> list[str]:
-    """The parameters ``rule`` takes (every rule takes ``clip_norm``)."""
-    cls = RULES[rule]
-    return sorted([*getattr(cls, "params", {}), "clip_norm"])
+    """The parameters ``rule`` takes (every rule takes ``COMMON_AGGREGATION_PARAMS``)."""
+    return sorted([*RULE_PARAMS[rule], *COMMON_AGGREGATION_PARAMS])
 
 
 def make_aggregator(
@@ -402,8 +438,8 @@ def make_aggregator(
     except KeyError:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULES)}") from None
     params = dict(params or {})
-    if cls is FedAvg and "clip_norm" in params:
-        cls = ClippedFedAvg
+    if cls is FedAvg and set(params) & set(COMMON_AGGREGATION_PARAMS):
+        cls = BufferedFedAvg
     return cls(order, reference, **params)
 
 

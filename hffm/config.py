@@ -7,6 +7,7 @@ as YAML scalars/lists (``--set tasks=[art,gqa]``, ``--set e_agg=2``).
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hffm.ids import AGGREGATION_RULES, METHODS, SOURCE_TASKS, TASKS
+from hffm.ids import AGGREGATION_RULES, COMMON_AGGREGATION_PARAMS, METHODS, RULE_PARAMS, SOURCE_TASKS, TASKS
 
 D = Field  # every field says what it is: ``hffm config --explain`` prints these descriptions
 
@@ -351,13 +352,49 @@ class AggregationConfig(_Strict):
 
     @model_validator(mode="after")
     def _params(self) -> AggregationConfig:
-        from hffm.aggregation import make_aggregator  # the rule's own check, at load time
-
         try:
-            make_aggregator(self.rule, params=self.params)
+            rule_arguments(self.rule, self.params)
         except ValueError as err:
             raise ValueError(f"params: {err}") from None
         return self
+
+
+def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check an aggregation rule's parameters (no torch: health checks load config too) and return
+    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, exclude_flagged)``.
+    ValueError naming the rule and the parameter."""
+    if rule not in RULE_PARAMS:
+        raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULE_PARAMS)}")
+    own = RULE_PARAMS[rule]
+    unknown = set(params) - set(own) - set(COMMON_AGGREGATION_PARAMS)
+    if unknown:
+        raise ValueError(
+            f"aggregation rule {rule!r} takes no parameters {sorted(unknown)}; it takes "
+            f"{sorted([*own, *COMMON_AGGREGATION_PARAMS])}"
+        )
+    args: dict[str, Any] = {}
+    for k, (typ, lo, hi, default) in own.items():
+        v = params.get(k, default)
+        if typ is int and float(v) != int(v):
+            raise ValueError(f"aggregation rule {rule!r}: {k} must be an integer, got {v}")
+        v = typ(v)
+        if not lo <= v <= hi:
+            raise ValueError(f"aggregation rule {rule!r}: {k} must be in [{lo}, {hi}], got {v}")
+        args[k] = v
+    common: dict[str, Any] = {"clip_norm": None, "flag_z": None, "exclude_flagged": False}
+    for k in ("clip_norm", "flag_z"):
+        if k in params:
+            v = float(params[k])
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"aggregation rule {rule!r}: {k} must be finite and > 0, got {params[k]}")
+            common[k] = v
+    exclude = params.get("exclude_flagged", 0)
+    if exclude not in (0, 1):
+        raise ValueError(f"aggregation rule {rule!r}: exclude_flagged must be 0 or 1, got {exclude}")
+    if exclude and common["flag_z"] is None:
+        raise ValueError(f"aggregation rule {rule!r}: exclude_flagged needs flag_z (what flags a sender)")
+    common["exclude_flagged"] = bool(exclude)
+    return args, common
 
 
 class SecurityConfig(_Strict):

@@ -110,6 +110,16 @@ METHODS = ("star", "hfm", "hfm-d2d", "edge-only", "edge-only-d2d")
 
 # Aggregation rules by name (hffm/aggregation.py implements each; a test holds the two together).
 AGGREGATION_RULES = ("fedavg", "median", "trimmed_mean", "krum", "bulyan")
+# Each rule's own parameters: name -> (type, lowest, highest, default). Every rule also takes
+# COMMON_AGGREGATION_PARAMS (hffm.aggregation; checked by hffm.config.rule_arguments, torch-free).
+RULE_PARAMS: dict[str, dict[str, tuple[type, float, float, float]]] = {
+    "fedavg": {},
+    "median": {},
+    "trimmed_mean": {"beta": (float, 0.0, 0.4999, 0.1)},
+    "krum": {"f": (int, 0, 1_000_000, 1), "m": (int, 1, 1_000_000, 1)},
+    "bulyan": {"f": (int, 0, 1_000_000, 1)},
+}
+COMMON_AGGREGATION_PARAMS = ("clip_norm", "flag_z", "exclude_flagged")
 
 # Link kinds (also metric and results labels).
 DEVICE_EDGE = "device_edge"

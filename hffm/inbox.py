@@ -24,6 +24,7 @@ from hffm.aggregation import Aggregator, make_aggregator
 from hffm.ids import D2D
 from hffm.methods import SYNC, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
+from hffm.results import SenderScore
 from hffm.wire import PushHeader
 
 
@@ -39,6 +40,7 @@ class Aggregate:
     modules: ModuleSet
     counted: tuple[str, ...]  # senders folded in, in fold order (this node too with include_self)
     left_out: tuple[str, ...]  # senders that had not pushed when the quorum's deadline passed
+    scores: tuple[SenderScore, ...] = ()  # outlier scores per module and sender (rules with flag_z)
 
 
 @dataclass
@@ -282,4 +284,5 @@ class Inbox:
                 modules,
                 tuple(coll.aggregator.senders),
                 tuple(sorted(set(coll.step.senders) - set(coll.accepted))),
+                tuple(coll.aggregator.scores),
             )

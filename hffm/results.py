@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,23 @@ class TaskScore:
 
 
 @dataclass(frozen=True)
+class SenderScore:
+    """How far one sender's copy of one module sits from the others' (``flag_z``): ``distance`` to the
+    copies' coordinate-wise median, ``norm`` of its update (copy minus the node's own module at the start
+    of the round, or minus that median where the node has none), ``cosine`` between its update and the
+    median's, ``z`` the larger robust z-score (median and MAD over the senders) of distance and norm."""
+
+    module: str
+    sender: str
+    distance: float
+    norm: float
+    cosine: float
+    z: float
+    flagged: bool
+    excluded: bool
+
+
+@dataclass(frozen=True)
 class AggregateRecord:
     """What one collect step of one node adopted: whose pushes it counted, who was left out."""
 
@@ -53,6 +71,7 @@ class AggregateRecord:
     tag: str
     counted: tuple[str, ...]
     left_out: tuple[str, ...]
+    scores: tuple[SenderScore, ...] = ()  # outlier scores (aggregation.params.flag_z), else empty
 
 
 @dataclass
@@ -170,12 +189,52 @@ def round_record(
             for k, b in sorted(hops.items())
         ],
         aggregates=[
-            {"node": a.node, "tag": a.tag, "counted": list(a.counted), "left_out": list(a.left_out)}
+            {
+                "node": a.node,
+                "tag": a.tag,
+                "counted": list(a.counted),
+                "left_out": list(a.left_out),
+                "scores": [asdict(s) for s in a.scores],
+            }
             for a in sorted((a for r in reports for a in r.aggregates), key=lambda a: (a.node, a.tag))
         ],
         wall_s=wall_s,
         left_out=sorted(left_out or []),
     )
+
+
+def detection_summary(rounds: list[dict[str, Any]], adversaries: Iterable[str]) -> dict[str, Any]:
+    """results.json ``detection``: how the outlier flags of every collect step (``aggregates[j].scores``)
+    compare with the configured adversaries. One event per (round, collecting node, scored sender):
+    flagged when any of its modules was. Precision, recall (true positive rate) and false positive rate
+    over those events; None where undefined (no flags, no adversaries, nothing scored)."""
+    bad = set(adversaries)
+    tp = fp = fn = tn = 0
+    ever: set[str] = set()
+    for r in rounds:
+        for a in r.get("aggregates", []):
+            by_sender: dict[str, bool] = {}
+            for s in a.get("scores", []):
+                by_sender[s["sender"]] = by_sender.get(s["sender"], False) or bool(s["flagged"])
+            for sender, flagged in by_sender.items():
+                if flagged:
+                    ever.add(sender)
+                if sender in bad:
+                    tp, fn = tp + flagged, fn + (not flagged)
+                else:
+                    fp, tn = fp + flagged, tn + (not flagged)
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {
+        "adversaries": sorted(bad),
+        "scored": tp + fp + fn + tn,
+        "flagged": sorted(ever),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "false_positive_rate": ratio(fp, fp + tn),
+    }
 
 
 def write_results(

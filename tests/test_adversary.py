@@ -1,10 +1,11 @@
 """Adversarial devices (config ``adversary``, tests and benchmarks only): who attacks, what each
 behaviour sends, and a real federation with a boosted attacker: FedAvg is dragged away from the clean
-run, the coordinate-wise median is not."""
+run, the coordinate-wise median is not, and the cloud's outlier scores flag the attacker."""
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def test_a_boosted_attacker_drags_fedavg_not_the_median(tmp_path):
     base = ["method=star", "rounds=2", "topology.edges=2", "topology.devices_per_edge=3",
             "runtime.devices_per_process=3", "data.train_per_task=120"]  # fmt: skip
     attack = ["adversary.nodes=[device-1-2]", "adversary.behaviour=scale", "adversary.scale=200"]
-    runs = {"clean": base, "fedavg": base + attack, "median": base + attack + ["aggregation.rule=median"]}
+    flag = ["aggregation.params.flag_z=3.5"]  # FedAvg that scores every copy (flags only, keeps all)
+    runs = {"clean": base, "fedavg": base + attack + flag, "median": base + attack + ["aggregation.rule=median"]}
     got = {}
     for name, sets in runs.items():
         out = tmp_path / name
@@ -75,6 +77,11 @@ def test_a_boosted_attacker_drags_fedavg_not_the_median(tmp_path):
         logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
         attackers = [n for n, text in logs.items() if "is an adversary" in text]
         assert attackers == ([] if name == "clean" else ["devices-1.log"]), attackers
+    det = json.loads((tmp_path / "fedavg" / "results.json").read_text())["detection"]
+    assert det["adversaries"] == ["device-1-2"] and det["scored"] == 2 * 6  # the cloud scores 6 devices a round
+    assert det["recall"] == 1.0 and det["false_positive_rate"] <= 0.2, det
+    clean = json.loads((tmp_path / "clean" / "results.json").read_text())
+    assert clean["detection"]["scored"] == 0 and all(a["scores"] == [] for a in clean["rounds"][-1]["aggregates"])
     dragged = float((got["fedavg"] - got["clean"]).norm())
     held = float((got["median"] - got["clean"]).norm())
     assert dragged > 10 * held, (dragged, held)

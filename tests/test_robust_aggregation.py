@@ -233,7 +233,8 @@ def test_bad_parameters_named_at_config_load():
         assert match in str(e.value), (sets, str(e.value))
     cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
     assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
-    assert rule_parameters("krum") == ["clip_norm", "f", "m"] and rule_parameters("median") == ["clip_norm"]
+    common = ["clip_norm", "exclude_flagged", "flag_z"]
+    assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
 def test_a_sync_is_adopted_as_sent_whatever_the_rule():
@@ -318,3 +319,131 @@ def test_the_rule_and_its_parameters_travel_in_a_collect_step():
     step = method.collect_updates("aggregate", ("device-0-0", "device-0-1"), "device_edge")
     back = step_from_pb(step_to_pb(step))
     assert back.rule == "bulyan" and back.params == (("clip_norm", 3.0), ("f", 2.0)) and back == step
+
+
+# ---- detection ---------------------------------------------------------------------------------------
+def _scored(rule: str, mods: list[Module], **params) -> tuple[Module, list]:
+    names = [f"d{i}" for i in range(len(mods))]
+    agg = make_aggregator(rule, names, None, params)
+    for i, m in enumerate(mods):
+        agg.add(names[i], [m])
+    return agg.result(1)["adapter.0"], agg.scores
+
+
+def test_scores_match_their_definition_and_flag_the_attacker():
+    mods = _senders(8, attacker_scale=-10.0, seed=6)
+    x = np.stack([_flat(m) for m in mods])
+    _, scores = _scored("median", mods, flag_z=3.5)
+    med = np.median(x, axis=0)
+    dist = np.linalg.norm(x - med, axis=1)
+    norm = dist  # no reference: updates are measured from the median
+    for i, s in enumerate(scores):
+        assert s.module == "adapter.0" and s.sender == f"d{i}"
+        assert np.isclose(s.distance, dist[i]) and np.isclose(s.norm, norm[i])
+        mad = max(np.median(np.abs(dist - np.median(dist))) * 1.4826, 0.25 * np.median(norm))
+        assert np.isclose(s.z, abs((dist[i] - np.median(dist)) / mad), rtol=1e-3)  # the median: fp32
+    assert [s.sender for s in scores if s.flagged] == ["d7"] and not any(s.excluded for s in scores)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median", "krum"])
+def test_exclude_flagged_leaves_the_attacker_out(rule):
+    mods = _senders(7, attacker_scale=40.0, seed=7)
+    got, scores = _scored(rule, mods, flag_z=3.5, exclude_flagged=1)
+    clean, _ = _scored(rule, mods[:-1], **({"f": 1} if rule == "krum" else {}))
+    if rule == "krum":
+        got, _ = _scored(rule, mods, flag_z=3.5, exclude_flagged=1, f=1)
+    assert [s.sender for s in scores if s.excluded] == ["d6"]
+    assert np.allclose(_flat(got), _flat(clean), atol=1e-6)
+    assert got.num_samples == sum(m.num_samples for m in mods[:-1])  # the excluded sender's weight too
+
+
+def test_exclusion_keeps_a_majority_and_few_senders_are_not_flagged():
+    mods = _senders(6, seed=8)
+    # three far apart from three: whatever is flagged, at least 4 of 6 stay
+    mods = [
+        Module(m.name, {k: v * (1 if i < 3 else 30) for k, v in m.tensors.items()}, 1, 1.0) for i, m in enumerate(mods)
+    ]
+    _, scores = _scored("median", mods, flag_z=0.5, exclude_flagged=1)
+    assert sum(not s.excluded for s in scores) >= 4
+    _, few = _scored("median", _senders(3, attacker_scale=100.0, seed=9), flag_z=3.5)
+    assert few == []  # 3 copies: no spread to judge by, not scored
+
+
+def test_detection_parameters_are_checked():
+    with pytest.raises(ValueError, match="exclude_flagged needs flag_z"):
+        make_aggregator("median", params={"exclude_flagged": 1})
+    with pytest.raises(ValueError, match="flag_z must be finite and > 0"):
+        make_aggregator("fedavg", params={"flag_z": 0})
+    with pytest.raises(ValueError, match="exclude_flagged must be 0 or 1"):
+        make_aggregator("krum", params={"flag_z": 3, "exclude_flagged": 2})
+    assert type(make_aggregator("fedavg", params={"flag_z": 3})).__name__ == "BufferedFedAvg"
+    assert type(make_aggregator("fedavg")).__name__ == "FedAvg"  # no detection: the streaming sum
+
+
+def test_detection_summary_counts_events_per_round_node_and_sender():
+    from hffm.results import detection_summary
+
+    def sc(sender, flagged, module="adapter.0"):
+        return {"module": module, "sender": sender, "flagged": flagged}
+
+    rounds = [
+        {"aggregates": [{"scores": [sc("a", True), sc("a", False, "head.x"), sc("b", False), sc("c", True)]}]},
+        {"aggregates": [{"scores": [sc("a", False), sc("b", False), sc("c", False)]}, {"scores": []}]},
+    ]
+    got = detection_summary(rounds, ["a"])
+    assert got == {
+        "adversaries": ["a"],
+        "scored": 6,
+        "flagged": ["a", "c"],
+        "precision": 0.5,
+        "recall": 0.5,
+        "false_positive_rate": 0.25,
+    }
+    none = detection_summary([], [])
+    assert none["precision"] is None and none["recall"] is None and none["scored"] == 0
+
+
+def test_scores_travel_in_the_round_report():
+    from hffm.results import AggregateRecord, NodeReport, SenderScore
+    from services.common.convert import report_from_pb, report_to_pb
+
+    s = SenderScore("adapter.0", "device-0-1", 1.5, 2.5, -0.25, 7.0, True, False)
+    rep = NodeReport("edge-0", 3)
+    rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (s,)))
+    back = report_from_pb(report_to_pb(rep))
+    assert back.aggregates[0].scores == (s,)
+
+
+def test_config_checks_rule_parameters_without_torch():
+    """Health checks (every few seconds in every container) load config: checking a rule's parameters
+    must not import torch (it did once: 170 MB and seconds per check, and on the 2-core testbed the
+    checks overran, piled up and exhausted memory)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hffm.config import load_config\n"
+        "import services.healthcheck\n"
+        "load_config(None, ['aggregation.rule=krum', 'aggregation.params.f=2', 'aggregation.params.flag_z=3'])\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_copies_that_agree_closely_do_not_make_a_small_difference_an_outlier():
+    """Five senders return the same head, one a head 40 % farther: a zero MAD would make that infinitely
+    far; the floor (25 % of the median update's norm) keeps it unflagged, while a head 100x off is
+    flagged."""
+    same = {"w": torch.ones(4, 3)}
+    mods = [Module("adapter.0", dict(same), 1, 1.0) for _ in range(5)]
+    mods.append(Module("adapter.0", {"w": torch.ones(4, 3) * 1.4}, 1, 1.0))
+    own = {"adapter.0": Module("adapter.0", {"w": torch.zeros(4, 3)}, 0, 1.0)}
+    names = [f"d{i}" for i in range(7)]
+    for extra, want in ((None, []), (100.0, ["d6"])):
+        ms = mods + ([Module("adapter.0", {"w": torch.ones(4, 3) * extra}, 1, 1.0)] if extra else [])
+        agg = make_aggregator("median", names[: len(ms)], own, {"flag_z": 3.5})
+        for n, m in zip(names, ms, strict=False):
+            agg.add(n, [m])
+        agg.result(1)
+        assert [s.sender for s in agg.scores if s.flagged] == want

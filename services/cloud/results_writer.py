@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hffm.config import HFFMConfig
 from hffm.modules import ModuleSet, save_modules
-from hffm.results import RoundRecord, write_results
+from hffm.results import RoundRecord, detection_summary, write_results
 from hffm.runinfo import new_run_id, now_iso, run_record, totals
 from services.common.metrics import Metrics
 
@@ -29,8 +29,11 @@ def run_identity(cfg: HFFMConfig, out_dir: Path) -> tuple[str, str]:
 
 
 class ResultsWriter:
-    def __init__(self, cfg: HFFMConfig, out_dir: Path, metrics: Metrics) -> None:
+    def __init__(
+        self, cfg: HFFMConfig, out_dir: Path, metrics: Metrics, adversaries: frozenset[str] = frozenset()
+    ) -> None:
         self.cfg, self.out_dir, self.metrics = cfg, out_dir, metrics
+        self.adversaries = adversaries  # config adversary: what detection is measured against
         self.rounds: list[RoundRecord] = []
         self.run = run_record(*run_identity(cfg, out_dir))
 
@@ -60,6 +63,7 @@ class ResultsWriter:
             complete=complete,
             run=self.run,
             totals=totals(rounds),
+            detection=detection_summary(rounds, self.adversaries),
         )
 
     def finish(self, modules: ModuleSet) -> None:

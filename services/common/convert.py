@@ -3,8 +3,10 @@ per message type where the wire meets the core. Runtime state holds core types, 
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from hffm.methods import Collect, Evaluate, Quorum, Send, Step, Train
-from hffm.results import AggregateRecord, NodeReport, TaskScore, Transfer
+from hffm.results import AggregateRecord, NodeReport, SenderScore, TaskScore, Transfer
 from hffm.topology import Registration
 from hffm.wire import ModuleHeader, PushHeader
 from services.rpc import pb
@@ -129,7 +131,15 @@ def report_to_pb(r: NodeReport) -> pb.RoundReport:
         metrics=[
             pb.TaskMetric(task=m.task, split=m.split, correct=m.correct, total=m.total, score=m.score) for m in r.scores
         ],
-        aggregates=[pb.AggregateRecord(tag=a.tag, counted=a.counted, left_out=a.left_out) for a in r.aggregates],
+        aggregates=[
+            pb.AggregateRecord(
+                tag=a.tag,
+                counted=a.counted,
+                left_out=a.left_out,
+                scores=[pb.SenderScore(**asdict(s)) for s in a.scores],
+            )
+            for a in r.aggregates
+        ],
         train_loss=r.train_loss,
         train_samples=r.train_samples,
         wall_s=r.wall_s,
@@ -161,7 +171,19 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
             for m in r.metrics
             if _plausible(m)
         ],
-        aggregates=[AggregateRecord(r.node, a.tag, tuple(a.counted), tuple(a.left_out)) for a in r.aggregates],
+        aggregates=[
+            AggregateRecord(
+                r.node,
+                a.tag,
+                tuple(a.counted),
+                tuple(a.left_out),
+                tuple(
+                    SenderScore(s.module, s.sender, s.distance, s.norm, s.cosine, s.z, s.flagged, s.excluded)
+                    for s in a.scores
+                ),
+            )
+            for a in r.aggregates
+        ],
         train_loss=r.train_loss,
         train_samples=r.train_samples,
         wall_s=r.wall_s,

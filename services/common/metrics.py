@@ -110,6 +110,10 @@ class Metrics:
             registry=r,
         )
         self.aggregations = Counter("hffm_aggregations", "Collect steps aggregated", ["node", "tag"], registry=r)
+        self.flagged = Counter(
+            "hffm_flagged", "Senders' modules flagged as outliers (aggregation.params.flag_z)",
+            ["node", "sender", "module"], registry=r,
+        )  # fmt: skip
         self.round = Gauge("hffm_round", "Round the node is in", ["node"], registry=r)
         self.train_seconds = Counter("hffm_train_seconds", "Local training time", ["node"], registry=r)
         self.train_samples = Counter("hffm_train_samples", "Samples processed in local training", ["node"], registry=r)
