@@ -537,6 +537,21 @@ def bench(
     console.print(f"{out / 'bench.json'}  {out / 'bench.md'}  {out / 'transfer.png'}  {out / 'devices.png'}")
 
 
+@app.command()
+def attacks(
+    out: Path = typer.Option(Path("runs/attacks"), "--out", "-o"),
+    quick: bool = typer.Option(False, "--quick", help="2 rounds, small pools"),
+    sets: list[str] = typer.Option([], "--set", help="KEY=VALUE over the matrix's settings (repeatable)"),
+) -> None:
+    """The rule x attack matrix: every aggregation rule against every poisoning behaviour at 20 %
+    attackers (real federations), with the detection's TPR/FPR per cell (docs/robustness.md)."""
+    from benchmarks.attacks import run_matrix, tables
+
+    res = run_matrix(out, quick, sets, log=console.print)
+    console.print(tables(res), markup=False)
+    console.print(f"{out / 'attacks.json'}  {out / 'attacks.md'}")
+
+
 # ---- hffm pki: the federation's certificate authority ------------------------------------------------
 pki_app = typer.Typer(
     no_args_is_help=True,

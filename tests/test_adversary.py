@@ -85,3 +85,23 @@ def test_a_boosted_attacker_drags_fedavg_not_the_median(tmp_path):
     dragged = float((got["fedavg"] - got["clean"]).norm())
     held = float((got["median"] - got["clean"]).norm())
     assert dragged > 10 * held, (dragged, held)
+
+
+def test_the_attack_matrix_tables():
+    """benchmarks/attacks.py's tables (hffm attacks): accuracy per cell with each rule's worst case
+    against the clean FedAvg run, and the detection's rates per attack."""
+    from benchmarks.attacks import tables
+
+    def cell(acc, tpr=None, fpr=None):
+        return {"accuracy": acc, "tpr": tpr, "fpr": fpr}
+
+    res = {
+        "cells": {
+            "fedavg": {"none": cell(0.5, None, 0.0), "scale": cell(0.2, 1.0, 0.05)},
+            "median": {"none": cell(0.48, None, 0.0), "scale": cell(0.47, 0.5, 0.0)},
+        }
+    }
+    md = tables(res).splitlines()
+    assert md[0] == "| rule | none | scale | worst (points vs clean FedAvg) |"
+    assert md[2] == "| fedavg | 0.500 | 0.200 | -30.0 |" and md[3] == "| median | 0.480 | 0.470 | -3.0 |"
+    assert md[7] == "| fedavg | 100 % / 5 % |" and md[8] == "| median | 50 % / 0 % |"
