@@ -44,6 +44,7 @@ RULES: dict[str, list[str]] = {
     "multi-krum": ["aggregation.rule=krum", "aggregation.params.f=1", "aggregation.params.m=3"],
     "bulyan": ["aggregation.rule=bulyan", "aggregation.params.f=1"],
     "clipped fedavg": ["aggregation.rule=fedavg", "aggregation.params.clip_norm=2"],
+    "fedavg, flagged excluded": ["aggregation.rule=fedavg", "aggregation.params.exclude_flagged=1"],
 }
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
@@ -60,13 +61,22 @@ def mean_accuracy(results: dict) -> float:
     return sum(vals) / len(vals)
 
 
-def run_matrix(out: Path, quick: bool = False, sets: list[str] | None = None, log=print) -> dict:
+def run_matrix(
+    out: Path, quick: bool = False, sets: list[str] | None = None, log=print, rules: list[str] | None = None
+) -> dict:
+    """Run the matrix's rows (``rules``: those only, kept with an earlier DIR/attacks.json of the same
+    settings; default: every rule)."""
     from services.launcher import run
 
     out.mkdir(parents=True, exist_ok=True)
     base = [*BASE, *(QUICK if quick else []), *(sets or [])]
     res: dict = {"sets": base, "cells": {}}
+    kept = out / "attacks.json"
+    if rules and kept.is_file() and (old := json.loads(kept.read_text())).get("sets") == base:
+        res["cells"] = {r: c for r, c in old["cells"].items() if r not in rules}
     for rule, rsets in RULES.items():
+        if rules and rule not in rules:
+            continue
         for attack, asets in ATTACKS.items():
             name = f"{rule}--{attack}".replace(" ", "_")
             cfg_sets = [*base, *rsets, *asets]
@@ -121,8 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/attacks"))
     p.add_argument("--quick", action="store_true", help="2 rounds, small pools")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--rule", dest="rules", action="append", default=[], help=f"a row to (re)run (repeatable): {list(RULES)}"
+    )
     a = p.parse_args(argv)
-    res = run_matrix(a.out, a.quick, a.sets)
+    if unknown := [r for r in a.rules if r not in RULES]:
+        p.error(f"--rule: unknown {unknown}; known: {list(RULES)}")
+    res = run_matrix(a.out, a.quick, a.sets, rules=a.rules or None)
     print(tables(res))
 
 
