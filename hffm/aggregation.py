@@ -57,20 +57,14 @@ from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 
 
-def _median1(v: torch.Tensor) -> torch.Tensor:
-    n = len(v)
-    s = v.sort().values
-    return s[n // 2] if n % 2 else s[n // 2 - 1 : n // 2 + 1].mean()
-
-
 def _robust_z(v: torch.Tensor, floor: float) -> torch.Tensor:
     """(v - median) / scale per value, scale = max(1.4826 MAD, floor): about a standard deviation for
     normal data. The floor (Z_FLOOR x the median update's size): copies that agree more closely than
     that (several senders' same untrained head) do not make a small difference an outlier; with MAD and
     floor both zero, any value off the median is infinitely far."""
-    med = _median1(v)
+    med = _coordinate_median(v)
     dev = (v - med).abs()
-    scale = max(1.4826 * float(_median1(dev)), floor)
+    scale = max(1.4826 * float(_coordinate_median(dev)), floor)
     if scale <= 0:
         return torch.where(dev > 0, torch.full_like(v, math.inf), torch.zeros_like(v))
     return (v - med) / scale
@@ -225,12 +219,18 @@ def _flat32(m: Module) -> torch.Tensor:
 
 
 def _coordinate_median(x: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median of the rows of ``x`` (n × d); for even n the mean of the two middle values."""
+    """Coordinate-wise median of the rows of ``x`` (n × d, or n values); for even n the mean of the two
+    middle values."""
     n = x.shape[0]
     s = x.sort(dim=0).values
     if n % 2:
         return s[n // 2].clone()
     return (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _weighted_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The ``w``-weighted mean of the rows of ``x``, summed in float64."""
+    return (x.double() * w[:, None]).sum(dim=0).div(w.sum()).to(torch.float32)
 
 
 def _sq_distances(x: torch.Tensor) -> torch.Tensor:
@@ -311,8 +311,7 @@ class _Buffered(Aggregator):
         suspicious majority)."""
         n = len(senders)
         med = _coordinate_median(x).double()
-        ref = self.reference.get(name)
-        base = _flat32(ref).double() if ref is not None else med
+        base = self._centre(name, x).double()
         xd = x.double()
         dist = (xd - med).norm(dim=1)
         u = xd - base
@@ -320,7 +319,7 @@ class _Buffered(Aggregator):
         cu = med - base
         denom = norm * cu.norm()
         cos = torch.where(denom > 0, (u @ cu) / denom.clamp_min(1e-300), torch.zeros_like(denom))
-        floor = Z_FLOOR * float(_median1(norm))
+        floor = Z_FLOOR * float(_coordinate_median(norm))
         z = torch.maximum(_robust_z(dist, floor), _robust_z(norm, floor).abs())
         flagged = [bool(z[i] > float(self.flag_z)) for i in range(n)]
         keep = list(range(n))
@@ -336,9 +335,14 @@ class _Buffered(Aggregator):
             )
         return keep
 
-    def _clip(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _centre(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """What a copy's update is measured from: the node's own module at the start of the round, or
+        the copies' coordinate-wise median where it has none."""
         ref = self.reference.get(name)
-        centre = _flat32(ref).to(x.device) if ref is not None else _coordinate_median(x)
+        return _flat32(ref).to(x.device) if ref is not None else _coordinate_median(x)
+
+    def _clip(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        centre = self._centre(name, x)
         u = x - centre
         norms = u.double().norm(dim=1)
         scale = torch.clamp(float(self.clip_norm) / norms.clamp_min(1e-30), max=1.0).to(x.dtype)
@@ -355,7 +359,7 @@ class BufferedFedAvg(_Buffered):
     name = "fedavg"
 
     def _combine(self, name: str, senders: list[str], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (x.double() * w[:, None]).sum(dim=0).div(w.sum()).to(torch.float32)
+        return _weighted_mean(x, w)
 
 
 class Median(_Buffered):
@@ -390,8 +394,7 @@ class Krum(_Buffered):
         scores = krum_scores(_sq_distances(x), self.args["f"])
         keep = sorted(scores.argsort(stable=True)[: min(self.args["m"], len(senders))].tolist())
         self.selected[name] = [senders[i] for i in keep]
-        wk = w[keep]
-        return (x[keep].double() * wk[:, None]).sum(dim=0).div(wk.sum()).to(torch.float32)
+        return _weighted_mean(x[keep], w[keep])
 
 
 class Bulyan(_Buffered):

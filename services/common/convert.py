@@ -3,7 +3,7 @@ per message type where the wire meets the core. Runtime state holds core types, 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from hffm.methods import Collect, Evaluate, Quorum, Send, Step, Train
 from hffm.results import AggregateRecord, NodeReport, SenderScore, TaskScore, Transfer
@@ -177,10 +177,7 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
                 a.tag,
                 tuple(a.counted),
                 tuple(a.left_out),
-                tuple(
-                    SenderScore(s.module, s.sender, s.distance, s.norm, s.cosine, s.z, s.flagged, s.excluded)
-                    for s in a.scores
-                ),
+                tuple(SenderScore(**{f.name: getattr(s, f.name) for f in fields(SenderScore)}) for s in a.scores),
             )
             for a in r.aggregates
         ],
