@@ -52,6 +52,9 @@ ATTACKS: dict[str, list[str]] = {
     "scale": ["adversary.behaviour=scale", "adversary.scale=20"],
     "noise": ["adversary.behaviour=noise", "adversary.sigma=1"],
     "free_ride": ["adversary.behaviour=free_ride"],
+    "label_flip": ["adversary.behaviour=label_flip"],
+    "alie": ["adversary.behaviour=alie"],  # z from Baruch et al.'s formula at each attacker's edge
+    "ipm": ["adversary.behaviour=ipm", "adversary.epsilon=0.5"],
 }
 
 
@@ -62,22 +65,29 @@ def mean_accuracy(results: dict) -> float:
 
 
 def run_matrix(
-    out: Path, quick: bool = False, sets: list[str] | None = None, log=print, rules: list[str] | None = None
+    out: Path,
+    quick: bool = False,
+    sets: list[str] | None = None,
+    log=print,
+    rules: list[str] | None = None,
+    attacks: list[str] | None = None,
 ) -> dict:
-    """Run the matrix's rows (``rules``: those only, kept with an earlier DIR/attacks.json of the same
-    settings; default: every rule)."""
+    """Run the matrix's cells (``rules`` x ``attacks``: those only, the other cells kept from an earlier
+    DIR/attacks.json of the same settings; default: every rule and every attack)."""
     from services.launcher import run
 
     out.mkdir(parents=True, exist_ok=True)
     base = [*BASE, *(QUICK if quick else []), *(sets or [])]
     res: dict = {"sets": base, "cells": {}}
     kept = out / "attacks.json"
-    if rules and kept.is_file() and (old := json.loads(kept.read_text())).get("sets") == base:
-        res["cells"] = {r: c for r, c in old["cells"].items() if r not in rules}
+    if (rules or attacks) and kept.is_file() and (old := json.loads(kept.read_text())).get("sets") == base:
+        res["cells"] = old["cells"]
     for rule, rsets in RULES.items():
         if rules and rule not in rules:
             continue
         for attack, asets in ATTACKS.items():
+            if attacks and attack not in attacks:
+                continue
             name = f"{rule}--{attack}".replace(" ", "_")
             cfg_sets = [*base, *rsets, *asets]
             t = time.time()
@@ -103,26 +113,30 @@ def _pct(v: float | None) -> str:
 
 def tables(res: dict) -> str:
     """Accuracy per cell with each rule's worst case against the clean FedAvg run, then detection."""
-    cells = res["cells"]
-    attacks = list(next(iter(cells.values())))
+    cells = {r: cells for r in RULES if (cells := res["cells"].get(r))}
+    cells.update({r: c for r, c in res["cells"].items() if r not in cells})  # rules of other versions
+    present = {a for row in cells.values() for a in row}
+    attacks = [a for a in ATTACKS if a in present] + sorted(present - set(ATTACKS))
     clean = cells["fedavg"]["none"]["accuracy"]
     lines = [
         "| rule | " + " | ".join(attacks) + " | worst (points vs clean FedAvg) |",
         "|---|" + "---|" * (len(attacks) + 1),
     ]
+
+    def acc(row: dict, a: str) -> str:
+        return f"{row[a]['accuracy']:.3f}" if a in row else "—"
+
     for rule, row in cells.items():
         worst = min(c["accuracy"] for c in row.values())
-        lines.append(
-            f"| {rule} | "
-            + " | ".join(f"{row[a]['accuracy']:.3f}" for a in attacks)
-            + f" | {100 * (worst - clean):+.1f} |"
-        )
+        lines.append(f"| {rule} | " + " | ".join(acc(row, a) for a in attacks) + f" | {100 * (worst - clean):+.1f} |")
     lines += ["", "| rule | " + " | ".join(f"{a} TPR / FPR" for a in attacks[1:]) + " |"]
     lines.append("|---|" + "---|" * (len(attacks) - 1))
+
+    def det(row: dict, a: str) -> str:
+        return f"{_pct(row[a]['tpr'])} / {_pct(row[a]['fpr'])}" if a in row else "—"
+
     for rule, row in cells.items():
-        lines.append(
-            f"| {rule} | " + " | ".join(f"{_pct(row[a]['tpr'])} / {_pct(row[a]['fpr'])}" for a in attacks[1:]) + " |"
-        )
+        lines.append(f"| {rule} | " + " | ".join(det(row, a) for a in attacks[1:]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,10 +148,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--rule", dest="rules", action="append", default=[], help=f"a row to (re)run (repeatable): {list(RULES)}"
     )
+    p.add_argument(
+        "--attack",
+        dest="attacks",
+        action="append",
+        default=[],
+        help=f"a column to (re)run (repeatable): {list(ATTACKS)}",
+    )
     a = p.parse_args(argv)
     if unknown := [r for r in a.rules if r not in RULES]:
         p.error(f"--rule: unknown {unknown}; known: {list(RULES)}")
-    res = run_matrix(a.out, a.quick, a.sets, rules=a.rules or None)
+    if unknown := [x for x in a.attacks if x not in ATTACKS]:
+        p.error(f"--attack: unknown {unknown}; known: {list(ATTACKS)}")
+    res = run_matrix(a.out, a.quick, a.sets, rules=a.rules or None, attacks=a.attacks or None)
     print(tables(res))
 
 

@@ -5,18 +5,36 @@ its trained modules only when it is in ``adversaries`` (an honest device is neve
 Behaviours, with ``start`` the module the device began the round with and ``update`` = trained − start:
 ``sign_flip`` sends start − scale × update (gradient ascent), ``scale`` start + scale × update (a
 boosted update), ``noise`` start + N(0, sigma²) per value (a Gaussian attacker), ``free_ride`` start
-itself (returns what it received, trains nothing)."""
+itself (returns what it received, trains nothing).
+
+``label_flip`` poisons data, not the update: the device trains honestly on its local training set with
+every label y of a task with C answers replaced by C − 1 − y (``flip_labels``), and sends that.
+
+``alie`` and ``ipm`` are colluding attacks that need the benign updates of the attackers (``collude``):
+every attacker also trains, from its own start, on each other attacker's partition (the colluders
+pool their data), and all of them send one vector built from the per-coordinate mean μ and standard
+deviation σ of those benign updates: ALIE ("a little is enough", Baruch et al. 2019) start + μ − z σ
+with z from the number of senders n and attackers f at the first aggregator (``alie_z``) unless
+``adversary.z`` is set; IPM (inner-product manipulation, Xie et al. 2019) start − ε μ."""
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from statistics import NormalDist
 
 import torch
 
 from hffm.config import AdversaryConfig
+from hffm.data import DeviceData
 from hffm.modules import Module, ModuleSet
+
+UPDATE_ATTACKS = ("sign_flip", "scale", "noise", "free_ride")  # poison the trained update alone
+DATA_ATTACKS = ("label_flip",)  # poison the training data; the update is sent as trained
+COLLUDING_ATTACKS = ("alie", "ipm")  # need the attackers' benign updates (``collude``)
 
 
 def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int) -> frozenset[str]:
@@ -34,8 +52,58 @@ def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int) -> froz
     return frozenset(chosen)
 
 
+def flip_labels(data: DeviceData, answers: dict[str, int]) -> DeviceData:
+    """``data`` with every training label y of a task with C answers replaced by C − 1 − y (labels −1,
+    outside the vocabulary, stay); the local test split is left as it is (it measures the attacker)."""
+    train = {}
+    for task, td in data.train.items():
+        c = answers[task]
+        labels = torch.where(td.labels >= 0, c - 1 - td.labels, td.labels)
+        train[task] = replace(td, labels=labels)
+    return replace(data, train=train)
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al.'s z for n senders of which f attack: s = ⌊n/2 + 1⌋ − f honest senders must be
+    'behind' the attackers; z = Φ⁻¹((n − s) / n), and 0 when (n − s) / n ≤ 1/2."""
+    if n < 1 or f < 1:
+        raise ValueError(f"alie_z needs n >= 1 senders and f >= 1 attackers, got n={n} f={f}")
+    s = math.floor(n / 2 + 1) - f
+    p = (n - s) / n
+    if p <= 0.5:
+        return 0.0
+    return NormalDist().inv_cdf(min(p, 1 - 1e-6))
+
+
+def collude(cfg: AdversaryConfig, start: ModuleSet, benign: Sequence[ModuleSet], z: float) -> ModuleSet:
+    """The colluders' common vector (``alie`` or ``ipm``) from their benign trained module sets, each
+    module from the sets that hold it (μ and σ per coordinate, σ with no correction: one colluder
+    holding a module gives σ = 0). Versions and weights are the first holder's."""
+    out: ModuleSet = {}
+    for name in sorted({n for b in benign for n in b}):
+        held = [b[name] for b in benign if name in b]
+        s = start.get(name)
+        tensors = {}
+        for k, t in held[0].tensors.items():
+            base = s.tensors[k].to(torch.float64) if s is not None else torch.zeros(t.shape, dtype=torch.float64)
+            ups = torch.stack([h.tensors[k].to(torch.float64) - base for h in held])
+            mu = ups.mean(0)
+            if cfg.behaviour == "alie":
+                v = base + mu - z * ups.std(0, correction=0)
+            elif cfg.behaviour == "ipm":
+                v = base - cfg.epsilon * mu
+            else:
+                raise ValueError(f"collude: adversary.behaviour {cfg.behaviour!r} is not a colluding attack")
+            tensors[k] = v.to(t.dtype)
+        out[name] = Module(name, tensors, held[0].version, held[0].num_samples)
+    return out
+
+
 def poison(cfg: AdversaryConfig, trained: ModuleSet, start: ModuleSet, seed: int, node: str, round_: int) -> ModuleSet:
-    """What an attacking device sends in place of ``trained`` (same names, versions and weights)."""
+    """What an attacking device sends in place of ``trained`` (same names, versions and weights), for
+    the behaviours that poison the update alone (``UPDATE_ATTACKS``); others send ``trained``."""
+    if cfg.behaviour not in UPDATE_ATTACKS:
+        return trained
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{node}/{round_}/adversary".encode()))
     out: ModuleSet = {}
     for name, m in trained.items():

@@ -472,13 +472,19 @@ class AdversaryConfig(_Strict):
 
     nodes: list[str] = D(default_factory=list, description="device ids that attack")
     fraction: float = D(0.0, ge=0, le=1, description="and this fraction of all devices, chosen by seed")
-    behaviour: Literal["sign_flip", "scale", "noise", "free_ride"] = D(
+    behaviour: Literal["sign_flip", "scale", "noise", "free_ride", "label_flip", "alie", "ipm"] = D(
         "sign_flip",
         description="sign_flip: start - scale x update; scale: start + scale x update; noise: start + "
-        "N(0, sigma^2) per value; free_ride: send what it received, untrained",
+        "N(0, sigma^2) per value; free_ride: send what it received, untrained; label_flip: train on "
+        "labels y -> C-1-y; alie: start + mean - z std of the colluders' benign updates; ipm: start - "
+        "epsilon x their mean",
     )
     scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
     sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")
+    z: float | None = D(
+        None, ge=0, description="alie's z; null: Baruch et al.'s from the senders and attackers at the first aggregator"
+    )
+    epsilon: float = D(0.5, gt=0, description="ipm's epsilon: it sends start - epsilon x the colluders' mean update")
 
 
 class LimitsConfig(_Strict):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -203,6 +204,19 @@ def round_record(
     )
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (a z of inf: a copy off the median of copies that agree
+    exactly; a NaN loss or cosine) replaced by None, so results.json is strict JSON (null), which
+    JavaScript and most readers require; Python's json would write Infinity and NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def detection_summary(rounds: list[dict[str, Any]], adversaries: Iterable[str]) -> dict[str, Any]:
     """results.json ``detection``: how the outlier flags of every collect step (``aggregates[j].scores``)
     compare with the configured adversaries. One event per (round, collecting node, scored sender):
@@ -243,7 +257,7 @@ def write_results(
     """results.json, written atomically (readers never see a half-written file). ``rounds``: records, or
     their ``to_dict()`` made already."""
     doc = {"config": config, "rounds": [r if isinstance(r, dict) else r.to_dict() for r in rounds], **extra}
-    atomic_write_bytes(Path(path), json.dumps(doc, indent=2).encode())
+    atomic_write_bytes(Path(path), json.dumps(strict_json(doc), indent=2, allow_nan=False).encode())
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:

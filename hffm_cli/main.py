@@ -542,12 +542,17 @@ def attacks(
     out: Path = typer.Option(Path("runs/attacks"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="2 rounds, small pools"),
     sets: list[str] = typer.Option([], "--set", help="KEY=VALUE over the matrix's settings (repeatable)"),
+    rules: list[str] = typer.Option([], "--rule", help="rows to (re)run, the rest kept from OUT (repeatable)"),
+    attack: list[str] = typer.Option([], "--attack", help="columns to (re)run, the rest kept from OUT (repeatable)"),
 ) -> None:
     """The rule x attack matrix: every aggregation rule against every poisoning behaviour at 20 %
     attackers (real federations), with the detection's TPR/FPR per cell (docs/robustness.md)."""
-    from benchmarks.attacks import run_matrix, tables
+    from benchmarks.attacks import ATTACKS, RULES, run_matrix, tables
 
-    res = run_matrix(out, quick, sets, log=console.print)
+    for flag, given, known in (("--rule", rules, RULES), ("--attack", attack, ATTACKS)):
+        if unknown := [x for x in given if x not in known]:
+            raise typer.BadParameter(f"unknown {unknown}; known: {list(known)}", param_hint=flag)
+    res = run_matrix(out, quick, sets, log=console.print, rules=rules or None, attacks=attack or None)
     console.print(tables(res), markup=False)
     console.print(f"{out / 'attacks.json'}  {out / 'attacks.md'}")
 

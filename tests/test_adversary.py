@@ -105,3 +105,66 @@ def test_the_attack_matrix_tables():
     assert md[0] == "| rule | none | scale | worst (points vs clean FedAvg) |"
     assert md[2] == "| fedavg | 0.500 | 0.200 | -30.0 |" and md[3] == "| median | 0.480 | 0.470 | -3.0 |"
     assert md[7] == "| fedavg | 100 % / 5 % |" and md[8] == "| median | 50 % / 0 % |"
+
+
+def test_label_flip_reverses_training_labels_only():
+    from hffm.adversary import flip_labels
+    from hffm.data import DeviceData, TaskData
+
+    def td(labels):
+        n = len(labels)
+        return TaskData("shape", torch.zeros(n, 2), torch.ones(n, 2), None, torch.tensor(labels))
+
+    data = DeviceData(train={"shape": td([0, 1, 4, -1])}, test={"shape": td([0, 1])})
+    flipped = flip_labels(data, {"shape": 5})
+    assert flipped.train["shape"].labels.tolist() == [4, 3, 0, -1]  # -1 (outside the vocabulary) stays
+    assert flipped.test["shape"].labels.tolist() == [0, 1]  # the local test split is untouched
+    assert data.train["shape"].labels.tolist() == [0, 1, 4, -1]  # and so is the honest copy
+
+
+def test_alie_z_follows_baruch_et_al():
+    from statistics import NormalDist
+
+    from hffm.adversary import alie_z
+
+    # s = floor(n/2 + 1) - f; z = inverse normal CDF of (n - s) / n
+    assert alie_z(50, 12) == pytest.approx(NormalDist().inv_cdf(36 / 50))
+    assert alie_z(5, 1) == pytest.approx(NormalDist().inv_cdf(3 / 5))
+    assert alie_z(10, 2) == pytest.approx(NormalDist().inv_cdf(6 / 10))
+    assert alie_z(4, 1) == 0.0  # s = 2: (4 - 2) / 4 = 1/2, nothing to hide behind
+    assert alie_z(10, 4) > alie_z(10, 2) > 0
+    with pytest.raises(ValueError, match="f >= 1"):
+        alie_z(5, 0)
+
+
+def test_colluders_send_alie_and_ipm_from_their_benign_updates():
+    """Against a NumPy reference: ALIE = start + mean - z std, IPM = start - eps mean, over the benign
+    updates of the colluders that hold each module (a head held by one colluder: std 0)."""
+    import numpy as np
+
+    from hffm.adversary import collude
+
+    rng = np.random.default_rng(3)
+    start = {n: Module(n, {"w": torch.tensor(rng.normal(size=6), dtype=torch.float32)}, 2, 1.0)
+             for n in ("adapter.0", "head.shape")}  # fmt: skip
+    benign = []
+    for i in range(3):
+        ms = {"adapter.0": Module("adapter.0", {"w": torch.tensor(rng.normal(size=6), dtype=torch.float32)}, 3, 9.0)}
+        if i == 0:
+            ms["head.shape"] = Module(
+                "head.shape", {"w": torch.tensor(rng.normal(size=6), dtype=torch.float32)}, 3, 4.0
+            )
+        benign.append(ms)
+    s0 = start["adapter.0"].tensors["w"].double().numpy()
+    ups = np.stack([b["adapter.0"].tensors["w"].double().numpy() - s0 for b in benign])
+    alie = collude(AdversaryConfig(behaviour="alie"), start, benign, 1.5)
+    np.testing.assert_allclose(alie["adapter.0"].tensors["w"].numpy(), s0 + ups.mean(0) - 1.5 * ups.std(0), rtol=1e-6)
+    assert torch.equal(alie["head.shape"].tensors["w"], benign[0]["head.shape"].tensors["w"])  # one holder: its own
+    assert alie["adapter.0"].version == 3 and alie["adapter.0"].num_samples == 9.0
+    ipm = collude(AdversaryConfig(behaviour="ipm", epsilon=0.25), start, benign, 1.5)
+    np.testing.assert_allclose(ipm["adapter.0"].tensors["w"].numpy(), s0 - 0.25 * ups.mean(0), rtol=1e-6)
+    with pytest.raises(ValueError, match="not a colluding attack"):
+        collude(AdversaryConfig(behaviour="scale"), start, benign, 1.0)
+    # poison leaves the data and colluding attacks' updates alone
+    for b in ("label_flip", "alie", "ipm"):
+        assert poison(AdversaryConfig(behaviour=b), benign[0], start, 0, "device-0-0", 1) is benign[0]

@@ -414,6 +414,47 @@ def test_scores_travel_in_the_round_report():
     assert back.aggregates[0].scores == (s,)
 
 
+def test_the_cloud_believes_only_scores_a_node_could_have_measured():
+    """A lying node cannot incriminate a sender it did not aggregate, score one sender twice, or put
+    values no aggregation makes into the run's results: those scores are dropped, the rest kept."""
+    import math
+
+    from hffm.results import AggregateRecord, NodeReport, SenderScore
+    from services.common.convert import report_from_pb, report_to_pb
+
+    def sc(sender, module="adapter.0", distance=1.0, norm=1.0, cosine=0.5, z=1.0):
+        return SenderScore(module, sender, distance, norm, cosine, z, z > 3.5, False)
+
+    good = [sc("device-0-0"), sc("device-0-1", z=math.inf), sc("device-0-1", module="adapter.1", cosine=math.nan)]
+    lies = [
+        sc("device-1-0", z=99.0),  # not a sender of this step
+        sc("device-0-0", z=50.0),  # a second score for (adapter.0, device-0-0)
+        sc("device-0-0", module="adapter.2", distance=math.inf),
+        sc("device-0-0", module="adapter.3", norm=-1.0),
+        sc("device-0-0", module="adapter.4", cosine=3.0),
+        sc("device-0-0", module="adapter.5", z=math.nan),
+    ]
+    rep = NodeReport("edge-0", 3)
+    rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))
+    back = report_from_pb(report_to_pb(rep))
+    assert [(s.module, s.sender, s.z) for s in back.aggregates[0].scores] == [(s.module, s.sender, s.z) for s in good]
+    assert back.aggregates[0].counted == ("device-0-0", "device-0-1")  # the report itself is kept
+
+
+def test_results_json_is_strict_json(tmp_path):
+    """An infinite z or a NaN loss is written as null: strict readers (JavaScript, jq) can read it."""
+    import json
+    import math
+
+    from hffm.results import write_results
+
+    write_results(tmp_path / "r.json", {}, [{"round": 1, "train_loss": math.nan, "scores": [{"z": math.inf}]}])
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
+    assert doc["rounds"][0]["train_loss"] is None and doc["rounds"][0]["scores"][0]["z"] is None
+
+
 def test_config_checks_rule_parameters_without_torch():
     """Health checks (every few seconds in every container) load config: checking a rule's parameters
     must not import torch (it did once: 170 MB and seconds per check, and on the 2-core testbed the

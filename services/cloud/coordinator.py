@@ -26,7 +26,7 @@ from hffm.methods import Collect, RoundContext, RoundPlan, Send
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity
 from hffm.planner import PlannedRound, Planner
-from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record
+from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record, strict_json
 from hffm.topology import Topology
 from services.cloud.dispatcher import Assignment, Dispatcher
 from services.cloud.membership import Membership, Registration, RegistrationTimeout
@@ -222,7 +222,7 @@ class Coordinator:
                 rounds=self.cfg.rounds,
                 registered=self.members.expected,
                 expected=self.members.expected,
-                results_json=json.dumps(rec.to_dict()),
+                results_json=json.dumps(strict_json(rec.to_dict()), allow_nan=False),
             )
         )
         log.info("round %d done in %.2fs: %s", r, rec.wall_s, json.dumps(rec.accuracy))

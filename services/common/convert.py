@@ -3,6 +3,7 @@ per message type where the wire meets the core. Runtime state holds core types, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, fields
 
 from hffm.methods import Collect, Evaluate, Quorum, Send, Step, Train
@@ -151,11 +152,28 @@ def report_to_pb(r: NodeReport) -> pb.RoundReport:
 def _plausible(m: pb.TaskMetric) -> bool:
     """A score a node could have measured: 0 <= correct <= total, 0 <= score <= total (finite). A node
     that reports more than it tested is not believed (its metric is dropped, the report kept)."""
-    import math
-
     if not (0 <= m.correct <= m.total):
         return False
     return not m.HasField("score") or (math.isfinite(m.score) and 0.0 <= m.score <= m.total)
+
+
+def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
+    """The outlier scores of one collect step that a node could have measured: of a sender it counted
+    in that step, one per (module, sender), distance and norm finite and ≥ 0, cosine in [-1, 1] or NaN
+    (a zero update), z not NaN. A node cannot incriminate a sender it did not aggregate, or poison the
+    run's results with values no aggregation makes: such a score is dropped (the report kept)."""
+    counted, seen, out = set(a.counted), set(), []
+    for s in a.scores:
+        key = (s.module, s.sender)
+        if s.sender not in counted or key in seen:
+            continue
+        if not (math.isfinite(s.distance) and s.distance >= 0 and math.isfinite(s.norm) and s.norm >= 0):
+            continue
+        if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or math.isnan(s.z):
+            continue
+        seen.add(key)
+        out.append(SenderScore(**{f.name: getattr(s, f.name) for f in fields(SenderScore)}))
+    return tuple(out)
 
 
 def report_from_pb(r: pb.RoundReport) -> NodeReport:
@@ -177,7 +195,7 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
                 a.tag,
                 tuple(a.counted),
                 tuple(a.left_out),
-                tuple(SenderScore(**{f.name: getattr(s, f.name) for f in fields(SenderScore)}) for s in a.scores),
+                _sender_scores(a),
             )
             for a in r.aggregates
         ],

@@ -9,7 +9,7 @@ import zlib
 
 import torch
 
-from hffm.adversary import adversaries, poison
+from hffm.adversary import COLLUDING_ATTACKS, adversaries, alie_z, collude, flip_labels, poison
 from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import task_of
@@ -78,9 +78,23 @@ class DeviceNode(NodeRuntime):
         self.info = topo.device_map[node_id]
         self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer, self.info.tasks)
         # config adversary (tests and benchmarks): this device poisons what it sends
-        self.attacks = node_id in adversaries(cfg.adversary, topo.device_map, cfg.seed)
+        attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed)
+        self.attacks = node_id in attackers
+        self.colluders: list[tuple[str, DeviceData]] = []  # the other attackers' benign data (alie, ipm)
         if self.attacks:
             log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
+            adv = cfg.adversary
+            if adv.behaviour == "label_flip":
+                self.data = flip_labels(self.data, task_labels(cfg))
+            if adv.behaviour in COLLUDING_ATTACKS:
+                holders = topo.holders_by_task()
+                for c in sorted(attackers - {node_id}):
+                    shared = tuple(t for t in topo.device_map[c].tasks if t in self.info.tasks)
+                    if shared:
+                        self.colluders.append((c, build_device_data(cfg, c, holders, host.tokenizer, shared)))
+                # the first aggregator's senders: every device (star) or this device's cluster
+                first = list(topo.device_map) if cfg.method == "star" else [d.id for d in topo.cluster(self.info.edge)]
+                self.alie_z = adv.z if adv.z is not None else alie_z(len(first), len(attackers & set(first)))
 
     def own_module_names(self) -> list[str]:
         return self.own_modules
@@ -92,17 +106,38 @@ class DeviceNode(NodeRuntime):
         faults.hit(self.node_id, "train", state.round)
         t0 = time.perf_counter()
         names = self.own_modules
+        new, stats = self._train_on(self.node_id, self.data, names, state.round)
+        if self.attacks:
+            adv = self.cfg.adversary
+            if adv.behaviour in COLLUDING_ATTACKS:
+                benign = [new]
+                for c, data in self.colluders:
+                    cnames = [n for n in names if task_of(n) is None or task_of(n) in data.train]
+                    benign.append(self._train_on(c, data, cnames, state.round)[0])
+                new = collude(adv, self.modules, benign, self.alie_z)
+            else:
+                new = poison(adv, new, self.modules, self.cfg.seed, self.node_id, state.round)
+        self.modules = {**self.modules, **new}  # other tasks' heads held as a cluster head stay
+        rep = state.report
+        rep.train_loss, rep.train_samples, rep.train_s = stats.loss, stats.samples, time.perf_counter() - t0
+        self.metrics.train_seconds.labels(node=self.node_id).inc(rep.train_s)
+        self.metrics.train_samples.labels(node=self.node_id).inc(stats.samples)
+        self.metrics.train_loss.labels(node=self.node_id).set(stats.loss)
+
+    def _train_on(self, node: str, data: DeviceData, names: list[str], round_: int):
+        """``names`` trained from this device's modules on ``data`` with ``node``'s seed for the round:
+        (the trained module set, the training stats)."""
         noop = self.cfg.train.noop  # the modules come back as they went in: no copy into the model and out
         with self.host.lock:
             if not noop:
                 self.host.load(self.modules)
             stats = train_local(
                 self.host.model,
-                self.data.train,
+                data.train,
                 names,
                 self.cfg.train,
                 self.host.device,
-                seed=zlib.crc32(f"{self.cfg.seed}/{self.node_id}/{state.round}".encode()),
+                seed=zlib.crc32(f"{self.cfg.seed}/{node}/{round_}".encode()),
             )
             if noop:
                 trained = {n: dict(self.modules[n].tensors) for n in names}
@@ -110,21 +145,14 @@ class DeviceNode(NodeRuntime):
                 trained = {
                     n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names
                 }
-        samples = self.data.train_samples()
+        samples = data.train_samples()
         total = sum(samples.values())
         new: ModuleSet = {}
         for n, tensors in trained.items():
             task = task_of(n)
             weight = samples.get(task, 0) if task else total
-            new[n] = Module(n, tensors, state.round, float(max(weight, 1)))
-        if self.attacks:
-            new = poison(self.cfg.adversary, new, self.modules, self.cfg.seed, self.node_id, state.round)
-        self.modules = {**self.modules, **new}  # other tasks' heads held as a cluster head stay
-        rep = state.report
-        rep.train_loss, rep.train_samples, rep.train_s = stats.loss, stats.samples, time.perf_counter() - t0
-        self.metrics.train_seconds.labels(node=self.node_id).inc(rep.train_s)
-        self.metrics.train_samples.labels(node=self.node_id).inc(stats.samples)
-        self.metrics.train_loss.labels(node=self.node_id).set(stats.loss)
+            new[n] = Module(n, tensors, round_, float(max(weight, 1)))
+        return new, stats
 
     def evaluate(self, state: RoundState) -> None:
         global_sets = {task: self.host.global_test(task) for task in self.info.tasks}
