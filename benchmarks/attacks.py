@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,13 @@ RULES: dict[str, list[str]] = {
     "trimmed_mean": ["aggregation.rule=trimmed_mean", "aggregation.params.beta=0.2"],
     "multi-krum": ["aggregation.rule=krum", "aggregation.params.f=1", "aggregation.params.m=3"],
     "bulyan": ["aggregation.rule=bulyan", "aggregation.params.f=1"],
+    # a rule per tier: Bulyan where the devices' updates arrive, plain FedAvg over the 2 edges at the cloud
+    "bulyan (edges), fedavg (cloud)": [
+        "aggregation.rule=bulyan",
+        "aggregation.params.f=1",
+        "aggregation.tiers.cloud.rule=fedavg",
+        "aggregation.tiers.cloud.params.flag_z=3.5",
+    ],
     "clipped fedavg": ["aggregation.rule=fedavg", "aggregation.params.clip_norm=2"],
     "fedavg, flagged excluded": ["aggregation.rule=fedavg", "aggregation.params.exclude_flagged=1"],
 }
@@ -88,7 +96,7 @@ def run_matrix(
         for attack, asets in ATTACKS.items():
             if attacks and attack not in attacks:
                 continue
-            name = f"{rule}--{attack}".replace(" ", "_")
+            name = re.sub(r"[^\w.-]+", "_", f"{rule}--{attack}")
             cfg_sets = [*base, *rsets, *asets]
             t = time.time()
             results = run(load_config(None, cfg_sets), out / name, Console(file=io.StringIO()), force=True)

@@ -1,6 +1,7 @@
-"""Adversarial devices for tests and benchmarks (config ``adversary``): which devices attack, and what
-an attacking device sends instead of its honest update. Pure functions; a device applies ``poison`` to
-its trained modules only when it is in ``adversaries`` (an honest device is never touched).
+"""Adversarial nodes for tests and benchmarks (config ``adversary``): which devices and edges attack,
+and what an attacking node sends instead of its honest update. Pure functions; a device applies
+``poison`` to its trained modules, an edge to the aggregate of its devices (before it forwards it to
+the cloud and back to them), only when it is in ``adversaries`` (an honest node is never touched).
 
 Behaviours, with ``start`` the module the device began the round with and ``update`` = trained − start:
 ``sign_flip`` sends start − scale × update (gradient ascent), ``scale`` start + scale × update (a
@@ -37,15 +38,23 @@ DATA_ATTACKS = ("label_flip",)  # poison the training data; the update is sent a
 COLLUDING_ATTACKS = ("alie", "ipm")  # need the attackers' benign updates (``collude``)
 
 
-def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int) -> frozenset[str]:
-    """The attacking devices: ``cfg.nodes`` and round(fraction × n) more drawn from the rest by ``seed``.
-    ValueError naming ``adversary.nodes`` for an id that is not a device."""
+def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int, edges: Iterable[str] = ()) -> frozenset[str]:
+    """The attacking nodes: ``cfg.nodes`` (devices or edges) and round(fraction × devices) more devices
+    drawn from the rest by ``seed``. ValueError naming the field for an id that is neither, or for an
+    edge given a behaviour that needs training data (an edge only aggregates: it can poison what it
+    forwards with an ``UPDATE_ATTACKS`` behaviour)."""
     devs = sorted(devices)
-    unknown = sorted(set(cfg.nodes) - set(devs))
+    aggregators = set(edges)
+    unknown = sorted(set(cfg.nodes) - set(devs) - aggregators)
     if unknown:
-        raise ValueError(f"adversary.nodes: {unknown} are not devices of this topology")
+        raise ValueError(f"adversary.nodes: {unknown} are not devices or edges of this topology")
+    if (bad := sorted(set(cfg.nodes) & aggregators)) and cfg.behaviour not in UPDATE_ATTACKS:
+        raise ValueError(
+            f"adversary.behaviour: {cfg.behaviour} needs training data, and {bad} only aggregate "
+            f"(an edge attacks with one of {list(UPDATE_ATTACKS)})"
+        )
     chosen = set(cfg.nodes)
-    k = round(cfg.fraction * len(devs)) - len(chosen)
+    k = round(cfg.fraction * len(devs)) - len(chosen & set(devs))
     rest = [d for d in devs if d not in chosen]
     if k > 0:
         chosen.update(random.Random(f"adversary/{seed}").sample(rest, min(k, len(rest))))
@@ -100,8 +109,10 @@ def collude(cfg: AdversaryConfig, start: ModuleSet, benign: Sequence[ModuleSet],
 
 
 def poison(cfg: AdversaryConfig, trained: ModuleSet, start: ModuleSet, seed: int, node: str, round_: int) -> ModuleSet:
-    """What an attacking device sends in place of ``trained`` (same names, versions and weights), for
-    the behaviours that poison the update alone (``UPDATE_ATTACKS``); others send ``trained``."""
+    """What an attacking node sends in place of ``trained`` (same names, versions and weights), for the
+    behaviours that poison the update alone (``UPDATE_ATTACKS``); others send ``trained``. A device's
+    ``trained`` is its locally trained modules; an edge's is the aggregate of its devices, ``start``
+    what it held before (its update is the aggregate's step)."""
     if cfg.behaviour not in UPDATE_ATTACKS:
         return trained
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{node}/{round_}/adversary".encode()))

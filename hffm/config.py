@@ -334,6 +334,22 @@ class QuorumConfig(_Strict):
     )
 
 
+class TierAggregation(_Strict):
+    """One tier's rule, in place of ``aggregation.rule`` and ``aggregation.params`` (nothing inherited
+    from them: a tier that sets ``rule`` names all of its parameters)."""
+
+    rule: str | None = D(None, description="this tier's rule (null: aggregation.rule)")
+    params: dict[str, float] = D(default_factory=dict, description="this tier's rule's parameters")
+
+
+class AggregationTiers(_Strict):
+    """Rules per tier: the cloud's collects, the edges', and the devices' (D2D cluster heads)."""
+
+    cloud: TierAggregation = D(default_factory=TierAggregation, description="the cloud's collect steps")
+    edge: TierAggregation = D(default_factory=TierAggregation, description="every edge's collect steps")
+    head: TierAggregation = D(default_factory=TierAggregation, description="devices' collect steps (cluster heads)")
+
+
 class AggregationConfig(_Strict):
     """How every collect step aggregates (carried by the plan to every node)."""
 
@@ -344,6 +360,10 @@ class AggregationConfig(_Strict):
         "bulyan f (1); any rule clip_norm (clip each update to this L2 norm first)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
+    tiers: AggregationTiers = D(
+        default_factory=AggregationTiers,
+        description="a rule per tier in place of rule/params (e.g. the median at edges, FedAvg at a 2-edge cloud)",
+    )
 
     @field_validator("rule")
     @classmethod
@@ -356,7 +376,23 @@ class AggregationConfig(_Strict):
             rule_arguments(self.rule, self.params)
         except ValueError as err:
             raise ValueError(f"params: {err}") from None
+        for tier in AggregationTiers.model_fields:
+            t: TierAggregation = getattr(self.tiers, tier)
+            if t.rule is None:
+                if t.params:
+                    raise ValueError(f"tiers.{tier}.params: set without tiers.{tier}.rule")
+                continue
+            _one_of(t.rule, AGGREGATION_RULES, f"tiers.{tier}.rule")
+            try:
+                rule_arguments(t.rule, t.params)
+            except ValueError as err:
+                raise ValueError(f"tiers.{tier}.params: {err}") from None
         return self
+
+    def for_tier(self, tier: str) -> tuple[str, dict[str, float]]:
+        """(rule, params) of the collect steps at ``tier`` (cloud, edge, head)."""
+        t: TierAggregation = getattr(self.tiers, tier)
+        return (self.rule, self.params) if t.rule is None else (t.rule, t.params)
 
 
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -143,6 +143,20 @@ class RoundPlan:
             steps[n] = out
         return RoundPlan(self.round, steps)
 
+    def with_tier_rules(
+        self, rules: Mapping[str, tuple[str, tuple[tuple[str, float], ...]]], topo: Topology
+    ) -> RoundPlan:
+        """The plan with each collect step's rule and parameters those of its node's tier (``rules``:
+        tier -> (rule, sorted params); tiers ``cloud``, ``edge`` and ``head``: a device's collects)."""
+        steps: dict[str, list[Step]] = {}
+        for n, ss in self.steps.items():
+            role = topo.role(n)
+            rule, params = rules.get("head" if role == "device" else role, (None, ()))
+            steps[n] = [
+                replace(s, rule=rule, params=params) if isinstance(s, Collect) and rule is not None else s for s in ss
+            ]
+        return RoundPlan(self.round, steps)
+
     def transfers(self) -> list[tuple[str, Send]]:
         return [(n, s) for n, ss in self.steps.items() for s in ss if isinstance(s, Send)]
 

@@ -38,6 +38,14 @@ class Planner:
         self.cfg = cfg
         self.costs = costs
         self.method: Method = make_method(cfg.method, cfg.e_agg, aggregation_spec(cfg.aggregation))
+        agg = cfg.aggregation
+        # aggregation.tiers: the tiers that set their own rule (the others keep the method's)
+        self.tier_rules = {
+            t: (rule, tuple(sorted(params.items())))
+            for t in ("cloud", "edge", "head")
+            if getattr(agg.tiers, t).rule is not None
+            for rule, params in [agg.for_tier(t)]
+        }
 
     def plan(
         self,
@@ -55,6 +63,8 @@ class Planner:
         gone = set(members.node_ids()) - set(topo.node_ids())
         ctx = self.costs.d2d_context(topo, round_, gone) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
+        if self.tier_rules:
+            plan = plan.with_tier_rules(self.tier_rules, topo)
         if not evaluates(round_, self.cfg.rounds, self.cfg.train.eval_every):
             plan = plan.without_evaluation()
         starts = StartPlan({n: (0, 0) for n in topo.node_ids()}, {})

@@ -417,7 +417,7 @@ def _run(
         topo = Topology.from_config(cfg, layers)
         check_capacity(cfg, topo)
         try:
-            attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed)
+            attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if attackers:

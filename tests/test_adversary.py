@@ -28,8 +28,14 @@ def test_who_attacks_is_named_or_drawn_by_seed():
     assert adversaries(AdversaryConfig(fraction=0.2), DEVICES, 0) == drawn  # reproducible
     assert adversaries(AdversaryConfig(fraction=0.3, nodes=["device-0-0"]), DEVICES, 0) >= {"device-0-0"}
     assert len(adversaries(AdversaryConfig(fraction=0.3, nodes=["device-0-0"]), DEVICES, 0)) == 3
-    with pytest.raises(ValueError, match=r"adversary.nodes: \['edge-0'\]"):
+    with pytest.raises(ValueError, match=r"adversary.nodes: \['edge-0'\] are not devices or edges"):
         adversaries(AdversaryConfig(nodes=["edge-0"]), DEVICES, 0)
+    # an edge may attack (it poisons the aggregate it forwards); the fraction counts devices only
+    edges = ["edge-0", "edge-1"]
+    both = adversaries(AdversaryConfig(nodes=["edge-1"], fraction=0.2), DEVICES, 0, edges)
+    assert "edge-1" in both and len(both - {"edge-1"}) == 2 and both - {"edge-1"} <= set(DEVICES)
+    with pytest.raises(ValueError, match=r"adversary.behaviour: label_flip needs training data, and \['edge-0'\]"):
+        adversaries(AdversaryConfig(nodes=["edge-0"], behaviour="label_flip"), DEVICES, 0, edges)
 
 
 def test_each_behaviour_sends_what_it_says():
@@ -168,3 +174,83 @@ def test_colluders_send_alie_and_ipm_from_their_benign_updates():
     # poison leaves the data and colluding attacks' updates alone
     for b in ("label_flip", "alie", "ipm"):
         assert poison(AdversaryConfig(behaviour=b), benign[0], start, 0, "device-0-0", 1) is benign[0]
+
+
+def _scores(out: Path, node: str) -> list[dict]:
+    res = json.loads((out / "results.json").read_text())
+    return [s for r in res["rounds"] for a in r["aggregates"] if a["node"] == node for s in a["scores"]]
+
+
+def test_alie_colluders_send_one_vector(tmp_path):
+    """Star over real gRPC, 6 devices, two ALIE colluders: each trains on both attackers' partitions
+    from the same global start, so both send the same vector: at the cloud their distances to the
+    median are equal, every honest sender's differs. The run completes and results say who attacked."""
+    sets = ["method=star", "rounds=2", "topology.edges=2", "topology.devices_per_edge=3",
+            "runtime.devices_per_process=3", "data.train_per_task=90", "aggregation.params.flag_z=3.5",
+            "adversary.nodes=[device-0-1,device-1-0]", "adversary.behaviour=alie"]  # fmt: skip
+    out = tmp_path / "alie"
+    res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
+    assert res["detection"]["adversaries"] == ["device-0-1", "device-1-0"]
+    last = res["rounds"][-1]["aggregates"]
+    dist = {(s["module"], s["sender"]): s["distance"] for a in last if a["node"] == "cloud" for s in a["scores"]}
+    adapters = sorted({m for m, _ in dist if m.startswith("adapter")})
+    assert adapters
+    for m in adapters:
+        assert dist[(m, "device-0-1")] == dist[(m, "device-1-0")], m
+        honest = [dist[(m, d)] for d in ("device-0-0", "device-0-2", "device-1-1", "device-1-2")]
+        assert dist[(m, "device-0-1")] not in honest, m
+
+
+def test_an_adversarial_edge_is_flagged_and_left_out_by_the_cloud(tmp_path):
+    """hfm over real gRPC, 4 edges x 2 devices, cloud every round; edge-3 forwards its devices'
+    aggregate boosted x50. The cloud (4 senders: enough to score) flags edge-3 in every round and, with
+    exclude_flagged, its global modules stay near the clean run's while plain FedAvg's are dragged."""
+    base = ["method=hfm", "e_agg=1", "rounds=2", "topology.edges=4", "topology.devices_per_edge=2",
+            "runtime.devices_per_process=4", "data.train_per_task=80"]  # fmt: skip
+    attack = ["adversary.nodes=[edge-3]", "adversary.behaviour=scale", "adversary.scale=50"]
+    runs = {
+        "clean": base,
+        "fedavg": base + attack,
+        "excluded": base + attack + ["aggregation.params.flag_z=3.5", "aggregation.params.exclude_flagged=1"],
+    }
+    got = {}
+    for name, sets in runs.items():
+        out = tmp_path / name
+        res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
+        got[name] = _flat(out)
+        if name == "excluded":
+            det = res["detection"]
+            assert det["adversaries"] == ["edge-3"] and det["flagged"] == ["edge-3"], det
+            assert det["recall"] == 1.0 and det["false_positive_rate"] == 0.0, det
+            assert all(s["excluded"] for s in _scores(out, "cloud") if s["sender"] == "edge-3")
+        logs = "".join(p.read_text() for p in (out / "logs").iterdir())
+        assert ("edge-3 is an adversary" in logs) == (name != "clean")
+    dragged = float((got["fedavg"] - got["clean"]).norm())
+    held = float((got["excluded"] - got["clean"]).norm())
+    assert dragged > 5 * held, (dragged, held)
+
+
+def test_an_attacking_cluster_head_poisons_its_clusters_aggregate(tmp_path):
+    """hfm-d2d over real gRPC, one cluster of 3 whose head (central policy: fixed by geometry) free-rides:
+    it returns what it started the round with for the whole cluster, so the run ends exactly where a run
+    in which every device free-rides ends (the honest members' updates never get past their head)."""
+    from hffm.costmodel import CostModel
+    from hffm.model import backbone_dims
+    from hffm.topology import Topology
+
+    base = ["method=hfm-d2d", "e_agg=2", "rounds=2", "topology.edges=1", "topology.devices_per_edge=3",
+            "runtime.devices_per_process=3", "data.train_per_task=60", "d2d.head_policy=central",
+            "adversary.behaviour=free_ride", "train.eval_every=0"]  # fmt: skip
+    cfg = load_config(None, base)
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    cm = CostModel(cfg, topo)
+    heads = {cm.d2d_context(topo, r, set()).heads["edge-0"] for r in (1, 2)}
+    assert len(heads) == 1, heads  # the same head in both rounds
+    head = heads.pop()
+    got = {}
+    everyone = ",".join(d.id for d in topo.devices)
+    for name, nodes in (("head", head), ("everyone", everyone)):
+        out = tmp_path / name
+        run(load_config(None, [*base, f"adversary.nodes=[{nodes}]"]), out, Console(file=io.StringIO()), timeout_s=300)
+        got[name] = _flat(out)
+    assert torch.equal(got["head"], got["everyone"])

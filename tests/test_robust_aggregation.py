@@ -237,6 +237,43 @@ def test_bad_parameters_named_at_config_load():
     assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
+def test_a_rule_per_tier():
+    """aggregation.tiers: the planner gives each collect step its node's tier's rule (the median at the
+    edges, plain FedAvg at a 2-edge cloud, Multi-Krum at D2D cluster heads); tiers that set nothing
+    keep aggregation.rule; bad tier settings are named at config load."""
+    from hffm.costmodel import CostModel
+    from hffm.model import backbone_dims
+    from hffm.planner import Planner
+    from hffm.topology import Topology
+
+    sets = ["method=hfm-d2d", "e_agg=1", "aggregation.rule=trimmed_mean", "aggregation.params.beta=0.2",
+            "aggregation.tiers.edge.rule=median", "aggregation.tiers.edge.params.flag_z=3",
+            "aggregation.tiers.head.rule=krum", "aggregation.tiers.head.params.f=1",
+            "aggregation.tiers.head.params.m=2"]  # fmt: skip
+    cfg = load_config(None, sets)
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    plan = Planner(cfg, CostModel(cfg, topo)).plan(2, topo).plan
+    want = {
+        "cloud": ("trimmed_mean", (("beta", 0.2),)),  # no tier rule: aggregation.rule
+        "edge": ("median", (("flag_z", 3.0),)),
+        "device": ("krum", (("f", 1.0), ("m", 2.0))),
+    }
+    seen = set()
+    for node, c in plan.collects():
+        role = topo.role(node)
+        assert (c.rule, c.params) == want[role], (node, c)
+        seen.add(role)
+    assert seen == set(want)
+    for bad, match in (
+        (["aggregation.tiers.cloud.params.f=1"], "tiers.cloud.params: set without tiers.cloud.rule"),
+        (["aggregation.tiers.edge.rule=mean"], "tiers.edge.rule"),
+        (["aggregation.tiers.edge.rule=median", "aggregation.tiers.edge.params.beta=0.1"], "tiers.edge.params"),
+        (["aggregation.tiers.fog.rule=median"], "unknown key"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, bad)
+
+
 def test_a_sync_is_adopted_as_sent_whatever_the_rule():
     """A sync (a node adopting another's state) never goes through a robust rule or clipping."""
     from hffm.methods import Collect, RoundPlan

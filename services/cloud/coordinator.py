@@ -76,7 +76,9 @@ class Coordinator:
         self.planner = Planner(cfg, self.costs)
         self.method = self.planner.method
         self.dispatcher = Dispatcher(cfg, node, self.members)
-        self.results = ResultsWriter(cfg, out_dir, node.metrics, adversaries(cfg.adversary, topo.device_map, cfg.seed))
+        self.results = ResultsWriter(
+            cfg, out_dir, node.metrics, adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
+        )
         self.persistor = Persistor(Path(cfg.checkpoint.dir or out_dir / "state") / CLOUD, keep=cfg.checkpoint.keep)
         # node -> the round end it holds, as far as the coordinator knows (hffm/recovery.py)
         self.held: dict[str, tuple[int, int]] = {n: (0, 0) for n in topo.node_ids()}

@@ -9,7 +9,7 @@ import zlib
 
 import torch
 
-from hffm.adversary import COLLUDING_ATTACKS, adversaries, alie_z, collude, flip_labels, poison
+from hffm.adversary import COLLUDING_ATTACKS, UPDATE_ATTACKS, adversaries, alie_z, collude, flip_labels, poison
 from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import task_of
@@ -78,9 +78,10 @@ class DeviceNode(NodeRuntime):
         self.info = topo.device_map[node_id]
         self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer, self.info.tasks)
         # config adversary (tests and benchmarks): this device poisons what it sends
-        attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed)
+        attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
         self.attacks = node_id in attackers
         self.colluders: list[tuple[str, DeviceData]] = []  # the other attackers' benign data (alie, ipm)
+        self._round_start: ModuleSet = self.modules  # what it held when it began training this round
         if self.attacks:
             log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
             adv = cfg.adversary
@@ -106,6 +107,7 @@ class DeviceNode(NodeRuntime):
         faults.hit(self.node_id, "train", state.round)
         t0 = time.perf_counter()
         names = self.own_modules
+        self._round_start = self.modules  # an attacking cluster head poisons its aggregate against it
         new, stats = self._train_on(self.node_id, self.data, names, state.round)
         if self.attacks:
             adv = self.cfg.adversary
@@ -123,6 +125,13 @@ class DeviceNode(NodeRuntime):
         self.metrics.train_seconds.labels(node=self.node_id).inc(rep.train_s)
         self.metrics.train_samples.labels(node=self.node_id).inc(stats.samples)
         self.metrics.train_loss.labels(node=self.node_id).set(stats.loss)
+
+    def poison_aggregate(self, tag: str, modules: ModuleSet, round_: int) -> ModuleSet:
+        """An attacking device that is its cluster's D2D head (config adversary, an update behaviour)
+        also poisons the cluster's aggregate, against what it held at the start of the round."""
+        if not self.attacks or tag != "cluster" or self.cfg.adversary.behaviour not in UPDATE_ATTACKS:
+            return modules
+        return poison(self.cfg.adversary, modules, self._round_start, self.cfg.seed, f"{self.node_id}/head", round_)
 
     def _train_on(self, node: str, data: DeviceData, names: list[str], round_: int):
         """``names`` trained from this device's modules on ``data`` with ``node``'s seed for the round:

@@ -15,7 +15,9 @@ import threading
 
 import grpc
 
+from hffm.adversary import adversaries, poison
 from hffm.ids import CLOUD
+from hffm.modules import ModuleSet
 from hffm.topology import Topology
 from services.common.bootstrap import (
     advertise_address,
@@ -38,6 +40,19 @@ log = logging.getLogger("hffm.edge")
 
 class EdgeNode(NodeRuntime):
     role = "edge"
+
+    def __init__(self, *args, attacks: bool = False, **kw) -> None:
+        super().__init__(*args, **kw)
+        # config adversary (tests and benchmarks): this edge poisons the aggregate of its devices
+        self.attacks = attacks
+        if attacks:
+            log.warning("%s is an adversary: it forwards %s aggregates (config adversary)", self.node_id,
+                        self.cfg.adversary.behaviour)  # fmt: skip
+
+    def poison_aggregate(self, tag: str, modules: ModuleSet, round_: int) -> ModuleSet:
+        if not self.attacks or tag != "aggregate":  # the devices' updates, not the cloud's broadcast it relays
+            return modules
+        return poison(self.cfg.adversary, modules, self.modules, self.cfg.seed, self.node_id, round_)
 
 
 class EdgeRegistry(pb_grpc.RegistryServicer):
@@ -88,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         args.listen,
         start_metrics(args, cfg, args.id),
         persistor=persistor(args, cfg, args.id),
+        attacks=args.id in adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges),
     )
     registry = EdgeRegistry(node, topo, args.upstream, cfg.runtime.register_timeout_s)
     srv = NodeServer(
