@@ -52,40 +52,57 @@ def final_accuracy(results: dict) -> dict[str, float]:
     return {t: v["global"] for t, v in sorted(last["accuracy"].items())}
 
 
+FEDERATED_ONLY = ("train.prox_mu",)  # settings centralised training ignores (its cached result is kept)
+
+
 def run_all(
-    out: Path, quick: bool = False, sets: list[str] | None = None, log=print, methods: tuple[str, ...] = METHODS
+    out: Path,
+    quick: bool = False,
+    sets: list[str] | None = None,
+    log=print,
+    methods: tuple[str, ...] = METHODS,
+    label: str = "",
 ) -> dict:
+    """``label`` names a variant (e.g. ``prox0.01`` with ``--set train.prox_mu=0.01``): its rows are
+    ``<method> (<label>)`` and its results are kept beside the plain ones in the same DIR."""
     out.mkdir(parents=True, exist_ok=True)
     sets_ = [*BASE, *(QUICK if quick else []), *(sets or [])]
     from services.launcher import run
 
     res: dict = {"sets": sets_, "methods": {}, "curves": {}}
 
-    def part(name: str, make) -> dict:
+    def part(name: str, make, key: list[str]) -> dict:
         # each part's results are kept (DIR/<name>.json with the settings): a re-run redoes only what changed
         f = out / f"{name}.json"
-        if f.is_file() and (kept := json.loads(f.read_text())).get("sets") == sets_:
+        if f.is_file() and (kept := json.loads(f.read_text())).get("sets") == key:
             log(f"{name}: kept from {f}")
             return kept["results"]
         log(f"{name}...")
         results = make()
-        f.write_text(json.dumps({"sets": sets_, "results": results}))
+        f.write_text(json.dumps({"sets": key, "results": results}))
         return results
 
     t = time.time()
-    central = part("centralised", lambda: run_centralised(load_config(None, sets_), log=lambda s: log("  " + s)))
+    central_sets = [s for s in sets_ if not s.startswith(FEDERATED_ONLY)]
+    central = part(
+        "centralised",
+        lambda: run_centralised(load_config(None, central_sets), log=lambda s: log("  " + s)),
+        central_sets,
+    )
     res["centralised"] = {"accuracy": final_accuracy(central), "wall_s": time.time() - t}
     res["curves"]["centralised"] = [[r["round"], _mean(r)] for r in central["rounds"]]
     for m in methods:
+        name, row = (f"{m}-{label}", f"{m} ({label})") if label else (m, m)
         results = part(
-            m,
-            lambda m=m: run(
-                load_config(None, [*sets_, f"method={m}"]), out / m, Console(file=io.StringIO()), force=True
+            name,
+            lambda m=m, name=name: run(
+                load_config(None, [*sets_, f"method={m}"]), out / name, Console(file=io.StringIO()), force=True
             ),
+            sets_,
         )
-        res["methods"][m] = {"accuracy": final_accuracy(results), **totals(results["rounds"])}
-        res["curves"][m] = [[r["round"], _mean(r)] for r in results["rounds"] if r["accuracy"]]
-        log("  " + " ".join(f"{k}={v:.3f}" for k, v in res["methods"][m]["accuracy"].items()))
+        res["methods"][row] = {"accuracy": final_accuracy(results), **totals(results["rounds"])}
+        res["curves"][row] = [[r["round"], _mean(r)] for r in results["rounds"] if r["accuracy"]]
+        log("  " + " ".join(f"{k}={v:.3f}" for k, v in res["methods"][row]["accuracy"].items()))
     (out / "realdata.json").write_text(json.dumps(res, indent=1))
     (out / "realdata.md").write_text(table(res))
     plot(res, out / "realdata.png")
@@ -143,11 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="2 edges x 2 devices, 2 rounds, small pools")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--label", default="", help="name of a variant (its --set): rows '<method> (<label>)'")
     a = p.parse_args(argv)
     methods = tuple(m for m in a.methods.split(",") if m)
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"--methods: unknown {unknown}")
-    res = run_all(a.out, a.quick, a.sets, methods=methods)
+    if a.label and not a.label.replace(".", "").replace("-", "").replace("_", "").isalnum():
+        p.error(f"--label: {a.label!r} must be letters, digits, '.', '-' or '_'")
+    res = run_all(a.out, a.quick, a.sets, methods=methods, label=a.label)
     print(table(res))
 
 

@@ -54,10 +54,11 @@ def run_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> dict
     train = {t: training_pool(cfg, t, tok) for t in cfg.tasks}
     test = {t: build_global_test(cfg, t, tok) for t in cfg.tasks}
     names = model.module_names()
+    central = cfg.train.model_copy(update={"prox_mu": 0.0})  # one model: there is no drift to limit
     rounds = []
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        stats = train_local(model, train, names, cfg.train, device, seed=zlib.crc32(f"{cfg.seed}/central/{r}".encode()))
+        stats = train_local(model, train, names, central, device, seed=zlib.crc32(f"{cfg.seed}/central/{r}".encode()))
         scores = evaluate(model, test, device)
         acc = {t: {"global": s.accuracy} for t, s in sorted(scores.items())}
         rounds.append(

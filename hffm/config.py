@@ -200,6 +200,12 @@ class TrainConfig(_Strict):
     batch_size: int = D(32, ge=1, description="samples per optimisation step")
     lr: float = D(3e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = D(0.0, ge=0, description="AdamW weight decay")
+    prox_mu: float = D(
+        0.0,
+        ge=0,
+        description="FedProx's mu: local loss + mu/2 ||w - w_start||^2 over the trained modules (0: plain FedAvg "
+        "training; centralised training never uses it)",
+    )
     noop: bool = D(False, description="skip the optimisation step but keep every exchange (runtime benchmarks)")
     eval_every: int = D(
         1,

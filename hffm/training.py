@@ -39,6 +39,10 @@ def train_local(
     torch.manual_seed(seed)
     params = model.trainable_parameters(module_names)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # FedProx (Li et al. 2020): a proximal term keeps the local modules near the round's start, which
+    # limits client drift on non-IID data; mu = 0 leaves the loss (and every bit of the result) as it was
+    mu = cfg.prox_mu
+    anchors = [p.detach().clone() for p in params] if mu > 0 else []
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
@@ -57,7 +61,12 @@ def train_local(
             logits = model(batch, task)
             loss = loss_fn(logits, batch["labels"])
             opt.zero_grad(set_to_none=True)
-            (loss / len(idx)).backward()
+            objective = loss / len(idx)
+            if anchors:
+                objective = objective + 0.5 * mu * sum(
+                    (p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)
+                )
+            objective.backward()
             opt.step()
             total_loss += float(loss.detach())
             seen += len(idx)

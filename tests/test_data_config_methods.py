@@ -248,3 +248,35 @@ def test_eval_every_leaves_evaluation_out_of_plans_but_keeps_exchanges():
     assert any(isinstance(s, Evaluate) for ss in plan.steps.values() for s in ss)
     assert not any(isinstance(s, Evaluate) for ss in bare.steps.values() for s in ss)
     assert bare.transfers() == plan.transfers()
+
+
+def test_fedprox_keeps_local_modules_near_their_start(small_cfg):
+    """train.prox_mu: the proximal term mu/2 ||w - w_start||^2 pulls the trained modules back towards the
+    round's start (a large mu moves them less than plain training on the same data and seed); mu = 0
+    is plain training, bit for bit (the same seed twice gives the same modules)."""
+    import torch
+
+    from hffm.data import build_device_data, task_labels
+    from hffm.model import build_model
+    from hffm.training import train_local
+
+    tok = build_tokenizer()
+    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
+    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
+    names = model.module_names()
+    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+
+    def moved(mu: float) -> float:
+        for n in names:
+            model.load_module_state(n, start[n])
+        cfg = small_cfg.train.model_copy(update={"prox_mu": mu})
+        train_local(model, data, names, cfg, "cpu", seed=7)
+        d = [(v - start[n][k]).reshape(-1) for n in names for k, v in model.module_state(n).items()]
+        return float(torch.cat(d).norm())
+
+    plain, again, prox = moved(0.0), moved(0.0), moved(50.0)
+    assert plain == again > 0
+    assert prox < 0.7 * plain, (prox, plain)
+    with pytest.raises(ConfigError, match="prox_mu"):
+        load_config(None, ["train.prox_mu=-1"])
