@@ -9,7 +9,16 @@ import zlib
 
 import torch
 
-from hffm.adversary import COLLUDING_ATTACKS, UPDATE_ATTACKS, adversaries, alie_z, collude, flip_labels, poison
+from hffm.adversary import (
+    COLLUDING_ATTACKS,
+    DATA_ATTACKS,
+    UPDATE_ATTACKS,
+    adversaries,
+    alie_z,
+    collude,
+    flip_labels,
+    poison,
+)
 from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import task_of
@@ -85,7 +94,7 @@ class DeviceNode(NodeRuntime):
         if self.attacks:
             log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
             adv = cfg.adversary
-            if adv.behaviour == "label_flip":
+            if adv.behaviour in DATA_ATTACKS:
                 self.data = flip_labels(self.data, task_labels(cfg))
             if adv.behaviour in COLLUDING_ATTACKS:
                 holders = topo.holders_by_task()
