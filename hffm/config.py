@@ -395,10 +395,13 @@ class AggregationConfig(_Strict):
                 raise ValueError(f"tiers.{tier}.params: {err}") from None
         return self
 
-    def for_tier(self, tier: str) -> tuple[str, dict[str, float]]:
-        """(rule, params) of the collect steps at ``tier`` (cloud, edge, head)."""
-        t: TierAggregation = getattr(self.tiers, tier)
-        return (self.rule, self.params) if t.rule is None else (t.rule, t.params)
+    def tier_rules(self) -> dict[str, tuple[str, tuple[tuple[str, float], ...]]]:
+        """tier -> (rule, sorted params) for the tiers that set their own rule (the others keep ``rule``)."""
+        return {
+            tier: (t.rule, tuple(sorted(t.params.items())))
+            for tier in AggregationTiers.model_fields
+            if (t := getattr(self.tiers, tier)).rule is not None
+        }
 
 
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -38,14 +38,7 @@ class Planner:
         self.cfg = cfg
         self.costs = costs
         self.method: Method = make_method(cfg.method, cfg.e_agg, aggregation_spec(cfg.aggregation))
-        agg = cfg.aggregation
-        # aggregation.tiers: the tiers that set their own rule (the others keep the method's)
-        self.tier_rules = {
-            t: (rule, tuple(sorted(params.items())))
-            for t in ("cloud", "edge", "head")
-            if getattr(agg.tiers, t).rule is not None
-            for rule, params in [agg.for_tier(t)]
-        }
+        self.tier_rules = cfg.aggregation.tier_rules()  # aggregation.tiers: the others keep the method's rule
 
     def plan(
         self,
