@@ -44,7 +44,7 @@ def run_all(
     tr = timed("transfer", lambda: transfer.run(quick))
     log("aggregation: decode + FedAvg vs one flat in-place multiply-add per upload...")
     ag = timed("aggregation", lambda: aggregation.run(quick))
-    sizes = sizes or ([10, 20] if quick else [10, 100, 400, 1000])
+    sizes = sizes or ([4, 8] if quick else [10, 100, 400, 1000])
     log(f"devices per machine, tiny model, training on: {sizes}...")
     dv = timed("devices", lambda: devices.run_sweep(out, sizes, log))
     paper_sizes = [2] if quick else [4, 10, 20]

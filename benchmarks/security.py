@@ -46,6 +46,6 @@ def run_pair(n: int, out: Path, pairs: int = 2) -> dict:
 
 
 def run_all(out: Path, quick: bool, log=print) -> dict:
-    n = 10 if quick else 40
+    n = 4 if quick else 40
     log(f"security: a round with mTLS + signed pushes vs plaintext, {n} devices...")
     return run_pair(n, out, pairs=1 if quick else 2)
