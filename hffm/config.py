@@ -507,8 +507,65 @@ class FaultsConfig(_Strict):
     restart_delay_s: float = D(1.0, ge=0, description="hffm run waits this long before restarting a process")
 
 
+DEPTHS = ("personal", "head", "edge", "cloud")
+PATHS = ("star", "direct", "d2d")
+
+
+class CirculationRule(_Strict):
+    """Where the modules matching ``modules`` are aggregated, how often and by which path (the paper's
+    Section V-A). Devices train every module every round; a rule says which of them leave the device."""
+
+    modules: str = D(description="module name pattern (fnmatch: 'head.*', 'adapter.[0-5]', 'head.vqa')")
+    depth: str = D(
+        "cloud",
+        description="the deepest tier that aggregates them: personal (never leave the device) | head (the "
+        "D2D cluster head) | edge | cloud",
+    )
+    path: str = D(
+        "direct",
+        description="star: device <-> cloud | direct: device <-> edge (<-> cloud) | d2d: device <-> cluster head "
+        "over multi-hop D2D (head <-> edge <-> cloud)",
+    )
+    every: int = D(1, ge=1, description="rounds between aggregations at the first tier (the edge or the head)")
+    cloud_every: int | None = D(
+        None, ge=1, description="rounds between cloud aggregations (depth cloud; null: e_agg, star: every)"
+    )
+    rule: str | None = D(None, description="the aggregation rule of these modules' collect steps (null: aggregation's)")
+    params: dict[str, float] = D(default_factory=dict, description="that rule's parameters")
+
+    @model_validator(mode="after")
+    def _check(self) -> CirculationRule:
+        _one_of(self.depth, DEPTHS, "depth")
+        _one_of(self.path, PATHS, "path")
+        if self.depth == "personal":
+            return self
+        if self.path == "star" and self.depth != "cloud":
+            raise ValueError(f"path: star goes device <-> cloud, so depth must be cloud (not {self.depth})")
+        if self.path == "d2d" and self.depth == "edge":
+            raise ValueError(
+                "depth: with path d2d an edge has one sender per cluster (its head): use depth head, or cloud"
+            )
+        if self.depth == "head" and self.path != "d2d":
+            raise ValueError("depth: head is a D2D cluster head, so path must be d2d")
+        if self.cloud_every is not None and self.cloud_every % self.every:
+            raise ValueError(f"cloud_every ({self.cloud_every}) must be a multiple of every ({self.every})")
+        if self.rule is not None:
+            _one_of(self.rule, AGGREGATION_RULES, "rule")
+            try:
+                rule_arguments(self.rule, self.params)
+            except ValueError as err:
+                raise ValueError(f"params: {err}") from None
+        elif self.params:
+            raise ValueError("params: set without rule")
+        return self
+
+
 class CirculationConfig(_Strict):
-    """Per-module aggregation depth, period and path: nothing yet; the circulation issue fills it."""
+    """Per-module circulation: rules matched in order against module names (the first match wins);
+    modules no rule matches follow ``method`` (each of the five methods is such a rule for every module:
+    docs/circulation.md)."""
+
+    rules: list[CirculationRule] = D(default_factory=list, description="the rules, first match wins")
 
 
 class AdversaryConfig(_Strict):

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, task_of
-from hffm.topology import Topology
+from hffm.topology import DeviceInfo, Topology
 
 __all__ = ["D2D", "DEVICE_CLOUD", "DEVICE_EDGE", "EDGE_CLOUD", "LINK_KINDS", "SYNC"]
 
@@ -86,6 +86,7 @@ class Collect:
     quorum: Quorum = Quorum()
     # sender -> ((module, largest weight it may claim), ...); senders not listed are unbounded
     weight_caps: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+    own: tuple[str, ...] = ()  # include_self: which of the node's own modules count (empty: all of them)
 
     def caps_of(self, sender: str) -> dict[str, float]:
         return dict(next((c for s, c in self.weight_caps if s == sender), ()))
@@ -200,18 +201,40 @@ class AggregationSpec:
 
 
 class Method(ABC):
+    """A whole-set schedule. ``select`` restricts it to some modules (a circulation rule's: the others
+    are not its business) and ``suffix`` marks its collect tags apart from other rules' in one round."""
+
     name: str
     uses_d2d = False
 
-    def __init__(self, e_agg: int = 1, aggregation: AggregationSpec | None = None) -> None:
+    def __init__(
+        self,
+        e_agg: int = 1,
+        aggregation: AggregationSpec | None = None,
+        select: Callable[[str], bool] | None = None,
+        suffix: str = "",
+    ) -> None:
         self.e_agg = e_agg
         self.aggregation = aggregation or AggregationSpec()
+        self.select = select
+        self.suffix = suffix
+
+    def mods(self, topo: Topology, node: str) -> tuple[str, ...]:
+        """The modules of ``node`` this schedule moves."""
+        return tuple(m for m in topo.modules_for(node) if self.select is None or self.select(m))
+
+    def takes_part(self, topo: Topology, devices: list[DeviceInfo]) -> list[str]:
+        """The devices holding a module this schedule moves."""
+        return [d.id for d in devices if self.mods(topo, d.id)]
+
+    def tag(self, tag: str) -> str:
+        return tag + self.suffix
 
     def collect(self, tag: str, senders: tuple[str, ...] | list[str], link: str, include_self: bool = False) -> Collect:
         """A collect of aggregates (an edge's, a head's, the cloud's): the rule, and every sender waited
         for (a lost aggregator aborts the attempt: docs/reliability.md)."""
         a = self.aggregation
-        return Collect(tag, tuple(senders), link, include_self, a.rule, a.params)
+        return Collect(self.tag(tag), tuple(senders), link, include_self, a.rule, a.params)
 
     def collect_updates(
         self, tag: str, senders: tuple[str, ...] | list[str], link: str, include_self: bool = False
@@ -219,7 +242,10 @@ class Method(ABC):
         """A collect of devices' own updates: the rule and the quorum (a straggler or a lost device is
         left out once the deadline passed, if enough came)."""
         a = self.aggregation
-        return Collect(tag, tuple(senders), link, include_self, a.rule, a.params, a.quorum)
+        return Collect(self.tag(tag), tuple(senders), link, include_self, a.rule, a.params, a.quorum)
+
+    def send(self, to: str, link: str, tag: str, modules: tuple[str, ...], route: tuple[str, ...] = ()) -> Send:
+        return Send(to, link, self.tag(tag), modules, route)
 
     @abstractmethod
     def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan: ...
@@ -236,17 +262,17 @@ class Star(Method):
 
     def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan:
         plan = RoundPlan(round_)
-        devices = [d.id for d in topo.devices]
+        devices = self.takes_part(topo, list(topo.devices))
         for d in devices:
             plan.add(
                 d,
                 Train(),
-                Send(CLOUD, DEVICE_CLOUD, "aggregate", tuple(topo.modules_for(d))),
+                self.send(CLOUD, DEVICE_CLOUD, "aggregate", self.mods(topo, d)),
                 self.collect("broadcast", (CLOUD,), DEVICE_CLOUD),
                 Evaluate(),
             )
         plan.add(CLOUD, self.collect_updates("aggregate", devices, DEVICE_CLOUD))
-        plan.add(CLOUD, *(Send(d, DEVICE_CLOUD, "broadcast", tuple(topo.modules_for(d))) for d in devices))
+        plan.add(CLOUD, *(self.send(d, DEVICE_CLOUD, "broadcast", self.mods(topo, d)) for d in devices))
         return plan
 
 
@@ -261,14 +287,15 @@ class HFM(Method):
     def plan(self, round_: int, topo: Topology, ctx: RoundContext | None = None) -> RoundPlan:
         plan = RoundPlan(round_)
         sync = self.cloud_round(round_)
-        edges = tuple(e for e in topo.edges if topo.cluster(e))  # an edge with no device sits the round out
+        clusters = {e: self.takes_part(topo, topo.cluster(e)) for e in topo.edges}
+        edges = tuple(e for e in topo.edges if clusters[e])  # an edge with no device sits the round out
         for edge in edges:
-            members = [d.id for d in topo.cluster(edge)]
+            members = clusters[edge]
             for d in members:
                 plan.add(
                     d,
                     Train(),
-                    Send(edge, DEVICE_EDGE, "aggregate", tuple(topo.modules_for(d))),
+                    self.send(edge, DEVICE_EDGE, "aggregate", self.mods(topo, d)),
                     self.collect("broadcast", (edge,), DEVICE_EDGE),
                     Evaluate(),
                 )
@@ -276,13 +303,13 @@ class HFM(Method):
             if sync:
                 plan.add(
                     edge,
-                    Send(CLOUD, EDGE_CLOUD, "aggregate", tuple(topo.modules_for(edge))),
+                    self.send(CLOUD, EDGE_CLOUD, "aggregate", self.mods(topo, edge)),
                     self.collect("broadcast", (CLOUD,), EDGE_CLOUD),
                 )
-            plan.add(edge, *(Send(d, DEVICE_EDGE, "broadcast", tuple(topo.modules_for(d))) for d in members))
+            plan.add(edge, *(self.send(d, DEVICE_EDGE, "broadcast", self.mods(topo, d)) for d in members))
         if sync:
             plan.add(CLOUD, self.collect("aggregate", edges, EDGE_CLOUD))
-            plan.add(CLOUD, *(Send(e, EDGE_CLOUD, "broadcast", tuple(topo.modules_for(e))) for e in edges))
+            plan.add(CLOUD, *(self.send(e, EDGE_CLOUD, "broadcast", self.mods(topo, e)) for e in edges))
         return plan
 
 
@@ -312,47 +339,49 @@ class HFMD2D(Method):
             raise ValueError(f"{self.name} needs cluster heads and D2D paths")
         plan = RoundPlan(round_)
         sync = self.cloud_round(round_)
+        edges = []
         for edge in topo.edges:
-            members = [d.id for d in topo.cluster(edge)]
+            members = self.takes_part(topo, topo.cluster(edge))
             if not members:
                 continue
+            edges.append(edge)
             head = ctx.heads[edge]
             others = [d for d in members if d != head]
             for d in others:
                 plan.add(
                     d,
                     Train(),
-                    Send(head, D2D, "cluster", tuple(topo.modules_for(d)), tuple(ctx.up_paths[d][1:-1])),
+                    self.send(head, D2D, "cluster", self.mods(topo, d), tuple(ctx.up_paths[d][1:-1])),
                     self.collect("broadcast", (head,), D2D),
                     Evaluate(),
                 )
-            plan.add(head, Train(), self.collect_updates("cluster", others, D2D, include_self=True))
-            cluster_modules = tuple(topo.modules_for(edge))
+            # the head counts its own update when it holds any of these modules (it may only aggregate)
+            cluster = self.collect_updates("cluster", others, D2D, include_self=head in members)
+            if self.select is not None and head in members:
+                cluster = replace(cluster, own=self.mods(topo, head))
+            plan.add(head, Train(), cluster)
+            cluster_modules = self.mods(topo, edge)
             if sync:
                 plan.add(
                     head,
-                    Send(edge, DEVICE_EDGE, "aggregate", cluster_modules),
+                    self.send(edge, DEVICE_EDGE, "aggregate", cluster_modules),
                     self.collect("down", (edge,), DEVICE_EDGE),
                 )
                 plan.add(
                     edge,
                     self.collect("aggregate", (head,), DEVICE_EDGE),
-                    Send(CLOUD, EDGE_CLOUD, "aggregate", cluster_modules),
+                    self.send(CLOUD, EDGE_CLOUD, "aggregate", cluster_modules),
                     self.collect("broadcast", (CLOUD,), EDGE_CLOUD),
-                    Send(head, DEVICE_EDGE, "down", cluster_modules),
+                    self.send(head, DEVICE_EDGE, "down", cluster_modules),
                 )
             plan.add(
                 head,
-                *(
-                    Send(d, D2D, "broadcast", tuple(topo.modules_for(d)), tuple(ctx.down_paths[d][1:-1]))
-                    for d in others
-                ),
+                *(self.send(d, D2D, "broadcast", self.mods(topo, d), tuple(ctx.down_paths[d][1:-1])) for d in others),
                 Evaluate(),
             )
         if sync:
-            edges = tuple(e for e in topo.edges if topo.cluster(e))
-            plan.add(CLOUD, self.collect("aggregate", edges, EDGE_CLOUD))
-            plan.add(CLOUD, *(Send(e, EDGE_CLOUD, "broadcast", tuple(topo.modules_for(e))) for e in edges))
+            plan.add(CLOUD, self.collect("aggregate", tuple(edges), EDGE_CLOUD))
+            plan.add(CLOUD, *(self.send(e, EDGE_CLOUD, "broadcast", self.mods(topo, e)) for e in edges))
         return plan
 
 
@@ -369,8 +398,14 @@ class EdgeOnlyD2D(HFMD2D):
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Star, HFM, HFMD2D, EdgeOnly, EdgeOnlyD2D)}
 
 
-def make_method(name: str, e_agg: int = 1, aggregation: AggregationSpec | None = None) -> Method:
+def make_method(
+    name: str,
+    e_agg: int = 1,
+    aggregation: AggregationSpec | None = None,
+    select: Callable[[str], bool] | None = None,
+    suffix: str = "",
+) -> Method:
     try:
-        return REGISTRY[name](e_agg=e_agg, aggregation=aggregation)
+        return REGISTRY[name](e_agg=e_agg, aggregation=aggregation, select=select, suffix=suffix)
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}") from None

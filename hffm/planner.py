@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hffm.circulation import Circulation
 from hffm.config import AggregationConfig, HFFMConfig
 from hffm.costmodel import CostModel
 from hffm.geometry import path
-from hffm.methods import AggregationSpec, Method, Quorum, RoundContext, RoundPlan, evaluates, make_method
+from hffm.ids import CLOUD
+from hffm.methods import AggregationSpec, Quorum, RoundContext, RoundPlan, evaluates
 from hffm.recovery import StartPlan, StateKey, critical, plan_starts, with_syncs
 from hffm.topology import Topology
 
@@ -37,8 +39,10 @@ class Planner:
     def __init__(self, cfg: HFFMConfig, costs: CostModel) -> None:
         self.cfg = cfg
         self.costs = costs
-        self.method: Method = make_method(cfg.method, cfg.e_agg, aggregation_spec(cfg.aggregation))
-        self.tier_rules = cfg.aggregation.tier_rules()  # aggregation.tiers: the others keep the method's rule
+        # the configured method, or per-module rules over it (circulation.rules); either way a rule's or a
+        # tier's aggregation rule (aggregation.tiers) is written into each collect step
+        modules = costs.topo.modules_for(CLOUD)
+        self.method: Circulation = Circulation.from_config(cfg, modules, aggregation_spec(cfg.aggregation))
 
     def plan(
         self,
@@ -56,8 +60,6 @@ class Planner:
         gone = set(members.node_ids()) - set(topo.node_ids())
         ctx = self.costs.d2d_context(topo, round_, gone) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
-        if self.tier_rules:
-            plan = plan.with_tier_rules(self.tier_rules, topo)
         if not evaluates(round_, self.cfg.rounds, self.cfg.train.eval_every):
             plan = plan.without_evaluation()
         starts = StartPlan({n: (0, 0) for n in topo.node_ids()}, {})
@@ -67,7 +69,7 @@ class Planner:
                 return path(self.costs.d2d_graph(edge, exclude=frozenset(gone)), src, dst)
 
             starts = plan_starts(self.method, topo, held, cloud_rounds_done or [], ctx, route)
-            plan = with_syncs(plan, starts, topo, self.method.collect)
+            plan = with_syncs(plan, starts, topo, self.method.collect, self.method.circulating)
         if samples is not None:
             plan = plan.with_weight_caps(samples, topo)
         plan.validate()

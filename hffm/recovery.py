@@ -123,10 +123,17 @@ def edge_state(edge: str, held: Mapping[str, StateKey], sync: Mapping[str, SyncS
     return held.get(edge, INITIAL)
 
 
-def with_syncs(plan: RoundPlan, starts: StartPlan, topo: Topology, collect: Callable[..., Collect]) -> RoundPlan:
+def with_syncs(
+    plan: RoundPlan,
+    starts: StartPlan,
+    topo: Topology,
+    collect: Callable[..., Collect],
+    modules: Callable[[Topology, str], tuple[str, ...]] | None = None,
+) -> RoundPlan:
     """``plan`` with every synced node's ``Collect(SYNC)`` first, and each source's ``Send(SYNC)`` right
     after its own sync (if any) and before everything else it does. ``collect(tag, senders, link)`` makes
-    the method's collect step (its rule; a sync has one sender)."""
+    the method's collect step (its rule; a sync has one sender); ``modules(topo, node)``: what a sync
+    carries (default: all of the node's modules; a circulation policy's personal modules stay put)."""
     if not starts.sync:
         return plan
     steps: dict[str, list[Step]] = {n: list(ss) for n, ss in plan.steps.items()}
@@ -136,7 +143,11 @@ def with_syncs(plan: RoundPlan, starts: StartPlan, topo: Topology, collect: Call
         sync = replace(collect(SYNC, (src.source,), src.link), rule="fedavg", params=())
         first.setdefault(n, []).insert(0, sync)
     for n, src in sorted(starts.sync.items()):
-        first.setdefault(src.source, []).append(Send(n, src.link, SYNC, tuple(topo.modules_for(n)), src.route))
+        carried = modules(topo, n) if modules is not None else tuple(topo.modules_for(n))
+        if carried:
+            first.setdefault(src.source, []).append(Send(n, src.link, SYNC, carried, src.route))
+        else:  # nothing of it circulates: there is nothing to catch up on
+            first[n].remove(next(s for s in first[n] if isinstance(s, Collect) and s.tag == SYNC))
     for n, pre in first.items():
         steps[n] = [*pre, *steps.get(n, [])]
     return RoundPlan(plan.round, steps)

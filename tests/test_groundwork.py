@@ -40,7 +40,7 @@ def test_the_core_imports_neither_services_nor_benchmarks():
 
 def test_planning_imports_no_torch_and_no_grpc():
     code = (
-        "import sys, hffm.methods, hffm.topology, hffm.planner, hffm.ids, hffm.config;"
+        "import sys, hffm.methods, hffm.circulation, hffm.topology, hffm.planner, hffm.ids, hffm.config;"
         "bad = [m for m in ('torch', 'grpc') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)

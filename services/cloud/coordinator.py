@@ -187,7 +187,7 @@ class Coordinator:
         # what the transfers were charged on: the bytes really sent, or cost.module_bytes_override per push
         override = self.costs.cost.module_bytes_override
         cost["bytes_basis"] = f"override:{override}" if override else "sent"
-        if self.costs.cost.profile == "paper":  # the seed code's per-round composition
+        if self.costs.cost.profile == "paper" and not self.cfg.circulation.rules:  # the seed code's composition
             cost["latency_s"], cost["energy_j"] = self.costs.paper_round(self.method.name, self.cfg.e_agg, ctx.heads)
         cost["heads"] = dict(ctx.heads)
         return cost

@@ -80,6 +80,7 @@ def step_to_pb(s: Step) -> pb.Step:
                     min_senders=q.min_senders, min_fraction=q.min_fraction, deadline_s=q.deadline_s or 0.0
                 ),
                 weight_caps={sender: pb.ModuleWeights(module=dict(caps)) for sender, caps in s.weight_caps},
+                own=list(s.own),
             )
         )
     raise TypeError(f"not a step: {s!r}")
@@ -107,6 +108,7 @@ def step_from_pb(s: pb.Step) -> Step:
             tuple(sorted(c.params.items())),
             Quorum(q.min_senders, q.min_fraction or 1.0, q.deadline_s or None),
             tuple((sender, tuple(sorted(w.module.items()))) for sender, w in sorted(c.weight_caps.items())),
+            tuple(c.own),
         )
     raise ValueError("step has no kind")
 

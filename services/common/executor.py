@@ -53,7 +53,8 @@ class StepExecutor:
     def _collect(self, state: RoundState, s: Collect) -> None:
         node = self.node
         if s.include_self:
-            own = {n: node.modules[n] for n in node.own_module_names()}
+            names = node.own_module_names()
+            own = {n: node.modules[n] for n in (s.own or names) if n in names}
             node.inbox.add_own(s.tag, own)
             node.trace(f"{state.trace_prefix}-{s.tag}-own", own)
         faults.hit(node.node_id, f"collect.{s.tag}", state.round)
