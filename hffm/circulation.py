@@ -30,8 +30,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
+from typing import Any
 
-from hffm.config import CirculationRule, HFFMConfig
+from hffm.config import AggregationConfig, CirculationConfig, CirculationRule, HFFMConfig
 from hffm.ids import CLOUD
 from hffm.methods import (
     REGISTRY,
@@ -39,6 +40,7 @@ from hffm.methods import (
     Collect,
     Evaluate,
     Method,
+    Quorum,
     RoundContext,
     RoundPlan,
     Send,
@@ -58,6 +60,54 @@ BASES: dict[tuple[str, str], str] = {
 PRESETS: dict[str, tuple[str, str]] = {m: pd for pd, m in BASES.items()}
 
 Rules = Mapping[str, tuple[str, tuple[tuple[str, float], ...]]]  # tier -> (rule, sorted params)
+
+# Non-uniform policies worth comparing (hffm table1's extra rows, hffm sweep's grid): name -> (the
+# fallback method, e_agg, rules as in config)
+NAMED_POLICIES: dict[str, tuple[str, int, list[dict[str, Any]]]] = {
+    "uniform": ("hfm-d2d", 2, []),
+    "uniform, E_agg=4": ("hfm-d2d", 4, []),
+    "heads personal": ("hfm-d2d", 2, [{"modules": "head.*", "depth": "personal"}]),
+    "heads in the cluster": ("hfm-d2d", 2, [{"modules": "head.*", "depth": "head", "path": "d2d"}]),
+    "adapters to the cloud every 4": (
+        "hfm-d2d",
+        2,
+        [{"modules": "adapter.*", "depth": "cloud", "path": "d2d", "cloud_every": 4}],
+    ),
+    "adapters to the cloud every 8": (
+        "hfm-d2d",
+        2,
+        [{"modules": "adapter.*", "depth": "cloud", "path": "d2d", "cloud_every": 8}],
+    ),
+    "adapters in the cluster every 2": (
+        "hfm-d2d",
+        2,
+        [{"modules": "adapter.*", "depth": "cloud", "path": "d2d", "every": 2, "cloud_every": 4}],
+    ),
+    "heads via the edge": ("hfm-d2d", 2, [{"modules": "head.*", "depth": "cloud", "path": "direct"}]),
+}
+
+
+def aggregation_spec(cfg: AggregationConfig) -> AggregationSpec:
+    q = cfg.quorum
+    return AggregationSpec(
+        cfg.rule, tuple(sorted(cfg.params.items())), Quorum(q.min_senders, q.min_fraction, q.deadline_s)
+    )
+
+
+def with_policy(cfg: HFFMConfig, method: str, e_agg: int, rules: list[dict[str, Any]]) -> HFFMConfig:
+    """``cfg`` with its method, e_agg and circulation rules replaced (the rules validated as at load)."""
+    circulation = CirculationConfig(rules=[CirculationRule(**r) for r in rules])
+    return cfg.model_copy(update={"method": method, "e_agg": e_agg, "circulation": circulation})
+
+
+def pareto(points: Mapping[str, tuple[float, ...]]) -> list[str]:
+    """The names whose point no other point dominates (every coordinate minimised: negate accuracy), in
+    the order given."""
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+    return [n for n, p in points.items() if not any(dominates(q, p) for m, q in points.items() if m != n)]
 
 
 @dataclass(frozen=True)
@@ -126,12 +176,12 @@ class Circulation(Method):
         self.uses_d2d = any(f.path == "d2d" for f in self.flows if f.depth != "personal")
 
     @classmethod
-    def from_config(cls, cfg: HFFMConfig, modules: list[str], aggregation: AggregationSpec) -> Circulation:
+    def from_config(cls, cfg: HFFMConfig, modules: list[str]) -> Circulation:
         return cls(
             flows(cfg.circulation.rules, cfg.method, cfg.e_agg),
             modules,
             cfg.method,
-            aggregation,
+            aggregation_spec(cfg.aggregation),
             cfg.aggregation.tier_rules(),
         )
 
@@ -227,4 +277,18 @@ def describe(method: Method) -> list[str]:
     return [f"*: {method.name}"]
 
 
-__all__ = ["BASES", "CLOUD", "PRESETS", "Circulation", "Flow", "flows", "merge", "phases", "preset_flow"]
+__all__ = [
+    "BASES",
+    "CLOUD",
+    "NAMED_POLICIES",
+    "PRESETS",
+    "Circulation",
+    "Flow",
+    "aggregation_spec",
+    "flows",
+    "merge",
+    "pareto",
+    "phases",
+    "preset_flow",
+    "with_policy",
+]

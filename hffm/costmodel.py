@@ -117,15 +117,22 @@ def draw_budget(cost: CostConfig, topo: Topology, geo: Geometry) -> LinkBudget:
     return LinkBudget(up, down, d2d)
 
 
+_SIZES: dict[str, dict[str, int]] = {}  # the config parts sizes depend on -> sizes (a paper-size set takes seconds)
+
+
 def module_sizes(cfg: HFFMConfig) -> dict[str, int]:
-    """Serialized size (wire dtype) of each of the federation's modules: what the services send."""
+    """Serialized size (wire dtype) of each of the federation's modules: what the services send. Built
+    once per model, tasks, data and wire settings in a process."""
     from hffm.data import task_labels
     from hffm.model import backbone_dims, initial_modules
     from hffm.modules import encode_module
 
-    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
-    mods = initial_modules(cfg, topo.modules_for(CLOUD), task_labels(cfg))
-    return {n: encode_module(m, cfg.wire.dtype).size_bytes for n, m in mods.items()}
+    key = cfg.model_dump_json(include={"model", "tasks", "data", "wire", "topology"})
+    if key not in _SIZES:
+        topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+        mods = initial_modules(cfg, topo.modules_for(CLOUD), task_labels(cfg))
+        _SIZES[key] = {n: encode_module(m, cfg.wire.dtype).size_bytes for n, m in mods.items()}
+    return dict(_SIZES[key])
 
 
 # ---- charging transfers --------------------------------------------------------------------------

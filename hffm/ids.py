@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 # ---- nodes --------------------------------------------------------------------------------------
 CLOUD = "cloud"
@@ -43,6 +44,7 @@ class NodeId:
         return device_id(self.edge or 0, self.index or 0)
 
 
+@lru_cache(maxsize=4096)  # bounded: ids also come from callers; a NodeId is immutable
 def parse_node_id(node: str) -> NodeId:
     """Parse ``node``; ``ValueError`` naming it when it is not a node id."""
     if node == CLOUD:

@@ -9,20 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hffm.circulation import Circulation
-from hffm.config import AggregationConfig, HFFMConfig
+from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel
 from hffm.geometry import path
 from hffm.ids import CLOUD
-from hffm.methods import AggregationSpec, Quorum, RoundContext, RoundPlan, evaluates
+from hffm.methods import RoundContext, RoundPlan, evaluates
 from hffm.recovery import StartPlan, StateKey, critical, plan_starts, with_syncs
 from hffm.topology import Topology
-
-
-def aggregation_spec(cfg: AggregationConfig) -> AggregationSpec:
-    q = cfg.quorum
-    return AggregationSpec(
-        cfg.rule, tuple(sorted(cfg.params.items())), Quorum(q.min_senders, q.min_fraction, q.deadline_s)
-    )
 
 
 @dataclass(frozen=True)
@@ -42,7 +35,7 @@ class Planner:
         # the configured method, or per-module rules over it (circulation.rules); either way a rule's or a
         # tier's aggregation rule (aggregation.tiers) is written into each collect step
         modules = costs.topo.modules_for(CLOUD)
-        self.method: Circulation = Circulation.from_config(cfg, modules, aggregation_spec(cfg.aggregation))
+        self.method: Circulation = Circulation.from_config(cfg, modules)
 
     def plan(
         self,

@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hffm.circulation import NAMED_POLICIES, Circulation, with_policy
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop, module_sizes
-from hffm.methods import RoundPlan, Send, Train, make_method
+from hffm.ids import CLOUD
+from hffm.methods import RoundPlan, Send, Train
 from hffm.topology import Topology
 
 # (method, e_agg, paper latency s, paper energy J ("kJ" in the paper), paper accuracy %)
@@ -33,6 +35,11 @@ PAPER_ROWS: list[tuple[str, int, float, float, float]] = [
 ]
 
 
+# the non-uniform policies Table I shows below the paper's rows (corrected profile: the paper's per-round
+# formulas know methods, not modules); each is hffm.circulation.NAMED_POLICIES[name]
+POLICY_ROWS: tuple[str, ...] = ("heads personal", "adapters to the cloud every 4", "heads via the edge")
+
+
 @dataclass
 class Row:
     method: str
@@ -40,17 +47,18 @@ class Row:
     latency_s: float
     energy_j: float
     accuracy: float | None
-    paper_latency_s: float
-    paper_energy_j: float
-    paper_accuracy: float
+    paper_latency_s: float | None
+    paper_energy_j: float | None
+    paper_accuracy: float | None
+    policy: str = ""  # a named non-uniform policy over ``method`` (docs/circulation.md); "": the method
 
     @property
-    def latency_ratio(self) -> float:
-        return self.latency_s / self.paper_latency_s
+    def latency_ratio(self) -> float | None:
+        return self.latency_s / self.paper_latency_s if self.paper_latency_s else None
 
     @property
-    def energy_ratio(self) -> float:
-        return self.energy_j / self.paper_energy_j
+    def energy_ratio(self) -> float | None:
+        return self.energy_j / self.paper_energy_j if self.paper_energy_j else None
 
 
 def plan_hops(plan: RoundPlan, module_bytes: dict[str, int]) -> list[Hop]:
@@ -77,18 +85,28 @@ def device_samples(cfg: HFFMConfig, topo: Topology) -> dict[str, int]:
     return out
 
 
-def modeled_row(cfg: HFFMConfig, method_name: str, e_agg: int, rounds: int) -> tuple[float, float]:
-    """(latency_s, energy_j) per round of a method under ``cfg.cost``, averaged over ``rounds``."""
+_MEMO: dict[str, tuple[dict[str, int], dict[str, int]]] = {}  # config (less the schedule) -> sizes, samples
+
+
+def modeled_cost(cfg: HFFMConfig, rounds: int, by_module: dict[str, float] | None = None) -> tuple[float, float]:
+    """(latency_s, energy_j) per round of ``cfg``'s method and circulation rules under ``cfg.cost``,
+    averaged over ``rounds``; ``by_module`` (if given) is filled with each module's transfer energy per
+    round."""
     from hffm.model import backbone_dims
 
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     costs = CostModel(cfg, topo)
-    method = make_method(method_name, e_agg)
+    method = Circulation.from_config(cfg, topo.modules_for(CLOUD))
     if costs.cost.profile == "paper":
+        if cfg.circulation.rules:
+            raise ValueError("cost.profile=paper charges whole methods (the seed code's formulas): use corrected")
         heads = costs.d2d_context(topo, 1).heads if method.uses_d2d else None
-        return costs.paper_round(method_name, e_agg, heads)
-    sizes = module_sizes(cfg)
-    samples = device_samples(cfg, topo)
+        return costs.paper_round(cfg.method, cfg.e_agg, heads)
+    key = cfg.model_dump_json(exclude={"method", "e_agg", "circulation", "cost", "rounds"})
+    if key not in _MEMO:  # the same federation charged under several schedules builds these once
+        _MEMO.clear()
+        _MEMO[key] = (module_sizes(cfg), device_samples(cfg, topo))
+    sizes, samples = _MEMO[key]
     lat, energy = 0.0, 0.0
     for r in range(1, rounds + 1):
         ctx = costs.d2d_context(topo, r) if method.uses_d2d else None
@@ -97,7 +115,15 @@ def modeled_row(cfg: HFFMConfig, method_name: str, e_agg: int, rounds: int) -> t
         rc = costs.round_cost(plan, plan_hops(plan, sizes), {d: n for d, n in samples.items() if d in trainers})
         lat += rc.latency_s
         energy += rc.energy_j
+        for m, e in rc.by_module.items():
+            if by_module is not None:
+                by_module[m] = by_module.get(m, 0.0) + e / rounds
     return lat / rounds, energy / rounds
+
+
+def modeled_row(cfg: HFFMConfig, method_name: str, e_agg: int, rounds: int) -> tuple[float, float]:
+    """(latency_s, energy_j) per round of a method under ``cfg.cost``, averaged over ``rounds``."""
+    return modeled_cost(with_policy(cfg, method_name, e_agg, []), rounds)
 
 
 def build_rows(
@@ -106,11 +132,18 @@ def build_rows(
     accuracy: dict[tuple[str, int], float] | None = None,
     modeled: dict[tuple[str, int], tuple[float, float]] | None = None,
 ) -> list[Row]:
+    """The paper's seven rows; with the corrected profile also ``POLICY_ROWS`` (accuracy keyed by the
+    policy's name)."""
     rows = []
     for method, e_agg, p_lat, p_en, p_acc in PAPER_ROWS:
         key = (method, e_agg)
         lat, en = (modeled or {}).get(key) or modeled_row(cfg, method, e_agg, rounds)
         rows.append(Row(method, e_agg, lat, en, (accuracy or {}).get(key), p_lat, p_en, p_acc))
+    if cfg.cost.profile != "paper":
+        for name in POLICY_ROWS:
+            method, e_agg, rules = NAMED_POLICIES[name]
+            lat, en = modeled_cost(with_policy(cfg, method, e_agg, rules), rounds)
+            rows.append(Row(method, e_agg, lat, en, (accuracy or {}).get(name), None, None, None, name))
     return rows
 
 
@@ -123,7 +156,12 @@ def as_json(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def label(r: Row) -> str:
-    return r.method + (f" (E_agg={r.e_agg})" if r.method in ("hfm", "hfm-d2d") else "")
+    base = r.method + (f" (E_agg={r.e_agg})" if r.method in ("hfm", "hfm-d2d") else "")
+    return f"{base}: {r.policy}" if r.policy else base
+
+
+def num(x: float | None, fmt: str = ".2f") -> str:
+    return "—" if x is None else format(x, fmt)
 
 
 def as_markdown(rows: list[Row], profile: str) -> str:
@@ -136,8 +174,9 @@ def as_markdown(rows: list[Row], profile: str) -> str:
     for r in rows:
         acc = f"{100 * r.accuracy:.2f}" if r.accuracy is not None else "—"
         lines.append(
-            f"| {label(r)} | {r.latency_s:.2f} | {r.paper_latency_s:.2f} | {r.latency_ratio:.3f} | "
-            f"{r.energy_j:.2f} | {r.paper_energy_j:.2f} | {r.energy_ratio:.3f} | {acc} | {r.paper_accuracy:.2f} |"
+            f"| {label(r)} | {r.latency_s:.2f} | {num(r.paper_latency_s)} | {num(r.latency_ratio, '.3f')} | "
+            f"{r.energy_j:.2f} | {num(r.paper_energy_j)} | {num(r.energy_ratio, '.3f')} | {acc} | "
+            f"{num(r.paper_accuracy)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -165,7 +204,7 @@ def write_outputs(rows: list[Row], out: Path, profile: str) -> dict[str, Path]:
         (axes[1], [r.energy_j for r in rows], [r.paper_energy_j for r in rows], "energy per round (J)"),
     ):
         ax.bar([x - 0.2 for x in xs], ours, width=0.4, label=f"hffm ({profile})")
-        ax.bar([x + 0.2 for x in xs], paper, width=0.4, label="paper")
+        ax.bar([x + 0.2 for x in xs], [p or 0.0 for p in paper], width=0.4, label="paper")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_title(title)

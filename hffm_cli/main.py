@@ -354,8 +354,9 @@ def table1(
 
     from rich.table import Table
 
+    from hffm.circulation import NAMED_POLICIES, with_policy
     from hffm.config import PAPER_MODEL
-    from hffm.table1 import PAPER_ROWS, as_json, as_markdown, build_rows, label, write_outputs
+    from hffm.table1 import PAPER_ROWS, POLICY_ROWS, as_json, as_markdown, build_rows, label, num, write_outputs
 
     if profile not in ("paper", "corrected"):
         console.print(f"[red]--profile: {profile!r} is not one of paper, corrected[/red]")
@@ -376,16 +377,18 @@ def table1(
         from services.launcher import run as launch
 
         accuracy = {}
-        for method, e_agg, *_ in PAPER_ROWS:
-            run_cfg = cfg.model_copy(update={"method": method, "e_agg": e_agg})
-            console.print(f"[bold]training run[/bold] {method} e_agg={e_agg}")
+        runs = [((m, e), with_policy(cfg, m, e, []), f"{m}-e{e}") for m, e, *_ in PAPER_ROWS]
+        if profile != "paper":  # the non-uniform policies' rows (the paper's formulas know methods only)
+            runs += [(n, with_policy(cfg, *NAMED_POLICIES[n]), n.replace(" ", "-")) for n in POLICY_ROWS]
+        for key, run_cfg, name in runs:
+            console.print(f"[bold]training run[/bold] {name}")
             try:
-                res = launch(run_cfg, out / f"{method}-e{e_agg}", console, force=True)
+                res = launch(run_cfg, out / name, console, force=True)
             except RunFailed as err:
                 console.print(f"[red]run failed:[/red] {err}")
                 raise typer.Exit(1) from None
             last = res["rounds"][-1]["accuracy"]
-            accuracy[(method, e_agg)] = sum(v["global"] for v in last.values()) / len(last)
+            accuracy[key] = sum(v["global"] for v in last.values()) / len(last)
     rows = build_rows(cost_cfg, rounds, accuracy)
     paths = write_outputs(rows, out, profile)
     if fmt == "json":
@@ -401,13 +404,13 @@ def table1(
             t.add_row(
                 label(r),
                 f"{r.latency_s:.2f}",
-                f"{r.paper_latency_s:.2f}",
-                f"{r.latency_ratio:.3f}",
+                num(r.paper_latency_s),
+                num(r.latency_ratio, ".3f"),
                 f"{r.energy_j:.2f}",
-                f"{r.paper_energy_j:.2f}",
-                f"{r.energy_ratio:.3f}",
+                num(r.paper_energy_j),
+                num(r.energy_ratio, ".3f"),
                 acc,
-                f"{r.paper_accuracy:.2f}",
+                num(r.paper_accuracy),
             )
         console.print(t)
         console.print(" ".join(str(p) for p in paths.values()))
@@ -555,6 +558,33 @@ def attacks(
     res = run_matrix(out, quick, sets, log=console.print, rules=rules or None, attacks=attack or None)
     console.print(tables(res), markup=False)
     console.print(f"{out / 'attacks.json'}  {out / 'attacks.md'}")
+
+
+@app.command()
+def sweep(
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o"),
+    quick: bool = typer.Option(False, "--quick", help="2 edges x 2 devices, 2 rounds, small pools"),
+    sets: list[str] = typer.Option([], "--set", help="KEY=VALUE over the sweep's settings (repeatable)"),
+    policy: list[str] = typer.Option([], "--policy", help="policies to run (repeatable; default: all)"),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="seeds per policy (accuracy averaged)"),
+) -> None:
+    """Circulation policies side by side: real runs for accuracy, the cost model (paper-size modules) for
+    energy and latency; prints the table and the Pareto front, writes OUT/sweep.{json,md,png}."""
+    from benchmarks.circulation import markdown, run_sweep
+    from hffm.circulation import NAMED_POLICIES
+
+    if unknown := [x for x in policy if x not in NAMED_POLICIES]:
+        raise typer.BadParameter(f"unknown {unknown}; known: {list(NAMED_POLICIES)}", param_hint="--policy")
+    res = run_sweep(out, quick, sets, policy or None, seeds, log=console.print)
+    console.print(markdown(res), markup=False)
+    console.print(f"Pareto front: {', '.join(res['pareto'])}")
+    if "goal" in res:
+        g = res["goal"]
+        console.print(
+            f"goal (>= 30 % less energy than uniform hfm-d2d E_agg=2, within 1 point): "
+            f"{'met by ' + g['policy'] if g['met'] else 'not met'}"
+        )
+    console.print(f"{out / 'sweep.json'}  {out / 'sweep.md'}  {out / 'sweep.png'}")
 
 
 # ---- hffm pki: the federation's certificate authority ------------------------------------------------

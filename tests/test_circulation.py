@@ -177,3 +177,59 @@ def test_a_mixed_policy_over_grpc_moves_exactly_what_its_plan_says(tmp_path):
     assert all(not torch.equal(a, b) for i, a in enumerate(personal) for b in personal[i + 1 :])
     holders = [f["head.art"] for n, f in flat.items() if "art" in topo.device_map[n].tasks]
     assert len(holders) == 3 and all(torch.equal(h, holders[0]) for h in holders)
+
+
+def test_the_pareto_front_keeps_what_nothing_beats_everywhere():
+    from hffm.circulation import pareto
+
+    pts = {"a": (1.0, 5.0, -0.5), "b": (2.0, 6.0, -0.5), "c": (3.0, 1.0, -0.4), "d": (1.0, 5.0, -0.5)}
+    assert pareto(pts) == ["a", "c", "d"]  # b is beaten by a everywhere; a and d tie (neither dominates)
+
+
+def test_table1_charges_the_policies_hop_by_hop():
+    """Corrected profile, paper-size modules: each policy row is its plans charged round by round. Heads
+    kept personal cost the head transfers only; adapters to the cloud every 4 rounds instead of 2 cost
+    less than uniform hfm-d2d, and E_agg = 4 for everything costs what that costs plus the heads' saving."""
+    from hffm.circulation import NAMED_POLICIES, with_policy
+    from hffm.config import PAPER_MODEL
+    from hffm.table1 import POLICY_ROWS, build_rows, modeled_cost
+
+    cfg = load_config("configs/paper.yaml", ["cost.profile=corrected", "topology.edges=3", *PAPER_MODEL])
+    rows = build_rows(cfg, rounds=4)
+    assert [r.policy for r in rows[7:]] == list(POLICY_ROWS) and all(r.paper_energy_j is None for r in rows[7:])
+    uniform = next(r for r in rows if (r.method, r.e_agg, r.policy) == ("hfm-d2d", 2, ""))
+    by = {r.policy: r for r in rows[7:]}
+    assert by["adapters to the cloud every 4"].energy_j < 0.7 * uniform.energy_j
+    parts: dict[str, dict[str, float]] = {}
+    for name in ("uniform", "heads personal", "uniform, E_agg=4", "adapters to the cloud every 4"):
+        parts[name] = {}
+        modeled_cost(with_policy(cfg, *NAMED_POLICIES[name]), 4, parts[name])
+    assert not any(m.startswith("head.") for m in parts["heads personal"])
+    assert all(parts["heads personal"][m] == pytest.approx(e) for m, e in parts["uniform"].items() if "adapter" in m)
+    for m, e in parts["adapters to the cloud every 4"].items():  # adapters as E_agg=4, heads as E_agg=2
+        ref = parts["uniform, E_agg=4" if m.startswith("adapter.") else "uniform"][m]
+        assert e == pytest.approx(ref), m
+    with pytest.raises(ValueError, match="corrected"):
+        modeled_cost(with_policy(load_config("configs/paper.yaml", ["cost.profile=paper"]), *NAMED_POLICIES["heads personal"]), 8)
+
+
+def test_hffm_sweep_quick_writes_its_table_and_front_and_reuses_its_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from hffm_cli.main import app
+
+    args = ["sweep", "--quick", "--out", str(tmp_path), "--policy", "uniform", "--policy", "heads personal"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert list(res["policies"]) == ["uniform", "heads personal"] and res["pareto"]
+    u, h = res["policies"]["uniform"], res["policies"]["heads personal"]
+    assert h["energy_j_by_kind"]["head."] == 0 < u["energy_j_by_kind"]["head."]
+    assert 0 <= h["accuracy"] <= 1 and h["bytes_sent"] < u["bytes_sent"]  # the heads never left the devices
+    assert u["energy_vs_baseline"] == 1.0 and "met" in res["goal"]
+    assert "| heads personal |" in (tmp_path / "sweep.md").read_text() and (tmp_path / "sweep.png").stat().st_size
+    kept = (tmp_path / "uniform-s0.json").stat().st_mtime_ns
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "kept from" in r.output and (tmp_path / "uniform-s0.json").stat().st_mtime_ns == kept
+    bad = CliRunner().invoke(app, ["sweep", "--policy", "nope"])
+    assert bad.exit_code == 2 and "--policy" in bad.output

@@ -347,8 +347,8 @@ def test_an_edge_aggregates_pushes_over_grpc_with_the_rule(small_cfg, rule, para
 def test_the_rule_and_its_parameters_travel_in_a_collect_step():
     """Every node gets its collect steps from the coordinator over gRPC: the rule and parameters from
     config survive the protobuf round trip (the plan's methods build them from config.aggregation)."""
+    from hffm.circulation import aggregation_spec
     from hffm.methods import make_method
-    from hffm.planner import aggregation_spec
     from services.common.convert import step_from_pb, step_to_pb
 
     cfg = load_config(None, ["aggregation.rule=bulyan", "aggregation.params.f=2", "aggregation.params.clip_norm=3"])
