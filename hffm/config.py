@@ -46,6 +46,11 @@ class TopologyConfig(_Strict):
         description="how many of the federation's tasks each device holds: 'all', or N (assigned round-robin "
         "by device index, so every task is held by some device of every edge when possible)",
     )
+    joins: bool = D(
+        False,
+        description="devices outside this topology may join mid-run (id device-<e>-<i> of an existing edge e, "
+        "a certificate from the federation's CA): admitted between rounds, onboarded by a sync (docs/circulation.md)",
+    )
 
     @field_validator("tasks_per_device")
     @classmethod

@@ -18,6 +18,7 @@ Two profiles:
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,6 +240,41 @@ class CostModel:
         for h in hops:
             totals[(*h.push(), h.sender)] += h.bytes
         return [override * h.bytes / max(totals[(*h.push(), h.sender)], 1) for h in hops]
+
+    # -- devices that joined -------------------------------------------------------------------
+    def admit(self, topo: Topology) -> list[str]:
+        """Give the devices of ``topo`` this model does not know (joiners) a position and link rates,
+        each drawn from generators seeded by the device's id, so nobody else's draw changes: a point in
+        its cluster's disc, its uplink and downlink, and D2D rates both ways with every member of its
+        cluster. Returns the devices added."""
+        new = [d for d in topo.devices if d.id not in self.geo.devices]
+        for d in new:
+            salt = zlib.crc32(d.id.encode())
+            rng = np.random.default_rng([self.cfg.geometry.seed, salt])
+            cx, cy = self.geo.centres[d.edge]
+            area = self.cfg.geometry.area_m
+            for _ in range(100_000):
+                r = np.sqrt(rng.random()) * self.cfg.geometry.device_radius_m
+                th = rng.random() * 2 * np.pi
+                x, y = cx + r * np.cos(th), cy + r * np.sin(th)
+                if 0 <= x <= area and 0 <= y <= area:
+                    break
+            self.geo.devices[d.id] = (float(x), float(y))
+            fade = np.random.default_rng([self.cost.fading_seed, salt])
+            c = self.cost
+            self.budget.uplink_bps[d.id] = rate_bps(c, c.uplink, self.geo.distance(d.id, d.edge), _h2(fade, c.profile))
+            self.budget.downlink_bps[d.id] = rate_bps(
+                c, c.downlink, self.geo.distance(d.id, d.edge), _h2(fade, c.profile)
+            )
+            for peer in topo.cluster(d.edge):
+                if peer.id != d.id and peer.id in self.geo.devices:
+                    dist = self.geo.distance(d.id, peer.id)
+                    self.budget.d2d_bps[(d.id, peer.id)] = rate_bps(c, c.d2d, dist, _h2(fade, c.profile))
+                    self.budget.d2d_bps[(peer.id, d.id)] = rate_bps(c, c.d2d, dist, _h2(fade, c.profile))
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] != d.edge}
+        if new:
+            self.topo = topo
+        return [d.id for d in new]
 
     # -- D2D graph -------------------------------------------------------------------------------
     def d2d_graph(self, edge: str, exclude: frozenset[str] = frozenset(), nbytes: float | None = None):

@@ -56,6 +56,16 @@ def parse_node_id(node: str) -> NodeId:
     raise ValueError(f"{node!r} is not a node id (cloud, edge-<e>, device-<e>-<i>)")
 
 
+def joining_edge(device: str) -> str | None:
+    """The edge a device outside the membership names in its id (``device-<e>-<i>``: ``edge-<e>``), or
+    None when ``device`` is not a device id."""
+    try:
+        nid = parse_node_id(device)
+    except ValueError:
+        return None
+    return edge_id(nid.edge or 0) if nid.role == "device" else None
+
+
 def role_of(node: str) -> str:
     """``cloud`` | ``edge`` | ``device`` of a node id (``unknown`` for anything else: a metric label)."""
     try:

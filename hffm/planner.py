@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hffm.circulation import Circulation
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel
-from hffm.geometry import path
+from hffm.geometry import path, path_latency
 from hffm.ids import CLOUD
 from hffm.methods import RoundContext, RoundPlan, evaluates
 from hffm.recovery import StartPlan, StateKey, critical, plan_starts, with_syncs
@@ -61,7 +61,10 @@ class Planner:
             def route(edge: str, src: str, dst: str) -> list[str]:
                 return path(self.costs.d2d_graph(edge, exclude=frozenset(gone)), src, dst)
 
-            starts = plan_starts(self.method, topo, held, cloud_rounds_done or [], ctx, route)
+            def cost(edge: str, p: list[str]) -> float:
+                return path_latency(self.costs.d2d_graph(edge, exclude=frozenset(gone)), p)
+
+            starts = plan_starts(self.method, topo, held, cloud_rounds_done or [], ctx, route, cost)
             plan = with_syncs(plan, starts, topo, self.method.collect, self.method.circulating)
         if samples is not None:
             plan = plan.with_weight_caps(samples, topo)

@@ -63,10 +63,13 @@ def plan_starts(
     cloud_rounds_done: list[int],
     ctx: RoundContext,
     route: Callable[[str, str, str], list[str]] | None = None,
+    cost: Callable[[str, list[str]], float] | None = None,
 ) -> StartPlan:
     """The start of every node of ``topo`` (the members taking part this round). ``held``: the round
     end each node holds (missing: none it can use); ``cloud_rounds_done``: completed rounds in which the
-    cloud aggregated; ``route(edge, src, dst)``: a D2D path, both ends included."""
+    cloud aggregated; ``route(edge, src, dst)``: a D2D path, both ends included; ``cost(edge, path)``:
+    its modeled latency (the relay policy: the cheapest holder of the current state serves a sync — a
+    device that lost its state, or a newcomer being onboarded; without it, the round's head first)."""
     base: dict[str, StateKey] = {}
     sync: dict[str, SyncSource] = {}
 
@@ -107,8 +110,12 @@ def plan_starts(
             head = ctx.heads.get(dev.edge)
             holders.sort(key=lambda d: (d.id != head, d.id))
             if newest is not None and holders and route is not None:
-                src = holders[0].id
-                sync[n] = SyncSource(src, D2D, tuple(route(dev.edge, src, n)[1:-1]))
+                paths = {d.id: route(dev.edge, d.id, n) for d in holders}
+                if cost is not None:  # the cheapest by the cost model (ties: the head, then by id)
+                    src = min(holders, key=lambda d: cost(dev.edge, paths[d.id]))
+                else:
+                    src = holders[0]
+                sync[n] = SyncSource(src.id, D2D, tuple(paths[src.id][1:-1]))
             else:
                 sync[n] = SyncSource(dev.edge, DEVICE_EDGE)
                 keep(dev.edge)

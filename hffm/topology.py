@@ -67,6 +67,24 @@ class Topology:
                 g += 1
         return cls(edges, tuple(devices), tuple(cfg.tasks), num_layers)
 
+    def joiner(self, device: str, tasks_per_device: int | str) -> Topology:
+        """The table after ``device`` (an id outside it, ``device-<e>-<i>``) joined edge ``e``: its tasks
+        are those the config's round-robin gives index ``e * devices_per_edge + i`` restricted to the tasks
+        its edge's cluster already holds (its edge aggregates only those heads), or the cluster's first
+        ones when none is left. ``ValueError`` names what is wrong."""
+        nid = parse_node_id(device)
+        if nid.role != "device":
+            raise ValueError(f"{device!r} is not a device id")
+        edge = edge_id(nid.edge or 0)
+        if edge not in self.edges:
+            raise ValueError(f"{device}: no edge {edge!r} in this federation")
+        held = self.node_tasks(edge) if self.cluster(edge) else list(self.tasks)
+        k = len(held) if tasks_per_device == "all" else min(int(tasks_per_device), len(held))
+        per_edge = max(1, len(self.cluster(edge)))
+        wanted = device_tasks((nid.edge or 0) * per_edge + (nid.index or 0), list(self.tasks), tasks_per_device)
+        tasks = [t for t in wanted if t in held][:k] or held[:k]
+        return self.with_device(device, edge, tuple(tasks))
+
     # ---- membership changes (each returns a new table) -----------------------------------------
     def with_device(self, device: str, edge: str, tasks: tuple[str, ...]) -> Topology:
         """The table after ``device`` joined ``edge`` holding ``tasks``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -558,6 +559,53 @@ def attacks(
     res = run_matrix(out, quick, sets, log=console.print, rules=rules or None, attacks=attack or None)
     console.print(tables(res), markup=False)
     console.print(f"{out / 'attacks.json'}  {out / 'attacks.md'}")
+
+
+@app.command()
+def join(
+    run_dir: Path = typer.Option(..., "--run", help="the running run's folder (hffm run --out)"),
+    device: str = typer.Option(..., "--id", help="the new device's id, device-<e>-<i> (edge e must exist)"),
+    wait: bool = typer.Option(False, "--wait", help="stay until the device's process exits"),
+) -> None:
+    """Start a device that joins a running run (topology.joins: true): a certificate from the run's CA,
+    its edge's address from the run's processes, a device process that registers; the cloud admits it
+    between rounds and it catches up by a sync from its cheapest holder (docs/circulation.md)."""
+    import subprocess
+    import sys
+
+    from hffm.ids import edge_id, parse_node_id
+
+    cfg = _config(run_dir / "config.yaml", [])
+    if not cfg.topology.joins:
+        raise typer.BadParameter(f"{run_dir / 'config.yaml'}: topology.joins is false", param_hint="--run")
+    try:
+        nid = parse_node_id(device)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--id") from None
+    if nid.role != "device":
+        raise typer.BadParameter(f"{device!r} is not a device id", param_hint="--id")
+    edge = edge_id(nid.edge or 0)
+    procs = dict((name, argv) for name, argv in json.loads((run_dir / "processes.json").read_text()))
+    if edge not in procs:
+        raise typer.BadParameter(f"{edge} is not a process of {run_dir}", param_hint="--id")
+    argv = procs[edge]
+    upstream = argv[argv.index("--listen") + 1]
+    if cfg.security.tls and not (Path(cfg.security.dir) / f"{device}.crt").is_file():
+        from hffm.pki import issue, write_node_files
+
+        ca = Path(cfg.security.dir)
+        hosts = [cfg.runtime.host, "localhost"]
+        key, cert = issue((ca / "ca.key").read_bytes(), (ca / "ca.crt").read_bytes(), cfg.security.federation,
+                          "device", device, hosts, cfg.security.cert_days)  # fmt: skip
+        write_node_files(ca, device, key, cert)
+    log_path = run_dir / "logs" / f"{device}.log"
+    cmd = [sys.executable, "-m", "services.device", "--config", str(run_dir / "config.yaml"),
+           "--node", f"{device}={cfg.runtime.host}:0", "--upstream", f"{edge}={upstream}"]  # fmt: skip
+    with open(log_path, "ab") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    console.print(f"{device} started (pid {p.pid}), joining {edge} at {upstream}; log: {log_path}")
+    if wait:
+        raise typer.Exit(p.wait())
 
 
 @app.command()

@@ -210,7 +210,8 @@ def test_table1_charges_the_policies_hop_by_hop():
         ref = parts["uniform, E_agg=4" if m.startswith("adapter.") else "uniform"][m]
         assert e == pytest.approx(ref), m
     with pytest.raises(ValueError, match="corrected"):
-        modeled_cost(with_policy(load_config("configs/paper.yaml", ["cost.profile=paper"]), *NAMED_POLICIES["heads personal"]), 8)
+        paper = load_config("configs/paper.yaml", ["cost.profile=paper"])
+        modeled_cost(with_policy(paper, *NAMED_POLICIES["heads personal"]), 8)
 
 
 def test_hffm_sweep_quick_writes_its_table_and_front_and_reuses_its_runs(tmp_path):

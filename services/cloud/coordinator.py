@@ -21,7 +21,7 @@ import grpc
 from hffm.adversary import adversaries
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
-from hffm.ids import CLOUD, role_of
+from hffm.ids import CLOUD, joining_edge, role_of
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity
@@ -71,7 +71,9 @@ class Coordinator:
     def __init__(self, cfg: HFFMConfig, topo: Topology, node: CloudNode, out_dir: Path) -> None:
         self.cfg, self.node, self.out_dir = cfg, node, out_dir
         self.progress = ProgressFeed()
-        self.members = Membership(topo, node.address, on_change=self._registered, on_states=self._holds)
+        self.members = Membership(
+            topo, node.address, on_change=self._registered, on_states=self._holds, joins=cfg.topology.joins
+        )
         self.costs = CostModel(cfg, topo)
         self.planner = Planner(cfg, self.costs)
         self.method = self.planner.method
@@ -119,12 +121,16 @@ class Coordinator:
         cluster with it), starting every node from the round end it holds or with a sync."""
         if self.missing and self.cfg.faults.rejoin_wait_s > 0:
             self._await_members(self.missing, self.cfg.faults.rejoin_wait_s)
-        down = self.dispatcher.probe([n for n in self.topo.node_ids() if n != CLOUD])
+        topo = self.topo  # one table for the whole round (a device joining meanwhile takes part from the next)
+        joined = self.costs.admit(topo)  # positions and links of devices admitted since the last round
+        if joined:
+            log.info("round %d: joined since the last round: %s", round_, joined)
+        down = self.dispatcher.probe([n for n in topo.node_ids() if n != CLOUD])
         if down:
             log.warning("round %d: unreachable nodes sit it out: %s", round_, sorted(down))
         self.missing = set(down)
         cloud_rounds = [x.round for x in self.results.rounds if x.cloud_aggregation]
-        return self.planner.plan(round_, self.topo, down, self.members.samples, self.held, cloud_rounds)
+        return self.planner.plan(round_, topo, down, self.members.samples, self.held, cloud_rounds)
 
     def tasks_for(self, planned: PlannedRound, attempt: int = 0) -> dict[str, Assignment]:
         """Every taking-part node's assignment: its steps and the address of every node it may talk to."""
@@ -422,12 +428,18 @@ class Coordinator:
         self.dispatcher.shutdown_nodes()
 
 
-def may_register(caller: Identity, info: pb.NodeInfo, topo: Topology) -> bool:
-    """A node registers only itself; an edge forwards the registrations of its own devices."""
+def may_register(caller: Identity, info: pb.NodeInfo, topo: Topology, joins: bool = False) -> bool:
+    """A node registers only itself; an edge forwards the registrations of its own devices (with
+    ``topology.joins``, also of a device outside the table whose id names that edge: the edge checked its
+    certificate; the membership then checks the rest)."""
     if caller.id == info.id and caller.role == info.role:
         return True
+    if caller.role != "edge" or info.role != "device":
+        return False
     dev = topo.device_map.get(info.id)
-    return caller.role == "edge" and info.role == "device" and dev is not None and dev.edge == caller.id
+    if dev is not None:
+        return dev.edge == caller.id
+    return joins and info.edge == caller.id == joining_edge(info.id)
 
 
 class CloudRegistry(pb_grpc.RegistryServicer):
@@ -436,7 +448,8 @@ class CloudRegistry(pb_grpc.RegistryServicer):
 
     def Register(self, request, context):  # noqa: N802
         try:
-            authorize(self.coord.node, context, "Register", lambda i: may_register(i, request, self.coord.topo))
+            joins = self.coord.cfg.topology.joins
+            authorize(self.coord.node, context, "Register", lambda i: may_register(i, request, self.coord.topo, joins))
         except Exception as err:  # noqa: BLE001
             abort_for(context, err)
         try:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from hffm.ids import CLOUD
+from hffm.ids import CLOUD, edge_id, parse_node_id
 from hffm.topology import Registration, Topology
 
 __all__ = ["Membership", "Registration"]
@@ -29,8 +29,10 @@ class Membership:
         cloud_address: str,
         on_change: Callable[[str], None] | None = None,
         on_states: Callable[[str, set[tuple[int, int]]], None] | None = None,
+        joins: bool = False,
     ) -> None:
         self.topo = topo
+        self.joins = joins  # topology.joins: devices outside the table may be admitted
         self.addresses: dict[str, str] = {CLOUD: cloud_address}
         self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
         self._on_states = on_states or (lambda _n, _s: None)  # the round ends a registering node holds
@@ -44,22 +46,33 @@ class Membership:
     def register(self, reg: Registration) -> int:
         """Validate and record ``reg``; returns how many nodes are registered. ``ValueError`` names
         what is wrong and changes nothing."""
+        joined = None
         try:
             role = self.topo.role(reg.id)
         except KeyError:
-            raise ValueError(f"{reg.id!r} is not a node of this topology") from None
+            if not self.joins:
+                raise ValueError(f"{reg.id!r} is not a node of this topology (topology.joins is off)") from None
+            joined = self._admit(reg)
+            role = "device"
+        topo = joined or self.topo
         if role != reg.role:
             raise ValueError(f"{reg.id} is a {role}, registered as {reg.role!r}")
-        if role == "device" and reg.edge != self.topo.device_map[reg.id].edge:
-            raise ValueError(f"{reg.id} belongs to {self.topo.device_map[reg.id].edge}, not {reg.edge!r}")
+        if role == "device" and reg.edge != topo.device_map[reg.id].edge:
+            raise ValueError(f"{reg.id} belongs to {topo.device_map[reg.id].edge}, not {reg.edge!r}")
         if not reg.address:
             raise ValueError(f"{reg.id}: address is required")
         samples = dict(reg.train_samples)
         if role == "device":
-            tasks = set(self.topo.device_map[reg.id].tasks)
+            tasks = set(topo.device_map[reg.id].tasks)
             if set(samples) - tasks or any(not 0 <= v < 2**31 for v in samples.values()):
                 raise ValueError(f"{reg.id}: train_samples {samples} (tasks {sorted(tasks)}, each 0 <= n < 2^31)")
         with self._cv:
+            if joined is not None:
+                if reg.id in self.topo.device_map:  # admitted meanwhile by a concurrent registration
+                    joined = None
+                else:  # onto the table as it is now (another joiner may have come in meanwhile)
+                    info = joined.device_map[reg.id]
+                    self.topo = self.topo.with_device(info.id, info.edge, info.tasks)
             prev = self.addresses.get(reg.id)
             if prev is not None and prev != reg.address and role != "device":
                 raise PermissionError(f"{reg.id} is registered at {prev}; the cloud's and an edge's address never move")
@@ -69,9 +82,29 @@ class Membership:
             self._on_states(reg.id, set(reg.states))
             n = len(self.addresses)
             self._cv.notify_all()
+        if joined is not None:
+            log.info("admitted %s to %s, tasks %s", reg.id, reg.edge, list(joined.device_map[reg.id].tasks))
         log.info("registered %s at %s (%d/%d)", reg.id, reg.address, n, self.expected)
         self._on_change(f"{reg.id} registered")
         return n
+
+    def _admit(self, reg: Registration) -> Topology:
+        """The table with the joining device ``reg`` in it: its role and edge as its id says, tasks (its
+        registered training samples' keys) among those its edge's cluster holds. ``ValueError``."""
+        if reg.role != "device":
+            raise ValueError(f"{reg.id!r}: only devices join mid-run (registered as {reg.role!r})")
+        tasks = tuple(t for t, _ in reg.train_samples)
+        try:
+            nid = parse_node_id(reg.id)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        edge = edge_id(nid.edge or 0) if nid.role == "device" else ""
+        if reg.edge != edge:
+            raise ValueError(f"{reg.id} belongs to {edge or 'no edge'}, not {reg.edge!r}")
+        held = self.topo.node_tasks(edge) if edge in self.topo.edges and self.topo.cluster(edge) else []
+        if not tasks or set(tasks) - set(held):
+            raise ValueError(f"{reg.id}: tasks {list(tasks)} must be among those {edge}'s cluster holds ({held})")
+        return self.topo.with_device(reg.id, edge, tasks)
 
     def missing(self) -> list[str]:
         with self._cv:

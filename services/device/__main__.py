@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     if not nodes:
         sys.exit("--node: at least one device ID=HOST:PORT is required")
     for nid in nodes:
+        if nid not in topo.device_map and cfg.topology.joins:  # joining mid-run: admitted by the cloud
+            try:
+                topo = topo.joiner(nid, cfg.topology.tasks_per_device)
+            except ValueError as err:
+                sys.exit(f"--node: {err}")
         if nid not in topo.device_map:
             sys.exit(f"--node: {nid!r} is not a device of this topology ({len(topo.devices)} devices)")
         if topo.device_map[nid].edge not in upstreams:

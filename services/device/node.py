@@ -85,7 +85,9 @@ class DeviceNode(NodeRuntime):
         self.topo = topo
         self.host = host
         self.info = topo.device_map[node_id]
-        self.data: DeviceData = build_device_data(cfg, node_id, topo.holders_by_task(), host.tokenizer, self.info.tasks)
+        # the starting membership splits the data (a joiner, outside it, draws its own samples)
+        start = Topology.from_config(cfg, topo.num_layers).holders_by_task()
+        self.data: DeviceData = build_device_data(cfg, node_id, start, host.tokenizer, self.info.tasks)
         # config adversary (tests and benchmarks): this device poisons what it sends
         attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
         self.attacks = node_id in attackers

@@ -16,7 +16,7 @@ import threading
 import grpc
 
 from hffm.adversary import adversaries, poison
-from hffm.ids import CLOUD
+from hffm.ids import CLOUD, joining_edge
 from hffm.modules import ModuleSet
 from hffm.topology import Topology
 from services.common.bootstrap import (
@@ -67,12 +67,11 @@ class EdgeRegistry(pb_grpc.RegistryServicer):
         except Exception as err:  # noqa: BLE001
             abort_for(context, err)
         dev = self.topo.device_map.get(request.id)
-        if request.role != "device" or dev is None:
+        edge = dev.edge if dev is not None else joining_edge(request.id) if self.node.cfg.topology.joins else None
+        if request.role != "device" or edge is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.id!r} is not a device of this topology")
-        if dev.edge != self.node.node_id:
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"{request.id} belongs to {dev.edge}, not {self.node.node_id}"
-            )
+        if edge != self.node.node_id:  # a joiner's id names its edge; the cloud checks the rest
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.id} belongs to {edge}, not {self.node.node_id}")
         try:
             return register(self.node.security, self.upstream, CLOUD, request, self.timeout_s)
         except grpc.RpcError as err:

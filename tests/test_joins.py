@@ -1,0 +1,153 @@
+"""Devices that join a running federation (topology.joins; issue 16, V-B): admitted between rounds,
+given a position and links by the cost model, onboarded by a sync from a holder of their cluster's
+current modules, then trained and aggregated like everyone else. Everything else about a join is
+refused with a message, and changes nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from hffm.config import load_config
+from hffm.costmodel import CostModel
+from hffm.topology import Registration, Topology
+from services.cloud.membership import Membership
+from tests.conftest import processes_with
+
+
+def _topo(*sets: str) -> tuple:
+    cfg = load_config(None, ["topology.edges=2", "topology.devices_per_edge=2", "tasks=[art,gqa]", *sets])
+    return cfg, Topology.from_config(cfg, 2)
+
+
+def test_a_joiner_is_admitted_only_when_joins_are_on_and_its_registration_holds_up():
+    cfg, topo = _topo("topology.tasks_per_device=1")
+    reg = Registration("device-1-5", "device", "127.0.0.1:1", "edge-1", (("gqa", 30),))
+    closed = Membership(topo, "127.0.0.1:0")
+    with pytest.raises(ValueError, match="topology.joins is off"):
+        closed.register(reg)
+    m = Membership(topo, "127.0.0.1:0", joins=True)
+    for bad, why in (
+        (Registration("device-1-5", "device", "a:1", "edge-0", (("gqa", 3),)), "belongs to edge-1"),
+        (Registration("device-7-0", "device", "a:1", "edge-7", (("gqa", 3),)), "among those edge-7"),
+        (Registration("device-1-5", "device", "a:1", "edge-1", ()), "tasks"),
+        (Registration("device-1-5", "device", "a:1", "edge-1", (("vqa", 3),)), "tasks"),
+        (Registration("edge-4", "edge", "a:1"), "only devices join"),
+        (Registration("nobody", "device", "a:1", "edge-1", (("gqa", 3),)), "not a node id"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            m.register(bad)
+        assert m.topo == topo and m.addresses == {"cloud": "127.0.0.1:0"}  # a refusal changes nothing
+    assert m.register(reg) == 2 and m.topo.device_map["device-1-5"].tasks == ("gqa",)
+    assert m.topo.device_map["device-1-5"].edge == "edge-1" and m.expected == 1 + 2 + 5
+    # its own tasks: what the config's round-robin gives it, among its edge's tasks
+    joined = topo.joiner("device-0-3", 1)
+    assert set(joined.device_map["device-0-3"].tasks) <= set(topo.node_tasks("edge-0"))
+
+
+def test_the_cost_model_places_a_joiner_without_moving_anyone():
+    cfg, topo = _topo()
+    costs = CostModel(cfg, topo)
+    before = (dict(costs.geo.devices), dict(costs.budget.uplink_bps), dict(costs.budget.d2d_bps))
+    grown = topo.with_device("device-0-9", "edge-0", ("art",))
+    assert costs.admit(grown) == ["device-0-9"] and costs.admit(grown) == []
+    assert {k: v for k, v in costs.geo.devices.items() if k != "device-0-9"} == before[0]
+    assert all(costs.budget.d2d_bps[k] == v for k, v in before[2].items())
+    assert costs.budget.uplink_bps["device-0-9"] > 0 and ("device-0-9", "device-0-0") in costs.budget.d2d_bps
+    ctx = costs.d2d_context(grown, 1)  # the joiner is in its cluster's D2D graph
+    assert "device-0-9" in ctx.up_paths
+    again = CostModel(cfg, topo)  # seeded by its id: the same place and links in every process
+    again.admit(grown)
+    assert again.geo.devices["device-0-9"] == costs.geo.devices["device-0-9"]
+
+
+def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path):
+    """hfm-d2d, one cluster of 3, over real gRPC and mTLS. Once round 1 is done, ``hffm join`` starts
+    device-0-3 (a certificate from the run's CA, its edge's address from the run). The cloud admits it
+    between rounds; in its first round it is synced over D2D from a cluster member (the catch-up carries
+    the round its source holds), then its updates count in its head's aggregate like everyone else's."""
+    from hffm_cli.main import app
+    from services.launcher import run
+
+    out = tmp_path / "run"
+    sets = ["method=hfm-d2d", "e_agg=2", "rounds=24", "topology.edges=1", "topology.devices_per_edge=3",
+            "runtime.devices_per_process=3", "data.train_per_task=60", "train.eval_every=0",
+            "topology.joins=true"]  # fmt: skip
+    cfg = load_config(None, sets)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(res=run(cfg, out, Console(file=io.StringIO()), timeout_s=300)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            f = out / "results.json"
+            if f.is_file() and json.loads(f.read_text())["rounds"]:
+                break
+            time.sleep(0.3)
+        r = CliRunner().invoke(app, ["join", "--run", str(out), "--id", "device-0-3"])
+        assert r.exit_code == 0, r.output
+    finally:
+        t.join(300)
+    res = box["res"]
+    assert res["complete"] and "device-0-3" in res["nodes"]
+    rounds = res["rounds"]
+    first = next((x for x in rounds if any(h["origin"] == "device-0-3" for h in x["hops"])), None)
+    assert first is not None, "device-0-3 never took part"
+    assert first["round"] >= 2 and first["synced"].get("device-0-3", "").startswith("device-0-")
+    sync = [h for h in first["hops"] if h["tag"] == "sync" and h["destination"] == "device-0-3"]
+    assert sync and all(h["link"] == "d2d" for h in sync)
+    later = [x for x in rounds if x["round"] > first["round"]]
+    assert later, "device-0-3 joined in the last round: too late to check it is aggregated"
+    for x in later:  # counted in its cluster's aggregate every round after it joined
+        counted = [a for a in x["aggregates"] if a["tag"] == "cluster"]
+        assert any("device-0-3" in a["counted"] or a["node"] == "device-0-3" for a in counted), x["round"]
+        assert "device-0-3" not in x["synced"]
+    log = (out / "logs" / "device-0-3.log").read_text()
+    assert "device-0-3 registered" in log
+    assert "admitted device-0-3" in (out / "logs" / "cloud.log").read_text()
+
+    def joiner() -> list[str]:
+        return [p for p in processes_with(str(out)) if "device-0-3=" in p]
+
+    deadline = time.monotonic() + 30  # the joiner leaves with the run
+    while joiner() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not joiner(), "the joiner outlived the run"
+
+
+def test_join_refuses_a_run_that_takes_no_joiners(tmp_path):
+    from hffm.config import write_config
+    from hffm_cli.main import app
+
+    write_config(load_config(None, []), tmp_path / "config.yaml")
+    r = CliRunner().invoke(app, ["join", "--run", str(tmp_path), "--id", "device-0-9"])
+    assert r.exit_code == 2 and "topology.joinsisfalse" in re.sub(r"[\s│]", "", r.output)  # rich may wrap it
+
+
+def test_a_newcomer_is_synced_from_the_cheapest_holder_of_its_clusters_state():
+    """The relay policy: among the members holding the cluster's newest round end (and its tasks), the
+    one whose D2D path to the newcomer the cost model says is cheapest; without a cost, the head."""
+    from hffm.methods import RoundContext, make_method
+    from hffm.recovery import plan_starts
+
+    _, topo = _topo()
+    topo = topo.joiner("device-0-5", "all")
+    held = {"cloud": (2, 0), "edge-0": (2, 0), "edge-1": (2, 0)}
+    held |= {d.id: (2, 0) for d in topo.devices if d.id != "device-0-5"}
+    ctx = RoundContext(heads={"edge-0": "device-0-0", "edge-1": "device-1-0"})
+    m = make_method("hfm-d2d", 2)
+
+    def route(edge, src, dst):
+        return [src, dst]
+
+    assert plan_starts(m, topo, held, [2], ctx, route).sync["device-0-5"].source == "device-0-0"
+    cheap = plan_starts(m, topo, held, [2], ctx, route, lambda e, p: 1.0 if p[0] == "device-0-1" else 5.0)
+    assert cheap.sync["device-0-5"].source == "device-0-1" and cheap.sync["device-0-5"].link == "d2d"
+    assert set(cheap.sync) == {"device-0-5"}  # nobody else needs catching up
