@@ -51,6 +51,7 @@ class TopologyConfig(_Strict):
         description="devices outside this topology may join mid-run (id device-<e>-<i> of an existing edge e, "
         "a certificate from the federation's CA): admitted between rounds, onboarded by a sync (docs/circulation.md)",
     )
+    max_joins: int = D(64, ge=0, description="devices admitted mid-run at most (a bound on what joiners can grow)")
 
     @field_validator("tasks_per_device")
     @classmethod

@@ -29,6 +29,7 @@ import yaml
 from rich.console import Console
 
 from hffm.adversary import adversaries
+from hffm.circulation import Circulation, describe
 from hffm.config import ConfigError, HFFMConfig, load_config, resolve_torch_device, write_config
 from hffm.ids import CLOUD, role_of
 from hffm.pki import OPERATOR, SCRAPER, provision
@@ -422,6 +423,12 @@ def _run(
             raise ConfigError(str(err)) from None
         if attackers:
             view.console.print(f"[yellow]adversaries (config adversary): {sorted(attackers)}[/]")
+        try:  # the rules meet the modules (a pattern that matches none is a typo)
+            policy = Circulation.from_config(cfg, topo.modules_for(CLOUD))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if cfg.circulation.rules:
+            view.console.print("circulation: " + "; ".join(describe(policy)))
         view.console.print(preflight(cfg))
     except DataError as err:
         raise RunFailed(f"data error: {err}") from None

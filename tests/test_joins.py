@@ -47,6 +47,11 @@ def test_a_joiner_is_admitted_only_when_joins_are_on_and_its_registration_holds_
         assert m.topo == topo and m.addresses == {"cloud": "127.0.0.1:0"}  # a refusal changes nothing
     assert m.register(reg) == 2 and m.topo.device_map["device-1-5"].tasks == ("gqa",)
     assert m.topo.device_map["device-1-5"].edge == "edge-1" and m.expected == 1 + 2 + 5
+    capped = Membership(topo, "127.0.0.1:0", joins=True, max_joins=1)
+    capped.register(reg)
+    with pytest.raises(ValueError, match=r"topology.max_joins \(1\)"):
+        capped.register(Registration("device-0-7", "device", "a:2", "edge-0", (("art", 3),)))
+    assert len(capped.topo.devices) == 5
     # its own tasks: what the config's round-robin gives it, among its edge's tasks
     joined = topo.joiner("device-0-3", 1)
     assert set(joined.device_map["device-0-3"].tasks) <= set(topo.node_tasks("edge-0"))

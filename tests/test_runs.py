@@ -114,6 +114,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path):
         (["model.backbone=/nonexistent"], "model.backbone: '/nonexistent' is neither 'tiny' nor a local checkpoint"),
         (["model.backbone=EMPTY"], "holds no config.json: not a checkpoint directory"),
         (["topology.edges=1000", "topology.devices_per_edge=1000"], "topology: 1,001,001 nodes in"),
+        (["circulation.rules=[{modules: 'nope.*'}]"], "circulation.rules.0.modules: 'nope.*' matches no module"),
     ],
 )
 def test_bad_inputs_are_one_line_before_any_process_starts(tmp_path, sets, says):

@@ -72,7 +72,12 @@ class Coordinator:
         self.cfg, self.node, self.out_dir = cfg, node, out_dir
         self.progress = ProgressFeed()
         self.members = Membership(
-            topo, node.address, on_change=self._registered, on_states=self._holds, joins=cfg.topology.joins
+            topo,
+            node.address,
+            on_change=self._registered,
+            on_states=self._holds,
+            joins=cfg.topology.joins,
+            max_joins=cfg.topology.max_joins,
         )
         self.costs = CostModel(cfg, topo)
         self.planner = Planner(cfg, self.costs)

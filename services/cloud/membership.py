@@ -30,9 +30,12 @@ class Membership:
         on_change: Callable[[str], None] | None = None,
         on_states: Callable[[str, set[tuple[int, int]]], None] | None = None,
         joins: bool = False,
+        max_joins: int = 64,
     ) -> None:
         self.topo = topo
         self.joins = joins  # topology.joins: devices outside the table may be admitted
+        self.max_joins = max_joins  # topology.max_joins: at most this many
+        self._start = len(topo.devices)
         self.addresses: dict[str, str] = {CLOUD: cloud_address}
         self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
         self._on_states = on_states or (lambda _n, _s: None)  # the round ends a registering node holds
@@ -93,6 +96,8 @@ class Membership:
         registered training samples' keys) among those its edge's cluster holds. ``ValueError``."""
         if reg.role != "device":
             raise ValueError(f"{reg.id!r}: only devices join mid-run (registered as {reg.role!r})")
+        if len(self.topo.devices) - self._start >= self.max_joins:
+            raise ValueError(f"{reg.id}: topology.max_joins ({self.max_joins}) devices have joined already")
         tasks = tuple(t for t, _ in reg.train_samples)
         try:
             nid = parse_node_id(reg.id)
