@@ -186,9 +186,6 @@ class Circulation(Method):
         )
 
     # ---- what moves when ---------------------------------------------------------------------
-    def flow_of(self, module: str) -> Flow:
-        return self.assigned[module]
-
     def circulating(self, topo: Topology, node: str) -> tuple[str, ...]:
         """The modules of ``node`` that ever leave a device (a sync carries these; personal ones stay)."""
         return tuple(m for m in topo.modules_for(node) if self.assigned[m].depth != "personal")
@@ -270,11 +267,9 @@ def phases(steps: Mapping[str, list[Step]]) -> dict[str, list[int]]:
     return {n: [phase(n, i) for i in range(len(ss))] for n, ss in steps.items()}
 
 
-def describe(method: Method) -> list[str]:
-    """One line per rule in effect (for the run's banner and results.json)."""
-    if isinstance(method, Circulation):
-        return [f.describe() for f in method.flows]
-    return [f"*: {method.name}"]
+def describe(method: Circulation) -> list[str]:
+    """One line per rule in effect (for the run's banner)."""
+    return [f.describe() for f in method.flows]
 
 
 __all__ = [
