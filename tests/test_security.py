@@ -335,3 +335,23 @@ def test_the_health_check_dials_a_node_as_itself_and_stays_light(edge_server, tm
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert r.returncode == 1
+
+
+def test_a_joiner_is_forwarded_only_by_the_edge_its_id_names_and_only_when_joins_are_on(cloud_server):
+    """topology.joins over real gRPC and mTLS: device-0-9 is outside the 2 x 2 table. Joins off: no edge
+    may forward it. Joins on: edge-1 may not (the id names edge-0), edge-0 may, and the table grows by it
+    alone; every refusal leaves the membership as it was."""
+    coord, addr, d = cloud_server
+    joiner = pb.NodeInfo(id="device-0-9", role="device", address="127.0.0.1:6009", edge="edge-0",
+                         train_samples={"art": 5})  # fmt: skip
+    before = coord.members.snapshot()
+    assert _status(lambda: _register(d, "edge-0", addr, joiner)) == grpc.StatusCode.PERMISSION_DENIED
+    coord.cfg = coord.cfg.model_copy(update={"topology": coord.cfg.topology.model_copy(update={"joins": True})})
+    coord.members.joins = True
+    assert _status(lambda: _register(d, "edge-1", addr, joiner)) == grpc.StatusCode.PERMISSION_DENIED
+    wrong = pb.NodeInfo(id="device-0-9", role="device", address="1.2.3.4:1", edge="edge-0", train_samples={"vqa": 5})
+    assert _status(lambda: _register(d, "edge-0", addr, wrong)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert coord.members.snapshot() == before and "device-0-9" not in coord.topo.device_map
+    _register(d, "edge-0", addr, joiner)
+    assert coord.topo.device_map["device-0-9"].edge == "edge-0" and coord.members.address("device-0-9")
+    assert len(coord.topo.devices) == 5
