@@ -52,6 +52,11 @@ def test_a_joiner_is_admitted_only_when_joins_are_on_and_its_registration_holds_
     with pytest.raises(ValueError, match=r"topology.max_joins \(1\)"):
         capped.register(Registration("device-0-7", "device", "a:2", "edge-0", (("art", 3),)))
     assert len(capped.topo.devices) == 5
+    # a resumed coordinator starts from the table again: a joiner's saved entry waits for it to register
+    resumed = Membership(topo, "127.0.0.1:0", joins=True)
+    resumed.restore(m.to_json())
+    assert "device-1-5" not in resumed.addresses and "device-1-5" not in resumed.samples
+    assert resumed.missing() == ["device-0-0", "device-0-1", "device-1-0", "device-1-1", "edge-0", "edge-1"]
     # its own tasks: what the config's round-robin gives it, among its edge's tasks
     joined = topo.joiner("device-0-3", 1)
     assert set(joined.device_map["device-0-3"].tasks) <= set(topo.node_tasks("edge-0"))

@@ -151,10 +151,15 @@ class Membership:
 
     def restore(self, doc: dict) -> None:
         """A resumed coordinator: the members and their samples as saved (nodes that restart register
-        again and replace their entry)."""
+        again and replace their entry). Devices that had joined are not in the starting table: they are
+        admitted again when they register, so their saved entries are not restored (an address outside the
+        table would count towards ``expected`` in place of a member)."""
+        members = set(self.topo.node_ids())
         with self._cv:
             for n, a in doc.get("addresses", {}).items():
-                self.addresses.setdefault(n, a)
+                if n in members:
+                    self.addresses.setdefault(n, a)
             for n, s in doc.get("samples", {}).items():
-                self.samples.setdefault(n, dict(s))
+                if n in members:
+                    self.samples.setdefault(n, dict(s))
             self._cv.notify_all()
