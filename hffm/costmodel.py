@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from hffm.config import BackhaulConfig, ComputeConfig, CostConfig, HFFMConfig, LinkConfig
-from hffm.geometry import Geometry, choose_head, d2d_graph, draw_geometry, path, path_latency
+from hffm.geometry import Geometry, choose_head, d2d_graph, draw_geometry, path, path_latency, point_in_disc
 from hffm.methods import D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, Collect, RoundContext, RoundPlan, Send, Train
 from hffm.topology import CLOUD, Topology
 
@@ -251,15 +251,8 @@ class CostModel:
         for d in new:
             salt = zlib.crc32(d.id.encode())
             rng = np.random.default_rng([self.cfg.geometry.seed, salt])
-            cx, cy = self.geo.centres[d.edge]
-            area = self.cfg.geometry.area_m
-            for _ in range(100_000):
-                r = np.sqrt(rng.random()) * self.cfg.geometry.device_radius_m
-                th = rng.random() * 2 * np.pi
-                x, y = cx + r * np.cos(th), cy + r * np.sin(th)
-                if 0 <= x <= area and 0 <= y <= area:
-                    break
-            self.geo.devices[d.id] = (float(x), float(y))
+            g = self.cfg.geometry
+            self.geo.devices[d.id] = point_in_disc(rng, g.area_m, g.device_radius_m, *self.geo.centres[d.edge])
             fade = np.random.default_rng([self.cost.fading_seed, salt])
             c = self.cost
             self.budget.uplink_bps[d.id] = rate_bps(c, c.uplink, self.geo.distance(d.id, d.edge), _h2(fade, c.profile))

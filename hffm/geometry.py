@@ -33,6 +33,17 @@ class Geometry:
         return float(np.hypot(pa[0] - pb[0], pa[1] - pb[1]))
 
 
+def point_in_disc(rng: np.random.Generator, area: float, r_max: float, cx: float, cy: float) -> tuple[float, float]:
+    """A uniform point of the disc of radius ``r_max`` around (cx, cy) that lies inside the area."""
+    for _ in range(100_000):
+        r = np.sqrt(rng.random()) * r_max
+        th = rng.random() * 2 * np.pi
+        x, y = cx + r * np.cos(th), cy + r * np.sin(th)
+        if 0 <= x <= area and 0 <= y <= area:
+            return float(x), float(y)
+    raise ValueError("geometry: cannot place a point inside the area")
+
+
 def draw_geometry(cfg: GeometryConfig, topo: Topology) -> Geometry:
     rng = np.random.default_rng(cfg.seed)
     area = cfg.area_m
@@ -48,21 +59,12 @@ def draw_geometry(cfg: GeometryConfig, topo: Topology) -> Geometry:
             f"geometry: cannot place {len(topo.edges)} servers {cfg.min_server_separation_m} m apart in {area} m"
         )
 
-    def inside(r_max: float, cx: float, cy: float) -> tuple[float, float]:
-        for _ in range(100_000):
-            r = np.sqrt(rng.random()) * r_max
-            th = rng.random() * 2 * np.pi
-            x, y = cx + r * np.cos(th), cy + r * np.sin(th)
-            if 0 <= x <= area and 0 <= y <= area:
-                return float(x), float(y)
-        raise ValueError("geometry: cannot place a point inside the area")
-
     centres, devices = {}, {}
     for e, (sx, sy) in zip(topo.edges, servers, strict=True):
-        cx, cy = inside(cfg.cluster_center_radius_m, sx, sy)
+        cx, cy = point_in_disc(rng, area, cfg.cluster_center_radius_m, sx, sy)
         centres[e] = (cx, cy)
         for d in topo.cluster(e):
-            devices[d.id] = inside(cfg.device_radius_m, cx, cy)
+            devices[d.id] = point_in_disc(rng, area, cfg.device_radius_m, cx, cy)
     return Geometry(dict(zip(topo.edges, servers, strict=True)), centres, devices)
 
 
