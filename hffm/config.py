@@ -49,9 +49,16 @@ class TopologyConfig(_Strict):
     joins: bool = D(
         False,
         description="devices outside this topology may join mid-run (id device-<e>-<i> of an existing edge e, "
-        "a certificate from the federation's CA): admitted between rounds, onboarded by a sync (docs/circulation.md)",
+        "a certificate from the federation's CA): admitted between rounds, onboarded by a sync; and members may "
+        "leave (a device stopped by SIGTERM or SIGINT mid-run leaves cleanly: docs/circulation.md)",
     )
     max_joins: int = D(64, ge=0, description="devices admitted mid-run at most (a bound on what joiners can grow)")
+    leave_timeout_s: float = D(
+        300.0,
+        gt=0,
+        description="a device leaving waits this long at most for its last round to end and the "
+        "coordinator to shut it down",
+    )
 
     @field_validator("tasks_per_device")
     @classmethod
@@ -78,6 +85,18 @@ class ModelConfig(_Strict):
     max_text_len: int = D(16, ge=4, description="question tokens (padded or truncated)")
     bottleneck: int = D(256, ge=1, description="Double-Adapter bottleneck width (paper: 256)")
     head_hidden: int = D(128, ge=1, description="hidden width of each task head's MLP")
+    prompt_tokens: int = D(
+        0,
+        ge=0,
+        le=256,
+        description="per-task prompts: this many learned vectors (module prompt.<task>) appended to the "
+        "backbone's input sequence for that task's questions (0: no prompts)",
+    )
+    modality_adapters: bool = D(
+        False,
+        description="modality-side adapters: a bottleneck adapter on the text embeddings (modality.text) and "
+        "one on the image patch embeddings (modality.image), each its own module",
+    )
     init_seed: int = D(1234, description="backbone, adapters and heads are initialised from this seed everywhere")
     initializer_range: float = D(
         0.2,
@@ -572,6 +591,17 @@ class CirculationConfig(_Strict):
     docs/circulation.md)."""
 
     rules: list[CirculationRule] = D(default_factory=list, description="the rules, first match wins")
+    relay: Literal["cheapest", "head", "none"] = D(
+        "cheapest",
+        description="who serves a device that holds no current modules (a newcomer, a restart, a device that "
+        "missed rounds) in D2D methods: cheapest: the holder of its cluster's current state with the least "
+        "modeled D2D latency, among those whose latest accuracy on its tasks is within relay_tolerance of "
+        "the best; head: the round's cluster head first; none: a device that holds no round end at all "
+        "starts from its initial modules (no relay; any method), one that holds an older one is synced as by head",
+    )
+    relay_tolerance: float = D(
+        0.05, ge=0, le=1, description="cheapest: how far below the best holder's latest accuracy a holder may be"
+    )
 
 
 class AdversaryConfig(_Strict):

@@ -286,13 +286,15 @@ class CostModel:
 
     def d2d_context(self, topo: Topology, round_: int, down: set[str] | frozenset[str] = frozenset()) -> RoundContext:
         """Cluster heads (``d2d.head_policy``) and latency-weighted shortest paths for ``round_`` over
-        ``topo``; devices in ``down`` (unreachable) are left out of every cluster's D2D graph."""
+        ``topo``; devices in ``down`` (unreachable), and those this model knows that ``topo`` lacks (they
+        left), are left out of every cluster's D2D graph: nobody relays through them."""
         ctx = RoundContext()
         for edge in topo.edges:
             members = [d.id for d in topo.cluster(edge)]
             if not members:
                 continue
-            g = self.d2d_graph(edge, exclude=frozenset(down & {d.id for d in self.topo.cluster(edge)}))
+            known = {d.id for d in self.topo.cluster(edge)}
+            g = self.d2d_graph(edge, exclude=frozenset((set(down) | (known - set(members))) & known))
             head = choose_head(self.cfg.d2d.head_policy, members, g, self.cfg.seed, round_, edge)
             ctx.heads[edge] = head
             for m in members:

@@ -3,8 +3,9 @@ kinds. Pure (no torch, no gRPC): every layer imports it.
 
 Node ids: ``cloud``, ``edge-<e>``, ``device-<e>-<i>`` (edge e, index i in the cluster it was created
 in). A device's id is its identity, not its place: membership may re-home it to another edge, and
-its id stays. Module names: ``adapter.<layer>``, ``head.<task>``; the same string in memory, on the
-wire, in safetensors files, in metrics and in logs.
+its id stays. Module names: ``adapter.<layer>``, ``head.<task>``, and where configured ``prompt.<task>``
+and ``modality.image`` / ``modality.text``; the same string in memory, on the wire, in safetensors
+files, in metrics and in logs.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def role_of(node: str) -> str:
 # ---- modules ------------------------------------------------------------------------------------
 ADAPTER_PREFIX = "adapter."
 HEAD_PREFIX = "head."
+PROMPT_PREFIX = "prompt."
+MODALITY_ADAPTERS = ("modality.image", "modality.text")  # model.modality_adapters
 
 
 def adapter_name(layer: int) -> str:
@@ -87,9 +90,17 @@ def head_name(task: str) -> str:
     return f"{HEAD_PREFIX}{task}"
 
 
+def prompt_name(task: str) -> str:
+    return f"{PROMPT_PREFIX}{task}"
+
+
 def task_of(module: str) -> str | None:
-    """The task a module belongs to (heads), or None (shared modules such as adapters)."""
-    return module[len(HEAD_PREFIX) :] if module.startswith(HEAD_PREFIX) else None
+    """The task a module belongs to (heads, prompts), or None (shared modules: adapters, modality
+    adapters)."""
+    for prefix in (HEAD_PREFIX, PROMPT_PREFIX):
+        if module.startswith(prefix):
+            return module[len(prefix) :]
+    return None
 
 
 # ---- tasks, methods, links ------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Frozen ViLT backbone + Double-Adapters + per-task heads.
 
 The trainable parts are *modules*, each with a name derived from where it sits: ``adapter.<layer>``
-(the Double-Adapter of transformer layer ``<layer>``) and ``head.<task>``. The same string names a
+(the Double-Adapter of transformer layer ``<layer>``) and ``head.<task>``; where configured, also
+``prompt.<task>`` (learned prompt vectors appended to the input sequence for that task's questions) and
+the modality-side adapters ``modality.text`` and ``modality.image`` (on the text and the patch
+embeddings, residual, zero-initialised up-projections). The same string names a
 module in memory, on the wire, in safetensors files, in metrics and in logs.
 
 Wiring (fixing the seed code, which discarded the feed-forward output): in each ViLT layer the
@@ -20,7 +23,14 @@ import torch
 from torch import nn
 
 from hffm.config import HFFMConfig, ModelConfig
-from hffm.ids import adapter_name, head_name, task_of  # noqa: F401 - module names live in hffm.ids
+from hffm.ids import (  # noqa: F401 - module names live in hffm.ids
+    MODALITY_ADAPTERS,
+    PROMPT_PREFIX,
+    adapter_name,
+    head_name,
+    prompt_name,
+    task_of,
+)
 
 
 class BottleneckAdapter(nn.Module):
@@ -80,6 +90,53 @@ class AdaptedOutput(nn.Module):
         return ffn + self.adapter(ffn) + input_tensor
 
 
+class PromptTokens(nn.Module):
+    """A task's prompt: ``n`` learned vectors appended to the backbone's input sequence (after the text
+    and image tokens, attended to by both; no position embedding: they carry their own content)."""
+
+    def __init__(self, n: int, hidden: int) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(n, hidden) * 0.02)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.tokens.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class ExtendedEmbeddings(nn.Module):
+    """Replaces ``ViltEmbeddings`` where the model has modality adapters or prompts: the original's
+    sequence (text tokens, then image tokens, token types added) with ``modality.text`` and
+    ``modality.image`` added residually to their parts, and the current task's prompt appended (its mask
+    ones). The trainable modules are looked up in the model's ``ModuleDict``, not registered twice."""
+
+    def __init__(self, original: nn.Module, modules: nn.ModuleDict, modality: bool, prompts: bool) -> None:
+        super().__init__()
+        self.original = original
+        self._modules_ref = [modules]  # a plain list: the backbone's state dict stays the backbone's
+        self.modality, self.prompts = modality, prompts
+        self.task: str | None = None  # set by HFFMModel.pooled for the batch it runs
+
+    def forward(self, input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, inputs_embeds,
+                image_embeds, image_token_type_idx=None):  # fmt: skip
+        emb, masks = self.original(
+            input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, inputs_embeds, image_embeds,
+            image_token_type_idx=image_token_type_idx,
+        )  # fmt: skip
+        mods = self._modules_ref[0]
+        if self.modality:
+            n_text = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            text, image = emb[:, :n_text], emb[:, n_text:]
+            text = text + mods[MODALITY_ADAPTERS[1].replace(".", ":")](text)
+            image = image + mods[MODALITY_ADAPTERS[0].replace(".", ":")](image)
+            emb = torch.cat([text, image], dim=1)
+        if self.prompts and self.task is not None:
+            p = mods[prompt_name(self.task).replace(".", ":")](emb.shape[0]).to(emb.dtype)
+            emb = torch.cat([emb, p], dim=1)
+            masks = torch.cat(
+                [masks, torch.ones(masks.shape[0], p.shape[1], dtype=masks.dtype, device=masks.device)], 1
+            )
+        return emb, masks
+
+
 def _stable_seed(base: int, name: str) -> int:
     return (base * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
@@ -96,10 +153,19 @@ def build_trainable_modules(
         name = adapter_name(layer)
         torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
         mods[name.replace(".", ":")] = DoubleAdapter(hidden, model_cfg.bottleneck)
+    if model_cfg.modality_adapters:
+        for name in MODALITY_ADAPTERS:
+            torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
+            mods[name.replace(".", ":")] = BottleneckAdapter(hidden, model_cfg.bottleneck)
     for task, n in task_labels.items():
         name = head_name(task)
         torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
         mods[name.replace(".", ":")] = TaskHead(hidden, model_cfg.head_hidden, n)
+    if model_cfg.prompt_tokens:
+        for task in task_labels:
+            name = prompt_name(task)
+            torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
+            mods[name.replace(".", ":")] = PromptTokens(model_cfg.prompt_tokens, hidden)
     return nn.ModuleDict(mods)
 
 
@@ -175,6 +241,12 @@ class HFFMModel(nn.Module):
             if key not in modules:
                 raise ValueError(f"no module {adapter_name(i)} for backbone layer {i}")
             layer.output = AdaptedOutput(layer.output, modules[key])
+        modality = MODALITY_ADAPTERS[0].replace(".", ":") in modules
+        prompts = any(k.startswith(PROMPT_PREFIX.replace(".", ":")) for k in modules)
+        self._embeddings: ExtendedEmbeddings | None = None
+        if modality or prompts:
+            self._embeddings = ExtendedEmbeddings(backbone.embeddings, modules, modality, prompts)
+            backbone.embeddings = self._embeddings
 
     # -- modules ---------------------------------------------------------------------------
     def module_names(self) -> list[str]:
@@ -196,7 +268,10 @@ class HFFMModel(nn.Module):
         return params
 
     # -- forward ---------------------------------------------------------------------------
-    def pooled(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def pooled(self, batch: dict[str, torch.Tensor], task: str | None = None) -> torch.Tensor:
+        """The backbone's pooled output; ``task`` picks the prompt appended (model.prompt_tokens)."""
+        if self._embeddings is not None:
+            self._embeddings.task = task
         out = self.backbone(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -207,7 +282,7 @@ class HFFMModel(nn.Module):
         return out.pooler_output
 
     def forward(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-        return self.module(head_name(task))(self.pooled(batch))
+        return self.module(head_name(task))(self.pooled(batch, task))
 
     def train(self, mode: bool = True) -> HFFMModel:
         """Switch the trainable modules only: the frozen backbone stays in eval mode (dropout off), as

@@ -311,6 +311,17 @@ def provision(
     return directory
 
 
+def issue_in(
+    directory: Path, federation: str, role: str, node_id: str, hosts: list[str], days: int
+) -> tuple[Path, Path]:
+    """Issue ``node_id`` a key and certificate from the CA in ``directory`` (``ca.key``, ``ca.crt``) and
+    write them beside it: (key path, certificate path)."""
+    key, cert = issue(
+        (directory / "ca.key").read_bytes(), (directory / "ca.crt").read_bytes(), federation, role, node_id, hosts, days
+    )
+    return write_node_files(directory, node_id, key, cert)
+
+
 def write_node_files(directory: Path, name: str, key_pem: bytes, cert_pem: bytes) -> tuple[Path, Path]:
     """``<dir>/<name>.key`` (mode 0600) and ``<dir>/<name>.crt``."""
     directory.mkdir(parents=True, exist_ok=True)

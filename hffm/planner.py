@@ -45,10 +45,13 @@ class Planner:
         samples: Mapping[str, Mapping[str, int]] | None = None,
         held: Mapping[str, StateKey] | None = None,
         cloud_rounds_done: list[int] | None = None,
+        accuracy: Mapping[str, Mapping[str, float | None]] | None = None,
     ) -> PlannedRound:
         """The plan of ``round_`` over ``members`` minus the nodes in ``down`` (an edge takes its cluster
         with it). ``samples`` (device -> task -> registered training samples) bound the weights senders
-        may claim; ``held`` (node -> the round end it holds) decides who starts with a sync."""
+        may claim; ``held`` (node -> the round end it holds) decides who starts with a sync, served per
+        circulation.relay; ``accuracy`` (node -> task -> its latest global accuracy, as it reported it)
+        passes over holders that score far below the best."""
         topo = members.without(set(down))
         gone = set(members.node_ids()) - set(topo.node_ids())
         ctx = self.costs.d2d_context(topo, round_, gone) if self.method.uses_d2d else RoundContext()
@@ -57,14 +60,34 @@ class Planner:
             plan = plan.without_evaluation()
         starts = StartPlan({n: (0, 0) for n in topo.node_ids()}, {})
         if held is not None:
+            absent = frozenset(set(self.costs.topo.device_map) - set(topo.device_map))  # down, or left
+
+            def graph(edge: str):
+                return self.costs.d2d_graph(edge, exclude=absent & {d.id for d in self.costs.topo.cluster(edge)})
 
             def route(edge: str, src: str, dst: str) -> list[str]:
-                return path(self.costs.d2d_graph(edge, exclude=frozenset(gone)), src, dst)
+                return path(graph(edge), src, dst)
 
             def cost(edge: str, p: list[str]) -> float:
-                return path_latency(self.costs.d2d_graph(edge, exclude=frozenset(gone)), p)
+                return path_latency(graph(edge), p)
 
-            starts = plan_starts(self.method, topo, held, cloud_rounds_done or [], ctx, route, cost)
+            def score(node: str, tasks: tuple[str, ...]) -> float | None:
+                vals = [(accuracy or {}).get(node, {}).get(t) for t in tasks]
+                return None if not vals or None in vals else sum(vals) / len(vals)
+
+            circ = self.cfg.circulation
+            starts = plan_starts(
+                self.method,
+                topo,
+                held,
+                cloud_rounds_done or [],
+                ctx,
+                route,
+                cost,
+                circ.relay,
+                score,
+                circ.relay_tolerance,
+            )
             plan = with_syncs(plan, starts, topo, self.method.collect, self.method.circulating)
         if samples is not None:
             plan = plan.with_weight_caps(samples, topo)

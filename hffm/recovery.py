@@ -64,12 +64,18 @@ def plan_starts(
     ctx: RoundContext,
     route: Callable[[str, str, str], list[str]] | None = None,
     cost: Callable[[str, list[str]], float] | None = None,
+    relay: str = "cheapest",
+    accuracy: Callable[[str, tuple[str, ...]], float | None] | None = None,
+    tolerance: float = 0.05,
 ) -> StartPlan:
     """The start of every node of ``topo`` (the members taking part this round). ``held``: the round
     end each node holds (missing: none it can use); ``cloud_rounds_done``: completed rounds in which the
     cloud aggregated; ``route(edge, src, dst)``: a D2D path, both ends included; ``cost(edge, path)``:
-    its modeled latency (the relay policy: the cheapest holder of the current state serves a sync — a
-    device that lost its state, or a newcomer being onboarded; without it, the round's head first)."""
+    its modeled latency. ``relay`` (config circulation.relay) decides who serves a sync — a device that
+    lost its state, missed rounds, or a newcomer being onboarded: ``cheapest`` the holder of the current
+    state with the least ``cost``, among those whose ``accuracy(node, tasks)`` (its latest, on those
+    tasks; None: unknown, kept) is within ``tolerance`` of the best; ``head`` the round's head first;
+    ``none``: a device holding no round end starts from its initial modules, unsynced."""
     base: dict[str, StateKey] = {}
     sync: dict[str, SyncSource] = {}
 
@@ -90,6 +96,9 @@ def plan_starts(
     for dev in topo.devices:
         n = dev.id
         mine = held.get(n)
+        if relay == "none" and mine is None:
+            keep(n)
+            continue
         if star:
             if mine is None or mine != held.get(CLOUD, INITIAL):
                 sync[n] = SyncSource(CLOUD, DEVICE_CLOUD)
@@ -110,8 +119,13 @@ def plan_starts(
             head = ctx.heads.get(dev.edge)
             holders.sort(key=lambda d: (d.id != head, d.id))
             if newest is not None and holders and route is not None:
+                if relay == "cheapest" and accuracy is not None:
+                    scored = {d.id: accuracy(d.id, dev.tasks) for d in holders}
+                    best = max((a for a in scored.values() if a is not None), default=None)
+                    if best is not None:  # a holder scoring far below the best does not serve
+                        holders = [d for d in holders if scored[d.id] is None or scored[d.id] >= best - tolerance]
                 paths = {d.id: route(dev.edge, d.id, n) for d in holders}
-                if cost is not None:  # the cheapest by the cost model (ties: the head, then by id)
+                if relay == "cheapest" and cost is not None:  # by the cost model (ties: the head, then id)
                     src = min(holders, key=lambda d: cost(dev.edge, paths[d.id]))
                 else:
                     src = holders[0]

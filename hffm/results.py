@@ -116,6 +116,9 @@ class RoundRecord:
     lost: dict[str, str] = field(default_factory=dict)  # node -> why it was left out mid-round
     aborted: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts: attempt, reason, lost
     synced: dict[str, str] = field(default_factory=dict)  # node -> the node it took current modules from
+    departed: list[str] = field(default_factory=list)  # devices that left (Leave) since the last round
+    # node -> task -> split -> its own modules' accuracy (the pooled ``accuracy`` above, node by node)
+    node_accuracy: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +146,7 @@ def round_record(
     transfers = 0
     hops: dict[tuple[str, ...], int] = defaultdict(int)
     acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    node_acc: dict[str, dict[str, dict[str, float | None]]] = defaultdict(dict)
     loss_sum, samples = 0.0, 0
     for r in reports:
         for t in r.sent:
@@ -155,6 +159,7 @@ def round_record(
             cell = acc[m.task][m.split]
             cell[0] += m.score if m.score is not None else m.correct
             cell[1] += m.total
+            node_acc[r.node].setdefault(m.task, {})[m.split] = m.accuracy if m.total else None
         loss_sum += r.train_loss * r.train_samples
         samples += r.train_samples
     return RoundRecord(
@@ -201,6 +206,7 @@ def round_record(
         ],
         wall_s=wall_s,
         left_out=sorted(left_out or []),
+        node_accuracy={n: dict(sorted(t.items())) for n, t in sorted(node_acc.items())},
     )
 
 

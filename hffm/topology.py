@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from hffm.config import HFFMConfig
-from hffm.ids import CLOUD, adapter_name, device_id, edge_id, head_name, parse_node_id
+from hffm.ids import CLOUD, MODALITY_ADAPTERS, adapter_name, device_id, edge_id, head_name, parse_node_id, prompt_name
 
 __all__ = ["CLOUD", "DeviceInfo", "Registration", "Topology", "device_tasks"]
 
@@ -54,6 +54,8 @@ class Topology:
     devices: tuple[DeviceInfo, ...]
     tasks: tuple[str, ...]
     num_layers: int
+    prompts: bool = False  # model.prompt_tokens > 0: a prompt.<task> module per task
+    modality: bool = False  # model.modality_adapters: modality.image and modality.text
 
     @classmethod
     def from_config(cls, cfg: HFFMConfig, num_layers: int) -> Topology:
@@ -65,7 +67,8 @@ class Topology:
                 tasks = device_tasks(g, list(cfg.tasks), cfg.topology.tasks_per_device)
                 devices.append(DeviceInfo(device_id(e, i), edge_id(e), g, tuple(tasks)))
                 g += 1
-        return cls(edges, tuple(devices), tuple(cfg.tasks), num_layers)
+        m = cfg.model
+        return cls(edges, tuple(devices), tuple(cfg.tasks), num_layers, m.prompt_tokens > 0, m.modality_adapters)
 
     def joiner(self, device: str, tasks_per_device: int | str) -> Topology:
         """The table after ``device`` (an id outside it, ``device-<e>-<i>``) joined edge ``e``: its tasks
@@ -155,5 +158,8 @@ class Topology:
         return [t for t in self.tasks if any(t in d.tasks for d in members)]
 
     def modules_for(self, node: str) -> list[str]:
-        """Modules a node holds: every adapter, and the heads of the tasks it (or its subtree) has."""
-        return self.adapters() + [head_name(t) for t in self.node_tasks(node)]
+        """Modules a node holds: every adapter (and the modality adapters), and the heads (and prompts) of
+        the tasks it (or its subtree) has."""
+        tasks = self.node_tasks(node)
+        shared = self.adapters() + (list(MODALITY_ADAPTERS) if self.modality else [])
+        return shared + [head_name(t) for t in tasks] + ([prompt_name(t) for t in tasks] if self.prompts else [])

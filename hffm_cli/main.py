@@ -169,7 +169,6 @@ def list_runs(
     as_json: bool = typer.Option(False, "--json", help="one JSON object per run instead of a table"),
 ) -> None:
     """The runs under ROOT, oldest first: id, method, data, status, rounds done, final accuracy, bytes, time."""
-    import json
 
     from rich.table import Table
 
@@ -285,7 +284,6 @@ def centralised(
 ) -> None:
     """Train the same modules on all the data in one process (the federation's upper bound): as many
     passes over the training pool as the federation makes, each tested on the same global test sets."""
-    import json
 
     from hffm.centralised import run_centralised
     from hffm.data import DataError, preflight
@@ -305,7 +303,6 @@ def centralised(
 @app.command()
 def plot(results: Path = typer.Argument(..., help="results.json"), out: Path = typer.Option(None, "--out")) -> None:
     """Draw accuracy and bytes per round from a results.json."""
-    import json
 
     from hffm.results import plot_results
 
@@ -570,39 +567,14 @@ def join(
     """Start a device that joins a running run (topology.joins: true): a certificate from the run's CA,
     its edge's address from the run's processes, a device process that registers; the cloud admits it
     between rounds and it catches up by a sync from its cheapest holder (docs/circulation.md)."""
-    import subprocess
-    import sys
-
-    from hffm.ids import edge_id, parse_node_id
+    from services.launcher import start_joiner
 
     cfg = _config(run_dir / "config.yaml", [])
-    if not cfg.topology.joins:
-        raise typer.BadParameter(f"{run_dir / 'config.yaml'}: topology.joins is false", param_hint="--run")
     try:
-        nid = parse_node_id(device)
+        p, edge, upstream, log_path = start_joiner(run_dir, cfg, device)
     except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--id") from None
-    if nid.role != "device":
-        raise typer.BadParameter(f"{device!r} is not a device id", param_hint="--id")
-    edge = edge_id(nid.edge or 0)
-    procs = dict((name, argv) for name, argv in json.loads((run_dir / "processes.json").read_text()))
-    if edge not in procs:
-        raise typer.BadParameter(f"{edge} is not a process of {run_dir}", param_hint="--id")
-    argv = procs[edge]
-    upstream = argv[argv.index("--listen") + 1]
-    if cfg.security.tls and not (Path(cfg.security.dir) / f"{device}.crt").is_file():
-        from hffm.pki import issue, write_node_files
-
-        ca = Path(cfg.security.dir)
-        hosts = [cfg.runtime.host, "localhost"]
-        key, cert = issue((ca / "ca.key").read_bytes(), (ca / "ca.crt").read_bytes(), cfg.security.federation,
-                          "device", device, hosts, cfg.security.cert_days)  # fmt: skip
-        write_node_files(ca, device, key, cert)
-    log_path = run_dir / "logs" / f"{device}.log"
-    cmd = [sys.executable, "-m", "services.device", "--config", str(run_dir / "config.yaml"),
-           "--node", f"{device}={cfg.runtime.host}:0", "--upstream", f"{edge}={upstream}"]  # fmt: skip
-    with open(log_path, "ab") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        hint = "--run" if "topology.joins" in str(err) else "--id"
+        raise typer.BadParameter(str(err), param_hint=hint) from None
     console.print(f"{device} started (pid {p.pid}), joining {edge} at {upstream}; log: {log_path}")
     if wait:
         raise typer.Exit(p.wait())
@@ -633,6 +605,27 @@ def sweep(
             f"{'met by ' + g['policy'] if g['met'] else 'not met'}"
         )
     console.print(f"{out / 'sweep.json'}  {out / 'sweep.md'}  {out / 'sweep.png'}")
+
+
+@app.command()
+def onboard(
+    out: Path = typer.Option(Path("runs/onboard"), "--out", "-o"),
+    quick: bool = typer.Option(False, "--quick", help="10 rounds, small pools, the newcomer after round 1"),
+    sets: list[str] = typer.Option([], "--set", help="KEY=VALUE over the benchmark's settings (repeatable)"),
+    seeds: int = typer.Option(1, "--seeds", min=1),
+) -> None:
+    """A newcomer onboarded by relay versus trained from scratch: a real hfm-d2d run that a device joins
+    mid-run, and the same device alone; rounds and modeled energy until it reaches the federation's
+    accuracy on its tasks. Writes OUT/onboard.{json,md} (docs/circulation.md)."""
+    from benchmarks.onboarding import markdown, run_onboard
+
+    res = run_onboard(out, quick, sets, seeds, log=console.print)
+    console.print(markdown(res), markup=False)
+    g = res["goal"]
+    console.print(
+        f"goal (>= 5x fewer rounds onboarded): {'met' if g['met'] else 'not met'} (at least {g['at_least']:.1f}x)"
+    )
+    console.print(f"{out / 'onboard.json'}  {out / 'onboard.md'}")
 
 
 # ---- hffm pki: the federation's certificate authority ------------------------------------------------
@@ -677,21 +670,12 @@ def pki_issue(
     days: int = typer.Option(30, "--days"),
 ) -> None:
     """Key and certificate in one step (local runs, tests)."""
-    from hffm.pki import PKIError, issue, write_node_files
+    from hffm.pki import PKIError, issue_in
 
     try:
-        key, cert = issue(
-            (directory / "ca.key").read_bytes(),
-            (directory / "ca.crt").read_bytes(),
-            federation,
-            role,
-            node_id,
-            hosts,
-            days,
-        )
+        k, c = issue_in(directory, federation, role, node_id, hosts, days)
     except (PKIError, OSError) as err:
         _pki_fail(err)
-    k, c = write_node_files(directory, node_id, key, cert)
     console.print(f"{c} ({k})")
 
 

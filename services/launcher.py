@@ -669,3 +669,34 @@ def _follow(
                     raise RunFailed(f"the cloud reported failure: {ev.message}")
     finally:
         watcher.close()
+
+
+def start_joiner(run_dir: Path, cfg: HFFMConfig, device: str) -> tuple[subprocess.Popen, str, str, Path]:
+    """Start ``device`` (an id outside the run's starting table) joining the run in ``run_dir``
+    (topology.joins): a certificate from the run's CA (when TLS is on and it has none), its edge's
+    address from the run's processes, a device process that registers there. (process, edge, the
+    edge's address, its log); ``ValueError`` names what is wrong."""
+    from hffm.ids import edge_id, parse_node_id
+    from hffm.pki import issue_in
+
+    if not cfg.topology.joins:
+        raise ValueError(f"{run_dir / 'config.yaml'}: topology.joins is false")
+    nid = parse_node_id(device)
+    if nid.role != "device":
+        raise ValueError(f"{device!r} is not a device id")
+    edge = edge_id(nid.edge or 0)
+    procs = dict((name, argv) for name, argv in json.loads((run_dir / "processes.json").read_text()))
+    if edge not in procs:
+        raise ValueError(f"{edge} is not a process of {run_dir}")
+    argv = procs[edge]
+    upstream = argv[argv.index("--listen") + 1]
+    ca = Path(cfg.security.dir)
+    if cfg.security.tls and not (ca / f"{device}.crt").is_file():
+        hosts = [cfg.runtime.host, "localhost"]
+        issue_in(ca, cfg.security.federation, "device", device, hosts, cfg.security.cert_days)
+    log_path = run_dir / "logs" / f"{device}.log"
+    cmd = [sys.executable, "-m", "services.device", "--config", str(run_dir / "config.yaml"),
+           "--node", f"{device}={cfg.runtime.host}:0", "--upstream", f"{edge}={upstream}"]  # fmt: skip
+    with open(log_path, "ab") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
+    return p, edge, upstream, log_path

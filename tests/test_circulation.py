@@ -128,18 +128,32 @@ def test_a_plan_whose_waits_form_a_cycle_is_refused():
         phases({"a": a, "b": b})
 
 
+# the mixed policy over every module kind: per-task prompts kept personal, the image-side adapter only in
+# its cluster (D2D head), the text-side adapter as the fallback (hfm-d2d)
+KINDS = [
+    *MIXED[:-1],
+    "model.prompt_tokens=2",
+    "model.modality_adapters=true",
+    "circulation.rules=[{modules: 'head.*', depth: cloud, path: direct, cloud_every: 4}, "
+    "{modules: adapter.1, depth: personal}, {modules: 'prompt.*', depth: personal}, "
+    "{modules: modality.image, depth: head, path: d2d}]",
+]
+
+
 def test_a_mixed_policy_over_grpc_moves_exactly_what_its_plan_says(tmp_path):
-    """The mixed policy as real processes, 4 rounds: per round, the bytes on every (link, module) are the
-    plan's sends of that module on that link times the module's size, every push (hop) the plan's, the
-    personal adapter never on the wire, and each device's personal adapter its own at the end."""
+    """The mixed policy, over every module kind, as real processes, 4 rounds: per round, the bytes on
+    every (link, module) are the plan's sends of that module on that link times the module's size, every
+    push (hop) the plan's, the personal modules never on the wire; at the end each device's personal
+    adapter and prompt its own, the image-side adapter one per cluster, the text-side one everywhere."""
     from services.launcher import run
 
-    sets = [*MIXED, "rounds=4", "runtime.devices_per_process=6", "data.train_per_task=120"]
+    sets = [*KINDS, "rounds=4", "runtime.devices_per_process=6", "data.train_per_task=120"]
     sets += [f"runtime.trace_dir={tmp_path / 'trace'}"]
     cfg = load_config(None, sets)
     res = run(cfg, tmp_path / "run", Console(file=io.StringIO()), timeout_s=300)
     assert res["complete"] and len(res["rounds"]) == 4
     topo = Topology.from_config(cfg, 2)
+    assert topo.prompts and topo.modality
     planner = Planner(cfg, CostModel(cfg, topo))
     size: dict[str, set[float]] = {}
     for rec in res["rounds"]:
@@ -160,7 +174,8 @@ def test_a_mixed_policy_over_grpc_moves_exactly_what_its_plan_says(tmp_path):
             size.setdefault(m, set()).add(by[link][m] / k)
         assert rec["cloud_aggregation"] == (rec["round"] % 2 == 0)
     assert all(len(v) == 1 for v in size.values()), size  # one size per module: counts match exactly
-    assert "adapter.1" not in size and {"adapter.0", "head.art", "head.gqa"} <= set(size)
+    assert not {"adapter.1", "prompt.art", "prompt.gqa"} & set(size)
+    assert {"adapter.0", "head.art", "head.gqa", "modality.image", "modality.text"} <= set(size)
     # the round-4 ends each device saved: adapter.0 came back from the cloud (round 4 is a cloud round
     # for it and for the heads), so it is one tensor everywhere; adapter.1 never left: six different ones
     from hffm.modules import load_modules
@@ -177,6 +192,14 @@ def test_a_mixed_policy_over_grpc_moves_exactly_what_its_plan_says(tmp_path):
     assert all(not torch.equal(a, b) for i, a in enumerate(personal) for b in personal[i + 1 :])
     holders = [f["head.art"] for n, f in flat.items() if "art" in topo.device_map[n].tasks]
     assert len(holders) == 3 and all(torch.equal(h, holders[0]) for h in holders)
+    assert all(torch.equal(f["modality.text"], first["modality.text"]) for f in flat.values())
+    prompts = [f["prompt.art"] for n, f in flat.items() if "art" in topo.device_map[n].tasks]
+    assert len(prompts) == 3 and all(not torch.equal(a, b) for i, a in enumerate(prompts) for b in prompts[i + 1 :])
+    for e in topo.edges:  # the image-side adapter: one per cluster, never through an edge
+        image = [flat[d.id]["modality.image"] for d in topo.cluster(e)]
+        assert all(torch.equal(x, image[0]) for x in image)
+    assert not torch.equal(flat["device-0-0"]["modality.image"], flat["device-1-0"]["modality.image"])
+    assert all("modality.image" not in rec["bytes_by_link_module"].get("edge_cloud", {}) for rec in res["rounds"])
 
 
 def test_the_pareto_front_keeps_what_nothing_beats_everywhere():

@@ -62,6 +62,31 @@ def test_a_joiner_is_admitted_only_when_joins_are_on_and_its_registration_holds_
     assert set(joined.device_map["device-0-3"].tasks) <= set(topo.node_tasks("edge-0"))
 
 
+def test_a_member_that_leaves_is_off_the_table_for_good_and_a_leave_counts_no_join_back():
+    cfg, topo = _topo()
+    m = Membership(topo, "127.0.0.1:0", joins=True, max_joins=1)
+    m.register(Registration("device-0-1", "device", "127.0.0.1:7", "edge-0", (("art", 30), ("gqa", 30))))
+    with pytest.raises(ValueError, match="topology.joins is off"):
+        Membership(topo, "127.0.0.1:0").leave("device-0-1")
+    for who, err in (("device-0-9", LookupError), ("edge-0", LookupError)):
+        with pytest.raises(err):
+            m.leave(who)
+        assert m.topo == topo and not m.departed  # a refusal changes nothing
+    m.leave("device-0-1", "test")
+    assert "device-0-1" not in m.topo.device_map and "device-0-1" not in m.samples and m.expected == 1 + 2 + 3
+    assert m.address("device-0-1") == "127.0.0.1:7"  # until the coordinator shuts it down
+    assert m.take_leaving() == {"device-0-1": "127.0.0.1:7"} and m.take_leaving() == {}
+    assert "device-0-1" not in m.addresses
+    # a resumed coordinator keeps it off; it may come back only as a newcomer (a join, counted as one)
+    resumed = Membership(topo, "127.0.0.1:0", joins=True, max_joins=1)
+    resumed.restore(m.to_json())
+    assert "device-0-1" not in resumed.topo.device_map and resumed.departed == {"device-0-1"}
+    resumed.register(Registration("device-0-1", "device", "127.0.0.1:8", "edge-0", (("art", 30), ("gqa", 30))))
+    assert "device-0-1" in resumed.topo.device_map and not resumed.departed
+    with pytest.raises(ValueError, match=r"topology.max_joins \(1\)"):
+        resumed.register(Registration("device-0-7", "device", "a:2", "edge-0", (("art", 3),)))
+
+
 def test_the_cost_model_places_a_joiner_without_moving_anyone():
     cfg, topo = _topo()
     costs = CostModel(cfg, topo)
@@ -88,7 +113,7 @@ def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path)
 
     out = tmp_path / "run"
     sets = ["method=hfm-d2d", "e_agg=2", "rounds=24", "topology.edges=1", "topology.devices_per_edge=3",
-            "runtime.devices_per_process=3", "data.train_per_task=60", "train.eval_every=0",
+            "runtime.devices_per_process=3", "data.train_per_task=60", "train.eval_every=24",
             "topology.joins=true"]  # fmt: skip
     cfg = load_config(None, sets)
     box: dict = {}
@@ -119,6 +144,13 @@ def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path)
         counted = [a for a in x["aggregates"] if a["tag"] == "cluster"]
         assert any("device-0-3" in a["counted"] or a["node"] == "device-0-3" for a in counted), x["round"]
         assert "device-0-3" not in x["synced"]
+    # results.json has its own scores; after the last round (a cloud round) it holds the cloud's modules,
+    # as its peers do: the same accuracy on the global test set of every task they share
+    last = rounds[-1]["node_accuracy"]
+    mine = last["device-0-3"]
+    assert mine and all(set(s) == {"local", "global"} for s in mine.values())
+    shared = [(p, t) for p in ("device-0-0", "device-0-1", "device-0-2") for t in mine if t in last[p]]
+    assert shared and all(last[p][t]["global"] == mine[t]["global"] for p, t in shared)
     log = (out / "logs" / "device-0-3.log").read_text()
     assert "device-0-3 registered" in log
     assert "admitted device-0-3" in (out / "logs" / "cloud.log").read_text()
@@ -161,3 +193,71 @@ def test_a_newcomer_is_synced_from_the_cheapest_holder_of_its_clusters_state():
     cheap = plan_starts(m, topo, held, [2], ctx, route, lambda e, p: 1.0 if p[0] == "device-0-1" else 5.0)
     assert cheap.sync["device-0-5"].source == "device-0-1" and cheap.sync["device-0-5"].link == "d2d"
     assert set(cheap.sync) == {"device-0-5"}  # nobody else needs catching up
+
+    def cost(e, p):
+        return 1.0 if p[0] == "device-0-1" else 5.0
+
+    # a holder whose latest accuracy on the newcomer's tasks is far below the best does not serve it
+    acc = {"device-0-0": 0.62, "device-0-1": 0.40}.get
+    low = plan_starts(m, topo, held, [2], ctx, route, cost, "cheapest", lambda n, t: acc(n), 0.05)
+    assert low.sync["device-0-5"].source == "device-0-0"
+    near = plan_starts(m, topo, held, [2], ctx, route, cost, "cheapest", lambda n, t: acc(n), 0.25)
+    assert near.sync["device-0-5"].source == "device-0-1"  # within the tolerance: the cheapest again
+    # head: the round's head whatever the cost; none: the newcomer starts from its initial modules
+    assert plan_starts(m, topo, held, [2], ctx, route, cost, "head").sync["device-0-5"].source == "device-0-0"
+    bare = plan_starts(m, topo, held, [2], ctx, route, cost, "none")
+    assert "device-0-5" not in bare.sync and bare.base["device-0-5"] == (0, 0)
+    stale = {**held, "device-0-5": (1, 0)}  # one holding an older round end is still caught up (head first)
+    assert plan_starts(m, topo, stale, [2], ctx, route, cost, "none").sync["device-0-5"].source == "device-0-0"
+
+
+def test_a_device_stopped_mid_run_leaves_cleanly(tmp_path):
+    """hfm-d2d, one cluster of 4 over real gRPC and mTLS, topology.joins on. device-0-3's process gets
+    SIGTERM after round 2: it tells its edge it leaves (its own certificate), the round it is in
+    finishes with it (nothing lost, nothing aborted), the next round's planning shuts it down and plans
+    without it: no hop to, from or through it, no aggregate counts it, it is not a member any more."""
+    import os
+    import signal
+
+    from services.launcher import run
+
+    out = tmp_path / "run"
+    sets = ["method=hfm-d2d", "e_agg=2", "rounds=12", "topology.edges=1", "topology.devices_per_edge=4",
+            "runtime.devices_per_process=1", "data.train_per_task=60", "train.eval_every=12",
+            "topology.joins=true"]  # fmt: skip
+    cfg = load_config(None, sets)
+    box: dict = {}
+
+    def go() -> None:
+        box["res"] = run(cfg, out, Console(file=io.StringIO()), timeout_s=300, on_start=lambda s: box.update(sup=s))
+
+    t = threading.Thread(target=go)
+    t.start()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            f = out / "results.json"
+            if f.is_file() and len(json.loads(f.read_text())["rounds"]) >= 2:
+                break
+            time.sleep(0.2)
+        procs = [p for p in box["sup"].procs if "device-0-3=" in " ".join(p.argv or [])]
+        assert len(procs) == 1, [p.name for p in box["sup"].procs]
+        os.kill(procs[0].popen.pid, signal.SIGTERM)
+    finally:
+        t.join(300)
+    res = box["res"]
+    assert res["complete"] and "device-0-3" not in res["nodes"]
+    rounds = res["rounds"]
+    gone = next((x for x in rounds if x["departed"]), None)
+    assert gone is not None and gone["departed"] == ["device-0-3"] and gone["round"] >= 3
+    for x in rounds:
+        assert not x["aborted"] and not x["lost"] and not x["left_out"], x["round"]
+        in_hops = any("device-0-3" in (h["sender"], h["receiver"]) for h in x["hops"])
+        counted = any("device-0-3" in a["counted"] for a in x["aggregates"])
+        if x["round"] < gone["round"]:
+            assert in_hops and (counted or x["round"] > 0), x["round"]
+        else:
+            assert not in_hops and not counted and "device-0-3" not in x["node_accuracy"], x["round"]
+    log = (out / "logs" / "device-0-3.log").read_text()
+    assert re.search(r"device-0-3 left the federation \(its last round: (\d+|none)\)", log)
+    assert "device-0-3 left the federation" in (out / "logs" / "cloud.log").read_text()

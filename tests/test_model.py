@@ -115,3 +115,43 @@ def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
     cfg = load_config(None, [f"model.backbone={tmp_path / 'nope'}"])
     with pytest.raises(FileNotFoundError, match="model.backbone"):
         build_backbone(cfg, 30)
+
+
+def test_prompts_and_modality_adapters_are_modules_of_their_own(small_cfg):
+    """model.prompt_tokens and model.modality_adapters: named modules like the others; the modality
+    adapters start as the identity (the model computes what it did without them), a task's prompt changes
+    that task's answers only, and a task's loss trains that task's prompt alone."""
+    from hffm.topology import Topology
+
+    cfg = small_cfg.model_copy(
+        update={"model": small_cfg.model.model_copy(update={"prompt_tokens": 3, "modality_adapters": True})}
+    )
+    vocab = build_tokenizer().vocab_size
+    m = build_model(cfg, vocab, _labels(cfg))
+    names = ["adapter.0", "adapter.1", "modality.image", "modality.text", "head.art", "head.gqa", "prompt.art",
+             "prompt.gqa"]  # fmt: skip
+    assert m.module_names() == names
+    assert Topology.from_config(cfg, 2).modules_for("cloud") == names
+    assert m.module_state("prompt.art")["tokens"].shape == (3, cfg.model.hidden_size)
+    batch = _batch(cfg)
+    plain_cfg = small_cfg.model_copy(update={"model": small_cfg.model.model_copy(update={"prompt_tokens": 3})})
+    plain = build_model(plain_cfg, vocab, _labels(cfg))
+    torch.manual_seed(0)
+    a = m(batch, "art")
+    torch.manual_seed(0)
+    b = plain(batch, "art")
+    assert torch.allclose(a, b, atol=1e-5)  # zero-initialised up-projections: the identity
+    with torch.no_grad():
+        m.module("prompt.gqa").tokens.add_(torch.randn(3, cfg.model.hidden_size))  # another task's: no change
+    torch.manual_seed(0)
+    assert torch.allclose(m(batch, "art"), a, atol=1e-5)
+    with torch.no_grad():
+        m.module("prompt.art").tokens.add_(torch.randn(3, cfg.model.hidden_size))  # (a constant: LayerNorm's)
+    torch.manual_seed(0)
+    assert not torch.allclose(m(batch, "art"), a, atol=1e-3)
+    m.zero_grad()
+    m(batch, "art").sum().backward()
+    grads = {n: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.module(n).parameters()) for n in names}
+    assert grads["prompt.art"] and grads["modality.image"] and grads["modality.text"] and grads["head.art"]
+    assert not grads["prompt.gqa"] and not grads["head.gqa"]
+    assert not any("trainable" in k for k in m.backbone.state_dict())  # the backbone's own state only

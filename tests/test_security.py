@@ -355,3 +355,27 @@ def test_a_joiner_is_forwarded_only_by_the_edge_its_id_names_and_only_when_joins
     _register(d, "edge-0", addr, joiner)
     assert coord.topo.device_map["device-0-9"].edge == "edge-0" and coord.members.address("device-0-9")
     assert len(coord.topo.devices) == 5
+
+
+def test_a_device_leaves_only_by_itself_or_through_its_own_edge(cloud_server):
+    """Leave over real gRPC and mTLS: another device may not make D1 leave, nor may edge-1 (D1 is edge-0's);
+    with joins off (a fixed membership) nobody leaves; a device not in the table is NOT_FOUND. Each
+    refusal leaves the table as it was; D1's own leave, forwarded by edge-0, takes it off."""
+    coord, addr, d = cloud_server
+
+    def leave(caller: str, device: str) -> pb.LeaveAck:
+        stub = pb_grpc.RegistryStub(_channel(d, caller, addr, "cloud"))
+        return stub.Leave(pb.LeaveRequest(id=device, reason="test"), timeout=5)
+
+    before = set(coord.topo.device_map)
+    assert D1 in before
+    assert _status(lambda: leave("edge-0", D1)) == grpc.StatusCode.FAILED_PRECONDITION  # joins off
+    coord.members.joins = True
+    assert _status(lambda: leave(D0, D1)) == grpc.StatusCode.PERMISSION_DENIED
+    assert _status(lambda: leave("edge-1", D1)) == grpc.StatusCode.PERMISSION_DENIED
+    assert _status(lambda: leave("edge-0", "device-0-9")) == grpc.StatusCode.PERMISSION_DENIED  # not edge-0's (yet)
+    assert set(coord.topo.device_map) == before
+    assert leave("edge-0", D1).round == 0  # no round running: none more
+    assert set(coord.topo.device_map) == before - {D1} and coord.members.departed == {D1}
+    assert _status(lambda: leave(D1, D1)) == grpc.StatusCode.NOT_FOUND  # itself, but it has left already
+    assert coord.members.departed == {D1}

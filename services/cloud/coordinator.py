@@ -92,6 +92,8 @@ class Coordinator:
         self._held_lock = threading.Lock()
         self.first_round = self.resume()  # before the server starts: registrations then update what it loaded
         self.missing: set[str] = set()  # members lost or unreachable lately (faults.rejoin_wait_s)
+        self._running: PlannedRound | None = None  # the attempt now running
+        self._departed: list[str] = []  # devices that left before the round being planned
         self.done = threading.Event()
         self.ok = False
 
@@ -103,6 +105,20 @@ class Coordinator:
     def register(self, reg: Registration) -> tuple[int, int]:
         """(registered, expected) after ``reg``; ``ValueError`` names what is wrong."""
         return self.members.register(reg), self.members.expected
+
+    def leave(self, device: str, reason: str) -> int:
+        """``device`` leaves (Membership.leave): the round now running, if it takes part in it, is its
+        last (returned; 0: none); the next round's planning shuts it down."""
+        self.members.leave(device, reason)
+        running = self._running
+        return running.plan.round if running is not None and device in running.topo.device_map else 0
+
+    def _release_departed(self) -> list[str]:
+        """Shut down the devices that left since the last round (their last round is over)."""
+        gone = self.members.take_leaving()
+        for n, address in sorted(gone.items()):
+            self.dispatcher.shutdown_at(n, address)
+        return sorted(gone)
 
     def _registered(self, message: str) -> None:
         self.progress.publish(
@@ -126,6 +142,10 @@ class Coordinator:
         cluster with it), starting every node from the round end it holds or with a sync."""
         if self.missing and self.cfg.faults.rejoin_wait_s > 0:
             self._await_members(self.missing, self.cfg.faults.rejoin_wait_s)
+        departed = self._release_departed()
+        if departed:
+            log.info("round %d: left since the last round: %s", round_, departed)
+            self._departed += departed
         topo = self.topo  # one table for the whole round (a device joining meanwhile takes part from the next)
         joined = self.costs.admit(topo)  # positions and links of devices admitted since the last round
         if joined:
@@ -135,7 +155,11 @@ class Coordinator:
             log.warning("round %d: unreachable nodes sit it out: %s", round_, sorted(down))
         self.missing = set(down)
         cloud_rounds = [x.round for x in self.results.rounds if x.cloud_aggregation]
-        return self.planner.plan(round_, topo, down, self.members.samples, self.held, cloud_rounds)
+        scored = [x.node_accuracy for x in self.results.rounds if x.node_accuracy]
+        accuracy = {
+            n: {t: s.get("global") for t, s in tasks.items()} for n, tasks in (scored[-1] if scored else {}).items()
+        }
+        return self.planner.plan(round_, topo, down, self.members.samples, self.held, cloud_rounds, accuracy)
 
     def tasks_for(self, planned: PlannedRound, attempt: int = 0) -> dict[str, Assignment]:
         """Every taking-part node's assignment: its steps and the address of every node it may talk to."""
@@ -209,6 +233,7 @@ class Coordinator:
         ``faults.max_attempts``; then the round's record and the checkpoint."""
         attempt = self._first_attempt(r)
         aborted: list[dict[str, Any]] = []
+        self._departed = []
         while True:
             self._write_intent(r, attempt)
             try:
@@ -243,6 +268,7 @@ class Coordinator:
     def run_attempt(self, r: int, attempt: int, pool: ThreadPoolExecutor) -> RoundRecord:
         t0 = time.perf_counter()
         planned = self.plan_round(r)
+        self._running = planned
         nodes = planned.topo.node_ids()
         tasks = self.tasks_for(planned, attempt)
         failed = self.dispatcher.assign_all(tasks, pool)
@@ -311,6 +337,7 @@ class Coordinator:
             attempt,
             list(planned.left_out),
         )
+        rec.departed = list(self._departed)
         rec.lost = dict(sorted(lost.items()))
         rec.synced = {n: src.source for n, src in sorted(planned.starts.sync.items())}
         rec.modeled = self.model_round(planned.plan, planned.ctx, reports)
@@ -447,9 +474,29 @@ def may_register(caller: Identity, info: pb.NodeInfo, topo: Topology, joins: boo
     return joins and info.edge == caller.id == joining_edge(info.id)
 
 
+def may_leave(caller: Identity, device: str, topo: Topology) -> bool:
+    """A device leaves by itself, or its edge forwards its leave (the edge checked its certificate)."""
+    if caller.role == "device":
+        return caller.id == device
+    dev = topo.device_map.get(device)
+    return caller.role == "edge" and dev is not None and dev.edge == caller.id
+
+
 class CloudRegistry(pb_grpc.RegistryServicer):
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
+
+    def Leave(self, request, context):  # noqa: N802
+        try:
+            authorize(self.coord.node, context, "Leave", lambda i: may_leave(i, request.id, self.coord.topo))
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
+        try:
+            return pb.LeaveAck(round=self.coord.leave(request.id, request.reason[:200]))
+        except LookupError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        except ValueError as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
 
     def Register(self, request, context):  # noqa: N802
         try:

@@ -189,6 +189,14 @@ class Dispatcher:
             except grpc.RpcError as err:  # that node's own failure is judged on its own
                 log.warning("leave-out of %s at %s failed: %s", lost, n, err.code().name)
 
+    def shutdown_at(self, node: str, address: str) -> None:
+        """Shut down ``node`` at ``address`` (a device that left: no longer in the address book)."""
+        try:
+            stub = pb_grpc.RoundControlStub(self.node.channels.get(address, node))
+            stub.Shutdown(pb.Empty(), timeout=5, metadata=self.meta)
+        except grpc.RpcError as err:
+            log.warning("shutdown of %s (it left) failed: %s", node, err.code().name)
+
     def shutdown_nodes(self) -> None:
         for nid in self.members.snapshot():
             if nid == CLOUD:

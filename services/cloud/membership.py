@@ -33,9 +33,11 @@ class Membership:
         max_joins: int = 64,
     ) -> None:
         self.topo = topo
-        self.joins = joins  # topology.joins: devices outside the table may be admitted
+        self.joins = joins  # topology.joins: devices outside the table may be admitted, members may leave
         self.max_joins = max_joins  # topology.max_joins: at most this many
-        self._start = len(topo.devices)
+        self._joined = 0  # devices admitted from outside the starting table
+        self.departed: set[str] = set()  # devices that left (Leave): off the table for the rest of the run
+        self._leaving: dict[str, str] = {}  # departed, not yet shut down: device -> its address
         self.addresses: dict[str, str] = {CLOUD: cloud_address}
         self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
         self._on_states = on_states or (lambda _n, _s: None)  # the round ends a registering node holds
@@ -76,6 +78,8 @@ class Membership:
                 else:  # onto the table as it is now (another joiner may have come in meanwhile)
                     info = joined.device_map[reg.id]
                     self.topo = self.topo.with_device(info.id, info.edge, info.tasks)
+                    self._joined += 1
+                    self.departed.discard(reg.id)  # a device that left may come back, as a newcomer
             prev = self.addresses.get(reg.id)
             if prev is not None and prev != reg.address and role != "device":
                 raise PermissionError(f"{reg.id} is registered at {prev}; the cloud's and an edge's address never move")
@@ -96,7 +100,7 @@ class Membership:
         registered training samples' keys) among those its edge's cluster holds. ``ValueError``."""
         if reg.role != "device":
             raise ValueError(f"{reg.id!r}: only devices join mid-run (registered as {reg.role!r})")
-        if len(self.topo.devices) - self._start >= self.max_joins:
+        if self._joined >= self.max_joins:
             raise ValueError(f"{reg.id}: topology.max_joins ({self.max_joins}) devices have joined already")
         tasks = tuple(t for t, _ in reg.train_samples)
         try:
@@ -110,6 +114,34 @@ class Membership:
         if not tasks or set(tasks) - set(held):
             raise ValueError(f"{reg.id}: tasks {list(tasks)} must be among those {edge}'s cluster holds ({held})")
         return self.topo.with_device(reg.id, edge, tasks)
+
+    def leave(self, device: str, reason: str = "") -> None:
+        """``device`` leaves the federation: off the table now (the coordinator plans every later round
+        without it; a round already planned with it finishes with it), its samples forgotten, its address
+        kept until ``take_leaving`` hands it over to be shut down. ``ValueError`` (topology.joins off:
+        membership is fixed) and ``LookupError`` (not a member) change nothing."""
+        if not self.joins:
+            raise ValueError(f"{device}: topology.joins is off: the membership is fixed, nobody leaves")
+        with self._cv:
+            if device not in self.topo.device_map:
+                raise LookupError(f"{device!r} is not a device of this federation (now)")
+            self.topo = self.topo.without({device})
+            self.samples.pop(device, None)
+            self.departed.add(device)
+            if device in self.addresses:
+                self._leaving[device] = self.addresses[device]
+            self._cv.notify_all()
+        log.info("%s left the federation%s", device, f" ({reason})" if reason else "")
+        self._on_change(f"{device} left")
+
+    def take_leaving(self) -> dict[str, str]:
+        """Departed devices not yet handed over (device -> address), now off the address book too."""
+        with self._cv:
+            out, self._leaving = self._leaving, {}
+            for n in out:
+                if n not in self.topo.device_map:
+                    self.addresses.pop(n, None)
+            return out
 
     def missing(self) -> list[str]:
         with self._cv:
@@ -147,15 +179,17 @@ class Membership:
 
     def to_json(self) -> dict:
         with self._cv:
-            return {"addresses": dict(self.addresses), "samples": dict(self.samples)}
+            return {"addresses": dict(self.addresses), "samples": dict(self.samples), "departed": sorted(self.departed)}
 
     def restore(self, doc: dict) -> None:
         """A resumed coordinator: the members and their samples as saved (nodes that restart register
         again and replace their entry). Devices that had joined are not in the starting table: they are
         admitted again when they register, so their saved entries are not restored (an address outside the
-        table would count towards ``expected`` in place of a member)."""
-        members = set(self.topo.node_ids())
+        table would count towards ``expected`` in place of a member). Devices that had left stay off."""
         with self._cv:
+            self.departed |= set(doc.get("departed", [])) & set(self.topo.device_map)
+            self.topo = self.topo.without(self.departed)
+            members = set(self.topo.node_ids())
             for n, a in doc.get("addresses", {}).items():
                 if n in members:
                     self.addresses.setdefault(n, a)

@@ -134,3 +134,12 @@ def register(
                 log.info("%s: upstream %s not ready (%s); retrying", info.id, upstream, err.code().name)
                 time.sleep(delay)
                 delay = min(delay * 2, 3.0)
+
+
+def leave(security: Security, upstream: str, target: str, device: str, reason: str, timeout_s: float) -> pb.LeaveAck:
+    """Tell the node ``target`` at ``upstream`` (a device's edge, or the cloud for an edge forwarding it)
+    that ``device`` leaves the federation, as ``security``'s identity; one try within ``timeout_s``."""
+    with security.channel(upstream, target) as ch:
+        return pb_grpc.RegistryStub(ch).Leave(
+            pb.LeaveRequest(id=device, reason=reason), timeout=timeout_s, metadata=security.call_metadata()
+        )

@@ -13,11 +13,15 @@ import os
 import signal
 import sys
 import threading
+import time
+
+import grpc
 
 from hffm.data import DataError
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    leave,
     load,
     persistor,
     register,
@@ -140,15 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ack = register(n.security, upstreams[n.info.edge], n.info.edge, info, cfg.runtime.register_timeout_s, stop)
             log.info("%s registered (%d/%d)", n.node_id, ack.registered, ack.expected)
+            registered.add(n.node_id)
         except Exception as err:  # noqa: BLE001
             log.error("%s: registration failed: %s", n.node_id, err)
             failed.set()
             stop.set()
 
+    registered: set[str] = set()
     for srv in servers:
         threading.Thread(target=_register, args=(srv,), daemon=True).start()
     while not stop.is_set() and not all(s.node.stopped.is_set() for s in servers):
         stop.wait(0.2)
+    if cfg.topology.joins and not all(s.node.stopped.is_set() for s in servers):
+        leave_cleanly([s.node for s in servers if s.node.node_id in registered], upstreams, cfg)
     if all(s.node.stopped.is_set() for s in servers):
         stop.wait(cfg.runtime.linger_s)
         if not cfg.runtime.exit_after_run:
@@ -157,6 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     for srv in servers:
         srv.stop()
     return 1 if failed.is_set() else 0
+
+
+def leave_cleanly(nodes: list, upstreams: dict[str, str], cfg) -> None:
+    """Stopped (SIGTERM, SIGINT) while the run goes on, with topology.joins (membership may change): each
+    device tells its edge it leaves, finishes the round it is in, and waits for the coordinator to shut it
+    down (at the next round's planning), at most topology.leave_timeout_s."""
+    log = logging.getLogger("hffm.device")
+    for n in nodes:
+        try:
+            ack = leave(n.security, upstreams[n.info.edge], n.info.edge, n.node_id, "stopped", 30.0)
+            log.info("%s left the federation (its last round: %s)", n.node_id, ack.round or "none")
+        except grpc.RpcError as err:
+            log.warning("%s: leaving failed (%s: %s); stopping anyway", n.node_id, err.code().name, err.details())
+    deadline = time.monotonic() + cfg.topology.leave_timeout_s
+    for n in nodes:
+        n.stopped.wait(max(0.0, deadline - time.monotonic()))
 
 
 if __name__ == "__main__":

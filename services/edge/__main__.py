@@ -22,6 +22,7 @@ from hffm.topology import Topology
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    leave,
     load,
     node_modules,
     persistor,
@@ -78,6 +79,22 @@ class EdgeRegistry(pb_grpc.RegistryServicer):
             context.abort(err.code(), err.details())
         except TimeoutError as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+
+    def Leave(self, request, context):  # noqa: N802
+        try:  # a device leaves by itself only, and only through its own edge
+            authorize(self.node, context, "Leave", lambda i: i.role == "device" and i.id == request.id)
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
+        dev = self.topo.device_map.get(request.id)
+        edge = dev.edge if dev is not None else joining_edge(request.id) if self.node.cfg.topology.joins else None
+        if edge != self.node.node_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.id} is not a device of {self.node.node_id}")
+        try:
+            return leave(
+                self.node.security, self.upstream, CLOUD, request.id, request.reason, min(30.0, self.timeout_s)
+            )
+        except grpc.RpcError as err:
+            context.abort(err.code(), err.details())
 
 
 def main(argv: list[str] | None = None) -> int:

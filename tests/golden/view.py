@@ -23,7 +23,8 @@ from safetensors import safe_open
 
 TIMINGS = {"wall_s", "train_s"}
 KERNEL_ENV = ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
-LEARNED = {"loss", "accuracy"}  # per round: values of training, which differ in float rounding by platform
+# per round: values of training, which differ in float rounding by platform
+LEARNED = {"loss", "accuracy", "node_accuracy"}
 
 
 def _strip(x: Any, drop: set[str]) -> Any:
