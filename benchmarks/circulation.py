@@ -87,7 +87,8 @@ def run_sweep(
             "latency_s": lat,
             "energy_j": energy,
             "energy_j_by_kind": {
-                k: sum(e for m, e in by_module.items() if m.startswith(k)) for k in ("adapter.", "head.")
+                k: sum(e for m, e in by_module.items() if m.startswith(k))
+                for k in ("adapter.", "head.", "prompt.", "modality.")
             },
             "accuracy": sum(accs) / len(accs),
             "accuracies": accs,

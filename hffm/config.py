@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -585,6 +586,16 @@ class CirculationRule(_Strict):
         return self
 
 
+class TaskArrival(_Strict):
+    """A task that arrives mid-run (the paper's Section V-B): ``devices`` hold it from ``round`` on. The
+    task's first arrival introduces it (its modules start from their initial values); a later one's
+    devices are relayed its modules by the cheapest holder before they train it (docs/circulation.md)."""
+
+    task: str = D(description="a task of `tasks`; nobody holds it before its first arrival")
+    round: int = D(ge=2, description="the first round these devices hold it")
+    devices: list[str] = D(min_length=1, description="ids of devices of the starting topology that take it up")
+
+
 class CirculationConfig(_Strict):
     """Per-module circulation: rules matched in order against module names (the first match wins);
     modules no rule matches follow ``method`` (each of the five methods is such a rule for every module:
@@ -598,6 +609,11 @@ class CirculationConfig(_Strict):
         "modeled D2D latency, among those whose latest accuracy on its tasks is within relay_tolerance of "
         "the best; head: the round's cluster head first; none: a device that holds no round end at all "
         "starts from its initial modules (no relay; any method), one that holds an older one is synced as by head",
+    )
+    arrivals: list[TaskArrival] = D(
+        default_factory=list,
+        description="tasks that arrive mid-run: each {task, round, devices}; a task listed here is nobody's "
+        "at start, its data is split over the devices that will take it up",
     )
     relay_tolerance: float = D(
         0.05, ge=0, le=1, description="cheapest: how far below the best holder's latest accuracy a holder may be"
@@ -700,6 +716,29 @@ class HFFMConfig(_Strict):
                 raise ValueError(
                     f"tasks: unknown task(s) {unknown} of data source {self.data.source}; known: {list(known)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _arrivals(self) -> HFFMConfig:
+        """Each arrival names a task of ``tasks``, a round of the run and devices of the starting topology,
+        none of them twice for one task; at least one task is somebody's at start."""
+        seen: dict[str, set[str]] = {}
+        t = self.topology
+        for i, a in enumerate(self.circulation.arrivals):
+            where = f"circulation.arrivals.{i}"
+            if self.tasks and a.task not in self.tasks:
+                raise ValueError(f"{where}.task: {a.task!r} is not one of tasks {self.tasks}")
+            if a.round > self.rounds:
+                raise ValueError(f"{where}.round: {a.round} is past the last round ({self.rounds})")
+            for d in a.devices:
+                m = re.fullmatch(r"device-(\d+)-(\d+)", d)
+                if not m or int(m.group(1)) >= t.edges or int(m.group(2)) >= t.devices_per_edge:
+                    raise ValueError(f"{where}.devices: {d!r} is not a device of the starting topology")
+                if d in seen.setdefault(a.task, set()):
+                    raise ValueError(f"{where}.devices: {d} takes up {a.task} twice")
+                seen[a.task].add(d)
+        if self.tasks and seen and not set(self.tasks) - set(seen):
+            raise ValueError("circulation.arrivals: every task arrives mid-run; at least one must be held at start")
         return self
 
 

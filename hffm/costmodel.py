@@ -28,7 +28,7 @@ import numpy as np
 from hffm.config import BackhaulConfig, ComputeConfig, CostConfig, HFFMConfig, LinkConfig
 from hffm.geometry import Geometry, choose_head, d2d_graph, draw_geometry, path, path_latency, point_in_disc
 from hffm.methods import D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, Collect, RoundContext, RoundPlan, Send, Train
-from hffm.topology import CLOUD, Topology
+from hffm.topology import CLOUD, Topology, final
 
 PAPER_MODULE_BYTES = 6 * 8000 * 1000 // 8  # the seed code's "6 MB" = 48,000 kbit
 
@@ -128,9 +128,9 @@ def module_sizes(cfg: HFFMConfig) -> dict[str, int]:
     from hffm.model import backbone_dims, initial_modules
     from hffm.modules import encode_module
 
-    key = cfg.model_dump_json(include={"model", "tasks", "data", "wire", "topology"})
+    key = cfg.model_dump_json(include={"model", "tasks", "data", "wire", "topology", "circulation"})
     if key not in _SIZES:
-        topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+        topo = final(Topology.from_config(cfg, backbone_dims(cfg)[1]), cfg)
         mods = initial_modules(cfg, topo.modules_for(CLOUD), task_labels(cfg))
         _SIZES[key] = {n: encode_module(m, cfg.wire.dtype).size_bytes for n, m in mods.items()}
     return dict(_SIZES[key])

@@ -6,16 +6,16 @@ for module sizes, which builds the modules once, lazily)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hffm.circulation import Circulation
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel
 from hffm.geometry import path, path_latency
-from hffm.ids import CLOUD
+from hffm.ids import CLOUD, task_of
 from hffm.methods import RoundContext, RoundPlan, evaluates
-from hffm.recovery import StartPlan, StateKey, critical, plan_starts, with_syncs
-from hffm.topology import Topology
+from hffm.recovery import StartPlan, StateKey, critical, plan_starts, plan_takers, with_syncs
+from hffm.topology import Topology, arrived, final
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class PlannedRound:
     left_out: tuple[str, ...]  # members that do not take part, sorted
     starts: StartPlan = StartPlan({}, {})  # the round end each node starts from, or its sync source
     critical: frozenset[str] = frozenset()  # nodes the round cannot lose midway (hffm.recovery.critical)
+    arrivals: dict[str, tuple[str, ...]] = field(default_factory=dict)  # device -> tasks it takes up this round
 
 
 class Planner:
@@ -34,8 +35,12 @@ class Planner:
         self.costs = costs
         # the configured method, or per-module rules over it (circulation.rules); either way a rule's or a
         # tier's aggregation rule (aggregation.tiers) is written into each collect step
-        modules = costs.topo.modules_for(CLOUD)
+        modules = final(costs.topo, cfg).modules_for(CLOUD)  # every module the run will have
         self.method: Circulation = Circulation.from_config(cfg, modules)
+        self._modules = modules
+
+    def _task_modules(self, task: str) -> list[str]:
+        return [m for m in self._modules if task_of(m) == task]
 
     def plan(
         self,
@@ -54,27 +59,36 @@ class Planner:
         passes over holders that score far below the best."""
         topo = members.without(set(down))
         gone = set(members.node_ids()) - set(topo.node_ids())
+        arrivals = self.cfg.circulation.arrivals
+        before = topo.with_tasks(arrived(arrivals, round_ - 1))  # who held what at the end of the last round
+        topo = topo.with_tasks(arrived(arrivals, round_))  # tasks taken up by now (circulation.arrivals)
+        new = {d: tuple(t for t in ts if t not in before.device_map[d].tasks)
+               for d, ts in arrived(arrivals, round_).items() if d in topo.device_map}  # fmt: skip
+        new = {d: ts for d, ts in new.items() if ts}
+        held_before = {t for d in before.devices for t in d.tasks}
+        takers = {d: tuple(t for t in ts if t in held_before) for d, ts in new.items()}
+        takers = {d: ts for d, ts in takers.items() if ts}  # relayed; the rest introduce their task
         ctx = self.costs.d2d_context(topo, round_, gone) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
         if not evaluates(round_, self.cfg.rounds, self.cfg.train.eval_every):
             plan = plan.without_evaluation()
+        absent = frozenset(set(self.costs.topo.device_map) - set(topo.device_map))  # down, or left
+
+        def graph(edge: str):
+            return self.costs.d2d_graph(edge, exclude=absent & {d.id for d in self.costs.topo.cluster(edge)})
+
+        def route(edge: str, src: str, dst: str) -> list[str]:
+            return path(graph(edge), src, dst)
+
+        def cost(edge: str, p: list[str]) -> float:
+            return path_latency(graph(edge), p)
+
+        def score(node: str, tasks: tuple[str, ...]) -> float | None:
+            vals = [(accuracy or {}).get(node, {}).get(t) for t in tasks]
+            return None if not vals or None in vals else sum(vals) / len(vals)
+
         starts = StartPlan({n: (0, 0) for n in topo.node_ids()}, {})
         if held is not None:
-            absent = frozenset(set(self.costs.topo.device_map) - set(topo.device_map))  # down, or left
-
-            def graph(edge: str):
-                return self.costs.d2d_graph(edge, exclude=absent & {d.id for d in self.costs.topo.cluster(edge)})
-
-            def route(edge: str, src: str, dst: str) -> list[str]:
-                return path(graph(edge), src, dst)
-
-            def cost(edge: str, p: list[str]) -> float:
-                return path_latency(graph(edge), p)
-
-            def score(node: str, tasks: tuple[str, ...]) -> float | None:
-                vals = [(accuracy or {}).get(node, {}).get(t) for t in tasks]
-                return None if not vals or None in vals else sum(vals) / len(vals)
-
             circ = self.cfg.circulation
             starts = plan_starts(
                 self.method,
@@ -88,9 +102,12 @@ class Planner:
                 score,
                 circ.relay_tolerance,
             )
+        if takers:
+            starts = plan_takers(self.method, topo, before, takers, starts, route, cost, self._task_modules)
+        if starts.sync:
             plan = with_syncs(plan, starts, topo, self.method.collect, self.method.circulating)
         if samples is not None:
             plan = plan.with_weight_caps(samples, topo)
         plan.validate()
         left_out = tuple(sorted(gone))
-        return PlannedRound(plan, topo, ctx, left_out, starts, frozenset(critical(plan)))
+        return PlannedRound(plan, topo, ctx, left_out, starts, frozenset(critical(plan)), new)

@@ -46,6 +46,7 @@ class SyncSource:
     source: str
     link: str
     route: tuple[str, ...] = ()  # D2D relays between the source and the node
+    modules: tuple[str, ...] = ()  # only these (a task taken up: its modules); empty: all that circulate
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,40 @@ def plan_starts(
     return StartPlan(base, sync)
 
 
+def plan_takers(
+    method: Method,
+    topo: Topology,
+    before: Topology,
+    takers: Mapping[str, tuple[str, ...]],
+    starts: StartPlan,
+    route: Callable[[str, str, str], list[str]],
+    cost: Callable[[str, list[str]], float] | None,
+    modules_of: Callable[[str], list[str]],
+) -> StartPlan:
+    """``starts`` with a sync for each device in ``takers`` (device -> tasks it takes up this round, held
+    by somebody before) not synced already: the tasks' modules (``modules_of(task)``) from the cheapest
+    holder in its cluster in ``before`` (the table of the round before) over D2D in D2D methods, its edge
+    when its cluster held them (hfm, edge-only), else the cloud (its copy as of its last aggregation)."""
+    sync = dict(starts.sync)
+    for n, tasks in sorted(takers.items()):
+        if n in sync or n not in topo.device_map:  # a full sync carries them already
+            continue
+        edge = topo.device_map[n].edge
+        mods = tuple(m for t in tasks for m in modules_of(t))
+        holders = [
+            d for d in before.cluster(edge) if d.id != n and set(tasks) <= set(d.tasks) and d.id in topo.device_map
+        ]
+        if method.uses_d2d and holders:
+            paths = {d.id: route(edge, d.id, n) for d in holders}
+            src = min(holders, key=lambda d: (cost(edge, paths[d.id]) if cost else 0.0, d.id))
+            sync[n] = SyncSource(src.id, D2D, tuple(paths[src.id][1:-1]), mods)
+        elif method.name != "star" and holders:
+            sync[n] = SyncSource(edge, DEVICE_EDGE, (), mods)
+        else:
+            sync[n] = SyncSource(CLOUD, DEVICE_CLOUD, (), mods)
+    return StartPlan(starts.base, sync)
+
+
 def edge_state(edge: str, held: Mapping[str, StateKey], sync: Mapping[str, SyncSource]) -> StateKey | None:
     """The round end an edge's devices must hold to be current: the edge's own; None when the edge is
     synced from the cloud this round (its devices are synced after it)."""
@@ -165,6 +200,8 @@ def with_syncs(
         first.setdefault(n, []).insert(0, sync)
     for n, src in sorted(starts.sync.items()):
         carried = modules(topo, n) if modules is not None else tuple(topo.modules_for(n))
+        if src.modules:  # a task taken up: its modules alone (those that circulate)
+            carried = tuple(m for m in src.modules if m in carried)
         if carried:
             first.setdefault(src.source, []).append(Send(n, src.link, SYNC, carried, src.route))
         else:  # nothing of it circulates: there is nothing to catch up on

@@ -21,7 +21,7 @@ from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop, module_sizes
 from hffm.ids import CLOUD
 from hffm.methods import RoundPlan, Send, Train
-from hffm.topology import Topology
+from hffm.topology import Topology, final
 
 # (method, e_agg, paper latency s, paper energy J ("kJ" in the paper), paper accuracy %)
 PAPER_ROWS: list[tuple[str, int, float, float, float]] = [
@@ -96,7 +96,7 @@ def modeled_cost(cfg: HFFMConfig, rounds: int, by_module: dict[str, float] | Non
 
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     costs = CostModel(cfg, topo)
-    method = Circulation.from_config(cfg, topo.modules_for(CLOUD))
+    method = Circulation.from_config(cfg, final(topo, cfg).modules_for(CLOUD))
     if costs.cost.profile == "paper":
         if cfg.circulation.rules:
             raise ValueError("cost.profile=paper charges whole methods (the seed code's formulas): use corrected")

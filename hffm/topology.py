@@ -11,6 +11,7 @@ Pure: no torch, no gRPC (tested), so planning is fast and testable without the m
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -26,6 +27,22 @@ def device_tasks(device_index: int, tasks: list[str], tasks_per_device: int | st
         return list(tasks)
     k = int(tasks_per_device)
     return [tasks[(device_index + j) % len(tasks)] for j in range(k)]
+
+
+def arrived(arrivals, round_: int | None = None) -> dict[str, tuple[str, ...]]:
+    """device -> the tasks it has taken up by ``round_`` (None: by the end of the run), from the config's
+    ``circulation.arrivals`` (items with ``task``, ``round``, ``devices``)."""
+    out: dict[str, list[str]] = {}
+    for a in arrivals:
+        if round_ is None or a.round <= round_:
+            for d in a.devices:
+                out.setdefault(d, []).append(a.task)
+    return {d: tuple(ts) for d, ts in out.items()}
+
+
+def final(topo: Topology, cfg: HFFMConfig) -> Topology:
+    """``topo`` with every task arrival of the run applied: the modules each node will ever hold."""
+    return topo.with_tasks(arrived(cfg.circulation.arrivals))
 
 
 @dataclass(frozen=True)
@@ -59,12 +76,15 @@ class Topology:
 
     @classmethod
     def from_config(cls, cfg: HFFMConfig, num_layers: int) -> Topology:
+        """The starting table: tasks that arrive mid-run (circulation.arrivals) are nobody's yet."""
         edges = tuple(edge_id(e) for e in range(cfg.topology.edges))
+        arriving = {a.task for a in cfg.circulation.arrivals}
+        held = [t for t in cfg.tasks if t not in arriving]
         devices = []
         g = 0
         for e in range(cfg.topology.edges):
             for i in range(cfg.topology.devices_per_edge):
-                tasks = device_tasks(g, list(cfg.tasks), cfg.topology.tasks_per_device)
+                tasks = device_tasks(g, held, cfg.topology.tasks_per_device)
                 devices.append(DeviceInfo(device_id(e, i), edge_id(e), g, tuple(tasks)))
                 g += 1
         m = cfg.model
@@ -114,6 +134,18 @@ class Topology:
             edges=edges,
             devices=tuple(d for d in self.devices if d.id not in nodes and d.edge in edges),
         )
+
+    def with_tasks(self, extra: Mapping[str, Iterable[str]]) -> Topology:
+        """The table with ``extra`` (device -> tasks) taken up by those devices (tasks in the federation's
+        order; a device not in the table, one that left, is skipped)."""
+        if not extra:
+            return self
+
+        def grown(d: DeviceInfo) -> DeviceInfo:
+            more = set(extra.get(d.id, ())) - set(d.tasks)
+            return replace(d, tasks=tuple(t for t in self.tasks if t in d.tasks or t in more)) if more else d
+
+        return replace(self, devices=tuple(grown(d) for d in self.devices))
 
     def rehome(self, device: str, edge: str) -> Topology:
         """The table after ``device`` moved to ``edge`` (its id, tasks and data stay)."""

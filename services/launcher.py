@@ -34,7 +34,7 @@ from hffm.config import ConfigError, HFFMConfig, load_config, resolve_torch_devi
 from hffm.ids import CLOUD, role_of
 from hffm.pki import OPERATOR, SCRAPER, provision
 from hffm.results import plot_results
-from hffm.topology import Topology
+from hffm.topology import Topology, final
 from services.common.security import Security
 from services.launcher_ui import RunView
 
@@ -424,7 +424,7 @@ def _run(
         if attackers:
             view.console.print(f"[yellow]adversaries (config adversary): {sorted(attackers)}[/]")
         try:  # the rules meet the modules (a pattern that matches none is a typo)
-            policy = Circulation.from_config(cfg, topo.modules_for(CLOUD))
+            policy = Circulation.from_config(cfg, final(topo, cfg).modules_for(CLOUD))
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if cfg.circulation.rules:

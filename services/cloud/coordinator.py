@@ -27,7 +27,7 @@ from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity
 from hffm.planner import PlannedRound, Planner
 from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record, strict_json
-from hffm.topology import Topology
+from hffm.topology import Topology, arrived
 from services.cloud.dispatcher import Assignment, Dispatcher
 from services.cloud.membership import Membership, Registration, RegistrationTimeout
 from services.cloud.progress import ProgressEvent, ProgressFeed
@@ -78,6 +78,7 @@ class Coordinator:
             on_states=self._holds,
             joins=cfg.topology.joins,
             max_joins=cfg.topology.max_joins,
+            later=arrived(cfg.circulation.arrivals),
         )
         self.costs = CostModel(cfg, topo)
         self.planner = Planner(cfg, self.costs)
@@ -338,6 +339,7 @@ class Coordinator:
             list(planned.left_out),
         )
         rec.departed = list(self._departed)
+        rec.arrivals = {d: list(ts) for d, ts in sorted(planned.arrivals.items())}
         rec.lost = dict(sorted(lost.items()))
         rec.synced = {n: src.source for n, src in sorted(planned.starts.sync.items())}
         rec.modeled = self.model_round(planned.plan, planned.ctx, reports)

@@ -31,8 +31,10 @@ class Membership:
         on_states: Callable[[str, set[tuple[int, int]]], None] | None = None,
         joins: bool = False,
         max_joins: int = 64,
+        later: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.topo = topo
+        self.later = later or {}  # device -> tasks it takes up mid-run (circulation.arrivals)
         self.joins = joins  # topology.joins: devices outside the table may be admitted, members may leave
         self.max_joins = max_joins  # topology.max_joins: at most this many
         self._joined = 0  # devices admitted from outside the starting table
@@ -68,7 +70,7 @@ class Membership:
             raise ValueError(f"{reg.id}: address is required")
         samples = dict(reg.train_samples)
         if role == "device":
-            tasks = set(topo.device_map[reg.id].tasks)
+            tasks = set(topo.device_map[reg.id].tasks) | set(self.later.get(reg.id, ()))
             if set(samples) - tasks or any(not 0 <= v < 2**31 for v in samples.values()):
                 raise ValueError(f"{reg.id}: train_samples {samples} (tasks {sorted(tasks)}, each 0 <= n < 2^31)")
         with self._cv:

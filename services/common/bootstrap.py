@@ -16,7 +16,7 @@ from hffm.data import DataError, task_labels
 from hffm.model import backbone_dims, initial_modules
 from hffm.modules import ModuleSet, ModuleSpec, spec_of
 from hffm.persist import Persistor
-from hffm.topology import Topology
+from hffm.topology import Topology, final
 from services.common.metrics import Metrics
 from services.common.security import Security, credential_paths
 from services.rpc import pb, pb_grpc
@@ -87,7 +87,7 @@ def node_modules(cfg: HFFMConfig, topo: Topology, node: str) -> tuple[ModuleSpec
         labels = task_labels(cfg)  # a real data set's answer vocabularies size the heads
     except DataError as err:
         sys.exit(f"data error: {err}")
-    mods = initial_modules(cfg, topo.modules_for(node), labels)
+    mods = initial_modules(cfg, final(topo, cfg).modules_for(node), labels)  # tasks arriving later too
     return spec_of({n: m.tensors for n, m in mods.items()}), mods
 
 

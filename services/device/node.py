@@ -24,7 +24,7 @@ from hffm.data import DeviceData, TaskData, build_device_data, build_global_test
 from hffm.ids import task_of
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet, spec_of
-from hffm.topology import Topology
+from hffm.topology import Topology, arrived, final
 from hffm.training import evaluate, train_local
 from services.common import faults
 from services.common.node import NodeRuntime, RoundState
@@ -75,8 +75,11 @@ class DeviceNode(NodeRuntime):
 
         # A device trains its own tasks' modules but accepts its whole cluster's: as a D2D cluster
         # head it aggregates heads of tasks it does not train itself.
-        own = topo.modules_for(node_id)
-        cluster = topo.modules_for(topo.device_map[node_id].edge)
+        # ... and, from the start, the modules of tasks it (or its cluster) takes up later: it holds them at
+        # their initial values, trains and sends them from the round it takes the task up
+        grown = final(topo, cfg)
+        own = grown.modules_for(node_id)
+        cluster = grown.modules_for(topo.device_map[node_id].edge)
         spec = spec_of({n: host.model.module_state(n) for n in cluster})  # shapes only: no copies
         super().__init__(
             node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics, channels, persistor=persistor
@@ -86,8 +89,9 @@ class DeviceNode(NodeRuntime):
         self.host = host
         self.info = topo.device_map[node_id]
         # the starting membership splits the data (a joiner, outside it, draws its own samples)
-        start = Topology.from_config(cfg, topo.num_layers).holders_by_task()
-        self.data: DeviceData = build_device_data(cfg, node_id, start, host.tokenizer, self.info.tasks)
+        # (a task that arrives mid-run is split over the devices that will take it up)
+        start = final(Topology.from_config(cfg, topo.num_layers), cfg).holders_by_task()
+        self.data: DeviceData = build_device_data(cfg, node_id, start, host.tokenizer, grown.device_map[node_id].tasks)
         # config adversary (tests and benchmarks): this device poisons what it sends
         attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
         self.attacks = node_id in attackers
@@ -111,13 +115,19 @@ class DeviceNode(NodeRuntime):
     def own_module_names(self) -> list[str]:
         return self.own_modules
 
+    def tasks_at(self, round_: int) -> tuple[str, ...]:
+        """Its tasks in ``round_``: those it started with and those it has taken up by then."""
+        later = arrived(self.cfg.circulation.arrivals, round_).get(self.node_id, ())
+        return tuple(t for t in self.topo.tasks if t in self.info.tasks or t in later)
+
     def train_samples(self) -> dict[str, int]:
         return self.data.train_samples()
 
     def train(self, state: RoundState) -> None:
         faults.hit(self.node_id, "train", state.round)
         t0 = time.perf_counter()
-        names = self.own_modules
+        tasks = self.tasks_at(state.round)
+        names = [n for n in self.own_modules if task_of(n) is None or task_of(n) in tasks]
         self._round_start = self.modules  # an attacking cluster head poisons its aggregate against it
         new, stats = self._train_on(self.node_id, self.data, names, state.round)
         if self.attacks:
@@ -148,12 +158,14 @@ class DeviceNode(NodeRuntime):
         """``names`` trained from this device's modules on ``data`` with ``node``'s seed for the round:
         (the trained module set, the training stats)."""
         noop = self.cfg.train.noop  # the modules come back as they went in: no copy into the model and out
+        held = {task_of(n) for n in names if task_of(n) is not None}  # a task not taken up yet: no data of it
+        train = {t: td for t, td in data.train.items() if t in held}
         with self.host.lock:
             if not noop:
                 self.host.load(self.modules)
             stats = train_local(
                 self.host.model,
-                data.train,
+                train,
                 names,
                 self.cfg.train,
                 self.host.device,
@@ -165,7 +177,7 @@ class DeviceNode(NodeRuntime):
                 trained = {
                     n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names
                 }
-        samples = data.train_samples()
+        samples = {t: n for t, n in data.train_samples().items() if t in held}
         total = sum(samples.values())
         new: ModuleSet = {}
         for n, tensors in trained.items():
@@ -175,10 +187,12 @@ class DeviceNode(NodeRuntime):
         return new, stats
 
     def evaluate(self, state: RoundState) -> None:
-        global_sets = {task: self.host.global_test(task) for task in self.info.tasks}
+        tasks = self.tasks_at(state.round)
+        global_sets = {task: self.host.global_test(task) for task in tasks}
+        local_sets = {task: td for task, td in self.data.test.items() if task in tasks}
         with self.host.lock:
             self.host.load(self.modules)
-            local = evaluate(self.host.model, self.data.test, self.host.device, split="local")
+            local = evaluate(self.host.model, local_sets, self.host.device, split="local")
             glob = evaluate(self.host.model, global_sets, self.host.device, split="global")
         for split, res in (("local", local), ("global", glob)):
             for task, s in res.items():
