@@ -22,6 +22,31 @@ from services.cloud.membership import Membership
 from tests.conftest import processes_with
 
 
+def _run_and(cfg, out, rounds_done: int, action) -> dict:
+    """Run ``cfg`` for real in a thread; once ``rounds_done`` rounds are in results.json, call
+    ``action(supervisor)``; the run's results."""
+    from services.launcher import run
+
+    box: dict = {}
+
+    def go() -> None:
+        box["res"] = run(cfg, out, Console(file=io.StringIO()), timeout_s=300, on_start=lambda s: box.update(sup=s))
+
+    t = threading.Thread(target=go)
+    t.start()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            f = out / "results.json"
+            if f.is_file() and len(json.loads(f.read_text())["rounds"]) >= rounds_done:
+                break
+            time.sleep(0.2)
+        action(box["sup"])
+    finally:
+        t.join(300)
+    return box["res"]
+
+
 def _topo(*sets: str) -> tuple:
     cfg = load_config(None, ["topology.edges=2", "topology.devices_per_edge=2", "tasks=[art,gqa]", *sets])
     return cfg, Topology.from_config(cfg, 2)
@@ -109,28 +134,18 @@ def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path)
     between rounds; in its first round it is synced over D2D from a cluster member (the catch-up carries
     the round its source holds), then its updates count in its head's aggregate like everyone else's."""
     from hffm_cli.main import app
-    from services.launcher import run
 
     out = tmp_path / "run"
     sets = ["method=hfm-d2d", "e_agg=2", "rounds=24", "topology.edges=1", "topology.devices_per_edge=3",
             "runtime.devices_per_process=3", "data.train_per_task=60", "train.eval_every=24",
             "topology.joins=true"]  # fmt: skip
     cfg = load_config(None, sets)
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.update(res=run(cfg, out, Console(file=io.StringIO()), timeout_s=300)))
-    t.start()
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            f = out / "results.json"
-            if f.is_file() and json.loads(f.read_text())["rounds"]:
-                break
-            time.sleep(0.3)
+
+    def join(_sup) -> None:
         r = CliRunner().invoke(app, ["join", "--run", str(out), "--id", "device-0-3"])
         assert r.exit_code == 0, r.output
-    finally:
-        t.join(300)
-    res = box["res"]
+
+    res = _run_and(cfg, out, 1, join)
     assert res["complete"] and "device-0-3" in res["nodes"]
     rounds = res["rounds"]
     first = next((x for x in rounds if any(h["origin"] == "device-0-3" for h in x["hops"])), None)
@@ -219,33 +234,18 @@ def test_a_device_stopped_mid_run_leaves_cleanly(tmp_path):
     import os
     import signal
 
-    from services.launcher import run
-
     out = tmp_path / "run"
     sets = ["method=hfm-d2d", "e_agg=2", "rounds=12", "topology.edges=1", "topology.devices_per_edge=4",
             "runtime.devices_per_process=1", "data.train_per_task=60", "train.eval_every=12",
             "topology.joins=true"]  # fmt: skip
     cfg = load_config(None, sets)
-    box: dict = {}
 
-    def go() -> None:
-        box["res"] = run(cfg, out, Console(file=io.StringIO()), timeout_s=300, on_start=lambda s: box.update(sup=s))
-
-    t = threading.Thread(target=go)
-    t.start()
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            f = out / "results.json"
-            if f.is_file() and len(json.loads(f.read_text())["rounds"]) >= 2:
-                break
-            time.sleep(0.2)
-        procs = [p for p in box["sup"].procs if "device-0-3=" in " ".join(p.argv or [])]
-        assert len(procs) == 1, [p.name for p in box["sup"].procs]
+    def stop(sup) -> None:
+        procs = [p for p in sup.procs if "device-0-3=" in " ".join(p.argv or [])]
+        assert len(procs) == 1, [p.name for p in sup.procs]
         os.kill(procs[0].popen.pid, signal.SIGTERM)
-    finally:
-        t.join(300)
-    res = box["res"]
+
+    res = _run_and(cfg, out, 2, stop)
     assert res["complete"] and "device-0-3" not in res["nodes"]
     rounds = res["rounds"]
     gone = next((x for x in rounds if x["departed"]), None)
