@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,17 +243,31 @@ class CostModel:
         return [override * h.bytes / max(totals[(*h.push(), h.sender)], 1) for h in hops]
 
     # -- devices that joined -------------------------------------------------------------------
-    def admit(self, topo: Topology) -> list[str]:
+    def locate(self, point: tuple[float, float]) -> str:
+        """The edge a device standing at ``point`` (m) joins: the nearest edge server by geometry.
+        ``ValueError`` when the point is not a finite point of the area."""
+        x, y = point
+        area = self.cfg.geometry.area_m
+        if not (np.isfinite(x) and np.isfinite(y) and 0 <= x <= area and 0 <= y <= area):
+            raise ValueError(f"position ({x}, {y}) m is outside the area [0, {area}] m x [0, {area}] m")
+        return self.geo.nearest_edge((float(x), float(y)))
+
+    def admit(self, topo: Topology, positions: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
         """Give the devices of ``topo`` this model does not know (joiners) a position and link rates,
-        each drawn from generators seeded by the device's id, so nobody else's draw changes: a point in
-        its cluster's disc, its uplink and downlink, and D2D rates both ways with every member of its
-        cluster. Returns the devices added."""
+        each drawn from generators seeded by the device's id, so nobody else's draw changes: the position
+        the device gave (``positions``), else a point in its cluster's disc; its uplink and downlink, and
+        D2D rates both ways with every member of its cluster. Returns the devices added."""
         new = [d for d in topo.devices if d.id not in self.geo.devices]
         for d in new:
             salt = zlib.crc32(d.id.encode())
             rng = np.random.default_rng([self.cfg.geometry.seed, salt])
             g = self.cfg.geometry
-            self.geo.devices[d.id] = point_in_disc(rng, g.area_m, g.device_radius_m, *self.geo.centres[d.edge])
+            given = (positions or {}).get(d.id)
+            self.geo.devices[d.id] = (
+                (float(given[0]), float(given[1]))
+                if given is not None
+                else point_in_disc(rng, g.area_m, g.device_radius_m, *self.geo.centres[d.edge])
+            )
             fade = np.random.default_rng([self.cost.fading_seed, salt])
             c = self.cost
             self.budget.uplink_bps[d.id] = rate_bps(c, c.uplink, self.geo.distance(d.id, d.edge), _h2(fade, c.profile))

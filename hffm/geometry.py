@@ -32,6 +32,11 @@ class Geometry:
         pb = self.devices.get(b) or self.servers[b]
         return float(np.hypot(pa[0] - pb[0], pa[1] - pb[1]))
 
+    def nearest_edge(self, point: tuple[float, float]) -> str:
+        """The edge whose server is nearest to ``point`` (ties: the first edge id in order)."""
+        x, y = point
+        return min(sorted(self.servers), key=lambda e: float(np.hypot(x - self.servers[e][0], y - self.servers[e][1])))
+
 
 def point_in_disc(rng: np.random.Generator, area: float, r_max: float, cx: float, cy: float) -> tuple[float, float]:
     """A uniform point of the disc of radius ``r_max`` around (cx, cy) that lies inside the area."""

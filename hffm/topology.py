@@ -55,6 +55,7 @@ class Registration:
     edge: str = ""
     train_samples: tuple[tuple[str, int], ...] = ()  # devices: (task, training samples), sorted
     states: tuple[tuple[int, int], ...] = ()  # (round, attempt) ends it holds checkpoints of, sorted
+    position: tuple[float, float] | None = None  # a joiner's (x, y) m, when it says where it is
 
 
 @dataclass(frozen=True)

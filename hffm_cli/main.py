@@ -561,21 +561,40 @@ def attacks(
 @app.command()
 def join(
     run_dir: Path = typer.Option(..., "--run", help="the running run's folder (hffm run --out)"),
-    device: str = typer.Option(..., "--id", help="the new device's id, device-<e>-<i> (edge e must exist)"),
+    device: str | None = typer.Option(None, "--id", help="the new device's id, device-<e>-<i> (edge e must exist)"),
+    position: str | None = typer.Option(
+        None, "--position", help="X,Y in m: where the device is; without --id it joins the nearest edge"
+    ),
     wait: bool = typer.Option(False, "--wait", help="stay until the device's process exits"),
 ) -> None:
     """Start a device that joins a running run (topology.joins: true): a certificate from the run's CA,
     its edge's address from the run's processes, a device process that registers; the cloud admits it
-    between rounds and it catches up by a sync from its cheapest holder (docs/circulation.md)."""
-    from services.launcher import start_joiner
+    between rounds and it catches up by a sync from its cheapest holder (docs/circulation.md). With
+    --position, its edge is the nearest by the run's geometry (the cloud checks it) and its links are
+    computed from there."""
+    from services.launcher import place_joiner, start_joiner
 
     cfg = _config(run_dir / "config.yaml", [])
+    point = None
+    if position is not None:
+        try:
+            x, y = (float(v) for v in position.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"expected X,Y in m, got {position!r}", param_hint="--position") from None
+        point = (x, y)
+    if device is None and point is None:
+        raise typer.BadParameter(
+            "give the device's --id, or its --position to join the nearest edge", param_hint="--id"
+        )
     try:
-        p, edge, upstream, log_path = start_joiner(run_dir, cfg, device)
+        if device is None:
+            device = place_joiner(run_dir, cfg, point)
+        p, edge, upstream, log_path = start_joiner(run_dir, cfg, device, point)
     except ValueError as err:
-        hint = "--run" if "topology.joins" in str(err) else "--id"
+        hint = "--run" if "topology.joins" in str(err) else "--position" if "position" in str(err) else "--id"
         raise typer.BadParameter(str(err), param_hint=hint) from None
-    console.print(f"{device} started (pid {p.pid}), joining {edge} at {upstream}; log: {log_path}")
+    where = f" at ({point[0]:.1f}, {point[1]:.1f}) m" if point else ""
+    console.print(f"{device} started (pid {p.pid}), joining {edge}{where} at {upstream}; log: {log_path}")
     if wait:
         raise typer.Exit(p.wait())
 

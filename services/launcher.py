@@ -671,11 +671,29 @@ def _follow(
         watcher.close()
 
 
-def start_joiner(run_dir: Path, cfg: HFFMConfig, device: str) -> tuple[subprocess.Popen, str, str, Path]:
+def place_joiner(run_dir: Path, cfg: HFFMConfig, position: tuple[float, float]) -> str:
+    """The id of a device joining the run in ``run_dir`` at ``position`` (m): the nearest edge by the
+    run's geometry (the cloud's own draw: the same config and seed), the lowest free index there (above
+    the config's devices, none that already joined: a log of that id in the run). ``ValueError``."""
+    from hffm.costmodel import CostModel
+    from hffm.ids import device_id, parse_node_id
+    from services.common.bootstrap import topology
+
+    edge = CostModel(cfg, topology(cfg)).locate(position)
+    e = parse_node_id(edge).edge or 0
+    i = cfg.topology.devices_per_edge
+    while (run_dir / "logs" / f"{device_id(e, i)}.log").exists():
+        i += 1
+    return device_id(e, i)
+
+
+def start_joiner(
+    run_dir: Path, cfg: HFFMConfig, device: str, position: tuple[float, float] | None = None
+) -> tuple[subprocess.Popen, str, str, Path]:
     """Start ``device`` (an id outside the run's starting table) joining the run in ``run_dir``
-    (topology.joins): a certificate from the run's CA (when TLS is on and it has none), its edge's
-    address from the run's processes, a device process that registers there. (process, edge, the
-    edge's address, its log); ``ValueError`` names what is wrong."""
+    (topology.joins), at ``position`` (m) when given: a certificate from the run's CA (when TLS is on
+    and it has none), its edge's address from the run's processes, a device process that registers
+    there. (process, edge, the edge's address, its log); ``ValueError`` names what is wrong."""
     from hffm.ids import edge_id, parse_node_id
     from hffm.pki import issue_in
 
@@ -697,6 +715,8 @@ def start_joiner(run_dir: Path, cfg: HFFMConfig, device: str) -> tuple[subproces
     log_path = run_dir / "logs" / f"{device}.log"
     cmd = [sys.executable, "-m", "services.device", "--config", str(run_dir / "config.yaml"),
            "--node", f"{device}={cfg.runtime.host}:0", "--upstream", f"{edge}={upstream}"]  # fmt: skip
+    if position is not None:
+        cmd += ["--position", f"{position[0]!r},{position[1]!r}"]
     with open(log_path, "ab") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
     return p, edge, upstream, log_path

@@ -128,9 +128,48 @@ def test_the_cost_model_places_a_joiner_without_moving_anyone():
     assert again.geo.devices["device-0-9"] == costs.geo.devices["device-0-9"]
 
 
+def test_a_joiner_that_says_where_it_is_joins_the_nearest_edge_and_is_placed_there(tmp_path):
+    """Nearest edge by geometry: ``hffm join --position`` names the device after the edge nearest to it
+    (the cloud's own draw) and the lowest free index; the cloud admits it only there, and the cost model
+    computes its links from that point."""
+    from hffm.config import write_config
+    from services.launcher import place_joiner
+
+    cfg, topo = _topo("topology.edges=3", "topology.joins=true")
+    costs = CostModel(cfg, topo)
+    servers = costs.geo.servers
+    for e, (x, y) in servers.items():
+        assert costs.locate((x, y)) == e
+        others = [o for o in servers if o != e]  # a point 1 m off a server towards another is still its
+        ox, oy = servers[others[0]]
+        d = ((ox - x) ** 2 + (oy - y) ** 2) ** 0.5
+        assert costs.locate((x + (ox - x) / d, y + (oy - y) / d)) == e
+    for bad in ((-1.0, 0.0), (0.0, cfg.geometry.area_m + 1), (float("inf"), 0.0)):
+        with pytest.raises(ValueError, match="outside the area"):
+            costs.locate(bad)
+    write_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "logs").mkdir()
+    at = servers["edge-2"]
+    assert place_joiner(tmp_path, cfg, at) == "device-2-2"  # 2 per edge in the table: index 2 is free
+    (tmp_path / "logs" / "device-2-2.log").write_text("")  # it joined: the next one gets index 3
+    assert place_joiner(tmp_path, cfg, at) == "device-2-3"
+
+    m = Membership(topo, "127.0.0.1:0", joins=True, locate=costs.locate)
+    wrong = Registration("device-0-5", "device", "a:1", "edge-0", (("art", 3),), position=servers["edge-1"])
+    with pytest.raises(ValueError, match="nearest to edge-1, not edge-0"):
+        m.register(wrong)
+    assert m.topo == topo and not m.positions  # refused: nothing changed
+    m.register(Registration("device-2-2", "device", "a:1", "edge-2", (("art", 3),), position=at))
+    assert m.positions == {"device-2-2": at}
+    assert costs.admit(m.topo, m.positions) == ["device-2-2"] and costs.geo.devices["device-2-2"] == at
+    assert costs.geo.distance("device-2-2", "edge-2") == 0.0
+    assert all((("device-2-2", p.id) in costs.budget.d2d_bps) for p in topo.cluster("edge-2"))
+
+
 def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path):
-    """hfm-d2d, one cluster of 3, over real gRPC and mTLS. Once round 1 is done, ``hffm join`` starts
-    device-0-3 (a certificate from the run's CA, its edge's address from the run). The cloud admits it
+    """hfm-d2d, one cluster of 3, over real gRPC and mTLS. Once round 1 is done, ``hffm join --position``
+    starts device-0-3 (named after the nearest edge, a certificate from the run's CA, its edge's address
+    from the run). The cloud admits it
     between rounds; in its first round it is synced over D2D from a cluster member (the catch-up carries
     the round its source holds), then its updates count in its head's aggregate like everyone else's."""
     from hffm_cli.main import app
@@ -141,9 +180,12 @@ def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path)
             "topology.joins=true"]  # fmt: skip
     cfg = load_config(None, sets)
 
+    x, y = CostModel(cfg, Topology.from_config(cfg, 1)).geo.servers["edge-0"]
+    at = f"{x + 10:.1f},{y:.1f}"  # 10 m from its edge's server: the nearest edge, the lowest free index
+
     def join(_sup) -> None:
-        r = CliRunner().invoke(app, ["join", "--run", str(out), "--id", "device-0-3"])
-        assert r.exit_code == 0, r.output
+        r = CliRunner().invoke(app, ["join", "--run", str(out), "--position", at])
+        assert r.exit_code == 0 and "device-0-3 started" in r.output, r.output
 
     res = _run_and(cfg, out, 1, join)
     assert res["complete"] and "device-0-3" in res["nodes"]
@@ -168,7 +210,7 @@ def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path)
     assert shared and all(last[p][t]["global"] == mine[t]["global"] for p, t in shared)
     log = (out / "logs" / "device-0-3.log").read_text()
     assert "device-0-3 registered" in log
-    assert "admitted device-0-3" in (out / "logs" / "cloud.log").read_text()
+    assert f"admitted device-0-3 to edge-0 at ({at.replace(',', ', ')}) m" in (out / "logs" / "cloud.log").read_text()
 
     def joiner() -> list[str]:
         return [p for p in processes_with(str(out)) if "device-0-3=" in p]

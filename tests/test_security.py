@@ -339,8 +339,9 @@ def test_the_health_check_dials_a_node_as_itself_and_stays_light(edge_server, tm
 
 def test_a_joiner_is_forwarded_only_by_the_edge_its_id_names_and_only_when_joins_are_on(cloud_server):
     """topology.joins over real gRPC and mTLS: device-0-9 is outside the 2 x 2 table. Joins off: no edge
-    may forward it. Joins on: edge-1 may not (the id names edge-0), edge-0 may, and the table grows by it
-    alone; every refusal leaves the membership as it was."""
+    may forward it. Joins on: edge-1 may not (the id names edge-0), edge-0 may, not with a position outside
+    the area or nearer another edge, and the table grows by it alone; every refusal leaves the membership
+    as it was."""
     coord, addr, d = cloud_server
     joiner = pb.NodeInfo(id="device-0-9", role="device", address="127.0.0.1:6009", edge="edge-0",
                          train_samples={"art": 5})  # fmt: skip
@@ -351,10 +352,18 @@ def test_a_joiner_is_forwarded_only_by_the_edge_its_id_names_and_only_when_joins
     assert _status(lambda: _register(d, "edge-1", addr, joiner)) == grpc.StatusCode.PERMISSION_DENIED
     wrong = pb.NodeInfo(id="device-0-9", role="device", address="1.2.3.4:1", edge="edge-0", train_samples={"vqa": 5})
     assert _status(lambda: _register(d, "edge-0", addr, wrong)) == grpc.StatusCode.INVALID_ARGUMENT
+    servers = coord.costs.geo.servers  # a position must be in the area and nearest to the id's edge
+    for x, y in (servers["edge-1"], (-5.0, 1.0), (float("nan"), 1.0)):
+        lying = pb.NodeInfo()
+        lying.CopyFrom(joiner)
+        lying.position.x_m, lying.position.y_m = x, y
+        assert _status(lambda m=lying: _register(d, "edge-0", addr, m)) == grpc.StatusCode.INVALID_ARGUMENT
     assert coord.members.snapshot() == before and "device-0-9" not in coord.topo.device_map
+    assert not coord.members.positions
+    joiner.position.x_m, joiner.position.y_m = servers["edge-0"]
     _register(d, "edge-0", addr, joiner)
     assert coord.topo.device_map["device-0-9"].edge == "edge-0" and coord.members.address("device-0-9")
-    assert len(coord.topo.devices) == 5
+    assert len(coord.topo.devices) == 5 and coord.members.positions == {"device-0-9": servers["edge-0"]}
 
 
 def test_a_device_leaves_only_by_itself_or_through_its_own_edge(cloud_server):

@@ -71,6 +71,7 @@ class Coordinator:
     def __init__(self, cfg: HFFMConfig, topo: Topology, node: CloudNode, out_dir: Path) -> None:
         self.cfg, self.node, self.out_dir = cfg, node, out_dir
         self.progress = ProgressFeed()
+        self.costs = CostModel(cfg, topo)
         self.members = Membership(
             topo,
             node.address,
@@ -79,8 +80,8 @@ class Coordinator:
             joins=cfg.topology.joins,
             max_joins=cfg.topology.max_joins,
             later=arrived(cfg.circulation.arrivals),
+            locate=self.costs.locate,
         )
-        self.costs = CostModel(cfg, topo)
         self.planner = Planner(cfg, self.costs)
         self.method = self.planner.method
         self.dispatcher = Dispatcher(cfg, node, self.members)
@@ -148,7 +149,9 @@ class Coordinator:
             log.info("round %d: left since the last round: %s", round_, departed)
             self._departed += departed
         topo = self.topo  # one table for the whole round (a device joining meanwhile takes part from the next)
-        joined = self.costs.admit(topo)  # positions and links of devices admitted since the last round
+        joined = self.costs.admit(
+            topo, dict(self.members.positions)
+        )  # positions and links of devices admitted since the last round
         if joined:
             log.info("round %d: joined since the last round: %s", round_, joined)
         down = self.dispatcher.probe([n for n in topo.node_ids() if n != CLOUD])

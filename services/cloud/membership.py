@@ -32,9 +32,12 @@ class Membership:
         joins: bool = False,
         max_joins: int = 64,
         later: dict[str, tuple[str, ...]] | None = None,
+        locate: Callable[[tuple[float, float]], str] | None = None,
     ) -> None:
         self.topo = topo
         self.later = later or {}  # device -> tasks it takes up mid-run (circulation.arrivals)
+        self.locate = locate  # a joiner's position -> the edge it belongs to (nearest by geometry)
+        self.positions: dict[str, tuple[float, float]] = {}  # joiners that said where they are
         self.joins = joins  # topology.joins: devices outside the table may be admitted, members may leave
         self.max_joins = max_joins  # topology.max_joins: at most this many
         self._joined = 0  # devices admitted from outside the starting table
@@ -81,6 +84,8 @@ class Membership:
                     info = joined.device_map[reg.id]
                     self.topo = self.topo.with_device(info.id, info.edge, info.tasks)
                     self._joined += 1
+                    if reg.position is not None:
+                        self.positions[reg.id] = reg.position
                     self.departed.discard(reg.id)  # a device that left may come back, as a newcomer
             prev = self.addresses.get(reg.id)
             if prev is not None and prev != reg.address and role != "device":
@@ -92,14 +97,16 @@ class Membership:
             n = len(self.addresses)
             self._cv.notify_all()
         if joined is not None:
-            log.info("admitted %s to %s, tasks %s", reg.id, reg.edge, list(joined.device_map[reg.id].tasks))
+            where = f" at ({reg.position[0]:.1f}, {reg.position[1]:.1f}) m" if reg.position else ""
+            log.info("admitted %s to %s%s, tasks %s", reg.id, reg.edge, where, list(joined.device_map[reg.id].tasks))
         log.info("registered %s at %s (%d/%d)", reg.id, reg.address, n, self.expected)
         self._on_change(f"{reg.id} registered")
         return n
 
     def _admit(self, reg: Registration) -> Topology:
-        """The table with the joining device ``reg`` in it: its role and edge as its id says, tasks (its
-        registered training samples' keys) among those its edge's cluster holds. ``ValueError``."""
+        """The table with the joining device ``reg`` in it: its role and edge as its id says (when it gives
+        its position, that edge must be the nearest to it), tasks (its registered training samples' keys)
+        among those its edge's cluster holds. ``ValueError``."""
         if reg.role != "device":
             raise ValueError(f"{reg.id!r}: only devices join mid-run (registered as {reg.role!r})")
         if self._joined >= self.max_joins:
@@ -112,6 +119,13 @@ class Membership:
         edge = edge_id(nid.edge or 0) if nid.role == "device" else ""
         if reg.edge != edge:
             raise ValueError(f"{reg.id} belongs to {edge or 'no edge'}, not {reg.edge!r}")
+        if reg.position is not None:
+            if self.locate is None:
+                raise ValueError(f"{reg.id}: position given, but this membership has no geometry to place it")
+            nearest = self.locate(reg.position)  # ValueError when outside the area
+            if nearest != edge:
+                x, y = reg.position
+                raise ValueError(f"{reg.id}: position ({x:.1f}, {y:.1f}) m is nearest to {nearest}, not {edge}")
         held = self.topo.node_tasks(edge) if edge in self.topo.edges and self.topo.cluster(edge) else []
         if not tasks or set(tasks) - set(held):
             raise ValueError(f"{reg.id}: tasks {list(tasks)} must be among those {edge}'s cluster holds ({held})")

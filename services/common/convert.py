@@ -230,4 +230,5 @@ def registration_from_pb(info: pb.NodeInfo) -> Registration:
         info.edge,
         tuple(sorted(info.train_samples.items())),
         tuple(sorted({(s.round, s.attempt) for s in info.states})),
+        (info.position.x_m, info.position.y_m) if info.HasField("position") else None,
     )

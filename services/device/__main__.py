@@ -65,6 +65,18 @@ def _from_pod_name(args, topo) -> tuple[dict[str, str], dict[str, str], dict[str
     )
 
 
+def _position(text: str, nodes: dict[str, str], topo, joins: bool) -> tuple[float, float]:
+    """``--position X,Y``: one joining device's position in m (the cloud checks it against the area and
+    the edge its id names)."""
+    if len(nodes) != 1 or not joins or next(iter(nodes)) in topo.device_map:
+        sys.exit("--position: only for one device joining mid-run (topology.joins, an id outside the table)")
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        sys.exit(f"--position: expected X,Y in m, got {text!r}")
+    return x, y
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("services.device")
     p.add_argument("--node", action="append", default=[], help="ID=HOST:PORT to listen on (repeatable)")
@@ -80,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("HFFM_PEER_DOMAIN", ""),
         help="with --pod-name: DNS suffix of the headless services, e.g. hffm.svc.cluster.local",
     )
+    p.add_argument(
+        "--position",
+        default=None,
+        help="X,Y in m: a device joining mid-run says where it is (its id must name the nearest edge)",
+    )
     args = p.parse_args(argv)
     cfg = load(args)
     nodes = _pairs(args.node or [os.environ.get("HFFM_NODES", "")], "--node")
@@ -90,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes, upstreams, adverts = _from_pod_name(args, topo)
     if not nodes:
         sys.exit("--node: at least one device ID=HOST:PORT is required")
+    position = _position(args.position, nodes, topo, cfg.topology.joins) if args.position else None
     for nid in nodes:
         if nid not in topo.device_map and cfg.topology.joins:  # joining mid-run: admitted by the cloud
             try:
@@ -140,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks=list(n.info.tasks),
             train_samples=n.train_samples(),
             states=state_refs(n.states()),
+            position=pb.Point(x_m=position[0], y_m=position[1]) if position else None,
         )
         try:
             ack = register(n.security, upstreams[n.info.edge], n.info.edge, info, cfg.runtime.register_timeout_s, stop)
