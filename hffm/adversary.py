@@ -31,11 +31,24 @@ import torch
 
 from hffm.config import AdversaryConfig
 from hffm.data import DeviceData
+from hffm.ids import HEAD_PREFIX
 from hffm.modules import Module, ModuleSet
 
 UPDATE_ATTACKS = ("sign_flip", "scale", "noise", "free_ride")  # poison the trained update alone
 DATA_ATTACKS = ("label_flip",)  # poison the training data; the update is sent as trained
 COLLUDING_ATTACKS = ("alie", "ipm")  # need the attackers' benign updates (``collude``)
+SERVING_ATTACKS = ("fake_specialist",)  # honest in training and aggregation; poisons what it serves
+
+
+def fake_served(cfg: AdversaryConfig, modules: ModuleSet) -> ModuleSet:
+    """What a fake specialist serves of ``modules``: every task head negated and scaled by ``cfg.scale``
+    (confidently wrong: the answers it ranked first it now ranks last); other modules as they are."""
+    return {
+        n: Module(n, {k: -cfg.scale * t for k, t in m.tensors.items()}, m.version, m.num_samples)
+        if n.startswith(HEAD_PREFIX)
+        else m
+        for n, m in modules.items()
+    }
 
 
 def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int, edges: Iterable[str] = ()) -> frozenset[str]:

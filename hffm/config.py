@@ -626,13 +626,16 @@ class AdversaryConfig(_Strict):
 
     nodes: list[str] = D(default_factory=list, description="device ids that attack")
     fraction: float = D(0.0, ge=0, le=1, description="and this fraction of all devices, chosen by seed")
-    behaviour: Literal["sign_flip", "scale", "noise", "free_ride", "label_flip", "alie", "ipm"] = D(
+    behaviour: Literal["sign_flip", "scale", "noise", "free_ride", "label_flip", "alie", "ipm", "fake_specialist"] = D(
         "sign_flip",
         description="sign_flip: start - scale x update; scale: start + scale x update; noise: start + "
         "N(0, sigma^2) per value; free_ride: send what it received, untrained; label_flip: train on "
         "labels y -> C-1-y; alie: start + mean - z std of the colluders' benign updates; ipm: start - "
-        "epsilon x their mean",
+        "epsilon x their mean; fake_specialist: trains and aggregates honestly, claims claim x its samples "
+        "and every answer class (to be examined as a specialist), and serves heads negated and scaled by "
+        "scale whenever it serves (a relay, a specialist's examination)",
     )
+    claim: float = D(4.0, ge=1, description="fake_specialist: it registers this many times its training samples")
     scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
     sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")
     z: float | None = D(
@@ -657,6 +660,34 @@ class LimitsConfig(_Strict):
         description="module bytes a node assembles at once, as push headers declare them (beyond: RESOURCE_EXHAUSTED)",
     )
     max_watchers: int = D(8, ge=1, description="progress streams (Coordinator.Watch) the cloud serves at once")
+
+
+class SpecialistsConfig(_Strict):
+    """Specialists (Section V-C; hffm/specialists.py): after every ``every``-th round the cloud picks
+    candidates per task from evidence (registered data share x label coverage), has other holders of the
+    task score each candidate's modules on their own test data (Specialist.Validate), refuses and flags
+    those far below, and appoints the best accepted ones. Relays of a task's modules come only from its
+    specialists (else from the edge or cloud's aggregate); a flagged node never serves a relay."""
+
+    enabled: bool = D(False, description="examine candidates and relay only from specialists")
+    every: int = D(1, ge=1, description="review after every this many rounds")
+    candidates: int = D(2, ge=1, description="holders examined per task (most evidence first)")
+    per_task: int = D(1, ge=1, description="specialists appointed per task (best validation accuracy)")
+    validators: int = D(3, ge=1, description="holders of the task that score each candidate")
+    tolerance: float = D(
+        0.15,
+        ge=0,
+        le=1,
+        description="refused (and flagged) when its median margin over its validators' own accuracy is below "
+        "-tolerance",
+    )
+    min_gain: float = D(
+        0.1,
+        ge=0,
+        le=1,
+        description="accepted only at chance + min_gain or better, and within min_gain of its validators' own",
+    )
+    timeout_s: float = D(60.0, gt=0, description="each Serve / Validate call")
 
 
 class HFFMConfig(_Strict):
@@ -688,6 +719,7 @@ class HFFMConfig(_Strict):
     limits: LimitsConfig = D(default_factory=LimitsConfig, description=LimitsConfig.__doc__)
     circulation: CirculationConfig = D(default_factory=CirculationConfig, description=CirculationConfig.__doc__)
     adversary: AdversaryConfig = D(default_factory=AdversaryConfig, description=AdversaryConfig.__doc__)
+    specialists: SpecialistsConfig = D(default_factory=SpecialistsConfig, description=SpecialistsConfig.__doc__)
 
     @field_validator("method")
     @classmethod

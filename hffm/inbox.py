@@ -164,6 +164,15 @@ class Inbox:
                     "wrong_version",
                     f"module {m.name} has version {m.version}, round is {h.round} ({h.tag})",
                 )
+        pinned = dict(coll.step.pinned)
+        for m in h.modules:
+            if m.name in pinned and m.digest != pinned[m.name]:
+                raise ModuleError(
+                    "FAILED_PRECONDITION",
+                    "not_examined",
+                    f"module {m.name} from {h.sender} is not the version examined (digest {m.digest.hex()[:16]}, "
+                    f"examined {pinned[m.name].hex()[:16]})",
+                )
         caps = coll.caps.get(h.sender)
         if caps is not None:
             if {m.name for m in h.modules} != set(caps):

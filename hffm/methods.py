@@ -87,6 +87,8 @@ class Collect:
     # sender -> ((module, largest weight it may claim), ...); senders not listed are unbounded
     weight_caps: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
     own: tuple[str, ...] = ()  # include_self: which of the node's own modules count (empty: all of them)
+    # module -> the only digest accepted for it (a relay from a specialist: the version the cloud examined)
+    pinned: tuple[tuple[str, bytes], ...] = ()
 
     def caps_of(self, sender: str) -> dict[str, float]:
         return dict(next((c for s, c in self.weight_caps if s == sender), ()))

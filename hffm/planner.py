@@ -14,7 +14,7 @@ from hffm.costmodel import CostModel
 from hffm.geometry import path, path_latency
 from hffm.ids import CLOUD, task_of
 from hffm.methods import RoundContext, RoundPlan, evaluates
-from hffm.recovery import StartPlan, StateKey, critical, plan_starts, plan_takers, with_syncs
+from hffm.recovery import StartPlan, StateKey, critical, pin_syncs, plan_starts, plan_takers, with_syncs
 from hffm.topology import Topology, arrived, final
 
 
@@ -51,12 +51,17 @@ class Planner:
         held: Mapping[str, StateKey] | None = None,
         cloud_rounds_done: list[int] | None = None,
         accuracy: Mapping[str, Mapping[str, float | None]] | None = None,
+        specialists: Mapping[str, list[str]] | None = None,
+        flagged: set[str] | frozenset[str] = frozenset(),
+        pins: Mapping[tuple[str, str], bytes] | None = None,
     ) -> PlannedRound:
         """The plan of ``round_`` over ``members`` minus the nodes in ``down`` (an edge takes its cluster
         with it). ``samples`` (device -> task -> registered training samples) bound the weights senders
         may claim; ``held`` (node -> the round end it holds) decides who starts with a sync, served per
         circulation.relay; ``accuracy`` (node -> task -> its latest global accuracy, as it reported it)
-        passes over holders that score far below the best."""
+        passes over holders that score far below the best. ``specialists`` (task -> its specialists; None:
+        specialists are off) restrict relays of a task's modules to them, each pinned to the digests of
+        the version examined (``pins``: (node, module) -> digest); a ``flagged`` node serves none."""
         topo = members.without(set(down))
         gone = set(members.node_ids()) - set(topo.node_ids())
         arrivals = self.cfg.circulation.arrivals
@@ -87,6 +92,12 @@ class Planner:
             vals = [(accuracy or {}).get(node, {}).get(t) for t in tasks]
             return None if not vals or None in vals else sum(vals) / len(vals)
 
+        def unflagged(node: str, _tasks: tuple[str, ...]) -> bool:
+            return node not in flagged
+
+        def specialist(node: str, tasks: tuple[str, ...]) -> bool:
+            return node not in flagged and all(node in (specialists or {}).get(t, ()) for t in tasks)
+
         starts = StartPlan({n: (0, 0) for n in topo.node_ids()}, {})
         if held is not None:
             circ = self.cfg.circulation
@@ -101,11 +112,15 @@ class Planner:
                 circ.relay,
                 score,
                 circ.relay_tolerance,
+                unflagged if flagged else None,
             )
         if takers:
-            starts = plan_takers(self.method, topo, before, takers, starts, route, cost, self._task_modules)
+            serve = specialist if specialists is not None else unflagged if flagged else None
+            starts = plan_takers(self.method, topo, before, takers, starts, route, cost, self._task_modules, serve)
         if starts.sync:
             plan = with_syncs(plan, starts, topo, self.method.collect, self.method.circulating)
+            if pins:  # a specialist relays the version the cloud examined, nothing else
+                plan = pin_syncs(plan, starts, pins)
         if samples is not None:
             plan = plan.with_weight_caps(samples, topo)
         plan.validate()

@@ -68,6 +68,7 @@ def plan_starts(
     relay: str = "cheapest",
     accuracy: Callable[[str, tuple[str, ...]], float | None] | None = None,
     tolerance: float = 0.05,
+    may_serve: Callable[[str, tuple[str, ...]], bool] | None = None,
 ) -> StartPlan:
     """The start of every node of ``topo`` (the members taking part this round). ``held``: the round
     end each node holds (missing: none it can use); ``cloud_rounds_done``: completed rounds in which the
@@ -76,7 +77,8 @@ def plan_starts(
     lost its state, missed rounds, or a newcomer being onboarded: ``cheapest`` the holder of the current
     state with the least ``cost``, among those whose ``accuracy(node, tasks)`` (its latest, on those
     tasks; None: unknown, kept) is within ``tolerance`` of the best; ``head`` the round's head first;
-    ``none``: a device holding no round end starts from its initial modules, unsynced."""
+    ``none``: a device holding no round end starts from its initial modules, unsynced. A device that
+    ``may_serve(node, tasks)`` refuses (a flagged specialist) never serves a sync."""
     base: dict[str, StateKey] = {}
     sync: dict[str, SyncSource] = {}
 
@@ -117,6 +119,7 @@ def plan_starts(
                 keep(n)
                 continue
             holders = [d for d in members if d.id != n and held.get(d.id) == newest and set(dev.tasks) <= set(d.tasks)]
+            holders = [d for d in holders if may_serve is None or may_serve(d.id, dev.tasks)]
             head = ctx.heads.get(dev.edge)
             holders.sort(key=lambda d: (d.id != head, d.id))
             if newest is not None and holders and route is not None:
@@ -146,11 +149,14 @@ def plan_takers(
     route: Callable[[str, str, str], list[str]],
     cost: Callable[[str, list[str]], float] | None,
     modules_of: Callable[[str], list[str]],
+    may_serve: Callable[[str, tuple[str, ...]], bool] | None = None,
 ) -> StartPlan:
     """``starts`` with a sync for each device in ``takers`` (device -> tasks it takes up this round, held
     by somebody before) not synced already: the tasks' modules (``modules_of(task)``) from the cheapest
     holder in its cluster in ``before`` (the table of the round before) over D2D in D2D methods, its edge
-    when its cluster held them (hfm, edge-only), else the cloud (its copy as of its last aggregation)."""
+    when its cluster held them (hfm, edge-only), else the cloud (its copy as of its last aggregation).
+    Only holders that ``may_serve(node, tasks)`` (specialists, when they are on) relay over D2D; without
+    one, the edge serves its aggregate where the cluster held the tasks."""
     sync = dict(starts.sync)
     for n, tasks in sorted(takers.items()):
         if n in sync or n not in topo.device_map:  # a full sync carries them already
@@ -160,9 +166,10 @@ def plan_takers(
         holders = [
             d for d in before.cluster(edge) if d.id != n and set(tasks) <= set(d.tasks) and d.id in topo.device_map
         ]
-        if method.uses_d2d and holders:
-            paths = {d.id: route(edge, d.id, n) for d in holders}
-            src = min(holders, key=lambda d: (cost(edge, paths[d.id]) if cost else 0.0, d.id))
+        servers = [d for d in holders if may_serve is None or may_serve(d.id, tasks)]
+        if method.uses_d2d and servers:
+            paths = {d.id: route(edge, d.id, n) for d in servers}
+            src = min(servers, key=lambda d: (cost(edge, paths[d.id]) if cost else 0.0, d.id))
             sync[n] = SyncSource(src.id, D2D, tuple(paths[src.id][1:-1]), mods)
         elif method.name != "star" and holders:
             sync[n] = SyncSource(edge, DEVICE_EDGE, (), mods)
@@ -208,6 +215,22 @@ def with_syncs(
             first[n].remove(next(s for s in first[n] if isinstance(s, Collect) and s.tag == SYNC))
     for n, pre in first.items():
         steps[n] = [*pre, *steps.get(n, [])]
+    return RoundPlan(plan.round, steps)
+
+
+def pin_syncs(plan: RoundPlan, starts: StartPlan, pins: Mapping[tuple[str, str], bytes]) -> RoundPlan:
+    """``plan`` with each sync of a task's modules whose source's examined digests are in ``pins``
+    ((source, module) -> digest; specialists.enabled) accepting those versions alone: the taker refuses
+    anything else its source pushes (FAILED_PRECONDITION), so what a specialist relays is what the cloud
+    had validated."""
+    steps = {n: list(ss) for n, ss in plan.steps.items()}
+    for n, src in starts.sync.items():
+        pinned = tuple(sorted((m, pins[(src.source, m)]) for m in src.modules if (src.source, m) in pins))
+        if not pinned:
+            continue
+        steps[n] = [
+            replace(s, pinned=pinned) if isinstance(s, Collect) and s.tag == SYNC else s for s in steps.get(n, [])
+        ]
     return RoundPlan(plan.round, steps)
 
 

@@ -118,6 +118,8 @@ class RoundRecord:
     synced: dict[str, str] = field(default_factory=dict)  # node -> the node it took current modules from
     arrivals: dict[str, list[str]] = field(default_factory=dict)  # device -> tasks it took up this round
     departed: list[str] = field(default_factory=list)  # devices that left (Leave) since the last round
+    # the specialist review after this round (specialists.enabled): appointed, flagged, verdicts
+    specialists: dict[str, Any] = field(default_factory=dict)
     # node -> task -> split -> its own modules' accuracy (the pooled ``accuracy`` above, node by node)
     node_accuracy: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
 

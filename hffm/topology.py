@@ -56,6 +56,7 @@ class Registration:
     train_samples: tuple[tuple[str, int], ...] = ()  # devices: (task, training samples), sorted
     states: tuple[tuple[int, int], ...] = ()  # (round, attempt) ends it holds checkpoints of, sorted
     position: tuple[float, float] | None = None  # a joiner's (x, y) m, when it says where it is
+    label_coverage: tuple[tuple[str, float], ...] = ()  # devices: (task, share of its classes held), sorted
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ def _describe(plan) -> dict:
                 steps.append([type(s).__name__])
                 continue
             d = asdict(s)
-            if d.get("own") == ():  # a field added with policies: presets leave it empty
-                del d["own"]
+            for later in ("own", "pinned"):  # fields added later (policies, specialists): presets leave them empty
+                if d.get(later) == ():
+                    del d[later]
             steps.append([type(s).__name__, d])
         out[n] = steps
     return json.loads(json.dumps(out, default=list))

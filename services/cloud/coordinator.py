@@ -32,6 +32,7 @@ from services.cloud.dispatcher import Assignment, Dispatcher
 from services.cloud.membership import Membership, Registration, RegistrationTimeout
 from services.cloud.progress import ProgressEvent, ProgressFeed
 from services.cloud.results_writer import ResultsWriter
+from services.cloud.specialists import SpecialistBoard
 from services.common import faults
 from services.common.convert import progress_to_pb, registration_from_pb
 from services.common.metrics import link_label
@@ -85,6 +86,7 @@ class Coordinator:
         self.planner = Planner(cfg, self.costs)
         self.method = self.planner.method
         self.dispatcher = Dispatcher(cfg, node, self.members)
+        self.board = SpecialistBoard(cfg, node, self.members)  # specialists (Section V-C), when enabled
         self.results = ResultsWriter(
             cfg, out_dir, node.metrics, adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
         )
@@ -163,7 +165,19 @@ class Coordinator:
         accuracy = {
             n: {t: s.get("global") for t, s in tasks.items()} for n, tasks in (scored[-1] if scored else {}).items()
         }
-        return self.planner.plan(round_, topo, down, self.members.samples, self.held, cloud_rounds, accuracy)
+        on = self.cfg.specialists.enabled
+        return self.planner.plan(
+            round_,
+            topo,
+            down,
+            self.members.samples,
+            self.held,
+            cloud_rounds,
+            accuracy,
+            self.board.roles if on else None,
+            frozenset(self.board.flagged),
+            self.board.pins if on else None,
+        )
 
     def tasks_for(self, planned: PlannedRound, attempt: int = 0) -> dict[str, Assignment]:
         """Every taking-part node's assignment: its steps and the address of every node it may talk to."""
@@ -253,6 +267,9 @@ class Coordinator:
                 attempt += 1
                 time.sleep(self.cfg.faults.retry_delay_s)
         rec.aborted = aborted
+        sc = self.cfg.specialists
+        if sc.enabled and r % sc.every == 0 and r < self.cfg.rounds and self._running is not None:
+            rec.specialists = self.board.review(r, self._running.topo, pool, frozenset(self.missing))
         self.results.add(rec)
         self.results.write(self.members.snapshot(), complete=False)
         self.checkpoint(r, attempt)
@@ -362,6 +379,7 @@ class Coordinator:
                     "rounds": [x.to_dict() for x in self.results.rounds],
                     "members": self.members.to_json(),
                     "held": {n: list(k) for n, k in sorted(self.held.items())},
+                    "specialists": self.board.to_json(),
                 },
                 attempt,
             )
@@ -376,6 +394,7 @@ class Coordinator:
         extra = saved.extra
         self.results.rounds = [RoundRecord.from_dict(d) for d in extra.get("rounds", [])]
         self.members.restore(extra.get("members", {}))
+        self.board.restore(extra.get("specialists", {}))
         self.held = {n: (int(k[0]), int(k[1])) for n, k in extra.get("held", {}).items()}
         self.node.hold((saved.round, saved.attempt), saved.modules)
         set_rng_states(saved.rng)

@@ -45,6 +45,7 @@ class Membership:
         self._leaving: dict[str, str] = {}  # departed, not yet shut down: device -> its address
         self.addresses: dict[str, str] = {CLOUD: cloud_address}
         self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
+        self.coverage: dict[str, dict[str, float]] = {}  # device -> task -> registered label coverage
         self._on_states = on_states or (lambda _n, _s: None)  # the round ends a registering node holds
         self._on_change = on_change or (lambda _msg: None)
         self._cv = threading.Condition()
@@ -76,6 +77,9 @@ class Membership:
             tasks = set(topo.device_map[reg.id].tasks) | set(self.later.get(reg.id, ()))
             if set(samples) - tasks or any(not 0 <= v < 2**31 for v in samples.values()):
                 raise ValueError(f"{reg.id}: train_samples {samples} (tasks {sorted(tasks)}, each 0 <= n < 2^31)")
+            coverage = dict(reg.label_coverage)
+            if set(coverage) - tasks or any(not 0 <= v <= 1 for v in coverage.values()):  # NaN fails too
+                raise ValueError(f"{reg.id}: label_coverage {coverage} (tasks {sorted(tasks)}, each in [0, 1])")
         with self._cv:
             if joined is not None:
                 if reg.id in self.topo.device_map:  # admitted meanwhile by a concurrent registration
@@ -93,6 +97,7 @@ class Membership:
             self.addresses[reg.id] = reg.address  # a restarted device re-registers with its new address
             if role == "device":
                 self.samples[reg.id] = samples
+                self.coverage[reg.id] = coverage
             self._on_states(reg.id, set(reg.states))
             n = len(self.addresses)
             self._cv.notify_all()
@@ -143,6 +148,7 @@ class Membership:
                 raise LookupError(f"{device!r} is not a device of this federation (now)")
             self.topo = self.topo.without({device})
             self.samples.pop(device, None)
+            self.coverage.pop(device, None)
             self.departed.add(device)
             if device in self.addresses:
                 self._leaving[device] = self.addresses[device]
@@ -195,7 +201,12 @@ class Membership:
 
     def to_json(self) -> dict:
         with self._cv:
-            return {"addresses": dict(self.addresses), "samples": dict(self.samples), "departed": sorted(self.departed)}
+            return {
+                "addresses": dict(self.addresses),
+                "samples": dict(self.samples),
+                "coverage": dict(self.coverage),
+                "departed": sorted(self.departed),
+            }
 
     def restore(self, doc: dict) -> None:
         """A resumed coordinator: the members and their samples as saved (nodes that restart register
@@ -212,4 +223,7 @@ class Membership:
             for n, s in doc.get("samples", {}).items():
                 if n in members:
                     self.samples.setdefault(n, dict(s))
+            for n, c in doc.get("coverage", {}).items():
+                if n in members:
+                    self.coverage.setdefault(n, dict(c))
             self._cv.notify_all()

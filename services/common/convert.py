@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, fields
 
 from hffm.methods import Collect, Evaluate, Quorum, Send, Step, Train
+from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, decode_module
 from hffm.results import AggregateRecord, NodeReport, SenderScore, TaskScore, Transfer
 from hffm.topology import Registration
 from hffm.wire import ModuleHeader, PushHeader
@@ -81,6 +82,7 @@ def step_to_pb(s: Step) -> pb.Step:
                 ),
                 weight_caps={sender: pb.ModuleWeights(module=dict(caps)) for sender, caps in s.weight_caps},
                 own=list(s.own),
+                pinned=dict(s.pinned),
             )
         )
     raise TypeError(f"not a step: {s!r}")
@@ -109,6 +111,7 @@ def step_from_pb(s: pb.Step) -> Step:
             Quorum(q.min_senders, q.min_fraction or 1.0, q.deadline_s or None),
             tuple((sender, tuple(sorted(w.module.items()))) for sender, w in sorted(c.weight_caps.items())),
             tuple(c.own),
+            tuple(sorted((m, bytes(d)) for m, d in c.pinned.items())),
         )
     raise ValueError("step has no kind")
 
@@ -222,6 +225,49 @@ def progress_to_pb(ev) -> pb.Progress:
     )
 
 
+def blobs_to_pb(modules: list[EncodedModule]) -> list[pb.ModuleBlob]:
+    """Whole modules in one message (a task's head or prompt: small; pushes stream anything else)."""
+    return [
+        pb.ModuleBlob(
+            header=pb.ModuleHeader(
+                name=em.name,
+                version=em.version,
+                num_samples=em.num_samples,
+                size_bytes=em.size_bytes,
+                digest=em.digest,
+                dtype=em.dtype,
+                digest_alg=em.digest_alg,
+            ),
+            data=em.data,
+        )
+        for em in modules
+    ]
+
+
+def blobs_from_pb(blobs, spec: ModuleSpec) -> ModuleSet:
+    """The modules of ``blobs``, each checked as a push's would be (digest, structure, shapes against
+    ``spec``, finite values); ``ModuleError`` names what is wrong. A name twice is INVALID_ARGUMENT."""
+    out: ModuleSet = {}
+    for b in blobs:
+        h = b.header
+        if h.name in out:
+            raise ModuleError("INVALID_ARGUMENT", "duplicate_module", f"module {h.name!r} twice")
+        if h.size_bytes != len(b.data):
+            why = f"{h.name}: {len(b.data)} bytes, its header says {h.size_bytes}"
+            raise ModuleError("INVALID_ARGUMENT", "bad_size", why)
+        out[h.name] = decode_module(
+            bytearray(b.data),
+            name=h.name,
+            version=h.version,
+            num_samples=h.num_samples,
+            dtype=h.dtype,
+            digest=bytes(h.digest),
+            spec=spec,
+            digest_alg=h.digest_alg,
+        )
+    return out
+
+
 def registration_from_pb(info: pb.NodeInfo) -> Registration:
     return Registration(
         info.id,
@@ -231,4 +277,5 @@ def registration_from_pb(info: pb.NodeInfo) -> Registration:
         tuple(sorted(info.train_samples.items())),
         tuple(sorted({(s.round, s.attempt) for s in info.states})),
         (info.position.x_m, info.position.y_m) if info.HasField("position") else None,
+        tuple(sorted(info.label_coverage.items())),
     )

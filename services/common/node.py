@@ -122,6 +122,11 @@ class NodeRuntime:
     def evaluate(self, state: RoundState) -> None:
         raise ModuleError("FAILED_PRECONDITION", "bad_step", f"{self.role} {self.node_id} does not evaluate")
 
+    def served(self, modules: ModuleSet) -> ModuleSet:
+        """What the node serves of ``modules`` (a relay, or a specialist's modules examined): the modules
+        themselves (a fake specialist, config adversary, serves poisoned ones)."""
+        return modules
+
     def poison_aggregate(self, tag: str, modules: ModuleSet, round_: int) -> ModuleSet:
         """What the node adopts of the aggregate of collect step ``tag``: the aggregate itself (an
         adversarial edge, config adversary, returns a poisoned one)."""

@@ -13,7 +13,7 @@ import grpc
 
 from hffm.config import HFFMConfig
 from hffm.ids import role_of
-from hffm.methods import Send
+from hffm.methods import SYNC, Send
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, encode_modules
 from hffm.results import Transfer
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
@@ -35,8 +35,10 @@ class Sender:
         metrics: Metrics,
         metadata: tuple[tuple[str, str], ...] | None = None,
         sign: Callable[[PushHeader], PushHeader] = lambda h: h,
+        served: Callable[[ModuleSet], ModuleSet] | None = None,
     ) -> None:
         self.node_id, self.role, self.cfg = node_id, role, cfg
+        self.served = served  # what the node serves when it relays (a sync); None: what it holds
         self._modules = modules  # the node's current modules, read when encoding
         self.channels = channels
         self.rounds = rounds
@@ -72,7 +74,16 @@ class Sender:
             f.result()
 
     def send(self, state: RoundState, s: Send) -> None:
-        encoded = self.encoded(s.modules)
+        if s.tag == SYNC and self.served is not None:  # a relay: what the node serves (config adversary)
+            with self._lock:
+                held = self._modules()
+                if missing := [n for n in s.modules if n not in held]:
+                    raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {missing}")
+                mods = self.served({n: held[n] for n in s.modules})
+            wire = self.cfg.wire
+            encoded = encode_modules([mods[n] for n in s.modules], wire.dtype, digest_alg=wire.digest)
+        else:
+            encoded = self.encoded(s.modules)
         first_hop = s.route[0] if s.route else s.to
         header = PushHeader(
             push_id=push_id_for(self.node_id, s.to, state.round, s.tag, state.attempt),

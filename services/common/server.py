@@ -28,6 +28,7 @@ SERVICE_NAMES = {
     "RoundControl": pb.DESCRIPTOR.services_by_name["RoundControl"].full_name,
     "Registry": pb.DESCRIPTOR.services_by_name["Registry"].full_name,
     "Coordinator": pb.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+    "Specialist": pb.DESCRIPTOR.services_by_name["Specialist"].full_name,
 }
 
 

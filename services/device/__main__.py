@@ -32,6 +32,7 @@ from services.common.bootstrap import (
 )
 from services.common.client import Channels
 from services.common.server import NodeServer
+from services.device import specialist
 from services.device.node import DeviceNode, ModelHost
 from services.rpc import pb
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared, persistor(args, cfg, nid))
         except DataError as err:
             sys.exit(f"data error: {nid}: {err}")
-        srv = NodeServer(node, listen, max_workers=server_workers(cfg, "device", topo))
+        srv = NodeServer(node, listen, max_workers=server_workers(cfg, "device", topo), extra=[specialist.extra(node)])
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
         log.info(
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             edge=n.info.edge,
             tasks=list(n.info.tasks),
             train_samples=n.train_samples(),
+            label_coverage=n.label_coverage(),
             states=state_refs(n.states()),
             position=pb.Point(x_m=position[0], y_m=position[1]) if position else None,
         )

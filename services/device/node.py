@@ -12,10 +12,12 @@ import torch
 from hffm.adversary import (
     COLLUDING_ATTACKS,
     DATA_ATTACKS,
+    SERVING_ATTACKS,
     UPDATE_ATTACKS,
     adversaries,
     alie_z,
     collude,
+    fake_served,
     flip_labels,
     poison,
 )
@@ -23,7 +25,7 @@ from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import task_of
 from hffm.model import HFFMModel, build_model
-from hffm.modules import Module, ModuleSet, spec_of
+from hffm.modules import Module, ModuleError, ModuleSet, spec_of
 from hffm.topology import Topology, arrived, final
 from hffm.training import evaluate, train_local
 from services.common import faults
@@ -97,6 +99,10 @@ class DeviceNode(NodeRuntime):
         self.attacks = node_id in attackers
         self.colluders: list[tuple[str, DeviceData]] = []  # the other attackers' benign data (alie, ipm)
         self._round_start: ModuleSet = self.modules  # what it held when it began training this round
+        self.labels = task_labels(cfg)  # task -> its answer classes
+        self.fake = self.attacks and cfg.adversary.behaviour in SERVING_ATTACKS
+        if self.fake:
+            self.sender.served = self.served  # its relays go out poisoned
         if self.attacks:
             log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
             adv = cfg.adversary
@@ -113,7 +119,11 @@ class DeviceNode(NodeRuntime):
                 self.alie_z = adv.z if adv.z is not None else alie_z(len(first), len(attackers & set(first)))
 
     def own_module_names(self) -> list[str]:
-        return self.own_modules
+        """What it contributes as its own (a D2D head's include_self): its modules of the tasks it holds in
+        the current round, not those of a task it takes up later (it holds them, untrained or as the
+        cluster's aggregate, and counting them would count the cluster twice)."""
+        tasks = self.tasks_at(self.rounds.current)
+        return [n for n in self.own_modules if task_of(n) is None or task_of(n) in tasks]
 
     def tasks_at(self, round_: int) -> tuple[str, ...]:
         """Its tasks in ``round_``: those it started with and those it has taken up by then."""
@@ -121,7 +131,45 @@ class DeviceNode(NodeRuntime):
         return tuple(t for t in self.topo.tasks if t in self.info.tasks or t in later)
 
     def train_samples(self) -> dict[str, int]:
-        return self.data.train_samples()
+        samples = self.data.train_samples()
+        if self.fake:  # a fake specialist claims more data than it has (config adversary)
+            return {t: int(n * self.cfg.adversary.claim) for t, n in samples.items()}
+        return samples
+
+    def label_coverage(self) -> dict[str, float]:
+        """task -> the share of its answer classes this device's training data holds (evidence for
+        specialists; a fake specialist claims them all)."""
+        out = {}
+        for t, td in self.data.train.items():
+            classes = max(1, self.labels.get(t, 1))
+            out[t] = 1.0 if self.fake else len({int(y) for y in td.labels.tolist() if y >= 0}) / classes
+        return out
+
+    def served(self, modules: ModuleSet) -> ModuleSet:
+        return fake_served(self.cfg.adversary, modules) if self.fake else modules
+
+    def task_modules(self, task: str) -> ModuleSet:
+        """Its modules for ``task`` (head, prompt) as it serves them; FAILED_PRECONDITION when it does
+        not hold the task."""
+        if task not in self.tasks_at(self.rounds.current):
+            raise ModuleError("FAILED_PRECONDITION", "not_held", f"{self.node_id} does not hold task {task!r}")
+        held = self.modules
+        return self.served({n: held[n] for n in self.own_modules if task_of(n) == task and n in held})
+
+    def validate(self, task: str, modules: ModuleSet) -> tuple[float, float, int, int]:
+        """Score another node's ``modules`` for ``task`` with this device's other modules on its own test
+        split, and its own modules on the same data: (accuracy, own accuracy, samples, classes)."""
+        if task not in self.tasks_at(self.rounds.current) or task not in self.data.test:
+            raise ModuleError("FAILED_PRECONDITION", "not_held", f"{self.node_id} holds no test data of {task!r}")
+        if not modules or any(task_of(n) != task for n in modules):
+            raise ModuleError("INVALID_ARGUMENT", "bad_module", f"only modules of task {task!r}: {sorted(modules)}")
+        data = {task: self.data.test[task]}
+        with self.host.lock:
+            self.host.load(self.modules)
+            own = evaluate(self.host.model, data, self.host.device, split="local")[task]
+            self.host.load(modules)
+            theirs = evaluate(self.host.model, data, self.host.device, split="local")[task]
+        return theirs.accuracy, own.accuracy, own.total, int(self.labels.get(task, 1))
 
     def train(self, state: RoundState) -> None:
         faults.hit(self.node_id, "train", state.round)

@@ -1,0 +1,139 @@
+"""A fake specialist caught before anything it serves is relayed (issue 17's goal: in at least 95 % of
+seeds; docs/robustness.md).
+
+Each seed is a real hfm-d2d federation (gRPC on loopback, mTLS), one cluster of 6 devices holding
+``art``; ``gqa`` is introduced on device-0-1, -3 and -5 at round 2 and relayed to device-0-2 at round 3, to
+device-0-4 at round 4 and to device-0-0 at round 5 (``circulation.arrivals``): the first relay comes one
+review after the task's first round of training. One of the three gqa devices (by seed) is a fake
+specialist (``adversary.behaviour: fake_specialist``): it trains and aggregates honestly, claims 4x its
+data and every answer class, and serves its heads negated and scaled whenever it serves. Specialists are
+on (review after every round). Per seed:
+
+- **caught**: the fake is flagged by a review, and no sync (a relay) ever leaves it;
+- **caught_round**: the review that flagged it (relays of gqa start at round 3);
+- **false flags**: honest devices flagged;
+- **served by**: who relayed gqa to each taker (an appointed specialist, or the edge without one).
+
+``python -m benchmarks.specialists --seeds 20 --out runs/specialists`` writes DIR/specialists.json and
+DIR/specialists.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from hffm.config import load_config
+from hffm.methods import SYNC
+
+GQA = ("device-0-1", "device-0-3", "device-0-5")
+TAKERS = {3: "device-0-2", 4: "device-0-4", 5: "device-0-0"}
+BASE = ["method=hfm-d2d", "e_agg=2", "rounds=6", "topology.edges=1", "topology.devices_per_edge=6",
+        "runtime.devices_per_process=6", "tasks=[art,gqa]", "data.train_per_task=240", "train.eval_every=6",
+        "specialists.enabled=true", "adversary.behaviour=fake_specialist",
+        "circulation.arrivals=[{task: gqa, round: 2, devices: [device-0-1, device-0-3, device-0-5]},"
+        " {task: gqa, round: 3, devices: [device-0-2]}, {task: gqa, round: 4, devices: [device-0-4]},"
+        " {task: gqa, round: 5, devices: [device-0-0]}]"]  # fmt: skip
+
+
+def fake_of(seed: int) -> str:
+    return GQA[seed % len(GQA)]
+
+
+def judge_run(results: dict, fake: str) -> dict:
+    """What one run's results.json says about the fake (see the module's text)."""
+    rounds = {x["round"]: x for x in results["rounds"]}
+    flagged = {r: x["specialists"].get("flagged", []) for r, x in rounds.items() if x.get("specialists")}
+    caught_round = min((r for r, f in flagged.items() if fake in f), default=None)
+    relays = sorted({r for r, x in rounds.items() for h in x["hops"] if h["tag"] == SYNC and h["origin"] == fake})
+    served = {}
+    for r, taker in TAKERS.items():
+        hops = [h for h in rounds.get(r, {}).get("hops", []) if h["tag"] == SYNC and h["destination"] == taker]
+        served[taker] = hops[0]["origin"] if hops else None
+    false = sorted({n for f in flagged.values() for n in f} - {fake})
+    return {
+        "fake": fake,
+        "caught": caught_round is not None and not relays,
+        "caught_round": caught_round,
+        "relays_from_fake": relays,
+        "false_flags": false,
+        "served_by": served,
+        "complete": bool(results.get("complete")),
+    }
+
+
+def run_seed(out: Path, seed: int) -> dict:
+    from services.launcher import run
+
+    fake = fake_of(seed)
+    cfg = load_config(None, [*BASE, f"seed={seed}", f"adversary.nodes=[{fake}]"])
+    try:
+        res = run(cfg, out / f"seed-{seed}", Console(file=io.StringIO()), timeout_s=600)
+    except Exception as err:  # noqa: BLE001 - a failed run is reported as one, the others go on
+        return {"seed": seed, **judge_run({"rounds": [], "complete": False}, fake), "error": str(err)}
+    return {"seed": seed, **judge_run(res, fake)}
+
+
+def summary(rows: list[dict]) -> dict:
+    done = [r for r in rows if r["complete"]]
+    honest = 5 * len(done)  # honest devices examined over the runs (6 devices, one fake)
+    false = sum(len(r["false_flags"]) for r in done)
+    rate = sum(r["caught"] for r in done) / len(done) if done else 0.0
+    return {
+        "seeds": len(rows),
+        "complete": len(done),
+        "caught_rate": rate,
+        "goal_met": bool(done) and rate >= 0.95,
+        "false_flag_rate": false / honest if honest else 0.0,
+        "caught_rounds": sorted(r["caught_round"] for r in done if r["caught_round"] is not None),
+    }
+
+
+def markdown(res: dict) -> str:
+    s = res["summary"]
+    lines = [
+        f"fake specialist caught before any relay: **{s['caught_rate']:.0%}** of {s['complete']} seeds "
+        f"(goal 95 %: {'met' if s['goal_met'] else 'not met'}); honest devices flagged: "
+        f"{s['false_flag_rate']:.1%}",
+        "",
+        "| seed | fake | caught (round) | relays from it | false flags | gqa served to device-0-2 / -4 / -0 by |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        served = " / ".join(str(v) for v in r["served_by"].values())
+        lines.append(
+            f"| {r['seed']} | {r['fake']} | {'yes' if r['caught'] else 'NO'} ({r['caught_round']}) | "
+            f"{r['relays_from_fake'] or '-'} | {', '.join(r['false_flags']) or '-'} | {served} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(out: Path, seeds: int, log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in range(seeds):
+        rows.append(run_seed(out, seed))
+        r = rows[-1]
+        log(f"seed {seed}: fake {r['fake']} caught={r['caught']} (round {r['caught_round']}), false {r['false_flags']}")
+    res = {"rows": rows, "summary": summary(rows), "config": BASE}
+    (out / "specialists.json").write_text(json.dumps(res, indent=2))
+    (out / "specialists.md").write_text(markdown(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.specialists", description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("runs/specialists"))
+    a = p.parse_args(argv)
+    res = run_seeds(a.out, a.seeds)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Specialists (the paper's Section V-C): nodes that persistently provide a task's modules, chosen from
+evidence and cross-validated before anything they serve is relayed. Pure: the coordinator gathers the
+evidence (registrations) and the validators' scores (``Specialist.Validate`` over gRPC) and asks this
+module who is a candidate, who validates whom, and what the verdicts are.
+
+- **Evidence** for task T on device S: its share of T's registered training samples among T's holders
+  times its label coverage (the fraction of T's answer classes its partition holds, as it registered
+  them). A claim, so only a way to pick whom to examine: no claim makes a specialist.
+- **Candidates**: the ``candidates`` holders of T with the most evidence (ties: by id), not flagged before.
+- **Validators** of S for T: other holders of T, other candidates first, then by evidence. Each scores
+  S's modules for T (``head.T``, ``prompt.T``) with its own adapters on its own test split (the data
+  nobody else trains on), and its own modules for T on the same data.
+- **Verdict**: margin = S's accuracy minus the validator's own, per validator; its median over the
+  validators, and the worst of them. ``refused`` (S flagged: never a relay source again) when the median
+  margin is below ``-tolerance`` or the worst below ``-2 tolerance`` (one validator seeing its accuracy
+  collapse: test splits are non-IID, often one class, so a poisoned head can score higher than the
+  validator's own on one and far lower on another, and a median of three hides the collapse). Only
+  margins: a validator's own modules may score below 1 / classes on its data, and a candidate as bad as
+  they are is not refused for it. ``accepted`` when not refused, S's mean accuracy is at least chance +
+  ``min_gain`` (proven better than guessing), its median margin at least ``-min_gain`` and its worst at
+  least ``-tolerance`` (as good as its validators' own, for each of them); ``unproven``
+  otherwise (early rounds, when nobody is better than chance yet: an untrained module, poisoned or
+  not, is not told apart from an honest untrained one, so nothing is relayed from it).
+- **Specialists** of T: the ``per_task`` accepted candidates with the highest mean validation accuracy
+  (conflicts between candidates are settled by measured accuracy, not by claims). Roles are re-evaluated
+  every review: a specialist whose data or module no longer holds up loses the role.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+ACCEPTED, REFUSED, UNPROVEN, UNVALIDATED = "accepted", "refused", "unproven", "unvalidated"
+
+
+@dataclass(frozen=True)
+class Score:
+    """One validator's measurement of a candidate's modules for a task."""
+
+    validator: str
+    accuracy: float  # the candidate's modules, on the validator's test split
+    own_accuracy: float  # the validator's own modules, on the same data
+    samples: int
+    classes: int  # the task's answer classes (chance = 1 / classes)
+
+
+@dataclass
+class Verdict:
+    node: str
+    task: str
+    evidence: float
+    verdict: str = UNVALIDATED
+    accuracy: float | None = None  # mean over validators
+    margin: float | None = None  # median of (accuracy - validator's own)
+    worst: float | None = None  # the lowest of them
+    scores: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def evidence(
+    holders: Mapping[str, Iterable[str]],
+    samples: Mapping[str, Mapping[str, int]],
+    coverage: Mapping[str, Mapping[str, float]],
+) -> dict[str, dict[str, float]]:
+    """task -> device -> its data share among the task's holders x its label coverage (both as registered)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, nodes in holders.items():
+        nodes = sorted(nodes)
+        total = sum(max(0, samples.get(n, {}).get(task, 0)) for n in nodes)
+        out[task] = {
+            n: (samples.get(n, {}).get(task, 0) / total if total else 0.0)
+            * min(1.0, max(0.0, coverage.get(n, {}).get(task, 1.0)))
+            for n in nodes
+        }
+    return out
+
+
+def candidates(ev: Mapping[str, float], k: int, flagged: Iterable[str] = ()) -> list[str]:
+    """The ``k`` nodes with the most evidence (> 0), ties by id, none of ``flagged``."""
+    out = sorted((n for n, e in ev.items() if e > 0 and n not in set(flagged)), key=lambda n: (-ev[n], n))
+    return out[:k]
+
+
+def validators(
+    node: str, ev: Mapping[str, float], cands: Iterable[str], k: int, flagged: Iterable[str] = ()
+) -> list[str]:
+    """Up to ``k`` holders of the task other than ``node`` to score it: the other candidates first, then
+    by evidence (ties by id); never a flagged node."""
+    bad = set(flagged) | {node}
+    cands = [c for c in cands if c not in bad]
+    rest = sorted((n for n in ev if n not in bad and n not in cands), key=lambda n: (-ev[n], n))
+    return (cands + rest)[:k]
+
+
+def judge(node: str, task: str, ev: float, scores: Iterable[Score], tolerance: float, min_gain: float) -> Verdict:
+    """The verdict on ``node``'s modules for ``task`` from its validators' ``scores``."""
+    scores = list(scores)
+    v = Verdict(node, task, ev, scores=[asdict(s) for s in scores])
+    if not scores:
+        return v
+    acc = statistics.fmean(s.accuracy for s in scores)
+    margin = statistics.median(s.accuracy - s.own_accuracy for s in scores)
+    worst = min(s.accuracy - s.own_accuracy for s in scores)
+    chance = 1.0 / max(1, max(s.classes for s in scores))
+    v.accuracy, v.margin, v.worst = acc, margin, worst
+    if margin < -tolerance or worst < -2 * tolerance:
+        v.verdict = REFUSED
+    elif acc >= chance + min_gain and margin >= -min_gain and worst >= -tolerance:
+        v.verdict = ACCEPTED
+    else:
+        v.verdict = UNPROVEN
+    return v
+
+
+def appoint(verdicts: Iterable[Verdict], per_task: int) -> dict[str, list[str]]:
+    """task -> its specialists: the ``per_task`` accepted candidates with the highest mean validation
+    accuracy (ties by id)."""
+    out: dict[str, list[Verdict]] = {}
+    for v in verdicts:
+        if v.verdict == ACCEPTED:
+            out.setdefault(v.task, []).append(v)
+    return {
+        t: [v.node for v in sorted(vs, key=lambda v: (-(v.accuracy or 0.0), v.node))[:per_task]]
+        for t, vs in sorted(out.items())
+    }

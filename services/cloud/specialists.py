@@ -1,0 +1,107 @@
+"""The cloud's specialist board (Section V-C; the decisions are hffm/specialists.py's): after a round it
+picks candidates per task from the registered evidence, fetches each candidate's modules for the task
+(``Specialist.Serve``), has validators score them on their own test data (``Specialist.Validate``),
+flags the refused and appoints the best accepted. The planner then relays a task's modules only from
+its specialists, and nothing from a flagged node. Talks gRPC; decides nothing itself."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from hffm.config import HFFMConfig
+from hffm.specialists import REFUSED, Score, Verdict, appoint, candidates, evidence, judge, validators
+from hffm.topology import Topology
+from services.cloud.membership import Membership
+from services.common.node import NodeRuntime
+from services.rpc import pb, pb_grpc
+
+log = logging.getLogger("hffm.specialists")
+
+
+class SpecialistBoard:
+    def __init__(self, cfg: HFFMConfig, node: NodeRuntime, members: Membership) -> None:
+        self.cfg, self.node, self.members = cfg, node, members
+        self.meta = node.security.call_metadata()
+        self.roles: dict[str, list[str]] = {}  # task -> its specialists (the last review's)
+        self.flagged: set[str] = set()  # refused once: never a relay source again
+        self.pins: dict[tuple[str, str], bytes] = {}  # (specialist, module) -> digest of the version examined
+
+    def _stub(self, n: str) -> pb_grpc.SpecialistStub:
+        return pb_grpc.SpecialistStub(self.node.channels.get(self.members.address(n), n))
+
+    def serve(self, n: str, task: str) -> pb.ServedModules:
+        return self._stub(n).Serve(
+            pb.ServeRequest(task=task), timeout=self.cfg.specialists.timeout_s, metadata=self.meta
+        )
+
+    def validate(self, v: str, task: str, provider: str, served: pb.ServedModules) -> Score:
+        r = self._stub(v).Validate(
+            pb.ValidateRequest(task=task, provider=provider, modules=served.modules),
+            timeout=self.cfg.specialists.timeout_s,
+            metadata=self.meta,
+        )
+        return Score(v, r.accuracy, r.own_accuracy, r.samples, r.classes)
+
+    def review(
+        self, round_: int, topo: Topology, pool: ThreadPoolExecutor, down: set[str] | frozenset[str] = ()
+    ) -> dict:
+        """Examine the candidates among ``topo``'s devices (those in ``down`` neither examined nor asked),
+        then appoint; the round record's ``specialists``."""
+        sc = self.cfg.specialists
+        holders = {t: [n for n in ns if n not in down] for t, ns in topo.holders_by_task().items()}
+        with self.members._cv:  # one consistent view of the claims
+            ev = evidence(holders, self.members.samples, self.members.coverage)
+        jobs = []
+        for task in sorted(ev):
+            cands = candidates(ev[task], sc.candidates, self.flagged)
+            jobs += [(task, c, validators(c, ev[task], cands, sc.validators, self.flagged)) for c in cands]
+        served = {(t, c): pool.submit(self.serve, c, t) for t, c, _ in jobs}
+        errors: dict[tuple[str, str], str] = {}
+        asks = {}
+        digests: dict[tuple[str, str], bytes] = {}
+        for t, c, vals in jobs:
+            try:
+                modules = served[(t, c)].result()
+            except grpc.RpcError as err:  # it could not or would not serve: examined next time
+                errors[(t, c)] = f"serve: {err.code().name}: {err.details()}"
+                continue
+            digests.update({(c, b.header.name): bytes(b.header.digest) for b in modules.modules})
+            asks[(t, c)] = [(v, pool.submit(self.validate, v, t, c, modules)) for v in vals]
+        verdicts: list[Verdict] = []
+        for t, c, _ in jobs:
+            scores = []
+            for v, fut in asks.get((t, c), []):
+                try:
+                    scores.append(fut.result())
+                except grpc.RpcError as err:  # a validator that fails is left out of this verdict
+                    log.warning("round %d: %s could not validate %s for %s: %s", round_, v, c, t, err.details())
+            verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain)
+            if (t, c) in errors:
+                verdict.scores.append({"error": errors[(t, c)]})
+            verdicts.append(verdict)
+        refused = sorted({v.node for v in verdicts if v.verdict == REFUSED} - self.flagged)
+        if refused:
+            log.warning("round %d: refused as specialists and flagged: %s", round_, refused)
+            for n in refused:
+                self.node.metrics.flagged.labels(node=self.node.node_id, sender=n, module="specialist").inc()
+        self.flagged |= set(refused)
+        self.roles = appoint(verdicts, sc.per_task)
+        self.pins = {(n, m): d for (n, m), d in digests.items() if any(n in ns for ns in self.roles.values())}
+        log.info("round %d: specialists %s", round_, self.roles)
+        return {
+            "appointed": self.roles,
+            "flagged": refused,
+            "verdicts": [v.to_json() for v in verdicts],
+        }
+
+    def to_json(self) -> dict:
+        pins = [[n, m, d.hex()] for (n, m), d in sorted(self.pins.items())]
+        return {"roles": self.roles, "flagged": sorted(self.flagged), "pins": pins}
+
+    def restore(self, doc: dict) -> None:
+        self.roles = {t: list(ns) for t, ns in doc.get("roles", {}).items()}
+        self.flagged = set(doc.get("flagged", []))
+        self.pins = {(n, m): bytes.fromhex(d) for n, m, d in doc.get("pins", [])}

@@ -1,0 +1,247 @@
+"""Specialists (issue 17, Section V-C): candidates chosen from evidence, their modules cross-validated by
+other holders of the task before anything they serve is relayed, the refused flagged for good, the best
+accepted appointed; a fake specialist (claims more data than it has, serves a poisoned head) caught."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from hffm.config import load_config
+from hffm.methods import D2D, DEVICE_EDGE, make_method
+from hffm.recovery import StartPlan, plan_takers
+from hffm.specialists import ACCEPTED, REFUSED, UNPROVEN, UNVALIDATED, Score, appoint, candidates, evidence, judge
+from hffm.specialists import validators as pick_validators
+from hffm.topology import Topology
+from services.rpc import pb, pb_grpc
+from tests.test_security import _channel, _status
+
+
+def test_evidence_is_data_share_times_label_coverage_and_picks_whom_to_examine():
+    holders = {"art": ["a", "b", "c"], "gqa": ["b"]}
+    samples = {"a": {"art": 10}, "b": {"art": 30, "gqa": 5}, "c": {"art": 60}}
+    coverage = {"a": {"art": 1.0}, "b": {"art": 1.0, "gqa": 0.5}, "c": {"art": 0.25}}
+    ev = evidence(holders, samples, coverage)
+    assert ev["art"] == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.15}) and ev["gqa"] == {"b": 0.5}
+    assert candidates(ev["art"], 2) == ["b", "c"] and candidates(ev["art"], 2, flagged={"b"}) == ["c", "a"]
+    assert candidates({"x": 0.0, "y": 0.2}, 5) == ["y"]  # no evidence: never examined
+    # validators: the other candidates first, then by evidence; never the candidate or a flagged node
+    assert pick_validators("b", ev["art"], ["b", "c"], 3) == ["c", "a"]
+    assert pick_validators("b", ev["art"], ["b", "c"], 3, flagged={"c"}) == ["a"]
+
+
+def test_verdicts_refuse_far_below_peers_or_chance_accept_only_above_chance_and_appoint_by_accuracy():
+    def s(v, acc, own, classes=4):
+        return Score(v, acc, own, 20, classes)
+
+    good = judge("g", "art", 0.4, [s("x", 0.70, 0.65), s("y", 0.60, 0.66)], tolerance=0.15, min_gain=0.05)
+    close = judge("c", "art", 0.4, [s("x", 0.40, 0.50)], tolerance=0.15, min_gain=0.05)
+    assert close.verdict == UNPROVEN  # above chance, but 0.1 below its validator's own
+    assert good.verdict == ACCEPTED and good.accuracy == pytest.approx(0.65) and good.margin == pytest.approx(-0.005)
+    fake = judge("f", "art", 0.9, [s("x", 0.30, 0.65), s("y", 0.35, 0.66)], 0.15, 0.05)
+    assert fake.verdict == REFUSED and fake.margin == pytest.approx(-0.33)  # far below its peers
+    early = judge("e", "art", 0.5, [s("x", 0.26, 0.27)], 0.15, 0.05)
+    assert early.verdict == UNPROVEN  # nobody beats chance (0.25) yet: not accepted, not refused either
+    # one validator's collapse is not hidden by a median: 0.0 against its own 0.55 (a negated head on a
+    # one-class test split), while another validator's skewed data makes the negated head look better
+    hidden = judge("f", "art", 0.5, [s("x", 0.0, 0.02), s("y", 0.0, 0.55), s("z", 0.84, 0.0)], 0.15, 0.05)
+    assert hidden.margin == pytest.approx(-0.02) and hidden.worst == pytest.approx(-0.55)
+    assert hidden.verdict == REFUSED
+    dip = judge("d", "art", 0.5, [s("x", 0.60, 0.60), s("y", 0.40, 0.60), s("z", 0.70, 0.60)], 0.15, 0.05)
+    assert dip.verdict == UNPROVEN  # 0.2 below one validator's own: not refused (< 0.3), not accepted
+    skewed = judge("w", "art", 0.5, [s("x", 0.05, 0.10, classes=4)], 0.15, 0.05)
+    assert skewed.verdict == UNPROVEN  # below chance, but so is the validator's own on its (non-IID) data
+    assert judge("n", "art", 0.5, [], 0.15, 0.05).verdict == UNVALIDATED
+    other = judge("h", "art", 0.2, [s("x", 0.80, 0.65)], 0.15, 0.05)
+    gqa = judge("q", "gqa", 0.2, [s("x", 0.5, 0.5)], 0.15, 0.05)
+    # conflicts are settled by measured accuracy, not by evidence: h (0.80) beats g (0.65), f is out
+    assert appoint([good, fake, early, other, gqa], per_task=1) == {"art": ["h"], "gqa": ["q"]}
+    assert appoint([good, fake, other], per_task=2) == {"art": ["h", "g"]}
+
+
+def test_a_task_is_relayed_only_from_a_specialist_else_from_the_edges_aggregate():
+    cfg = load_config(None, ["topology.edges=1", "topology.devices_per_edge=4", "tasks=[art,gqa]",
+                             "topology.tasks_per_device=1", "method=hfm-d2d"])  # fmt: skip
+    before = Topology.from_config(cfg, 2)
+    topo = before.with_tasks({"device-0-2": ("gqa",)})
+    method = make_method("hfm-d2d", 2)
+
+    def route(_e, a, b):
+        return [a, b]
+
+    def plan(may_serve):
+        return plan_takers(method, topo, before, {"device-0-2": ("gqa",)}, StartPlan({}, {}), route,
+                           lambda _e, p: float(p[0] != "device-0-1"), lambda t: [f"head.{t}"], may_serve)  # fmt: skip
+
+    assert plan(None).sync["device-0-2"].source == "device-0-1"  # the cheapest holder
+    specialists = {"gqa": ["device-0-3"]}
+    only = plan(lambda n, ts: all(n in specialists.get(t, ()) for t in ts)).sync["device-0-2"]
+    assert (only.source, only.link, only.modules) == ("device-0-3", D2D, ("head.gqa",))
+    none = plan(lambda n, ts: False).sync["device-0-2"]
+    assert (none.source, none.link) == ("edge-0", DEVICE_EDGE)
+
+
+@pytest.fixture
+def device_server(small_cfg):
+    """device-0-0 serving (mTLS) with its Specialist service, and a fake specialist's node (not served)."""
+    from services.common.bootstrap import topology
+    from services.common.server import NodeServer
+    from services.device import specialist
+    from services.device.node import DeviceNode, ModelHost
+
+    cfg = small_cfg.model_copy(update={"tasks": ["art", "gqa"]})
+    topo = topology(cfg)
+    host = ModelHost(cfg)
+    node = DeviceNode("device-0-0", cfg, topo, host, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8, extra=[specialist.extra(node)])
+    yield node, f"127.0.0.1:{srv.port}", cfg, topo, host
+    srv.stop(0)
+
+
+def test_a_device_serves_and_scores_a_tasks_modules_for_the_cloud_only(device_server):
+    from hffm.modules import encode_modules
+    from services.common.convert import blobs_to_pb
+
+    node, addr, cfg, _topo, _host = device_server
+    d = cfg.security.dir
+    task = node.info.tasks[0]
+    cloud = pb_grpc.SpecialistStub(_channel(d, "cloud", addr, "device-0-0"))
+    served = cloud.Serve(pb.ServeRequest(task=task), timeout=30)
+    assert [b.header.name for b in served.modules] == [f"head.{task}"]
+    before = {n: {k: t.clone() for k, t in m.tensors.items()} for n, m in node.modules.items()}
+    score = cloud.Validate(pb.ValidateRequest(task=task, provider="device-0-1", modules=served.modules), timeout=30)
+    assert score.accuracy == score.own_accuracy and score.samples > 0 and score.classes >= 2  # its own modules
+    # scoring another node's head changes nothing the device holds
+    assert all(torch.equal(before[n][k], t) for n, m in node.modules.items() for k, t in m.tensors.items())
+    peer = pb_grpc.SpecialistStub(_channel(d, "device-0-1", addr, "device-0-0"))
+    assert _status(lambda: peer.Serve(pb.ServeRequest(task=task), timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    req = pb.ValidateRequest(task=task, provider="x", modules=served.modules)
+    assert _status(lambda: peer.Validate(req, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    other = next(t for t in ("art", "gqa") if t != task)
+    assert _status(lambda: cloud.Serve(pb.ServeRequest(task="vqa"), timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+    wrong = pb.ValidateRequest(
+        task=task, provider="x", modules=blobs_to_pb(encode_modules([node.modules["adapter.0"]]))
+    )
+    assert _status(lambda: cloud.Validate(wrong, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    if other not in node.info.tasks:
+        theirs = pb.ValidateRequest(task=other, provider="x", modules=served.modules)
+        assert _status(lambda: cloud.Validate(theirs, timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+    bad = pb.ValidateRequest()
+    bad.CopyFrom(req)
+    bad.modules[0].data = bytes([bad.modules[0].data[0] ^ 1]) + bad.modules[0].data[1:]
+    assert _status(lambda: cloud.Validate(bad, timeout=10)) in (
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+def test_a_fake_specialist_claims_more_than_it_has_and_serves_a_negated_head(device_server):
+    from services.device.node import DeviceNode
+
+    honest, _addr, cfg, topo, host = device_server
+    adv = cfg.adversary.model_copy(update={"nodes": ["device-0-0"], "behaviour": "fake_specialist", "claim": 3.0})
+    fake = DeviceNode("device-0-0", cfg.model_copy(update={"adversary": adv}), topo, host, "127.0.0.1:0")
+    try:
+        task = honest.info.tasks[0]
+        assert fake.train_samples() == {t: 3 * n for t, n in honest.train_samples().items()}
+        assert set(fake.label_coverage().values()) == {1.0} and all(
+            0 < c <= 1 for c in honest.label_coverage().values()
+        )
+        head = f"head.{task}"
+        served = fake.task_modules(task)[head].tensors
+        assert all(torch.equal(served[k], -cfg.adversary.scale * t) for k, t in fake.modules[head].tensors.items())
+        assert fake.sender.served is not None and honest.sender.served is None  # its relays go out poisoned too
+    finally:
+        fake.close()
+
+
+def test_a_fake_specialist_is_caught_before_anything_it_serves_is_relayed(tmp_path):
+    """hfm-d2d over real gRPC and mTLS, one cluster of 6 holding art; gqa is introduced on device-0-1,
+    -3 and -5 at round 2 and relayed to device-0-2 at round 4. device-0-1 is a fake specialist: it claims
+    4x its data and every class, so it is examined first, and serves negated heads. It is refused and
+    flagged before round 4, never appointed, never serves a sync; the arrival is served by an appointed
+    gqa specialist or, without one, by the edge."""
+    from tests.test_joins import _run_and
+
+    out = tmp_path / "run"
+    sets = ["method=hfm-d2d", "e_agg=2", "rounds=5", "topology.edges=1", "topology.devices_per_edge=6",
+            "runtime.devices_per_process=6", "tasks=[art,gqa]",
+            "data.train_per_task=240", "train.eval_every=5", "specialists.enabled=true",
+            "adversary.nodes=[device-0-1]", "adversary.behaviour=fake_specialist",
+            "circulation.arrivals=[{task: gqa, round: 2, devices: [device-0-1, device-0-3, device-0-5]},"
+            " {task: gqa, round: 4, devices: [device-0-2]}]"]  # fmt: skip
+    res = _run_and(load_config(None, sets), out, 0, lambda _sup: None)
+    assert res["complete"]
+    rounds = {x["round"]: x for x in res["rounds"]}
+    reviews = {r: x["specialists"] for r, x in rounds.items() if x["specialists"]}
+    assert sorted(reviews) == [1, 2, 3, 4]  # after every round but the last
+    caught = min(r for r, s in reviews.items() if "device-0-1" in s["flagged"])
+    assert caught <= 3, reviews
+    fake = [v for v in reviews[caught]["verdicts"] if v["node"] == "device-0-1"]
+    assert fake and fake[0]["verdict"] == REFUSED
+    rivals = [v["evidence"] for v in reviews[caught]["verdicts"] if v["task"] == fake[0]["task"]]
+    assert fake[0]["evidence"] == max(rivals)  # its claim made it the first candidate
+    assert all("device-0-1" not in ns for s in reviews.values() for ns in s["appointed"].values())
+    for x in rounds.values():  # it never serves a relay
+        assert not [h for h in x["hops"] if h["tag"] == "sync" and h["origin"] == "device-0-1"], x["round"]
+    source = [h for h in rounds[4]["hops"] if h["tag"] == "sync" and h["destination"] == "device-0-2"]
+    assert source, "gqa was not relayed to device-0-2"
+    appointed = reviews[3]["appointed"].get("gqa", [])
+    assert source[0]["origin"] == (appointed[0] if appointed else "edge-0")
+    # a specialist's relay is pinned to the version examined, and the honest one's passed
+    assert not any(x["aborted"] for x in rounds.values())
+
+
+def test_a_cluster_head_counts_as_its_own_only_the_tasks_it_holds_this_round(device_server):
+    """A device that takes up a task later holds that task's modules from the start (untrained, or a
+    cluster aggregate it adopted as head); as a D2D head it must not count them as its own update before
+    it takes the task up (that counted the cluster twice and broke the weight caps)."""
+    from services.common.bootstrap import topology
+    from services.common.rounds import RoundState
+    from services.device.node import DeviceNode
+
+    _node, _addr, cfg, _topo, host = device_server
+    doc = cfg.model_dump()
+    doc["rounds"], doc["circulation"]["arrivals"] = 4, [{"task": "gqa", "round": 3, "devices": ["device-0-1"]}]
+    cfg = type(cfg).model_validate(doc)
+    node = DeviceNode("device-0-1", cfg, topology(cfg), host, "127.0.0.1:0")
+    try:
+        assert "head.gqa" in node.modules and "gqa" not in node.info.tasks  # held from the start
+        for r, counted in ((2, False), (3, True)):
+            node.rounds.install(RoundState(r, "hfm-d2d", [], {}))
+            assert ("head.gqa" in node.own_module_names()) == counted, r
+            assert "head.art" in node.own_module_names()
+    finally:
+        node.close()
+
+
+def test_a_relay_from_a_specialist_is_accepted_only_as_the_version_the_cloud_examined():
+    """The taker's sync collect is pinned to the digests the cloud examined (pin_syncs); its inbox refuses
+    any other version of those modules from its source, and takes the examined one."""
+    from hffm.inbox import Inbox
+    from hffm.methods import SYNC, Collect, RoundPlan
+    from hffm.modules import ModuleError
+    from hffm.recovery import SyncSource, pin_syncs
+    from hffm.wire import ModuleHeader, PushHeader
+
+    plan = RoundPlan(3, {"device-0-2": [Collect(SYNC, ("device-0-3",), D2D)]})
+    starts = StartPlan({}, {"device-0-2": SyncSource("device-0-3", D2D, (), ("head.gqa",))})
+    good, bad = b"\x01" * 32, b"\x02" * 32
+    pinned = pin_syncs(plan, starts, {("device-0-3", "head.gqa"): good, ("device-0-5", "head.gqa"): bad})
+    step = pinned.steps["device-0-2"][0]
+    assert step.pinned == (("head.gqa", good),)
+    assert pin_syncs(plan, starts, {}).steps == plan.steps  # nothing examined: nothing pinned
+
+    inbox = Inbox("device-0-2")
+    inbox.open_round(3, [step], {"device-0-3"})
+
+    def header(digest: bytes) -> PushHeader:
+        mod = ModuleHeader("head.gqa", 2, 10.0, 64, digest, "fp32", "blake3")
+        return PushHeader("p", "device-0-3", "device-0-2", 3, SYNC, D2D, (mod,))
+
+    before = inbox.snapshot()
+    with pytest.raises(ModuleError, match="not the version examined") as e:
+        inbox._check(header(bad), "device-0-3")
+    assert e.value.code == "FAILED_PRECONDITION" and inbox.snapshot() == before
+    inbox._check(header(good), "device-0-3")  # the examined version passes the check
