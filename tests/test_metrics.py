@@ -239,7 +239,8 @@ def test_every_rejection_reason_is_preinitialised():
     # not_allowed: refused before a push is read, counted in hffm_rpc_denied_total (reason label); the
     # others fail a node's round, not a push (an assignment, a collect below quorum, a sender's push)
     rounds = {"bad_step", "bad_task", "missing_module", "no_base_state", "quorum_lost", "push_failed"}
-    assert reasons - {*rounds, "not_allowed"} <= set(REJECT_REASONS)
+    specialist = {"not_held", "bad_module"}  # Specialist.Serve/Validate refusals, in the cloud's review
+    assert reasons - {*rounds, *specialist, "not_allowed"} <= set(REJECT_REASONS)
 
 
 def test_report_from_prometheus_draws_every_panel(scraped, tmp_path):

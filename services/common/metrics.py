@@ -35,6 +35,7 @@ REJECT_REASONS = (
     "shape_mismatch",
     "non_finite",
     "bad_weight",
+    "not_examined",
     "bad_encoding",
     "wrong_receiver",
     "unregistered_sender",
