@@ -245,3 +245,28 @@ def test_a_relay_from_a_specialist_is_accepted_only_as_the_version_the_cloud_exa
         inbox._check(header(bad), "device-0-3")
     assert e.value.code == "FAILED_PRECONDITION" and inbox.snapshot() == before
     inbox._check(header(good), "device-0-3")  # the examined version passes the check
+
+
+def test_the_cloud_keeps_only_scores_a_validator_could_have_measured():
+    """A validator's answer is a claim too: a NaN, a value outside [0, 1], no samples or no classes is
+    refused (the validator is left out of that verdict), a plausible one is taken as it is."""
+    from types import SimpleNamespace
+
+    from services.cloud.specialists import SpecialistBoard
+
+    answers = iter(
+        [
+            pb.ValidationScore(accuracy=float("nan"), own_accuracy=0.5, samples=8, classes=4),
+            pb.ValidationScore(accuracy=1.5, own_accuracy=0.5, samples=8, classes=4),
+            pb.ValidationScore(accuracy=0.5, own_accuracy=0.5, samples=0, classes=4),
+            pb.ValidationScore(accuracy=0.5, own_accuracy=0.5, samples=8, classes=0),
+            pb.ValidationScore(accuracy=0.25, own_accuracy=0.5, samples=8, classes=4),
+        ]
+    )
+    board = SpecialistBoard.__new__(SpecialistBoard)
+    board.cfg, board.meta = load_config(None, []), None
+    board._stub = lambda _n: SimpleNamespace(Validate=lambda *_a, **_k: next(answers))
+    for _ in range(4):
+        with pytest.raises(ValueError, match="implausible"):
+            board.validate("device-0-2", "art", "device-0-1", pb.ServedModules())
+    assert board.validate("device-0-2", "art", "device-0-1", pb.ServedModules()) == Score("device-0-2", 0.25, 0.5, 8, 4)

@@ -199,6 +199,15 @@ class Membership:
         with self._cv:
             return dict(sorted(self.addresses.items()))
 
+    def claims(self) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+        """Copies of what devices registered: (device -> task -> training samples, device -> task -> label
+        coverage), one consistent view."""
+        with self._cv:
+            return (
+                {n: dict(s) for n, s in self.samples.items()},
+                {n: dict(c) for n, c in self.coverage.items()},
+            )
+
     def to_json(self) -> dict:
         with self._cv:
             return {

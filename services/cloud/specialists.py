@@ -43,6 +43,8 @@ class SpecialistBoard:
             timeout=self.cfg.specialists.timeout_s,
             metadata=self.meta,
         )
+        if not (0 <= r.accuracy <= 1 and 0 <= r.own_accuracy <= 1 and r.samples > 0 and r.classes >= 1):
+            raise ValueError(f"{v}: an implausible score {r}")  # NaN fails too: a score it could not have measured
         return Score(v, r.accuracy, r.own_accuracy, r.samples, r.classes)
 
     def review(
@@ -52,8 +54,7 @@ class SpecialistBoard:
         then appoint; the round record's ``specialists``."""
         sc = self.cfg.specialists
         holders = {t: [n for n in ns if n not in down] for t, ns in topo.holders_by_task().items()}
-        with self.members._cv:  # one consistent view of the claims
-            ev = evidence(holders, self.members.samples, self.members.coverage)
+        ev = evidence(holders, *self.members.claims())
         jobs = []
         for task in sorted(ev):
             cands = candidates(ev[task], sc.candidates, self.flagged)
@@ -76,8 +77,9 @@ class SpecialistBoard:
             for v, fut in asks.get((t, c), []):
                 try:
                     scores.append(fut.result())
-                except grpc.RpcError as err:  # a validator that fails is left out of this verdict
-                    log.warning("round %d: %s could not validate %s for %s: %s", round_, v, c, t, err.details())
+                except (grpc.RpcError, ValueError) as err:  # a validator that fails or lies is left out of it
+                    why = err.details() if isinstance(err, grpc.RpcError) else str(err)
+                    log.warning("round %d: %s could not validate %s for %s: %s", round_, v, c, t, why)
             verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain)
             if (t, c) in errors:
                 verdict.scores.append({"error": errors[(t, c)]})
