@@ -37,7 +37,8 @@ from hffm.modules import Module, ModuleSet
 UPDATE_ATTACKS = ("sign_flip", "scale", "noise", "free_ride")  # poison the trained update alone
 DATA_ATTACKS = ("label_flip",)  # poison the training data; the update is sent as trained
 COLLUDING_ATTACKS = ("alie", "ipm")  # need the attackers' benign updates (``collude``)
-SERVING_ATTACKS = ("fake_specialist",)  # honest in training and aggregation; poisons what it serves
+SERVING_ATTACKS = ("fake_specialist", "bait_switch")  # honest in training and aggregation; poison what they serve
+EXAMINED_HONESTLY = ("bait_switch",)  # ... but show the cloud's examination the honest modules
 
 
 def fake_served(cfg: AdversaryConfig, modules: ModuleSet) -> ModuleSet:

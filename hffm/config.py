@@ -626,14 +626,17 @@ class AdversaryConfig(_Strict):
 
     nodes: list[str] = D(default_factory=list, description="device ids that attack")
     fraction: float = D(0.0, ge=0, le=1, description="and this fraction of all devices, chosen by seed")
-    behaviour: Literal["sign_flip", "scale", "noise", "free_ride", "label_flip", "alie", "ipm", "fake_specialist"] = D(
+    behaviour: Literal[
+        "sign_flip", "scale", "noise", "free_ride", "label_flip", "alie", "ipm", "fake_specialist", "bait_switch"
+    ] = D(
         "sign_flip",
         description="sign_flip: start - scale x update; scale: start + scale x update; noise: start + "
         "N(0, sigma^2) per value; free_ride: send what it received, untrained; label_flip: train on "
         "labels y -> C-1-y; alie: start + mean - z std of the colluders' benign updates; ipm: start - "
         "epsilon x their mean; fake_specialist: trains and aggregates honestly, claims claim x its samples "
         "and every answer class (to be examined as a specialist), and serves heads negated and scaled by "
-        "scale whenever it serves (a relay, a specialist's examination)",
+        "scale whenever it serves (a relay, a specialist's examination); bait_switch: the same, but shows the "
+        "cloud's examination its honest modules and relays the poisoned ones",
     )
     claim: float = D(4.0, ge=1, description="fake_specialist: it registers this many times its training samples")
     scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")

@@ -27,6 +27,8 @@ from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader
 
+NOT_EXAMINED = "is not the version examined"  # a pinned relay refused (the coordinator flags its sender)
+
 
 class RoundAborted(RuntimeError):
     """The round's attempt was replaced by a new one while a step waited."""
@@ -170,7 +172,7 @@ class Inbox:
                 raise ModuleError(
                     "FAILED_PRECONDITION",
                     "not_examined",
-                    f"module {m.name} from {h.sender} is not the version examined (digest {m.digest.hex()[:16]}, "
+                    f"module {m.name} from {h.sender} {NOT_EXAMINED} (digest {m.digest.hex()[:16]}, "
                     f"examined {pinned[m.name].hex()[:16]})",
                 )
         caps = coll.caps.get(h.sender)

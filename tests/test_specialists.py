@@ -270,3 +270,29 @@ def test_the_cloud_keeps_only_scores_a_validator_could_have_measured():
         with pytest.raises(ValueError, match="implausible"):
             board.validate("device-0-2", "art", "device-0-1", pb.ServedModules())
     assert board.validate("device-0-2", "art", "device-0-1", pb.ServedModules()) == Score("device-0-2", 0.25, 0.5, 8, 4)
+
+
+def test_a_bait_and_switch_specialist_is_flagged_when_its_relay_is_not_what_was_examined(tmp_path):
+    """device-0-1 shows the cloud's examination its honest gqa head (it passes and, claiming the most data,
+    is appointed), then relays a negated one. The taker's sync is pinned to the examined digest: it refuses
+    the push (not_examined), the coordinator flags device-0-1 on the spot, and the round's next attempt is
+    served by someone else; what the taker adopted is never the switched version."""
+    from tests.test_joins import _run_and
+
+    out = tmp_path / "run"
+    sets = ["method=hfm-d2d", "e_agg=2", "rounds=5", "topology.edges=1", "topology.devices_per_edge=6",
+            "runtime.devices_per_process=6", "tasks=[art,gqa]", "data.train_per_task=240", "train.eval_every=5",
+            "specialists.enabled=true", "specialists.candidates=1",  # the one most evidence: the liar
+            "adversary.nodes=[device-0-1]", "adversary.behaviour=bait_switch",
+            "circulation.arrivals=[{task: gqa, round: 2, devices: [device-0-1, device-0-3, device-0-5]},"
+            " {task: gqa, round: 4, devices: [device-0-2]}]"]  # fmt: skip
+    res = _run_and(load_config(None, sets), out, 0, lambda _sup: None)
+    assert res["complete"]
+    rounds = {x["round"]: x for x in res["rounds"]}
+    assert rounds[3]["specialists"]["appointed"].get("gqa") == ["device-0-1"], rounds[3]["specialists"]
+    r4 = rounds[4]
+    assert r4["aborted"] and "not the version examined" in r4["aborted"][0]["reason"]
+    assert "device-0-1" in r4["specialists"]["switched"] and "device-0-1" in r4["specialists"]["flagged"]
+    served = [h["origin"] for h in r4["hops"] if h["tag"] == "sync" and h["destination"] == "device-0-2"]
+    assert served and "device-0-1" not in served
+    assert all("device-0-1" not in ns for ns in r4["specialists"]["appointed"].values())

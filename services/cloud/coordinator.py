@@ -22,6 +22,7 @@ from hffm.adversary import adversaries
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
 from hffm.ids import CLOUD, joining_edge, role_of
+from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity
@@ -325,6 +326,8 @@ class Coordinator:
                 return
             if n == CLOUD:
                 raise AttemptFailed(f"the cloud's own steps failed: {_describe(err)}", set())
+            if self.cfg.specialists.enabled and NOT_EXAMINED in _describe(err):  # a bait and switch
+                self.board.flag(n, f"round {r}: relayed a version other than the one examined")
             dead = self.dispatcher.probe([x for x in nodes if x != CLOUD and x not in lost])
             if isinstance(err, grpc.RpcError) and err.code() in GONE:
                 dead.add(n)  # its call broke: it died (and may already be back, without this round)

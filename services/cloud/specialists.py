@@ -28,6 +28,18 @@ class SpecialistBoard:
         self.roles: dict[str, list[str]] = {}  # task -> its specialists (the last review's)
         self.flagged: set[str] = set()  # refused once: never a relay source again
         self.pins: dict[tuple[str, str], bytes] = {}  # (specialist, module) -> digest of the version examined
+        self._switched: dict[str, str] = {}  # flagged during a round (a relay not examined), for the record
+
+    def flag(self, node: str, why: str) -> None:
+        """``node`` relayed something other than what was examined: flagged, no longer a specialist."""
+        if node in self.flagged:
+            return
+        log.warning("flagged %s: %s", node, why)
+        self.node.metrics.flagged.labels(node=self.node.node_id, sender=node, module="specialist").inc()
+        self.flagged.add(node)
+        self._switched[node] = why
+        self.roles = {t: [n for n in ns if n != node] for t, ns in self.roles.items()}
+        self.pins = {k: d for k, d in self.pins.items() if k[0] != node}
 
     def _stub(self, n: str) -> pb_grpc.SpecialistStub:
         return pb_grpc.SpecialistStub(self.node.channels.get(self.members.address(n), n))
@@ -85,17 +97,16 @@ class SpecialistBoard:
                 verdict.scores.append({"error": errors[(t, c)]})
             verdicts.append(verdict)
         refused = sorted({v.node for v in verdicts if v.verdict == REFUSED} - self.flagged)
-        if refused:
-            log.warning("round %d: refused as specialists and flagged: %s", round_, refused)
-            for n in refused:
-                self.node.metrics.flagged.labels(node=self.node.node_id, sender=n, module="specialist").inc()
-        self.flagged |= set(refused)
+        for n in refused:
+            self.flag(n, f"refused as a specialist in the review after round {round_}")
+        switched, self._switched = self._switched, {}
         self.roles = appoint(verdicts, sc.per_task)
         self.pins = {(n, m): d for (n, m), d in digests.items() if any(n in ns for ns in self.roles.values())}
         log.info("round %d: specialists %s", round_, self.roles)
         return {
             "appointed": self.roles,
-            "flagged": refused,
+            "flagged": sorted({*refused, *switched}),
+            "switched": switched,  # flagged during the round: what they relayed was not what was examined
             "verdicts": [v.to_json() for v in verdicts],
         }
 

@@ -12,6 +12,7 @@ import torch
 from hffm.adversary import (
     COLLUDING_ATTACKS,
     DATA_ATTACKS,
+    EXAMINED_HONESTLY,
     SERVING_ATTACKS,
     UPDATE_ATTACKS,
     adversaries,
@@ -154,7 +155,10 @@ class DeviceNode(NodeRuntime):
         if task not in self.tasks_at(self.rounds.current):
             raise ModuleError("FAILED_PRECONDITION", "not_held", f"{self.node_id} does not hold task {task!r}")
         held = self.modules
-        return self.served({n: held[n] for n in self.own_modules if task_of(n) == task and n in held})
+        mods = {n: held[n] for n in self.own_modules if task_of(n) == task and n in held}
+        if self.fake and self.cfg.adversary.behaviour in EXAMINED_HONESTLY:
+            return mods  # a bait and switch: the examination sees the honest modules, relays get the others
+        return self.served(mods)
 
     def validate(self, task: str, modules: ModuleSet) -> tuple[float, float, int, int]:
         """Score another node's ``modules`` for ``task`` with this device's other modules on its own test
