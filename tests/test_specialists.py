@@ -296,3 +296,18 @@ def test_a_bait_and_switch_specialist_is_flagged_when_its_relay_is_not_what_was_
     served = [h["origin"] for h in r4["hops"] if h["tag"] == "sync" and h["destination"] == "device-0-2"]
     assert served and "device-0-1" not in served
     assert all("device-0-1" not in ns for ns in r4["specialists"]["appointed"].values())
+
+
+def test_label_coverage_is_registered_only_for_the_devices_tasks_and_within_0_and_1():
+    from hffm.topology import Registration
+    from services.cloud.membership import Membership
+
+    cfg = load_config(None, ["topology.edges=1", "topology.devices_per_edge=2", "tasks=[art,gqa]"])
+    topo = Topology.from_config(cfg, 2)
+    m = Membership(topo, "127.0.0.1:0")
+    for bad in ((("art", 1.5),), (("art", -0.1),), (("art", float("nan")),), (("vqa", 0.5),)):
+        with pytest.raises(ValueError, match="label_coverage"):
+            m.register(Registration("device-0-0", "device", "a:1", "edge-0", (("art", 5),), label_coverage=bad))
+        assert m.claims() == ({}, {}) and "device-0-0" not in m.addresses  # a refusal changes nothing
+    m.register(Registration("device-0-0", "device", "a:1", "edge-0", (("art", 5),), label_coverage=(("art", 0.5),)))
+    assert m.claims() == ({"device-0-0": {"art": 5}}, {"device-0-0": {"art": 0.5}})
