@@ -5,17 +5,19 @@ Each seed is a real hfm-d2d federation (gRPC on loopback, mTLS), one cluster of 
 ``art``; ``gqa`` is introduced on device-0-1, -3 and -5 at round 2 and relayed to device-0-2 at round 3, to
 device-0-4 at round 4 and to device-0-0 at round 5 (``circulation.arrivals``): the first relay comes one
 review after the task's first round of training. One of the three gqa devices (by seed) is a fake
-specialist (``adversary.behaviour: fake_specialist``): it trains and aggregates honestly, claims 4x its
-data and every answer class, and serves its heads negated and scaled whenever it serves. Specialists are
-on (review after every round). Per seed:
+specialist (``--attack``: ``fake_specialist``: it trains and aggregates honestly, claims 4x its data and
+every answer class, and serves its heads negated and scaled whenever it serves; ``bait_switch``: the same,
+but the examination sees its honest heads and only its relays are poisoned). Specialists are on (review
+after every round). Per seed:
 
-- **caught**: the fake is flagged by a review, and no sync (a relay) ever leaves it;
+- **caught**: the fake is flagged (by a review, or on the spot when a relay of its is refused as not the
+  version examined), and no sync (a relay) of it is ever adopted;
 - **caught_round**: the review that flagged it (relays of gqa start at round 3);
 - **false flags**: honest devices flagged;
 - **served by**: who relayed gqa to each taker (an appointed specialist, or the edge without one).
 
-``python -m benchmarks.specialists --seeds 20 --out runs/specialists`` writes DIR/specialists.json and
-DIR/specialists.md.
+``python -m benchmarks.specialists --seeds 20 [--attack bait_switch] --out runs/specialists`` writes
+DIR/specialists.json and DIR/specialists.md.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ GQA = ("device-0-1", "device-0-3", "device-0-5")
 TAKERS = {3: "device-0-2", 4: "device-0-4", 5: "device-0-0"}
 BASE = ["method=hfm-d2d", "e_agg=2", "rounds=6", "topology.edges=1", "topology.devices_per_edge=6",
         "runtime.devices_per_process=6", "tasks=[art,gqa]", "data.train_per_task=240", "train.eval_every=6",
-        "specialists.enabled=true", "adversary.behaviour=fake_specialist",
+        "specialists.enabled=true",
         "circulation.arrivals=[{task: gqa, round: 2, devices: [device-0-1, device-0-3, device-0-5]},"
         " {task: gqa, round: 3, devices: [device-0-2]}, {task: gqa, round: 4, devices: [device-0-4]},"
         " {task: gqa, round: 5, devices: [device-0-0]}]"]  # fmt: skip
@@ -66,11 +68,11 @@ def judge_run(results: dict, fake: str) -> dict:
     }
 
 
-def run_seed(out: Path, seed: int) -> dict:
+def run_seed(out: Path, seed: int, attack: str = "fake_specialist") -> dict:
     from services.launcher import run
 
     fake = fake_of(seed)
-    cfg = load_config(None, [*BASE, f"seed={seed}", f"adversary.nodes=[{fake}]"])
+    cfg = load_config(None, [*BASE, f"seed={seed}", f"adversary.nodes=[{fake}]", f"adversary.behaviour={attack}"])
     try:
         res = run(cfg, out / f"seed-{seed}", Console(file=io.StringIO()), timeout_s=600)
     except Exception as err:  # noqa: BLE001 - a failed run is reported as one, the others go on
@@ -96,6 +98,8 @@ def summary(rows: list[dict]) -> dict:
 def markdown(res: dict) -> str:
     s = res["summary"]
     lines = [
+        f"attack: {res.get('attack', 'fake_specialist')}",
+        "",
         f"fake specialist caught before any relay: **{s['caught_rate']:.0%}** of {s['complete']} seeds "
         f"(goal 95 %: {'met' if s['goal_met'] else 'not met'}); honest devices flagged: "
         f"{s['false_flag_rate']:.1%}",
@@ -112,14 +116,14 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_seeds(out: Path, seeds: int, log=print) -> dict:
+def run_seeds(out: Path, seeds: int, log=print, attack: str = "fake_specialist") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in range(seeds):
-        rows.append(run_seed(out, seed))
+        rows.append(run_seed(out, seed, attack))
         r = rows[-1]
         log(f"seed {seed}: fake {r['fake']} caught={r['caught']} (round {r['caught_round']}), false {r['false_flags']}")
-    res = {"rows": rows, "summary": summary(rows), "config": BASE}
+    res = {"rows": rows, "summary": summary(rows), "config": BASE, "attack": attack}
     (out / "specialists.json").write_text(json.dumps(res, indent=2))
     (out / "specialists.md").write_text(markdown(res))
     return res
@@ -129,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.specialists", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("runs/specialists"))
+    p.add_argument("--attack", choices=["fake_specialist", "bait_switch"], default="fake_specialist")
     a = p.parse_args(argv)
-    res = run_seeds(a.out, a.seeds)
+    res = run_seeds(a.out, a.seeds, attack=a.attack)
     print(markdown(res))
     return 0
 

@@ -311,3 +311,23 @@ def test_label_coverage_is_registered_only_for_the_devices_tasks_and_within_0_an
         assert m.claims() == ({}, {}) and "device-0-0" not in m.addresses  # a refusal changes nothing
     m.register(Registration("device-0-0", "device", "a:1", "edge-0", (("art", 5),), label_coverage=(("art", 0.5),)))
     assert m.claims() == ({"device-0-0": {"art": 5}}, {"device-0-0": {"art": 0.5}})
+
+
+def test_the_benchmark_counts_a_fake_caught_only_when_flagged_and_never_relayed():
+    """benchmarks.specialists' judgement of one run (the real runs are the benchmark's, not the suite's)."""
+    from benchmarks.specialists import judge_run, markdown, summary
+
+    def rnd(r, flagged=(), hops=()):
+        spec = {"flagged": list(flagged), "appointed": {}, "verdicts": []} if r < 5 else {}
+        return {"round": r, "specialists": spec, "hops": list(hops)}
+
+    relay = {"tag": "sync", "origin": "device-0-3", "destination": "device-0-2"}
+    res = {"complete": True, "rounds": [rnd(1), rnd(2, ["device-0-1"]), rnd(3, hops=[relay]), rnd(4), rnd(5)]}
+    ok = judge_run(res, "device-0-1")
+    assert ok["caught"] and ok["caught_round"] == 2 and ok["served_by"]["device-0-2"] == "device-0-3"
+    leaked = {**res, "rounds": [rnd(1, hops=[{**relay, "origin": "device-0-1"}]), rnd(2, ["device-0-1"])]}
+    assert not judge_run(leaked, "device-0-1")["caught"]  # flagged, but one of its relays got through first
+    framed = {**res, "rounds": [rnd(1, ["device-0-1", "device-0-4"])]}
+    s = summary([{"seed": 0, **judge_run(framed, "device-0-1")}, {"seed": 1, **ok}])
+    assert s["caught_rate"] == 1.0 and s["goal_met"] and s["false_flag_rate"] == pytest.approx(1 / 10)
+    assert "100%" in markdown({"rows": [{"seed": 1, **ok}], "summary": s})
