@@ -600,6 +600,39 @@ def join(
 
 
 @app.command()
+def evict(
+    run_dir: Path = typer.Option(..., "--run", help="the running run's folder (hffm run --out)"),
+    device: str = typer.Option(..., "--id", help="the device to take off the federation"),
+    reason: str = typer.Option("", "--reason", help="logged by the cloud"),
+) -> None:
+    """Take a device off a running federation (topology.joins: true), as the operator (its certificate):
+    the round it is in finishes, then it is shut down and planned around, and it may not register again."""
+    import grpc
+
+    from hffm.ids import CLOUD
+    from hffm.pki import OPERATOR
+    from services.common.security import Security
+    from services.rpc import pb, pb_grpc
+
+    cfg = _config(run_dir / "config.yaml", [])
+    procs = dict((name, argv) for name, argv in json.loads((run_dir / "processes.json").read_text()))
+    argv = procs.get(CLOUD)
+    if argv is None:
+        raise typer.BadParameter(f"no cloud among {run_dir / 'processes.json'}'s processes", param_hint="--run")
+    sec = Security(cfg.security, OPERATOR)
+    with sec.channel(argv[argv.index("--listen") + 1], CLOUD) as ch:
+        try:
+            ack = pb_grpc.CoordinatorStub(ch).Evict(
+                pb.LeaveRequest(id=device, reason=reason), timeout=30, metadata=sec.call_metadata()
+            )
+        except grpc.RpcError as err:
+            console.print(f"[red]{err.code().name}[/red]: {err.details()}")
+            raise typer.Exit(1) from None
+    last = f"its last round is {ack.round}" if ack.round else "no round running: it takes part in none more"
+    console.print(f"{device} evicted ({last}); it may not register again")
+
+
+@app.command()
 def sweep(
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="2 edges x 2 devices, 2 rounds, small pools"),

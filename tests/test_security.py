@@ -388,3 +388,48 @@ def test_a_device_leaves_only_by_itself_or_through_its_own_edge(cloud_server):
     assert set(coord.topo.device_map) == before - {D1} and coord.members.departed == {D1}
     assert _status(lambda: leave(D1, D1)) == grpc.StatusCode.NOT_FOUND  # itself, but it has left already
     assert coord.members.departed == {D1}
+
+
+def test_only_the_operator_evicts_a_device_and_an_evicted_one_never_registers_again(cloud_server, tmp_path):
+    """Coordinator.Evict over real gRPC and mTLS, through ``hffm evict``: with joins off nobody is evicted;
+    a device, an edge or the cloud's own certificate may not evict; a device not in the table is NOT_FOUND.
+    Each refusal leaves the table as it was. The operator's eviction takes D1 off the table for good: its
+    own registration (even forwarded by its edge) is refused afterwards."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from hffm.config import write_config
+    from hffm_cli.main import app
+
+    coord, addr, d = cloud_server
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_config(coord.cfg, run_dir / "config.yaml")
+    (run_dir / "processes.json").write_text(
+        json.dumps([["cloud", ["python", "-m", "services.cloud", "--listen", addr]]])
+    )
+
+    def evict(caller: str, device: str) -> pb.LeaveAck:
+        stub = pb_grpc.CoordinatorStub(_channel(d, caller, addr, "cloud"))
+        return stub.Evict(pb.LeaveRequest(id=device, reason="test"), timeout=5)
+
+    before = set(coord.topo.device_map)
+    assert _status(lambda: evict("operator", D1)) == grpc.StatusCode.FAILED_PRECONDITION  # joins off
+    coord.cfg = coord.cfg.model_copy(update={"topology": coord.cfg.topology.model_copy(update={"joins": True})})
+    coord.members.joins = True
+    for caller in (D0, D1, "edge-0", "cloud"):
+        assert _status(lambda c=caller: evict(c, D1)) == grpc.StatusCode.PERMISSION_DENIED
+    assert _status(lambda: evict("operator", "device-0-9")) == grpc.StatusCode.NOT_FOUND
+    assert set(coord.topo.device_map) == before and not coord.members.departed
+    r = CliRunner().invoke(app, ["evict", "--run", str(run_dir), "--id", D1, "--reason", "flagged"])
+    assert r.exit_code == 0 and f"{D1} evicted" in r.output, r.output
+    assert set(coord.topo.device_map) == before - {D1} and coord.members.evicted == {D1}
+    back = pb.NodeInfo(id=D1, role="device", address="127.0.0.1:6001", edge="edge-0", train_samples={"art": 5})
+    for caller in (D1, "edge-0"):  # itself, or its edge forwarding it as a newcomer
+        with pytest.raises(grpc.RpcError) as e:
+            _register(d, caller, addr, back)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "evicted" in e.value.details()
+    assert D1 not in coord.topo.device_map
+    r = CliRunner().invoke(app, ["evict", "--run", str(run_dir), "--id", D1])  # twice: NOT_FOUND, exit 1
+    assert r.exit_code == 1 and "NOT_FOUND" in r.output

@@ -111,10 +111,11 @@ class Coordinator:
         """(registered, expected) after ``reg``; ``ValueError`` names what is wrong."""
         return self.members.register(reg), self.members.expected
 
-    def leave(self, device: str, reason: str) -> int:
-        """``device`` leaves (Membership.leave): the round now running, if it takes part in it, is its
-        last (returned; 0: none); the next round's planning shuts it down."""
-        self.members.leave(device, reason)
+    def leave(self, device: str, reason: str, evict: bool = False) -> int:
+        """``device`` leaves (Membership.leave; ``evict``: the operator removes it for good): the round now
+        running, if it takes part in it, is its last (returned; 0: none); the next round's planning shuts
+        it down."""
+        self.members.leave(device, reason, evict)
         running = self._running
         return running.plan.round if running is not None and device in running.topo.device_map else 0
 
@@ -545,6 +546,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.coord = coord
         self._lock = threading.Lock()
         self._watchers = 0
+
+    def Evict(self, request, context):  # noqa: N802
+        try:  # the operator alone (its certificate): a device never evicts another, nor does an edge
+            authorize(self.coord.node, context, "Evict", lambda i: i.role == "operator")
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
+        try:
+            return pb.LeaveAck(round=self.coord.leave(request.id, f"evicted: {request.reason[:200]}", evict=True))
+        except LookupError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        except ValueError as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
 
     def Watch(self, request, context):  # noqa: N802
         try:  # the run's results go to the operator (the launcher) and the coordinator alone

@@ -42,6 +42,7 @@ class Membership:
         self.max_joins = max_joins  # topology.max_joins: at most this many
         self._joined = 0  # devices admitted from outside the starting table
         self.departed: set[str] = set()  # devices that left (Leave): off the table for the rest of the run
+        self.evicted: set[str] = set()  # departed by the operator's Evict: never admitted again
         self._leaving: dict[str, str] = {}  # departed, not yet shut down: device -> its address
         self.addresses: dict[str, str] = {CLOUD: cloud_address}
         self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
@@ -58,6 +59,8 @@ class Membership:
         """Validate and record ``reg``; returns how many nodes are registered. ``ValueError`` names
         what is wrong and changes nothing."""
         joined = None
+        if reg.id in self.evicted:
+            raise PermissionError(f"{reg.id} was evicted by the operator: it may not register again")
         try:
             role = self.topo.role(reg.id)
         except KeyError:
@@ -136,11 +139,12 @@ class Membership:
             raise ValueError(f"{reg.id}: tasks {list(tasks)} must be among those {edge}'s cluster holds ({held})")
         return self.topo.with_device(reg.id, edge, tasks)
 
-    def leave(self, device: str, reason: str = "") -> None:
+    def leave(self, device: str, reason: str = "", evict: bool = False) -> None:
         """``device`` leaves the federation: off the table now (the coordinator plans every later round
         without it; a round already planned with it finishes with it), its samples forgotten, its address
         kept until ``take_leaving`` hands it over to be shut down. ``ValueError`` (topology.joins off:
-        membership is fixed) and ``LookupError`` (not a member) change nothing."""
+        membership is fixed) and ``LookupError`` (not a member) change nothing. ``evict`` (the operator's
+        call): it may not come back, not even as a newcomer."""
         if not self.joins:
             raise ValueError(f"{device}: topology.joins is off: the membership is fixed, nobody leaves")
         with self._cv:
@@ -150,6 +154,8 @@ class Membership:
             self.samples.pop(device, None)
             self.coverage.pop(device, None)
             self.departed.add(device)
+            if evict:
+                self.evicted.add(device)
             if device in self.addresses:
                 self._leaving[device] = self.addresses[device]
             self._cv.notify_all()
@@ -215,6 +221,7 @@ class Membership:
                 "samples": dict(self.samples),
                 "coverage": dict(self.coverage),
                 "departed": sorted(self.departed),
+                "evicted": sorted(self.evicted),
             }
 
     def restore(self, doc: dict) -> None:
@@ -224,6 +231,7 @@ class Membership:
         table would count towards ``expected`` in place of a member). Devices that had left stay off."""
         with self._cv:
             self.departed |= set(doc.get("departed", [])) & set(self.topo.device_map)
+            self.evicted |= set(doc.get("evicted", []))
             self.topo = self.topo.without(self.departed)
             members = set(self.topo.node_ids())
             for n, a in doc.get("addresses", {}).items():
