@@ -57,7 +57,9 @@ def judge_run(results: dict, fake: str) -> dict:
         hops = [h for h in rounds.get(r, {}).get("hops", []) if h["tag"] == SYNC and h["destination"] == taker]
         served[taker] = hops[0]["origin"] if hops else None
     false = sorted({n for f in flagged.values() for n in f} - {fake})
+    switched = sorted(r for r, x in rounds.items() if fake in (x.get("specialists") or {}).get("switched", {}))
     return {
+        "switched_rounds": switched,  # rounds in which a relay of its was refused as not examined
         "fake": fake,
         "caught": caught_round is not None and not relays,
         "caught_round": caught_round,
@@ -88,6 +90,8 @@ def summary(rows: list[dict]) -> dict:
     return {
         "seeds": len(rows),
         "complete": len(done),
+        "no_relay_adopted_rate": sum(not r["relays_from_fake"] for r in done) / len(done) if done else 0.0,
+        "switch_tried": sum(bool(r.get("switched_rounds")) for r in done),
         "caught_rate": rate,
         "goal_met": bool(done) and rate >= 0.95,
         "false_flag_rate": false / honest if honest else 0.0,
@@ -102,7 +106,8 @@ def markdown(res: dict) -> str:
         "",
         f"fake specialist caught before any relay: **{s['caught_rate']:.0%}** of {s['complete']} seeds "
         f"(goal 95 %: {'met' if s['goal_met'] else 'not met'}); honest devices flagged: "
-        f"{s['false_flag_rate']:.1%}",
+        f"{s['false_flag_rate']:.1%}; no relay of its adopted: {s['no_relay_adopted_rate']:.0%}; "
+        f"relays refused as not examined (bait and switch): in {s['switch_tried']} seeds",
         "",
         "| seed | fake | caught (round) | relays from it | false flags | gqa served to device-0-2 / -4 / -0 by |",
         "|---|---|---|---|---|---|",
