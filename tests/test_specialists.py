@@ -156,22 +156,29 @@ def test_a_fake_specialist_claims_more_than_it_has_and_serves_a_negated_head(dev
         fake.close()
 
 
+# one cluster of 6 holding art; gqa introduced on device-0-1, -3 and -5 at round 2, relayed to device-0-2
+# at round 4; device-0-1 attacks (the behaviour is the test's); specialists reviewed after every round
+ADVERSARY_RUN = ["method=hfm-d2d", "e_agg=2", "rounds=5", "topology.edges=1", "topology.devices_per_edge=6",
+                 "runtime.devices_per_process=6", "tasks=[art,gqa]", "data.train_per_task=240",
+                 "train.eval_every=5", "specialists.enabled=true", "adversary.nodes=[device-0-1]",
+                 "circulation.arrivals=[{task: gqa, round: 2, devices: [device-0-1, device-0-3, device-0-5]},"
+                 " {task: gqa, round: 4, devices: [device-0-2]}]"]  # fmt: skip
+
+
+def _run_with_an_adversary(tmp_path, sets: list[str]) -> dict:
+    """``ADVERSARY_RUN`` and ``sets``, run for real (gRPC on loopback, mTLS); its results."""
+    from tests.test_joins import _run_and
+
+    return _run_and(load_config(None, [*ADVERSARY_RUN, *sets]), tmp_path / "run", 0, lambda _sup: None)
+
+
 def test_a_fake_specialist_is_caught_before_anything_it_serves_is_relayed(tmp_path):
     """hfm-d2d over real gRPC and mTLS, one cluster of 6 holding art; gqa is introduced on device-0-1,
     -3 and -5 at round 2 and relayed to device-0-2 at round 4. device-0-1 is a fake specialist: it claims
     4x its data and every class, so it is examined first, and serves negated heads. It is refused and
     flagged before round 4, never appointed, never serves a sync; the arrival is served by an appointed
     gqa specialist or, without one, by the edge."""
-    from tests.test_joins import _run_and
-
-    out = tmp_path / "run"
-    sets = ["method=hfm-d2d", "e_agg=2", "rounds=5", "topology.edges=1", "topology.devices_per_edge=6",
-            "runtime.devices_per_process=6", "tasks=[art,gqa]",
-            "data.train_per_task=240", "train.eval_every=5", "specialists.enabled=true",
-            "adversary.nodes=[device-0-1]", "adversary.behaviour=fake_specialist",
-            "circulation.arrivals=[{task: gqa, round: 2, devices: [device-0-1, device-0-3, device-0-5]},"
-            " {task: gqa, round: 4, devices: [device-0-2]}]"]  # fmt: skip
-    res = _run_and(load_config(None, sets), out, 0, lambda _sup: None)
+    res = _run_with_an_adversary(tmp_path, ["adversary.behaviour=fake_specialist"])
     assert res["complete"]
     rounds = {x["round"]: x for x in res["rounds"]}
     reviews = {r: x["specialists"] for r, x in rounds.items() if x["specialists"]}
@@ -277,16 +284,8 @@ def test_a_bait_and_switch_specialist_is_flagged_when_its_relay_is_not_what_was_
     is appointed), then relays a negated one. The taker's sync is pinned to the examined digest: it refuses
     the push (not_examined), the coordinator flags device-0-1 on the spot, and the round's next attempt is
     served by someone else; what the taker adopted is never the switched version."""
-    from tests.test_joins import _run_and
-
-    out = tmp_path / "run"
-    sets = ["method=hfm-d2d", "e_agg=2", "rounds=5", "topology.edges=1", "topology.devices_per_edge=6",
-            "runtime.devices_per_process=6", "tasks=[art,gqa]", "data.train_per_task=240", "train.eval_every=5",
-            "specialists.enabled=true", "specialists.candidates=1",  # the one most evidence: the liar
-            "adversary.nodes=[device-0-1]", "adversary.behaviour=bait_switch",
-            "circulation.arrivals=[{task: gqa, round: 2, devices: [device-0-1, device-0-3, device-0-5]},"
-            " {task: gqa, round: 4, devices: [device-0-2]}]"]  # fmt: skip
-    res = _run_and(load_config(None, sets), out, 0, lambda _sup: None)
+    # one candidate per task: the one with the most evidence, the liar
+    res = _run_with_an_adversary(tmp_path, ["adversary.behaviour=bait_switch", "specialists.candidates=1"])
     assert res["complete"]
     rounds = {x["round"]: x for x in res["rounds"]}
     assert rounds[3]["specialists"]["appointed"].get("gqa") == ["device-0-1"], rounds[3]["specialists"]
