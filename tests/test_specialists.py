@@ -330,3 +330,51 @@ def test_the_benchmark_counts_a_fake_caught_only_when_flagged_and_never_relayed(
     s = summary([{"seed": 0, **judge_run(framed, "device-0-1")}, {"seed": 1, **ok}])
     assert s["caught_rate"] == 1.0 and s["goal_met"] and s["false_flag_rate"] == pytest.approx(1 / 10)
     assert "100%" in markdown({"rows": [{"seed": 1, **ok}], "summary": s})
+
+
+def test_a_candidate_or_validator_that_dies_mid_review_is_left_out_and_nothing_is_flagged():
+    """The review after a round over candidates that do not answer: a candidate that cannot serve is
+    unvalidated (the error recorded), a validator that fails is left out of the verdict; nobody is
+    flagged or appointed on missing evidence, and the review returns (it never waits past its timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from hffm.topology import Registration
+    from services.cloud.membership import Membership
+    from services.cloud.specialists import SpecialistBoard
+
+    class Gone(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "connection refused"
+
+    cfg = load_config(None, ["topology.edges=1", "topology.devices_per_edge=3", "tasks=[art]"])
+    topo = Topology.from_config(cfg, 2)
+    members = Membership(topo, "127.0.0.1:0")
+    for i, n in enumerate((10, 20, 30)):
+        members.register(Registration(f"device-0-{i}", "device", f"127.0.0.1:{i + 1}", "edge-0", (("art", n),)))
+
+    def serve(node):  # device-0-2 (the most evidence) is dead; device-0-1 serves
+        if node == "device-0-2":
+            raise Gone()
+        return pb.ServedModules()
+
+    def validate(node):  # every validator of device-0-1 fails too
+        raise Gone()
+
+    board = SpecialistBoard.__new__(SpecialistBoard)
+    board.cfg, board.meta, board.members = cfg, None, members
+    board.roles, board.flagged, board.pins, board._switched = {}, set(), {}, {}
+    board._stub = lambda n: SimpleNamespace(Serve=lambda *_a, **_k: serve(n), Validate=lambda *_a, **_k: validate(n))
+    with ThreadPoolExecutor(4) as pool:
+        rec = board.review(1, topo, pool)
+    verdicts = {v["node"]: v for v in rec["verdicts"]}
+    assert set(verdicts) == {"device-0-2", "device-0-1"}  # the two with the most evidence
+    assert (
+        verdicts["device-0-2"]["verdict"] == UNVALIDATED
+        and "UNAVAILABLE" in verdicts["device-0-2"]["scores"][0]["error"]
+    )
+    assert verdicts["device-0-1"]["verdict"] == UNVALIDATED and verdicts["device-0-1"]["scores"] == []
+    assert rec["flagged"] == [] and rec["appointed"] == {} and not board.flagged
