@@ -38,6 +38,15 @@ class Geometry:
         return min(sorted(self.servers), key=lambda e: float(np.hypot(x - self.servers[e][0], y - self.servers[e][1])))
 
 
+def parse_point(text: str) -> tuple[float, float]:
+    """``"X,Y"`` (metres) as a point; ``ValueError`` naming the text otherwise."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected X,Y in m, got {text!r}") from None
+    return x, y
+
+
 def point_in_disc(rng: np.random.Generator, area: float, r_max: float, cx: float, cy: float) -> tuple[float, float]:
     """A uniform point of the disc of radius ``r_max`` around (cx, cy) that lies inside the area."""
     for _ in range(100_000):

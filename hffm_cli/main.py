@@ -572,16 +572,14 @@ def join(
     between rounds and it catches up by a sync from its cheapest holder (docs/circulation.md). With
     --position, its edge is the nearest by the run's geometry (the cloud checks it) and its links are
     computed from there."""
+    from hffm.geometry import parse_point
     from services.launcher import place_joiner, start_joiner
 
     cfg = _config(run_dir / "config.yaml", [])
-    point = None
-    if position is not None:
-        try:
-            x, y = (float(v) for v in position.split(","))
-        except ValueError:
-            raise typer.BadParameter(f"expected X,Y in m, got {position!r}", param_hint="--position") from None
-        point = (x, y)
+    try:
+        point = parse_point(position) if position is not None else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--position") from None
     if device is None and point is None:
         raise typer.BadParameter(
             "give the device's --id, or its --position to join the nearest edge", param_hint="--id"
@@ -612,15 +610,16 @@ def evict(
     from hffm.ids import CLOUD
     from hffm.pki import OPERATOR
     from services.common.security import Security
+    from services.launcher import listen_address
     from services.rpc import pb, pb_grpc
 
     cfg = _config(run_dir / "config.yaml", [])
-    procs = dict((name, argv) for name, argv in json.loads((run_dir / "processes.json").read_text()))
-    argv = procs.get(CLOUD)
-    if argv is None:
-        raise typer.BadParameter(f"no cloud among {run_dir / 'processes.json'}'s processes", param_hint="--run")
+    try:
+        cloud = listen_address(run_dir, CLOUD)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--run") from None
     sec = Security(cfg.security, OPERATOR)
-    with sec.channel(argv[argv.index("--listen") + 1], CLOUD) as ch:
+    with sec.channel(cloud, CLOUD) as ch:
         try:
             ack = pb_grpc.CoordinatorStub(ch).Evict(
                 pb.LeaveRequest(id=device, reason=reason), timeout=30, metadata=sec.call_metadata()

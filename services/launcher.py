@@ -671,6 +671,16 @@ def _follow(
         watcher.close()
 
 
+def listen_address(run_dir: Path, node: str) -> str:
+    """The address ``node`` of the run in ``run_dir`` listens on (its ``--listen``, from processes.json);
+    ``ValueError`` when it is not one of the run's processes."""
+    procs = dict((name, argv) for name, argv in json.loads((run_dir / "processes.json").read_text()))
+    if node not in procs:
+        raise ValueError(f"{node} is not a process of {run_dir}")
+    argv = procs[node]
+    return argv[argv.index("--listen") + 1]
+
+
 def place_joiner(run_dir: Path, cfg: HFFMConfig, position: tuple[float, float]) -> str:
     """The id of a device joining the run in ``run_dir`` at ``position`` (m): the nearest edge by the
     run's geometry (the cloud's own draw: the same config and seed), the lowest free index there (above
@@ -703,11 +713,7 @@ def start_joiner(
     if nid.role != "device":
         raise ValueError(f"{device!r} is not a device id")
     edge = edge_id(nid.edge or 0)
-    procs = dict((name, argv) for name, argv in json.loads((run_dir / "processes.json").read_text()))
-    if edge not in procs:
-        raise ValueError(f"{edge} is not a process of {run_dir}")
-    argv = procs[edge]
-    upstream = argv[argv.index("--listen") + 1]
+    upstream = listen_address(run_dir, edge)
     ca = Path(cfg.security.dir)
     if cfg.security.tls and not (ca / f"{device}.crt").is_file():
         hosts = [cfg.runtime.host, "localhost"]

@@ -26,18 +26,7 @@ def header_to_pb(h: PushHeader) -> pb.PushHeader:
         attempt=h.attempt,
         signature=h.signature,
         sender_cert=h.sender_cert,
-        modules=[
-            pb.ModuleHeader(
-                name=m.name,
-                version=m.version,
-                num_samples=m.num_samples,
-                size_bytes=m.size_bytes,
-                digest=m.digest,
-                dtype=m.dtype,
-                digest_alg=m.digest_alg,
-            )
-            for m in h.modules
-        ],
+        modules=[module_header_to_pb(m) for m in h.modules],
     )
 
 
@@ -53,11 +42,24 @@ def header_from_pb(h: pb.PushHeader) -> PushHeader:
         attempt=h.attempt,
         signature=bytes(h.signature),
         sender_cert=bytes(h.sender_cert),
-        modules=tuple(
-            ModuleHeader(m.name, m.version, m.num_samples, m.size_bytes, bytes(m.digest), m.dtype, m.digest_alg)
-            for m in h.modules
-        ),
+        modules=tuple(module_header_from_pb(m) for m in h.modules),
     )
+
+
+def module_header_to_pb(m: ModuleHeader) -> pb.ModuleHeader:
+    return pb.ModuleHeader(
+        name=m.name,
+        version=m.version,
+        num_samples=m.num_samples,
+        size_bytes=m.size_bytes,
+        digest=m.digest,
+        dtype=m.dtype,
+        digest_alg=m.digest_alg,
+    )
+
+
+def module_header_from_pb(m: pb.ModuleHeader) -> ModuleHeader:
+    return ModuleHeader(m.name, m.version, m.num_samples, m.size_bytes, bytes(m.digest), m.dtype, m.digest_alg)
 
 
 def step_to_pb(s: Step) -> pb.Step:
@@ -227,21 +229,7 @@ def progress_to_pb(ev) -> pb.Progress:
 
 def blobs_to_pb(modules: list[EncodedModule]) -> list[pb.ModuleBlob]:
     """Whole modules in one message (a task's head or prompt: small; pushes stream anything else)."""
-    return [
-        pb.ModuleBlob(
-            header=pb.ModuleHeader(
-                name=em.name,
-                version=em.version,
-                num_samples=em.num_samples,
-                size_bytes=em.size_bytes,
-                digest=em.digest,
-                dtype=em.dtype,
-                digest_alg=em.digest_alg,
-            ),
-            data=em.data,
-        )
-        for em in modules
-    ]
+    return [pb.ModuleBlob(header=module_header_to_pb(ModuleHeader.of(em)), data=em.data) for em in modules]
 
 
 def blobs_from_pb(blobs, spec: ModuleSpec) -> ModuleSet:
@@ -249,7 +237,7 @@ def blobs_from_pb(blobs, spec: ModuleSpec) -> ModuleSet:
     ``spec``, finite values); ``ModuleError`` names what is wrong. A name twice is INVALID_ARGUMENT."""
     out: ModuleSet = {}
     for b in blobs:
-        h = b.header
+        h = module_header_from_pb(b.header)
         if h.name in out:
             raise ModuleError("INVALID_ARGUMENT", "duplicate_module", f"module {h.name!r} twice")
         if h.size_bytes != len(b.data):
@@ -261,7 +249,7 @@ def blobs_from_pb(blobs, spec: ModuleSpec) -> ModuleSet:
             version=h.version,
             num_samples=h.num_samples,
             dtype=h.dtype,
-            digest=bytes(h.digest),
+            digest=h.digest,
             spec=spec,
             digest_alg=h.digest_alg,
         )

@@ -71,11 +71,12 @@ def _position(text: str, nodes: dict[str, str], topo, joins: bool) -> tuple[floa
     the edge its id names)."""
     if len(nodes) != 1 or not joins or next(iter(nodes)) in topo.device_map:
         sys.exit("--position: only for one device joining mid-run (topology.joins, an id outside the table)")
+    from hffm.geometry import parse_point  # only here: a device process does not load networkx otherwise
+
     try:
-        x, y = (float(v) for v in text.split(","))
-    except ValueError:
-        sys.exit(f"--position: expected X,Y in m, got {text!r}")
-    return x, y
+        return parse_point(text)
+    except ValueError as err:
+        sys.exit(f"--position: {err}")
 
 
 def main(argv: list[str] | None = None) -> int:
