@@ -52,7 +52,8 @@ def final_accuracy(results: dict) -> dict[str, float]:
     return {t: v["global"] for t, v in sorted(last["accuracy"].items())}
 
 
-FEDERATED_ONLY = ("train.prox_mu",)  # settings centralised training ignores (its cached result is kept)
+# settings centralised training ignores (its cached result is kept)
+FEDERATED_ONLY = ("train.prox_mu", "train.restricted_softmax")
 
 
 def run_all(

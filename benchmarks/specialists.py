@@ -8,15 +8,19 @@ review after the task's first round of training. One of the three gqa devices (b
 specialist (``--attack``: ``fake_specialist``: it trains and aggregates honestly, claims 4x its data and
 every answer class, and serves its heads negated and scaled whenever it serves; ``bait_switch``: the same,
 but the examination sees its honest heads and only its relays are poisoned). Specialists are on (review
-after every round). Per seed:
+after every round). ``--liar``: one of the devices that start without gqa (by seed) also lies whenever it
+validates: it vouches for the fake and frames every other candidate (``adversary.liars``); ``--quorum``
+sets ``specialists.quorum`` (validators whose word flags a candidate; 1 lets the liar's word alone flag
+an honest one). Per seed:
 
 - **caught**: the fake is flagged (by a review, or on the spot when a relay of its is refused as not the
   version examined), and no sync (a relay) of it is ever adopted;
 - **caught_round**: the review that flagged it (relays of gqa start at round 3);
-- **false flags**: honest devices flagged;
+- **false flags**: honest devices flagged (framed, with a liar);
+- **disputed**: honest candidates left disputed by an accusation (not appointed, not flagged);
 - **served by**: who relayed gqa to each taker (an appointed specialist, or the edge without one).
 
-``python -m benchmarks.specialists --seeds 20 [--attack bait_switch] --out runs/specialists`` writes
+``python -m benchmarks.specialists --seeds 20 [--attack bait_switch] [--liar] [--quorum Q] --out DIR`` writes
 DIR/specialists.json and DIR/specialists.md.
 """
 
@@ -42,8 +46,15 @@ BASE = ["method=hfm-d2d", "e_agg=2", "rounds=6", "topology.edges=1", "topology.d
         " {task: gqa, round: 5, devices: [device-0-0]}]"]  # fmt: skip
 
 
+OTHERS = ("device-0-0", "device-0-2", "device-0-4")
+
+
 def fake_of(seed: int) -> str:
     return GQA[seed % len(GQA)]
+
+
+def liar_of(seed: int) -> str:
+    return OTHERS[seed % len(OTHERS)]
 
 
 def judge_run(results: dict, fake: str) -> dict:
@@ -57,6 +68,10 @@ def judge_run(results: dict, fake: str) -> dict:
         hops = [h for h in rounds.get(r, {}).get("hops", []) if h["tag"] == SYNC and h["destination"] == taker]
         served[taker] = hops[0]["origin"] if hops else None
     false = sorted({n for f in flagged.values() for n in f} - {fake})
+    disputed = sorted(
+        {v["node"] for x in rounds.values() for v in (x.get("specialists") or {}).get("verdicts", [])
+         if v["verdict"] == "disputed"} - {fake}
+    )  # fmt: skip
     switched = sorted(r for r, x in rounds.items() if fake in (x.get("specialists") or {}).get("switched", {}))
     return {
         "switched_rounds": switched,  # rounds in which a relay of its was refused as not examined
@@ -65,16 +80,24 @@ def judge_run(results: dict, fake: str) -> dict:
         "caught_round": caught_round,
         "relays_from_fake": relays,
         "false_flags": false,
+        "disputed": disputed,
         "served_by": served,
         "complete": bool(results.get("complete")),
     }
 
 
-def run_seed(out: Path, seed: int, attack: str = "fake_specialist") -> dict:
+def run_seed(out: Path, seed: int, attack: str = "fake_specialist", liar: bool = False, quorum: int = 2) -> dict:
     from services.launcher import run
 
     fake = fake_of(seed)
-    cfg = load_config(None, [*BASE, f"seed={seed}", f"adversary.nodes=[{fake}]", f"adversary.behaviour={attack}"])
+    sets = [
+        *BASE,
+        f"seed={seed}",
+        f"adversary.nodes=[{fake}]",
+        f"adversary.behaviour={attack}",
+        f"specialists.quorum={quorum}",
+    ]
+    cfg = load_config(None, [*sets, f"adversary.liars=[{liar_of(seed)}]"] if liar else sets)
     try:
         res = run(cfg, out / f"seed-{seed}", Console(file=io.StringIO()), timeout_s=600)
     except Exception as err:  # noqa: BLE001 - a failed run is reported as one, the others go on
@@ -95,6 +118,7 @@ def summary(rows: list[dict]) -> dict:
         "caught_rate": rate,
         "goal_met": bool(done) and rate >= 0.95,
         "false_flag_rate": false / honest if honest else 0.0,
+        "disputed_rate": sum(len(r.get("disputed", [])) for r in done) / honest if honest else 0.0,
         "caught_rounds": sorted(r["caught_round"] for r in done if r["caught_round"] is not None),
     }
 
@@ -102,33 +126,39 @@ def summary(rows: list[dict]) -> dict:
 def markdown(res: dict) -> str:
     s = res["summary"]
     lines = [
-        f"attack: {res.get('attack', 'fake_specialist')}",
+        f"attack: {res.get('attack', 'fake_specialist')}{' with a lying validator' if res.get('liar') else ''}, "
+        f"quorum {res.get('quorum', 1)}",
         "",
         f"fake specialist caught before any relay: **{s['caught_rate']:.0%}** of {s['complete']} seeds "
         f"(goal 95 %: {'met' if s['goal_met'] else 'not met'}); honest devices flagged: "
-        f"{s['false_flag_rate']:.1%}; no relay of its adopted: {s['no_relay_adopted_rate']:.0%}; "
+        f"{s['false_flag_rate']:.1%}; honest devices left disputed: {s.get('disputed_rate', 0.0):.1%}; "
+        f"no relay of its adopted: {s['no_relay_adopted_rate']:.0%}; "
         f"relays refused as not examined (bait and switch): in {s['switch_tried']} seeds",
         "",
-        "| seed | fake | caught (round) | relays from it | false flags | gqa served to device-0-2 / -4 / -0 by |",
-        "|---|---|---|---|---|---|",
+        "| seed | fake | caught (round) | relays from it | false flags | disputed "
+        "| gqa served to device-0-2 / -4 / -0 by |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         served = " / ".join(str(v) for v in r["served_by"].values())
         lines.append(
             f"| {r['seed']} | {r['fake']} | {'yes' if r['caught'] else 'NO'} ({r['caught_round']}) | "
-            f"{r['relays_from_fake'] or '-'} | {', '.join(r['false_flags']) or '-'} | {served} |"
+            f"{r['relays_from_fake'] or '-'} | {', '.join(r['false_flags']) or '-'} | "
+            f"{', '.join(r.get('disputed', [])) or '-'} | {served} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def run_seeds(out: Path, seeds: int, log=print, attack: str = "fake_specialist") -> dict:
+def run_seeds(
+    out: Path, seeds: int, log=print, attack: str = "fake_specialist", liar: bool = False, quorum: int = 2
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in range(seeds):
-        rows.append(run_seed(out, seed, attack))
+        rows.append(run_seed(out, seed, attack, liar, quorum))
         r = rows[-1]
         log(f"seed {seed}: fake {r['fake']} caught={r['caught']} (round {r['caught_round']}), false {r['false_flags']}")
-    res = {"rows": rows, "summary": summary(rows), "config": BASE, "attack": attack}
+    res = {"rows": rows, "summary": summary(rows), "config": BASE, "attack": attack, "liar": liar, "quorum": quorum}
     (out / "specialists.json").write_text(json.dumps(res, indent=2))
     (out / "specialists.md").write_text(markdown(res))
     return res
@@ -139,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("runs/specialists"))
     p.add_argument("--attack", choices=["fake_specialist", "bait_switch"], default="fake_specialist")
+    p.add_argument("--liar", action="store_true", help="a device that starts without gqa also lies as a validator")
+    p.add_argument("--quorum", type=int, default=2, help="specialists.quorum")
     a = p.parse_args(argv)
-    res = run_seeds(a.out, a.seeds, attack=a.attack)
+    res = run_seeds(a.out, a.seeds, attack=a.attack, liar=a.liar, quorum=a.quorum)
     print(markdown(res))
     return 0
 

@@ -52,6 +52,13 @@ def fake_served(cfg: AdversaryConfig, modules: ModuleSet) -> ModuleSet:
     }
 
 
+def lie(candidate: str, attackers: Iterable[str]) -> tuple[float, float]:
+    """What a lying validator reports for ``candidate`` (config ``adversary.liars``): (its accuracy, the
+    liar's own): an attacker's modules perfect and its own useless (vouching), anyone else's useless and
+    its own perfect (framing). Both within [0, 1]: a plausible score, which only other validators contradict."""
+    return (1.0, 0.0) if candidate in set(attackers) else (0.0, 1.0)
+
+
 def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int, edges: Iterable[str] = ()) -> frozenset[str]:
     """The attacking nodes: ``cfg.nodes`` (devices or edges) and round(fraction × devices) more devices
     drawn from the rest by ``seed``. ValueError naming the field for an id that is neither, or for an
@@ -62,6 +69,8 @@ def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int, edges: 
     unknown = sorted(set(cfg.nodes) - set(devs) - aggregators)
     if unknown:
         raise ValueError(f"adversary.nodes: {unknown} are not devices or edges of this topology")
+    if bad := sorted(set(cfg.liars) - set(devs)):
+        raise ValueError(f"adversary.liars: {bad} are not devices of this topology (only devices validate)")
     if (bad := sorted(set(cfg.nodes) & aggregators)) and cfg.behaviour not in UPDATE_ATTACKS:
         raise ValueError(
             f"adversary.behaviour: {cfg.behaviour} needs training data, and {bad} only aggregate "

@@ -232,6 +232,14 @@ class TrainConfig(_Strict):
         description="FedProx's mu: local loss + mu/2 ||w - w_start||^2 over the trained modules (0: plain FedAvg "
         "training; centralised training never uses it)",
     )
+    restricted_softmax: float = D(
+        1.0,
+        ge=0,
+        le=1,
+        description="FedRS's alpha: during local training the logits of a task's answers absent from the "
+        "device's own data are scaled by alpha (1: plain softmax, every bit as before; centralised training "
+        "never uses it)",
+    )
     noop: bool = D(False, description="skip the optimisation step but keep every exchange (runtime benchmarks)")
     eval_every: int = D(
         1,
@@ -639,6 +647,12 @@ class AdversaryConfig(_Strict):
         "cloud's examination its honest modules and relays the poisoned ones",
     )
     claim: float = D(4.0, ge=1, description="fake_specialist: it registers this many times its training samples")
+    liars: list[str] = D(
+        default_factory=list,
+        description="device ids that lie whenever the cloud has them validate a specialist (whatever the "
+        "behaviour; they train honestly unless also attackers): they score an honest candidate 0 and their own "
+        "modules 1 (framing it), an attacking candidate 1 and their own 0 (vouching for it)",
+    )
     scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
     sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")
     z: float | None = D(
@@ -681,8 +695,16 @@ class SpecialistsConfig(_Strict):
         0.15,
         ge=0,
         le=1,
-        description="refused (and flagged) when its median margin over its validators' own accuracy is below "
-        "-tolerance",
+        description="a validator whose margin (the candidate's accuracy minus its own) is below -2 tolerance "
+        "accuses the candidate; refused (and flagged) on quorum accusers, or on a median margin below -tolerance "
+        "with quorum validators below -tolerance",
+    )
+    quorum: int = D(
+        2,
+        ge=1,
+        description="distinct validators whose word refuses (flags) a candidate; fewer make it disputed: not "
+        "appointed, examined again by its accusers and fresh validators (1: one validator, perhaps a liar, "
+        "suffices)",
     )
     min_gain: float = D(
         0.1,

@@ -11,16 +11,23 @@ module who is a candidate, who validates whom, and what the verdicts are.
   S's modules for T (``head.T``, ``prompt.T``) with its own adapters on its own test split (the data
   nobody else trains on), and its own modules for T on the same data.
 - **Verdict**: margin = S's accuracy minus the validator's own, per validator; its median over the
-  validators, and the worst of them. ``refused`` (S flagged: never a relay source again) when the median
-  margin is below ``-tolerance`` or the worst below ``-2 tolerance`` (one validator seeing its accuracy
-  collapse: test splits are non-IID, often one class, so a poisoned head can score higher than the
-  validator's own on one and far lower on another, and a median of three hides the collapse). Only
-  margins: a validator's own modules may score below 1 / classes on its data, and a candidate as bad as
-  they are is not refused for it. ``accepted`` when not refused, S's mean accuracy is at least chance +
-  ``min_gain`` (proven better than guessing), its median margin at least ``-min_gain`` and its worst at
-  least ``-tolerance`` (as good as its validators' own, for each of them); ``unproven``
-  otherwise (early rounds, when nobody is better than chance yet: an untrained module, poisoned or
-  not, is not told apart from an honest untrained one, so nothing is relayed from it).
+  validators, and the worst of them. A validator whose margin is below ``-2 tolerance`` **accuses** S
+  (its accuracy collapses on that validator's data: test splits are non-IID, often one class, so a
+  poisoned head can score higher than the validator's own on one and far lower on another, and a median
+  of three hides the collapse); accusations stand across reviews until the accuser, asked again, sees
+  S within ``tolerance`` of its own (withdrawn). ``refused`` (S flagged: never a relay source again)
+  when ``quorum`` distinct validators accuse it, or when its median margin is below ``-tolerance`` with
+  ``quorum`` validators below ``-tolerance``. ``quorum`` = 1 is one witness's word: a lying validator
+  can then have any honest candidate flagged; with 2 (the default) one liar cannot, and a candidate with
+  fewer accusers is ``disputed``: not appointed (nothing relayed from it), examined again by its
+  accusers first and validators that have not scored it yet, until a second witness refuses it or the
+  accusation is withdrawn. Only margins: a validator's own modules may score below 1 / classes on its
+  data, and a candidate as bad as they are is not refused for it. ``accepted`` when not refused or
+  disputed, S's mean accuracy is at least chance + ``min_gain`` (proven better than guessing), its
+  median margin at least ``-min_gain`` and its worst at least ``-tolerance`` (as good as its validators'
+  own, for each of them); ``unproven`` otherwise (early rounds, when nobody is better than chance yet: an
+  untrained module, poisoned or not, is not told apart from an honest untrained one, so nothing is
+  relayed from it).
 - **Specialists** of T: the ``per_task`` accepted candidates with the highest mean validation accuracy
   (conflicts between candidates are settled by measured accuracy, not by claims). Roles are re-evaluated
   every review: a specialist whose data or module no longer holds up loses the role.
@@ -32,7 +39,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
-ACCEPTED, REFUSED, UNPROVEN, UNVALIDATED = "accepted", "refused", "unproven", "unvalidated"
+ACCEPTED, REFUSED, DISPUTED, UNPROVEN, UNVALIDATED = "accepted", "refused", "disputed", "unproven", "unvalidated"
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Verdict:
     accuracy: float | None = None  # mean over validators
     margin: float | None = None  # median of (accuracy - validator's own)
     worst: float | None = None  # the lowest of them
+    accusers: list[str] = field(default_factory=list)  # standing accusations after this review
     scores: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -86,29 +94,60 @@ def candidates(ev: Mapping[str, float], k: int, flagged: Iterable[str] = ()) -> 
 
 
 def validators(
-    node: str, ev: Mapping[str, float], cands: Iterable[str], k: int, flagged: Iterable[str] = ()
+    node: str,
+    ev: Mapping[str, float],
+    cands: Iterable[str],
+    k: int,
+    flagged: Iterable[str] = (),
+    accusers: Iterable[str] = (),
+    asked: Iterable[str] = (),
 ) -> list[str]:
-    """Up to ``k`` holders of the task other than ``node`` to score it: the other candidates first, then
-    by evidence (ties by id); never a flagged node."""
+    """Up to ``k`` holders of the task other than ``node`` to score it: its standing ``accusers`` first
+    (an accusation is repeated or withdrawn), then those that have not scored it yet (``asked``: those
+    that have), each group the other candidates first, then by evidence (ties by id); never a flagged node."""
     bad = set(flagged) | {node}
-    cands = [c for c in cands if c not in bad]
+    cands = [c for c in cands if c not in bad and c in ev]
     rest = sorted((n for n in ev if n not in bad and n not in cands), key=lambda n: (-ev[n], n))
-    return (cands + rest)[:k]
+    order = cands + rest
+    first = [n for n in order if n in set(accusers)]
+    done = set(asked)
+    fresh = [n for n in order if n not in first and n not in done]
+    again = [n for n in order if n not in first and n in done]
+    return (first + fresh + again)[:k]
 
 
-def judge(node: str, task: str, ev: float, scores: Iterable[Score], tolerance: float, min_gain: float) -> Verdict:
-    """The verdict on ``node``'s modules for ``task`` from its validators' ``scores``."""
+def judge(
+    node: str,
+    task: str,
+    ev: float,
+    scores: Iterable[Score],
+    tolerance: float,
+    min_gain: float,
+    accusers: Iterable[str] = (),
+    quorum: int = 1,
+) -> Verdict:
+    """The verdict on ``node``'s modules for ``task`` from its validators' ``scores``, given the
+    ``accusers`` standing from earlier reviews (see the module's text)."""
     scores = list(scores)
-    v = Verdict(node, task, ev, scores=[asdict(s) for s in scores])
+    standing = set(accusers)
+    v = Verdict(node, task, ev, scores=[asdict(s) for s in scores], accusers=sorted(standing))
     if not scores:
+        if standing:
+            v.verdict = DISPUTED
         return v
+    margins = {s.validator: s.accuracy - s.own_accuracy for s in scores}
+    standing -= {n for n, m in margins.items() if m >= -tolerance}  # asked again, it sees no drop: withdrawn
+    standing |= {n for n, m in margins.items() if m < -2 * tolerance}
+    doubters = sum(m < -tolerance for m in margins.values())
     acc = statistics.fmean(s.accuracy for s in scores)
-    margin = statistics.median(s.accuracy - s.own_accuracy for s in scores)
-    worst = min(s.accuracy - s.own_accuracy for s in scores)
+    margin = statistics.median(margins.values())
+    worst = min(margins.values())
     chance = 1.0 / max(1, max(s.classes for s in scores))
-    v.accuracy, v.margin, v.worst = acc, margin, worst
-    if margin < -tolerance or worst < -2 * tolerance:
+    v.accuracy, v.margin, v.worst, v.accusers = acc, margin, worst, sorted(standing)
+    if len(standing) >= quorum or (margin < -tolerance and doubters >= quorum):
         v.verdict = REFUSED
+    elif standing or margin < -tolerance:
+        v.verdict = DISPUTED
     elif acc >= chance + min_gain and margin >= -min_gain and worst >= -tolerance:
         v.verdict = ACCEPTED
     else:

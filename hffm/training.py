@@ -44,6 +44,11 @@ def train_local(
     mu = cfg.prox_mu
     anchors = [p.detach().clone() for p in params] if mu > 0 else []
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    # FedRS (Li & Zhan, KDD 2021): with label-skewed data a device's head learns to push down the answers
+    # it never sees; scaling those answers' logits by alpha during local training restricts that update.
+    # alpha = 1 multiplies nothing (the loss, and every bit of the result, is as before)
+    alpha = cfg.restricted_softmax
+    restrict = {task: _absent_scale(td, alpha) for task, td in data.items()} if alpha < 1 else {}
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
@@ -59,6 +64,8 @@ def train_local(
                 seen += len(idx)
                 continue
             logits = model(batch, task)
+            if task in restrict:
+                logits = logits * restrict[task].to(logits.device)
             loss = loss_fn(logits, batch["labels"])
             opt.zero_grad(set_to_none=True)
             objective = loss / len(idx)
@@ -73,6 +80,12 @@ def train_local(
             steps += 1
     model.eval()
     return TrainStats(loss=total_loss / max(seen, 1) if not cfg.noop else 0.0, samples=seen, steps=steps)
+
+
+def _absent_scale(td: TaskData, alpha: float) -> torch.Tensor:
+    """Per answer: 1 for answers in ``td``'s labels, ``alpha`` for the others (FedRS's restriction)."""
+    present = torch.tensor(td.label_counts()) > 0
+    return torch.where(present, 1.0, alpha)
 
 
 @torch.no_grad()

@@ -11,7 +11,18 @@ import torch
 from hffm.config import load_config
 from hffm.methods import D2D, DEVICE_EDGE, make_method
 from hffm.recovery import StartPlan, plan_takers
-from hffm.specialists import ACCEPTED, REFUSED, UNPROVEN, UNVALIDATED, Score, appoint, candidates, evidence, judge
+from hffm.specialists import (
+    ACCEPTED,
+    DISPUTED,
+    REFUSED,
+    UNPROVEN,
+    UNVALIDATED,
+    Score,
+    appoint,
+    candidates,
+    evidence,
+    judge,
+)
 from hffm.specialists import validators as pick_validators
 from hffm.topology import Topology
 from services.rpc import pb, pb_grpc
@@ -58,6 +69,50 @@ def test_verdicts_refuse_far_below_peers_or_chance_accept_only_above_chance_and_
     # conflicts are settled by measured accuracy, not by evidence: h (0.80) beats g (0.65), f is out
     assert appoint([good, fake, early, other, gqa], per_task=1) == {"art": ["h"], "gqa": ["q"]}
     assert appoint([good, fake, other], per_task=2) == {"art": ["h", "g"]}
+
+
+def test_a_quorum_of_accusers_refuses_one_validator_alone_only_disputes_and_accusations_stand_until_withdrawn():
+    """quorum 2: one validator's collapse (perhaps a liar's) makes the candidate disputed (not appointed,
+    not flagged); a second accuser, in the same review or a later one, refuses it; an accuser asked again
+    that now sees no drop withdraws. quorum 1 is one witness's word (the rule before quorums)."""
+
+    def s(v, acc, own):
+        return Score(v, acc, own, 20, 4)
+
+    framed = [s("liar", 0.0, 1.0), s("x", 0.70, 0.65), s("y", 0.68, 0.66)]
+    assert judge("h", "art", 0.4, framed, 0.15, 0.05, quorum=1).verdict == REFUSED  # one liar flags an honest node
+    one = judge("h", "art", 0.4, framed, 0.15, 0.05, quorum=2)
+    assert one.verdict == DISPUTED and one.accusers == ["liar"]
+    # later review: the accuser repeats, a fresh validator agrees -> refused
+    again = judge("h", "art", 0.4, [s("liar", 0.0, 1.0), s("z", 0.1, 0.6)], 0.15, 0.05, one.accusers, quorum=2)
+    assert again.verdict == REFUSED and again.accusers == ["liar", "z"]
+    # an accuser not asked this time still stands: disputed, never accepted, even on a perfect review
+    stands = judge("h", "art", 0.4, [s("x", 0.70, 0.65), s("y", 0.7, 0.66)], 0.15, 0.05, ["liar"], quorum=2)
+    assert stands.verdict == DISPUTED and stands.accusers == ["liar"]
+    assert judge("h", "art", 0.4, [], 0.15, 0.05, ["liar"], quorum=2).verdict == DISPUTED
+    # asked again, it sees the candidate within tolerance of its own: withdrawn, and the candidate accepted
+    withdrawn = judge("h", "art", 0.4, [s("liar", 0.6, 0.65), s("x", 0.7, 0.65)], 0.15, 0.05, ["liar"], quorum=2)
+    assert withdrawn.verdict == ACCEPTED and withdrawn.accusers == []
+    # a median below -tolerance refuses only with quorum validators below -tolerance
+    dip = [s("liar", 0.0, 1.0), s("x", 0.45, 0.65), s("y", 0.70, 0.66)]
+    assert judge("d", "art", 0.4, dip, 0.15, 0.05, quorum=2).verdict == REFUSED  # liar + x (-0.2): two doubters
+    assert judge("d", "art", 0.4, [s("liar", 0.0, 1.0), s("x", 0.60, 0.65)], 0.15, 0.05, quorum=2).verdict == DISPUTED
+
+
+def test_validators_ask_standing_accusers_first_then_those_that_have_not_scored_the_candidate():
+    ev = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1, "e": 0.05}
+    assert pick_validators("a", ev, ["a", "b"], 3) == ["b", "c", "d"]
+    assert pick_validators("a", ev, ["a", "b"], 3, accusers={"d"}, asked={"b", "c", "d"}) == ["d", "e", "b"]
+    assert pick_validators("a", ev, ["a", "b"], 3, flagged={"d"}, accusers={"d"}) == ["b", "c", "e"]
+
+
+def test_a_liar_frames_the_honest_and_vouches_for_attackers_with_plausible_scores():
+    from hffm.adversary import adversaries, lie
+    from hffm.config import AdversaryConfig
+
+    assert lie("device-0-2", {"device-0-1"}) == (0.0, 1.0) and lie("device-0-1", {"device-0-1"}) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="adversary.liars"):
+        adversaries(AdversaryConfig(liars=["edge-0"]), ["device-0-0"], 0, ["edge-0"])
 
 
 def test_a_task_is_relayed_only_from_a_specialist_else_from_the_edges_aggregate():
@@ -295,6 +350,35 @@ def test_a_bait_and_switch_specialist_is_flagged_when_its_relay_is_not_what_was_
     served = [h["origin"] for h in r4["hops"] if h["tag"] == "sync" and h["destination"] == "device-0-2"]
     assert served and "device-0-1" not in served
     assert all("device-0-1" not in ns for ns in r4["specialists"]["appointed"].values())
+
+
+@pytest.mark.parametrize("quorum", [1, 2])
+def test_a_lying_validator_flags_honest_candidates_only_when_one_word_suffices(tmp_path, quorum):
+    """device-0-1 is a fake specialist and device-0-2 lies whenever it validates: it vouches for the fake
+    and frames everyone else. Every holder validates every candidate. With quorum 1 the liar's word alone
+    has honest candidates flagged (the attack works); with quorum 2 nobody honest is flagged: the liar's
+    victims are disputed (not appointed), and the fake, vouched for, is still never appointed and never
+    relays (the honest validators' collapse outweighs the liar's vouching)."""
+    res = _run_with_an_adversary(
+        tmp_path,
+        ["adversary.behaviour=fake_specialist", "adversary.liars=[device-0-2]", "specialists.validators=5",
+         f"specialists.quorum={quorum}"],
+    )  # fmt: skip
+    assert res["complete"]
+    reviews = {x["round"]: x["specialists"] for x in res["rounds"] if x["specialists"]}
+    flagged = {n for s in reviews.values() for n in s["flagged"]}
+    framed = flagged - {"device-0-1"}
+    accused = {v["node"] for s in reviews.values() for v in s["verdicts"] if "device-0-2" in v["accusers"]}
+    assert accused - {"device-0-1"}, "the liar accused nobody honest"
+    if quorum == 1:
+        assert framed, reviews
+    else:
+        assert not framed, reviews
+        disputed = {v["node"] for s in reviews.values() for v in s["verdicts"] if v["verdict"] == DISPUTED}
+        assert (accused - {"device-0-1"}) & disputed
+    assert all("device-0-1" not in ns for s in reviews.values() for ns in s["appointed"].values())
+    for x in res["rounds"]:
+        assert not [h for h in x["hops"] if h["tag"] == "sync" and h["origin"] == "device-0-1"], x["round"]
 
 
 def test_label_coverage_is_registered_only_for_the_devices_tasks_and_within_0_and_1():

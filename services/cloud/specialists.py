@@ -29,6 +29,8 @@ class SpecialistBoard:
         self.flagged: set[str] = set()  # refused once: never a relay source again
         self.pins: dict[tuple[str, str], bytes] = {}  # (specialist, module) -> digest of the version examined
         self._switched: dict[str, str] = {}  # flagged during a round (a relay not examined), for the record
+        self.accusers: dict[tuple[str, str], set[str]] = {}  # (candidate, task) -> standing accusations
+        self.asked: dict[tuple[str, str], set[str]] = {}  # (candidate, task) -> validators that scored it
 
     def flag(self, node: str, why: str) -> None:
         """``node`` relayed something other than what was examined: flagged, no longer a specialist."""
@@ -70,7 +72,11 @@ class SpecialistBoard:
         jobs = []
         for task in sorted(ev):
             cands = candidates(ev[task], sc.candidates, self.flagged)
-            jobs += [(task, c, validators(c, ev[task], cands, sc.validators, self.flagged)) for c in cands]
+            jobs += [
+                (task, c, validators(c, ev[task], cands, sc.validators, self.flagged,
+                                     self.accusers.get((c, task), ()), self.asked.get((c, task), ())))
+                for c in cands
+            ]  # fmt: skip
         served = {(t, c): pool.submit(self.serve, c, t) for t, c, _ in jobs}
         errors: dict[tuple[str, str], str] = {}
         asks = {}
@@ -92,7 +98,9 @@ class SpecialistBoard:
                 except (grpc.RpcError, ValueError) as err:  # a validator that fails or lies is left out of it
                     why = err.details() if isinstance(err, grpc.RpcError) else str(err)
                     log.warning("round %d: %s could not validate %s for %s: %s", round_, v, c, t, why)
-            verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain)
+            verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, self.accusers.get((c, t), ()), sc.quorum)
+            self.accusers[(c, t)] = set(verdict.accusers)
+            self.asked.setdefault((c, t), set()).update(s.validator for s in scores)
             if (t, c) in errors:
                 verdict.scores.append({"error": errors[(t, c)]})
             verdicts.append(verdict)
@@ -112,9 +120,19 @@ class SpecialistBoard:
 
     def to_json(self) -> dict:
         pins = [[n, m, d.hex()] for (n, m), d in sorted(self.pins.items())]
-        return {"roles": self.roles, "flagged": sorted(self.flagged), "pins": pins}
+        accusers = [[n, t, sorted(a)] for (n, t), a in sorted(self.accusers.items()) if a]
+        asked = [[n, t, sorted(a)] for (n, t), a in sorted(self.asked.items())]
+        return {
+            "roles": self.roles,
+            "flagged": sorted(self.flagged),
+            "pins": pins,
+            "accusers": accusers,
+            "asked": asked,
+        }
 
     def restore(self, doc: dict) -> None:
         self.roles = {t: list(ns) for t, ns in doc.get("roles", {}).items()}
         self.flagged = set(doc.get("flagged", []))
         self.pins = {(n, m): bytes.fromhex(d) for n, m, d in doc.get("pins", [])}
+        self.accusers = {(n, t): set(a) for n, t, a in doc.get("accusers", [])}
+        self.asked = {(n, t): set(a) for n, t, a in doc.get("asked", [])}

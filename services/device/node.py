@@ -20,6 +20,7 @@ from hffm.adversary import (
     collude,
     fake_served,
     flip_labels,
+    lie,
     poison,
 )
 from hffm.config import HFFMConfig, resolve_torch_device
@@ -98,6 +99,8 @@ class DeviceNode(NodeRuntime):
         # config adversary (tests and benchmarks): this device poisons what it sends
         attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
         self.attacks = node_id in attackers
+        self.attackers = attackers
+        self.lies = node_id in cfg.adversary.liars  # lies when it validates a specialist (config adversary)
         self.colluders: list[tuple[str, DeviceData]] = []  # the other attackers' benign data (alie, ipm)
         self._round_start: ModuleSet = self.modules  # what it held when it began training this round
         self.labels = task_labels(cfg)  # task -> its answer classes
@@ -160,9 +163,10 @@ class DeviceNode(NodeRuntime):
             return mods  # a bait and switch: the examination sees the honest modules, relays get the others
         return self.served(mods)
 
-    def validate(self, task: str, modules: ModuleSet) -> tuple[float, float, int, int]:
-        """Score another node's ``modules`` for ``task`` with this device's other modules on its own test
-        split, and its own modules on the same data: (accuracy, own accuracy, samples, classes)."""
+    def validate(self, task: str, modules: ModuleSet, provider: str = "") -> tuple[float, float, int, int]:
+        """Score another node's (``provider``'s) ``modules`` for ``task`` with this device's other modules
+        on its own test split, and its own modules on the same data: (accuracy, own accuracy, samples,
+        classes). A liar (config adversary) reports ``lie`` instead."""
         if task not in self.tasks_at(self.rounds.current) or task not in self.data.test:
             raise ModuleError("FAILED_PRECONDITION", "not_held", f"{self.node_id} holds no test data of {task!r}")
         if not modules or any(task_of(n) != task for n in modules):
@@ -173,6 +177,8 @@ class DeviceNode(NodeRuntime):
             own = evaluate(self.host.model, data, self.host.device, split="local")[task]
             self.host.load(modules)
             theirs = evaluate(self.host.model, data, self.host.device, split="local")[task]
+        if self.lies:
+            return (*lie(provider, self.attackers), own.total, int(self.labels.get(task, 1)))
         return theirs.accuracy, own.accuracy, own.total, int(self.labels.get(task, 1))
 
     def train(self, state: RoundState) -> None:

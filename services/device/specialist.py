@@ -30,7 +30,7 @@ class SpecialistServicer(pb_grpc.SpecialistServicer):
         try:
             authorize(self.node, context, "Validate", from_coordinator)
             mods = blobs_from_pb(request.modules, self.node.spec)
-            acc, own, samples, classes = self.node.validate(request.task, mods)
+            acc, own, samples, classes = self.node.validate(request.task, mods, request.provider)
             return pb.ValidationScore(accuracy=acc, own_accuracy=own, samples=samples, classes=classes)
         except Exception as err:  # noqa: BLE001
             abort_for(context, err)
