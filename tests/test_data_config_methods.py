@@ -280,3 +280,42 @@ def test_fedprox_keeps_local_modules_near_their_start(small_cfg):
     assert prox < 0.7 * plain, (prox, plain)
     with pytest.raises(ConfigError, match="prox_mu"):
         load_config(None, ["train.prox_mu=-1"])
+
+
+def test_restricted_softmax_leaves_the_answers_a_device_never_sees_alone(small_cfg):
+    """train.restricted_softmax (FedRS): the logits of a task's answers absent from the device's data are
+    scaled by alpha in local training. With alpha 0 the head's output rows of those answers get no
+    gradient (unchanged, bit for bit) while plain training (alpha 1) pushes them down; the rows of the
+    answers it holds are trained either way."""
+    import torch
+
+    from hffm.data import build_device_data, task_labels
+    from hffm.model import build_model
+    from hffm.training import train_local
+
+    tok = build_tokenizer()
+    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
+    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    task = sorted(data)[0]
+    present = torch.tensor(data[task].label_counts()) > 0
+    assert present.any() and not present.all(), "the fixture's device should miss some answers"
+    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
+    names = model.module_names()
+    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+    head = f"head.{task}"
+    last = max(k for k, v in start[head].items() if v.ndim == 2 and v.shape[0] == present.numel())
+
+    def rows_after(alpha: float) -> torch.Tensor:
+        for n in names:
+            model.load_module_state(n, start[n])
+        train_local(
+            model, {task: data[task]}, names, small_cfg.train.model_copy(update={"restricted_softmax": alpha}), "cpu", 7
+        )
+        return model.module_state(head)[last] - start[head][last]
+
+    plain, restricted = rows_after(1.0), rows_after(0.0)
+    assert plain[~present].abs().sum() > 0 and plain[present].abs().sum() > 0
+    assert torch.equal(restricted[~present], torch.zeros_like(restricted[~present]))
+    assert restricted[present].abs().sum() > 0
+    with pytest.raises(ConfigError, match="restricted_softmax"):
+        load_config(None, ["train.restricted_softmax=1.5"])
