@@ -53,7 +53,7 @@ def final_accuracy(results: dict) -> dict[str, float]:
 
 
 # settings centralised training ignores (its cached result is kept)
-FEDERATED_ONLY = ("train.prox_mu", "train.restricted_softmax")
+FEDERATED_ONLY = ("train.prox_mu", "train.restricted_softmax", "aggregation.server_lr")
 
 
 def run_all(

@@ -446,6 +446,30 @@ def make_aggregator(
     return cls(order, reference, **params)
 
 
+def server_step(start: Mapping[str, Module], aggregate: ModuleSet, lr: float) -> ModuleSet:
+    """A server learning rate (FedOpt's η_s, Reddi et al. 2021): per module, ``start`` + ``lr`` ×
+    (aggregate − ``start``), the aggregate's version and weight kept. With FedAvg from few local steps
+    on many non-IID devices the mean update is short (the devices' updates partly cancel); ``lr`` > 1
+    takes a longer step along it. A module not in ``start`` (or of another shape) is taken as
+    aggregated; ``lr`` = 1 returns ``aggregate`` itself."""
+    if lr == 1.0:
+        return aggregate
+    out: ModuleSet = {}
+    for n, m in aggregate.items():
+        s = start.get(n)
+        if (
+            s is None
+            or s.tensors.keys() != m.tensors.keys()
+            or any(s.tensors[k].shape != t.shape for k, t in m.tensors.items())
+        ):
+            out[n] = m
+            continue
+        out[n] = Module(
+            n, {k: s.tensors[k] + lr * (t - s.tensors[k]) for k, t in m.tensors.items()}, m.version, m.num_samples
+        )
+    return out
+
+
 def weighted_mean(sets: list[ModuleSet]) -> ModuleSet:
     """Reference (non-streaming) FedAvg, used by tests to check the running sum."""
     names = {n for s in sets for n in s}

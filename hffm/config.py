@@ -400,6 +400,13 @@ class AggregationConfig(_Strict):
         "bulyan f (1); any rule clip_norm (clip each update to this L2 norm first)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
+    server_lr: float = D(
+        1.0,
+        gt=0,
+        le=10,
+        description="the cloud's server learning rate (FedOpt): global + server_lr x (aggregate - global) at every "
+        "cloud aggregation (1: the aggregate itself, every bit as before; no cloud in edge-only)",
+    )
     tiers: AggregationTiers = D(
         default_factory=AggregationTiers,
         description="a rule per tier in place of rule/params (e.g. the median at edges, FedAvg at a 2-edge cloud)",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hffm.aggregation import FedAvg, make_aggregator, weighted_mean
-from hffm.modules import ModuleError
+from hffm.modules import Module, ModuleError
 from tests.conftest import make_module
 
 AD = {"w": (8, 4), "b": (4,)}
@@ -163,3 +163,18 @@ def test_weight_must_be_finite_and_positive(bad):
     with pytest.raises(ModuleError, match="num_samples"):
         agg.add("a", [make_module("adapter.0", AD, num_samples=bad)])
     assert agg.senders == []
+
+
+def test_server_step_moves_from_the_start_along_the_aggregates_update():
+    from hffm.aggregation import server_step
+
+    start = {"a": Module("a", {"w": torch.tensor([1.0, 2.0])}, 1, 10.0)}
+    agg = {
+        "a": Module("a", {"w": torch.tensor([2.0, 1.0])}, 2, 30.0),
+        "new": Module("new", {"w": torch.tensor([5.0])}, 2, 3.0),
+    }
+    out = server_step(start, agg, 2.5)
+    assert torch.equal(out["a"].tensors["w"], torch.tensor([3.5, -0.5]))
+    assert (out["a"].version, out["a"].num_samples) == (2, 30.0)
+    assert out["new"] is agg["new"]  # nothing to step from: taken as aggregated
+    assert server_step(start, agg, 1.0) is agg

@@ -133,6 +133,23 @@ def test_star_cloud_averages_every_device_each_round(star_run):
     assert not (out / "trace" / "edge-0").exists()  # edges idle in star
 
 
+def test_a_server_learning_rate_steps_the_global_modules_past_the_clouds_fedavg(tmp_path):
+    """aggregation.server_lr = 2, star over real gRPC: each round the cloud averages the devices' uploads
+    (FedAvg, traced) and broadcasts global + 2 x (that average - global); devices adopt it. Round 2's
+    global is round 1's broadcast."""
+    from hffm.aggregation import server_step
+
+    out, _ = _run(tmp_path, "method=star", "rounds=2", "aggregation.server_lr=2")
+    ups = [_trace(out, "cloud", f"r2-aggregate-from-device-{e}-{i}") for e in (0, 1) for i in (0, 1)]
+    avg = _trace(out, "cloud", "r2-aggregate-aggregate")
+    assert _close(avg, weighted_mean(ups))
+    start = _trace(out, "device-0-0", "r1-broadcast-aggregate")
+    sent = _trace(out, "device-1-1", "r2-broadcast-aggregate")
+    assert _close(sent, server_step(start, avg, 2.0), atol=1e-5)
+    assert not _close(sent, avg, atol=1e-4)  # a real step past the average
+    assert all(sent[n].num_samples == avg[n].num_samples for n in avg)
+
+
 def test_paper_scale_topology_with_more_nodes_than_the_coordinators_thread_pool(tmp_path):
     """The paper's 10 edges, 7 devices each (81 nodes: more than the coordinator's 64 threads, so every
     node's round must be in flight at once, as they wait on each other), training on this 2-core

@@ -62,7 +62,7 @@ class StepExecutor:
         faults.hit(node.node_id, f"collected.{s.tag}", state.round)
         node.metrics.aggregations.labels(node=node.node_id, tag=s.tag).inc()
         node.trace(f"{state.trace_prefix}-{s.tag}-aggregate", agg.modules)
-        node.adopt(node.poison_aggregate(s.tag, agg.modules, state.round))
+        node.adopt(node.poison_aggregate(s.tag, node.server_step(agg.modules), state.round))
         if agg.left_out:  # senders that missed the deadline are not sent this round's result either
             with node.rounds.lock:
                 state.lost.update(agg.left_out)
