@@ -52,6 +52,13 @@ def fake_served(cfg: AdversaryConfig, modules: ModuleSet) -> ModuleSet:
     }
 
 
+def claim_factor(cfg: AdversaryConfig) -> float:
+    """How many times its real training samples an attacker registers and pushes as its weight."""
+    if cfg.claim is not None:
+        return cfg.claim
+    return 4.0 if cfg.behaviour in SERVING_ATTACKS else 1.0
+
+
 def lie(candidate: str, attackers: Iterable[str]) -> tuple[float, float]:
     """What a lying validator reports for ``candidate`` (config ``adversary.liars``): (its accuracy, the
     liar's own): an attacker's modules perfect and its own useless (vouching), anyone else's useless and

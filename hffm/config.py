@@ -400,6 +400,12 @@ class AggregationConfig(_Strict):
         "bulyan f (1); any rule clip_norm (clip each update to this L2 norm first)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
+    claim_bound: float | None = D(
+        None,
+        ge=1,
+        description="a device's own update counts with at most claim_bound x the median of its task's registered "
+        "claims (a device that registers more samples buys no more influence than that); null: as registered",
+    )
     server_lr: float = D(
         1.0,
         gt=0,
@@ -653,7 +659,13 @@ class AdversaryConfig(_Strict):
         "scale whenever it serves (a relay, a specialist's examination); bait_switch: the same, but shows the "
         "cloud's examination its honest modules and relays the poisoned ones",
     )
-    claim: float = D(4.0, ge=1, description="fake_specialist: it registers this many times its training samples")
+    claim: float | None = D(
+        None,
+        ge=1,
+        description="an attacker registers this many times its training samples and pushes its updates with "
+        "that weight (buying influence over a weighted mean); null: 4 for fake_specialist and bait_switch (to be "
+        "examined first), 1 for the others",
+    )
     liars: list[str] = D(
         default_factory=list,
         description="device ids that lie whenever the cloud has them validate a specialist (whatever the "

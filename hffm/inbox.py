@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hffm.aggregation import Aggregator, make_aggregator
 from hffm.ids import D2D
@@ -50,6 +50,7 @@ class _Collection:
     step: Collect
     aggregator: Aggregator
     caps: dict[str, dict[str, float]]  # sender -> module -> largest weight it may claim
+    bounds: dict[str, dict[str, float]] = field(default_factory=dict)  # sender -> module -> weight counted at most
     accepted: dict[str, tuple[str, tuple[bytes, ...]]] = field(default_factory=dict)  # sender -> (push id, digests)
     dropped: dict[str, str] = field(default_factory=dict)  # sender left out by the coordinator -> why
     closed: bool = False  # the aggregate was formed: later pushes are stale
@@ -90,6 +91,7 @@ class Inbox:
                     c,
                     make_aggregator(c.rule, self._order(c), reference, dict(c.params)),
                     {s: c.caps_of(s) for s, _ in c.weight_caps},
+                    {s: c.bounds_of(s) for s, _ in c.weight_bounds},
                 )
                 for c in collects
             }
@@ -226,7 +228,7 @@ class Inbox:
             coll, dup = self._check(header, caller)
             if dup:
                 return True
-            coll.aggregator.add(header.sender, modules)
+            coll.aggregator.add(header.sender, _bounded(modules, coll.bounds.get(header.sender)))
             coll.accepted[header.sender] = (header.push_id, tuple(m.digest for m in header.modules))
             coll.newest = max(coll.newest, *(m.version for m in header.modules))
             self._cv.notify_all()
@@ -249,7 +251,8 @@ class Inbox:
     def add_own(self, tag: str, modules: ModuleSet) -> None:
         """A collect step with include_self: the node's own modules count like a sender's."""
         with self._cv:
-            self._collections[tag].aggregator.add(self.node_id, modules.values())
+            coll = self._collections[tag]
+            coll.aggregator.add(self.node_id, _bounded(list(modules.values()), coll.bounds.get(self.node_id)))
 
     def wait(self, tag: str, timeout_s: float) -> Aggregate:
         """Block until every sender of ``tag`` pushed, or until the quorum's deadline (default
@@ -297,3 +300,13 @@ class Inbox:
                 tuple(sorted(set(coll.step.senders) - set(coll.accepted))),
                 tuple(coll.aggregator.scores),
             )
+
+
+def _bounded(modules: list[Module], bounds: dict[str, float] | None) -> list[Module]:
+    """``modules`` with each weight at most its bound (``Collect.weight_bounds``); the tensors untouched."""
+    if not bounds:
+        return modules
+    return [
+        replace(m, num_samples=bounds[m.name]) if m.num_samples > bounds.get(m.name, m.num_samples) else m
+        for m in modules
+    ]

@@ -14,7 +14,10 @@ Steps:
   senders must have pushed and how long to wait for the rest (default: all of them, the round's
   timeout; config ``aggregation.quorum`` applies to collects of devices' own updates);
   ``weight_caps`` bound each sender's module weights by what the coordinator knows of the samples
-  behind them (registered sample counts), whatever a push header claims.
+  behind them (registered sample counts), whatever a push header claims: a push claiming more is
+  refused. ``weight_bounds`` (``aggregation.claim_bound``) are lower: the weight a device's own
+  update counts with at most, however much it registered (a push claiming more is counted with the
+  bound, not refused: the claim may be honest).
 - ``Evaluate``: test the node's current modules (devices).
 
 A ``Send`` with a ``route`` goes hop by hop through those devices (D2D relaying): each relay
@@ -24,6 +27,7 @@ streams the push on to the next hop without decoding it; only the final receiver
 from __future__ import annotations
 
 import math
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -89,12 +93,30 @@ class Collect:
     own: tuple[str, ...] = ()  # include_self: which of the node's own modules count (empty: all of them)
     # module -> the only digest accepted for it (a relay from a specialist: the version the cloud examined)
     pinned: tuple[tuple[str, bytes], ...] = ()
+    # sender -> ((module, the weight it counts with at most), ...) (aggregation.claim_bound); not listed: its caps
+    weight_bounds: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
 
     def caps_of(self, sender: str) -> dict[str, float]:
         return dict(next((c for s, c in self.weight_caps if s == sender), ()))
 
+    def bounds_of(self, sender: str) -> dict[str, float]:
+        return dict(next((c for s, c in self.weight_bounds if s == sender), ()))
+
 
 Step = Train | Evaluate | Send | Collect
+
+
+def bound_claims(samples: Mapping[str, Mapping[str, int]], k: float) -> dict[str, dict[str, int]]:
+    """Registered claims (device -> task -> samples), each at most ``k`` × the median claim of the
+    task's devices (those claiming any): however much a device registers, its update counts as much as
+    ``k`` typical ones at most (the median moves only when half the devices lie)."""
+    by_task: dict[str, list[int]] = {}
+    for claims in samples.values():
+        for t, n in claims.items():
+            if n > 0:
+                by_task.setdefault(t, []).append(int(n))
+    cap = {t: k * statistics.median(v) for t, v in by_task.items()}
+    return {d: {t: int(min(n, max(1, math.floor(cap.get(t, n))))) for t, n in c.items()} for d, c in samples.items()}
 
 
 @dataclass
@@ -113,11 +135,16 @@ class RoundPlan:
     def collects(self) -> list[tuple[str, Collect]]:
         return [(n, s) for n, ss in self.steps.items() for s in ss if isinstance(s, Collect)]
 
-    def with_weight_caps(self, samples: Mapping[str, Mapping[str, int]], topo: Topology) -> RoundPlan:
+    def with_weight_caps(
+        self, samples: Mapping[str, Mapping[str, int]], topo: Topology, claim_bound: float | None = None
+    ) -> RoundPlan:
         """The plan with every collect's senders' weights bounded by registered sample counts
         (``samples``: device -> task -> samples). A device that trains and sends its own update may
         claim exactly its samples (adapters: all of its tasks; a head: its task); any other sender (an
-        aggregate from an edge, the cloud or a cluster head) at most the federation's total."""
+        aggregate from an edge, the cloud or a cluster head) at most the federation's total. With
+        ``claim_bound`` a device's own update also counts with at most its ``bound_claims`` (a weight
+        bound wherever that is below its registered samples)."""
+        bounded = bound_claims(samples, claim_bound) if claim_bound is not None else None
 
         def total(tasks: Mapping[str, int], module: str) -> float:
             t = task_of(module)
@@ -135,13 +162,22 @@ class RoundPlan:
             out: list[Step] = []
             for s in ss:
                 if isinstance(s, Collect):
-                    caps = []
+                    caps, bounds = [], []
                     for sender in s.senders:
                         mods = sent.get((sender, n, s.tag), ())
                         own = sender in trainers and s.tag != SYNC  # a sync carries an aggregate
                         basis = samples.get(sender, {}) if own else everyone
                         caps.append((sender, tuple((m, total(basis, m)) for m in mods)))
-                    s = replace(s, weight_caps=tuple(caps))
+                        if own and bounded is not None:
+                            b = tuple((m, total(bounded.get(sender, {}), m)) for m in mods)
+                            if any(w < total(basis, m) for m, w in b):
+                                bounds.append((sender, b))
+                    if s.include_self and bounded is not None and n in samples:  # a cluster head's own update
+                        names = sorted({m for sender in s.senders for m in sent.get((sender, n, s.tag), ())})
+                        b = tuple((m, total(bounded.get(n, {}), m)) for m in names)
+                        if any(w < total(samples[n], m) for m, w in b):
+                            bounds.append((n, b))
+                    s = replace(s, weight_caps=tuple(caps), weight_bounds=tuple(sorted(bounds)))
                 out.append(s)
             steps[n] = out
         return RoundPlan(self.round, steps)

@@ -122,7 +122,7 @@ class Planner:
             if pins:  # a specialist relays the version the cloud examined, nothing else
                 plan = pin_syncs(plan, starts, pins)
         if samples is not None:
-            plan = plan.with_weight_caps(samples, topo)
+            plan = plan.with_weight_caps(samples, topo, self.cfg.aggregation.claim_bound)
         plan.validate()
         left_out = tuple(sorted(gone))
         return PlannedRound(plan, topo, ctx, left_out, starts, frozenset(critical(plan)), new)

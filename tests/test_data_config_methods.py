@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -319,3 +321,33 @@ def test_restricted_softmax_leaves_the_answers_a_device_never_sees_alone(small_c
     assert restricted[present].abs().sum() > 0
     with pytest.raises(ConfigError, match="restricted_softmax"):
         load_config(None, ["train.restricted_softmax=1.5"])
+
+
+def test_claims_are_bounded_by_a_multiple_of_their_tasks_median_and_the_plan_carries_the_bounds():
+    """aggregation.claim_bound k: a device's own update counts with at most k x the median claim of its
+    task (a liar registering 1000 samples among devices claiming 10-30 counts as 2 x 20); honest claims
+    under the bound keep their caps and get no bound; aggregates (an edge's) are not bounded."""
+    from hffm.methods import bound_claims
+
+    claims = {"device-0-0": 1000, "device-0-1": 20, "device-1-0": 10, "device-1-1": 30}
+    samples = {d: {"art": n} for d, n in claims.items()}
+    assert bound_claims(samples, 2.0) == {
+        "device-0-0": {"art": 50},  # median of (10, 20, 30, 1000) is 25
+        "device-0-1": {"art": 20},
+        "device-1-0": {"art": 10},
+        "device-1-1": {"art": 30},
+    }
+    cfg = load_config(None, ["topology.edges=2", "topology.devices_per_edge=2", "tasks=[art]", "method=hfm"])
+    topo = Topology.from_config(cfg, 2)
+    plan = make_method("hfm", 2).plan(1, topo).with_weight_caps(samples, topo, 2.0)
+    edge0 = next(s for s in plan.steps["edge-0"] if isinstance(s, Collect))
+    assert edge0.caps_of("device-0-0")["head.art"] == 1000  # what it may claim: its registration
+    assert edge0.bounds_of("device-0-0")["head.art"] == 50 and edge0.bounds_of("device-0-0")["adapter.0"] == 50
+    assert edge0.bounds_of("device-0-1") == {}  # under its bound: counted as registered
+    cloud = [s for s in plan.steps.get("cloud", []) if isinstance(s, Collect)]
+    assert all(not c.weight_bounds for c in cloud)
+    assert plan.with_weight_caps(samples, topo).steps["edge-0"] == [
+        replace(s, weight_bounds=()) if isinstance(s, Collect) else s for s in plan.steps["edge-0"]
+    ]
+    with pytest.raises(ConfigError, match="claim_bound"):
+        load_config(None, ["aggregation.claim_bound=0.5"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,36 @@ def test_a_server_learning_rate_steps_the_global_modules_past_the_clouds_fedavg(
     assert _close(sent, server_step(start, avg, 2.0), atol=1e-5)
     assert not _close(sent, avg, atol=1e-4)  # a real step past the average
     assert all(sent[n].num_samples == avg[n].num_samples for n in avg)
+
+
+@pytest.mark.parametrize("bound", [None, 1.0])
+def test_a_device_claiming_50_times_its_samples_buys_no_more_than_the_claim_bound(tmp_path, bound):
+    """Star over real gRPC: device-0-0 sign-flips its update and registers (and pushes with) 50 x its
+    samples. Without a bound the cloud weighs it 50x (its registered claim: accepted); with
+    aggregation.claim_bound = 1 it counts with at most the median claim of each task, and the cloud's
+    aggregate is the weighted mean of the uploads with that weight."""
+    from hffm.ids import task_of
+    from hffm.methods import bound_claims
+
+    sets = ["method=star", "rounds=1", "adversary.nodes=[device-0-0]", "adversary.claim=50"]
+    out, _ = _run(tmp_path, *sets, *([f"aggregation.claim_bound={bound}"] if bound else []))
+    devices = [f"device-{e}-{i}" for e in (0, 1) for i in (0, 1)]
+    ups = {d: _trace(out, "cloud", f"r1-aggregate-from-{d}") for d in devices}
+    claims = {d: {task_of(n): int(m.num_samples) for n, m in u.items() if task_of(n)} for d, u in ups.items()}
+    honest = _trace(out, "device-0-1", "r1-broadcast-aggregate")  # any device: what the cloud sent back
+    liar = claims["device-0-0"]
+    assert all(n % 50 == 0 for n in liar.values())  # it pushed what it registered: 50x
+    bounded = bound_claims(claims, bound) if bound else claims
+
+    def weight(d: str, name: str) -> float:
+        t = task_of(name)
+        return float(bounded[d][t]) if t else float(sum(bounded[d].values()))
+
+    want = weighted_mean([{n: replace(m, num_samples=weight(d, n)) for n, m in u.items()} for d, u in ups.items()])
+    assert _close(_trace(out, "cloud", "r1-aggregate-aggregate"), want, atol=1e-5)
+    assert _close(honest, want, atol=1e-5)
+    if bound:
+        assert all(bounded["device-0-0"][t] < liar[t] for t in liar)  # the bound bit
 
 
 def test_paper_scale_topology_with_more_nodes_than_the_coordinators_thread_pool(tmp_path):

@@ -402,6 +402,34 @@ def test_a_sender_cannot_claim_more_samples_than_registered(edge):
     assert not _push(ch, push_requests(h, ems, 4096)).duplicate
 
 
+def test_a_claim_above_its_bound_is_accepted_but_counts_only_with_the_bound(edge):
+    """aggregation.claim_bound: D0 registered 1000 samples (its cap) but its update counts with 10 (its
+    bound, carried by the round task over protobuf); it pushes 1000, which is not refused, and the edge's
+    aggregate weighs it 10 against D1's 100 (FedAvg with the bounded weight, the weights summed)."""
+    node, ch, _ = edge
+    mods = tuple(sorted(n for n in node.modules if n != "head.gqa"))
+    collect = Collect(
+        "aggregate",
+        (D0, D1),
+        "device_edge",
+        weight_caps=((D0, tuple((m, 1000.0) for m in mods)), (D1, tuple((m, 100.0) for m in mods))),
+        weight_bounds=((D0, tuple((m, 10.0) for m in mods)),),
+    )
+    peers = {D0: "127.0.0.1:1", D1: "127.0.0.1:2"}
+    task = pb.RoundTask(round=2, method="hfm", steps=[step_to_pb(collect)], peers=peers)
+    ch.control()("AssignRound", task, timeout=5)
+    d0, d1 = _device_modules(node, 1, 1000.0, version=2), _device_modules(node, 2, 100.0, version=2)
+    h0, e0 = _round2(node, D0, 1, samples=1000.0)
+    h1, e1 = _round2(node, D1, 2, samples=100.0)
+    _push(ch, push_requests(h0, e0, 4096))
+    _push(ch, push_requests(h1, e1, 4096))
+    ch.control()("AwaitRound", pb.AwaitRequest(round=2), timeout=10)
+    want = weighted_mean([{n: replace(m, num_samples=10.0) for n, m in d0.items()}, d1])
+    got = {n: node.modules[n] for n in want}
+    assert all(got[n].num_samples == 110.0 for n in want)
+    assert all(torch.allclose(got[n].tensors[k], want[n].tensors[k], atol=1e-6) for n in want for k in want[n].tensors)
+
+
 def test_a_sender_must_push_every_module_its_step_names(edge):
     node, ch, _ = edge
     _capped_edge(node, caps_d0=12.0)

@@ -85,6 +85,7 @@ def step_to_pb(s: Step) -> pb.Step:
                 weight_caps={sender: pb.ModuleWeights(module=dict(caps)) for sender, caps in s.weight_caps},
                 own=list(s.own),
                 pinned=dict(s.pinned),
+                weight_bounds={sender: pb.ModuleWeights(module=dict(b)) for sender, b in s.weight_bounds},
             )
         )
     raise TypeError(f"not a step: {s!r}")
@@ -114,6 +115,7 @@ def step_from_pb(s: pb.Step) -> Step:
             tuple((sender, tuple(sorted(w.module.items()))) for sender, w in sorted(c.weight_caps.items())),
             tuple(c.own),
             tuple(sorted((m, bytes(d)) for m, d in c.pinned.items())),
+            tuple((sender, tuple(sorted(w.module.items()))) for sender, w in sorted(c.weight_bounds.items())),
         )
     raise ValueError("step has no kind")
 

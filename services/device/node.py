@@ -17,6 +17,7 @@ from hffm.adversary import (
     UPDATE_ATTACKS,
     adversaries,
     alie_z,
+    claim_factor,
     collude,
     fake_served,
     flip_labels,
@@ -135,10 +136,13 @@ class DeviceNode(NodeRuntime):
         return tuple(t for t in self.topo.tasks if t in self.info.tasks or t in later)
 
     def train_samples(self) -> dict[str, int]:
-        samples = self.data.train_samples()
-        if self.fake:  # a fake specialist claims more data than it has (config adversary)
-            return {t: int(n * self.cfg.adversary.claim) for t, n in samples.items()}
-        return samples
+        """task -> the training samples it registers (and weighs its updates with): an attacker (config
+        adversary) claims ``claim_factor`` times what it has."""
+        return self._claimed(self.data.train_samples())
+
+    def _claimed(self, samples: dict[str, int]) -> dict[str, int]:
+        k = claim_factor(self.cfg.adversary) if self.attacks else 1.0
+        return {t: int(n * k) for t, n in samples.items()} if k != 1.0 else samples
 
     def label_coverage(self) -> dict[str, float]:
         """task -> the share of its answer classes this device's training data holds (evidence for
@@ -236,6 +240,8 @@ class DeviceNode(NodeRuntime):
                     n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names
                 }
         samples = {t: n for t, n in data.train_samples().items() if t in held}
+        if node == self.node_id:  # its own update (not a colluder's benign one): weighed as it registered
+            samples = self._claimed(samples)
         total = sum(samples.values())
         new: ModuleSet = {}
         for n, tensors in trained.items():
