@@ -53,6 +53,8 @@ RULES: dict[str, list[str]] = {
     ],
     "clipped fedavg": ["aggregation.rule=fedavg", "aggregation.params.clip_norm=2"],
     "fedavg, flagged excluded": ["aggregation.rule=fedavg", "aggregation.params.exclude_flagged=1"],
+    # a device's own update counts with at most 2 x its task's median registered claim
+    "fedavg, claims bounded": ["aggregation.rule=fedavg", "aggregation.claim_bound=2"],
 }
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
@@ -63,6 +65,8 @@ ATTACKS: dict[str, list[str]] = {
     "label_flip": ["adversary.behaviour=label_flip"],
     "alie": ["adversary.behaviour=alie"],  # z from Baruch et al.'s formula at each attacker's edge
     "ipm": ["adversary.behaviour=ipm", "adversary.epsilon=0.5"],
+    # label flipping with the attackers registering (and pushing with) 20x their samples: influence bought
+    "label_flip x20": ["adversary.behaviour=label_flip", "adversary.claim=20"],
 }
 
 
