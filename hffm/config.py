@@ -664,7 +664,7 @@ class AdversaryConfig(_Strict):
         ge=1,
         description="an attacker registers this many times its training samples and pushes its updates with "
         "that weight (buying influence over a weighted mean); null: 4 for fake_specialist and bait_switch (to be "
-        "examined first), 1 for the others",
+        "examined first: they register it, their updates and weights stay honest), 1 for the others",
     )
     liars: list[str] = D(
         default_factory=list,

@@ -166,3 +166,27 @@ def appoint(verdicts: Iterable[Verdict], per_task: int) -> dict[str, list[str]]:
         t: [v.node for v in sorted(vs, key=lambda v: (-(v.accuracy or 0.0), v.node))[:per_task]]
         for t, vs in sorted(out.items())
     }
+
+
+def switch_proof(header, caller: str, round_: int | None, pins: Mapping[tuple[str, str], bytes]) -> str:
+    """What a refused relay's push ``header`` (a ``hffm.wire.PushHeader`` whose signature the caller
+    checked) proves: the name of a module its sender sent in a version other than the one the cloud
+    examined and pinned for it (``pins``: (specialist, module) -> digest). ``ModuleError`` when it
+    proves nothing: a push to someone other than ``caller`` (the taker reporting it), not a relay (a
+    sync), not of the round now running (pins change at every review), or every module as examined."""
+    from hffm.methods import SYNC
+    from hffm.modules import ModuleError
+
+    if header.receiver != caller:
+        raise ModuleError("PERMISSION_DENIED", "not_the_receiver", f"{caller} reports a push to {header.receiver}")
+    if header.tag != SYNC:
+        raise ModuleError("INVALID_ARGUMENT", "not_a_relay", f"a {header.tag!r} push is no specialist's relay")
+    if round_ is None or header.round != round_:
+        raise ModuleError("FAILED_PRECONDITION", "wrong_round", f"a push of round {header.round}, running {round_}")
+    pinned = [m for m in header.modules if (header.sender, m.name) in pins]
+    if not pinned:
+        raise ModuleError("FAILED_PRECONDITION", "not_pinned", f"nothing of {header.sender} was examined and pinned")
+    for m in pinned:
+        if m.digest != pins[(header.sender, m.name)]:
+            return m.name
+    raise ModuleError("INVALID_ARGUMENT", "as_examined", f"{header.sender} sent every module as examined")

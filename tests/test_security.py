@@ -433,3 +433,50 @@ def test_only_the_operator_evicts_a_device_and_an_evicted_one_never_registers_ag
     assert D1 not in coord.topo.device_map
     r = CliRunner().invoke(app, ["evict", "--run", str(run_dir), "--id", D1])  # twice: NOT_FOUND, exit 1
     assert r.exit_code == 1 and "NOT_FOUND" in r.output
+
+
+def test_a_switched_relay_is_flagged_on_the_senders_signed_header_alone(cloud_server):
+    """Coordinator.ReportSwitch over real gRPC and mTLS: a taker's proof that a specialist relayed a
+    version other than the one examined is the push header it refused, signed by the sender. The cloud
+    flags the sender on that alone; a report from anyone but a device, about a push to someone else, on a
+    header the sender did not sign (unsigned, or signed by the reporter), of another round, not a relay,
+    or matching what was examined, is refused and flags nobody."""
+    from types import SimpleNamespace
+
+    from hffm.wire import ModuleHeader, PushHeader
+    from services.common.convert import header_to_pb
+
+    coord, addr, d = cloud_server
+    coord.cfg = coord.cfg.model_copy(update={"specialists": coord.cfg.specialists.model_copy(update={"enabled": True})})
+    examined, switched = b"\x01" * 32, b"\x02" * 32
+    coord.board.pins = {(D0, "head.art"): examined}
+    coord._running = SimpleNamespace(plan=SimpleNamespace(round=4))
+
+    def header(digest=switched, receiver=D1, round_=4, tag="sync", signer=D0) -> pb.PushHeader:
+        h = PushHeader(
+            "p", D0, receiver, round_, tag, "d2d", (ModuleHeader("head.art", 3, 10.0, 64, digest, "fp32", "blake3"),)
+        )
+        if signer is not None:
+            h = Security(load_config(None, [f"security.dir={d}"]).security, signer).sign_header(h)
+        return header_to_pb(h)
+
+    def report(caller: str, h: pb.PushHeader):
+        return pb_grpc.CoordinatorStub(_channel(d, caller, addr, "cloud")).ReportSwitch(h, timeout=5)
+
+    refused = [
+        ("edge-0", header(receiver="edge-0"), grpc.StatusCode.PERMISSION_DENIED),  # not a device
+        ("device-1-0", header(), grpc.StatusCode.PERMISSION_DENIED),  # a push to D1, reported by another
+        (D1, header(signer=None), grpc.StatusCode.PERMISSION_DENIED),  # unsigned: the taker's word
+        (D1, header(signer=D1), grpc.StatusCode.PERMISSION_DENIED),  # forged by the taker itself
+        (D1, header(round_=3), grpc.StatusCode.FAILED_PRECONDITION),  # not the round running
+        (D1, header(tag="aggregate"), grpc.StatusCode.INVALID_ARGUMENT),  # not a relay
+        (D1, header(digest=examined), grpc.StatusCode.INVALID_ARGUMENT),  # what was examined
+    ]
+    for caller, h, code in refused:
+        assert _status(lambda c=caller, h=h: report(c, h)) == code, (caller, code)
+        assert not coord.board.flagged and coord.board.pins
+    report(D1, header())
+    assert coord.board.flagged == {D0} and "signed push header" in coord.board._switched[D0]
+    assert not coord.board.pins  # no longer a specialist: nothing of it is pinned
+    report(D1, header())  # the same proof again (or another taker's): nothing more to do
+    assert coord.board.flagged == {D0}

@@ -337,8 +337,9 @@ def test_the_cloud_keeps_only_scores_a_validator_could_have_measured():
 def test_a_bait_and_switch_specialist_is_flagged_when_its_relay_is_not_what_was_examined(tmp_path):
     """device-0-1 shows the cloud's examination its honest gqa head (it passes and, claiming the most data,
     is appointed), then relays a negated one. The taker's sync is pinned to the examined digest: it refuses
-    the push (not_examined), the coordinator flags device-0-1 on the spot, and the round's next attempt is
-    served by someone else; what the taker adopted is never the switched version."""
+    the push (not_examined) and sends the cloud the sender's signed header (its proof), the coordinator
+    flags device-0-1 on it, and the round's next attempt is served by someone else; what the taker
+    adopted is never the switched version."""
     # one candidate per task: the one with the most evidence, the liar
     res = _run_with_an_adversary(tmp_path, ["adversary.behaviour=bait_switch", "specialists.candidates=1"])
     assert res["complete"]
@@ -347,6 +348,8 @@ def test_a_bait_and_switch_specialist_is_flagged_when_its_relay_is_not_what_was_
     r4 = rounds[4]
     assert r4["aborted"] and "not the version examined" in r4["aborted"][0]["reason"]
     assert "device-0-1" in r4["specialists"]["switched"] and "device-0-1" in r4["specialists"]["flagged"]
+    # flagged on the taker's proof (the sender's signed header, Coordinator.ReportSwitch), not on its word
+    assert "signed push header, reported by device-0-2" in r4["specialists"]["switched"]["device-0-1"]
     served = [h["origin"] for h in r4["hops"] if h["tag"] == "sync" and h["destination"] == "device-0-2"]
     assert served and "device-0-1" not in served
     assert all("device-0-1" not in ns for ns in r4["specialists"]["appointed"].values())

@@ -24,18 +24,21 @@ from hffm.costmodel import CostModel, Hop
 from hffm.ids import CLOUD, joining_edge, role_of
 from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
+from hffm.modules import ModuleError
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
-from hffm.pki import Identity
+from hffm.pki import Identity, PKIError
 from hffm.planner import PlannedRound, Planner
 from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record, strict_json
+from hffm.specialists import switch_proof
 from hffm.topology import Topology, arrived
+from hffm.wire import PushHeader
 from services.cloud.dispatcher import Assignment, Dispatcher
 from services.cloud.membership import Membership, Registration, RegistrationTimeout
 from services.cloud.progress import ProgressEvent, ProgressFeed
 from services.cloud.results_writer import ResultsWriter
 from services.cloud.specialists import SpecialistBoard
 from services.common import faults
-from services.common.convert import progress_to_pb, registration_from_pb
+from services.common.convert import header_from_pb, progress_to_pb, registration_from_pb
 from services.common.metrics import link_label
 from services.common.node import NodeRuntime, abort_for, authorize
 from services.rpc import pb, pb_grpc
@@ -119,6 +122,29 @@ class Coordinator:
         running = self._running
         return running.plan.round if running is not None and device in running.topo.device_map else 0
 
+    def report_switch(self, header: PushHeader, caller: str) -> str:
+        """A taker's proof that a specialist relayed something other than what the cloud examined: the
+        push header it refused, signed by the sender (``specialists.switch_proof`` says what it proves).
+        The sender is flagged on it; ``ModuleError`` (state unchanged) when it proves nothing."""
+        if not self.cfg.specialists.enabled:
+            raise ModuleError("FAILED_PRECONDITION", "no_specialists", "specialists are off: nothing is pinned")
+        if not self.node.security.enabled:
+            raise ModuleError("FAILED_PRECONDITION", "no_signatures", "security is off: a header proves nothing")
+        try:
+            self.node.security.verify_header(header)
+        except PKIError as err:
+            raise ModuleError("PERMISSION_DENIED", "bad_signature", f"not signed by {header.sender}: {err}") from None
+        if header.sender in self.board.flagged:
+            return header.sender  # proven already (another taker, or the same report again)
+        running = self._running
+        module = switch_proof(header, caller, running.plan.round if running else None, self.board.pins)
+        self.board.flag(
+            header.sender,
+            f"round {header.round}: relayed {module} other than the version examined "
+            f"(its signed push header, reported by {caller})",
+        )
+        return header.sender
+
     def _release_departed(self) -> list[str]:
         """Shut down the devices that left since the last round (their last round is over)."""
         gone = self.members.take_leaving()
@@ -194,6 +220,8 @@ class Coordinator:
                     peers.update(s.route)
                 elif isinstance(s, Collect):
                     peers.update(s.senders)
+                    if s.pinned:  # a taker of a specialist's relay: a mismatch is reported to the cloud
+                        peers.add(CLOUD)
             if self.method.uses_d2d and topo.role(nid) == "device":  # relays reach any cluster peer
                 peers.update(d.id for d in topo.cluster(topo.device_map[nid].edge) if d.id != nid)
             peer_addresses = {p: self.members.address(p) for p in sorted(peers)}
@@ -327,7 +355,9 @@ class Coordinator:
                 return
             if n == CLOUD:
                 raise AttemptFailed(f"the cloud's own steps failed: {_describe(err)}", set())
-            if self.cfg.specialists.enabled and NOT_EXAMINED in _describe(err):  # a bait and switch
+            # a bait and switch: with signatures the taker's proof flags the sender (ReportSwitch), never a
+            # refusal the sender relays (the taker's word); without them the federation trusts that word
+            if self.cfg.specialists.enabled and not self.node.security.enabled and NOT_EXAMINED in _describe(err):
                 self.board.flag(n, f"round {r}: relayed a version other than the one examined")
             dead = self.dispatcher.probe([x for x in nodes if x != CLOUD and x not in lost])
             if isinstance(err, grpc.RpcError) and err.code() in GONE:
@@ -558,6 +588,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         except ValueError as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+
+    def ReportSwitch(self, request, context):  # noqa: N802
+        try:  # a device that took a specialist's relay, about a push addressed to it
+            ident = authorize(self.coord.node, context, "ReportSwitch", lambda i: i.role == "device")
+            self.coord.report_switch(header_from_pb(request), ident.id)
+            return pb.Empty()
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
 
     def Watch(self, request, context):  # noqa: N802
         try:  # the run's results go to the operator (the launcher) and the coordinator alone

@@ -5,13 +5,14 @@ counted by reason; nothing changes before every check passed."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import grpc
 
 from hffm.config import HFFMConfig
-from hffm.ids import D2D, role_of, trace_prefix
+from hffm.ids import CLOUD, D2D, role_of, trace_prefix
 from hffm.inbox import Inbox
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec
 from hffm.pki import PKIError
@@ -25,7 +26,9 @@ from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry
 from services.common.security import Security
 from services.common.sender import Sender
-from services.rpc import pb
+from services.rpc import pb, pb_grpc
+
+log = logging.getLogger("hffm.receiver")
 
 
 class Receiver:
@@ -72,7 +75,12 @@ class Receiver:
         header = header_from_pb(first.header)
         if self.relays and header.link == D2D and (header.receiver != self.node_id or header.route):
             return self._relay(header, requests, caller)
-        duplicate = self.inbox.precheck(header, caller)
+        try:
+            duplicate = self.inbox.precheck(header, caller)
+        except ModuleError as err:
+            if err.reason == "not_examined":
+                self._report_switch(header, first.header)
+            raise
         try:
             self.security.verify_header(header)
         except PKIError as err:
@@ -102,6 +110,27 @@ class Receiver:
         return pb.PushAck(
             duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules]
         )
+
+    def _report_switch(self, header: PushHeader, signed: pb.PushHeader) -> None:
+        """A specialist's relay that is not the version the cloud examined: send the cloud the sender's
+        signed header (its proof; Coordinator.ReportSwitch) before the refusal goes back. Only a header
+        whose signature holds is reported; without security there is no proof to send."""
+        state = self.rounds.get(header.round)
+        cloud = state.peers.get(CLOUD) if state is not None else None
+        if not self.security.enabled or cloud is None:
+            return
+        try:
+            self.security.verify_header(header)
+        except PKIError as err:
+            log.warning("%s: a relay refused as not examined, not signed by %s: %s", self.node_id, header.sender, err)
+            return
+        try:
+            pb_grpc.CoordinatorStub(self.channels.get(cloud, CLOUD)).ReportSwitch(
+                signed, timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.sender.metadata
+            )
+            log.warning("%s: reported %s's relay of round %d", self.node_id, header.sender, header.round)
+        except grpc.RpcError as err:
+            log.warning("%s: the cloud took no report of %s's relay: %s", self.node_id, header.sender, err.details())
 
     def _count_received(self, header: PushHeader) -> None:
         link = link_label(header.link, role_of(header.sender))

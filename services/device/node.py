@@ -240,8 +240,8 @@ class DeviceNode(NodeRuntime):
                     n: {k: v.detach().cpu().clone() for k, v in self.host.model.module_state(n).items()} for n in names
                 }
         samples = {t: n for t, n in data.train_samples().items() if t in held}
-        if node == self.node_id:  # its own update (not a colluder's benign one): weighed as it registered
-            samples = self._claimed(samples)
+        if node == self.node_id and not self.fake:  # an attacker's own update weighs what it registered (a fake
+            samples = self._claimed(samples)  # specialist's updates are honest, weights too: it lies when it serves)
         total = sum(samples.values())
         new: ModuleSet = {}
         for n, tensors in trained.items():
