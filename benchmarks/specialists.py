@@ -57,7 +57,7 @@ def liar_of(seed: int) -> str:
     return OTHERS[seed % len(OTHERS)]
 
 
-def judge_run(results: dict, fake: str) -> dict:
+def judge_run(results: dict, fake: str, liar: str | None = None) -> dict:
     """What one run's results.json says about the fake (see the module's text)."""
     rounds = {x["round"]: x for x in results["rounds"]}
     flagged = {r: x["specialists"].get("flagged", []) for r, x in rounds.items() if x.get("specialists")}
@@ -73,7 +73,10 @@ def judge_run(results: dict, fake: str) -> dict:
          if v["verdict"] == "disputed"} - {fake}
     )  # fmt: skip
     switched = sorted(r for r, x in rounds.items() if fake in (x.get("specialists") or {}).get("switched", {}))
+    discredited = {r: (x.get("specialists") or {}).get("discredited", []) for r, x in rounds.items()}
     return {
+        "liar": liar,
+        "liar_discredited": min((r for r, d in discredited.items() if liar in d), default=None),
         "switched_rounds": switched,  # rounds in which a relay of its was refused as not examined
         "fake": fake,
         "caught": caught_round is not None and not relays,
@@ -97,12 +100,13 @@ def run_seed(out: Path, seed: int, attack: str = "fake_specialist", liar: bool =
         f"adversary.behaviour={attack}",
         f"specialists.quorum={quorum}",
     ]
-    cfg = load_config(None, [*sets, f"adversary.liars=[{liar_of(seed)}]"] if liar else sets)
+    liar_id = liar_of(seed) if liar else None
+    cfg = load_config(None, [*sets, f"adversary.liars=[{liar_id}]"] if liar else sets)
     try:
         res = run(cfg, out / f"seed-{seed}", Console(file=io.StringIO()), timeout_s=600)
     except Exception as err:  # noqa: BLE001 - a failed run is reported as one, the others go on
-        return {"seed": seed, **judge_run({"rounds": [], "complete": False}, fake), "error": str(err)}
-    return {"seed": seed, **judge_run(res, fake)}
+        return {"seed": seed, **judge_run({"rounds": [], "complete": False}, fake, liar_id), "error": str(err)}
+    return {"seed": seed, **judge_run(res, fake, liar_id)}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -119,6 +123,8 @@ def summary(rows: list[dict]) -> dict:
         "goal_met": bool(done) and rate >= 0.95,
         "false_flag_rate": false / honest if honest else 0.0,
         "disputed_rate": sum(len(r.get("disputed", [])) for r in done) / honest if honest else 0.0,
+        "liar_discredited": sum(r.get("liar_discredited") is not None for r in done if r.get("liar")),
+        "liar_discredited_rounds": sorted(r["liar_discredited"] for r in done if r.get("liar_discredited")),
         "caught_rounds": sorted(r["caught_round"] for r in done if r["caught_round"] is not None),
     }
 
@@ -133,7 +139,8 @@ def markdown(res: dict) -> str:
         f"(goal 95 %: {'met' if s['goal_met'] else 'not met'}); honest devices flagged: "
         f"{s['false_flag_rate']:.1%}; honest devices left disputed: {s.get('disputed_rate', 0.0):.1%}; "
         f"no relay of its adopted: {s['no_relay_adopted_rate']:.0%}; "
-        f"relays refused as not examined (bait and switch): in {s['switch_tried']} seeds",
+        f"relays refused as not examined (bait and switch): in {s['switch_tried']} seeds; lying validator "
+        f"discredited in {s.get('liar_discredited', 0)} seeds (after rounds {s.get('liar_discredited_rounds', [])})",
         "",
         "| seed | fake | caught (round) | relays from it | false flags | disputed "
         "| gqa served to device-0-2 / -4 / -0 by |",

@@ -731,6 +731,12 @@ class SpecialistsConfig(_Strict):
         le=1,
         description="accepted only at chance + min_gain or better, and within min_gain of its validators' own",
     )
+    discredit: int = D(
+        2,
+        ge=0,
+        description="a validator whose accusations against this many distinct candidates were each contradicted "
+        "by quorum other validators is no longer asked and its accusations are dropped (0: never)",
+    )
     timeout_s: float = D(60.0, gt=0, description="each Serve / Validate call")
 
 

@@ -28,6 +28,12 @@ module who is a candidate, who validates whom, and what the verdicts are.
   own, for each of them); ``unproven`` otherwise (early rounds, when nobody is better than chance yet: an
   untrained module, poisoned or not, is not told apart from an honest untrained one, so nothing is
   relayed from it).
+- **Discredited validators**: an accusation is *contradicted* when the candidate is not refused and at
+  least ``quorum`` other validators of the same review see it within ``tolerance`` of their own. A
+  validator with contradicted accusations against ``discredit`` distinct candidates (over the run) is no
+  longer asked, and its standing accusations are dropped: a liar framing every candidate it scores is
+  found after its second victim, while an honest validator that alone sees a fake's collapse on its
+  one-class data accuses that one node. A liar that frames a single candidate keeps it disputed.
 - **Specialists** of T: the ``per_task`` accepted candidates with the highest mean validation accuracy
   (conflicts between candidates are settled by measured accuracy, not by claims). Roles are re-evaluated
   every review: a specialist whose data or module no longer holds up loses the role.
@@ -153,6 +159,16 @@ def judge(
     else:
         v.verdict = UNPROVEN
     return v
+
+
+def contradicted(verdict: Verdict, tolerance: float, quorum: int) -> set[str]:
+    """The validators whose accusation (margin below -2 tolerance) in ``verdict`` at least ``quorum``
+    other validators of the same review contradict (margin at least -tolerance); none when refused."""
+    if verdict.verdict == REFUSED:
+        return set()
+    margins = {s["validator"]: s["accuracy"] - s["own_accuracy"] for s in verdict.scores if "validator" in s}
+    fine = {v for v, m in margins.items() if m >= -tolerance}
+    return {v for v, m in margins.items() if m < -2 * tolerance and len(fine - {v}) >= quorum}
 
 
 def appoint(verdicts: Iterable[Verdict], per_task: int) -> dict[str, list[str]]:

@@ -99,6 +99,23 @@ def test_a_quorum_of_accusers_refuses_one_validator_alone_only_disputes_and_accu
     assert judge("d", "art", 0.4, [s("liar", 0.0, 1.0), s("x", 0.60, 0.65)], 0.15, 0.05, quorum=2).verdict == DISPUTED
 
 
+def test_an_accusation_that_quorum_others_contradict_is_counted_against_its_validator():
+    from hffm.specialists import contradicted
+
+    def s(v, acc, own):
+        return Score(v, acc, own, 20, 4)
+
+    lone = judge("h", "art", 0.4, [s("liar", 0.0, 1.0), s("x", 0.7, 0.65), s("y", 0.6, 0.66)], 0.15, 0.05, quorum=2)
+    assert contradicted(lone, 0.15, 2) == {"liar"}
+    # one other validator only agrees with the candidate: not enough to contradict
+    few = judge("h", "art", 0.4, [s("w", 0.0, 0.6), s("x", 0.7, 0.65), s("y", 0.4, 0.66)], 0.15, 0.05, quorum=2)
+    assert contradicted(few, 0.15, 2) == set()
+    both = judge(
+        "f", "art", 0.4, [s("w", 0.0, 0.6), s("z", 0.1, 0.7), s("x", 0.7, 0.65), s("y", 0.7, 0.6)], 0.15, 0.05, quorum=2
+    )
+    assert both.verdict == REFUSED and contradicted(both, 0.15, 2) == set()  # corroborated: refused
+
+
 def test_validators_ask_standing_accusers_first_then_those_that_have_not_scored_the_candidate():
     ev = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1, "e": 0.05}
     assert pick_validators("a", ev, ["a", "b"], 3) == ["b", "c", "d"]
@@ -360,7 +377,8 @@ def test_a_lying_validator_flags_honest_candidates_only_when_one_word_suffices(t
     """device-0-1 is a fake specialist and device-0-2 lies whenever it validates: it vouches for the fake
     and frames everyone else. Every holder validates every candidate. With quorum 1 the liar's word alone
     has honest candidates flagged (the attack works); with quorum 2 nobody honest is flagged: the liar's
-    victims are disputed (not appointed), and the fake, vouched for, is still never appointed and never
+    victims are disputed (not appointed) until the liar, its accusations of two of them contradicted by
+    the other validators, is discredited; the fake, vouched for, is still never appointed and never
     relays (the honest validators' collapse outweighs the liar's vouching)."""
     res = _run_with_an_adversary(
         tmp_path,
@@ -379,6 +397,12 @@ def test_a_lying_validator_flags_honest_candidates_only_when_one_word_suffices(t
         assert not framed, reviews
         disputed = {v["node"] for s in reviews.values() for v in s["verdicts"] if v["verdict"] == DISPUTED}
         assert (accused - {"device-0-1"}) & disputed
+        # its lone accusations of two honest candidates discredit it: never asked again, accusations dropped
+        when = min(r for r, s in reviews.items() if "device-0-2" in s["discredited"])
+        for r, s in reviews.items():
+            if r > when:
+                for v in s["verdicts"]:
+                    assert "device-0-2" not in v["accusers"] + [x.get("validator") for x in v["scores"]]
     assert all("device-0-1" not in ns for s in reviews.values() for ns in s["appointed"].values())
     for x in res["rounds"]:
         assert not [h for h in x["hops"] if h["tag"] == "sync" and h["origin"] == "device-0-1"], x["round"]

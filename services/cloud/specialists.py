@@ -12,7 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from hffm.config import HFFMConfig
-from hffm.specialists import REFUSED, Score, Verdict, appoint, candidates, evidence, judge, validators
+from hffm.specialists import (
+    REFUSED,
+    Score,
+    Verdict,
+    appoint,
+    candidates,
+    contradicted,
+    evidence,
+    judge,
+    validators,
+)
 from hffm.topology import Topology
 from services.cloud.membership import Membership
 from services.common.node import NodeRuntime
@@ -31,6 +41,8 @@ class SpecialistBoard:
         self._switched: dict[str, str] = {}  # flagged during a round (a relay not examined), for the record
         self.accusers: dict[tuple[str, str], set[str]] = {}  # (candidate, task) -> standing accusations
         self.asked: dict[tuple[str, str], set[str]] = {}  # (candidate, task) -> validators that scored it
+        self.contradicted: dict[str, set[str]] = {}  # validator -> candidates it accused, contradicted
+        self.discredited: set[str] = set()  # validators no longer asked (hffm/specialists.py)
 
     def flag(self, node: str, why: str) -> None:
         """``node`` relayed something other than what was examined: flagged, no longer a specialist."""
@@ -72,8 +84,9 @@ class SpecialistBoard:
         jobs = []
         for task in sorted(ev):
             cands = candidates(ev[task], sc.candidates, self.flagged)
+            unasked = self.flagged | self.discredited
             jobs += [
-                (task, c, validators(c, ev[task], cands, sc.validators, self.flagged,
+                (task, c, validators(c, ev[task], cands, sc.validators, unasked,
                                      self.accusers.get((c, task), ()), self.asked.get((c, task), ())))
                 for c in cands
             ]  # fmt: skip
@@ -104,6 +117,7 @@ class SpecialistBoard:
             if (t, c) in errors:
                 verdict.scores.append({"error": errors[(t, c)]})
             verdicts.append(verdict)
+        discredited = self._discredit(verdicts) if sc.discredit else []
         refused = sorted({v.node for v in verdicts if v.verdict == REFUSED} - self.flagged)
         for n in refused:
             self.flag(n, f"refused as a specialist in the review after round {round_}")
@@ -115,8 +129,24 @@ class SpecialistBoard:
             "appointed": self.roles,
             "flagged": sorted({*refused, *switched}),
             "switched": switched,  # flagged during the round: what they relayed was not what was examined
+            "discredited": discredited,  # validators no longer asked: their accusations stood alone
             "verdicts": [v.to_json() for v in verdicts],
         }
+
+    def _discredit(self, verdicts: list[Verdict]) -> list[str]:
+        """Validators newly discredited by this review's contradicted accusations; their standing
+        accusations are dropped."""
+        sc = self.cfg.specialists
+        for v in verdicts:
+            for who in contradicted(v, sc.tolerance, sc.quorum):
+                self.contradicted.setdefault(who, set()).add(v.node)
+        new = sorted(n for n, c in self.contradicted.items() if len(c) >= sc.discredit and n not in self.discredited)
+        for n in new:
+            log.warning("%s discredited as a validator: lone accusations of %s", n, sorted(self.contradicted[n]))
+            self.discredited.add(n)
+        if new:
+            self.accusers = {k: a - self.discredited for k, a in self.accusers.items()}
+        return new
 
     def to_json(self) -> dict:
         pins = [[n, m, d.hex()] for (n, m), d in sorted(self.pins.items())]
@@ -128,6 +158,8 @@ class SpecialistBoard:
             "pins": pins,
             "accusers": accusers,
             "asked": asked,
+            "contradicted": {n: sorted(c) for n, c in sorted(self.contradicted.items())},
+            "discredited": sorted(self.discredited),
         }
 
     def restore(self, doc: dict) -> None:
@@ -135,4 +167,6 @@ class SpecialistBoard:
         self.flagged = set(doc.get("flagged", []))
         self.pins = {(n, m): bytes.fromhex(d) for n, m, d in doc.get("pins", [])}
         self.accusers = {(n, t): set(a) for n, t, a in doc.get("accusers", [])}
+        self.contradicted = {n: set(c) for n, c in doc.get("contradicted", {}).items()}
+        self.discredited = set(doc.get("discredited", []))
         self.asked = {(n, t): set(a) for n, t, a in doc.get("asked", [])}
