@@ -53,6 +53,12 @@ RULES: dict[str, list[str]] = {
     ],
     "clipped fedavg": ["aggregation.rule=fedavg", "aggregation.params.clip_norm=2"],
     "fedavg, flagged excluded": ["aggregation.rule=fedavg", "aggregation.params.exclude_flagged=1"],
+    # also flag senders whose whole updates are twins (cosine >= 0.99: colluders sending one vector)
+    "fedavg, flagged or twins excluded": [
+        "aggregation.rule=fedavg",
+        "aggregation.params.exclude_flagged=1",
+        "aggregation.params.twin_cos=0.99",
+    ],
     # a device's own update counts with at most 2 x its task's median registered claim
     "fedavg, claims bounded": ["aggregation.rule=fedavg", "aggregation.claim_bound=2"],
 }

@@ -261,7 +261,7 @@ class _Buffered(Aggregator):
 
     def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
         self.args, common = rule_arguments(self.name, params)
-        self.clip_norm, self.flag_z = common["clip_norm"], common["flag_z"]
+        self.clip_norm, self.flag_z, self.twin_cos = common["clip_norm"], common["flag_z"], common["twin_cos"]
         self.exclude_flagged = common["exclude_flagged"]
         super().__init__(order, reference)
 
@@ -286,6 +286,7 @@ class _Buffered(Aggregator):
     def _result(self, version: int) -> ModuleSet:
         if self._out is None:
             self._out, self._counts = {}, {}
+            self._twins = self._twin_scores() if self.twin_cos is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
                 like = copies[0][1].tensors
@@ -293,7 +294,8 @@ class _Buffered(Aggregator):
                 self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
                 senders = [s for s, _ in copies]
-                if self.flag_z is not None and len(senders) >= MIN_SENDERS_TO_FLAG:
+                scored = self.flag_z is not None or self.twin_cos is not None
+                if scored and len(senders) >= MIN_SENDERS_TO_FLAG:
                     keep = self._score(name, senders, x)
                     if len(keep) < len(senders):
                         x, w, senders = x[keep], w[keep], [senders[i] for i in keep]
@@ -321,7 +323,12 @@ class _Buffered(Aggregator):
         cos = torch.where(denom > 0, (u @ cu) / denom.clamp_min(1e-300), torch.zeros_like(denom))
         floor = Z_FLOOR * float(_coordinate_median(norm))
         z = torch.maximum(_robust_z(dist, floor), _robust_z(norm, floor).abs())
-        flagged = [bool(z[i] > float(self.flag_z)) for i in range(n)]
+        twin = [self._twins.get(s, 0.0) for s in senders]
+        flagged = [
+            (self.flag_z is not None and bool(z[i] > float(self.flag_z)))
+            or (self.twin_cos is not None and twin[i] >= self.twin_cos)
+            for i in range(n)
+        ]
         keep = list(range(n))
         if self.exclude_flagged and any(flagged):
             majority = n // 2 + 1
@@ -330,10 +337,39 @@ class _Buffered(Aggregator):
         for i, s in enumerate(senders):
             self.scores.append(
                 SenderScore(
-                    name, s, float(dist[i]), float(norm[i]), float(cos[i]), float(z[i]), flagged[i], i not in keep
+                    name,
+                    s,
+                    float(dist[i]),
+                    float(norm[i]),
+                    float(cos[i]),
+                    float(z[i]),
+                    flagged[i],
+                    i not in keep,
+                    twin[i],
                 )
             )
         return keep
+
+    def _twin_scores(self) -> dict[str, float]:
+        """sender -> the highest cosine of its whole update (its copies of every module, each minus the
+        centre, concatenated) with another sender's, from their Gram matrix summed module by module (no
+        concatenation held). Honest non-IID updates point their own ways; colluders sending one vector
+        (ALIE, IPM) are twins at 1. Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
+        senders = sorted({s for copies in self._held.values() for s, _ in copies})
+        if len(senders) < MIN_SENDERS_TO_FLAG:
+            return {}
+        index = {s: i for i, s in enumerate(senders)}
+        gram = torch.zeros(len(senders), len(senders), dtype=torch.float64)
+        for name, copies in self._held.items():
+            x = torch.stack([_flat32(m) for _, m in copies])
+            u = (x - self._centre(name, x)).double()
+            ix = torch.tensor([index[s] for s, _ in copies])
+            gram[ix[:, None], ix[None, :]] += u @ u.T
+        norms = gram.diagonal().sqrt()
+        denom = norms[:, None] * norms[None, :]
+        cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
+        cos.fill_diagonal_(-1.0)
+        return {s: float(cos[i].max()) for s, i in index.items()}
 
     def _centre(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """What a copy's update is measured from: the node's own module at the start of the round, or

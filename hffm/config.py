@@ -397,7 +397,9 @@ class AggregationConfig(_Strict):
     params: dict[str, float] = D(
         default_factory=dict,
         description="the rule's parameters: trimmed_mean beta (0.1); krum f (1), m (1: Krum, >1: Multi-Krum); "
-        "bulyan f (1); any rule clip_norm (clip each update to this L2 norm first)",
+        "bulyan f (1); any rule clip_norm (clip each update to this L2 norm first), flag_z (flag copies this many "
+        "robust z-scores out), twin_cos (flag senders whose whole update has this cosine or more with another's: "
+        "colluders sending one vector), exclude_flagged (1: leave the flagged out)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
     claim_bound: float | None = D(
@@ -453,7 +455,7 @@ class AggregationConfig(_Strict):
 
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check an aggregation rule's parameters (no torch: health checks load config too) and return
-    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, exclude_flagged)``.
+    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, twin_cos, exclude_flagged)``.
     ValueError naming the rule and the parameter."""
     if rule not in RULE_PARAMS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULE_PARAMS)}")
@@ -473,18 +475,23 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
         if not lo <= v <= hi:
             raise ValueError(f"aggregation rule {rule!r}: {k} must be in [{lo}, {hi}], got {v}")
         args[k] = v
-    common: dict[str, Any] = {"clip_norm": None, "flag_z": None, "exclude_flagged": False}
+    common: dict[str, Any] = {"clip_norm": None, "flag_z": None, "twin_cos": None, "exclude_flagged": False}
     for k in ("clip_norm", "flag_z"):
         if k in params:
             v = float(params[k])
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"aggregation rule {rule!r}: {k} must be finite and > 0, got {params[k]}")
             common[k] = v
+    if "twin_cos" in params:
+        v = float(params["twin_cos"])
+        if not 0 < v <= 1:
+            raise ValueError(f"aggregation rule {rule!r}: twin_cos must be in (0, 1], got {params['twin_cos']}")
+        common["twin_cos"] = v
     exclude = params.get("exclude_flagged", 0)
     if exclude not in (0, 1):
         raise ValueError(f"aggregation rule {rule!r}: exclude_flagged must be 0 or 1, got {exclude}")
-    if exclude and common["flag_z"] is None:
-        raise ValueError(f"aggregation rule {rule!r}: exclude_flagged needs flag_z (what flags a sender)")
+    if exclude and common["flag_z"] is None and common["twin_cos"] is None:
+        raise ValueError(f"aggregation rule {rule!r}: exclude_flagged needs flag_z or twin_cos (what flags a sender)")
     common["exclude_flagged"] = bool(exclude)
     return args, common
 

@@ -52,7 +52,8 @@ class SenderScore:
     """How far one sender's copy of one module sits from the others' (``flag_z``): ``distance`` to the
     copies' coordinate-wise median, ``norm`` of its update (copy minus the node's own module at the start
     of the round, or minus that median where the node has none), ``cosine`` between its update and the
-    median's, ``z`` the larger robust z-score (median and MAD over the senders) of distance and norm."""
+    median's, ``z`` the larger robust z-score (median and MAD over the senders) of distance and norm,
+    ``twin`` the highest cosine of its whole update (every module it sent) with another sender's."""
 
     module: str
     sender: str
@@ -62,6 +63,7 @@ class SenderScore:
     z: float
     flagged: bool
     excluded: bool
+    twin: float = 0.0  # the highest cosine of the sender's whole update with another sender's (twin_cos)
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,7 @@ def test_bad_parameters_named_at_config_load():
         assert match in str(e.value), (sets, str(e.value))
     cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
     assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
-    common = ["clip_norm", "exclude_flagged", "flag_z"]
+    common = ["clip_norm", "exclude_flagged", "flag_z", "twin_cos"]
     assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
@@ -406,8 +406,40 @@ def test_exclusion_keeps_a_majority_and_few_senders_are_not_flagged():
     assert few == []  # 3 copies: no spread to judge by, not scored
 
 
+def test_twins_are_senders_whose_whole_updates_point_the_same_way():
+    """twin_cos: the highest cosine of a sender's whole update (every module it sent, minus the centre)
+    with another's, against a NumPy reference over the concatenated updates; two colluders sending one
+    vector (ALIE, IPM) are twins at 1 and flagged, then excluded; honest random updates are not."""
+    g = torch.Generator().manual_seed(11)
+    names = [f"d{i}" for i in range(6)]
+    shapes = {"adapter.0": (5, 4), "head.art": (3,)}
+    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    ups = [{n: torch.randn(*sh, generator=g) for n, sh in shapes.items()} for _ in range(4)]
+    ups += [ups[3], {n: 0.5 * t for n, t in ups[3].items()}]  # d3, d4 and d5 point the same way
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in ups]
+    agg = make_aggregator("fedavg", names, own, {"twin_cos": 0.99, "exclude_flagged": 1})
+    for n, m in zip(names, mods, strict=True):
+        agg.add(n, list(m.values()))
+    out = agg.result(1)
+    flat = np.stack([np.concatenate([u[n].numpy().ravel() for n in sorted(shapes)]) for u in ups])
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -1)
+    for sc in agg.scores:
+        assert np.isclose(sc.twin, cos[int(sc.sender[1:])].max(), atol=1e-6)
+    assert {sc.sender for sc in agg.scores if sc.flagged} == {"d3", "d4", "d5"}
+    # a majority is always kept: the least suspicious of the flagged (d3, d4, d5 tie on z) stays
+    kept = {sc.sender for sc in agg.scores if not sc.excluded}
+    assert len(kept) == 4 and {"d0", "d1", "d2"} <= kept
+    want = sum(mods[int(s[1:])]["head.art"].tensors["w"] for s in kept) / 4
+    assert torch.allclose(out["head.art"].tensors["w"], want, atol=1e-6)
+    with pytest.raises(ValueError, match="twin_cos must be in"):
+        make_aggregator("median", params={"twin_cos": 1.5})
+    assert type(make_aggregator("median", params={"twin_cos": 0.9, "exclude_flagged": 1})).__name__ == "Median"
+
+
 def test_detection_parameters_are_checked():
-    with pytest.raises(ValueError, match="exclude_flagged needs flag_z"):
+    with pytest.raises(ValueError, match="exclude_flagged needs flag_z or twin_cos"):
         make_aggregator("median", params={"exclude_flagged": 1})
     with pytest.raises(ValueError, match="flag_z must be finite and > 0"):
         make_aggregator("fedavg", params={"flag_z": 0})

@@ -178,7 +178,8 @@ def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
             continue
         if not (math.isfinite(s.distance) and s.distance >= 0 and math.isfinite(s.norm) and s.norm >= 0):
             continue
-        if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or math.isnan(s.z):
+        bad_twin = not (math.isnan(s.twin) or -1.0 - 1e-6 <= s.twin <= 1.0 + 1e-6)
+        if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or math.isnan(s.z) or bad_twin:
             continue
         seen.add(key)
         out.append(SenderScore(**{f.name: getattr(s, f.name) for f in fields(SenderScore)}))
