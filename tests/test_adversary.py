@@ -184,9 +184,11 @@ def _scores(out: Path, node: str) -> list[dict]:
 def test_alie_colluders_send_one_vector(tmp_path):
     """Star over real gRPC, 6 devices, two ALIE colluders: each trains on both attackers' partitions
     from the same global start, so both send the same vector: at the cloud their distances to the
-    median are equal, every honest sender's differs. The run completes and results say who attacked."""
+    median are equal, every honest sender's differs. Their whole updates are twins (cosine 1: flagged
+    with twin_cos 0.99), no honest sender's is. The run completes and results say who attacked."""
     sets = ["method=star", "rounds=2", "topology.edges=2", "topology.devices_per_edge=3",
             "runtime.devices_per_process=3", "data.train_per_task=90", "aggregation.params.flag_z=3.5",
+            "aggregation.params.twin_cos=0.99",
             "adversary.nodes=[device-0-1,device-1-0]", "adversary.behaviour=alie"]  # fmt: skip
     out = tmp_path / "alie"
     res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
@@ -199,6 +201,12 @@ def test_alie_colluders_send_one_vector(tmp_path):
         assert dist[(m, "device-0-1")] == dist[(m, "device-1-0")], m
         honest = [dist[(m, d)] for d in ("device-0-0", "device-0-2", "device-1-1", "device-1-2")]
         assert dist[(m, "device-0-1")] not in honest, m
+    for r in res["rounds"]:
+        scores = [s for a in r["aggregates"] if a["node"] == "cloud" for s in a["scores"]]
+        assert scores
+        for s in scores:
+            colluder = s["sender"] in ("device-0-1", "device-1-0")
+            assert (s["twin"] > 0.999 and s["flagged"]) if colluder else s["twin"] < 0.99, s
 
 
 def test_an_adversarial_edge_is_flagged_and_left_out_by_the_cloud(tmp_path):
