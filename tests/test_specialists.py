@@ -4,6 +4,8 @@ accepted appointed; a fake specialist (claims more data than it has, serves a po
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 import torch
@@ -489,3 +491,21 @@ def test_a_candidate_or_validator_that_dies_mid_review_is_left_out_and_nothing_i
     )
     assert verdicts["device-0-1"]["verdict"] == UNVALIDATED and verdicts["device-0-1"]["scores"] == []
     assert rec["flagged"] == [] and rec["appointed"] == {} and not board.flagged
+
+
+def test_the_boards_state_is_saved_and_restored_whole():
+    """What the cloud's checkpoint keeps of the specialists (a resumed coordinator goes on from it):
+    roles, flags, pins, standing accusations, who scored whom, contradicted accusations, discredited
+    validators."""
+    from services.cloud.specialists import SpecialistBoard
+
+    board = SpecialistBoard.__new__(SpecialistBoard)
+    board.roles, board.flagged = {"gqa": ["device-0-3"]}, {"device-0-1"}
+    board.pins = {("device-0-3", "head.gqa"): b"\x07" * 32}
+    board.accusers = {("device-0-5", "art"): {"device-0-2"}}
+    board.asked = {("device-0-5", "art"): {"device-0-2", "device-0-4"}}
+    board.contradicted, board.discredited = {"device-0-2": {"device-0-5"}}, {"device-0-4"}
+    again = SpecialistBoard.__new__(SpecialistBoard)
+    again.restore(json.loads(json.dumps(board.to_json())))
+    for k in ("roles", "flagged", "pins", "accusers", "asked", "contradicted", "discredited"):
+        assert getattr(again, k) == getattr(board, k), k
