@@ -59,6 +59,12 @@ RULES: dict[str, list[str]] = {
         "aggregation.params.exclude_flagged=1",
         "aggregation.params.twin_cos=0.99",
     ],
+    "trimmed_mean, flagged or twins excluded": [
+        "aggregation.rule=trimmed_mean",
+        "aggregation.params.beta=0.2",
+        "aggregation.params.exclude_flagged=1",
+        "aggregation.params.twin_cos=0.99",
+    ],
     # a device's own update counts with at most 2 x its task's median registered claim
     "fedavg, claims bounded": ["aggregation.rule=fedavg", "aggregation.claim_bound=2"],
 }
