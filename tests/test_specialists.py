@@ -261,6 +261,7 @@ def test_a_fake_specialist_is_caught_before_anything_it_serves_is_relayed(tmp_pa
     assert caught <= 3, reviews
     fake = [v for v in reviews[caught]["verdicts"] if v["node"] == "device-0-1"]
     assert fake and fake[0]["verdict"] == REFUSED
+    assert reviews[caught]["switched"] == {}  # refused by the review: no relay of it was ever refused
     rivals = [v["evidence"] for v in reviews[caught]["verdicts"] if v["task"] == fake[0]["task"]]
     assert fake[0]["evidence"] == max(rivals)  # its claim made it the first candidate
     assert all("device-0-1" not in ns for s in reviews.values() for ns in s["appointed"].values())

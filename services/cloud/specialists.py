@@ -44,14 +44,16 @@ class SpecialistBoard:
         self.contradicted: dict[str, set[str]] = {}  # validator -> candidates it accused, contradicted
         self.discredited: set[str] = set()  # validators no longer asked (hffm/specialists.py)
 
-    def flag(self, node: str, why: str) -> None:
-        """``node`` relayed something other than what was examined: flagged, no longer a specialist."""
+    def flag(self, node: str, why: str, switched: bool = True) -> None:
+        """``node`` is flagged, no longer a specialist: it relayed something other than what was examined
+        (``switched``: recorded in the next review's ``switched``), or a review refused it."""
         if node in self.flagged:
             return
         log.warning("flagged %s: %s", node, why)
         self.node.metrics.flagged.labels(node=self.node.node_id, sender=node, module="specialist").inc()
         self.flagged.add(node)
-        self._switched[node] = why
+        if switched:
+            self._switched[node] = why
         self.roles = {t: [n for n in ns if n != node] for t, ns in self.roles.items()}
         self.pins = {k: d for k, d in self.pins.items() if k[0] != node}
 
@@ -120,7 +122,7 @@ class SpecialistBoard:
         discredited = self._discredit(verdicts) if sc.discredit else []
         refused = sorted({v.node for v in verdicts if v.verdict == REFUSED} - self.flagged)
         for n in refused:
-            self.flag(n, f"refused as a specialist in the review after round {round_}")
+            self.flag(n, f"refused as a specialist in the review after round {round_}", switched=False)
         switched, self._switched = self._switched, {}
         self.roles = appoint(verdicts, sc.per_task)
         self.pins = {(n, m): d for (n, m), d in digests.items() if any(n in ns for ns in self.roles.values())}
