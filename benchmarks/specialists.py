@@ -111,7 +111,7 @@ def run_seed(out: Path, seed: int, attack: str = "fake_specialist", liar: bool =
 
 def summary(rows: list[dict]) -> dict:
     done = [r for r in rows if r["complete"]]
-    honest = 5 * len(done)  # honest devices examined over the runs (6 devices, one fake)
+    honest = sum(4 if r.get("liar") else 5 for r in done)  # honest devices over the runs (6: a fake, maybe a liar)
     false = sum(len(r["false_flags"]) for r in done)
     rate = sum(r["caught"] for r in done) / len(done) if done else 0.0
     return {
