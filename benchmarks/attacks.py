@@ -65,6 +65,15 @@ RULES: dict[str, list[str]] = {
         "aggregation.params.exclude_flagged=1",
         "aggregation.params.twin_cos=0.99",
     ],
+    # per module (the circulation policy's rule): heads by the trimmed mean, adapters by FedAvg; both
+    # with flagged and twin senders excluded
+    "fedavg, trimmed heads, flagged or twins excluded": [
+        "aggregation.rule=fedavg",
+        "aggregation.params.exclude_flagged=1",
+        "aggregation.params.twin_cos=0.99",
+        'circulation.rules=[{modules: "head.*", depth: cloud, path: direct, rule: trimmed_mean, '
+        "params: {beta: 0.2, flag_z: 3.5, exclude_flagged: 1, twin_cos: 0.99}}]",
+    ],
     # a device's own update counts with at most 2 x its task's median registered claim
     "fedavg, claims bounded": ["aggregation.rule=fedavg", "aggregation.claim_bound=2"],
 }
