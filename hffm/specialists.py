@@ -115,8 +115,8 @@ def validators(
     cands = [c for c in cands if c not in bad and c in ev]
     rest = sorted((n for n in ev if n not in bad and n not in cands), key=lambda n: (-ev[n], n))
     order = cands + rest
-    first = [n for n in order if n in set(accusers)]
-    done = set(asked)
+    accusing, done = set(accusers), set(asked)
+    first = [n for n in order if n in accusing]
     fresh = [n for n in order if n not in first and n not in done]
     again = [n for n in order if n not in first and n in done]
     return (first + fresh + again)[:k]
