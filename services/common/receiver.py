@@ -113,8 +113,9 @@ class Receiver:
 
     def _report_switch(self, header: PushHeader, signed: pb.PushHeader) -> None:
         """A specialist's relay that is not the version the cloud examined: send the cloud the sender's
-        signed header (its proof; Coordinator.ReportSwitch) before the refusal goes back. Only a header
-        whose signature holds is reported; without security there is no proof to send."""
+        signed header (its proof; Coordinator.ReportSwitch) before the refusal goes back (at most 10 s: a
+        stalled cloud does not hold the push). Only a header whose signature holds is reported; without
+        security there is no proof to send."""
         state = self.rounds.get(header.round)
         cloud = state.peers.get(CLOUD) if state is not None else None
         if not self.security.enabled or cloud is None:
@@ -126,7 +127,7 @@ class Receiver:
             return
         try:
             pb_grpc.CoordinatorStub(self.channels.get(cloud, CLOUD)).ReportSwitch(
-                signed, timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.sender.metadata
+                signed, timeout=min(10.0, self.cfg.runtime.rpc_timeout_s), metadata=self.sender.metadata
             )
             log.warning("%s: reported %s's relay of round %d", self.node_id, header.sender, header.round)
         except grpc.RpcError as err:
