@@ -145,6 +145,7 @@ class SpecialistBoard:
         new = sorted(n for n, c in self.contradicted.items() if len(c) >= sc.discredit and n not in self.discredited)
         for n in new:
             log.warning("%s discredited as a validator: lone accusations of %s", n, sorted(self.contradicted[n]))
+            self.node.metrics.flagged.labels(node=self.node.node_id, sender=n, module="validator").inc()
             self.discredited.add(n)
         if new:
             self.accusers = {k: a - self.discredited for k, a in self.accusers.items()}
