@@ -35,7 +35,7 @@ def _describe(plan) -> dict:
                 steps.append([type(s).__name__])
                 continue
             d = asdict(s)
-            for later in ("own", "pinned"):  # fields added later (policies, specialists): presets leave them empty
+            for later in ("own", "pinned", "weight_bounds"):  # fields added later (policies, specialists, claim bounds)
                 if d.get(later) == ():
                     del d[later]
             steps.append([type(s).__name__, d])
