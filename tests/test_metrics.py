@@ -240,6 +240,8 @@ def test_every_rejection_reason_is_preinitialised():
     # others fail a node's round, not a push (an assignment, a collect below quorum, a sender's push)
     rounds = {"bad_step", "bad_task", "missing_module", "no_base_state", "quorum_lost", "push_failed"}
     specialist = {"not_held", "bad_module"}  # Specialist.Serve/Validate refusals, in the cloud's review
+    # Coordinator.ReportSwitch refusals: a taker's report that proves nothing, answered to the taker
+    specialist |= {"no_specialists", "no_signatures", "not_the_receiver", "not_a_relay", "not_pinned", "as_examined"}
     assert reasons - {*rounds, *specialist, "not_allowed"} <= set(REJECT_REASONS)
 
 

@@ -481,6 +481,7 @@ def test_a_candidate_or_validator_that_dies_mid_review_is_left_out_and_nothing_i
     board = SpecialistBoard.__new__(SpecialistBoard)
     board.cfg, board.meta, board.members = cfg, None, members
     board.roles, board.flagged, board.pins, board._switched = {}, set(), {}, {}
+    board.accusers, board.asked, board.contradicted, board.discredited = {}, {}, {}, set()
     board._stub = lambda n: SimpleNamespace(Serve=lambda *_a, **_k: serve(n), Validate=lambda *_a, **_k: validate(n))
     with ThreadPoolExecutor(4) as pool:
         rec = board.review(1, topo, pool)
