@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, task_of
@@ -150,6 +150,11 @@ class RoundPlan:
             t = task_of(module)
             return float(max(1, sum(tasks.values()) if t is None else tasks.get(t, 0)))
 
+        def bound(node: str, mods: Sequence[str], registered: Mapping[str, int]):
+            """``node``'s (module, bounded weight) pairs, or None where no bound is below ``registered``."""
+            b = tuple((m, total((bounded or {}).get(node, {}), m)) for m in mods)
+            return (node, b) if any(w < total(registered, m) for m, w in b) else None
+
         heads = {n for n, c in self.collects() if c.include_self}
         trainers = {n for n, ss in self.steps.items() if any(isinstance(s, Train) for s in ss)} - heads
         everyone: dict[str, int] = {}
@@ -168,15 +173,12 @@ class RoundPlan:
                         own = sender in trainers and s.tag != SYNC  # a sync carries an aggregate
                         basis = samples.get(sender, {}) if own else everyone
                         caps.append((sender, tuple((m, total(basis, m)) for m in mods)))
-                        if own and bounded is not None:
-                            b = tuple((m, total(bounded.get(sender, {}), m)) for m in mods)
-                            if any(w < total(basis, m) for m, w in b):
-                                bounds.append((sender, b))
+                        if own and bounded is not None and (b := bound(sender, mods, basis)):
+                            bounds.append(b)
                     if s.include_self and bounded is not None and n in samples:  # a cluster head's own update
                         names = sorted({m for sender in s.senders for m in sent.get((sender, n, s.tag), ())})
-                        b = tuple((m, total(bounded.get(n, {}), m)) for m in names)
-                        if any(w < total(samples[n], m) for m, w in b):
-                            bounds.append((n, b))
+                        if b := bound(n, names, samples[n]):
+                            bounds.append(b)
                     s = replace(s, weight_caps=tuple(caps), weight_bounds=tuple(sorted(bounds)))
                 out.append(s)
             steps[n] = out

@@ -19,12 +19,13 @@ from typing import Any
 import grpc
 
 from hffm.adversary import adversaries
+from hffm.aggregation import server_step
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
 from hffm.ids import CLOUD, joining_edge, role_of
 from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
-from hffm.modules import ModuleError
+from hffm.modules import ModuleError, ModuleSet
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity, PKIError
 from hffm.planner import PlannedRound, Planner
@@ -48,6 +49,11 @@ log = logging.getLogger("hffm.coordinator")
 
 class CloudNode(NodeRuntime):
     role = "cloud"
+
+    def server_step(self, aggregate: ModuleSet) -> ModuleSet:
+        """global + ``aggregation.server_lr`` x (aggregate - global), from the modules it holds
+        (hffm.aggregation.server_step; 1: the aggregate itself)."""
+        return server_step(self.modules, aggregate, self.cfg.aggregation.server_lr)
 
 
 class AttemptFailed(RuntimeError):

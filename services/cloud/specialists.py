@@ -84,9 +84,9 @@ class SpecialistBoard:
         holders = {t: [n for n in ns if n not in down] for t, ns in topo.holders_by_task().items()}
         ev = evidence(holders, *self.members.claims())
         jobs = []
+        unasked = self.flagged | self.discredited
         for task in sorted(ev):
             cands = candidates(ev[task], sc.candidates, self.flagged)
-            unasked = self.flagged | self.discredited
             jobs += [
                 (task, c, validators(c, ev[task], cands, sc.validators, unasked,
                                      self.accusers.get((c, task), ()), self.asked.get((c, task), ())))

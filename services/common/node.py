@@ -16,7 +16,6 @@ from pathlib import Path
 import grpc
 import torch
 
-from hffm.aggregation import server_step
 from hffm.config import HFFMConfig
 from hffm.ids import CLOUD
 from hffm.inbox import Inbox, RoundAborted
@@ -129,11 +128,9 @@ class NodeRuntime:
         return modules
 
     def server_step(self, aggregate: ModuleSet) -> ModuleSet:
-        """What the node makes of a collect's aggregate before adopting it: the cloud takes
-        ``aggregation.server_lr``'s step from its modules towards it (hffm.aggregation.server_step);
-        every other node the aggregate itself."""
-        lr = self.cfg.aggregation.server_lr
-        return server_step(self.modules, aggregate, lr) if self.role == "cloud" and lr != 1.0 else aggregate
+        """What the node makes of a collect's aggregate before adopting it: the aggregate itself (the
+        cloud, ``CloudNode``, steps ``aggregation.server_lr`` towards it)."""
+        return aggregate
 
     def poison_aggregate(self, tag: str, modules: ModuleSet, round_: int) -> ModuleSet:
         """What the node adopts of the aggregate of collect step ``tag``: the aggregate itself (an
