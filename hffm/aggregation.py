@@ -88,9 +88,7 @@ class Aggregator(ABC):
         self.senders: list[str] = []  # folded, in fold order
         self.scores: list[SenderScore] = []  # outlier scores per module and sender (rules with flag_z)
         self.pending: dict[str, list[Module]] = {}
-        self._shapes: dict[str, dict[str, torch.Size]] = {
-            n: {k: t.shape for k, t in m.tensors.items()} for n, m in self.reference.items()
-        }
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {n: m.shapes() for n, m in self.reference.items()}
         self._next = 0
         self._reset()
 
@@ -105,7 +103,7 @@ class Aggregator(ABC):
             if not (m.num_samples > 0) or m.num_samples == float("inf"):
                 raise ModuleError("INVALID_ARGUMENT", "bad_weight", f"module {m.name}: num_samples must be finite, > 0")
             want = self._shapes.get(m.name)
-            if want is not None and (set(want) != set(m.tensors) or any(want[k] != m.tensors[k].shape for k in want)):
+            if want is not None and want != m.shapes():
                 raise ModuleError(
                     "INVALID_ARGUMENT", "shape_mismatch", f"module {m.name}: differs in shape from earlier senders"
                 )
@@ -114,7 +112,8 @@ class Aggregator(ABC):
         mods = list(modules)
         self.validate(sender, mods)
         for m in mods:
-            self._shapes.setdefault(m.name, {k: t.shape for k, t in m.tensors.items()})
+            if m.name not in self._shapes:
+                self._shapes[m.name] = m.shapes()
         if not self.order:
             self._fold_one(sender, mods)
             return
@@ -170,7 +169,7 @@ class FedAvg(Aggregator):
                     f = flat.detach()
                     f = f.mul_(w) if m.owned else f.mul(w)  # owned: nothing else reads it, reuse it
                     self._flat[m.name] = f
-                    self._sum[m.name] = _views(f, m.tensors)
+                    self._sum[m.name] = _views(f, m.shapes())
                 else:
                     self._sum[m.name] = {k: t.detach().to(torch.float32).mul(w) for k, t in m.tensors.items()}
                 self._weight[m.name] = w
@@ -201,12 +200,12 @@ class FedAvg(Aggregator):
         return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._mean.items()}
 
 
-def _views(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Views of ``flat`` shaped as ``like``'s tensors, in sorted-key order without gaps."""
+def _views(flat: torch.Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` with these shapes, in sorted-key order without gaps."""
     out, off = {}, 0
-    for k in sorted(like):
-        n = like[k].numel()
-        out[k] = flat[off : off + n].view(like[k].shape)
+    for k in sorted(shapes):
+        n = math.prod(shapes[k])
+        out[k] = flat[off : off + n].view(tuple(shapes[k]))
         off += n
     return out
 
@@ -289,7 +288,7 @@ class _Buffered(Aggregator):
             self._twins = self._twin_scores() if self.twin_cos is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
-                like = copies[0][1].tensors
+                like = copies[0][1].shapes()
                 x = torch.stack([_flat32(m) for _, m in copies])  # n x d: the one extra module-sized matrix
                 self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)

@@ -15,12 +15,15 @@ followed by views of the tensors' own storage; module tensors are never changed 
 views stay valid) and casts fp16/bf16 once into one buffer; the digest is computed once per encoding.
 ``decode_module`` returns tensors that are views of the received buffer (``torch.frombuffer``), after
 the same format checks the library makes (header bounds, dtypes, offsets covering the data exactly,
-no overlap). Tests check both directions against the safetensors library; ``save_modules`` writes
-files with the same encoder, ``load_modules`` reads them with the library.
+no overlap); checked header layouts are memoised by header bytes, and the views are made when
+``Module.tensors`` is first read (an aggregator folding ``Module.flat`` never reads them). Tests check
+both directions against the safetensors library; ``save_modules`` writes files with the same encoder,
+``load_modules`` reads them with the library.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -30,6 +33,7 @@ import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import blake3
 import torch
@@ -83,10 +87,45 @@ def digest_of(data, alg: str = DEFAULT_DIGEST) -> bytes:
     return h.digest()
 
 
+class _Views(NamedTuple):
+    """A decoded module's tensors before anyone asked for them: the names, element counts and shapes
+    of its views of ``flat``, in offset order."""
+
+    flat: torch.Tensor
+    keys: tuple[str, ...]
+    sizes: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def build(self) -> dict[str, torch.Tensor]:
+        parts = self.flat.split_with_sizes(self.sizes)  # one call: the 1-D pieces
+        return {k: p if len(s) == 1 else p.view(s) for k, p, s in zip(self.keys, parts, self.shapes, strict=True)}
+
+
+class _Tensors:
+    """``Module.tensors``: a plain dict, except that a decoded module builds its views of the receive
+    buffer the first time they are read. An aggregator that folds ``Module.flat`` in one operation never
+    reads them, and making a dozen views costs more than the fold of a small module
+    (docs/performance.md)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: object, objtype: type | None = None) -> dict[str, torch.Tensor]:
+        if obj is None:  # the class itself: the field has no default
+            raise AttributeError(self.slot)
+        v = obj.__dict__[self.slot]
+        if type(v) is _Views:
+            v = obj.__dict__[self.slot] = v.build()
+        return v
+
+    def __set__(self, obj: object, value: Mapping[str, torch.Tensor] | _Views) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Module:
     name: str
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] = _Tensors()  # type: ignore[assignment]
     version: int
     num_samples: float
     # When set: one contiguous fp32 tensor of which ``tensors`` are views, laid out in sorted-key order
@@ -98,7 +137,15 @@ class Module:
     owned: bool = field(default=False, repr=False, compare=False)
 
     def numel(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        v = self.__dict__["_tensors"]
+        return sum(v.sizes) if type(v) is _Views else sum(t.numel() for t in v.values())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape, without building a decoded module's views."""
+        v = self.__dict__["_tensors"]
+        if type(v) is _Views:
+            return dict(zip(v.keys, v.shapes, strict=True))
+        return {k: tuple(t.shape) for k, t in v.items()}
 
 
 ModuleSet = dict[str, Module]
@@ -232,13 +279,45 @@ def _by_offsets(e: tuple[str, TensorEntry]) -> tuple[int, int]:
     return e[1][2], e[1][3]
 
 
+class _Layout(NamedTuple):
+    """A checked safetensors header: what ``parse_safetensors`` returns, and what decoding needs of it."""
+
+    entries: dict[str, TensorEntry]  # never changed once made (the layouts are shared, cached)
+    meta: dict[str, str]
+    base: int  # where the data starts
+    shapes: dict[str, tuple[int, ...]]
+    dtype: torch.dtype | None  # the one wire dtype of every tensor, else None
+    keys: tuple[str, ...]  # in offset order
+    sizes: tuple[int, ...]  # element counts in offset order (when ``dtype`` is set)
+    sorted: bool  # offset order is name order: the data region is the module's ``flat`` layout
+
+
 def parse_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
     """Check a safetensors blob's structure as the library does; return ``({name: (dtype code, shape,
     begin, end)}, metadata, data start)`` with offsets relative to the data start. Raises ValueError."""
+    lay = _layout(data)
+    return dict(lay.entries), dict(lay.meta), lay.base
+
+
+_CACHED_HEADER_BYTES = 65_536  # a module's header is ~1 KB; bigger ones are parsed every time
+
+
+def _layout(data: bytes | bytearray | memoryview) -> _Layout:
+    """The checked layout of a blob. A node receives the same few headers every round (the same module
+    names, shapes and dtype from every sender), so layouts are memoised by header bytes and blob size:
+    the JSON and its checks run once per distinct header, not once per module received."""
     n_all = len(data)
     n = _header_length(data, n_all)
+    head = bytes(data[8 : 8 + n])
+    if n <= _CACHED_HEADER_BYTES:
+        return _cached_layout(head, n_all)
+    return _parse_layout(head, n_all)
+
+
+def _parse_layout(head: bytes, n_all: int) -> _Layout:
+    n = len(head)
     try:
-        header = json.loads(bytes(data[8 : 8 + n]))
+        header = json.loads(head)
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"header is not JSON: {err}") from None
     except RecursionError:  # "[[[[..." a few thousand deep: not a safetensors header, and no stack trace
@@ -249,7 +328,7 @@ def parse_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, T
     if not isinstance(meta, dict) or not all(type(k) is str and type(v) is str for k, v in meta.items()):
         raise ValueError("__metadata__ must map strings to strings")
     entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():  # the hot path of every decode: plain loops, no generators
+    for name, info in header.items():
         if type(info) is not dict or len(info) != 3 or not _ENTRY_KEYS.issuperset(info):
             raise ValueError(f"tensor {name}: entry must have exactly dtype, shape, data_offsets")
         code, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
@@ -267,7 +346,8 @@ def parse_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, T
             raise ValueError(f"tensor {name}: data_offsets must be [begin, end] with 0 <= begin <= end")
         entries[name] = (code, tuple(shape), begin, end)
     pos = 0
-    for name, (code, shape, begin, end) in sorted(entries.items(), key=_by_offsets):
+    by_offset = sorted(entries.items(), key=_by_offsets)
+    for name, (code, shape, begin, end) in by_offset:
         if begin != pos:
             raise ValueError(f"tensor {name}: data starts at {begin}, expected {pos} (gap or overlap)")
         if code in _ST_DTYPES and end - begin != math.prod(shape) * _ST_DTYPES[code].itemsize:
@@ -275,7 +355,22 @@ def parse_safetensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, T
         pos = end
     if pos != n_all - 8 - n:
         raise ValueError(f"tensors cover {pos} B of the {n_all - 8 - n} B of data")
-    return entries, meta, 8 + n
+    dtypes = {_ST_DTYPES.get(code) for code, _, _, _ in entries.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    keys = tuple(k for k, _ in by_offset)
+    return _Layout(
+        entries=entries,
+        meta=meta,
+        base=8 + n,
+        shapes={k: e[1] for k, e in entries.items()},
+        dtype=dtype,
+        keys=keys,
+        sizes=tuple((e - b) // dtype.itemsize for _, (_, _, b, e) in by_offset) if dtype is not None else (),
+        sorted=list(keys) == sorted(keys),
+    )
+
+
+_cached_layout = functools.lru_cache(maxsize=128)(_parse_layout)
 
 
 def expected_size_bound(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -372,18 +467,36 @@ def decode_module(
     elif not isinstance(data, bytearray):  # tensors must not alias an immutable buffer
         data = bytearray(data)
     try:
-        entries, _, base = parse_safetensors(data)
+        lay = _layout(data)
     except ValueError as err:
         raise ModuleError("INVALID_ARGUMENT", "bad_encoding", f"module {name}: not a safetensors blob: {err}") from None
     want = spec[name]
-    if set(entries) != set(want):
-        missing = sorted(set(want) - set(entries))
-        extra = sorted(set(entries) - set(want))
+    wire = WIRE_DTYPES[dtype]
+    if lay.shapes != want or lay.dtype != wire:  # the common case is one dict comparison; then say why
+        _layout_error(name, lay, want, wire, dtype)
+    # Every tensor has the wire dtype and together they tile the data region (_parse_layout), so the
+    # region is one array: one view of the buffer, one cast, one finiteness check for the module. Its
+    # tensors are views of it, made when first read (``_Tensors``).
+    region = _region(data, wire, lay.base)
+    views = _Views(region, lay.keys, lay.sizes, tuple(lay.shapes[k] for k in lay.keys))
+    if finite is not True and not all_finite(region):
+        out = views.build()
+        bad = next(k for k, t in out.items() if not all_finite(t))
+        raise ModuleError("INVALID_ARGUMENT", "non_finite", f"module {name}: tensor {bad} has NaN or Inf")
+    flat = region if lay.sorted else None
+    return Module(name=name, tensors=views, version=version, num_samples=float(num_samples), flat=flat)  # type: ignore[arg-type]
+
+
+def _layout_error(name: str, lay: _Layout, want: Mapping[str, tuple[int, ...]], wire: torch.dtype, dtype: str) -> None:
+    """Raise the ModuleError saying how a blob's tensors differ from the spec's or from the header's
+    dtype; return if they do not (a spec whose shapes are lists, a module without tensors)."""
+    if set(lay.entries) != set(want):
+        missing = sorted(set(want) - set(lay.entries))
+        extra = sorted(set(lay.entries) - set(want))
         raise ModuleError(
             "INVALID_ARGUMENT", "shape_mismatch", f"module {name}: tensors missing {missing}, unexpected {extra}"
         )
-    wire = WIRE_DTYPES[dtype]
-    for key, (code, shape, _, _) in entries.items():
+    for key, (code, shape, _, _) in lay.entries.items():
         if shape != tuple(want[key]):
             raise ModuleError(
                 "INVALID_ARGUMENT",
@@ -396,18 +509,6 @@ def decode_module(
                 "dtype_mismatch",
                 f"module {name}: tensor {key} is {_DTYPE_NAMES.get(_ST_DTYPES.get(code), code)}, header says {dtype}",
             )
-    # Every tensor has the wire dtype and together they tile the data region (parse_safetensors), so
-    # the region is one array: one view of the buffer, one cast, one finiteness check for the module.
-    region = _region(data, wire, base)
-    item = wire.itemsize
-    by_offset = sorted(entries.items(), key=_by_offsets)
-    parts = region.split_with_sizes([(e - b) // item for _, (_, _, b, e) in by_offset])  # one call: the views
-    out = {key: t.view(shape) for (key, (_, shape, _, _)), t in zip(by_offset, parts, strict=True)}
-    if finite is not True and not all_finite(region):
-        bad = next(k for k, t in out.items() if not all_finite(t))
-        raise ModuleError("INVALID_ARGUMENT", "non_finite", f"module {name}: tensor {bad} has NaN or Inf")
-    flat = region if [k for k, _ in by_offset] == sorted(out) else None
-    return Module(name=name, tensors=out, version=version, num_samples=float(num_samples), flat=flat)
 
 
 def _region(buf: bytearray, dtype: torch.dtype, base: int) -> torch.Tensor:

@@ -238,6 +238,53 @@ def test_decoded_tensors_are_views_of_the_received_buffer():
     assert all(not (imm <= t.data_ptr() < imm + em.size_bytes) for t in back2.tensors.values())
 
 
+def test_a_header_seen_before_is_checked_against_each_spec_and_its_data_decoded_anew():
+    """Layouts are memoised by header bytes: a second blob with the same header decodes its own values,
+    a spec that differs still refuses it, a blob with the same header but other size is refused, and a
+    malformed header is refused every time (errors are not remembered as layouts)."""
+    m1 = make_module("adapter.0", SHAPES, seed=1)
+    m2 = make_module("adapter.0", SHAPES, seed=2)
+    e1, e2 = encode_module(m1), encode_module(m2)
+    assert bytes(e1.segments[0]) == bytes(e2.segments[0]) and e1.data != e2.data  # one header, two payloads
+    spec = spec_of({m1.name: m1.tensors})
+    for m, e in ((m1, e1), (m2, e2), (m1, e1)):
+        back = _decode(e, spec)
+        assert all(torch.equal(back.tensors[k], m.tensors[k]) for k in SHAPES)
+    other = {"adapter.0": {**spec["adapter.0"], "a.down.bias": (255,)}}
+    with pytest.raises(ModuleError, match=r"a.down.bias has shape \(256,\), expected \(255,\)"):
+        _decode(e1, other)
+    longer = bytearray(e1.data) + bytes(4)
+    with pytest.raises(ModuleError, match="cover"):
+        _decode_blob(longer, spec)
+    bad = bytearray(e1.data)
+    bad[9] = ord("[")  # the header's JSON broken: refused, and refused again
+    for _ in range(2):
+        with pytest.raises(ModuleError, match="not a safetensors blob"):
+            _decode_blob(bad, spec)
+
+
+def test_views_are_made_when_first_read_and_fedavg_folds_without_them():
+    """A decoded module's tensors are built on first read (``numel`` and ``shapes`` do not need them);
+    FedAvg folding decoded uploads by their flat regions gives the mean of the original tensors and
+    leaves the uploads' views unmade; reading them then gives the received values."""
+    from hffm.aggregation import FedAvg
+
+    mods = [make_module("adapter.0", SHAPES, seed=s, num_samples=n) for s, n in ((1, 10), (2, 30), (3, 60))]
+    spec = spec_of({"adapter.0": mods[0].tensors})
+    dec = [_decode(encode_module(m), spec) for m in mods]
+    assert all(d.numel() == mods[0].numel() and d.shapes() == spec["adapter.0"] for d in dec)
+    agg = FedAvg()
+    for i, d in enumerate(dec):
+        agg.add(f"d{i}", [d])
+    out = agg.result(1)["adapter.0"]
+    assert all("_tensors" in d.__dict__ and not isinstance(d.__dict__["_tensors"], dict) for d in dec)
+    for k in SHAPES:
+        want = sum(m.tensors[k].double() * m.num_samples for m in mods) / 100
+        assert torch.allclose(out.tensors[k].double(), want, atol=1e-6)
+        assert all(torch.equal(d.tensors[k], m.tensors[k]) for d, m in zip(dec, mods, strict=True))
+    assert all(isinstance(d.__dict__["_tensors"], dict) for d in dec)
+
+
 T = torch.arange(6, dtype=torch.float32).numpy().tobytes()  # 24 B: a (2, 3) fp32 tensor
 
 
