@@ -278,3 +278,28 @@ def test_membership_validates_registrations_and_keeps_registered_samples():
         with pytest.raises(ValueError, match=match):
             m.register(reg)
     assert m.snapshot() == {"cloud": "127.0.0.1:1", "device-0-1": "a:1"}  # refusals changed nothing
+
+
+def test_a_node_process_freezes_what_is_alive_once_set_up_and_collects_the_garbage_first():
+    """``freeze_startup_heap`` (every node's main calls it once set up): cyclic garbage made during
+    start-up is collected, not frozen for the process's life; what is alive leaves the collector's scans."""
+    import gc
+    import weakref
+
+    from services.common.bootstrap import freeze_startup_heap
+
+    class Node:
+        pass
+
+    alive, garbage = Node(), Node()
+    alive.me = alive  # a cycle: only the cyclic collector would ever free it
+    garbage.me = garbage
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        freeze_startup_heap()
+        assert gone() is None  # collected before the freeze
+        assert gc.get_freeze_count() > 0 and not any(o is alive for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+    assert any(o is alive for o in gc.get_objects())

@@ -21,6 +21,7 @@ from services.cloud.coordinator import CloudNode, CloudRegistry, Coordinator, Co
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    freeze_startup_heap,
     load,
     node_modules,
     server_workers,
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.rounds,
         coord.members.expected,
     )
+    freeze_startup_heap()  # set up: what is alive now lives as long as the process
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

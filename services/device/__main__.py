@@ -21,6 +21,7 @@ from hffm.data import DataError
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    freeze_startup_heap,
     leave,
     load,
     persistor,
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             list(node.info.tasks),
             node.train_samples(),
         )
+    freeze_startup_heap()  # set up: what is alive now lives as long as the process
     stop = threading.Event()
     failed = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -22,6 +22,7 @@ from hffm.topology import Topology
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    freeze_startup_heap,
     leave,
     load,
     node_modules,
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     node.address = advertise_address(args.listen, srv.port, args.advertise)
     log.info("%s serving on %s (advertised %s)", args.id, args.listen, node.address)
+    freeze_startup_heap()  # set up: what is alive now lives as long as the process
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
