@@ -482,6 +482,7 @@ def _run(
         timeout_s or (cfg.runtime.register_timeout_s + cfg.rounds * cfg.runtime.round_timeout_s)
     )
     view.header(cfg, topo, len(plan), out, info["id"])
+    plotted = False
     try:
         with ExitStack() as stack:
             for name, argv in plan:
@@ -495,6 +496,9 @@ def _run(
             if on_start is not None:
                 on_start(supervisor)
             _follow(cfg, topo, cloud_addr, supervisor, view, deadline, Security(cfg.security, OPERATOR))
+            # The cloud writes its complete results before it reports the end: plot them while the nodes
+            # shut down (the cloud lingers at least a second), not after.
+            plotted = _plot_if_complete(results_path, out / "results.png")
             cloud = procs[0].popen
             try:
                 cloud.wait(timeout=30)
@@ -519,10 +523,23 @@ def _run(
     if not results.get("complete"):
         raise RunFailed("the run did not complete; see the cloud's log: " + str(out / "logs" / "cloud.log"))
     results["restarts"] = supervisor.restarts
-    plot_results(results, out / "results.png")
+    if not plotted:
+        plot_results(results, out / "results.png")
     view.summary(results)
     view.outputs(results_path, out / "results.png", out / "global_modules.safetensors")
     return results
+
+
+def _plot_if_complete(results_path: Path, png: Path) -> bool:
+    """Plot a complete run's results file, if there is one now; whether it did."""
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not results.get("complete"):
+        return False
+    plot_results(results, png)
+    return True
 
 
 def check_capacity(cfg: HFFMConfig, topo: Topology) -> None:

@@ -210,11 +210,11 @@ def test_alie_colluders_send_one_vector(tmp_path):
 
 
 def test_an_adversarial_edge_is_flagged_and_left_out_by_the_cloud(tmp_path):
-    """hfm over real gRPC, 4 edges x 2 devices, cloud every round; edge-3 forwards its devices'
+    """hfm over real gRPC, 4 edges x 1 device, cloud every round; edge-3 forwards its device's
     aggregate boosted x50. The cloud (4 senders: enough to score) flags edge-3 in every round and, with
     exclude_flagged, its global modules stay near the clean run's while plain FedAvg's are dragged."""
-    base = ["method=hfm", "e_agg=1", "rounds=2", "topology.edges=4", "topology.devices_per_edge=2",
-            "runtime.devices_per_process=4", "data.train_per_task=80"]  # fmt: skip
+    base = ["method=hfm", "e_agg=1", "rounds=2", "topology.edges=4", "topology.devices_per_edge=1",
+            "runtime.devices_per_process=4", "data.train_per_task=40"]  # fmt: skip
     attack = ["adversary.nodes=[edge-3]", "adversary.behaviour=scale", "adversary.scale=50"]
     runs = {
         "clean": base,

@@ -501,6 +501,8 @@ class Coordinator:
                     self.run_round(r, pool)
             self.results.finish(self.node.modules)
             self.ok = True
+            # complete before anyone hears it is: whoever follows the run may read the file at "done"
+            self.results.write(self.members.snapshot(), complete=True)
             self.progress.publish(
                 ProgressEvent(
                     phase="done",
@@ -516,7 +518,8 @@ class Coordinator:
             log.exception("run failed")
             self.progress.publish(ProgressEvent(phase="failed", message=f"{type(err).__name__}: {err}"))
         finally:
-            self.results.write(self.members.snapshot(), complete=self.ok)
+            if not self.ok:  # a complete run's results were written before "done"
+                self.results.write(self.members.snapshot(), complete=False)
             self.shutdown_nodes()
             self.done.set()
 
