@@ -500,9 +500,9 @@ class Coordinator:
                 for r in range(first, self.cfg.rounds + 1):
                     self.run_round(r, pool)
             self.results.finish(self.node.modules)
-            self.ok = True
             # complete before anyone hears it is: whoever follows the run may read the file at "done"
             self.results.write(self.members.snapshot(), complete=True)
+            self.ok = True
             self.progress.publish(
                 ProgressEvent(
                     phase="done",
