@@ -53,7 +53,7 @@ import torch
 
 from hffm.config import rule_arguments
 from hffm.ids import COMMON_AGGREGATION_PARAMS, RULE_PARAMS
-from hffm.modules import Module, ModuleError, ModuleSet
+from hffm.modules import Module, ModuleError, ModuleSet, flat_views
 from hffm.results import SenderScore
 
 
@@ -169,7 +169,7 @@ class FedAvg(Aggregator):
                     f = flat.detach()
                     f = f.mul_(w) if m.owned else f.mul(w)  # owned: nothing else reads it, reuse it
                     self._flat[m.name] = f
-                    self._sum[m.name] = _views(f, m.shapes())
+                    self._sum[m.name] = flat_views(f, m.shapes())
                 else:
                     self._sum[m.name] = {k: t.detach().to(torch.float32).mul(w) for k, t in m.tensors.items()}
                 self._weight[m.name] = w
@@ -198,16 +198,6 @@ class FedAvg(Aggregator):
                 else:
                     self._mean[name] = Module(name, {k: v.div_(w) for k, v in acc.items()}, version, w)
         return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._mean.items()}
-
-
-def _views(flat: torch.Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
-    """Views of ``flat`` with these shapes, in sorted-key order without gaps."""
-    out, off = {}, 0
-    for k in sorted(shapes):
-        n = math.prod(shapes[k])
-        out[k] = flat[off : off + n].view(tuple(shapes[k]))
-        off += n
-    return out
 
 
 def _flat32(m: Module) -> torch.Tensor:
@@ -302,7 +292,7 @@ class _Buffered(Aggregator):
                     x = self._clip(name, x)
                 vec = self._combine(name, senders, x, w).contiguous()  # w: the kept senders' weights
                 self.held_bytes -= sum(m.numel() * 4 for _, m in copies)
-                self._out[name] = Module(name, _views(vec, like), version, float(w.sum()), flat=vec)
+                self._out[name] = Module(name, flat_views(vec, like), version, float(w.sum()), flat=vec)
                 self._counts[name] = len(copies)
         return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._out.items()}
 

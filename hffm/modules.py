@@ -30,7 +30,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -99,6 +99,13 @@ class _Views(NamedTuple):
     def build(self) -> dict[str, torch.Tensor]:
         parts = self.flat.split_with_sizes(self.sizes)  # one call: the 1-D pieces
         return {k: p if len(s) == 1 else p.view(s) for k, p, s in zip(self.keys, parts, self.shapes, strict=True)}
+
+
+def flat_views(flat: torch.Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` with these shapes, in sorted-key order without gaps (a module's ``flat`` layout)."""
+    keys = tuple(sorted(shapes))
+    dims = tuple(tuple(shapes[k]) for k in keys)
+    return _Views(flat, keys, tuple(math.prod(d) for d in dims), dims).build()
 
 
 class _Tensors:
