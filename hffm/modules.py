@@ -545,13 +545,19 @@ def save_modules(modules: ModuleSet, path: str) -> None:
     the fp32 tensors' own storage, each written once into the file (the library's ``save`` made three
     copies of the whole set first: 150 ms of a 38 MB checkpoint here). ``load_modules`` reads it with
     the library."""
-    flat = {f"{n}/{k}": v for n, m in modules.items() for k, v in m.tensors.items()}
-    meta = {f"{n}/version": str(m.version) for n, m in modules.items()}
-    meta.update({f"{n}/num_samples": repr(float(m.num_samples)) for n, m in modules.items()})
-    segments = _encode(flat, torch.float32, dict(sorted(meta.items())))
+    segments = checkpoint_segments(modules)
     with open(path, "wb") as f:
         for seg in segments:
             f.write(seg)
+
+
+def checkpoint_segments(modules: ModuleSet) -> tuple[memoryview, ...]:
+    """The bytes ``save_modules`` writes, as views (the header, then each tensor's own storage): the same
+    modules give the same bytes, so a digest of them names the file's content."""
+    flat = {f"{n}/{k}": v for n, m in modules.items() for k, v in m.tensors.items()}
+    meta = {f"{n}/version": str(m.version) for n, m in modules.items()}
+    meta.update({f"{n}/num_samples": repr(float(m.num_samples)) for n, m in modules.items()})
+    return _encode(flat, torch.float32, dict(sorted(meta.items())))
 
 
 def load_modules(path: str) -> ModuleSet:

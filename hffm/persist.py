@@ -14,21 +14,37 @@ two more fsyncs per save for what the names already say; a ``LATEST`` left by th
 Every node (cloud, edge, device) saves at the end of each round it completed; a restarted node loads
 the round end the coordinator names (docs/reliability.md). A new backend (object storage, a database)
 is a class with the same methods.
+
+With a ``store`` (the launcher and the services give ``<checkpoint dir>/.blobs``, shared by every node
+saving under that directory), a checkpoint's ``modules.safetensors`` is a hard link to a file of the
+store named by the BLAKE3 digest of its bytes, written (atomically, fsynced) only when no node has
+saved those bytes before: devices that end a round holding the same modules (every device of a star or
+hfm cloud round, ten to a process) write them once, not once each, and a node whose modules did not
+change since its last round end writes nothing but its ``state.json``. The file in the checkpoint is
+an ordinary file (``load`` reads it as before); a file of the store that no checkpoint links any
+more is removed when a node prunes. Where the store cannot be linked from (another file system, no
+hard links) the file is written into the checkpoint as without one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hffm.modules import ModuleSet, load_modules, save_modules
+from hffm.modules import ModuleSet, checkpoint_segments, digest_of, load_modules, save_modules
+
+
+STORE = ".blobs"  # the shared store's name under a checkpoint directory (beside the nodes' <node>/)
 
 
 @dataclass
@@ -78,9 +94,16 @@ def _fsync_dir(path: Path) -> None:
 class Persistor:
     """Checkpoints of one node under ``directory`` (one directory per node)."""
 
-    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+    def __init__(
+        self, directory: str | Path, keep: int = 2, store: str | Path | None = None, store_min_age_s: float = 60.0
+    ) -> None:
+        """``store``: the shared content-addressed directory (module docstring); None: every checkpoint
+        writes its own file. ``store_min_age_s``: a store file younger than this is never removed by a
+        prune (a node that just wrote it is about to link it)."""
         self.dir = Path(directory)
         self.keep = max(1, keep)
+        self.store = Path(store) if store is not None else None
+        self.store_min_age_s = store_min_age_s
 
     @staticmethod
     def _name(ref: tuple[int, int]) -> str:
@@ -92,7 +115,10 @@ class Persistor:
         tmp = self.dir / f".{final.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_modules(state.modules, str(tmp / "modules.safetensors"))
+        if self.store is None:
+            save_modules(state.modules, str(tmp / "modules.safetensors"))
+        else:
+            self._save_shared(state.modules, tmp / "modules.safetensors")
         doc = {
             "node": state.node,
             "round": state.round,
@@ -111,6 +137,54 @@ class Persistor:
         _fsync_dir(self.dir)
         self._prune(final.name)
         return final
+
+    def _save_shared(self, modules: ModuleSet, target: Path) -> None:
+        """``target`` as a hard link to the store's file of these bytes, written first when missing."""
+        assert self.store is not None
+        segments = checkpoint_segments(modules)
+        blob = self.store / f"{digest_of(segments).hex()}.safetensors"
+        for _ in range(3):  # a prune elsewhere may remove a file between our write (or check) and our link
+            if not blob.exists():
+                self.store.mkdir(parents=True, exist_ok=True)
+                # nodes saving the same bytes at once (a process's devices after a cloud round) wait for
+                # the first to write them instead of each writing its own copy; the lock only saves work:
+                # the file appears by an atomic rename whoever writes it
+                with open(self.store / f".{blob.stem}.lock", "a+b") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if not blob.exists():
+                        part = self.store / f".{blob.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+                        with open(part, "wb") as f:
+                            for seg in segments:
+                                f.write(seg)
+                            f.flush()
+                            os.fsync(f.fileno())
+                        os.replace(part, blob)
+                        _fsync_dir(self.store)
+            try:
+                os.link(blob, target)
+                return
+            except FileNotFoundError:
+                continue
+            except OSError:  # another file system, no hard links, too many links: a file of its own
+                break
+        save_modules(modules, str(target))
+
+    def _prune_store(self) -> None:
+        """Remove the store's files no checkpoint links any more (link count 1: the store's own name)."""
+        if self.store is None or not self.store.is_dir():
+            return
+        now = time.time()
+        for f in [*self.store.glob("*.safetensors"), *self.store.glob(".*.lock")]:
+            try:
+                st = f.stat()
+                if now - st.st_mtime < self.store_min_age_s:
+                    continue
+                if f.suffix == ".lock" and not (self.store / f"{f.name[1:-5]}.safetensors").exists():
+                    f.unlink()  # its file is gone (a late locker only writes that file again)
+                elif f.suffix == ".safetensors" and st.st_nlink == 1:
+                    f.unlink()
+            except FileNotFoundError:  # another node's prune got there first
+                pass
 
     def available(self) -> list[tuple[int, int]]:
         """(round, attempt) of every complete checkpoint, oldest first."""
@@ -146,3 +220,4 @@ class Persistor:
         for ref in self.available()[: -self.keep]:
             if self._name(ref) != newest:
                 shutil.rmtree(self.dir / self._name(ref), ignore_errors=True)
+        self._prune_store()

@@ -301,6 +301,72 @@ def centralised(
 
 
 @app.command()
+def partition(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)"),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    summary: bool = typer.Option(False, "--summary", help="one line per task (and cluster), no device rows"),
+    json_out: Path = typer.Option(None, "--json", help="also write the counts and summaries to this JSON file"),
+) -> None:
+    """Print the training data each device will hold: its samples per answer for every task (the config's
+    Dirichlet split of each task's pool over the starting devices), each cluster's coverage, and how skewed
+    the split is. Reads labels only: no image, no training; the same split every process makes."""
+    from rich.table import Table
+
+    from hffm.data import DataError, partition_counts, skew_summary, task_answers
+    from hffm.model import backbone_dims
+    from hffm.topology import Topology, final
+
+    cfg = _config(config, overrides)
+    topo = final(Topology.from_config(cfg, backbone_dims(cfg)[1]), cfg)
+    try:
+        counts = partition_counts(cfg, topo.holders_by_task())
+        answers = task_answers(cfg)
+    except DataError as err:
+        console.print(f"[red]data error:[/red] {err}")
+        raise typer.Exit(1) from None
+    edge_of = {d.id: d.edge for d in topo.devices}
+    report: dict = {"source": cfg.data.source, "alpha": cfg.data.alpha, "tasks": {}}
+    for task, by_device in counts.items():
+        clusters: dict[str, list[int]] = {}
+        for d, c in by_device.items():
+            acc = clusters.setdefault(edge_of[d], [0] * len(c))
+            clusters[edge_of[d]] = [a + b for a, b in zip(acc, c, strict=True)]
+        s = skew_summary(by_device)
+        report["tasks"][task] = {
+            "answers": answers[task],
+            "devices": by_device,
+            "clusters": clusters,
+            "summary": s,
+            "cluster_summary": skew_summary(clusters),
+        }
+        console.print(
+            f"[bold]{task}[/bold]: {s['devices']} devices, {len(answers[task])} answers, Dirichlet({cfg.data.alpha}); "
+            f"{s['single_answer']} devices hold a single answer; a device's most common answer is "
+            f"{s['median_top_share']:.0%} of its samples (median); {s['minority_share']:.0%} of the samples are not of "
+            f"their device's most common answer (pooled: {s['pool_minority_share']:.0%})",
+            highlight=False,
+        )
+        table = Table(show_edge=False, pad_edge=False)
+        for col in ("holder", "samples", "answers held", "top share", " ".join(answers[task])):
+            table.add_column(col, overflow="fold")
+        rows = list(clusters.items()) if summary else [*by_device.items(), *clusters.items()]
+        for name, c in rows:
+            n = sum(c)
+            table.add_row(
+                name if name in clusters else f"  {name}",
+                str(n),
+                f"{sum(1 for x in c if x)}/{len(c)}",
+                f"{max(c) / n:.2f}" if n else "-",
+                " ".join(str(x) for x in c),
+            )
+        console.print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+        console.print(f"written: {json_out}")
+
+
+@app.command()
 def plot(results: Path = typer.Argument(..., help="results.json"), out: Path = typer.Option(None, "--out")) -> None:
     """Draw accuracy and bytes per round from a results.json."""
 

@@ -444,3 +444,57 @@ def test_a_node_reporting_more_than_it_tested_is_not_believed():
         r = rep(ok, lie)
         assert [(s.split, s.correct, s.score) for s in r.scores] == [("global", 3, 4.5)] and r.train_samples == 5
     assert rep(ok).scores[0].accuracy == pytest.approx(4.5 / 8)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "vqa-v2"])
+def test_partition_counts_are_the_split_the_devices_train_on(vqa_root, source):
+    """``partition_counts`` (labels only) gives, device by device, the answer counts of the training
+    data ``build_device_data`` hands that device, for the generated set and a real source."""
+    from hffm.data import partition_counts
+
+    _, sets = vqa_root
+    cfg = load_config(None, [*(sets if source == "vqa-v2" else []), *SMALL, "data.alpha=0.3"])
+    topo = Topology.from_config(cfg, 4)
+    holders = topo.holders_by_task()
+    tok = load_tokenizer(cfg)
+    counts = partition_counts(cfg, holders)
+    assert set(counts) == set(holders)
+    for d in topo.devices:
+        data = build_device_data(cfg, d.id, holders, tok)
+        for task, td in data.train.items():
+            assert counts[task][d.id] == list(td.label_counts()), (task, d.id)
+            assert len(counts[task][d.id]) == len(task_answers(cfg)[task])
+
+
+def test_skew_summary_against_hand_counts():
+    from hffm.data import skew_summary
+
+    s = skew_summary({"a": [10, 0], "b": [0, 4], "c": [3, 3], "empty": [0, 0]})
+    assert s["devices"] == 3 and s["single_answer"] == 2  # a device with nothing is not counted
+    assert s["minority_share"] == pytest.approx(3 / 20)  # only c holds samples beside its top answer
+    assert s["pool_minority_share"] == pytest.approx(7 / 20)  # pooled: 13 of one answer, 7 of the other
+    assert s["median_top_share"] == pytest.approx(1.0) and s["median_answers"] == 1
+    iid = skew_summary({"a": [5, 5], "b": [5, 5]})
+    assert iid["single_answer"] == 0 and iid["minority_share"] == iid["pool_minority_share"] == 0.5
+
+
+def test_hffm_partition_prints_and_writes_the_split(tmp_path):
+    from hffm_cli.main import app
+
+    sets = ["topology.edges=2", "topology.devices_per_edge=3", "data.train_per_task=90"]
+    out = tmp_path / "split.json"
+    r = CliRunner().invoke(app, ["partition", "--json", str(out)] + [a for s in sets for a in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    cfg = load_config(None, sets)
+    assert set(rep["tasks"]) == set(cfg.tasks)
+    for task, t in rep["tasks"].items():
+        assert sum(sum(c) for c in t["devices"].values()) == 90  # the whole pool, split
+        assert set(t["clusters"]) == {"edge-0", "edge-1"}
+        assert [sum(x) for x in zip(*t["clusters"].values())] == [sum(x) for x in zip(*t["devices"].values())]
+        assert f"{task}: {t['summary']['devices']} devices" in r.output
+    assert "device-1-2" in r.output
+    short = CliRunner().invoke(app, ["partition", "--summary"] + [a for s in sets for a in ("--set", s)])
+    assert short.exit_code == 0 and "device-1-2" not in short.output and "edge-1" in short.output
+    bad = CliRunner().invoke(app, ["partition", "--set", "data.alpha=-1"])
+    assert bad.exit_code == 2 and "data.alpha" in bad.output

@@ -204,6 +204,94 @@ def test_persistor_keeps_the_previous_checkpoint_when_a_save_dies_midway(tmp_pat
     assert p.load((3, 0)) is None
 
 
+def _store_files(store: Path) -> list[Path]:
+    return sorted(store.glob("*.safetensors"))
+
+
+def test_nodes_saving_the_same_modules_share_one_file_written_once(tmp_path, monkeypatch):
+    """Ten devices of one process ending a round with the same modules (a cloud round's broadcast), saving
+    at once: one write of the bytes, ten checkpoints linking it; each loads its modules back whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import hffm.persist as persist
+
+    store = tmp_path / ".blobs"
+    ps = [Persistor(tmp_path / f"device-0-{i}", keep=2, store=store) for i in range(10)]
+    mods = {"adapter.0": make_module("adapter.0", {"w": (64, 32)}, version=3, num_samples=5.0)}
+    writes = []
+    real_replace = persist.os.replace
+    monkeypatch.setattr(persist.os, "replace", lambda a, b: (writes.append(Path(b)), real_replace(a, b))[1])
+    with ThreadPoolExecutor(10) as ex:
+        list(ex.map(lambda p: p.save(NodeState(p.dir.name, 1, mods)), ps))
+    assert [w.parent for w in writes].count(store) == 1  # the bytes written once, by whichever came first
+    (blob,) = _store_files(store)
+    assert blob.stat().st_nlink == 11  # the store's name and ten checkpoints
+    for p in ps:
+        got = p.load()
+        f = p.dir / "round-1-attempt-0" / "modules.safetensors"
+        assert f.stat().st_ino == blob.stat().st_ino
+        assert torch.equal(got.modules["adapter.0"].tensors["w"], mods["adapter.0"].tensors["w"])
+        assert got.modules["adapter.0"].version == 3 and got.modules["adapter.0"].num_samples == 5.0
+    # other modules are other bytes: another file; a node whose modules did not change writes nothing
+    other = {"adapter.0": make_module("adapter.0", {"w": (64, 32)}, version=4)}
+    ps[0].save(NodeState("device-0-0", 2, other))
+    ps[1].save(NodeState("device-0-1", 2, mods))
+    assert len(_store_files(store)) == 2 and [w.parent for w in writes].count(store) == 2
+
+
+def test_the_store_forgets_files_no_checkpoint_links(tmp_path):
+    store = tmp_path / ".blobs"
+    a = Persistor(tmp_path / "edge-0", keep=1, store=store, store_min_age_s=0)
+    b = Persistor(tmp_path / "edge-1", keep=1, store=store, store_min_age_s=0)
+    m1 = {"adapter.0": make_module("adapter.0", {"w": (4, 4)}, version=1)}
+    m2 = {"adapter.0": make_module("adapter.0", {"w": (4, 4)}, version=2)}
+    a.save(NodeState("edge-0", 1, m1))
+    b.save(NodeState("edge-1", 1, m1))
+    a.save(NodeState("edge-0", 2, m2))  # edge-0's round 1 pruned; edge-1 still links m1's file
+    assert len(_store_files(store)) == 2
+    b.save(NodeState("edge-1", 2, m2))  # nobody links m1's file now: gone, with its lock
+    (left,) = _store_files(store)
+    assert left.stat().st_nlink == 3 and len(list(store.glob(".*.lock"))) == 1
+    young = Persistor(tmp_path / "edge-2", keep=1, store=store)  # the default: a young file is never removed
+    young.save(NodeState("edge-2", 1, m1))
+    young.save(NodeState("edge-2", 2, m2))
+    assert len(_store_files(store)) == 2
+
+
+def test_a_checkpoint_is_written_whole_where_the_store_cannot_be_linked(tmp_path, monkeypatch):
+    """A store on another file system (no hard link possible), or one whose file a prune elsewhere removed
+    between the check and the link: the checkpoint holds its own file, and loads."""
+    import errno
+
+    import hffm.persist as persist
+
+    store = tmp_path / ".blobs"
+    p = Persistor(tmp_path / "device-0-0", keep=2, store=store)
+    mods = {"adapter.0": make_module("adapter.0", {"w": (8, 8)}, version=1)}
+    real_link = persist.os.link
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(persist.os, "link", cross_device)
+    p.save(NodeState("device-0-0", 1, mods))
+    f = p.dir / "round-1-attempt-0" / "modules.safetensors"
+    assert f.stat().st_nlink == 1 and torch.equal(p.load().modules["adapter.0"].tensors["w"], mods["adapter.0"].tensors["w"])
+    calls = []
+
+    def pruned_once(src, dst):
+        calls.append(src)
+        if len(calls) == 1:
+            Path(src).unlink()  # gone between the write and the link
+        return real_link(src, dst)
+
+    monkeypatch.setattr(persist.os, "link", pruned_once)
+    p.save(NodeState("device-0-0", 2, mods))
+    assert len(calls) == 2  # written again, then linked
+    g = p.dir / "round-2-attempt-0" / "modules.safetensors"
+    assert g.stat().st_nlink == 2 and p.load().round == 2
+
+
 # ---- config ------------------------------------------------------------------------------------------
 def test_every_config_field_has_a_description():
     from pydantic import BaseModel

@@ -169,6 +169,51 @@ def build_device_data(
     return real_device_data(cfg, device_id, holders_by_task, tokenizer, tasks, image_loader(cfg), image_cache(cfg))
 
 
+def partition_counts(cfg, holders_by_task: dict[str, list[str]]) -> dict[str, dict[str, list[int]]]:
+    """task -> device -> its training samples per answer (``task_answers`` order): the split
+    ``build_device_data`` makes for the starting membership ``holders_by_task``, from the labels alone (no
+    image is read, nothing is tokenized). What a federation's non-IID data looks like before it runs."""
+    out: dict[str, dict[str, list[int]]] = {}
+    answers = task_answers(cfg)
+    for task, holders in holders_by_task.items():
+        k = len(answers[task])
+        if not is_real(cfg):
+            labels = task_pool_labels(task, cfg.data.train_per_task, cfg.seed)
+            parts = split_for_task(task, holders, cfg.data, cfg.seed)
+            out[task] = {d: np.bincount(labels[parts[d]], minlength=k).tolist() for d in holders}
+            continue
+        from hffm.data.real import prepared
+
+        rd = prepared(cfg)
+        labels = rd.train_labels[task]
+        out[task] = {
+            d: np.bincount(labels[rd.partition(task, tuple(holders), d)], minlength=k).tolist() for d in holders
+        }
+    return out
+
+
+def skew_summary(counts: dict[str, list[int]]) -> dict[str, float | int]:
+    """One task's split at a glance: ``devices``; ``single_answer`` (devices whose samples all carry one
+    answer: their local loss is met by a constant output, they teach the shared modules nothing that
+    tells answers apart); ``median_top_share`` (over devices, the share of a device's samples that carry
+    its most common answer); ``median_answers`` (answers a device holds at all); ``minority_share`` (the
+    share of the task's samples that are not of their own device's most common answer: what local
+    training can tell apart; 0 when every device holds one answer) against ``pool_minority_share`` (the
+    same of the pool as one holder: what centralised training has)."""
+    rows = [np.asarray(c) for c in counts.values() if sum(c) > 0]
+    total = sum(int(r.sum()) for r in rows)
+    single = [r for r in rows if int((r > 0).sum()) == 1]
+    pool = sum(rows) if rows else np.zeros(1)
+    return {
+        "devices": len(rows),
+        "single_answer": len(single),
+        "median_top_share": float(np.median([r.max() / r.sum() for r in rows])) if rows else 0.0,
+        "median_answers": float(np.median([(r > 0).sum() for r in rows])) if rows else 0.0,
+        "minority_share": sum(int(r.sum() - r.max()) for r in rows) / total if total else 0.0,
+        "pool_minority_share": 1.0 - int(pool.max()) / total if total else 0.0,
+    }
+
+
 def build_global_test(cfg, task: str, tokenizer) -> TaskData:
     """The task's global test set: uniform over the synthetic labels; a real source's test pool."""
     if not is_real(cfg):
