@@ -43,7 +43,6 @@ import numpy as np
 
 from hffm.modules import ModuleSet, checkpoint_segments, digest_of, load_modules, save_modules
 
-
 STORE = ".blobs"  # the shared store's name under a checkpoint directory (beside the nodes' <node>/)
 
 

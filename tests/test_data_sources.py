@@ -491,7 +491,9 @@ def test_hffm_partition_prints_and_writes_the_split(tmp_path):
     for task, t in rep["tasks"].items():
         assert sum(sum(c) for c in t["devices"].values()) == 90  # the whole pool, split
         assert set(t["clusters"]) == {"edge-0", "edge-1"}
-        assert [sum(x) for x in zip(*t["clusters"].values())] == [sum(x) for x in zip(*t["devices"].values())]
+        assert [sum(x) for x in zip(*t["clusters"].values(), strict=True)] == [
+            sum(x) for x in zip(*t["devices"].values(), strict=True)
+        ]
         assert f"{task}: {t['summary']['devices']} devices" in r.output
     assert "device-1-2" in r.output
     short = CliRunner().invoke(app, ["partition", "--summary"] + [a for s in sets for a in ("--set", s)])

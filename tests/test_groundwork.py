@@ -276,7 +276,9 @@ def test_a_checkpoint_is_written_whole_where_the_store_cannot_be_linked(tmp_path
     monkeypatch.setattr(persist.os, "link", cross_device)
     p.save(NodeState("device-0-0", 1, mods))
     f = p.dir / "round-1-attempt-0" / "modules.safetensors"
-    assert f.stat().st_nlink == 1 and torch.equal(p.load().modules["adapter.0"].tensors["w"], mods["adapter.0"].tensors["w"])
+    assert f.stat().st_nlink == 1 and torch.equal(
+        p.load().modules["adapter.0"].tensors["w"], mods["adapter.0"].tensors["w"]
+    )
     calls = []
 
     def pruned_once(src, dst):
