@@ -70,7 +70,7 @@ def run_all(
     sets_ = [*BASE, *(QUICK if quick else []), *(sets or [])]
     from services.launcher import run
 
-    res: dict = {"sets": sets_, "methods": {}, "curves": {}}
+    res: dict = {"sets": sets_, "methods": {}, "curves": {}, "split": split_summary(load_config(None, sets_))}
 
     def part(name: str, make, key: list[str]) -> dict:
         # each part's results are kept (DIR/<name>.json with the settings): a re-run redoes only what changed
@@ -110,6 +110,16 @@ def run_all(
     return res
 
 
+def split_summary(cfg) -> dict[str, dict]:
+    """Each task's split over the starting devices (``hffm partition``'s summary): how many devices hold
+    a single answer and the share of samples not of their device's most common answer, against the pool."""
+    from hffm.data import partition_counts, skew_summary
+    from hffm.topology import Topology, final
+
+    holders = final(Topology.from_config(cfg, 0), cfg).holders_by_task()
+    return {t: skew_summary(c) for t, c in partition_counts(cfg, holders).items()}
+
+
 def _mean(r: dict) -> float:
     return sum(v["global"] for v in r["accuracy"].values()) / len(r["accuracy"])
 
@@ -131,6 +141,17 @@ def table(res: dict) -> str:
         lines.append(
             f"| {m} | " + " | ".join(f"{a[t]:.3f}" for t in tasks) + f" | {sum(a.values()) / len(a):.3f} | "
             f"{worst:+.1f} | {r['bytes'] / 1e6:.1f} | {r['modeled_latency_s']:.1f} |"
+        )
+    if split := res.get("split"):
+        lines.append("")
+        lines.append(
+            "Split (`hffm partition`): "
+            + "; ".join(
+                f"{t}: {v['single_answer']} of {v['devices']} devices hold one answer, "
+                f"{v['minority_share']:.0%} of the samples are not of their device's top answer "
+                f"(pooled {v['pool_minority_share']:.0%})"
+                for t, v in split.items()
+            )
         )
     return "\n".join(lines) + "\n"
 

@@ -103,6 +103,7 @@ class Persistor:
         self.keep = max(1, keep)
         self.store = Path(store) if store is not None else None
         self.store_min_age_s = store_min_age_s
+        self._linkable = True  # False once a link from the store failed for good: no file written twice
 
     @staticmethod
     def _name(ref: tuple[int, int]) -> str:
@@ -114,7 +115,7 @@ class Persistor:
         tmp = self.dir / f".{final.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if self.store is None:
+        if self.store is None or not self._linkable:
             save_modules(state.modules, str(tmp / "modules.safetensors"))
         else:
             self._save_shared(state.modules, tmp / "modules.safetensors")
@@ -164,7 +165,8 @@ class Persistor:
                 return
             except FileNotFoundError:
                 continue
-            except OSError:  # another file system, no hard links, too many links: a file of its own
+            except OSError:  # another file system, no hard links: a file of its own, from now on
+                self._linkable = False
                 break
         save_modules(modules, str(target))
 

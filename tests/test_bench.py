@@ -79,6 +79,14 @@ def test_realdata_writes_its_table_and_plot_and_reuses_what_it_ran(tmp_path):
     assert [x for x, _ in res["curves"]["centralised"]] == [1, 2] and res["methods"]["hfm"]["bytes"] > 0
     table = (tmp_path / "realdata.md").read_text()
     assert "| centralised |" in table and "| hfm |" in table and (tmp_path / "realdata.png").stat().st_size > 0
+    # the table states its split: what `hffm partition` reports for the same settings
+    from benchmarks.realdata import split_summary
+    from hffm.config import load_config
+
+    split = split_summary(load_config(None, res["sets"]))
+    assert res["split"] == json.loads(json.dumps(split)) and set(split) == {"color", "shape", "yesno"}
+    y = split["yesno"]
+    assert f"yesno: {y['single_answer']} of {y['devices']} devices hold one answer" in table
     kept = (tmp_path / "hfm.json").stat().st_mtime_ns
     main(["--quick", "--methods", "hfm", "--out", str(tmp_path)])
     assert (tmp_path / "hfm.json").stat().st_mtime_ns == kept
@@ -89,3 +97,25 @@ def test_realdata_writes_its_table_and_plot_and_reuses_what_it_ran(tmp_path):
     assert set(res["methods"]) == {"hfm (prox)"} and (tmp_path / "hfm-prox.json").is_file()
     assert (tmp_path / "centralised.json").stat().st_mtime_ns == central
     assert (tmp_path / "hfm.json").stat().st_mtime_ns == kept
+
+
+def test_checkpoint_bench_saves_the_same_modules_once_when_shared(tmp_path):
+    """``benchmarks.checkpoints``: both ways save every round of every node (each loads back), and the
+    shared way holds one file per round where the other holds one per node."""
+    from benchmarks.checkpoints import compare
+    from hffm.persist import Persistor
+
+    r = compare(tmp_path, nodes=3, repeat=2)
+    assert r["own"] > 0 and r["shared"] > 0 and r["ratio"] == r["shared"] / r["own"]
+    for way in ("own", "shared"):
+        for i in range(3):
+            p = Persistor(tmp_path / way / f"device-0-{i}")
+            assert p.available() == [(2, 0), (3, 0)]  # a warm-up round, two timed ones; two kept
+            assert p.load().modules
+    # own: 3 nodes x 2 round ends; shared: each round's bytes once (3: a file no round end links any more
+    # is kept for a minute)
+    size = r["disk_bytes"]["own"] / 6
+    assert r["disk_bytes"]["shared"] == pytest.approx(3 * size, rel=0.01)
+    own_files = {f.stat().st_ino for f in (tmp_path / "own").rglob("modules.safetensors")}
+    shared_files = {f.stat().st_ino for f in (tmp_path / "shared").rglob("modules.safetensors")}
+    assert len(own_files) == 6 and len(shared_files) == 2

@@ -275,6 +275,9 @@ def test_a_checkpoint_is_written_whole_where_the_store_cannot_be_linked(tmp_path
 
     monkeypatch.setattr(persist.os, "link", cross_device)
     p.save(NodeState("device-0-0", 1, mods))
+    p.save(NodeState("device-0-0", 2, mods))  # the store is not tried again: nothing written twice
+    assert len(_store_files(store)) == 1
+    p = Persistor(tmp_path / "device-0-0", keep=2, store=store)  # a fresh start tries it again
     f = p.dir / "round-1-attempt-0" / "modules.safetensors"
     assert f.stat().st_nlink == 1 and torch.equal(
         p.load().modules["adapter.0"].tensors["w"], mods["adapter.0"].tensors["w"]
@@ -288,10 +291,10 @@ def test_a_checkpoint_is_written_whole_where_the_store_cannot_be_linked(tmp_path
         return real_link(src, dst)
 
     monkeypatch.setattr(persist.os, "link", pruned_once)
-    p.save(NodeState("device-0-0", 2, mods))
+    p.save(NodeState("device-0-0", 3, mods))
     assert len(calls) == 2  # written again, then linked
-    g = p.dir / "round-2-attempt-0" / "modules.safetensors"
-    assert g.stat().st_nlink == 2 and p.load().round == 2
+    g = p.dir / "round-3-attempt-0" / "modules.safetensors"
+    assert g.stat().st_nlink == 2 and p.load().round == 3
 
 
 # ---- config ------------------------------------------------------------------------------------------
