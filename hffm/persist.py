@@ -104,6 +104,7 @@ class Persistor:
         self.store = Path(store) if store is not None else None
         self.store_min_age_s = store_min_age_s
         self._linkable = True  # False once a link from the store failed for good: no file written twice
+        self.last_written = 0  # bytes of module files the last save wrote (0: it linked a shared file)
 
     @staticmethod
     def _name(ref: tuple[int, int]) -> str:
@@ -117,8 +118,9 @@ class Persistor:
         tmp.mkdir()
         if self.store is None or not self._linkable:
             save_modules(state.modules, str(tmp / "modules.safetensors"))
+            self.last_written = (tmp / "modules.safetensors").stat().st_size
         else:
-            self._save_shared(state.modules, tmp / "modules.safetensors")
+            self.last_written = self._save_shared(state.modules, tmp / "modules.safetensors")
         doc = {
             "node": state.node,
             "round": state.round,
@@ -138,11 +140,13 @@ class Persistor:
         self._prune(final.name)
         return final
 
-    def _save_shared(self, modules: ModuleSet, target: Path) -> None:
-        """``target`` as a hard link to the store's file of these bytes, written first when missing."""
+    def _save_shared(self, modules: ModuleSet, target: Path) -> int:
+        """``target`` as a hard link to the store's file of these bytes, written first when missing; the
+        bytes this call wrote."""
         assert self.store is not None
         segments = checkpoint_segments(modules)
         blob = self.store / f"{digest_of(segments).hex()}.safetensors"
+        written = 0
         for _ in range(3):  # a prune elsewhere may remove a file between our write (or check) and our link
             if not blob.exists():
                 self.store.mkdir(parents=True, exist_ok=True)
@@ -160,15 +164,17 @@ class Persistor:
                             os.fsync(f.fileno())
                         os.replace(part, blob)
                         _fsync_dir(self.store)
+                        written += sum(len(seg) for seg in segments)
             try:
                 os.link(blob, target)
-                return
+                return written
             except FileNotFoundError:
                 continue
             except OSError:  # another file system, no hard links: a file of its own, from now on
                 self._linkable = False
                 break
         save_modules(modules, str(target))
+        return written + target.stat().st_size
 
     def _prune_store(self) -> None:
         """Remove the store's files no checkpoint links any more (link count 1: the store's own name)."""

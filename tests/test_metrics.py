@@ -207,6 +207,22 @@ def test_modeled_energy_and_rounds_agree_with_results(scraped):
     assert heads == last["modeled"]["heads"]
 
 
+def test_checkpoint_bytes_count_what_was_written_once(scraped):
+    """Every node saved every round end; the bytes each wrote are at most its round ends' files, and
+    together less: nodes ending a round with the same modules (a cluster after its edge's broadcast, every
+    node after a cloud round) share one file (hffm.persist)."""
+    q, state = scraped.q, scraped.out / "state"
+    saves = {x["metric"]["node"]: float(x["value"][1]) for x in q("hffm_checkpoints_total")}
+    written = {x["metric"]["node"]: float(x["value"][1]) for x in q("hffm_checkpoint_bytes_written_total")}
+    assert set(written) == set(saves) and set(saves) >= {"cloud", "edge-0", "device-1-1"}
+    assert all(n == ROUNDS for n in saves.values())
+    size = {n: (state / n / f"round-{ROUNDS}-attempt-0" / "modules.safetensors").stat().st_size for n in saves}
+    assert all(0 <= written[n] <= saves[n] * size[n] for n in saves)
+    assert 0 < sum(written.values()) < 0.75 * sum(saves[n] * size[n] for n in saves)
+    files = list(state.glob(f"*/round-{ROUNDS}-attempt-0/modules.safetensors"))
+    assert len({f.stat().st_ino for f in files}) < len(files)  # the last round end: shared files
+
+
 def test_promtool_checks(scraped):
     scrapes, prom_dir = scraped.scrapes, scraped.prom_dir
     assert {"cloud", "edge-0", "edge-1"} <= set(scrapes) and any(k.startswith("device") for k in scrapes)

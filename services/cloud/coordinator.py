@@ -426,6 +426,7 @@ class Coordinator:
             )
         )
         self.node.metrics.checkpoints.labels(node=CLOUD).inc()
+        self.node.metrics.checkpoint_bytes.labels(node=CLOUD).inc(self.persistor.last_written)
 
     def resume(self) -> int:
         """Continue from the newest checkpoint, if any: returns the first round to run (1 without one)."""

@@ -169,6 +169,12 @@ class Metrics:
             "hffm_push_bytes_in_flight", "Module bytes being assembled (as push headers declare)", ["node"], registry=r
         )
         self.checkpoints = Counter("hffm_checkpoints", "Round ends saved to durable state", ["node"], registry=r)
+        self.checkpoint_bytes = Counter(
+            "hffm_checkpoint_bytes_written",
+            "Module bytes written to disk by round-end saves (a file shared with another node is written once)",
+            ["node"],
+            registry=r,
+        )
         self._heads: dict[str, str] = {}
 
     def init_node(self, node: str) -> None:

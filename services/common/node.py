@@ -191,6 +191,7 @@ class NodeRuntime:
         if self.persistor is not None:
             self.persistor.save(NodeState(self.node_id, state.round, self.modules, attempt=state.attempt))
             self.metrics.checkpoints.labels(node=self.node_id).inc()
+            self.metrics.checkpoint_bytes.labels(node=self.node_id).inc(self.persistor.last_written)
 
     # ---- round control ---------------------------------------------------------------------
     def assign(
