@@ -500,3 +500,5 @@ def test_hffm_partition_prints_and_writes_the_split(tmp_path):
     assert short.exit_code == 0 and "device-1-2" not in short.output and "edge-1" in short.output
     bad = CliRunner().invoke(app, ["partition", "--set", "data.alpha=-1"])
     assert bad.exit_code == 2 and "data.alpha" in bad.output
+    missing = CliRunner().invoke(app, ["partition", "--set", "data.source=vqa-v2"])
+    assert missing.exit_code == 1 and "data.vqa_v2.train_questions: not set" in missing.output.replace("\n", "")
