@@ -114,9 +114,9 @@ def split_summary(cfg) -> dict[str, dict]:
     """Each task's split over the starting devices (``hffm partition``'s summary): how many devices hold
     a single answer and the share of samples not of their device's most common answer, against the pool."""
     from hffm.data import partition_counts, skew_summary
-    from hffm.topology import Topology, final
+    from hffm.topology import split_table
 
-    holders = final(Topology.from_config(cfg, 0), cfg).holders_by_task()
+    holders = split_table(cfg).holders_by_task()
     return {t: skew_summary(c) for t, c in partition_counts(cfg, holders).items()}
 
 

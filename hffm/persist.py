@@ -106,6 +106,12 @@ class Persistor:
         self._linkable = True  # False once a link from the store failed for good: no file written twice
         self.last_written = 0  # bytes of module files the last save wrote (0: it linked a shared file)
 
+    @classmethod
+    def in_root(cls, root: str | Path, node: str, keep: int) -> Persistor:
+        """``node``'s checkpoints under a checkpoint directory: ``<root>/<node>/``, module files shared
+        with every node saving there (``<root>/.blobs``)."""
+        return cls(Path(root) / node, keep=keep, store=Path(root) / STORE)
+
     @staticmethod
     def _name(ref: tuple[int, int]) -> str:
         return f"round-{ref[0]}-attempt-{ref[1]}"

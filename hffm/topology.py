@@ -45,6 +45,14 @@ def final(topo: Topology, cfg: HFFMConfig) -> Topology:
     return topo.with_tasks(arrived(cfg.circulation.arrivals))
 
 
+def split_table(cfg: HFFMConfig) -> Topology:
+    """The table each task's training pool is split over: the config's starting devices, with every task
+    arrival applied (a task that arrives mid-run is split over the devices that will take it up). Every
+    device process, ``hffm partition`` and the benchmarks split the data over it; a joiner, outside it,
+    draws its own samples. (Its adapter count is 0: the split does not depend on it.)"""
+    return final(Topology.from_config(cfg, 0), cfg)
+
+
 @dataclass(frozen=True)
 class Registration:
     """What a node says about itself when it registers (the ``NodeInfo`` message, converted)."""

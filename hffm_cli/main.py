@@ -313,11 +313,10 @@ def partition(
     from rich.table import Table
 
     from hffm.data import DataError, partition_counts, skew_summary, task_answers
-    from hffm.model import backbone_dims
-    from hffm.topology import Topology, final
+    from hffm.topology import split_table
 
     cfg = _config(config, overrides)
-    topo = final(Topology.from_config(cfg, backbone_dims(cfg)[1]), cfg)
+    topo = split_table(cfg)
     try:
         counts = partition_counts(cfg, topo.holders_by_task())
         answers = task_answers(cfg)

@@ -26,7 +26,7 @@ from hffm.ids import CLOUD, joining_edge, role_of
 from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
 from hffm.modules import ModuleError, ModuleSet
-from hffm.persist import STORE, NodeState, Persistor, rng_states, set_rng_states
+from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity, PKIError
 from hffm.planner import PlannedRound, Planner
 from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record, strict_json
@@ -100,8 +100,7 @@ class Coordinator:
         self.results = ResultsWriter(
             cfg, out_dir, node.metrics, adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
         )
-        root = Path(cfg.checkpoint.dir or out_dir / "state")
-        self.persistor = Persistor(root / CLOUD, keep=cfg.checkpoint.keep, store=root / STORE)
+        self.persistor = Persistor.in_root(cfg.checkpoint.dir or out_dir / "state", CLOUD, cfg.checkpoint.keep)
         # node -> the round end it holds, as far as the coordinator knows (hffm/recovery.py)
         self.held: dict[str, tuple[int, int]] = {n: (0, 0) for n in topo.node_ids()}
         self._held_lock = threading.Lock()
@@ -425,8 +424,7 @@ class Coordinator:
                 attempt,
             )
         )
-        self.node.metrics.checkpoints.labels(node=CLOUD).inc()
-        self.node.metrics.checkpoint_bytes.labels(node=CLOUD).inc(self.persistor.last_written)
+        self.node.metrics.round_end_saved(CLOUD, self.persistor.last_written)
 
     def resume(self) -> int:
         """Continue from the newest checkpoint, if any: returns the first round to run (1 without one)."""

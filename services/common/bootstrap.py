@@ -16,7 +16,7 @@ from hffm.config import ConfigError, HFFMConfig, load_config
 from hffm.data import DataError, task_labels
 from hffm.model import backbone_dims, initial_modules
 from hffm.modules import ModuleSet, ModuleSpec, spec_of
-from hffm.persist import STORE, Persistor
+from hffm.persist import Persistor
 from hffm.topology import Topology, final
 from services.common.metrics import Metrics
 from services.common.security import Security, credential_paths
@@ -47,7 +47,7 @@ def persistor(args: argparse.Namespace, cfg: HFFMConfig, node: str) -> Persistor
     """The node's checkpoints under --state-dir (or checkpoint.dir), module files shared with the other
     nodes saving there (``<dir>/.blobs``, hffm.persist); None: round ends in memory only."""
     d = args.state_dir or cfg.checkpoint.dir
-    return Persistor(os.path.join(d, node), keep=cfg.checkpoint.keep, store=os.path.join(d, STORE)) if d else None
+    return Persistor.in_root(d, node, cfg.checkpoint.keep) if d else None
 
 
 def state_refs(states: list[tuple[int, int]]) -> list[pb.StateRef]:

@@ -177,6 +177,11 @@ class Metrics:
         )
         self._heads: dict[str, str] = {}
 
+    def round_end_saved(self, node: str, written: int) -> None:
+        """A round end saved to durable state; ``written``: the module bytes that save wrote to disk."""
+        self.checkpoints.labels(node=node).inc()
+        self.checkpoint_bytes.labels(node=node).inc(written)
+
     def init_node(self, node: str) -> None:
         """Series that must exist from the start at 0 (a clean run still shows 'no rejections')."""
         for reason in REJECT_REASONS:

@@ -190,8 +190,7 @@ class NodeRuntime:
             del self._ends[old]
         if self.persistor is not None:
             self.persistor.save(NodeState(self.node_id, state.round, self.modules, attempt=state.attempt))
-            self.metrics.checkpoints.labels(node=self.node_id).inc()
-            self.metrics.checkpoint_bytes.labels(node=self.node_id).inc(self.persistor.last_written)
+            self.metrics.round_end_saved(self.node_id, self.persistor.last_written)
 
     # ---- round control ---------------------------------------------------------------------
     def assign(

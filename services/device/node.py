@@ -29,7 +29,7 @@ from hffm.data import DeviceData, TaskData, build_device_data, build_global_test
 from hffm.ids import task_of
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleError, ModuleSet, spec_of
-from hffm.topology import Topology, arrived, final
+from hffm.topology import Topology, arrived, final, split_table
 from hffm.training import evaluate, train_local
 from services.common import faults
 from services.common.node import NodeRuntime, RoundState
@@ -94,8 +94,7 @@ class DeviceNode(NodeRuntime):
         self.host = host
         self.info = topo.device_map[node_id]
         # the starting membership splits the data (a joiner, outside it, draws its own samples)
-        # (a task that arrives mid-run is split over the devices that will take it up)
-        start = final(Topology.from_config(cfg, topo.num_layers), cfg).holders_by_task()
+        start = split_table(cfg).holders_by_task()
         self.data: DeviceData = build_device_data(cfg, node_id, start, host.tokenizer, grown.device_map[node_id].tasks)
         # config adversary (tests and benchmarks): this device poisons what it sends
         attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
