@@ -65,6 +65,16 @@ RULES: dict[str, list[str]] = {
         "aggregation.params.exclude_flagged=1",
         "aggregation.params.twin_cos=0.99",
     ],
+    # senders scored by their whole update (update_z) instead of module by module (the matrix's flag_z:
+    # the params dict replaced): an honest device whose head stands out alone is not flagged
+    "fedavg, update outliers or twins excluded": [
+        "aggregation.rule=fedavg",
+        "aggregation.params={update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
+    ],
+    "trimmed_mean, update outliers or twins excluded": [
+        "aggregation.rule=trimmed_mean",
+        "aggregation.params={beta: 0.2, update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
+    ],
     # per module (the circulation policy's rule): heads by the trimmed mean, adapters by FedAvg; both
     # with flagged and twin senders excluded
     "fedavg, trimmed heads, flagged or twins excluded": [
@@ -145,7 +155,8 @@ def _pct(v: float | None) -> str:
 
 
 def tables(res: dict) -> str:
-    """Accuracy per cell with each rule's worst case against the clean FedAvg run, then detection."""
+    """Accuracy per cell with each rule's worst case against the clean FedAvg run, then detection (the
+    clean column's FPR: honest senders flagged with no attacker at all)."""
     cells = {r: cells for r in RULES if (cells := res["cells"].get(r))}
     cells.update({r: c for r, c in res["cells"].items() if r not in cells})  # rules of other versions
     present = {a for row in cells.values() for a in row}
@@ -162,14 +173,15 @@ def tables(res: dict) -> str:
     for rule, row in cells.items():
         worst = min(c["accuracy"] for c in row.values())
         lines.append(f"| {rule} | " + " | ".join(acc(row, a) for a in attacks) + f" | {100 * (worst - clean):+.1f} |")
-    lines += ["", "| rule | " + " | ".join(f"{a} TPR / FPR" for a in attacks[1:]) + " |"]
-    lines.append("|---|" + "---|" * (len(attacks) - 1))
+    # "none": no attacker, so no TPR; its FPR is the honest senders flagged in a clean run
+    lines += ["", "| rule | " + " | ".join(f"{a} TPR / FPR" for a in attacks) + " |"]
+    lines.append("|---|" + "---|" * len(attacks))
 
     def det(row: dict, a: str) -> str:
         return f"{_pct(row[a]['tpr'])} / {_pct(row[a]['fpr'])}" if a in row else "—"
 
     for rule, row in cells.items():
-        lines.append(f"| {rule} | " + " | ".join(det(row, a) for a in attacks[1:]) + " |")
+        lines.append(f"| {rule} | " + " | ".join(det(row, a) for a in attacks) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,11 @@ Detection (any rule, ``flag_z``): every copy of every module is scored against t
 (``SenderScore``: distance to their coordinate-wise median, its update's norm and cosine to the median
 update, the larger robust z-score of distance and norm) and flagged above ``flag_z``; with
 ``exclude_flagged`` flagged senders are left out of that module's aggregate (a majority is always
-kept). Scores are in ``scores`` for the node's report.
+kept). ``update_z`` scores each sender's whole update the same way (distance and norm over every
+scored module it sent, as one vector) and flags the sender, all its modules, above it: an honest device
+with labels of its own stands out on one head, an attacker that poisons its update everywhere stands out
+as a whole. ``twin_cos`` flags senders whose whole updates point the same way. Scores are in ``scores``
+for the node's report.
 
 A new rule is a new subclass registered in ``RULES`` (its name in ``hffm.ids.AGGREGATION_RULES``, its
 parameters in ``hffm.ids.RULE_PARAMS``).
@@ -251,6 +255,7 @@ class _Buffered(Aggregator):
     def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
         self.args, common = rule_arguments(self.name, params)
         self.clip_norm, self.flag_z, self.twin_cos = common["clip_norm"], common["flag_z"], common["twin_cos"]
+        self.update_z = common["update_z"]
         self.exclude_flagged = common["exclude_flagged"]
         super().__init__(order, reference)
 
@@ -276,6 +281,7 @@ class _Buffered(Aggregator):
         if self._out is None:
             self._out, self._counts = {}, {}
             self._twins = self._twin_scores() if self.twin_cos is not None else {}
+            self._update_zs = self._update_scores() if self.update_z is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
                 like = copies[0][1].shapes()
@@ -283,7 +289,7 @@ class _Buffered(Aggregator):
                 self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
                 senders = [s for s, _ in copies]
-                scored = self.flag_z is not None or self.twin_cos is not None
+                scored = self.flag_z is not None or self.twin_cos is not None or self.update_z is not None
                 if scored and len(senders) >= MIN_SENDERS_TO_FLAG:
                     keep = self._score(name, senders, x)
                     if len(keep) < len(senders):
@@ -313,8 +319,10 @@ class _Buffered(Aggregator):
         floor = Z_FLOOR * float(_coordinate_median(norm))
         z = torch.maximum(_robust_z(dist, floor), _robust_z(norm, floor).abs())
         twin = [self._twins.get(s, 0.0) for s in senders]
+        whole = [self._update_zs.get(s, 0.0) for s in senders]
         flagged = [
             (self.flag_z is not None and bool(z[i] > float(self.flag_z)))
+            or (self.update_z is not None and whole[i] > self.update_z)
             or (self.twin_cos is not None and twin[i] >= self.twin_cos)
             for i in range(n)
         ]
@@ -335,9 +343,36 @@ class _Buffered(Aggregator):
                     flagged[i],
                     i not in keep,
                     twin[i],
+                    whole[i],
                 )
             )
         return keep
+
+    def _update_scores(self) -> dict[str, float]:
+        """sender -> the robust z-score of its whole update: the larger of its distance's and its norm's
+        (``_score``'s per module), each over every module with at least MIN_SENDERS_TO_FLAG copies, as
+        one vector (the square root of the module's squared distances, or norms, summed). Fewer than
+        MIN_SENDERS_TO_FLAG senders: none scored."""
+        dist2: dict[str, float] = {}
+        norm2: dict[str, float] = {}
+        for name, copies in self._held.items():
+            if len(copies) < MIN_SENDERS_TO_FLAG:
+                continue
+            x = torch.stack([_flat32(m) for _, m in copies])
+            xd = x.double()
+            d = (xd - _coordinate_median(x).double()).norm(dim=1)
+            u = (xd - self._centre(name, x).double()).norm(dim=1)
+            for i, (s, _) in enumerate(copies):
+                dist2[s] = dist2.get(s, 0.0) + float(d[i]) ** 2
+                norm2[s] = norm2.get(s, 0.0) + float(u[i]) ** 2
+        senders = sorted(dist2)
+        if len(senders) < MIN_SENDERS_TO_FLAG:
+            return {}
+        dist = torch.tensor([dist2[s] for s in senders], dtype=torch.float64).sqrt()
+        norm = torch.tensor([norm2[s] for s in senders], dtype=torch.float64).sqrt()
+        floor = Z_FLOOR * float(_coordinate_median(norm))
+        z = torch.maximum(_robust_z(dist, floor), _robust_z(norm, floor).abs())
+        return {s: float(z[i]) for i, s in enumerate(senders)}
 
     def _twin_scores(self) -> dict[str, float]:
         """sender -> the highest cosine of its whole update (its copies of every module, each minus the

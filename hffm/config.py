@@ -398,7 +398,9 @@ class AggregationConfig(_Strict):
         default_factory=dict,
         description="the rule's parameters: trimmed_mean beta (0.1); krum f (1), m (1: Krum, >1: Multi-Krum); "
         "bulyan f (1); any rule clip_norm (clip each update to this L2 norm first), flag_z (flag copies this many "
-        "robust z-scores out), twin_cos (flag senders whose whole update has this cosine or more with another's: "
+        "robust z-scores out, module by module), update_z (flag senders whose whole update, every module they sent as "
+        "one vector, is this many robust z-scores out: honest non-IID heads stand out alone, attackers' whole "
+        "updates do), twin_cos (flag senders whose whole update has this cosine or more with another's: "
         "colluders sending one vector), exclude_flagged (1: leave the flagged out)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
@@ -455,7 +457,7 @@ class AggregationConfig(_Strict):
 
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check an aggregation rule's parameters (no torch: health checks load config too) and return
-    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, twin_cos, exclude_flagged)``.
+    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, update_z, twin_cos, exclude_flagged)``.
     ValueError naming the rule and the parameter."""
     if rule not in RULE_PARAMS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULE_PARAMS)}")
@@ -475,8 +477,14 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
         if not lo <= v <= hi:
             raise ValueError(f"aggregation rule {rule!r}: {k} must be in [{lo}, {hi}], got {v}")
         args[k] = v
-    common: dict[str, Any] = {"clip_norm": None, "flag_z": None, "twin_cos": None, "exclude_flagged": False}
-    for k in ("clip_norm", "flag_z"):
+    common: dict[str, Any] = {
+        "clip_norm": None,
+        "flag_z": None,
+        "update_z": None,
+        "twin_cos": None,
+        "exclude_flagged": False,
+    }
+    for k in ("clip_norm", "flag_z", "update_z"):
         if k in params:
             v = float(params[k])
             if not (v > 0 and math.isfinite(v)):
@@ -490,8 +498,10 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
     exclude = params.get("exclude_flagged", 0)
     if exclude not in (0, 1):
         raise ValueError(f"aggregation rule {rule!r}: exclude_flagged must be 0 or 1, got {exclude}")
-    if exclude and common["flag_z"] is None and common["twin_cos"] is None:
-        raise ValueError(f"aggregation rule {rule!r}: exclude_flagged needs flag_z or twin_cos (what flags a sender)")
+    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos")):
+        raise ValueError(
+            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z or twin_cos (what flags a sender)"
+        )
     common["exclude_flagged"] = bool(exclude)
     return args, common
 

@@ -53,7 +53,9 @@ class SenderScore:
     copies' coordinate-wise median, ``norm`` of its update (copy minus the node's own module at the start
     of the round, or minus that median where the node has none), ``cosine`` between its update and the
     median's, ``z`` the larger robust z-score (median and MAD over the senders) of distance and norm,
-    ``twin`` the highest cosine of its whole update (every module it sent) with another sender's."""
+    ``twin`` the highest cosine of its whole update (every module it sent) with another sender's,
+    ``update_z`` the same robust z-score as ``z`` for its whole update (``update_z``: the distance and
+    norm of every scored module it sent, as one vector)."""
 
     module: str
     sender: str
@@ -64,6 +66,7 @@ class SenderScore:
     flagged: bool
     excluded: bool
     twin: float = 0.0  # the highest cosine of the sender's whole update with another sender's (twin_cos)
+    update_z: float = 0.0  # the robust z-score of the sender's whole update (update_z)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def test_a_boosted_attacker_drags_fedavg_not_the_median(tmp_path):
 
 def test_the_attack_matrix_tables():
     """benchmarks/attacks.py's tables (hffm attacks): accuracy per cell with each rule's worst case
-    against the clean FedAvg run, and the detection's rates per attack."""
+    against the clean FedAvg run, and the detection's rates per attack (the clean run's: its FPR)."""
     from benchmarks.attacks import tables
 
     def cell(acc, tpr=None, fpr=None):
@@ -110,7 +110,8 @@ def test_the_attack_matrix_tables():
     md = tables(res).splitlines()
     assert md[0] == "| rule | none | scale | worst (points vs clean FedAvg) |"
     assert md[2] == "| fedavg | 0.500 | 0.200 | -30.0 |" and md[3] == "| median | 0.480 | 0.470 | -3.0 |"
-    assert md[7] == "| fedavg | 100 % / 5 % |" and md[8] == "| median | 50 % / 0 % |"
+    assert md[5] == "| rule | none TPR / FPR | scale TPR / FPR |"
+    assert md[7] == "| fedavg | — / 0 % | 100 % / 5 % |" and md[8] == "| median | — / 0 % | 50 % / 0 % |"
 
 
 def test_label_flip_reverses_training_labels_only():
@@ -211,8 +212,9 @@ def test_alie_colluders_send_one_vector(tmp_path):
 
 def test_an_adversarial_edge_is_flagged_and_left_out_by_the_cloud(tmp_path):
     """hfm over real gRPC, 4 edges x 1 device, cloud every round; edge-3 forwards its device's
-    aggregate boosted x50. The cloud (4 senders: enough to score) flags edge-3 in every round and, with
-    exclude_flagged, its global modules stay near the clean run's while plain FedAvg's are dragged."""
+    aggregate boosted x50. The cloud (4 senders: enough to score) flags edge-3 in every round, module by
+    module (flag_z) or by its whole update (update_z), and, with exclude_flagged, its global modules stay
+    near the clean run's while plain FedAvg's are dragged."""
     base = ["method=hfm", "e_agg=1", "rounds=2", "topology.edges=4", "topology.devices_per_edge=1",
             "runtime.devices_per_process=4", "data.train_per_task=40"]  # fmt: skip
     attack = ["adversary.nodes=[edge-3]", "adversary.behaviour=scale", "adversary.scale=50"]
@@ -220,22 +222,30 @@ def test_an_adversarial_edge_is_flagged_and_left_out_by_the_cloud(tmp_path):
         "clean": base,
         "fedavg": base + attack,
         "excluded": base + attack + ["aggregation.params.flag_z=3.5", "aggregation.params.exclude_flagged=1"],
+        # the sender's whole update scored (update_z), not module by module: the same verdict here
+        "excluded by update": base
+        + attack
+        + ["aggregation.params.update_z=3.5", "aggregation.params.exclude_flagged=1"],
     }
     got = {}
     for name, sets in runs.items():
         out = tmp_path / name
         res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
         got[name] = _flat(out)
-        if name == "excluded":
+        if name.startswith("excluded"):
             det = res["detection"]
             assert det["adversaries"] == ["edge-3"] and det["flagged"] == ["edge-3"], det
             assert det["recall"] == 1.0 and det["false_positive_rate"] == 0.0, det
             assert all(s["excluded"] for s in _scores(out, "cloud") if s["sender"] == "edge-3")
+        if name == "excluded by update":  # its whole-update z, measured at the cloud, reached results.json
+            zs = {s["sender"]: s["update_z"] for s in _scores(out, "cloud")}
+            assert zs["edge-3"] > 3.5 and max(z for n, z in zs.items() if n != "edge-3") < 3.5, zs
         logs = "".join(p.read_text() for p in (out / "logs").iterdir())
         assert ("edge-3 is an adversary" in logs) == (name != "clean")
     dragged = float((got["fedavg"] - got["clean"]).norm())
     held = float((got["excluded"] - got["clean"]).norm())
     assert dragged > 5 * held, (dragged, held)
+    assert torch.equal(got["excluded"], got["excluded by update"])  # the same senders left out, bit for bit
 
 
 def test_an_attacking_cluster_head_poisons_its_clusters_aggregate(tmp_path):

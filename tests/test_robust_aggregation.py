@@ -233,7 +233,7 @@ def test_bad_parameters_named_at_config_load():
         assert match in str(e.value), (sets, str(e.value))
     cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
     assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
-    common = ["clip_norm", "exclude_flagged", "flag_z", "twin_cos"]
+    common = ["clip_norm", "exclude_flagged", "flag_z", "twin_cos", "update_z"]
     assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
@@ -438,8 +438,55 @@ def test_twins_are_senders_whose_whole_updates_point_the_same_way():
     assert type(make_aggregator("median", params={"twin_cos": 0.9, "exclude_flagged": 1})).__name__ == "Median"
 
 
+def test_update_z_scores_whole_updates_and_spares_a_sender_odd_in_one_module():
+    """update_z: a sender's whole update (every module it sent, minus the centre, as one vector) scored
+    like a module's copy, against a NumPy reference; an honest sender whose one small head stands far
+    out (labels nobody else holds) is flagged by the per-module flag_z but not by update_z; an attacker
+    scaling its whole update is flagged by both, and with exclude_flagged left out of every module."""
+    g = torch.Generator().manual_seed(12)
+    names = [f"d{i}" for i in range(7)]
+    shapes = {"adapter.0": (40, 30), "adapter.1": (40, 30), "head.art": (4,)}
+    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    ups = [{n: 0.1 * torch.randn(*sh, generator=g) for n, sh in shapes.items()} for _ in range(7)]
+    ups[2]["head.art"] = ups[2]["head.art"] + 1.5  # honest, with a head of its own
+    ups[6] = {n: 8.0 * u for n, u in ups[6].items()}  # the attacker: everything scaled
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in ups]
+    agg = make_aggregator("fedavg", names, own, {"flag_z": 3.5, "update_z": 3.5, "exclude_flagged": 1})
+    for n, m in zip(names, mods, strict=True):
+        agg.add(n, list(m.values()))
+    out = agg.result(1)
+    x = {n: np.stack([(own[n].tensors["w"] + u[n]).numpy().ravel() for u in ups]) for n in shapes}
+    dist = np.sqrt(sum(((x[n] - np.median(x[n], axis=0)) ** 2).sum(axis=1) for n in shapes))
+    norm = np.sqrt(sum(((x[n] - own[n].tensors["w"].numpy().ravel()) ** 2).sum(axis=1) for n in shapes))
+
+    def rz(v, floor):
+        return (v - np.median(v)) / max(1.4826 * np.median(np.abs(v - np.median(v))), floor)
+
+    floor = 0.25 * np.median(norm)
+    want = np.maximum(rz(dist, floor), np.abs(rz(norm, floor)))
+    for sc in agg.scores:
+        assert np.isclose(sc.update_z, want[int(sc.sender[1:])], rtol=1e-4), sc
+    assert want[6] > 3.5 > want.max(initial=0, where=np.arange(7) != 6)
+    per_module = {(sc.sender, sc.module) for sc in agg.scores if sc.z > 3.5}
+    assert ("d2", "head.art") in per_module  # flag_z alone would flag the honest d2
+    assert {sc.sender for sc in agg.scores if sc.excluded} == {"d2", "d6"}
+    agg2 = make_aggregator("fedavg", names, own, {"update_z": 3.5, "exclude_flagged": 1})
+    for n, m in zip(names, mods, strict=True):
+        agg2.add(n, list(m.values()))
+    out2 = agg2.result(1)
+    assert {sc.sender for sc in agg2.scores if sc.flagged} == {"d6"}
+    assert {sc.sender for sc in agg2.scores if sc.excluded} == {"d6"}
+    for n in shapes:  # FedAvg of the six others, in every module
+        want_mean = sum(mods[i][n].tensors["w"] for i in range(6)) / 6
+        assert torch.allclose(out2[n].tensors["w"], want_mean, atol=1e-5)
+    assert not torch.allclose(out["head.art"].tensors["w"], out2["head.art"].tensors["w"])
+    with pytest.raises(ValueError, match="update_z must be finite and > 0"):
+        make_aggregator("fedavg", params={"update_z": -1})
+    assert type(make_aggregator("median", params={"update_z": 3, "exclude_flagged": 1})).__name__ == "Median"
+
+
 def test_detection_parameters_are_checked():
-    with pytest.raises(ValueError, match="exclude_flagged needs flag_z or twin_cos"):
+    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z or twin_cos"):
         make_aggregator("median", params={"exclude_flagged": 1})
     with pytest.raises(ValueError, match="flag_z must be finite and > 0"):
         make_aggregator("fedavg", params={"flag_z": 0})
@@ -476,7 +523,7 @@ def test_scores_travel_in_the_round_report():
     from hffm.results import AggregateRecord, NodeReport, SenderScore
     from services.common.convert import report_from_pb, report_to_pb
 
-    s = SenderScore("adapter.0", "device-0-1", 1.5, 2.5, -0.25, 7.0, True, False)
+    s = SenderScore("adapter.0", "device-0-1", 1.5, 2.5, -0.25, 7.0, True, False, 0.5, 4.25)
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (s,)))
     back = report_from_pb(report_to_pb(rep))
@@ -502,6 +549,7 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
         sc("device-0-0", module="adapter.3", norm=-1.0),
         sc("device-0-0", module="adapter.4", cosine=3.0),
         sc("device-0-0", module="adapter.5", z=math.nan),
+        SenderScore("adapter.6", "device-0-0", 1.0, 1.0, 0.5, 1.0, False, False, 0.0, math.nan),  # update_z
     ]
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))

@@ -169,8 +169,8 @@ def _plausible(m: pb.TaskMetric) -> bool:
 def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
     """The outlier scores of one collect step that a node could have measured: of a sender it counted
     in that step, one per (module, sender), distance and norm finite and ≥ 0, cosine in [-1, 1] or NaN
-    (a zero update), z not NaN. A node cannot incriminate a sender it did not aggregate, or poison the
-    run's results with values no aggregation makes: such a score is dropped (the report kept)."""
+    (a zero update), z and update_z not NaN. A node cannot incriminate a sender it did not aggregate, or
+    poison the run's results with values no aggregation makes: such a score is dropped (the report kept)."""
     counted, seen, out = set(a.counted), set(), []
     for s in a.scores:
         key = (s.module, s.sender)
@@ -179,7 +179,8 @@ def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
         if not (math.isfinite(s.distance) and s.distance >= 0 and math.isfinite(s.norm) and s.norm >= 0):
             continue
         bad_twin = not (math.isnan(s.twin) or -1.0 - 1e-6 <= s.twin <= 1.0 + 1e-6)
-        if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or math.isnan(s.z) or bad_twin:
+        bad_z = math.isnan(s.z) or math.isnan(s.update_z)
+        if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or bad_z or bad_twin:
             continue
         seen.add(key)
         out.append(SenderScore(**{f.name: getattr(s, f.name) for f in fields(SenderScore)}))
