@@ -75,6 +75,12 @@ RULES: dict[str, list[str]] = {
         "aggregation.rule=trimmed_mean",
         "aggregation.params={beta: 0.2, update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
     ],
+    # and a device's weight bounded by 2 x its task's median claim (label flippers buying influence)
+    "fedavg, update outliers or twins excluded, claims bounded": [
+        "aggregation.rule=fedavg",
+        "aggregation.params={update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
+        "aggregation.claim_bound=2",
+    ],
     # per module (the circulation policy's rule): heads by the trimmed mean, adapters by FedAvg; both
     # with flagged and twin senders excluded
     "fedavg, trimmed heads, flagged or twins excluded": [

@@ -61,20 +61,23 @@ from hffm.modules import Module, ModuleError, ModuleSet, flat_views
 from hffm.results import SenderScore
 
 
-def _robust_z(v: torch.Tensor, floor: float) -> torch.Tensor:
+def _robust_z(v: torch.Tensor, floor: float, ref: list[int] | None = None) -> torch.Tensor:
     """(v - median) / scale per value, scale = max(1.4826 MAD, floor): about a standard deviation for
-    normal data. The floor (Z_FLOOR x the median update's size): copies that agree more closely than
-    that (several senders' same untrained head) do not make a small difference an outlier; with MAD and
-    floor both zero, any value off the median is infinitely far."""
-    med = _coordinate_median(v)
+    normal data; median and MAD over the values ``ref`` (default: all). The floor (Z_FLOOR x the median
+    update's size): copies that agree more closely than that (several senders' same untrained head) do
+    not make a small difference an outlier; with MAD and floor both zero, any value off the median is
+    infinitely far."""
+    r = v if ref is None else v[ref]
+    med = _coordinate_median(r)
     dev = (v - med).abs()
-    scale = max(1.4826 * float(_coordinate_median(dev)), floor)
+    scale = max(1.4826 * float(_coordinate_median((r - med).abs())), floor)
     if scale <= 0:
         return torch.where(dev > 0, torch.full_like(v, math.inf), torch.zeros_like(v))
     return (v - med) / scale
 
 
 MIN_SENDERS_TO_FLAG = 4  # fewer copies give no meaningful spread: they are not scored
+MIN_REFERENCE = 3  # the fewest non-twin senders the scores' medians are taken over (else over all)
 Z_FLOOR = 0.25  # the least spread assumed, relative to the median update's norm (see _robust_z)
 
 
@@ -307,8 +310,9 @@ class _Buffered(Aggregator):
         ``exclude_flagged`` those not flagged (never fewer than a majority: past that, the least
         suspicious majority)."""
         n = len(senders)
-        med = _coordinate_median(x).double()
-        base = self._centre(name, x).double()
+        ref = self._reference_rows(senders)
+        med = _coordinate_median(x[ref]).double()
+        base = (self._centre(name, x) if name in self.reference else med).double()
         xd = x.double()
         dist = (xd - med).norm(dim=1)
         u = xd - base
@@ -316,8 +320,8 @@ class _Buffered(Aggregator):
         cu = med - base
         denom = norm * cu.norm()
         cos = torch.where(denom > 0, (u @ cu) / denom.clamp_min(1e-300), torch.zeros_like(denom))
-        floor = Z_FLOOR * float(_coordinate_median(norm))
-        z = torch.maximum(_robust_z(dist, floor), _robust_z(norm, floor).abs())
+        floor = Z_FLOOR * float(_coordinate_median(norm[ref]))
+        z = torch.maximum(_robust_z(dist, floor, ref), _robust_z(norm, floor, ref).abs())
         twin = [self._twins.get(s, 0.0) for s in senders]
         whole = [self._update_zs.get(s, 0.0) for s in senders]
         flagged = [
@@ -329,7 +333,10 @@ class _Buffered(Aggregator):
         keep = list(range(n))
         if self.exclude_flagged and any(flagged):
             majority = n // 2 + 1
-            order = sorted(range(n), key=lambda i: (flagged[i], float(z[i]), i))  # least suspicious first
+            is_twin = [self.twin_cos is not None and t >= self.twin_cos for t in twin]
+            # least suspicious first; of the flagged, twins last (colluders must not be the majority kept),
+            # ordered by their sender-level twin score (the same choice in every module)
+            order = sorted(range(n), key=lambda i: (flagged[i], is_twin[i], twin[i] if is_twin[i] else float(z[i]), i))
             keep = sorted(order[: max(majority, n - sum(flagged))])
         for i, s in enumerate(senders):
             self.scores.append(
@@ -360,8 +367,9 @@ class _Buffered(Aggregator):
                 continue
             x = torch.stack([_flat32(m) for _, m in copies])
             xd = x.double()
-            d = (xd - _coordinate_median(x).double()).norm(dim=1)
-            u = (xd - self._centre(name, x).double()).norm(dim=1)
+            med = _coordinate_median(x[self._reference_rows([s for s, _ in copies])]).double()
+            d = (xd - med).norm(dim=1)
+            u = (xd - (self._centre(name, x) if name in self.reference else med).double()).norm(dim=1)
             for i, (s, _) in enumerate(copies):
                 dist2[s] = dist2.get(s, 0.0) + float(d[i]) ** 2
                 norm2[s] = norm2.get(s, 0.0) + float(u[i]) ** 2
@@ -370,9 +378,21 @@ class _Buffered(Aggregator):
             return {}
         dist = torch.tensor([dist2[s] for s in senders], dtype=torch.float64).sqrt()
         norm = torch.tensor([norm2[s] for s in senders], dtype=torch.float64).sqrt()
-        floor = Z_FLOOR * float(_coordinate_median(norm))
-        z = torch.maximum(_robust_z(dist, floor), _robust_z(norm, floor).abs())
+        ref = self._reference_rows(senders)
+        floor = Z_FLOOR * float(_coordinate_median(norm[ref]))
+        z = torch.maximum(_robust_z(dist, floor, ref), _robust_z(norm, floor, ref).abs())
         return {s: float(z[i]) for i, s in enumerate(senders)}
+
+    def _reference_rows(self, senders: list[str]) -> list[int]:
+        """The rows that the scores' medians and MADs are taken over: with ``twin_cos``, the senders that
+        are not twins (at least MIN_REFERENCE of them, else every row). Two colluders sending one vector
+        among five senders would otherwise place the median and shrink the MAD, and the honest three
+        would stand out (measured: every honest sender of a cluster flagged, the colluders kept)."""
+        rows = list(range(len(senders)))
+        if self.twin_cos is None:
+            return rows
+        ref = [i for i, s in enumerate(senders) if self._twins.get(s, 0.0) < self.twin_cos]
+        return ref if len(ref) >= MIN_REFERENCE else rows
 
     def _twin_scores(self) -> dict[str, float]:
         """sender -> the highest cosine of its whole update (its copies of every module, each minus the

@@ -428,7 +428,8 @@ def test_twins_are_senders_whose_whole_updates_point_the_same_way():
     for sc in agg.scores:
         assert np.isclose(sc.twin, cos[int(sc.sender[1:])].max(), atol=1e-6)
     assert {sc.sender for sc in agg.scores if sc.flagged} == {"d3", "d4", "d5"}
-    # a majority is always kept: the least suspicious of the flagged (d3, d4, d5 tie on z) stays
+    # a majority is always kept: of the flagged twins, the one with the lowest twin score (ties: by
+    # sender order) stays, the same one in every module
     kept = {sc.sender for sc in agg.scores if not sc.excluded}
     assert len(kept) == 4 and {"d0", "d1", "d2"} <= kept
     want = sum(mods[int(s[1:])]["head.art"].tensors["w"] for s in kept) / 4
@@ -483,6 +484,37 @@ def test_update_z_scores_whole_updates_and_spares_a_sender_odd_in_one_module():
     with pytest.raises(ValueError, match="update_z must be finite and > 0"):
         make_aggregator("fedavg", params={"update_z": -1})
     assert type(make_aggregator("median", params={"update_z": 3, "exclude_flagged": 1})).__name__ == "Median"
+
+
+def test_colluding_twins_do_not_set_the_yardstick_the_others_are_scored_by():
+    """Two IPM colluders sending one vector among five senders pull the median onto them and shrink the
+    MAD: scored over everyone, two honest senders stand out (measured in the full-size matrix: every
+    honest sender of a cluster flagged, the colluders kept as the least suspicious majority). With
+    twin_cos the medians and MADs are taken over the senders that are not twins: only the colluders are
+    flagged and left out, and the aggregate is the honest senders' mean."""
+    g = torch.Generator().manual_seed(13)
+    names = [f"d{i}" for i in range(5)]
+    shapes = {"adapter.0": (30, 20), "adapter.1": (30, 20)}
+    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    ups = [{n: torch.randn(*sh, generator=g) * (0.5 + 0.5 * i) for n, sh in shapes.items()} for i in range(3)]
+    ipm = {n: -0.5 * sum(u[n] for u in ups) / 3 for n in shapes}
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in [*ups, ipm, ipm]]
+
+    def scored(params):
+        agg = make_aggregator("fedavg", names, own, params)
+        for n, m in zip(names, mods, strict=True):
+            agg.add(n, list(m.values()))
+        out = agg.result(1)
+        return out, {sc.sender for sc in agg.scores if sc.flagged}, {sc.sender for sc in agg.scores if sc.excluded}
+
+    _, flagged, _ = scored({"update_z": 3.5})
+    assert flagged and flagged <= {"d0", "d1", "d2"}  # without twins: honest senders flagged
+    for params in ({"update_z": 3.5, "twin_cos": 0.99}, {"flag_z": 3.5, "twin_cos": 0.99}):
+        out, flagged, excluded = scored({**params, "exclude_flagged": 1})
+        assert flagged == excluded == {"d3", "d4"}, params
+        for n in shapes:
+            want = sum(mods[i][n].tensors["w"] for i in range(3)) / 3
+            assert torch.allclose(out[n].tensors["w"], want, atol=1e-5), (params, n)
 
 
 def test_detection_parameters_are_checked():
