@@ -337,17 +337,27 @@ def run(
     )
     info.pop("reason", None)
     write_run_json(out, info)
+    # SIGTERM (kill, a CI timeout) stops the run like Ctrl-C, whoever called run() (hffm run sets the
+    # same; a benchmark or a script calling run() does not): without it the interpreter dies without
+    # its finally blocks and every process the run started is left running
+    sigterm = (
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        else None
+    )
     try:
         results = _run(cfg, out, info, console, timeout_s, prometheus, hold_s, resume, faults, on_start)
         info["status"] = "complete"
         return results
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM
         info["status"] = "interrupted"
         raise
     except BaseException as err:
         info["status"], info["reason"] = "failed", str(err) or type(err).__name__
         raise
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         info["finished"] = now_iso()
         write_run_json(out, info)
         lock.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -139,19 +140,34 @@ def test_failing_child_stops_everything_and_shows_its_log(tmp_path, monkeypatch)
     assert _alive(str(tmp_path / "config.yaml")) == []
 
 
-@pytest.mark.parametrize("sig, rc_want", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want):
-    cmd = [
-        sys.executable,
-        "-m",
-        "hffm_cli.main",
-        "run",
-        "--out",
-        str(tmp_path),
-        *sum((["--set", s] for s in SMALL), []),
-        "--set",
-        "rounds=200",
-    ]
+# a script calling services.launcher.run() itself, as the benchmarks do (no CLI, no handler of its own)
+_LIBRARY_RUN = """
+import sys
+from pathlib import Path
+from rich.console import Console
+from hffm.config import load_config
+from services.launcher import run
+run(load_config(None, sys.argv[2:]), Path(sys.argv[1]), Console(width=200))
+"""
+
+
+@pytest.mark.parametrize(
+    "sig, rc_want, via", [(signal.SIGINT, 130, "cli"), (signal.SIGTERM, 143, "cli"), (signal.SIGTERM, 143, "library")]
+)
+def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want, via):
+    sets = [*SMALL, "rounds=200"]
+    if via == "cli":
+        cmd = [
+            sys.executable,
+            "-m",
+            "hffm_cli.main",
+            "run",
+            "--out",
+            str(tmp_path),
+            *sum((["--set", s] for s in sets), []),
+        ]
+    else:
+        cmd = [sys.executable, "-c", _LIBRARY_RUN, str(tmp_path), *sets]
     # As from a terminal: SIGINT handled by default. A test run started in the background of a
     # non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN.
     p = subprocess.Popen(
@@ -186,6 +202,7 @@ def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want):
     assert rc == rc_want
     time.sleep(0.5)
     assert _alive(str(tmp_path / "config.yaml")) == []
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
 
 
 def test_cli_refuses_bad_overrides_naming_the_key():
