@@ -81,6 +81,13 @@ MIN_REFERENCE = 3  # the fewest non-twin senders the scores' medians are taken o
 Z_FLOOR = 0.25  # the least spread assumed, relative to the median update's norm (see _robust_z)
 
 
+def _outlier_z(dist: torch.Tensor, norm: torch.Tensor, ref: list[int]) -> torch.Tensor:
+    """The larger robust z-score of a copy's distance and of its update's norm (two-sided), over the
+    rows ``ref``, with the floor Z_FLOOR x their median norm."""
+    floor = Z_FLOOR * float(_coordinate_median(norm[ref]))
+    return torch.maximum(_robust_z(dist, floor, ref), _robust_z(norm, floor, ref).abs())
+
+
 class Aggregator(ABC):
     name: str = "abstract"
 
@@ -311,17 +318,11 @@ class _Buffered(Aggregator):
         suspicious majority)."""
         n = len(senders)
         ref = self._reference_rows(senders)
-        med = _coordinate_median(x[ref]).double()
-        base = (self._centre(name, x) if name in self.reference else med).double()
-        xd = x.double()
-        dist = (xd - med).norm(dim=1)
-        u = xd - base
-        norm = u.norm(dim=1)
+        med, base, dist, u, norm = self._measure(name, x, ref)
         cu = med - base
         denom = norm * cu.norm()
         cos = torch.where(denom > 0, (u @ cu) / denom.clamp_min(1e-300), torch.zeros_like(denom))
-        floor = Z_FLOOR * float(_coordinate_median(norm[ref]))
-        z = torch.maximum(_robust_z(dist, floor, ref), _robust_z(norm, floor, ref).abs())
+        z = _outlier_z(dist, norm, ref)
         twin = [self._twins.get(s, 0.0) for s in senders]
         whole = [self._update_zs.get(s, 0.0) for s in senders]
         flagged = [
@@ -366,10 +367,7 @@ class _Buffered(Aggregator):
             if len(copies) < MIN_SENDERS_TO_FLAG:
                 continue
             x = torch.stack([_flat32(m) for _, m in copies])
-            xd = x.double()
-            med = _coordinate_median(x[self._reference_rows([s for s, _ in copies])]).double()
-            d = (xd - med).norm(dim=1)
-            u = (xd - (self._centre(name, x) if name in self.reference else med).double()).norm(dim=1)
+            _, _, d, _, u = self._measure(name, x, self._reference_rows([s for s, _ in copies]))
             for i, (s, _) in enumerate(copies):
                 dist2[s] = dist2.get(s, 0.0) + float(d[i]) ** 2
                 norm2[s] = norm2.get(s, 0.0) + float(u[i]) ** 2
@@ -378,10 +376,20 @@ class _Buffered(Aggregator):
             return {}
         dist = torch.tensor([dist2[s] for s in senders], dtype=torch.float64).sqrt()
         norm = torch.tensor([norm2[s] for s in senders], dtype=torch.float64).sqrt()
-        ref = self._reference_rows(senders)
-        floor = Z_FLOOR * float(_coordinate_median(norm[ref]))
-        z = torch.maximum(_robust_z(dist, floor, ref), _robust_z(norm, floor, ref).abs())
+        z = _outlier_z(dist, norm, self._reference_rows(senders))
         return {s: float(z[i]) for i, s in enumerate(senders)}
+
+    def _measure(
+        self, name: str, x: torch.Tensor, ref: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Of module ``name``'s copies ``x`` (float64): the coordinate-wise median of the rows ``ref``,
+        the centre updates are measured from (the node's own module, else that median), each copy's
+        distance to the median, its update and the update's norm."""
+        med = _coordinate_median(x[ref]).double()
+        base = (self._centre(name, x) if name in self.reference else med).double()
+        xd = x.double()
+        u = xd - base
+        return med, base, (xd - med).norm(dim=1), u, u.norm(dim=1)
 
     def _reference_rows(self, senders: list[str]) -> list[int]:
         """The rows that the scores' medians and MADs are taken over: with ``twin_cos``, the senders that
