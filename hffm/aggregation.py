@@ -79,6 +79,7 @@ def _robust_z(v: torch.Tensor, floor: float, ref: list[int] | None = None) -> to
 MIN_SENDERS_TO_FLAG = 4  # fewer copies give no meaningful spread: they are not scored
 MIN_REFERENCE = 3  # the fewest non-twin senders the scores' medians are taken over (else over all)
 Z_FLOOR = 0.25  # the least spread assumed, relative to the median update's norm (see _robust_z)
+SAME_UPDATE = 1e-6  # two whole updates closer than this x the median update's norm are the same (twins)
 
 
 def _outlier_z(dist: torch.Tensor, norm: torch.Tensor, ref: list[int]) -> torch.Tensor:
@@ -406,7 +407,9 @@ class _Buffered(Aggregator):
         """sender -> the highest cosine of its whole update (its copies of every module, each minus the
         centre, concatenated) with another sender's, from their Gram matrix summed module by module (no
         concatenation held). Honest non-IID updates point their own ways; colluders sending one vector
-        (ALIE, IPM) are twins at 1. Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
+        (ALIE, IPM) are twins at 1, and so are senders whose whole updates are the same (within
+        SAME_UPDATE of the median update's norm: free riders sending back what they received, all zero).
+        Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
         senders = sorted({s for copies in self._held.values() for s, _ in copies})
         if len(senders) < MIN_SENDERS_TO_FLAG:
             return {}
@@ -420,6 +423,13 @@ class _Buffered(Aggregator):
         norms = gram.diagonal().sqrt()
         denom = norms[:, None] * norms[None, :]
         cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
+        # the same update twice is a twin at 1 whatever its direction: free riders returning what they
+        # received all send zero (no cosine), and honest training never sends another sender's update;
+        # not when the typical update is zero itself (nobody trained: nothing to tell apart)
+        med = float(_coordinate_median(norms))
+        if med > 0:
+            d2 = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0)
+            cos = torch.where(d2 <= (SAME_UPDATE * med) ** 2, torch.ones_like(cos), cos)
         cos.fill_diagonal_(-1.0)
         return {s: float(cos[i].max()) for s, i in index.items()}
 

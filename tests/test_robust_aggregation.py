@@ -517,6 +517,37 @@ def test_colluding_twins_do_not_set_the_yardstick_the_others_are_scored_by():
             assert torch.allclose(out[n].tensors["w"], want, atol=1e-5), (params, n)
 
 
+def test_senders_returning_what_they_received_are_twins():
+    """Two free riders send back the node's own modules (their updates are zero: no cosine to compare):
+    the same whole update twice is a twin at 1, so with twin_cos both are flagged and left out, and the
+    medians the others are scored by are the honest senders'. One free rider alone is no one's twin; a
+    round in which nobody's update moved (a no-op step) flags nobody."""
+    g = torch.Generator().manual_seed(14)
+    names = [f"d{i}" for i in range(5)]
+    shapes = {"adapter.0": (30, 20), "head.art": (4,)}
+    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    ups = [{n: torch.randn(*sh, generator=g) for n, sh in shapes.items()} for _ in range(3)]
+    zero = {n: torch.zeros(sh) for n, sh in shapes.items()}
+
+    def run(updates):
+        mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in updates]
+        agg = make_aggregator("fedavg", names[: len(mods)], own, {"twin_cos": 0.99, "exclude_flagged": 1})
+        for n, m in zip(names, mods, strict=False):
+            agg.add(n, list(m.values()))
+        return mods, agg.result(1), agg.scores
+
+    mods, out, scores = run([*ups, zero, zero])
+    assert {sc.sender for sc in scores if sc.flagged} == {sc.sender for sc in scores if sc.excluded} == {"d3", "d4"}
+    assert all(sc.twin == 1.0 for sc in scores if sc.sender in ("d3", "d4"))
+    for n in shapes:
+        want = sum(mods[i][n].tensors["w"] for i in range(3)) / 3
+        assert torch.allclose(out[n].tensors["w"], want, atol=1e-6)
+    _, _, scores = run([*ups, {n: torch.randn(*sh, generator=g) for n, sh in shapes.items()}, zero])
+    assert not any(sc.flagged for sc in scores)  # one free rider is no one's twin
+    _, _, scores = run([zero] * 5)
+    assert not any(sc.flagged for sc in scores)  # nobody trained
+
+
 def test_detection_parameters_are_checked():
     with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z or twin_cos"):
         make_aggregator("median", params={"exclude_flagged": 1})
