@@ -112,6 +112,45 @@ def test_a_member_that_leaves_is_off_the_table_for_good_and_a_leave_counts_no_jo
         resumed.register(Registration("device-0-7", "device", "a:2", "edge-0", (("art", 3),)))
 
 
+def test_a_round_is_planned_over_one_view_and_a_leave_names_the_last_round_planned_with_it():
+    """plan_view takes the leavers to shut down, the table and the samples at one instant: a device that
+    leaves after it is in that round with its samples (and the round is its last, as Leave says); one that
+    left before is in neither. (A Leave landing between reading the table and the samples once planned a
+    device with no samples: its push claimed more than the cap of 1, and the round aborted.)"""
+    cfg, topo = _topo()
+    m = Membership(topo, "127.0.0.1:0", joins=True)
+    devices = sorted(topo.device_map)
+    for i, d in enumerate(devices):
+        m.register(Registration(d, "device", f"127.0.0.1:{10 + i}", topo.device_map[d].edge,
+                                tuple((t, 30) for t in topo.device_map[d].tasks)))  # fmt: skip
+    assert m.leave(devices[0]) == 0  # never planned
+    gone, view, samples, _ = m.plan_view(3)
+    assert gone == {devices[0]: "127.0.0.1:10"} and devices[0] not in view.device_map
+    assert set(samples) == set(view.device_map) and samples[devices[1]] is not m.samples[devices[1]]
+    assert m.leave(devices[1]) == 3  # after the view: round 3 has it, with its samples, and is its last
+    assert devices[1] in view.device_map and samples[devices[1]]
+    gone, view, samples, _ = m.plan_view(4)
+    assert gone == {devices[1]: "127.0.0.1:11"} and devices[1] not in view.device_map
+    # leaves racing the planning: every view's table and samples agree, whatever lands when
+    stop, views = threading.Event(), []
+
+    def plan() -> None:
+        r = 5
+        while not stop.is_set() and r < 5000:
+            _, v, smp, _ = m.plan_view(r)
+            views.append((set(v.device_map), set(smp)))
+            r += 1
+
+    t = threading.Thread(target=plan)
+    t.start()
+    for d in devices[2:]:
+        m.leave(d)
+        time.sleep(0.002)
+    stop.set()
+    t.join(10)
+    assert views and all(table <= smp for table, smp in views)
+
+
 def test_the_cost_model_places_a_joiner_without_moving_anyone():
     cfg, topo = _topo()
     costs = CostModel(cfg, topo)

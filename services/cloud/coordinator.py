@@ -121,12 +121,10 @@ class Coordinator:
         return self.members.register(reg), self.members.expected
 
     def leave(self, device: str, reason: str, evict: bool = False) -> int:
-        """``device`` leaves (Membership.leave; ``evict``: the operator removes it for good): the round now
-        running, if it takes part in it, is its last (returned; 0: none); the next round's planning shuts
-        it down."""
-        self.members.leave(device, reason, evict)
-        running = self._running
-        return running.plan.round if running is not None and device in running.topo.device_map else 0
+        """``device`` leaves (Membership.leave; ``evict``: the operator removes it for good): the last round
+        planned with it, running or about to run, is its last (returned; 0: none); the next round's
+        planning shuts it down."""
+        return self.members.leave(device, reason, evict)
 
     def report_switch(self, header: PushHeader, caller: str) -> str:
         """A taker's proof that a specialist relayed something other than what the cloud examined: the
@@ -151,9 +149,9 @@ class Coordinator:
         )
         return header.sender
 
-    def _release_departed(self) -> list[str]:
-        """Shut down the devices that left since the last round (their last round is over)."""
-        gone = self.members.take_leaving()
+    def _release_departed(self, gone: dict[str, str]) -> list[str]:
+        """Shut down the devices that left since the last round (``gone``: device -> address; their last
+        round is over)."""
         for n, address in sorted(gone.items()):
             self.dispatcher.shutdown_at(n, address)
         return sorted(gone)
@@ -180,14 +178,14 @@ class Coordinator:
         cluster with it), starting every node from the round end it holds or with a sync."""
         if self.missing and self.cfg.faults.rejoin_wait_s > 0:
             self._await_members(self.missing, self.cfg.faults.rejoin_wait_s)
-        departed = self._release_departed()
+        # one view for the whole round, taken at one instant: a device joining or leaving meanwhile changes
+        # the next round (a Leave between the table and the samples planned it with no samples to claim)
+        gone, topo, samples, positions = self.members.plan_view(round_)
+        departed = self._release_departed(gone)
         if departed:
             log.info("round %d: left since the last round: %s", round_, departed)
             self._departed += departed
-        topo = self.topo  # one table for the whole round (a device joining meanwhile takes part from the next)
-        joined = self.costs.admit(
-            topo, dict(self.members.positions)
-        )  # positions and links of devices admitted since the last round
+        joined = self.costs.admit(topo, positions)  # positions and links of devices admitted since the last round
         if joined:
             log.info("round %d: joined since the last round: %s", round_, joined)
         down = self.dispatcher.probe([n for n in topo.node_ids() if n != CLOUD])
@@ -204,7 +202,7 @@ class Coordinator:
             round_,
             topo,
             down,
-            self.members.samples,
+            samples,
             self.held,
             cloud_rounds,
             accuracy,

@@ -44,6 +44,7 @@ class Membership:
         self.departed: set[str] = set()  # devices that left (Leave): off the table for the rest of the run
         self.evicted: set[str] = set()  # departed by the operator's Evict: never admitted again
         self._leaving: dict[str, str] = {}  # departed, not yet shut down: device -> its address
+        self._planned: tuple[int, frozenset[str]] = (0, frozenset())  # the last round planned, its devices
         self.addresses: dict[str, str] = {CLOUD: cloud_address}
         self.samples: dict[str, dict[str, int]] = {}  # device -> task -> registered training samples
         self.coverage: dict[str, dict[str, float]] = {}  # device -> task -> registered label coverage
@@ -139,12 +140,13 @@ class Membership:
             raise ValueError(f"{reg.id}: tasks {list(tasks)} must be among those {edge}'s cluster holds ({held})")
         return self.topo.with_device(reg.id, edge, tasks)
 
-    def leave(self, device: str, reason: str = "", evict: bool = False) -> None:
+    def leave(self, device: str, reason: str = "", evict: bool = False) -> int:
         """``device`` leaves the federation: off the table now (the coordinator plans every later round
         without it; a round already planned with it finishes with it), its samples forgotten, its address
-        kept until ``take_leaving`` hands it over to be shut down. ``ValueError`` (topology.joins off:
-        membership is fixed) and ``LookupError`` (not a member) change nothing. ``evict`` (the operator's
-        call): it may not come back, not even as a newcomer."""
+        kept until ``take_leaving`` hands it over to be shut down. Returns the last round planned with it
+        (``plan_view``; 0: none), its last. ``ValueError`` (topology.joins off: membership is fixed) and
+        ``LookupError`` (not a member) change nothing. ``evict`` (the operator's call): it may not come
+        back, not even as a newcomer."""
         if not self.joins:
             raise ValueError(f"{device}: topology.joins is off: the membership is fixed, nobody leaves")
         with self._cv:
@@ -158,9 +160,24 @@ class Membership:
                 self.evicted.add(device)
             if device in self.addresses:
                 self._leaving[device] = self.addresses[device]
+            last = self._planned[0] if device in self._planned[1] else 0
             self._cv.notify_all()
         log.info("%s left the federation%s", device, f" ({reason})" if reason else "")
         self._on_change(f"{device} left")
+        return last
+
+    def plan_view(
+        self, round_: int
+    ) -> tuple[dict[str, str], Topology, dict[str, dict[str, int]], dict[str, tuple[float, float]]]:
+        """What round ``round_`` is planned over, taken at one instant (a Leave or a registration lands
+        wholly before or wholly after it): the departed devices to shut down now (``take_leaving``), the
+        table, the registered samples and the joiners' positions. A device that leaves after this is
+        planned into ``round_`` with its samples, and ``round_`` is its last."""
+        with self._cv:
+            leaving = self.take_leaving()
+            self._planned = (round_, frozenset(self.topo.device_map))
+            samples = {d: dict(ts) for d, ts in self.samples.items()}
+            return leaving, self.topo, samples, dict(self.positions)
 
     def take_leaving(self) -> dict[str, str]:
         """Departed devices not yet handed over (device -> address), now off the address book too."""
