@@ -69,6 +69,8 @@ def one(n: int, out: Path, model: str = "tiny") -> dict:
         "run_s": time.perf_counter() - t0,
         "peak_pss_bytes": mem.peak,
         "pss_per_device_bytes": mem.peak / devices,
+        "pss_samples": mem.samples,  # PSS samples the peak is taken from (each costs CPU: MemoryWatch)
+        "pss_sampling_cpu_s": mem.cpu_s,
         "bytes_per_round": last["bytes_total"],
     }
 

@@ -8,8 +8,32 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks.common import paper_modules
+from benchmarks.common import MemoryWatch, paper_modules
 from hffm_cli.main import app
+
+
+def test_the_memory_watch_sees_a_process_and_keeps_its_own_cpu_to_its_duty(tmp_path):
+    """MemoryWatch finds a child holding 300 MB by its command line (PSS: touched pages), and however short
+    its period, its own CPU stays within its duty of the wall time (plus one sample): the sampler must not
+    take the machine from the run it measures."""
+    import subprocess
+    import sys
+    import time
+
+    marker = str(tmp_path / "holder-marker")
+    code = "import sys, time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code, marker])
+    try:
+        time.sleep(1.5)  # the child has touched its pages
+        t0 = time.monotonic()
+        with MemoryWatch(marker, period_s=0.01, duty=0.02) as watch:
+            time.sleep(2.0)
+        wall = time.monotonic() - t0
+    finally:
+        child.kill()
+        child.wait()
+    assert watch.peak > 250 << 20 and watch.samples >= 1
+    assert watch.cpu_s <= 0.02 * wall + watch.cpu_s / watch.samples + 0.01, (watch.cpu_s, watch.samples, wall)
 
 
 def test_bench_quick_writes_its_outputs(tmp_path):
