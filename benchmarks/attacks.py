@@ -81,11 +81,6 @@ RULES: dict[str, list[str]] = {
         "aggregation.params={update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
         "aggregation.claim_bound=2",
     ],
-    # and senders whose whole update shares no direction with the others' (align_cos: a free rider's noise)
-    "fedavg, update outliers, twins or unaligned excluded": [
-        "aggregation.rule=fedavg",
-        "aggregation.params={update_z: 3.5, twin_cos: 0.99, align_cos: 0.05, exclude_flagged: 1}",
-    ],
     # per module (the circulation policy's rule): heads by the trimmed mean, adapters by FedAvg; both
     # with flagged and twin senders excluded
     "fedavg, trimmed heads, flagged or twins excluded": [
@@ -109,9 +104,6 @@ ATTACKS: dict[str, list[str]] = {
     "ipm": ["adversary.behaviour=ipm", "adversary.epsilon=0.5"],
     # label flipping with the attackers registering (and pushing with) 20x their samples: influence bought
     "label_flip x20": ["adversary.behaviour=label_flip", "adversary.claim=20"],
-    # a free rider hiding: what it received plus noise the size of an honest update (σ 0.01 per value:
-    # an adapter's update of about 2.6 in norm, where honest ones measure 2.4-3.9 at full size)
-    "free_ride + noise": ["adversary.behaviour=noise", "adversary.sigma=0.01"],
 }
 
 

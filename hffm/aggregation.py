@@ -266,7 +266,7 @@ class _Buffered(Aggregator):
     def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
         self.args, common = rule_arguments(self.name, params)
         self.clip_norm, self.flag_z, self.twin_cos = common["clip_norm"], common["flag_z"], common["twin_cos"]
-        self.update_z, self.align_cos = common["update_z"], common["align_cos"]
+        self.update_z = common["update_z"]
         self.exclude_flagged = common["exclude_flagged"]
         super().__init__(order, reference)
 
@@ -291,7 +291,7 @@ class _Buffered(Aggregator):
     def _result(self, version: int) -> ModuleSet:
         if self._out is None:
             self._out, self._counts = {}, {}
-            self._twins, self._aligns = self._gram_scores()
+            self._twins = self._twin_scores() if self.twin_cos is not None else {}
             self._update_zs = self._update_scores() if self.update_z is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
@@ -300,7 +300,7 @@ class _Buffered(Aggregator):
                 self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
                 senders = [s for s, _ in copies]
-                scored = any(v is not None for v in (self.flag_z, self.twin_cos, self.update_z, self.align_cos))
+                scored = self.flag_z is not None or self.twin_cos is not None or self.update_z is not None
                 if scored and len(senders) >= MIN_SENDERS_TO_FLAG:
                     keep = self._score(name, senders, x)
                     if len(keep) < len(senders):
@@ -326,12 +326,10 @@ class _Buffered(Aggregator):
         z = _outlier_z(dist, norm, ref)
         twin = [self._twins.get(s, 0.0) for s in senders]
         whole = [self._update_zs.get(s, 0.0) for s in senders]
-        align = [self._aligns.get(s, 1.0) for s in senders]
         flagged = [
             (self.flag_z is not None and bool(z[i] > float(self.flag_z)))
             or (self.update_z is not None and whole[i] > self.update_z)
             or (self.twin_cos is not None and twin[i] >= self.twin_cos)
-            or (self.align_cos is not None and align[i] < self.align_cos)
             for i in range(n)
         ]
         keep = list(range(n))
@@ -355,7 +353,6 @@ class _Buffered(Aggregator):
                     i not in keep,
                     twin[i],
                     whole[i],
-                    align[i],
                 )
             )
         return keep
@@ -406,28 +403,16 @@ class _Buffered(Aggregator):
         ref = [i for i, s in enumerate(senders) if self._twins.get(s, 0.0) < self.twin_cos]
         return ref if len(ref) >= MIN_REFERENCE else rows
 
-    def _gram_scores(self) -> tuple[dict[str, float], dict[str, float]]:
-        """(sender -> its twin score, sender -> its alignment), both from the senders' whole updates (their
-        copies of every module, each minus the centre, concatenated) through their Gram matrix, summed
-        module by module (no concatenation held); each only when its parameter is set. Fewer than
-        MIN_SENDERS_TO_FLAG senders: none scored.
-
-        Twin score: the highest cosine of a sender's whole update with another sender's. Honest non-IID
-        updates point their own ways; colluders sending one vector (ALIE, IPM) are twins at 1, and so are
-        senders whose whole updates are the same (within SAME_UPDATE of the median update's norm: free
-        riders sending back what they received, all zero).
-
-        Alignment: the cosine of a sender's whole update with the sum of the others' (the senders the
-        medians are taken over, ``_reference_rows``, but itself). Trained updates share a direction with
-        their peers' (0.12-0.63 per adapter at full size); noise does not (its cosine with any fixed vector
-        is about 1/sqrt(its size)): a free rider sending what it received plus noise scaled like an honest
-        update is not far out by distance or norm, but it is not aligned. A zero update aligns at 0 (unless
-        the median update is zero: nobody trained); where the others sum to zero nobody is scored."""
-        if self.twin_cos is None and self.align_cos is None:
-            return {}, {}
+    def _twin_scores(self) -> dict[str, float]:
+        """sender -> the highest cosine of its whole update (its copies of every module, each minus the
+        centre, concatenated) with another sender's, from their Gram matrix summed module by module (no
+        concatenation held). Honest non-IID updates point their own ways; colluders sending one vector
+        (ALIE, IPM) are twins at 1, and so are senders whose whole updates are the same (within
+        SAME_UPDATE of the median update's norm: free riders sending back what they received, all zero).
+        Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
         senders = sorted({s for copies in self._held.values() for s, _ in copies})
         if len(senders) < MIN_SENDERS_TO_FLAG:
-            return {}, {}
+            return {}
         index = {s: i for i, s in enumerate(senders)}
         gram = torch.zeros(len(senders), len(senders), dtype=torch.float64)
         for name, copies in self._held.items():
@@ -446,20 +431,7 @@ class _Buffered(Aggregator):
             d2 = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0)
             cos = torch.where(d2 <= (SAME_UPDATE * med) ** 2, torch.ones_like(cos), cos)
         cos.fill_diagonal_(-1.0)
-        twins = {s: float(cos[i].max()) for s, i in index.items()} if self.twin_cos is not None else {}
-        if self.align_cos is None or med <= 0:
-            return twins, {}
-        if self.twin_cos is not None:
-            self._twins = twins  # the reference rows leave the twins out
-        ref = self._reference_rows(senders)
-        aligns: dict[str, float] = {}
-        for s, i in index.items():
-            others = [j for j in ref if j != i]
-            g = gram[others][:, others].sum()  # |sum of the others' updates|^2
-            if float(g) <= 0:
-                continue
-            aligns[s] = float(gram[i, others].sum() / (norms[i] * g.sqrt())) if norms[i] > 0 else 0.0
-        return twins, aligns
+        return {s: float(cos[i].max()) for s, i in index.items()}
 
     def _centre(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """What a copy's update is measured from: the node's own module at the start of the round, or

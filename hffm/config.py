@@ -401,8 +401,7 @@ class AggregationConfig(_Strict):
         "robust z-scores out, module by module), update_z (flag senders whose whole update, every module they sent as "
         "one vector, is this many robust z-scores out: honest non-IID heads stand out alone, attackers' whole "
         "updates do), twin_cos (flag senders whose whole update has this cosine or more with another's: "
-        "colluders sending one vector), align_cos (flag senders whose whole update has less than this cosine with "
-        "the sum of the others': a free rider's noise shares no direction), exclude_flagged (1: leave the flagged out)",
+        "colluders sending one vector), exclude_flagged (1: leave the flagged out)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
     claim_bound: float | None = D(
@@ -458,8 +457,7 @@ class AggregationConfig(_Strict):
 
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check an aggregation rule's parameters (no torch: health checks load config too) and return
-    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, update_z, twin_cos, align_cos,
-    exclude_flagged)``.
+    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, update_z, twin_cos, exclude_flagged)``.
     ValueError naming the rule and the parameter."""
     if rule not in RULE_PARAMS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULE_PARAMS)}")
@@ -484,7 +482,6 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
         "flag_z": None,
         "update_z": None,
         "twin_cos": None,
-        "align_cos": None,
         "exclude_flagged": False,
     }
     for k in ("clip_norm", "flag_z", "update_z"):
@@ -498,18 +495,12 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
         if not 0 < v <= 1:
             raise ValueError(f"aggregation rule {rule!r}: twin_cos must be in (0, 1], got {params['twin_cos']}")
         common["twin_cos"] = v
-    if "align_cos" in params:
-        v = float(params["align_cos"])
-        if not -1 < v <= 1:
-            raise ValueError(f"aggregation rule {rule!r}: align_cos must be in (-1, 1], got {params['align_cos']}")
-        common["align_cos"] = v
     exclude = params.get("exclude_flagged", 0)
     if exclude not in (0, 1):
         raise ValueError(f"aggregation rule {rule!r}: exclude_flagged must be 0 or 1, got {exclude}")
-    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos", "align_cos")):
+    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos")):
         raise ValueError(
-            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z, twin_cos or align_cos "
-            "(what flags a sender)"
+            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z or twin_cos (what flags a sender)"
         )
     common["exclude_flagged"] = bool(exclude)
     return args, common

@@ -55,8 +55,7 @@ class SenderScore:
     median's, ``z`` the larger robust z-score (median and MAD over the senders) of distance and norm,
     ``twin`` the highest cosine of its whole update (every module it sent) with another sender's,
     ``update_z`` the same robust z-score as ``z`` for its whole update (``update_z``: the distance and
-    norm of every scored module it sent, as one vector), ``align`` the cosine of its whole update with the
-    sum of the other senders' (``align_cos``; 1 where not scored)."""
+    norm of every scored module it sent, as one vector)."""
 
     module: str
     sender: str
@@ -68,7 +67,6 @@ class SenderScore:
     excluded: bool
     twin: float = 0.0  # the highest cosine of the sender's whole update with another sender's (twin_cos)
     update_z: float = 0.0  # the robust z-score of the sender's whole update (update_z)
-    align: float = 1.0  # its whole update's cosine with the sum of the others' (align_cos; 1: not scored)
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,7 @@ def test_bad_parameters_named_at_config_load():
         assert match in str(e.value), (sets, str(e.value))
     cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
     assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
-    common = ["align_cos", "clip_norm", "exclude_flagged", "flag_z", "twin_cos", "update_z"]
+    common = ["clip_norm", "exclude_flagged", "flag_z", "twin_cos", "update_z"]
     assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
@@ -548,59 +548,8 @@ def test_senders_returning_what_they_received_are_twins():
     assert not any(sc.flagged for sc in scores)  # nobody trained
 
 
-def test_a_free_rider_sending_noise_is_not_aligned_with_anyone():
-    """align_cos: each sender's whole update (every module minus the node's own, concatenated) against
-    the sum of the others', as a NumPy reference computes it. Six honest senders share a direction (their
-    own noise on top, as non-IID training gives); a free rider sends what it received plus noise of the
-    honest updates' size: its distance and norm are not out (update_z misses it), its alignment is about
-    0 and align_cos flags it and leaves it out: the aggregate is the honest mean. A lone free rider
-    sending a zero update aligns at 0; a round where nobody trained (every update zero) flags nobody."""
-    g = torch.Generator().manual_seed(21)
-    names = [f"d{i}" for i in range(7)]
-    shapes = {"adapter.0": (40, 30), "adapter.1": (40, 30), "head.art": (6,)}
-    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
-    common = {n: 0.05 * torch.randn(*sh, generator=g) for n, sh in shapes.items()}
-    ups = [{n: common[n] + 0.08 * torch.randn(*sh, generator=g) for n, sh in shapes.items()} for _ in range(6)]
-    size = float(np.sqrt(np.median([sum(float((u[n] ** 2).sum()) for n in shapes) for u in ups])))
-    noise = {n: torch.randn(*sh, generator=g) for n, sh in shapes.items()}
-    scale = size / float(np.sqrt(sum(float((v**2).sum()) for v in noise.values())))
-    ups.append({n: scale * v for n, v in noise.items()})  # d6: the disguised free rider
-
-    def run(updates, params):
-        mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in updates]
-        agg = make_aggregator("fedavg", names[: len(updates)], own, params)
-        for n, m in zip(names, mods, strict=True):
-            agg.add(n, list(m.values()))
-        return agg, agg.result(1), mods
-
-    agg, out, mods = run(ups, {"update_z": 3.5, "align_cos": 0.05, "exclude_flagged": 1})
-    u = np.stack([np.concatenate([ups[i][n].numpy().ravel() for n in shapes]) for i in range(7)]).astype(np.float64)
-    for sc in agg.scores:
-        i = int(sc.sender[1:])
-        rest = u[[j for j in range(7) if j != i]].sum(axis=0)
-        want = u[i] @ rest / (np.linalg.norm(u[i]) * np.linalg.norm(rest))
-        assert np.isclose(sc.align, want, rtol=1e-6, atol=1e-9), (sc, want)
-    aligns = {sc.sender: sc.align for sc in agg.scores}
-    assert abs(aligns["d6"]) < 0.05 < min(v for k, v in aligns.items() if k != "d6")
-    assert max(sc.update_z for sc in agg.scores if sc.sender == "d6") < 3.5  # not out by distance or norm
-    assert {sc.sender for sc in agg.scores if sc.flagged} == {sc.sender for sc in agg.scores if sc.excluded} == {"d6"}
-    for n in shapes:  # FedAvg of the six honest, in every module
-        want_mean = sum(mods[i][n].tensors["w"] for i in range(6)) / 6
-        assert torch.allclose(out[n].tensors["w"], want_mean, atol=1e-5)
-    lone = [*ups[:6], {n: torch.zeros(*sh) for n, sh in shapes.items()}]  # returns exactly what it received
-    agg, _, _ = run(lone, {"align_cos": 0.05})
-    assert {sc.sender: sc.align for sc in agg.scores}["d6"] == 0.0
-    assert {sc.sender for sc in agg.scores if sc.flagged} == {"d6"}
-    idle = [{n: torch.zeros(*sh) for n, sh in shapes.items()} for _ in range(7)]
-    agg, _, _ = run(idle, {"align_cos": 0.05, "exclude_flagged": 1})
-    assert agg.scores and not any(sc.flagged for sc in agg.scores)
-    with pytest.raises(ValueError, match=r"align_cos must be in \(-1, 1\]"):
-        make_aggregator("fedavg", params={"align_cos": 1.5})
-    assert type(make_aggregator("median", params={"align_cos": 0.05, "exclude_flagged": 1})).__name__ == "Median"
-
-
 def test_detection_parameters_are_checked():
-    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z, twin_cos or align_cos"):
+    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z or twin_cos"):
         make_aggregator("median", params={"exclude_flagged": 1})
     with pytest.raises(ValueError, match="flag_z must be finite and > 0"):
         make_aggregator("fedavg", params={"flag_z": 0})
@@ -664,8 +613,6 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
         sc("device-0-0", module="adapter.4", cosine=3.0),
         sc("device-0-0", module="adapter.5", z=math.nan),
         SenderScore("adapter.6", "device-0-0", 1.0, 1.0, 0.5, 1.0, False, False, 0.0, math.nan),  # update_z
-        SenderScore("adapter.7", "device-0-0", 1.0, 1.0, 0.5, 1.0, False, False, 0.0, 0.0, -2.0),  # align
-        SenderScore("adapter.8", "device-0-0", 1.0, 1.0, 0.5, 1.0, False, False, 0.0, 0.0, math.nan),
     ]
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))

@@ -169,9 +169,8 @@ def _plausible(m: pb.TaskMetric) -> bool:
 def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
     """The outlier scores of one collect step that a node could have measured: of a sender it counted
     in that step, one per (module, sender), distance and norm finite and ≥ 0, cosine in [-1, 1] or NaN
-    (a zero update), z and update_z not NaN, align in [-1, 1]. A node cannot incriminate a sender it did
-    not aggregate, or poison the run's results with values no aggregation makes: such a score is dropped
-    (the report kept)."""
+    (a zero update), z and update_z not NaN. A node cannot incriminate a sender it did not aggregate, or
+    poison the run's results with values no aggregation makes: such a score is dropped (the report kept)."""
     counted, seen, out = set(a.counted), set(), []
     for s in a.scores:
         key = (s.module, s.sender)
@@ -180,7 +179,6 @@ def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
         if not (math.isfinite(s.distance) and s.distance >= 0 and math.isfinite(s.norm) and s.norm >= 0):
             continue
         bad_twin = not (math.isnan(s.twin) or -1.0 - 1e-6 <= s.twin <= 1.0 + 1e-6)
-        bad_twin = bad_twin or not -1.0 - 1e-6 <= s.align <= 1.0 + 1e-6  # NaN fails too
         bad_z = math.isnan(s.z) or math.isnan(s.update_z)
         if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or bad_z or bad_twin:
             continue
