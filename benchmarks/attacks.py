@@ -104,6 +104,9 @@ ATTACKS: dict[str, list[str]] = {
     "ipm": ["adversary.behaviour=ipm", "adversary.epsilon=0.5"],
     # label flipping with the attackers registering (and pushing with) 20x their samples: influence bought
     "label_flip x20": ["adversary.behaviour=label_flip", "adversary.claim=20"],
+    # a free rider hiding: what it received plus noise the size of an honest update (σ 0.01 per value:
+    # an adapter's update of about 2.6 in norm, where honest ones measure 2.4-3.9 at full size)
+    "free_ride + noise": ["adversary.behaviour=noise", "adversary.sigma=0.01"],
 }
 
 
