@@ -102,9 +102,9 @@ class MemoryWatch:
     contains ``marker``; every ``period_s`` it checks the machine's MemAvailable and, when it drops below
     ``floor_bytes``, calls ``on_low`` once (the caller stops what it started) and sets ``low``.
 
-    Reading PSS makes the kernel walk every page table of every process measured (≈ 50 ms of CPU for a
-    300-device run's processes, more at 1,000): sampled every 0.25 s it took 5-10 % of this two-core
-    machine from the run it measured. So a PSS sample is taken at most every ``period_s`` and no more
+    Reading PSS makes the kernel walk every page table of every process measured (≈ 70 ms of CPU for a
+    300-device run's processes, ≈ 115 ms at 1,000): sampled every 0.25 s it took a tenth to a fifth of
+    this two-core machine from the run it measured. So a PSS sample is taken at most every ``period_s`` and no more
     often than keeps its CPU at ``duty`` of one core (its own thread's CPU time, measured per sample);
     ``samples`` and ``cpu_s`` say what it took."""
 
