@@ -6,6 +6,8 @@ mTLS costs is the transfer and security benchmarks' subject), all nodes separate
 - ``star`` (the headline): the cloud and N devices, Flower's own topology: the same 2N transfers.
 - ``hfm``: E_agg = 1, N devices in N/4 clusters (devices -> edges -> cloud -> edges -> devices): the
   paper's hierarchy, 2N + 2N/4 transfers.
+- ``star`` again over the bulk transport (``wire.transport: bulk``: the same pushes as framed messages
+  over TCP instead of gRPC streams, every check kept): hffm's fastest configuration.
 Every hffm node also checkpoints its modules every round (written and fsynced); Flower keeps nothing.
 
 Flower, in two configurations, both doing FedAvg with the same arrays (the paper-size module set,
@@ -238,8 +240,9 @@ def flower_legacy_round(n: int, out: Path, log=print, timeout_s: float = 900.0, 
             procs.stop()
 
 
-def hffm_config(n: int, rounds: int = ROUNDS, method: str = "star"):
-    """``star``: the cloud and ``n`` devices; ``hfm``: ``n`` devices in ``n/4`` clusters, E_agg = 1."""
+def hffm_config(n: int, rounds: int = ROUNDS, method: str = "star", transport: str = "grpc"):
+    """``star``: the cloud and ``n`` devices; ``hfm``: ``n`` devices in ``n/4`` clusters, E_agg = 1;
+    pushes over ``transport`` (``wire.transport``: grpc, or bulk)."""
     edges = 1 if method == "star" else max(1, n // 4)
     return load_config(
         None,
@@ -252,6 +255,7 @@ def hffm_config(n: int, rounds: int = ROUNDS, method: str = "star"):
             f"topology.devices_per_edge={n // edges}",
             "runtime.devices_per_process=10",
             "security.tls=false",
+            f"wire.transport={transport}",
             "train.noop=true",
             "train.eval_every=0",
             "data.global_test_per_task=20",
@@ -260,13 +264,14 @@ def hffm_config(n: int, rounds: int = ROUNDS, method: str = "star"):
     )
 
 
-def hffm_round(n: int, out: Path, rounds: int = ROUNDS, method: str = "star") -> dict:
-    cfg = hffm_config(n, rounds, method)
+def hffm_round(n: int, out: Path, rounds: int = ROUNDS, method: str = "star", transport: str = "grpc") -> dict:
+    cfg = hffm_config(n, rounds, method, transport)
     with MemoryWatch(str(out / "config.yaml")) as mem:
         res = run(cfg, out, Console(file=io.StringIO()), timeout_s=1800, force=True)
     last = res["rounds"][-1]
     return {
         "method": method,
+        "transport": transport,
         "peak_pss_bytes": mem.peak,
         "rounds_s": [r["wall_s"] for r in res["rounds"]],
         "devices": cfg.topology.edges * cfg.topology.devices_per_edge,
@@ -286,20 +291,26 @@ FLOWER_ERRORS = (FlowerUnavailable, subprocess.TimeoutExpired, OSError, subproce
 def compare(out: Path, n: int, log=print, superlink: bool = True, quick: bool = False) -> dict:
     """hffm (star and hfm) and both Flower configurations side by side with ``n`` clients; ``ratio`` =
     hffm star round / Flower legacy round, ``ratio_hfm`` = hffm hfm round / Flower legacy round,
-    ``ratio_superlink`` = hffm star round / SuperLink round."""
+    ``ratio_bulk`` = hffm star round over the bulk transport / Flower legacy round, ``ratio_superlink`` =
+    hffm star round / SuperLink round."""
     rounds = ROUNDS - 1 if quick else ROUNDS
     log(f"  hffm: star rounds, {n} devices, paper-size modules, no-op step ...")
     h = hffm_round(n, out / f"hffm-star-{n}", rounds, "star")
     h["round_s"] = round_s(h["rounds_s"])
-    hh = None
+    hh = hb = None
     if not quick:  # --quick (the test suite) measures the headline's configuration alone
         log(f"  hffm: hfm rounds (E_agg = 1), {n} devices in {max(1, n // 4)} clusters ...")
         hh = hffm_round(n, out / f"hffm-hfm-{n}", rounds, "hfm")
         hh["round_s"] = round_s(hh["rounds_s"])
+        log(f"  hffm: star rounds, {n} devices, over the bulk transport ...")
+        hb = hffm_round(n, out / f"hffm-star-bulk-{n}", rounds, "star", "bulk")
+        hb["round_s"] = round_s(hb["rounds_s"])
     point: dict = {
         "clients": n,
         "hffm": h,
         "hffm_hfm": hh,
+        "hffm_bulk": hb,
+        "ratio_bulk": None,
         "flower": None,
         "ratio": None,
         "ratio_hfm": None,
@@ -315,6 +326,8 @@ def compare(out: Path, n: int, log=print, superlink: bool = True, quick: bool = 
             point.update({key: f, ratio: h["round_s"] / f["round_s"]})
             if key == "flower" and hh is not None:
                 point["ratio_hfm"] = hh["round_s"] / f["round_s"]
+            if key == "flower" and hb is not None:
+                point["ratio_bulk"] = hb["round_s"] / f["round_s"]
         except FLOWER_ERRORS as err:
             log(f"  Flower {what} could not be measured: {err}")
             point[error] = str(err)
@@ -352,10 +365,12 @@ def run_sweep(out: Path, sizes: list[int], log=print, quick: bool = False) -> di
     done = [p["ratio"] for p in points if p["ratio"] is not None]
     hfm = [p["ratio_hfm"] for p in points if p["ratio_hfm"] is not None]
     sl = [p["ratio_superlink"] for p in points if p["ratio_superlink"] is not None]
+    bulk = [p["ratio_bulk"] for p in points if p.get("ratio_bulk") is not None]
     return {
         "points": points,
         "ratio": median(done) if done else None,
         "ratio_hfm": median(hfm) if hfm else None,
+        "ratio_bulk": median(bulk) if bulk else None,  # hffm star over the bulk transport / Flower legacy
         "ratio_superlink": median(sl) if sl else None,
         "clients": [p["clients"] for p in points if p["ratio"] is not None],
         "flower_failed_at": next((p["clients"] for p in points if p["flower"] is None), None),

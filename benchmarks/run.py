@@ -67,6 +67,7 @@ def run_all(
         "aggregator_peak_sets": ag["peak_sets_above_idle"],
         "flower_round_ratio": fl["ratio"],  # hffm star round / Flower legacy round, median over client counts
         "flower_round_ratio_hfm": fl.get("ratio_hfm"),  # hffm's hfm round (two tiers) / Flower legacy round
+        "flower_round_ratio_bulk": fl.get("ratio_bulk"),  # hffm star over the bulk transport / Flower legacy
         "flower_round_ratio_superlink": fl["ratio_superlink"],
         "flower_clients": fl["clients"],
         "max_devices": dv["max_devices"],
@@ -204,6 +205,8 @@ def _flower_note(fl: dict) -> str:
         h = f"{p['clients']} clients: hffm star {hf['round_s']:.2f} s / {hf['peak_pss_bytes'] / 2**30:.1f} GiB"
         if hh is not None and p.get("ratio_hfm") is not None:
             h += f" (hfm {hh['round_s']:.2f} s, ratio {p['ratio_hfm']:.3f})"
+        if (hb := p.get("hffm_bulk")) is not None and p.get("ratio_bulk") is not None:
+            h += f" (star over the bulk transport {hb['round_s']:.2f} s, ratio {p['ratio_bulk']:.3f})"
         f, s = p["flower"], p["superlink"]
         lg = (
             f"Flower legacy {f['round_s']:.2f} s / {f['peak_pss_bytes'] / 2**30:.1f} GiB (ratio {p['ratio']:.3f})"

@@ -8,6 +8,10 @@ pages would flatter the copy) with sendall() to a process that recv_into()s them
 two are taken in turn (hffm, socket, hffm, socket, ...) and the ratio is the median of the per-turn
 ratios, so that the machine's load bursts hit both alike.
 
+The same push also goes over the bulk transport (``wire.transport: bulk``, services/common/bulk.py: the
+push's very messages in length-prefixed frames over TCP, fed to the same receive path), taken in turn
+with the gRPC push and the socket.
+
 Two more baselines on the same bytes, taken in turn with the socket, to show what bounds the figure:
 - ``grpc_bare``: a bare Python gRPC stream of the same random bytes in 1 MiB messages to an empty
   handler (no protobuf, no work): the most any push over Python gRPC can reach here;
@@ -33,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import blake3
@@ -43,7 +47,8 @@ from benchmarks.common import interleaved, median, paper_config, paper_modules
 from hffm.methods import Collect
 from hffm.modules import encode_modules
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
-from services.common.client import CHANNEL_OPTIONS, push_callable, push_requests
+from services.common.bulk import BulkPush
+from services.common.client import CHANNEL_OPTIONS, Channels, push_requests
 from services.common.convert import step_to_pb
 from services.common.security import Security
 from services.launcher import REPO_ROOT, free_ports
@@ -196,15 +201,18 @@ def bench_pki(directory: Path) -> Path:
 
 
 @contextmanager
-def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[], int], dict[str, list[float]]]]:
+def hffm_pusher(
+    wire: str, pki: Path | None = None, sets: tuple[str, ...] = (), transport: str = "grpc"
+) -> Iterator[tuple[Callable[[], int], dict[str, list[float]]]]:
     """(push once -> bytes, phase times): full pushes of the module set from device-0-0 to a real edge
     node in another process; with ``pki`` over mTLS with the header signed by the device, as every run
     with security on does."""
     tls = ["security.tls=true", f"security.dir={pki}"] if pki else []
-    cfg = paper_config(f"wire.dtype={wire}", *tls)
+    sets = (*sets, f"wire.transport={transport}")
+    cfg = paper_config(f"wire.dtype={wire}", *tls, *sets)
     modules = paper_modules()
     port = free_ports(1, "127.0.0.1")[0]
-    p = _spawn(NODE_RECEIVER, str(port), wire, *tls)
+    p = _spawn(NODE_RECEIVER, str(port), wire, *tls, *sets)
     tick = os.sysconf("SC_CLK_TCK")
 
     def receiver_cpu() -> float:
@@ -218,8 +226,12 @@ def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[
     try:
         addr = f"127.0.0.1:{port}"
         device, cloud = Security(cfg.security, "device-0-0"), Security(cfg.security, "cloud")
-        ch, control = device.channel(addr, "edge-0", CHANNEL_OPTIONS), cloud.channel(addr, "edge-0", CHANNEL_OPTIONS)
-        ctl, push = pb_grpc.RoundControlStub(control), push_callable(ch)
+        # the device's push as its Sender makes it: over gRPC, or the edge's bulk endpoint (asked over gRPC)
+        channels = Channels(device, bulk=transport == "bulk")
+        push = channels.push(addr, "edge-0", device.call_metadata())
+        assert (transport == "bulk") == isinstance(push, BulkPush)
+        control = cloud.channel(addr, "edge-0", CHANNEL_OPTIONS)
+        ctl = pb_grpc.RoundControlStub(control)
         state = {"round": 0}
         phases: dict[str, list[float]] = {"encode_s": [], "push_s": [], "receiver_cpu_s": [], "sender_cpu_s": []}
 
@@ -264,25 +276,30 @@ def hffm_pusher(wire: str, pki: Path | None = None) -> Iterator[tuple[Callable[[
             phases["sender_cpu_s"].append(own_cpu() - c_own)
             return sum(e.size_bytes for e in encoded)
 
-        with ch, control:
+        with control:
             yield once, phases
+        channels.close()
     finally:
         p.kill()
 
 
 def plain_transfer(wire: str, repeat: int) -> dict:
-    """hffm's push of the module set in ``wire`` dtype and a socket carrying as many random bytes, in
-    turn; the ratio is the median of the per-turn ratios."""
-    with hffm_pusher(wire) as (push, phases):
+    """hffm's push of the module set in ``wire`` dtype over gRPC and over the bulk transport, and a
+    socket carrying as many random bytes, in turn; each ratio is the median of the per-turn ratios."""
+    with hffm_pusher(wire) as (push, phases), hffm_pusher(wire, transport="bulk") as (bulk, bulk_phases):
         nbytes = push()
+        bulk()
         with socket_sender(nbytes) as (sock, _):
-            t = interleaved({"hffm": push, "socket": sock}, repeat)
+            t = interleaved({"hffm": push, "bulk": bulk, "socket": sock}, repeat)
     return {
         "bytes": nbytes,
         "hffm_gbps": nbytes / median(t["hffm"]) / 1e9,
+        "bulk_gbps": nbytes / median(t["bulk"]) / 1e9,
         "socket_gbps": nbytes / median(t["socket"]) / 1e9,
-        "ratio": median([s / h for h, s in zip(t["hffm"], t["socket"], strict=True)]),
+        "ratio": median([s / h for h, s in zip(t["hffm"], t["socket"], strict=True)]),  # gRPC
+        "bulk_ratio": median([s / h for h, s in zip(t["bulk"], t["socket"], strict=True)]),
         **{k: median(v[2:]) for k, v in phases.items()},  # the timed pushes, not the first two
+        **{f"bulk_{k}": median(v[2:]) for k, v in bulk_phases.items()},
     }
 
 
@@ -310,17 +327,24 @@ def tls_transfer(repeat: int) -> dict:
     median of the per-turn ratios."""
     with tempfile.TemporaryDirectory(prefix="hffm-bench-pki-") as d:
         pki = bench_pki(Path(d))
-        with hffm_pusher("fp32", pki) as (tls_push, phases), hffm_pusher("fp32") as (plain_push, _):
+        with (
+            hffm_pusher("fp32", pki) as (tls_push, phases),
+            hffm_pusher("fp32") as (plain_push, _),
+            hffm_pusher("fp32", pki, transport="bulk") as (bulk_push, _),
+        ):
             nbytes = tls_push()
+            bulk_push()
             with socket_sender(nbytes, pki=pki) as (sock_send, cipher):
-                t = interleaved({"tls": tls_push, "socket": sock_send, "plain": plain_push}, repeat)
+                t = interleaved({"tls": tls_push, "bulk": bulk_push, "socket": sock_send, "plain": plain_push}, repeat)
     return {
         "bytes": nbytes,
         "hffm_gbps": nbytes / median(t["tls"]) / 1e9,
         "tls_socket_gbps": nbytes / median(t["socket"]) / 1e9,
         "plaintext_gbps": nbytes / median(t["plain"]) / 1e9,
         "cipher": cipher,
+        "bulk_gbps": nbytes / median(t["bulk"]) / 1e9,
         "ratio": median([s / h for h, s in zip(t["tls"], t["socket"], strict=True)]),  # vs its limit
+        "bulk_ratio": median([s / h for h, s in zip(t["bulk"], t["socket"], strict=True)]),
         "vs_plaintext": median([p / h for h, p in zip(t["tls"], t["plain"], strict=True)]),  # security's cost
         **{k: median(v[2:]) for k, v in phases.items()},  # the timed pushes, not the first two
     }
@@ -335,7 +359,29 @@ def run(quick: bool = False) -> dict:
     return out
 
 
+def message_sizes(
+    nbytes: int = 38_055_600, sizes: tuple[int, ...] = (256 << 10, 1 << 20, 4 << 20, 7 << 20), repeat: int = 7
+) -> dict:
+    """The bare Python gRPC stream at several message sizes, each taken in turn with the socket: whether
+    a larger ``wire.chunk_bytes`` could lift the gRPC ceiling (it does not: ``docs/performance.md``)."""
+    with ExitStack() as stack:
+        fns = {"socket": stack.enter_context(socket_sender(nbytes))[0]}
+        for c in sizes:
+            fns[f"grpc_{c >> 10}k"] = stack.enter_context(grpc_bare_sender(nbytes, c))
+        t = interleaved(fns, repeat)
+    return {
+        k: {
+            "gbps": nbytes / median(v) / 1e9,
+            "of_socket": median([s / x for x, s in zip(v, t["socket"], strict=True)]),
+        }
+        for k, v in t.items()
+    }
+
+
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    if "--message-sizes" in sys.argv:
+        print(json.dumps(message_sizes(), indent=2))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -224,8 +224,15 @@ class TrainConfig(_Strict):
 
     local_epochs: int = D(1, ge=1, description="E_local: epochs over the local data per round")
     batch_size: int = D(32, ge=1, description="samples per optimisation step")
-    lr: float = D(3e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = D(0.0, ge=0, description="AdamW weight decay")
+    optimizer: Literal["adamw", "sgd"] = D(
+        "adamw",
+        description="the local optimiser, made fresh every round: adamw, or sgd (with train.momentum). A fresh "
+        "AdamW's first steps move every parameter with a non-zero gradient by about lr whatever the gradient's "
+        "size, so a device that already fits its few answers still drifts; SGD's steps shrink with its loss",
+    )
+    lr: float = D(3e-3, gt=0, description="the local optimiser's learning rate")
+    momentum: float = D(0.0, ge=0, lt=1, description="SGD's momentum (train.optimizer=sgd only)")
+    weight_decay: float = D(0.0, ge=0, description="the local optimiser's weight decay")
     prox_mu: float = D(
         0.0,
         ge=0,
@@ -241,6 +248,13 @@ class TrainConfig(_Strict):
         "never uses it)",
     )
     noop: bool = D(False, description="skip the optimisation step but keep every exchange (runtime benchmarks)")
+
+    @model_validator(mode="after")
+    def _momentum_for_sgd(self) -> TrainConfig:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"train.momentum={self.momentum} is SGD's; train.optimizer is {self.optimizer!r}")
+        return self
+
     eval_every: int = D(
         1,
         ge=0,
@@ -256,6 +270,20 @@ class WireConfig(_Strict):
     chunk_bytes: int = D(1 << 20, ge=1024, le=1 << 20, description="bytes per chunk message (at most 1 MiB)")
     digest: Literal["blake3", "sha256"] = D(
         "blake3", description="digest a sender computes of each module blob (receivers check either)"
+    )
+    transport: Literal["grpc", "bulk"] = D(
+        "grpc",
+        description="how pushes carry module bytes: grpc (ModuleExchange.Push), or bulk (the same messages in "
+        "length-prefixed frames over TCP, TLS with security on; identity, checks and statuses as gRPC's; a "
+        "node falls back to gRPC towards a receiver that serves no bulk endpoint)",
+    )
+    bulk_port: int = D(
+        0,
+        ge=0,
+        le=65535,
+        description="with wire.transport=bulk: the port a node's bulk listener takes on its gRPC host (0: any "
+        "free port; nodes learn it over gRPC, ModuleExchange.BulkEndpoint). A fixed port suits one node per "
+        "process (compose, Kubernetes)",
     )
 
 

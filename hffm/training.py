@@ -38,7 +38,7 @@ def train_local(
     # seed here the result depends on what else ran in the process before (not reproducible).
     torch.manual_seed(seed)
     params = model.trainable_parameters(module_names)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     # FedProx (Li et al. 2020): a proximal term keeps the local modules near the round's start, which
     # limits client drift on non-IID data; mu = 0 leaves the loss (and every bit of the result) as it was
     mu = cfg.prox_mu
@@ -80,6 +80,13 @@ def train_local(
             steps += 1
     model.eval()
     return TrainStats(loss=total_loss / max(seen, 1) if not cfg.noop else 0.0, samples=seen, steps=steps)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The round's fresh local optimiser, as ``train.optimizer`` names it."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _absent_scale(td: TaskData, alpha: float) -> torch.Tensor:

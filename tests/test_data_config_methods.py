@@ -323,6 +323,48 @@ def test_restricted_softmax_leaves_the_answers_a_device_never_sees_alone(small_c
         load_config(None, ["train.restricted_softmax=1.5"])
 
 
+def test_sgd_steps_scale_with_the_gradient_where_a_fresh_adamw_moves_every_weight_by_about_lr(small_cfg):
+    """train.optimizer: one local step on one batch. SGD's step is -lr x gradient (twice the lr, twice the
+    step; a weight with a tiny gradient barely moves), a fresh AdamW's is about lr on every weight with a
+    gradient, however small (why a device that already fits its answers still drifts). momentum is SGD's:
+    set with AdamW it is a config error naming the field."""
+    import torch
+
+    from hffm.data import build_device_data, task_labels
+    from hffm.model import build_model
+    from hffm.training import train_local
+
+    tok = build_tokenizer()
+    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
+    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    task = sorted(data)[0]
+    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
+    names = model.module_names()
+    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+
+    def step(**update) -> torch.Tensor:
+        for n in names:
+            model.load_module_state(n, start[n])
+        cfg = small_cfg.train.model_copy(update={"batch_size": len(data[task]), "local_epochs": 1, **update})
+        stats = train_local(model, {task: data[task]}, names, cfg, "cpu", 7)
+        assert stats.steps == 1
+        d = [(v - start[n][k]).reshape(-1) for n in names for k, v in model.module_state(n).items()]
+        return torch.cat(d)
+
+    a, b = step(optimizer="sgd", lr=1e-3), step(optimizer="sgd", lr=2e-3)
+    moved = a.abs() > 0
+    assert moved.sum() > 100
+    assert torch.allclose(b[moved], 2 * a[moved], rtol=1e-2, atol=1e-7)  # fp32 rounding of w + step
+    assert a.abs().max() / a[moved].abs().median() > 10  # steps follow the gradient's size
+    adam = step(optimizer="adamw", lr=1e-3)
+    big = adam.abs() > 0
+    # a fresh Adam's first step is lr x g / (|g| + eps): about lr wherever the gradient is not ~eps
+    assert (adam[big].abs() > 0.5e-3).float().mean() > 0.8
+    with pytest.raises(ConfigError, match="train.momentum"):
+        load_config(None, ["train.momentum=0.9"])
+    assert load_config(None, ["train.optimizer=sgd", "train.momentum=0.9"]).train.momentum == 0.9
+
+
 def test_claims_are_bounded_by_a_multiple_of_their_tasks_median_and_the_plan_carries_the_bounds():
     """aggregation.claim_bound k: a device's own update counts with at most k x the median claim of its
     task (a liar registering 1000 samples among devices claiming 10-30 counts as 2 x 20); honest claims

@@ -4,6 +4,7 @@ leaves the node's state exactly as it was; a retried push is counted once."""
 from __future__ import annotations
 
 import hashlib
+import ssl
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hffm.methods import Collect
 from hffm.modules import EncodedModule, Module, digest_of, encode_module
 from hffm.wire import ModuleHeader, PushHeader, chunks, push_id_for
 from services.common.bootstrap import node_modules, topology
+from services.common.bulk import BulkPush
 from services.common.client import push_callable, push_requests
 from services.common.convert import header_from_pb, header_to_pb, step_to_pb
 from services.common.identity import identity_metadata
@@ -37,9 +39,25 @@ class Clients:
     """Channels to the node under test, one per calling identity (TLS: each presents that identity's
     certificate; plaintext: each call names it in its metadata). ``None``: a caller with no identity."""
 
-    def __init__(self, cfg, address: str, target: str) -> None:
+    def __init__(self, cfg, address: str, target: str, bulk_port: int = 0) -> None:
         self.cfg, self.address, self.target = cfg, address, target
+        self.bulk_port = bulk_port  # the node's bulk listener: pushes go there (wire.transport: bulk)
         self._channels: dict[str | None, grpc.Channel] = {}
+        self._bulk: dict[str | None, BulkPush] = {}
+
+    def push(self, name: str | None):
+        """``ModuleExchange.Push`` as ``name``: over gRPC, or the bulk transport when the node runs it
+        (TLS: ``name``'s certificate; None: the CA only, no certificate)."""
+        if not self.bulk_port:
+            return push_callable(self.as_(name))
+        if name not in self._bulk:
+            tls = None
+            if self.cfg.security.tls and name is not None:
+                tls = Security(self.cfg.security, name).bulk_client_context()
+            elif self.cfg.security.tls:
+                tls = ssl.create_default_context(cafile=str(Path(self.cfg.security.dir) / "ca.crt"))
+            self._bulk[name] = BulkPush("127.0.0.1", self.bulk_port, tls, server_hostname=self.target)
+        return self._bulk[name]
 
     def as_(self, name: str | None) -> grpc.Channel:
         if name not in self._channels:
@@ -72,17 +90,22 @@ class Clients:
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()
+        for b in self._bulk.values():
+            b.close()
 
 
-@pytest.fixture(params=["tls", "plaintext"])
+@pytest.fixture(params=["tls", "plaintext", "tls-bulk", "plaintext-bulk"])
 def edge(request, small_cfg):
-    if request.param == "plaintext":
+    """The edge under test; ``-bulk``: it runs the bulk transport and every push goes there."""
+    if request.param.startswith("plaintext"):
         small_cfg = small_cfg.model_copy(update={"security": small_cfg.security.model_copy(update={"tls": False})})
+    if request.param.endswith("bulk"):
+        small_cfg = small_cfg.model_copy(update={"wire": small_cfg.wire.model_copy(update={"transport": "bulk"})})
     topo = topology(small_cfg)
     spec, modules = node_modules(small_cfg, topo, EDGE)
     node = _Edge(EDGE, small_cfg, spec, modules, "127.0.0.1:0")
     srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
-    ch = Clients(small_cfg, f"127.0.0.1:{srv.port}", EDGE)
+    ch = Clients(small_cfg, f"127.0.0.1:{srv.port}", EDGE, srv.bulk.port if srv.bulk else 0)
     node.assign(1, "hfm", [Collect("aggregate", (D0, D1), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
     yield node, ch, topo
     ch.close()
@@ -120,7 +143,7 @@ def _push(ch, reqs, caller: str | None = "sender"):
     if first is not None and ch.cfg.security.tls and not first.header.signature:
         signed = ch.security(first.header.sender).sign_header(header_from_pb(first.header))
         reqs[0] = pb.PushRequest(header=header_to_pb(signed))
-    return push_callable(ch.as_(caller))(iter(reqs), timeout=10, metadata=ch.meta(caller))
+    return ch.push(caller)(iter(reqs), timeout=10, metadata=ch.meta(caller))
 
 
 def _good(node, sender, seed, samples=10.0):
@@ -523,7 +546,7 @@ def test_a_collect_that_cannot_reach_its_quorum_fails_at_once(edge):
 # ---- pushes signed end to end ------------------------------------------------------------------------
 def _raw_push(ch, header, ems, caller):
     reqs = [pb.PushRequest(header=header_to_pb(header)), *list(push_requests(header, ems, 4096))[1:]]
-    return push_callable(ch.as_(caller))(iter(reqs), timeout=10)
+    return ch.push(caller)(iter(reqs), timeout=10)
 
 
 @pytest.mark.parametrize("tamper", ["unsigned", "other_key", "changed_after_signing"])

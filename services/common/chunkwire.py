@@ -37,7 +37,7 @@ class RawChunk(NamedTuple):
     module_index: int
     offset: int
     data: memoryview
-    raw: bytes
+    raw: bytes | bytearray  # bytearray: a bulk transport frame (services.common.bulk)
 
 
 def _varint(v: int) -> bytes:
@@ -113,15 +113,16 @@ def _fast_chunk(buf: bytes) -> RawChunk | None:
     return RawChunk(index, offset, data if data is not None else memoryview(b""), buf)
 
 
-def parse_push_request(buf: bytes) -> RawChunk | pb.PushRequest:
-    """The server's request deserializer for ``Push``: chunks as views, everything else via protobuf."""
-    return _fast_chunk(buf) or pb.PushRequest.FromString(buf)
+def parse_push_request(buf: bytes | bytearray) -> RawChunk | pb.PushRequest:
+    """The server's request deserializer for ``Push`` (and the bulk transport's frames): chunks as views,
+    everything else via protobuf."""
+    return _fast_chunk(buf) or pb.PushRequest.FromString(buf if isinstance(buf, bytes) else bytes(buf))
 
 
 def serialize_push_request(req: bytes | RawChunk | pb.PushRequest) -> bytes:
     """The client's request serializer for ``Push``: chunk messages are already bytes."""
     if isinstance(req, bytes):
         return req
-    if isinstance(req, RawChunk):  # a relay passes chunks on as they came
-        return req.raw
+    if isinstance(req, RawChunk):  # a relay passes chunks on as they came (bytes: gRPC's serializer contract)
+        return req.raw if isinstance(req.raw, bytes) else bytes(req.raw)
     return req.SerializeToString()

@@ -7,6 +7,7 @@ field. A retried push carries the same push id, so the receiver counts it once.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,10 +17,13 @@ import grpc
 
 from hffm.modules import EncodedModule
 from hffm.wire import PushHeader, chunk_pieces
+from services.common.bulk import BulkPush
 from services.common.chunkwire import chunk_message, serialize_push_request
 from services.common.convert import header_to_pb
 from services.common.security import Security
-from services.rpc import pb
+from services.rpc import pb, pb_grpc
+
+log = logging.getLogger("hffm.client")
 
 PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['ModuleExchange'].full_name}/Push"
 
@@ -43,10 +47,13 @@ class Channels:
     verifies the peer is ``target``: it belongs to that node alone. Plaintext channels are one per
     address and may be shared by every node of a process (callers name themselves per call)."""
 
-    def __init__(self, security: Security | None = None) -> None:
+    def __init__(self, security: Security | None = None, bulk: bool = False) -> None:
         self.security = security
+        self.bulk = bulk  # wire.transport: bulk (pushes over the bulk transport where the receiver serves it)
         self._lock = threading.Lock()
         self._channels: dict[tuple[str, str], grpc.Channel] = {}
+        self._bulk: dict[tuple[str, str], BulkPush | None] = {}
+        self._resolving: dict[tuple[str, str], threading.Lock] = {}
 
     @property
     def tls(self) -> bool:
@@ -65,11 +72,50 @@ class Channels:
                 self._channels[key] = ch
             return ch
 
+    def push(self, address: str, target: str, metadata: tuple[tuple[str, str], ...] | None = None):
+        """``ModuleExchange.Push`` to ``target`` at ``address``, as a gRPC multi-callable; with ``bulk``,
+        the bulk transport's equivalent (``BulkPush``: the same ``future(requests, timeout=, metadata=)``)
+        once the receiver named its bulk endpoint over gRPC (``BulkEndpoint``, asked once per receiver
+        with ``metadata``; again after a bulk connection to it failed). A receiver without one (port 0,
+        an older node) or not answering yet is pushed to over gRPC."""
+        channel = self.get(address, target)
+        if not self.bulk:
+            return push_callable(channel)
+        key = (address, target if self.tls else "")
+        with self._lock:
+            resolving = self._resolving.setdefault(key, threading.Lock())
+        with resolving:  # one question per receiver at a time: the others take its answer
+            with self._lock:
+                known = key in self._bulk
+                bp = self._bulk.get(key)
+            if bp is not None and bp.broken:
+                bp.close()
+                known, bp = False, None
+            if not known:
+                try:
+                    stub = pb_grpc.ModuleExchangeStub(channel)
+                    port = stub.BulkEndpoint(pb.Empty(), timeout=10, metadata=metadata).port
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        return push_callable(channel)  # not up yet: gRPC now, asked again next time
+                    port = 0
+                tls = self.security.bulk_client_context() if self.tls and self.security is not None else None
+                host = address.rsplit(":", 1)[0].strip("[]")
+                bp = BulkPush(host, port, tls, server_hostname=target) if port else None
+                log.info("pushes to %s at %s: %s", target, address, f"bulk, port {port}" if port else "gRPC")
+                with self._lock:
+                    self._bulk[key] = bp
+        return bp or push_callable(channel)
+
     def close(self) -> None:
         with self._lock:
             for ch in self._channels.values():
                 ch.close()
             self._channels.clear()
+            bulk = [b for b in self._bulk.values() if b is not None]
+            self._bulk.clear()
+        for b in bulk:
+            b.close()
 
 
 def push_requests(

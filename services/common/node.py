@@ -79,7 +79,7 @@ class NodeRuntime:
         # plaintext channels may be shared by the nodes of a process; TLS channels carry this node's certificate
         if channels is not None and channels.tls and channels.security is not self.security:
             raise ValueError(f"{node_id}: TLS channels belong to one node")
-        self.channels = channels or Channels(self.security)
+        self.channels = channels or Channels(self.security, bulk=cfg.wire.transport == "bulk")
         self._owns_channels = channels is None
         self.stopped = threading.Event()
         self.rounds = RoundRegistry(node_id)
@@ -305,6 +305,14 @@ def from_coordinator(ident: Identity) -> bool:
 class ModuleExchangeServicer(pb_grpc.ModuleExchangeServicer):
     def __init__(self, node: NodeRuntime) -> None:
         self.node = node
+        self.bulk_port = 0  # the node's bulk listener (NodeServer starts it with wire.transport: bulk)
+
+    def BulkEndpoint(self, request, context):  # noqa: N802
+        try:
+            authorize(self.node, context, "BulkEndpoint", lambda i: i.role in ("cloud", "edge", "device"))
+            return pb.BulkEndpointInfo(port=self.bulk_port)
+        except Exception as err:  # noqa: BLE001
+            abort_for(context, err)
 
     def Push(self, request_iterator, context):  # noqa: N802
         try:

@@ -19,7 +19,7 @@ from hffm.pki import PKIError
 from hffm.wire import PushAssembler, PushHeader
 from services.common import faults
 from services.common.chunkwire import RawChunk
-from services.common.client import Channels, push_callable, wait_unless
+from services.common.client import Channels, wait_unless
 from services.common.convert import header_from_pb, header_to_pb
 from services.common.limits import Admission, TimedStream
 from services.common.metrics import Metrics, link_label
@@ -164,7 +164,7 @@ class Receiver:
             yield from requests  # chunks go on as they arrive, as the bytes they came in
 
         faults.hit(self.node_id, "relay", header.round)
-        push = push_callable(self.channels.get(state.peers[nxt], nxt))
+        push = self.channels.push(state.peers[nxt], nxt, self.sender.metadata)
         fut = push.future(stream(), timeout=self.cfg.runtime.rpc_timeout_s, metadata=self.sender.metadata)
         if not wait_unless(fut, state.aborted.is_set):  # a later attempt replacing this one ends the relay
             raise ModuleError("ABORTED", "relay_aborted", f"relay {self.node_id} -> {nxt}: attempt replaced")

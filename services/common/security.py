@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -79,6 +80,7 @@ class Security:
         if missing:
             raise PKIError(f"{name}: missing credentials {missing}")
         self.creds = NodeCredentials.from_files(paths["ca"], paths["key"], paths["cert"], paths["crl"])
+        self._paths = paths
         ident = self.creds.identity
         if ident.id != name or ident.federation != cfg.federation:
             raise PKIError(f"{paths['cert']} is {ident.uri}, not {name} of federation {cfg.federation!r}")
@@ -103,6 +105,32 @@ class Security:
         assert self.creds is not None
         creds = grpc.ssl_channel_credentials(self.creds.ca_pem, self.creds.key_pem, self.creds.cert_pem)
         return grpc.secure_channel(address, creds, options=[*opts, ("grpc.ssl_target_name_override", target)])
+
+    def bulk_server_context(self) -> ssl.SSLContext | None:
+        """TLS of a bulk listener (services.common.bulk): this node's certificate, clients must present one
+        of this federation's CA (what they are is ``peer``'s question, as for a gRPC call). None without TLS."""
+        if not self.enabled:
+            return None
+        assert self.creds is not None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=self.creds.ca_pem.decode())
+        ctx.load_cert_chain(self._paths["cert"], self._paths["key"])
+        return ctx
+
+    def bulk_client_context(self) -> ssl.SSLContext | None:
+        """TLS of this node's bulk pushes: its certificate, and the receiver must prove it is the node it
+        is dialled as (``server_hostname``: node ids are DNS names of their certificates, as gRPC's
+        ``ssl_target_name_override`` checks). None without TLS."""
+        if not self.enabled:
+            return None
+        assert self.creds is not None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cadata=self.creds.ca_pem.decode())
+        ctx.load_cert_chain(self._paths["cert"], self._paths["key"])
+        return ctx
 
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
         """Metadata every call of this identity carries (plaintext: the identity on trust)."""

@@ -18,7 +18,7 @@ from hffm.modules import EncodedModule, ModuleError, ModuleSet, encode_modules
 from hffm.results import Transfer
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common import faults
-from services.common.client import RETRYABLE, Channels, push_callable, push_requests, wait_unless
+from services.common.client import RETRYABLE, Channels, push_requests, wait_unless
 from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry, RoundState
 
@@ -105,7 +105,6 @@ class Sender:
         counts it once) while the receiver may be restarting; False when the coordinator left the
         receiver out of the round meanwhile (the send is skipped and reported as undelivered). A later
         attempt replacing this one cancels the push (``RoundAborted``)."""
-        push = push_callable(self.channels.get(state.peers[first_hop], first_hop))
         deadline = time.monotonic() + self.cfg.runtime.rpc_timeout_s
         delay = 0.2
 
@@ -117,6 +116,8 @@ class Sender:
                 with self.rounds.lock:
                     state.report.undelivered.append(s.to)
                 return False
+            # asked each try: a bulk endpoint that failed is asked again (a receiver restarted elsewhere)
+            push = self.channels.push(state.peers[first_hop], first_hop, self.metadata)
             fut = push.future(
                 push_requests(header, encoded, self.cfg.wire.chunk_bytes, mid_push),
                 timeout=max(1.0, deadline - time.monotonic()),

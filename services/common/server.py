@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.bulk import BulkAborted, BulkServer
 from services.common.chunkwire import parse_push_request
 from services.common.client import CHANNEL_OPTIONS
-from services.common.metrics import MetricsInterceptor
+from services.common.metrics import Metrics, MetricsInterceptor
 from services.common.node import ModuleExchangeServicer, NodeRuntime, RoundControlServicer
 from services.rpc import pb, pb_grpc
 
@@ -32,6 +34,28 @@ SERVICE_NAMES = {
 }
 
 
+def counted(handle, metrics: Metrics, node: str):
+    """``handle`` (a bulk push's Push handler) counted and timed like a gRPC call
+    (``MetricsInterceptor``), as method ``BulkPush``."""
+
+    def inner(frames, context):
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return handle(frames, context)
+        except BulkAborted as err:
+            code = err.code.name
+            raise
+        except BaseException:
+            code = "UNKNOWN"
+            raise
+        finally:
+            metrics.rpc_handled.labels(node=node, method="BulkPush", code=code).inc()
+            metrics.rpc_seconds.labels(node=node, method="BulkPush", code=code).observe(time.perf_counter() - t0)
+
+    return inner
+
+
 class NodeServer:
     """A started gRPC server for one node, with health status SERVING for its services. Its worker
     threads (``max_workers``) exceed the push streams it accepts (``limits.max_streams``) by what
@@ -44,7 +68,7 @@ class NodeServer:
             options=SERVER_OPTIONS,
             interceptors=[MetricsInterceptor(node.metrics, node.node_id)],
         )
-        exchange = ModuleExchangeServicer(node)
+        exchange = self.exchange = ModuleExchangeServicer(node)
         self.server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -55,7 +79,12 @@ class NodeServer:
                             exchange.Push,
                             request_deserializer=parse_push_request,
                             response_serializer=pb.PushAck.SerializeToString,
-                        )
+                        ),
+                        "BulkEndpoint": grpc.unary_unary_rpc_method_handler(
+                            exchange.BulkEndpoint,
+                            request_deserializer=pb.Empty.FromString,
+                            response_serializer=pb.BulkEndpointInfo.SerializeToString,
+                        ),
                     },
                 ),
             )
@@ -71,11 +100,26 @@ class NodeServer:
         self.port = node.security.add_port(self.server, listen)
         if self.port == 0:
             raise OSError(f"{node.node_id}: cannot listen on {listen}")
+        self.bulk: BulkServer | None = None
+        if node.cfg.wire.transport == "bulk":
+            # pushes as length-prefixed frames over TCP/TLS, handled by the very Push handler above
+            wire, lim = node.cfg.wire, node.cfg.limits
+            self.bulk = BulkServer(
+                counted(exchange.Push, node.metrics, node.node_id),
+                listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0",
+                wire.bulk_port,
+                tls=node.security.bulk_server_context(),
+                max_connections=max(8, 2 * lim.max_streams),
+                frame_timeout_s=max(lim.header_timeout_s, lim.chunk_timeout_s),
+            )
+            exchange.bulk_port = self.bulk.port
         self.server.start()
         for name in ["", *names]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace_s: float = 1.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.bulk is not None:
+            self.bulk.stop()
         self.server.stop(grace_s).wait()
         self.node.close()

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"data error: {err}")
     metrics = start_metrics(args, cfg, next(iter(nodes)))  # one /metrics per process, with its first device's identity
     # plaintext: the process's devices share one channel per peer; TLS: each device's channels carry its certificate
-    shared = None if cfg.security.tls else Channels()
+    shared = None if cfg.security.tls else Channels(bulk=cfg.wire.transport == "bulk")
     servers: list[NodeServer] = []
     for nid, listen in nodes.items():
         try:

@@ -1,0 +1,409 @@
+"""A push's bytes over a plain TCP (or TLS) connection instead of gRPC: the bulk transport.
+
+Python gRPC's own stream of 1 MiB messages reaches 0.42-0.54 of a raw socket on this machine whatever
+the message size (``docs/performance.md``), so no push over it reaches half the socket. The bulk
+transport carries the very same messages (a serialized ``PushRequest`` header, then chunk messages as
+``chunkwire`` writes them) in length-prefixed frames over a socket, and hands them to the node's one
+receive path (``NodeRuntime.receive``) through the same ``authorize`` as the gRPC ``Push``: identity
+from the verified client certificate with TLS, from the call's metadata on plaintext, exactly as
+``Security.peer`` reads a gRPC call; every check, limit, metric and status is the gRPC path's.
+
+Frames, little-endian, per push on a connection (connections are kept and reused by the client):
+
+- client: ``u32 n`` + ``n`` bytes of JSON, the call's metadata (``[[key, value], ...]``);
+  then per message ``u32 n`` (1 <= n <= ``MAX_FRAME``) + the serialized message; then ``u32 0``;
+- server: ``u8 code`` (``grpc.StatusCode``'s number; 0 OK) + ``u32 n`` + ``n`` bytes: the serialized
+  ``PushAck`` when OK, else the status's details (UTF-8).
+
+A push refused before its last frame is answered at once; the server then reads and drops what the
+client still sends (up to the frame limit per frame, for at most ``drain_s``) so that the answer is
+not lost to a reset, and closes the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+
+from services.common.chunkwire import RawChunk, parse_push_request, serialize_push_request
+from services.rpc import pb
+
+log = logging.getLogger("hffm.bulk")
+
+MAX_FRAME = 8 << 20  # gRPC's grpc.max_receive_message_length in hffm (services.common.client)
+_U32 = struct.Struct("<I")
+_REPLY = struct.Struct("<BI")
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class BulkError(grpc.RpcError):
+    """A bulk push's failure, read like a gRPC call's (``code()``, ``details()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class BulkAborted(grpc.RpcError):
+    """A bulk push refused with a status: what ``context.abort`` raises on a bulk call, and what its
+    frames raise when they break the transport's rules (a ``grpc.RpcError``, so handlers pass it on as
+    they pass on a gRPC call's own abort)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+def _recv_exact(sock: socket.socket, n: int, into: bytearray | None = None) -> bytearray | None:
+    """``n`` bytes from ``sock`` (into ``into`` when given, which must hold ``n``); None at a clean end
+    of stream before the first byte."""
+    buf = into if into is not None else bytearray(n)
+    view = memoryview(buf)[:n]
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0:
+                return None
+            raise ConnectionError(f"connection closed {got} bytes into a {n}-byte read")
+        got += k
+    return buf
+
+
+class _Context:
+    """What ``authorize`` and ``abort_for`` ask of a gRPC servicer context, for a bulk call: the
+    call's metadata, the verified client certificate (TLS) and ``abort``."""
+
+    def __init__(self, metadata: list[tuple[str, str]], peer_pem: str | None) -> None:
+        self._metadata = tuple(metadata)
+        self._pem = peer_pem
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self._pem.encode()]} if self._pem else {}
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise BulkAborted(code, details)
+
+
+class BulkServer:
+    """Accepts bulk connections for one node and feeds each push to ``receive(frames, context)`` (the
+    node's gRPC ``Push`` handler body, ``ModuleExchangeServicer.handle``). ``max_connections`` bounds
+    the connections held at once (more are closed at accept); each connection is one thread."""
+
+    def __init__(
+        self,
+        handle: Callable[[Iterator, _Context], pb.PushAck],
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        max_connections: int = 64,
+        idle_timeout_s: float = 60.0,
+        frame_timeout_s: float = 30.0,
+        drain_s: float = 2.0,
+    ) -> None:
+        self.handle, self.tls = handle, tls
+        self.max_connections = max_connections
+        self.idle_timeout_s, self.frame_timeout_s, self.drain_s = idle_timeout_s, frame_timeout_s, drain_s
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, dualstack_ipv6=host == "::")
+        self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"bulk-accept-{self.port}", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                if len(self._conns) >= self.max_connections:
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="bulk-conn", daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        conn = raw
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(self.frame_timeout_s)
+            pem = None
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(raw, server_side=True)
+                der = conn.getpeercert(binary_form=True)
+                pem = ssl.DER_cert_to_PEM_cert(der) if der else None
+            while not self._stopped.is_set():
+                conn.settimeout(self.idle_timeout_s)
+                head = _recv_exact(conn, 4)
+                if head is None:
+                    return
+                conn.settimeout(self.frame_timeout_s)
+                if not self._one_push(conn, _U32.unpack(head)[0], pem):
+                    return
+        except (OSError, ssl.SSLError, ConnectionError) as err:
+            log.debug("bulk connection ended: %s", err)
+        finally:
+            with self._lock:
+                self._conns.discard(raw)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _one_push(self, conn: socket.socket, meta_len: int, pem: str | None) -> bool:
+        """One push on ``conn``; True when the connection may carry another."""
+        state = {"ended": False}
+        try:
+            if meta_len > 64 << 10:
+                raise BulkAborted(grpc.StatusCode.INVALID_ARGUMENT, f"bulk call metadata of {meta_len} bytes")
+            meta_raw = _recv_exact(conn, meta_len) if meta_len else bytearray()
+            if meta_raw is None:
+                raise ConnectionError("closed before the call's metadata")
+            try:
+                meta = [(str(k), str(v)) for k, v in json.loads(bytes(meta_raw) or b"[]")]
+            except (ValueError, TypeError) as err:
+                raise BulkAborted(grpc.StatusCode.INVALID_ARGUMENT, f"bulk call metadata: {err}") from None
+            ack = self.handle(self._frames(conn, state), _Context(meta, pem))
+            if not state["ended"]:  # the handler returned before the end frame (nothing may follow it)
+                raise BulkAborted(grpc.StatusCode.INVALID_ARGUMENT, "frames after the push was complete")
+            body = ack.SerializeToString()
+            conn.sendall(_REPLY.pack(0, len(body)) + body)
+            return True
+        except BulkAborted as err:
+            self._refuse(conn, err.code, err.details, state)
+            return False
+
+    def _frames(self, conn: socket.socket, state: dict) -> Iterator[RawChunk | pb.PushRequest]:
+        while True:
+            head = _recv_exact(conn, 4)
+            if head is None:
+                raise ConnectionError("closed inside a push")
+            n = _U32.unpack(head)[0]
+            if n == 0:
+                state["ended"] = True
+                return
+            if n > MAX_FRAME:
+                raise BulkAborted(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {n} bytes (at most {MAX_FRAME})")
+            buf = _recv_exact(conn, n)
+            if buf is None:
+                raise ConnectionError("closed inside a frame")
+            yield parse_push_request(buf)
+
+    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, details: str, state: dict) -> None:
+        body = details.encode()[: 16 << 10]
+        try:
+            conn.sendall(_REPLY.pack(code.value[0], len(body)) + body)
+            if state["ended"]:
+                return
+            # read and drop what the client still sends, so that the answer is not lost to a reset
+            deadline = time.monotonic() + self.drain_s
+            conn.settimeout(self.drain_s)
+            scratch = bytearray(1 << 16)
+            while time.monotonic() < deadline and conn.recv_into(scratch):
+                pass
+        except (OSError, ssl.SSLError):
+            pass
+
+    def stop(self) -> None:
+        self._stopped.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone leaves it listening)
+        except OSError:
+            pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _send_frame(sock: socket.socket, msg: bytes | bytearray) -> None:
+    """``msg`` with its length in front, without copying it (TLS: one copy, as ``SSLSocket`` has no
+    ``sendmsg``)."""
+    head = _U32.pack(len(msg))
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(head + msg)
+        return
+    parts = [memoryview(head), memoryview(msg)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
+
+
+class _Call:
+    """A bulk push in flight, read like a gRPC call's future (``done``, ``cancel``, ``cancelled``,
+    ``exception(timeout)``, ``result(timeout)``), so the sender's retry and abort logic is the same."""
+
+    def __init__(self) -> None:
+        self.future: Future = Future()
+        self.sock: socket.socket | None = None
+        self._cancelled = False
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def cancel(self) -> bool:
+        if self.future.done():
+            return False
+        self._cancelled = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def exception(self, timeout: float | None = None):
+        try:
+            return self.future.exception(timeout)
+        except TimeoutError:
+            raise grpc.FutureTimeoutError() from None
+
+    def result(self, timeout: float | None = None):
+        try:
+            return self.future.result(timeout)
+        except TimeoutError:
+            raise grpc.FutureTimeoutError() from None
+
+
+class BulkPush:
+    """``push.future(requests, timeout=, metadata=)`` over the bulk transport to one receiver, like
+    ``client.push_callable``'s gRPC call. Connections are kept (one per push in flight) and reused."""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None, server_hostname: str = "") -> None:
+        self.host, self.port, self.tls, self.server_hostname = host, port, tls, server_hostname
+        self._lock = threading.Lock()
+        self._idle: list[socket.socket] = []
+        self.broken = False  # a connection to the receiver failed: its endpoint is to be asked again
+
+    def _connect(self, timeout: float) -> socket.socket:
+        while True:  # a kept connection the receiver closed meanwhile (idle timeout, restart) is dropped
+            with self._lock:
+                if not self._idle:
+                    break
+                s = self._idle.pop()
+            if not select.select([s], [], [], 0)[0]:  # nothing to read on a kept one: it is still open
+                return s
+            s.close()
+        try:
+            s = socket.create_connection((self.host, self.port), timeout=timeout)
+        except OSError:
+            self.broken = True
+            raise
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            s = self.tls.wrap_socket(s, server_hostname=self.server_hostname or self.host)
+        return s
+
+    def future(
+        self, requests: Iterable[Any], timeout: float | None = None, metadata: Iterable[tuple[str, str]] | None = None
+    ) -> _Call:
+        call = _Call()
+        threading.Thread(
+            target=self._run, args=(call, requests, timeout, list(metadata or ())), name="bulk-push", daemon=True
+        ).start()
+        return call
+
+    def __call__(self, requests, timeout=None, metadata=None):
+        return self.future(requests, timeout, metadata).result()
+
+    def _run(self, call: _Call, requests: Iterable[Any], timeout: float | None, metadata) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            call.future.set_result(self._push(call, requests, deadline, metadata))
+        except BulkError as err:
+            call.future.set_exception(err)
+        except Exception as err:  # noqa: BLE001 - a failed call is its status, like gRPC's
+            if call.cancelled():
+                call.future.set_exception(BulkError(grpc.StatusCode.CANCELLED, "cancelled"))
+            elif deadline is not None and time.monotonic() >= deadline:
+                call.future.set_exception(BulkError(grpc.StatusCode.DEADLINE_EXCEEDED, f"bulk push: {err}"))
+            else:
+                call.future.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, f"bulk push: {err}"))
+
+    def _push(self, call: _Call, requests: Iterable[Any], deadline: float | None, metadata) -> pb.PushAck:
+        left = None if deadline is None else max(0.001, deadline - time.monotonic())
+        sock = self._connect(left or 30.0)
+        call.sock = sock
+        sock.settimeout(left)
+        meta = json.dumps(metadata).encode()
+        reusable = False
+        try:
+            send_error: Exception | None = None
+            try:
+                sock.sendall(_U32.pack(len(meta)) + meta)
+                for req in requests:
+                    if call.cancelled():
+                        raise BulkError(grpc.StatusCode.CANCELLED, "cancelled")
+                    _send_frame(sock, serialize_push_request(req))
+                    if deadline is not None:
+                        sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.sendall(_U32.pack(0))
+            except (OSError, ssl.SSLError) as err:
+                send_error = err  # the receiver may have refused the push early: read its answer
+            head = _recv_exact(sock, _REPLY.size)
+            if head is None:
+                raise ConnectionError(f"closed before the answer ({send_error or 'no error sending'})")
+            code, n = _REPLY.unpack(bytes(head))
+            body = bytes(_recv_exact(sock, n) or b"") if n else b""
+            if code != 0:
+                raise BulkError(_CODES.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
+            if send_error is not None:
+                raise ConnectionError(str(send_error))
+            reusable = True
+            return pb.PushAck.FromString(body)
+        finally:
+            call.sock = None
+            if reusable and not call.cancelled():
+                sock.settimeout(None)
+                with self._lock:
+                    self._idle.append(sock)
+            else:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for s in idle:
+            s.close()

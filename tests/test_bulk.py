@@ -1,0 +1,243 @@
+"""The bulk transport (``wire.transport: bulk``): pushes as length-prefixed frames over TCP/TLS, fed
+to the node's one Push handler. ``tests/test_grpc_node.py`` runs every bad-input case of a push over it
+too (its ``-bulk`` fixtures); here: what only a socket can get wrong (frames too large, garbage, a
+refusal while the client still sends, a cancelled push, connections beyond the bound, a receiver
+that moved), the fallback to gRPC, its metrics, and a whole federation over it."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+from rich.console import Console
+
+from hffm.config import load_config
+from hffm.methods import Collect
+from services.common.bootstrap import node_modules, topology
+from services.common.bulk import MAX_FRAME, BulkPush, BulkServer
+from services.common.client import Channels, push_requests
+from services.common.identity import identity_metadata
+from services.common.node import NodeRuntime
+from services.common.server import NodeServer
+from services.launcher import run
+from services.rpc import pb, pb_grpc
+from tests.golden.view import golden_view
+from tests.test_grpc_node import D0, D1, EDGE, _good, _header
+
+_U32 = struct.Struct("<I")
+
+
+class _Edge(NodeRuntime):
+    role = "edge"
+
+
+def _serve(cfg, transport: str = "bulk"):
+    cfg = cfg.model_copy(
+        update={
+            "security": cfg.security.model_copy(update={"tls": False}),
+            "wire": cfg.wire.model_copy(update={"transport": transport}),
+        }
+    )
+    topo = topology(cfg)
+    spec, modules = node_modules(cfg, topo, EDGE)
+    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    node.assign(1, "hfm", [Collect("aggregate", (D0, D1), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
+    return node, srv
+
+
+@pytest.fixture
+def bulk_edge(small_cfg):
+    node, srv = _serve(small_cfg)
+    yield node, srv
+    srv.stop(0)
+
+
+def _call(port: int, frames: list[bytes], meta=identity_metadata(D0)) -> tuple[int, bytes]:
+    """One bulk call written by hand: metadata, ``frames`` as given (each with its length), the end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        m = json.dumps([list(kv) for kv in meta]).encode()
+        s.sendall(_U32.pack(len(m)) + m)
+        try:
+            for f in frames:
+                s.sendall(f)
+            s.sendall(_U32.pack(0))
+        except OSError:
+            pass  # refused early: the answer is still there to read
+        head = s.recv(5, socket.MSG_WAITALL)
+        code, n = struct.unpack("<BI", head)
+        return code, s.recv(n, socket.MSG_WAITALL) if n else b""
+
+
+def _frame(msg: bytes) -> bytes:
+    return _U32.pack(len(msg)) + msg
+
+
+def _rpc_count(node, method: str, code: str) -> float:
+    want = f'hffm_rpc_handled_total{{code="{code}",method="{method}",node="{node.node_id}"}}'
+    for line in generate_latest(node.metrics.registry).decode().splitlines():
+        if line.startswith(want):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_frame_above_the_limit_is_refused_with_its_size_and_nothing_is_kept(bulk_edge):
+    node, srv = bulk_edge
+    h, ems = _good(node, D0, 1)
+    msgs = [r if isinstance(r, bytes) else r.SerializeToString() for r in push_requests(h, ems, 4096)]
+    before = node.inbox.snapshot()
+    # the header, then a length prefix announcing more than a frame may hold (its bytes never follow)
+    code, body = _call(srv.bulk.port, [_frame(msgs[0]), _U32.pack(MAX_FRAME + 1)])
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] == code, body
+    assert f"a frame of {MAX_FRAME + 1} bytes" in body.decode()
+    assert node.inbox.snapshot() == before
+    assert _rpc_count(node, "BulkPush", "RESOURCE_EXHAUSTED") == 1
+
+
+def test_garbage_is_invalid_argument_and_the_listener_keeps_serving(bulk_edge):
+    node, srv = bulk_edge
+    before = node.inbox.snapshot()
+    code, body = _call(srv.bulk.port, [_frame(b"\xff" * 64)])  # not a protobuf PushRequest
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.INTERNAL.value[0]), body
+    with socket.create_connection(("127.0.0.1", srv.bulk.port), timeout=10) as s:  # metadata that is not JSON
+        s.sendall(_U32.pack(3) + b"{{{")
+        code, n = struct.unpack("<BI", s.recv(5, socket.MSG_WAITALL))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert b"bulk call metadata" in s.recv(n, socket.MSG_WAITALL)
+    assert node.inbox.snapshot() == before
+    h, ems = _good(node, D0, 1)  # a good push after all that is taken
+    ack = BulkPush("127.0.0.1", srv.bulk.port)(push_requests(h, ems, 4096), timeout=10, metadata=identity_metadata(D0))
+    assert not ack.duplicate and ack.bytes_received == sum(e.size_bytes for e in ems)
+    assert _rpc_count(node, "BulkPush", "OK") == 1
+
+
+def test_a_push_refused_at_its_header_answers_while_the_client_still_sends(bulk_edge):
+    """The receiver refuses after the header (wrong round) while the client has 64 MiB left to write:
+    the client still reads the status (the receiver drains what follows instead of resetting)."""
+    node, srv = bulk_edge
+    h, ems = _good(node, D0, 1)
+    h2 = _header(D0, ems, round_=7)
+
+    def requests():
+        yield from list(push_requests(h2, ems, 4096))[:1]
+        chunk = b"\x00" * (1 << 20)
+        for _ in range(64):
+            yield chunk
+
+    before = node.inbox.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        BulkPush("127.0.0.1", srv.bulk.port)(requests(), timeout=30, metadata=identity_metadata(D0))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+    assert "round 7" in e.value.details()
+    assert node.inbox.snapshot() == before
+
+
+def test_a_cancelled_push_ends_as_cancelled_and_changes_nothing(bulk_edge):
+    node, srv = bulk_edge
+    h, ems = _good(node, D0, 1)
+    started = threading.Event()
+
+    def slow():
+        for i, r in enumerate(push_requests(h, ems, 4096)):
+            if i == 2:
+                started.set()
+                time.sleep(1.0)
+            yield r
+
+    before = node.inbox.snapshot()
+    call = BulkPush("127.0.0.1", srv.bulk.port).future(slow(), timeout=30, metadata=identity_metadata(D0))
+    assert started.wait(10)
+    assert call.cancel() and call.cancelled()
+    err = call.exception(timeout=10)
+    assert err is not None and err.code() == grpc.StatusCode.CANCELLED
+    time.sleep(0.5)
+    assert node.inbox.snapshot() == before
+
+
+def test_connections_beyond_the_bound_are_closed_at_once():
+    """A listener holds at most ``max_connections``; one more is closed without a thread or a read."""
+    srv = BulkServer(lambda frames, ctx: pb.PushAck(), "127.0.0.1", 0, max_connections=2)
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        assert extra.recv(1) == b""  # closed by the listener
+        extra.close()
+        for s in held:
+            s.close()
+    finally:
+        srv.stop()
+
+
+def test_a_sender_falls_back_to_grpc_where_no_bulk_endpoint_is_served_and_asks_again_after_a_move(small_cfg):
+    """``Channels(bulk=True)``: a receiver without a bulk listener (port 0) is pushed to over gRPC; a
+    receiver whose bulk listener moved (restarted elsewhere) fails the push UNAVAILABLE once, then the
+    sender asks again and pushes to the new one."""
+    node, srv = _serve(small_cfg, transport="grpc")
+    try:
+        ch = Channels(bulk=True)
+        push = ch.push(f"127.0.0.1:{srv.port}", EDGE, identity_metadata(D0))
+        assert not isinstance(push, BulkPush)
+        h, ems = _good(node, D0, 1)
+        assert not push(push_requests(h, ems, 4096), timeout=10, metadata=identity_metadata(D0)).duplicate
+        ch.close()
+    finally:
+        srv.stop(0)
+    node, srv = _serve(small_cfg)
+    try:
+        ch = Channels(bulk=True)
+        addr, meta = f"127.0.0.1:{srv.port}", identity_metadata(D0)
+        first = ch.push(addr, EDGE, meta)
+        assert isinstance(first, BulkPush) and first.port == srv.bulk.port
+        assert ch.push(addr, EDGE, meta) is first  # asked once
+        srv.bulk.stop()  # the listener goes; a new one elsewhere, named by the same gRPC server
+        moved = srv.bulk = BulkServer(srv.bulk.handle, "127.0.0.1", 0)
+        srv.exchange.bulk_port = moved.port
+        h, ems = _good(node, D0, 1)
+        with pytest.raises(grpc.RpcError) as e:
+            first(push_requests(h, ems, 4096), timeout=10, metadata=meta)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and first.broken
+        again = ch.push(addr, EDGE, meta)
+        assert isinstance(again, BulkPush) and again.port == moved.port
+        assert not again(push_requests(h, ems, 4096), timeout=10, metadata=meta).duplicate
+        ch.close()
+    finally:
+        srv.stop(0)
+
+
+def test_a_whole_federation_over_the_bulk_transport_is_the_grpc_run_bit_for_bit(tmp_path, golden_run):
+    """The golden hfm-d2d run (mTLS, D2D relays through cluster heads, edge and cloud rounds) with
+    ``wire.transport=bulk``: every tier pushes over it (each process's log names the bulk endpoints it
+    pushed to) and the run's results and final modules are the gRPC run's on this machine, bit for bit."""
+    golden, grpc_view, _ = golden_run
+    out = tmp_path / "bulk"
+    run(
+        load_config(None, [*golden["sets"], "wire.transport=bulk"]),
+        out,
+        Console(file=io.StringIO(), width=120),
+        timeout_s=300,
+    )
+    for log in sorted(Path(out / "logs").glob("*.log")):
+        text = log.read_text()
+        assert "bulk, port" in text, f"{log.name} pushed nothing over the bulk transport"
+        assert ": gRPC" not in text, log.name
+    assert golden_view(out) == grpc_view
+
+
+def test_the_bulk_endpoint_needs_an_identity(bulk_edge):
+    _, srv = bulk_edge
+
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        stub = pb_grpc.ModuleExchangeStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.BulkEndpoint(pb.Empty(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.BulkEndpoint(pb.Empty(), timeout=5, metadata=identity_metadata(D1)).port == srv.bulk.port
