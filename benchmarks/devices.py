@@ -54,10 +54,10 @@ def sweep_config(n: int, rounds: int, *sets: str, train: bool = False, model: st
     )
 
 
-def one(n: int, out: Path, model: str = "tiny") -> dict:
-    cfg = sweep_config(n, 2, train=True, model=model)
+def one(n: int, out: Path, model: str = "tiny", sets: tuple[str, ...] = ()) -> dict:
+    cfg = sweep_config(n, 2, *sets, train=True, model=model)
     devices = cfg.topology.edges * cfg.topology.devices_per_edge
-    run_dir = out / f"devices-{model}-{n}"
+    run_dir = out / "-".join([f"devices-{model}-{n}", *(x.replace("=", "_") for x in sets)])
     t0 = time.perf_counter()
     with MemoryWatch(str(run_dir / "config.yaml")) as mem:
         res = run(cfg, run_dir, Console(file=io.StringIO()), timeout_s=3000, force=True)

@@ -147,20 +147,27 @@ def free_ports(n: int, host: str) -> list[int]:
 
 
 def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every process of the run, with loopback ports assigned (gRPC and metrics)."""
+    """(name, argv) of every process of the run, with loopback ports assigned (gRPC, metrics, and with
+    wire.transport=bulk each node's bulk listener)."""
     host = cfg.runtime.host
     n_dev_procs = -(-len(topo.devices) // cfg.runtime.devices_per_process)
-    ports = iter(free_ports(1 + len(topo.edges) + len(topo.devices) + 1 + len(topo.edges) + n_dev_procs, host))
+    nodes = 1 + len(topo.edges) + len(topo.devices)
+    bulk = cfg.wire.transport == "bulk"  # each node's bulk listener too, picked with the others (no races)
+    ports = iter(free_ports(nodes * (2 if bulk else 1) + 1 + len(topo.edges) + n_dev_procs, host))
     py = [sys.executable, "-m"]
     common = ["--config", str(cfg_path)]
     cloud_addr = f"{host}:{next(ports)}"
     procs = [("cloud", [*py, "services.cloud", *common, "--listen", cloud_addr, "--out", str(out)])]
+    if bulk:
+        procs[0][1].extend(["--bulk-port", str(next(ports))])
     edge_addr = {}
     for e in topo.edges:
         edge_addr[e] = f"{host}:{next(ports)}"
         procs.append(
             (e, [*py, "services.edge", *common, "--id", e, "--listen", edge_addr[e], "--upstream", cloud_addr])
         )
+        if bulk:
+            procs[-1][1].extend(["--bulk-port", str(next(ports))])
     # Devices in global order, k per process (a process may host devices of several edges).
     k = cfg.runtime.devices_per_process
     devices = list(topo.devices)
@@ -171,6 +178,8 @@ def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -
             argv += ["--upstream", f"{e}={edge_addr[e]}"]
         for d in group:
             argv += ["--node", f"{d.id}={host}:{next(ports)}"]
+            if bulk:
+                argv += ["--bulk-port", f"{d.id}={next(ports)}"]
         name = group[0].id if len(group) == 1 else f"devices-{g // k}"
         procs.append((name, argv))
     for _, argv in procs:

@@ -241,3 +241,23 @@ def test_the_bulk_endpoint_needs_an_identity(bulk_edge):
             stub.BulkEndpoint(pb.Empty(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.BulkEndpoint(pb.Empty(), timeout=5, metadata=identity_metadata(D1)).port == srv.bulk.port
+
+
+def test_the_launcher_picks_every_bulk_port_with_the_others(tmp_path):
+    """With wire.transport=bulk every node's bulk listener gets a port picked with the gRPC and metrics
+    ports (a listener binding any free port while others still start could take one of theirs), all
+    distinct; without it no process is given one."""
+    from services.launcher import plan_processes
+
+    for transport, want in (("bulk", True), ("grpc", False)):
+        cfg = load_config(None, ["topology.edges=2", "topology.devices_per_edge=3", f"wire.transport={transport}"])
+        plan = plan_processes(cfg, topology(cfg), tmp_path / "c.yaml", tmp_path)
+        ports, bulk = [], {}
+        for _, argv in plan:
+            for i, a in enumerate(argv):
+                if a in ("--listen", "--node", "--metrics-port", "--bulk-port"):
+                    ports.append(argv[i + 1].rsplit(":", 1)[-1].rsplit("=", 1)[-1])
+                if a == "--bulk-port":
+                    bulk[argv[i + 1].rsplit("=", 1)[0] if "=" in argv[i + 1] else argv[argv.index("--listen") + 1]] = 1
+        assert len(ports) == len(set(ports))
+        assert (len(bulk) == 1 + 2 + 6) is want and (not bulk) is (not want)

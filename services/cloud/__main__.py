@@ -21,6 +21,7 @@ from services.cloud.coordinator import CloudNode, CloudRegistry, Coordinator, Co
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    bulk_port,
     freeze_startup_heap,
     load,
     node_modules,
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         node,
         args.listen,
         max_workers=server_workers(cfg, "cloud", topo),
+        bulk_port=bulk_port(args, CLOUD),
         extra=[
             (pb_grpc.add_RegistryServicer_to_server, CloudRegistry(coord), "Registry"),
             (pb_grpc.add_CoordinatorServicer_to_server, CoordinatorServicer(coord), "Coordinator"),

@@ -36,11 +36,32 @@ def base_parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-addr", default=os.environ.get("HFFM_METRICS_ADDR", "0.0.0.0"))
     p.add_argument(
+        "--bulk-port",
+        action="append",
+        default=[],
+        metavar="[ID=]PORT",
+        help="with wire.transport=bulk: the port of a node's bulk listener (ID=PORT for a device process's "
+        "devices; default wire.bulk_port). The launcher assigns them with the gRPC ports",
+    )
+    p.add_argument(
         "--state-dir",
         default=os.environ.get("HFFM_STATE_DIR"),
         help="durable state: <dir>/<node>/ (default: checkpoint.dir; env HFFM_STATE_DIR)",
     )
     return p
+
+
+def bulk_port(args: argparse.Namespace, node: str) -> int | None:
+    """The bulk listener port ``--bulk-port`` gives ``node`` (``ID=PORT``, or a bare ``PORT`` for the
+    process's one node); None: ``wire.bulk_port``."""
+    for item in args.bulk_port:
+        nid, _, port = item.rpartition("=")
+        if nid in ("", node):
+            try:
+                return int(port)
+            except ValueError:
+                sys.exit(f"--bulk-port: {item!r} is not [ID=]PORT")
+    return None
 
 
 def persistor(args: argparse.Namespace, cfg: HFFMConfig, node: str) -> Persistor | None:

@@ -61,7 +61,10 @@ class NodeServer:
     threads (``max_workers``) exceed the push streams it accepts (``limits.max_streams``) by what
     control calls, health checks and registrations need, so pushes never starve them."""
 
-    def __init__(self, node: NodeRuntime, listen: str, *, max_workers: int = 32, extra=()) -> None:
+    def __init__(
+        self, node: NodeRuntime, listen: str, *, max_workers: int = 32, extra=(), bulk_port: int | None = None
+    ) -> None:
+        """``bulk_port``: where the bulk listener binds (wire.transport=bulk), None: ``wire.bulk_port``."""
         self.node = node
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
@@ -107,7 +110,7 @@ class NodeServer:
             self.bulk = BulkServer(
                 counted(exchange.Push, node.metrics, node.node_id),
                 listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0",
-                wire.bulk_port,
+                wire.bulk_port if bulk_port is None else bulk_port,
                 tls=node.security.bulk_server_context(),
                 max_connections=max(8, 2 * lim.max_streams),
                 frame_timeout_s=max(lim.header_timeout_s, lim.chunk_timeout_s),

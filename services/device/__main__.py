@@ -21,6 +21,7 @@ from hffm.data import DataError
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    bulk_port,
     freeze_startup_heap,
     leave,
     load,
@@ -135,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             node = DeviceNode(nid, cfg, topo, host, listen, metrics, shared, persistor(args, cfg, nid))
         except DataError as err:
             sys.exit(f"data error: {nid}: {err}")
-        srv = NodeServer(node, listen, max_workers=server_workers(cfg, "device", topo), extra=[specialist.extra(node)])
+        srv = NodeServer(
+            node,
+            listen,
+            max_workers=server_workers(cfg, "device", topo),
+            extra=[specialist.extra(node)],
+            bulk_port=bulk_port(args, nid),
+        )
         node.address = advertise_address(listen, srv.port, adverts.get(nid))
         servers.append(srv)
         log.info(

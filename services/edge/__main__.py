@@ -22,6 +22,7 @@ from hffm.topology import Topology
 from services.common.bootstrap import (
     advertise_address,
     base_parser,
+    bulk_port,
     freeze_startup_heap,
     leave,
     load,
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         node,
         args.listen,
         max_workers=server_workers(cfg, "edge", topo),
+        bulk_port=bulk_port(args, args.id),
         extra=[(pb_grpc.add_RegistryServicer_to_server, registry, "Registry")],
     )
     node.address = advertise_address(args.listen, srv.port, args.advertise)
