@@ -162,25 +162,45 @@ def test_a_cancelled_push_ends_as_cancelled_and_changes_nothing(bulk_edge):
     assert node.inbox.snapshot() == before
 
 
-def test_connections_beyond_the_bound_are_closed_at_once():
-    """A listener holds at most ``max_connections``; one more is closed without a thread or a read."""
-    srv = BulkServer(lambda frames, ctx: pb.PushAck(), "127.0.0.1", 0, max_connections=2)
+def test_at_its_bound_a_listener_drops_the_connection_idle_longest_or_else_the_new_one():
+    """A listener holds at most ``max_connections``: at the bound a new connection takes the place of
+    the one idle longest (waiting for its next push), and when every one is inside a push the new one
+    is closed at once."""
+    inside = threading.Event()
+    release = threading.Event()
+
+    def handle(frames, ctx):
+        inside.set()
+        release.wait(10)
+        list(frames)
+        return pb.PushAck()
+
+    srv = BulkServer(handle, "127.0.0.1", 0, max_connections=2)
     try:
-        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+        first = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         time.sleep(0.2)
-        extra = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
-        assert extra.recv(1) == b""  # closed by the listener
-        extra.close()
-        for s in held:
+        second = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        time.sleep(0.2)
+        third = socket.create_connection(("127.0.0.1", srv.port), timeout=5)  # the first was idle longest
+        assert first.recv(1) == b""
+        third.sendall(_U32.pack(2) + b"[]")  # third: inside a push (held by the handler)
+        second.sendall(_U32.pack(2) + b"[]")  # second too
+        assert inside.wait(5)
+        time.sleep(0.2)
+        fourth = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        assert fourth.recv(1) == b""  # nobody idle: closed at once
+        release.set()
+        for s in (first, second, third, fourth):
             s.close()
     finally:
+        release.set()
         srv.stop()
 
 
 def test_a_sender_falls_back_to_grpc_where_no_bulk_endpoint_is_served_and_asks_again_after_a_move(small_cfg):
     """``Channels(bulk=True)``: a receiver without a bulk listener (port 0) is pushed to over gRPC; a
-    receiver whose bulk listener moved (restarted elsewhere) fails the push UNAVAILABLE once, then the
-    sender asks again and pushes to the new one."""
+    receiver whose bulk listener moved (restarted elsewhere) fails the push UNAVAILABLE once, the retry
+    goes over gRPC, and the push after asks again and goes to the new listener."""
     node, srv = _serve(small_cfg, transport="grpc")
     try:
         ch = Channels(bulk=True)
@@ -205,9 +225,12 @@ def test_a_sender_falls_back_to_grpc_where_no_bulk_endpoint_is_served_and_asks_a
         with pytest.raises(grpc.RpcError) as e:
             first(push_requests(h, ems, 4096), timeout=10, metadata=meta)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and first.broken
-        again = ch.push(addr, EDGE, meta)
+        fallback = ch.push(addr, EDGE, meta)  # the retry goes over gRPC
+        assert not isinstance(fallback, BulkPush)
+        assert not fallback(push_requests(h, ems, 4096), timeout=10, metadata=meta).duplicate
+        again = ch.push(addr, EDGE, meta)  # and the next push asks again
         assert isinstance(again, BulkPush) and again.port == moved.port
-        assert not again(push_requests(h, ems, 4096), timeout=10, metadata=meta).duplicate
+        assert again(push_requests(h, ems, 4096), timeout=10, metadata=meta).duplicate  # the same push, counted once
         ch.close()
     finally:
         srv.stop(0)
@@ -261,3 +284,37 @@ def test_the_launcher_picks_every_bulk_port_with_the_others(tmp_path):
                     bulk[argv[i + 1].rsplit("=", 1)[0] if "=" in argv[i + 1] else argv[argv.index("--listen") + 1]] = 1
         assert len(ports) == len(set(ports))
         assert (len(bulk) == 1 + 2 + 6) is want and (not bulk) is (not want)
+
+
+def test_over_tls_the_bulk_listener_must_prove_it_is_the_node_dialled(small_cfg):
+    """A bulk push over TLS checks the listener's certificate names the node the sender means to reach
+    (as gRPC's target name override does): dialled as edge-1, edge-0's listener fails the handshake, and
+    nothing is pushed; a client with no certificate of the CA is not let in at all."""
+    import ssl
+
+    from services.common.security import Security
+
+    cfg = small_cfg.model_copy(update={"wire": small_cfg.wire.model_copy(update={"transport": "bulk"})})
+    topo = topology(cfg)
+    spec, modules = node_modules(cfg, topo, EDGE)
+    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    node.assign(1, "hfm", [Collect("aggregate", (D0, D1), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
+    try:
+        dev = Security(cfg.security, D0)
+        h, ems = _good(node, D0, 1)
+        h = dev.sign_header(h)
+        before = node.inbox.snapshot()
+        wrong = BulkPush("127.0.0.1", srv.bulk.port, dev.bulk_client_context(), server_hostname="edge-1")
+        with pytest.raises(grpc.RpcError) as e:
+            wrong(push_requests(h, ems, 4096), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "certificate" in e.value.details().lower()
+        anon = ssl.create_default_context(cafile=str(Path(cfg.security.dir) / "ca.crt"))
+        with pytest.raises(grpc.RpcError) as e:
+            BulkPush("127.0.0.1", srv.bulk.port, anon, server_hostname=EDGE)(push_requests(h, ems, 4096), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert node.inbox.snapshot() == before
+        right = BulkPush("127.0.0.1", srv.bulk.port, dev.bulk_client_context(), server_hostname=EDGE)
+        assert not right(push_requests(h, ems, 4096), timeout=10).duplicate
+    finally:
+        srv.stop(0)

@@ -106,9 +106,12 @@ class _Context:
 
 
 class BulkServer:
-    """Accepts bulk connections for one node and feeds each push to ``receive(frames, context)`` (the
-    node's gRPC ``Push`` handler body, ``ModuleExchangeServicer.handle``). ``max_connections`` bounds
-    the connections held at once (more are closed at accept); each connection is one thread."""
+    """Accepts bulk connections for one node and feeds each push to ``handle(frames, context)`` (the
+    node's gRPC ``Push`` handler, ``ModuleExchangeServicer.Push``). Each connection is one thread, and
+    ``max_connections`` bounds them: at the bound a new connection takes the place of the one idle
+    longest (kept open by its client between pushes), or is closed at once when none is idle. A client
+    gets ``handshake_timeout_s`` for its TLS handshake, ``idle_timeout_s`` between pushes and
+    ``frame_timeout_s`` for each next read inside one."""
 
     def __init__(
         self,
@@ -118,13 +121,16 @@ class BulkServer:
         *,
         tls: ssl.SSLContext | None = None,
         max_connections: int = 64,
+        handshake_timeout_s: float = 10.0,
         idle_timeout_s: float = 60.0,
         frame_timeout_s: float = 30.0,
         drain_s: float = 2.0,
     ) -> None:
         self.handle, self.tls = handle, tls
         self.max_connections = max_connections
-        self.idle_timeout_s, self.frame_timeout_s, self.drain_s = idle_timeout_s, frame_timeout_s, drain_s
+        self.handshake_timeout_s, self.idle_timeout_s = handshake_timeout_s, idle_timeout_s
+        self.frame_timeout_s, self.drain_s = frame_timeout_s, drain_s
+        self._idle: dict[socket.socket, float] = {}  # connections waiting for their next push, since
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, dualstack_ipv6=host == "::")
         self.port = self._sock.getsockname()[1]
@@ -142,8 +148,16 @@ class BulkServer:
                 return
             with self._lock:
                 if len(self._conns) >= self.max_connections:
-                    conn.close()
-                    continue
+                    if not self._idle:
+                        conn.close()
+                        continue
+                    oldest = min(self._idle, key=self._idle.__getitem__)
+                    del self._idle[oldest]
+                    self._conns.discard(oldest)
+                    try:
+                        oldest.shutdown(socket.SHUT_RDWR)  # its thread ends; its client opens another
+                    except OSError:
+                        pass
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="bulk-conn", daemon=True).start()
 
@@ -151,7 +165,7 @@ class BulkServer:
         conn = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.settimeout(self.frame_timeout_s)
+            raw.settimeout(self.handshake_timeout_s)
             pem = None
             if self.tls is not None:
                 conn = self.tls.wrap_socket(raw, server_side=True)
@@ -159,7 +173,13 @@ class BulkServer:
                 pem = ssl.DER_cert_to_PEM_cert(der) if der else None
             while not self._stopped.is_set():
                 conn.settimeout(self.idle_timeout_s)
-                head = _recv_exact(conn, 4)
+                with self._lock:
+                    self._idle[raw] = time.monotonic()
+                try:
+                    head = _recv_exact(conn, 4)
+                finally:
+                    with self._lock:
+                        self._idle.pop(raw, None)
                 if head is None:
                     return
                 conn.settimeout(self.frame_timeout_s)
@@ -170,6 +190,7 @@ class BulkServer:
         finally:
             with self._lock:
                 self._conns.discard(raw)
+                self._idle.pop(raw, None)
             try:
                 conn.close()
             except OSError:
@@ -312,7 +333,7 @@ class BulkPush:
         self.host, self.port, self.tls, self.server_hostname = host, port, tls, server_hostname
         self._lock = threading.Lock()
         self._idle: list[socket.socket] = []
-        self.broken = False  # a connection to the receiver failed: its endpoint is to be asked again
+        self.broken = False  # a push got no answer (refused, reset): push over gRPC once, then ask again
 
     def _connect(self, timeout: float) -> socket.socket:
         while True:  # a kept connection the receiver closed meanwhile (idle timeout, restart) is dropped
@@ -352,6 +373,7 @@ class BulkPush:
         except BulkError as err:
             call.future.set_exception(err)
         except Exception as err:  # noqa: BLE001 - a failed call is its status, like gRPC's
+            self.broken = self.broken or not call.cancelled()  # no answer came: the sender tries gRPC next
             if call.cancelled():
                 call.future.set_exception(BulkError(grpc.StatusCode.CANCELLED, "cancelled"))
             elif deadline is not None and time.monotonic() >= deadline:

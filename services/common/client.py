@@ -76,8 +76,9 @@ class Channels:
         """``ModuleExchange.Push`` to ``target`` at ``address``, as a gRPC multi-callable; with ``bulk``,
         the bulk transport's equivalent (``BulkPush``: the same ``future(requests, timeout=, metadata=)``)
         once the receiver named its bulk endpoint over gRPC (``BulkEndpoint``, asked once per receiver
-        with ``metadata``; again after a bulk connection to it failed). A receiver without one (port 0,
-        an older node) or not answering yet is pushed to over gRPC."""
+        with ``metadata``). A receiver without one (port 0, an older node) or not answering yet is pushed
+        to over gRPC, and so is the next push after a bulk push that got no answer (a listener gone,
+        restarted elsewhere or full): the one after asks the endpoint again."""
         channel = self.get(address, target)
         if not self.bulk:
             return push_callable(channel)
@@ -88,9 +89,11 @@ class Channels:
             with self._lock:
                 known = key in self._bulk
                 bp = self._bulk.get(key)
-            if bp is not None and bp.broken:
+            if bp is not None and bp.broken:  # it got no answer: this push goes over gRPC, the next asks again
                 bp.close()
-                known, bp = False, None
+                with self._lock:
+                    self._bulk.pop(key, None)
+                return push_callable(channel)
             if not known:
                 try:
                     stub = pb_grpc.ModuleExchangeStub(channel)
