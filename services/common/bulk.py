@@ -71,11 +71,10 @@ class BulkAborted(grpc.RpcError):
         self.code, self.details = code, details
 
 
-def _recv_exact(sock: socket.socket, n: int, into: bytearray | None = None) -> bytearray | None:
-    """``n`` bytes from ``sock`` (into ``into`` when given, which must hold ``n``); None at a clean end
-    of stream before the first byte."""
-    buf = into if into is not None else bytearray(n)
-    view = memoryview(buf)[:n]
+def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
+    """``n`` bytes from ``sock``; None at a clean end of stream before the first byte."""
+    buf = bytearray(n)
+    view = memoryview(buf)
     got = 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)

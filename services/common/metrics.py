@@ -221,7 +221,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics, node: str) -> None:
         self.m, self.node = metrics, node
 
-    def _observe(self, method: str, t0: float, code: str) -> None:
+    def observe(self, method: str, t0: float, code: str) -> None:
+        """One call of ``method`` that began at ``t0`` (perf_counter) and ended with ``code``."""
         self.m.rpc_handled.labels(node=self.node, method=method, code=code).inc()
         self.m.rpc_seconds.labels(node=self.node, method=method, code=code).observe(time.perf_counter() - t0)
 
@@ -241,9 +242,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 try:
                     resp = behavior(request, context)
                 except BaseException:
-                    self._observe(method, t0, code_of(context))
+                    self.observe(method, t0, code_of(context))
                     raise
-                self._observe(method, t0, code_of(context) if context.code() else "OK")
+                self.observe(method, t0, code_of(context) if context.code() else "OK")
                 return resp
 
             return inner
@@ -254,9 +255,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 try:
                     yield from behavior(request, context)
                 except BaseException:
-                    self._observe(method, t0, code_of(context))
+                    self.observe(method, t0, code_of(context))
                     raise
-                self._observe(method, t0, code_of(context) if context.code() else "OK")
+                self.observe(method, t0, code_of(context) if context.code() else "OK")
 
             return inner
 
