@@ -318,3 +318,26 @@ def test_over_tls_the_bulk_listener_must_prove_it_is_the_node_dialled(small_cfg)
         assert not right(push_requests(h, ems, 4096), timeout=10).duplicate
     finally:
         srv.stop(0)
+
+
+def test_a_client_that_stalls_inside_a_push_gets_deadline_exceeded_and_leaves_nothing(small_cfg):
+    """A bulk client that sends its header and then nothing (or announces a frame and sends part of it)
+    is answered DEADLINE_EXCEEDED within ``limits.chunk_timeout_s``, as a stalled gRPC stream is, and
+    the node keeps nothing of it."""
+    cfg = small_cfg.model_copy(update={"limits": small_cfg.limits.model_copy(update={"chunk_timeout_s": 1.0})})
+    node, srv = _serve(cfg)
+    try:
+        h, ems = _good(node, D0, 1)
+        msgs = [r if isinstance(r, bytes) else r.SerializeToString() for r in push_requests(h, ems, 4096)]
+        before = node.inbox.snapshot()
+        for tail in (b"", _U32.pack(len(msgs[1])) + msgs[1][:100]):  # nothing after the header; half a frame
+            with socket.create_connection(("127.0.0.1", srv.bulk.port), timeout=10) as s:
+                m = json.dumps([list(kv) for kv in identity_metadata(D0)]).encode()
+                s.sendall(_U32.pack(len(m)) + m + _frame(msgs[0]) + tail)
+                t0 = time.monotonic()
+                code, n = struct.unpack("<BI", s.recv(5, socket.MSG_WAITALL))
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], s.recv(n)
+                assert time.monotonic() - t0 < 5
+        assert node.inbox.snapshot() == before
+    finally:
+        srv.stop(0)
