@@ -219,19 +219,26 @@ class BulkServer:
             return False
 
     def _frames(self, conn: socket.socket, state: dict) -> Iterator[RawChunk | pb.PushRequest]:
+        """The push's messages; a client gone or silent mid-push ends it as a gRPC call's stream would
+        (CANCELLED, DEADLINE_EXCEEDED), not as a server error."""
         while True:
-            head = _recv_exact(conn, 4)
-            if head is None:
-                raise ConnectionError("closed inside a push")
-            n = _U32.unpack(head)[0]
-            if n == 0:
-                state["ended"] = True
-                return
-            if n > MAX_FRAME:
-                raise BulkAborted(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {n} bytes (at most {MAX_FRAME})")
-            buf = _recv_exact(conn, n)
-            if buf is None:
-                raise ConnectionError("closed inside a frame")
+            try:
+                head = _recv_exact(conn, 4)
+                if head is None:
+                    raise ConnectionError("closed inside a push")
+                n = _U32.unpack(head)[0]
+                if n == 0:
+                    state["ended"] = True
+                    return
+                if n > MAX_FRAME:
+                    raise BulkAborted(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {n} bytes (at most {MAX_FRAME})")
+                buf = _recv_exact(conn, n)
+                if buf is None:
+                    raise ConnectionError("closed inside a frame")
+            except TimeoutError:
+                raise BulkAborted(grpc.StatusCode.DEADLINE_EXCEEDED, "the client sent nothing in time") from None
+            except (OSError, ssl.SSLError) as err:  # ConnectionError included
+                raise BulkAborted(grpc.StatusCode.CANCELLED, f"the client went away: {err}") from None
             yield parse_push_request(buf)
 
     def _refuse(self, conn: socket.socket, code: grpc.StatusCode, details: str, state: dict) -> None:
