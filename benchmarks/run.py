@@ -157,6 +157,12 @@ def markdown(b: dict) -> str:
             _flower_note(b["details"]["flower"]),
             TARGETS["flower_round_ratio"],
         ),
+        (
+            "flower_round_ratio_bulk",
+            f"{b['flower_round_ratio_bulk']:.3f}" if b.get("flower_round_ratio_bulk") is not None else "not measured",
+            "the same, hffm star pushing over the bulk transport (wire.transport: bulk; not in --quick)",
+            TARGETS["flower_round_ratio"],
+        ),
         ("max_devices", str(b["max_devices"]), _devices_note(dv), TARGETS["max_devices"]),
         (
             "device_round_ms",
