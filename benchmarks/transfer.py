@@ -202,17 +202,17 @@ def bench_pki(directory: Path) -> Path:
 
 @contextmanager
 def hffm_pusher(
-    wire: str, pki: Path | None = None, sets: tuple[str, ...] = (), transport: str = "grpc"
+    wire: str, pki: Path | None = None, transport: str = "grpc"
 ) -> Iterator[tuple[Callable[[], int], dict[str, list[float]]]]:
     """(push once -> bytes, phase times): full pushes of the module set from device-0-0 to a real edge
     node in another process; with ``pki`` over mTLS with the header signed by the device, as every run
     with security on does."""
     tls = ["security.tls=true", f"security.dir={pki}"] if pki else []
-    sets = (*sets, f"wire.transport={transport}")
-    cfg = paper_config(f"wire.dtype={wire}", *tls, *sets)
+    sets = (*tls, f"wire.transport={transport}")
+    cfg = paper_config(f"wire.dtype={wire}", *sets)
     modules = paper_modules()
     port = free_ports(1, "127.0.0.1")[0]
-    p = _spawn(NODE_RECEIVER, str(port), wire, *tls, *sets)
+    p = _spawn(NODE_RECEIVER, str(port), wire, *sets)
     tick = os.sysconf("SC_CLK_TCK")
 
     def receiver_cpu() -> float:

@@ -1,6 +1,6 @@
 """A push's bytes over a plain TCP (or TLS) connection instead of gRPC: the bulk transport.
 
-Python gRPC's own stream of 1 MiB messages reaches 0.42-0.54 of a raw socket on this machine whatever
+Python gRPC's own stream of 1 MiB messages reaches 0.34-0.54 of a raw socket on this machine whatever
 the message size (``docs/performance.md``), so no push over it reaches half the socket. The bulk
 transport carries the very same messages (a serialized ``PushRequest`` header, then chunk messages as
 ``chunkwire`` writes them) in length-prefixed frames over a socket, and hands them to the node's one
@@ -36,19 +36,22 @@ from typing import Any
 
 import grpc
 
-from services.common.chunkwire import RawChunk, parse_push_request, serialize_push_request
+from services.common.chunkwire import MAX_MESSAGE_BYTES, RawChunk, parse_push_request, serialize_push_request
 from services.rpc import pb
 
 log = logging.getLogger("hffm.bulk")
 
-MAX_FRAME = 8 << 20  # gRPC's grpc.max_receive_message_length in hffm (services.common.client)
+MAX_FRAME = MAX_MESSAGE_BYTES  # the largest message a gRPC push may carry too
 _U32 = struct.Struct("<I")
 _REPLY = struct.Struct("<BI")
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class BulkError(grpc.RpcError):
-    """A bulk push's failure, read like a gRPC call's (``code()``, ``details()``)."""
+    """A bulk push's failure with its status, read like a gRPC call's (``code()``, ``details()``): what a
+    sender's call ends with, and on the listener what ``context.abort`` raises and what frames breaking
+    the transport's rules raise (a ``grpc.RpcError``, so handlers pass it on as they pass on a gRPC call's
+    own abort)."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -59,16 +62,6 @@ class BulkError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
-
-
-class BulkAborted(grpc.RpcError):
-    """A bulk push refused with a status: what ``context.abort`` raises on a bulk call, and what its
-    frames raise when they break the transport's rules (a ``grpc.RpcError``, so handlers pass it on as
-    they pass on a gRPC call's own abort)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
@@ -101,7 +94,7 @@ class _Context:
         return {"x509_pem_cert": [self._pem.encode()]} if self._pem else {}
 
     def abort(self, code: grpc.StatusCode, details: str):
-        raise BulkAborted(code, details)
+        raise BulkError(code, details)
 
 
 class BulkServer:
@@ -200,22 +193,22 @@ class BulkServer:
         state = {"ended": False}
         try:
             if meta_len > 64 << 10:
-                raise BulkAborted(grpc.StatusCode.INVALID_ARGUMENT, f"bulk call metadata of {meta_len} bytes")
+                raise BulkError(grpc.StatusCode.INVALID_ARGUMENT, f"bulk call metadata of {meta_len} bytes")
             meta_raw = _recv_exact(conn, meta_len) if meta_len else bytearray()
             if meta_raw is None:
                 raise ConnectionError("closed before the call's metadata")
             try:
                 meta = [(str(k), str(v)) for k, v in json.loads(bytes(meta_raw) or b"[]")]
             except (ValueError, TypeError) as err:
-                raise BulkAborted(grpc.StatusCode.INVALID_ARGUMENT, f"bulk call metadata: {err}") from None
+                raise BulkError(grpc.StatusCode.INVALID_ARGUMENT, f"bulk call metadata: {err}") from None
             ack = self.handle(self._frames(conn, state), _Context(meta, pem))
             if not state["ended"]:  # the handler returned before the end frame (nothing may follow it)
-                raise BulkAborted(grpc.StatusCode.INVALID_ARGUMENT, "frames after the push was complete")
+                raise BulkError(grpc.StatusCode.INVALID_ARGUMENT, "frames after the push was complete")
             body = ack.SerializeToString()
             conn.sendall(_REPLY.pack(0, len(body)) + body)
             return True
-        except BulkAborted as err:
-            self._refuse(conn, err.code, err.details, state)
+        except BulkError as err:
+            self._refuse(conn, err.code(), err.details(), state)
             return False
 
     def _frames(self, conn: socket.socket, state: dict) -> Iterator[RawChunk | pb.PushRequest]:
@@ -231,14 +224,14 @@ class BulkServer:
                     state["ended"] = True
                     return
                 if n > MAX_FRAME:
-                    raise BulkAborted(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {n} bytes (at most {MAX_FRAME})")
+                    raise BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {n} bytes (at most {MAX_FRAME})")
                 buf = _recv_exact(conn, n)
                 if buf is None:
                     raise ConnectionError("closed inside a frame")
             except TimeoutError:
-                raise BulkAborted(grpc.StatusCode.DEADLINE_EXCEEDED, "the client sent nothing in time") from None
+                raise BulkError(grpc.StatusCode.DEADLINE_EXCEEDED, "the client sent nothing in time") from None
             except (OSError, ssl.SSLError) as err:  # ConnectionError included
-                raise BulkAborted(grpc.StatusCode.CANCELLED, f"the client went away: {err}") from None
+                raise BulkError(grpc.StatusCode.CANCELLED, f"the client went away: {err}") from None
             yield parse_push_request(buf)
 
     def _refuse(self, conn: socket.socket, code: grpc.StatusCode, details: str, state: dict) -> None:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from services.rpc import pb
 
+MAX_MESSAGE_BYTES = 8 << 20  # the largest push message either transport takes (gRPC's message limits in hffm)
 _F_CHUNK = pb.PushRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _F_INDEX = pb.Chunk.DESCRIPTOR.fields_by_name["module_index"].number
 _F_OFFSET = pb.Chunk.DESCRIPTOR.fields_by_name["offset"].number

@@ -18,7 +18,7 @@ import grpc
 from hffm.modules import EncodedModule
 from hffm.wire import PushHeader, chunk_pieces
 from services.common.bulk import BulkPush
-from services.common.chunkwire import chunk_message, serialize_push_request
+from services.common.chunkwire import MAX_MESSAGE_BYTES, chunk_message, serialize_push_request
 from services.common.convert import header_to_pb
 from services.common.security import Security
 from services.rpc import pb, pb_grpc
@@ -29,8 +29,8 @@ PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['ModuleExchange'].full_name}/Pu
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 8 << 20),
-    ("grpc.max_receive_message_length", 8 << 20),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     # a peer that restarted is dialled again within 2 s (gRPC's default backoff grows to 120 s).
     # Not grpc.min_reconnect_backoff_ms: C-core takes it as the *connect timeout* (MIN_CONNECT_TIMEOUT,

@@ -109,24 +109,23 @@ class Security:
     def bulk_server_context(self) -> ssl.SSLContext | None:
         """TLS of a bulk listener (services.common.bulk): this node's certificate, clients must present one
         of this federation's CA (what they are is ``peer``'s question, as for a gRPC call). None without TLS."""
-        if not self.enabled:
-            return None
-        assert self.creds is not None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=self.creds.ca_pem.decode())
-        ctx.load_cert_chain(self._paths["cert"], self._paths["key"])
+        ctx = self._bulk_context(ssl.PROTOCOL_TLS_SERVER)
+        if ctx is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
     def bulk_client_context(self) -> ssl.SSLContext | None:
         """TLS of this node's bulk pushes: its certificate, and the receiver must prove it is the node it
         is dialled as (``server_hostname``: node ids are DNS names of their certificates, as gRPC's
         ``ssl_target_name_override`` checks). None without TLS."""
+        return self._bulk_context(ssl.PROTOCOL_TLS_CLIENT)
+
+    def _bulk_context(self, protocol: int) -> ssl.SSLContext | None:
+        """TLS 1.2 or later, this federation's CA trusted, this node's certificate and key."""
         if not self.enabled:
             return None
         assert self.creds is not None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = ssl.SSLContext(protocol)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_verify_locations(cadata=self.creds.ca_pem.decode())
         ctx.load_cert_chain(self._paths["cert"], self._paths["key"])

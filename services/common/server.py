@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.bulk import BulkAborted, BulkServer
+from services.common.bulk import BulkError, BulkServer
 from services.common.chunkwire import parse_push_request
 from services.common.client import CHANNEL_OPTIONS
 from services.common.metrics import Metrics, MetricsInterceptor
@@ -44,8 +44,8 @@ def counted(handle, metrics: Metrics, node: str):
         code = "OK"
         try:
             return handle(frames, context)
-        except BulkAborted as err:
-            code = err.code.name
+        except BulkError as err:
+            code = err.code().name
             raise
         except BaseException:
             code = "UNKNOWN"
