@@ -249,18 +249,18 @@ class TrainConfig(_Strict):
     )
     noop: bool = D(False, description="skip the optimisation step but keep every exchange (runtime benchmarks)")
 
-    @model_validator(mode="after")
-    def _momentum_for_sgd(self) -> TrainConfig:
-        if self.momentum and self.optimizer != "sgd":
-            raise ValueError(f"train.momentum={self.momentum} is SGD's; train.optimizer is {self.optimizer!r}")
-        return self
-
     eval_every: int = D(
         1,
         ge=0,
         description="devices test their modules in rounds r with r % eval_every == 0 and in the last round; "
         "0: never (benchmarks of the exchange alone)",
     )
+
+    @model_validator(mode="after")
+    def _momentum_for_sgd(self) -> TrainConfig:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"train.momentum={self.momentum} is SGD's; train.optimizer is {self.optimizer!r}")
+        return self
 
 
 class WireConfig(_Strict):
