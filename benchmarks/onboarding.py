@@ -144,7 +144,7 @@ def scratch_curve(cfg: HFFMConfig, dev: str, tasks: list[str], rounds: int, targ
     from hffm.ids import task_of
     from hffm.model import backbone_dims, build_model
     from hffm.topology import Topology
-    from hffm.training import evaluate, train_local
+    from hffm.training import evaluate, round_lr, train_local
 
     device = resolve_torch_device(cfg.runtime.device)
     torch.set_num_threads(cfg.runtime.torch_threads)
@@ -156,7 +156,8 @@ def scratch_curve(cfg: HFFMConfig, dev: str, tasks: list[str], rounds: int, targ
     names = [n for n in model.module_names() if task_of(n) is None or task_of(n) in tasks]
     curve: list[float] = []
     for r in range(1, rounds + 1):
-        train_local(model, data.train, names, cfg.train, device, seed=zlib.crc32(f"{cfg.seed}/{dev}/{r}".encode()))
+        seed = zlib.crc32(f"{cfg.seed}/{dev}/{r}".encode())
+        train_local(model, data.train, names, cfg.train, device, seed=seed, lr=round_lr(cfg.train, r, cfg.rounds))
         scores = evaluate(model, test, device)
         curve.append(sum(scores[t].accuracy for t in tasks) / len(tasks))
         if curve[-1] >= target - TOL:

@@ -25,7 +25,7 @@ from hffm.data import (
     task_pool_labels,
 )
 from hffm.model import build_model
-from hffm.training import evaluate, train_local
+from hffm.training import evaluate, round_lr, train_local
 
 
 def training_pool(cfg: HFFMConfig, task: str, tokenizer) -> TaskData:
@@ -58,7 +58,8 @@ def run_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> dict
     rounds = []
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        stats = train_local(model, train, names, central, device, seed=zlib.crc32(f"{cfg.seed}/central/{r}".encode()))
+        seed = zlib.crc32(f"{cfg.seed}/central/{r}".encode())
+        stats = train_local(model, train, names, central, device, seed=seed, lr=round_lr(central, r, cfg.rounds))
         scores = evaluate(model, test, device)
         acc = {t: {"global": s.accuracy} for t, s in sorted(scores.items())}
         rounds.append(

@@ -230,7 +230,15 @@ class TrainConfig(_Strict):
         "AdamW's first steps move every parameter with a non-zero gradient by about lr whatever the gradient's "
         "size, so a device that already fits its few answers still drifts; SGD's steps shrink with its loss",
     )
-    lr: float = D(3e-3, gt=0, description="the local optimiser's learning rate")
+    lr: float = D(3e-3, gt=0, description="the local optimiser's learning rate (round 1's, with a schedule)")
+    lr_schedule: Literal["constant", "cosine"] = D(
+        "constant",
+        description="the learning rate over rounds: constant (train.lr every round), or cosine (from train.lr in "
+        "round 1 down to train.lr * train.lr_final in the last round, on a half cosine). Client drift on non-IID "
+        "data scales with the step size, so a decaying rate lets a federation settle where a constant one keeps "
+        "the devices' disagreement; centralised training follows the same schedule",
+    )
+    lr_final: float = D(0.1, gt=0, le=1, description="the cosine schedule's last-round rate, as a fraction of train.lr")
     momentum: float = D(0.0, ge=0, lt=1, description="SGD's momentum (train.optimizer=sgd only)")
     weight_decay: float = D(0.0, ge=0, description="the local optimiser's weight decay")
     prox_mu: float = D(

@@ -6,6 +6,7 @@ round (the usual FedAvg practice: optimiser state is not shared or kept across a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,14 +32,16 @@ def train_local(
     cfg: TrainConfig,
     device: str,
     seed: int,
+    lr: float | None = None,
 ) -> TrainStats:
-    """E_local epochs; each epoch visits every batch of every task once, tasks interleaved."""
+    """E_local epochs; each epoch visits every batch of every task once, tasks interleaved. ``lr``: the
+    round's learning rate (``round_lr``); None: ``cfg.lr``."""
     gen = torch.Generator().manual_seed(seed)
     # ViLT's embedding draws a random patch order from torch's global RNG on every forward; without a
     # seed here the result depends on what else ran in the process before (not reproducible).
     torch.manual_seed(seed)
     params = model.trainable_parameters(module_names)
-    opt = make_optimizer(params, cfg)
+    opt = make_optimizer(params, cfg, lr)
     # FedProx (Li et al. 2020): a proximal term keeps the local modules near the round's start, which
     # limits client drift on non-IID data; mu = 0 leaves the loss (and every bit of the result) as it was
     mu = cfg.prox_mu
@@ -82,11 +85,23 @@ def train_local(
     return TrainStats(loss=total_loss / max(seen, 1) if not cfg.noop else 0.0, samples=seen, steps=steps)
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The round's fresh local optimiser, as ``train.optimizer`` names it."""
+def round_lr(cfg: TrainConfig, round_: int, rounds: int) -> float:
+    """Round ``round_``'s (1-based, of ``rounds``) learning rate under ``train.lr_schedule``: ``cfg.lr`` when
+    constant; on a half cosine from ``cfg.lr`` in round 1 to ``cfg.lr * cfg.lr_final`` in round ``rounds``
+    (and at that floor beyond it: rounds a resumed or extended run adds)."""
+    progress = min(max(round_ - 1, 0) / (rounds - 1), 1.0) if rounds > 1 else 0.0
+    if cfg.lr_schedule == "constant" or progress == 0:
+        return cfg.lr  # exactly: round 1 trains as the constant schedule does, bit for bit
+    low = cfg.lr * cfg.lr_final
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The round's fresh local optimiser, as ``train.optimizer`` names it, at ``lr`` (default ``cfg.lr``)."""
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def _absent_scale(td: TaskData, alpha: float) -> torch.Tensor:

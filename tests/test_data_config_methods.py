@@ -393,3 +393,22 @@ def test_claims_are_bounded_by_a_multiple_of_their_tasks_median_and_the_plan_car
     ]
     with pytest.raises(ConfigError, match="claim_bound"):
         load_config(None, ["aggregation.claim_bound=0.5"])
+
+
+def test_the_cosine_schedule_falls_from_lr_to_its_final_fraction_over_the_rounds():
+    """train.lr_schedule: constant is train.lr every round; cosine starts at train.lr in round 1, is halfway
+    at the middle round, ends at lr x lr_final in the last and stays there for rounds beyond it; it never
+    rises. lr_final outside (0, 1] is a config error naming the field."""
+    from hffm.training import round_lr
+
+    const = load_config(None, ["train.lr=0.01"]).train
+    assert {round_lr(const, r, 11) for r in range(1, 15)} == {0.01}
+    cos = load_config(None, ["train.lr=0.01", "train.lr_schedule=cosine", "train.lr_final=0.1"]).train
+    lrs = [round_lr(cos, r, 11) for r in range(1, 15)]
+    assert lrs[0] == 0.01 and lrs[5] == pytest.approx(0.0055) and lrs[10] == pytest.approx(0.001)
+    assert lrs[11:] == [pytest.approx(0.001)] * 3
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert round_lr(cos, 1, 1) == 0.01  # a one-round run trains at train.lr
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="lr_final"):
+            load_config(None, [f"train.lr_final={bad}"])

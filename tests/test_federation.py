@@ -205,3 +205,36 @@ def test_paper_scale_topology_with_more_nodes_than_the_coordinators_thread_pool(
     for r in results["rounds"]:  # every device's update reached its edge in both rounds
         assert len({h["origin"] for h in r["hops"] if h["origin"].startswith("device")}) == 70
     assert results["rounds"][1]["bytes_by_link"]["edge_cloud"] > 0
+
+
+def test_devices_train_each_round_at_the_schedules_rate(tmp_path):
+    """train.lr_schedule=cosine over real gRPC (star, 2 rounds, lr_final 0.5): round 1 trains at train.lr,
+    so its uploads are the constant schedule's bit for bit; round 2 at half of it, and a fresh AdamW moves
+    each weight by about lr per step, so a device's round-2 update (its upload - the broadcast it started
+    from) is about half as long as with the constant rate."""
+    from hffm.training import round_lr
+
+    runs = {
+        s: _run(tmp_path / s, "method=star", "rounds=2", f"train.lr_schedule={s}", "train.lr_final=0.5")[0]
+        for s in ("constant", "cosine")
+    }
+    cfg = load_config(None, [*BASE, "rounds=2", "train.lr_schedule=cosine", "train.lr_final=0.5"])
+    assert [round_lr(cfg.train, r, 2) for r in (1, 2)] == [cfg.train.lr, 0.5 * cfg.train.lr]
+    for dev in ("device-0-0", "device-1-1"):
+        ups = {s: _trace(out, "cloud", f"r1-aggregate-from-{dev}") for s, out in runs.items()}
+        assert all(
+            torch.equal(ups["constant"][n].tensors[k], ups["cosine"][n].tensors[k])
+            for n in ups["constant"]
+            for k in ups["constant"][n].tensors
+        )
+
+        def update_norm(out: Path, dev: str = dev) -> float:
+            start = _trace(out, dev, "r1-broadcast-aggregate")
+            up = _trace(out, "cloud", f"r2-aggregate-from-{dev}")
+            return (
+                sum(float((up[n].tensors[k] - start[n].tensors[k]).norm() ** 2) for n in up for k in up[n].tensors)
+                ** 0.5
+            )
+
+        ratio = update_norm(runs["cosine"]) / update_norm(runs["constant"])
+        assert 0.35 < ratio < 0.65, ratio

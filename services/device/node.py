@@ -30,7 +30,7 @@ from hffm.ids import task_of
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleError, ModuleSet, spec_of
 from hffm.topology import Topology, arrived, final, split_table
-from hffm.training import evaluate, train_local
+from hffm.training import evaluate, round_lr, train_local
 from services.common import faults
 from services.common.node import NodeRuntime, RoundState
 
@@ -231,6 +231,7 @@ class DeviceNode(NodeRuntime):
                 self.cfg.train,
                 self.host.device,
                 seed=zlib.crc32(f"{self.cfg.seed}/{node}/{round_}".encode()),
+                lr=round_lr(self.cfg.train, round_, self.cfg.rounds),
             )
             if noop:
                 trained = {n: dict(self.modules[n].tensors) for n in names}
