@@ -8,19 +8,21 @@ review after the task's first round of training. One of the three gqa devices (b
 specialist (``--attack``: ``fake_specialist``: it trains and aggregates honestly, claims 4x its data and
 every answer class, and serves its heads negated and scaled whenever it serves; ``bait_switch``: the same,
 but the examination sees its honest heads and only its relays are poisoned). Specialists are on (review
-after every round). ``--liar``: one of the devices that start without gqa (by seed) also lies whenever it
-validates: it vouches for the fake and frames every other candidate (``adversary.liars``); ``--quorum``
-sets ``specialists.quorum`` (validators whose word flags a candidate; 1 lets the liar's word alone flag
-an honest one). Per seed:
+after every round). ``--liars N`` (``--liar``: 1): N of the devices that start without gqa (by seed)
+also lie whenever they validate, colluding: they vouch for the fake and frame every other candidate
+(``adversary.liars``); ``--quorum`` sets ``specialists.quorum`` (validators whose word flags a candidate;
+1 lets one liar's word alone flag an honest one, 2 lets two colluding liars'), ``--appeal`` sets
+``specialists.appeal`` (more holders heard before a refusal, which then needs a majority). Per seed:
 
 - **caught**: the fake is flagged (by a review, or on the spot when a relay of its is refused as not the
   version examined), and no sync (a relay) of it is ever adopted;
 - **caught_round**: the review that flagged it (relays of gqa start at round 3);
-- **false flags**: honest devices flagged (framed, with a liar);
+- **false flags**: honest devices flagged (framed, with liars);
 - **disputed**: honest candidates left disputed by an accusation (not appointed, not flagged);
 - **served by**: who relayed gqa to each taker (an appointed specialist, or the edge without one).
 
-``python -m benchmarks.specialists --seeds 20 [--attack bait_switch] [--liar] [--quorum Q] --out DIR`` writes
+``python -m benchmarks.specialists --seeds 20 [--attack bait_switch] [--liars N] [--quorum Q] [--appeal A] --out DIR``
+writes
 DIR/specialists.json and DIR/specialists.md.
 """
 
@@ -53,11 +55,12 @@ def fake_of(seed: int) -> str:
     return GQA[seed % len(GQA)]
 
 
-def liar_of(seed: int) -> str:
-    return OTHERS[seed % len(OTHERS)]
+def liars_of(seed: int, n: int) -> list[str]:
+    """``n`` of the devices that start without gqa, by seed (``n`` = 1: the one lying validator before)."""
+    return sorted(OTHERS[(seed + i) % len(OTHERS)] for i in range(n))
 
 
-def judge_run(results: dict, fake: str, liar: str | None = None) -> dict:
+def judge_run(results: dict, fake: str, liars: list[str] | tuple[str, ...] = ()) -> dict:
     """What one run's results.json says about the fake (see the module's text)."""
     rounds = {x["round"]: x for x in results["rounds"]}
     flagged = {r: x["specialists"].get("flagged", []) for r, x in rounds.items() if x.get("specialists")}
@@ -74,9 +77,11 @@ def judge_run(results: dict, fake: str, liar: str | None = None) -> dict:
     )  # fmt: skip
     switched = sorted(r for r, x in rounds.items() if fake in (x.get("specialists") or {}).get("switched", {}))
     discredited = {r: (x.get("specialists") or {}).get("discredited", []) for r, x in rounds.items()}
+    when = {n: min((r for r, d in discredited.items() if n in d), default=None) for n in liars}
     return {
-        "liar": liar,
-        "liar_discredited": min((r for r, d in discredited.items() if liar in d), default=None),
+        "liars": list(liars),
+        # the review after which the last of them was discredited; None while any of them is still asked
+        "liar_discredited": max(when.values()) if liars and None not in when.values() else None,
         "switched_rounds": switched,  # rounds in which a relay of its was refused as not examined
         "fake": fake,
         "caught": caught_round is not None and not relays,
@@ -89,7 +94,9 @@ def judge_run(results: dict, fake: str, liar: str | None = None) -> dict:
     }
 
 
-def run_seed(out: Path, seed: int, attack: str = "fake_specialist", liar: bool = False, quorum: int = 2) -> dict:
+def run_seed(
+    out: Path, seed: int, attack: str = "fake_specialist", liars: int = 0, quorum: int = 2, appeal: int = 0
+) -> dict:
     from services.launcher import run
 
     fake = fake_of(seed)
@@ -99,19 +106,20 @@ def run_seed(out: Path, seed: int, attack: str = "fake_specialist", liar: bool =
         f"adversary.nodes=[{fake}]",
         f"adversary.behaviour={attack}",
         f"specialists.quorum={quorum}",
+        f"specialists.appeal={appeal}",
     ]
-    liar_id = liar_of(seed) if liar else None
-    cfg = load_config(None, [*sets, f"adversary.liars=[{liar_id}]"] if liar else sets)
+    liar_ids = liars_of(seed, liars)
+    cfg = load_config(None, [*sets, f"adversary.liars=[{','.join(liar_ids)}]"] if liars else sets)
     try:
         res = run(cfg, out / f"seed-{seed}", Console(file=io.StringIO()), timeout_s=600)
     except Exception as err:  # noqa: BLE001 - a failed run is reported as one, the others go on
-        return {"seed": seed, **judge_run({"rounds": [], "complete": False}, fake, liar_id), "error": str(err)}
-    return {"seed": seed, **judge_run(res, fake, liar_id)}
+        return {"seed": seed, **judge_run({"rounds": [], "complete": False}, fake, liar_ids), "error": str(err)}
+    return {"seed": seed, **judge_run(res, fake, liar_ids)}
 
 
 def summary(rows: list[dict]) -> dict:
     done = [r for r in rows if r["complete"]]
-    honest = sum(4 if r.get("liar") else 5 for r in done)  # honest devices over the runs (6: a fake, maybe a liar)
+    honest = sum(5 - len(r.get("liars", ())) for r in done)  # honest devices over the runs (6: a fake, maybe liars)
     false = sum(len(r["false_flags"]) for r in done)
     rate = sum(r["caught"] for r in done) / len(done) if done else 0.0
     return {
@@ -123,7 +131,7 @@ def summary(rows: list[dict]) -> dict:
         "goal_met": bool(done) and rate >= 0.95,
         "false_flag_rate": false / honest if honest else 0.0,
         "disputed_rate": sum(len(r.get("disputed", [])) for r in done) / honest if honest else 0.0,
-        "liar_discredited": sum(r.get("liar_discredited") is not None for r in done if r.get("liar")),
+        "liar_discredited": sum(r.get("liar_discredited") is not None for r in done if r.get("liars")),
         "liar_discredited_rounds": sorted(r["liar_discredited"] for r in done if r.get("liar_discredited")),
         "caught_rounds": sorted(r["caught_round"] for r in done if r["caught_round"] is not None),
     }
@@ -132,14 +140,15 @@ def summary(rows: list[dict]) -> dict:
 def markdown(res: dict) -> str:
     s = res["summary"]
     lines = [
-        f"attack: {res.get('attack', 'fake_specialist')}{' with a lying validator' if res.get('liar') else ''}, "
-        f"quorum {res.get('quorum', 1)}",
+        f"attack: {res.get('attack', 'fake_specialist')}"
+        f"{f' with {n} colluding lying validator(s)' if (n := res.get('liars', 0)) else ''}, "
+        f"quorum {res.get('quorum', 1)}, appeal {res.get('appeal', 0)}",
         "",
         f"fake specialist caught before any relay: **{s['caught_rate']:.0%}** of {s['complete']} seeds "
         f"(goal 95 %: {'met' if s['goal_met'] else 'not met'}); honest devices flagged: "
         f"{s['false_flag_rate']:.1%}; honest devices left disputed: {s.get('disputed_rate', 0.0):.1%}; "
         f"no relay of its adopted: {s['no_relay_adopted_rate']:.0%}; "
-        f"relays refused as not examined (bait and switch): in {s['switch_tried']} seeds; lying validator "
+        f"relays refused as not examined (bait and switch): in {s['switch_tried']} seeds; every lying validator "
         f"discredited in {s.get('liar_discredited', 0)} seeds (after rounds {s.get('liar_discredited_rounds', [])})",
         "",
         "| seed | fake | caught (round) | relays from it | false flags | disputed "
@@ -157,15 +166,22 @@ def markdown(res: dict) -> str:
 
 
 def run_seeds(
-    out: Path, seeds: int, log=print, attack: str = "fake_specialist", liar: bool = False, quorum: int = 2
+    out: Path,
+    seeds: int,
+    log=print,
+    attack: str = "fake_specialist",
+    liars: int = 0,
+    quorum: int = 2,
+    appeal: int = 0,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in range(seeds):
-        rows.append(run_seed(out, seed, attack, liar, quorum))
+        rows.append(run_seed(out, seed, attack, liars, quorum, appeal))
         r = rows[-1]
         log(f"seed {seed}: fake {r['fake']} caught={r['caught']} (round {r['caught_round']}), false {r['false_flags']}")
-    res = {"rows": rows, "summary": summary(rows), "config": BASE, "attack": attack, "liar": liar, "quorum": quorum}
+    res = {"rows": rows, "summary": summary(rows), "config": BASE, "attack": attack, "liars": liars, "quorum": quorum}
+    res["appeal"] = appeal
     (out / "specialists.json").write_text(json.dumps(res, indent=2))
     (out / "specialists.md").write_text(markdown(res))
     return res
@@ -176,10 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("runs/specialists"))
     p.add_argument("--attack", choices=["fake_specialist", "bait_switch"], default="fake_specialist")
-    p.add_argument("--liar", action="store_true", help="a device that starts without gqa also lies as a validator")
+    p.add_argument("--liars", type=int, default=0, choices=range(4), help="devices without gqa that lie as validators")
+    p.add_argument("--liar", dest="liars", action="store_const", const=1, help="--liars 1")
     p.add_argument("--quorum", type=int, default=2, help="specialists.quorum")
+    p.add_argument("--appeal", type=int, default=0, help="specialists.appeal")
     a = p.parse_args(argv)
-    res = run_seeds(a.out, a.seeds, attack=a.attack, liar=a.liar, quorum=a.quorum)
+    res = run_seeds(a.out, a.seeds, attack=a.attack, liars=a.liars, quorum=a.quorum, appeal=a.appeal)
     print(markdown(res))
     return 0
 

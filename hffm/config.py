@@ -778,6 +778,14 @@ class SpecialistsConfig(_Strict):
         "appointed, examined again by its accusers and fresh validators (1: one validator, perhaps a liar, "
         "suffices)",
     )
+    appeal: int = D(
+        0,
+        ge=0,
+        description="before a refusal (a flag for good), up to this many more holders of the task score the "
+        "candidate, and the refusal then needs its accusers to outnumber the review's validators that see it "
+        "within tolerance: colluding liars, a quorum among themselves, are outvoted by the honest (0: the quorum "
+        "alone refuses, as before)",
+    )
     min_gain: float = D(
         0.1,
         ge=0,

@@ -28,6 +28,12 @@ module who is a candidate, who validates whom, and what the verdicts are.
   own, for each of them); ``unproven`` otherwise (early rounds, when nobody is better than chance yet: an
   untrained module, poisoned or not, is not told apart from an honest untrained one, so nothing is
   relayed from it).
+- **Appeal** (``appeal`` > 0): before a refusal, up to ``appeal`` more holders of T that did not score S in
+  this review score it too, and S is refused only when its accusers also **outnumber** the review's
+  validators that see it within ``tolerance``. A quorum is a count, so ``quorum`` colluding liars meet it
+  among themselves and have any honest candidate they score flagged for good; the appeal asks the
+  honest majority. The price: a fake whose collapse only a minority of validators see (test splits of
+  one class) is disputed, not refused (still never appointed, so nothing is relayed from it).
 - **Discredited validators**: an accusation is *contradicted* when the candidate is not refused and at
   least ``quorum`` other validators of the same review see it within ``tolerance`` of their own. A
   validator with contradicted accusations against ``discredit`` distinct candidates (over the run) is no
@@ -69,6 +75,7 @@ class Verdict:
     margin: float | None = None  # median of (accuracy - validator's own)
     worst: float | None = None  # the lowest of them
     accusers: list[str] = field(default_factory=list)  # standing accusations after this review
+    appeal: list[str] = field(default_factory=list)  # validators asked on appeal, before a refusal
     scores: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -131,9 +138,11 @@ def judge(
     min_gain: float,
     accusers: Iterable[str] = (),
     quorum: int = 1,
+    majority: bool = False,
 ) -> Verdict:
     """The verdict on ``node``'s modules for ``task`` from its validators' ``scores``, given the
-    ``accusers`` standing from earlier reviews (see the module's text)."""
+    ``accusers`` standing from earlier reviews (see the module's text). ``majority``: a refusal also needs
+    the accusers to outnumber this review's validators that see no drop (the appeal's rule)."""
     scores = list(scores)
     standing = set(accusers)
     v = Verdict(node, task, ev, scores=[asdict(s) for s in scores], accusers=sorted(standing))
@@ -150,7 +159,9 @@ def judge(
     worst = min(margins.values())
     chance = 1.0 / max(1, max(s.classes for s in scores))
     v.accuracy, v.margin, v.worst, v.accusers = acc, margin, worst, sorted(standing)
-    if len(standing) >= quorum or (margin < -tolerance and doubters >= quorum):
+    clear = sum(m >= -tolerance for m in margins.values())
+    outvoted = majority and max(len(standing), doubters) <= clear
+    if not outvoted and (len(standing) >= quorum or (margin < -tolerance and doubters >= quorum)):
         v.verdict = REFUSED
     elif standing or margin < -tolerance:
         v.verdict = DISPUTED

@@ -101,6 +101,33 @@ def test_a_quorum_of_accusers_refuses_one_validator_alone_only_disputes_and_accu
     assert judge("d", "art", 0.4, [s("liar", 0.0, 1.0), s("x", 0.60, 0.65)], 0.15, 0.05, quorum=2).verdict == DISPUTED
 
 
+def test_on_appeal_a_refusal_needs_the_accusers_to_outnumber_the_validators_who_see_no_drop():
+    """majority (specialists.appeal > 0): two colluding liars are a quorum of 2 by themselves and refuse
+    an honest candidate; with three honest validators heard on appeal, who see it as good as their own, it
+    is only disputed (and the liars' accusations are contradicted). A collapse that most validators see is
+    still refused; one that only two of five see is disputed: the price of the rule."""
+    from hffm.config import ConfigError
+    from hffm.specialists import contradicted
+
+    def s(v, acc, own):
+        return Score(v, acc, own, 20, 4)
+
+    honest = [s("x", 0.70, 0.65), s("y", 0.68, 0.66), s("z", 0.6, 0.62)]
+    framed = [s("liar1", 0.0, 1.0), s("liar2", 0.0, 1.0), *honest]
+    assert judge("h", "art", 0.4, framed[:3], 0.15, 0.05, quorum=2).verdict == REFUSED  # the collusion works
+    assert judge("h", "art", 0.4, framed, 0.15, 0.05, quorum=2).verdict == REFUSED  # a quorum is a count
+    v = judge("h", "art", 0.4, framed, 0.15, 0.05, quorum=2, majority=True)
+    assert v.verdict == DISPUTED and v.accusers == ["liar1", "liar2"]
+    assert contradicted(v, 0.15, 2) == {"liar1", "liar2"}
+    seen = [s("a", 0.0, 0.7), s("b", 0.1, 0.8), s("c", 0.0, 0.6), s("x", 0.6, 0.65), s("y", 0.7, 0.7)]
+    assert judge("f", "art", 0.4, seen, 0.15, 0.05, quorum=2, majority=True).verdict == REFUSED
+    few = [s("a", 0.0, 0.7), s("b", 0.1, 0.8), s("x", 0.6, 0.65), s("y", 0.7, 0.7), s("z", 0.65, 0.6)]
+    assert judge("f", "art", 0.4, few, 0.15, 0.05, quorum=2).verdict == REFUSED
+    assert judge("f", "art", 0.4, few, 0.15, 0.05, quorum=2, majority=True).verdict == DISPUTED
+    with pytest.raises(ConfigError, match="appeal"):
+        load_config(None, ["specialists.appeal=-1"])
+
+
 def test_an_accusation_that_quorum_others_contradict_is_counted_against_its_validator():
     from hffm.specialists import contradicted
 
@@ -411,6 +438,41 @@ def test_a_lying_validator_flags_honest_candidates_only_when_one_word_suffices(t
         assert not [h for h in x["hops"] if h["tag"] == "sync" and h["origin"] == "device-0-1"], x["round"]
 
 
+@pytest.mark.parametrize("appeal", [0, 2])
+def test_two_colluding_liars_flag_an_honest_candidate_unless_the_review_hears_an_appeal(tmp_path, appeal):
+    """device-0-2 and device-0-4 lie whenever they validate (framing every honest candidate, vouching for
+    the fake device-0-1); each candidate is scored by 3 holders, the two liars first. Quorum 2: without an
+    appeal the two liars' word flags honest candidates for good; with specialists.appeal=2 the review asks
+    two more holders before any refusal, the honest majority outvotes the liars, nobody honest is flagged
+    and each refusal it did make rests on a majority. Either way the fake never relays."""
+    res = _run_with_an_adversary(
+        tmp_path,
+        ["adversary.behaviour=fake_specialist", "adversary.liars=[device-0-2,device-0-4]", "specialists.validators=3",
+         "specialists.quorum=2", f"specialists.appeal={appeal}"],
+    )  # fmt: skip
+    assert res["complete"]
+    reviews = {x["round"]: x["specialists"] for x in res["rounds"] if x["specialists"]}
+    flagged = {n for s in reviews.values() for n in s["flagged"]}
+    framed = flagged - {"device-0-1"}
+    liars = {"device-0-2", "device-0-4"}
+    both = [v for s in reviews.values() for v in s["verdicts"] if v["node"] not in liars | {"device-0-1"}
+            and liars <= {x.get("validator") for x in v["scores"]}]  # fmt: skip
+    assert both, "the two liars never scored the same honest candidate"
+    if not appeal:
+        assert framed, reviews
+    else:
+        assert not framed, reviews
+        appealed = [v for s in reviews.values() for v in s["verdicts"] if v["appeal"]]
+        assert appealed, "no refusal was appealed"
+        for v in appealed:
+            assert len(v["scores"]) == 3 + len(v["appeal"]) and not set(v["appeal"]) & {
+                x["validator"] for x in v["scores"][:3]
+            }
+    assert all("device-0-1" not in ns for s in reviews.values() for ns in s["appointed"].values())
+    for x in res["rounds"]:
+        assert not [h for h in x["hops"] if h["tag"] == "sync" and h["origin"] == "device-0-1"], x["round"]
+
+
 def test_label_coverage_is_registered_only_for_the_devices_tasks_and_within_0_and_1():
     from hffm.topology import Registration
     from services.cloud.membership import Membership
@@ -444,6 +506,16 @@ def test_the_benchmark_counts_a_fake_caught_only_when_flagged_and_never_relayed(
     s = summary([{"seed": 0, **judge_run(framed, "device-0-1")}, {"seed": 1, **ok}])
     assert s["caught_rate"] == 1.0 and s["goal_met"] and s["false_flag_rate"] == pytest.approx(1 / 10)
     assert "100%" in markdown({"rows": [{"seed": 1, **ok}], "summary": s})
+
+    # colluding liars: discredited when the last of them is; their seeds count 5 - 2 honest devices
+    def gone(r, who):
+        return {**rnd(r), "specialists": {**rnd(r)["specialists"], "discredited": [who]}}
+
+    disc = {**res, "rounds": [gone(1, "device-0-2"), gone(3, "device-0-0")]}
+    two = judge_run(disc, "device-0-1", ["device-0-0", "device-0-2"])
+    assert two["liar_discredited"] == 3 and judge_run(disc, "device-0-1", ["device-0-4"])["liar_discredited"] is None
+    s2 = summary([{"seed": 0, **two, "false_flags": ["device-0-3"]}])
+    assert s2["false_flag_rate"] == pytest.approx(1 / 3) and s2["liar_discredited"] == 1
 
 
 def test_a_candidate_or_validator_that_dies_mid_review_is_left_out_and_nothing_is_flagged():

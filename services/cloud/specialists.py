@@ -7,7 +7,7 @@ its specialists, and nothing from a flagged node. Talks gRPC; decides nothing it
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
@@ -106,14 +106,16 @@ class SpecialistBoard:
             asks[(t, c)] = [(v, pool.submit(self.validate, v, t, c, modules)) for v in vals]
         verdicts: list[Verdict] = []
         for t, c, _ in jobs:
-            scores = []
-            for v, fut in asks.get((t, c), []):
-                try:
-                    scores.append(fut.result())
-                except (grpc.RpcError, ValueError) as err:  # a validator that fails or lies is left out of it
-                    why = err.details() if isinstance(err, grpc.RpcError) else str(err)
-                    log.warning("round %d: %s could not validate %s for %s: %s", round_, v, c, t, why)
-            verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, self.accusers.get((c, t), ()), sc.quorum)
+            scores = self._scores(round_, t, c, asks.get((t, c), []))
+            prior = self.accusers.get((c, t), ())
+            verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, bool(sc.appeal))
+            if verdict.verdict == REFUSED and sc.appeal:  # a flag for good: ask more witnesses first
+                heard = {s.validator for s in scores} | {v for v, _ in asks.get((t, c), [])}
+                more = validators(c, ev[t], [], sc.appeal, unasked | heard)
+                modules = served[(t, c)].result()
+                scores += self._scores(round_, t, c, [(v, pool.submit(self.validate, v, t, c, modules)) for v in more])
+                verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, True)
+                verdict.appeal = more
             self.accusers[(c, t)] = set(verdict.accusers)
             self.asked.setdefault((c, t), set()).update(s.validator for s in scores)
             if (t, c) in errors:
@@ -134,6 +136,19 @@ class SpecialistBoard:
             "discredited": discredited,  # validators no longer asked: their accusations stood alone
             "verdicts": [v.to_json() for v in verdicts],
         }
+
+    @staticmethod
+    def _scores(round_: int, task: str, cand: str, asks: list[tuple[str, Future]]) -> list[Score]:
+        """The scores of ``asks`` ((validator, its Validate future)) that came back plausible; a validator
+        that fails or lies is left out of the verdict."""
+        scores = []
+        for v, fut in asks:
+            try:
+                scores.append(fut.result())
+            except (grpc.RpcError, ValueError) as err:
+                why = err.details() if isinstance(err, grpc.RpcError) else str(err)
+                log.warning("round %d: %s could not validate %s for %s: %s", round_, v, cand, task, why)
+        return scores
 
     def _discredit(self, verdicts: list[Verdict]) -> list[str]:
         """Validators newly discredited by this review's contradicted accusations; their standing
