@@ -781,10 +781,10 @@ class SpecialistsConfig(_Strict):
     appeal: int = D(
         0,
         ge=0,
-        description="before a refusal (a flag for good), up to this many more holders of the task score the "
-        "candidate, and the refusal then needs its accusers to outnumber the review's validators that see it "
-        "within tolerance: colluding liars, a quorum among themselves, are outvoted by the honest (0: the quorum "
-        "alone refuses, as before)",
+        description="before a refusal (a flag for good) or an acceptance (a role that relays), up to this many more "
+        "holders of the task score the candidate, and a refusal then needs its accusers to outnumber the "
+        "review's validators that see it within tolerance: colluding liars, a quorum among themselves, are "
+        "outvoted by the honest, and their vouching meets more witnesses (0: as before, no appeal)",
     )
     min_gain: float = D(
         0.1,

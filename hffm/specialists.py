@@ -28,12 +28,16 @@ module who is a candidate, who validates whom, and what the verdicts are.
   own, for each of them); ``unproven`` otherwise (early rounds, when nobody is better than chance yet: an
   untrained module, poisoned or not, is not told apart from an honest untrained one, so nothing is
   relayed from it).
-- **Appeal** (``appeal`` > 0): before a refusal, up to ``appeal`` more holders of T that did not score S in
-  this review score it too, and S is refused only when its accusers also **outnumber** the review's
-  validators that see it within ``tolerance``. A quorum is a count, so ``quorum`` colluding liars meet it
-  among themselves and have any honest candidate they score flagged for good; the appeal asks the
-  honest majority. The price: a fake whose collapse only a minority of validators see (test splits of
-  one class) is disputed, not refused (still never appointed, so nothing is relayed from it).
+- **Appeal** (``appeal`` > 0): before a decisive verdict — a refusal (a flag for good) or an acceptance
+  (a role whose relays others adopt) — up to ``appeal`` more holders of T that did not score S in this
+  review score it too, and the verdict is taken on every score; a refusal then also needs the accusers to
+  **outnumber** the review's validators that see S within ``tolerance``. A quorum is a count, so
+  ``quorum`` colluding liars meet it among themselves and have any honest candidate they score flagged
+  for good; the appeal asks the honest majority. Likewise liars vouching for a fake can make up most of
+  a review in which no honest validator's data shows the collapse; more witnesses, any one of whom may
+  see it (the worst margin), keep it from a role. The price: a fake whose collapse only a minority of
+  validators see (test splits of one class) is disputed, not refused (still never appointed, so nothing
+  is relayed from it).
 - **Discredited validators**: an accusation is *contradicted* when the candidate is not refused and at
   least ``quorum`` other validators of the same review see it within ``tolerance`` of their own. A
   validator with contradicted accusations against ``discredit`` distinct candidates (over the run) is no
@@ -75,7 +79,7 @@ class Verdict:
     margin: float | None = None  # median of (accuracy - validator's own)
     worst: float | None = None  # the lowest of them
     accusers: list[str] = field(default_factory=list)  # standing accusations after this review
-    appeal: list[str] = field(default_factory=list)  # validators asked on appeal, before a refusal
+    appeal: list[str] = field(default_factory=list)  # validators asked on appeal (before a refusal or acceptance)
     scores: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:

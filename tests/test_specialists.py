@@ -441,10 +441,10 @@ def test_a_lying_validator_flags_honest_candidates_only_when_one_word_suffices(t
 @pytest.mark.parametrize("appeal", [0, 2])
 def test_two_colluding_liars_flag_an_honest_candidate_unless_the_review_hears_an_appeal(tmp_path, appeal):
     """device-0-2 and device-0-4 lie whenever they validate (framing every honest candidate, vouching for
-    the fake device-0-1); each candidate is scored by 3 holders, the two liars first. Quorum 2: without an
-    appeal the two liars' word flags honest candidates for good; with specialists.appeal=2 the review asks
-    two more holders before any refusal, the honest majority outvotes the liars, nobody honest is flagged
-    and each refusal it did make rests on a majority. Either way the fake never relays."""
+    the fake device-0-1); each candidate is scored by 3 holders, both liars among them for some honest
+    one. Quorum 2: without an appeal the two liars' word flags honest candidates for good; with
+    specialists.appeal=2 the review asks two more holders before any refusal or acceptance, the honest
+    majority outvotes the liars and nobody honest is flagged. Either way the fake never relays."""
     res = _run_with_an_adversary(
         tmp_path,
         ["adversary.behaviour=fake_specialist", "adversary.liars=[device-0-2,device-0-4]", "specialists.validators=3",

@@ -13,6 +13,7 @@ import grpc
 
 from hffm.config import HFFMConfig
 from hffm.specialists import (
+    ACCEPTED,
     REFUSED,
     Score,
     Verdict,
@@ -109,7 +110,8 @@ class SpecialistBoard:
             scores = self._scores(round_, t, c, asks.get((t, c), []))
             prior = self.accusers.get((c, t), ())
             verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, bool(sc.appeal))
-            if verdict.verdict == REFUSED and sc.appeal:  # a flag for good: ask more witnesses first
+            # a decisive verdict (a flag for good, or a role whose relays others adopt) hears more witnesses first
+            if sc.appeal and verdict.verdict in (REFUSED, ACCEPTED):
                 heard = {s.validator for s in scores} | {v for v, _ in asks.get((t, c), [])}
                 more = validators(c, ev[t], [], sc.appeal, unasked | heard)
                 modules = served[(t, c)].result()
