@@ -23,7 +23,7 @@ module who is a candidate, who validates whom, and what the verdicts are.
   accusers first and validators that have not scored it yet, until a second witness refuses it or the
   accusation is withdrawn. Only margins: a validator's own modules may score below 1 / classes on its
   data, and a candidate as bad as they are is not refused for it. ``accepted`` when not refused or
-  disputed, S's mean accuracy is at least chance + ``min_gain`` (proven better than guessing), its
+  disputed, S's median accuracy is at least chance + ``min_gain`` (proven better than guessing), its
   median margin at least ``-min_gain`` and its worst at least ``-tolerance`` (as good as its validators'
   own, for each of them); ``unproven`` otherwise (early rounds, when nobody is better than chance yet: an
   untrained module, poisoned or not, is not told apart from an honest untrained one, so nothing is
@@ -44,7 +44,7 @@ module who is a candidate, who validates whom, and what the verdicts are.
   longer asked, and its standing accusations are dropped: a liar framing every candidate it scores is
   found after its second victim, while an honest validator that alone sees a fake's collapse on its
   one-class data accuses that one node. A liar that frames a single candidate keeps it disputed.
-- **Specialists** of T: the ``per_task`` accepted candidates with the highest mean validation accuracy
+- **Specialists** of T: the ``per_task`` accepted candidates with the highest median validation accuracy
   (conflicts between candidates are settled by measured accuracy, not by claims). Roles are re-evaluated
   every review: a specialist whose data or module no longer holds up loses the role.
 """
@@ -75,7 +75,7 @@ class Verdict:
     task: str
     evidence: float
     verdict: str = UNVALIDATED
-    accuracy: float | None = None  # mean over validators
+    accuracy: float | None = None  # median over validators
     margin: float | None = None  # median of (accuracy - validator's own)
     worst: float | None = None  # the lowest of them
     accusers: list[str] = field(default_factory=list)  # standing accusations after this review
@@ -158,7 +158,9 @@ def judge(
     standing -= {n for n, m in margins.items() if m >= -tolerance}  # asked again, it sees no drop: withdrawn
     standing |= {n for n, m in margins.items() if m < -2 * tolerance}
     doubters = sum(m < -tolerance for m in margins.values())
-    acc = statistics.fmean(s.accuracy for s in scores)
+    # the median: with a mean, two liars vouching (1.0) lifted a fake that honest validators scored near 0
+    # over chance + min_gain (measured: benchmarks.specialists --liars 2)
+    acc = statistics.median(s.accuracy for s in scores)
     margin = statistics.median(margins.values())
     worst = min(margins.values())
     chance = 1.0 / max(1, max(s.classes for s in scores))
@@ -187,7 +189,7 @@ def contradicted(verdict: Verdict, tolerance: float, quorum: int) -> set[str]:
 
 
 def appoint(verdicts: Iterable[Verdict], per_task: int) -> dict[str, list[str]]:
-    """task -> its specialists: the ``per_task`` accepted candidates with the highest mean validation
+    """task -> its specialists: the ``per_task`` accepted candidates with the highest median validation
     accuracy (ties by id)."""
     out: dict[str, list[Verdict]] = {}
     for v in verdicts:

@@ -124,6 +124,11 @@ def test_on_appeal_a_refusal_needs_the_accusers_to_outnumber_the_validators_who_
     few = [s("a", 0.0, 0.7), s("b", 0.1, 0.8), s("x", 0.6, 0.65), s("y", 0.7, 0.7), s("z", 0.65, 0.6)]
     assert judge("f", "art", 0.4, few, 0.15, 0.05, quorum=2).verdict == REFUSED
     assert judge("f", "art", 0.4, few, 0.15, 0.05, quorum=2, majority=True).verdict == DISPUTED
+    # acceptance and appointment go by the median accuracy: two liars vouching (1.0, their own 0.0) do not
+    # lift a candidate that the honest validators score near 0 over chance + min_gain (a mean, 0.35, did)
+    vouched = [s("liar1", 1.0, 0.0), s("liar2", 1.0, 0.0), s("x", 0.06, 0.2), s("y", 0.0, 0.0), s("z", 0.0, 0.02)]
+    v = judge("f", "gqa", 0.4, vouched, 0.15, 0.1, quorum=2, majority=True)
+    assert v.verdict == UNPROVEN and v.accuracy == pytest.approx(0.06)
     with pytest.raises(ConfigError, match="appeal"):
         load_config(None, ["specialists.appeal=-1"])
 
