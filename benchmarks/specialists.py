@@ -12,7 +12,8 @@ after every round). ``--liars N`` (``--liar``: 1): N of the devices that start w
 also lie whenever they validate, colluding: they vouch for the fake and frame every other candidate
 (``adversary.liars``); ``--quorum`` sets ``specialists.quorum`` (validators whose word flags a candidate;
 1 lets one liar's word alone flag an honest one, 2 lets two colluding liars'), ``--appeal`` sets
-``specialists.appeal`` (more holders heard before a refusal, which then needs a majority). Per seed:
+``specialists.appeal`` (more holders heard before a refusal or an acceptance; a refusal then needs a
+majority). Per seed:
 
 - **caught**: the fake is flagged (by a review, or on the spot when a relay of its is refused as not the
   version examined), and no sync (a relay) of it is ever adopted;
@@ -22,8 +23,7 @@ also lie whenever they validate, colluding: they vouch for the fake and frame ev
 - **served by**: who relayed gqa to each taker (an appointed specialist, or the edge without one).
 
 ``python -m benchmarks.specialists --seeds 20 [--attack bait_switch] [--liars N] [--quorum Q] [--appeal A] --out DIR``
-writes
-DIR/specialists.json and DIR/specialists.md.
+writes DIR/specialists.json and DIR/specialists.md.
 """
 
 from __future__ import annotations
