@@ -112,8 +112,8 @@ class SpecialistBoard:
             verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, bool(sc.appeal))
             # a decisive verdict (a flag for good, or a role whose relays others adopt) hears more witnesses first
             if sc.appeal and verdict.verdict in (REFUSED, ACCEPTED):
-                heard = {s.validator for s in scores} | {v for v, _ in asks.get((t, c), [])}
-                more = validators(c, ev[t], [], sc.appeal, unasked | heard)
+                asked = {v for v, _ in asks.get((t, c), [])}  # scored or failed: not asked twice
+                more = validators(c, ev[t], [], sc.appeal, unasked | asked)
                 modules = served[(t, c)].result()
                 scores += self._scores(round_, t, c, [(v, pool.submit(self.validate, v, t, c, modules)) for v in more])
                 verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, True)
