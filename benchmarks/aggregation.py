@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import interleaved, median, paper_modules
 from hffm.aggregation import FedAvg
 from hffm.modules import ArrivalCheck, decode_module, encode_module, spec_of
-from hffm.wire import MAX_CHUNK_BYTES
+from hffm.wire import CHUNK_BYTES
 from services.launcher import REPO_ROOT
 
 SENDERS = 40
@@ -40,7 +40,7 @@ def _uploads(n: int):
 def _arrival(e, buf: bytearray) -> tuple[bytes, bool | None]:
     """The checks a receiver makes as ``e``'s bytes arrive in 1 MiB chunks (the copy itself excluded)."""
     chk = ArrivalCheck(e.dtype, e.size_bytes, e.digest_alg)
-    for end in range(MAX_CHUNK_BYTES, e.size_bytes + MAX_CHUNK_BYTES, MAX_CHUNK_BYTES):
+    for end in range(CHUNK_BYTES, e.size_bytes + CHUNK_BYTES, CHUNK_BYTES):
         chk.update(buf, min(end, e.size_bytes))
     return chk.digest(), chk.finite
 

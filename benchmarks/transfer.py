@@ -233,6 +233,7 @@ def hffm_pusher(
         control = cloud.channel(addr, "edge-0", CHANNEL_OPTIONS)
         ctl = pb_grpc.RoundControlStub(control)
         state = {"round": 0}
+        chunk = cfg.wire.bulk_chunk_bytes if transport == "bulk" else cfg.wire.chunk_bytes  # as a node's Sender
         phases: dict[str, list[float]] = {"encode_s": [], "push_s": [], "receiver_cpu_s": [], "sender_cpu_s": []}
 
         def once() -> int:
@@ -265,7 +266,7 @@ def hffm_pusher(
                 )
             )
             push(
-                push_requests(header, encoded, cfg.wire.chunk_bytes),
+                push_requests(header, encoded, chunk),
                 timeout=120,
                 metadata=device.call_metadata(),
             )

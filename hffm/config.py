@@ -275,7 +275,15 @@ class WireConfig(_Strict):
     """How modules travel."""
 
     dtype: Literal["fp32", "fp16", "bf16"] = D("fp32", description="tensor dtype on the wire (fp16/bf16: half)")
-    chunk_bytes: int = D(1 << 20, ge=1024, le=1 << 20, description="bytes per chunk message (at most 1 MiB)")
+    chunk_bytes: int = D(1 << 20, ge=1024, le=1 << 20, description="bytes per chunk message over gRPC (at most 1 MiB)")
+    bulk_chunk_bytes: int = D(
+        4 << 20,
+        ge=1024,
+        le=4 << 20,
+        description="bytes per chunk message over the bulk transport (at most 4 MiB; fewer, larger chunks cost "
+        "less per byte there, where gRPC's own stream is no faster with larger messages). A node accepts chunks "
+        "of up to the larger of the two on either transport, as a D2D relay passes chunks on as they came",
+    )
     digest: Literal["blake3", "sha256"] = D(
         "blake3", description="digest a sender computes of each module blob (receivers check either)"
     )

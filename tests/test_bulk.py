@@ -22,7 +22,8 @@ from rich.console import Console
 from hffm.config import load_config
 from hffm.methods import Collect
 from services.common.bootstrap import node_modules, topology
-from services.common.bulk import MAX_FRAME, BulkPush, BulkServer
+from services.common.bulk import MAX_FRAME, MAX_PREFIX, SPLIT, BulkPush, BulkServer
+from services.common.chunkwire import chunk_parts, serialize_push_request
 from services.common.client import Channels, push_requests
 from services.common.identity import identity_metadata
 from services.common.node import NodeRuntime
@@ -92,7 +93,7 @@ def _rpc_count(node, method: str, code: str) -> float:
 def test_a_frame_above_the_limit_is_refused_with_its_size_and_nothing_is_kept(bulk_edge):
     node, srv = bulk_edge
     h, ems = _good(node, D0, 1)
-    msgs = [r if isinstance(r, bytes) else r.SerializeToString() for r in push_requests(h, ems, 4096)]
+    msgs = [serialize_push_request(r) for r in push_requests(h, ems, 4096)]
     before = node.inbox.snapshot()
     # the header, then a length prefix announcing more than a frame may hold (its bytes never follow)
     code, body = _call(srv.bulk.port, [_frame(msgs[0]), _U32.pack(MAX_FRAME + 1)])
@@ -160,6 +161,88 @@ def test_a_cancelled_push_ends_as_cancelled_and_changes_nothing(bulk_edge):
     assert err is not None and err.code() == grpc.StatusCode.CANCELLED
     time.sleep(0.5)
     assert node.inbox.snapshot() == before
+
+
+def test_chunk_frames_are_read_straight_into_the_modules_buffers(bulk_edge, monkeypatch):
+    """Over the bulk transport a chunk's data is read into its module's receive buffer (the frame's
+    prefix first names the chunk): every chunk after the first three (which may be read before the
+    handler has checked the header and made their places) arrives placed, and the push is taken whole."""
+    from hffm.wire import PushAssembler
+
+    node, srv = bulk_edge
+    placed: list[bool] = []
+    add = PushAssembler.add_chunk
+
+    def spy(self, module_index, offset, data, placed_=False):
+        placed.append(placed_)
+        return add(self, module_index, offset, data, placed_)
+
+    monkeypatch.setattr(PushAssembler, "add_chunk", spy)
+    h, ems = _good(node, D0, 1)
+    ack = BulkPush("127.0.0.1", srv.bulk.port)(push_requests(h, ems, 1024), timeout=10, metadata=identity_metadata(D0))
+    assert not ack.duplicate and ack.bytes_received == sum(e.size_bytes for e in ems)
+    assert len(placed) == sum(-(-e.size_bytes // 1024) for e in ems) > 10
+    assert all(placed[3:])  # at most three are read ahead of the header's checks (a queue of two, one in hand)
+    assert node.inbox.snapshot()["accepted"]
+
+
+def _chunk_frame(index: int, offset: int, data: bytes) -> bytes:
+    """A chunk frame as ``BulkPush`` writes it: the prefix's length, the prefix, the data."""
+    parts = chunk_parts(index, offset, data)
+    return _U32.pack(SPLIT | len(parts.prefix)) + parts.prefix + data
+
+
+def _run_past(blob: bytes, n: int) -> list[bytes]:
+    """A module's chunks in order, the last one 100 bytes longer than what is left of the module."""
+    offs = range(0, len(blob), n)
+    return [_chunk_frame(0, o, blob[o : o + n] if o + n < len(blob) else blob[o:] + b"x" * 100) for o in offs]
+
+
+@pytest.mark.parametrize(
+    "frames, code, why",
+    [
+        (lambda ems: [_U32.pack(SPLIT)], "INVALID_ARGUMENT", "a 0-byte prefix"),
+        (lambda ems: [_U32.pack(SPLIT | (MAX_PREFIX + 1))], "INVALID_ARGUMENT", f"a {MAX_PREFIX + 1}-byte prefix"),
+        (lambda ems: [_U32.pack(SPLIT | 4) + b"\xff" * 4], "INVALID_ARGUMENT", "not a chunk message's"),
+        (
+            lambda ems: [(lambda p: _U32.pack(SPLIT | len(p)) + p)(chunk_parts(0, 0, bytes(MAX_FRAME)).prefix)],
+            "RESOURCE_EXHAUSTED",
+            "a frame of",
+        ),
+        (lambda ems: _run_past(ems[0].data, 1024), "INVALID_ARGUMENT", "runs past"),
+        (lambda ems: [_chunk_frame(99, 0, b"x")], "INVALID_ARGUMENT", "module 99"),
+        (
+            lambda ems: [_chunk_frame(0, 0, ems[0].data[:4096]), _chunk_frame(0, 0, b"\0" * 4096)],
+            "INVALID_ARGUMENT",
+            "out-of-order",
+        ),
+        (lambda ems: [_chunk_frame(0, 4096, ems[0].data[4096:8192])], "INVALID_ARGUMENT", "out-of-order"),
+    ],
+    ids=[
+        "prefix-empty",
+        "prefix-too-long",
+        "prefix-garbage",
+        "data-too-large",
+        "overflow",
+        "no-such-module",
+        "region-twice",
+        "region-ahead",
+    ],
+)
+def test_a_chunk_frame_that_breaks_the_rules_is_refused_and_nothing_is_kept(bulk_edge, frames, code, why):
+    """Chunk frames written by hand: a prefix of a bad length or that is no chunk message's, data beyond
+    a frame, a chunk outside its module or the push, a region written twice or ahead of its turn. Each
+    is refused with its status and reason; the inbox is unchanged and the listener takes a good push."""
+    node, srv = bulk_edge
+    h, ems = _good(node, D0, 1)
+    before = node.inbox.snapshot()
+    header = serialize_push_request(next(iter(push_requests(h, ems, 4096))))
+    got, body = _call(srv.bulk.port, [_frame(header), *frames(ems)])
+    assert got == getattr(grpc.StatusCode, code).value[0], body
+    assert why in body.decode()
+    assert node.inbox.snapshot() == before
+    ack = BulkPush("127.0.0.1", srv.bulk.port)(push_requests(h, ems, 4096), timeout=10, metadata=identity_metadata(D0))
+    assert not ack.duplicate
 
 
 def test_at_its_bound_a_listener_drops_the_connection_idle_longest_or_else_the_new_one():
@@ -234,6 +317,29 @@ def test_a_sender_falls_back_to_grpc_where_no_bulk_endpoint_is_served_and_asks_a
         ch.close()
     finally:
         srv.stop(0)
+
+
+def test_a_node_takes_chunks_up_to_the_bulk_chunk_size_over_either_transport_and_none_larger(small_cfg):
+    """Chunks of up to ``wire.bulk_chunk_bytes`` are taken over gRPC too (a D2D relay passes a bulk push's
+    chunks on as they came); a chunk above both sizes is INVALID_ARGUMENT and leaves nothing, on both."""
+    wire = small_cfg.wire.model_copy(update={"chunk_bytes": 1024, "bulk_chunk_bytes": 2048})
+    cfg = small_cfg.model_copy(update={"wire": wire})
+    for transport in ("grpc", "bulk"):
+        node, srv = _serve(cfg, transport)
+        try:
+            ch = Channels(bulk=transport == "bulk")
+            push = ch.push(f"127.0.0.1:{srv.port}", EDGE, identity_metadata(D0))
+            assert isinstance(push, BulkPush) == (transport == "bulk")
+            h, ems = _good(node, D0, 1)
+            before = node.inbox.snapshot()
+            with pytest.raises(grpc.RpcError) as e:
+                push(push_requests(h, ems, 2049), timeout=10, metadata=identity_metadata(D0))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds 2048" in e.value.details()
+            assert node.inbox.snapshot() == before
+            assert not push(push_requests(h, ems, 2048), timeout=10, metadata=identity_metadata(D0)).duplicate
+            ch.close()
+        finally:
+            srv.stop(0)
 
 
 def test_a_whole_federation_over_the_bulk_transport_is_the_grpc_run_bit_for_bit(tmp_path, golden_run):
@@ -328,7 +434,7 @@ def test_a_client_that_stalls_inside_a_push_gets_deadline_exceeded_and_leaves_no
     node, srv = _serve(cfg)
     try:
         h, ems = _good(node, D0, 1)
-        msgs = [r if isinstance(r, bytes) else r.SerializeToString() for r in push_requests(h, ems, 4096)]
+        msgs = [serialize_push_request(r) for r in push_requests(h, ems, 4096)]
         before = node.inbox.snapshot()
         for tail in (b"", _U32.pack(len(msgs[1])) + msgs[1][:100]):  # nothing after the header; half a frame
             with socket.create_connection(("127.0.0.1", srv.bulk.port), timeout=10) as s:

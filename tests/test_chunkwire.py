@@ -66,3 +66,34 @@ def test_headers_and_garbage_go_to_protobuf():
         parse_push_request(b"\x12\x05\x1a\x09abc")  # data runs past the message
     with pytest.raises(DecodeError):
         parse_push_request(b"\x12\xff")  # truncated length
+
+
+@pytest.mark.parametrize("index, offset, data", CASES)
+def test_a_chunk_messages_parts_are_the_message_and_its_prefix_names_the_chunk(index, offset, data):
+    """``chunk_parts`` joined is protobuf's message; its prefix (every byte before the data: what the
+    bulk transport sends first) reads back as the chunk's index, offset and data length."""
+    from services.common.chunkwire import chunk_parts, parse_chunk_prefix
+
+    ref = pb.PushRequest(chunk=pb.Chunk(module_index=index, offset=offset, data=data)).SerializeToString()
+    half = len(data) // 2
+    parts = chunk_parts(index, offset, [memoryview(data)[:half], memoryview(data)[half:]])
+    assert bytes(parts) == ref == serialize_push_request(parts)
+    if data:
+        assert ref[: len(parts.prefix)] == parts.prefix
+        assert parse_chunk_prefix(parts.prefix) == (index, offset, len(data))
+        assert parse_chunk_prefix(parts.prefix[:-1]) is None  # a prefix cut short
+        assert parse_chunk_prefix(ref[: len(parts.prefix) + 1]) is None  # one data byte too many
+    else:
+        assert parts.pieces == () and parse_chunk_prefix(parts.prefix) is None  # no data: sent whole
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"", b"\x12", b"\xff" * 8, b"\x12\x06\x08\x01\x1a\x01", b"\x12\x05\x1a\x02", b"\x12\x03\x10\x05\x1a\x01"],
+)
+def test_anything_but_a_chunk_prefix_is_refused_as_one(prefix):
+    """Garbage, a message with no data field, a data length that does not end the message, fields after
+    the data's length: none of them is a prefix the receiver would read data after."""
+    from services.common.chunkwire import parse_chunk_prefix
+
+    assert parse_chunk_prefix(prefix) is None

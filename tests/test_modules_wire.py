@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from hffm.modules import Module, ModuleError, decode_module, digest_of, encode_module, spec_of
-from hffm.wire import MAX_CHUNK_BYTES, ModuleHeader, PushAssembler, PushHeader, chunks
+from hffm.wire import CHUNK_BYTES, MAX_CHUNK_BYTES, ModuleHeader, PushAssembler, PushHeader, chunks
 from tests.conftest import make_module
 
 SHAPES = {"a.down.weight": (256, 768), "a.down.bias": (256,), "a.up.weight": (768, 256)}
@@ -100,7 +100,7 @@ def test_chunks_are_at_most_one_mib_and_reassemble():
     spec = spec_of({"adapter.0": mods[0].tensors, "adapter.1": mods[1].tensors})
     h, ems = _push(mods)
     pieces = list(chunks(ems))
-    assert all(len(d) <= MAX_CHUNK_BYTES for _, _, d in pieces)
+    assert all(len(d) <= CHUNK_BYTES for _, _, d in pieces)
     assert len(pieces) > 2  # a 1.5 MB module does not fit one chunk
     asm = PushAssembler(h, spec)
     for i, off, data in pieces:
@@ -128,6 +128,44 @@ def test_truncated_and_out_of_order_streams_rejected():
     asm = PushAssembler(h, spec)
     with pytest.raises(ModuleError, match="out-of-order"):
         asm.add_chunk(1, 0, b"x")
+
+
+def test_chunks_read_into_their_place_are_checked_without_a_copy_and_in_order():
+    """``place`` hands a transport the chunk's region of its module's receive buffer; ``add_chunk(...,
+    placed=True)`` then checks it in stream order without copying. Bounds are ``place``'s to refuse; a
+    region placed out of order (twice, or ahead) fails at ``add_chunk``, so it never passes."""
+    mods = [make_module("adapter.0", SHAPES, seed=1), make_module("adapter.1", SHAPES, seed=2)]
+    spec = spec_of({m.name: m.tensors for m in mods})
+    h, ems = _push(mods)
+    pieces = list(chunks(ems, 4096))
+    asm = PushAssembler(h, spec, 4096)
+    for n, (i, off, data) in enumerate(pieces):
+        if n % 3 == 0:  # some chunks the ordinary way: both kinds mix in one push
+            asm.add_chunk(i, off, bytes(data))
+            continue
+        place = asm.place(i, off, len(data))
+        place[:] = data
+        asm.add_chunk(i, off, place, placed=True)
+        assert place.obj is asm._bufs[i]  # the module's own buffer: nothing was copied
+    out = asm.finish()
+    assert all(torch.equal(out[k].tensors[t], mods[k].tensors[t]) for k in (0, 1) for t in SHAPES)
+
+    asm = PushAssembler(h, spec, 4096)
+    with pytest.raises(ModuleError, match="exceeds 4096"):
+        asm.place(0, 0, 4097)
+    with pytest.raises(ModuleError, match="runs past"):
+        asm.place(0, ems[0].size_bytes - 10, 11)
+    with pytest.raises(ModuleError, match="module 2 of a push of 2"):
+        asm.place(2, 0, 1)
+    i, off, data = pieces[0]
+    asm.place(i, off, len(data))[:] = data
+    asm.add_chunk(i, off, asm.place(i, off, len(data)), placed=True)
+    again = asm.place(i, off, len(data))  # the same region again: placed, but out of order
+    again[:] = b"\xff" * len(data)
+    with pytest.raises(ModuleError, match="out-of-order"):
+        asm.add_chunk(i, off, again, placed=True)
+    with pytest.raises(ModuleError, match="not in its buffer"):  # a transport's bug, not the sender's
+        PushAssembler(h, spec, 4096).add_chunk(0, 0, memoryview(bytearray(16)), placed=True)
 
 
 def test_declared_size_is_bounded_by_the_spec():
@@ -353,7 +391,7 @@ def _assemble(h, ems, spec, piece_sizes):
 
 
 @pytest.mark.parametrize("wire", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("pieces", [[4096], [4095], [1, 7, 3, 1000], [MAX_CHUNK_BYTES]])
+@pytest.mark.parametrize("pieces", [[4096], [4095], [1, 7, 3, 1000], [CHUNK_BYTES], [MAX_CHUNK_BYTES]])
 def test_finiteness_checked_on_arrival_whatever_the_chunking(wire, pieces):
     """A NaN or Inf anywhere (a value split across chunks included) is caught by the check made as the
     bytes arrive, and the push is rejected naming the tensor; clean pushes decode to the same values."""
@@ -419,7 +457,7 @@ def np_ptr(view: memoryview) -> int:
     return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
 
 
-@pytest.mark.parametrize("chunk", [1024, 4096, 100_000, MAX_CHUNK_BYTES])
+@pytest.mark.parametrize("chunk", [1024, 4096, 100_000, CHUNK_BYTES, MAX_CHUNK_BYTES])
 def test_chunk_pieces_cut_the_segments_into_full_chunks(chunk):
     """Chunks span segment (tensor) boundaries: every chunk but a module's last is exactly ``chunk``
     bytes, offsets are contiguous, and the pieces concatenated are the blob."""

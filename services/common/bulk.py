@@ -11,9 +11,18 @@ from the verified client certificate with TLS, from the call's metadata on plain
 Frames, little-endian, per push on a connection (connections are kept and reused by the client):
 
 - client: ``u32 n`` + ``n`` bytes of JSON, the call's metadata (``[[key, value], ...]``);
-  then per message ``u32 n`` (1 <= n <= ``MAX_FRAME``) + the serialized message; then ``u32 0``;
+  then per message ``u32 n`` (1 <= n <= ``MAX_FRAME``) + the serialized message, or, for a chunk
+  message, ``u32 SPLIT | p`` (1 <= p <= ``MAX_PREFIX``) + the message's first ``p`` bytes (everything
+  before the chunk's data: ``chunkwire.ChunkMessage.prefix``) + the data, as many bytes as that prefix
+  declares (at most ``MAX_FRAME``); then ``u32 0``;
 - server: ``u8 code`` (``grpc.StatusCode``'s number; 0 OK) + ``u32 n`` + ``n`` bytes: the serialized
   ``PushAck`` when OK, else the status's details (UTF-8).
+
+A chunk frame's bytes are the chunk message's, as in the other frames; the prefix's length in front lets
+the receiver learn the chunk's module, offset and length before its data, and read the data straight into
+the module's receive buffer (``PushAssembler.place``, asked through ``_Frames.placer``): no frame buffer
+and no copy out of it. The sender hands the prefix and the encoded blobs' own pieces to ``sendmsg``: no
+copy either. Both sides' copies are then the kernel's alone, as with a raw socket.
 
 A push refused before its last frame is answered at once; the server then reads and drops what the
 client still sends (up to the frame limit per frame, for at most ``drain_s``) so that the answer is
@@ -36,12 +45,21 @@ from typing import Any
 
 import grpc
 
-from services.common.chunkwire import MAX_MESSAGE_BYTES, RawChunk, parse_push_request, serialize_push_request
+from services.common.chunkwire import (
+    MAX_MESSAGE_BYTES,
+    ChunkMessage,
+    RawChunk,
+    parse_chunk_prefix,
+    parse_push_request,
+    serialize_push_request,
+)
 from services.rpc import pb
 
 log = logging.getLogger("hffm.bulk")
 
 MAX_FRAME = MAX_MESSAGE_BYTES  # the largest message a gRPC push may carry too
+SPLIT = 1 << 31  # a chunk frame: its prefix's length in the low bits
+MAX_PREFIX = 64  # a chunk message's bytes before its data: 1 + 5 + (1 + 5) + (1 + 10) + (1 + 5) at most
 _U32 = struct.Struct("<I")
 _REPLY = struct.Struct("<BI")
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -201,7 +219,11 @@ class BulkServer:
                 meta = [(str(k), str(v)) for k, v in json.loads(bytes(meta_raw) or b"[]")]
             except (ValueError, TypeError) as err:
                 raise BulkError(grpc.StatusCode.INVALID_ARGUMENT, f"bulk call metadata: {err}") from None
-            ack = self.handle(self._frames(conn, state), _Context(meta, pem))
+            frames = _Frames(conn, state, self.frame_timeout_s)
+            try:
+                ack = self.handle(frames, _Context(meta, pem))
+            finally:
+                frames.close()  # the handler's reader thread reads no more: the socket is this thread's
             if not state["ended"]:  # the handler returned before the end frame (nothing may follow it)
                 raise BulkError(grpc.StatusCode.INVALID_ARGUMENT, "frames after the push was complete")
             body = ack.SerializeToString()
@@ -210,29 +232,6 @@ class BulkServer:
         except BulkError as err:
             self._refuse(conn, err.code(), err.details(), state)
             return False
-
-    def _frames(self, conn: socket.socket, state: dict) -> Iterator[RawChunk | pb.PushRequest]:
-        """The push's messages; a client gone or silent mid-push ends it as a gRPC call's stream would
-        (CANCELLED, DEADLINE_EXCEEDED), not as a server error."""
-        while True:
-            try:
-                head = _recv_exact(conn, 4)
-                if head is None:
-                    raise ConnectionError("closed inside a push")
-                n = _U32.unpack(head)[0]
-                if n == 0:
-                    state["ended"] = True
-                    return
-                if n > MAX_FRAME:
-                    raise BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {n} bytes (at most {MAX_FRAME})")
-                buf = _recv_exact(conn, n)
-                if buf is None:
-                    raise ConnectionError("closed inside a frame")
-            except TimeoutError:
-                raise BulkError(grpc.StatusCode.DEADLINE_EXCEEDED, "the client sent nothing in time") from None
-            except (OSError, ssl.SSLError) as err:  # ConnectionError included
-                raise BulkError(grpc.StatusCode.CANCELLED, f"the client went away: {err}") from None
-            yield parse_push_request(buf)
 
     def _refuse(self, conn: socket.socket, code: grpc.StatusCode, details: str, state: dict) -> None:
         body = details.encode()[: 16 << 10]
@@ -268,14 +267,119 @@ class BulkServer:
                 pass
 
 
-def _send_frame(sock: socket.socket, msg: bytes | bytearray) -> None:
-    """``msg`` with its length in front, without copying it (TLS: one copy, as ``SSLSocket`` has no
-    ``sendmsg``)."""
-    head = _U32.pack(len(msg))
+class _Frames:
+    """The messages of one push on ``conn``, read as the node's Push handler iterates them (on its reader
+    thread: ``limits.TimedStream``). A client gone or silent mid-push (nothing for ``frame_timeout_s``)
+    ends it as a gRPC call's stream would (CANCELLED, DEADLINE_EXCEEDED), not as a server error. A chunk
+    frame's data is read into ``placer(index, offset, n)``'s buffer when the handler set one
+    (``TimedStream.place_into``), else into a buffer of its own."""
+
+    _SLICE_S = 0.25  # reads wait this long at a time, so that ``close`` is seen
+
+    def __init__(self, conn: socket.socket, state: dict, frame_timeout_s: float) -> None:
+        self.conn, self.state, self.frame_timeout_s = conn, state, frame_timeout_s
+        self.placer: Callable[[int, int, int], memoryview] | None = None
+        self._lock = threading.Lock()  # held while a frame is read
+        self._closing = False
+        conn.settimeout(min(self._SLICE_S, frame_timeout_s))
+
+    def close(self) -> None:
+        """No more frames are read: a read in progress gives up within ``_SLICE_S``, so that afterwards the
+        connection's own thread alone answers and drains it (a TLS connection must never be read or
+        written by two threads at once)."""
+        self._closing = True
+        with self._lock:
+            self.conn.settimeout(self.frame_timeout_s)
+
+    def _fill(self, view: memoryview) -> bool:
+        """Fill ``view``; False at a clean end of stream before the first byte."""
+        n, got = len(view), 0
+        deadline = time.monotonic() + self.frame_timeout_s
+        while got < n:
+            if self._closing:
+                raise ConnectionError("the push ended")
+            try:
+                k = self.conn.recv_into(view[got:], n - got)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            if k == 0:
+                if got == 0:
+                    return False
+                raise ConnectionError(f"connection closed {got} bytes into a {n}-byte read")
+            got += k
+        return True
+
+    def _exact(self, n: int, what: str) -> bytearray:
+        buf = bytearray(n)
+        if not self._fill(memoryview(buf)):
+            raise ConnectionError(f"closed {what}")
+        return buf
+
+    def __iter__(self) -> _Frames:
+        return self
+
+    def __next__(self) -> RawChunk | pb.PushRequest:
+        with self._lock:
+            if self._closing:
+                raise StopIteration
+            try:
+                return self._next()
+            except TimeoutError:
+                raise BulkError(grpc.StatusCode.DEADLINE_EXCEEDED, "the client sent nothing in time") from None
+            except (OSError, ssl.SSLError) as err:  # ConnectionError included
+                raise BulkError(grpc.StatusCode.CANCELLED, f"the client went away: {err}") from None
+
+    def _next(self) -> RawChunk | pb.PushRequest:
+        n = _U32.unpack(self._exact(4, "inside a push"))[0]
+        if n == 0:
+            self.state["ended"] = True
+            raise StopIteration
+        if n & SPLIT:
+            return self._chunk(n & ~SPLIT)
+        if n > MAX_FRAME:
+            raise BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {n} bytes (at most {MAX_FRAME})")
+        return parse_push_request(self._exact(n, "inside a frame"))
+
+    def _chunk(self, p: int) -> RawChunk:
+        if not 0 < p <= MAX_PREFIX:
+            why = f"a chunk frame with a {p}-byte prefix (1 to {MAX_PREFIX})"
+            raise BulkError(grpc.StatusCode.INVALID_ARGUMENT, why)
+        prefix = self._exact(p, "inside a frame")
+        head = parse_chunk_prefix(prefix)
+        if head is None:
+            raise BulkError(grpc.StatusCode.INVALID_ARGUMENT, "a chunk frame whose prefix is not a chunk message's")
+        index, offset, n = head
+        if p + n > MAX_FRAME:
+            raise BulkError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a frame of {p + n} bytes (at most {MAX_FRAME})")
+        placer = self.placer
+        if placer is not None:
+            target = placer(index, offset, n)  # a ModuleError (out of bounds) ends the push with its status
+            if not self._fill(target):
+                raise ConnectionError("closed inside a frame")
+            return RawChunk(index, offset, target, b"", True)
+        buf = bytearray(p + n)
+        buf[:p] = prefix
+        if not self._fill(memoryview(buf)[p:]):
+            raise ConnectionError("closed inside a frame")
+        return RawChunk(index, offset, memoryview(buf)[p:], buf)
+
+
+def _send_frame(sock: socket.socket, msg: Any) -> None:
+    """A push message with its length in front; a chunk message as a chunk frame, its prefix and the
+    blobs' pieces given to ``sendmsg`` as they are (TLS: ``SSLSocket`` has no ``sendmsg``; each part is
+    written, and encrypted, from where it is)."""
+    if isinstance(msg, ChunkMessage) and msg.pieces:
+        parts = [_U32.pack(SPLIT | len(msg.prefix)) + msg.prefix, *msg.pieces]
+    else:
+        body = serialize_push_request(msg)
+        parts = [_U32.pack(len(body)), body]
     if isinstance(sock, ssl.SSLSocket):
-        sock.sendall(head + msg)
+        for part in parts:
+            sock.sendall(part)
         return
-    parts = [memoryview(head), memoryview(msg)]
+    parts = [memoryview(p).cast("B") for p in parts]
     while parts:
         sent = sock.sendmsg(parts)
         while parts and sent >= len(parts[0]):
@@ -394,7 +498,7 @@ class BulkPush:
                 for req in requests:
                     if call.cancelled():
                         raise BulkError(grpc.StatusCode.CANCELLED, "cancelled")
-                    _send_frame(sock, serialize_push_request(req))
+                    _send_frame(sock, req)
                     if deadline is not None:
                         sock.settimeout(max(0.001, deadline - time.monotonic()))
                 sock.sendall(_U32.pack(0))

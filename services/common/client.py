@@ -18,7 +18,7 @@ import grpc
 from hffm.modules import EncodedModule
 from hffm.wire import PushHeader, chunk_pieces
 from services.common.bulk import BulkPush
-from services.common.chunkwire import MAX_MESSAGE_BYTES, chunk_message, serialize_push_request
+from services.common.chunkwire import MAX_MESSAGE_BYTES, ChunkMessage, chunk_parts, serialize_push_request
 from services.common.convert import header_to_pb
 from services.common.security import Security
 from services.rpc import pb, pb_grpc
@@ -126,11 +126,13 @@ def push_requests(
     encoded: Sequence[EncodedModule],
     chunk_bytes: int,
     after_first_chunk: Callable[[], None] | None = None,
-) -> Iterator[pb.PushRequest | bytes]:
-    """The header, then every chunk as an already serialized message (``chunkwire``)."""
+) -> Iterator[pb.PushRequest | ChunkMessage]:
+    """The header, then every chunk as a message in protobuf's wire format, its data still the encoded
+    blobs' pieces (``chunkwire.ChunkMessage``: gRPC's serializer joins them, the bulk transport sends
+    them as they are)."""
     yield pb.PushRequest(header=header_to_pb(header))
     for n, (i, off, pieces) in enumerate(chunk_pieces(encoded, chunk_bytes)):
-        yield chunk_message(i, off, pieces)
+        yield chunk_parts(i, off, pieces)
         if n == 0 and after_first_chunk is not None:
             after_first_chunk()
 

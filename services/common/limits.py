@@ -31,6 +31,7 @@ class TimedStream:
         self._q: queue.Queue = queue.Queue(maxsize=2)
         self._closed = threading.Event()
         self._first = True
+        self._requests = requests
         threading.Thread(target=self._pump, args=(requests,), name="push-reader", daemon=True).start()
 
     def _put(self, item) -> None:
@@ -53,6 +54,15 @@ class TimedStream:
 
     def __iter__(self) -> TimedStream:
         return self
+
+    def place_into(self, placer) -> bool:
+        """Have the stream read each next chunk's bytes into ``placer(index, offset, n)`` where it can
+        (the bulk transport's chunk frames, ``services.common.bulk._Frames``); None stops it. False when
+        the stream cannot (a gRPC call's messages arrive whole)."""
+        if not hasattr(self._requests, "placer"):
+            return False
+        self._requests.placer = placer
+        return True
 
     def __next__(self):
         wait = self.first_s if self._first else self.next_s

@@ -89,15 +89,20 @@ class Receiver:
         with self.admission.bytes(declared, f"push {header.push_id}"):
             # without a trace to write them, the decoded modules are the aggregator's alone (folded in place)
             owned = not self.cfg.runtime.trace_dir
-            assembler = PushAssembler(header, self.spec, self.cfg.wire.chunk_bytes, owned=owned)
-            for req in requests:
-                if isinstance(req, RawChunk):
-                    c = req
-                elif req.WhichOneof("kind") == "chunk":
-                    c = req.chunk
-                else:
-                    raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
-                assembler.add_chunk(c.module_index, c.offset, c.data)
+            largest = max(self.cfg.wire.chunk_bytes, self.cfg.wire.bulk_chunk_bytes)
+            assembler = PushAssembler(header, self.spec, largest, owned=owned)
+            placing = isinstance(requests, TimedStream) and requests.place_into(assembler.place)
+            try:
+                for req in requests:
+                    if isinstance(req, RawChunk):
+                        assembler.add_chunk(req.module_index, req.offset, req.data, req.placed)
+                    elif req.WhichOneof("kind") == "chunk":
+                        assembler.add_chunk(req.chunk.module_index, req.chunk.offset, req.chunk.data)
+                    else:
+                        raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
+            finally:
+                if placing:
+                    requests.place_into(None)
             modules = assembler.finish()
         if not duplicate:
             duplicate = self.inbox.accept(header, modules, caller)

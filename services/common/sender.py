@@ -18,6 +18,7 @@ from hffm.modules import EncodedModule, ModuleError, ModuleSet, encode_modules
 from hffm.results import Transfer
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common import faults
+from services.common.bulk import BulkPush
 from services.common.client import RETRYABLE, Channels, push_requests, wait_unless
 from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry, RoundState
@@ -118,8 +119,10 @@ class Sender:
                 return False
             # asked each try: a bulk endpoint that failed is asked again (a receiver restarted elsewhere)
             push = self.channels.push(state.peers[first_hop], first_hop, self.metadata)
+            wire = self.cfg.wire
+            chunk = wire.bulk_chunk_bytes if isinstance(push, BulkPush) else wire.chunk_bytes
             fut = push.future(
-                push_requests(header, encoded, self.cfg.wire.chunk_bytes, mid_push),
+                push_requests(header, encoded, chunk, mid_push),
                 timeout=max(1.0, deadline - time.monotonic()),
                 metadata=self.metadata,
             )
