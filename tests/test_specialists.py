@@ -572,6 +572,67 @@ def test_a_candidate_or_validator_that_dies_mid_review_is_left_out_and_nothing_i
     assert rec["flagged"] == [] and rec["appointed"] == {} and not board.flagged
 
 
+def test_an_appeal_witness_that_fails_or_stalls_is_left_out_and_appeals_are_heard_at_once():
+    """With ``specialists.appeal: 2`` every candidate's decisive verdict hears two more holders. Here one
+    of them refuses the call and the other stalls (answering DEADLINE_EXCEEDED after 1 s): both are left
+    out of the verdict, which stands on the first validators' scores, and both are named as the appeal.
+    The two candidates' appeals are asked at once, so the stall costs the review one wait, not two."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from hffm.topology import Registration
+    from services.cloud.membership import Membership
+    from services.cloud.specialists import SpecialistBoard
+
+    class Failed(grpc.RpcError):
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._code.name.lower()
+
+    cfg = load_config(None, ["topology.edges=1", "topology.devices_per_edge=8", "tasks=[art]", "specialists.appeal=2"])
+    topo = Topology.from_config(cfg, 2)
+    members = Membership(topo, "127.0.0.1:0")
+    for i in range(8):
+        members.register(
+            Registration(f"device-0-{i}", "device", f"127.0.0.1:{i + 1}", "edge-0", (("art", 80 - 10 * i),))
+        )
+
+    def validate(node):
+        if node == "device-0-4":
+            raise Failed(grpc.StatusCode.UNAVAILABLE)
+        if node == "device-0-5":
+            time.sleep(1.0)
+            raise Failed(grpc.StatusCode.DEADLINE_EXCEEDED)
+        return pb.ValidationScore(accuracy=0.9, own_accuracy=0.9, samples=10, classes=4)
+
+    board = SpecialistBoard.__new__(SpecialistBoard)
+    board.cfg, board.meta, board.members = cfg, None, members
+    board.roles, board.flagged, board.pins, board._switched = {}, set(), {}, {}
+    board.accusers, board.asked, board.contradicted, board.discredited = {}, {}, {}, set()
+    board._stub = lambda n: SimpleNamespace(
+        Serve=lambda *_a, **_k: pb.ServedModules(), Validate=lambda *_a, **_k: validate(n)
+    )
+    with ThreadPoolExecutor(8) as pool:
+        t0 = time.monotonic()
+        rec = board.review(1, topo, pool)
+        took = time.monotonic() - t0
+    verdicts = {v["node"]: v for v in rec["verdicts"]}
+    assert set(verdicts) == {"device-0-0", "device-0-1"}
+    for v in verdicts.values():
+        assert v["verdict"] == ACCEPTED and v["appeal"] == ["device-0-4", "device-0-5"]
+        assert {s["validator"] for s in v["scores"]} == {"device-0-0", "device-0-1", "device-0-2", "device-0-3"} - {
+            v["node"]
+        }
+    assert rec["appointed"] == {"art": ["device-0-0"]} and not board.flagged
+    assert took < 1.8, f"the two appeals waited one after the other ({took:.2f} s)"
+
+
 def test_the_boards_state_is_saved_and_restored_whole():
     """What the cloud's checkpoint keeps of the specialists (a resumed coordinator goes on from it):
     roles, flags, pins, standing accusations, who scored whom, contradicted accusations, discredited

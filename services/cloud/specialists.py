@@ -105,19 +105,28 @@ class SpecialistBoard:
                 continue
             digests.update({(c, b.header.name): bytes(b.header.digest) for b in modules.modules})
             asks[(t, c)] = [(v, pool.submit(self.validate, v, t, c, modules)) for v in vals]
-        verdicts: list[Verdict] = []
+        first: dict[tuple[str, str], tuple[list[Score], Verdict]] = {}
+        appeals: dict[tuple[str, str], list[tuple[str, Future]]] = {}
         for t, c, _ in jobs:
             scores = self._scores(round_, t, c, asks.get((t, c), []))
             prior = self.accusers.get((c, t), ())
             verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, bool(sc.appeal))
-            # a decisive verdict (a flag for good, or a role whose relays others adopt) hears more witnesses first
+            first[(t, c)] = scores, verdict
+            # a decisive verdict (a flag for good, or a role whose relays others adopt) hears more witnesses
+            # first: every candidate's appeal is asked at once, so a stalled witness costs one timeout in all
             if sc.appeal and verdict.verdict in (REFUSED, ACCEPTED):
                 asked = {v for v, _ in asks.get((t, c), [])}  # scored or failed: not asked twice
-                more = validators(c, ev[t], [], sc.appeal, unasked | asked)
                 modules = served[(t, c)].result()
-                scores += self._scores(round_, t, c, [(v, pool.submit(self.validate, v, t, c, modules)) for v in more])
+                more = validators(c, ev[t], [], sc.appeal, unasked | asked)
+                appeals[(t, c)] = [(v, pool.submit(self.validate, v, t, c, modules)) for v in more]
+        verdicts: list[Verdict] = []
+        for t, c, _ in jobs:
+            scores, verdict = first[(t, c)]
+            if (t, c) in appeals:
+                scores = scores + self._scores(round_, t, c, appeals[(t, c)])
+                prior = self.accusers.get((c, t), ())
                 verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, True)
-                verdict.appeal = more
+                verdict.appeal = [v for v, _ in appeals[(t, c)]]
             self.accusers[(c, t)] = set(verdict.accusers)
             self.asked.setdefault((c, t), set()).update(s.validator for s in scores)
             if (t, c) in errors:
