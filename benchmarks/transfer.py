@@ -379,10 +379,29 @@ def message_sizes(
     }
 
 
+def bulk_only(repeat: int = 10) -> dict:
+    """The fp32 push over the bulk transport and the socket alone, taken in turn (about 30 s): the quick
+    check of the transfer figure's best path (``--bulk``)."""
+    with hffm_pusher("fp32", transport="bulk") as (bulk, phases):
+        nbytes = bulk()
+        bulk()
+        with socket_sender(nbytes) as (sock, _):
+            t = interleaved({"bulk": bulk, "socket": sock}, repeat)
+    return {
+        "bytes": nbytes,
+        "bulk_gbps": nbytes / median(t["bulk"]) / 1e9,
+        "socket_gbps": nbytes / median(t["socket"]) / 1e9,
+        "bulk_ratio": median([s / h for h, s in zip(t["bulk"], t["socket"], strict=True)]),
+        **{f"bulk_{k}": median(v[2:]) for k, v in phases.items()},
+    }
+
+
 if __name__ == "__main__":
     import json
 
     if "--message-sizes" in sys.argv:
         print(json.dumps(message_sizes(), indent=2))
+    elif "--bulk" in sys.argv:
+        print(json.dumps(bulk_only(), indent=2))
     else:
         print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
