@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -45,10 +46,10 @@ import grpc
 
 from benchmarks.common import interleaved, median, paper_config, paper_modules
 from hffm.methods import Collect
-from hffm.modules import encode_modules
+from hffm.modules import digest_of, encode_modules
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common.bulk import BulkPush
-from services.common.client import CHANNEL_OPTIONS, Channels, push_requests
+from services.common.client import CHANNEL_OPTIONS, Channels, push_requests, trailed_push
 from services.common.convert import step_to_pb
 from services.common.security import Security
 from services.launcher import REPO_ROOT, free_ports
@@ -202,11 +203,12 @@ def bench_pki(directory: Path) -> Path:
 
 @contextmanager
 def hffm_pusher(
-    wire: str, pki: Path | None = None, transport: str = "grpc"
+    wire: str, pki: Path | None = None, transport: str = "grpc", digests: str = "header"
 ) -> Iterator[tuple[Callable[[], int], dict[str, list[float]]]]:
     """(push once -> bytes, phase times): full pushes of the module set from device-0-0 to a real edge
     node in another process; with ``pki`` over mTLS with the header signed by the device, as every run
-    with security on does."""
+    with security on does. ``digests="trailer"``: the digests computed on another thread while the chunks
+    stream and sent after them (``wire.digests: trailer``, as a node's Sender does)."""
     tls = ["security.tls=true", f"security.dir={pki}"] if pki else []
     sets = (*tls, f"wire.transport={transport}")
     cfg = paper_config(f"wire.dtype={wire}", *sets)
@@ -234,6 +236,7 @@ def hffm_pusher(
         ctl = pb_grpc.RoundControlStub(control)
         state = {"round": 0}
         chunk = cfg.wire.bulk_chunk_bytes if transport == "bulk" else cfg.wire.chunk_bytes  # as a node's Sender
+        digester = ThreadPoolExecutor(max_workers=1)  # a node Sender's digest thread
         phases: dict[str, list[float]] = {"encode_s": [], "push_s": [], "receiver_cpu_s": [], "sender_cpu_s": []}
 
         def once() -> int:
@@ -252,21 +255,26 @@ def hffm_pusher(
             t0 = time.perf_counter()
             for m in modules.values():
                 m.version = r
-            encoded = encode_modules(list(modules.values()), wire)  # as a node's Send does
+            later = digests == "trailer"
+            encoded = encode_modules(list(modules.values()), wire, digest=not later)  # as a node's Send does
+            if later:
+                futs = [digester.submit(digest_of, e.segments, e.digest_alg) for e in encoded]
             t1 = time.perf_counter()
-            header = device.sign_header(
-                PushHeader(
-                    push_id_for("device-0-0", "edge-0", r, "aggregate"),
-                    "device-0-0",
-                    "edge-0",
-                    r,
-                    "aggregate",
-                    "device_edge",
-                    tuple(ModuleHeader.of(e) for e in encoded),
-                )
+            header = PushHeader(
+                push_id_for("device-0-0", "edge-0", r, "aggregate"),
+                "device-0-0",
+                "edge-0",
+                r,
+                "aggregate",
+                "device_edge",
+                tuple(ModuleHeader.of(e) for e in encoded),
             )
+            if later:
+                requests = trailed_push(header, encoded, chunk, lambda: [f.result() for f in futs], device.sign_header)
+            else:
+                requests = push_requests(device.sign_header(header), encoded, chunk)
             push(
-                push_requests(header, encoded, chunk),
+                requests,
                 timeout=120,
                 metadata=device.call_metadata(),
             )
@@ -280,6 +288,7 @@ def hffm_pusher(
         with control:
             yield once, phases
         channels.close()
+        digester.shutdown()
     finally:
         p.kill()
 
@@ -380,19 +389,25 @@ def message_sizes(
 
 
 def bulk_only(repeat: int = 10) -> dict:
-    """The fp32 push over the bulk transport and the socket alone, taken in turn (about 30 s): the quick
-    check of the transfer figure's best path (``--bulk``)."""
-    with hffm_pusher("fp32", transport="bulk") as (bulk, phases):
+    """The fp32 push over the bulk transport, with its digests in the header and in a trailer, and the
+    socket, taken in turn (about a minute): the quick check of the transfer figure's best path (``--bulk``)."""
+    with (
+        hffm_pusher("fp32", transport="bulk") as (bulk, phases),
+        hffm_pusher("fp32", transport="bulk", digests="trailer") as (trailed, trailed_phases),
+    ):
         nbytes = bulk()
-        bulk()
+        trailed()
         with socket_sender(nbytes) as (sock, _):
-            t = interleaved({"bulk": bulk, "socket": sock}, repeat)
+            t = interleaved({"bulk": bulk, "trailer": trailed, "socket": sock}, repeat)
     return {
         "bytes": nbytes,
         "bulk_gbps": nbytes / median(t["bulk"]) / 1e9,
+        "trailer_gbps": nbytes / median(t["trailer"]) / 1e9,
         "socket_gbps": nbytes / median(t["socket"]) / 1e9,
         "bulk_ratio": median([s / h for h, s in zip(t["bulk"], t["socket"], strict=True)]),
+        "trailer_ratio": median([s / h for h, s in zip(t["trailer"], t["socket"], strict=True)]),
         **{f"bulk_{k}": median(v[2:]) for k, v in phases.items()},
+        **{f"trailer_{k}": median(v[2:]) for k, v in trailed_phases.items()},
     }
 
 

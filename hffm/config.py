@@ -287,6 +287,12 @@ class WireConfig(_Strict):
     digest: Literal["blake3", "sha256"] = D(
         "blake3", description="digest a sender computes of each module blob (receivers check either)"
     )
+    digests: Literal["header", "trailer"] = D(
+        "header",
+        description="where a push carries its module digests: header (computed before the first byte), or "
+        "trailer (computed on another thread while the chunks stream, then sent and signed after the last "
+        "chunk; the header goes signed with them empty). Receivers take either",
+    )
     transport: Literal["grpc", "bulk"] = D(
         "grpc",
         description="how pushes carry module bytes: grpc (ModuleExchange.Push), or bulk (the same messages in "

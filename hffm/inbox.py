@@ -25,7 +25,7 @@ from hffm.ids import D2D
 from hffm.methods import SYNC, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
-from hffm.wire import PushHeader
+from hffm.wire import PushHeader, digests_follow
 
 NOT_EXAMINED = "is not the version examined"  # a pinned relay refused (the coordinator flags its sender)
 
@@ -120,6 +120,10 @@ class Inbox:
 
     # -- receiving ------------------------------------------------------------------------
     def _check(self, h: PushHeader, caller: str | None) -> tuple[_Collection, bool]:
+        """The collection ``h`` feeds, and whether it repeats an accepted push. A header whose digests
+        follow (``digests_follow``) is checked on all but its digests: the pins and whether a push of the
+        same id repeats or conflicts wait for them (``accept`` checks the whole header)."""
+        known = not digests_follow(h)
         if h.receiver != self.node_id:
             raise ModuleError(
                 "INVALID_ARGUMENT", "wrong_receiver", f"push addressed to {h.receiver!r}, this is {self.node_id!r}"
@@ -169,7 +173,7 @@ class Inbox:
                     f"module {m.name} has version {m.version}, round is {h.round} ({h.tag})",
                 )
         pinned = dict(coll.step.pinned)
-        for m in h.modules:
+        for m in h.modules if known else ():
             if m.name in pinned and m.digest != pinned[m.name]:
                 raise ModuleError(
                     "FAILED_PRECONDITION",
@@ -206,6 +210,8 @@ class Inbox:
                 "stale_push",
                 f"{self.node_id}/{h.tag} already aggregated without {h.sender} this round",
             )
+        if prev is not None and not known and prev[0] == h.push_id:
+            return coll, False  # a retry or a conflict: told apart by the digests, at ``accept``
         if prev is not None:
             digests = tuple(m.digest for m in h.modules)
             if prev == (h.push_id, digests):

@@ -208,14 +208,16 @@ def _segments(module: Module, wire_dtype: str) -> tuple[memoryview, ...]:
     return _encode(module.tensors, WIRE_DTYPES[wire_dtype], meta)
 
 
-def _encoded(module: Module, wire_dtype: str, segments: tuple[memoryview, ...], digest_alg: str) -> EncodedModule:
+def _encoded(
+    module: Module, wire_dtype: str, segments: tuple[memoryview, ...], digest_alg: str, digest: bool = True
+) -> EncodedModule:
     return EncodedModule(
         name=module.name,
         version=module.version,
         num_samples=float(module.num_samples),
         dtype=wire_dtype,
         segments=segments,
-        digest=digest_of(segments, digest_alg),
+        digest=digest_of(segments, digest_alg) if digest else b"",
         digest_alg=digest_alg,
     )
 
@@ -227,19 +229,31 @@ def encode_module(module: Module, wire_dtype: str = "fp32", digest_alg: str = DE
 
 
 def encode_modules(
-    modules: list[Module], wire_dtype: str = "fp32", workers: int | None = None, digest_alg: str = DEFAULT_DIGEST
+    modules: list[Module],
+    wire_dtype: str = "fp32",
+    workers: int | None = None,
+    digest_alg: str = DEFAULT_DIGEST,
+    digest: bool = True,
 ) -> list[EncodedModule]:
     """``encode_module`` of each: the blobs are laid out on the calling thread, then digested on up to
     ``workers`` threads (default: the CPU count, at most 8), as the digest releases the GIL. Laying out
     is Python work that holds the GIL: done on the pool too, it kept the digesting threads waiting for
     the GIL (measured: no faster than one thread). Small sets (under 1 Mi elements) are digested on the
-    calling thread."""
+    calling thread. ``digest=False``: laid out only, the digests left empty (``digests_of`` computes
+    them, e.g. while the blobs stream: ``wire.digests: trailer``)."""
     segments = [_segments(m, wire_dtype) for m in modules]
+    if not digest:
+        return [_encoded(m, wire_dtype, s, digest_alg, False) for m, s in zip(modules, segments, strict=True)]
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     if workers <= 1 or len(modules) < 2 or sum(m.numel() for m in modules) < 1 << 20:
         return [_encoded(m, wire_dtype, s, digest_alg) for m, s in zip(modules, segments, strict=True)]
     with ThreadPoolExecutor(max_workers=min(workers, len(modules))) as pool:
         return list(pool.map(lambda m, s: _encoded(m, wire_dtype, s, digest_alg), modules, segments))
+
+
+def digests_of(encoded: Sequence[EncodedModule]) -> list[bytes]:
+    """Each encoding's digest: the one it carries, else computed now (its ``digest_alg``)."""
+    return [em.digest or digest_of(em.segments, em.digest_alg) for em in encoded]
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

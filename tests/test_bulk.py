@@ -344,12 +344,13 @@ def test_a_node_takes_chunks_up_to_the_bulk_chunk_size_over_either_transport_and
 
 def test_a_whole_federation_over_the_bulk_transport_is_the_grpc_run_bit_for_bit(tmp_path, golden_run):
     """The golden hfm-d2d run (mTLS, D2D relays through cluster heads, edge and cloud rounds) with
-    ``wire.transport=bulk``: every tier pushes over it (each process's log names the bulk endpoints it
-    pushed to) and the run's results and final modules are the gRPC run's on this machine, bit for bit."""
+    ``wire.transport=bulk`` and ``wire.digests=trailer``: every tier pushes over it (each process's log
+    names the bulk endpoints it pushed to), with each new module set's digests after its chunks (relays
+    pass the trailer on), and the run's results and final modules are the gRPC run's, bit for bit."""
     golden, grpc_view, _ = golden_run
     out = tmp_path / "bulk"
     run(
-        load_config(None, [*golden["sets"], "wire.transport=bulk"]),
+        load_config(None, [*golden["sets"], "wire.transport=bulk", "wire.digests=trailer"]),
         out,
         Console(file=io.StringIO(), width=120),
         timeout_s=300,
@@ -358,6 +359,7 @@ def test_a_whole_federation_over_the_bulk_transport_is_the_grpc_run_bit_for_bit(
         text = log.read_text()
         assert "bulk, port" in text, f"{log.name} pushed nothing over the bulk transport"
         assert ": gRPC" not in text, log.name
+        assert "digests follow the chunks" in text, log.name
     assert golden_view(out) == grpc_view
 
 

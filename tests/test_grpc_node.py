@@ -20,7 +20,7 @@ from hffm.modules import EncodedModule, Module, digest_of, encode_module
 from hffm.wire import ModuleHeader, PushHeader, chunks, push_id_for
 from services.common.bootstrap import node_modules, topology
 from services.common.bulk import BulkPush
-from services.common.client import push_callable, push_requests
+from services.common.client import push_callable, push_requests, trailed_push
 from services.common.convert import header_from_pb, header_to_pb, step_to_pb
 from services.common.identity import identity_metadata
 from services.common.node import NodeRuntime
@@ -569,3 +569,133 @@ def test_a_push_must_be_signed_by_its_sender_and_unchanged(edge, tamper):
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and match in e.value.details()
     assert node.inbox.snapshot() == before
     assert not _raw_push(ch, ch.security(D0).sign_header(h), ems, D0).duplicate  # the honest push still goes in
+
+
+# ---- digests after the chunks (wire.digests: trailer) ---------------------------------------------------
+def _signer(ch, name):
+    return ch.security(name).sign_header if ch.cfg.security.tls else (lambda h: h)
+
+
+def _trailed(ch, h, ems, digests=None, sender=D0):
+    """A push of ``ems`` with its digests in a trailer, signed by ``sender`` (with security on)."""
+    ds = [e.digest for e in ems] if digests is None else digests
+    return list(trailed_push(h, ems, 4096, lambda: ds, _signer(ch, sender)))
+
+
+def test_a_push_whose_digests_follow_its_chunks_is_the_same_push(edge):
+    """Digests in a trailer: the header goes with them empty (and signed so, with security on), the
+    trailer carries them and the signature over the whole header. The push is taken, and it is the same
+    push as with digests in the header: either one repeated is a duplicate, counted once; the same id
+    with other modules is ALREADY_EXISTS once the trailer tells them apart."""
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    reqs = _trailed(ch, h, ems)
+    assert reqs[0].header.modules[0].digest == b"" and reqs[-1].WhichOneof("kind") == "trailer"
+    ack = ch.push(D0)(iter(reqs), timeout=10, metadata=ch.meta(D0))
+    assert not ack.duplicate and ack.bytes_received == sum(e.size_bytes for e in ems)
+    assert _push(ch, push_requests(h, ems, 4096)).duplicate  # the header-digest push: the same push
+    assert ch.push(D0)(iter(_trailed(ch, h, ems)), timeout=10, metadata=ch.meta(D0)).duplicate
+    before = node.inbox.snapshot()
+    h2, ems2 = _good(node, D0, 2)
+    with pytest.raises(grpc.RpcError) as e:
+        ch.push(D0)(iter(_trailed(ch, h2, ems2)), timeout=10, metadata=ch.meta(D0))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "already pushed different modules" in e.value.details()
+    assert node.inbox.snapshot() == before
+
+
+def _bad_trailer(case, ch, h, ems):
+    """(requests, status, part of the details) of a push whose trailer breaks a rule."""
+    good = _trailed(ch, h, ems)
+    if case == "missing":
+        return good[:-1], "INVALID_ARGUMENT", "no trailer"
+    if case == "twice":
+        return [*good, good[-1]], "INVALID_ARGUMENT", "after the push's trailer"
+    if case == "before_the_last_chunk":
+        return [*good[:-2], good[-1], good[-2]], "INVALID_ARGUMENT", "after the push's trailer"
+    if case == "a_digest_short":
+        short = pb.PushTrailer(digests=[e.digest for e in ems][:-1], signature=good[-1].trailer.signature)
+        return [*good[:-1], pb.PushRequest(trailer=short)], "INVALID_ARGUMENT", "digests for"
+    if case == "a_digest_of_5_bytes":
+        return _trailed(ch, h, ems, [b"12345", *[e.digest for e in ems][1:]]), "INVALID_ARGUMENT", "digest is 5 B"
+    if case == "a_wrong_digest":  # signed as sent: the sender's own digest does not match its bytes
+        wrong = [bytes(32), *[e.digest for e in ems][1:]]
+        return _trailed(ch, h, ems, wrong), "DATA_LOSS", "blake3 digest"
+    if case == "after_header_digests":
+        return [*push_requests(_signer(ch, D0)(h), ems, 4096), good[-1]], "INVALID_ARGUMENT", "with its digests"
+    assert case == "some_digests_empty"
+    half = replace(h, modules=(replace(h.modules[0], digest=b""), *h.modules[1:]))
+    return list(push_requests(_signer(ch, D0)(half), ems, 4096)), "INVALID_ARGUMENT", "digest is 0 B"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "twice",
+        "before_the_last_chunk",
+        "a_digest_short",
+        "a_digest_of_5_bytes",
+        "a_wrong_digest",
+        "after_header_digests",
+        "some_digests_empty",
+    ],
+)
+def test_a_trailer_that_breaks_the_rules_is_refused_and_nothing_is_kept(edge, case):
+    node, ch, _ = edge
+    h, ems = _good(node, D0, 1)
+    reqs, code, why = _bad_trailer(case, ch, h, ems)
+    before = node.inbox.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        ch.push(D0)(iter(reqs), timeout=10, metadata=ch.meta(D0))
+    assert e.value.code() == getattr(grpc.StatusCode, code), e.value.details()
+    assert why in e.value.details()
+    assert node.inbox.snapshot() == before
+    assert not ch.push(D0)(iter(_trailed(ch, h, ems)), timeout=10, metadata=ch.meta(D0)).duplicate
+
+
+@pytest.mark.parametrize("tamper", ["trailer_unsigned", "trailer_by_another", "weights_raised_after_signing"])
+def test_a_trailers_signature_must_be_the_senders_over_the_whole_header(edge, tamper):
+    """With security on the header is checked as it comes (signed with its digests empty) and again with
+    the trailer's digests and signature: a trailer unsigned, signed by another device, or a header whose
+    weights were raised after the sender signed it, is PERMISSION_DENIED and nothing is kept."""
+    node, ch, _ = edge
+    if not node.security.enabled:
+        pytest.skip("signatures need keys: security on")
+    h, ems = _good(node, D0, 1)
+    reqs = _trailed(ch, h, ems)
+    if tamper == "trailer_unsigned":
+        reqs[-1] = pb.PushRequest(trailer=pb.PushTrailer(digests=reqs[-1].trailer.digests))
+        match = "not signed"
+    elif tamper == "trailer_by_another":
+        reqs[-1] = _trailed(ch, h, ems, sender=D1)[-1]
+        match = "signature does not match"
+    else:  # the trailer signed by the sender over other weights than the header's
+        raised = replace(h, modules=tuple(replace(m, num_samples=9.0) for m in h.modules))
+        reqs[-1] = _trailed(ch, raised, ems)[-1]
+        match = "signature does not match"
+    before = node.inbox.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        ch.push(D0)(iter(reqs), timeout=10, metadata=ch.meta(D0))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and match in e.value.details()
+    assert node.inbox.snapshot() == before
+
+
+def test_a_pinned_module_whose_digests_follow_is_held_to_the_pin_once_they_come(edge):
+    """A sync pinned to the version the cloud examined (a specialist's relay), pushed with its digests
+    in a trailer: the header passes without them, and once the trailer fills them in the push is refused
+    FAILED_PRECONDITION as not the version examined, nothing kept; the examined version is taken."""
+    from hffm.methods import SYNC
+
+    node, ch, _ = edge
+    ems = [encode_module(m) for m in _device_modules(node, 5, version=1).values()]
+    peers = {D0: "127.0.0.1:1"}
+    node.assign(3, "hfm", [Collect(SYNC, (D0,), "device_edge", pinned=((ems[0].name, bytes(32)),))], peers)
+    h = _header(D0, ems, 3, SYNC)
+    before = node.inbox.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        ch.push(D0)(iter(_trailed(ch, h, ems)), timeout=10, metadata=ch.meta(D0))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not the version examined" in e.value.details()
+    assert node.inbox.snapshot() == before
+    node.assign(4, "hfm", [Collect(SYNC, (D0,), "device_edge", pinned=((ems[0].name, ems[0].digest),))], peers)
+    h = _header(D0, ems, 4, SYNC)
+    assert not ch.push(D0)(iter(_trailed(ch, h, ems)), timeout=10, metadata=ch.meta(D0)).duplicate

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import grpc
@@ -126,15 +127,39 @@ def push_requests(
     encoded: Sequence[EncodedModule],
     chunk_bytes: int,
     after_first_chunk: Callable[[], None] | None = None,
+    trailer: Callable[[], pb.PushTrailer] | None = None,
 ) -> Iterator[pb.PushRequest | ChunkMessage]:
     """The header, then every chunk as a message in protobuf's wire format, its data still the encoded
     blobs' pieces (``chunkwire.ChunkMessage``: gRPC's serializer joins them, the bulk transport sends
-    them as they are)."""
+    them as they are); then ``trailer()``'s, when given (``trailed_push``)."""
     yield pb.PushRequest(header=header_to_pb(header))
     for n, (i, off, pieces) in enumerate(chunk_pieces(encoded, chunk_bytes)):
         yield chunk_parts(i, off, pieces)
         if n == 0 and after_first_chunk is not None:
             after_first_chunk()
+    if trailer is not None:
+        yield pb.PushRequest(trailer=trailer())
+
+
+def trailed_push(
+    header: PushHeader,
+    encoded: Sequence[EncodedModule],
+    chunk_bytes: int,
+    digests: Callable[[], list[bytes]],
+    sign: Callable[[PushHeader], PushHeader],
+    after_first_chunk: Callable[[], None] | None = None,
+) -> Iterator[pb.PushRequest | ChunkMessage]:
+    """A push whose digests follow its chunks (``wire.digests: trailer``): the header signed with every
+    digest empty, the chunks while the digests are computed elsewhere, then a trailer with ``digests()``
+    (the modules' digests, in order; it waits for them) and the signature over the whole header."""
+    empty = replace(header, modules=tuple(replace(m, digest=b"") for m in header.modules))
+
+    def trailer() -> pb.PushTrailer:
+        ds = digests()
+        mods = tuple(replace(m, digest=d) for m, d in zip(header.modules, ds, strict=True))
+        return pb.PushTrailer(digests=ds, signature=sign(replace(header, modules=mods)).signature)
+
+    return push_requests(sign(empty), encoded, chunk_bytes, after_first_chunk, trailer)
 
 
 def push_callable(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:

@@ -16,7 +16,7 @@ from hffm.ids import CLOUD, D2D, role_of, trace_prefix
 from hffm.inbox import Inbox
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec
 from hffm.pki import PKIError
-from hffm.wire import PushAssembler, PushHeader
+from hffm.wire import PushAssembler, PushHeader, digests_follow
 from services.common import faults
 from services.common.chunkwire import RawChunk
 from services.common.client import Channels, wait_unless
@@ -75,16 +75,14 @@ class Receiver:
         header = header_from_pb(first.header)
         if self.relays and header.link == D2D and (header.receiver != self.node_id or header.route):
             return self._relay(header, requests, caller)
+        follow = digests_follow(header)  # the digests come in a trailer, after the chunks
         try:
             duplicate = self.inbox.precheck(header, caller)
         except ModuleError as err:
             if err.reason == "not_examined":
                 self._report_switch(header, first.header)
             raise
-        try:
-            self.security.verify_header(header)
-        except PKIError as err:
-            raise ModuleError("PERMISSION_DENIED", "bad_signature", str(err)) from None
+        self._verify(header)  # with digests to follow: the header as sent, its digests empty (who, what, where)
         declared = sum(max(0, m.size_bytes) for m in header.modules)
         with self.admission.bytes(declared, f"push {header.push_id}"):
             # without a trace to write them, the decoded modules are the aggregator's alone (folded in place)
@@ -92,20 +90,33 @@ class Receiver:
             largest = max(self.cfg.wire.chunk_bytes, self.cfg.wire.bulk_chunk_bytes)
             assembler = PushAssembler(header, self.spec, largest, owned=owned)
             placing = isinstance(requests, TimedStream) and requests.place_into(assembler.place)
+            trailer = None
             try:
                 for req in requests:
+                    if trailer is not None:
+                        raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a message after the push's trailer")
                     if isinstance(req, RawChunk):
                         assembler.add_chunk(req.module_index, req.offset, req.data, req.placed)
-                    elif req.WhichOneof("kind") == "chunk":
+                    elif (kind := req.WhichOneof("kind")) == "chunk":
                         assembler.add_chunk(req.chunk.module_index, req.chunk.offset, req.chunk.data)
+                    elif kind == "trailer":
+                        trailer = req.trailer
                     else:
                         raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
             finally:
                 if placing:
                     requests.place_into(None)
+            if trailer is not None:  # every digest and the signature over them: the push as signed
+                header = assembler.complete(list(trailer.digests), bytes(trailer.signature))
+                self._verify(header)
             modules = assembler.finish()
         if not duplicate:
-            duplicate = self.inbox.accept(header, modules, caller)
+            try:
+                duplicate = self.inbox.accept(header, modules, caller)
+            except ModuleError as err:
+                if follow and err.reason == "not_examined":  # known only now: the digests came last
+                    self._report_switch(header, header_to_pb(header))
+                raise
             if not duplicate:
                 self._count_received(header)
                 for m in modules:
@@ -115,6 +126,12 @@ class Receiver:
         return pb.PushAck(
             duplicate=duplicate, bytes_received=assembler.bytes_received, modules=[m.name for m in header.modules]
         )
+
+    def _verify(self, header: PushHeader) -> None:
+        try:
+            self.security.verify_header(header)
+        except PKIError as err:
+            raise ModuleError("PERMISSION_DENIED", "bad_signature", str(err)) from None
 
     def _report_switch(self, header: PushHeader, signed: pb.PushHeader) -> None:
         """A specialist's relay that is not the version the cloud examined: send the cloud the sender's

@@ -4,24 +4,28 @@ it sent or relayed in its round's report and its metrics."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 
 from hffm.config import HFFMConfig
 from hffm.ids import role_of
 from hffm.methods import SYNC, Send
-from hffm.modules import EncodedModule, ModuleError, ModuleSet, encode_modules
+from hffm.modules import EncodedModule, ModuleError, ModuleSet, digest_of, encode_modules
 from hffm.results import Transfer
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
 from services.common import faults
 from services.common.bulk import BulkPush
-from services.common.client import RETRYABLE, Channels, push_requests, wait_unless
+from services.common.client import RETRYABLE, Channels, push_requests, trailed_push, wait_unless
 from services.common.metrics import Metrics, link_label
 from services.common.rounds import RoundRegistry, RoundState
+
+log = logging.getLogger("hffm.sender")
 
 
 class Sender:
@@ -48,12 +52,16 @@ class Sender:
         self.sign = sign  # signs a push header end to end (security on)
         self._lock = threading.Lock()
         self._encoded: dict[str, EncodedModule] = {}
+        self._digests: dict[str, Future] = {}  # wire.digests=trailer: a module's digest, being computed
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{node_id}-send")
+        self._trailed = False  # logged once, the first time a push's digests follow its chunks
+        self._digester = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{node_id}-digest")
 
     def invalidate(self) -> None:
         """The node adopted new modules: encodings made before are stale."""
         with self._lock:
             self._encoded.clear()
+            self._digests.clear()
 
     def encoded(self, names: tuple[str, ...]) -> list[EncodedModule]:
         """The modules' encodings, cached until the node adopts new modules (an edge's broadcast to
@@ -65,9 +73,25 @@ class Sender:
                 if n not in current:
                     raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {n}")
             wire = self.cfg.wire
-            fresh = encode_modules([current[n] for n in missing], wire.dtype, digest_alg=wire.digest)
+            later = wire.digests == "trailer"  # digested on another thread, while the first push streams
+            fresh = encode_modules([current[n] for n in missing], wire.dtype, digest_alg=wire.digest, digest=not later)
             self._encoded.update(zip(missing, fresh, strict=True))
+            for em in fresh if later else ():
+                self._digests[em.name] = self._digester.submit(digest_of, em.segments, em.digest_alg)
+            for n in names:  # digests computed since: kept with their encodings (later pushes carry them first)
+                fut = self._digests.get(n)
+                if not self._encoded[n].digest and fut is not None and fut.done() and fut.exception() is None:
+                    self._encoded[n] = replace(self._encoded[n], digest=fut.result())
             return [self._encoded[n] for n in names]
+
+    def _digests_of(self, encoded: list[EncodedModule]) -> list[bytes]:
+        """The encodings' digests, waiting for those still being computed (``wire.digests: trailer``)."""
+        with self._lock:
+            futs = [self._digests.get(em.name) for em in encoded]
+        out = []
+        for em, fut in zip(encoded, futs, strict=True):
+            out.append(em.digest or (fut.result() if fut is not None else digest_of(em.segments, em.digest_alg)))
+        return out
 
     def send_all(self, state: RoundState, sends: list[Send]) -> None:
         """Consecutive sends go out concurrently; returns when every one is acknowledged."""
@@ -97,7 +121,6 @@ class Sender:
             route=s.route[1:],
             attempt=state.attempt,
         )
-        header = self.sign(header)
         if self._push(state, s, header, first_hop, encoded):
             self.record(header, first_hop)
 
@@ -121,8 +144,15 @@ class Sender:
             push = self.channels.push(state.peers[first_hop], first_hop, self.metadata)
             wire = self.cfg.wire
             chunk = wire.bulk_chunk_bytes if isinstance(push, BulkPush) else wire.chunk_bytes
+            if all(em.digest for em in encoded):
+                requests = push_requests(self.sign(header), encoded, chunk, mid_push)
+            else:  # some digest is still being computed: it follows the chunks
+                if not self._trailed:
+                    self._trailed = True
+                    log.info("%s: digests follow the chunks (wire.digests: trailer)", self.node_id)
+                requests = trailed_push(header, encoded, chunk, lambda: self._digests_of(encoded), self.sign, mid_push)
             fut = push.future(
-                push_requests(header, encoded, chunk, mid_push),
+                requests,
                 timeout=max(1.0, deadline - time.monotonic()),
                 metadata=self.metadata,
             )
