@@ -293,23 +293,36 @@ def hffm_pusher(
         p.kill()
 
 
+def _in_turn(pushers: dict, repeat: int) -> tuple[int, dict[str, list[float]], dict[str, dict]]:
+    """(bytes, times, phases): each of ``pushers`` (name -> an ``hffm_pusher``) started and pushed once,
+    then taken in turn with a socket carrying as many random bytes (``"socket"``), ``repeat`` times."""
+    with ExitStack() as stack:
+        fns, phases = {}, {}
+        for name, pusher in pushers.items():
+            fns[name], phases[name] = stack.enter_context(pusher)
+        nbytes = [f() for f in fns.values()][0]
+        with socket_sender(nbytes) as (sock, _):
+            t = interleaved({**fns, "socket": sock}, repeat)
+    return nbytes, t, phases
+
+
+def _vs_socket(t: dict[str, list[float]], name: str) -> float:
+    return median([s / h for h, s in zip(t[name], t["socket"], strict=True)])
+
+
 def plain_transfer(wire: str, repeat: int) -> dict:
     """hffm's push of the module set in ``wire`` dtype over gRPC and over the bulk transport, and a
     socket carrying as many random bytes, in turn; each ratio is the median of the per-turn ratios."""
-    with hffm_pusher(wire) as (push, phases), hffm_pusher(wire, transport="bulk") as (bulk, bulk_phases):
-        nbytes = push()
-        bulk()
-        with socket_sender(nbytes) as (sock, _):
-            t = interleaved({"hffm": push, "bulk": bulk, "socket": sock}, repeat)
+    nbytes, t, ph = _in_turn({"hffm": hffm_pusher(wire), "bulk": hffm_pusher(wire, transport="bulk")}, repeat)
     return {
         "bytes": nbytes,
         "hffm_gbps": nbytes / median(t["hffm"]) / 1e9,
         "bulk_gbps": nbytes / median(t["bulk"]) / 1e9,
         "socket_gbps": nbytes / median(t["socket"]) / 1e9,
-        "ratio": median([s / h for h, s in zip(t["hffm"], t["socket"], strict=True)]),  # gRPC
-        "bulk_ratio": median([s / h for h, s in zip(t["bulk"], t["socket"], strict=True)]),
-        **{k: median(v[2:]) for k, v in phases.items()},  # the timed pushes, not the first two
-        **{f"bulk_{k}": median(v[2:]) for k, v in bulk_phases.items()},
+        "ratio": _vs_socket(t, "hffm"),  # gRPC
+        "bulk_ratio": _vs_socket(t, "bulk"),
+        **{k: median(v[2:]) for k, v in ph["hffm"].items()},  # the timed pushes, not the first two
+        **{f"bulk_{k}": median(v[2:]) for k, v in ph["bulk"].items()},
     }
 
 
@@ -391,24 +404,17 @@ def message_sizes(
 def bulk_only(repeat: int = 10) -> dict:
     """The fp32 push over the bulk transport, with its digests in the header and in a trailer, and the
     socket, taken in turn (about a minute): the quick check of the transfer figure's best path (``--bulk``)."""
-    with (
-        hffm_pusher("fp32", transport="bulk") as (bulk, phases),
-        hffm_pusher("fp32", transport="bulk", digests="trailer") as (trailed, trailed_phases),
-    ):
-        nbytes = bulk()
-        trailed()
-        with socket_sender(nbytes) as (sock, _):
-            t = interleaved({"bulk": bulk, "trailer": trailed, "socket": sock}, repeat)
-    return {
-        "bytes": nbytes,
-        "bulk_gbps": nbytes / median(t["bulk"]) / 1e9,
-        "trailer_gbps": nbytes / median(t["trailer"]) / 1e9,
-        "socket_gbps": nbytes / median(t["socket"]) / 1e9,
-        "bulk_ratio": median([s / h for h, s in zip(t["bulk"], t["socket"], strict=True)]),
-        "trailer_ratio": median([s / h for h, s in zip(t["trailer"], t["socket"], strict=True)]),
-        **{f"bulk_{k}": median(v[2:]) for k, v in phases.items()},
-        **{f"trailer_{k}": median(v[2:]) for k, v in trailed_phases.items()},
+    pushers = {
+        "bulk": hffm_pusher("fp32", transport="bulk"),
+        "trailer": hffm_pusher("fp32", transport="bulk", digests="trailer"),
     }
+    nbytes, t, ph = _in_turn(pushers, repeat)
+    out: dict = {"bytes": nbytes, "socket_gbps": nbytes / median(t["socket"]) / 1e9}
+    for name in pushers:
+        out[f"{name}_gbps"] = nbytes / median(t[name]) / 1e9
+        out[f"{name}_ratio"] = _vs_socket(t, name)
+        out.update({f"{name}_{k}": median(v[2:]) for k, v in ph[name].items()})
+    return out
 
 
 if __name__ == "__main__":

@@ -82,19 +82,35 @@ class BulkError(grpc.RpcError):
         return self._details
 
 
+def _recv_into(
+    sock: socket.socket, view: memoryview, stop: Callable[[], bool] | None = None, wait_s: float = 0.0
+) -> bool:
+    """Fill ``view`` from ``sock``; False at a clean end of stream before the first byte. With ``stop``:
+    ``sock``'s timeout is a slice of the wait, ``stop()`` is asked after each, and the read gives up
+    (ConnectionError) when it turns true, or with the slice's TimeoutError after ``wait_s`` in all."""
+    n, got = len(view), 0
+    deadline = time.monotonic() + wait_s
+    while got < n:
+        if stop is not None and stop():
+            raise ConnectionError("the push ended")
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            if stop is None or time.monotonic() >= deadline:
+                raise
+            continue
+        if k == 0:
+            if got == 0:
+                return False
+            raise ConnectionError(f"connection closed {got} bytes into a {n}-byte read")
+        got += k
+    return True
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
     """``n`` bytes from ``sock``; None at a clean end of stream before the first byte."""
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            if got == 0:
-                return None
-            raise ConnectionError(f"connection closed {got} bytes into a {n}-byte read")
-        got += k
-    return buf
+    return buf if _recv_into(sock, memoryview(buf)) else None
 
 
 class _Context:
@@ -293,23 +309,7 @@ class _Frames:
 
     def _fill(self, view: memoryview) -> bool:
         """Fill ``view``; False at a clean end of stream before the first byte."""
-        n, got = len(view), 0
-        deadline = time.monotonic() + self.frame_timeout_s
-        while got < n:
-            if self._closing:
-                raise ConnectionError("the push ended")
-            try:
-                k = self.conn.recv_into(view[got:], n - got)
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise
-                continue
-            if k == 0:
-                if got == 0:
-                    return False
-                raise ConnectionError(f"connection closed {got} bytes into a {n}-byte read")
-            got += k
-        return True
+        return _recv_into(self.conn, view, lambda: self._closing, self.frame_timeout_s)
 
     def _exact(self, n: int, what: str) -> bytearray:
         buf = bytearray(n)
