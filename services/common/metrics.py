@@ -24,6 +24,8 @@ REJECT_REASONS = (
     "truncated",
     "overflow",
     "chunk_too_large",
+    "not_placed",  # a chunk a transport marked as read into place that is not (a transport's bug: INTERNAL)
+    "unexpected_trailer",
     "digest_mismatch",
     "bad_digest",
     "unknown_module",
