@@ -239,8 +239,8 @@ def encode_modules(
     ``workers`` threads (default: the CPU count, at most 8), as the digest releases the GIL. Laying out
     is Python work that holds the GIL: done on the pool too, it kept the digesting threads waiting for
     the GIL (measured: no faster than one thread). Small sets (under 1 Mi elements) are digested on the
-    calling thread. ``digest=False``: laid out only, the digests left empty (``digests_of`` computes
-    them, e.g. while the blobs stream: ``wire.digests: trailer``)."""
+    calling thread. ``digest=False``: laid out only, the digests left empty (``digest_of`` of the
+    segments computes them later, e.g. while the blobs stream: ``wire.digests: trailer``)."""
     segments = [_segments(m, wire_dtype) for m in modules]
     if not digest:
         return [_encoded(m, wire_dtype, s, digest_alg, False) for m, s in zip(modules, segments, strict=True)]
@@ -249,11 +249,6 @@ def encode_modules(
         return [_encoded(m, wire_dtype, s, digest_alg) for m, s in zip(modules, segments, strict=True)]
     with ThreadPoolExecutor(max_workers=min(workers, len(modules))) as pool:
         return list(pool.map(lambda m, s: _encoded(m, wire_dtype, s, digest_alg), modules, segments))
-
-
-def digests_of(encoded: Sequence[EncodedModule]) -> list[bytes]:
-    """Each encoding's digest: the one it carries, else computed now (its ``digest_alg``)."""
-    return [em.digest or digest_of(em.segments, em.digest_alg) for em in encoded]
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

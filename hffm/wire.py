@@ -231,30 +231,35 @@ class PushAssembler:
             ahead += len(self._buffer(i))
             i += 1
 
+    def _check_size(self, n: int) -> None:
+        if n > self.max_chunk_bytes:
+            raise ModuleError("INVALID_ARGUMENT", "chunk_too_large", f"chunk of {n} B exceeds {self.max_chunk_bytes} B")
+
+    @staticmethod
+    def _check_fits(mh: ModuleHeader, offset: int, n: int) -> None:
+        if offset + n > mh.size_bytes:
+            raise ModuleError(
+                "INVALID_ARGUMENT", "overflow", f"module {mh.name}: chunk runs past declared size {mh.size_bytes} B"
+            )
+
     def place(self, module_index: int, offset: int, n: int) -> memoryview:
         """Where a chunk of ``n`` bytes at ``offset`` of module ``module_index`` goes in its receive buffer,
         for a transport that reads the bytes there itself; the chunk is then given to ``add_chunk`` with
         ``placed=True``, in stream order as any chunk, which checks it without copying it. Only the bounds
         are checked here (a transport may read ahead of ``add_chunk``): the order is ``add_chunk``'s, and
         a chunk it finds out of order fails the push, so a region written twice never passes."""
-        if n > self.max_chunk_bytes:
-            raise ModuleError("INVALID_ARGUMENT", "chunk_too_large", f"chunk of {n} B exceeds {self.max_chunk_bytes} B")
+        self._check_size(n)
         if not 0 <= module_index < len(self.header.modules):
             raise ModuleError(
                 "INVALID_ARGUMENT", "out_of_order", f"chunk for module {module_index} of a push of {len(self._bufs)}"
             )
-        mh = self.header.modules[module_index]
-        if offset + n > mh.size_bytes:
-            raise ModuleError(
-                "INVALID_ARGUMENT", "overflow", f"module {mh.name}: chunk runs past declared size {mh.size_bytes} B"
-            )
+        self._check_fits(self.header.modules[module_index], offset, n)
         return memoryview(self._buffer(module_index))[offset : offset + n]
 
     def add_chunk(self, module_index: int, offset: int, data: bytes | memoryview, placed: bool = False) -> None:
         """The next chunk, in stream order; ``placed``: its bytes are already in place (``place``)."""
         n = len(data)
-        if n > self.max_chunk_bytes:
-            raise ModuleError("INVALID_ARGUMENT", "chunk_too_large", f"chunk of {n} B exceeds {self.max_chunk_bytes} B")
+        self._check_size(n)
         # Advance to the next module when the current one is complete.
         if (
             self._index < len(self.header.modules)
@@ -271,10 +276,7 @@ class PushAssembler:
                 f"expected module {self._index} offset {self._offset}",
             )
         mh = self.header.modules[self._index]
-        if offset + n > mh.size_bytes:
-            raise ModuleError(
-                "INVALID_ARGUMENT", "overflow", f"module {mh.name}: chunk runs past declared size {mh.size_bytes} B"
-            )
+        self._check_fits(mh, offset, n)
         if offset == 0:
             self._allocate_ahead(self._index + 1)
         buf = self._buffer(self._index)
