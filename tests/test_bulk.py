@@ -24,7 +24,7 @@ from hffm.methods import Collect
 from services.common.bootstrap import node_modules, topology
 from services.common.bulk import MAX_FRAME, MAX_PREFIX, SPLIT, BulkPush, BulkServer
 from services.common.chunkwire import chunk_parts, serialize_push_request
-from services.common.client import Channels, push_requests
+from services.common.client import Channels, push_requests, trailed_push
 from services.common.identity import identity_metadata
 from services.common.node import NodeRuntime
 from services.common.server import NodeServer
@@ -428,24 +428,37 @@ def test_over_tls_the_bulk_listener_must_prove_it_is_the_node_dialled(small_cfg)
         srv.stop(0)
 
 
+def _same(header):
+    return header
+
+
 def test_a_client_that_stalls_inside_a_push_gets_deadline_exceeded_and_leaves_nothing(small_cfg):
-    """A bulk client that sends its header and then nothing (or announces a frame and sends part of it)
-    is answered DEADLINE_EXCEEDED within ``limits.chunk_timeout_s``, as a stalled gRPC stream is, and
-    the node keeps nothing of it."""
+    """A bulk client that sends its header and then nothing (or announces a frame and sends part of it,
+    or sends every chunk of a push whose digests follow and then no trailer) is answered
+    DEADLINE_EXCEEDED within ``limits.chunk_timeout_s``, as a stalled gRPC stream is, and the node
+    keeps nothing of it."""
     cfg = small_cfg.model_copy(update={"limits": small_cfg.limits.model_copy(update={"chunk_timeout_s": 1.0})})
     node, srv = _serve(cfg)
     try:
         h, ems = _good(node, D0, 1)
         msgs = [serialize_push_request(r) for r in push_requests(h, ems, 4096)]
+        digests = [e.digest for e in ems]
+        trailed = [serialize_push_request(r) for r in trailed_push(h, ems, 4096, lambda: digests, _same)]
         before = node.inbox.snapshot()
-        for tail in (b"", _U32.pack(len(msgs[1])) + msgs[1][:100]):  # nothing after the header; half a frame
+        cases = [
+            (_frame(msgs[0]), "next chunk"),  # nothing after the header
+            (_frame(msgs[0]) + _U32.pack(len(msgs[1])) + msgs[1][:100], "next chunk"),  # half a frame
+            (b"".join(map(_frame, trailed[:-1])), "its trailer after its last chunk"),  # no trailer
+        ]
+        for sent, owed in cases:
             with socket.create_connection(("127.0.0.1", srv.bulk.port), timeout=10) as s:
                 m = json.dumps([list(kv) for kv in identity_metadata(D0)]).encode()
-                s.sendall(_U32.pack(len(m)) + m + _frame(msgs[0]) + tail)
+                s.sendall(_U32.pack(len(m)) + m + sent)
                 t0 = time.monotonic()
                 code, n = struct.unpack("<BI", s.recv(5, socket.MSG_WAITALL))
-                assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], s.recv(n)
-                assert time.monotonic() - t0 < 5
+                details = s.recv(n, socket.MSG_WAITALL).decode()
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], details
+                assert owed in details and time.monotonic() - t0 < 5
         assert node.inbox.snapshot() == before
     finally:
         srv.stop(0)

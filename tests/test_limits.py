@@ -19,7 +19,7 @@ from services.common.client import push_callable, push_requests
 from services.common.convert import header_to_pb
 from services.common.server import NodeServer
 from services.rpc import pb
-from tests.test_grpc_node import D0, D1, EDGE, Clients, _Edge, _good, _push
+from tests.test_grpc_node import D0, D1, EDGE, Clients, _Edge, _good, _push, _trailed
 
 LIMITS = [
     ("header_timeout_s", 1.0),
@@ -104,6 +104,27 @@ def test_a_push_that_stops_between_chunks_is_cut_and_changes_nothing(limited):
     release()
     assert node.inbox.snapshot() == before
     assert _wait_free(node) == {"streams": 0, "bytes": 0}
+
+
+def test_a_push_that_stops_before_its_trailer_is_cut_and_changes_nothing(limited):
+    """Digests after the chunks (``wire.digests: trailer``): a sender that sends its header and every
+    chunk and then stalls before the trailer meets the same per-message deadline, named for what it
+    owes; nothing is kept and its slot and bytes are free again."""
+    node, ch = limited
+    header, ems = _good(node, D0, 1)
+    reqs = _trailed(ch, header, ems)
+    assert reqs[-1].WhichOneof("kind") == "trailer" and len(reqs) > 2
+    before = node.inbox.snapshot()
+    t0 = time.monotonic()
+    fut, release = _held_stream(ch, D0, reqs[:-1])
+    assert _code(fut) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.9 <= time.monotonic() - t0 < 8
+    assert "its trailer after its last chunk did not come within 1s" in fut.exception().details()
+    release()
+    assert node.inbox.snapshot() == before
+    assert _wait_free(node) == {"streams": 0, "bytes": 0}
+    ack = ch.push(D0)(iter(reqs), timeout=10, metadata=ch.meta(D0))  # the whole push still goes in
+    assert not ack.duplicate
 
 
 def test_one_caller_cannot_hold_more_streams_and_the_node_keeps_answering(small_cfg):

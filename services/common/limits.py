@@ -31,6 +31,7 @@ class TimedStream:
         self._q: queue.Queue = queue.Queue(maxsize=2)
         self._closed = threading.Event()
         self._first = True
+        self.awaiting: str | None = None  # what the next message must be, when the reader knows (a stall names it)
         self._requests = requests
         threading.Thread(target=self._pump, args=(requests,), name="push-reader", daemon=True).start()
 
@@ -69,9 +70,9 @@ class TimedStream:
         try:
             item = self._q.get(timeout=wait)
         except queue.Empty:
-            what = "its header" if self._first else "its next chunk"
+            what = "its header" if self._first else self.awaiting or "its next chunk"
             raise ModuleError(
-                "DEADLINE_EXCEEDED", "stream_stalled", f"{self.what}: no {what} within {wait:g}s"
+                "DEADLINE_EXCEEDED", "stream_stalled", f"{self.what}: {what} did not come within {wait:g}s"
             ) from None
         self._first = False
         if item is _END:

@@ -101,8 +101,11 @@ class Receiver:
                         assembler.add_chunk(req.chunk.module_index, req.chunk.offset, req.chunk.data)
                     elif kind == "trailer":
                         trailer = req.trailer
+                        continue
                     else:
                         raise ModuleError("INVALID_ARGUMENT", "out_of_order", "a second header inside one push")
+                    if follow and assembler.bytes_received == declared and isinstance(requests, TimedStream):
+                        requests.awaiting = "its trailer after its last chunk"  # what a stall here names
             finally:
                 if placing:
                     requests.place_into(None)
