@@ -161,7 +161,12 @@ class Aggregator(ABC):
 
 
 class FedAvg(Aggregator):
-    """Sample-weighted mean per module, as a running sum: sum_i w_i x_i / sum_i w_i."""
+    """Sample-weighted mean per module, as a running sum: sum_i w_i x_i / sum_i w_i.
+
+    The sum is kept relative to the first copy's weight w_0 (sum_i (w_i / w_0) x_i, divided by
+    sum_i w_i / w_0 at the end): the first copy is taken as it is (an owned receive buffer is the
+    sum, no pass over it), each later one costs one multiply-add, and one sender's aggregate is its
+    copy unchanged."""
 
     name = "fedavg"
 
@@ -170,6 +175,7 @@ class FedAvg(Aggregator):
         self._sum: dict[str, dict[str, torch.Tensor]] = {}
         self._flat: dict[str, torch.Tensor] = {}  # module -> one tensor that _sum[module] views
         self._weight: dict[str, float] = {}
+        self._base: dict[str, float] = {}  # module -> w_0, the weight the sum is relative to
         self._contributors: dict[str, int] = {}
 
     def _fold(self, sender: str, mods: list[Module]) -> None:
@@ -180,22 +186,23 @@ class FedAvg(Aggregator):
             acc = self._sum.get(m.name)
             flat = m.flat if m.flat is not None and m.flat.dtype == torch.float32 else None
             if acc is None:
-                if flat is not None:  # one operation for the module, tensors as views (same layout)
+                if flat is not None:  # one tensor for the module, tensors as views (same layout)
                     f = flat.detach()
-                    f = f.mul_(w) if m.owned else f.mul(w)  # owned: nothing else reads it, reuse it
+                    f = f if m.owned else f.clone()  # owned: nothing else reads it, it becomes the sum
                     self._flat[m.name] = f
                     self._sum[m.name] = flat_views(f, m.shapes())
                 else:
-                    self._sum[m.name] = {k: t.detach().to(torch.float32).mul(w) for k, t in m.tensors.items()}
-                self._weight[m.name] = w
+                    self._sum[m.name] = {k: t.detach().to(torch.float32, copy=True) for k, t in m.tensors.items()}
+                self._weight[m.name] = self._base[m.name] = w
                 self._contributors[m.name] = 1
             else:
+                alpha = w / self._base[m.name]
                 f = self._flat.get(m.name)
                 if f is not None and flat is not None and flat.device == f.device:
-                    f.add_(flat, alpha=w)  # shapes checked: both are the sorted-key layout
+                    f.add_(flat, alpha=alpha)  # shapes checked: both are the sorted-key layout
                 else:
                     for k, t in m.tensors.items():
-                        acc[k].add_(t.to(acc[k].device, torch.float32), alpha=w)
+                        acc[k].add_(t.to(acc[k].device, torch.float32), alpha=alpha)
                 self._weight[m.name] += w
                 self._contributors[m.name] += 1
 
@@ -207,11 +214,14 @@ class FedAvg(Aggregator):
             self._mean = {}
             for name, acc in self._sum.items():
                 w = self._weight[name]
+                d = w / self._base[name]  # 1.0 for one sender: its copy is the mean as it is
                 f = self._flat.get(name)
                 if f is not None:  # one division for the module; its tensors view the result (same layout)
-                    self._mean[name] = Module(name, acc, version, w, flat=f.div_(w))
+                    self._mean[name] = Module(name, acc, version, w, flat=f if d == 1.0 else f.div_(d))
                 else:
-                    self._mean[name] = Module(name, {k: v.div_(w) for k, v in acc.items()}, version, w)
+                    self._mean[name] = Module(
+                        name, acc if d == 1.0 else {k: v.div_(d) for k, v in acc.items()}, version, w
+                    )
         return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._mean.items()}
 
 
