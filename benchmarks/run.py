@@ -61,7 +61,9 @@ def run_all(
         "quick": quick,
         "transfer_ratio": tr["fp32"]["ratio"],
         "transfer_ratio_fp16": tr["fp16"]["ratio"],
+        "transfer_ratio_bulk": tr["fp32"]["bulk_ratio"],  # the same push over the bulk transport
         "transfer_tls_ratio": tr["tls"]["ratio"],  # hffm over mTLS vs a raw TLS socket, same cipher
+        "transfer_tls_ratio_bulk": tr["tls"]["bulk_ratio"],
         "aggregation_ratio": ag["ratio"],  # the arrival checks (digest, finiteness) excluded
         "aggregation_ratio_with_arrival": ag["ratio_with_arrival"],
         "aggregator_peak_sets": ag["peak_sets_above_idle"],
@@ -110,6 +112,12 @@ def markdown(b: dict) -> str:
             TARGETS["transfer_ratio"],
         ),
         (
+            "transfer_ratio_bulk (fp32)",
+            f"{b['transfer_ratio_bulk']:.3f}",
+            f"the same push over the bulk transport (wire.transport: bulk), {tr['fp32']['bulk_gbps']:.3f} GB/s",
+            TARGETS["transfer_ratio"],
+        ),
+        (
             "transfer_ratio (fp16 wire)",
             f"{b['transfer_ratio_fp16']:.3f}",
             f"hffm {tr['fp16']['hffm_gbps']:.3f} GB/s vs socket {tr['fp16']['socket_gbps']:.2f} GB/s, "
@@ -130,6 +138,14 @@ def markdown(b: dict) -> str:
             f"hffm over mTLS, signed header {tr['tls']['hffm_gbps']:.3f} GB/s vs raw TLS socket "
             f"{tr['tls']['tls_socket_gbps']:.2f} GB/s ({tr['tls']['cipher']}); "
             f"{tr['tls']['vs_plaintext']:.2f} of hffm's plaintext push",
+            TARGETS["transfer_tls_ratio"],
+        ),
+        (
+            "transfer_tls_ratio_bulk (fp32, mTLS)",
+            f"{b['transfer_tls_ratio_bulk']:.3f}",
+            f"the same over the bulk transport {tr['tls']['bulk_gbps']:.3f} GB/s; bound: the TLS socket with "
+            f"BLAKE3 checked end to end {tr['tls']['socket_blake3_gbps']:.2f} GB/s, "
+            f"{tr['tls']['socket_blake3_ratio']:.3f} of the raw TLS socket",
             TARGETS["transfer_tls_ratio"],
         ),
         (

@@ -67,7 +67,9 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     assert set(tta["methods"]) == {"star", "hfm", "hfm-d2d"}
     for x in tta["methods"].values():  # reached or not, the record says which
         assert (x["round"] is None) == (x["wall_s"] is None)
-    assert "| transfer_ratio (fp32) |" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "| transfer_ratio (fp32) |" in md and "| transfer_ratio_bulk (fp32) |" in md
+    assert b["transfer_ratio_bulk"] == tr["fp32"]["bulk_ratio"] > 0
     assert (tmp_path / "transfer.png").stat().st_size > 5_000
     bounds = tr["bounds"]
     assert bounds["grpc_bare_gbps"] > 0 and bounds["socket_blake3_gbps"] > 0
@@ -75,6 +77,9 @@ def test_bench_quick_writes_its_outputs(tmp_path):
     tls = tr["tls"]  # the push over mTLS (signed) and its limit, a TLS socket with gRPC's cipher
     assert tls["bytes"] == tr["fp32"]["bytes"] and tls["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
     assert tls["hffm_gbps"] > 0 and tls["tls_socket_gbps"] > 0 and b["transfer_tls_ratio"] == tls["ratio"]
+    assert (
+        tls["socket_blake3_gbps"] > 0 and tls["socket_blake3_ratio"] > 0
+    )  # its bound: the receiver checked each digest
     assert "| transfer_tls_ratio (fp32, mTLS) |" in (tmp_path / "bench.md").read_text()
     fl = b["details"]["flower"]["points"][0]
     assert fl["clients"] == 2 and fl["hffm"]["devices"] == 2 and len(fl["hffm"]["rounds_s"]) == 3
