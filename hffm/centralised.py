@@ -54,7 +54,9 @@ def run_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> dict
     train = {t: training_pool(cfg, t, tok) for t in cfg.tasks}
     test = {t: build_global_test(cfg, t, tok) for t in cfg.tasks}
     names = model.module_names()
-    central = cfg.train.model_copy(update={"prox_mu": 0.0, "restricted_softmax": 1.0})  # one model: no drift, no skew
+    central = cfg.train.model_copy(
+        update={"prox_mu": 0.0, "restricted_softmax": 1.0, "logit_adjust": 0.0}
+    )  # one model: no drift, no skew
     rounds = []
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()

@@ -255,6 +255,14 @@ class TrainConfig(_Strict):
         "device's own data are scaled by alpha (1: plain softmax, every bit as before; centralised training "
         "never uses it)",
     )
+    logit_adjust: float = D(
+        0.0,
+        ge=0,
+        description="logit adjustment's tau (balanced softmax): during local training tau * log(the device's own "
+        "answer prior, counts + 1) is added to a task's logits, so a head learns what tells the answers apart "
+        "rather than its device's label skew; evaluation uses the plain logits (0: plain softmax, every bit as "
+        "before; centralised training never uses it)",
+    )
     noop: bool = D(False, description="skip the optimisation step but keep every exchange (runtime benchmarks)")
 
     eval_every: int = D(

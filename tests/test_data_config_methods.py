@@ -323,6 +323,49 @@ def test_restricted_softmax_leaves_the_answers_a_device_never_sees_alone(small_c
         load_config(None, ["train.restricted_softmax=1.5"])
 
 
+def test_logit_adjustment_leaves_a_devices_answer_prior_out_of_its_head(small_cfg):
+    """train.logit_adjust (balanced softmax): tau * log(the device's answer prior) is added to the logits
+    in local training. A device's label skew then stays out of its head: the head's output bias, which
+    plain training drives towards the device's most common answer, moves far less towards it with tau 1
+    (SGD: steps in proportion to the gradient); tau 0 trains every bit as before, and a negative tau is a config error naming the field."""
+    import torch
+
+    from hffm.data import build_device_data, task_labels
+    from hffm.model import build_model
+    from hffm.training import train_local
+
+    tok = build_tokenizer()
+    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
+    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    task = sorted(data)[0]
+    counts = torch.tensor(data[task].label_counts())
+    top = int(counts.argmax())
+    assert counts[top] > 0.5 * counts.sum(), "the fixture's device should be skewed towards one answer"
+    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
+    names = model.module_names()
+    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+    head = f"head.{task}"
+    bias = max(k for k, v in start[head].items() if v.ndim == 1 and k.endswith("bias") and v.numel() == counts.numel())
+
+    def after(update: dict) -> dict[str, torch.Tensor]:
+        for n in names:
+            model.load_module_state(n, start[n])
+        train_local(model, {task: data[task]}, names, small_cfg.train.model_copy(update=update), "cpu", 7)
+        return {k: v.clone() for k, v in model.module_state(head).items()}
+
+    def lean(state: dict[str, torch.Tensor]) -> float:
+        """How far training moved the top answer's output bias above the others' (mean)."""
+        d = state[bias] - start[head][bias]
+        return float(d[top] - torch.cat([d[:top], d[top + 1 :]]).mean())
+
+    assert all(torch.equal(a, b) for a, b in zip(after({}).values(), after({"logit_adjust": 0.0}).values()))
+    sgd = {"optimizer": "sgd", "lr": 0.1}  # steps in proportion to the gradient (AdamW's first ones are ~lr each)
+    plain, adjusted = after(sgd), after({**sgd, "logit_adjust": 1.0})
+    assert lean(plain) > 0 and lean(adjusted) < 0.5 * lean(plain), (lean(plain), lean(adjusted))
+    with pytest.raises(ConfigError, match="logit_adjust"):
+        load_config(None, ["train.logit_adjust=-1"])
+
+
 def test_sgd_steps_scale_with_the_gradient_where_a_fresh_adamw_moves_every_weight_by_about_lr(small_cfg):
     """train.optimizer: one local step on one batch. SGD's step is -lr x gradient (twice the lr, twice the
     step; a weight with a tiny gradient barely moves), a fresh AdamW's is about lr on every weight with a
