@@ -30,6 +30,42 @@ def test_fedavg_equals_weighted_mean_with_unequal_weights():
     assert torch.allclose(got.tensors["b"], ref.tensors["b"], atol=1e-6)
 
 
+def test_one_senders_aggregate_is_its_copy_and_an_owned_buffer_becomes_the_sum():
+    """FedAvg keeps its sum relative to the first copy's weight: one sender's aggregate is its copy bit for
+    bit (whatever its weight), an owned decoded buffer is the sum itself (no pass, no copy), a copy that is
+    not owned is never written, and with more senders the weighted mean is what it was."""
+    from hffm.modules import decode_module, encode_module, spec_of
+
+    m = make_module("adapter.0", AD, num_samples=7.3, seed=3)
+    spec = spec_of({"adapter.0": m.tensors})
+    e = encode_module(m, "fp32")
+
+    def decoded(owned: bool) -> Module:
+        d = decode_module(
+            bytearray(e.data), name=e.name, version=1, num_samples=7.3, dtype="fp32", digest=e.digest, spec=spec
+        )
+        d.owned = owned
+        return d
+
+    mine = decoded(True)
+    agg = FedAvg()
+    agg.add("d0", [mine])
+    got = agg.result(2)["adapter.0"]
+    assert got.flat.data_ptr() == mine.flat.data_ptr() and got.num_samples == 7.3
+    assert all(torch.equal(got.tensors[k], m.tensors[k]) for k in AD)
+    theirs = decoded(False)
+    before = theirs.flat.clone()
+    other = make_module("adapter.0", AD, num_samples=2.0, seed=4)
+    agg = FedAvg()
+    agg.add("d0", [theirs])
+    agg.add("d1", [other])
+    got = agg.result(2)["adapter.0"]
+    assert torch.equal(theirs.flat, before) and got.flat.data_ptr() != theirs.flat.data_ptr()
+    for k in AD:
+        want = (7.3 * m.tensors[k].double() + 2.0 * other.tensors[k].double()) / 9.3
+        assert torch.allclose(got.tensors[k].double(), want, atol=1e-6)
+
+
 def test_head_averaged_only_over_nodes_with_the_task():
     a = {
         "adapter.0": make_module("adapter.0", AD, num_samples=10, seed=1),

@@ -327,7 +327,8 @@ def test_logit_adjustment_leaves_a_devices_answer_prior_out_of_its_head(small_cf
     """train.logit_adjust (balanced softmax): tau * log(the device's answer prior) is added to the logits
     in local training. A device's label skew then stays out of its head: the head's output bias, which
     plain training drives towards the device's most common answer, moves far less towards it with tau 1
-    (SGD: steps in proportion to the gradient); tau 0 trains every bit as before, and a negative tau is a config error naming the field."""
+    (SGD: steps in proportion to the gradient); tau 0 trains every bit as before, and a negative tau is a
+    config error naming the field."""
     import torch
 
     from hffm.data import build_device_data, task_labels
@@ -358,7 +359,8 @@ def test_logit_adjustment_leaves_a_devices_answer_prior_out_of_its_head(small_cf
         d = state[bias] - start[head][bias]
         return float(d[top] - torch.cat([d[:top], d[top + 1 :]]).mean())
 
-    assert all(torch.equal(a, b) for a, b in zip(after({}).values(), after({"logit_adjust": 0.0}).values()))
+    off, zero = after({}), after({"logit_adjust": 0.0})
+    assert off.keys() == zero.keys() and all(torch.equal(off[k], zero[k]) for k in off)
     sgd = {"optimizer": "sgd", "lr": 0.1}  # steps in proportion to the gradient (AdamW's first ones are ~lr each)
     plain, adjusted = after(sgd), after({**sgd, "logit_adjust": 1.0})
     assert lean(plain) > 0 and lean(adjusted) < 0.5 * lean(plain), (lean(plain), lean(adjusted))
