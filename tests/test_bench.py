@@ -148,3 +148,34 @@ def test_checkpoint_bench_saves_the_same_modules_once_when_shared(tmp_path):
     own_files = {f.stat().st_ino for f in (tmp_path / "own").rglob("modules.safetensors")}
     shared_files = {f.stat().st_ino for f in (tmp_path / "shared").rglob("modules.safetensors")}
     assert len(own_files) == 6 and len(shared_files) == 2
+
+
+def test_leave_one_out_scores_every_sender_of_an_edge_and_removes_greedily(tmp_path):
+    """benchmarks.loo on a real attacked run (label flippers registering 20x their samples, copies traced):
+    every sender of the edge in every round gets a gain (the score without it minus with all); greedy
+    removal starts with the largest gain when it exceeds the tolerance, never removes below a majority,
+    and with an infinite tolerance removes nobody."""
+    import io
+
+    from rich.console import Console
+
+    from benchmarks.attacks import BASE, QUICK
+    from benchmarks.loo import leave_one_out
+    from hffm.config import load_config
+    from services.launcher import run
+
+    trace = tmp_path / "trace"
+    sets = [*BASE, *QUICK, "adversary.behaviour=label_flip", "adversary.claim=20", f"runtime.trace_dir={trace}"]
+    run(load_config(None, sets), tmp_path / "run", Console(file=io.StringIO()), timeout_s=300)
+    senders = {f"device-1-{i}" for i in range(5)}
+    got = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=0.0)
+    assert sorted(got) == [1, 2]
+    for v in got.values():
+        assert set(v["gain"]) == senders and 0 <= v["all"] <= 1
+        removed = [s for s, _ in v["removed"]]
+        assert set(removed) <= senders and len(removed) <= len(senders) - (len(senders) // 2 + 1)
+        top, best = max(v["gain"].items(), key=lambda kv: kv[1])
+        assert (removed[:1] == [top]) if best > 0 else removed == []
+        assert all(g > 0 for _, g in v["removed"])
+    none = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=float("inf"))
+    assert all(v["removed"] == [] and v["gain"] == got[r]["gain"] for r, v in none.items())
