@@ -57,7 +57,8 @@ def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 
         gain = {s: mean_of(every - {s}) - full for s in sorted(every)}
         kept, removed, base = set(every), [], full
         while len(kept) > len(every) // 2 + 1:
-            g = {s: mean_of(kept - {s}) - base for s in sorted(kept)}
+            # the first step's gains are the leave-one-out gains above: not aggregated and scored again
+            g = gain if kept == every else {s: mean_of(kept - {s}) - base for s in sorted(kept)}
             s, best = max(g.items(), key=lambda kv: kv[1])
             if best <= tolerance:
                 break

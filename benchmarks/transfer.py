@@ -377,8 +377,14 @@ def tls_transfer(repeat: int) -> dict:
                 socket_sender(nbytes, pki=pki) as (sock_send, cipher),
                 socket_sender(nbytes, digest=True, pki=pki) as (digest_send, _),
             ):
-                fns = {"tls": tls_push, "bulk": bulk_push, "socket": sock_send, "plain": plain_push}
-                t = interleaved({**fns, "socket_blake3": digest_send}, repeat)
+                fns = {
+                    "tls": tls_push,
+                    "bulk": bulk_push,
+                    "socket": sock_send,
+                    "plain": plain_push,
+                    "socket_blake3": digest_send,
+                }
+                t = interleaved(fns, repeat)
     return {
         "bytes": nbytes,
         "hffm_gbps": nbytes / median(t["tls"]) / 1e9,
