@@ -1,6 +1,6 @@
 """Leave-one-out validation at an edge, offline (issue 17: would it catch label flippers?).
 
-``python -m benchmarks.loo RUN_DIR TRACE_DIR EDGE [--tolerance 0.02]``
+``python -m benchmarks.loo RUN_DIR TRACE_DIR EDGE [--tolerance 0.02] [--context round|last]``
 
 Takes a finished run made with ``runtime.trace_dir=TRACE_DIR`` (every copy a node received, saved) and,
 for each round, the copies ``EDGE`` collected from its devices: the FedAvg of all of them and of all but
@@ -9,7 +9,8 @@ standing in for a root set the edge would hold; the mean accuracy over tasks). A
 much the score rises without it. Then greedy removal: drop the sender whose removal gains most, while
 that gain exceeds ``--tolerance`` and a majority is kept (Fang et al. 2020's loss-based rejection, made
 sequential because one of two colluding flippers removed alone can look harmless: the other still
-dominates). Prints JSON; docs/robustness.md quotes what it found.
+dominates). ``--context round|last`` scores each aggregate as part of the global model instead of alone
+(``leave_one_out``). Prints JSON; docs/robustness.md quotes what it found.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from hffm.aggregation import FedAvg
 from hffm.config import load_config
 from hffm.data import build_global_test, build_tokenizer, task_labels
 from hffm.model import build_model
-from hffm.modules import ModuleSet, load_modules
+from hffm.modules import Module, ModuleSet, load_modules
 from hffm.training import evaluate
 
 
-def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 0.02) -> dict:
-    """{round: {"all": score, "gain": {sender: gain}, "removed": [(sender, gain), ...]}} for ``edge``."""
+def scorer(run_dir: Path):
+    """(score, start): ``score(modules)`` is the mean accuracy over tasks of the run's model with those
+    modules (the initial ones where a module is missing) on the run's global test set; ``start`` holds the
+    initial modules' tensors."""
     cfg = load_config(run_dir / "config.yaml", [])
     tok = build_tokenizer()
     model = build_model(cfg, len(tok), task_labels(cfg))
@@ -40,17 +43,70 @@ def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 
         s = evaluate(model, test, "cpu")
         return sum(v.correct / v.total for v in s.values()) / len(s)
 
+    return score, start
+
+
+def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 0.02, context: str = "") -> dict:
+    """{round: {"all": score, "gain": {sender: gain}, "removed": [(sender, gain), ...]}} for ``edge``.
+
+    ``context``: score each aggregate as part of the global model rather than alone (an edge's aggregate
+    judged alone penalises an honest device whose data is unlike its cluster's, which the other edges'
+    data may complement): ``"round"``, averaged (by samples) with the other edges' aggregates of the same
+    round, as the cloud makes it (cloud rounds only; an edge cannot know them when it aggregates);
+    ``"last"``, averaged with the last global modules the edge received (what it can know), weighted as
+    the other edges' samples in them; before the first cloud round, the initial modules weighted as this
+    edge's own samples."""
+    score, start = scorer(run_dir)
+
+    def last_global(r: int, copies: dict[str, ModuleSet]) -> ModuleSet:
+        """What the edge knows of the other edges at round r: the last global modules before r, each weighted
+        as the other edges' samples in it; before the first cloud round, the initial modules weighted as this
+        edge's own samples of the round."""
+        cloud = trace_dir / "cloud"
+        prev = [q for q in range(1, r) if (cloud / f"r{q}-aggregate-aggregate.safetensors").is_file()]
+        if not prev:
+            own: dict[str, float] = {}
+            for mods in copies.values():
+                for k, m in mods.items():
+                    own[k] = own.get(k, 0.0) + m.num_samples
+            return {k: Module(k, start[k], 0, w) for k, w in own.items()}
+        g = load_modules(str(cloud / f"r{prev[-1]}-aggregate-aggregate.safetensors"))
+        mine = load_modules(str(cloud / f"r{prev[-1]}-aggregate-from-{edge}.safetensors"))
+        return {
+            k: Module(k, m.tensors, 0, max(m.num_samples - (mine[k].num_samples if k in mine else 0.0), 1.0))
+            for k, m in g.items()
+        }
+
     out: dict = {}
     rounds = sorted({int(p.name.split("-")[0][1:]) for p in (trace_dir / edge).glob("r*-aggregate-from-*")})
     for r in rounds:
         files = sorted((trace_dir / edge).glob(f"r{r}-aggregate-from-*.safetensors"))
         copies = {f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f)) for f in files}
 
-        def mean_of(senders: set[str], r: int = r, copies: dict = copies) -> float:
+        others: dict = {}
+        if context == "round":
+            others = {
+                f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
+                for f in sorted((trace_dir / "cloud").glob(f"r{r}-aggregate-from-*.safetensors"))
+            }
+            if edge not in others:
+                continue  # not a cloud round
+            others.pop(edge)
+        elif context == "last":
+            others = {"global": last_global(r, copies)}
+
+        def mean_of(senders: set[str], r: int = r, copies: dict = copies, others: dict = others) -> float:
             agg = FedAvg()
             for s in sorted(senders):
                 agg.add(s, list(copies[s].values()))
-            return score(agg.result(r))
+            mine = agg.result(r)
+            if others:
+                agg = FedAvg()
+                agg.add(edge, list(mine.values()))
+                for o, mods in sorted(others.items()):
+                    agg.add(o, list(mods.values()))
+                mine = agg.result(r)
+            return score(mine)
 
         every = set(copies)
         full = mean_of(every)
@@ -75,8 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("trace_dir", type=Path)
     p.add_argument("edge")
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument(
+        "--context",
+        choices=["", "round", "last"],
+        default="",
+        help="score mixed with the other edges' aggregates of the round (cloud rounds), or with the last global "
+        "modules",
+    )
     a = p.parse_args(argv)
-    print(json.dumps(leave_one_out(a.run_dir, a.trace_dir, a.edge, a.tolerance), indent=1))
+    print(json.dumps(leave_one_out(a.run_dir, a.trace_dir, a.edge, a.tolerance, a.context), indent=1))
 
 
 if __name__ == "__main__":

@@ -160,8 +160,9 @@ def test_leave_one_out_scores_every_sender_of_an_edge_and_removes_greedily(tmp_p
     from rich.console import Console
 
     from benchmarks.attacks import BASE, QUICK
-    from benchmarks.loo import leave_one_out
+    from benchmarks.loo import leave_one_out, scorer
     from hffm.config import load_config
+    from hffm.modules import load_modules
     from services.launcher import run
 
     trace = tmp_path / "trace"
@@ -179,3 +180,11 @@ def test_leave_one_out_scores_every_sender_of_an_edge_and_removes_greedily(tmp_p
         assert all(g > 0 for _, g in v["removed"])
     none = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=float("inf"))
     assert all(v["removed"] == [] and v["gain"] == got[r]["gain"] for r, v in none.items())
+    # in the round's context (cloud rounds only: round 2 here), every sender kept scores what the cloud made
+    score, _ = scorer(tmp_path / "run")
+    in_round = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=0.0, context="round")
+    assert sorted(in_round) == [2] and set(in_round[2]["gain"]) == senders
+    assert in_round[2]["all"] == score(load_modules(str(trace / "cloud" / "r2-aggregate-aggregate.safetensors")))
+    # with the last global modules: every round, and round 1's (before any cloud round) differs from alone
+    last = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=0.0, context="last")
+    assert sorted(last) == [1, 2] and (last[1]["all"], last[1]["gain"]) != (got[1]["all"], got[1]["gain"])
