@@ -86,6 +86,17 @@ class ModelConfig(_Strict):
     max_text_len: int = D(16, ge=4, description="question tokens (padded or truncated)")
     bottleneck: int = D(256, ge=1, description="Double-Adapter bottleneck width (paper: 256)")
     head_hidden: int = D(128, ge=1, description="hidden width of each task head's MLP")
+    head_classifier: Literal["learned", "etf"] = D(
+        "learned",
+        description="each head's answer layer: 'learned' (a linear layer, trained); 'etf' (FedETF, Li et al. "
+        "ICCV 2023: a fixed simplex equiangular tight frame, the same on every node and never trained or sent, "
+        "over the L2-normalised output of a learned projection, divided by model.etf_temperature; every answer "
+        "keeps the same share of the head whatever answers a device holds; needs model.head_hidden >= a task's "
+        "answers)",
+    )
+    etf_temperature: float = D(
+        0.1, gt=0, le=10, description="model.head_classifier=etf: logits = cosine to each answer's vertex / this"
+    )
     prompt_tokens: int = D(
         0,
         ge=0,

@@ -15,6 +15,7 @@ exactly what the frozen backbone computes.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,6 +75,44 @@ class TaskHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net(pooled)
+
+
+class ETFHead(nn.Module):
+    """FedETF's head (Li et al., "No Fear of Classifier Biases", ICCV 2023): the MLP of ``TaskHead`` ending in
+    a learned projection to ``head_hidden`` dimensions, L2-normalised, scored against a fixed simplex
+    equiangular tight frame (one unit vertex per answer, every pair at cosine -1/(K-1)) and divided by a
+    temperature. The frame is a non-persistent buffer made from a seed on every node: it is not in the
+    module's state, so it is never trained, aggregated or sent. Under label skew a learned answer layer is
+    where a device's prior goes (the answers it never sees are pushed down); a fixed one has none to learn."""
+
+    def __init__(self, hidden: int, head_hidden: int, num_labels: int, temperature: float, seed: int) -> None:
+        super().__init__()
+        if num_labels < 2 or head_hidden < num_labels:
+            raise ValueError(
+                f"model.head_classifier=etf needs 2 <= answers <= model.head_hidden; a task has {num_labels} "
+                f"answers and model.head_hidden is {head_hidden}"
+            )
+        self.net = nn.Sequential(
+            nn.Linear(hidden, head_hidden),
+            nn.LayerNorm(head_hidden),
+            nn.GELU(),
+            nn.Linear(head_hidden, head_hidden),
+        )
+        self.temperature = temperature
+        self.register_buffer("frame", simplex_etf(head_hidden, num_labels, seed), persistent=False)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        z = nn.functional.normalize(self.net(pooled), dim=-1)
+        return z @ self.frame.to(z.dtype).T / self.temperature
+
+
+def simplex_etf(dim: int, classes: int, seed: int) -> torch.Tensor:
+    """(classes, dim): ``classes`` unit vectors in ``dim`` >= ``classes`` dimensions with pairwise cosine
+    -1/(classes-1), M = sqrt(K/(K-1)) U (I - 11^T/K) for U with orthonormal columns (a seeded QR), transposed."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(dim, classes, generator=g, dtype=torch.float64))
+    centred = torch.eye(classes, dtype=torch.float64) - 1.0 / classes
+    return (math.sqrt(classes / (classes - 1)) * u @ centred).T.to(torch.float32).contiguous()
 
 
 class AdaptedOutput(nn.Module):
@@ -160,7 +199,11 @@ def build_trainable_modules(
     for task, n in task_labels.items():
         name = head_name(task)
         torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
-        mods[name.replace(".", ":")] = TaskHead(hidden, model_cfg.head_hidden, n)
+        if model_cfg.head_classifier == "etf":
+            seed = _stable_seed(model_cfg.init_seed, name + ":etf")
+            mods[name.replace(".", ":")] = ETFHead(hidden, model_cfg.head_hidden, n, model_cfg.etf_temperature, seed)
+        else:
+            mods[name.replace(".", ":")] = TaskHead(hidden, model_cfg.head_hidden, n)
     if model_cfg.prompt_tokens:
         for task in task_labels:
             name = prompt_name(task)

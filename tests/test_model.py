@@ -155,3 +155,52 @@ def test_prompts_and_modality_adapters_are_modules_of_their_own(small_cfg):
     assert grads["prompt.art"] and grads["modality.image"] and grads["modality.text"] and grads["head.art"]
     assert not grads["prompt.gqa"] and not grads["head.gqa"]
     assert not any("trainable" in k for k in m.backbone.state_dict())  # the backbone's own state only
+
+
+def test_etf_head_is_a_fixed_frame_that_is_never_sent(small_cfg):
+    """model.head_classifier=etf (FedETF): each head scores the normalised output of its learned projection
+    against a fixed simplex ETF (unit vertices at pairwise cosine -1/(K-1)), the same frame on every node,
+    outside the module's state (never trained, aggregated or sent); logits are those cosines / temperature."""
+    import pytest
+
+    from hffm.model import ETFHead
+
+    cfg = small_cfg.model_copy(
+        update={"model": small_cfg.model.model_copy(update={"head_classifier": "etf", "etf_temperature": 0.25})}
+    )
+    vocab = build_tokenizer().vocab_size
+    m, other = build_model(cfg, vocab, _labels(cfg)), build_model(cfg, vocab, _labels(cfg))
+    for task in cfg.tasks:
+        head = m.module(head_name(task))
+        assert isinstance(head, ETFHead)
+        k = len(TASK_LABELS[task])
+        frame = head.frame
+        assert frame.shape == (k, cfg.model.head_hidden)
+        gram = frame @ frame.T
+        expected = torch.full((k, k), -1.0 / (k - 1)).fill_diagonal_(1.0)
+        assert torch.allclose(gram, expected, atol=1e-5)
+        assert torch.equal(frame, other.module(head_name(task)).frame)  # another node builds the same frame
+        state = m.module_state(head_name(task))
+        assert "frame" not in state and set(state) == {k for k, _ in head.named_parameters()}
+        assert not any(p is frame for p in m.trainable_parameters([head_name(task)]))
+    # the two tasks' frames differ (each from its own seed)
+    assert not torch.equal(m.module("head.art").frame[:2], m.module("head.gqa").frame[:2])
+    batch = _batch(cfg, 4)
+    torch.manual_seed(0)
+    logits = m(batch, "art")
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(m.module("head.art").net(m.pooled(batch, "art")), dim=-1)
+    assert torch.allclose(logits, z @ m.module("head.art").frame.T / 0.25, atol=1e-6)
+    assert float(logits.abs().max()) <= 1 / 0.25 + 1e-5  # a cosine over the temperature
+    # a trained head's state loads into another node's model, whose frame stays its own (the same)
+    with torch.no_grad():
+        m.module("head.art").net[0].weight.add_(1.0)
+    other.load_module_state("head.art", m.module_state("head.art"))
+    torch.manual_seed(0)
+    expected_logits = m(batch, "art")
+    torch.manual_seed(0)
+    assert torch.allclose(other(batch, "art"), expected_logits, atol=1e-6)
+    # a task with more answers than the projection has dimensions: an error naming the fields
+    narrow = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head_hidden": 2})})
+    with pytest.raises(ValueError, match="model.head_classifier=etf.*model.head_hidden"):
+        build_model(narrow, vocab, _labels(narrow))
