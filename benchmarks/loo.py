@@ -1,6 +1,6 @@
 """Leave-one-out validation at an edge, offline (issue 17: would it catch label flippers?).
 
-``python -m benchmarks.loo RUN_DIR TRACE_DIR EDGE [--tolerance 0.02] [--context round|last]``
+``python -m benchmarks.loo RUN_DIR TRACE_DIR EDGE [--tolerance 0.02] [--context round|last] [--metric auc]``
 
 Takes a finished run made with ``runtime.trace_dir=TRACE_DIR`` (every copy a node received, saved) and,
 for each round, the copies ``EDGE`` collected from its devices: the FedAvg of all of them and of all but
@@ -10,7 +10,8 @@ much the score rises without it. Then greedy removal: drop the sender whose remo
 that gain exceeds ``--tolerance`` and a majority is kept (Fang et al. 2020's loss-based rejection, made
 sequential because one of two colluding flippers removed alone can look harmless: the other still
 dominates). ``--context round|last`` scores each aggregate as part of the global model instead of alone
-(``leave_one_out``). Prints JSON; docs/robustness.md quotes what it found.
+(``leave_one_out``); ``--metric auc`` scores it by how well each answer's logit ranks that answer's
+questions (``scorer``) instead of by accuracy. Prints JSON; docs/robustness.md quotes what it found.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import torch
 
 from hffm.aggregation import FedAvg
 from hffm.config import load_config
@@ -27,10 +30,12 @@ from hffm.modules import Module, ModuleSet, load_modules
 from hffm.training import evaluate
 
 
-def scorer(run_dir: Path):
-    """(score, start): ``score(modules)`` is the mean accuracy over tasks of the run's model with those
-    modules (the initial ones where a module is missing) on the run's global test set; ``start`` holds the
-    initial modules' tensors."""
+def scorer(run_dir: Path, metric: str = "accuracy"):
+    """(score, start): ``score(modules)`` is the mean over tasks of the run's model with those modules (the
+    initial ones where a module is missing) on the run's global test set: its accuracy, or with ``metric``
+    ``"auc"`` the mean over answers of how well each answer's logit ranks that answer's questions above the
+    others (one-vs-rest ROC AUC, which a per-answer offset, i.e. a learned prior, does not change);
+    ``start`` holds the initial modules' tensors."""
     cfg = load_config(run_dir / "config.yaml", [])
     tok = build_tokenizer()
     model = build_model(cfg, len(tok), task_labels(cfg))
@@ -40,13 +45,40 @@ def scorer(run_dir: Path):
     def score(mods: ModuleSet) -> float:
         for n in model.module_names():
             model.load_module_state(n, mods[n].tensors if n in mods else start[n])
+        if metric == "auc":
+            return sum(macro_auc(model, td) for td in test.values()) / len(test)
         s = evaluate(model, test, "cpu")
         return sum(v.correct / v.total for v in s.values()) / len(s)
 
     return score, start
 
 
-def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 0.02, context: str = "") -> dict:
+@torch.no_grad()
+def macro_auc(model, td) -> float:
+    """``macro_auc_of`` the model's logits on all of ``td``."""
+    torch.manual_seed(0)  # ViLT's patch order, as in evaluate
+    batch = td.batch(torch.arange(len(td)), "cpu")
+    return macro_auc_of(model(batch, td.task).float(), batch["labels"])
+
+
+def macro_auc_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the answers present in ``labels`` (with questions of other answers too) of the one-vs-rest
+    ROC AUC of that answer's logit: P(a question with the answer scores higher than one without; ties
+    count half). Label -1 (an answer outside the vocabulary) has no logit of its own and is skipped."""
+    aucs = []
+    for k in labels.unique().tolist():
+        if k < 0:
+            continue
+        pos, neg = logits[labels == k, k], logits[labels != k, k]
+        if len(neg):
+            diff = pos[:, None] - neg[None, :]
+            aucs.append(float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()))
+    return sum(aucs) / max(len(aucs), 1)
+
+
+def leave_one_out(
+    run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 0.02, context: str = "", metric: str = "accuracy"
+) -> dict:
     """{round: {"all": score, "gain": {sender: gain}, "removed": [(sender, gain), ...]}} for ``edge``.
 
     ``context``: score each aggregate as part of the global model rather than alone (an edge's aggregate
@@ -56,7 +88,7 @@ def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 
     ``"last"``, averaged with the last global modules the edge received (what it can know), weighted as
     the other edges' samples in them; before the first cloud round, the initial modules weighted as this
     edge's own samples."""
-    score, start = scorer(run_dir)
+    score, start = scorer(run_dir, metric)
 
     def last_global(r: int, copies: dict[str, ModuleSet]) -> ModuleSet:
         """What the edge knows of the other edges at round r: the last global modules before r, each weighted
@@ -80,15 +112,11 @@ def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 
     out: dict = {}
     rounds = sorted({int(p.name.split("-")[0][1:]) for p in (trace_dir / edge).glob("r*-aggregate-from-*")})
     for r in rounds:
-        files = sorted((trace_dir / edge).glob(f"r{r}-aggregate-from-*.safetensors"))
-        copies = {f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f)) for f in files}
+        copies = _received(trace_dir / edge, r)
 
         others: dict = {}
         if context == "round":
-            others = {
-                f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
-                for f in sorted((trace_dir / "cloud").glob(f"r{r}-aggregate-from-*.safetensors"))
-            }
+            others = _received(trace_dir / "cloud", r)
             if edge not in others:
                 continue  # not a cloud round
             others.pop(edge)
@@ -125,6 +153,12 @@ def leave_one_out(run_dir: Path, trace_dir: Path, edge: str, tolerance: float = 
     return out
 
 
+def _received(node_trace: Path, r: int) -> dict[str, ModuleSet]:
+    """{sender: the copy it sent} for the copies a node collected in round ``r`` (its trace's files)."""
+    files = sorted(node_trace.glob(f"r{r}-aggregate-from-*.safetensors"))
+    return {f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f)) for f in files}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.loo", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
@@ -138,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         help="score mixed with the other edges' aggregates of the round (cloud rounds), or with the last global "
         "modules",
     )
+    p.add_argument("--metric", choices=["accuracy", "auc"], default="accuracy", help="what an aggregate is scored by")
     a = p.parse_args(argv)
-    print(json.dumps(leave_one_out(a.run_dir, a.trace_dir, a.edge, a.tolerance, a.context), indent=1))
+    print(json.dumps(leave_one_out(a.run_dir, a.trace_dir, a.edge, a.tolerance, a.context, a.metric), indent=1))
 
 
 if __name__ == "__main__":

@@ -188,3 +188,41 @@ def test_leave_one_out_scores_every_sender_of_an_edge_and_removes_greedily(tmp_p
     # with the last global modules: every round, and round 1's (before any cloud round) differs from alone
     last = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=0.0, context="last")
     assert sorted(last) == [1, 2] and (last[1]["all"], last[1]["gain"]) != (got[1]["all"], got[1]["gain"])
+    # scored by per-answer ranking (AUC): the same rounds and senders, on its own scale
+    auc = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=float("inf"), metric="auc")
+    assert sorted(auc) == [1, 2] and all(set(v["gain"]) == senders and 0 <= v["all"] <= 1 for v in auc.values())
+    assert [v["all"] for v in auc.values()] != [v["all"] for v in got.values()]
+
+
+def test_macro_auc_is_the_rank_statistic_and_ignores_a_learned_prior():
+    """benchmarks.loo's ``--metric auc``: per answer, the one-vs-rest ROC AUC of its logit equals the
+    Mann-Whitney rank statistic (ties at mid-ranks), averaged over the answers present; adding a per-answer
+    offset to the logits (what a device's answer prior puts into a head's bias) leaves it unchanged, while
+    accuracy moves."""
+    import torch
+
+    from benchmarks.loo import macro_auc_of
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    labels[:3] = -1  # outside the vocabulary: skipped
+    logits = torch.randint(-3, 4, (60, 5), generator=g).float()  # small integers: many ties
+
+    def rank_auc(scores, positive):
+        order = scores.argsort()
+        ranks = torch.empty_like(scores)
+        ranks[order] = torch.arange(1, len(scores) + 1, dtype=scores.dtype)
+        for v in scores.unique():  # mid-ranks for ties
+            tie = scores == v
+            ranks[tie] = ranks[tie].mean()
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+    valid = labels >= 0
+    expected = [rank_auc(logits[valid, k].double(), labels[valid] == k) for k in labels[valid].unique().tolist()]
+    # the reference ranks within the valid questions; ours compares against every other question, -1 too
+    ours_valid = macro_auc_of(logits[valid], labels[valid])
+    assert abs(ours_valid - sum(expected) / len(expected)) < 1e-9
+    offset = torch.tensor([5.0, -2.0, 0.5, 9.0, -4.0])
+    assert macro_auc_of(logits + offset, labels) == macro_auc_of(logits, labels)
+    assert not torch.equal((logits + offset).argmax(-1), logits.argmax(-1))
