@@ -66,15 +66,17 @@ class TaskHead(nn.Module):
 
     def __init__(self, hidden: int, head_hidden: int, num_labels: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(hidden, head_hidden),
-            nn.LayerNorm(head_hidden),
-            nn.GELU(),
-            nn.Linear(head_hidden, num_labels),
-        )
+        self.net = _head_mlp(hidden, head_hidden, num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net(pooled)
+
+
+def _head_mlp(hidden: int, head_hidden: int, out: int) -> nn.Sequential:
+    """Linear -> LayerNorm -> GELU -> Linear to ``out``: every head's MLP on the pooled output."""
+    return nn.Sequential(
+        nn.Linear(hidden, head_hidden), nn.LayerNorm(head_hidden), nn.GELU(), nn.Linear(head_hidden, out)
+    )
 
 
 class ETFHead(nn.Module):
@@ -92,12 +94,7 @@ class ETFHead(nn.Module):
                 f"model.head_classifier=etf needs 2 <= answers <= model.head_hidden; a task has {num_labels} "
                 f"answers and model.head_hidden is {head_hidden}"
             )
-        self.net = nn.Sequential(
-            nn.Linear(hidden, head_hidden),
-            nn.LayerNorm(head_hidden),
-            nn.GELU(),
-            nn.Linear(head_hidden, head_hidden),
-        )
+        self.net = _head_mlp(hidden, head_hidden, head_hidden)  # the last layer: the learned projection
         self.temperature = temperature
         self.register_buffer("frame", simplex_etf(head_hidden, num_labels, seed), persistent=False)
 
