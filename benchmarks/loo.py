@@ -124,17 +124,8 @@ def leave_one_out(
             others = {"global": last_global(r, copies)}
 
         def mean_of(senders: set[str], r: int = r, copies: dict = copies, others: dict = others) -> float:
-            agg = FedAvg()
-            for s in sorted(senders):
-                agg.add(s, list(copies[s].values()))
-            mine = agg.result(r)
-            if others:
-                agg = FedAvg()
-                agg.add(edge, list(mine.values()))
-                for o, mods in sorted(others.items()):
-                    agg.add(o, list(mods.values()))
-                mine = agg.result(r)
-            return score(mine)
+            mine = _fedavg({s: copies[s] for s in senders}, r)
+            return score(_fedavg({edge: mine, **others}, r) if others else mine)
 
         every = set(copies)
         full = mean_of(every)
@@ -151,6 +142,14 @@ def leave_one_out(
             base += best
         out[r] = {"all": full, "gain": gain, "removed": removed}
     return out
+
+
+def _fedavg(sets: dict[str, ModuleSet], r: int) -> ModuleSet:
+    """The FedAvg of ``sets`` (sender -> its copy), senders added in sorted order as a collecting node does."""
+    agg = FedAvg()
+    for s in sorted(sets):
+        agg.add(s, list(sets[s].values()))
+    return agg.result(r)
 
 
 def _received(node_trace: Path, r: int) -> dict[str, ModuleSet]:
