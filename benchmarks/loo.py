@@ -1,6 +1,6 @@
 """Leave-one-out validation at an edge, offline (issue 17: would it catch label flippers?).
 
-``python -m benchmarks.loo RUN_DIR TRACE_DIR EDGE [--tolerance 0.02] [--context round|last] [--metric auc]``
+``python -m benchmarks.loo RUN_DIR TRACE_DIR EDGE [--tolerance 0.02] [--context round|last] [--metric auc] [--mean]``
 
 Takes a finished run made with ``runtime.trace_dir=TRACE_DIR`` (every copy a node received, saved) and,
 for each round, the copies ``EDGE`` collected from its devices: the FedAvg of all of them and of all but
@@ -11,7 +11,8 @@ that gain exceeds ``--tolerance`` and a majority is kept (Fang et al. 2020's los
 sequential because one of two colluding flippers removed alone can look harmless: the other still
 dominates). ``--context round|last`` scores each aggregate as part of the global model instead of alone
 (``leave_one_out``); ``--metric auc`` scores it by how well each answer's logit ranks that answer's
-questions (``scorer``) instead of by accuracy. Prints JSON; docs/robustness.md quotes what it found.
+questions (``scorer``) instead of by accuracy; ``--mean`` adds each sender's gain averaged over the rounds
+(``mean_gains``). Prints JSON; docs/robustness.md quotes what it found.
 """
 
 from __future__ import annotations
@@ -144,6 +145,16 @@ def leave_one_out(
     return out
 
 
+def mean_gains(rounds: dict) -> dict[str, float]:
+    """Each sender's first leave-one-out gain averaged over the rounds it was scored in (``leave_one_out``'s
+    result): evidence that adds up over rounds where one round's is noise."""
+    gains: dict[str, list[float]] = {}
+    for v in rounds.values():
+        for sender, g in v["gain"].items():
+            gains.setdefault(sender, []).append(g)
+    return {s: sum(g) / len(g) for s, g in sorted(gains.items())}
+
+
 def _fedavg(sets: dict[str, ModuleSet], r: int) -> ModuleSet:
     """The FedAvg of ``sets`` (sender -> its copy), senders added in sorted order as a collecting node does."""
     agg = FedAvg()
@@ -172,8 +183,10 @@ def main(argv: list[str] | None = None) -> None:
         "modules",
     )
     p.add_argument("--metric", choices=["accuracy", "auc"], default="accuracy", help="what an aggregate is scored by")
+    p.add_argument("--mean", action="store_true", help="also each sender's gain averaged over the rounds")
     a = p.parse_args(argv)
-    print(json.dumps(leave_one_out(a.run_dir, a.trace_dir, a.edge, a.tolerance, a.context, a.metric), indent=1))
+    res = leave_one_out(a.run_dir, a.trace_dir, a.edge, a.tolerance, a.context, a.metric)
+    print(json.dumps({"rounds": res, "mean_gain": mean_gains(res)} if a.mean else res, indent=1))
 
 
 if __name__ == "__main__":

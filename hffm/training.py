@@ -7,6 +7,7 @@ round (the usual FedAvg practice: optimiser state is not shared or kept across a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,12 @@ def train_local(
     device: str,
     seed: int,
     lr: float | None = None,
+    on_grad: Callable[[str], None] | None = None,
 ) -> TrainStats:
     """E_local epochs; each epoch visits every batch of every task once, tasks interleaved. ``lr``: the
-    round's learning rate (``round_lr``); None: ``cfg.lr``."""
+    round's learning rate (``round_lr``); None: ``cfg.lr``. ``on_grad(task)``, when given, is called after
+    each batch's backward pass and before the optimiser's step: it may read and change the parameters'
+    ``.grad`` (``benchmarks.screen``'s SCAFFOLD correction)."""
     gen = torch.Generator().manual_seed(seed)
     # ViLT's embedding draws a random patch order from torch's global RNG on every forward; without a
     # seed here the result depends on what else ran in the process before (not reproducible).
@@ -85,6 +89,8 @@ def train_local(
                     (p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)
                 )
             objective.backward()
+            if on_grad is not None:
+                on_grad(task)
             opt.step()
             total_loss += float(loss.detach())
             seen += len(idx)

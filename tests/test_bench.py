@@ -160,7 +160,7 @@ def test_leave_one_out_scores_every_sender_of_an_edge_and_removes_greedily(tmp_p
     from rich.console import Console
 
     from benchmarks.attacks import BASE, QUICK
-    from benchmarks.loo import leave_one_out, scorer
+    from benchmarks.loo import leave_one_out, mean_gains, scorer
     from hffm.config import load_config
     from hffm.modules import load_modules
     from services.launcher import run
@@ -178,6 +178,9 @@ def test_leave_one_out_scores_every_sender_of_an_edge_and_removes_greedily(tmp_p
         top, best = max(v["gain"].items(), key=lambda kv: kv[1])
         assert (removed[:1] == [top]) if best > 0 else removed == []
         assert all(g > 0 for _, g in v["removed"])
+    means = mean_gains(got)
+    assert set(means) == senders
+    assert all(abs(means[s] - sum(v["gain"][s] for v in got.values()) / 2) < 1e-12 for s in senders)
     none = leave_one_out(tmp_path / "run", trace, "edge-1", tolerance=float("inf"))
     assert all(v["removed"] == [] and v["gain"] == got[r]["gain"] for r, v in none.items())
     # in the round's context (cloud rounds only: round 2 here), every sender kept scores what the cloud made
@@ -226,3 +229,120 @@ def test_macro_auc_is_the_rank_statistic_and_ignores_a_learned_prior():
     offset = torch.tensor([5.0, -2.0, 0.5, 9.0, -4.0])
     assert macro_auc_of(logits + offset, labels) == macro_auc_of(logits, labels)
     assert not torch.equal((logits + offset).argmax(-1), logits.argmax(-1))
+
+
+def _screen_model(sets: list[str]):
+    """(config, tokenizer, model) as the screen builds them."""
+    from hffm.config import load_config
+    from hffm.data import load_tokenizer, task_labels
+    from hffm.model import build_model
+
+    cfg = load_config(None, sets)
+    tok = load_tokenizer(cfg)
+    return cfg, tok, build_model(cfg, len(tok), task_labels(cfg))
+
+
+def test_the_screen_reproduces_a_real_hfm_run(golden_run):
+    """benchmarks.screen (hfm's round plan in one process) against the golden run's real services (hfm-d2d:
+    D2D changes who aggregates a cluster, not the aggregate): the same global accuracy at every cloud round
+    (within a sample of the 64), and final global modules within a small fraction of how far training moved
+    them (the cloud folds in float32, the screen in float64; AdamW turns such differences into steps)."""
+    from benchmarks.screen import screen
+    from hffm.config import load_config
+    from hffm.modules import load_modules
+
+    golden, _, out = golden_run
+    sets = [s for s in golden["sets"] if not s.startswith(("method=", "d2d."))] + ["method=hfm"]
+    curve, mods = screen(load_config(None, sets), "plain", log=lambda _: None)
+    results = json.loads((out / "results.json").read_text())
+    real = {r["round"]: r["accuracy"] for r in results["rounds"] if r["cloud_aggregation"] and r["accuracy"]}
+    assert [c["round"] for c in curve] == sorted(real) == [2, 4]
+    for c in curve:
+        for task, acc in c["accuracy"].items():
+            assert abs(acc - real[c["round"]][task]["global"]) <= 1 / 64 + 1e-9, (c["round"], task)
+    ref = load_modules(str(out / "global_modules.safetensors"))
+    _, _, model = _screen_model(sets)
+    off = moved = 0.0
+    for n, m in mods.items():
+        for k, v in m.tensors.items():
+            off += float((v - ref[n].tensors[k]).abs().sum())
+            moved += float((ref[n].tensors[k] - model.module_state(n)[k]).abs().sum())
+    assert off < moved / 50, (off, moved)
+
+
+def test_scaffold_corrects_every_step_and_keeps_the_mean_raw_gradient():
+    """The screen's SCAFFOLD hook with SGD (no momentum), where a run's displacement is exactly -lr x the sum
+    of the gradients stepped on: every parameter moves by -lr x (its batches) x (its new c_i + c - c_i), i.e.
+    the correction is added at every step and c_i is the mean raw gradient over the batches that reached
+    it (a head only its task's); with c = c_i the run is plain training, bit for bit."""
+    import torch
+
+    from benchmarks.screen import _scaffold_hook, _snapshot, _zeros
+    from hffm.data import build_device_data
+    from hffm.ids import task_of
+    from hffm.modules import Module
+    from hffm.topology import split_table
+    from hffm.training import train_local
+
+    sets = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+            "model.bottleneck=16", "model.head_hidden=32", "data.train_per_task=160", "train.optimizer=sgd",
+            "train.lr=0.05", "train.batch_size=16"]  # fmt: skip
+    cfg, tok, model = _screen_model(sets)
+    topo = split_table(cfg)
+    dev = sorted(topo.device_map)[0]
+    data = build_device_data(cfg, dev, topo.holders_by_task(), tok, topo.device_map[dev].tasks).train
+    samples = {t: len(td) for t, td in data.items()}
+    names = model.module_names()
+    start = _snapshot(model, names, 0, samples)
+    g = torch.Generator().manual_seed(1)
+    c = {
+        n: Module(n, {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in m.tensors.items()}, 0, 1.0)
+        for n, m in start.items()
+    }
+
+    def trained(c=None, c_i=None):
+        for n in names:
+            model.load_module_state(n, start[n].tensors)
+        hook, grads = _scaffold_hook(model, names, c, c_i) if c is not None else (None, None)
+        train_local(model, data, names, cfg.train, "cpu", seed=7, on_grad=hook)
+        return _snapshot(model, names, 1, samples), grads(samples) if grads else None
+
+    end, new_c = trained(c, _zeros(start))
+    batches = {t: -(-n // cfg.train.batch_size) for t, n in samples.items()}
+    for n in names:
+        steps = batches[task_of(n)] if task_of(n) else sum(batches.values())
+        for k, v in end[n].tensors.items():
+            want = start[n].tensors[k] - cfg.train.lr * steps * (new_c[n].tensors[k] + c[n].tensors[k])
+            assert torch.allclose(v, want, atol=1e-5), (n, k)
+    plain, _ = trained()
+    same, _ = trained(c, c)
+    keys = [(n, k) for n in names for k in plain[n].tensors]
+    assert all(torch.equal(same[n].tensors[k], plain[n].tensors[k]) for n, k in keys)
+    assert not all(torch.equal(end[n].tensors[k], plain[n].tensors[k]) for n, k in keys)
+
+
+def test_fedadam_steps_by_adam_on_the_cloud_pseudo_gradient():
+    """The screen's FedAdam step over two cloud rounds against Adam written out (β 0.9, 0.99, no bias
+    correction): each tensor moves by η m / (√v + τ) from the last global, m and v kept between rounds;
+    the aggregate's version and weight are kept."""
+    import torch
+
+    from benchmarks.screen import _adam_step
+    from hffm.modules import Module
+
+    g = torch.Generator().manual_seed(3)
+    glob = {"head.a": Module("head.a", {"w": torch.randn(4, 3, generator=g)}, 2, 5.0)}
+    moments: dict = {}
+    m = v = torch.zeros(4, 3)
+    for r in (1, 2):
+        agg = {
+            "head.a": Module(
+                "head.a", {"w": glob["head.a"].tensors["w"] + 0.1 * torch.randn(4, 3, generator=g)}, r, 7.0
+            )
+        }
+        delta = agg["head.a"].tensors["w"] - glob["head.a"].tensors["w"]
+        m, v = 0.9 * m + 0.1 * delta, 0.99 * v + 0.01 * delta**2
+        want = glob["head.a"].tensors["w"] + 0.02 * m / (v.sqrt() + 1e-3)
+        glob = _adam_step(glob, agg, moments, lr=0.02, tau=1e-3)
+        assert torch.allclose(glob["head.a"].tensors["w"], want)
+        assert (glob["head.a"].version, glob["head.a"].num_samples) == (r, 7.0)

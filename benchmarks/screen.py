@@ -1,0 +1,216 @@
+"""Screening a training remedy in one process before it is built into the nodes (issue 15).
+
+``python -m benchmarks.screen [--remedy plain|scaffold] [--out FILE] [--set KEY=VALUE ...]``
+
+A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
+edges and cloud; this runs hfm's round plan in one process on the same data, model, seeds and local loop,
+so a remedy can be tried in minutes first. Every round each device loads its edge's modules, trains them
+with ``train_local`` (the devices' own seed per node and round), and each edge averages its devices'
+modules (heads weighted by the device's samples of the task, adapters by all its samples, as a device
+weighs what it sends); every ``e_agg`` rounds (every round with ``method=star``) the same average is taken
+over all devices, and the global modules are scored on the global test sets. No gRPC, no checks, no
+faults: it screens, it does not replace a run (the plain remedy on the easy-VQA setup ends within a
+point of ``hffm run``'s hfm, docs/results.md).
+
+Remedies:
+- ``plain``: FedAvg.
+- ``scaffold``: SCAFFOLD (Karimireddy et al. 2020). Each device keeps a control variate c_i per parameter
+  (the mean of its raw minibatch gradients in its last round: option II of the paper, whatever the
+  optimiser) and adds c - c_i to every gradient, where c is the control variate its aggregator sent with
+  the modules, averaged as they are (its edge's in an edge round, the global one after a cloud round).
+  Round 1 trains as plain does (every c is 0). It would double the bytes of every exchange.
+- ``fedadam``: FedAdam (Reddi et al. 2021) at the cloud: each cloud round the cloud takes the FedAvg's
+  difference from the last global modules as a pseudo-gradient and steps with Adam on it (``--server-lr``
+  η, ``--tau`` τ, β = 0.9, 0.99): global + η m / (√v + τ). Devices and edges are plain.
+
+``aggregation.server_lr`` is applied at every cloud round, as the cloud does (``server_step``).
+
+Writes the curve (round, per-task and mean global accuracy) to ``--out`` as JSON and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from hffm.aggregation import server_step, weighted_mean
+from hffm.config import HFFMConfig, load_config, resolve_torch_device
+from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
+from hffm.ids import task_of
+from hffm.model import HFFMModel, build_model
+from hffm.modules import Module, ModuleSet
+from hffm.topology import split_table
+from hffm.training import evaluate, round_lr, train_local
+
+REMEDIES = ("plain", "scaffold", "fedadam")
+
+
+def screen(
+    cfg: HFFMConfig, remedy: str = "plain", log=print, server_lr: float = 0.01, tau: float = 1e-3
+) -> tuple[list[dict], ModuleSet]:
+    """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
+    cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
+    if remedy not in REMEDIES:
+        raise ValueError(f"--remedy: {remedy!r} is not one of {', '.join(REMEDIES)}")
+    if cfg.method not in ("hfm", "star"):
+        raise ValueError(f"method: the screen runs hfm or star, not {cfg.method!r}")
+    device = resolve_torch_device(cfg.runtime.device)
+    torch.set_num_threads(cfg.runtime.torch_threads)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, len(tok), task_labels(cfg)).to(device)
+    topo = split_table(cfg)
+    holders = topo.holders_by_task()
+    devices = sorted(topo.device_map)
+    data = {d: build_device_data(cfg, d, holders, tok, topo.device_map[d].tasks) for d in devices}
+    test = {t: build_global_test(cfg, t, tok) for t in cfg.tasks}
+    names = model.module_names()
+    edge_of = {d: topo.device_map[d].edge if cfg.method == "hfm" else "cloud" for d in devices}
+    start = _snapshot(model, names, 0, {})
+    held = {e: start for e in set(edge_of.values())}  # what each aggregator last sent its devices
+    zero = _zeros(start)
+    own_c = {d: zero for d in devices}  # SCAFFOLD: each device's c_i
+    sent_c = {e: zero for e in held}  # SCAFFOLD: the c each aggregator last sent
+    every = 1 if cfg.method == "star" else cfg.e_agg
+    curve: list[dict] = []
+    glob = start
+    moments: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # FedAdam's m and v
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        new: dict[str, ModuleSet] = {}
+        for d in devices:
+            for n in names:
+                model.load_module_state(n, held[edge_of[d]][n].tensors)
+            weights = data[d].train_samples()
+            hook, grads = (None, None)
+            if remedy == "scaffold":
+                hook, grads = _scaffold_hook(model, names, sent_c[edge_of[d]], own_c[d])
+            train_local(
+                model,
+                data[d].train,
+                names,
+                cfg.train,
+                device,
+                seed=zlib.crc32(f"{cfg.seed}/{d}/{r}".encode()),
+                lr=round_lr(cfg.train, r, cfg.rounds),
+                on_grad=hook,
+            )
+            new[d] = _snapshot(model, names, r, weights)
+            if grads is not None:
+                own_c[d] = grads(weights)
+        cloud = r % every == 0
+        groups = {e: tuple(devices) if cloud else tuple(d for d in devices if edge_of[d] == e) for e in held}
+        avg = {g: weighted_mean([new[d] for d in g]) for g in set(groups.values())}
+        if cloud:
+            (g,) = avg
+            avg[g] = server_step(glob, avg[g], cfg.aggregation.server_lr)
+            if remedy == "fedadam":
+                avg[g] = _adam_step(glob, avg[g], moments, server_lr, tau)
+            glob = avg[g]
+        held = {e: avg[g] for e, g in groups.items()}
+        if remedy == "scaffold":
+            c_avg = {g: weighted_mean([own_c[d] for d in g]) for g in set(groups.values())}
+            sent_c = {e: c_avg[g] for e, g in groups.items()}
+        if cloud:
+            for n in names:
+                model.load_module_state(n, glob[n].tensors)
+            acc = {t: s.accuracy for t, s in sorted(evaluate(model, test, device).items())}
+            rec = {"round": r, "accuracy": acc, "mean": sum(acc.values()) / len(acc)}
+            curve.append(rec)
+            log(
+                f"{remedy} round {r:3d}  "
+                + " ".join(f"{t}={a:.3f}" for t, a in acc.items())
+                + f"  mean {rec['mean']:.3f}  ({time.perf_counter() - t0:.1f} s)"
+            )
+    return curve, glob
+
+
+def _snapshot(model: HFFMModel, names: list[str], version: int, samples: dict[str, int]) -> ModuleSet:
+    """The model's modules as a device sends them: heads weighted by the task's samples, adapters by all."""
+    total = sum(samples.values())
+    out: ModuleSet = {}
+    for n in names:
+        task = task_of(n)
+        w = samples.get(task, 0) if task else total
+        state = {k: v.detach().cpu().clone() for k, v in model.module_state(n).items()}
+        out[n] = Module(n, state, version, float(max(w, 1)))
+    return out
+
+
+def _adam_step(start: ModuleSet, aggregate: ModuleSet, moments: dict, lr: float, tau: float) -> ModuleSet:
+    """FedAdam's cloud step: Adam (β 0.9, 0.99, no bias correction, as in the paper) on Δ = aggregate − start,
+    ``moments`` holding each tensor's m and v between cloud rounds."""
+    out: ModuleSet = {}
+    for n, m in aggregate.items():
+        tensors = {}
+        for k, t in m.tensors.items():
+            delta = t - start[n].tensors[k]
+            mom, var = moments.get((n, k), (torch.zeros_like(delta), torch.zeros_like(delta)))
+            mom = 0.9 * mom + 0.1 * delta
+            var = 0.99 * var + 0.01 * delta * delta
+            moments[n, k] = (mom, var)
+            tensors[k] = start[n].tensors[k] + lr * mom / (var.sqrt() + tau)
+        out[n] = Module(n, tensors, m.version, m.num_samples)
+    return out
+
+
+def _zeros(mods: ModuleSet) -> ModuleSet:
+    return {n: Module(n, {k: torch.zeros_like(v) for k, v in m.tensors.items()}, 0, 1.0) for n, m in mods.items()}
+
+
+def _scaffold_hook(model: HFFMModel, names: list[str], c: ModuleSet, c_i: ModuleSet):
+    """(on_grad, grads): ``on_grad`` sums each parameter's raw gradient, then adds c - c_i to it;
+    ``grads(samples)`` is the device's new c_i, the mean raw gradient of each parameter over the batches
+    that reached it (a parameter no batch reached keeps its old c_i), weighted as the device's modules."""
+    params = [(n, k, p) for n in names for k, p in model.module(n).named_parameters()]
+    dev = params[0][2].device if params else "cpu"
+    shift = {(n, k): (c[n].tensors[k] - c_i[n].tensors[k]).to(dev) for n, k, _ in params}
+    sums = {(n, k): torch.zeros_like(p) for n, k, p in params}
+    counts = dict.fromkeys(sums, 0)
+
+    def on_grad(task: str) -> None:
+        for n, k, p in params:
+            if p.grad is not None:
+                sums[n, k] += p.grad
+                counts[n, k] += 1
+                p.grad += shift[n, k]
+
+    def grads(samples: dict[str, int]) -> ModuleSet:
+        total = sum(samples.values())
+        out: ModuleSet = {}
+        for n in names:
+            task = task_of(n)
+            tensors = dict(c_i[n].tensors)
+            for k in model.module(n).state_dict():
+                if counts.get((n, k)):
+                    tensors[k] = (sums[n, k] / counts[n, k]).cpu()
+            out[n] = Module(n, tensors, 0, float(max(samples.get(task, 0) if task else total, 1)))
+        return out
+
+    return on_grad, grads
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.screen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--remedy", choices=REMEDIES, default="plain")
+    p.add_argument("--config", type=Path, default=None, help="a config file (default: the built-in one)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server step size η")
+    p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's τ (adaptivity)")
+    p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
+    a = p.parse_args(argv)
+    curve, _ = screen(load_config(a.config, a.sets), a.remedy, server_lr=a.server_lr, tau=a.tau)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        info = {"remedy": a.remedy, "sets": a.sets, "curve": curve}
+        if a.remedy == "fedadam":
+            info |= {"server_lr": a.server_lr, "tau": a.tau}
+        a.out.write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
