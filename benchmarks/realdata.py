@@ -15,6 +15,7 @@ same global modules; in edge-only each cluster keeps its own).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import time
@@ -53,7 +54,13 @@ def final_accuracy(results: dict) -> dict[str, float]:
 
 
 # settings centralised training ignores (its cached result is kept)
-FEDERATED_ONLY = ("train.prox_mu", "train.restricted_softmax", "aggregation.server_lr")
+FEDERATED_ONLY = (
+    "train.prox_mu",
+    "train.restricted_softmax",
+    "train.logit_adjust",
+    "train.head_only_share",
+    "aggregation.server_lr",
+)
 
 
 def run_all(
@@ -72,15 +79,18 @@ def run_all(
 
     res: dict = {"sets": sets_, "methods": {}, "curves": {}, "split": split_summary(load_config(None, sets_))}
 
+    code = code_digest()
+
     def part(name: str, make, key: list[str]) -> dict:
-        # each part's results are kept (DIR/<name>.json with the settings): a re-run redoes only what changed
+        # each part's results are kept (DIR/<name>.json with the settings and the code): a re-run redoes only
+        # what changed, and a result of other code is made again (float rounding alone moves the bound)
         f = out / f"{name}.json"
-        if f.is_file() and (kept := json.loads(f.read_text())).get("sets") == key:
+        if f.is_file() and (kept := json.loads(f.read_text())).get("sets") == key and kept.get("code") == code:
             log(f"{name}: kept from {f}")
             return kept["results"]
         log(f"{name}...")
         results = make()
-        f.write_text(json.dumps({"sets": key, "results": results}))
+        f.write_text(json.dumps({"sets": key, "code": code, "results": results}))
         return results
 
     t = time.time()
@@ -108,6 +118,16 @@ def run_all(
     (out / "realdata.md").write_text(table(res))
     plot(res, out / "realdata.png")
     return res
+
+
+def code_digest() -> str:
+    """A digest of the code that makes a result (the Python sources under hffm/ and services/): what a kept
+    result must have been made by to be reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted([*root.glob("hffm/**/*.py"), *root.glob("services/**/*.py")]):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def split_summary(cfg) -> dict[str, dict]:

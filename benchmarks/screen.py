@@ -23,7 +23,9 @@ Remedies:
   difference from the last global modules as a pseudo-gradient and steps with Adam on it (``--server-lr``
   η, ``--tau`` τ, β = 0.9, 0.99): global + η m / (√v + τ). Devices and edges are plain.
 
-``aggregation.server_lr`` is applied at every cloud round, as the cloud does (``server_step``).
+``aggregation.server_lr`` is applied at every cloud round, as the cloud does (``server_step``), and every
+``train.*`` option the devices read works here too (the local loop is theirs), e.g. ``--set
+train.head_only_share=0.9``.
 
 Writes the curve (round, per-task and mean global accuracy) to ``--out`` as JSON and prints it.
 """
@@ -51,7 +53,11 @@ REMEDIES = ("plain", "scaffold", "fedadam")
 
 
 def screen(
-    cfg: HFFMConfig, remedy: str = "plain", log=print, server_lr: float = 0.01, tau: float = 1e-3
+    cfg: HFFMConfig,
+    remedy: str = "plain",
+    log=print,
+    server_lr: float = 0.01,
+    tau: float = 1e-3,
 ) -> tuple[list[dict], ModuleSet]:
     """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
     cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's τ (adaptivity)")
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
     a = p.parse_args(argv)
-    curve, _ = screen(load_config(a.config, a.sets), a.remedy, server_lr=a.server_lr, tau=a.tau)
+    cfg = load_config(a.config, a.sets)
+    curve, _ = screen(cfg, a.remedy, server_lr=a.server_lr, tau=a.tau)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         info = {"remedy": a.remedy, "sets": a.sets, "curve": curve}

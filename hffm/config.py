@@ -274,6 +274,16 @@ class TrainConfig(_Strict):
         "rather than its device's label skew; evaluation uses the plain logits (0: plain softmax, every bit as "
         "before; centralised training never uses it)",
     )
+    head_only_share: float | None = D(
+        None,
+        gt=0,
+        le=1,
+        description="a task whose most common answer holds at least this share of the device's own training "
+        "samples of it trains its head alone: its batches leave the shared modules (adapters, modality "
+        "adapters) as they are. Such a device meets its loss with a near-constant output, and the shared "
+        "modules are what it would bend to give one; its head still learns (null: off, every bit as before; "
+        "centralised training never uses it)",
+    )
     noop: bool = D(False, description="skip the optimisation step but keep every exchange (runtime benchmarks)")
 
     eval_every: int = D(

@@ -15,6 +15,7 @@ from torch import nn
 
 from hffm.config import TrainConfig
 from hffm.data import TaskData
+from hffm.ids import task_of
 from hffm.model import HFFMModel
 from hffm.results import TaskScore
 
@@ -62,6 +63,11 @@ def train_local(
     # device under label skew; evaluation uses the plain logits. tau = 0 adds nothing (every bit as before)
     tau = cfg.logit_adjust
     adjust = {task: tau * _log_prior(td) for task, td in data.items()} if tau > 0 else {}
+    # Skewed tasks train their head alone: a task whose local answers are (nearly) one meets its loss with a
+    # near-constant output, which the shared modules would be bent to give; their gradients from its batches
+    # are dropped (None: off, every bit as before)
+    head_only = skewed_tasks(data, cfg.head_only_share) if cfg.head_only_share is not None else set()
+    shared = [p for n in module_names if task_of(n) is None for p in model.module(n).parameters()] if head_only else []
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
@@ -89,6 +95,9 @@ def train_local(
                     (p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)
                 )
             objective.backward()
+            if task in head_only:
+                for p in shared:
+                    p.grad = None
             if on_grad is not None:
                 on_grad(task)
             opt.step()
@@ -119,6 +128,16 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float | Non
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     except RuntimeError:  # a device without the fused kernel
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def skewed_tasks(data: dict[str, TaskData], share: float) -> set[str]:
+    """The tasks of ``data`` whose most common answer holds at least ``share`` of their samples."""
+    out = set()
+    for task, td in data.items():
+        counts = td.label_counts()
+        if sum(counts) and max(counts) >= share * sum(counts):
+            out.add(task)
+    return out
 
 
 def _absent_scale(td: TaskData, alpha: float) -> torch.Tensor:

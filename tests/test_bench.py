@@ -126,6 +126,11 @@ def test_realdata_writes_its_table_and_plot_and_reuses_what_it_ran(tmp_path):
     assert set(res["methods"]) == {"hfm (prox)"} and (tmp_path / "hfm-prox.json").is_file()
     assert (tmp_path / "centralised.json").stat().st_mtime_ns == central
     assert (tmp_path / "hfm.json").stat().st_mtime_ns == kept
+    # a result made by other code is made again
+    f = tmp_path / "centralised.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "code": "other"}))
+    main(["--quick", "--methods", "hfm", "--out", str(tmp_path)])
+    assert json.loads(f.read_text())["code"] != "other" and (tmp_path / "hfm.json").stat().st_mtime_ns == kept
 
 
 def test_checkpoint_bench_saves_the_same_modules_once_when_shared(tmp_path):

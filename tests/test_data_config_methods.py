@@ -368,6 +368,59 @@ def test_logit_adjustment_leaves_a_devices_answer_prior_out_of_its_head(small_cf
         load_config(None, ["train.logit_adjust=-1"])
 
 
+def test_a_skewed_task_trains_its_head_alone(small_cfg):
+    """train.head_only_share: a task whose most common local answer holds at least that share of the device's
+    samples of it updates its head alone; the shared modules (adapters) learn from the other tasks only. With
+    every task skewed (a share the smallest top share reaches) no adapter moves while every head does; with
+    the threshold above the skewed task's share training is as with the option off, and the option off
+    trains every bit as before; out of (0, 1] is a config error naming the field."""
+    import torch
+
+    from hffm.data import build_device_data, task_labels
+    from hffm.ids import task_of
+    from hffm.model import build_model
+    from hffm.training import skewed_tasks, train_local
+
+    tok = build_tokenizer()
+    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
+    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    shares = {t: max(td.label_counts()) / len(td) for t, td in data.items()}
+    assert len(shares) == 2 and min(shares.values()) < max(shares.values()) < 1, shares
+    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
+    names = model.module_names()
+    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+
+    def after(update: dict) -> dict[str, dict[str, torch.Tensor]]:
+        for n in names:
+            model.load_module_state(n, start[n])
+        train_local(model, data, names, small_cfg.train.model_copy(update=update), "cpu", 7)
+        return {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+
+    def moved(state, n) -> bool:
+        return any(not torch.equal(state[n][k], start[n][k]) for k in start[n])
+
+    shared = [n for n in names if task_of(n) is None]
+    heads = [n for n in names if task_of(n) in data]
+    assert shared and len(heads) == 2
+    every = min(shares.values())
+    assert skewed_tasks(data, every) == set(data)
+    frozen = after({"head_only_share": every})
+    assert not any(moved(frozen, n) for n in shared) and all(moved(frozen, n) for n in heads)
+    # only the more skewed task trains its head alone: the adapters move, and differently from plain training
+    top = max(shares, key=shares.get)
+    assert skewed_tasks(data, shares[top]) == {top}
+    one, plain = after({"head_only_share": shares[top]}), after({})
+    assert all(moved(one, n) for n in shared) and any(
+        not torch.equal(one[n][k], plain[n][k]) for n in shared for k in plain[n]
+    )
+    # above every task's share nothing is skewed: plain training, bit for bit, as with the option off
+    above = after({"head_only_share": max(shares.values()) + 1e-3})
+    assert all(torch.equal(above[n][k], plain[n][k]) for n in names for k in plain[n])
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="head_only_share"):
+            load_config(None, [f"train.head_only_share={bad}"])
+
+
 def test_sgd_steps_scale_with_the_gradient_where_a_fresh_adamw_moves_every_weight_by_about_lr(small_cfg):
     """train.optimizer: one local step on one batch. SGD's step is -lr x gradient (twice the lr, twice the
     step; a weight with a tiny gradient barely moves), a fresh AdamW's is about lr on every weight with a
