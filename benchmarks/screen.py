@@ -1,6 +1,7 @@
 """Screening a training remedy in one process before it is built into the nodes (issue 15).
 
-``python -m benchmarks.screen [--remedy plain|scaffold] [--out FILE] [--set KEY=VALUE ...]``
+``python -m benchmarks.screen [--remedy plain|scaffold|fedadam] [--server-lr η] [--tau τ] [--out FILE]
+[--set KEY=VALUE ...]``
 
 A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
 edges and cloud; this runs hfm's round plan in one process on the same data, model, seeds and local loop,
@@ -9,8 +10,8 @@ with ``train_local`` (the devices' own seed per node and round), and each edge a
 modules (heads weighted by the device's samples of the task, adapters by all its samples, as a device
 weighs what it sends); every ``e_agg`` rounds (every round with ``method=star``) the same average is taken
 over all devices, and the global modules are scored on the global test sets. No gRPC, no checks, no
-faults: it screens, it does not replace a run (the plain remedy on the easy-VQA setup ends within a
-point of ``hffm run``'s hfm, docs/results.md).
+faults: it screens, it does not replace a run (on the easy-VQA setup of docs/results.md its plain
+FedAvg scores what ``hffm run``'s hfm scores).
 
 Remedies:
 - ``plain``: FedAvg.
@@ -43,7 +44,7 @@ import torch
 from hffm.aggregation import server_step, weighted_mean
 from hffm.config import HFFMConfig, load_config, resolve_torch_device
 from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
-from hffm.ids import task_of
+from hffm.ids import update_weight
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
@@ -137,13 +138,10 @@ def screen(
 
 def _snapshot(model: HFFMModel, names: list[str], version: int, samples: dict[str, int]) -> ModuleSet:
     """The model's modules as a device sends them: heads weighted by the task's samples, adapters by all."""
-    total = sum(samples.values())
     out: ModuleSet = {}
     for n in names:
-        task = task_of(n)
-        w = samples.get(task, 0) if task else total
         state = {k: v.detach().cpu().clone() for k, v in model.module_state(n).items()}
-        out[n] = Module(n, state, version, float(max(w, 1)))
+        out[n] = Module(n, state, version, update_weight(n, samples))
     return out
 
 
@@ -186,15 +184,13 @@ def _scaffold_hook(model: HFFMModel, names: list[str], c: ModuleSet, c_i: Module
                 p.grad += shift[n, k]
 
     def grads(samples: dict[str, int]) -> ModuleSet:
-        total = sum(samples.values())
         out: ModuleSet = {}
         for n in names:
-            task = task_of(n)
             tensors = dict(c_i[n].tensors)
             for k in model.module(n).state_dict():
                 if counts.get((n, k)):
                     tensors[k] = (sums[n, k] / counts[n, k]).cpu()
-            out[n] = Module(n, tensors, 0, float(max(samples.get(task, 0) if task else total, 1)))
+            out[n] = Module(n, tensors, 0, update_weight(n, samples))
         return out
 
     return on_grad, grads

@@ -103,6 +103,13 @@ def task_of(module: str) -> str | None:
     return None
 
 
+def update_weight(module: str, samples: dict[str, int]) -> float:
+    """The weight a device's update of ``module`` carries in FedAvg: its training samples of the module's task
+    (heads, prompts) or of all its tasks (shared modules), given per task in ``samples``; at least 1."""
+    task = task_of(module)
+    return float(max(samples.get(task, 0) if task else sum(samples.values()), 1))
+
+
 # ---- tasks, methods, links ------------------------------------------------------------------------
 # The synthetic data set's tasks and their answer labels (hffm/data.py renders them).
 COLORS = ("red", "green", "blue", "yellow")

@@ -26,7 +26,7 @@ from hffm.adversary import (
 )
 from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
-from hffm.ids import task_of
+from hffm.ids import task_of, update_weight
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleError, ModuleSet, spec_of
 from hffm.topology import Topology, arrived, final, split_table
@@ -242,12 +242,7 @@ class DeviceNode(NodeRuntime):
         samples = {t: n for t, n in data.train_samples().items() if t in held}
         if node == self.node_id and not self.fake:  # an attacker's own update weighs what it registered (a fake
             samples = self._claimed(samples)  # specialist's updates are honest, weights too: it lies when it serves)
-        total = sum(samples.values())
-        new: ModuleSet = {}
-        for n, tensors in trained.items():
-            task = task_of(n)
-            weight = samples.get(task, 0) if task else total
-            new[n] = Module(n, tensors, round_, float(max(weight, 1)))
+        new = {n: Module(n, tensors, round_, update_weight(n, samples)) for n, tensors in trained.items()}
         return new, stats
 
     def evaluate(self, state: RoundState) -> None:
