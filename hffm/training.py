@@ -67,7 +67,7 @@ def train_local(
     # near-constant output, which the shared modules would be bent to give; their gradients from its batches
     # are dropped (None: off, every bit as before)
     head_only = skewed_tasks(data, cfg.head_only_share) if cfg.head_only_share is not None else set()
-    shared = [p for n in module_names if task_of(n) is None for p in model.module(n).parameters()] if head_only else []
+    shared = model.trainable_parameters([n for n in module_names if task_of(n) is None]) if head_only else []
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
@@ -132,12 +132,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float | Non
 
 def skewed_tasks(data: dict[str, TaskData], share: float) -> set[str]:
     """The tasks of ``data`` whose most common answer holds at least ``share`` of their samples."""
-    out = set()
-    for task, td in data.items():
-        counts = td.label_counts()
-        if sum(counts) and max(counts) >= share * sum(counts):
-            out.add(task)
-    return out
+    counts = {t: td.label_counts() for t, td in data.items()}
+    return {t for t, c in counts.items() if sum(c) and max(c) >= share * sum(c)}
 
 
 def _absent_scale(td: TaskData, alpha: float) -> torch.Tensor:
