@@ -60,6 +60,7 @@ FEDERATED_ONLY = (
     "train.logit_adjust",
     "train.head_only_share",
     "aggregation.server_lr",
+    "calibration.",
 )
 
 

@@ -42,15 +42,17 @@ from pathlib import Path
 import torch
 
 from hffm.aggregation import server_step, weighted_mean
+from hffm.calibration import calibrate_head, feature_stats, merge
 from hffm.config import HFFMConfig, load_config, resolve_torch_device
 from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
-from hffm.ids import update_weight
+from hffm.ids import head_name, update_weight
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
 from hffm.training import evaluate, round_lr, train_local
 
 REMEDIES = ("plain", "scaffold", "fedadam")
+CALIBRATE = ("none", "final", "cloud")
 
 
 def screen(
@@ -59,11 +61,16 @@ def screen(
     log=print,
     server_lr: float = 0.01,
     tau: float = 1e-3,
+    calibrate: str = "none",
+    calib: dict | None = None,
 ) -> tuple[list[dict], ModuleSet]:
     """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
     cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
     if remedy not in REMEDIES:
         raise ValueError(f"--remedy: {remedy!r} is not one of {', '.join(REMEDIES)}")
+    if calibrate not in CALIBRATE:
+        raise ValueError(f"--calibrate: {calibrate!r} is not one of {', '.join(CALIBRATE)}")
+    calib = calib or {}
     if cfg.method not in ("hfm", "star"):
         raise ValueError(f"method: the screen runs hfm or star, not {cfg.method!r}")
     device = resolve_torch_device(cfg.runtime.device)
@@ -118,22 +125,66 @@ def screen(
             if remedy == "fedadam":
                 avg[g] = _adam_step(glob, avg[g], moments, server_lr, tau)
             glob = avg[g]
+        before = None
+        if cloud and (calibrate == "cloud" or (calibrate == "final" and r == cfg.rounds)):
+            before = _accuracy(model, names, glob, test, device)
+            glob = avg[g] = _calibrated(model, names, glob, data, devices, device, r, calib)
         held = {e: avg[g] for e, g in groups.items()}
         if remedy == "scaffold":
             c_avg = {g: weighted_mean([own_c[d] for d in g]) for g in set(groups.values())}
             sent_c = {e: c_avg[g] for e, g in groups.items()}
         if cloud:
-            for n in names:
-                model.load_module_state(n, glob[n].tensors)
-            acc = {t: s.accuracy for t, s in sorted(evaluate(model, test, device).items())}
+            acc = _accuracy(model, names, glob, test, device)
             rec = {"round": r, "accuracy": acc, "mean": sum(acc.values()) / len(acc)}
+            if before is not None:
+                rec["before_calibration"] = {"accuracy": before, "mean": sum(before.values()) / len(before)}
             curve.append(rec)
             log(
                 f"{remedy} round {r:3d}  "
                 + " ".join(f"{t}={a:.3f}" for t, a in acc.items())
-                + f"  mean {rec['mean']:.3f}  ({time.perf_counter() - t0:.1f} s)"
+                + f"  mean {rec['mean']:.3f}"
+                + (f" (before calibration {rec['before_calibration']['mean']:.3f})" if before is not None else "")
+                + f"  ({time.perf_counter() - t0:.1f} s)"
             )
     return curve, glob
+
+
+def _accuracy(model: HFFMModel, names: list[str], mods: ModuleSet, test: dict, device: str) -> dict[str, float]:
+    for n in names:
+        model.load_module_state(n, mods[n].tensors)
+    return {t: s.accuracy for t, s in sorted(evaluate(model, test, device).items())}
+
+
+def _calibrated(
+    model: HFFMModel,
+    names: list[str],
+    glob: ModuleSet,
+    data: dict,
+    devices: list[str],
+    device: str,
+    r: int,
+    calib: dict,
+) -> ModuleSet:
+    """``glob`` with every head calibrated (CCVR, ``hffm.calibration``) on the devices' feature statistics
+    under ``glob``'s modules."""
+    for n in names:
+        model.load_module_state(n, glob[n].tensors)
+    diagonal = bool(calib.get("diagonal", False))
+    stats = merge([feature_stats(model, data[d].train, device, diagonal=diagonal) for d in devices])
+    out = dict(glob)
+    for task, fs in stats.items():
+        n = head_name(task)
+        calibrate_head(
+            model.module(n),
+            fs,
+            epochs=int(calib.get("epochs", 10)),
+            lr=float(calib.get("lr", 3e-3)),
+            factor=float(calib.get("factor", 1.0)),
+            seed=zlib.crc32(f"calibrate/{r}/{task}".encode()),
+        )
+        state = {k: v.detach().cpu().clone() for k, v in model.module_state(n).items()}
+        out[n] = Module(n, state, glob[n].version, glob[n].num_samples)
+    return out
 
 
 def _snapshot(model: HFFMModel, names: list[str], version: int, samples: dict[str, int]) -> ModuleSet:
@@ -203,13 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server step size η")
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's τ (adaptivity)")
+    p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
+    p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE", help="epochs, lr, factor, diagonal")
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.sets)
-    curve, _ = screen(cfg, a.remedy, server_lr=a.server_lr, tau=a.tau)
+    calib = dict(kv.split("=", 1) for kv in a.calib)
+    if calib.get("diagonal") is not None:
+        calib["diagonal"] = calib["diagonal"].lower() in ("1", "true", "yes")
+    curve, _ = screen(cfg, a.remedy, server_lr=a.server_lr, tau=a.tau, calibrate=a.calibrate, calib=calib)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        info = {"remedy": a.remedy, "sets": a.sets, "curve": curve}
+        info = {"remedy": a.remedy, "sets": a.sets, "curve": curve, "calibrate": a.calibrate, "calib": calib}
         if a.remedy == "fedadam":
             info |= {"server_lr": a.server_lr, "tau": a.tau}
         a.out.write_text(json.dumps(info, indent=1))

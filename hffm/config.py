@@ -844,6 +844,33 @@ class SpecialistsConfig(_Strict):
     timeout_s: float = D(60.0, gt=0, description="each Serve / Validate call")
 
 
+class CalibrationConfig(_Strict):
+    """Classifier calibration with virtual representations (CCVR, Luo et al. 2021; hffm/calibration.py), in
+    every cloud round of star and hfm: once the devices hold the global modules, each sends per task and answer
+    the count, sum and sums of squares of its training samples' features (the backbone's pooled output) up the
+    tree; the cloud turns the totals into one Gaussian per answer, trains each task's head on features drawn
+    from them, and sends the calibrated heads back down before the devices evaluate. Only the heads change;
+    the statistics, not any sample, leave a device."""
+
+    enabled: bool = D(False, description="calibrate the heads in every cloud round (star, hfm)")
+    epochs: int = D(10, ge=1, description="epochs over the virtual features")
+    lr: float = D(3e-3, gt=0, description="AdamW's learning rate for the heads' calibration")
+    batch_size: int = D(32, ge=1, description="virtual features per step")
+    factor: float = D(
+        1.0, gt=0, description="virtual features drawn per answer, as a multiple of the samples the federation holds"
+    )
+    diagonal: bool = D(
+        False,
+        description="send per-coordinate variances instead of whole covariance matrices (d numbers per answer, "
+        "not d x d: the paper-size hidden 768 makes a matrix 2.4 MB per answer; less accurate)",
+    )
+    shrink: float = D(
+        1e-3,
+        ge=0,
+        description="added to each covariance's diagonal, times its mean variance (a rare answer's is singular)",
+    )
+
+
 class HFFMConfig(_Strict):
     """A whole run."""
 
@@ -874,6 +901,7 @@ class HFFMConfig(_Strict):
     circulation: CirculationConfig = D(default_factory=CirculationConfig, description=CirculationConfig.__doc__)
     adversary: AdversaryConfig = D(default_factory=AdversaryConfig, description=AdversaryConfig.__doc__)
     specialists: SpecialistsConfig = D(default_factory=SpecialistsConfig, description=SpecialistsConfig.__doc__)
+    calibration: CalibrationConfig = D(default_factory=CalibrationConfig, description=CalibrationConfig.__doc__)
 
     @field_validator("method")
     @classmethod
@@ -902,6 +930,17 @@ class HFFMConfig(_Strict):
                 raise ValueError(
                     f"tasks: unknown task(s) {unknown} of data source {self.data.source}; known: {list(known)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _calibration(self) -> HFFMConfig:
+        """Calibration runs in the cloud rounds of the whole-set plans that have them."""
+        if not self.calibration.enabled:
+            return self
+        if self.method not in ("star", "hfm"):
+            raise ValueError(f"calibration.enabled: calibrates in star's and hfm's cloud rounds, not {self.method}'s")
+        if self.circulation.rules:
+            raise ValueError("calibration.enabled: not with per-module schedules (circulation.rules)")
         return self
 
     @model_validator(mode="after")

@@ -94,6 +94,19 @@ def prompt_name(task: str) -> str:
     return f"{PROMPT_PREFIX}{task}"
 
 
+STATS_PREFIX = "stats."  # calibration: a device's feature statistics of a task (hffm/calibration.py)
+
+
+def stats_name(task: str) -> str:
+    return f"{STATS_PREFIX}{task}"
+
+
+def stats_task(module: str) -> str | None:
+    """The task of a feature-statistics module (``stats.<task>``), or None for any other name: statistics
+    are not a task's module (they are never trained, relayed or served)."""
+    return module[len(STATS_PREFIX) :] if module.startswith(STATS_PREFIX) else None
+
+
 def task_of(module: str) -> str | None:
     """The task a module belongs to (heads, prompts), or None (shared modules: adapters, modality
     adapters)."""

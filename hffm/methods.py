@@ -19,6 +19,9 @@ Steps:
   update counts with at most, however much it registered (a push claiming more is counted with the
   bound, not refused: the claim may be honest).
 - ``Evaluate``: test the node's current modules (devices).
+- ``Stats(tasks)``: compute the node's feature statistics of those tasks under its current modules
+  (devices; ``calibration.enabled``), held as ``stats.<task>`` for the ``Send`` that follows.
+- ``Calibrate(tasks)``: train those tasks' heads on the feature statistics collected (the cloud).
 
 A ``Send`` with a ``route`` goes hop by hop through those devices (D2D relaying): each relay
 streams the push on to the next hop without decoding it; only the final receiver checks it.
@@ -32,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, task_of
+from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, head_name, stats_name, task_of
 from hffm.topology import DeviceInfo, Topology
 
 __all__ = ["D2D", "DEVICE_CLOUD", "DEVICE_EDGE", "EDGE_CLOUD", "LINK_KINDS", "SYNC"]
@@ -50,6 +53,21 @@ class Train:
 @dataclass(frozen=True)
 class Evaluate:
     pass
+
+
+@dataclass(frozen=True)
+class Stats:
+    tasks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    tasks: tuple[str, ...]
+
+
+# The collect tags of calibration (calibration.enabled): feature statistics up, calibrated heads down.
+STATS = "stats"
+CALIBRATED = "calibrated"
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,7 @@ class Collect:
         return dict(next((c for s, c in self.weight_bounds if s == sender), ()))
 
 
-Step = Train | Evaluate | Send | Collect
+Step = Train | Evaluate | Send | Collect | Stats | Calibrate
 
 
 def bound_claims(samples: Mapping[str, Mapping[str, int]], k: float) -> dict[str, dict[str, int]]:
@@ -196,6 +214,63 @@ class RoundPlan:
             steps[n] = [
                 replace(s, rule=rule, params=params) if isinstance(s, Collect) and rule is not None else s for s in ss
             ]
+        return RoundPlan(self.round, steps)
+
+    def with_calibration(self, topo: Topology, quorum: Quorum = Quorum()) -> RoundPlan:
+        """The plan with a calibration phase after the cloud's broadcast (``calibration.enabled``; a cloud
+        round of star or hfm). Each device that trains, once it holds the global modules, computes its
+        feature statistics of its tasks (``Stats``) and sends them where it sent its update (its edge, or
+        the cloud in star); an edge sums its devices' (FedAvg of per-sample statistics weighted by samples:
+        hffm/calibration.py) and forwards them; the cloud sums what came, calibrates the heads
+        (``Calibrate``) and sends each node the heads of its tasks back the same way, before the devices
+        evaluate. A device's statistics collect waits as its update's did (``quorum``)."""
+        up: dict[str, Send] = {}  # device -> the send of its update
+        for n, ss in self.steps.items():
+            if topo.role(n) == "device" and any(isinstance(s, Train) for s in ss):
+                up[n] = next(s for s in ss if isinstance(s, Send) and s.tag.startswith("aggregate"))
+        tasks = {d: tuple(topo.device_map[d].tasks) for d in up}
+        steps = {n: list(ss) for n, ss in self.steps.items()}
+        for d, s in up.items():
+            phase = [
+                Stats(tasks[d]),
+                Send(s.to, s.link, STATS, tuple(stats_name(t) for t in tasks[d])),
+                Collect(CALIBRATED, (s.to,), s.link),
+            ]
+            ev = next((i for i, x in enumerate(steps[d]) if isinstance(x, Evaluate)), len(steps[d]))
+            steps[d][ev:ev] = phase
+        below: dict[str, list[str]] = {}  # aggregator -> its devices
+        for d, s in up.items():
+            below.setdefault(s.to, []).append(d)
+        cloud_from: list[tuple[str, str, tuple[str, ...]]] = []  # (sender, link, its tasks)
+        for agg, members in sorted(below.items()):
+            link = up[members[0]].link
+            if agg == CLOUD:
+                cloud_from += [(d, link, tasks[d]) for d in members]
+                continue
+            held = tuple(sorted({t for d in members for t in tasks[d]}))
+            steps[agg] += [
+                Collect(STATS, tuple(members), link, quorum=quorum),
+                Send(CLOUD, EDGE_CLOUD, STATS, tuple(stats_name(t) for t in held)),
+                Collect(CALIBRATED, (CLOUD,), EDGE_CLOUD),
+                *(Send(d, link, CALIBRATED, tuple(head_name(t) for t in tasks[d])) for d in members),
+            ]
+            cloud_from.append((agg, EDGE_CLOUD, held))
+        if not cloud_from:
+            return RoundPlan(self.round, steps)
+        held = tuple(sorted({t for _, _, ts in cloud_from for t in ts}))
+        from_devices = cloud_from[0][1] == DEVICE_CLOUD
+        steps.setdefault(CLOUD, []).extend(
+            [
+                Collect(
+                    STATS,
+                    tuple(n for n, _, _ in cloud_from),
+                    cloud_from[0][1],
+                    quorum=quorum if from_devices else Quorum(),
+                ),
+                Calibrate(held),
+                *(Send(n, link, CALIBRATED, tuple(head_name(t) for t in ts)) for n, link, ts in cloud_from),
+            ]
+        )
         return RoundPlan(self.round, steps)
 
     def transfers(self) -> list[tuple[str, Send]]:

@@ -177,6 +177,16 @@ def _stable_seed(base: int, name: str) -> int:
     return (base * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
+def build_head(hidden: int, model_cfg: ModelConfig, task: str, answers: int) -> nn.Module:
+    """``task``'s head over ``answers`` answers at its initial values (seeded by name, as on every node)."""
+    name = head_name(task)
+    torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
+    if model_cfg.head_classifier == "etf":
+        seed = _stable_seed(model_cfg.init_seed, name + ":etf")
+        return ETFHead(hidden, model_cfg.head_hidden, answers, model_cfg.etf_temperature, seed)
+    return TaskHead(hidden, model_cfg.head_hidden, answers)
+
+
 def build_trainable_modules(
     hidden: int, num_layers: int, model_cfg: ModelConfig, task_labels: dict[str, int]
 ) -> nn.ModuleDict:
@@ -194,13 +204,7 @@ def build_trainable_modules(
             torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
             mods[name.replace(".", ":")] = BottleneckAdapter(hidden, model_cfg.bottleneck)
     for task, n in task_labels.items():
-        name = head_name(task)
-        torch.manual_seed(_stable_seed(model_cfg.init_seed, name))
-        if model_cfg.head_classifier == "etf":
-            seed = _stable_seed(model_cfg.init_seed, name + ":etf")
-            mods[name.replace(".", ":")] = ETFHead(hidden, model_cfg.head_hidden, n, model_cfg.etf_temperature, seed)
-        else:
-            mods[name.replace(".", ":")] = TaskHead(hidden, model_cfg.head_hidden, n)
+        mods[head_name(task).replace(".", ":")] = build_head(hidden, model_cfg, task, n)
     if model_cfg.prompt_tokens:
         for task in task_labels:
             name = prompt_name(task)

@@ -15,7 +15,7 @@ import torch
 from hffm.config import HFFMConfig, load_config
 from hffm.costmodel import CostModel
 from hffm.ids import AGGREGATION_RULES, METHODS, NodeId, device_id, parse_node_id, role_of
-from hffm.methods import REGISTRY, Collect, Quorum, Send, Train
+from hffm.methods import REGISTRY, Calibrate, Collect, Quorum, Send, Stats, Train
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.planner import Planner
 from hffm.topology import Topology
@@ -156,6 +156,8 @@ def test_the_quorum_travels_through_protobuf_unchanged():
     assert step_from_pb(step_to_pb(c)) == c
     assert step_from_pb(step_to_pb(Collect("x", ("a",), "d2d"))) == Collect("x", ("a",), "d2d")
     assert step_from_pb(step_to_pb(Train())) == Train()
+    assert step_from_pb(step_to_pb(Stats(("art", "gqa")))) == Stats(("art", "gqa"))
+    assert step_from_pb(step_to_pb(Calibrate(("gqa",)))) == Calibrate(("gqa",))
     assert step_from_pb(step_to_pb(Send("e", "device_edge", "t", ("adapter.0",), ("r",)))) == Send(
         "e", "device_edge", "t", ("adapter.0",), ("r",)
     )

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ import grpc
 
 from hffm.adversary import adversaries
 from hffm.aggregation import server_step
+from hffm.calibration import answers_of_stats, calibrate_head, from_module
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
-from hffm.ids import CLOUD, joining_edge, role_of
+from hffm.ids import CLOUD, head_name, joining_edge, role_of, stats_name
 from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
-from hffm.modules import ModuleError, ModuleSet
+from hffm.model import build_head
+from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity, PKIError
 from hffm.planner import PlannedRound, Planner
@@ -41,7 +44,7 @@ from services.cloud.specialists import SpecialistBoard
 from services.common import faults
 from services.common.convert import header_from_pb, progress_to_pb, registration_from_pb
 from services.common.metrics import link_label
-from services.common.node import NodeRuntime, abort_for, authorize
+from services.common.node import NodeRuntime, RoundState, abort_for, authorize
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.coordinator")
@@ -54,6 +57,27 @@ class CloudNode(NodeRuntime):
         """global + ``aggregation.server_lr`` x (aggregate - global), from the modules it holds
         (hffm.aggregation.server_step; 1: the aggregate itself)."""
         return server_step(self.modules, aggregate, self.cfg.aggregation.server_lr)
+
+    def calibrate(self, state: RoundState, tasks: tuple[str, ...]) -> None:
+        """Each task's head trained on virtual features drawn from the statistics it collected (CCVR,
+        hffm/calibration.py); the adapters stay as aggregated."""
+        c = self.cfg.calibration
+        new: ModuleSet = {}
+        for t in tasks:
+            name, stats = head_name(t), self.modules.get(stats_name(t))
+            if stats is None or name not in self.modules:
+                raise ModuleError(
+                    "FAILED_PRECONDITION", "missing_module", f"cloud holds no statistics or head of {t!r}"
+                )
+            held = self.modules[name]
+            head = build_head(int(held.tensors["net.0.weight"].shape[1]), self.cfg.model, t, answers_of_stats(stats))
+            head.load_state_dict(held.tensors)
+            seed = zlib.crc32(f"{self.cfg.seed}/calibrate/{state.round}/{t}".encode())
+            loss = calibrate_head(head, from_module(stats), c.epochs, c.lr, c.batch_size, c.factor, seed, c.shrink)
+            tensors = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            new[name] = Module(name, tensors, state.round, held.num_samples)
+            log.info("round %d: calibrated %s (virtual loss %.3f)", state.round, name, loss)
+        self.adopt(new)
 
 
 class AttemptFailed(RuntimeError):

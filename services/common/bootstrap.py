@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from hffm.calibration import with_stats_spec
 from hffm.config import ConfigError, HFFMConfig, load_config
 from hffm.data import DataError, task_labels
 from hffm.model import backbone_dims, initial_modules
@@ -111,7 +112,10 @@ def node_modules(cfg: HFFMConfig, topo: Topology, node: str) -> tuple[ModuleSpec
     except DataError as err:
         sys.exit(f"data error: {err}")
     mods = initial_modules(cfg, final(topo, cfg).modules_for(node), labels)  # tasks arriving later too
-    return spec_of({n: m.tensors for n, m in mods.items()}), mods
+    spec = spec_of({n: m.tensors for n, m in mods.items()})
+    if cfg.calibration.enabled:  # the feature statistics it sums and forwards (an edge) or calibrates on (the cloud)
+        spec = with_stats_spec(spec, labels, cfg.calibration.diagonal)
+    return spec, mods
 
 
 def server_workers(cfg: HFFMConfig, role: str, topo: Topology) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, fields
 
-from hffm.methods import Collect, Evaluate, Quorum, Send, Step, Train
+from hffm.methods import Calibrate, Collect, Evaluate, Quorum, Send, Stats, Step, Train
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, decode_module
 from hffm.results import AggregateRecord, NodeReport, SenderScore, TaskScore, Transfer
 from hffm.topology import Registration
@@ -67,6 +67,10 @@ def step_to_pb(s: Step) -> pb.Step:
         return pb.Step(train=pb.TrainStep())
     if isinstance(s, Evaluate):
         return pb.Step(evaluate=pb.EvaluateStep())
+    if isinstance(s, Stats):
+        return pb.Step(stats=pb.StatsStep(tasks=list(s.tasks)))
+    if isinstance(s, Calibrate):
+        return pb.Step(calibrate=pb.CalibrateStep(tasks=list(s.tasks)))
     if isinstance(s, Send):
         return pb.Step(send=pb.SendStep(to=s.to, link=s.link, tag=s.tag, modules=list(s.modules), route=list(s.route)))
     if isinstance(s, Collect):
@@ -97,6 +101,10 @@ def step_from_pb(s: pb.Step) -> Step:
         return Train()
     if kind == "evaluate":
         return Evaluate()
+    if kind == "stats":
+        return Stats(tuple(s.stats.tasks))
+    if kind == "calibrate":
+        return Calibrate(tuple(s.calibrate.tasks))
     if kind == "send":
         return Send(s.send.to, s.send.link, s.send.tag, tuple(s.send.modules), tuple(s.send.route))
     if kind == "collect":

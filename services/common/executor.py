@@ -7,8 +7,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from hffm.ids import stats_task
 from hffm.inbox import Aggregate
-from hffm.methods import Collect, Evaluate, Send, Train
+from hffm.methods import Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.results import AggregateRecord, NodeReport
 from services.common import faults
 from services.common.rounds import RoundState
@@ -44,6 +45,10 @@ class StepExecutor:
                 self._collect(state, s)
             elif isinstance(s, Evaluate):
                 node.evaluate(state)
+            elif isinstance(s, Stats):
+                node.feature_stats(state, s.tasks)
+            elif isinstance(s, Calibrate):
+                node.calibrate(state, s.tasks)
             i += 1
         state.raise_if_aborted()
         node.end_round(state)
@@ -62,7 +67,9 @@ class StepExecutor:
         faults.hit(node.node_id, f"collected.{s.tag}", state.round)
         node.metrics.aggregations.labels(node=node.node_id, tag=s.tag).inc()
         node.trace(f"{state.trace_prefix}-{s.tag}-aggregate", agg.modules)
-        node.adopt(node.poison_aggregate(s.tag, node.server_step(agg.modules), state.round))
+        # feature statistics (calibration) are sums, taken as aggregated: no server step moves them
+        stepped = agg.modules if all(stats_task(n) for n in agg.modules) else node.server_step(agg.modules)
+        node.adopt(node.poison_aggregate(s.tag, stepped, state.round))
         if agg.left_out:  # senders that missed the deadline are not sent this round's result either
             with node.rounds.lock:
                 state.lost.update(agg.left_out)

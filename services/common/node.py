@@ -17,7 +17,7 @@ import grpc
 import torch
 
 from hffm.config import HFFMConfig
-from hffm.ids import CLOUD
+from hffm.ids import CLOUD, stats_task
 from hffm.inbox import Inbox, RoundAborted
 from hffm.methods import Collect, Step
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec, save_modules
@@ -122,6 +122,12 @@ class NodeRuntime:
     def evaluate(self, state: RoundState) -> None:
         raise ModuleError("FAILED_PRECONDITION", "bad_step", f"{self.role} {self.node_id} does not evaluate")
 
+    def feature_stats(self, state: RoundState, tasks: tuple[str, ...]) -> None:
+        raise ModuleError("FAILED_PRECONDITION", "bad_step", f"{self.role} {self.node_id} holds no features")
+
+    def calibrate(self, state: RoundState, tasks: tuple[str, ...]) -> None:
+        raise ModuleError("FAILED_PRECONDITION", "bad_step", f"{self.role} {self.node_id} does not calibrate")
+
     def served(self, modules: ModuleSet) -> ModuleSet:
         """What the node serves of ``modules`` (a relay, or a specialist's modules examined): the modules
         themselves (a fake specialist, config adversary, serves poisoned ones)."""
@@ -184,7 +190,11 @@ class NodeRuntime:
         self.sender.invalidate()
 
     def end_round(self, state: RoundState) -> None:
-        """Every step of the round done: its end is what the node holds now (saved when it persists)."""
+        """Every step of the round done: its end is what the node holds now (saved when it persists). Feature
+        statistics (calibration) served their round: they are dropped, never saved or carried over."""
+        if any(stats_task(n) for n in self.modules):
+            self.modules = {n: m for n, m in self.modules.items() if stats_task(n) is None}
+            self.sender.invalidate()
         self._ends[(state.round, state.attempt)] = dict(self.modules)
         for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
             del self._ends[old]

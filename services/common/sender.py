@@ -14,7 +14,7 @@ from dataclasses import replace
 import grpc
 
 from hffm.config import HFFMConfig
-from hffm.ids import role_of
+from hffm.ids import role_of, stats_task
 from hffm.methods import SYNC, Send
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, digest_of, encode_modules
 from hffm.results import Transfer
@@ -74,7 +74,16 @@ class Sender:
                     raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {n}")
             wire = self.cfg.wire
             later = wire.digests == "trailer"  # digested on another thread, while the first push streams
-            fresh = encode_modules([current[n] for n in missing], wire.dtype, digest_alg=wire.digest, digest=not later)
+            # feature statistics (calibration) always go as fp32: sums of squares lose their variance in fp16
+            fresh = []
+            for names_, dtype in (
+                ([n for n in missing if not stats_task(n)], wire.dtype),
+                ([n for n in missing if stats_task(n)], "fp32"),
+            ):
+                if names_:
+                    mods = [current[n] for n in names_]
+                    fresh += encode_modules(mods, dtype, digest_alg=wire.digest, digest=not later)
+            missing = [n for n in missing if not stats_task(n)] + [n for n in missing if stats_task(n)]
             self._encoded.update(zip(missing, fresh, strict=True))
             for em in fresh if later else ():
                 self._digests[em.name] = self._digester.submit(digest_of, em.segments, em.digest_alg)

@@ -24,9 +24,10 @@ from hffm.adversary import (
     lie,
     poison,
 )
+from hffm.calibration import empty_stats, feature_stats, to_module, with_stats_spec
 from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
-from hffm.ids import task_of, update_weight
+from hffm.ids import head_name, stats_name, stats_task, task_of, update_weight
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleError, ModuleSet, spec_of
 from hffm.topology import Topology, arrived, final, split_table
@@ -57,7 +58,8 @@ class ModelHost:
 
     def load(self, modules: ModuleSet) -> None:
         for name, m in modules.items():
-            self.model.load_module_state(name, {k: v.to(self.device) for k, v in m.tensors.items()})
+            if stats_task(name) is None:  # feature statistics (calibration) are held beside the model's modules
+                self.model.load_module_state(name, {k: v.to(self.device) for k, v in m.tensors.items()})
 
 
 class DeviceNode(NodeRuntime):
@@ -86,6 +88,8 @@ class DeviceNode(NodeRuntime):
         own = grown.modules_for(node_id)
         cluster = grown.modules_for(topo.device_map[node_id].edge)
         spec = spec_of({n: host.model.module_state(n) for n in cluster})  # shapes only: no copies
+        if cfg.calibration.enabled:  # the feature statistics it sends
+            spec = with_stats_spec(spec, task_labels(cfg), cfg.calibration.diagonal)
         super().__init__(
             node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics, channels, persistor=persistor
         )
@@ -244,6 +248,23 @@ class DeviceNode(NodeRuntime):
             samples = self._claimed(samples)  # specialist's updates are honest, weights too: it lies when it serves)
         new = {n: Module(n, tensors, round_, update_weight(n, samples)) for n, tensors in trained.items()}
         return new, stats
+
+    def feature_stats(self, state: RoundState, tasks: tuple[str, ...]) -> None:
+        """Its training data's feature statistics of ``tasks`` under the modules it holds now (the global ones,
+        in a calibration phase), held as ``stats.<task>`` for the send that follows (hffm/calibration.py)."""
+        if unknown := [t for t in tasks if t not in self.tasks_at(state.round)]:
+            raise ModuleError("INVALID_ARGUMENT", "bad_task", f"{self.node_id} holds no task {unknown}")
+        diagonal = self.cfg.calibration.diagonal
+        data = {t: self.data.train[t] for t in tasks if t in self.data.train}
+        with self.host.lock:
+            self.host.load(self.modules)
+            stats = feature_stats(self.host.model, data, self.host.device, diagonal=diagonal)
+        out = {}
+        for t in tasks:
+            hidden = int(self.modules[head_name(t)].tensors["net.0.weight"].shape[1])
+            fs = stats.get(t) or empty_stats(hidden, int(self.labels[t]), diagonal)
+            out[stats_name(t)] = to_module(stats_name(t), fs, state.round)
+        self.adopt(out)
 
     def evaluate(self, state: RoundState) -> None:
         tasks = self.tasks_at(state.round)

@@ -1,0 +1,237 @@
+"""Classifier calibration with virtual representations (CCVR; Luo et al., NeurIPS 2021), per task head.
+
+Under label skew FedAvg's shared modules learn usable features while its heads do not: each device's head
+learns its own answers' prior and the average of such heads is biased (docs/results.md: on the easy-VQA
+setup, heads retrained on the federated adapters' features close most of the gap to centralised training).
+CCVR fixes the heads without moving any data: every device sends, per task and answer, the count, sum and
+sum of outer products of its samples' features (the backbone's pooled output under the global modules);
+those add up exactly over devices, edges and the cloud; the cloud turns the totals into one Gaussian per
+answer, draws virtual features from them (as many per answer as the federation holds, times a factor) and
+trains the task's head on them. Only the heads change; the adapters stay as aggregated.
+
+Statistics are float64 sums (merged by addition, so the order devices arrive in does not matter and an
+edge can fold its devices' statistics before sending). ``diagonal`` keeps each answer's per-coordinate
+sums of squares only (d numbers instead of d x d; the paper-size model's hidden 768 makes a full matrix
+2.4 MB per answer in float32).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hffm.data import TaskData
+from hffm.ids import HEAD_PREFIX, head_name, stats_name
+from hffm.model import HFFMModel
+from hffm.modules import Module
+
+
+@dataclass
+class FeatureStats:
+    """One task's feature statistics per answer: ``count`` (C,), ``total`` (C, d) and ``squares``: (C, d, d)
+    sums of outer products, or (C, d) per-coordinate sums of squares when diagonal; all float64."""
+
+    count: torch.Tensor
+    total: torch.Tensor
+    squares: torch.Tensor
+
+    @property
+    def diagonal(self) -> bool:
+        return self.squares.dim() == 2
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        if self.total.shape != other.total.shape or self.squares.shape != other.squares.shape:
+            raise ValueError(
+                f"feature statistics of different shapes: {tuple(self.squares.shape)} and {tuple(other.squares.shape)}"
+            )
+        return FeatureStats(self.count + other.count, self.total + other.total, self.squares + other.squares)
+
+    def gaussians(self, shrink: float = 1e-3) -> list[tuple[int, torch.Tensor, torch.Tensor] | None]:
+        """Per answer: (count, mean, covariance — (d, d), or (d,) variances when diagonal), unbiased, plus
+        ``shrink`` times the mean variance on the diagonal (an answer with fewer samples than dimensions has
+        a singular covariance); None for an answer nobody holds."""
+        out: list[tuple[int, torch.Tensor, torch.Tensor] | None] = []
+        for c in range(self.count.shape[0]):
+            n = round(float(self.count[c]))  # a sum of per-sample shares times samples: whole up to rounding
+            if n == 0:
+                out.append(None)
+                continue
+            mean = self.total[c] / n
+            if self.diagonal:
+                var = (self.squares[c] - n * mean * mean) / max(n - 1, 1)
+                var = var.clamp_min(0)
+                out.append((n, mean, var + shrink * float(var.mean()) + 1e-12))
+            else:
+                cov = (self.squares[c] - n * torch.outer(mean, mean)) / max(n - 1, 1)
+                cov = (cov + cov.T) / 2
+                eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+                out.append((n, mean, cov + (shrink * float(cov.diagonal().clamp_min(0).mean()) + 1e-12) * eye))
+        return out
+
+
+def merge(stats: list[dict[str, FeatureStats]]) -> dict[str, FeatureStats]:
+    """Sum the statistics of several senders, task by task (a task some senders lack is summed over the rest)."""
+    out: dict[str, FeatureStats] = {}
+    for s in stats:
+        for task, fs in s.items():
+            out[task] = out[task] + fs if task in out else fs
+    return out
+
+
+def stats_of(feats: torch.Tensor, labels: torch.Tensor, classes: int, diagonal: bool = False) -> FeatureStats:
+    """The statistics of features ``feats`` (N, d) with answers ``labels`` (N,; a label < 0, an answer outside
+    the vocabulary, is left out) over ``classes`` answers."""
+    keep = labels >= 0
+    x, y = feats[keep].double(), labels[keep].long()
+    d = feats.shape[1]
+    count = torch.bincount(y, minlength=classes).double()
+    total = torch.zeros(classes, d, dtype=torch.float64).index_add_(0, y, x)
+    if diagonal:
+        squares = torch.zeros(classes, d, dtype=torch.float64).index_add_(0, y, x * x)
+    else:
+        squares = torch.zeros(classes, d, d, dtype=torch.float64).index_add_(0, y, x.unsqueeze(2) * x.unsqueeze(1))
+    return FeatureStats(count, total, squares)
+
+
+@torch.no_grad()
+def feature_stats(
+    model: HFFMModel, data: dict[str, TaskData], device: str, diagonal: bool = False, batch_size: int = 128
+) -> dict[str, FeatureStats]:
+    """Each task's statistics of the pooled features of ``data`` under the model's current modules (a task
+    with no samples is left out)."""
+    model.eval()
+    torch.manual_seed(0)  # ViLT's patch order (global RNG): the same modules and data give the same sums
+    out: dict[str, FeatureStats] = {}
+    for task, td in data.items():
+        if len(td) == 0:
+            continue
+        classes = answers_of(model.module(head_name(task)))
+        parts = []
+        for i in range(0, len(td), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(td)))
+            batch = td.batch(idx, device)
+            parts.append(stats_of(model.pooled(batch, task).cpu(), batch["labels"].cpu(), classes, diagonal))
+        out[task] = sum(parts[1:], parts[0])
+    return out
+
+
+def answers_of(head: nn.Module) -> int:
+    """The number of answers a task head scores (a ``TaskHead``'s last layer, an ``ETFHead``'s frame)."""
+    frame = getattr(head, "frame", None)
+    return int(frame.shape[0]) if frame is not None else int(head.net[-1].out_features)
+
+
+def virtual_features(
+    stats: FeatureStats, factor: float, seed: int, shrink: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, d) float32, labels (N,)): ``round(factor * count)`` draws per answer (at least one for an
+    answer anyone holds) from its Gaussian; answers nobody holds get none."""
+    gen = torch.Generator().manual_seed(seed)
+    feats, labels = [], []
+    for c, g in enumerate(stats.gaussians(shrink)):
+        if g is None:
+            continue
+        n, mean, cov = g
+        m = max(1, round(factor * n))
+        z = torch.randn(m, mean.shape[0], generator=gen, dtype=torch.float64)
+        if stats.diagonal:
+            x = mean + z * cov.sqrt()
+        else:
+            evals, evecs = torch.linalg.eigh(cov)  # symmetric PSD up to rounding: clamp what rounding made negative
+            x = mean + (z * evals.clamp_min(0).sqrt()) @ evecs.T
+        feats.append(x.float())
+        labels.append(torch.full((m,), c, dtype=torch.long))
+    if not feats:
+        raise ValueError("no feature statistics: no device holds any sample of the task")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def calibrate_head(
+    head: nn.Module,
+    stats: FeatureStats,
+    epochs: int = 10,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    factor: float = 1.0,
+    seed: int = 0,
+    shrink: float = 1e-3,
+) -> float:
+    """Train ``head`` (in place) on virtual features drawn from ``stats`` for ``epochs`` epochs with AdamW;
+    the mean loss of the last epoch."""
+    feats, labels = virtual_features(stats, factor, seed, shrink)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"calibrate/{seed}".encode()))
+    device = next(head.parameters()).device
+    feats, labels = feats.to(device), labels.to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    was = head.training
+    head.train()
+    last = 0.0
+    for _ in range(epochs):
+        perm = torch.randperm(len(labels), generator=gen).to(device)
+        total = 0.0
+        for i in range(0, len(labels), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = loss_fn(head(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            (loss / len(idx)).backward()
+            opt.step()
+            total += float(loss.detach())
+        last = total / len(labels)
+    head.train(was)
+    return last
+
+
+# ---- statistics as modules on the wire ----------------------------------------------------------
+# A device sends its statistics of a task as the module ``stats.<task>`` (hffm.ids.stats_name): the sums
+# divided by its samples of the task, with those samples as the module's FedAvg weight. A sample-weighted
+# FedAvg of such modules (an edge's, the cloud's) is the sums over all senders divided by all their samples,
+# with that total as its weight: ``from_module`` gives back the sums. An aggregator needs nothing new.
+
+
+def stats_spec(hidden: int, answers: int, diagonal: bool) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a ``stats.<task>`` module."""
+    squares = (answers, hidden) if diagonal else (answers, hidden, hidden)
+    return {"count": (answers,), "total": (answers, hidden), "squares": squares}
+
+
+def with_stats_spec(spec: dict, answers: dict[str, int], diagonal: bool) -> dict:
+    """``spec`` (module -> tensor shapes) with a ``stats.<task>`` entry beside every head in it (a node that
+    sends, sums or calibrates a task's statistics accepts them; the head's input width is the features')."""
+    out = dict(spec)
+    for name, shapes in spec.items():
+        if name.startswith(HEAD_PREFIX):
+            task = name[len(HEAD_PREFIX) :]
+            out[stats_name(task)] = stats_spec(int(shapes["net.0.weight"][1]), int(answers[task]), diagonal)
+    return out
+
+
+def empty_stats(hidden: int, answers: int, diagonal: bool) -> FeatureStats:
+    """The statistics of no sample (a device holding a task without training data of it)."""
+    shapes = stats_spec(hidden, answers, diagonal)
+    return FeatureStats(*(torch.zeros(shapes[k], dtype=torch.float64) for k in ("count", "total", "squares")))
+
+
+def to_module(name: str, stats: FeatureStats, version: int) -> Module:
+    """``stats`` as the module ``name``: per-sample sums (float32), weighted by the samples (at least 1)."""
+    n = max(float(stats.count.sum()), 1.0)
+    tensors = {"count": stats.count / n, "total": stats.total / n, "squares": stats.squares / n}
+    return Module(name, {k: v.float().contiguous() for k, v in tensors.items()}, version, n)
+
+
+def answers_of_stats(module: Module) -> int:
+    """The answers a statistics module counts."""
+    return int(module.tensors["count"].shape[0])
+
+
+def from_module(module: Module) -> FeatureStats:
+    """The sums a (possibly aggregated) statistics module stands for."""
+    n = float(module.num_samples)
+    t = module.tensors
+    for k in ("count", "total", "squares"):
+        if k not in t:
+            raise ValueError(f"{module.name}: a statistics module without {k!r}")
+    return FeatureStats(*(t[k].double() * n for k in ("count", "total", "squares")))
