@@ -20,6 +20,8 @@ Remedies:
   optimiser) and adds c - c_i to every gradient, where c is the control variate its aggregator sent with
   the modules, averaged as they are (its edge's in an edge round, the global one after a cloud round).
   Round 1 trains as plain does (every c is 0). It would double the bytes of every exchange.
+- ``frozen_heads``: devices train the shared modules alone (FedBABU's body-only training, Oh et al. 2022);
+  the heads move only where the cloud calibrates them (``--calibrate cloud``).
 - ``fedadam``: FedAdam (Reddi et al. 2021) at the cloud: each cloud round the cloud takes the FedAvg's
   difference from the last global modules as a pseudo-gradient and steps with Adam on it (``--server-lr``
   η, ``--tau`` τ, β = 0.9, 0.99): global + η m / (√v + τ). Devices and edges are plain.
@@ -45,13 +47,13 @@ from hffm.aggregation import server_step, weighted_mean
 from hffm.calibration import calibrate_head, feature_stats, merge
 from hffm.config import HFFMConfig, load_config, resolve_torch_device
 from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
-from hffm.ids import head_name, update_weight
+from hffm.ids import head_name, task_of, update_weight
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
 from hffm.training import evaluate, round_lr, train_local
 
-REMEDIES = ("plain", "scaffold", "fedadam")
+REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads")
 CALIBRATE = ("none", "final", "cloud")
 
 
@@ -90,6 +92,9 @@ def screen(
     own_c = {d: zero for d in devices}  # SCAFFOLD: each device's c_i
     sent_c = {e: zero for e in held}  # SCAFFOLD: the c each aggregator last sent
     every = 1 if cfg.method == "star" else cfg.e_agg
+    # frozen_heads: devices train the shared modules only (FedBABU's body-only training, Oh et al. 2022); the
+    # heads move only where the cloud calibrates them (--calibrate)
+    trained = [n for n in names if task_of(n) is None] if remedy == "frozen_heads" else names
     curve: list[dict] = []
     glob = start
     moments: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # FedAdam's m and v
@@ -106,7 +111,7 @@ def screen(
             train_local(
                 model,
                 data[d].train,
-                names,
+                trained,
                 cfg.train,
                 device,
                 seed=zlib.crc32(f"{cfg.seed}/{d}/{r}".encode()),

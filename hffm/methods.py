@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, head_name, stats_name, task_of
+from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, head_name, stats_name, stats_task, task_of
 from hffm.topology import DeviceInfo, Topology
 
 __all__ = ["D2D", "DEVICE_CLOUD", "DEVICE_EDGE", "EDGE_CLOUD", "LINK_KINDS", "SYNC"]
@@ -165,7 +165,7 @@ class RoundPlan:
         bounded = bound_claims(samples, claim_bound) if claim_bound is not None else None
 
         def total(tasks: Mapping[str, int], module: str) -> float:
-            t = task_of(module)
+            t = task_of(module) or stats_task(module)  # a task's statistics weigh as its head
             return float(max(1, sum(tasks.values()) if t is None else tasks.get(t, 0)))
 
         def bound(node: str, mods: Sequence[str], registered: Mapping[str, int]):

@@ -144,11 +144,12 @@ def _planned(*sets: str):
 def test_the_plan_calibrates_after_the_clouds_broadcast_and_before_devices_evaluate(method):
     from hffm.costmodel import CostModel
 
-    cfg, topo, planner = _planned(f"method={method}", "calibration.enabled=true", "e_agg=2")
+    cfg, topo, planner = _planned(f"method={method}", "calibration.enabled=true", "e_agg=2", "aggregation.rule=median")
     first = planner.plan(1, topo).plan
     if method == "hfm":  # no cloud round, no calibration
         assert not any(isinstance(s, Stats | Calibrate) for ss in first.steps.values() for s in ss)
-    plan = planner.plan(2, topo).plan
+    samples = {x.id: {t: 10 + 7 * i + j for j, t in enumerate(x.tasks)} for i, x in enumerate(topo.devices)}
+    plan = planner.plan(2, topo, samples=samples).plan
     plan.validate()
     d = "device-0-1"
     steps = plan.steps[d]
@@ -159,6 +160,9 @@ def test_the_plan_calibrates_after_the_clouds_broadcast_and_before_devices_evalu
     assert steps[i] == Stats(tasks)
     assert steps[i + 1] == Send(up, steps[1].link, STATS, tuple(stats_name(t) for t in tasks))
     assert steps[i + 2].tag == CALIBRATED and steps[i + 2].senders == (up,)
+    # statistics are summed (FedAvg) whatever the rule; a device's weigh at most its registered samples of the task
+    collect = next(s for s in plan.steps[up] if isinstance(s, Collect) and s.tag == STATS)
+    assert collect.rule == "fedavg" and collect.caps_of(d) == {stats_name(t): float(samples[d][t]) for t in tasks}
     cloud = plan.steps[CLOUD]
     assert isinstance(cloud[-1 - len([s for s in cloud if isinstance(s, Send) and s.tag == CALIBRATED])], Calibrate)
     down = [s for s in cloud if isinstance(s, Send) and s.tag == CALIBRATED]
