@@ -35,7 +35,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD, LINK_KINDS, head_name, stats_name, stats_task, task_of
+from hffm.ids import (
+    CLOUD,
+    D2D,
+    DEVICE_CLOUD,
+    DEVICE_EDGE,
+    EDGE_CLOUD,
+    LINK_KINDS,
+    head_name,
+    stats_name,
+    stats_task,
+    task_of,
+)
 from hffm.topology import DeviceInfo, Topology
 
 __all__ = ["D2D", "DEVICE_CLOUD", "DEVICE_EDGE", "EDGE_CLOUD", "LINK_KINDS", "SYNC"]
