@@ -1,7 +1,8 @@
 """Screening a training remedy in one process before it is built into the nodes (issue 15).
 
-``python -m benchmarks.screen [--remedy plain|scaffold|fedadam] [--server-lr η] [--tau τ] [--out FILE]
-[--set KEY=VALUE ...]``
+``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads] [--server-lr η] [--tau τ]
+[--calibrate none|final|cloud] [--calib KEY=VALUE ...] [--out FILE] [--set KEY=VALUE ...]``; ``--plot PNG
+--curve LABEL=FILE ... [--central FILE]`` plots curves made before.
 
 A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
 edges and cloud; this runs hfm's round plan in one process on the same data, model, seeds and local loop,
@@ -252,6 +253,33 @@ def _scaffold_hook(model: HFFMModel, names: list[str], c: ModuleSet, c_i: Module
     return on_grad, grads
 
 
+def plot(curves: dict[str, Path], out: Path, central: Path | None = None) -> None:
+    """Mean global accuracy per cloud round of screened curves (``label -> --out JSON``), beside a centralised
+    run's per pass (``benchmarks.realdata``'s kept ``centralised.json`` or ``hffm centralised``'s results)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if central is not None:
+        res = json.loads(central.read_text())
+        rounds = res.get("results", res)["rounds"]
+        mean = [sum(a["global"] for a in r["accuracy"].values()) / len(r["accuracy"]) for r in rounds]
+        ax.plot([r["round"] for r in rounds], mean, ls="--", marker="o", ms=3, label="centralised")
+    for label, path in curves.items():
+        curve = json.loads(path.read_text())["curve"]
+        ax.plot([c["round"] for c in curve], [c["mean"] for c in curve], marker="o", ms=3, label=label)
+    ax.set_xlabel("round (centralised: pass over the pool)")
+    ax.set_ylabel("mean global accuracy (easy-VQA tasks)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.screen", description=__doc__.split("\n\n")[0])
     p.add_argument("--remedy", choices=REMEDIES, default="plain")
@@ -262,7 +290,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
     p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE", help="epochs, lr, factor, diagonal")
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
+    p.add_argument("--plot", type=Path, default=None, help="only plot: the curves of --curve LABEL=JSON to this PNG")
+    p.add_argument("--curve", action="append", default=[], metavar="LABEL=JSON", help="with --plot")
+    p.add_argument("--central", type=Path, default=None, help="with --plot: a centralised run's results")
     a = p.parse_args(argv)
+    if a.plot:
+        plot({k: Path(v) for k, v in (c.split("=", 1) for c in a.curve)}, a.plot, a.central)
+        return
     cfg = load_config(a.config, a.sets)
     calib = dict(kv.split("=", 1) for kv in a.calib)
     if calib.get("diagonal") is not None:
