@@ -1,7 +1,7 @@
 """Screening a training remedy in one process before it is built into the nodes (issue 15).
 
 ``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads] [--server-lr η] [--tau τ]
-[--calibrate none|final|cloud] [--calib KEY=VALUE ...] [--out FILE] [--set KEY=VALUE ...]``; ``--plot PNG
+[--calibrate none|final|cloud] [--out FILE] [--set KEY=VALUE ...]``; ``--plot PNG
 --curve LABEL=FILE ... [--central FILE]`` plots curves made before.
 
 A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
@@ -27,6 +27,10 @@ Remedies:
   difference from the last global modules as a pseudo-gradient and steps with Adam on it (``--server-lr``
   η, ``--tau`` τ, β = 0.9, 0.99): global + η m / (√v + τ). Devices and edges are plain.
 
+``--calibrate cloud`` calibrates the heads (CCVR, ``hffm.calibration``) after every cloud round's average, as
+the cloud does with ``calibration.enabled`` (the same function, its parameters from ``--set calibration.*``);
+``final`` only after the last round.
+
 ``aggregation.server_lr`` is applied at every cloud round, as the cloud does (``server_step``), and every
 ``train.*`` option the devices read works here too (the local loop is theirs), e.g. ``--set
 train.head_only_share=0.9``.
@@ -45,10 +49,10 @@ from pathlib import Path
 import torch
 
 from hffm.aggregation import server_step, weighted_mean
-from hffm.calibration import calibrate_head, feature_stats, merge
+from hffm.calibration import calibrate_heads, feature_stats, merge
 from hffm.config import HFFMConfig, load_config, resolve_torch_device
 from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
-from hffm.ids import head_name, task_of, update_weight
+from hffm.ids import task_of, update_weight
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
@@ -65,7 +69,6 @@ def screen(
     server_lr: float = 0.01,
     tau: float = 1e-3,
     calibrate: str = "none",
-    calib: dict | None = None,
 ) -> tuple[list[dict], ModuleSet]:
     """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
     cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
@@ -73,7 +76,6 @@ def screen(
         raise ValueError(f"--remedy: {remedy!r} is not one of {', '.join(REMEDIES)}")
     if calibrate not in CALIBRATE:
         raise ValueError(f"--calibrate: {calibrate!r} is not one of {', '.join(CALIBRATE)}")
-    calib = calib or {}
     if cfg.method not in ("hfm", "star"):
         raise ValueError(f"method: the screen runs hfm or star, not {cfg.method!r}")
     device = resolve_torch_device(cfg.runtime.device)
@@ -134,7 +136,7 @@ def screen(
         before = None
         if cloud and (calibrate == "cloud" or (calibrate == "final" and r == cfg.rounds)):
             before = _accuracy(model, names, glob, test, device)
-            glob = avg[g] = _calibrated(model, names, glob, data, devices, device, r, calib)
+            glob = avg[g] = _calibrated(cfg, model, names, glob, data, devices, r, device)
         held = {e: avg[g] for e, g in groups.items()}
         if remedy == "scaffold":
             c_avg = {g: weighted_mean([own_c[d] for d in g]) for g in set(groups.values())}
@@ -162,35 +164,22 @@ def _accuracy(model: HFFMModel, names: list[str], mods: ModuleSet, test: dict, d
 
 
 def _calibrated(
+    cfg: HFFMConfig,
     model: HFFMModel,
     names: list[str],
     glob: ModuleSet,
     data: dict,
     devices: list[str],
-    device: str,
     r: int,
-    calib: dict,
+    device: str,
 ) -> ModuleSet:
-    """``glob`` with every head calibrated (CCVR, ``hffm.calibration``) on the devices' feature statistics
-    under ``glob``'s modules."""
+    """``glob`` with every head calibrated as the cloud does (``hffm.calibration.calibrate_heads``, by
+    ``calibration.*``) on the devices' feature statistics under ``glob``'s modules."""
     for n in names:
         model.load_module_state(n, glob[n].tensors)
-    diagonal = bool(calib.get("diagonal", False))
+    diagonal = cfg.calibration.diagonal
     stats = merge([feature_stats(model, data[d].train, device, diagonal=diagonal) for d in devices])
-    out = dict(glob)
-    for task, fs in stats.items():
-        n = head_name(task)
-        calibrate_head(
-            model.module(n),
-            fs,
-            epochs=int(calib.get("epochs", 10)),
-            lr=float(calib.get("lr", 3e-3)),
-            factor=float(calib.get("factor", 1.0)),
-            seed=zlib.crc32(f"calibrate/{r}/{task}".encode()),
-        )
-        state = {k: v.detach().cpu().clone() for k, v in model.module_state(n).items()}
-        out[n] = Module(n, state, glob[n].version, glob[n].num_samples)
-    return out
+    return {**glob, **calibrate_heads(glob, stats, cfg, r)[0]}
 
 
 def _snapshot(model: HFFMModel, names: list[str], version: int, samples: dict[str, int]) -> ModuleSet:
@@ -288,7 +277,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server step size η")
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's τ (adaptivity)")
     p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
-    p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE", help="epochs, lr, factor, diagonal")
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
     p.add_argument("--plot", type=Path, default=None, help="only plot: the curves of --curve LABEL=JSON to this PNG")
     p.add_argument("--curve", action="append", default=[], metavar="LABEL=JSON", help="with --plot")
@@ -298,13 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         plot({k: Path(v) for k, v in (c.split("=", 1) for c in a.curve)}, a.plot, a.central)
         return
     cfg = load_config(a.config, a.sets)
-    calib = dict(kv.split("=", 1) for kv in a.calib)
-    if calib.get("diagonal") is not None:
-        calib["diagonal"] = calib["diagonal"].lower() in ("1", "true", "yes")
-    curve, _ = screen(cfg, a.remedy, server_lr=a.server_lr, tau=a.tau, calibrate=a.calibrate, calib=calib)
+    curve, _ = screen(cfg, a.remedy, server_lr=a.server_lr, tau=a.tau, calibrate=a.calibrate)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        info = {"remedy": a.remedy, "sets": a.sets, "curve": curve, "calibrate": a.calibrate, "calib": calib}
+        info = {"remedy": a.remedy, "sets": a.sets, "curve": curve, "calibrate": a.calibrate}
         if a.remedy == "fedadam":
             info |= {"server_lr": a.server_lr, "tau": a.tau}
         a.out.write_text(json.dumps(info, indent=1))

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hffm.config import HFFMConfig
 from hffm.data import TaskData
 from hffm.ids import HEAD_PREFIX, head_name, stats_name
-from hffm.model import HFFMModel
-from hffm.modules import Module
+from hffm.model import HFFMModel, build_head
+from hffm.modules import Module, ModuleSet
 
 
 @dataclass
@@ -185,6 +186,28 @@ def calibrate_head(
     return last
 
 
+def calibrate_heads(
+    heads: ModuleSet, stats: dict[str, FeatureStats], cfg: HFFMConfig, round_: int
+) -> tuple[ModuleSet, dict[str, float]]:
+    """(each task of ``stats`` its head of ``heads`` calibrated as ``cfg.calibration`` says — virtual draws
+    seeded by (seed, round, task) — as the round's version with the aggregate's weight; each task's last
+    virtual loss). What the cloud's ``Calibrate`` step does, and ``benchmarks.screen`` with it."""
+    c = cfg.calibration
+    out: ModuleSet = {}
+    losses: dict[str, float] = {}
+    for task, fs in stats.items():
+        name = head_name(task)
+        held = heads[name]
+        head = build_head(int(held.tensors["net.0.weight"].shape[1]), cfg.model, task, int(fs.count.shape[0]))
+        head.load_state_dict(held.tensors)
+        seed = zlib.crc32(f"{cfg.seed}/calibrate/{round_}/{task}".encode())
+        losses[task] = calibrate_head(head, fs, c.epochs, c.lr, c.batch_size, c.factor, seed, c.shrink)
+        out[name] = Module(
+            name, {k: v.detach().clone() for k, v in head.state_dict().items()}, round_, held.num_samples
+        )
+    return out, losses
+
+
 # ---- statistics as modules on the wire ----------------------------------------------------------
 # A device sends its statistics of a task as the module ``stats.<task>`` (hffm.ids.stats_name): the sums
 # divided by its samples of the task, with those samples as the module's FedAvg weight. A sample-weighted
@@ -220,11 +243,6 @@ def to_module(name: str, stats: FeatureStats, version: int) -> Module:
     n = max(float(stats.count.sum()), 1.0)
     tensors = {"count": stats.count / n, "total": stats.total / n, "squares": stats.squares / n}
     return Module(name, {k: v.float().contiguous() for k, v in tensors.items()}, version, n)
-
-
-def answers_of_stats(module: Module) -> int:
-    """The answers a statistics module counts."""
-    return int(module.tensors["count"].shape[0])
 
 
 def from_module(module: Module) -> FeatureStats:

@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,13 @@ import grpc
 
 from hffm.adversary import adversaries
 from hffm.aggregation import server_step
-from hffm.calibration import answers_of_stats, calibrate_head, from_module
+from hffm.calibration import calibrate_heads, from_module
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
 from hffm.ids import CLOUD, head_name, joining_edge, role_of, stats_name
 from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
-from hffm.model import build_head
-from hffm.modules import Module, ModuleError, ModuleSet
+from hffm.modules import ModuleError, ModuleSet
 from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity, PKIError
 from hffm.planner import PlannedRound, Planner
@@ -61,23 +59,17 @@ class CloudNode(NodeRuntime):
     def calibrate(self, state: RoundState, tasks: tuple[str, ...]) -> None:
         """Each task's head trained on virtual features drawn from the statistics it collected (CCVR,
         hffm/calibration.py); the adapters stay as aggregated."""
-        c = self.cfg.calibration
-        new: ModuleSet = {}
-        for t in tasks:
-            name, stats = head_name(t), self.modules.get(stats_name(t))
-            if stats is None or name not in self.modules:
-                raise ModuleError(
-                    "FAILED_PRECONDITION", "missing_module", f"cloud holds no statistics or head of {t!r}"
-                )
-            held = self.modules[name]
-            head = build_head(int(held.tensors["net.0.weight"].shape[1]), self.cfg.model, t, answers_of_stats(stats))
-            head.load_state_dict(held.tensors)
-            seed = zlib.crc32(f"{self.cfg.seed}/calibrate/{state.round}/{t}".encode())
-            loss = calibrate_head(head, from_module(stats), c.epochs, c.lr, c.batch_size, c.factor, seed, c.shrink)
-            tensors = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            new[name] = Module(name, tensors, state.round, held.num_samples)
-            log.info("round %d: calibrated %s (virtual loss %.3f)", state.round, name, loss)
-        self.adopt(new)
+        missing = [t for t in tasks if stats_name(t) not in self.modules or head_name(t) not in self.modules]
+        if missing:
+            raise ModuleError(
+                "FAILED_PRECONDITION", "missing_module", f"cloud holds no statistics or head of {missing}"
+            )
+        stats = {t: from_module(self.modules[stats_name(t)]) for t in tasks}
+        heads, losses = calibrate_heads(self.modules, stats, self.cfg, state.round)
+        log.info(
+            "round %d: heads calibrated (virtual loss %s)", state.round, {t: round(v, 3) for t, v in losses.items()}
+        )
+        self.adopt(heads)
 
 
 class AttemptFailed(RuntimeError):
