@@ -27,7 +27,7 @@ from hffm.config import HFFMConfig
 from hffm.data import TaskData
 from hffm.ids import HEAD_PREFIX, head_name, stats_name
 from hffm.model import HFFMModel, build_head
-from hffm.modules import Module, ModuleSet
+from hffm.modules import Module, ModuleError, ModuleSet
 
 
 @dataclass
@@ -243,6 +243,23 @@ def to_module(name: str, stats: FeatureStats, version: int) -> Module:
     n = max(float(stats.count.sum()), 1.0)
     tensors = {"count": stats.count / n, "total": stats.total / n, "squares": stats.squares / n}
     return Module(name, {k: v.float().contiguous() for k, v in tensors.items()}, version, n)
+
+
+def check_stats(module: Module, tol: float = 1e-4) -> None:
+    """A statistics module as it arrives (its shapes the receiver's spec has checked, its values finite):
+    per-sample shares, so counts are >= 0 and sum to at most 1 and every sum of squares is >= 0; otherwise
+    INVALID_ARGUMENT naming the module (a sender cannot make the cloud draw from a negative variance)."""
+    count, squares = module.tensors["count"], module.tensors["squares"]
+    diag = squares if squares.dim() == 2 else torch.diagonal(squares, dim1=1, dim2=2)
+    problems = []
+    if bool((count < -tol).any()):
+        problems.append("a negative count")
+    if float(count.sum()) > 1 + tol:
+        problems.append(f"counts summing to {float(count.sum()):.4g} of its samples (at most 1)")
+    if bool((diag < -tol).any()):
+        problems.append("a negative sum of squares")
+    if problems:
+        raise ModuleError("INVALID_ARGUMENT", "bad_stats", f"{module.name}: {', '.join(problems)}")
 
 
 def from_module(module: Module) -> FeatureStats:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,55 @@ def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_pa
         assert torch.equal(trace("device-1-0", "r2-calibrated-aggregate")[name].tensors["net.0.weight"],
                            final[name].tensors["net.0.weight"])  # fmt: skip
     assert Path(tmp_path / "results.json").exists()
+
+
+def test_an_edge_refuses_statistics_no_sum_could_hold_and_keeps_nothing(small_cfg):
+    """A real edge over mTLS collecting statistics: a device's statistics with a negative count, counts summing
+    to more than its samples or a negative sum of squares get INVALID_ARGUMENT naming the module, and nothing is
+    kept; an honest push is then accepted, and one as heavy as the device's registered samples of the task
+    (its cap) but no heavier."""
+    import grpc
+
+    from hffm.modules import encode_module
+    from services.common.bootstrap import node_modules, topology
+    from services.common.client import push_requests
+    from services.common.server import NodeServer
+    from tests.test_grpc_node import D0, D1, EDGE, Clients, _Edge, _expect, _header, _push
+
+    cfg = small_cfg.model_copy(update={"calibration": small_cfg.calibration.model_copy(update={"enabled": True})})
+    topo = topology(cfg)
+    spec, modules = node_modules(cfg, topo, EDGE)
+    assert set(spec["stats.art"]) == {"count", "total", "squares"}
+    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    ch = Clients(cfg, f"127.0.0.1:{srv.port}", EDGE)
+    try:
+        caps = tuple((d, (("stats.art", 20.0),)) for d in (D0, D1))
+        node.assign(1, "hfm", [Collect(STATS, (D0, D1), "device_edge", weight_caps=caps)], {D0: "x:1", D1: "x:2"})
+        hidden = spec["stats.art"]["total"][1]
+        x, y = _clusters(4, d=hidden, classes=7)
+        good = to_module("stats.art", stats_of(x[:20], y[:20], 7), 1)
+        assert good.num_samples == 20.0
+
+        def push(sender, m, code=None, match=""):
+            ems = [encode_module(m)]
+            h = _header(sender, ems, tag=STATS)
+            if code is None:
+                return _push(ch, push_requests(h, ems, 4096))
+            _expect(ch, node, push_requests(h, ems, 4096), code, match)
+
+        bad = {
+            "a negative count": {**good.tensors, "count": good.tensors["count"] - 0.5},
+            "summing to": {**good.tensors, "count": good.tensors["count"] * 2},
+            "negative sum of squares": {**good.tensors, "squares": -good.tensors["squares"]},
+        }
+        for why, tensors in bad.items():
+            push(D0, replace(good, tensors=tensors), grpc.StatusCode.INVALID_ARGUMENT, why)
+            assert not node.inbox.snapshot()["accepted"].get(STATS)
+        push(D0, replace(good, num_samples=21.0), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the 20 samples")
+        assert not node.inbox.snapshot()["accepted"].get(STATS)
+        assert not push(D0, good).duplicate
+        assert len(node.inbox.snapshot()["accepted"][STATS]) == 1
+    finally:
+        ch.close()
+        srv.stop(0)

@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import grpc
 
+from hffm.calibration import check_stats
 from hffm.config import HFFMConfig
-from hffm.ids import CLOUD, D2D, role_of, trace_prefix
+from hffm.ids import CLOUD, D2D, role_of, stats_task, trace_prefix
 from hffm.inbox import Inbox
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec
 from hffm.pki import PKIError
@@ -113,6 +114,9 @@ class Receiver:
                 header = assembler.complete(list(trailer.digests), bytes(trailer.signature))
                 self._verify(header)
             modules = assembler.finish()
+        for m in modules:
+            if stats_task(m.name) is not None:  # feature statistics (calibration): values a sum can hold
+                check_stats(m)
         if not duplicate:
             try:
                 duplicate = self.inbox.accept(header, modules, caller)
