@@ -23,7 +23,7 @@ from hffm.aggregation import server_step
 from hffm.calibration import calibrate_heads, from_module
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
-from hffm.ids import CLOUD, head_name, joining_edge, role_of, stats_name
+from hffm.ids import CLOUD, head_name, joining_edge, role_of, stats_name, stats_task
 from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
 from hffm.modules import ModuleError, ModuleSet
@@ -53,8 +53,11 @@ class CloudNode(NodeRuntime):
 
     def server_step(self, aggregate: ModuleSet) -> ModuleSet:
         """global + ``aggregation.server_lr`` x (aggregate - global), from the modules it holds
-        (hffm.aggregation.server_step; 1: the aggregate itself)."""
-        return server_step(self.modules, aggregate, self.cfg.aggregation.server_lr)
+        (hffm.aggregation.server_step; 1: the aggregate itself). Feature statistics (calibration) are sums:
+        taken as aggregated."""
+        stats = {n: m for n, m in aggregate.items() if stats_task(n)}
+        rest = {n: m for n, m in aggregate.items() if n not in stats}
+        return {**server_step(self.modules, rest, self.cfg.aggregation.server_lr), **stats}
 
     def calibrate(self, state: RoundState, tasks: tuple[str, ...]) -> None:
         """Each task's head trained on virtual features drawn from the statistics it collected (CCVR,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from hffm.ids import stats_task
 from hffm.inbox import Aggregate
 from hffm.methods import Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.results import AggregateRecord, NodeReport
@@ -67,9 +66,7 @@ class StepExecutor:
         faults.hit(node.node_id, f"collected.{s.tag}", state.round)
         node.metrics.aggregations.labels(node=node.node_id, tag=s.tag).inc()
         node.trace(f"{state.trace_prefix}-{s.tag}-aggregate", agg.modules)
-        # feature statistics (calibration) are sums, taken as aggregated: no server step moves them
-        stepped = agg.modules if all(stats_task(n) for n in agg.modules) else node.server_step(agg.modules)
-        node.adopt(node.poison_aggregate(s.tag, stepped, state.round))
+        node.adopt(node.poison_aggregate(s.tag, node.server_step(agg.modules), state.round))
         if agg.left_out:  # senders that missed the deadline are not sent this round's result either
             with node.rounds.lock:
                 state.lost.update(agg.left_out)

@@ -74,17 +74,14 @@ class Sender:
                     raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {n}")
             wire = self.cfg.wire
             later = wire.digests == "trailer"  # digested on another thread, while the first push streams
-            # feature statistics (calibration) always go as fp32: sums of squares lose their variance in fp16
-            fresh = []
-            for names_, dtype in (
-                ([n for n in missing if not stats_task(n)], wire.dtype),
-                ([n for n in missing if stats_task(n)], "fp32"),
-            ):
-                if names_:
-                    mods = [current[n] for n in names_]
-                    fresh += encode_modules(mods, dtype, digest_alg=wire.digest, digest=not later)
-            missing = [n for n in missing if not stats_task(n)] + [n for n in missing if stats_task(n)]
-            self._encoded.update(zip(missing, fresh, strict=True))
+            by_dtype: dict[str, list[str]] = {}
+            for n in missing:  # feature statistics (calibration) go as fp32: in fp16 sums of squares lose the variance
+                by_dtype.setdefault("fp32" if stats_task(n) else wire.dtype, []).append(n)
+            fresh: list[EncodedModule] = []
+            for dtype, group in by_dtype.items():
+                enc = encode_modules([current[n] for n in group], dtype, digest_alg=wire.digest, digest=not later)
+                self._encoded.update(zip(group, enc, strict=True))
+                fresh += enc
             for em in fresh if later else ():
                 self._digests[em.name] = self._digester.submit(digest_of, em.segments, em.digest_alg)
             for n in names:  # digests computed since: kept with their encodings (later pushes carry them first)
