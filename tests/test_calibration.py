@@ -307,6 +307,7 @@ def test_an_edge_refuses_statistics_no_sum_could_hold_and_keeps_nothing(small_cf
         for why, tensors in bad.items():
             push(D0, replace(good, tensors=tensors), grpc.StatusCode.INVALID_ARGUMENT, why)
             assert not node.inbox.snapshot()["accepted"].get(STATS)
+        assert node.metrics.modules_rejected.labels(node=EDGE, reason="bad_stats")._value.get() == 3
         push(D0, replace(good, num_samples=21.0), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the 20 samples")
         assert not node.inbox.snapshot()["accepted"].get(STATS)
         assert not push(D0, good).duplicate

@@ -36,6 +36,7 @@ REJECT_REASONS = (
     "dtype_mismatch",
     "shape_mismatch",
     "non_finite",
+    "bad_stats",  # feature statistics (calibration) no sum could hold
     "bad_weight",
     "not_examined",
     "bad_encoding",
