@@ -92,6 +92,26 @@ RULES: dict[str, list[str]] = {
     ],
     # a device's own update counts with at most 2 x its task's median registered claim
     "fedavg, claims bounded": ["aggregation.rule=fedavg", "aggregation.claim_bound=2"],
+    # the heads calibrated on the devices' feature statistics in every cloud round (CCVR), and those
+    # statistics checking every device's labels: a device found mislabelled is left out from then on
+    "fedavg, calibrated": ["aggregation.rule=fedavg", "calibration.enabled=true"],
+    "fedavg, calibrated, labels checked": [
+        "aggregation.rule=fedavg",
+        "calibration.enabled=true",
+        "calibration.label_t=4",
+    ],
+    "trimmed_mean, update outliers or twins excluded, labels checked": [
+        "aggregation.rule=trimmed_mean",
+        "aggregation.params={beta: 0.2, update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
+        "calibration.enabled=true",
+        "calibration.label_t=4",
+    ],
+    "fedavg, update outliers or twins excluded, labels checked": [
+        "aggregation.rule=fedavg",
+        "aggregation.params={update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
+        "calibration.enabled=true",
+        "calibration.label_t=4",
+    ],
 }
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],

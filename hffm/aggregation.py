@@ -101,6 +101,9 @@ class Aggregator(ABC):
 
     def reset(self) -> None:
         self.senders: list[str] = []  # folded, in fold order
+        # sender -> its label_t: left out of this aggregate (found mislabelled by the node's last label check;
+        # the inbox sets it); its pushes are counted and scored as excluded, never folded
+        self.excluded: dict[str, float] = getattr(self, "excluded", {})
         self.scores: list[SenderScore] = []  # outlier scores per module and sender (rules with flag_z)
         self.pending: dict[str, list[Module]] = {}
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {n: m.shapes() for n, m in self.reference.items()}
@@ -146,7 +149,11 @@ class Aggregator(ABC):
         return self._result(version)
 
     def _fold_one(self, sender: str, mods: list[Module]) -> None:
-        self._fold(sender, mods)
+        t = self.excluded.get(sender)
+        if t is None:
+            self._fold(sender, mods)
+        else:
+            self.scores.extend(SenderScore(m.name, sender, 0.0, 0.0, 0.0, 0.0, True, True, label_t=t) for m in mods)
         self.senders.append(sender)
 
     # ---- what a rule implements ---------------------------------------------------------------
@@ -529,6 +536,103 @@ class Bulyan(_Buffered):
         return sel.gather(0, closest).mean(dim=0).to(torch.float32)
 
 
+class LabelCheck(Aggregator):
+    """The FedAvg of feature statistics (``stats.<task>`` modules: calibration) with each sender's labels
+    checked by them (``calibration.label_t``; ``hffm.calibration.label_scores``): a sender whose per-answer
+    mean features sit where the other senders' samples of those answers do not is flagged. Every sender is
+    scored (``SenderScore.label_t``) when at least MIN_SENDERS_TO_FLAG came; a majority is never flagged.
+
+    Two references. By default the other senders of this collect (the cloud in star: every device): the
+    flagged senders' statistics are left out of the sum at once (the cloud's calibration must not learn
+    their labels). With ``defer`` (an edge in hfm, whose cluster of a few devices can be outvoted by two
+    flippers holding most of an answer: docs/robustness.md) the sum goes up without the senders the node
+    found mislabelled before (``excluded``: held and scored, not summed), and ``check`` scores every sender
+    later against both its peers here and the federation's sums, which the cloud sends back with the
+    calibrated heads, and flags those that stand out against both.
+    Holds the senders' statistics (a few hundred KB each for the tiny model) until the result."""
+
+    name = "label_check"
+
+    def __init__(
+        self,
+        order: Sequence[str] = (),
+        reference: Mapping[str, Module] | None = None,
+        label_t: float = 4.0,
+        defer: float = 0,
+    ) -> None:
+        if not (float(label_t) > 0):
+            raise ValueError(f"aggregation rule {self.name!r}: label_t must be > 0, got {label_t}")
+        if defer not in (0, 1):
+            raise ValueError(f"aggregation rule {self.name!r}: defer must be 0 or 1, got {defer}")
+        self.cut = float(label_t)
+        self.defer = bool(defer)
+        super().__init__(order, reference)
+
+    def _reset(self) -> None:
+        self._held: dict[str, list[Module]] = {}
+        self._out: ModuleSet | None = None
+        self.flagged: list[str] = []
+
+    def _fold_one(self, sender: str, mods: list[Module]) -> None:  # held even when excluded: scored later
+        self._fold(sender, mods)
+        self.senders.append(sender)
+
+    def _fold(self, sender: str, mods: list[Module]) -> None:
+        if self._out is not None:
+            raise ModuleError("FAILED_PRECONDITION", "already_aggregated", f"{sender}: the aggregate was taken")
+        self._held[sender] = mods
+
+    def contributors(self, name: str) -> int:
+        return sum(1 for mods in self._held.values() for m in mods if m.name == name)
+
+    def _stats(self) -> dict[str, dict]:
+        from hffm.calibration import from_module  # the model's side of the package
+        from hffm.ids import stats_task
+
+        held = self._held.items()
+        return {s: {stats_task(m.name): from_module(m) for m in mods if stats_task(m.name)} for s, mods in held}
+
+    def _result(self, version: int) -> ModuleSet:
+        if self._out is None:
+            from hffm.calibration import label_scores
+
+            t: dict[str, float] = {}
+            if self.defer:
+                self.flagged = [s for s in self.senders if s in self.excluded]
+            elif len(self._held) >= MIN_SENDERS_TO_FLAG:
+                t, self.flagged = label_scores(self._stats(), self.cut)
+            out = FedAvg()
+            for s in self.senders:  # fold order: the sum is the same whatever order the pushes came in
+                if s not in self.flagged:
+                    out.add(s, self._held[s])
+            self._out = out.result(version)
+            if t:
+                self.scores.extend(self._scored(t))
+        return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._out.items()}
+
+    def check(self, federation: Mapping[str, Module]) -> list[SenderScore]:
+        """``defer``: score every sender against the other senders here and against ``federation`` (the
+        ``stats.<task>`` sums of every device the cloud counted) minus its own statistics where they were in
+        it, and flag, greedily, those that stand out against both (``label_scores``: either reference alone
+        can be the flippers'). Their scores (none with fewer than MIN_SENDERS_TO_FLAG senders)."""
+        from hffm.calibration import from_module, label_scores
+        from hffm.ids import stats_task
+
+        if len(self._held) < MIN_SENDERS_TO_FLAG:
+            return []
+        summed = {s for s in self.senders if s not in self.flagged}  # what this node sent up
+        fed = {stats_task(n): from_module(m) for n, m in federation.items() if stats_task(n)}
+        t, self.flagged = label_scores(self._stats(), self.cut, fed, summed)
+        return self._scored(t)
+
+    def _scored(self, t: Mapping[str, float]) -> list[SenderScore]:
+        return [
+            SenderScore(m.name, s, 0.0, 0.0, 0.0, 0.0, s in self.flagged, s in self.flagged, label_t=t[s])
+            for s in self.senders
+            for m in self._held[s]
+        ]
+
+
 RULES: dict[str, type[Aggregator]] = {r.name: r for r in (FedAvg, Median, TrimmedMean, Krum, Bulyan)}
 
 
@@ -545,10 +649,12 @@ def make_aggregator(
 ) -> Aggregator:
     """The aggregator for ``rule`` with ``params`` (ValueError naming a bad rule or parameter)."""
     try:
-        cls = RULES[rule]
+        cls = RULES[rule] if rule != LabelCheck.name else LabelCheck
     except KeyError:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULES)}") from None
     params = dict(params or {})
+    if rule == LabelCheck.name:  # a calibration statistics collect's (never a config's aggregation.rule)
+        return LabelCheck(order, reference, **params)
     if cls is FedAvg and set(params) & set(COMMON_AGGREGATION_PARAMS):
         cls = BufferedFedAvg
     return cls(order, reference, **params)

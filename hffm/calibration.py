@@ -208,6 +208,97 @@ def calibrate_heads(
     return out, losses
 
 
+# ---- checking senders' labels by their statistics -----------------------------------------------------
+# Under label skew (a Dirichlet split over answers) every honest device draws its samples of an answer from
+# the same distribution: what differs between devices is how many of each answer they hold, not what an
+# answer's samples look like. So, under the model every sender computed its statistics with, the mean feature
+# of answer a at one sender should match the other senders' mean of a up to sampling noise, however skewed the
+# sender. A device whose labels are wrong (flipped, poisoned) has answer a's mean where another answer's
+# samples lie. This is evidence from the data, not from an update's geometry: label flipping leaves an
+# update's norm, distance and direction unremarkable (docs/robustness.md), and leave-one-out accuracy could
+# not tell a flipper from an honest skewed device.
+
+
+def label_t(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]]) -> float:
+    """How far a sender's per-answer mean features are from the others' pooled means of the same answers, in
+    units of what sampling alone would give: for every (task, answer) both hold, T = |mu_mine - mu_others|^2 /
+    (v (1/n_mine + 1/n_others)), v the total within-answer variance (the trace of the pooled within-answer
+    covariance, over every sample of the task the sender and the others hold); the mean of T weighted by the
+    sender's samples. About 1 when the sender's samples of each answer are like the others'; 0 when nothing
+    is comparable (no answer held by both, no within-answer spread)."""
+    num = den = 0.0
+    for task, fs in mine.items():
+        held = [o[task] for o in others if task in o]
+        if not held:
+            continue
+        ref = sum(held[1:], held[0])
+        pooled = ref + fs
+        n = pooled.count
+        present = n >= 0.5
+        mu = pooled.total[present] / n[present, None]
+        sq = pooled.squares[present]
+        sq = sq if sq.dim() == 2 else torch.diagonal(sq, dim1=1, dim2=2)
+        within = float((sq.sum(1) - n[present] * (mu * mu).sum(1)).sum())
+        dof = float(n[present].sum()) - int(present.sum())
+        if dof <= 0 or within <= 0:
+            continue
+        v = within / dof
+        for c in range(fs.count.shape[0]):
+            a, b = float(fs.count[c]), float(ref.count[c])
+            if a < 0.5 or b < 0.5:
+                continue
+            d2 = float(((fs.total[c] / a - ref.total[c] / b) ** 2).sum())
+            num += a * d2 / (v * (1 / a + 1 / b))
+            den += a
+    return num / den if den else 0.0
+
+
+def label_scores(
+    stats: dict[str, dict[str, FeatureStats]],
+    cut: float,
+    federation: dict[str, FeatureStats] | None = None,
+    summed: set[str] | frozenset[str] = frozenset(),
+    here: bool = True,
+) -> tuple[dict[str, float], list[str]]:
+    """(sender -> ``label_t``, the senders flagged). Each sender is scored against the other senders kept
+    (``here``) and, given ``federation`` (task -> the sums of every sender anywhere, ``summed`` of ``stats``'
+    senders among them), against the rest of the federation (the federation minus every sender here: other
+    clusters' devices, whom nothing here can outvote); with both, its score is the smaller: it must stand out
+    against both references. Greedily, the sender with
+    the largest score above ``cut`` is flagged and left out of every other sender's references, and all are
+    scored again, while a majority of the senders stays unflagged (a detector fooled into flagging the honest
+    cannot flag most of them).
+
+    Either reference alone can be the flippers': among a cluster's few senders, two flippers holding most of
+    an answer's samples make it theirs (the honest holders of that answer then score high); in the rest of
+    the federation, a flipper elsewhere that its edge has not left out yet does the same to a whole honest
+    cluster (docs/robustness.md "Catching label flippers by their statistics")."""
+    senders = sorted(stats)
+    flagged: list[str] = []
+    majority = len(senders) // 2 + 1
+    rest: dict[str, FeatureStats] = {}  # the federation without any sender here: the other clusters' devices
+    for task, ref in (federation or {}).items():
+        for s in senders:
+            if s in summed and task in stats[s]:
+                o = stats[s][task]
+                ref = FeatureStats(ref.count - o.count, ref.total - o.total, ref.squares - o.squares)
+        rest[task] = ref
+
+    while True:
+        t: dict[str, float] = {}
+        for s in senders:
+            scores = []
+            if here:
+                scores.append(label_t(stats[s], [stats[o] for o in senders if o != s and o not in flagged]))
+            if federation is not None:
+                scores.append(label_t(stats[s], [{k: v for k, v in rest.items() if k in stats[s]}]))
+            t[s] = min(scores) if scores else 0.0
+        over = [s for s in senders if s not in flagged and t[s] > cut]
+        if not over or len(senders) - len(flagged) - 1 < majority:
+            return t, flagged
+        flagged.append(max(over, key=lambda s: (t[s], s)))
+
+
 # ---- statistics as modules on the wire ----------------------------------------------------------
 # A device sends its statistics of a task as the module ``stats.<task>`` (hffm.ids.stats_name): the sums
 # divided by its samples of the task, with those samples as the module's FedAvg weight. A sample-weighted

@@ -869,6 +869,14 @@ class CalibrationConfig(_Strict):
         ge=0,
         description="added to each covariance's diagonal, times its mean variance (a rare answer's is singular)",
     )
+    label_t: float | None = D(
+        None,
+        gt=0,
+        description="check each sender's labels by its statistics wherever they are collected: a sender whose "
+        "per-answer mean features are further than this from the other senders' (in units of sampling noise: "
+        "about 1 for honest data, however skewed) is flagged and its statistics left out of the sum "
+        "(label flipping, poisoned labels; hffm/calibration.py label_scores); null: no check",
+    )
 
 
 class HFFMConfig(_Strict):

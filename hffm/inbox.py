@@ -20,9 +20,9 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from hffm.aggregation import Aggregator, make_aggregator
-from hffm.ids import D2D
-from hffm.methods import SYNC, Collect
+from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
+from hffm.ids import D2D, stats_task
+from hffm.methods import CALIBRATED, LABEL_CHECK, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader, digests_follow
@@ -68,6 +68,10 @@ class Inbox:
         self.attempt = 0
         self.registered: set[str] = set()
         self._collections: dict[str, _Collection] = {}
+        # sender -> its label_t, for the senders this node's last label check (a statistics collect with
+        # calibration.label_t) flagged: left out of its collects of training updates until a later check
+        # clears them (in memory: a restarted node forgets them until its next check)
+        self.mislabelled: dict[str, float] = {}
         self._generation = 0
         self._cv = threading.Condition()
 
@@ -89,7 +93,7 @@ class Inbox:
             self._collections = {
                 c.tag: _Collection(
                     c,
-                    make_aggregator(c.rule, self._order(c), reference, dict(c.params)),
+                    self._aggregator(c, reference),
                     {s: c.caps_of(s) for s, _ in c.weight_caps},
                     {s: c.bounds_of(s) for s, _ in c.weight_bounds},
                 )
@@ -97,6 +101,12 @@ class Inbox:
             }
             self._generation += 1
             self._cv.notify_all()
+
+    def _aggregator(self, c: Collect, reference: ModuleSet | None) -> Aggregator:
+        agg = make_aggregator(c.rule, self._order(c), reference, dict(c.params))
+        if c.tag.startswith(TRAINING_TAG) or c.rule == LABEL_CHECK:  # the senders found mislabelled: left out
+            agg.excluded = {s: t for s, t in self.mislabelled.items() if s in c.senders}
+        return agg
 
     def abort_waits(self) -> None:
         """Every step waiting on this inbox raises ``RoundAborted`` (the node is closing)."""
@@ -299,13 +309,31 @@ class Inbox:
             # an earlier round's modules only. Any other aggregate is this round's.
             sync = coll.step.tag == SYNC and coll.newest >= 0
             modules = coll.aggregator.result(coll.newest if sync else self.round)
+            scores = list(coll.aggregator.scores)
+            if coll.step.rule == LABEL_CHECK:
+                self._checked(scores)
+            elif tag == CALIBRATED and any(stats_task(n) for n in modules):
+                # the federation's statistics came back with the calibrated heads: a deferred check runs now
+                for other in self._collections.values():
+                    if isinstance(other.aggregator, LabelCheck) and other.aggregator.defer and other.closed:
+                        checked = other.aggregator.check(modules)
+                        self._checked(checked)
+                        scores += checked
             return Aggregate(
                 tag,
                 modules,
                 tuple(coll.aggregator.senders),
                 tuple(sorted(set(coll.step.senders) - set(coll.accepted))),
-                tuple(coll.aggregator.scores),
+                tuple(scores),
             )
+
+    def _checked(self, scores: list[SenderScore]) -> None:
+        """A label check's verdicts: re-evaluated at every check (a sender that passes is cleared)."""
+        for sc in scores:
+            if sc.flagged:
+                self.mislabelled[sc.sender] = sc.label_t
+            else:
+                self.mislabelled.pop(sc.sender, None)
 
 
 def _bounded(modules: list[Module], bounds: dict[str, float] | None) -> list[Module]:

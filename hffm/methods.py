@@ -79,6 +79,8 @@ class Calibrate:
 # The collect tags of calibration (calibration.enabled): feature statistics up, calibrated heads down.
 STATS = "stats"
 CALIBRATED = "calibrated"
+TRAINING_TAG = "aggregate"  # the tag (prefix) of every collect of training updates and their aggregates
+LABEL_CHECK = "label_check"  # a statistics collect's rule with calibration.label_t (hffm.aggregation.LabelCheck)
 
 
 @dataclass(frozen=True)
@@ -227,14 +229,18 @@ class RoundPlan:
             ]
         return RoundPlan(self.round, steps)
 
-    def with_calibration(self, topo: Topology, quorum: Quorum = Quorum()) -> RoundPlan:
+    def with_calibration(self, topo: Topology, quorum: Quorum = Quorum(), label_t: float | None = None) -> RoundPlan:
         """The plan with a calibration phase after the cloud's broadcast (``calibration.enabled``; a cloud
         round of star or hfm). Each device that trains, once it holds the global modules, computes its
         feature statistics of its tasks (``Stats``) and sends them where it sent its update (its edge, or
         the cloud in star); an edge sums its devices' (FedAvg of per-sample statistics weighted by samples:
         hffm/calibration.py) and forwards them; the cloud sums what came, calibrates the heads
         (``Calibrate``) and sends each node the heads of its tasks back the same way, before the devices
-        evaluate. A device's statistics collect waits as its update's did (``quorum``)."""
+        evaluate. A device's statistics collect waits as its update's did (``quorum``). With ``label_t`` each
+        statistics collect checks its senders' labels by them first (``hffm.aggregation.LabelCheck``)."""
+        check = (LABEL_CHECK, (("label_t", float(label_t)),)) if label_t is not None else ("fedavg", ())
+        # an edge checks its devices against the federation's statistics, sent back with the heads
+        deferred = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else check
         up: dict[str, Send] = {}  # device -> the send of its update
         for n, ss in self.steps.items():
             if topo.role(n) == "device" and any(isinstance(s, Train) for s in ss):
@@ -260,7 +266,7 @@ class RoundPlan:
                 continue
             held = tuple(sorted({t for d in members for t in tasks[d]}))
             steps[agg] += [
-                Collect(STATS, tuple(members), link, quorum=quorum),
+                Collect(STATS, tuple(members), link, rule=deferred[0], params=deferred[1], quorum=quorum),
                 Send(CLOUD, EDGE_CLOUD, STATS, tuple(stats_name(t) for t in held)),
                 Collect(CALIBRATED, (CLOUD,), EDGE_CLOUD),
                 *(Send(d, link, CALIBRATED, tuple(head_name(t) for t in tasks[d])) for d in members),
@@ -270,19 +276,32 @@ class RoundPlan:
             return RoundPlan(self.round, steps)
         held = tuple(sorted({t for _, _, ts in cloud_from for t in ts}))
         from_devices = cloud_from[0][1] == DEVICE_CLOUD
+        if not from_devices:  # the edges' sums: nothing to check them against (their devices were checked)
+            check = ("fedavg", ())
         steps.setdefault(CLOUD, []).extend(
             [
                 Collect(
                     STATS,
                     tuple(n for n, _, _ in cloud_from),
                     cloud_from[0][1],
+                    rule=check[0],
+                    params=check[1],
                     quorum=quorum if from_devices else Quorum(),
                 ),
                 Calibrate(held),
-                *(Send(n, link, CALIBRATED, tuple(head_name(t) for t in ts)) for n, link, ts in cloud_from),
+                *(
+                    Send(n, link, CALIBRATED, self._down(ts, label_t is not None and not from_devices))
+                    for n, link, ts in cloud_from
+                ),
             ]
         )
         return RoundPlan(self.round, steps)
+
+    @staticmethod
+    def _down(tasks: tuple[str, ...], federation: bool) -> tuple[str, ...]:
+        """What the cloud sends back after calibrating: the tasks' heads, and with ``federation`` (edges that
+        check their devices' labels) the tasks' summed statistics too."""
+        return tuple(head_name(t) for t in tasks) + (tuple(stats_name(t) for t in tasks) if federation else ())
 
     def transfers(self) -> list[tuple[str, Send]]:
         return [(n, s) for n, ss in self.steps.items() for s in ss if isinstance(s, Send)]

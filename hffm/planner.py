@@ -76,7 +76,7 @@ class Planner:
         ctx = self.costs.d2d_context(topo, round_, gone) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
         if self.cfg.calibration.enabled and self.method.cloud_round(round_):
-            plan = plan.with_calibration(topo, self.method.aggregation.quorum)
+            plan = plan.with_calibration(topo, self.method.aggregation.quorum, self.cfg.calibration.label_t)
         if not evaluates(round_, self.cfg.rounds, self.cfg.train.eval_every):
             plan = plan.without_evaluation()
         absent = frozenset(set(self.costs.topo.device_map) - set(topo.device_map))  # down, or left

@@ -10,6 +10,7 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -20,6 +21,8 @@ from hffm.calibration import (
     empty_stats,
     feature_stats,
     from_module,
+    label_scores,
+    label_t,
     merge,
     stats_of,
     to_module,
@@ -178,6 +181,182 @@ def test_calibration_is_refused_where_it_has_no_cloud_round():
             load_config(None, [f"method={method}", "calibration.enabled=true"])
 
 
+# ---- checking senders' labels by their statistics (calibration.label_t) ----------------------------------
+def _skewed_senders(flip: set[int], n: int = 6, classes: int = 4, d: int = 6, seed: int = 0):
+    """``n`` senders' raw (features, labels): each answer's features from one Gaussian shared by all (label
+    skew: Dirichlet(0.3) counts), senders in ``flip`` with every label y replaced by classes - 1 - y."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    means = 1.5 * torch.randn(classes, d, generator=g)
+    out = []
+    for i in range(n):
+        counts = torch.from_numpy((rng.dirichlet([0.3] * classes) * 120).round().astype(np.int64)) + 2
+        y = torch.arange(classes).repeat_interleave(counts)
+        x = means[y] + torch.randn(len(y), d, generator=g)
+        out.append((x, classes - 1 - y if i in flip else y))
+    return out
+
+
+def _label_t_by_hand(mine, others, classes: int) -> float:
+    """label_t from the raw samples (the definition, with no sums): per answer both hold, the squared distance
+    of the two means over the pooled within-answer variance times (1/n_mine + 1/n_others), weighted by n_mine."""
+    x = torch.cat([mine[0]] + [o[0] for o in others]).double()
+    y = torch.cat([mine[1]] + [o[1] for o in others])
+    present = [c for c in range(classes) if (y == c).any()]
+    within = sum(float(((x[y == c] - x[y == c].mean(0)) ** 2).sum()) for c in present)
+    v = within / (len(y) - len(present))
+    ox = torch.cat([o[0] for o in others]).double()
+    oy = torch.cat([o[1] for o in others])
+    num = den = 0.0
+    for c in range(classes):
+        a, b = mine[0][mine[1] == c].double(), ox[oy == c]
+        if len(a) and len(b):
+            num += len(a) * float(((a.mean(0) - b.mean(0)) ** 2).sum()) / (v * (1 / len(a) + 1 / len(b)))
+            den += len(a)
+    return num / den
+
+
+def test_label_t_is_the_standardised_distance_of_answer_means_and_flags_only_flippers():
+    raw = _skewed_senders(flip={2})
+    stats = {f"s{i}": {"t": stats_of(x, y, 4)} for i, (x, y) in enumerate(raw)}
+    for i in range(len(raw)):
+        others = [raw[j] for j in range(len(raw)) if j != i]
+        want = _label_t_by_hand(raw[i], others, 4)
+        got = label_t(stats[f"s{i}"], [stats[f"s{j}"] for j in range(len(raw)) if j != i])
+        assert got == pytest.approx(want, rel=1e-9)
+        diag = {k: {"t": stats_of(raw[j][0], raw[j][1], 4, diagonal=True)} for j, k in enumerate(stats)}
+        assert label_t(diag[f"s{i}"], [diag[f"s{j}"] for j in range(len(raw)) if j != i]) == pytest.approx(want)
+    t, flagged = label_scores(stats, cut=4.0)
+    assert flagged == ["s2"], t
+    assert t["s2"] > 20 and max(v for s, v in t.items() if s != "s2") < 3, t
+    # honest senders, however skewed, stay near 1; a second flipper is found once the first is left out
+    clean = _skewed_senders(set())
+    t, flagged = label_scores({f"s{i}": {"t": stats_of(x, y, 4)} for i, (x, y) in enumerate(clean)}, 4.0)
+    assert flagged == [] and max(t.values()) < 3, t
+    raw = _skewed_senders(flip={1, 4})
+    t, flagged = label_scores({f"s{i}": {"t": stats_of(x, y, 4)} for i, (x, y) in enumerate(raw)}, 4.0)
+    assert sorted(flagged) == ["s1", "s4"], t
+    # never more than a minority: at a cut nobody passes, three of six are flagged at most
+    _, flagged = label_scores({f"s{i}": {"t": stats_of(x, y, 4)} for i, (x, y) in enumerate(raw)}, 1e-9)
+    assert len(flagged) == 2  # 6 senders: a majority of 4 stays
+    # the limit: where the flippers hold most of the samples (10x here), the reference is theirs and the
+    # honest are the ones that stand out (docs/robustness.md)
+    raw = [(x.repeat(10, 1), y.repeat(10)) if i in (1, 4) else (x, y) for i, (x, y) in enumerate(raw)]
+    _, flagged = label_scores({f"s{i}": {"t": stats_of(x, y, 4)} for i, (x, y) in enumerate(raw)}, 4.0)
+    assert len(flagged) == 2 and not {"s1", "s4"} & set(flagged)
+    # nothing comparable (no answer held by two senders): no evidence, score 0
+    alone = {"a": {"t": stats_of(*_clusters(5, d=6, classes=1), 4)}, "b": {"u": stats_of(*_clusters(5, d=6), 4)}}
+    assert label_t(alone["a"], [alone["b"]]) == 0.0
+
+
+def test_checked_against_the_federation_flippers_who_outvote_their_cluster_are_found():
+    """Two flippers holding most of their cluster's samples make its own reference theirs (label_scores flags
+    the honest); against the federation's sums (another 12 honest devices' too) they stand out. A deferred
+    LabelCheck (an edge's) scores each sender by the smaller of the two: the honest are unremarkable against
+    the federation, the flippers still stand out here (less than the honest do, but above the cut), and the
+    greedy flags them."""
+    from hffm.aggregation import LabelCheck, make_aggregator
+
+    def senders(heavy: int) -> dict:
+        raw = _skewed_senders(flip={1, 4}, n=18)
+        raw = [(x.repeat(heavy, 1), y.repeat(heavy)) if i in (1, 4) else (x, y) for i, (x, y) in enumerate(raw)]
+        return {f"s{i:02d}": {"t": stats_of(x, y, 4)} for i, (x, y) in enumerate(raw)}
+
+    def deferred(cluster: dict, federation: dict, excluded: dict | None = None) -> tuple[LabelCheck, list]:
+        agg = make_aggregator("label_check", sorted(cluster), None, {"label_t": 4.0, "defer": 1})
+        assert isinstance(agg, LabelCheck) and agg.defer
+        agg.excluded = excluded or {}
+        for s in sorted(cluster):
+            agg.add(s, [to_module(stats_name("t"), cluster[s]["t"], 1)])
+        agg.result(1)
+        fed = to_module(stats_name("t"), federation["t"], 1)
+        return agg, agg.check({stats_name("t"): fed, "head.t": fed})  # anything not statistics is ignored
+
+    stats = senders(10)
+    cluster = {s: v for s, v in stats.items() if int(s[1:]) < 6}
+    _, local = label_scores(cluster, 4.0)
+    assert not {"s01", "s04"} & set(local)  # outvoted
+    federation = merge(list(stats.values()))
+    t, flagged = label_scores(cluster, 4.0, federation, set(cluster), here=False)
+    assert sorted(flagged) == ["s01", "s04"], t
+    assert max(v for s, v in t.items() if s not in flagged) < 3, t
+    agg, scores = deferred(cluster, federation)
+    assert agg.scores == [] and sorted({sc.sender for sc in scores if sc.flagged}) == ["s01", "s04"]
+    assert max(sc.label_t for sc in scores if not sc.flagged) < 3
+    # flippers of their own weight: both references flag them, and so does the deferred check
+    stats = senders(1)
+    cluster = {s: v for s, v in stats.items() if int(s[1:]) < 6}
+    agg, scores = deferred(cluster, merge(list(stats.values())))
+    assert sorted({sc.sender for sc in scores if sc.flagged}) == ["s01", "s04"]
+    assert all(sc.excluded == sc.flagged for sc in scores)
+    up = from_module(agg.result(1)[stats_name("t")])
+    assert torch.allclose(up.count, merge(list(cluster.values()))["t"].count)  # round 1: sent up whole
+    # next round the node leaves them out of its sum (excluded: held, scored, not summed), and checks them again
+    honest = {s: v for s, v in stats.items() if s not in ("s01", "s04")}
+    agg, scores = deferred(cluster, merge(list(honest.values())), {"s01": 9.0, "s04": 9.0})
+    mine = merge([v for s, v in cluster.items() if s in honest])["t"]
+    assert torch.allclose(from_module(agg.result(2)[stats_name("t")]).count, mine.count, rtol=1e-5)
+    assert sorted({sc.sender for sc in scores if sc.flagged}) == ["s01", "s04"]
+
+
+def test_a_label_check_sums_the_statistics_of_the_unflagged_only():
+    from hffm.aggregation import LabelCheck, make_aggregator
+
+    raw = _skewed_senders(flip={3})
+    mods = {f"device-{i}": to_module(stats_name("t"), stats_of(x, y, 4), 1) for i, (x, y) in enumerate(raw)}
+    agg = make_aggregator("label_check", sorted(mods), None, {"label_t": 4.0})
+    assert isinstance(agg, LabelCheck)
+    for s in reversed(sorted(mods)):  # arrival order does not matter
+        agg.add(s, [mods[s]])
+    out = agg.result(1)[stats_name("t")]
+    honest = [from_module(m) for s, m in sorted(mods.items()) if s != "device-3"]
+    want = sum(honest[1:], honest[0])
+    got = from_module(out)
+    assert torch.allclose(got.count, want.count, rtol=1e-5) and torch.allclose(got.total, want.total, rtol=1e-4)
+    assert agg.flagged == ["device-3"]
+    by = {s.sender: s for s in agg.scores}
+    assert by["device-3"].flagged and by["device-3"].excluded and by["device-3"].label_t > 4
+    assert not any(by[s].flagged for s in by if s != "device-3")
+    # fewer than 4 senders: no spread to judge by, summed as they came and nobody scored
+    few = make_aggregator("label_check", [], None, {"label_t": 4.0})
+    for s in sorted(mods)[:3]:
+        few.add(s, [mods[s]])
+    assert few.result(1)[stats_name("t")].num_samples == sum(mods[s].num_samples for s in sorted(mods)[:3])
+    assert few.scores == [] and few.flagged == []
+    with pytest.raises(ValueError, match="label_t"):
+        make_aggregator("label_check", [], None, {"label_t": 0})
+
+
+def test_the_plan_checks_labels_in_every_statistics_collect_with_label_t():
+    # star: the cloud checks every device against the others at once
+    cfg, topo, planner = _planned("method=star", "calibration.enabled=true", "calibration.label_t=4")
+    plan = planner.plan(1, topo).plan
+    [(node, collect)] = [(n, s) for n, s in plan.collects() if s.tag == STATS]
+    assert node == CLOUD and collect.rule == "label_check" and collect.params == (("label_t", 4.0),)
+    assert all(
+        set(s.modules) == {head_name(t) for t in ("art", "gqa")} for _, s in plan.transfers() if s.tag == CALIBRATED
+    )
+    # hfm: each edge defers its check to the federation's statistics, which the cloud sends back with the heads
+    cfg, topo, planner = _planned("calibration.enabled=true", "calibration.label_t=4", "e_agg=2")
+    plan = planner.plan(2, topo).plan
+    stats = dict((n, s) for n, s in plan.collects() if s.tag == STATS)
+    assert set(stats) == {"edge-0", "edge-1", CLOUD}
+    assert stats[CLOUD].rule == "fedavg"
+    assert all(
+        stats[e].rule == "label_check" and stats[e].params == (("defer", 1.0), ("label_t", 4.0)) for e in topo.edges
+    )
+    down = {s.to: s.modules for n, s in plan.transfers() if s.tag == CALIBRATED and n == CLOUD}
+    assert set(down) == {"edge-0", "edge-1"}
+    assert all({m for m in mods if m.startswith("stats.")} == {"stats.art", "stats.gqa"} for mods in down.values())
+    assert all(
+        not any(m.startswith("stats.") for m in s.modules)
+        for n, s in plan.transfers()
+        if n != CLOUD and s.tag == CALIBRATED
+    )
+    with pytest.raises(ConfigError, match="label_t"):
+        load_config(None, ["calibration.enabled=true", "calibration.label_t=0"])
+
+
 # ---- over real gRPC ------------------------------------------------------------------------------------
 def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_path):
     """hfm, 2 rounds, e_agg 2, calibration on, traced: in round 2 each device's statistics are those of its own
@@ -315,3 +494,126 @@ def test_an_edge_refuses_statistics_no_sum_could_hold_and_keeps_nothing(small_cf
     finally:
         ch.close()
         srv.stop(0)
+
+
+def test_a_star_run_flags_a_label_flipper_by_its_statistics_and_leaves_them_out(tmp_path):
+    """star, 6 devices, one of them training on flipped labels (adversary.behaviour label_flip), calibration
+    with label_t, traced: the cloud's statistics collect flags the flipper (and no one else) in both rounds,
+    its statistics are not in the sum the heads are calibrated on, its next update is left out of the
+    aggregate, and results.json's detection counts it."""
+    from services.launcher import run
+
+    sets = [
+        "method=star",
+        "topology.edges=2",
+        "topology.devices_per_edge=3",
+        "runtime.devices_per_process=3",
+        "data.train_per_task=600",
+        "data.alpha=0.3",
+        "data.global_test_per_task=32",
+        "rounds=2",
+        "calibration.enabled=true",
+        "calibration.epochs=1",
+        "calibration.label_t=4",
+        "adversary.nodes=[device-1-0]",
+        "adversary.behaviour=label_flip",
+        f"runtime.trace_dir={tmp_path / 'trace'}",
+    ]
+    cfg = load_config(None, sets)
+    results = run(cfg, tmp_path, Console(file=io.StringIO(), width=120), timeout_s=600)
+    assert results["complete"]
+    for r in (1, 2):
+        rec = next(a for a in results["rounds"][r - 1]["aggregates"] if a["node"] == CLOUD and a["tag"] == STATS)
+        flagged = {s["sender"] for s in rec["scores"] if s["flagged"]}
+        assert flagged == {"device-1-0"}, rec["scores"]
+        worst = max(s["label_t"] for s in rec["scores"] if s["sender"] == "device-1-0")
+        honest = max(s["label_t"] for s in rec["scores"] if s["sender"] != "device-1-0")
+        assert worst > 4 > honest, (worst, honest)
+        trace = tmp_path / "trace" / CLOUD
+        sent = {
+            f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
+            for f in trace.glob(f"r{r}-stats-from-*.safetensors")
+        }
+        assert len(sent) == 6
+        total = load_modules(str(trace / f"r{r}-stats-aggregate.safetensors"))
+        for name, m in total.items():
+            honest_sums = [from_module(sent[s][name]) for s in sorted(sent) if s != "device-1-0" and name in sent[s]]
+            want = sum(honest_sums[1:], honest_sums[0])
+            got = from_module(m)
+            assert torch.allclose(got.count, want.count, rtol=1e-5), name
+            assert torch.allclose(got.total, want.total, rtol=1e-4, atol=1e-3), name
+    # flagged in round 1, its round-2 update is left out of the cloud's aggregate (pushed, counted, excluded)
+    rec = next(a for a in results["rounds"][1]["aggregates"] if a["node"] == CLOUD and a["tag"] == "aggregate")
+    assert "device-1-0" in rec["counted"]
+    assert {s["sender"] for s in rec["scores"]} == {"device-1-0"}
+    assert all(s["excluded"] and s["label_t"] > 4 for s in rec["scores"])
+    ups = {
+        f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
+        for f in (tmp_path / "trace" / CLOUD).glob("r2-aggregate-from-*.safetensors")
+    }
+    agg = load_modules(str(tmp_path / "trace" / CLOUD / "r2-aggregate-aggregate.safetensors"))
+    want = weighted_mean([ups[s] for s in sorted(ups) if s != "device-1-0"])
+    for name, m in agg.items():
+        assert m.num_samples == pytest.approx(want[name].num_samples)
+        for k, v in m.tensors.items():
+            assert torch.allclose(v, want[name].tensors[k], atol=1e-5), (name, k)
+    det = results["detection"]
+    assert det["flagged"] == ["device-1-0"] and det["recall"] == 1.0 and det["false_positive_rate"] == 0.0, det
+
+
+def test_hfm_edges_check_their_devices_against_the_federation_and_leave_a_flipper_out(tmp_path):
+    """hfm, 2 edges x 4 devices, a cloud round every round (e_agg 1), device-1-0 training on flipped labels,
+    calibration with label_t: edge-1 sends its devices' statistics up whole in round 1, checks them against
+    the federation's sums the cloud sends back with the heads, and flags the flipper alone; in round 2 it
+    leaves the flipper's update and statistics out of what it sends up; edge-0 flags nobody."""
+    from services.launcher import run
+
+    sets = [
+        "method=hfm",
+        "e_agg=1",
+        "topology.edges=2",
+        "topology.devices_per_edge=4",
+        "runtime.devices_per_process=4",
+        "data.train_per_task=800",
+        "data.alpha=0.3",
+        "data.global_test_per_task=32",
+        "rounds=2",
+        "calibration.enabled=true",
+        "calibration.epochs=1",
+        "calibration.label_t=4",
+        "adversary.nodes=[device-1-0]",
+        "adversary.behaviour=label_flip",
+        f"runtime.trace_dir={tmp_path / 'trace'}",
+    ]
+    results = run(load_config(None, sets), tmp_path, Console(file=io.StringIO(), width=120), timeout_s=600)
+    assert results["complete"]
+
+    def record(r: int, node: str, tag: str) -> dict:
+        return next(a for a in results["rounds"][r - 1]["aggregates"] if a["node"] == node and a["tag"] == tag)
+
+    for r in (1, 2):
+        for edge, bad in (("edge-0", set()), ("edge-1", {"device-1-0"})):
+            assert not record(r, edge, STATS)["scores"]  # deferred: scored when the federation's sums came
+            scores = record(r, edge, CALIBRATED)["scores"]
+            assert {s["sender"] for s in scores} == {f"device-{edge[-1]}-{i}" for i in range(4)}
+            assert {s["sender"] for s in scores if s["flagged"]} == bad, scores
+    # round 2: edge-1 counted the flipper's pushes and left them out of both sums it sent up
+    trace = tmp_path / "trace" / "edge-1"
+    for tag in ("aggregate", STATS):
+        rec = record(2, "edge-1", tag)
+        assert "device-1-0" in rec["counted"]
+        excluded = {s["sender"] for s in rec["scores"] if s["excluded"]}
+        assert excluded == ({"device-1-0"} if tag == "aggregate" else set())
+        ups = {
+            f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
+            for f in trace.glob(f"r2-{tag}-from-*.safetensors")
+        }
+        assert len(ups) == 4
+        agg = load_modules(str(trace / f"r2-{tag}-aggregate.safetensors"))
+        want = weighted_mean([ups[s] for s in sorted(ups) if s != "device-1-0"])
+        for name, m in agg.items():
+            assert m.num_samples == pytest.approx(want[name].num_samples), name
+            for k, v in m.tensors.items():
+                assert torch.allclose(v, want[name].tensors[k], rtol=1e-4, atol=1e-5), (tag, name, k)
+    det = results["detection"]
+    assert det["flagged"] == ["device-1-0"] and det["recall"] == 1.0 and det["false_positive_rate"] == 0.0, det

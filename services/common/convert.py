@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, fields
 
-from hffm.methods import Calibrate, Collect, Evaluate, Quorum, Send, Stats, Step, Train
+from hffm.methods import CALIBRATED, STATS, Calibrate, Collect, Evaluate, Quorum, Send, Stats, Step, Train
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, decode_module
 from hffm.results import AggregateRecord, NodeReport, SenderScore, TaskScore, Transfer
 from hffm.topology import Registration
@@ -174,12 +174,14 @@ def _plausible(m: pb.TaskMetric) -> bool:
     return not m.HasField("score") or (math.isfinite(m.score) and 0.0 <= m.score <= m.total)
 
 
-def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
+def _sender_scores(a: pb.AggregateRecord, checked: set[str] = frozenset()) -> tuple[SenderScore, ...]:
     """The outlier scores of one collect step that a node could have measured: of a sender it counted
     in that step, one per (module, sender), distance and norm finite and ≥ 0, cosine in [-1, 1] or NaN
-    (a zero update), z and update_z not NaN. A node cannot incriminate a sender it did not aggregate, or
-    poison the run's results with values no aggregation makes: such a score is dropped (the report kept)."""
-    counted, seen, out = set(a.counted), set(), []
+    (a zero update), z and update_z not NaN, label_t finite and ≥ 0. A node cannot incriminate a sender it
+    did not aggregate, or poison the run's results with values no aggregation makes: such a score is dropped
+    (the report kept). ``checked``: senders scored here though counted elsewhere (a deferred label check's,
+    in the calibrated collect: the senders of the node's statistics collect)."""
+    counted, seen, out = set(a.counted) | set(checked), set(), []
     for s in a.scores:
         key = (s.module, s.sender)
         if s.sender not in counted or key in seen:
@@ -187,7 +189,7 @@ def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
         if not (math.isfinite(s.distance) and s.distance >= 0 and math.isfinite(s.norm) and s.norm >= 0):
             continue
         bad_twin = not (math.isnan(s.twin) or -1.0 - 1e-6 <= s.twin <= 1.0 + 1e-6)
-        bad_z = math.isnan(s.z) or math.isnan(s.update_z)
+        bad_z = math.isnan(s.z) or math.isnan(s.update_z) or not (math.isfinite(s.label_t) and s.label_t >= 0)
         if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or bad_z or bad_twin:
             continue
         seen.add(key)
@@ -196,6 +198,7 @@ def _sender_scores(a: pb.AggregateRecord) -> tuple[SenderScore, ...]:
 
 
 def report_from_pb(r: pb.RoundReport) -> NodeReport:
+    stats_senders = {s for a in r.aggregates if a.tag == STATS for s in a.counted}
     return NodeReport(
         node=r.node,
         round=r.round,
@@ -214,7 +217,7 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
                 a.tag,
                 tuple(a.counted),
                 tuple(a.left_out),
-                _sender_scores(a),
+                _sender_scores(a, stats_senders if a.tag == CALIBRATED else frozenset()),
             )
             for a in r.aggregates
         ],
