@@ -942,8 +942,10 @@ class HFFMConfig(_Strict):
 
     @model_validator(mode="after")
     def _calibration(self) -> HFFMConfig:
-        """Calibration runs in the cloud rounds of the whole-set plans that have them."""
+        """Calibration runs in the cloud rounds of the whole-set plans that have them; its label check with it."""
         if not self.calibration.enabled:
+            if self.calibration.label_t is not None:
+                raise ValueError("calibration.label_t: checks labels by the statistics; set calibration.enabled")
             return self
         if self.method not in ("star", "hfm"):
             raise ValueError(f"calibration.enabled: calibrates in star's and hfm's cloud rounds, not {self.method}'s")

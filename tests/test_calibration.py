@@ -355,6 +355,8 @@ def test_the_plan_checks_labels_in_every_statistics_collect_with_label_t():
     )
     with pytest.raises(ConfigError, match="label_t"):
         load_config(None, ["calibration.enabled=true", "calibration.label_t=0"])
+    with pytest.raises(ConfigError, match="calibration.label_t.*calibration.enabled"):
+        load_config(None, ["calibration.label_t=4"])
 
 
 # ---- over real gRPC ------------------------------------------------------------------------------------
@@ -496,19 +498,11 @@ def test_an_edge_refuses_statistics_no_sum_could_hold_and_keeps_nothing(small_cf
         srv.stop(0)
 
 
-def test_a_star_run_flags_a_label_flipper_by_its_statistics_and_leaves_them_out(tmp_path):
-    """star, 6 devices, one of them training on flipped labels (adversary.behaviour label_flip), calibration
-    with label_t, traced: the cloud's statistics collect flags the flipper (and no one else) in both rounds,
-    its statistics are not in the sum the heads are calibrated on, its next update is left out of the
-    aggregate, and results.json's detection counts it."""
+def _flipped_run(tmp_path: Path, *sets: str) -> dict:
+    """A traced run over gRPC with calibration and its label check, device-1-0 training on flipped labels."""
     from services.launcher import run
 
-    sets = [
-        "method=star",
-        "topology.edges=2",
-        "topology.devices_per_edge=3",
-        "runtime.devices_per_process=3",
-        "data.train_per_task=600",
+    common = [
         "data.alpha=0.3",
         "data.global_test_per_task=32",
         "rounds=2",
@@ -519,9 +513,45 @@ def test_a_star_run_flags_a_label_flipper_by_its_statistics_and_leaves_them_out(
         "adversary.behaviour=label_flip",
         f"runtime.trace_dir={tmp_path / 'trace'}",
     ]
-    cfg = load_config(None, sets)
-    results = run(cfg, tmp_path, Console(file=io.StringIO(), width=120), timeout_s=600)
+    results = run(load_config(None, [*common, *sets]), tmp_path, Console(file=io.StringIO(), width=120), timeout_s=600)
     assert results["complete"]
+    return results
+
+
+def _copies(node_trace: Path, prefix: str) -> dict:
+    """{sender: the copy it sent} of a node's collect (its trace files ``<prefix>-from-<sender>``)."""
+    return {
+        f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
+        for f in node_trace.glob(f"{prefix}-from-*.safetensors")
+    }
+
+
+def _assert_fedavg_without(node_trace: Path, prefix: str, left_out: str, senders: int) -> None:
+    """The node's aggregate ``prefix`` is the FedAvg of the copies it received, ``left_out``'s excepted."""
+    ups = _copies(node_trace, prefix)
+    assert len(ups) == senders and left_out in ups
+    agg = load_modules(str(node_trace / f"{prefix}-aggregate.safetensors"))
+    want = weighted_mean([ups[s] for s in sorted(ups) if s != left_out])
+    for name, m in agg.items():
+        assert m.num_samples == pytest.approx(want[name].num_samples), name
+        for k, v in m.tensors.items():
+            assert torch.allclose(v, want[name].tensors[k], rtol=1e-4, atol=1e-5), (prefix, name, k)
+
+
+def test_a_star_run_flags_a_label_flipper_by_its_statistics_and_leaves_them_out(tmp_path):
+    """star, 6 devices, one of them training on flipped labels (adversary.behaviour label_flip), calibration
+    with label_t, traced: the cloud's statistics collect flags the flipper (and no one else) in both rounds,
+    its statistics are not in the sum the heads are calibrated on, its next update is left out of the
+    aggregate, and results.json's detection counts it."""
+    results = _flipped_run(
+        tmp_path,
+        "method=star",
+        "topology.edges=2",
+        "topology.devices_per_edge=3",
+        "runtime.devices_per_process=3",
+        "data.train_per_task=600",
+    )
+    trace = tmp_path / "trace" / CLOUD
     for r in (1, 2):
         rec = next(a for a in results["rounds"][r - 1]["aggregates"] if a["node"] == CLOUD and a["tag"] == STATS)
         flagged = {s["sender"] for s in rec["scores"] if s["flagged"]}
@@ -529,11 +559,7 @@ def test_a_star_run_flags_a_label_flipper_by_its_statistics_and_leaves_them_out(
         worst = max(s["label_t"] for s in rec["scores"] if s["sender"] == "device-1-0")
         honest = max(s["label_t"] for s in rec["scores"] if s["sender"] != "device-1-0")
         assert worst > 4 > honest, (worst, honest)
-        trace = tmp_path / "trace" / CLOUD
-        sent = {
-            f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
-            for f in trace.glob(f"r{r}-stats-from-*.safetensors")
-        }
+        sent = _copies(trace, f"r{r}-stats")
         assert len(sent) == 6
         total = load_modules(str(trace / f"r{r}-stats-aggregate.safetensors"))
         for name, m in total.items():
@@ -547,16 +573,7 @@ def test_a_star_run_flags_a_label_flipper_by_its_statistics_and_leaves_them_out(
     assert "device-1-0" in rec["counted"]
     assert {s["sender"] for s in rec["scores"]} == {"device-1-0"}
     assert all(s["excluded"] and s["label_t"] > 4 for s in rec["scores"])
-    ups = {
-        f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
-        for f in (tmp_path / "trace" / CLOUD).glob("r2-aggregate-from-*.safetensors")
-    }
-    agg = load_modules(str(tmp_path / "trace" / CLOUD / "r2-aggregate-aggregate.safetensors"))
-    want = weighted_mean([ups[s] for s in sorted(ups) if s != "device-1-0"])
-    for name, m in agg.items():
-        assert m.num_samples == pytest.approx(want[name].num_samples)
-        for k, v in m.tensors.items():
-            assert torch.allclose(v, want[name].tensors[k], atol=1e-5), (name, k)
+    _assert_fedavg_without(trace, "r2-aggregate", "device-1-0", 6)
     det = results["detection"]
     assert det["flagged"] == ["device-1-0"] and det["recall"] == 1.0 and det["false_positive_rate"] == 0.0, det
 
@@ -566,27 +583,15 @@ def test_hfm_edges_check_their_devices_against_the_federation_and_leave_a_flippe
     calibration with label_t: edge-1 sends its devices' statistics up whole in round 1, checks them against
     the federation's sums the cloud sends back with the heads, and flags the flipper alone; in round 2 it
     leaves the flipper's update and statistics out of what it sends up; edge-0 flags nobody."""
-    from services.launcher import run
-
-    sets = [
+    results = _flipped_run(
+        tmp_path,
         "method=hfm",
         "e_agg=1",
         "topology.edges=2",
         "topology.devices_per_edge=4",
         "runtime.devices_per_process=4",
         "data.train_per_task=800",
-        "data.alpha=0.3",
-        "data.global_test_per_task=32",
-        "rounds=2",
-        "calibration.enabled=true",
-        "calibration.epochs=1",
-        "calibration.label_t=4",
-        "adversary.nodes=[device-1-0]",
-        "adversary.behaviour=label_flip",
-        f"runtime.trace_dir={tmp_path / 'trace'}",
-    ]
-    results = run(load_config(None, sets), tmp_path, Console(file=io.StringIO(), width=120), timeout_s=600)
-    assert results["complete"]
+    )
 
     def record(r: int, node: str, tag: str) -> dict:
         return next(a for a in results["rounds"][r - 1]["aggregates"] if a["node"] == node and a["tag"] == tag)
@@ -598,22 +603,11 @@ def test_hfm_edges_check_their_devices_against_the_federation_and_leave_a_flippe
             assert {s["sender"] for s in scores} == {f"device-{edge[-1]}-{i}" for i in range(4)}
             assert {s["sender"] for s in scores if s["flagged"]} == bad, scores
     # round 2: edge-1 counted the flipper's pushes and left them out of both sums it sent up
-    trace = tmp_path / "trace" / "edge-1"
     for tag in ("aggregate", STATS):
         rec = record(2, "edge-1", tag)
         assert "device-1-0" in rec["counted"]
         excluded = {s["sender"] for s in rec["scores"] if s["excluded"]}
         assert excluded == ({"device-1-0"} if tag == "aggregate" else set())
-        ups = {
-            f.name.split("-from-")[1].removesuffix(".safetensors"): load_modules(str(f))
-            for f in trace.glob(f"r2-{tag}-from-*.safetensors")
-        }
-        assert len(ups) == 4
-        agg = load_modules(str(trace / f"r2-{tag}-aggregate.safetensors"))
-        want = weighted_mean([ups[s] for s in sorted(ups) if s != "device-1-0"])
-        for name, m in agg.items():
-            assert m.num_samples == pytest.approx(want[name].num_samples), name
-            for k, v in m.tensors.items():
-                assert torch.allclose(v, want[name].tensors[k], rtol=1e-4, atol=1e-5), (tag, name, k)
+        _assert_fedavg_without(tmp_path / "trace" / "edge-1", f"r2-{tag}", "device-1-0", 4)
     det = results["detection"]
     assert det["flagged"] == ["device-1-0"] and det["recall"] == 1.0 and det["false_positive_rate"] == 0.0, det

@@ -614,11 +614,22 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
         sc("device-0-0", module="adapter.5", z=math.nan),
         SenderScore("adapter.6", "device-0-0", 1.0, 1.0, 0.5, 1.0, False, False, 0.0, math.nan),  # update_z
     ]
+    lies += [
+        SenderScore("adapter.7", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, label_t=-1.0),  # label_t
+        SenderScore("adapter.8", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, label_t=math.inf),
+    ]
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))
+    # a deferred label check's scores sit in the calibrated collect's record (counted: the cloud): believed for
+    # the senders of the node's statistics collect, not for others
+    checked = SenderScore("stats.art", "device-0-1", 0.0, 0.0, 0.0, 0.0, True, True, label_t=30.0)
+    stranger = SenderScore("stats.art", "device-1-0", 0.0, 0.0, 0.0, 0.0, True, True, label_t=30.0)
+    rep.aggregates.append(AggregateRecord("edge-0", "stats", ("device-0-0", "device-0-1"), ()))
+    rep.aggregates.append(AggregateRecord("edge-0", "calibrated", ("cloud",), (), (checked, stranger)))
     back = report_from_pb(report_to_pb(rep))
     assert [(s.module, s.sender, s.z) for s in back.aggregates[0].scores] == [(s.module, s.sender, s.z) for s in good]
     assert back.aggregates[0].counted == ("device-0-0", "device-0-1")  # the report itself is kept
+    assert back.aggregates[2].scores == (checked,)
 
 
 def test_results_json_is_strict_json(tmp_path):
