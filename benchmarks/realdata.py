@@ -61,6 +61,7 @@ FEDERATED_ONLY = (
     "train.head_only_share",
     "aggregation.server_lr",
     "calibration.",
+    "adversary.",  # the bound is the honest pool's: centralised training has no adversaries
 )
 
 
