@@ -153,7 +153,7 @@ class Aggregator(ABC):
         if t is None:
             self._fold(sender, mods)
         else:
-            self.scores.extend(SenderScore(m.name, sender, 0.0, 0.0, 0.0, 0.0, True, True, label_t=t) for m in mods)
+            self.scores.extend(_label_score(m.name, sender, t, True) for m in mods)
         self.senders.append(sender)
 
     # ---- what a rule implements ---------------------------------------------------------------
@@ -626,11 +626,12 @@ class LabelCheck(Aggregator):
         return self._scored(t)
 
     def _scored(self, t: Mapping[str, float]) -> list[SenderScore]:
-        return [
-            SenderScore(m.name, s, 0.0, 0.0, 0.0, 0.0, s in self.flagged, s in self.flagged, label_t=t[s])
-            for s in self.senders
-            for m in self._held[s]
-        ]
+        return [_label_score(m.name, s, t[s], s in self.flagged) for s in self.senders for m in self._held[s]]
+
+
+def _label_score(module: str, sender: str, t: float, flagged: bool) -> SenderScore:
+    """A label check's score of one copy: flagged senders are left out (no geometry is measured)."""
+    return SenderScore(module, sender, 0.0, 0.0, 0.0, 0.0, flagged, flagged, label_t=t)
 
 
 RULES: dict[str, type[Aggregator]] = {r.name: r for r in (FedAvg, Median, TrimmedMean, Krum, Bulyan)}
@@ -648,13 +649,13 @@ def make_aggregator(
     params: Mapping[str, Any] | None = None,
 ) -> Aggregator:
     """The aggregator for ``rule`` with ``params`` (ValueError naming a bad rule or parameter)."""
-    try:
-        cls = RULES[rule] if rule != LabelCheck.name else LabelCheck
-    except KeyError:
-        raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULES)}") from None
     params = dict(params or {})
     if rule == LabelCheck.name:  # a calibration statistics collect's (never a config's aggregation.rule)
         return LabelCheck(order, reference, **params)
+    try:
+        cls = RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULES)}") from None
     if cls is FedAvg and set(params) & set(COMMON_AGGREGATION_PARAMS):
         cls = BufferedFedAvg
     return cls(order, reference, **params)
