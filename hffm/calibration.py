@@ -50,6 +50,10 @@ class FeatureStats:
             )
         return FeatureStats(self.count + other.count, self.total + other.total, self.squares + other.squares)
 
+    def __sub__(self, other: FeatureStats) -> FeatureStats:
+        """The statistics of a sum without a part of it (a federation's without one cluster's senders)."""
+        return self + FeatureStats(-other.count, -other.total, -other.squares)
+
     def gaussians(self, shrink: float = 1e-3) -> list[tuple[int, torch.Tensor, torch.Tensor] | None]:
         """Per answer: (count, mean, covariance — (d, d), or (d,) variances when diagonal), unbiased, plus
         ``shrink`` times the mean variance on the diagonal (an answer with fewer samples than dimensions has
@@ -264,10 +268,9 @@ def label_scores(
     (``here``) and, given ``federation`` (task -> the sums of every sender anywhere, ``summed`` of ``stats``'
     senders among them), against the rest of the federation (the federation minus every sender here: other
     clusters' devices, whom nothing here can outvote); with both, its score is the smaller: it must stand out
-    against both references. Greedily, the sender with
-    the largest score above ``cut`` is flagged and left out of every other sender's references, and all are
-    scored again, while a majority of the senders stays unflagged (a detector fooled into flagging the honest
-    cannot flag most of them).
+    against both references. Greedily, the sender with the largest score above ``cut`` is flagged and left
+    out of every other sender's references, and all are scored again, while a majority of the senders stays
+    unflagged (a detector fooled into flagging the honest cannot flag most of them).
 
     Either reference alone can be the flippers': among a cluster's few senders, two flippers holding most of
     an answer's samples make it theirs (the honest holders of that answer then score high); in the rest of
@@ -280,18 +283,17 @@ def label_scores(
     for task, ref in (federation or {}).items():
         for s in senders:
             if s in summed and task in stats[s]:
-                o = stats[s][task]
-                ref = FeatureStats(ref.count - o.count, ref.total - o.total, ref.squares - o.squares)
+                ref = ref - stats[s][task]
         rest[task] = ref
+    # against the rest of the federation a score does not change as senders here are flagged: once
+    by_rest = {s: label_t(stats[s], [rest]) for s in senders} if federation is not None else {}
 
     while True:
         t: dict[str, float] = {}
         for s in senders:
-            scores = []
+            scores = [by_rest[s]] if s in by_rest else []
             if here:
                 scores.append(label_t(stats[s], [stats[o] for o in senders if o != s and o not in flagged]))
-            if federation is not None:
-                scores.append(label_t(stats[s], [{k: v for k, v in rest.items() if k in stats[s]}]))
             t[s] = min(scores) if scores else 0.0
         over = [s for s in senders if s not in flagged and t[s] > cut]
         if not over or len(senders) - len(flagged) - 1 < majority:

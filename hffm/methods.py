@@ -239,12 +239,12 @@ class RoundPlan:
         evaluate. A device's statistics collect waits as its update's did (``quorum``). With ``label_t`` each
         statistics collect checks its senders' labels by them first (``hffm.aggregation.LabelCheck``)."""
         check = (LABEL_CHECK, (("label_t", float(label_t)),)) if label_t is not None else ("fedavg", ())
-        # an edge checks its devices against the federation's statistics, sent back with the heads
+        # an edge checks its devices against its peers and the federation's statistics, sent back with the heads
         deferred = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else check
         up: dict[str, Send] = {}  # device -> the send of its update
         for n, ss in self.steps.items():
             if topo.role(n) == "device" and any(isinstance(s, Train) for s in ss):
-                up[n] = next(s for s in ss if isinstance(s, Send) and s.tag.startswith("aggregate"))
+                up[n] = next(s for s in ss if isinstance(s, Send) and s.tag.startswith(TRAINING_TAG))
         tasks = {d: tuple(topo.device_map[d].tasks) for d in up}
         steps = {n: list(ss) for n, ss in self.steps.items()}
         for d, s in up.items():
