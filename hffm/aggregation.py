@@ -597,8 +597,10 @@ class LabelCheck(Aggregator):
             from hffm.calibration import label_scores
 
             t: dict[str, float] = {}
-            if self.defer:
+            if self.defer:  # left out as flagged before, and scored so (the record says whom the sum lacks)
                 self.flagged = [s for s in self.senders if s in self.excluded]
+                left = [(m.name, s) for s in self.flagged for m in self._held[s]]
+                self.scores.extend(_label_score(name, s, self.excluded[s], True) for name, s in left)
             elif len(self._held) >= MIN_SENDERS_TO_FLAG:
                 t, self.flagged = label_scores(self._stats(), self.cut)
             out = FedAvg()

@@ -5,7 +5,8 @@ dropped, and nothing counted twice? The fault scenarios and ``hffm chaos`` hold 
 For every round's completed attempt and every collect step a node reports (``aggregates``):
 
 - the adopted aggregate equals the sample-weighted mean of the pushes the node accepted from the
-  senders in ``counted`` (and its own modules when it counted itself), within float rounding;
+  senders in ``counted`` (and its own modules when it counted itself), within float rounding, less the
+  senders its scores say it excluded (counted, not folded: a label check's flags, ``flag_z``);
 - its weight is the sum of theirs (a sender counted twice would show here);
 - ``counted`` has no repeats and shares nobody with ``left_out``;
 - every push the node accepted for that step in that attempt is in ``counted`` (else it was *lost*).
@@ -73,18 +74,23 @@ def audit_run(results: dict[str, Any], trace_dir: str | Path, atol: float = 1e-6
             accepted = {p.name[len(f"{pre}-{tag}-from-") : -len(".safetensors")] for p in d.glob(f"{pre}-{tag}-from-*")}
             for s in sorted(accepted - set(counted)):
                 out.lost.append(f"{where}: accepted {s}'s push, did not count it")
+            excluded = {s["sender"] for s in agg.get("scores", []) if s["excluded"]}
             parts = []
             for s in counted:
                 f = d / (f"{pre}-{tag}-own.safetensors" if s == node else f"{pre}-{tag}-from-{s}.safetensors")
                 if not f.is_file():
                     out.wrong.append(f"{where}: counted {s} but no trace of its push ({f.name})")
                     break
-                parts.append(load_modules(str(f)))
+                if s not in excluded:
+                    parts.append(load_modules(str(f)))
             else:
+                if not parts:  # every sender excluded: nothing was folded, nothing to compare
+                    continue
                 got = load_modules(str(d / f"{pre}-{tag}-aggregate.safetensors"))
                 want = weighted_mean(parts)
                 if not _close(got, want, atol):
-                    out.wrong.append(f"{where}: the aggregate is not the weighted mean of {counted}")
+                    folded = [s for s in counted if s not in excluded]
+                    out.wrong.append(f"{where}: the aggregate is not the weighted mean of {folded}")
                 for n, m in got.items():
                     if abs(m.num_samples - want[n].num_samples) > 1e-6 * max(1.0, want[n].num_samples):
                         out.double_counted.append(f"{where}: {n} weighs {m.num_samples}, counted {want[n].num_samples}")

@@ -43,6 +43,7 @@ import numpy as np
 
 from hffm.modules import ModuleSet, checkpoint_segments, digest_of, load_modules, save_modules
 
+MISLABELLED = "mislabelled"  # state.json extra: sender -> label_t, the senders a node's label checks flagged
 STORE = ".blobs"  # the shared store's name under a checkpoint directory (beside the nodes' <node>/)
 
 
@@ -54,6 +55,17 @@ class NodeState:
     rng: dict[str, Any] = field(default_factory=dict)  # rng_states() at the boundary
     extra: dict[str, Any] = field(default_factory=dict)  # JSON: results so far, membership, ...
     attempt: int = 0  # the round's attempt whose end this is
+
+
+def valid_flags(raw: Any, ref: tuple[int, int]) -> dict[str, float]:
+    """A round end's label-check flags (``extra[MISLABELLED]``) read back: sender -> its label_t (finite,
+    >= 0); ValueError naming the round end otherwise (a damaged checkpoint is not half-believed)."""
+    if not isinstance(raw, dict) or not all(
+        isinstance(s, str) and isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf")
+        for s, t in raw.items()
+    ):
+        raise ValueError(f"round end {ref}: {MISLABELLED} must map sender ids to finite label_t >= 0, got {raw!r}")
+    return {s: float(t) for s, t in raw.items()}
 
 
 def rng_states() -> dict[str, Any]:

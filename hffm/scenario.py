@@ -11,6 +11,7 @@ A scenario file (YAML; ``tests/scenarios/``)::
       aborted: [2]                # rounds that needed a re-run (results.json `aborted`)
       synced: {3: [device-1-1]}   # round -> nodes that started with a sync
       sat_out: {3: [edge-1]}      # round -> members that sat the round out (`left_out`)
+      excluded: {3: {aggregate: [device-1-0]}}  # round -> collect tag -> senders counted, not folded (scores)
 
 ``node`` is a node id, or ``@head:<edge>`` / ``@relay:<edge>`` for the cluster head, or the first
 relay on a D2D route, that the planner picks in that round (D2D methods), so a scenario keeps hitting
@@ -50,6 +51,7 @@ class Expect(_Strict):
     aborted: list[int] = []
     synced: dict[int, list[str]] = {}
     sat_out: dict[int, list[str]] = {}
+    excluded: dict[int, dict[str, list[str]]] = {}
 
 
 class Scenario(_Strict):
@@ -124,4 +126,11 @@ def check_expectations(scenario: Scenario, results: dict) -> list[str]:
         got = sorted(rounds.get(r, {}).get("left_out", []))
         if got != sorted(nodes):
             problems.append(f"round {r}: sat out {got}, expected {sorted(nodes)}")
+    for r, by_tag in e.excluded.items():
+        for tag, nodes in by_tag.items():
+            aggs = [a for a in rounds.get(r, {}).get("aggregates", []) if a["tag"] == tag]
+            left = {s["sender"] for a in aggs for s in a["scores"] if s["excluded"] and s["sender"] in a["counted"]}
+            got = sorted(left)
+            if got != sorted(nodes):
+                problems.append(f"round {r}: {tag} excluded {got}, expected {sorted(nodes)}")
     return problems

@@ -398,3 +398,43 @@ def test_a_node_process_freezes_what_is_alive_once_set_up_and_collects_the_garba
     finally:
         gc.unfreeze()
     assert any(o is alive for o in gc.get_objects())
+
+
+def test_a_node_s_label_check_flags_are_part_of_each_round_end_it_saves(tmp_path):
+    """An edge's flags (senders its label checks found mislabelled) are saved with its round end: a
+    restarted edge holds them again, a re-run attempt starts from the flags of its base, and a damaged
+    checkpoint's flags are refused with the round end named."""
+    from services.common.bootstrap import node_modules
+    from services.common.rounds import RoundState
+    from services.edge.__main__ import EdgeNode
+
+    cfg = load_config(None, ["method=hfm", "topology.edges=1", "topology.devices_per_edge=4", "security.tls=false"])
+    from hffm.model import backbone_dims
+
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    spec, modules = node_modules(cfg, topo, "edge-0")
+
+    def edge() -> EdgeNode:
+        return EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=2))
+
+    node = edge()
+    assert node.inbox.mislabelled == {}
+    node.inbox.mislabelled = {"device-0-2": 9.5}
+    node.end_round(RoundState(1, "hfm", [], {}))
+    node.close()
+    assert Persistor(tmp_path).load().extra == {"mislabelled": {"device-0-2": 9.5}}
+    node = edge()  # restarted
+    assert node.inbox.mislabelled == {"device-0-2": 9.5}
+    node.inbox.mislabelled = {"device-0-1": 7.0}  # an attempt of round 2 flagged another, then was aborted
+    node.start_round(RoundState(2, "hfm", [], {}, attempt=1, base=(1, 0)))
+    assert node.inbox.mislabelled == {"device-0-2": 9.5}
+    node.inbox.mislabelled = {}  # a later check cleared it: the round end says so
+    node.end_round(RoundState(2, "hfm", [], {}, attempt=1))
+    node.close()
+    assert edge().inbox.mislabelled == {}
+    state = json.loads((tmp_path / "round-2-attempt-1" / "state.json").read_text())
+    for bad in ({"device-0-2": float("nan")}, {"device-0-2": -1}, ["device-0-2"], {"device-0-2": "9"}):
+        state["extra"] = {"mislabelled": bad}
+        (tmp_path / "round-2-attempt-1" / "state.json").write_text(json.dumps(state))
+        with pytest.raises(ValueError, match=r"round end \(2, 1\): mislabelled"):
+            edge()

@@ -27,7 +27,7 @@ from hffm.ids import CLOUD, head_name, joining_edge, role_of, stats_name, stats_
 from hffm.inbox import NOT_EXAMINED
 from hffm.methods import Collect, RoundContext, RoundPlan, Send
 from hffm.modules import ModuleError, ModuleSet
-from hffm.persist import NodeState, Persistor, rng_states, set_rng_states
+from hffm.persist import MISLABELLED, NodeState, Persistor, rng_states, set_rng_states
 from hffm.pki import Identity, PKIError
 from hffm.planner import PlannedRound, Planner
 from hffm.results import NodeReport, RoundRecord, atomic_write_bytes, round_record, strict_json
@@ -425,7 +425,8 @@ class Coordinator:
     # ---- durable state -----------------------------------------------------------------------
     def checkpoint(self, r: int, attempt: int) -> None:
         """The coordinator's state at the end of round ``r``: the cloud's modules, the results so far,
-        the members, what every node holds, RNG states (atomic: docs/reliability.md)."""
+        the members, what every node holds, the senders its label checks flagged, RNG states (atomic:
+        docs/reliability.md)."""
         self.persistor.save(
             NodeState(
                 CLOUD,
@@ -437,6 +438,7 @@ class Coordinator:
                     "members": self.members.to_json(),
                     "held": {n: list(k) for n, k in sorted(self.held.items())},
                     "specialists": self.board.to_json(),
+                    MISLABELLED: dict(self.node.inbox.mislabelled),
                 },
                 attempt,
             )
@@ -453,7 +455,7 @@ class Coordinator:
         self.members.restore(extra.get("members", {}))
         self.board.restore(extra.get("specialists", {}))
         self.held = {n: (int(k[0]), int(k[1])) for n, k in extra.get("held", {}).items()}
-        self.node.hold((saved.round, saved.attempt), saved.modules)
+        self.node.hold((saved.round, saved.attempt), saved.modules, extra.get(MISLABELLED, {}))
         set_rng_states(saved.rng)
         log.warning("resuming after round %d (attempt %d) from %s", saved.round, saved.attempt, self.persistor.dir)
         return saved.round + 1

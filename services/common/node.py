@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from hffm.ids import CLOUD, stats_task
 from hffm.inbox import Inbox, RoundAborted
 from hffm.methods import Collect, Step
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec, save_modules
-from hffm.persist import NodeState, Persistor
+from hffm.persist import MISLABELLED, NodeState, Persistor, valid_flags
 from hffm.pki import Identity
 from hffm.results import NodeReport
 from services.common.client import Channels
@@ -73,6 +73,9 @@ class NodeRuntime:
         # Round ends ((round, attempt) -> modules) the node can start a round from: the last few in memory,
         # and on disk through the persistor (a restarted node reloads the one the coordinator names).
         self._ends: dict[tuple[int, int], ModuleSet] = {(0, 0): dict(modules)}
+        # ... and, at each of them, the senders its label checks had found mislabelled (Inbox.mislabelled)
+        self._flags: dict[tuple[int, int], dict[str, float]] = {(0, 0): {}}
+        self.inbox = Inbox(node_id)
         self.persistor = persistor
         if persistor is not None:
             self._restore()
@@ -83,7 +86,6 @@ class NodeRuntime:
         self._owns_channels = channels is None
         self.stopped = threading.Event()
         self.rounds = RoundRegistry(node_id)
-        self.inbox = Inbox(node_id)
         self.sender = Sender(
             node_id,
             self.role,
@@ -158,35 +160,41 @@ class NodeRuntime:
         unknown = sorted(set(saved.modules) - set(self.spec))
         if saved.node != self.node_id or unknown:
             raise ValueError(f"{self.persistor.dir}: a checkpoint of {saved.node} (modules {unknown} unknown here)")
-        self.hold((saved.round, saved.attempt), saved.modules)
+        self.hold((saved.round, saved.attempt), saved.modules, saved.extra.get(MISLABELLED, {}))
         log.info("%s resumed from its checkpoint of round %d attempt %d", self.node_id, saved.round, saved.attempt)
 
-    def hold(self, key: tuple[int, int], modules: ModuleSet) -> None:
+    def hold(self, key: tuple[int, int], modules: ModuleSet, mislabelled: Mapping[str, float] | None = None) -> None:
         """Make ``modules`` the node's current modules and round end ``key`` (a checkpoint read back),
-        beside the initial modules (a fresh run starts from those)."""
+        beside the initial modules (a fresh run starts from those); ``mislabelled``: the senders its label
+        checks had flagged by then (left out again until a check clears them)."""
         self.modules = {**self.modules, **modules}
         self._ends[key] = dict(self.modules)
+        self._flags[key] = valid_flags(mislabelled or {}, key)
+        self.inbox.mislabelled = dict(self._flags[key])
 
     def states(self) -> list[tuple[int, int]]:
         """Every round end this node can start a round from."""
         on_disk = self.persistor.available() if self.persistor is not None else []
         return sorted({*self._ends, *on_disk})
 
-    def _end_state(self, ref: tuple[int, int]) -> ModuleSet | None:
+    def _end_state(self, ref: tuple[int, int]) -> tuple[ModuleSet, dict[str, float]] | None:
+        """The modules and the label checks' flags of round end ``ref`` (memory, else disk), or None."""
         if ref in self._ends:
-            return dict(self._ends[ref])
+            return dict(self._ends[ref]), dict(self._flags.get(ref, {}))
         saved = self.persistor.load(ref) if self.persistor is not None else None
-        return None if saved is None else {**self._ends.get((0, 0), {}), **saved.modules}
+        if saved is None:
+            return None
+        return {**self._ends.get((0, 0), {}), **saved.modules}, valid_flags(saved.extra.get(MISLABELLED, {}), ref)
 
     def start_round(self, state: RoundState) -> None:
-        """Before a round's first step: go back to the round end it starts from (an aborted attempt may
-        have changed the modules; a restarted node may hold a later one)."""
+        """Before a round's first step: go back to the round end it starts from, modules and label-check
+        flags (an aborted attempt may have changed either; a restarted node may hold a later one)."""
         if state.base is None:
             return
-        mods = self._end_state(state.base)
-        if mods is None:
+        end = self._end_state(state.base)
+        if end is None:
             raise ModuleError("FAILED_PRECONDITION", "no_base_state", f"{self.node_id} lost round end {state.base}")
-        self.modules = mods
+        self.modules, self.inbox.mislabelled = end
         self.sender.invalidate()
 
     def end_round(self, state: RoundState) -> None:
@@ -195,11 +203,15 @@ class NodeRuntime:
         if any(stats_task(n) for n in self.modules):
             self.modules = {n: m for n, m in self.modules.items() if stats_task(n) is None}
             self.sender.invalidate()
-        self._ends[(state.round, state.attempt)] = dict(self.modules)
+        key = (state.round, state.attempt)
+        self._ends[key] = dict(self.modules)
+        self._flags[key] = dict(self.inbox.mislabelled)
         for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
             del self._ends[old]
+            self._flags.pop(old, None)
         if self.persistor is not None:
-            self.persistor.save(NodeState(self.node_id, state.round, self.modules, attempt=state.attempt))
+            extra = {MISLABELLED: self._flags[key]} if self._flags[key] else {}
+            self.persistor.save(NodeState(self.node_id, state.round, self.modules, extra=extra, attempt=state.attempt))
             self.metrics.round_end_saved(self.node_id, self.persistor.last_written)
 
     # ---- round control ---------------------------------------------------------------------
