@@ -112,6 +112,21 @@ RULES: dict[str, list[str]] = {
         "calibration.enabled=true",
         "calibration.label_t=4",
     ],
+    # and every device's training push held to the statistics it sent last (a liar's honest statistics
+    # beside a flipped update): its heads must not make its reported answers less likely than its start did
+    "fedavg, calibrated, labels and heads checked": [
+        "aggregation.rule=fedavg",
+        "calibration.enabled=true",
+        "calibration.label_t=4",
+        "calibration.head_check=0.3",
+    ],
+    "fedavg, update outliers or twins excluded, labels and heads checked": [
+        "aggregation.rule=fedavg",
+        "aggregation.params={update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
+        "calibration.enabled=true",
+        "calibration.label_t=4",
+        "calibration.head_check=0.3",
+    ],
 }
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
@@ -127,6 +142,8 @@ ATTACKS: dict[str, list[str]] = {
     # a free rider hiding: what it received plus noise the size of an honest update (σ 0.01 per value:
     # an adapter's update of about 2.6 in norm, where honest ones measure 2.4-3.9 at full size)
     "free_ride + noise": ["adversary.behaviour=noise", "adversary.sigma=0.01"],
+    # label flippers that report their data's true statistics (a liar hiding from the label check)
+    "label_flip, honest stats": ["adversary.behaviour=label_flip", "adversary.stats=honest"],
 }
 
 

@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from hffm.config import rule_arguments
-from hffm.ids import COMMON_AGGREGATION_PARAMS, RULE_PARAMS
+from hffm.ids import COMMON_AGGREGATION_PARAMS, HEAD_PREFIX, RULE_PARAMS
 from hffm.modules import Module, ModuleError, ModuleSet, flat_views
 from hffm.results import SenderScore
 
@@ -76,6 +76,8 @@ def _robust_z(v: torch.Tensor, floor: float, ref: list[int] | None = None) -> to
     return (v - med) / scale
 
 
+# a sender and its modules -> (its head_drop, whether that leaves it out), or None: not checked
+Screen = Callable[[str, list[Module]], tuple[float, bool] | None]
 MIN_SENDERS_TO_FLAG = 4  # fewer copies give no meaningful spread: they are not scored
 MIN_REFERENCE = 3  # the fewest non-twin senders the scores' medians are taken over (else over all)
 Z_FLOOR = 0.25  # the least spread assumed, relative to the median update's norm (see _robust_z)
@@ -104,6 +106,9 @@ class Aggregator(ABC):
         # sender -> its label_t: left out of this aggregate (found mislabelled by the node's last label check;
         # the inbox sets it); its pushes are counted and scored as excluded, never folded
         self.excluded: dict[str, float] = getattr(self, "excluded", {})
+        # sender, its modules -> (its head_drop, whether that leaves it out), or None where it is not checked
+        # (calibration.head_check; the inbox sets it on collects of devices' training updates)
+        self.screen: Screen | None = getattr(self, "screen", None)
         self.scores: list[SenderScore] = []  # outlier scores per module and sender (rules with flag_z)
         self.pending: dict[str, list[Module]] = {}
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {n: m.shapes() for n, m in self.reference.items()}
@@ -150,10 +155,16 @@ class Aggregator(ABC):
 
     def _fold_one(self, sender: str, mods: list[Module]) -> None:
         t = self.excluded.get(sender)
-        if t is None:
-            self._fold(sender, mods)
-        else:
+        verdict = self.screen(sender, mods) if t is None and self.screen is not None else None
+        if t is not None:
             self.scores.extend(_label_score(m.name, sender, t, True) for m in mods)
+        elif verdict is not None and verdict[1]:  # its heads contradict its statistics: every module left out
+            self.scores.extend(_head_score(m.name, sender, verdict[0], True) for m in mods)
+        else:
+            self._fold(sender, mods)
+            if verdict is not None:  # checked and passed: scored on its heads
+                heads = [m for m in mods if m.name.startswith(HEAD_PREFIX)]
+                self.scores.extend(_head_score(m.name, sender, verdict[0], False) for m in heads)
         self.senders.append(sender)
 
     # ---- what a rule implements ---------------------------------------------------------------
@@ -585,6 +596,12 @@ class LabelCheck(Aggregator):
     def contributors(self, name: str) -> int:
         return sum(1 for mods in self._held.values() for m in mods if m.name == name)
 
+    def claims(self) -> dict[str, dict]:
+        """sender -> task -> what its statistics say (``hffm.calibration.Claim``: counts and answer means)."""
+        from hffm.calibration import claims_of
+
+        return {s: claims_of(by_task) for s, by_task in self._stats().items()}
+
     def _stats(self) -> dict[str, dict]:
         from hffm.calibration import from_module  # the model's side of the package
         from hffm.ids import stats_task
@@ -634,6 +651,11 @@ class LabelCheck(Aggregator):
 def _label_score(module: str, sender: str, t: float, flagged: bool) -> SenderScore:
     """A label check's score of one copy: flagged senders are left out (no geometry is measured)."""
     return SenderScore(module, sender, 0.0, 0.0, 0.0, 0.0, flagged, flagged, label_t=t)
+
+
+def _head_score(module: str, sender: str, drop: float, flagged: bool) -> SenderScore:
+    """A head check's score of one copy (``Aggregator.screen``): flagged senders are left out."""
+    return SenderScore(module, sender, 0.0, 0.0, 0.0, 0.0, flagged, flagged, head_drop=drop)
 
 
 RULES: dict[str, type[Aggregator]] = {r.name: r for r in (FedAvg, Median, TrimmedMean, Krum, Bulyan)}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hffm.config import HFFMConfig
+from hffm.config import HFFMConfig, ModelConfig
 from hffm.data import TaskData
 from hffm.ids import HEAD_PREFIX, head_name, stats_name
 from hffm.model import HFFMModel, build_head
@@ -299,6 +299,60 @@ def label_scores(
         if not over or len(senders) - len(flagged) - 1 < majority:
             return t, flagged
         flagged.append(max(over, key=lambda s: (t[s], s)))
+
+
+# ---- checking a sender's heads against its statistics (calibration.head_check) -----------------------
+# The label check trusts a sender's statistics: a liar can train on flipped labels and report its data's true
+# statistics, which pass. But a head trained on a device's data classifies that data's answer means as those
+# answers (the mean is the answer's most typical feature), however skewed the device; a head trained on
+# flipped labels classifies answer a's mean as another answer. So a sender's statistics and its update must
+# agree: the statistics it sent last (what it says its data is) against the heads it pushes now (what it
+# trained). A liar must send statistics that match its flipped heads (which the label check flags) or heads
+# that match its honest statistics (which undo the flip).
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a sender's statistics of one task said: per answer its sample count (C,) and mean feature (C, d)."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+
+
+def claims_of(stats: dict[str, FeatureStats]) -> dict[str, Claim]:
+    """task -> the claim of a sender's statistics (answers it holds no sample of: count 0, mean 0)."""
+    out = {}
+    for task, fs in stats.items():
+        n = fs.count.round()
+        out[task] = Claim(n.float(), (fs.total / n.clamp_min(1)[:, None]).float())
+    return out
+
+
+def head_drop(heads: ModuleSet, start: ModuleSet, claims: dict[str, Claim], model_cfg: ModelConfig) -> float | None:
+    """How much less likely a sender's own heads (``heads``: the modules it pushed) find the answers its
+    ``claims`` report, at those answers' mean features, than the heads it started the round from (``start``):
+    the mean over its reported samples of log p_start(answer | mean) - log p_own(answer | mean), in nats, over
+    every task all three have. Training on the data the claims describe makes them more likely (the drop is
+    below 0, or a little above where the features moved since the statistics); training on flipped labels
+    makes them less likely. Against the start, not in absolute terms: where a task's answers share one mean
+    (yes/no questions look alike) no head tells them apart there, honest or not. None: nothing comparable."""
+    drop = total = 0.0
+    for task, claim in sorted(claims.items()):
+        name = head_name(task)
+        answers = torch.nonzero(claim.count > 0).flatten()
+        if name not in heads or name not in start or not len(answers):
+            continue
+        n, classes = claim.count[answers], int(claim.count.shape[0])
+        for sign, held in ((-1.0, heads[name]), (1.0, start[name])):
+            with torch.random.fork_rng(devices=[]):  # build_head seeds the global generator: left as it was
+                head = build_head(int(held.tensors["net.0.weight"].shape[1]), model_cfg, task, classes)
+            head.load_state_dict(held.tensors)
+            head.eval()
+            with torch.no_grad():
+                logp = torch.log_softmax(head(claim.mean[answers]), 1)[torch.arange(len(answers)), answers]
+            drop += sign * float((n * logp).sum())
+        total += float(n.sum())
+    return drop / total if total else None
 
 
 # ---- statistics as modules on the wire ----------------------------------------------------------

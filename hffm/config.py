@@ -768,6 +768,12 @@ class AdversaryConfig(_Strict):
         "behaviour; they train honestly unless also attackers): they score an honest candidate 0 and their own "
         "modules 1 (framing it), an attacking candidate 1 and their own 0 (vouching for it)",
     )
+    stats: Literal["trained", "honest"] = D(
+        "trained",
+        description="label_flip with calibration: which labels its feature statistics report: those it trained on "
+        "(trained), or its data's true ones (honest: a liar hiding its flipped update behind honest statistics from "
+        "calibration.label_t)",
+    )
     scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
     sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")
     z: float | None = D(
@@ -877,6 +883,15 @@ class CalibrationConfig(_Strict):
         "about 1 for honest data, however skewed) is flagged and its statistics left out of the sum "
         "(label flipping, poisoned labels; hffm/calibration.py label_scores); null: no check",
     )
+    head_check: float | None = D(
+        None,
+        gt=0,
+        description="with label_t: check each device's training push against the statistics it last sent: a device "
+        "whose pushed heads find the answers it reported less likely at their mean features than the heads it "
+        "started the round from, by more than this (nats, per sample; honest training makes them more likely) is "
+        "left out of that collect (a liar pairing honest statistics with a flipped update; hffm/calibration.py "
+        "head_drop); null: no check",
+    )
 
 
 class HFFMConfig(_Strict):
@@ -946,7 +961,14 @@ class HFFMConfig(_Strict):
         if not self.calibration.enabled:
             if self.calibration.label_t is not None:
                 raise ValueError("calibration.label_t: checks labels by the statistics; set calibration.enabled")
+            if self.calibration.head_check is not None:
+                raise ValueError("calibration.head_check: checks heads against the statistics; set calibration.enabled")
             return self
+        if self.calibration.head_check is not None and self.calibration.label_t is None:
+            raise ValueError(
+                "calibration.head_check: checks heads against the statistics the label check holds; "
+                "set calibration.label_t"
+            )
         if self.method not in ("star", "hfm"):
             raise ValueError(f"calibration.enabled: calibrates in star's and hfm's cloud rounds, not {self.method}'s")
         if self.circulation.rules:

@@ -19,13 +19,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
+from hffm.config import ModelConfig
 from hffm.ids import D2D, stats_task
 from hffm.methods import CALIBRATED, LABEL_CHECK, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader, digests_follow
+
+if TYPE_CHECKING:
+    from hffm.calibration import Claim
 
 NOT_EXAMINED = "is not the version examined"  # a pinned relay refused (the coordinator flags its sender)
 
@@ -62,7 +67,9 @@ class _Collection:
 
 
 class Inbox:
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, head_check: tuple[float, ModelConfig] | None = None) -> None:
+        """``head_check``: (calibration.head_check, the model's config) — each device's training push is
+        checked against the statistics it sent this node last (``hffm.calibration.head_drop``)."""
         self.node_id = node_id
         self.round: int | None = None
         self.attempt = 0
@@ -72,6 +79,10 @@ class Inbox:
         # calibration.label_t) flagged: left out of its collects of training updates until a later check
         # clears them (in memory: a restarted node forgets them until its next check)
         self.mislabelled: dict[str, float] = {}
+        self.head_check = head_check
+        # sender -> task -> what its last statistics here said (Claim), kept with head_check: its training pushes
+        # are checked against them (in memory: a restarted node checks again from its next statistics collect)
+        self.claims: dict[str, dict[str, Claim]] = {}
         self._generation = 0
         self._cv = threading.Condition()
 
@@ -106,7 +117,23 @@ class Inbox:
         agg = make_aggregator(c.rule, self._order(c), reference, dict(c.params))
         if c.tag.startswith(TRAINING_TAG) or c.rule == LABEL_CHECK:  # the senders found mislabelled: left out
             agg.excluded = {s: t for s, t in self.mislabelled.items() if s in c.senders}
+        if c.tag.startswith(TRAINING_TAG) and self.head_check is not None:
+            start = dict(reference or {})
+            agg.screen = lambda sender, modules: self._screen(sender, modules, start)
         return agg
+
+    def _screen(self, sender: str, modules: list[Module], start: ModuleSet) -> tuple[float, bool] | None:
+        """A training push against its sender's last statistics here and the modules the round started from
+        (the node's): (head_drop, over the cut), or None (no statistics from it yet, nothing comparable).
+        Runs as the aggregator folds, under the inbox lock."""
+        from hffm.calibration import head_drop  # the model's side of the package
+
+        claims = self.claims.get(sender)
+        if not claims or self.head_check is None:
+            return None
+        cut, model_cfg = self.head_check
+        drop = head_drop({m.name: m for m in modules}, start, claims, model_cfg)
+        return None if drop is None else (drop, drop > cut)
 
     def abort_waits(self) -> None:
         """Every step waiting on this inbox raises ``RoundAborted`` (the node is closing)."""
@@ -312,6 +339,9 @@ class Inbox:
             scores = list(coll.aggregator.scores)
             if coll.step.rule == LABEL_CHECK:
                 self._checked(scores)
+                if self.head_check is not None:
+                    assert isinstance(coll.aggregator, LabelCheck)
+                    self.claims.update(coll.aggregator.claims())
             elif tag == CALIBRATED and any(stats_task(n) for n in modules):
                 # the federation's statistics came back with the calibrated heads: a deferred check runs now
                 for other in self._collections.values():

@@ -68,6 +68,7 @@ class SenderScore:
     twin: float = 0.0  # the highest cosine of the sender's whole update with another sender's (twin_cos)
     update_z: float = 0.0  # the robust z-score of the sender's whole update (update_z)
     label_t: float = 0.0  # how far its per-answer mean features are from the others' (calibration.label_t)
+    head_drop: float = 0.0  # how much less likely its heads find its reported answers than the start's (head_check)
 
 
 @dataclass(frozen=True)

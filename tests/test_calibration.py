@@ -612,3 +612,146 @@ def test_hfm_edges_check_their_devices_against_the_federation_and_leave_a_flippe
         _assert_fedavg_without(tmp_path / "trace" / "edge-1", f"r2-{tag}", "device-1-0", 4)
     det = results["detection"]
     assert det["flagged"] == ["device-1-0"] and det["recall"] == 1.0 and det["false_positive_rate"] == 0.0, det
+
+
+# ---- checking a sender's heads against its statistics (calibration.head_check) ---------------------------
+def _trained_head(x: torch.Tensor, y: torch.Tensor, classes: int, start: TaskHead, steps: int = 150) -> TaskHead:
+    """``start`` trained on (x, y) with AdamW (a device's local training, head only)."""
+    head = TaskHead(x.shape[1], 16, classes)
+    head.load_state_dict(start.state_dict())
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), y).backward()
+        opt.step()
+    return head
+
+
+def _as_heads(task: str, head: TaskHead) -> dict:
+    from hffm.modules import Module
+
+    return {
+        head_name(task): Module(head_name(task), {k: v.detach().clone() for k, v in head.state_dict().items()}, 1, 1.0)
+    }
+
+
+def test_head_drop_compares_a_senders_heads_with_its_start_on_the_answer_means_it_reported():
+    """head_drop by hand: the mean over the reported samples of log p_start(answer | answer's mean) minus the
+    sender's own; below 0 for heads trained on the data the statistics describe, well above 0 for heads trained
+    on its flipped labels (reported or not), None where nothing is comparable; the global RNG untouched."""
+    from hffm.calibration import claims_of, head_drop
+
+    cfg = load_config(None, ["model.head_hidden=16"])
+    (x, y), _ = _skewed_senders(flip=set(), n=2, d=8)[:2]
+    torch.manual_seed(0)
+    start = TaskHead(8, 16, 4)
+    honest = _trained_head(x, y, 4, start)
+    flipped = _trained_head(x, 3 - y, 4, start)
+    claims = claims_of({"t": stats_of(x, y, 4)})  # the true labels' statistics: what a liar reports
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    got = {
+        name: head_drop(_as_heads("t", h), _as_heads("t", start), claims, cfg.model)
+        for name, h in (("honest", honest), ("flipped", flipped))
+    }
+    assert torch.equal(torch.get_rng_state(), before)
+
+    def by_hand(head: TaskHead) -> float:
+        total = drop = 0.0
+        for c in range(4):
+            n = int((y == c).sum())
+            if n:
+                mean = x[y == c].double().mean(0).float()
+                with torch.no_grad():
+                    lp = [float(torch.log_softmax(h(mean[None]), 1)[0, c]) for h in (start, head)]
+                drop += n * (lp[0] - lp[1])
+                total += n
+        return drop / total
+
+    for name, h in (("honest", honest), ("flipped", flipped)):
+        assert got[name] == pytest.approx(by_hand(h), abs=1e-4), name
+    assert got["honest"] < 0 < 1 < got["flipped"], got
+    assert head_drop(_as_heads("other", honest), _as_heads("t", start), claims, cfg.model) is None
+    empty = claims_of({"t": empty_stats(8, 4, False)})
+    assert head_drop(_as_heads("t", honest), _as_heads("t", start), empty, cfg.model) is None
+
+
+def test_an_aggregator_screen_leaves_out_a_sender_whose_heads_contradict_its_statistics():
+    """``Aggregator.screen`` runs as each sender is folded: a sender over the cut is counted, scored
+    (``head_drop``) on every module and not folded; one under it is folded and scored on its heads; one the
+    screen cannot judge is folded unscored."""
+    from hffm.aggregation import make_aggregator
+    from tests.conftest import make_module
+
+    mods = {
+        s: {
+            "adapter.0": make_module("adapter.0", {"w": (2, 2)}, version=1, num_samples=n, seed=k),
+            head_name("t"): make_module(head_name("t"), {"w": (2,)}, num_samples=n, seed=k),
+        }
+        for k, (s, n) in enumerate((("device-0", 1.0), ("device-1", 2.0), ("device-2", 3.0)))
+    }
+    verdicts = {"device-0": (-0.2, False), "device-1": (1.5, True), "device-2": None}
+    agg = make_aggregator("fedavg", sorted(mods), None, {})
+    agg.screen = lambda sender, modules: verdicts[sender]
+    for s in sorted(mods, reverse=True):
+        agg.add(s, list(mods[s].values()))
+    out = agg.result(1)
+    assert agg.senders == sorted(mods)
+    want = weighted_mean([mods["device-0"], mods["device-2"]])
+    assert torch.allclose(out["adapter.0"].tensors["w"], want["adapter.0"].tensors["w"])
+    assert out["adapter.0"].num_samples == 4.0
+    scores = {(s.sender, s.module): (s.head_drop, s.flagged, s.excluded) for s in agg.scores}
+    assert scores == {
+        ("device-0", head_name("t")): (-0.2, False, False),
+        ("device-1", "adapter.0"): (1.5, True, True),
+        ("device-1", head_name("t")): (1.5, True, True),
+    }
+
+
+def test_head_check_needs_the_label_check():
+    with pytest.raises(ConfigError, match="calibration.head_check.*calibration.label_t"):
+        load_config(None, ["calibration.enabled=true", "calibration.head_check=0.3"])
+    with pytest.raises(ConfigError, match="calibration.head_check.*calibration.enabled"):
+        load_config(None, ["calibration.head_check=0.3"])
+    with pytest.raises(ConfigError, match="head_check"):
+        load_config(None, ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0"])
+
+
+def _lying_scores(results: dict, node: str) -> dict:
+    """round -> sender -> (head_drop, flagged) of ``node``'s collects of training updates (head modules)."""
+    out: dict = {}
+    for rec in results["rounds"]:
+        for a in rec["aggregates"]:
+            if a["node"] == node and a["tag"] == "aggregate":
+                for s in a["scores"]:
+                    if s["module"].startswith("head."):
+                        out.setdefault(rec["round"], {})[s["sender"]] = (s["head_drop"], s["flagged"])
+    return out
+
+
+@pytest.mark.parametrize("method", ["hfm", "star"])
+def test_a_liar_with_honest_statistics_is_caught_by_its_heads(tmp_path, method):
+    """device-1-0 trains on flipped labels and reports its data's true statistics (adversary.stats=honest): the
+    label check never flags it; with calibration.head_check, the node that holds its statistics (edge-1 in hfm,
+    the cloud in star) finds its pushed heads make its reported answers less likely than the round's start did:
+    in round 2, the round after its first statistics, by more than the cut, and its update is left out (the
+    aggregate recomputed from the traces); in round 3 its drop is still the largest there (over the cut or not:
+    from a calibrated start one epoch of flipped labels moves its heads less); no honest device is flagged."""
+    topo = ["topology.devices_per_edge=4", "runtime.devices_per_process=4"]
+    sets = ["method=hfm", "e_agg=1", *topo, "data.train_per_task=800"] if method == "hfm" else [
+        "method=star", "topology.devices_per_edge=3", "runtime.devices_per_process=3", "data.train_per_task=600"
+    ]  # fmt: skip
+    results = _flipped_run(tmp_path, *sets, "rounds=3", "adversary.stats=honest", "calibration.head_check=0.3")
+    node, senders = ("edge-1", 4) if method == "hfm" else (CLOUD, 9)
+    label_t = [s for r in results["rounds"] for a in r["aggregates"] for s in a["scores"] if s["label_t"]]
+    assert label_t and not any(s["flagged"] for s in label_t), "the label check must not see the liar"
+    scores = _lying_scores(results, node)
+    assert 1 not in scores  # no statistics from anyone yet
+    for r in (2, 3):
+        assert len(scores[r]) == senders, scores[r]
+        honest = max(d for s, (d, _) in scores[r].items() if s != "device-1-0")
+        assert scores[r]["device-1-0"][0] > honest and honest < 0.3, scores[r]
+        assert {s for s, (_, flagged) in scores[r].items() if flagged} <= {"device-1-0"}, scores[r]
+    assert scores[2]["device-1-0"][1]
+    _assert_fedavg_without(tmp_path / "trace" / node, "r2-aggregate", "device-1-0", senders)
+    assert results["detection"]["flagged"] == ["device-1-0"]

@@ -75,7 +75,8 @@ class NodeRuntime:
         self._ends: dict[tuple[int, int], ModuleSet] = {(0, 0): dict(modules)}
         # ... and, at each of them, the senders its label checks had found mislabelled (Inbox.mislabelled)
         self._flags: dict[tuple[int, int], dict[str, float]] = {(0, 0): {}}
-        self.inbox = Inbox(node_id)
+        head_check = cfg.calibration.head_check
+        self.inbox = Inbox(node_id, None if head_check is None else (head_check, cfg.model))
         self.persistor = persistor
         if persistor is not None:
             self._restore()

@@ -105,6 +105,7 @@ class DeviceNode(NodeRuntime):
         self.attacks = node_id in attackers
         self.attackers = attackers
         self.lies = node_id in cfg.adversary.liars  # lies when it validates a specialist (config adversary)
+        self.stats_data: DeviceData | None = None  # whose statistics it reports, where not its training data
         self.colluders: list[tuple[str, DeviceData]] = []  # the other attackers' benign data (alie, ipm)
         self._round_start: ModuleSet = self.modules  # what it held when it began training this round
         self.labels = task_labels(cfg)  # task -> its answer classes
@@ -115,6 +116,7 @@ class DeviceNode(NodeRuntime):
             log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
             adv = cfg.adversary
             if adv.behaviour in DATA_ATTACKS:
+                self.stats_data = self.data if adv.stats == "honest" else None  # what its statistics report
                 self.data = flip_labels(self.data, task_labels(cfg))
             if adv.behaviour in COLLUDING_ATTACKS:
                 holders = topo.holders_by_task()
@@ -255,7 +257,8 @@ class DeviceNode(NodeRuntime):
         if unknown := [t for t in tasks if t not in self.tasks_at(state.round)]:
             raise ModuleError("INVALID_ARGUMENT", "bad_task", f"{self.node_id} holds no task {unknown}")
         diagonal = self.cfg.calibration.diagonal
-        data = {t: self.data.train[t] for t in tasks if t in self.data.train}
+        source = self.data if self.stats_data is None else self.stats_data  # a liar reports its true labels
+        data = {t: source.train[t] for t in tasks if t in source.train}
         with self.host.lock:
             self.host.load(self.modules)
             stats = feature_stats(self.host.model, data, self.host.device, diagonal=diagonal)
