@@ -144,6 +144,7 @@ ATTACKS: dict[str, list[str]] = {
     "free_ride + noise": ["adversary.behaviour=noise", "adversary.sigma=0.01"],
     # label flippers that report their data's true statistics (a liar hiding from the label check)
     "label_flip, honest stats": ["adversary.behaviour=label_flip", "adversary.stats=honest"],
+    "label_flip x20, honest stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=honest"],
 }
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -560,7 +561,10 @@ class LabelCheck(Aggregator):
     found mislabelled before (``excluded``: held and scored, not summed), and ``check`` scores every sender
     later against both its peers here and the federation's sums, which the cloud sends back with the
     calibrated heads, and flags those that stand out against both.
-    Holds the senders' statistics (a few hundred KB each for the tiny model) until the result."""
+    Holds the senders' statistics (a few hundred KB each for the tiny model) for the round: the deferred check
+    and the head check's claims read them after the sum, which is therefore made from copies (an owned
+    receive buffer is never its running sum; until 2026-12-06 the first sender's was, and in runs without a
+    trace a deferred check read that sender's statistics as its whole cluster's sum)."""
 
     name = "label_check"
 
@@ -622,8 +626,8 @@ class LabelCheck(Aggregator):
                 t, self.flagged = label_scores(self._stats(), self.cut)
             out = FedAvg()
             for s in self.senders:  # fold order: the sum is the same whatever order the pushes came in
-                if s not in self.flagged:
-                    out.add(s, self._held[s])
+                if s not in self.flagged:  # summed from copies: the held statistics are read again later
+                    out.add(s, [replace(m, owned=False) for m in self._held[s]])
             self._out = out.result(version)
             if t:
                 self.scores.extend(self._scored(t))

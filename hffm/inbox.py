@@ -77,7 +77,7 @@ class Inbox:
         self._collections: dict[str, _Collection] = {}
         # sender -> its label_t, for the senders this node's last label check (a statistics collect with
         # calibration.label_t) flagged: left out of its collects of training updates until a later check
-        # clears them (in memory: a restarted node forgets them until its next check)
+        # clears them (the node saves them with each round end and sets them back from its base: NodeRuntime)
         self.mislabelled: dict[str, float] = {}
         self.head_check = head_check
         # sender -> task -> what its last statistics here said (Claim), kept with head_check: its training pushes

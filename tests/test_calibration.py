@@ -755,3 +755,33 @@ def test_a_liar_with_honest_statistics_is_caught_by_its_heads(tmp_path, method):
     assert scores[2]["device-1-0"][1]
     _assert_fedavg_without(tmp_path / "trace" / node, "r2-aggregate", "device-1-0", senders)
     assert results["detection"]["flagged"] == ["device-1-0"]
+
+
+def test_a_label_check_reads_each_senders_own_statistics_after_summing_owned_receive_buffers():
+    """Without a trace a node's receive buffers are ``owned`` (FedAvg may make the first its running sum in
+    place); the label check reads its senders' statistics again after the sum (the deferred check, the head
+    check's claims), so it must sum copies. Regression: the first sender's statistics read back as the sum."""
+    from hffm.aggregation import make_aggregator
+    from hffm.calibration import claims_of
+    from hffm.modules import Module, flat_views
+
+    raw = _skewed_senders(flip={3})
+    plain = {f"device-{i}": to_module(stats_name("t"), stats_of(x, y, 4), 1) for i, (x, y) in enumerate(raw)}
+
+    def owned(m: Module) -> Module:
+        flat = torch.cat([m.tensors[k].reshape(-1) for k in sorted(m.tensors)]).float()
+        return Module(m.name, flat_views(flat, m.shapes()), m.version, m.num_samples, flat=flat, owned=True)
+
+    results = []
+    for mods in (plain, {s: owned(m) for s, m in plain.items()}):
+        agg = make_aggregator("label_check", sorted(mods), None, {"label_t": 4.0, "defer": 1})
+        for s in sorted(mods):
+            agg.add(s, [mods[s]])
+        total = agg.result(1)[stats_name("t")]
+        claims = agg.claims()
+        first = from_module(plain["device-0"])
+        assert torch.allclose(claims["device-0"]["t"].count, first.count.float())
+        assert torch.allclose(claims["device-0"]["t"].mean, claims_of({"t": first})["t"].mean, atol=1e-5)
+        checked = agg.check({stats_name("t"): total})
+        results.append(sorted((s.sender, round(s.label_t, 4), s.flagged) for s in checked))
+    assert results[0] == results[1]
