@@ -208,18 +208,23 @@ def tables(res: dict) -> str:
     cells.update({r: c for r, c in res["cells"].items() if r not in cells})  # rules of other versions
     present = {a for row in cells.values() for a in row}
     attacks = [a for a in ATTACKS if a in present] + sorted(present - set(ATTACKS))
-    clean = cells["fedavg"]["none"]["accuracy"]
+    clean = cells.get("fedavg", {}).get("none", {}).get("accuracy")  # absent where those rows were not run
     lines = [
-        "| rule | " + " | ".join(attacks) + " | worst (points vs clean FedAvg) |",
-        "|---|" + "---|" * (len(attacks) + 1),
+        "| rule | " + " | ".join(attacks) + " | worst (points vs clean FedAvg) | worst (points vs its own clean run) |",
+        "|---|" + "---|" * (len(attacks) + 2),
     ]
 
     def acc(row: dict, a: str) -> str:
         return f"{row[a]['accuracy']:.3f}" if a in row else "—"
 
+    def points(worst: float, ref: float | None) -> str:
+        return "—" if ref is None else f"{100 * (worst - ref):+.1f}"
+
     for rule, row in cells.items():
         worst = min(c["accuracy"] for c in row.values())
-        lines.append(f"| {rule} | " + " | ".join(acc(row, a) for a in attacks) + f" | {100 * (worst - clean):+.1f} |")
+        own = row.get("none", {}).get("accuracy")
+        cols = " | ".join(acc(row, a) for a in attacks)
+        lines.append(f"| {rule} | {cols} | {points(worst, clean)} | {points(worst, own)} |")
     # "none": no attacker, so no TPR; its FPR is the honest senders flagged in a clean run
     lines += ["", "| rule | " + " | ".join(f"{a} TPR / FPR" for a in attacks) + " |"]
     lines.append("|---|" + "---|" * len(attacks))

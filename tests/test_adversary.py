@@ -95,7 +95,8 @@ def test_a_boosted_attacker_drags_fedavg_not_the_median(tmp_path):
 
 def test_the_attack_matrix_tables():
     """benchmarks/attacks.py's tables (hffm attacks): accuracy per cell with each rule's worst case
-    against the clean FedAvg run, and the detection's rates per attack (the clean run's: its FPR)."""
+    against the clean FedAvg run and against its own clean run (— where either was not run), and the
+    detection's rates per attack (the clean run's: its FPR)."""
     from benchmarks.attacks import tables
 
     def cell(acc, tpr=None, fpr=None):
@@ -108,10 +109,13 @@ def test_the_attack_matrix_tables():
         }
     }
     md = tables(res).splitlines()
-    assert md[0] == "| rule | none | scale | worst (points vs clean FedAvg) |"
-    assert md[2] == "| fedavg | 0.500 | 0.200 | -30.0 |" and md[3] == "| median | 0.480 | 0.470 | -3.0 |"
+    assert md[0] == "| rule | none | scale | worst (points vs clean FedAvg) | worst (points vs its own clean run) |"
+    assert md[2] == "| fedavg | 0.500 | 0.200 | -30.0 | -30.0 |" and md[3] == "| median | 0.480 | 0.470 | -3.0 | -1.0 |"
     assert md[5] == "| rule | none TPR / FPR | scale TPR / FPR |"
     assert md[7] == "| fedavg | — / 0 % | 100 % / 5 % |" and md[8] == "| median | — / 0 % | 50 % / 0 % |"
+    # a matrix without the FedAvg row (rows run on their own): no clean FedAvg to compare with
+    md = tables({"cells": {"median": res["cells"]["median"], "krum": {"scale": cell(0.4, 1.0, 0.0)}}}).splitlines()
+    assert md[2] == "| median | 0.480 | 0.470 | — | -1.0 |" and md[3] == "| krum | — | 0.400 | — | — |"
 
 
 def test_label_flip_reverses_training_labels_only():
