@@ -94,10 +94,14 @@ class Inbox:
         registered: set[str],
         attempt: int = 0,
         reference: ModuleSet | None = None,
+        mislabelled: dict[str, float] | None = None,
     ) -> None:
         """Expect this round's (attempt's) pushes; whatever an earlier attempt collected is dropped and
-        a step still waiting on it is aborted."""
+        a step still waiting on it is aborted. ``mislabelled``: the flags the attempt starts from (its base
+        round end's; None: as they are)."""
         with self._cv:
+            if mislabelled is not None:
+                self.mislabelled = dict(mislabelled)
             self.round = round_
             self.attempt = attempt
             self.registered = set(registered)

@@ -402,8 +402,9 @@ def test_a_node_process_freezes_what_is_alive_once_set_up_and_collects_the_garba
 
 def test_a_node_s_label_check_flags_are_part_of_each_round_end_it_saves(tmp_path):
     """An edge's flags (senders its label checks found mislabelled) are saved with its round end: a
-    restarted edge holds them again, a re-run attempt starts from the flags of its base, and a damaged
-    checkpoint's flags are refused with the round end named."""
+    restarted edge holds them again, a re-run attempt starts from the flags of its base (its collects leave
+    those senders out from the start), and a damaged checkpoint's flags are refused with the round end
+    named."""
     from services.common.bootstrap import node_modules
     from services.common.rounds import RoundState
     from services.edge.__main__ import EdgeNode
@@ -426,7 +427,11 @@ def test_a_node_s_label_check_flags_are_part_of_each_round_end_it_saves(tmp_path
     node = edge()  # restarted
     assert node.inbox.mislabelled == {"device-0-2": 9.5}
     node.inbox.mislabelled = {"device-0-1": 7.0}  # an attempt of round 2 flagged another, then was aborted
-    node.start_round(RoundState(2, "hfm", [], {}, attempt=1, base=(1, 0)))
+    collect = Collect("aggregate", ("device-0-1", "device-0-2", "device-0-3"), "device_edge")
+    node.assign(2, "hfm", [collect], {}, attempt=1, base=(1, 0))  # the re-run attempt
+    assert node.inbox.mislabelled == {"device-0-2": 9.5}
+    assert node.inbox._collections["aggregate"].aggregator.excluded == {"device-0-2": 9.5}
+    node.start_round(RoundState(2, "hfm", [collect], {}, attempt=1, base=(1, 0)))
     assert node.inbox.mislabelled == {"device-0-2": 9.5}
     node.inbox.mislabelled = {}  # a later check cleared it: the round end says so
     node.end_round(RoundState(2, "hfm", [], {}, attempt=1))

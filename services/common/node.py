@@ -235,12 +235,16 @@ class NodeRuntime:
                 f"{self.node_id} holds no state of round {base[0]} attempt {base[1]} (it has {self.states()})",
             )
         state = RoundState(round_, method, steps, dict(peers), attempt, base)
+        # what the attempt starts from, modules and label-check flags: its collects score against those
+        # modules and leave those senders out (start_round makes them the node's own before the first step)
+        end = self._end_state(base) if base is not None else None
+        reference, flags = end if end is not None else (self.modules, None)
         with self.rounds.lock:
             if not self.rounds.install(state):
                 return
             self.metrics.round.labels(node=self.node_id).set(round_)
             collects = [s for s in steps if isinstance(s, Collect)]
-            self.inbox.open_round(round_, collects, set(peers), attempt, reference=self.modules)
+            self.inbox.open_round(round_, collects, set(peers), attempt, reference=reference, mislabelled=flags)
 
     def leave_out(self, round_: int, attempt: int, node: str, reason: str) -> None:
         """The coordinator's verdict: ``node`` is lost for this attempt (collects stop waiting for it,
