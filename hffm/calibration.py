@@ -328,14 +328,30 @@ def claims_of(stats: dict[str, FeatureStats]) -> dict[str, Claim]:
     return out
 
 
-def head_drop(heads: ModuleSet, start: ModuleSet, claims: dict[str, Claim], model_cfg: ModelConfig) -> float | None:
+def head_drop(
+    heads: ModuleSet,
+    start: ModuleSet,
+    claims: dict[str, Claim],
+    model_cfg: ModelConfig,
+    built: dict[str, nn.Module] | None = None,
+) -> float | None:
     """How much less likely a sender's own heads (``heads``: the modules it pushed) find the answers its
     ``claims`` report, at those answers' mean features, than the heads it started the round from (``start``):
     the mean over its reported samples of log p_start(answer | mean) - log p_own(answer | mean), in nats, over
     every task all three have. Training on the data the claims describe makes them more likely (the drop is
     below 0, or a little above where the features moved since the statistics); training on flipped labels
     makes them less likely. Against the start, not in absolute terms: where a task's answers share one mean
-    (yes/no questions look alike) no head tells them apart there, honest or not. None: nothing comparable."""
+    (yes/no questions look alike) no head tells them apart there, honest or not. None: nothing comparable.
+    ``built``: the start's heads already built, by task (filled here; a collect checks every sender against
+    the same start)."""
+    built = {} if built is None else built
+
+    def load(task: str, held: Module, classes: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # build_head seeds the global generator: left as it was
+            head = build_head(int(held.tensors["net.0.weight"].shape[1]), model_cfg, task, classes)
+        head.load_state_dict(held.tensors)
+        return head.eval()
+
     drop = total = 0.0
     for task, claim in sorted(claims.items()):
         name = head_name(task)
@@ -343,11 +359,9 @@ def head_drop(heads: ModuleSet, start: ModuleSet, claims: dict[str, Claim], mode
         if name not in heads or name not in start or not len(answers):
             continue
         n, classes = claim.count[answers], int(claim.count.shape[0])
-        for sign, held in ((-1.0, heads[name]), (1.0, start[name])):
-            with torch.random.fork_rng(devices=[]):  # build_head seeds the global generator: left as it was
-                head = build_head(int(held.tensors["net.0.weight"].shape[1]), model_cfg, task, classes)
-            head.load_state_dict(held.tensors)
-            head.eval()
+        if task not in built:
+            built[task] = load(task, start[name], classes)
+        for sign, head in ((-1.0, load(task, heads[name], classes)), (1.0, built[task])):
             with torch.no_grad():
                 logp = torch.log_softmax(head(claim.mean[answers]), 1)[torch.arange(len(answers)), answers]
             drop += sign * float((n * logp).sum())

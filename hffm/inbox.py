@@ -122,11 +122,11 @@ class Inbox:
         if c.tag.startswith(TRAINING_TAG) or c.rule == LABEL_CHECK:  # the senders found mislabelled: left out
             agg.excluded = {s: t for s, t in self.mislabelled.items() if s in c.senders}
         if c.tag.startswith(TRAINING_TAG) and self.head_check is not None:
-            start = dict(reference or {})
-            agg.screen = lambda sender, modules: self._screen(sender, modules, start)
+            start, built = dict(reference or {}), {}  # the start's heads built once for every sender
+            agg.screen = lambda sender, modules: self._screen(sender, modules, start, built)
         return agg
 
-    def _screen(self, sender: str, modules: list[Module], start: ModuleSet) -> tuple[float, bool] | None:
+    def _screen(self, sender: str, modules: list[Module], start: ModuleSet, built: dict) -> tuple[float, bool] | None:
         """A training push against its sender's last statistics here and the modules the round started from
         (the node's): (head_drop, over the cut), or None (no statistics from it yet, nothing comparable).
         Runs as the aggregator folds, under the inbox lock."""
@@ -136,7 +136,7 @@ class Inbox:
         if not claims or self.head_check is None:
             return None
         cut, model_cfg = self.head_check
-        drop = head_drop({m.name: m for m in modules}, start, claims, model_cfg)
+        drop = head_drop({m.name: m for m in modules}, start, claims, model_cfg, built)
         return None if drop is None else (drop, drop > cut)
 
     def abort_waits(self) -> None:

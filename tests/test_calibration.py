@@ -671,6 +671,10 @@ def test_head_drop_compares_a_senders_heads_with_its_start_on_the_answer_means_i
     for name, h in (("honest", honest), ("flipped", flipped)):
         assert got[name] == pytest.approx(by_hand(h), abs=1e-4), name
     assert got["honest"] < 0 < 1 < got["flipped"], got
+    built: dict = {}  # a collect's cache of the start's heads: the same scores, sender after sender
+    for name, h in (("honest", honest), ("flipped", flipped)):
+        assert head_drop(_as_heads("t", h), _as_heads("t", start), claims, cfg.model, built) == got[name]
+    assert set(built) == {"t"}
     assert head_drop(_as_heads("other", honest), _as_heads("t", start), claims, cfg.model) is None
     empty = claims_of({"t": empty_stats(8, 4, False)})
     assert head_drop(_as_heads("t", honest), _as_heads("t", start), empty, cfg.model) is None
