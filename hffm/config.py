@@ -852,7 +852,7 @@ class SpecialistsConfig(_Strict):
 
 class CalibrationConfig(_Strict):
     """Classifier calibration with virtual representations (CCVR, Luo et al. 2021; hffm/calibration.py), in
-    every cloud round of star and hfm: once the devices hold the global modules, each sends per task and answer
+    every cloud round of star, hfm and hfm-d2d: once the devices hold the global modules, each sends per task and answer
     the count, sum and sums of squares of its training samples' features (the backbone's pooled output) up the
     tree; the cloud turns the totals into one Gaussian per answer, trains each task's head on features drawn
     from them, and sends the calibrated heads back down before the devices evaluate. Only the heads change;
@@ -969,8 +969,15 @@ class HFFMConfig(_Strict):
                 "calibration.head_check: checks heads against the statistics the label check holds; "
                 "set calibration.label_t"
             )
-        if self.method not in ("star", "hfm"):
-            raise ValueError(f"calibration.enabled: calibrates in star's and hfm's cloud rounds, not {self.method}'s")
+        if self.method not in ("star", "hfm", "hfm-d2d"):
+            raise ValueError(
+                f"calibration.enabled: calibrates in the cloud rounds of star, hfm and hfm-d2d, not {self.method}'s"
+            )
+        if self.method == "hfm-d2d" and self.calibration.label_t is not None:
+            raise ValueError(
+                "calibration.label_t: in hfm-d2d a cluster head, itself a device, sums its cluster's statistics, "
+                "so no trusted node holds each device's to check; use star or hfm"
+            )
         if self.circulation.rules:
             raise ValueError("calibration.enabled: not with per-module schedules (circulation.rules)")
         return self

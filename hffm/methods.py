@@ -80,6 +80,7 @@ class Calibrate:
 STATS = "stats"
 CALIBRATED = "calibrated"
 TRAINING_TAG = "aggregate"  # the tag (prefix) of every collect of training updates and their aggregates
+CLUSTER = "cluster"  # a D2D cluster head's collect of its cluster's updates (hfm-d2d, edge-only-d2d)
 LABEL_CHECK = "label_check"  # a statistics collect's rule with calibration.label_t (hffm.aggregation.LabelCheck)
 
 
@@ -231,34 +232,85 @@ class RoundPlan:
 
     def with_calibration(self, topo: Topology, quorum: Quorum = Quorum(), label_t: float | None = None) -> RoundPlan:
         """The plan with a calibration phase after the cloud's broadcast (``calibration.enabled``; a cloud
-        round of star or hfm). Each device that trains, once it holds the global modules, computes its
+        round of star, hfm or hfm-d2d). Each device that trains, once it holds the global modules, computes its
         feature statistics of its tasks (``Stats``) and sends them where it sent its update (its edge, or
-        the cloud in star); an edge sums its devices' (FedAvg of per-sample statistics weighted by samples:
-        hffm/calibration.py) and forwards them; the cloud sums what came, calibrates the heads
-        (``Calibrate``) and sends each node the heads of its tasks back the same way, before the devices
-        evaluate. A device's statistics collect waits as its update's did (``quorum``). With ``label_t`` each
-        statistics collect checks its senders' labels by them first (``hffm.aggregation.LabelCheck``)."""
+        the cloud in star, its cluster head over D2D in hfm-d2d); an edge sums its devices' (FedAvg of
+        per-sample statistics weighted by samples: hffm/calibration.py) and forwards them, as a cluster head
+        sums its cluster's and its own and forwards them to its edge; the cloud sums what came, calibrates
+        the heads (``Calibrate``) and sends each node the heads of its tasks back the same way (over the
+        head's D2D routes to its cluster), before the devices evaluate. A device's statistics collect waits
+        as its update's did (``quorum``). With ``label_t`` each statistics collect checks its senders' labels
+        by them first (``hffm.aggregation.LabelCheck``; not in hfm-d2d, whose heads are devices: the config
+        refuses it)."""
         check = (LABEL_CHECK, (("label_t", float(label_t)),)) if label_t is not None else ("fedavg", ())
         # an edge checks its devices against its peers and the federation's statistics, sent back with the heads
         deferred = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else check
-        up: dict[str, Send] = {}  # device -> the send of its update
-        for n, ss in self.steps.items():
-            if topo.role(n) == "device" and any(isinstance(s, Train) for s in ss):
-                up[n] = next(s for s in ss if isinstance(s, Send) and s.tag.startswith(TRAINING_TAG))
-        tasks = {d: tuple(topo.device_map[d].tasks) for d in up}
+        # D2D cluster heads: devices that collect their cluster's updates (their own too when they train)
+        heads = {
+            n
+            for n, ss in self.steps.items()
+            if topo.role(n) == "device" and any(isinstance(s, Collect) and s.tag == CLUSTER for s in ss)
+        }
+        trains = {
+            n for n, ss in self.steps.items() if topo.role(n) == "device" and any(isinstance(s, Train) for s in ss)
+        }
+        up: dict[str, Send] = {}  # device -> the send of its update (a head's own update is in its collect)
+        for n in sorted(trains - heads):
+            up[n] = next(
+                s for s in self.steps[n] if isinstance(s, Send) and (s.tag.startswith(TRAINING_TAG) or s.tag == CLUSTER)
+            )
+        tasks = {d: tuple(topo.device_map[d].tasks) for d in trains}
         steps = {n: list(ss) for n, ss in self.steps.items()}
+
+        def before_evaluate(node: str, phase: list[Step]) -> None:
+            ev = next((i for i, x in enumerate(steps[node]) if isinstance(x, Evaluate)), len(steps[node]))
+            steps[node][ev:ev] = phase
+
         for d, s in up.items():
-            phase = [
-                Stats(tasks[d]),
-                Send(s.to, s.link, STATS, tuple(stats_name(t) for t in tasks[d])),
-                Collect(CALIBRATED, (s.to,), s.link),
-            ]
-            ev = next((i for i, x in enumerate(steps[d]) if isinstance(x, Evaluate)), len(steps[d]))
-            steps[d][ev:ev] = phase
-        below: dict[str, list[str]] = {}  # aggregator -> its devices
+            before_evaluate(
+                d,
+                [
+                    Stats(tasks[d]),
+                    Send(s.to, s.link, STATS, tuple(stats_name(t) for t in tasks[d]), s.route),
+                    Collect(CALIBRATED, (s.to,), s.link),
+                ],
+            )
+        below: dict[str, list[str]] = {h: [] for h in heads}  # aggregator -> its devices
         for d, s in up.items():
             below.setdefault(s.to, []).append(d)
+        for head in sorted(heads):  # it sums its cluster's statistics and its own, up to its edge and back
+            members = below.pop(head)
+            own = tasks.get(head, ())
+            held = tuple(sorted({t for d in members for t in tasks[d]} | set(own)))
+            edge = topo.device_map[head].edge
+            down = {s.to: s.route for s in self.steps[head] if isinstance(s, Send) and s.link == D2D}
+            before_evaluate(
+                head,
+                [
+                    *([Stats(own)] if own else []),
+                    Collect(
+                        STATS,
+                        tuple(members),
+                        D2D,
+                        include_self=bool(own),
+                        quorum=quorum,
+                        own=tuple(stats_name(t) for t in own),
+                    ),
+                    Send(edge, DEVICE_EDGE, STATS, tuple(stats_name(t) for t in held)),
+                    Collect(CALIBRATED, (edge,), DEVICE_EDGE),
+                    *(Send(d, D2D, CALIBRATED, tuple(head_name(t) for t in tasks[d]), down[d]) for d in members),
+                ],
+            )
+            steps[edge] += [
+                Collect(STATS, (head,), DEVICE_EDGE),
+                Send(CLOUD, EDGE_CLOUD, STATS, tuple(stats_name(t) for t in held)),
+                Collect(CALIBRATED, (CLOUD,), EDGE_CLOUD),
+                Send(head, DEVICE_EDGE, CALIBRATED, tuple(head_name(t) for t in held)),
+            ]
         cloud_from: list[tuple[str, str, tuple[str, ...]]] = []  # (sender, link, its tasks)
+        for edge in sorted(topo.device_map[h].edge for h in heads):
+            sent = next(s for s in steps[edge] if isinstance(s, Send) and s.tag == STATS)
+            cloud_from.append((edge, EDGE_CLOUD, tuple(stats_task(m) for m in sent.modules)))
         for agg, members in sorted(below.items()):
             link = up[members[0]].link
             if agg == CLOUD:

@@ -176,9 +176,58 @@ def test_the_plan_calibrates_after_the_clouds_broadcast_and_before_devices_evalu
 
 
 def test_calibration_is_refused_where_it_has_no_cloud_round():
-    for method in ("hfm-d2d", "edge-only"):
+    for method in ("edge-only", "edge-only-d2d"):
         with pytest.raises(ConfigError, match="calibration.enabled"):
             load_config(None, [f"method={method}", "calibration.enabled=true"])
+    # hfm-d2d calibrates, but its cluster heads are devices: nobody trusted holds each device's statistics
+    assert load_config(None, ["method=hfm-d2d", "calibration.enabled=true"]).calibration.enabled
+    with pytest.raises(ConfigError, match="calibration.label_t: in hfm-d2d"):
+        load_config(None, ["method=hfm-d2d", "calibration.enabled=true", "calibration.label_t=4"])
+
+
+def test_an_hfm_d2d_plan_sums_each_clusters_statistics_at_its_head_over_d2d():
+    """hfm-d2d's cloud round: each device sends its statistics to its cluster head along its update's D2D route
+    (relays included) and gets its tasks' calibrated heads back along the head's broadcast route; the head
+    counts its own statistics (made after it forwarded the global modules), forwards the sum to its edge, the
+    edge to the cloud; a cluster head's sum weighs at most the federation's total, a device's its samples."""
+    from hffm.costmodel import CostModel
+
+    cfg, topo, planner = _planned(
+        "method=hfm-d2d", "calibration.enabled=true", "e_agg=2", "topology.devices_per_edge=3"
+    )
+    assert not any(isinstance(s, Stats | Calibrate) for ss in planner.plan(1, topo).plan.steps.values() for s in ss)
+    samples = {x.id: {t: 10 + 7 * i + j for j, t in enumerate(x.tasks)} for i, x in enumerate(topo.devices)}
+    planned = planner.plan(2, topo, samples=samples)
+    plan, heads = planned.plan, planned.ctx.heads
+    plan.validate()
+    relayed = 0
+    for edge, head in heads.items():
+        members = [d.id for d in topo.cluster(edge) if d.id != head]
+        hs = plan.steps[head]
+        kinds = [type(s) for s in hs]
+        first_stats = kinds.index(Stats)
+        assert kinds.index(Send) < first_stats  # after forwarding the global modules
+        assert hs[-1] == Evaluate()
+        collect = next(s for s in hs if isinstance(s, Collect) and s.tag == STATS)
+        tasks = tuple(topo.device_map[head].tasks)
+        assert collect.include_self and collect.own == tuple(stats_name(t) for t in tasks)
+        assert sorted(collect.senders) == sorted(members) and collect.link == "d2d"
+        assert Send(edge, "device_edge", STATS, tuple(stats_name(t) for t in tasks)) in hs
+        ec = next(s for s in plan.steps[edge] if isinstance(s, Collect) and s.tag == STATS)
+        assert ec.senders == (head,) and ec.caps_of(head) == {
+            stats_name(t): float(sum(samples[d.id][t] for d in topo.devices)) for t in tasks
+        }
+        for d in members:
+            update = next(s for s in plan.steps[d] if isinstance(s, Send) and s.tag == "cluster")
+            stats = next(s for s in plan.steps[d] if isinstance(s, Send) and s.tag == STATS)
+            assert (stats.to, stats.link, stats.route) == (head, "d2d", update.route)
+            relayed += bool(stats.route)
+            down = next(s for s in hs if isinstance(s, Send) and s.tag == CALIBRATED and s.to == d)
+            bcast = next(s for s in hs if isinstance(s, Send) and s.tag == "broadcast" and s.to == d)
+            assert down.route == bcast.route and all(m.startswith("head.") for m in down.modules)
+            assert collect.caps_of(d) == {stats_name(t): float(samples[d][t]) for t in topo.device_map[d].tasks}
+    assert relayed  # this geometry has a multi-hop route
+    CostModel._critical_path(plan, {}, {})  # the cost model walks it to the end
 
 
 # ---- checking senders' labels by their statistics (calibration.label_t) ----------------------------------
@@ -360,19 +409,24 @@ def test_the_plan_checks_labels_in_every_statistics_collect_with_label_t():
 
 
 # ---- over real gRPC ------------------------------------------------------------------------------------
-def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_path):
-    """hfm, 2 rounds, e_agg 2, calibration on, traced: in round 2 each device's statistics are those of its own
-    training data under the global modules it received; the cloud's sum is all of them; the global heads are
-    the cloud's aggregate calibrated on that sum (recomputed here, same seed), the adapters as aggregated; the
-    devices evaluate the calibrated heads and every node drops the statistics at the round's end."""
+@pytest.mark.parametrize("method", ["hfm", "hfm-d2d"])
+def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_path, method):
+    """hfm and hfm-d2d, 2 rounds, e_agg 2, calibration on, traced: in round 2 each device's statistics are
+    those of its own training data under the global modules it received (in hfm-d2d sent to its cluster head
+    over D2D, relayed where its route has hops, and the head's own counted by the head); the cloud's sum is
+    all of them; the global heads are the cloud's aggregate calibrated on that sum (recomputed here, same
+    seed), the adapters as aggregated; the devices evaluate the calibrated heads and every node drops the
+    statistics at the round's end."""
     from hffm.data import build_device_data, load_tokenizer, task_labels
     from hffm.topology import split_table
     from services.launcher import run
 
+    per_edge = 3 if method == "hfm-d2d" else 2  # with 3, device-0-0's route to its head has a relay
     sets = [
+        f"method={method}",
         "topology.edges=2",
-        "topology.devices_per_edge=2",
-        "runtime.devices_per_process=2",
+        f"topology.devices_per_edge={per_edge}",
+        "runtime.devices_per_process=3",
         "data.train_per_task=400",
         "data.global_test_per_task=64",
         "rounds=2",
@@ -393,6 +447,14 @@ def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_pa
     assert not any(m.startswith("stats.") for m in results["rounds"][0]["bytes_by_module"])
     cloud_steps = {a["tag"]: a["counted"] for a in r2["aggregates"] if a["node"] == CLOUD}
     assert cloud_steps["stats"] == ["edge-0", "edge-1"]
+    heads = r2["modeled"]["heads"]  # edge -> its cluster head (hfm-d2d)
+    if method == "hfm-d2d":
+        assert set(heads) == {"edge-0", "edge-1"}
+        relayed = {h["origin"] for h in r2["hops"] if h["tag"] == "stats" and h["sender"] != h["origin"]}
+        assert "device-0-0" in relayed  # a relay carried its statistics to its head
+        for e, h in heads.items():
+            counted = next(a["counted"] for a in r2["aggregates"] if a["node"] == h and a["tag"] == "stats")
+            assert sorted(counted) == sorted(f"device-{e[-1]}-{i}" for i in range(per_edge))  # itself included
 
     torch.set_num_threads(cfg.runtime.torch_threads)  # as the nodes compute
     tok = load_tokenizer(cfg)
@@ -402,14 +464,19 @@ def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_pa
     topo = split_table(cfg)
     sums: dict = {}
     for e in (0, 1):
-        for i in (0, 1):
+        for i in range(per_edge):
             d = f"device-{e}-{i}"
-            held = trace(d, "r2-broadcast-aggregate")  # the global modules it computed its statistics under
+            head = heads.get(f"edge-{e}")
+            # the global modules it computed its statistics under: a cluster head got them from its edge
+            held = trace(d, "r2-down-aggregate" if d == head else "r2-broadcast-aggregate")
             for n, m in held.items():
                 model.load_module_state(n, m.tensors)
             data = build_device_data(cfg, d, holders, tok, topo.device_map[d].tasks).train
             mine = feature_stats(model, data, "cpu")
-            sent = trace(f"edge-{e}", f"r2-stats-from-{d}")
+            if head is None:
+                sent = trace(f"edge-{e}", f"r2-stats-from-{d}")
+            else:
+                sent = trace(head, "r2-stats-own" if d == head else f"r2-stats-from-{d}")
             for t, fs in mine.items():
                 got = from_module(sent[stats_name(t)])
                 assert torch.allclose(got.count, fs.count, rtol=1e-5)
@@ -440,8 +507,9 @@ def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_pa
         for k, v in calibrated.items():
             assert torch.allclose(final[name].tensors[k], v, atol=1e-5), (name, k)
         # devices adopted (and evaluated) the calibrated heads
-        assert torch.equal(trace("device-1-0", "r2-calibrated-aggregate")[name].tensors["net.0.weight"],
-                           final[name].tensors["net.0.weight"])  # fmt: skip
+        for d in ("device-0-0", "device-1-0"):
+            assert torch.equal(trace(d, "r2-calibrated-aggregate")[name].tensors["net.0.weight"],
+                               final[name].tensors["net.0.weight"])  # fmt: skip
     assert Path(tmp_path / "results.json").exists()
 
 

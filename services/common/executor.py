@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from hffm.ids import stats_task
 from hffm.inbox import Aggregate
 from hffm.methods import Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.results import AggregateRecord, NodeReport
@@ -58,7 +59,9 @@ class StepExecutor:
         node = self.node
         if s.include_self:
             names = node.own_module_names()
-            own = {n: node.modules[n] for n in (s.own or names) if n in names}
+            # its statistics too, where it made them this round (a D2D cluster head's calibration phase)
+            mine = set(names) | {n for n in s.own if stats_task(n) is not None and n in node.modules}
+            own = {n: node.modules[n] for n in (s.own or names) if n in mine}
             node.inbox.add_own(s.tag, own)
             node.trace(f"{state.trace_prefix}-{s.tag}-own", own)
         faults.hit(node.node_id, f"collect.{s.tag}", state.round)
