@@ -177,8 +177,8 @@ def _calibrated(
     ``calibration.*``) on the devices' feature statistics under ``glob``'s modules."""
     for n in names:
         model.load_module_state(n, glob[n].tensors)
-    diagonal = cfg.calibration.diagonal
-    stats = merge([feature_stats(model, data[d].train, device, diagonal=diagonal) for d in devices])
+    diagonal, pooled = cfg.calibration.diagonal, cfg.calibration.pooled
+    stats = merge([feature_stats(model, data[d].train, device, diagonal=diagonal, pooled=pooled) for d in devices])
     return {**glob, **calibrate_heads(glob, stats, cfg, r)[0]}
 
 

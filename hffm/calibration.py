@@ -12,7 +12,9 @@ trains the task's head on them. Only the heads change; the adapters stay as aggr
 Statistics are float64 sums (merged by addition, so the order devices arrive in does not matter and an
 edge can fold its devices' statistics before sending). ``diagonal`` keeps each answer's per-coordinate
 sums of squares only (d numbers instead of d x d; the paper-size model's hidden 768 makes a full matrix
-2.4 MB per answer in float32).
+2.4 MB per answer in float32); ``pooled`` adds one d x d sum of outer products per task over all its answers,
+from which the cloud takes the task's pooled within-answer correlations (each answer is drawn with its own
+variances and those correlations: d x d per task, not per answer).
 """
 
 from __future__ import annotations
@@ -38,26 +40,56 @@ class FeatureStats:
     count: torch.Tensor
     total: torch.Tensor
     squares: torch.Tensor
+    pooled: torch.Tensor | None = None  # (d, d): the sum of outer products over every answer's samples
 
     @property
     def diagonal(self) -> bool:
         return self.squares.dim() == 2
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
-        if self.total.shape != other.total.shape or self.squares.shape != other.squares.shape:
+        if (
+            self.total.shape != other.total.shape
+            or self.squares.shape != other.squares.shape
+            or (self.pooled is None) != (other.pooled is None)
+        ):
             raise ValueError(
                 f"feature statistics of different shapes: {tuple(self.squares.shape)} and {tuple(other.squares.shape)}"
+                + ("" if (self.pooled is None) == (other.pooled is None) else ", one of them pooled")
             )
-        return FeatureStats(self.count + other.count, self.total + other.total, self.squares + other.squares)
+        pooled = None if self.pooled is None else self.pooled + other.pooled
+        return FeatureStats(self.count + other.count, self.total + other.total, self.squares + other.squares, pooled)
 
     def __sub__(self, other: FeatureStats) -> FeatureStats:
         """The statistics of a sum without a part of it (a federation's without one cluster's senders)."""
-        return self + FeatureStats(-other.count, -other.total, -other.squares)
+        pooled = None if other.pooled is None else -other.pooled
+        return self + FeatureStats(-other.count, -other.total, -other.squares, pooled)
+
+    def correlations(self) -> torch.Tensor | None:
+        """The task's pooled within-answer correlation matrix (d, d), from ``pooled`` less each answer's mean
+        outer products; None without ``pooled`` or without within-answer spread."""
+        if self.pooled is None:
+            return None
+        n = self.count.round()
+        present = n >= 1
+        dof = float(n[present].sum()) - int(present.sum())
+        if dof <= 0:
+            return None
+        t = self.total[present]
+        within = self.pooled - (t.T / n[present]) @ t  # sum over answers of the centred outer products
+        within = (within + within.T) / 2
+        sd = within.diagonal().clamp_min(0).sqrt()
+        if float(sd.max()) == 0.0:
+            return None
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        corr = within / torch.outer(sd, sd)
+        return corr.clamp(-1, 1).fill_diagonal_(1.0)
 
     def gaussians(self, shrink: float = 1e-3) -> list[tuple[int, torch.Tensor, torch.Tensor] | None]:
-        """Per answer: (count, mean, covariance — (d, d), or (d,) variances when diagonal), unbiased, plus
-        ``shrink`` times the mean variance on the diagonal (an answer with fewer samples than dimensions has
-        a singular covariance); None for an answer nobody holds."""
+        """Per answer: (count, mean, covariance — (d, d), or (d,) variances when diagonal without ``pooled``),
+        unbiased, plus ``shrink`` times the mean variance on the diagonal (an answer with fewer samples than
+        dimensions has a singular covariance); None for an answer nobody holds. With ``pooled`` an answer's
+        covariance is its own standard deviations times the task's pooled correlations."""
+        corr = self.correlations() if self.diagonal else None
         out: list[tuple[int, torch.Tensor, torch.Tensor] | None] = []
         for c in range(self.count.shape[0]):
             n = round(float(self.count[c]))  # a sum of per-sample shares times samples: whole up to rounding
@@ -68,6 +100,12 @@ class FeatureStats:
             if self.diagonal:
                 var = (self.squares[c] - n * mean * mean) / max(n - 1, 1)
                 var = var.clamp_min(0)
+                if corr is not None:
+                    sd = var.sqrt()
+                    cov = corr * torch.outer(sd, sd)
+                    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+                    out.append((n, mean, cov + (shrink * float(var.mean()) + 1e-12) * eye))
+                    continue
                 out.append((n, mean, var + shrink * float(var.mean()) + 1e-12))
             else:
                 cov = (self.squares[c] - n * torch.outer(mean, mean)) / max(n - 1, 1)
@@ -86,9 +124,12 @@ def merge(stats: list[dict[str, FeatureStats]]) -> dict[str, FeatureStats]:
     return out
 
 
-def stats_of(feats: torch.Tensor, labels: torch.Tensor, classes: int, diagonal: bool = False) -> FeatureStats:
+def stats_of(
+    feats: torch.Tensor, labels: torch.Tensor, classes: int, diagonal: bool = False, pooled: bool = False
+) -> FeatureStats:
     """The statistics of features ``feats`` (N, d) with answers ``labels`` (N,; a label < 0, an answer outside
-    the vocabulary, is left out) over ``classes`` answers."""
+    the vocabulary, is left out) over ``classes`` answers (``pooled``: with the sum of outer products over all
+    of them)."""
     keep = labels >= 0
     x, y = feats[keep].double(), labels[keep].long()
     d = feats.shape[1]
@@ -98,12 +139,17 @@ def stats_of(feats: torch.Tensor, labels: torch.Tensor, classes: int, diagonal: 
         squares = torch.zeros(classes, d, dtype=torch.float64).index_add_(0, y, x * x)
     else:
         squares = torch.zeros(classes, d, d, dtype=torch.float64).index_add_(0, y, x.unsqueeze(2) * x.unsqueeze(1))
-    return FeatureStats(count, total, squares)
+    return FeatureStats(count, total, squares, x.T @ x if pooled else None)
 
 
 @torch.no_grad()
 def feature_stats(
-    model: HFFMModel, data: dict[str, TaskData], device: str, diagonal: bool = False, batch_size: int = 128
+    model: HFFMModel,
+    data: dict[str, TaskData],
+    device: str,
+    diagonal: bool = False,
+    batch_size: int = 128,
+    pooled: bool = False,
 ) -> dict[str, FeatureStats]:
     """Each task's statistics of the pooled features of ``data`` under the model's current modules (a task
     with no samples is left out)."""
@@ -118,7 +164,8 @@ def feature_stats(
         for i in range(0, len(td), batch_size):
             idx = torch.arange(i, min(i + batch_size, len(td)))
             batch = td.batch(idx, device)
-            parts.append(stats_of(model.pooled(batch, task).cpu(), batch["labels"].cpu(), classes, diagonal))
+            feats = model.pooled(batch, task).cpu()
+            parts.append(stats_of(feats, batch["labels"].cpu(), classes, diagonal, pooled))
         out[task] = sum(parts[1:], parts[0])
     return out
 
@@ -142,7 +189,7 @@ def virtual_features(
         n, mean, cov = g
         m = max(1, round(factor * n))
         z = torch.randn(m, mean.shape[0], generator=gen, dtype=torch.float64)
-        if stats.diagonal:
+        if cov.dim() == 1:  # variances only
             x = mean + z * cov.sqrt()
         else:
             evals, evecs = torch.linalg.eigh(cov)  # symmetric PSD up to rounding: clamp what rounding made negative
@@ -376,33 +423,38 @@ def head_drop(
 # with that total as its weight: ``from_module`` gives back the sums. An aggregator needs nothing new.
 
 
-def stats_spec(hidden: int, answers: int, diagonal: bool) -> dict[str, tuple[int, ...]]:
+def stats_spec(hidden: int, answers: int, diagonal: bool, pooled: bool = False) -> dict[str, tuple[int, ...]]:
     """The tensor shapes of a ``stats.<task>`` module."""
     squares = (answers, hidden) if diagonal else (answers, hidden, hidden)
-    return {"count": (answers,), "total": (answers, hidden), "squares": squares}
+    out = {"count": (answers,), "total": (answers, hidden), "squares": squares}
+    if pooled:
+        out["pooled"] = (hidden, hidden)
+    return out
 
 
-def with_stats_spec(spec: dict, answers: dict[str, int], diagonal: bool) -> dict:
+def with_stats_spec(spec: dict, answers: dict[str, int], diagonal: bool, pooled: bool = False) -> dict:
     """``spec`` (module -> tensor shapes) with a ``stats.<task>`` entry beside every head in it (a node that
     sends, sums or calibrates a task's statistics accepts them; the head's input width is the features')."""
     out = dict(spec)
     for name, shapes in spec.items():
         if name.startswith(HEAD_PREFIX):
             task = name[len(HEAD_PREFIX) :]
-            out[stats_name(task)] = stats_spec(int(shapes["net.0.weight"][1]), int(answers[task]), diagonal)
+            out[stats_name(task)] = stats_spec(int(shapes["net.0.weight"][1]), int(answers[task]), diagonal, pooled)
     return out
 
 
-def empty_stats(hidden: int, answers: int, diagonal: bool) -> FeatureStats:
+def empty_stats(hidden: int, answers: int, diagonal: bool, pooled: bool = False) -> FeatureStats:
     """The statistics of no sample (a device holding a task without training data of it)."""
-    shapes = stats_spec(hidden, answers, diagonal)
-    return FeatureStats(*(torch.zeros(shapes[k], dtype=torch.float64) for k in ("count", "total", "squares")))
+    shapes = stats_spec(hidden, answers, diagonal, pooled)
+    return FeatureStats(*(torch.zeros(shapes[k], dtype=torch.float64) for k in shapes))
 
 
 def to_module(name: str, stats: FeatureStats, version: int) -> Module:
     """``stats`` as the module ``name``: per-sample sums (float32), weighted by the samples (at least 1)."""
     n = max(float(stats.count.sum()), 1.0)
     tensors = {"count": stats.count / n, "total": stats.total / n, "squares": stats.squares / n}
+    if stats.pooled is not None:
+        tensors["pooled"] = stats.pooled / n
     return Module(name, {k: v.float().contiguous() for k, v in tensors.items()}, version, n)
 
 
@@ -417,7 +469,9 @@ def check_stats(module: Module, tol: float = 1e-4) -> None:
         problems.append("a negative count")
     if float(count.sum()) > 1 + tol:
         problems.append(f"counts summing to {float(count.sum()):.4g} of its samples (at most 1)")
-    if bool((diag < -tol).any()):
+    if bool((diag < -tol).any()) or (
+        "pooled" in module.tensors and bool((module.tensors["pooled"].diagonal() < -tol).any())
+    ):
         problems.append("a negative sum of squares")
     if problems:
         raise ModuleError("INVALID_ARGUMENT", "bad_stats", f"{module.name}: {', '.join(problems)}")
@@ -430,4 +484,5 @@ def from_module(module: Module) -> FeatureStats:
     for k in ("count", "total", "squares"):
         if k not in t:
             raise ValueError(f"{module.name}: a statistics module without {k!r}")
-    return FeatureStats(*(t[k].double() * n for k in ("count", "total", "squares")))
+    pooled = t["pooled"].double() * n if "pooled" in t else None
+    return FeatureStats(*(t[k].double() * n for k in ("count", "total", "squares")), pooled)

@@ -858,7 +858,7 @@ class CalibrationConfig(_Strict):
     from them, and sends the calibrated heads back down before the devices evaluate. Only the heads change;
     the statistics, not any sample, leave a device."""
 
-    enabled: bool = D(False, description="calibrate the heads in every cloud round (star, hfm)")
+    enabled: bool = D(False, description="calibrate the heads in every cloud round (star, hfm, hfm-d2d)")
     epochs: int = D(10, ge=1, description="epochs over the virtual features")
     lr: float = D(3e-3, gt=0, description="AdamW's learning rate for the heads' calibration")
     batch_size: int = D(32, ge=1, description="virtual features per step")
@@ -869,6 +869,12 @@ class CalibrationConfig(_Strict):
         False,
         description="send per-coordinate variances instead of whole covariance matrices (d numbers per answer, "
         "not d x d: the paper-size hidden 768 makes a matrix 2.4 MB per answer; less accurate)",
+    )
+    pooled: bool = D(
+        False,
+        description="with diagonal: also send one d x d sum of outer products per task over all its answers; each "
+        "answer is then drawn with its own variances and the task's pooled within-answer correlations (d x d "
+        "per task, not per answer)",
     )
     shrink: float = D(
         1e-3,
@@ -964,6 +970,10 @@ class HFFMConfig(_Strict):
             if self.calibration.head_check is not None:
                 raise ValueError("calibration.head_check: checks heads against the statistics; set calibration.enabled")
             return self
+        if self.calibration.pooled and not self.calibration.diagonal:
+            raise ValueError(
+                "calibration.pooled: pools the correlations beside per-answer variances; set calibration.diagonal"
+            )
         if self.calibration.head_check is not None and self.calibration.label_t is None:
             raise ValueError(
                 "calibration.head_check: checks heads against the statistics the label check holds; "

@@ -18,6 +18,7 @@ from rich.console import Console
 from hffm.aggregation import weighted_mean
 from hffm.calibration import (
     calibrate_head,
+    check_stats,
     empty_stats,
     feature_stats,
     from_module,
@@ -32,7 +33,7 @@ from hffm.config import ConfigError, load_config
 from hffm.ids import CLOUD, head_name, stats_name
 from hffm.methods import CALIBRATED, STATS, Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.model import TaskHead, build_head, build_model
-from hffm.modules import load_modules
+from hffm.modules import ModuleError, load_modules
 
 
 def _clusters(n: int, d: int = 8, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +81,60 @@ def test_statistics_travel_as_modules_whose_fedavg_is_the_sum():
     assert torch.allclose(total.count, whole.count, rtol=1e-5)
     assert torch.allclose(total.total, whole.total, rtol=1e-5, atol=1e-4)
     assert torch.allclose(total.squares, whole.squares, rtol=1e-5, atol=1e-3)
+
+
+def _correlated(n: int, d: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` features per class around class means, all classes sharing one correlation structure but each
+    with its own scale per coordinate."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g)  # the shared correlations
+    xs = []
+    for c in range(classes):
+        scale = 0.5 + 2 * torch.rand(d, generator=g)
+        xs.append(4 * torch.randn(d, generator=g) + (torch.randn(n, d, generator=g) @ mix.T) * scale)
+    return torch.cat(xs), torch.arange(classes).repeat_interleave(n)
+
+
+def test_pooled_statistics_give_each_answer_its_variances_and_the_tasks_within_answer_correlations():
+    """``calibration.pooled``: per-answer variances plus one sum of outer products per task. The sums add up
+    over parts; the correlations are the pooled within-answer ones computed from the centred samples; each
+    answer's covariance is its own standard deviations times them; the module round trip keeps them, and a
+    pooled and an unpooled sum do not mix."""
+    x, y = _correlated(400)
+    whole = stats_of(x, y, classes=4, diagonal=True, pooled=True)
+    halves = stats_of(x[::2], y[::2], 4, True, True) + stats_of(x[1::2], y[1::2], 4, True, True)
+    assert torch.allclose(whole.pooled, x.double().T @ x.double()) and torch.allclose(halves.pooled, whole.pooled)
+    centred = torch.cat([x[y == c].double() - x[y == c].double().mean(0) for c in range(3)])
+    within = centred.T @ centred
+    sd = within.diagonal().sqrt()
+    corr = within / torch.outer(sd, sd)
+    assert torch.allclose(whole.correlations(), corr, atol=1e-9)
+    gs = whole.gaussians(shrink=0.0)
+    assert gs[3] is None
+    for c in range(3):
+        n, mean, cov = gs[c]
+        var = x[y == c].double().var(0)
+        assert cov.shape == (6, 6) and torch.allclose(cov.diagonal(), var, rtol=1e-6)
+        assert torch.allclose(cov, corr * torch.outer(var.sqrt(), var.sqrt()), atol=1e-9)
+        # closer to the answer's own covariance than variances alone are (the correlations are shared)
+        own = torch.cov(x[y == c].double().T)
+        assert torch.linalg.norm(cov - own) < 0.5 * torch.linalg.norm(torch.diag(var) - own)
+    feats, labels = virtual_features(whole, factor=5, seed=1)
+    drawn = torch.corrcoef(feats[labels == 0].double().T)
+    assert torch.allclose(drawn, corr, atol=0.05)  # the draws carry the correlations
+    back = from_module(to_module("stats.t", whole, 1))
+    assert torch.allclose(back.pooled, whole.pooled, rtol=1e-5)
+    assert torch.allclose(back.correlations(), corr, atol=1e-4)
+    assert to_module("stats.t", whole, 1).tensors.keys() == {"count", "total", "squares", "pooled"}
+    with pytest.raises(ValueError, match="one of them pooled"):
+        _ = whole + stats_of(x, y, 4, diagonal=True)
+    bad = to_module("stats.t", whole, 1)
+    bad.tensors["pooled"] = -bad.tensors["pooled"]
+    with pytest.raises(ModuleError, match="stats.t: a negative sum of squares"):
+        check_stats(bad)
+    check_stats(to_module("stats.t", whole, 1))
+    with pytest.raises(ConfigError, match="calibration.pooled"):
+        load_config(None, ["calibration.enabled=true", "calibration.pooled=true"])
 
 
 def test_virtual_features_follow_the_counts_and_the_seed():
@@ -409,21 +464,24 @@ def test_the_plan_checks_labels_in_every_statistics_collect_with_label_t():
 
 
 # ---- over real gRPC ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["hfm", "hfm-d2d"])
+@pytest.mark.parametrize("method", ["hfm", "hfm-d2d", "hfm-pooled"])
 def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_path, method):
     """hfm and hfm-d2d, 2 rounds, e_agg 2, calibration on, traced: in round 2 each device's statistics are
     those of its own training data under the global modules it received (in hfm-d2d sent to its cluster head
     over D2D, relayed where its route has hops, and the head's own counted by the head); the cloud's sum is
     all of them; the global heads are the cloud's aggregate calibrated on that sum (recomputed here, same
     seed), the adapters as aggregated; the devices evaluate the calibrated heads and every node drops the
-    statistics at the round's end."""
+    statistics at the round's end. ``hfm-pooled``: hfm with per-answer variances and a pooled matrix per task
+    (``calibration.diagonal``, ``calibration.pooled``)."""
     from hffm.data import build_device_data, load_tokenizer, task_labels
     from hffm.topology import split_table
     from services.launcher import run
 
     per_edge = 3 if method == "hfm-d2d" else 2  # with 3, device-0-0's route to its head has a relay
+    pooled = method == "hfm-pooled"
     sets = [
-        f"method={method}",
+        f"method={method.removesuffix('-pooled')}",
+        *(["calibration.diagonal=true", "calibration.pooled=true"] if pooled else []),
         "topology.edges=2",
         f"topology.devices_per_edge={per_edge}",
         "runtime.devices_per_process=3",
@@ -472,7 +530,7 @@ def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_pa
             for n, m in held.items():
                 model.load_module_state(n, m.tensors)
             data = build_device_data(cfg, d, holders, tok, topo.device_map[d].tasks).train
-            mine = feature_stats(model, data, "cpu")
+            mine = feature_stats(model, data, "cpu", diagonal=pooled, pooled=pooled)
             if head is None:
                 sent = trace(f"edge-{e}", f"r2-stats-from-{d}")
             else:
@@ -482,12 +540,17 @@ def test_an_hfm_run_calibrates_the_global_heads_on_its_devices_statistics(tmp_pa
                 assert torch.allclose(got.count, fs.count, rtol=1e-5)
                 assert torch.allclose(got.total, fs.total, rtol=1e-4, atol=1e-3)
                 assert torch.allclose(got.squares, fs.squares, rtol=1e-4, atol=1e-3)
+                if pooled:
+                    assert torch.allclose(got.pooled, fs.pooled, rtol=1e-4, atol=1e-3)
                 sums[t] = sums[t] + fs if t in sums else fs
     total = trace(CLOUD, "r2-stats-aggregate")
     for t, fs in sums.items():
         got = from_module(total[stats_name(t)])
         assert torch.allclose(got.count, fs.count, rtol=1e-5)
         assert torch.allclose(got.squares, fs.squares, rtol=1e-4, atol=1e-2)
+        assert (got.pooled is None) == (not pooled)
+        if pooled:
+            assert torch.allclose(got.pooled, fs.pooled, rtol=1e-4, atol=1e-2)
 
     aggregate = trace(CLOUD, "r2-aggregate-aggregate")
     final = load_modules(str(tmp_path / "global_modules.safetensors"))

@@ -114,7 +114,7 @@ def node_modules(cfg: HFFMConfig, topo: Topology, node: str) -> tuple[ModuleSpec
     mods = initial_modules(cfg, final(topo, cfg).modules_for(node), labels)  # tasks arriving later too
     spec = spec_of({n: m.tensors for n, m in mods.items()})
     if cfg.calibration.enabled:  # the feature statistics it sums and forwards (an edge) or calibrates on (the cloud)
-        spec = with_stats_spec(spec, labels, cfg.calibration.diagonal)
+        spec = with_stats_spec(spec, labels, cfg.calibration.diagonal, cfg.calibration.pooled)
     return spec, mods
 
 

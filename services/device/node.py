@@ -89,7 +89,7 @@ class DeviceNode(NodeRuntime):
         cluster = grown.modules_for(topo.device_map[node_id].edge)
         spec = spec_of({n: host.model.module_state(n) for n in cluster})  # shapes only: no copies
         if cfg.calibration.enabled:  # the feature statistics it sends
-            spec = with_stats_spec(spec, task_labels(cfg), cfg.calibration.diagonal)
+            spec = with_stats_spec(spec, task_labels(cfg), cfg.calibration.diagonal, cfg.calibration.pooled)
         super().__init__(
             node_id, cfg, spec, {n: initial(n) for n in own}, address, metrics, channels, persistor=persistor
         )
@@ -256,16 +256,16 @@ class DeviceNode(NodeRuntime):
         in a calibration phase), held as ``stats.<task>`` for the send that follows (hffm/calibration.py)."""
         if unknown := [t for t in tasks if t not in self.tasks_at(state.round)]:
             raise ModuleError("INVALID_ARGUMENT", "bad_task", f"{self.node_id} holds no task {unknown}")
-        diagonal = self.cfg.calibration.diagonal
+        diagonal, pooled = self.cfg.calibration.diagonal, self.cfg.calibration.pooled
         source = self.data if self.stats_data is None else self.stats_data  # a liar reports its true labels
         data = {t: source.train[t] for t in tasks if t in source.train}
         with self.host.lock:
             self.host.load(self.modules)
-            stats = feature_stats(self.host.model, data, self.host.device, diagonal=diagonal)
+            stats = feature_stats(self.host.model, data, self.host.device, diagonal=diagonal, pooled=pooled)
         out = {}
         for t in tasks:
             hidden = int(self.modules[head_name(t)].tensors["net.0.weight"].shape[1])
-            fs = stats.get(t) or empty_stats(hidden, int(self.labels[t]), diagonal)
+            fs = stats.get(t) or empty_stats(hidden, int(self.labels[t]), diagonal, pooled)
             out[stats_name(t)] = to_module(stats_name(t), fs, state.round)
         self.adopt(out)
 
