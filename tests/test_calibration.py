@@ -89,7 +89,7 @@ def _correlated(n: int, d: int = 6, classes: int = 3, seed: int = 0) -> tuple[to
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(d, d, generator=g)  # the shared correlations
     xs = []
-    for c in range(classes):
+    for _ in range(classes):
         scale = 0.5 + 2 * torch.rand(d, generator=g)
         xs.append(4 * torch.randn(d, generator=g) + (torch.randn(n, d, generator=g) @ mix.T) * scale)
     return torch.cat(xs), torch.arange(classes).repeat_interleave(n)
