@@ -20,6 +20,7 @@ variances and those correlations: d x d per task, not per answer).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -364,6 +365,38 @@ class Claim:
 
     count: torch.Tensor
     mean: torch.Tensor
+
+
+def claims_tensors(claims: Mapping[str, Mapping[str, Claim]]) -> dict[str, torch.Tensor]:
+    """``claims`` (sender -> task -> Claim) as named tensors (``claims/<sender>/<task>/{count,mean}``): what a
+    node saves with a round end (``hffm.persist.NodeState.tensors``)."""
+    out = {}
+    for sender, by_task in sorted(claims.items()):
+        for task, c in sorted(by_task.items()):
+            out[f"claims/{sender}/{task}/count"] = c.count.contiguous()
+            out[f"claims/{sender}/{task}/mean"] = c.mean.contiguous()
+    return out
+
+
+def claims_from(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, dict[str, Claim]]:
+    """The claims ``claims_tensors`` made, read back; ValueError naming ``where`` and the entry for anything
+    else (an unknown name, a count without its means, shapes that disagree, a negative count, a value that is
+    not finite): a damaged round end is refused, not half-believed."""
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        bits = name.split("/")
+        if len(bits) != 4 or bits[0] != "claims" or bits[3] not in ("count", "mean"):
+            raise ValueError(f"{where}: {name!r} is no claim (claims/<sender>/<task>/count or mean)")
+        parts.setdefault((bits[1], bits[2]), {})[bits[3]] = t
+    out: dict[str, dict[str, Claim]] = {}
+    for (sender, task), p in sorted(parts.items()):
+        count, mean = p.get("count"), p.get("mean")
+        ok = count is not None and mean is not None and count.dim() == 1 and mean.dim() == 2
+        ok = ok and mean.shape[0] == count.shape[0] and bool(torch.isfinite(mean).all())
+        if not ok or not bool(torch.isfinite(count).all()) or bool((count < 0).any()):
+            raise ValueError(f"{where}: the claim of {sender} on task {task} is damaged")
+        out.setdefault(sender, {})[task] = Claim(count, mean)
+    return out
 
 
 def claims_of(stats: dict[str, FeatureStats]) -> dict[str, Claim]:

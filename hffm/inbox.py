@@ -81,7 +81,7 @@ class Inbox:
         self.mislabelled: dict[str, float] = {}
         self.head_check = head_check
         # sender -> task -> what its last statistics here said (Claim), kept with head_check: its training pushes
-        # are checked against them (in memory: a restarted node checks again from its next statistics collect)
+        # are checked against them (saved with each round end and set back from the base, as the flags are)
         self.claims: dict[str, dict[str, Claim]] = {}
         self._generation = 0
         self._cv = threading.Condition()
@@ -95,13 +95,16 @@ class Inbox:
         attempt: int = 0,
         reference: ModuleSet | None = None,
         mislabelled: dict[str, float] | None = None,
+        claims: dict[str, dict[str, Claim]] | None = None,
     ) -> None:
         """Expect this round's (attempt's) pushes; whatever an earlier attempt collected is dropped and
-        a step still waiting on it is aborted. ``mislabelled``: the flags the attempt starts from (its base
-        round end's; None: as they are)."""
+        a step still waiting on it is aborted. ``mislabelled`` and ``claims``: the flags and the head check's
+        claims the attempt starts from (its base round end's; None: as they are)."""
         with self._cv:
             if mislabelled is not None:
                 self.mislabelled = dict(mislabelled)
+            if claims is not None:
+                self.claims = dict(claims)
             self.round = round_
             self.attempt = attempt
             self.registered = set(registered)

@@ -3,7 +3,8 @@
 A node's state at a round boundary is its modules (with versions and weights), the round and attempt
 it completed, its RNG states, and whatever else it needs to continue (the coordinator: results so far,
 membership, what every node holds), as JSON. ``Persistor.save`` writes one checkpoint directory
-``<dir>/round-<r>-attempt-<a>/`` (``modules.safetensors`` + ``state.json``) into a temporary
+``<dir>/round-<r>-attempt-<a>/`` (``modules.safetensors`` + ``state.json``, and ``tensors.safetensors``
+when the node keeps tensors that are not modules: the head check's claims) into a temporary
 directory, fsyncs every file, renames the directory into place and fsyncs the parent: a crash at any
 moment leaves either the previous checkpoint or the new one, never a mix, and a directory of that
 name exists only whole. ``load()`` returns the newest complete checkpoint by (round, attempt) (or
@@ -40,10 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 from hffm.modules import ModuleSet, checkpoint_segments, digest_of, load_modules, save_modules
 
 MISLABELLED = "mislabelled"  # state.json extra: sender -> label_t, the senders a node's label checks flagged
+TENSORS = "tensors.safetensors"  # a round end's NodeState.tensors, beside its modules
 STORE = ".blobs"  # the shared store's name under a checkpoint directory (beside the nodes' <node>/)
 
 
@@ -55,6 +59,8 @@ class NodeState:
     rng: dict[str, Any] = field(default_factory=dict)  # rng_states() at the boundary
     extra: dict[str, Any] = field(default_factory=dict)  # JSON: results so far, membership, ...
     attempt: int = 0  # the round's attempt whose end this is
+    # named tensors beside the modules that are not modules (the head check's claims), saved only when any
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def valid_flags(raw: Any, ref: tuple[int, int]) -> dict[str, float]:
@@ -147,6 +153,8 @@ class Persistor:
             "extra": state.extra,
         }
         (tmp / "state.json").write_text(json.dumps(doc))
+        if state.tensors:
+            save_file(state.tensors, str(tmp / TENSORS))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -239,6 +247,7 @@ class Persistor:
             doc.get("rng", {}),
             doc.get("extra", {}),
             int(doc.get("attempt", 0)),
+            load_file(str(d / TENSORS)) if (d / TENSORS).is_file() else {},
         )
 
     def _prune(self, newest: str) -> None:

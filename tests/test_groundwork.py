@@ -443,3 +443,73 @@ def test_a_node_s_label_check_flags_are_part_of_each_round_end_it_saves(tmp_path
         (tmp_path / "round-2-attempt-1" / "state.json").write_text(json.dumps(state))
         with pytest.raises(ValueError, match=r"round end \(2, 1\): mislabelled"):
             edge()
+
+
+def test_a_node_s_head_check_claims_are_part_of_each_round_end_it_saves(tmp_path):
+    """The head check's claims (what each sender's statistics said: answer counts and mean features) are saved
+    with a round end beside the modules (tensors.safetensors): a restarted edge holds them again, a re-run
+    attempt starts from its base's (an aborted attempt's statistics are forgotten), and a damaged file is
+    refused with the round end named."""
+    from safetensors.torch import load_file, save_file
+
+    from hffm.calibration import Claim
+    from hffm.model import backbone_dims
+    from services.common.bootstrap import node_modules
+    from services.common.rounds import RoundState
+    from services.edge.__main__ import EdgeNode
+
+    sets = ["method=hfm", "topology.edges=1", "topology.devices_per_edge=4", "security.tls=false"]
+    sets += ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0.3"]
+    cfg = load_config(None, sets)
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    spec, modules = node_modules(cfg, topo, "edge-0")
+
+    def edge() -> EdgeNode:
+        return EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=2))
+
+    def claim(k: float) -> Claim:
+        return Claim(torch.tensor([3.0, 0.0, k]), torch.arange(12, dtype=torch.float32).reshape(3, 4) * k)
+
+    node = edge()
+    assert node.inbox.claims == {}
+    node.inbox.claims = {"device-0-2": {"art": claim(2.0), "gqa": claim(5.0)}}
+    node.end_round(RoundState(1, "hfm", [], {}))
+    node.close()
+    assert (tmp_path / "round-1-attempt-0" / "tensors.safetensors").is_file()
+
+    def same(got: dict, want: dict) -> bool:
+        return got.keys() == want.keys() and all(
+            got[s].keys() == want[s].keys()
+            and all(
+                torch.equal(got[s][t].count, c.count) and torch.equal(got[s][t].mean, c.mean) for t, c in by.items()
+            )
+            for s, by in want.items()
+        )
+
+    node = edge()  # restarted
+    assert same(node.inbox.claims, {"device-0-2": {"art": claim(2.0), "gqa": claim(5.0)}})
+    node.inbox.claims = {"device-0-1": {"art": claim(9.0)}}  # an attempt of round 2 collected statistics, aborted
+    collect = Collect("aggregate", ("device-0-1", "device-0-2", "device-0-3"), "device_edge")
+    node.assign(2, "hfm", [collect], {}, attempt=1, base=(1, 0))  # the re-run attempt
+    assert same(node.inbox.claims, {"device-0-2": {"art": claim(2.0), "gqa": claim(5.0)}})
+    node.start_round(RoundState(2, "hfm", [collect], {}, attempt=1, base=(1, 0)))
+    assert same(node.inbox.claims, {"device-0-2": {"art": claim(2.0), "gqa": claim(5.0)}})
+    node.inbox.claims = {}
+    node.end_round(RoundState(2, "hfm", [], {}, attempt=1))
+    node.close()
+    assert not (tmp_path / "round-2-attempt-1" / "tensors.safetensors").exists()  # nothing claimed: no file
+    assert edge().inbox.claims == {}
+    path = tmp_path / "round-1-attempt-0" / "tensors.safetensors"
+    good = load_file(str(path))
+    (tmp_path / "round-2-attempt-1").rename(tmp_path / "later")  # round 1 is the newest again
+    damaged = [
+        {k: v for k, v in good.items() if not k.endswith("art/mean")},  # a count without its means
+        {**good, "claims/device-0-2/art/count": torch.tensor([3.0, -1.0, 2.0])},
+        {**good, "claims/device-0-2/gqa/mean": torch.full((3, 4), float("nan"))},
+        {**good, "claims/device-0-2/art/mean": torch.zeros(2, 4)},  # shapes that disagree
+        {**good, "weights/device-0-2": torch.zeros(1)},
+    ]
+    for bad in damaged:
+        save_file(bad, str(path))
+        with pytest.raises(ValueError, match=r"round end \(1, 0\): "):
+            edge()

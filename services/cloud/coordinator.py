@@ -20,7 +20,7 @@ import grpc
 
 from hffm.adversary import adversaries
 from hffm.aggregation import server_step
-from hffm.calibration import calibrate_heads, from_module
+from hffm.calibration import calibrate_heads, claims_tensors, from_module
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
 from hffm.ids import CLOUD, head_name, joining_edge, role_of, stats_name, stats_task
@@ -425,8 +425,8 @@ class Coordinator:
     # ---- durable state -----------------------------------------------------------------------
     def checkpoint(self, r: int, attempt: int) -> None:
         """The coordinator's state at the end of round ``r``: the cloud's modules, the results so far,
-        the members, what every node holds, the senders its label checks flagged, RNG states (atomic:
-        docs/reliability.md)."""
+        the members, what every node holds, the senders its label checks flagged and what their statistics
+        claimed (the head check's), RNG states (atomic: docs/reliability.md)."""
         self.persistor.save(
             NodeState(
                 CLOUD,
@@ -441,6 +441,7 @@ class Coordinator:
                     MISLABELLED: dict(self.node.inbox.mislabelled),
                 },
                 attempt,
+                claims_tensors(self.node.inbox.claims),
             )
         )
         self.node.metrics.round_end_saved(CLOUD, self.persistor.last_written)
@@ -455,7 +456,7 @@ class Coordinator:
         self.members.restore(extra.get("members", {}))
         self.board.restore(extra.get("specialists", {}))
         self.held = {n: (int(k[0]), int(k[1])) for n, k in extra.get("held", {}).items()}
-        self.node.hold((saved.round, saved.attempt), saved.modules, extra.get(MISLABELLED, {}))
+        self.node.hold((saved.round, saved.attempt), saved.modules, extra.get(MISLABELLED, {}), saved.tensors)
         set_rng_states(saved.rng)
         log.warning("resuming after round %d (attempt %d) from %s", saved.round, saved.attempt, self.persistor.dir)
         return saved.round + 1

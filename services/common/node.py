@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from hffm.calibration import Claim, claims_from, claims_tensors
 from hffm.config import HFFMConfig
 from hffm.ids import CLOUD, stats_task
 from hffm.inbox import Inbox, RoundAborted
@@ -35,6 +36,8 @@ from services.common.sender import Sender
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.node")
+# a round end as a node starts from it: its modules, its label checks' flags, its head check's claims
+EndState = tuple[ModuleSet, dict[str, float], dict[str, dict[str, Claim]]]
 
 __all__ = ["NodeRuntime", "RoundState"]
 
@@ -73,8 +76,10 @@ class NodeRuntime:
         # Round ends ((round, attempt) -> modules) the node can start a round from: the last few in memory,
         # and on disk through the persistor (a restarted node reloads the one the coordinator names).
         self._ends: dict[tuple[int, int], ModuleSet] = {(0, 0): dict(modules)}
-        # ... and, at each of them, the senders its label checks had found mislabelled (Inbox.mislabelled)
+        # ... and, at each of them, the senders its label checks had found mislabelled (Inbox.mislabelled) and
+        # what each sender's statistics had claimed (Inbox.claims, for the head check)
         self._flags: dict[tuple[int, int], dict[str, float]] = {(0, 0): {}}
+        self._claims: dict[tuple[int, int], dict[str, dict[str, Claim]]] = {(0, 0): {}}
         head_check = cfg.calibration.head_check
         self.inbox = Inbox(node_id, None if head_check is None else (head_check, cfg.model))
         self.persistor = persistor
@@ -161,31 +166,42 @@ class NodeRuntime:
         unknown = sorted(set(saved.modules) - set(self.spec))
         if saved.node != self.node_id or unknown:
             raise ValueError(f"{self.persistor.dir}: a checkpoint of {saved.node} (modules {unknown} unknown here)")
-        self.hold((saved.round, saved.attempt), saved.modules, saved.extra.get(MISLABELLED, {}))
+        self.hold((saved.round, saved.attempt), saved.modules, saved.extra.get(MISLABELLED, {}), saved.tensors)
         log.info("%s resumed from its checkpoint of round %d attempt %d", self.node_id, saved.round, saved.attempt)
 
-    def hold(self, key: tuple[int, int], modules: ModuleSet, mislabelled: Mapping[str, float] | None = None) -> None:
+    def hold(
+        self,
+        key: tuple[int, int],
+        modules: ModuleSet,
+        mislabelled: Mapping[str, float] | None = None,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Make ``modules`` the node's current modules and round end ``key`` (a checkpoint read back),
         beside the initial modules (a fresh run starts from those); ``mislabelled``: the senders its label
-        checks had flagged by then (left out again until a check clears them)."""
+        checks had flagged by then (left out again until a check clears them); ``tensors``: the head check's
+        claims saved with it (``claims_tensors``)."""
         self.modules = {**self.modules, **modules}
         self._ends[key] = dict(self.modules)
         self._flags[key] = valid_flags(mislabelled or {}, key)
+        self._claims[key] = claims_from(tensors or {}, f"round end {key}")
         self.inbox.mislabelled = dict(self._flags[key])
+        self.inbox.claims = dict(self._claims[key])
 
     def states(self) -> list[tuple[int, int]]:
         """Every round end this node can start a round from."""
         on_disk = self.persistor.available() if self.persistor is not None else []
         return sorted({*self._ends, *on_disk})
 
-    def _end_state(self, ref: tuple[int, int]) -> tuple[ModuleSet, dict[str, float]] | None:
-        """The modules and the label checks' flags of round end ``ref`` (memory, else disk), or None."""
+    def _end_state(self, ref: tuple[int, int]) -> EndState | None:
+        """The modules, the label checks' flags and the head check's claims of round end ``ref`` (memory,
+        else disk), or None."""
         if ref in self._ends:
-            return dict(self._ends[ref]), dict(self._flags.get(ref, {}))
+            return dict(self._ends[ref]), dict(self._flags.get(ref, {})), dict(self._claims.get(ref, {}))
         saved = self.persistor.load(ref) if self.persistor is not None else None
         if saved is None:
             return None
-        return {**self._ends.get((0, 0), {}), **saved.modules}, valid_flags(saved.extra.get(MISLABELLED, {}), ref)
+        flags = valid_flags(saved.extra.get(MISLABELLED, {}), ref)
+        return {**self._ends.get((0, 0), {}), **saved.modules}, flags, claims_from(saved.tensors, f"round end {ref}")
 
     def start_round(self, state: RoundState) -> None:
         """Before a round's first step: go back to the round end it starts from, modules and label-check
@@ -195,7 +211,7 @@ class NodeRuntime:
         end = self._end_state(state.base)
         if end is None:
             raise ModuleError("FAILED_PRECONDITION", "no_base_state", f"{self.node_id} lost round end {state.base}")
-        self.modules, self.inbox.mislabelled = end
+        self.modules, self.inbox.mislabelled, self.inbox.claims = end
         self.sender.invalidate()
 
     def end_round(self, state: RoundState) -> None:
@@ -207,12 +223,17 @@ class NodeRuntime:
         key = (state.round, state.attempt)
         self._ends[key] = dict(self.modules)
         self._flags[key] = dict(self.inbox.mislabelled)
+        self._claims[key] = dict(self.inbox.claims)
         for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
             del self._ends[old]
             self._flags.pop(old, None)
+            self._claims.pop(old, None)
         if self.persistor is not None:
             extra = {MISLABELLED: self._flags[key]} if self._flags[key] else {}
-            self.persistor.save(NodeState(self.node_id, state.round, self.modules, extra=extra, attempt=state.attempt))
+            tensors = claims_tensors(self._claims[key])
+            self.persistor.save(
+                NodeState(self.node_id, state.round, self.modules, extra=extra, attempt=state.attempt, tensors=tensors)
+            )
             self.metrics.round_end_saved(self.node_id, self.persistor.last_written)
 
     # ---- round control ---------------------------------------------------------------------
@@ -238,13 +259,15 @@ class NodeRuntime:
         # what the attempt starts from, modules and label-check flags: its collects score against those
         # modules and leave those senders out (start_round makes them the node's own before the first step)
         end = self._end_state(base) if base is not None else None
-        reference, flags = end if end is not None else (self.modules, None)
+        reference, flags, claims = end if end is not None else (self.modules, None, None)
         with self.rounds.lock:
             if not self.rounds.install(state):
                 return
             self.metrics.round.labels(node=self.node_id).set(round_)
             collects = [s for s in steps if isinstance(s, Collect)]
-            self.inbox.open_round(round_, collects, set(peers), attempt, reference=reference, mislabelled=flags)
+            self.inbox.open_round(
+                round_, collects, set(peers), attempt, reference=reference, mislabelled=flags, claims=claims
+            )
 
     def leave_out(self, round_: int, attempt: int, node: str, reason: str) -> None:
         """The coordinator's verdict: ``node`` is lost for this attempt (collects stop waiting for it,
