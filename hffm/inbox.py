@@ -16,6 +16,7 @@ once the deadline passed; ``Aggregate`` says who was counted and who was left ou
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
 from hffm.config import ModelConfig
-from hffm.ids import D2D, stats_task
+from hffm.ids import D2D, head_name, stats_task
 from hffm.methods import CALIBRATED, LABEL_CHECK, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
@@ -141,6 +142,21 @@ class Inbox:
         cut, model_cfg = self.head_check
         drop = head_drop({m.name: m for m in modules}, start, claims, model_cfg, built)
         return None if drop is None else (drop, drop > cut)
+
+    def _claimed(self, sender: str, bounds: dict[str, float] | None) -> dict[str, float] | None:
+        """With the head check, ``bounds`` with each head of a task ``sender``'s last statistics here covered
+        weighing at most the samples they claimed (at least 1): a head is judged by the answers its sender
+        reported, so it counts for no more samples than it reported. A liar that reports no sample of a task
+        (nothing for the head check to judge) adds a head of weight 1, not its registered samples; an honest
+        device's statistics cover exactly the samples it trains on."""
+        claims = self.claims.get(sender) if self.head_check is not None else None
+        if not claims:
+            return bounds
+        out = dict(bounds or {})
+        for task, claim in claims.items():
+            name = head_name(task)
+            out[name] = min(out.get(name, math.inf), max(float(claim.count.sum()), 1.0))
+        return out
 
     def abort_waits(self) -> None:
         """Every step waiting on this inbox raises ``RoundAborted`` (the node is closing)."""
@@ -278,7 +294,10 @@ class Inbox:
             coll, dup = self._check(header, caller)
             if dup:
                 return True
-            coll.aggregator.add(header.sender, _bounded(modules, coll.bounds.get(header.sender)))
+            bounds = coll.bounds.get(header.sender)
+            if coll.step.tag.startswith(TRAINING_TAG):
+                bounds = self._claimed(header.sender, bounds)
+            coll.aggregator.add(header.sender, _bounded(modules, bounds))
             coll.accepted[header.sender] = (header.push_id, tuple(m.digest for m in header.modules))
             coll.newest = max(coll.newest, *(m.version for m in header.modules))
             self._cv.notify_all()

@@ -259,6 +259,8 @@ class DeviceNode(NodeRuntime):
         diagonal, pooled = self.cfg.calibration.diagonal, self.cfg.calibration.pooled
         source = self.data if self.stats_data is None else self.stats_data  # a liar reports its true labels
         data = {t: source.train[t] for t in tasks if t in source.train}
+        if self.attacks and self.cfg.adversary.stats == "empty" and self.cfg.adversary.behaviour in DATA_ATTACKS:
+            data = {}  # a liar reporting no sample of any task
         with self.host.lock:
             self.host.load(self.modules)
             stats = feature_stats(self.host.model, data, self.host.device, diagonal=diagonal, pooled=pooled)
