@@ -445,6 +445,34 @@ def test_a_node_s_label_check_flags_are_part_of_each_round_end_it_saves(tmp_path
             edge()
 
 
+def test_a_restarted_node_reads_an_older_base_from_disk_once(tmp_path):
+    """A restarted node holds its newest round end; an attempt based on an older one reads that from disk at
+    the assignment and keeps it, so the round's start does not read it again."""
+    from hffm.model import backbone_dims
+    from services.common.bootstrap import node_modules
+    from services.common.rounds import RoundState
+    from services.edge.__main__ import EdgeNode
+
+    cfg = load_config(None, ["method=hfm", "topology.edges=1", "topology.devices_per_edge=2", "security.tls=false"])
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    spec, modules = node_modules(cfg, topo, "edge-0")
+    node = EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=3))
+    node.inbox.mislabelled = {"device-0-1": 8.0}
+    node.end_round(RoundState(1, "hfm", [], {}))
+    node.inbox.mislabelled = {}
+    node.end_round(RoundState(2, "hfm", [], {}))
+    node.close()
+    node = EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=3))
+    reads = []
+    load = node.persistor.load
+    node.persistor.load = lambda ref=None: reads.append(ref) or load(ref)
+    collect = Collect("aggregate", ("device-0-0", "device-0-1"), "device_edge")
+    node.assign(2, "hfm", [collect], {}, attempt=1, base=(1, 0))
+    node.start_round(RoundState(2, "hfm", [collect], {}, attempt=1, base=(1, 0)))
+    assert reads == [(1, 0)] and node.inbox.mislabelled == {"device-0-1": 8.0}
+    node.close()
+
+
 def test_a_node_s_head_check_claims_are_part_of_each_round_end_it_saves(tmp_path):
     """The head check's claims (what each sender's statistics said: answer counts and mean features) are saved
     with a round end beside the modules (tensors.safetensors): a restarted edge holds them again, a re-run

@@ -200,8 +200,11 @@ class NodeRuntime:
         saved = self.persistor.load(ref) if self.persistor is not None else None
         if saved is None:
             return None
-        flags = valid_flags(saved.extra.get(MISLABELLED, {}), ref)
-        return {**self._ends.get((0, 0), {}), **saved.modules}, flags, claims_from(saved.tensors, f"round end {ref}")
+        # kept in memory from now on (pruned with the others): the assignment reads it, then start_round
+        self._ends[ref] = {**self._ends.get((0, 0), {}), **saved.modules}
+        self._flags[ref] = valid_flags(saved.extra.get(MISLABELLED, {}), ref)
+        self._claims[ref] = claims_from(saved.tensors, f"round end {ref}")
+        return dict(self._ends[ref]), dict(self._flags[ref]), dict(self._claims[ref])
 
     def start_round(self, state: RoundState) -> None:
         """Before a round's first step: go back to the round end it starts from, modules and label-check
