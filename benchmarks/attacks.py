@@ -145,6 +145,7 @@ ATTACKS: dict[str, list[str]] = {
     # label flippers that report their data's true statistics (a liar hiding from the label check)
     "label_flip, honest stats": ["adversary.behaviour=label_flip", "adversary.stats=honest"],
     "label_flip x20, honest stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=honest"],
+    "label_flip x20, empty stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=empty"],
 }
 
 
