@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
 from hffm.config import ModelConfig
-from hffm.ids import D2D, head_name, stats_task
+from hffm.ids import D2D, stats_task, task_of
 from hffm.methods import CALIBRATED, LABEL_CHECK, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
@@ -143,19 +143,26 @@ class Inbox:
         drop = head_drop({m.name: m for m in modules}, start, claims, model_cfg, built)
         return None if drop is None else (drop, drop > cut)
 
-    def _claimed(self, sender: str, bounds: dict[str, float] | None) -> dict[str, float] | None:
-        """With the head check, ``bounds`` with each head of a task ``sender``'s last statistics here covered
-        weighing at most the samples they claimed (at least 1): a head is judged by the answers its sender
-        reported, so it counts for no more samples than it reported. A liar that reports no sample of a task
-        (nothing for the head check to judge) adds a head of weight 1, not its registered samples; an honest
-        device's statistics cover exactly the samples it trains on."""
+    def _claimed(self, sender: str, bounds: dict[str, float] | None, modules: list[Module]) -> dict[str, float] | None:
+        """With the head check, ``bounds`` with each module of a training push weighing at most what ``sender``'s
+        last statistics here claimed (at least 1): the head of a task at most the samples its claim of the task
+        covers, every other module (the adapters, trained on all its tasks) at most the sum over the push's
+        tasks, where each of them is claimed. A head is judged by the answers its sender reported, so the push
+        counts for no more samples than it reported: a liar reporting no sample (nothing for the head check to
+        judge) adds modules of weight 1, not its registered samples; an honest device's statistics cover
+        exactly the samples it trains on, so its weights do not move."""
         claims = self.claims.get(sender) if self.head_check is not None else None
         if not claims:
             return bounds
+        claimed = {t: max(float(c.count.sum()), 1.0) for t, c in claims.items()}
+        tasks = {task_of(m.name) for m in modules} - {None}
+        shared = sum(claimed[t] for t in tasks) if tasks and tasks <= claimed.keys() else math.inf
         out = dict(bounds or {})
-        for task, claim in claims.items():
-            name = head_name(task)
-            out[name] = min(out.get(name, math.inf), max(float(claim.count.sum()), 1.0))
+        for m in modules:
+            t = task_of(m.name)
+            cap = shared if t is None else claimed.get(t, math.inf)
+            if cap < math.inf:
+                out[m.name] = min(out.get(m.name, math.inf), cap)
         return out
 
     def abort_waits(self) -> None:
@@ -296,7 +303,7 @@ class Inbox:
                 return True
             bounds = coll.bounds.get(header.sender)
             if coll.step.tag.startswith(TRAINING_TAG):
-                bounds = self._claimed(header.sender, bounds)
+                bounds = self._claimed(header.sender, bounds, modules)
             coll.aggregator.add(header.sender, _bounded(modules, bounds))
             coll.accepted[header.sender] = (header.push_id, tuple(m.digest for m in header.modules))
             coll.newest = max(coll.newest, *(m.version for m in header.modules))

@@ -892,12 +892,12 @@ def test_a_liar_with_honest_statistics_is_caught_by_its_heads(tmp_path, method):
     assert results["detection"]["flagged"] == ["device-1-0"]
 
 
-def test_a_liar_that_reports_no_statistics_adds_heads_of_weight_one(tmp_path):
+def test_a_liar_that_reports_no_statistics_adds_modules_of_weight_one_per_task(tmp_path):
     """device-1-0 trains on flipped labels and reports statistics of no sample (adversary.stats=empty): the head
-    check has nothing to judge its heads by, so edge-1 weighs each of its heads at what its statistics claimed
-    (at least 1) instead of its registered samples; its adapters count in full (the check is about heads). Honest
-    devices' statistics cover exactly the samples they train on: their weights are untouched. The round-2 and
-    round-3 aggregates are recomputed from the traces with those weights."""
+    check has nothing to judge its heads by, so edge-1 weighs its push at what its statistics claimed instead of
+    its registered samples: each head at its task's claim (at least 1), its adapters at the sum over its tasks.
+    Honest devices' statistics cover exactly the samples they train on: their weights are untouched. The
+    round-2 and round-3 aggregates are recomputed from the traces with those weights."""
     from dataclasses import replace as with_
 
     sets = ["method=hfm", "e_agg=1", "topology.devices_per_edge=4", "runtime.devices_per_process=4"]
@@ -911,14 +911,15 @@ def test_a_liar_that_reports_no_statistics_adds_heads_of_weight_one(tmp_path):
         assert len(ups) == 4
         liar = ups["device-1-0"]
         assert all(m.num_samples > 1 for m in liar.values())  # what it pushed: its registered samples
-        bounded = {n: with_(m, num_samples=1.0) if n.startswith("head.") else m for n, m in liar.items()}
+        tasks = sum(n.startswith("head.") for n in liar)
+        bounded = {n: with_(m, num_samples=1.0 if n.startswith("head.") else tasks) for n, m in liar.items()}
         want = weighted_mean([bounded if s == "device-1-0" else ups[s] for s in sorted(ups)])
         agg = load_modules(str(trace / f"r{r}-aggregate-aggregate.safetensors"))
         for name, m in agg.items():
             assert m.num_samples == pytest.approx(want[name].num_samples), (r, name)
             for k, v in m.tensors.items():
                 assert torch.allclose(v, want[name].tensors[k], rtol=1e-4, atol=1e-5), (r, name, k)
-    # in round 1 (no statistics yet) its heads counted in full
+    # in round 1 (no statistics yet) its push counted in full
     ups = _copies(trace, "r1-aggregate")
     agg = load_modules(str(trace / "r1-aggregate-aggregate.safetensors"))
     full = weighted_mean([ups[s] for s in sorted(ups)])
