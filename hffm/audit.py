@@ -6,7 +6,8 @@ For every round's completed attempt and every collect step a node reports (``agg
 
 - the adopted aggregate equals the sample-weighted mean of the pushes the node accepted from the
   senders in ``counted`` (and its own modules when it counted itself), within float rounding, less the
-  senders its scores say it excluded (counted, not folded: a label check's flags, ``flag_z``);
+  senders its scores say it excluded (counted, not folded: a label check's flags, ``flag_z``), each push
+  at the weight the record says it was folded with where that is lower than it pushed (``weights``);
 - its weight is the sum of theirs (a sender counted twice would show here);
 - ``counted`` has no repeats and shares nobody with ``left_out``;
 - every push the node accepted for that step in that attempt is in ``counted`` (else it was *lost*).
@@ -14,7 +15,7 @@ For every round's completed attempt and every collect step a node reports (``agg
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def audit_run(results: dict[str, Any], trace_dir: str | Path, atol: float = 1e-6
             for s in sorted(accepted - set(counted)):
                 out.lost.append(f"{where}: accepted {s}'s push, did not count it")
             excluded = {s["sender"] for s in agg.get("scores", []) if s["excluded"]}
+            lowered = agg.get("weights", {})  # sender -> module -> the weight it was folded with, where lower
             parts = []
             for s in counted:
                 f = d / (f"{pre}-{tag}-own.safetensors" if s == node else f"{pre}-{tag}-from-{s}.safetensors")
@@ -82,7 +84,9 @@ def audit_run(results: dict[str, Any], trace_dir: str | Path, atol: float = 1e-6
                     out.wrong.append(f"{where}: counted {s} but no trace of its push ({f.name})")
                     break
                 if s not in excluded:
-                    parts.append(load_modules(str(f)))
+                    pushed = load_modules(str(f))
+                    w = lowered.get(s, {})
+                    parts.append({n: replace(m, num_samples=w[n]) if n in w else m for n, m in pushed.items()})
             else:
                 if not parts:  # every sender excluded: nothing was folded, nothing to compare
                     continue

@@ -49,6 +49,9 @@ class Aggregate:
     counted: tuple[str, ...]  # senders folded in, in fold order (this node too with include_self)
     left_out: tuple[str, ...]  # senders that had not pushed when the quorum's deadline passed
     scores: tuple[SenderScore, ...] = ()  # outlier scores per module and sender (rules with flag_z)
+    # sender -> module -> the weight it was folded with, where that is below what it pushed (Collect.weight_bounds,
+    # or the samples its statistics claimed with the head check); sorted
+    weights: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
 
 
 @dataclass
@@ -59,12 +62,19 @@ class _Collection:
     bounds: dict[str, dict[str, float]] = field(default_factory=dict)  # sender -> module -> weight counted at most
     accepted: dict[str, tuple[str, tuple[bytes, ...]]] = field(default_factory=dict)  # sender -> (push id, digests)
     dropped: dict[str, str] = field(default_factory=dict)  # sender left out by the coordinator -> why
+    lowered: dict[str, dict[str, float]] = field(default_factory=dict)  # sender -> module -> weight folded, if lower
     closed: bool = False  # the aggregate was formed: later pushes are stale
     newest: int = -1  # the newest module version accepted (a sync's aggregate keeps it)
 
     @property
     def complete(self) -> bool:
         return len(self.accepted) + len(self.dropped) == len(self.step.senders)
+
+    def lower(self, sender: str, modules: list[Module], bounds: dict[str, float] | None) -> list[Module]:
+        """``modules`` bounded (``_bounded``), remembering which weights that lowered (the record says so)."""
+        out = _bounded(modules, bounds)
+        self.lowered[sender] = {b.name: b.num_samples for a, b in zip(modules, out, strict=True) if b is not a}
+        return out
 
 
 class Inbox:
@@ -304,7 +314,7 @@ class Inbox:
             bounds = coll.bounds.get(header.sender)
             if coll.step.tag.startswith(TRAINING_TAG):
                 bounds = self._claimed(header.sender, bounds, modules)
-            coll.aggregator.add(header.sender, _bounded(modules, bounds))
+            coll.aggregator.add(header.sender, coll.lower(header.sender, modules, bounds))
             coll.accepted[header.sender] = (header.push_id, tuple(m.digest for m in header.modules))
             coll.newest = max(coll.newest, *(m.version for m in header.modules))
             self._cv.notify_all()
@@ -328,7 +338,9 @@ class Inbox:
         """A collect step with include_self: the node's own modules count like a sender's."""
         with self._cv:
             coll = self._collections[tag]
-            coll.aggregator.add(self.node_id, _bounded(list(modules.values()), coll.bounds.get(self.node_id)))
+            coll.aggregator.add(
+                self.node_id, coll.lower(self.node_id, list(modules.values()), coll.bounds.get(self.node_id))
+            )
 
     def wait(self, tag: str, timeout_s: float) -> Aggregate:
         """Block until every sender of ``tag`` pushed, or until the quorum's deadline (default
@@ -388,6 +400,7 @@ class Inbox:
                 tuple(coll.aggregator.senders),
                 tuple(sorted(set(coll.step.senders) - set(coll.accepted))),
                 tuple(scores),
+                tuple((s, tuple(sorted(w.items()))) for s, w in sorted(coll.lowered.items()) if w),
             )
 
     def _checked(self, scores: list[SenderScore]) -> None:

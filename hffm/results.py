@@ -80,6 +80,8 @@ class AggregateRecord:
     counted: tuple[str, ...]
     left_out: tuple[str, ...]
     scores: tuple[SenderScore, ...] = ()  # outlier scores (aggregation.params.flag_z), else empty
+    # sender -> module -> the weight it was folded with, where lower than it pushed
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -211,6 +213,7 @@ def round_record(
                 "counted": list(a.counted),
                 "left_out": list(a.left_out),
                 "scores": [asdict(s) for s in a.scores],
+                "weights": {s: dict(sorted(w.items())) for s, w in sorted(a.weights.items())},
             }
             for a in sorted((a for r in reports for a in r.aggregates), key=lambda a: (a.node, a.tag))
         ],

@@ -900,6 +900,8 @@ def test_a_liar_that_reports_no_statistics_adds_modules_of_weight_one_per_task(t
     round-2 and round-3 aggregates are recomputed from the traces with those weights."""
     from dataclasses import replace as with_
 
+    from hffm.audit import audit_run
+
     sets = ["method=hfm", "e_agg=1", "topology.devices_per_edge=4", "runtime.devices_per_process=4"]
     results = _flipped_run(
         tmp_path, *sets, "data.train_per_task=800", "rounds=3", "adversary.stats=empty", "calibration.head_check=0.3"
@@ -919,6 +921,13 @@ def test_a_liar_that_reports_no_statistics_adds_modules_of_weight_one_per_task(t
             assert m.num_samples == pytest.approx(want[name].num_samples), (r, name)
             for k, v in m.tensors.items():
                 assert torch.allclose(v, want[name].tensors[k], rtol=1e-4, atol=1e-5), (r, name, k)
+        # the record says whose weights were lowered, to what (nobody else's), and the audit folds by it
+        rec = next(
+            a for a in results["rounds"][r - 1]["aggregates"] if a["node"] == "edge-1" and a["tag"] == "aggregate"
+        )
+        assert rec["weights"] == {"device-1-0": {n: m.num_samples for n, m in sorted(bounded.items())}}
+    audit = audit_run(results, tmp_path / "trace")
+    assert audit.aggregates > 0 and not audit.wrong and not audit.double_counted and not audit.lost
     # in round 1 (no statistics yet) its push counted in full
     ups = _copies(trace, "r1-aggregate")
     agg = load_modules(str(trace / "r1-aggregate-aggregate.safetensors"))

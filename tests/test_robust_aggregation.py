@@ -593,6 +593,32 @@ def test_scores_travel_in_the_round_report():
     assert back.aggregates[0].scores == (s,)
 
 
+def test_lowered_weights_travel_in_the_round_report_and_only_believable_ones_are_kept():
+    """The weights a node folded a sender's modules with, where lower than pushed (``AggregateRecord.weights``),
+    reach the cloud; one for a sender the step did not count, a second one for the same module, or a value no
+    fold uses (negative, not finite) is dropped, the rest of the report kept."""
+    import math
+
+    from hffm.results import AggregateRecord, NodeReport
+    from services.common.convert import report_from_pb, report_to_pb
+
+    good = {"device-0-1": {"adapter.0": 2.0, "head.art": 1.0}}
+    rep = NodeReport("edge-0", 3)
+    rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (), good))
+    assert report_from_pb(report_to_pb(rep)).aggregates[0].weights == good
+    msg = report_to_pb(rep)
+    for sender, module, w in [
+        ("device-1-0", "adapter.0", 1.0),  # not counted in this step
+        ("device-0-1", "adapter.0", 5.0),  # a second weight for the same module
+        ("device-0-0", "adapter.1", -1.0),
+        ("device-0-0", "adapter.2", math.nan),
+        ("device-0-0", "adapter.3", math.inf),
+    ]:
+        msg.aggregates[0].weights.add(sender=sender, module=module, weight=w)
+    back = report_from_pb(msg)
+    assert back.aggregates[0].weights == good and back.aggregates[0].counted == ("device-0-0", "device-0-1")
+
+
 def test_the_cloud_believes_only_scores_a_node_could_have_measured():
     """A lying node cannot incriminate a sender it did not aggregate, score one sender twice, or put
     values no aggregation makes into the run's results: those scores are dropped, the rest kept."""

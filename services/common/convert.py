@@ -155,6 +155,9 @@ def report_to_pb(r: NodeReport) -> pb.RoundReport:
                 counted=a.counted,
                 left_out=a.left_out,
                 scores=[pb.SenderScore(**asdict(s)) for s in a.scores],
+                weights=[
+                    pb.FoldWeight(sender=s, module=m, weight=x) for s, w in a.weights.items() for m, x in w.items()
+                ],
             )
             for a in r.aggregates
         ],
@@ -172,6 +175,17 @@ def _plausible(m: pb.TaskMetric) -> bool:
     if not (0 <= m.correct <= m.total):
         return False
     return not m.HasField("score") or (math.isfinite(m.score) and 0.0 <= m.score <= m.total)
+
+
+def _fold_weights(a: pb.AggregateRecord) -> dict[str, dict[str, float]]:
+    """The lowered weights of one collect step that a node could have folded with: of a sender it counted, one
+    per (sender, module), finite and >= 0; the rest are not believed (dropped, the report kept)."""
+    out: dict[str, dict[str, float]] = {}
+    counted = set(a.counted)
+    for w in a.weights:
+        if w.sender in counted and math.isfinite(w.weight) and w.weight >= 0 and w.module not in out.get(w.sender, {}):
+            out.setdefault(w.sender, {})[w.module] = w.weight
+    return out
 
 
 def _sender_scores(a: pb.AggregateRecord, checked: set[str] = frozenset()) -> tuple[SenderScore, ...]:
@@ -219,6 +233,7 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
                 tuple(a.counted),
                 tuple(a.left_out),
                 _sender_scores(a, stats_senders if a.tag == CALIBRATED else frozenset()),
+                _fold_weights(a),
             )
             for a in r.aggregates
         ],

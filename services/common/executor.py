@@ -73,7 +73,10 @@ class StepExecutor:
         if agg.left_out:  # senders that missed the deadline are not sent this round's result either
             with node.rounds.lock:
                 state.lost.update(agg.left_out)
-        state.report.aggregates.append(AggregateRecord(node.node_id, s.tag, agg.counted, agg.left_out, agg.scores))
+        weights = {sender: dict(w) for sender, w in agg.weights}
+        state.report.aggregates.append(
+            AggregateRecord(node.node_id, s.tag, agg.counted, agg.left_out, agg.scores, weights)
+        )
         for sc in agg.scores:
             if sc.flagged:
                 node.metrics.flagged.labels(node=node.node_id, sender=sc.sender, module=sc.module).inc()
