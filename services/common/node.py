@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -36,8 +37,20 @@ from services.common.sender import Sender
 from services.rpc import pb, pb_grpc
 
 log = logging.getLogger("hffm.node")
-# a round end as a node starts from it: its modules, its label checks' flags, its head check's claims
-EndState = tuple[ModuleSet, dict[str, float], dict[str, dict[str, Claim]]]
+
+
+@dataclass
+class RoundEnd:
+    """A round end as a node starts a round from it: its modules, the senders its label checks had found
+    mislabelled by then (Inbox.mislabelled) and what each sender's statistics had claimed (Inbox.claims)."""
+
+    modules: ModuleSet
+    flags: dict[str, float] = field(default_factory=dict)
+    claims: dict[str, dict[str, Claim]] = field(default_factory=dict)
+
+    def copy(self) -> RoundEnd:
+        return RoundEnd(dict(self.modules), dict(self.flags), dict(self.claims))
+
 
 __all__ = ["NodeRuntime", "RoundState"]
 
@@ -75,11 +88,7 @@ class NodeRuntime:
         self.modules: ModuleSet = modules
         # Round ends ((round, attempt) -> modules) the node can start a round from: the last few in memory,
         # and on disk through the persistor (a restarted node reloads the one the coordinator names).
-        self._ends: dict[tuple[int, int], ModuleSet] = {(0, 0): dict(modules)}
-        # ... and, at each of them, the senders its label checks had found mislabelled (Inbox.mislabelled) and
-        # what each sender's statistics had claimed (Inbox.claims, for the head check)
-        self._flags: dict[tuple[int, int], dict[str, float]] = {(0, 0): {}}
-        self._claims: dict[tuple[int, int], dict[str, dict[str, Claim]]] = {(0, 0): {}}
+        self._ends: dict[tuple[int, int], RoundEnd] = {(0, 0): RoundEnd(dict(modules))}
         head_check = cfg.calibration.head_check
         self.inbox = Inbox(node_id, None if head_check is None else (head_check, cfg.model))
         self.persistor = persistor
@@ -181,30 +190,30 @@ class NodeRuntime:
         checks had flagged by then (left out again until a check clears them); ``tensors``: the head check's
         claims saved with it (``claims_tensors``)."""
         self.modules = {**self.modules, **modules}
-        self._ends[key] = dict(self.modules)
-        self._flags[key] = valid_flags(mislabelled or {}, key)
-        self._claims[key] = claims_from(tensors or {}, f"round end {key}")
-        self.inbox.mislabelled = dict(self._flags[key])
-        self.inbox.claims = dict(self._claims[key])
+        end = RoundEnd(
+            dict(self.modules), valid_flags(mislabelled or {}, key), claims_from(tensors or {}, f"round end {key}")
+        )
+        self._ends[key] = end
+        self.inbox.mislabelled, self.inbox.claims = dict(end.flags), dict(end.claims)
 
     def states(self) -> list[tuple[int, int]]:
         """Every round end this node can start a round from."""
         on_disk = self.persistor.available() if self.persistor is not None else []
         return sorted({*self._ends, *on_disk})
 
-    def _end_state(self, ref: tuple[int, int]) -> EndState | None:
-        """The modules, the label checks' flags and the head check's claims of round end ``ref`` (memory,
-        else disk), or None."""
-        if ref in self._ends:
-            return dict(self._ends[ref]), dict(self._flags.get(ref, {})), dict(self._claims.get(ref, {}))
-        saved = self.persistor.load(ref) if self.persistor is not None else None
-        if saved is None:
-            return None
-        # kept in memory from now on (pruned with the others): the assignment reads it, then start_round
-        self._ends[ref] = {**self._ends.get((0, 0), {}), **saved.modules}
-        self._flags[ref] = valid_flags(saved.extra.get(MISLABELLED, {}), ref)
-        self._claims[ref] = claims_from(saved.tensors, f"round end {ref}")
-        return dict(self._ends[ref]), dict(self._flags[ref]), dict(self._claims[ref])
+    def _end_state(self, ref: tuple[int, int]) -> RoundEnd | None:
+        """A copy of round end ``ref`` (memory, else disk: kept in memory from then on, pruned with the others,
+        since the assignment reads it and then the round's start), or None."""
+        if ref not in self._ends:
+            saved = self.persistor.load(ref) if self.persistor is not None else None
+            if saved is None:
+                return None
+            self._ends[ref] = RoundEnd(
+                {**self._ends[(0, 0)].modules, **saved.modules},
+                valid_flags(saved.extra.get(MISLABELLED, {}), ref),
+                claims_from(saved.tensors, f"round end {ref}"),
+            )
+        return self._ends[ref].copy()
 
     def start_round(self, state: RoundState) -> None:
         """Before a round's first step: go back to the round end it starts from, modules and label-check
@@ -214,7 +223,7 @@ class NodeRuntime:
         end = self._end_state(state.base)
         if end is None:
             raise ModuleError("FAILED_PRECONDITION", "no_base_state", f"{self.node_id} lost round end {state.base}")
-        self.modules, self.inbox.mislabelled, self.inbox.claims = end
+        self.modules, self.inbox.mislabelled, self.inbox.claims = end.modules, end.flags, end.claims
         self.sender.invalidate()
 
     def end_round(self, state: RoundState) -> None:
@@ -224,16 +233,12 @@ class NodeRuntime:
             self.modules = {n: m for n, m in self.modules.items() if stats_task(n) is None}
             self.sender.invalidate()
         key = (state.round, state.attempt)
-        self._ends[key] = dict(self.modules)
-        self._flags[key] = dict(self.inbox.mislabelled)
-        self._claims[key] = dict(self.inbox.claims)
+        end = self._ends[key] = RoundEnd(dict(self.modules), dict(self.inbox.mislabelled), dict(self.inbox.claims))
         for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
             del self._ends[old]
-            self._flags.pop(old, None)
-            self._claims.pop(old, None)
         if self.persistor is not None:
-            extra = {MISLABELLED: self._flags[key]} if self._flags[key] else {}
-            tensors = claims_tensors(self._claims[key])
+            extra = {MISLABELLED: end.flags} if end.flags else {}
+            tensors = claims_tensors(end.claims)
             self.persistor.save(
                 NodeState(self.node_id, state.round, self.modules, extra=extra, attempt=state.attempt, tensors=tensors)
             )
@@ -262,7 +267,9 @@ class NodeRuntime:
         # what the attempt starts from, modules and label-check flags: its collects score against those
         # modules and leave those senders out (start_round makes them the node's own before the first step)
         end = self._end_state(base) if base is not None else None
-        reference, flags, claims = end if end is not None else (self.modules, None, None)
+        reference, flags, claims = (
+            (end.modules, end.flags, end.claims) if end is not None else (self.modules, None, None)
+        )
         with self.rounds.lock:
             if not self.rounds.install(state):
                 return
