@@ -171,7 +171,10 @@ def run_matrix(
     base = [*BASE, *(QUICK if quick else []), *(sets or [])]
     res: dict = {"sets": base, "cells": {}}
     kept = out / "attacks.json"
-    if (rules or attacks) and kept.is_file() and (old := json.loads(kept.read_text())).get("sets") == base:
+    if (rules or attacks) and kept.is_file():
+        old = json.loads(kept.read_text())
+        if not _same_settings(old.get("sets", []), base):  # its cells would be lost, or mixed with these
+            raise SystemExit(f"{kept} holds a matrix of other settings ({old.get('sets')}); give another --out")
         res["cells"] = old["cells"]
     for rule, rsets in RULES.items():
         if rules and rule not in rules:
@@ -196,6 +199,11 @@ def run_matrix(
     (out / "attacks.json").write_text(json.dumps(res, indent=1))
     (out / "attacks.md").write_text(tables(res))
     return res
+
+
+def _same_settings(a: list[str], b: list[str]) -> bool:
+    """Whether two lists of KEY=VALUE settings make the same config (``seed=0`` written out is the default)."""
+    return a == b or load_config(None, a).model_dump(mode="json") == load_config(None, b).model_dump(mode="json")
 
 
 def _pct(v: float | None) -> str:

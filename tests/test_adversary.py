@@ -118,6 +118,25 @@ def test_the_attack_matrix_tables():
     assert md[2] == "| median | 0.480 | 0.470 | — | -1.0 |" and md[3] == "| krum | — | 0.400 | — | — |"
 
 
+def test_the_attack_matrix_keeps_the_cells_of_the_same_settings_and_refuses_to_overwrite_others(tmp_path):
+    """Re-running some cells keeps the others of OUT's matrix when the settings make the same config (``seed=0``
+    written out is the default), and stops, with OUT's matrix untouched, when they make another (until
+    2026-12-06 (13) any textual difference dropped every kept cell)."""
+    import json
+
+    from benchmarks.attacks import BASE, run_matrix
+
+    kept = {"sets": list(BASE), "cells": {"fedavg": {"none": {"accuracy": 0.5, "tpr": None, "fpr": 0.0}}}}
+    (tmp_path / "attacks.json").write_text(json.dumps(kept))
+    res = run_matrix(tmp_path, sets=["seed=0"], rules=["no such rule"], log=lambda *_: None)
+    assert res["cells"] == kept["cells"]
+    assert json.loads((tmp_path / "attacks.json").read_text())["cells"] == kept["cells"]
+    before = (tmp_path / "attacks.json").read_text()
+    with pytest.raises(SystemExit, match="holds a matrix of other settings"):
+        run_matrix(tmp_path, sets=["seed=1"], rules=["no such rule"], log=lambda *_: None)
+    assert (tmp_path / "attacks.json").read_text() == before
+
+
 def test_label_flip_reverses_training_labels_only():
     from hffm.adversary import flip_labels
     from hffm.data import DeviceData, TaskData
