@@ -86,6 +86,9 @@ def audit_run(results: dict[str, Any], trace_dir: str | Path, atol: float = 1e-6
                 if s not in excluded:
                     pushed = load_modules(str(f))
                     w = lowered.get(s, {})
+                    raised = sorted(n for n in w if n not in pushed or w[n] > pushed[n].num_samples)
+                    if raised:  # a record can only lower a weight (a bound); anything else is a lie
+                        out.wrong.append(f"{where}: {s}'s {raised} folded above the weight pushed, or never pushed")
                     parts.append({n: replace(m, num_samples=w[n]) if n in w else m for n, m in pushed.items()})
             else:
                 if not parts:  # every sender excluded: nothing was folded, nothing to compare

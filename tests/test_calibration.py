@@ -928,6 +928,14 @@ def test_a_liar_that_reports_no_statistics_adds_modules_of_weight_one_per_task(t
         assert rec["weights"] == {"device-1-0": {n: m.num_samples for n, m in sorted(bounded.items())}}
     audit = audit_run(results, tmp_path / "trace")
     assert audit.aggregates > 0 and not audit.wrong and not audit.double_counted and not audit.lost
+    # a record that says it folded someone heavier than it pushed (or lowered nobody's weight when it did) lies
+    import copy
+
+    for lie in ({"device-1-1": {"head.art": 1e6}}, {}):
+        forged = copy.deepcopy(results)
+        rec = next(a for a in forged["rounds"][1]["aggregates"] if a["node"] == "edge-1" and a["tag"] == "aggregate")
+        rec["weights"] = lie
+        assert audit_run(forged, tmp_path / "trace").wrong
     # in round 1 (no statistics yet) its push counted in full
     ups = _copies(trace, "r1-aggregate")
     agg = load_modules(str(trace / "r1-aggregate-aggregate.safetensors"))
