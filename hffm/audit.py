@@ -7,7 +7,8 @@ For every round's completed attempt and every collect step a node reports (``agg
 - the adopted aggregate equals the sample-weighted mean of the pushes the node accepted from the
   senders in ``counted`` (and its own modules when it counted itself), within float rounding, less the
   senders its scores say it excluded (counted, not folded: a label check's flags, ``flag_z``), each push
-  at the weight the record says it was folded with where that is lower than it pushed (``weights``);
+  at the weight the record says it was folded with where that is lower than it pushed (``weights``; a
+  recorded weight above the pushed one is reported wrong: a bound only lowers);
 - its weight is the sum of theirs (a sender counted twice would show here);
 - ``counted`` has no repeats and shares nobody with ``left_out``;
 - every push the node accepted for that step in that attempt is in ``counted`` (else it was *lost*).
