@@ -146,6 +146,11 @@ ATTACKS: dict[str, list[str]] = {
     "label_flip, honest stats": ["adversary.behaviour=label_flip", "adversary.stats=honest"],
     "label_flip x20, honest stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=honest"],
     "label_flip x20, empty stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=empty"],
+    "label_flip x20, inflated stats": [
+        "adversary.behaviour=label_flip",
+        "adversary.claim=20",
+        "adversary.stats=inflated",
+    ],
 }
 
 

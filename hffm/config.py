@@ -768,12 +768,13 @@ class AdversaryConfig(_Strict):
         "behaviour; they train honestly unless also attackers): they score an honest candidate 0 and their own "
         "modules 1 (framing it), an attacking candidate 1 and their own 0 (vouching for it)",
     )
-    stats: Literal["trained", "honest", "empty"] = D(
+    stats: Literal["trained", "honest", "empty", "inflated"] = D(
         "trained",
         description="label_flip with calibration: which labels its feature statistics report: those it trained on "
         "(trained), its data's true ones (honest: a liar hiding its flipped update behind honest statistics from "
-        "calibration.label_t), or none at all (empty: statistics of no sample, leaving the head check nothing "
-        "to judge its heads by)",
+        "calibration.label_t), none at all (empty: statistics of no sample, leaving the head check nothing "
+        "to judge its heads by), or its data's true ones weighing what it registered (inflated: claim times its "
+        "samples, the per-sample shares unchanged, so its weight is not held below its claim)",
     )
     scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
     sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")

@@ -943,6 +943,41 @@ def test_a_liar_that_reports_no_statistics_adds_modules_of_weight_one_per_task(t
     assert all(agg[n].num_samples == pytest.approx(full[n].num_samples) for n in agg)
 
 
+def test_a_liar_that_inflates_its_statistics_with_its_claim_keeps_its_weight_and_looks_noisier(tmp_path):
+    """What holding weights to the statistics does not stop: device-1-0 registers 20 x its samples, trains on
+    flipped labels and sends its data's true statistics weighing 20 x (adversary.stats=inflated: the per-sample
+    shares unchanged). Its statistics arrive at that weight (no arrival check can tell), so no bound lowers its
+    round-2 push; what shows is its label_t, its true means judged against the noise 20 x its samples would
+    leave: above every honest device's at edge-1."""
+    sets = ["method=hfm", "e_agg=1", "topology.devices_per_edge=4", "runtime.devices_per_process=4"]
+    results = _flipped_run(
+        tmp_path,
+        *sets,
+        "data.train_per_task=800",
+        "adversary.claim=20",
+        "adversary.stats=inflated",
+        "calibration.head_check=0.3",
+    )
+    trace = tmp_path / "trace" / "edge-1"
+    sent = _copies(trace, "r1-stats")
+    pushed = _copies(trace, "r1-aggregate")
+    for name, m in sent["device-1-0"].items():
+        head = head_name(name.removeprefix("stats."))
+        assert m.num_samples == pytest.approx(pushed["device-1-0"][head].num_samples)  # 20 x, as registered
+        honest = pushed["device-1-1"][head].num_samples
+        assert sent["device-1-1"][name].num_samples == pytest.approx(honest)
+    r1 = results["rounds"][0]
+    scores = {
+        s["sender"]: s["label_t"]
+        for a in r1["aggregates"]
+        if a["node"] == "edge-1" and a["tag"] == "calibrated"
+        for s in a["scores"]
+    }
+    assert scores["device-1-0"] > max(v for k, v in scores.items() if k != "device-1-0"), scores
+    rec = next(a for a in results["rounds"][1]["aggregates"] if a["node"] == "edge-1" and a["tag"] == "aggregate")
+    assert "device-1-0" not in rec["weights"]
+
+
 def test_a_label_check_reads_each_senders_own_statistics_after_summing_owned_receive_buffers():
     """Without a trace a node's receive buffers are ``owned`` (FedAvg may make the first its running sum in
     place); the label check reads its senders' statistics again after the sum (the deferred check, the head

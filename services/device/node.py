@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import zlib
+from dataclasses import replace
 
 import torch
 
@@ -116,7 +117,8 @@ class DeviceNode(NodeRuntime):
             log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
             adv = cfg.adversary
             if adv.behaviour in DATA_ATTACKS:
-                self.stats_data = self.data if adv.stats == "honest" else None  # what its statistics report
+                # what its statistics report: its true labels (honest, inflated) or what it trained on
+                self.stats_data = self.data if adv.stats in ("honest", "inflated") else None
                 self.data = flip_labels(self.data, task_labels(cfg))
             if adv.behaviour in COLLUDING_ATTACKS:
                 holders = topo.holders_by_task()
@@ -269,6 +271,9 @@ class DeviceNode(NodeRuntime):
             hidden = int(self.modules[head_name(t)].tensors["net.0.weight"].shape[1])
             fs = stats.get(t) or empty_stats(hidden, int(self.labels[t]), diagonal, pooled)
             out[stats_name(t)] = to_module(stats_name(t), fs, state.round)
+            if self.attacks and self.cfg.adversary.stats == "inflated" and self.cfg.adversary.behaviour in DATA_ATTACKS:
+                m = out[stats_name(t)]  # the same shares, weighing its registered claim: counts x claim
+                out[stats_name(t)] = replace(m, num_samples=m.num_samples * claim_factor(self.cfg.adversary))
         self.adopt(out)
 
     def evaluate(self, state: RoundState) -> None:
