@@ -278,6 +278,7 @@ class RoundPlan:
         below: dict[str, list[str]] = {h: [] for h in heads}  # aggregator -> its devices
         for d, s in up.items():
             below.setdefault(s.to, []).append(d)
+        cloud_from: list[tuple[str, str, tuple[str, ...]]] = []  # (sender, link, its tasks)
         for head in sorted(heads):  # it sums its cluster's statistics and its own, up to its edge and back
             members = below.pop(head)
             own = tasks.get(head, ())
@@ -307,10 +308,7 @@ class RoundPlan:
                 Collect(CALIBRATED, (CLOUD,), EDGE_CLOUD),
                 Send(head, DEVICE_EDGE, CALIBRATED, tuple(head_name(t) for t in held)),
             ]
-        cloud_from: list[tuple[str, str, tuple[str, ...]]] = []  # (sender, link, its tasks)
-        for edge in sorted(topo.device_map[h].edge for h in heads):
-            sent = next(s for s in steps[edge] if isinstance(s, Send) and s.tag == STATS)
-            cloud_from.append((edge, EDGE_CLOUD, tuple(stats_task(m) for m in sent.modules)))
+            cloud_from.append((edge, EDGE_CLOUD, held))
         for agg, members in sorted(below.items()):
             link = up[members[0]].link
             if agg == CLOUD:
