@@ -107,6 +107,7 @@ class DeviceNode(NodeRuntime):
         self.attackers = attackers
         self.lies = node_id in cfg.adversary.liars  # lies when it validates a specialist (config adversary)
         self.stats_data: DeviceData | None = None  # whose statistics it reports, where not its training data
+        self.stats_lie: str | None = None  # a label flipper's adversary.stats (None: an honest device)
         self.colluders: list[tuple[str, DeviceData]] = []  # the other attackers' benign data (alie, ipm)
         self._round_start: ModuleSet = self.modules  # what it held when it began training this round
         self.labels = task_labels(cfg)  # task -> its answer classes
@@ -119,6 +120,7 @@ class DeviceNode(NodeRuntime):
             if adv.behaviour in DATA_ATTACKS:
                 # what its statistics report: its true labels (honest, inflated) or what it trained on
                 self.stats_data = self.data if adv.stats in ("honest", "inflated") else None
+                self.stats_lie = adv.stats
                 self.data = flip_labels(self.data, task_labels(cfg))
             if adv.behaviour in COLLUDING_ATTACKS:
                 holders = topo.holders_by_task()
@@ -261,7 +263,7 @@ class DeviceNode(NodeRuntime):
         diagonal, pooled = self.cfg.calibration.diagonal, self.cfg.calibration.pooled
         source = self.data if self.stats_data is None else self.stats_data  # a liar reports its true labels
         data = {t: source.train[t] for t in tasks if t in source.train}
-        if self.attacks and self.cfg.adversary.stats == "empty" and self.cfg.adversary.behaviour in DATA_ATTACKS:
+        if self.stats_lie == "empty":
             data = {}  # a liar reporting no sample of any task
         with self.host.lock:
             self.host.load(self.modules)
@@ -271,7 +273,7 @@ class DeviceNode(NodeRuntime):
             hidden = int(self.modules[head_name(t)].tensors["net.0.weight"].shape[1])
             fs = stats.get(t) or empty_stats(hidden, int(self.labels[t]), diagonal, pooled)
             out[stats_name(t)] = to_module(stats_name(t), fs, state.round)
-            if self.attacks and self.cfg.adversary.stats == "inflated" and self.cfg.adversary.behaviour in DATA_ATTACKS:
+            if self.stats_lie == "inflated":
                 m = out[stats_name(t)]  # the same shares, weighing its registered claim: counts x claim
                 out[stats_name(t)] = replace(m, num_samples=m.num_samples * claim_factor(self.cfg.adversary))
         self.adopt(out)
