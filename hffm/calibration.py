@@ -101,18 +101,15 @@ class FeatureStats:
             if self.diagonal:
                 var = (self.squares[c] - n * mean * mean) / max(n - 1, 1)
                 var = var.clamp_min(0)
-                if corr is not None:
-                    sd = var.sqrt()
-                    cov = corr * torch.outer(sd, sd)
-                    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
-                    out.append((n, mean, cov + (shrink * float(var.mean()) + 1e-12) * eye))
+                if corr is None:
+                    out.append((n, mean, var + shrink * float(var.mean()) + 1e-12))
                     continue
-                out.append((n, mean, var + shrink * float(var.mean()) + 1e-12))
+                cov = corr * torch.outer(var.sqrt(), var.sqrt())  # its variances, the task's correlations
             else:
                 cov = (self.squares[c] - n * torch.outer(mean, mean)) / max(n - 1, 1)
                 cov = (cov + cov.T) / 2
-                eye = torch.eye(cov.shape[0], dtype=cov.dtype)
-                out.append((n, mean, cov + (shrink * float(cov.diagonal().clamp_min(0).mean()) + 1e-12) * eye))
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+            out.append((n, mean, cov + (shrink * float(cov.diagonal().clamp_min(0).mean()) + 1e-12) * eye))
         return out
 
 
