@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -18,9 +19,34 @@ def _block(title: str) -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a TIME_WAIT left is no hold
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports_free_here(block: str) -> str:
+    """The block's ports are outside Linux's ephemeral range, as the README says, so no outgoing connection
+    can hold one; a port another program on this shared machine listens on is swapped for a free one below
+    the range (the only change to the block), never a failure of the block."""
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", block)})
+    assert len(ports) == 4 and all(p < low for p in ports), (ports, low)
+    spare = (p for p in range(low - 1, 1024, -1) if p not in ports and _bindable(p))
+    for port in ports:
+        if not _bindable(port):
+            block = block.replace(f"127.0.0.1:{port}", f"127.0.0.1:{next(spare)}")
+    return block
+
+
 def test_running_the_services_yourself_works_as_written(tmp_path):
     block = _block("Running the services yourself")
     assert "W=runs/manual" in block
+    block = _ports_free_here(block)
     # as written, in a copy of the layout it expects (the repository root): the checkout's .venv, its
     # code, and runs/ of its own
     root = tmp_path / "repo"
