@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -132,18 +133,49 @@ class Supervisor:
         self.view.process_restarted(p.name, p.restarts)
 
 
+def _ephemeral_range() -> tuple[int, int] | None:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
 def free_ports(n: int, host: str) -> list[int]:
+    """``n`` distinct ports nothing holds now, for processes that will listen on them. Below the kernel's
+    ephemeral range where it is known: a port the kernel hands out for ``bind(0)`` is one it may hand to
+    an outgoing connection next, before the process that is to listen on it binds it (README's manual run
+    failed in CI that way, on a port in that range). Scanned from a random start, so two callers at once
+    rarely meet; each port is held until all ``n`` are found."""
+    span = _ephemeral_range()
     socks, ports = [], []
     try:
-        for _ in range(n):
+        if span is None or span[0] <= 2048 + n:
+            for _ in range(n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((host, 0))
+                socks.append(s)
+                ports.append(s.getsockname()[1])
+            return ports
+        top = span[0]
+        low = 10000 if top > 12000 + n else 1024  # [low, top): below the range, above the well-known ports
+        start = random.randrange(low, top)
+        for i in range(top - low):
+            port = low + (start - low + i) % (top - low)
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-            ports.append(s.getsockname()[1])
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+        raise RunFailed(f"no {n} free ports on {host} below the ephemeral range ({top})")
     finally:
         for s in socks:
             s.close()
-    return ports
 
 
 def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -> list[tuple[str, list[str]]]:

@@ -354,3 +354,24 @@ def test_progress_watcher_is_cancelled_and_joined(tmp_path):
         assert w.events.empty()
     finally:
         srv.stop(0)
+
+
+def test_free_ports_are_below_the_ephemeral_range_distinct_and_skip_a_held_one(monkeypatch):
+    """A port from bind(0) is one the kernel may give the next outgoing connection before the process meant
+    to listen binds it: free_ports picks below the kernel's ephemeral range, never a port someone holds."""
+    import random
+    import socket
+
+    from services import launcher
+
+    span = launcher._ephemeral_range()
+    if span is None:
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range on this machine")
+    ports = free_ports(40, "127.0.0.1")
+    assert len(set(ports)) == 40 and all(10000 <= p < span[0] for p in ports), (ports, span)
+    with socket.socket() as held:  # a listener where the scan starts: skipped, the next port taken
+        held.bind(("127.0.0.1", ports[0]))
+        held.listen()
+        monkeypatch.setattr(random, "randrange", lambda a, b: ports[0])
+        got = free_ports(2, "127.0.0.1")
+    assert ports[0] not in got and len(set(got)) == 2
