@@ -900,6 +900,13 @@ class CalibrationConfig(_Strict):
         "left out of that collect (a liar pairing honest statistics with a flipped update; hffm/calibration.py "
         "head_drop); null: no check",
     )
+    opening: bool = D(
+        False,
+        description="a calibration phase in round 1 too, before any device trains: every device's statistics reach "
+        "its collectors before its first training push, so the head check and the weights held to the statistics "
+        "(head_check) and the label check's flags apply from that push on, not from the round after the first cloud "
+        "round; and devices start training from heads calibrated on the initial features",
+    )
 
 
 class HFFMConfig(_Strict):
@@ -971,6 +978,8 @@ class HFFMConfig(_Strict):
                 raise ValueError("calibration.label_t: checks labels by the statistics; set calibration.enabled")
             if self.calibration.head_check is not None:
                 raise ValueError("calibration.head_check: checks heads against the statistics; set calibration.enabled")
+            if self.calibration.opening:
+                raise ValueError("calibration.opening: a calibration phase in round 1; set calibration.enabled")
             return self
         if self.calibration.pooled and not self.calibration.diagonal:
             raise ValueError(

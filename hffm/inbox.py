@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
 from hffm.config import ModelConfig
 from hffm.ids import D2D, stats_task, task_of
-from hffm.methods import CALIBRATED, LABEL_CHECK, SYNC, TRAINING_TAG, Collect
+from hffm.methods import LABEL_CHECK, STATS_OF, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader, digests_follow
@@ -174,6 +174,19 @@ class Inbox:
             if cap < math.inf:
                 out[m.name] = min(out.get(m.name, math.inf), cap)
         return out
+
+    def rebase(self, reference: ModuleSet) -> list[str]:
+        """The round's start moved within the round (an opening calibration phase: heads calibrated before anyone
+        trains): each collect of the round that nothing has reached yet scores its senders against ``reference``
+        and leaves out the senders flagged by now (the phase's label check). Returns their tags."""
+        with self._cv:
+            out = []
+            for tag, coll in self._collections.items():
+                if coll.closed or coll.accepted or coll.aggregator.senders or coll.aggregator.pending:
+                    continue
+                coll.aggregator = self._aggregator(coll.step, reference)
+                out.append(tag)
+            return out
 
     def abort_waits(self) -> None:
         """Every step waiting on this inbox raises ``RoundAborted`` (the node is closing)."""
@@ -387,10 +400,12 @@ class Inbox:
                 if self.head_check is not None:
                     assert isinstance(coll.aggregator, LabelCheck)
                     self.claims.update(coll.aggregator.claims())
-            elif tag == CALIBRATED and any(stats_task(n) for n in modules):
-                # the federation's statistics came back with the calibrated heads: a deferred check runs now
+            elif tag in STATS_OF and any(stats_task(n) for n in modules):
+                # the federation's statistics came back with the calibrated heads: the deferred check of the
+                # same phase's statistics runs now
                 for other in self._collections.values():
-                    if isinstance(other.aggregator, LabelCheck) and other.aggregator.defer and other.closed:
+                    mine = other.step.tag == STATS_OF[tag] and isinstance(other.aggregator, LabelCheck)
+                    if mine and other.aggregator.defer and other.closed:
                         checked = other.aggregator.check(modules)
                         self._checked(checked)
                         scores += checked

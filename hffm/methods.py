@@ -76,9 +76,14 @@ class Calibrate:
     tasks: tuple[str, ...]
 
 
-# The collect tags of calibration (calibration.enabled): feature statistics up, calibrated heads down.
+# The collect tags of calibration (calibration.enabled): feature statistics up, calibrated heads down; the
+# opening phase's (calibration.opening: round 1, before any device trains) have tags of their own, since a round
+# may hold both phases (star's round 1 is a cloud round).
 STATS = "stats"
 CALIBRATED = "calibrated"
+OPENING_STATS = "opening-stats"
+OPENING_CALIBRATED = "opening-calibrated"
+STATS_OF = {CALIBRATED: STATS, OPENING_CALIBRATED: OPENING_STATS}  # a phase's heads down -> its statistics up
 TRAINING_TAG = "aggregate"  # the tag (prefix) of every collect of training updates and their aggregates
 CLUSTER = "cluster"  # a D2D cluster head's collect of its cluster's updates (hfm-d2d, edge-only-d2d)
 LABEL_CHECK = "label_check"  # a statistics collect's rule with calibration.label_t (hffm.aggregation.LabelCheck)
@@ -230,9 +235,15 @@ class RoundPlan:
             ]
         return RoundPlan(self.round, steps)
 
-    def with_calibration(self, topo: Topology, quorum: Quorum = Quorum(), label_t: float | None = None) -> RoundPlan:
+    def with_calibration(
+        self, topo: Topology, quorum: Quorum = Quorum(), label_t: float | None = None, opening: bool = False
+    ) -> RoundPlan:
         """The plan with a calibration phase after the cloud's broadcast (``calibration.enabled``; a cloud
-        round of star, hfm or hfm-d2d). Each device that trains, once it holds the global modules, computes its
+        round of star, hfm or hfm-d2d), or with ``opening`` one before any device trains (round 1 with
+        ``calibration.opening``: the same steps under the tags ``OPENING_STATS`` and ``OPENING_CALIBRATED``, first
+        in each edge's and the cloud's round and before each device's training, so every training push has
+        statistics at its collector to be checked and weighed by, and trains from calibrated heads). Each
+        device that trains, once it holds the global modules, computes its
         feature statistics of its tasks (``Stats``) and sends them where it sent its update (its edge, or
         the cloud in star, its cluster head over D2D in hfm-d2d); an edge sums its devices' (FedAvg of
         per-sample statistics weighted by samples: hffm/calibration.py) and forwards them, as a cluster head
@@ -242,6 +253,7 @@ class RoundPlan:
         as its update's did (``quorum``). With ``label_t`` each statistics collect checks its senders' labels
         by them first (``hffm.aggregation.LabelCheck``; not in hfm-d2d, whose heads are devices: the config
         refuses it)."""
+        stats_tag, calibrated_tag = (OPENING_STATS, OPENING_CALIBRATED) if opening else (STATS, CALIBRATED)
         check = (LABEL_CHECK, (("label_t", float(label_t)),)) if label_t is not None else ("fedavg", ())
         # an edge checks its devices against its peers and the federation's statistics, sent back with the heads
         deferred = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else check
@@ -262,17 +274,23 @@ class RoundPlan:
         tasks = {d: tuple(topo.device_map[d].tasks) for d in trains}
         steps = {n: list(ss) for n, ss in self.steps.items()}
 
-        def before_evaluate(node: str, phase: list[Step]) -> None:
-            ev = next((i for i, x in enumerate(steps[node]) if isinstance(x, Evaluate)), len(steps[node]))
-            steps[node][ev:ev] = phase
+        def place(node: str, phase: list[Step]) -> None:
+            """A device's (or cluster head's) phase: before it evaluates, or with ``opening`` before it trains."""
+            at = Train if opening else Evaluate
+            i = next((i for i, x in enumerate(steps[node]) if isinstance(x, at)), 0 if opening else len(steps[node]))
+            steps[node][i:i] = phase
+
+        def tier(node: str, phase: list[Step]) -> None:
+            """An edge's or the cloud's phase: after its round's steps, or with ``opening`` before them."""
+            steps[node] = [*phase, *steps.get(node, [])] if opening else [*steps.get(node, []), *phase]
 
         for d, s in up.items():
-            before_evaluate(
+            place(
                 d,
                 [
                     Stats(tasks[d]),
-                    Send(s.to, s.link, STATS, tuple(stats_name(t) for t in tasks[d]), s.route),
-                    Collect(CALIBRATED, (s.to,), s.link),
+                    Send(s.to, s.link, stats_tag, tuple(stats_name(t) for t in tasks[d]), s.route),
+                    Collect(calibrated_tag, (s.to,), s.link),
                 ],
             )
         below: dict[str, list[str]] = {h: [] for h in heads}  # aggregator -> its devices
@@ -285,29 +303,32 @@ class RoundPlan:
             held = tuple(sorted({t for d in members for t in tasks[d]} | set(own)))
             edge = topo.device_map[head].edge
             down = {s.to: s.route for s in self.steps[head] if isinstance(s, Send) and s.link == D2D}
-            before_evaluate(
+            place(
                 head,
                 [
                     *([Stats(own)] if own else []),
                     Collect(
-                        STATS,
+                        stats_tag,
                         tuple(members),
                         D2D,
                         include_self=bool(own),
                         quorum=quorum,
                         own=tuple(stats_name(t) for t in own),
                     ),
-                    Send(edge, DEVICE_EDGE, STATS, tuple(stats_name(t) for t in held)),
-                    Collect(CALIBRATED, (edge,), DEVICE_EDGE),
-                    *(Send(d, D2D, CALIBRATED, tuple(head_name(t) for t in tasks[d]), down[d]) for d in members),
+                    Send(edge, DEVICE_EDGE, stats_tag, tuple(stats_name(t) for t in held)),
+                    Collect(calibrated_tag, (edge,), DEVICE_EDGE),
+                    *(Send(d, D2D, calibrated_tag, tuple(head_name(t) for t in tasks[d]), down[d]) for d in members),
                 ],
             )
-            steps[edge] += [
-                Collect(STATS, (head,), DEVICE_EDGE),
-                Send(CLOUD, EDGE_CLOUD, STATS, tuple(stats_name(t) for t in held)),
-                Collect(CALIBRATED, (CLOUD,), EDGE_CLOUD),
-                Send(head, DEVICE_EDGE, CALIBRATED, tuple(head_name(t) for t in held)),
-            ]
+            tier(
+                edge,
+                [
+                    Collect(stats_tag, (head,), DEVICE_EDGE),
+                    Send(CLOUD, EDGE_CLOUD, stats_tag, tuple(stats_name(t) for t in held)),
+                    Collect(calibrated_tag, (CLOUD,), EDGE_CLOUD),
+                    Send(head, DEVICE_EDGE, calibrated_tag, tuple(head_name(t) for t in held)),
+                ],
+            )
             cloud_from.append((edge, EDGE_CLOUD, held))
         for agg, members in sorted(below.items()):
             link = up[members[0]].link
@@ -315,12 +336,15 @@ class RoundPlan:
                 cloud_from += [(d, link, tasks[d]) for d in members]
                 continue
             held = tuple(sorted({t for d in members for t in tasks[d]}))
-            steps[agg] += [
-                Collect(STATS, tuple(members), link, rule=deferred[0], params=deferred[1], quorum=quorum),
-                Send(CLOUD, EDGE_CLOUD, STATS, tuple(stats_name(t) for t in held)),
-                Collect(CALIBRATED, (CLOUD,), EDGE_CLOUD),
-                *(Send(d, link, CALIBRATED, tuple(head_name(t) for t in tasks[d])) for d in members),
-            ]
+            tier(
+                agg,
+                [
+                    Collect(stats_tag, tuple(members), link, rule=deferred[0], params=deferred[1], quorum=quorum),
+                    Send(CLOUD, EDGE_CLOUD, stats_tag, tuple(stats_name(t) for t in held)),
+                    Collect(calibrated_tag, (CLOUD,), EDGE_CLOUD),
+                    *(Send(d, link, calibrated_tag, tuple(head_name(t) for t in tasks[d])) for d in members),
+                ],
+            )
             cloud_from.append((agg, EDGE_CLOUD, held))
         if not cloud_from:
             return RoundPlan(self.round, steps)
@@ -328,10 +352,11 @@ class RoundPlan:
         from_devices = cloud_from[0][1] == DEVICE_CLOUD
         if not from_devices:  # the edges' sums: nothing to check them against (their devices were checked)
             check = ("fedavg", ())
-        steps.setdefault(CLOUD, []).extend(
+        tier(
+            CLOUD,
             [
                 Collect(
-                    STATS,
+                    stats_tag,
                     tuple(n for n, _, _ in cloud_from),
                     cloud_from[0][1],
                     rule=check[0],
@@ -340,10 +365,10 @@ class RoundPlan:
                 ),
                 Calibrate(held),
                 *(
-                    Send(n, link, CALIBRATED, self._down(ts, label_t is not None and not from_devices))
+                    Send(n, link, calibrated_tag, self._down(ts, label_t is not None and not from_devices))
                     for n, link, ts in cloud_from
                 ),
-            ]
+            ],
         )
         return RoundPlan(self.round, steps)
 

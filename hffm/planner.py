@@ -75,8 +75,11 @@ class Planner:
         takers = {d: ts for d, ts in takers.items() if ts}  # relayed; the rest introduce their task
         ctx = self.costs.d2d_context(topo, round_, gone) if self.method.uses_d2d else RoundContext()
         plan = self.method.plan(round_, topo, ctx)
-        if self.cfg.calibration.enabled and self.method.cloud_round(round_):
-            plan = plan.with_calibration(topo, self.method.aggregation.quorum, self.cfg.calibration.label_t)
+        cal, quorum = self.cfg.calibration, self.method.aggregation.quorum
+        if cal.enabled and self.method.cloud_round(round_):
+            plan = plan.with_calibration(topo, quorum, cal.label_t)
+        if cal.enabled and cal.opening and round_ == 1:  # statistics before the first training push
+            plan = plan.with_calibration(topo, quorum, cal.label_t, opening=True)
         if not evaluates(round_, self.cfg.rounds, self.cfg.train.eval_every):
             plan = plan.without_evaluation()
         absent = frozenset(set(self.costs.topo.device_map) - set(topo.device_map))  # down, or left

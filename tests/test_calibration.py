@@ -1006,3 +1006,87 @@ def test_a_label_check_reads_each_senders_own_statistics_after_summing_owned_rec
         checked = agg.check({stats_name("t"): total})
         results.append(sorted((s.sender, round(s.label_t, 4), s.flagged) for s in checked))
     assert results[0] == results[1]
+
+
+def test_an_opening_phase_holds_round_1s_pushes_to_statistics_and_trains_from_calibrated_heads(tmp_path):
+    """calibration.opening, hfm with e_agg=2 (round 1 is no cloud round): every device sends its statistics
+    before it trains in round 1, the cloud calibrates the initial heads on them and the devices train from
+    those. So round 1's training collect at edge-1 already holds everyone's statistics: the liar reporting no
+    sample (adversary.stats=empty) weighs 1 per head and its adapters the sum over its tasks from its first push
+    (without the phase it counted in full until round 3), and each honest push is head-checked against the
+    calibrated heads it started from (its recorded head_drop recomputed from the traces)."""
+    from dataclasses import replace as with_
+
+    from hffm.calibration import claims_of, head_drop
+
+    sets = ["method=hfm", "e_agg=2", "topology.devices_per_edge=4", "runtime.devices_per_process=4"]
+    results = _flipped_run(
+        tmp_path,
+        *sets,
+        "data.train_per_task=800",
+        "adversary.stats=empty",
+        "calibration.head_check=0.3",
+        "calibration.opening=true",
+    )
+    trace = tmp_path / "trace"
+    # the calibrated heads came down to the devices before they trained; they are what edge-1 checked against
+    calibrated = load_modules(str(trace / "edge-1" / "r1-opening-calibrated-aggregate.safetensors"))
+    start = {n: m for n, m in calibrated.items() if n.startswith("head.")}
+    assert start
+    got = load_modules(str(trace / "device-1-1" / "r1-opening-calibrated-aggregate.safetensors"))
+    for n, m in got.items():
+        assert all(torch.equal(v, start[n].tensors[k]) for k, v in m.tensors.items()), n
+    # round 1's aggregate: the liar at weight 1 per head, its adapters at its tasks' count
+    ups = _copies(trace / "edge-1", "r1-aggregate")
+    assert len(ups) == 4
+    liar = ups["device-1-0"]
+    tasks = sum(n.startswith("head.") for n in liar)
+    bounded = {n: with_(m, num_samples=1.0 if n.startswith("head.") else tasks) for n, m in liar.items()}
+    want = weighted_mean([bounded if s == "device-1-0" else ups[s] for s in sorted(ups)])
+    agg = load_modules(str(trace / "edge-1" / "r1-aggregate-aggregate.safetensors"))
+    for name, m in agg.items():
+        assert m.num_samples == pytest.approx(want[name].num_samples), name
+        for k, v in m.tensors.items():
+            assert torch.allclose(v, want[name].tensors[k], rtol=1e-4, atol=1e-5), (name, k)
+    r1 = next(a for a in results["rounds"][0]["aggregates"] if a["node"] == "edge-1" and a["tag"] == "aggregate")
+    assert r1["weights"] == {"device-1-0": {n: m.num_samples for n, m in sorted(bounded.items())}}
+    # the head check ran on round 1's honest pushes, against the calibrated start
+    sent = _copies(trace / "edge-1", "r1-opening-stats")
+    scores = _lying_scores(results, "edge-1")[1]
+    assert "device-1-0" not in scores and len(scores) == 3, scores  # nothing to judge the liar's heads by
+    cfg = load_config(None, ["data.alpha=0.3"])
+    for s, (drop, flagged) in scores.items():
+        claims = claims_of({n.removeprefix("stats."): from_module(m) for n, m in sent[s].items()})
+        heads = {n: m for n, m in ups[s].items() if n.startswith("head.")}
+        assert drop == pytest.approx(head_drop(heads, start, claims, cfg.model), abs=1e-4), s
+        assert not flagged and drop < 0.3, (s, drop)
+
+
+@pytest.mark.parametrize("method", ["hfm", "star", "hfm-d2d"])
+def test_an_opening_phase_comes_before_any_training_in_round_1_only(method):
+    """calibration.opening: round 1's plan opens with the calibration phase under its own tags (star's round 1
+    also ends with the usual one), first at the edges and the cloud, before each device's training; no later
+    round has it. Refused without calibration.enabled."""
+    from hffm.methods import OPENING_CALIBRATED, OPENING_STATS
+
+    sets = [f"method={method}", "calibration.enabled=true", "calibration.opening=true", "e_agg=2"]
+    cfg, topo, planner = _planned(*sets)
+    plan = planner.plan(1, topo).plan
+    plan.validate()
+    opening = (OPENING_STATS, OPENING_CALIBRATED)
+    for n, steps in plan.steps.items():
+        tags = [getattr(s, "tag", None) for s in steps]
+        if topo.role(n) == "device":
+            train = next(i for i, s in enumerate(steps) if isinstance(s, Train))
+            assert isinstance(steps[0], Stats) and OPENING_CALIBRATED in tags[:train], (n, tags)
+            assert not any(t in opening for t in tags[train:]), (n, tags)
+        elif n == CLOUD:
+            assert [tags[0], type(steps[1])] == [OPENING_STATS, Calibrate], tags
+        else:  # an edge: its devices' (or cluster head's) statistics first
+            assert tags[:3] == [OPENING_STATS, OPENING_STATS, OPENING_CALIBRATED], tags
+    cloud = [getattr(s, "tag", None) for s in plan.steps[CLOUD]]
+    assert (STATS in cloud) == (method == "star")  # the usual phase at the end of a cloud round
+    later = planner.plan(2, topo).plan
+    assert not any(getattr(s, "tag", None) in opening for ss in later.steps.values() for s in ss)
+    with pytest.raises(ConfigError, match="calibration.opening.*calibration.enabled"):
+        load_config(None, ["calibration.opening=true"])

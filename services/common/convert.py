@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, fields
 
-from hffm.methods import CALIBRATED, STATS, Calibrate, Collect, Evaluate, Quorum, Send, Stats, Step, Train
+from hffm.methods import STATS_OF, Calibrate, Collect, Evaluate, Quorum, Send, Stats, Step, Train
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, ModuleSpec, decode_module
 from hffm.results import AggregateRecord, NodeReport, SenderScore, TaskScore, Transfer
 from hffm.topology import Registration
@@ -213,7 +213,7 @@ def _sender_scores(a: pb.AggregateRecord, checked: set[str] = frozenset()) -> tu
 
 
 def report_from_pb(r: pb.RoundReport) -> NodeReport:
-    stats_senders = {s for a in r.aggregates if a.tag == STATS for s in a.counted}
+    stats_senders = {tag: {s for a in r.aggregates if a.tag == tag for s in a.counted} for tag in STATS_OF.values()}
     return NodeReport(
         node=r.node,
         round=r.round,
@@ -232,7 +232,7 @@ def report_from_pb(r: pb.RoundReport) -> NodeReport:
                 a.tag,
                 tuple(a.counted),
                 tuple(a.left_out),
-                _sender_scores(a, stats_senders if a.tag == CALIBRATED else frozenset()),
+                _sender_scores(a, stats_senders[STATS_OF[a.tag]] if a.tag in STATS_OF else frozenset()),
                 _fold_weights(a),
             )
             for a in r.aggregates

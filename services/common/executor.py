@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from hffm.ids import stats_task
 from hffm.inbox import Aggregate
-from hffm.methods import Calibrate, Collect, Evaluate, Send, Stats, Train
+from hffm.methods import OPENING_CALIBRATED, Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.results import AggregateRecord, NodeReport
 from services.common import faults
 from services.common.rounds import RoundState
@@ -43,17 +43,25 @@ class StepExecutor:
                 node.sender.invalidate()
             elif isinstance(s, Collect):
                 self._collect(state, s)
+                if s.tag == OPENING_CALIBRATED:  # the round's training starts from the calibrated heads
+                    self._rebase()
             elif isinstance(s, Evaluate):
                 node.evaluate(state)
             elif isinstance(s, Stats):
                 node.feature_stats(state, s.tasks)
             elif isinstance(s, Calibrate):
                 node.calibrate(state, s.tasks)
+                self._rebase()
             i += 1
         state.raise_if_aborted()
         node.end_round(state)
         state.report.wall_s = time.perf_counter() - t0
         return state.report
+
+    def _rebase(self) -> None:
+        """Heads calibrated within the round: the collects still to come score against them (``Inbox.rebase``)."""
+        node = self.node
+        node.inbox.rebase({n: m for n, m in node.modules.items() if stats_task(n) is None})
 
     def _collect(self, state: RoundState, s: Collect) -> None:
         node = self.node
