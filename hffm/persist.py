@@ -17,14 +17,14 @@ the round end the coordinator names (docs/reliability.md). A new backend (object
 is a class with the same methods.
 
 With a ``store`` (the launcher and the services give ``<checkpoint dir>/.blobs``, shared by every node
-saving under that directory), a checkpoint's ``modules.safetensors`` is a hard link to a file of the
-store named by the BLAKE3 digest of its bytes, written (atomically, fsynced) only when no node has
-saved those bytes before: devices that end a round holding the same modules (every device of a star or
-hfm cloud round, ten to a process) write them once, not once each, and a node whose modules did not
-change since its last round end writes nothing but its ``state.json``. The file in the checkpoint is
-an ordinary file (``load`` reads it as before); a file of the store that no checkpoint links any
-more is removed when a node prunes. Where the store cannot be linked from (another file system, no
-hard links) the file is written into the checkpoint as without one.
+saving under that directory), a checkpoint's ``modules.safetensors`` (and ``tensors.safetensors``) is a
+hard link to a file of the store named by the BLAKE3 digest of its bytes, written (atomically, fsynced)
+only when no node has saved those bytes before: devices that end a round holding the same modules
+(every device of a star or hfm cloud round, ten to a process) write them once, not once each, and a node
+whose modules (and claims) did not change since its last round end writes nothing but its
+``state.json``. The file in the checkpoint is an ordinary file (``load`` reads it as before); a file of
+the store that no checkpoint links any more is removed when a node prunes. Where the store cannot be
+linked from (another file system, no hard links) the file is written into the checkpoint as without one.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_tensors
 
 from hffm.modules import ModuleSet, checkpoint_segments, digest_of, load_modules, save_modules
 
@@ -122,7 +123,7 @@ class Persistor:
         self.store = Path(store) if store is not None else None
         self.store_min_age_s = store_min_age_s
         self._linkable = True  # False once a link from the store failed for good: no file written twice
-        self.last_written = 0  # bytes of module files the last save wrote (0: it linked a shared file)
+        self.last_written = 0  # bytes of module and claim files the last save wrote (0: it linked shared files)
 
     @classmethod
     def in_root(cls, root: str | Path, node: str, keep: int) -> Persistor:
@@ -144,7 +145,7 @@ class Persistor:
             save_modules(state.modules, str(tmp / "modules.safetensors"))
             self.last_written = (tmp / "modules.safetensors").stat().st_size
         else:
-            self.last_written = self._save_shared(state.modules, tmp / "modules.safetensors")
+            self.last_written = self._save_shared(checkpoint_segments(state.modules), tmp / "modules.safetensors")
         doc = {
             "node": state.node,
             "round": state.round,
@@ -153,8 +154,11 @@ class Persistor:
             "extra": state.extra,
         }
         (tmp / "state.json").write_text(json.dumps(doc))
-        if state.tensors:
+        if state.tensors and (self.store is None or not self._linkable):
             save_file(state.tensors, str(tmp / TENSORS))
+            self.last_written += (tmp / TENSORS).stat().st_size
+        elif state.tensors:  # the head check's claims change only when statistics come: mostly the same bytes
+            self.last_written += self._save_shared((save_tensors(state.tensors),), tmp / TENSORS)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -166,11 +170,10 @@ class Persistor:
         self._prune(final.name)
         return final
 
-    def _save_shared(self, modules: ModuleSet, target: Path) -> int:
-        """``target`` as a hard link to the store's file of these bytes, written first when missing; the
-        bytes this call wrote."""
+    def _save_shared(self, segments: tuple[bytes | memoryview, ...], target: Path) -> int:
+        """``target`` (a file whose bytes are ``segments``, in order) as a hard link to the store's file of these
+        bytes, written first when missing; the bytes this call wrote."""
         assert self.store is not None
-        segments = checkpoint_segments(modules)
         blob = self.store / f"{digest_of(segments).hex()}.safetensors"
         written = 0
         for _ in range(3):  # a prune elsewhere may remove a file between our write (or check) and our link
@@ -199,7 +202,9 @@ class Persistor:
             except OSError:  # another file system, no hard links: a file of its own, from now on
                 self._linkable = False
                 break
-        save_modules(modules, str(target))
+        with open(target, "wb") as f:
+            for seg in segments:
+                f.write(seg)
         return written + target.stat().st_size
 
     def _prune_store(self) -> None:

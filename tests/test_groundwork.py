@@ -473,6 +473,30 @@ def test_a_restarted_node_reads_an_older_base_from_disk_once(tmp_path):
     node.close()
 
 
+def test_a_round_end_s_claims_are_shared_by_content_like_its_modules(tmp_path):
+    """tensors.safetensors (the head check's claims) goes through the store as modules.safetensors does: a round
+    end whose claims did not change since the last (hfm's rounds between cloud rounds) links the file written
+    before and writes none; changed claims are a file of their own; each round end reads its own back."""
+    store = tmp_path / ".blobs"
+    p = Persistor(tmp_path / "edge-0", keep=3, store=store)
+    mods = {"adapter.0": make_module("adapter.0", {"w": (8, 4)}, version=1, num_samples=5.0)}
+    claims = {"claims/device-0-1/art/count": torch.tensor([3.0, 0.0]), "claims/device-0-1/art/mean": torch.ones(2, 4)}
+    p.save(NodeState("edge-0", 1, mods, tensors=claims))
+    first = p.last_written
+    assert first > 0
+    p.save(NodeState("edge-0", 2, mods, tensors=dict(reversed(claims.items()))))  # the same claims, any order
+    assert p.last_written == 0
+    files = [p.dir / f"round-{r}-attempt-0" / "tensors.safetensors" for r in (1, 2)]
+    assert files[0].stat().st_ino == files[1].stat().st_ino and files[0].stat().st_nlink == 3
+    changed = {**claims, "claims/device-0-1/art/mean": torch.full((2, 4), 2.0)}
+    p.save(NodeState("edge-0", 3, mods, tensors=changed))
+    assert 0 < p.last_written < first  # the modules linked, the claims written
+    assert len(_store_files(store)) == 3  # one module file, two claim files
+    for r, want in ((1, claims), (2, claims), (3, changed)):
+        got = p.load((r, 0)).tensors
+        assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items()), r
+
+
 def test_a_node_s_head_check_claims_are_part_of_each_round_end_it_saves(tmp_path):
     """The head check's claims (what each sender's statistics said: answer counts and mean features) are saved
     with a round end beside the modules (tensors.safetensors): a restarted edge holds them again, a re-run

@@ -174,7 +174,8 @@ class Metrics:
         self.checkpoints = Counter("hffm_checkpoints", "Round ends saved to durable state", ["node"], registry=r)
         self.checkpoint_bytes = Counter(
             "hffm_checkpoint_bytes_written",
-            "Module bytes written to disk by round-end saves (a file shared with another node is written once)",
+            "Module (and claim) bytes written to disk by round-end saves (a file shared with another node or an "
+            "earlier round end is written once)",
             ["node"],
             registry=r,
         )
