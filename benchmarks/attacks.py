@@ -137,18 +137,13 @@ RULES: dict[str, list[str]] = {
         "calibration.head_check=0.3",
         "calibration.opening=true",
     ],
-    # and each device's weight bounded by 2 x its task's median registered claim (what the statistics' own
-    # counts cannot bound: a liar inflating them with its claim)
-    "fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded": [
-        "aggregation.rule=fedavg",
-        "aggregation.params={update_z: 3.5, twin_cos: 0.99, exclude_flagged: 1}",
-        "calibration.enabled=true",
-        "calibration.label_t=4",
-        "calibration.head_check=0.3",
-        "calibration.opening=true",
-        "aggregation.claim_bound=2",
-    ],
 }
+# and each device's weight bounded by 2 x its task's median registered claim (what the statistics' own counts
+# cannot bound: a liar inflating them with its claim)
+RULES["fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded"] = [
+    *RULES["fedavg, update outliers or twins excluded, labels and heads checked, statistics first"],
+    "aggregation.claim_bound=2",
+]
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
     "sign_flip": ["adversary.behaviour=sign_flip", "adversary.scale=10"],
