@@ -175,18 +175,14 @@ class Inbox:
                 out[m.name] = min(out.get(m.name, math.inf), cap)
         return out
 
-    def rebase(self, reference: ModuleSet) -> list[str]:
+    def rebase(self, reference: ModuleSet) -> None:
         """The round's start moved within the round (an opening calibration phase: heads calibrated before anyone
         trains): each collect of the round that nothing has reached yet scores its senders against ``reference``
-        and leaves out the senders flagged by now (the phase's label check). Returns their tags."""
+        and leaves out the senders flagged by now (the phase's label check)."""
         with self._cv:
-            out = []
-            for tag, coll in self._collections.items():
-                if coll.closed or coll.accepted or coll.aggregator.senders or coll.aggregator.pending:
-                    continue
-                coll.aggregator = self._aggregator(coll.step, reference)
-                out.append(tag)
-            return out
+            for coll in self._collections.values():
+                if not (coll.closed or coll.accepted or coll.aggregator.senders or coll.aggregator.pending):
+                    coll.aggregator = self._aggregator(coll.step, reference)
 
     def abort_waits(self) -> None:
         """Every step waiting on this inbox raises ``RoundAborted`` (the node is closing)."""
