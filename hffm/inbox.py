@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
 from hffm.config import ModelConfig
 from hffm.ids import D2D, stats_task, task_of
-from hffm.methods import LABEL_CHECK, STATS_OF, SYNC, TRAINING_TAG, Collect
+from hffm.methods import LABEL_CHECK, OPENING_TAGS, STATS_OF, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader, digests_follow
@@ -64,6 +64,9 @@ class _Collection:
     dropped: dict[str, str] = field(default_factory=dict)  # sender left out by the coordinator -> why
     lowered: dict[str, dict[str, float]] = field(default_factory=dict)  # sender -> module -> weight folded, if lower
     closed: bool = False  # the aggregate was formed: later pushes are stale
+    # a collect after the round's opening calibration phase: no push until the phase has ended (``rebase``), so
+    # none is folded before its sender's statistics are in and the start it is scored against is calibrated
+    waiting: bool = False
     newest: int = -1  # the newest module version accepted (a sync's aggregate keeps it)
 
     @property
@@ -128,6 +131,9 @@ class Inbox:
                 )
                 for c in collects
             }
+            opening = next((i for i, c in enumerate(collects) if c.tag in OPENING_TAGS), None)
+            for c in collects[opening:] if opening is not None else ():
+                self._collections[c.tag].waiting = c.tag not in OPENING_TAGS
             self._generation += 1
             self._cv.notify_all()
 
@@ -183,6 +189,7 @@ class Inbox:
             for coll in self._collections.values():
                 if not (coll.closed or coll.accepted or coll.aggregator.senders or coll.aggregator.pending):
                     coll.aggregator = self._aggregator(coll.step, reference)
+                coll.waiting = False
 
     def abort_waits(self) -> None:
         """Every step waiting on this inbox raises ``RoundAborted`` (the node is closing)."""
@@ -242,6 +249,12 @@ class Inbox:
                 "FAILED_PRECONDITION",
                 "unexpected_push",
                 f"{self.node_id} collects nothing as {h.tag!r} in round {self.round}",
+            )
+        if coll.waiting:  # nobody honest can push yet: its sender has not had the calibrated heads
+            raise ModuleError(
+                "FAILED_PRECONDITION",
+                "before_statistics",
+                f"{self.node_id}/{h.tag} takes no push before the round's opening calibration phase has ended",
             )
         if h.sender not in coll.step.senders:
             raise ModuleError(

@@ -84,6 +84,7 @@ CALIBRATED = "calibrated"
 OPENING_STATS = "opening-stats"
 OPENING_CALIBRATED = "opening-calibrated"
 STATS_OF = {CALIBRATED: STATS, OPENING_CALIBRATED: OPENING_STATS}  # a phase's heads down -> its statistics up
+OPENING_TAGS = (OPENING_STATS, OPENING_CALIBRATED)
 TRAINING_TAG = "aggregate"  # the tag (prefix) of every collect of training updates and their aggregates
 CLUSTER = "cluster"  # a D2D cluster head's collect of its cluster's updates (hfm-d2d, edge-only-d2d)
 LABEL_CHECK = "label_check"  # a statistics collect's rule with calibration.label_t (hffm.aggregation.LabelCheck)

@@ -699,3 +699,26 @@ def test_a_pinned_module_whose_digests_follow_is_held_to_the_pin_once_they_come(
     node.assign(4, "hfm", [Collect(SYNC, (D0,), "device_edge", pinned=((ems[0].name, ems[0].digest),))], peers)
     h = _header(D0, ems, 4, SYNC)
     assert not ch.push(D0)(iter(_trailed(ch, h, ems)), timeout=10, metadata=ch.meta(D0)).duplicate
+
+
+def test_a_push_before_the_opening_phase_has_ended_is_refused_and_kept_nowhere(edge):
+    """calibration.opening: a training push that reaches an edge before its round's opening calibration phase
+    has ended (no honest device can send one: it trains from the heads the phase brings down) would be folded
+    unchecked, against the uncalibrated start, before its sender's statistics are in: it is refused
+    FAILED_PRECONDITION and kept nowhere. Once the phase has ended (``Inbox.rebase``) the same push is taken."""
+    from hffm.ids import CLOUD
+    from hffm.methods import OPENING_CALIBRATED, OPENING_STATS
+
+    node, ch, _ = edge
+    steps = [
+        Collect(OPENING_STATS, (D0, D1), "device_edge"),
+        Collect(OPENING_CALIBRATED, (CLOUD,), "edge_cloud"),
+        Collect("aggregate", (D0, D1), "device_edge"),
+    ]
+    node.assign(2, "hfm", steps, {D0: "127.0.0.1:1", D1: "127.0.0.1:2", CLOUD: "127.0.0.1:3"})
+    ems = [encode_module(m) for m in _device_modules(node, 3, version=2).values()]
+    reqs = list(push_requests(_header(D0, ems, round_=2), ems, 4096))
+    _expect(ch, node, iter(reqs), grpc.StatusCode.FAILED_PRECONDITION, "opening calibration phase")
+    node.inbox.rebase(dict(node.modules))
+    assert not _push(ch, iter(reqs)).duplicate
+    assert list(node.inbox.snapshot()["accepted"]["aggregate"]) == [D0]
