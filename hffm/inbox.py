@@ -17,6 +17,7 @@ once the deadline passed; ``Aggregate`` says who was counted and who was left ou
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
 from hffm.config import ModelConfig
-from hffm.ids import D2D, stats_task, task_of
+from hffm.ids import D2D, role_of, stats_task, task_of
 from hffm.methods import LABEL_CHECK, OPENING_TAGS, STATS_OF, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
@@ -81,9 +82,14 @@ class _Collection:
 
 
 class Inbox:
-    def __init__(self, node_id: str, head_check: tuple[float, ModelConfig] | None = None) -> None:
+    def __init__(
+        self, node_id: str, head_check: tuple[float, ModelConfig] | None = None, statistics_first: bool = False
+    ) -> None:
         """``head_check``: (calibration.head_check, the model's config) — each device's training push is
-        checked against the statistics it sent this node last (``hffm.calibration.head_drop``)."""
+        checked against the statistics it sent this node last (``hffm.calibration.head_drop``).
+        ``statistics_first`` (calibration.opening): every device sends its statistics before its first push,
+        so a device pushing with none here (one that joined since the last, or whose statistics missed their
+        deadline) weighs at most what a typical device's claim does (``_claimed``)."""
         self.node_id = node_id
         self.round: int | None = None
         self.attempt = 0
@@ -94,6 +100,7 @@ class Inbox:
         # clears them (the node saves them with each round end and sets them back from its base: NodeRuntime)
         self.mislabelled: dict[str, float] = {}
         self.head_check = head_check
+        self.statistics_first = statistics_first
         # sender -> task -> what its last statistics here said (Claim), kept with head_check: its training pushes
         # are checked against them (saved with each round end and set back from the base, as the flags are)
         self.claims: dict[str, dict[str, Claim]] = {}
@@ -166,11 +173,18 @@ class Inbox:
         tasks, where each of them is claimed. A head is judged by the answers its sender reported, so the push
         counts for no more samples than it reported: a liar reporting no sample (nothing for the head check to
         judge) adds modules of weight 1, not its registered samples; an honest device's statistics cover
-        exactly the samples it trains on, so its weights do not move."""
-        claims = self.claims.get(sender) if self.head_check is not None else None
-        if not claims:
+        exactly the samples it trains on, so its weights do not move. With ``statistics_first`` a device with no
+        statistics here weighs at most the median of the other devices' claims of each task: a joiner counts as a
+        typical device until its statistics come, whatever it registered."""
+        if self.head_check is None:
             return bounds
-        claimed = {t: max(float(c.count.sum()), 1.0) for t, c in claims.items()}
+        claims = self.claims.get(sender)
+        if claims:
+            claimed = _claimed_samples(claims)
+        elif self.statistics_first and role_of(sender) == "device":
+            claimed = self._typical_claims()
+        else:
+            return bounds
         tasks = {task_of(m.name) for m in modules} - {None}
         shared = sum(claimed[t] for t in tasks) if tasks and tasks <= claimed.keys() else math.inf
         out = dict(bounds or {})
@@ -180,6 +194,14 @@ class Inbox:
             if cap < math.inf:
                 out[m.name] = min(out.get(m.name, math.inf), cap)
         return out
+
+    def _typical_claims(self) -> dict[str, float]:
+        """task -> the median over the devices with statistics here of the samples they claimed of it."""
+        by_task: dict[str, list[float]] = {}
+        for claims in self.claims.values():
+            for t, n in _claimed_samples(claims).items():
+                by_task.setdefault(t, []).append(n)
+        return {t: statistics.median(v) for t, v in by_task.items()}
 
     def rebase(self, reference: ModuleSet) -> None:
         """The round's start moved within the round (an opening calibration phase: heads calibrated before anyone
@@ -434,6 +456,11 @@ class Inbox:
                 self.mislabelled[sc.sender] = sc.label_t
             else:
                 self.mislabelled.pop(sc.sender, None)
+
+
+def _claimed_samples(claims: dict[str, Claim]) -> dict[str, float]:
+    """task -> the samples a sender's statistics claimed of it (at least 1)."""
+    return {t: max(float(c.count.sum()), 1.0) for t, c in claims.items()}
 
 
 def _bounded(modules: list[Module], bounds: dict[str, float] | None) -> list[Module]:

@@ -722,3 +722,45 @@ def test_a_push_before_the_opening_phase_has_ended_is_refused_and_kept_nowhere(e
     node.inbox.rebase(dict(node.modules))
     assert not _push(ch, iter(reqs)).duplicate
     assert list(node.inbox.snapshot()["accepted"]["aggregate"]) == [D0]
+
+
+def test_with_statistics_first_a_device_without_statistics_weighs_as_a_typical_one(small_cfg):
+    """calibration.opening with the head check: every device sends statistics before its first push, so one
+    that pushes with none at this edge (a joiner since the last statistics, or one whose statistics missed
+    their deadline) is weighed at most the median of the other devices' claims of each task, whatever it
+    registered; without statistics first it kept its registered weight until its statistics came."""
+    from hffm.calibration import Claim
+    from hffm.ids import task_of
+
+    sets = {"enabled": True, "label_t": 4.0, "head_check": 0.3, "opening": True}
+    cfg = small_cfg.model_copy(update={"calibration": small_cfg.calibration.model_copy(update=sets)})
+    spec, modules = node_modules(cfg, topology(cfg), EDGE)
+    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    ch = Clients(cfg, f"127.0.0.1:{srv.port}", EDGE)
+    try:
+        pushed = _device_modules(node, 3, samples=30.0)
+        tasks = sorted({task_of(n) for n in pushed} - {None})
+
+        def claim(n: float) -> Claim:
+            return Claim(torch.tensor([n, 0.0]), torch.zeros(2, 4))
+
+        # what the devices with statistics here claimed: 6, 8 and 40 samples of each task (median 8)
+        others = {f"device-1-{i}": {t: claim(n) for t in tasks} for i, n in enumerate((6.0, 8.0, 40.0))}
+        want = {n: (8.0 * len(tasks) if task_of(n) is None else 8.0) for n in pushed}
+        for r, first in ((2, True), (3, False)):
+            node.inbox.statistics_first = first  # the config's calibration.opening
+            node.assign(r, "hfm", [Collect("aggregate", (D1,), "device_edge")], {D1: "127.0.0.1:2"})
+            node.inbox.claims = dict(others)
+            ems = [encode_module(replace(m, version=r)) for m in pushed.values()]
+            assert not _push(ch, push_requests(_header(D1, ems, round_=r), ems, 4096)).duplicate
+            agg = node.inbox.wait("aggregate", 10)
+            weights = {s: dict(w) for s, w in agg.weights}
+            if first:
+                assert weights == {D1: want}, weights
+                assert all(agg.modules[n].num_samples == pytest.approx(w) for n, w in want.items())
+            else:
+                assert weights == {} and all(m.num_samples == 30.0 for m in agg.modules.values())
+    finally:
+        ch.close()
+        srv.stop(0)

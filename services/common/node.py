@@ -90,7 +90,9 @@ class NodeRuntime:
         # and on disk through the persistor (a restarted node reloads the one the coordinator names).
         self._ends: dict[tuple[int, int], RoundEnd] = {(0, 0): RoundEnd(dict(modules))}
         head_check = cfg.calibration.head_check
-        self.inbox = Inbox(node_id, None if head_check is None else (head_check, cfg.model))
+        self.inbox = Inbox(
+            node_id, None if head_check is None else (head_check, cfg.model), statistics_first=cfg.calibration.opening
+        )
         self.persistor = persistor
         if persistor is not None:
             self._restore()
