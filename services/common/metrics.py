@@ -46,6 +46,7 @@ REJECT_REASONS = (
     "wrong_round",
     "unexpected_push",
     "unexpected_sender",
+    "before_statistics",
     "wrong_link",
     "wrong_version",
     "conflicting_push",
