@@ -905,8 +905,10 @@ class CalibrationConfig(_Strict):
         description="a calibration phase in round 1 too, before any device trains: every device's statistics reach "
         "its collectors before its first training push, so the head check and the weights held to the statistics "
         "(head_check) and the label check's flags apply from that push on, not from the round after the first cloud "
-        "round (a device pushing with no statistics at its collector, a joiner, weighs at most the median claim of "
-        "its tasks there); and devices start training from heads calibrated on the initial features",
+        "round; with head_check a device synced into a later round (a joiner, one that lost its state) sends its "
+        "statistics to its collector before it trains too (a device pushing with none there still weighs at most "
+        "the median claim of its tasks there); and devices start training from heads calibrated on the initial "
+        "features",
     )
 
 

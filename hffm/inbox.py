@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
 from hffm.config import ModelConfig
 from hffm.ids import D2D, role_of, stats_task, task_of
-from hffm.methods import LABEL_CHECK, OPENING_TAGS, STATS_OF, SYNC, TRAINING_TAG, Collect
+from hffm.methods import JOIN_STATS, LABEL_CHECK, OPENING_TAGS, STATS_OF, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader, digests_follow
@@ -358,8 +358,13 @@ class Inbox:
             bounds = coll.bounds.get(header.sender)
             if coll.step.tag.startswith(TRAINING_TAG):
                 bounds = self._claimed(header.sender, bounds, modules)
-            coll.aggregator.add(header.sender, coll.lower(header.sender, modules, bounds))
+            folded = coll.lower(header.sender, modules, bounds)
+            coll.aggregator.add(header.sender, folded)
             coll.accepted[header.sender] = (header.push_id, tuple(m.digest for m in header.modules))
+            if coll.step.tag == JOIN_STATS and self.head_check is not None:
+                # a synced device's statistics hold from its next push on: it sends them before it trains, and its
+                # training push may come before this node's step has waited for them
+                self.claims[header.sender] = _claims(folded)
             coll.newest = max(coll.newest, *(m.version for m in header.modules))
             self._cv.notify_all()
             return False
@@ -395,10 +400,13 @@ class Inbox:
             q = coll.step.quorum
             wait_s = q.deadline_s if q.deadline_s is not None else timeout_s
             deadline = time.monotonic() + wait_s
+            optional = tag == JOIN_STATS  # synced devices' statistics: whoever sent them by the deadline, or nobody
             while True:
                 if self._generation != gen:
                     raise RoundAborted(f"{self.node_id}/{tag}: round {self.round} moved to attempt {self.attempt}")
                 if coll.complete:
+                    if optional:
+                        break
                     if len(coll.accepted) < q.needed(len(coll.step.senders)) or not (
                         coll.accepted or coll.step.include_self
                     ):
@@ -412,8 +420,9 @@ class Inbox:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(coll.step.senders) - set(coll.accepted))
-                    if len(coll.accepted) >= q.needed(len(coll.step.senders)) and (
-                        coll.accepted or coll.step.include_self
+                    if optional or (
+                        len(coll.accepted) >= q.needed(len(coll.step.senders))
+                        and (coll.accepted or coll.step.include_self)
                     ):
                         break
                     raise TimeoutError(f"{self.node_id}/{tag}: no push from {missing} after {wait_s:.0f}s")
@@ -424,7 +433,9 @@ class Inbox:
             # (an edge from the cloud) may have to sync others next (its devices), and a sync carries
             # an earlier round's modules only. Any other aggregate is this round's.
             sync = coll.step.tag == SYNC and coll.newest >= 0
-            modules = coll.aggregator.result(coll.newest if sync else self.round)
+            modules = (
+                coll.aggregator.result(coll.newest if sync else self.round) if coll.accepted or not optional else {}
+            )
             scores = list(coll.aggregator.scores)
             if coll.step.rule == LABEL_CHECK:
                 self._checked(scores)
@@ -456,6 +467,13 @@ class Inbox:
                 self.mislabelled[sc.sender] = sc.label_t
             else:
                 self.mislabelled.pop(sc.sender, None)
+
+
+def _claims(modules: list[Module]) -> dict[str, Claim]:
+    """task -> the claim of one sender's statistics modules (as ``LabelCheck.claims`` reads them)."""
+    from hffm.calibration import claims_of, from_module  # the model's side of the package
+
+    return claims_of({t: from_module(m) for m in modules if (t := stats_task(m.name))})
 
 
 def _claimed_samples(claims: dict[str, Claim]) -> dict[str, float]:

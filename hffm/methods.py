@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from hffm.ids import (
@@ -85,6 +85,9 @@ OPENING_STATS = "opening-stats"
 OPENING_CALIBRATED = "opening-calibrated"
 STATS_OF = {CALIBRATED: STATS, OPENING_CALIBRATED: OPENING_STATS}  # a phase's heads down -> its statistics up
 OPENING_TAGS = (OPENING_STATS, OPENING_CALIBRATED)
+# statistics first for a device that starts a later round synced (a joiner, one that lost its state): its
+# statistics go to its collector before it trains (calibration.opening with the head check), nothing comes back
+JOIN_STATS = "join-stats"
 TRAINING_TAG = "aggregate"  # the tag (prefix) of every collect of training updates and their aggregates
 CLUSTER = "cluster"  # a D2D cluster head's collect of its cluster's updates (hfm-d2d, edge-only-d2d)
 LABEL_CHECK = "label_check"  # a statistics collect's rule with calibration.label_t (hffm.aggregation.LabelCheck)
@@ -371,6 +374,39 @@ class RoundPlan:
                 ),
             ],
         )
+        return RoundPlan(self.round, steps)
+
+    def with_join_statistics(
+        self, topo: Topology, devices: Iterable[str], quorum: Quorum = Quorum(), label_t: float | None = None
+    ) -> RoundPlan:
+        """The plan with each of ``devices`` that trains and sends its update straight to an edge or the cloud (a
+        device synced at the start of the round: one that joined, or lost its state; calibration.opening with
+        the head check) sending its feature statistics there before it trains, under ``JOIN_STATS``: the
+        collector then holds what they claim before the device's first training push, which its weights and
+        the head check are held to as any other device's (``hffm.inbox.Inbox``), where it would otherwise weigh
+        as a typical device and go unchecked until the next cloud round's statistics. Nothing comes back; the
+        collector's step (before its first collect of training updates) only holds the statistics, checked
+        against nothing (``LabelCheck`` deferred: the next calibration phase checks the device's labels), and
+        ends with whoever sent by the deadline, or nobody (``Inbox.wait``)."""
+        steps = {n: list(ss) for n, ss in self.steps.items()}
+        below: dict[str, list[tuple[str, str]]] = {}  # collector -> (device, link)
+        for d in sorted(set(devices)):
+            ss = steps.get(d, [])
+            if topo.role(d) != "device" or not any(isinstance(s, Train) for s in ss):
+                continue
+            up = next((s for s in ss if isinstance(s, Send) and s.tag.startswith(TRAINING_TAG)), None)
+            if up is None or up.link == D2D:  # a D2D cluster's member or head: no head check there
+                continue
+            tasks = tuple(topo.device_map[d].tasks)
+            i = next(i for i, x in enumerate(ss) if isinstance(x, Train))
+            ss[i:i] = [Stats(tasks), Send(up.to, up.link, JOIN_STATS, tuple(stats_name(t) for t in tasks), up.route)]
+            below.setdefault(up.to, []).append((d, up.link))
+        held = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else ("fedavg", ())
+        for n, senders in sorted(below.items()):
+            ss = steps[n]
+            i = next((i for i, x in enumerate(ss) if isinstance(x, Collect) and x.tag.startswith(TRAINING_TAG)), 0)
+            senders_ = tuple(d for d, _ in senders)
+            ss[i:i] = [Collect(JOIN_STATS, senders_, senders[0][1], rule=held[0], params=held[1], quorum=quorum)]
         return RoundPlan(self.round, steps)
 
     @staticmethod

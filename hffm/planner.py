@@ -126,6 +126,9 @@ class Planner:
             plan = with_syncs(plan, starts, topo, self.method.collect, self.method.circulating)
             if pins:  # a specialist relays the version the cloud examined, nothing else
                 plan = pin_syncs(plan, starts, pins)
+        if cal.opening and cal.head_check is not None and round_ > 1 and starts.sync:
+            # statistics first for the devices that start synced (joiners, lost state) too: before they train
+            plan = plan.with_join_statistics(topo, starts.sync, quorum, cal.label_t)
         if samples is not None:
             plan = plan.with_weight_caps(samples, topo, self.cfg.aggregation.claim_bound)
         plan.validate()

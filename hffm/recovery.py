@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from hffm.ids import CLOUD, D2D, DEVICE_CLOUD, DEVICE_EDGE, EDGE_CLOUD
-from hffm.methods import SYNC, Collect, Method, RoundContext, RoundPlan, Send, Step
+from hffm.methods import JOIN_STATS, SYNC, Collect, Method, RoundContext, RoundPlan, Send, Step
 from hffm.topology import Topology
 
 StateKey = tuple[int, int]  # (round, attempt) of a round end; (0, 0): the initial modules
@@ -242,6 +242,6 @@ def critical(plan: RoundPlan) -> set[str]:
     for _n, s in plan.transfers():
         out.update(s.route)
     for _n, c in plan.collects():
-        if len(c.senders) == 1:
+        if len(c.senders) == 1 and c.tag != JOIN_STATS:  # a synced device's statistics: the collect may end empty
             out.add(c.senders[0])
     return out

@@ -12,6 +12,7 @@ A scenario file (YAML; ``tests/scenarios/``)::
       synced: {3: [device-1-1]}   # round -> nodes that started with a sync
       sat_out: {3: [edge-1]}      # round -> members that sat the round out (`left_out`)
       excluded: {3: {aggregate: [device-1-0]}}  # round -> collect tag -> senders counted, not folded (scores)
+      counted: {3: {join-stats: [device-1-1]}}  # round -> collect tag -> senders counted there (every node's)
 
 ``node`` is a node id, or ``@head:<edge>`` / ``@relay:<edge>`` for the cluster head, or the first
 relay on a D2D route, that the planner picks in that round (D2D methods), so a scenario keeps hitting
@@ -52,6 +53,7 @@ class Expect(_Strict):
     synced: dict[int, list[str]] = {}
     sat_out: dict[int, list[str]] = {}
     excluded: dict[int, dict[str, list[str]]] = {}
+    counted: dict[int, dict[str, list[str]]] = {}
 
 
 class Scenario(_Strict):
@@ -133,4 +135,10 @@ def check_expectations(scenario: Scenario, results: dict) -> list[str]:
             got = sorted(left)
             if got != sorted(nodes):
                 problems.append(f"round {r}: {tag} excluded {got}, expected {sorted(nodes)}")
+    for r, by_tag in e.counted.items():
+        for tag, nodes in by_tag.items():
+            aggs = [a for a in rounds.get(r, {}).get("aggregates", []) if a["tag"] == tag]
+            got = sorted({s for a in aggs for s in a["counted"]})
+            if got != sorted(nodes):
+                problems.append(f"round {r}: {tag} counted {got}, expected {sorted(nodes)}")
     return problems

@@ -1090,3 +1090,57 @@ def test_an_opening_phase_comes_before_any_training_in_round_1_only(method):
     assert not any(getattr(s, "tag", None) in opening for ss in later.steps.values() for s in ss)
     with pytest.raises(ConfigError, match="calibration.opening.*calibration.enabled"):
         load_config(None, ["calibration.opening=true"])
+
+
+@pytest.mark.parametrize("method", ["hfm", "star"])
+@pytest.mark.parametrize("round_", [2, 3])
+def test_a_device_that_starts_a_later_round_synced_sends_its_statistics_before_it_trains(method, round_):
+    """Statistics first for joiners too: with calibration.opening and the head check, a device synced at the
+    start of a round after the first (one that joined, or lost its state) computes its statistics once synced
+    and sends them to its collector (its edge; the cloud in star) under ``join-stats`` before it trains; the
+    collector holds them before its first collect of training updates, weighs them as registered (caps) and
+    is not made to wait on the device (not critical). Nobody else sends any; round 1 has the opening phase
+    instead; without the head check there is none (nothing would read them)."""
+    from hffm.methods import JOIN_STATS, OPENING_STATS, SYNC, TRAINING_TAG
+    from hffm.recovery import critical
+
+    sets = [f"method={method}", "calibration.enabled=true", "calibration.opening=true", "e_agg=2",
+            "calibration.label_t=4", "calibration.head_check=0.3"]  # fmt: skip
+    cfg, topo, planner = _planned(*sets)
+    joined = topo.joiner("device-0-5", "all")
+    samples = {x.id: {t: 10 + i for t in x.tasks} for i, x in enumerate(joined.devices)}
+    held = {n: (round_ - 1, 0) for n in topo.node_ids() if n != "device-1-1"}  # device-1-1 lost its state
+    planned = planner.plan(round_, joined, samples=samples, held=held, cloud_rounds_done=[2] if round_ > 2 else [])
+    plan = planned.plan
+    plan.validate()
+    synced = {"device-0-5", "device-1-1"}
+    assert set(planned.starts.sync) == synced
+    collector = {d: (CLOUD if method == "star" else joined.device_map[d].edge) for d in synced}
+    for n, steps in plan.steps.items():
+        tags = [getattr(s, "tag", None) for s in steps]
+        if n in synced:
+            i, j, k = (
+                tags.index(SYNC),
+                tags.index(JOIN_STATS),
+                next(i for i, s in enumerate(steps) if isinstance(s, Train)),
+            )
+            assert i < j < k and isinstance(steps[j - 1], Stats), (n, tags)
+            send = steps[j]
+            assert send.to == collector[n] and set(send.modules) == {stats_name(t) for t in joined.device_map[n].tasks}
+        elif n in collector.values():
+            c = next(s for s in steps if isinstance(s, Collect) and s.tag == JOIN_STATS)
+            assert set(c.senders) == {d for d, to in collector.items() if to == n}
+            assert (c.rule, dict(c.params)) == ("label_check", {"defer": 1.0, "label_t": 4.0})
+            first = next(i for i, s in enumerate(steps) if isinstance(s, Collect) and s.tag.startswith(TRAINING_TAG))
+            assert tags.index(JOIN_STATS) == first - 1, (n, tags)
+            caps = {d: dict(m) for d, m in c.weight_caps}
+            assert all(caps[d] == {stats_name(t): float(samples[d][t]) for t in samples[d]} for d in c.senders)
+        else:
+            assert JOIN_STATS not in tags, (n, tags)
+    assert not synced & critical(plan)
+    assert not any(getattr(s, "tag", None) == OPENING_STATS for ss in plan.steps.values() for s in ss)
+    first = planner.plan(1, joined, samples=samples, held={}).plan  # round 1: the opening phase covers everyone
+    assert not any(getattr(s, "tag", None) == JOIN_STATS for ss in first.steps.values() for s in ss)
+    _, _, unchecked = _planned(*sets[:-1])  # no head check: nothing reads them
+    plain = unchecked.plan(round_, joined, samples=samples, held=held, cloud_rounds_done=[2] if round_ > 2 else [])
+    assert not any(getattr(s, "tag", None) == JOIN_STATS for ss in plain.plan.steps.values() for s in ss)

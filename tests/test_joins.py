@@ -260,6 +260,47 @@ def test_a_device_joining_mid_run_is_onboarded_over_d2d_and_takes_part(tmp_path)
     assert not joiner(), "the joiner outlived the run"
 
 
+def test_with_statistics_first_a_joiner_s_statistics_reach_its_edge_before_its_first_push(tmp_path):
+    """hfm over real gRPC and mTLS, calibration.opening with the label and head checks, topology.joins on.
+    Once round 2 is done, ``hffm join`` starts device-0-3. In its first round it is synced from its cluster,
+    sends its statistics to edge-0 (``join-stats``) and only then trains: edge-0 holds them before its
+    training push, whose heads are checked against them (a head_drop score, which a device with no statistics
+    at its edge would not get) in that very round; nobody else sends any statistics outside the phases."""
+    from hffm_cli.main import app
+
+    out = tmp_path / "run"
+    sets = ["method=hfm", "e_agg=2", "rounds=40", "topology.edges=1", "topology.devices_per_edge=3",
+            "runtime.devices_per_process=3", "data.train_per_task=60", "train.eval_every=40",
+            "topology.joins=true", "calibration.enabled=true", "calibration.opening=true",
+            "calibration.label_t=4", "calibration.head_check=0.3"]  # fmt: skip
+    cfg = load_config(None, sets)
+    joiner = "device-0-3"
+
+    def join(_sup) -> None:
+        r = CliRunner().invoke(app, ["join", "--run", str(out), "--id", joiner])
+        assert r.exit_code == 0 and f"{joiner} started" in r.output, r.output
+
+    res = _run_and(cfg, out, 2, join)
+    assert res["complete"] and joiner in res["nodes"]
+    rounds = res["rounds"]
+    first = next((x for x in rounds if any(h["origin"] == joiner for h in x["hops"])), None)
+    assert first is not None, f"{joiner} never took part"
+    assert first["round"] >= 3 and joiner in first["synced"]
+    stats = [h for h in first["hops"] if h["tag"] == "join-stats"]
+    assert stats and {(h["origin"], h["destination"]) for h in stats} == {(joiner, "edge-0")}
+    held = [a for a in first["aggregates"] if a["tag"] == "join-stats"]
+    assert [(a["node"], a["counted"]) for a in held] == [("edge-0", [joiner])]
+    trained = [a for a in first["aggregates"] if a["node"] == "edge-0" and a["tag"].startswith("aggregate")]
+    mine = [sc for a in trained for sc in a["scores"] if sc["sender"] == joiner]
+    assert mine and all(sc["module"].startswith("head.") and not sc["flagged"] for sc in mine), trained
+    assert joiner in {s for a in trained for s in a["counted"]}
+    for x in rounds:  # a statistics phase of its own in no other round: the joiner's first only
+        tags = {h["tag"] for h in x["hops"]}
+        assert ("join-stats" in tags) == (x["round"] == first["round"]), (x["round"], tags)
+    later = [x for x in rounds if x["round"] > first["round"]]
+    assert later and all(joiner not in x["synced"] for x in later)
+
+
 def test_join_refuses_a_run_that_takes_no_joiners(tmp_path):
     from hffm.config import write_config
     from hffm_cli.main import app
