@@ -724,7 +724,22 @@ def test_a_push_before_the_opening_phase_has_ended_is_refused_and_kept_nowhere(e
     assert list(node.inbox.snapshot()["accepted"]["aggregate"]) == [D0]
 
 
-def test_a_synced_device_s_statistics_hold_its_first_training_push_to_them(small_cfg):
+@pytest.fixture
+def checked_edge(small_cfg):
+    """An edge over gRPC with statistics first and the label and head checks (calibration.opening), its spec
+    and a client."""
+    sets = {"enabled": True, "label_t": 4.0, "head_check": 0.3, "opening": True}
+    cfg = small_cfg.model_copy(update={"calibration": small_cfg.calibration.model_copy(update=sets)})
+    spec, modules = node_modules(cfg, topology(cfg), EDGE)
+    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
+    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
+    ch = Clients(cfg, f"127.0.0.1:{srv.port}", EDGE)
+    yield node, spec, ch
+    ch.close()
+    srv.stop(0)
+
+
+def test_a_synced_device_s_statistics_hold_its_first_training_push_to_them(checked_edge):
     """Statistics first for a device synced into a later round (a joiner; calibration.opening with the head
     check): its statistics reach the edge under ``join-stats`` before its training push, which then weighs
     what they claim (not the median of the others' claims, not its registration) and has its heads checked
@@ -735,101 +750,90 @@ def test_a_synced_device_s_statistics_hold_its_first_training_push_to_them(small
     from hffm.ids import head_name, stats_name, task_of
     from hffm.methods import JOIN_STATS, Quorum
 
-    sets = {"enabled": True, "label_t": 4.0, "head_check": 0.3, "opening": True}
-    cfg = small_cfg.model_copy(update={"calibration": small_cfg.calibration.model_copy(update=sets)})
-    spec, modules = node_modules(cfg, topology(cfg), EDGE)
-    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
-    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
-    ch = Clients(cfg, f"127.0.0.1:{srv.port}", EDGE)
-    try:
-        start = dict(node.modules)
-        tasks = sorted({task_of(n) for n in start} - {None} - {"gqa"})
-        g = torch.Generator().manual_seed(5)
-        claimed = {t: torch.zeros(spec[stats_name(t)]["count"]) for t in tasks}  # answer 0: 12, answer 1: 5
-        for c in claimed.values():
-            c[:2] = torch.tensor([12.0, 5.0])
+    node, spec, ch = checked_edge
+    start = dict(node.modules)
+    tasks = sorted({task_of(n) for n in start} - {None} - {"gqa"})
+    g = torch.Generator().manual_seed(5)
+    claimed = {t: torch.zeros(spec[stats_name(t)]["count"]) for t in tasks}  # answer 0: 12, answer 1: 5
+    for c in claimed.values():
+        c[:2] = torch.tensor([12.0, 5.0])
 
-        def stats(r: int) -> list:
-            out = []
-            for t in tasks:
-                d = spec[stats_name(t)]["total"][1]
-                mean = torch.randn(len(claimed[t]), d, generator=g).double()
-                total = mean * claimed[t][:, None].double()
-                squares = torch.einsum("ci,cj->cij", mean, mean) * claimed[t][:, None, None].double()
-                out.append(to_module(stats_name(t), FeatureStats(claimed[t].double(), total, squares), r))
-            return out
+    def stats(r: int) -> list:
+        out = []
+        for t in tasks:
+            d = spec[stats_name(t)]["total"][1]
+            mean = torch.randn(len(claimed[t]), d, generator=g).double()
+            total = mean * claimed[t][:, None].double()
+            squares = torch.einsum("ci,cj->cij", mean, mean) * claimed[t][:, None, None].double()
+            out.append(to_module(stats_name(t), FeatureStats(claimed[t].double(), total, squares), r))
+        return out
 
-        def trained(r: int, lie: bool) -> dict:
-            """The start's modules pushed back (honest: its heads unchanged, a drop of 0), each head made to
-            answer 2, an answer it reported no sample of, with ``lie``."""
-            out = {}
-            for n, m in start.items():
-                if n == head_name("gqa"):
-                    continue
-                tensors = dict(m.tensors)
-                if lie and task_of(n) is not None:
-                    last = sorted(k for k in tensors if k.endswith(".bias"))[-1]
-                    tensors[last.replace(".bias", ".weight")] = torch.zeros_like(
-                        tensors[last.replace(".bias", ".weight")]
-                    )
-                    bias = torch.full_like(tensors[last], -10.0)
-                    bias[2] = 10.0
-                    tensors[last] = bias
-                out[n] = Module(n, tensors, r, 30.0)
-            return out
+    def trained(r: int, lie: bool) -> dict:
+        """The start's modules pushed back (honest: its heads unchanged, a drop of 0), each head made to
+        answer 2, an answer it reported no sample of, with ``lie``."""
+        out = {}
+        for n, m in start.items():
+            if n == head_name("gqa"):
+                continue
+            tensors = dict(m.tensors)
+            if lie and task_of(n) is not None:
+                last = sorted(k for k in tensors if k.endswith(".bias"))[-1]
+                tensors[last.replace(".bias", ".weight")] = torch.zeros_like(tensors[last.replace(".bias", ".weight")])
+                bias = torch.full_like(tensors[last], -10.0)
+                bias[2] = 10.0
+                tensors[last] = bias
+            out[n] = Module(n, tensors, r, 30.0)
+        return out
 
-        for r, lie in ((2, False), (3, True)):
-            held = (("defer", 1.0), ("label_t", 4.0))
-            steps = [
-                Collect(JOIN_STATS, (D1,), "device_edge", rule="label_check", params=held),
-                Collect("aggregate", (D0, D1), "device_edge"),
-            ]
-            node.assign(r, "hfm", steps, {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
-            node.inbox.claims = {D0: {}}  # D0's: none here; the median of nobody's would be no bound at all
-            sems = [encode_module(m) for m in stats(r)]
-            assert not _push(ch, push_requests(_header(D1, sems, round_=r, tag=JOIN_STATS), sems, 4096)).duplicate
-            ems = [encode_module(m) for m in trained(r, lie).values()]
-            assert not _push(ch, push_requests(_header(D1, ems, round_=r), ems, 4096)).duplicate  # before any wait
-            d0 = [encode_module(m) for m in _device_modules(node, 4, version=r).values()]
-            assert not _push(ch, push_requests(_header(D0, d0, round_=r), d0, 4096)).duplicate
-            got = node.inbox.wait(JOIN_STATS, 10)
-            assert got.counted == (D1,) and set(node.inbox.claims[D1]) == set(tasks)
-            agg = node.inbox.wait("aggregate", 10)
-            mine = [sc for sc in agg.scores if sc.sender == D1]
-            if lie:  # its heads find the answers it reported far less likely than the start's: all of it left out
-                assert {sc.module for sc in mine} == set(ems_names(ems)), agg.scores
-                assert all(sc.flagged and sc.head_drop > 5 for sc in mine)
-                theirs = _device_modules(node, 4, version=r)  # the aggregate is D0's alone
-                assert all(
-                    torch.equal(agg.modules[n].tensors[k], t) for n, m in theirs.items() for k, t in m.tensors.items()
-                )
-            else:  # checked, and scored on its heads
-                assert {sc.module for sc in mine} == {head_name(t) for t in tasks}, agg.scores
-                assert all(not sc.flagged and sc.head_drop == pytest.approx(0, abs=1e-6) for sc in mine)
-                weights = {s: dict(w) for s, w in agg.weights}  # 17 samples a task claimed, 30 registered
-                want = {n: (17.0 * len(tasks) if task_of(n) is None else 17.0) for n in ems_names(ems)}
-                assert weights == {D1: want}, weights
-        # nobody sends statistics by the deadline: the step ends empty, where a training collect would fail
-        quick = Quorum(deadline_s=0.2)
+    for r, lie in ((2, False), (3, True)):
+        held = (("defer", 1.0), ("label_t", 4.0))
         steps = [
-            Collect(JOIN_STATS, (D1,), "device_edge", quorum=quick),
-            Collect("aggregate", (D1,), "device_edge", quorum=quick),
+            Collect(JOIN_STATS, (D1,), "device_edge", rule="label_check", params=held),
+            Collect("aggregate", (D0, D1), "device_edge"),
         ]
-        node.assign(4, "hfm", steps, {D1: "127.0.0.1:2"})
-        empty = node.inbox.wait(JOIN_STATS, 10)
-        assert empty.modules == {} and empty.counted == () and empty.left_out == (D1,)
-        with pytest.raises(TimeoutError):
-            node.inbox.wait("aggregate", 10)
-    finally:
-        ch.close()
-        srv.stop(0)
+        node.assign(r, "hfm", steps, {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
+        node.inbox.claims = {D0: {}}  # D0's: none here; the median of nobody's would be no bound at all
+        sems = [encode_module(m) for m in stats(r)]
+        assert not _push(ch, push_requests(_header(D1, sems, round_=r, tag=JOIN_STATS), sems, 4096)).duplicate
+        ems = [encode_module(m) for m in trained(r, lie).values()]
+        assert not _push(ch, push_requests(_header(D1, ems, round_=r), ems, 4096)).duplicate  # before any wait
+        d0 = [encode_module(m) for m in _device_modules(node, 4, version=r).values()]
+        assert not _push(ch, push_requests(_header(D0, d0, round_=r), d0, 4096)).duplicate
+        got = node.inbox.wait(JOIN_STATS, 10)
+        assert got.counted == (D1,) and set(node.inbox.claims[D1]) == set(tasks)
+        agg = node.inbox.wait("aggregate", 10)
+        mine = [sc for sc in agg.scores if sc.sender == D1]
+        if lie:  # its heads find the answers it reported far less likely than the start's: all of it left out
+            assert {sc.module for sc in mine} == set(ems_names(ems)), agg.scores
+            assert all(sc.flagged and sc.head_drop > 5 for sc in mine)
+            theirs = _device_modules(node, 4, version=r)  # the aggregate is D0's alone
+            assert all(
+                torch.equal(agg.modules[n].tensors[k], t) for n, m in theirs.items() for k, t in m.tensors.items()
+            )
+        else:  # checked, and scored on its heads
+            assert {sc.module for sc in mine} == {head_name(t) for t in tasks}, agg.scores
+            assert all(not sc.flagged and sc.head_drop == pytest.approx(0, abs=1e-6) for sc in mine)
+            weights = {s: dict(w) for s, w in agg.weights}  # 17 samples a task claimed, 30 registered
+            want = {n: (17.0 * len(tasks) if task_of(n) is None else 17.0) for n in ems_names(ems)}
+            assert weights == {D1: want}, weights
+    # nobody sends statistics by the deadline: the step ends empty, where a training collect would fail
+    quick = Quorum(deadline_s=0.2)
+    steps = [
+        Collect(JOIN_STATS, (D1,), "device_edge", quorum=quick),
+        Collect("aggregate", (D1,), "device_edge", quorum=quick),
+    ]
+    node.assign(4, "hfm", steps, {D1: "127.0.0.1:2"})
+    empty = node.inbox.wait(JOIN_STATS, 10)
+    assert empty.modules == {} and empty.counted == () and empty.left_out == (D1,)
+    with pytest.raises(TimeoutError):
+        node.inbox.wait("aggregate", 10)
 
 
 def ems_names(ems) -> list[str]:
     return [e.name for e in ems]
 
 
-def test_with_statistics_first_a_device_without_statistics_weighs_as_a_typical_one(small_cfg):
+def test_with_statistics_first_a_device_without_statistics_weighs_as_a_typical_one(checked_edge):
     """calibration.opening with the head check: every device sends statistics before its first push, so one
     that pushes with none at this edge (a joiner since the last statistics, or one whose statistics missed
     their deadline) is weighed at most the median of the other devices' claims of each task, whatever it
@@ -837,35 +841,26 @@ def test_with_statistics_first_a_device_without_statistics_weighs_as_a_typical_o
     from hffm.calibration import Claim
     from hffm.ids import task_of
 
-    sets = {"enabled": True, "label_t": 4.0, "head_check": 0.3, "opening": True}
-    cfg = small_cfg.model_copy(update={"calibration": small_cfg.calibration.model_copy(update=sets)})
-    spec, modules = node_modules(cfg, topology(cfg), EDGE)
-    node = _Edge(EDGE, cfg, spec, modules, "127.0.0.1:0")
-    srv = NodeServer(node, "127.0.0.1:0", max_workers=8)
-    ch = Clients(cfg, f"127.0.0.1:{srv.port}", EDGE)
-    try:
-        pushed = _device_modules(node, 3, samples=30.0)
-        tasks = sorted({task_of(n) for n in pushed} - {None})
+    node, spec, ch = checked_edge
+    pushed = _device_modules(node, 3, samples=30.0)
+    tasks = sorted({task_of(n) for n in pushed} - {None})
 
-        def claim(n: float) -> Claim:
-            return Claim(torch.tensor([n, 0.0]), torch.zeros(2, 4))
+    def claim(n: float) -> Claim:
+        return Claim(torch.tensor([n, 0.0]), torch.zeros(2, 4))
 
-        # what the devices with statistics here claimed: 6, 8 and 40 samples of each task (median 8)
-        others = {f"device-1-{i}": {t: claim(n) for t in tasks} for i, n in enumerate((6.0, 8.0, 40.0))}
-        want = {n: (8.0 * len(tasks) if task_of(n) is None else 8.0) for n in pushed}
-        for r, first in ((2, True), (3, False)):
-            node.inbox.statistics_first = first  # the config's calibration.opening
-            node.assign(r, "hfm", [Collect("aggregate", (D1,), "device_edge")], {D1: "127.0.0.1:2"})
-            node.inbox.claims = dict(others)
-            ems = [encode_module(replace(m, version=r)) for m in pushed.values()]
-            assert not _push(ch, push_requests(_header(D1, ems, round_=r), ems, 4096)).duplicate
-            agg = node.inbox.wait("aggregate", 10)
-            weights = {s: dict(w) for s, w in agg.weights}
-            if first:
-                assert weights == {D1: want}, weights
-                assert all(agg.modules[n].num_samples == pytest.approx(w) for n, w in want.items())
-            else:
-                assert weights == {} and all(m.num_samples == 30.0 for m in agg.modules.values())
-    finally:
-        ch.close()
-        srv.stop(0)
+    # what the devices with statistics here claimed: 6, 8 and 40 samples of each task (median 8)
+    others = {f"device-1-{i}": {t: claim(n) for t in tasks} for i, n in enumerate((6.0, 8.0, 40.0))}
+    want = {n: (8.0 * len(tasks) if task_of(n) is None else 8.0) for n in pushed}
+    for r, first in ((2, True), (3, False)):
+        node.inbox.statistics_first = first  # the config's calibration.opening
+        node.assign(r, "hfm", [Collect("aggregate", (D1,), "device_edge")], {D1: "127.0.0.1:2"})
+        node.inbox.claims = dict(others)
+        ems = [encode_module(replace(m, version=r)) for m in pushed.values()]
+        assert not _push(ch, push_requests(_header(D1, ems, round_=r), ems, 4096)).duplicate
+        agg = node.inbox.wait("aggregate", 10)
+        weights = {s: dict(w) for s, w in agg.weights}
+        if first:
+            assert weights == {D1: want}, weights
+            assert all(agg.modules[n].num_samples == pytest.approx(w) for n, w in want.items())
+        else:
+            assert weights == {} and all(m.num_samples == 30.0 for m in agg.modules.values())
