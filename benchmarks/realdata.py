@@ -58,6 +58,7 @@ FEDERATED_ONLY = (
     "train.prox_mu",
     "train.restricted_softmax",
     "train.logit_adjust",
+    "train.decorr",
     "train.head_only_share",
     "aggregation.server_lr",
     "calibration.",

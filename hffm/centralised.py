@@ -55,7 +55,7 @@ def run_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> dict
     test = {t: build_global_test(cfg, t, tok) for t in cfg.tasks}
     names = model.module_names()
     central = cfg.train.model_copy(
-        update={"prox_mu": 0.0, "restricted_softmax": 1.0, "logit_adjust": 0.0, "head_only_share": None}
+        update={"prox_mu": 0.0, "restricted_softmax": 1.0, "logit_adjust": 0.0, "head_only_share": None, "decorr": 0.0}
     )  # one model: no drift, no skew
     rounds = []
     for r in range(1, cfg.rounds + 1):

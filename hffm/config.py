@@ -274,6 +274,14 @@ class TrainConfig(_Strict):
         "rather than its device's label skew; evaluation uses the plain logits (0: plain softmax, every bit as "
         "before; centralised training never uses it)",
     )
+    decorr: float = D(
+        0.0,
+        ge=0,
+        description="FedDecorr's beta (Shi et al., ICLR 2023): during local training beta times the mean squared "
+        "off-diagonal correlation between the batch's pooled features (times the batch size) is added to the loss, "
+        "against the dimensional collapse a device's label-skewed data brings the shared adapters' features to "
+        "(0: off, every bit as before; centralised training never uses it)",
+    )
     head_only_share: float | None = D(
         None,
         gt=0,

@@ -15,7 +15,7 @@ from torch import nn
 
 from hffm.config import TrainConfig
 from hffm.data import TaskData
-from hffm.ids import task_of
+from hffm.ids import head_name, task_of
 from hffm.model import HFFMModel
 from hffm.results import TaskScore
 
@@ -67,6 +67,10 @@ def train_local(
     # near-constant output, which the shared modules would be bent to give; their gradients from its batches
     # are dropped (None: off, every bit as before)
     head_only = skewed_tasks(data, cfg.head_only_share) if cfg.head_only_share is not None else set()
+    # FedDecorr (Shi et al., ICLR 2023): under label skew a device's local training collapses the features
+    # the shared modules make into few directions; penalising the correlations between the batch's feature
+    # dimensions keeps them spread (0: the features are not even taken apart, every bit as before)
+    beta = cfg.decorr
     shared = model.trainable_parameters([n for n in module_names if task_of(n) is None]) if head_only else []
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
@@ -82,7 +86,11 @@ def train_local(
             if cfg.noop:
                 seen += len(idx)
                 continue
-            logits = model(batch, task)
+            if beta > 0:
+                feats = model.pooled(batch, task)
+                logits = model.module(head_name(task))(feats)
+            else:
+                logits = model(batch, task)
             if task in restrict:
                 logits = logits * restrict[task].to(logits.device)
             if task in adjust:
@@ -90,6 +98,8 @@ def train_local(
             loss = loss_fn(logits, batch["labels"])
             opt.zero_grad(set_to_none=True)
             objective = loss / len(idx)
+            if beta > 0 and len(idx) > 1:
+                objective = objective + beta * decorrelation(feats)
             if anchors:
                 objective = objective + 0.5 * mu * sum(
                     (p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)
@@ -106,6 +116,18 @@ def train_local(
             steps += 1
     model.eval()
     return TrainStats(loss=total_loss / max(seen, 1) if not cfg.noop else 0.0, samples=seen, steps=steps)
+
+
+def decorrelation(z: torch.Tensor) -> torch.Tensor:
+    """FedDecorr's loss of a batch's features ``z`` (N, d), as its authors' code computes it: each dimension
+    standardised over the batch, then the mean over the off-diagonal entries of the squared zᵀz, divided by N
+    (N times the mean squared correlation between two dimensions)."""
+    n, d = z.shape
+    z = z - z.mean(dim=0, keepdim=True)
+    z = z / torch.sqrt(1e-5 + z.var(dim=0, keepdim=True))
+    k = z.T @ z
+    off = k.pow(2).sum() - k.diagonal().pow(2).sum()
+    return off / (d * (d - 1)) / n
 
 
 def round_lr(cfg: TrainConfig, round_: int, rounds: int) -> float:

@@ -421,6 +421,53 @@ def test_a_skewed_task_trains_its_head_alone(small_cfg):
             load_config(None, [f"train.head_only_share={bad}"])
 
 
+def test_feddecorr_penalises_correlated_features_and_spreads_them(small_cfg):
+    """train.decorr (FedDecorr, Shi et al. 2023): the loss is N times the mean squared correlation between two
+    feature dimensions over the batch (``decorrelation``, against numpy's correlation matrix); local training
+    with it leaves the device's pooled features less correlated than plain training does, moving the adapters
+    differently, and off it changes nothing. Negative is a config error naming the field."""
+    import torch
+
+    from hffm.data import build_device_data, task_labels
+    from hffm.ids import task_of
+    from hffm.model import build_model
+    from hffm.training import decorrelation, train_local
+
+    z = torch.randn(24, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * torch.arange(1, 11)
+    corr = np.corrcoef(z.numpy(), rowvar=False)
+    off = corr[~np.eye(10, dtype=bool)]
+    n = len(z)  # zᵀz of the standardised features is (N - 1) times the correlation matrix
+    assert float(decorrelation(z)) == pytest.approx((n - 1) ** 2 * float(np.mean(off**2)) / n, rel=1e-4)
+    assert float(decorrelation(z[:, :1].repeat(1, 4))) == pytest.approx((n - 1) ** 2 / n, rel=1e-4)  # collapsed
+
+    tok = build_tokenizer()
+    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
+    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
+    names = model.module_names()
+    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+    train = small_cfg.train.model_copy(update={"local_epochs": 3})
+
+    def after(beta: float) -> tuple[dict, float]:
+        for n in names:
+            model.load_module_state(n, start[n])
+        train_local(model, data, names, train.model_copy(update={"decorr": beta}), "cpu", 7)
+        with torch.no_grad():
+            spread = sum(
+                float(decorrelation(model.pooled(td.batch(torch.arange(len(td))), t))) for t, td in data.items()
+            )
+        return {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}, spread
+
+    plain, plain_corr = after(0.0)
+    again, again_corr = after(0.0)
+    assert again_corr == plain_corr and all(torch.equal(again[n][k], plain[n][k]) for n in names for k in plain[n])
+    spread, spread_corr = after(1.0)
+    assert spread_corr < 0.9 * plain_corr, (spread_corr, plain_corr)  # 6.2 against 7.9 here
+    assert any(not torch.equal(spread[n][k], plain[n][k]) for n in names if task_of(n) is None for k in plain[n])
+    with pytest.raises(ConfigError, match="decorr"):
+        load_config(None, ["train.decorr=-1"])
+
+
 def test_sgd_steps_scale_with_the_gradient_where_a_fresh_adamw_moves_every_weight_by_about_lr(small_cfg):
     """train.optimizer: one local step on one batch. SGD's step is -lr x gradient (twice the lr, twice the
     step; a weight with a tiny gradient barely moves), a fresh AdamW's is about lr on every weight with a
