@@ -607,11 +607,9 @@ class LabelCheck(Aggregator):
         return {s: claims_of(by_task) for s, by_task in self._stats().items()}
 
     def _stats(self) -> dict[str, dict]:
-        from hffm.calibration import from_module  # the model's side of the package
-        from hffm.ids import stats_task
+        from hffm.calibration import sums_of  # the model's side of the package
 
-        held = self._held.items()
-        return {s: {stats_task(m.name): from_module(m) for m in mods if stats_task(m.name)} for s, mods in held}
+        return {s: sums_of(mods) for s, mods in self._held.items()}
 
     def _result(self, version: int) -> ModuleSet:
         if self._out is None:
@@ -638,13 +636,12 @@ class LabelCheck(Aggregator):
         ``stats.<task>`` sums of every device the cloud counted) minus its own statistics where they were in
         it, and flag, greedily, those that stand out against both (``label_scores``: either reference alone
         can be the flippers'). Their scores (none with fewer than MIN_SENDERS_TO_FLAG senders)."""
-        from hffm.calibration import from_module, label_scores
-        from hffm.ids import stats_task
+        from hffm.calibration import label_scores, sums_of
 
         if len(self._held) < MIN_SENDERS_TO_FLAG:
             return []
         summed = {s for s in self.senders if s not in self.flagged}  # what this node sent up
-        fed = {stats_task(n): from_module(m) for n, m in federation.items() if stats_task(n)}
+        fed = sums_of(federation.values())
         t, self.flagged = label_scores(self._stats(), self.cut, fed, summed)
         return self._scored(t)
 

@@ -20,7 +20,7 @@ variances and those correlations: d x d per task, not per answer).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 
 from hffm.config import HFFMConfig, ModelConfig
 from hffm.data import TaskData
-from hffm.ids import HEAD_PREFIX, head_name, stats_name
+from hffm.ids import HEAD_PREFIX, head_name, stats_name, stats_task
 from hffm.model import HFFMModel, build_head
 from hffm.modules import Module, ModuleError, ModuleSet
 
@@ -394,6 +394,11 @@ def claims_from(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, di
             raise ValueError(f"{where}: the claim of {sender} on task {task} is damaged")
         out.setdefault(sender, {})[task] = Claim(count, mean)
     return out
+
+
+def sums_of(modules: Iterable[Module]) -> dict[str, FeatureStats]:
+    """task -> the sums one sender's statistics modules (``stats.<task>``) stand for; other modules ignored."""
+    return {t: from_module(m) for m in modules if (t := stats_task(m.name))}
 
 
 def claims_of(stats: dict[str, FeatureStats]) -> dict[str, Claim]:

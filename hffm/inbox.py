@@ -364,7 +364,7 @@ class Inbox:
             if coll.step.tag == JOIN_STATS and self.head_check is not None:
                 # a synced device's statistics hold from its next push on: it sends them before it trains, and its
                 # training push may come before this node's step has waited for them
-                self.claims[header.sender] = _claims(folded)
+                self.claims[header.sender] = _claims(folded)  # as the step's LabelCheck.claims will read them
             coll.newest = max(coll.newest, *(m.version for m in header.modules))
             self._cv.notify_all()
             return False
@@ -470,10 +470,10 @@ class Inbox:
 
 
 def _claims(modules: list[Module]) -> dict[str, Claim]:
-    """task -> the claim of one sender's statistics modules (as ``LabelCheck.claims`` reads them)."""
-    from hffm.calibration import claims_of, from_module  # the model's side of the package
+    """task -> the claim of one sender's statistics modules."""
+    from hffm.calibration import claims_of, sums_of  # the model's side of the package
 
-    return claims_of({t: from_module(m) for m in modules if (t := stats_task(m.name))})
+    return claims_of(sums_of(modules))
 
 
 def _claimed_samples(claims: dict[str, Claim]) -> dict[str, float]:
