@@ -286,6 +286,14 @@ class Inbox:
             )
         if h.link != coll.step.link:
             raise ModuleError("INVALID_ARGUMENT", "wrong_link", f"link {h.link!r}, expected {coll.step.link!r}")
+        held = self._collections.get(JOIN_STATS)
+        if held is not None and h.tag.startswith(TRAINING_TAG) and h.sender in held.step.senders:
+            if h.sender not in held.accepted:  # it sends them before it trains: a push before them skips the checks
+                raise ModuleError(
+                    "FAILED_PRECONDITION",
+                    "before_statistics",
+                    f"{h.sender} pushes to {self.node_id}/{h.tag} before its statistics ({JOIN_STATS})",
+                )
         for m in h.modules:  # a sync carries the state of an earlier round; anything else this round's
             if (m.version >= h.round) if coll.step.tag == SYNC else (m.version != h.round):
                 raise ModuleError(

@@ -745,6 +745,7 @@ def test_a_synced_device_s_statistics_hold_its_first_training_push_to_them(check
     what they claim (not the median of the others' claims, not its registration) and has its heads checked
     against them; a push whose heads contradict them is left out. The push may come before the edge's step
     has waited for the statistics (the device sends them, trains and pushes): they hold from their arrival.
+    A training push before its statistics (which no honest device sends) is refused and kept nowhere.
     A statistics collect nobody sent to by its deadline ends empty, where a training collect would fail."""
     from hffm.calibration import FeatureStats, to_module
     from hffm.ids import head_name, stats_name, task_of
@@ -794,8 +795,11 @@ def test_a_synced_device_s_statistics_hold_its_first_training_push_to_them(check
         node.assign(r, "hfm", steps, {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
         node.inbox.claims = {D0: {}}  # D0's: none here; the median of nobody's would be no bound at all
         sems = [encode_module(m) for m in stats(r)]
-        assert not _push(ch, push_requests(_header(D1, sems, round_=r, tag=JOIN_STATS), sems, 4096)).duplicate
         ems = [encode_module(m) for m in trained(r, lie).values()]
+        # its training push before its statistics (an honest device never sends one): refused, nothing kept
+        early = push_requests(_header(D1, ems, round_=r), ems, 4096)
+        _expect(ch, node, early, grpc.StatusCode.FAILED_PRECONDITION, "before its statistics")
+        assert not _push(ch, push_requests(_header(D1, sems, round_=r, tag=JOIN_STATS), sems, 4096)).duplicate
         assert not _push(ch, push_requests(_header(D1, ems, round_=r), ems, 4096)).duplicate  # before any wait
         d0 = [encode_module(m) for m in _device_modules(node, 4, version=r).values()]
         assert not _push(ch, push_requests(_header(D0, d0, round_=r), d0, 4096)).duplicate
