@@ -252,22 +252,29 @@ def test_eval_every_leaves_evaluation_out_of_plans_but_keeps_exchanges():
     assert bare.transfers() == plan.transfers()
 
 
+def _device_0_0(cfg):
+    """device-0-0's training data, a model, its trainable modules' names and their state before any training
+    (to train from again)."""
+    from hffm.data import build_device_data, task_labels
+    from hffm.model import build_model
+
+    tok = build_tokenizer()
+    topo = Topology.from_config(cfg, cfg.model.num_layers)
+    data = build_device_data(cfg, "device-0-0", topo.holders_by_task(), tok).train
+    model = build_model(cfg, len(tok), task_labels(cfg))
+    names = model.module_names()
+    return data, model, names, {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+
+
 def test_fedprox_keeps_local_modules_near_their_start(small_cfg):
     """train.prox_mu: the proximal term mu/2 ||w - w_start||^2 pulls the trained modules back towards the
     round's start (a large mu moves them less than plain training on the same data and seed); mu = 0
     is plain training, bit for bit (the same seed twice gives the same modules)."""
     import torch
 
-    from hffm.data import build_device_data, task_labels
-    from hffm.model import build_model
     from hffm.training import train_local
 
-    tok = build_tokenizer()
-    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
-    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
-    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
-    names = model.module_names()
-    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+    data, model, names, start = _device_0_0(small_cfg)
 
     def moved(mu: float) -> float:
         for n in names:
@@ -291,19 +298,12 @@ def test_restricted_softmax_leaves_the_answers_a_device_never_sees_alone(small_c
     answers it holds are trained either way."""
     import torch
 
-    from hffm.data import build_device_data, task_labels
-    from hffm.model import build_model
     from hffm.training import train_local
 
-    tok = build_tokenizer()
-    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
-    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    data, model, names, start = _device_0_0(small_cfg)
     task = sorted(data)[0]
     present = torch.tensor(data[task].label_counts()) > 0
     assert present.any() and not present.all(), "the fixture's device should miss some answers"
-    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
-    names = model.module_names()
-    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
     head = f"head.{task}"
     last = max(k for k, v in start[head].items() if v.ndim == 2 and v.shape[0] == present.numel())
 
@@ -331,20 +331,13 @@ def test_logit_adjustment_leaves_a_devices_answer_prior_out_of_its_head(small_cf
     config error naming the field."""
     import torch
 
-    from hffm.data import build_device_data, task_labels
-    from hffm.model import build_model
     from hffm.training import train_local
 
-    tok = build_tokenizer()
-    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
-    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    data, model, names, start = _device_0_0(small_cfg)
     task = sorted(data)[0]
     counts = torch.tensor(data[task].label_counts())
     top = int(counts.argmax())
     assert counts[top] > 0.5 * counts.sum(), "the fixture's device should be skewed towards one answer"
-    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
-    names = model.module_names()
-    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
     head = f"head.{task}"
     bias = max(k for k, v in start[head].items() if v.ndim == 1 and k.endswith("bias") and v.numel() == counts.numel())
 
@@ -376,19 +369,12 @@ def test_a_skewed_task_trains_its_head_alone(small_cfg):
     trains every bit as before; out of (0, 1] is a config error naming the field."""
     import torch
 
-    from hffm.data import build_device_data, task_labels
     from hffm.ids import task_of
-    from hffm.model import build_model
     from hffm.training import skewed_tasks, train_local
 
-    tok = build_tokenizer()
-    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
-    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    data, model, names, start = _device_0_0(small_cfg)
     shares = {t: max(td.label_counts()) / len(td) for t, td in data.items()}
     assert len(shares) == 2 and min(shares.values()) < max(shares.values()) < 1, shares
-    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
-    names = model.module_names()
-    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
 
     def after(update: dict) -> dict[str, dict[str, torch.Tensor]]:
         for n in names:
@@ -428,9 +414,7 @@ def test_feddecorr_penalises_correlated_features_and_spreads_them(small_cfg):
     differently, and off it changes nothing. Negative is a config error naming the field."""
     import torch
 
-    from hffm.data import build_device_data, task_labels
     from hffm.ids import task_of
-    from hffm.model import build_model
     from hffm.training import decorrelation, train_local
 
     z = torch.randn(24, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * torch.arange(1, 11)
@@ -440,12 +424,7 @@ def test_feddecorr_penalises_correlated_features_and_spreads_them(small_cfg):
     assert float(decorrelation(z)) == pytest.approx((n - 1) ** 2 * float(np.mean(off**2)) / n, rel=1e-4)
     assert float(decorrelation(z[:, :1].repeat(1, 4))) == pytest.approx((n - 1) ** 2 / n, rel=1e-4)  # collapsed
 
-    tok = build_tokenizer()
-    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
-    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
-    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
-    names = model.module_names()
-    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
+    data, model, names, start = _device_0_0(small_cfg)
     train = small_cfg.train.model_copy(update={"local_epochs": 3})
 
     def after(beta: float) -> tuple[dict, float]:
@@ -475,17 +454,10 @@ def test_sgd_steps_scale_with_the_gradient_where_a_fresh_adamw_moves_every_weigh
     set with AdamW it is a config error naming the field."""
     import torch
 
-    from hffm.data import build_device_data, task_labels
-    from hffm.model import build_model
     from hffm.training import train_local
 
-    tok = build_tokenizer()
-    topo = Topology.from_config(small_cfg, small_cfg.model.num_layers)
-    data = build_device_data(small_cfg, "device-0-0", topo.holders_by_task(), tok).train
+    data, model, names, start = _device_0_0(small_cfg)
     task = sorted(data)[0]
-    model = build_model(small_cfg, len(tok), task_labels(small_cfg))
-    names = model.module_names()
-    start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in names}
 
     def step(**update) -> torch.Tensor:
         for n in names:
