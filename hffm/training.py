@@ -69,7 +69,7 @@ def train_local(
     head_only = skewed_tasks(data, cfg.head_only_share) if cfg.head_only_share is not None else set()
     # FedDecorr (Shi et al., ICLR 2023): under label skew a device's local training collapses the features
     # the shared modules make into few directions; penalising the correlations between the batch's feature
-    # dimensions keeps them spread (0: the features are not even taken apart, every bit as before)
+    # dimensions keeps them spread (0: nothing added, every bit as before)
     beta = cfg.decorr
     shared = model.trainable_parameters([n for n in module_names if task_of(n) is None]) if head_only else []
     model.train()
@@ -86,11 +86,8 @@ def train_local(
             if cfg.noop:
                 seen += len(idx)
                 continue
-            if beta > 0:
-                feats = model.pooled(batch, task)
-                logits = model.module(head_name(task))(feats)
-            else:
-                logits = model(batch, task)
+            feats = model.pooled(batch, task)  # what model(batch, task) computes, the features kept for FedDecorr
+            logits = model.module(head_name(task))(feats)
             if task in restrict:
                 logits = logits * restrict[task].to(logits.device)
             if task in adjust:
