@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg, len(tok), task_labels(cfg))
     topo = Topology.from_config(cfg, 0)
     start = split_table(cfg).holders_by_task()
-    attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
+    attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges, cfg.topology.joins)
     flips = cfg.adversary.behaviour == "label_flip"
     data = {}
     for d in topo.device_map:

@@ -1,7 +1,7 @@
 """Screening a training remedy in one process before it is built into the nodes (issue 15).
 
-``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads] [--server-lr η] [--tau τ]
-[--calibrate none|final|cloud] [--out FILE] [--set KEY=VALUE ...]``; ``--plot PNG
+``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads|virtual] [--server-lr η] [--tau τ]
+[--virtual-weight λ] [--calibrate none|final|cloud] [--out FILE] [--set KEY=VALUE ...]``; ``--plot PNG
 --curve LABEL=FILE ... [--central FILE]`` plots curves made before.
 
 A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
@@ -26,6 +26,11 @@ Remedies:
 - ``fedadam``: FedAdam (Reddi et al. 2021) at the cloud: each cloud round the cloud takes the FedAvg's
   difference from the last global modules as a pseudo-gradient and steps with Adam on it (``--server-lr``
   η, ``--tau`` τ, β = 0.9, 0.99): global + η m / (√v + τ). Devices and edges are plain.
+- ``virtual`` (with ``--calibrate cloud``): the federation's feature statistics of the last cloud round's
+  calibration go down to the devices, and each local batch of a task adds ``--virtual-weight`` λ times the
+  cross-entropy of the device's head on as many features drawn from them (answers in the global prior), so
+  its head cannot fit the device's own prior alone (the idea of FedImpro, Tang et al. 2024, at the pooled
+  features). It would send the statistics down as well as up.
 
 ``--calibrate cloud`` calibrates the heads (CCVR, ``hffm.calibration``) after every cloud round's average, as
 the cloud does with ``calibration.enabled`` (the same function, its parameters from ``--set calibration.*``);
@@ -49,16 +54,16 @@ from pathlib import Path
 import torch
 
 from hffm.aggregation import server_step, weighted_mean
-from hffm.calibration import calibrate_heads, feature_stats, merge
+from hffm.calibration import calibrate_heads, feature_stats, merge, virtual_features
 from hffm.config import HFFMConfig, load_config, resolve_torch_device
 from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
-from hffm.ids import task_of, update_weight
+from hffm.ids import head_name, task_of, update_weight
 from hffm.model import HFFMModel, build_model
 from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
 from hffm.training import evaluate, round_lr, train_local
 
-REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads")
+REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads", "virtual")
 CALIBRATE = ("none", "final", "cloud")
 
 
@@ -69,6 +74,7 @@ def screen(
     server_lr: float = 0.01,
     tau: float = 1e-3,
     calibrate: str = "none",
+    virtual_weight: float = 1.0,
 ) -> tuple[list[dict], ModuleSet]:
     """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
     cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
@@ -101,6 +107,7 @@ def screen(
     curve: list[dict] = []
     glob = start
     moments: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # FedAdam's m and v
+    gstats: dict = {}  # virtual: the last cloud round's merged feature statistics
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         new: dict[str, ModuleSet] = {}
@@ -111,6 +118,11 @@ def screen(
             hook, grads = (None, None)
             if remedy == "scaffold":
                 hook, grads = _scaffold_hook(model, names, sent_c[edge_of[d]], own_c[d])
+            extra = None
+            if remedy == "virtual" and gstats:
+                extra = _virtual_loss(
+                    model, gstats, virtual_weight, zlib.crc32(f"{cfg.seed}/v/{d}/{r}".encode()), device
+                )
             train_local(
                 model,
                 data[d].train,
@@ -120,6 +132,7 @@ def screen(
                 seed=zlib.crc32(f"{cfg.seed}/{d}/{r}".encode()),
                 lr=round_lr(cfg.train, r, cfg.rounds),
                 on_grad=hook,
+                extra_loss=extra,
             )
             new[d] = _snapshot(model, names, r, weights)
             if grads is not None:
@@ -136,7 +149,8 @@ def screen(
         before = None
         if cloud and (calibrate == "cloud" or (calibrate == "final" and r == cfg.rounds)):
             before = _accuracy(model, names, glob, test, device)
-            glob = avg[g] = _calibrated(cfg, model, names, glob, data, devices, r, device)
+            glob, gstats = _calibrated(cfg, model, names, glob, data, devices, r, device)
+            avg[g] = glob
         held = {e: avg[g] for e, g in groups.items()}
         if remedy == "scaffold":
             c_avg = {g: weighted_mean([own_c[d] for d in g]) for g in set(groups.values())}
@@ -172,14 +186,30 @@ def _calibrated(
     devices: list[str],
     r: int,
     device: str,
-) -> ModuleSet:
-    """``glob`` with every head calibrated as the cloud does (``hffm.calibration.calibrate_heads``, by
-    ``calibration.*``) on the devices' feature statistics under ``glob``'s modules."""
+) -> tuple[ModuleSet, dict]:
+    """(``glob`` with every head calibrated as the cloud does (``hffm.calibration.calibrate_heads``, by
+    ``calibration.*``) on the devices' feature statistics under ``glob``'s modules; those statistics)."""
     for n in names:
         model.load_module_state(n, glob[n].tensors)
     diagonal, pooled = cfg.calibration.diagonal, cfg.calibration.pooled
     stats = merge([feature_stats(model, data[d].train, device, diagonal=diagonal, pooled=pooled) for d in devices])
-    return {**glob, **calibrate_heads(glob, stats, cfg, r)[0]}
+    return {**glob, **calibrate_heads(glob, stats, cfg, r)[0]}, stats
+
+
+def _virtual_loss(model: HFFMModel, stats: dict, weight: float, seed: int, device: str):
+    """extra_loss for train_local: each batch of a task adds ``weight`` x the mean cross-entropy of the
+    device's head on as many virtual features, drawn from the global statistics' Gaussians (answers in
+    the global prior), so the head cannot fit the device's own prior alone."""
+    pools = {t: virtual_features(fs, 1.0, seed) for t, fs in stats.items()}
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def extra(task: str, n: int) -> torch.Tensor:
+        feats, labels = pools[task]
+        idx = torch.randint(len(labels), (n,), generator=gen)
+        return weight * loss_fn(model.module(head_name(task))(feats[idx].to(device)), labels[idx].to(device))
+
+    return extra
 
 
 def _snapshot(model: HFFMModel, names: list[str], version: int, samples: dict[str, int]) -> ModuleSet:
@@ -276,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server step size η")
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's τ (adaptivity)")
+    p.add_argument("--virtual-weight", type=float, default=1.0, help="virtual: the virtual features' loss weight")
     p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
     p.add_argument("--plot", type=Path, default=None, help="only plot: the curves of --curve LABEL=JSON to this PNG")
@@ -286,10 +317,14 @@ def main(argv: list[str] | None = None) -> None:
         plot({k: Path(v) for k, v in (c.split("=", 1) for c in a.curve)}, a.plot, a.central)
         return
     cfg = load_config(a.config, a.sets)
-    curve, _ = screen(cfg, a.remedy, server_lr=a.server_lr, tau=a.tau, calibrate=a.calibrate)
+    curve, _ = screen(
+        cfg, a.remedy, server_lr=a.server_lr, tau=a.tau, calibrate=a.calibrate, virtual_weight=a.virtual_weight
+    )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         info = {"remedy": a.remedy, "sets": a.sets, "curve": curve, "calibrate": a.calibrate}
+        if a.remedy == "virtual":
+            info |= {"virtual_weight": a.virtual_weight}
         if a.remedy == "fedadam":
             info |= {"server_lr": a.server_lr, "tau": a.tau}
         a.out.write_text(json.dumps(info, indent=1))

@@ -31,7 +31,7 @@ import torch
 
 from hffm.config import AdversaryConfig
 from hffm.data import DeviceData
-from hffm.ids import HEAD_PREFIX
+from hffm.ids import HEAD_PREFIX, joining_edge
 from hffm.modules import Module, ModuleSet
 
 UPDATE_ATTACKS = ("sign_flip", "scale", "noise", "free_ride")  # poison the trained update alone
@@ -66,16 +66,23 @@ def lie(candidate: str, attackers: Iterable[str]) -> tuple[float, float]:
     return (1.0, 0.0) if candidate in set(attackers) else (0.0, 1.0)
 
 
-def adversaries(cfg: AdversaryConfig, devices: Iterable[str], seed: int, edges: Iterable[str] = ()) -> frozenset[str]:
-    """The attacking nodes: ``cfg.nodes`` (devices or edges) and round(fraction × devices) more devices
-    drawn from the rest by ``seed``. ValueError naming the field for an id that is neither, or for an
-    edge given a behaviour that needs training data (an edge only aggregates: it can poison what it
-    forwards with an ``UPDATE_ATTACKS`` behaviour)."""
+def adversaries(
+    cfg: AdversaryConfig, devices: Iterable[str], seed: int, edges: Iterable[str] = (), joins: bool = False
+) -> frozenset[str]:
+    """The attacking nodes: ``cfg.nodes`` (devices or edges; with ``joins``, topology.joins, also devices that
+    may join one of ``edges`` later, ``device-<e>-<i>``) and round(fraction × devices) more devices drawn from
+    the rest by ``seed``. ValueError naming the field for an id that is none of those, or for an edge given a
+    behaviour that needs training data (an edge only aggregates: it can poison what it forwards with an
+    ``UPDATE_ATTACKS`` behaviour)."""
     devs = sorted(devices)
     aggregators = set(edges)
-    unknown = sorted(set(cfg.nodes) - set(devs) - aggregators)
+    joiners = {n for n in cfg.nodes if joins and joining_edge(n) in aggregators}
+    unknown = sorted(set(cfg.nodes) - set(devs) - aggregators - joiners)
     if unknown:
-        raise ValueError(f"adversary.nodes: {unknown} are not devices or edges of this topology")
+        raise ValueError(
+            f"adversary.nodes: {unknown} are not devices or edges of this topology"
+            + (" (nor devices that may join one of its edges)" if joins else "")
+        )
     if bad := sorted(set(cfg.liars) - set(devs)):
         raise ValueError(f"adversary.liars: {bad} are not devices of this topology (only devices validate)")
     if (bad := sorted(set(cfg.nodes) & aggregators)) and cfg.behaviour not in UPDATE_ATTACKS:

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -548,6 +548,31 @@ class Bulyan(_Buffered):
         return sel.gather(0, closest).mean(dim=0).to(torch.float32)
 
 
+@dataclass(frozen=True)
+class LabelReference:
+    """What a label check judged a phase's statistics against, kept for a device that sends statistics later
+    (a joiner's ``join-stats``): ``here``, task -> the sum of the statistics of the senders it kept (``peers``
+    of them); ``rest``, task -> the federation's sums less every sender here (a deferred check's), or None.
+    ``round``: the round whose modules the statistics were computed under (its closing phase's)."""
+
+    round: int
+    here: dict  # task -> FeatureStats
+    peers: int
+    rest: dict | None = None  # task -> FeatureStats
+
+    def score(self, mine: Mapping[str, Any]) -> float | None:
+        """``mine``'s label_t against this reference as ``label_scores`` would score it beside the senders
+        kept (the smaller against here and the rest, where each applies and holds any of its answers; here only
+        with at least MIN_SENDERS_TO_FLAG senders in all); None where neither does."""
+        from hffm.calibration import evidence
+
+        scores = [evidence(dict(mine), [self.here])] if self.peers + 1 >= MIN_SENDERS_TO_FLAG else []
+        if self.rest is not None:
+            scores.append(evidence(dict(mine), [self.rest]))
+        known = [v for v in scores if v is not None]
+        return min(known) if known else None
+
+
 class LabelCheck(Aggregator):
     """The FedAvg of feature statistics (``stats.<task>`` modules: calibration) with each sender's labels
     checked by them (``calibration.label_t``; ``hffm.calibration.label_scores``): a sender whose per-answer
@@ -587,6 +612,11 @@ class LabelCheck(Aggregator):
         self._held: dict[str, list[Module]] = {}
         self._out: ModuleSet | None = None
         self.flagged: list[str] = []
+        # what the last check judged against (``label_reference``): the kept senders' sums and the federation's rest
+        self._judged: tuple[dict, int, dict | None] | None = None
+        # sender -> its label_t where the node checked it on arrival (a joiner's statistics, ``Inbox``) and it
+        # passed; those it flagged are ``excluded``
+        self.passed: dict[str, float] = {}
 
     def _fold_one(self, sender: str, mods: list[Module]) -> None:  # held even when excluded: scored later
         self._fold(sender, mods)
@@ -620,8 +650,16 @@ class LabelCheck(Aggregator):
                 self.flagged = [s for s in self.senders if s in self.excluded]
                 left = [(m.name, s) for s in self.flagged for m in self._held[s]]
                 self.scores.extend(_label_score(name, s, self.excluded[s], True) for name, s in left)
+                ok = [
+                    (m.name, s)
+                    for s in self.senders
+                    if s in self.passed and s not in self.excluded
+                    for m in self._held[s]
+                ]
+                self.scores.extend(_label_score(name, s, self.passed[s], False) for name, s in ok)
             elif len(self._held) >= MIN_SENDERS_TO_FLAG:
                 t, self.flagged = label_scores(self._stats(), self.cut)
+                self._judged = (*self._kept_sums(), None)
             out = FedAvg()
             for s in self.senders:  # fold order: the sum is the same whatever order the pushes came in
                 if s not in self.flagged:  # summed from copies: the held statistics are read again later
@@ -642,8 +680,31 @@ class LabelCheck(Aggregator):
             return []
         summed = {s for s in self.senders if s not in self.flagged}  # what this node sent up
         fed = sums_of(federation.values())
-        t, self.flagged = label_scores(self._stats(), self.cut, fed, summed)
+        stats = self._stats()
+        t, self.flagged = label_scores(stats, self.cut, fed, summed)
+        rest = {}
+        for task, ref in fed.items():  # as label_scores takes it: the federation less every sender here
+            for s in summed:
+                if task in stats[s]:
+                    ref = ref - stats[s][task]
+            rest[task] = ref
+        self._judged = (*self._kept_sums(), rest)
         return self._scored(t)
+
+    def _kept_sums(self) -> tuple[dict, int]:
+        """(task -> the sum of the statistics of the senders not flagged, how many senders that is)."""
+        here: dict = {}
+        kept = [s for s in self.senders if s not in self.flagged]
+        stats = self._stats()
+        for s in kept:
+            for task, fs in stats[s].items():
+                here[task] = here[task] + fs if task in here else fs
+        return here, len(kept)
+
+    def label_reference(self, round_: int) -> LabelReference | None:
+        """What the last check here judged against, for statistics computed under round ``round_``'s modules
+        (None: no check scored anyone, as with fewer than MIN_SENDERS_TO_FLAG senders)."""
+        return None if self._judged is None else LabelReference(round_, *self._judged)
 
     def _scored(self, t: Mapping[str, float]) -> list[SenderScore]:
         return [_label_score(m.name, s, t[s], s in self.flagged) for s in self.senders for m in self._held[s]]

@@ -269,12 +269,18 @@ def calibrate_heads(
 
 
 def label_t(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]]) -> float:
+    """``evidence`` or 0 where nothing is comparable."""
+    t = evidence(mine, others)
+    return 0.0 if t is None else t
+
+
+def evidence(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]]) -> float | None:
     """How far a sender's per-answer mean features are from the others' pooled means of the same answers, in
     units of what sampling alone would give: for every (task, answer) both hold, T = |mu_mine - mu_others|^2 /
     (v (1/n_mine + 1/n_others)), v the total within-answer variance (the trace of the pooled within-answer
     covariance, over every sample of the task the sender and the others hold); the mean of T weighted by the
-    sender's samples. About 1 when the sender's samples of each answer are like the others'; 0 when nothing
-    is comparable (no answer held by both, no within-answer spread)."""
+    sender's samples. About 1 when the sender's samples of each answer are like the others'; None when nothing
+    is comparable (no answer held by both, no within-answer spread): no evidence either way."""
     num = den = 0.0
     for task, fs in mine.items():
         held = [o[task] for o in others if task in o]
@@ -299,7 +305,7 @@ def label_t(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]]
             d2 = float(((fs.total[c] / a - ref.total[c] / b) ** 2).sum())
             num += a * d2 / (v * (1 / a + 1 / b))
             den += a
-    return num / den if den else 0.0
+    return num / den if den else None
 
 
 def label_scores(
@@ -313,9 +319,11 @@ def label_scores(
     (``here``) and, given ``federation`` (task -> the sums of every sender anywhere, ``summed`` of ``stats``'
     senders among them), against the rest of the federation (the federation minus every sender here: other
     clusters' devices, whom nothing here can outvote); with both, its score is the smaller: it must stand out
-    against both references. Greedily, the sender with the largest score above ``cut`` is flagged and left
-    out of every other sender's references, and all are scored again, while a majority of the senders stays
-    unflagged (a detector fooled into flagging the honest cannot flag most of them).
+    against both references (against the one that holds any of its answers, where only one does: a reference
+    with nothing comparable is no evidence, and until 2026-12-06 its 0 cleared the sender against the other).
+    Greedily, the sender with the largest score above ``cut`` is flagged and left out of every other sender's
+    references, and all are scored again, while a majority of the senders stays unflagged (a detector fooled
+    into flagging the honest cannot flag most of them).
 
     Either reference alone can be the flippers': among a cluster's few senders, two flippers holding most of
     an answer's samples make it theirs (the honest holders of that answer then score high); in the rest of
@@ -330,16 +338,19 @@ def label_scores(
             if s in summed and task in stats[s]:
                 ref = ref - stats[s][task]
         rest[task] = ref
-    # against the rest of the federation a score does not change as senders here are flagged: once
-    by_rest = {s: label_t(stats[s], [rest]) for s in senders} if federation is not None else {}
+    # against the rest of the federation a score does not change as senders here are flagged: once. A reference
+    # that holds none of a sender's answers (one edge alone; answers only this cluster holds) is no evidence:
+    # it cannot clear the sender against the other
+    by_rest = {s: evidence(stats[s], [rest]) for s in senders} if federation is not None else {}
 
     while True:
         t: dict[str, float] = {}
         for s in senders:
-            scores = [by_rest[s]] if s in by_rest else []
+            scores = [by_rest.get(s)]
             if here:
-                scores.append(label_t(stats[s], [stats[o] for o in senders if o != s and o not in flagged]))
-            t[s] = min(scores) if scores else 0.0
+                scores.append(evidence(stats[s], [stats[o] for o in senders if o != s and o not in flagged]))
+            known = [v for v in scores if v is not None]
+            t[s] = min(known) if known else 0.0
         over = [s for s in senders if s not in flagged and t[s] > cut]
         if not over or len(senders) - len(flagged) - 1 < majority:
             return t, flagged

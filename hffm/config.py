@@ -749,7 +749,11 @@ class AdversaryConfig(_Strict):
     """Test and benchmark only: devices that poison the update they send (an honest node is never
     changed; docs/robustness.md). None by default."""
 
-    nodes: list[str] = D(default_factory=list, description="device ids that attack")
+    nodes: list[str] = D(
+        default_factory=list,
+        description="device ids that attack (with topology.joins also ids a device may join under later, "
+        "device-<e>-<i> of an existing edge)",
+    )
     fraction: float = D(0.0, ge=0, le=1, description="and this fraction of all devices, chosen by seed")
     behaviour: Literal[
         "sign_flip", "scale", "noise", "free_ride", "label_flip", "alie", "ipm", "fake_specialist", "bait_switch"

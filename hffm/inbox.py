@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from hffm.aggregation import Aggregator, LabelCheck, make_aggregator
+from hffm.aggregation import Aggregator, LabelCheck, LabelReference, make_aggregator
 from hffm.config import ModelConfig
 from hffm.ids import D2D, role_of, stats_task, task_of
-from hffm.methods import JOIN_STATS, LABEL_CHECK, OPENING_TAGS, STATS_OF, SYNC, TRAINING_TAG, Collect
+from hffm.methods import JOIN_STATS, LABEL_CHECK, OPENING_TAGS, STATS, STATS_OF, SYNC, TRAINING_TAG, Collect
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader, digests_follow
@@ -104,6 +104,10 @@ class Inbox:
         # sender -> task -> what its last statistics here said (Claim), kept with head_check: its training pushes
         # are checked against them (saved with each round end and set back from the base, as the flags are)
         self.claims: dict[str, dict[str, Claim]] = {}
+        # what this node's last label check of a closing phase's statistics judged against: a device synced into
+        # the next round (a joiner) is checked against it as its statistics arrive (``_check_joiner``). Not
+        # saved: after a restart a joiner's labels wait for the next phase, as they did before 2026-12-06
+        self.label_reference: LabelReference | None = None
         self._generation = 0
         self._cv = threading.Condition()
 
@@ -373,9 +377,42 @@ class Inbox:
                 # a synced device's statistics hold from its next push on: it sends them before it trains, and its
                 # training push may come before this node's step has waited for them
                 self.claims[header.sender] = _claims(folded)  # as the step's LabelCheck.claims will read them
+                self._check_joiner(coll, header.sender, folded)
             coll.newest = max(coll.newest, *(m.version for m in header.modules))
             self._cv.notify_all()
             return False
+
+    def _check_joiner(self, coll: _Collection, sender: str, modules: list[Module]) -> None:
+        """A synced device's statistics (``join-stats``) checked for its labels as they arrive, against what this
+        node's label check of the last round's closing phase judged its senders by (``label_reference``): the
+        statistics its kept senders sent and the rest of the federation, computed under the modules the device
+        was synced to. Flagged, the device is left out of this round's collects of training updates, which it
+        cannot have pushed to yet (``_check`` refuses a push before its statistics); passing, it is cleared. The
+        step's record scores it either way. Where the reference is older than the last round (an edge round
+        came between: the device's modules are not those the reference's statistics were computed under) or
+        missing (a restart), its labels wait for the next calibration phase's check."""
+        ref = self.label_reference
+        agg = coll.aggregator
+        if not isinstance(agg, LabelCheck) or ref is None or self.round is None or ref.round != self.round - 1:
+            return
+        from hffm.calibration import sums_of  # the model's side of the package
+
+        t = ref.score(sums_of(modules))
+        if t is None:
+            return
+        flagged = t > agg.cut
+        targets = [agg] + [
+            c.aggregator
+            for c in self._collections.values()
+            if c.step.tag.startswith(TRAINING_TAG) and sender in c.step.senders and not c.closed
+        ]
+        for a in targets:
+            if flagged:
+                a.excluded[sender] = t
+            else:
+                a.excluded.pop(sender, None)
+        if not flagged:
+            agg.passed[sender] = t
 
     def leave_out(self, round_: int, attempt: int, sender: str, reason: str) -> list[str]:
         """Stop waiting for ``sender`` in this round's attempt (the coordinator found it lost); returns
@@ -446,10 +483,12 @@ class Inbox:
             )
             scores = list(coll.aggregator.scores)
             if coll.step.rule == LABEL_CHECK:
+                assert isinstance(coll.aggregator, LabelCheck)
                 self._checked(scores)
                 if self.head_check is not None:
-                    assert isinstance(coll.aggregator, LabelCheck)
                     self.claims.update(coll.aggregator.claims())
+                if tag == STATS and not coll.aggregator.defer:  # checked here and now (the cloud in star)
+                    self.label_reference = coll.aggregator.label_reference(self.round)
             elif tag in STATS_OF and any(stats_task(n) for n in modules):
                 # the federation's statistics came back with the calibrated heads: the deferred check of the
                 # same phase's statistics runs now
@@ -459,6 +498,8 @@ class Inbox:
                         checked = other.aggregator.check(modules)
                         self._checked(checked)
                         scores += checked
+                        if STATS_OF[tag] == STATS:  # a closing phase's: under the round's modules
+                            self.label_reference = other.aggregator.label_reference(self.round)
             return Aggregate(
                 tag,
                 modules,

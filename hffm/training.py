@@ -36,6 +36,7 @@ def train_local(
     seed: int,
     lr: float | None = None,
     on_grad: Callable[[str], None] | None = None,
+    extra_loss: Callable[[str, int], torch.Tensor] | None = None,
 ) -> TrainStats:
     """E_local epochs; each epoch visits every batch of every task once, tasks interleaved. ``lr``: the
     round's learning rate (``round_lr``); None: ``cfg.lr``. ``on_grad(task)``, when given, is called after
@@ -97,6 +98,8 @@ def train_local(
             objective = loss / len(idx)
             if beta > 0 and len(idx) > 1:
                 objective = objective + beta * decorrelation(feats)
+            if extra_loss is not None:
+                objective = objective + extra_loss(task, len(idx))
             if anchors:
                 objective = objective + 0.5 * mu * sum(
                     (p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)

@@ -469,7 +469,7 @@ def _run(
         topo = Topology.from_config(cfg, layers)
         check_capacity(cfg, topo)
         try:
-            attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
+            attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges, cfg.topology.joins)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if attackers:

@@ -36,6 +36,13 @@ def test_who_attacks_is_named_or_drawn_by_seed():
     assert "edge-1" in both and len(both - {"edge-1"}) == 2 and both - {"edge-1"} <= set(DEVICES)
     with pytest.raises(ValueError, match=r"adversary.behaviour: label_flip needs training data, and \['edge-0'\]"):
         adversaries(AdversaryConfig(nodes=["edge-0"], behaviour="label_flip"), DEVICES, 0, edges)
+    # a device that may join later (topology.joins) is named by the id it will join with, under an existing edge
+    late = AdversaryConfig(nodes=["device-1-7"], behaviour="label_flip")
+    assert adversaries(late, DEVICES, 0, edges, joins=True) == {"device-1-7"}
+    with pytest.raises(ValueError, match=r"adversary.nodes: \['device-1-7'\] are not devices or edges"):
+        adversaries(late, DEVICES, 0, edges)  # joins off: nobody can join as it
+    with pytest.raises(ValueError, match=r"adversary.nodes: \['device-2-0'\] are not devices or edges"):
+        adversaries(AdversaryConfig(nodes=["device-2-0"]), DEVICES, 0, edges, joins=True)  # no edge-2 to join
 
 
 def test_each_behaviour_sends_what_it_says():

@@ -387,12 +387,23 @@ def test_checked_against_the_federation_flippers_who_outvote_their_cluster_are_f
     agg, scores = deferred(cluster, federation)
     assert agg.scores == [] and sorted({sc.sender for sc in scores if sc.flagged}) == ["s01", "s04"]
     assert max(sc.label_t for sc in scores if not sc.flagged) < 3
+    # kept for a later sender: the four honest here, and the federation less all six (whom it summed)
+    ref = agg.label_reference(1)
+    assert ref.peers == 4 and set(ref.here) == set(ref.rest) == {"t"}
+    outside = merge([v for s, v in stats.items() if int(s[1:]) >= 6])["t"]
+    assert torch.allclose(ref.rest["t"].count, outside.count) and torch.allclose(ref.rest["t"].total, outside.total)
+    assert torch.allclose(ref.here["t"].count, merge([cluster[s] for s in ("s00", "s02", "s03", "s05")])["t"].count)
     # flippers of their own weight: both references flag them, and so does the deferred check
     stats = senders(1)
     cluster = {s: v for s, v in stats.items() if int(s[1:]) < 6}
     agg, scores = deferred(cluster, merge(list(stats.values())))
     assert sorted({sc.sender for sc in scores if sc.flagged}) == ["s01", "s04"]
     assert all(sc.excluded == sc.flagged for sc in scores)
+    # one edge alone (the federation is this cluster): the rest holds nothing to compare with, which is no
+    # evidence either way; the flippers are found here (until 2026-12-06 the rest's 0 cleared every sender)
+    lone, lone_scores = deferred(cluster, merge(list(cluster.values())))
+    assert sorted({sc.sender for sc in lone_scores if sc.flagged}) == ["s01", "s04"], lone_scores
+    assert lone.label_reference(1).score(stats["s01"]) > 4 and lone.label_reference(1).score(stats["s00"]) < 3
     up = from_module(agg.result(1)[stats_name("t")])
     assert torch.allclose(up.count, merge(list(cluster.values()))["t"].count)  # round 1: sent up whole
     # next round the node leaves them out of its sum (excluded: held, scored, not summed), and checks them again
@@ -421,12 +432,21 @@ def test_a_label_check_sums_the_statistics_of_the_unflagged_only():
     by = {s.sender: s for s in agg.scores}
     assert by["device-3"].flagged and by["device-3"].excluded and by["device-3"].label_t > 4
     assert not any(by[s].flagged for s in by if s != "device-3")
-    # fewer than 4 senders: no spread to judge by, summed as they came and nobody scored
+    # what it judged by, kept for statistics that come later (a joiner's): the kept senders' sum, nothing else;
+    # against it a newcomer scores as it would have beside them (here: a flipper and an honest one)
+    ref = agg.label_reference(1)
+    assert (ref.round, ref.peers, ref.rest) == (1, 5, None)
+    assert torch.allclose(ref.here["t"].count, want.count) and torch.allclose(ref.here["t"].total, want.total)
+    flipped, honest_new = (stats_of(x, y, 4) for x, y in _skewed_senders(flip={6}, n=8)[6:])
+    kept = [stats_of(x, y, 4) for i, (x, y) in enumerate(raw) if i != 3]
+    assert ref.score({"t": flipped}) == pytest.approx(label_t({"t": flipped}, [{"t": k} for k in kept]))
+    assert ref.score({"t": flipped}) > 20 and ref.score({"t": honest_new}) < 3
+    # fewer than 4 senders: no spread to judge by, summed as they came, nobody scored and no reference kept
     few = make_aggregator("label_check", [], None, {"label_t": 4.0})
     for s in sorted(mods)[:3]:
         few.add(s, [mods[s]])
     assert few.result(1)[stats_name("t")].num_samples == sum(mods[s].num_samples for s in sorted(mods)[:3])
-    assert few.scores == [] and few.flagged == []
+    assert few.scores == [] and few.flagged == [] and few.label_reference(1) is None
     with pytest.raises(ValueError, match="label_t"):
         make_aggregator("label_check", [], None, {"label_t": 0})
 

@@ -833,6 +833,75 @@ def test_a_synced_device_s_statistics_hold_its_first_training_push_to_them(check
         node.inbox.wait("aggregate", 10)
 
 
+def test_a_joiner_s_labels_are_checked_as_its_statistics_arrive(checked_edge):
+    """A device synced into the round after a cloud round (a joiner) has its labels checked the moment its
+    ``join-stats`` arrive: against what the edge's deferred label check of that cloud round's statistics judged
+    its devices by (the statistics of the four it kept, and the federation's sums less theirs), computed under
+    the modules the joiner was synced to. A joiner whose statistics put each answer's mean where another
+    answer's samples lie (trained on flipped labels) is flagged there: its training push, in the same round, is
+    counted and left out; an honest joiner passes and is folded. Where an edge round came between (the
+    reference is not of the last round) nothing is checked on arrival: the next phase does it, as before."""
+    from hffm.calibration import stats_of, to_module
+    from hffm.ids import CLOUD, head_name, stats_name
+    from hffm.methods import CALIBRATED, JOIN_STATS, STATS
+
+    node, spec, ch = checked_edge
+    peers = tuple(f"device-0-{i}" for i in range(4))
+    honest, flipper, late = "device-0-4", "device-0-5", "device-0-6"
+    addr = {d: f"127.0.0.1:{10 + i}" for i, d in enumerate((*peers, honest, flipper, late))} | {CLOUD: "127.0.0.1:9"}
+    classes, hidden = spec[stats_name("art")]["count"][0], spec[stats_name("art")]["total"][1]
+    g = torch.Generator().manual_seed(11)
+    means = 4 * torch.randn(classes, hidden, generator=g)
+
+    def data(n: int, flip: bool = False):  # n samples of every answer around the shared answer means
+        y = torch.arange(classes).repeat_interleave(n)
+        x = means[y] + torch.randn(len(y), hidden, generator=g)
+        return stats_of(x, classes - 1 - y if flip else y, classes)
+
+    def push(sender, mods, r, tag, link="device_edge"):
+        ems = [encode_module(m) for m in mods]
+        assert not _push(ch, push_requests(_header(sender, ems, round_=r, tag=tag, link=link), ems, 4096)).duplicate
+
+    held = (("defer", 1.0), ("label_t", 4.0))
+    # round 2, a cloud round's closing phase: the four peers' statistics, then the federation's sums with the heads
+    node.assign(2, "hfm", [Collect(STATS, peers, "device_edge", rule="label_check", params=held),
+                           Collect(CALIBRATED, (CLOUD,), "edge_cloud")], addr)  # fmt: skip
+    mine = [data(6) for _ in peers]
+    for d, fs in zip(peers, mine, strict=True):
+        push(d, [to_module(stats_name("art"), fs, 2)], 2, STATS)
+    node.inbox.wait(STATS, 10)
+    federation = sum([data(6) for _ in range(4)], sum(mine[1:], mine[0]))  # another cluster's four as well
+    heads = Module(head_name("art"), dict(node.modules[head_name("art")].tensors), 2, 48.0)
+    push(CLOUD, [heads, to_module(stats_name("art"), federation, 2)], 2, CALIBRATED, "edge_cloud")
+    checked = node.inbox.wait(CALIBRATED, 10)
+    assert checked.scores and not any(sc.flagged for sc in checked.scores)  # the phase's own check: all honest
+    assert node.inbox.label_reference.round == 2 and node.inbox.label_reference.peers == 4
+
+    def join_round(r: int, joiners: tuple[str, ...], flipped: set[str]):
+        node.assign(r, "hfm", [Collect(JOIN_STATS, joiners, "device_edge", rule="label_check", params=held),
+                               Collect("aggregate", joiners, "device_edge")], addr)  # fmt: skip
+        for j in joiners:
+            push(j, [to_module(stats_name("art"), data(5, flip=j in flipped), r)], r, JOIN_STATS)
+        for j in joiners:  # before the edge waits on its statistics: the check held from their arrival
+            mods = [Module(n, dict(m.tensors), r, 15.0 * classes) for n, m in node.modules.items() if n != "head.gqa"]
+            push(j, mods, r, "aggregate")
+        return node.inbox.wait(JOIN_STATS, 10), node.inbox.wait("aggregate", 10)
+
+    stats, agg = join_round(3, (honest, flipper), {flipper})
+    t = {sc.sender: (sc.label_t, sc.flagged) for sc in stats.scores}
+    assert t[flipper][1] and t[flipper][0] > 4 and not t[honest][1] and t[honest][0] < 4, stats.scores
+    assert node.inbox.mislabelled == {flipper: t[flipper][0]}
+    assert set(agg.counted) == {honest, flipper}
+    left = {sc.sender for sc in agg.scores if sc.excluded}
+    assert left == {flipper} and all(sc.label_t > 4 for sc in agg.scores if sc.sender == flipper), agg.scores
+    assert all(sc.head_drop == pytest.approx(0, abs=1e-6) for sc in agg.scores if sc.sender == honest)
+    # round 5: the reference is round 2's, an edge round (4) between: a flipper joining now is not checked yet
+    node.assign(4, "hfm", [Collect("aggregate", peers[:1], "device_edge")], addr)
+    stats, agg = join_round(5, (late,), {late})
+    assert stats.scores == () and late not in node.inbox.mislabelled
+    assert agg.counted == (late,) and not any(sc.excluded for sc in agg.scores)
+
+
 def ems_names(ems) -> list[str]:
     return [e.name for e in ems]
 

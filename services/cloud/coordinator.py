@@ -117,7 +117,10 @@ class Coordinator:
         self.dispatcher = Dispatcher(cfg, node, self.members)
         self.board = SpecialistBoard(cfg, node, self.members)  # specialists (Section V-C), when enabled
         self.results = ResultsWriter(
-            cfg, out_dir, node.metrics, adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
+            cfg,
+            out_dir,
+            node.metrics,
+            adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges, cfg.topology.joins),
         )
         self.persistor = Persistor.in_root(cfg.checkpoint.dir or out_dir / "state", CLOUD, cfg.checkpoint.keep)
         # node -> the round end it holds, as far as the coordinator knows (hffm/recovery.py)

@@ -102,7 +102,7 @@ class DeviceNode(NodeRuntime):
         start = split_table(cfg).holders_by_task()
         self.data: DeviceData = build_device_data(cfg, node_id, start, host.tokenizer, grown.device_map[node_id].tasks)
         # config adversary (tests and benchmarks): this device poisons what it sends
-        attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges)
+        attackers = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges, cfg.topology.joins)
         self.attacks = node_id in attackers
         self.attackers = attackers
         self.lies = node_id in cfg.adversary.liars  # lies when it validates a specialist (config adversary)
@@ -124,7 +124,7 @@ class DeviceNode(NodeRuntime):
                 self.data = flip_labels(self.data, task_labels(cfg))
             if adv.behaviour in COLLUDING_ATTACKS:
                 holders = topo.holders_by_task()
-                for c in sorted(attackers - {node_id}):
+                for c in sorted((attackers - {node_id}) & set(topo.device_map)):  # joiners: not yet
                     shared = tuple(t for t in topo.device_map[c].tasks if t in self.info.tasks)
                     if shared:
                         self.colluders.append((c, build_device_data(cfg, c, holders, host.tokenizer, shared)))

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         args.listen,
         start_metrics(args, cfg, args.id),
         persistor=persistor(args, cfg, args.id),
-        attacks=args.id in adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges),
+        attacks=args.id in adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges, cfg.topology.joins),
     )
     registry = EdgeRegistry(node, topo, args.upstream, cfg.runtime.register_timeout_s)
     srv = NodeServer(
