@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hffm.aggregation import LabelReference
 from hffm.config import HFFMConfig, ModelConfig
 from hffm.data import TaskData
 from hffm.ids import HEAD_PREFIX, head_name, stats_name, stats_task
@@ -405,6 +406,89 @@ def claims_from(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, di
             raise ValueError(f"{where}: the claim of {sender} on task {task} is damaged")
         out.setdefault(sender, {})[task] = Claim(count, mean)
     return out
+
+
+REFERENCE_PREFIX = "labelref"  # a round end's tensors of its label reference (``reference_tensors``)
+_STATS_PARTS = ("count", "total", "squares", "pooled")
+
+
+def reference_tensors(ref: LabelReference | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A label check's reference (``LabelReference``) as a node saves it with a round end: named float64 tensors
+    (``labelref/<here|rest>/<task>/<count|total|squares|pooled>``) and the JSON the rest needs (round, peers,
+    the tasks of each part; rest null where it has none); ({}, None) without one."""
+    if ref is None:
+        return {}, None
+    out = {}
+    for part, sums in (("here", ref.here), ("rest", ref.rest or {})):
+        for task, fs in sorted(sums.items()):
+            for k, v in zip(_STATS_PARTS, (fs.count, fs.total, fs.squares, fs.pooled), strict=True):
+                if v is not None:
+                    out[f"{REFERENCE_PREFIX}/{part}/{task}/{k}"] = v.double().contiguous()
+    rest = None if ref.rest is None else sorted(ref.rest)
+    return out, {"round": ref.round, "peers": ref.peers, "here": sorted(ref.here), "rest": rest}
+
+
+def reference_from(tensors: Mapping[str, torch.Tensor], meta: object, where: str) -> LabelReference | None:
+    """What ``reference_tensors`` made, read back; ValueError naming ``where`` and the entry for anything else
+    (an unknown name, a part missing, shapes that disagree, a value that is not finite, JSON that is not
+    ``{round, peers, here, rest}`` or names other tasks than the tensors hold, tensors without it): a damaged
+    round end is refused, not half-believed."""
+    if meta is None:
+        if tensors:
+            raise ValueError(f"{where}: label reference tensors {sorted(tensors)[:2]} without its round and peers")
+        return None
+
+    def counts(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def tasks(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+    ok = isinstance(meta, dict) and set(meta) == {"round", "peers", "here", "rest"}
+    if not (ok and counts(meta["round"]) and counts(meta["peers"]) and tasks(meta["here"])) or not (
+        meta["rest"] is None or tasks(meta["rest"])
+    ):
+        raise ValueError(
+            f"{where}: a label reference must be {{round, peers: ints >= 0, here, rest: task lists (rest or null)}}, "
+            f"got {meta!r}"
+        )
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        bits = name.split("/")
+        if (
+            len(bits) != 4
+            or bits[0] != REFERENCE_PREFIX
+            or bits[1] not in ("here", "rest")
+            or bits[3] not in _STATS_PARTS
+        ):
+            raise ValueError(
+                f"{where}: {name!r} is no part of a label reference ({REFERENCE_PREFIX}/here|rest/<task>/...)"
+            )
+        parts.setdefault((bits[1], bits[2]), {})[bits[3]] = t
+    sums: dict[str, dict[str, FeatureStats]] = {"here": {}, "rest": {}}
+    for (part, task), p in sorted(parts.items()):
+        entry = f"{where}: label reference {part}/{task}"
+        if missing := [k for k in _STATS_PARTS[:3] if k not in p]:
+            raise ValueError(f"{entry} lacks {missing}")
+        c, total, sq, pooled = (p.get(k) for k in _STATS_PARTS)
+        classes, d = c.shape[0] if c.dim() == 1 else -1, total.shape[-1]
+        shapes_ok = (
+            c.dim() == 1
+            and tuple(total.shape) == (classes, d)
+            and tuple(sq.shape) in ((classes, d), (classes, d, d))
+            and (pooled is None or tuple(pooled.shape) == (d, d))
+        )
+        if not shapes_ok:
+            raise ValueError(f"{entry}: shapes that disagree")
+        if not all(bool(torch.isfinite(v).all()) for v in (c, total, sq, *([pooled] if pooled is not None else []))):
+            raise ValueError(f"{entry}: a value that is not finite")
+        sums[part][task] = FeatureStats(
+            c.double(), total.double(), sq.double(), None if pooled is None else pooled.double()
+        )
+    for part in ("here", "rest"):
+        if sorted(sums[part]) != sorted(meta[part] or []):
+            raise ValueError(f"{where}: label reference {part} holds {sorted(sums[part])}, its JSON says {meta[part]}")
+    return LabelReference(meta["round"], sums["here"], meta["peers"], None if meta["rest"] is None else sums["rest"])
 
 
 def sums_of(modules: Iterable[Module]) -> dict[str, FeatureStats]:

@@ -105,8 +105,8 @@ class Inbox:
         # are checked against them (saved with each round end and set back from the base, as the flags are)
         self.claims: dict[str, dict[str, Claim]] = {}
         # what this node's last label check of a closing phase's statistics judged against: a device synced into
-        # the next round (a joiner) is checked against it as its statistics arrive (``_check_joiner``). Not
-        # saved: after a restart a joiner's labels wait for the next phase, as they did before 2026-12-06
+        # the next round (a joiner) is checked against it as its statistics arrive (``_check_joiner``); saved with
+        # each round end and set back from the base, as the flags are
         self.label_reference: LabelReference | None = None
         self._generation = 0
         self._cv = threading.Condition()
@@ -390,7 +390,7 @@ class Inbox:
         cannot have pushed to yet (``_check`` refuses a push before its statistics); passing, it is cleared. The
         step's record scores it either way. Where the reference is older than the last round (an edge round
         came between: the device's modules are not those the reference's statistics were computed under) or
-        missing (a restart), its labels wait for the next calibration phase's check."""
+        missing, its labels wait for the next calibration phase's check."""
         ref = self.label_reference
         agg = coll.aggregator
         if not isinstance(agg, LabelCheck) or ref is None or self.round is None or ref.round != self.round - 1:

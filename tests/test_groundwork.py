@@ -473,6 +473,83 @@ def test_a_restarted_node_reads_an_older_base_from_disk_once(tmp_path):
     node.close()
 
 
+def test_what_a_node_s_label_check_judged_by_is_part_of_each_round_end_it_saves(tmp_path):
+    """The label reference (the kept senders' statistics and the federation's rest, by which a joiner's
+    statistics are checked as they arrive) is saved with a round end (its sums in tensors.safetensors, its
+    round and peers in state.json): a restarted edge holds it again, a re-run attempt starts from its base's,
+    a round end without one has none, and a damaged one is refused with the round end named."""
+    from safetensors.torch import load_file, save_file
+
+    from hffm.aggregation import LabelReference
+    from hffm.calibration import stats_of
+    from hffm.model import backbone_dims
+    from services.common.bootstrap import node_modules
+    from services.common.rounds import RoundState
+    from services.edge.__main__ import EdgeNode
+
+    sets = ["method=hfm", "topology.edges=1", "topology.devices_per_edge=4", "security.tls=false"]
+    sets += ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0.3"]
+    cfg = load_config(None, sets)
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    spec, modules = node_modules(cfg, topo, "edge-0")
+
+    def edge() -> EdgeNode:
+        return EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=2))
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 3
+    ref = LabelReference(1, {"art": stats_of(x, y, 3)}, 4, {"art": stats_of(x[:20], y[:20], 3, diagonal=True)})
+
+    def same(got: LabelReference | None, want: LabelReference) -> bool:
+        parts = [(got.here, want.here), (got.rest, want.rest)] if got is not None else []
+        return (
+            got is not None
+            and (got.round, got.peers) == (want.round, want.peers)
+            and all(
+                a.keys() == b.keys()
+                and all(torch.equal(a[t].count, b[t].count) and torch.equal(a[t].squares, b[t].squares) for t in a)
+                for a, b in parts
+            )
+        )
+
+    node = edge()
+    assert node.inbox.label_reference is None
+    node.inbox.label_reference = ref
+    node.end_round(RoundState(1, "hfm", [], {}))
+    node.close()
+    node = edge()  # restarted
+    assert same(node.inbox.label_reference, ref)
+    node.inbox.label_reference = LabelReference(2, {}, 0)  # an attempt of round 2 checked labels, aborted
+    collect = Collect("aggregate", ("device-0-1", "device-0-2"), "device_edge")
+    node.assign(2, "hfm", [collect], {}, attempt=1, base=(1, 0))  # the re-run attempt
+    assert same(node.inbox.label_reference, ref)
+    node.inbox.label_reference = None
+    node.end_round(RoundState(2, "hfm", [], {}, attempt=1))
+    node.close()
+    assert edge().inbox.label_reference is None
+    path = tmp_path / "round-1-attempt-0" / "tensors.safetensors"
+    good = load_file(str(path))
+    (tmp_path / "round-2-attempt-1").rename(tmp_path / "later")  # round 1 is the newest again
+    assert same(edge().inbox.label_reference, ref)
+    damaged = [
+        {k: v for k, v in good.items() if not k.endswith("here/art/total")},  # a part missing
+        {**good, "labelref/rest/art/total": torch.zeros(2, 4, dtype=torch.float64)},  # shapes that disagree
+        {**good, "labelref/here/art/count": torch.tensor([1.0, float("inf"), 2.0], dtype=torch.float64)},
+        {**good, "labelref/there/art/count": torch.zeros(3, dtype=torch.float64)},
+    ]
+    for bad in damaged:
+        save_file(bad, str(path))
+        with pytest.raises(ValueError, match=r"round end \(1, 0\): "):
+            edge()
+    save_file(good, str(path))
+    state = tmp_path / "round-1-attempt-0" / "state.json"
+    meta = json.loads(state.read_text())
+    meta["extra"]["label_reference"]["peers"] = -1
+    state.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"round end \(1, 0\): a label reference must be"):
+        edge()
+
+
 def test_a_round_end_s_claims_are_shared_by_content_like_its_modules(tmp_path):
     """tensors.safetensors (the head check's claims) goes through the store as modules.safetensors does: a round
     end whose claims did not change since the last (hfm's rounds between cloud rounds) links the file written

@@ -459,7 +459,7 @@ class Coordinator:
         self.members.restore(extra.get("members", {}))
         self.board.restore(extra.get("specialists", {}))
         self.held = {n: (int(k[0]), int(k[1])) for n, k in extra.get("held", {}).items()}
-        self.node.hold((saved.round, saved.attempt), saved.modules, extra.get(MISLABELLED, {}), saved.tensors)
+        self.node.hold((saved.round, saved.attempt), saved.modules, extra, saved.tensors)
         set_rng_states(saved.rng)
         log.warning("resuming after round %d (attempt %d) from %s", saved.round, saved.attempt, self.persistor.dir)
         return saved.round + 1

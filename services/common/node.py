@@ -17,13 +17,14 @@ from pathlib import Path
 import grpc
 import torch
 
-from hffm.calibration import Claim, claims_from, claims_tensors
+from hffm.aggregation import LabelReference
+from hffm.calibration import REFERENCE_PREFIX, Claim, claims_from, claims_tensors, reference_from, reference_tensors
 from hffm.config import HFFMConfig
 from hffm.ids import CLOUD, stats_task
 from hffm.inbox import Inbox, RoundAborted
 from hffm.methods import Collect, Step
 from hffm.modules import ModuleError, ModuleSet, ModuleSpec, save_modules
-from hffm.persist import MISLABELLED, NodeState, Persistor, valid_flags
+from hffm.persist import LABEL_REFERENCE, MISLABELLED, NodeState, Persistor, valid_flags
 from hffm.pki import Identity
 from hffm.results import NodeReport
 from services.common.client import Channels
@@ -47,9 +48,25 @@ class RoundEnd:
     modules: ModuleSet
     flags: dict[str, float] = field(default_factory=dict)
     claims: dict[str, dict[str, Claim]] = field(default_factory=dict)
+    label_reference: LabelReference | None = None  # what its last label check judged by (Inbox.label_reference)
 
     def copy(self) -> RoundEnd:
-        return RoundEnd(dict(self.modules), dict(self.flags), dict(self.claims))
+        return RoundEnd(dict(self.modules), dict(self.flags), dict(self.claims), self.label_reference)
+
+    @classmethod
+    def read(
+        cls, key: tuple[int, int], modules: ModuleSet, extra: Mapping, tensors: Mapping[str, torch.Tensor]
+    ) -> RoundEnd:
+        """A saved round end read back (ValueError naming it for anything damaged)."""
+        where = f"round end {key}"
+        ref = {k: v for k, v in tensors.items() if k.startswith(f"{REFERENCE_PREFIX}/")}
+        claims = {k: v for k, v in tensors.items() if k not in ref}
+        return cls(
+            modules,
+            valid_flags(extra.get(MISLABELLED, {}), key),
+            claims_from(claims, where),
+            reference_from(ref, extra.get(LABEL_REFERENCE), where),
+        )
 
 
 __all__ = ["NodeRuntime", "RoundState"]
@@ -177,26 +194,29 @@ class NodeRuntime:
         unknown = sorted(set(saved.modules) - set(self.spec))
         if saved.node != self.node_id or unknown:
             raise ValueError(f"{self.persistor.dir}: a checkpoint of {saved.node} (modules {unknown} unknown here)")
-        self.hold((saved.round, saved.attempt), saved.modules, saved.extra.get(MISLABELLED, {}), saved.tensors)
+        self.hold((saved.round, saved.attempt), saved.modules, saved.extra, saved.tensors)
         log.info("%s resumed from its checkpoint of round %d attempt %d", self.node_id, saved.round, saved.attempt)
 
     def hold(
         self,
         key: tuple[int, int],
         modules: ModuleSet,
-        mislabelled: Mapping[str, float] | None = None,
+        extra: Mapping | None = None,
         tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Make ``modules`` the node's current modules and round end ``key`` (a checkpoint read back),
-        beside the initial modules (a fresh run starts from those); ``mislabelled``: the senders its label
-        checks had flagged by then (left out again until a check clears them); ``tensors``: the head check's
-        claims saved with it (``claims_tensors``)."""
+        beside the initial modules (a fresh run starts from those); ``extra`` (its state.json's) and
+        ``tensors``: the senders its label checks had flagged by then (left out again until a check clears
+        them), the head check's claims (``claims_tensors``) and what its last label check judged by
+        (``reference_tensors``), saved with it."""
         self.modules = {**self.modules, **modules}
-        end = RoundEnd(
-            dict(self.modules), valid_flags(mislabelled or {}, key), claims_from(tensors or {}, f"round end {key}")
-        )
-        self._ends[key] = end
+        end = self._ends[key] = RoundEnd.read(key, dict(self.modules), extra or {}, tensors or {})
+        self._use(end)
+
+    def _use(self, end: RoundEnd) -> None:
+        """The inbox's label-check state as of round end ``end``."""
         self.inbox.mislabelled, self.inbox.claims = dict(end.flags), dict(end.claims)
+        self.inbox.label_reference = end.label_reference
 
     def states(self) -> list[tuple[int, int]]:
         """Every round end this node can start a round from."""
@@ -210,10 +230,8 @@ class NodeRuntime:
             saved = self.persistor.load(ref) if self.persistor is not None else None
             if saved is None:
                 return None
-            self._ends[ref] = RoundEnd(
-                {**self._ends[(0, 0)].modules, **saved.modules},
-                valid_flags(saved.extra.get(MISLABELLED, {}), ref),
-                claims_from(saved.tensors, f"round end {ref}"),
+            self._ends[ref] = RoundEnd.read(
+                ref, {**self._ends[(0, 0)].modules, **saved.modules}, saved.extra, saved.tensors
             )
         return self._ends[ref].copy()
 
@@ -225,7 +243,8 @@ class NodeRuntime:
         end = self._end_state(state.base)
         if end is None:
             raise ModuleError("FAILED_PRECONDITION", "no_base_state", f"{self.node_id} lost round end {state.base}")
-        self.modules, self.inbox.mislabelled, self.inbox.claims = end.modules, end.flags, end.claims
+        self.modules = end.modules
+        self._use(end)
         self.sender.invalidate()
 
     def end_round(self, state: RoundState) -> None:
@@ -235,12 +254,17 @@ class NodeRuntime:
             self.modules = {n: m for n, m in self.modules.items() if stats_task(n) is None}
             self.sender.invalidate()
         key = (state.round, state.attempt)
-        end = self._ends[key] = RoundEnd(dict(self.modules), dict(self.inbox.mislabelled), dict(self.inbox.claims))
+        end = self._ends[key] = RoundEnd(
+            dict(self.modules), dict(self.inbox.mislabelled), dict(self.inbox.claims), self.inbox.label_reference
+        )
         for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
             del self._ends[old]
         if self.persistor is not None:
-            extra = {MISLABELLED: end.flags} if end.flags else {}
-            tensors = claims_tensors(end.claims)
+            extra: dict = {MISLABELLED: end.flags} if end.flags else {}
+            ref_tensors, ref_meta = reference_tensors(end.label_reference)
+            if ref_meta is not None:
+                extra[LABEL_REFERENCE] = ref_meta
+            tensors = {**claims_tensors(end.claims), **ref_tensors}
             self.persistor.save(
                 NodeState(self.node_id, state.round, self.modules, extra=extra, attempt=state.attempt, tensors=tensors)
             )
@@ -280,6 +304,8 @@ class NodeRuntime:
             self.inbox.open_round(
                 round_, collects, set(peers), attempt, reference=reference, mislabelled=flags, claims=claims
             )
+            if end is not None:
+                self.inbox.label_reference = end.label_reference
 
     def leave_out(self, round_: int, attempt: int, node: str, reason: str) -> None:
         """The coordinator's verdict: ``node`` is lost for this attempt (collects stop waiting for it,
