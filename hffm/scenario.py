@@ -13,6 +13,7 @@ A scenario file (YAML; ``tests/scenarios/``)::
       sat_out: {3: [edge-1]}      # round -> members that sat the round out (`left_out`)
       excluded: {3: {aggregate: [device-1-0]}}  # round -> collect tag -> senders counted, not folded (scores)
       counted: {3: {join-stats: [device-1-1]}}  # round -> collect tag -> senders counted there (every node's)
+      scored: {3: {join-stats: [device-1-1]}}   # round -> collect tag -> senders with a score there (a check ran)
 
 ``node`` is a node id, or ``@head:<edge>`` / ``@relay:<edge>`` for the cluster head, or the first
 relay on a D2D route, that the planner picks in that round (D2D methods), so a scenario keeps hitting
@@ -54,6 +55,7 @@ class Expect(_Strict):
     sat_out: dict[int, list[str]] = {}
     excluded: dict[int, dict[str, list[str]]] = {}
     counted: dict[int, dict[str, list[str]]] = {}
+    scored: dict[int, dict[str, list[str]]] = {}
 
 
 class Scenario(_Strict):
@@ -141,4 +143,10 @@ def check_expectations(scenario: Scenario, results: dict) -> list[str]:
             got = sorted({s for a in aggs for s in a["counted"]})
             if got != sorted(nodes):
                 problems.append(f"round {r}: {tag} counted {got}, expected {sorted(nodes)}")
+    for r, by_tag in e.scored.items():
+        for tag, nodes in by_tag.items():
+            aggs = [a for a in rounds.get(r, {}).get("aggregates", []) if a["tag"] == tag]
+            got = sorted({s["sender"] for a in aggs for s in a["scores"]})
+            if got != sorted(nodes):
+                problems.append(f"round {r}: {tag} scored {got}, expected {sorted(nodes)}")
     return problems
