@@ -473,6 +473,25 @@ def test_a_restarted_node_reads_an_older_base_from_disk_once(tmp_path):
     node.close()
 
 
+def _checked_edge_saving_to(tmp_path):
+    """A factory of edge-0 (hfm, one edge of four, calibration with the label and head checks, no TLS) saving
+    its round ends under ``tmp_path``: each call a fresh process's node, as a restart makes it."""
+    from hffm.model import backbone_dims
+    from services.common.bootstrap import node_modules
+    from services.edge.__main__ import EdgeNode
+
+    sets = ["method=hfm", "topology.edges=1", "topology.devices_per_edge=4", "security.tls=false"]
+    sets += ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0.3"]
+    cfg = load_config(None, sets)
+    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
+    spec, modules = node_modules(cfg, topo, "edge-0")
+
+    def edge():
+        return EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=2))
+
+    return edge
+
+
 def test_what_a_node_s_label_check_judged_by_is_part_of_each_round_end_it_saves(tmp_path):
     """The label reference (the kept senders' statistics and the federation's rest, by which a joiner's
     statistics are checked as they arrive) is saved with a round end (its sums in tensors.safetensors, its
@@ -482,19 +501,9 @@ def test_what_a_node_s_label_check_judged_by_is_part_of_each_round_end_it_saves(
 
     from hffm.aggregation import LabelReference
     from hffm.calibration import stats_of
-    from hffm.model import backbone_dims
-    from services.common.bootstrap import node_modules
     from services.common.rounds import RoundState
-    from services.edge.__main__ import EdgeNode
 
-    sets = ["method=hfm", "topology.edges=1", "topology.devices_per_edge=4", "security.tls=false"]
-    sets += ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0.3"]
-    cfg = load_config(None, sets)
-    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
-    spec, modules = node_modules(cfg, topo, "edge-0")
-
-    def edge() -> EdgeNode:
-        return EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=2))
+    edge = _checked_edge_saving_to(tmp_path)
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 3
@@ -582,19 +591,9 @@ def test_a_node_s_head_check_claims_are_part_of_each_round_end_it_saves(tmp_path
     from safetensors.torch import load_file, save_file
 
     from hffm.calibration import Claim
-    from hffm.model import backbone_dims
-    from services.common.bootstrap import node_modules
     from services.common.rounds import RoundState
-    from services.edge.__main__ import EdgeNode
 
-    sets = ["method=hfm", "topology.edges=1", "topology.devices_per_edge=4", "security.tls=false"]
-    sets += ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0.3"]
-    cfg = load_config(None, sets)
-    topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
-    spec, modules = node_modules(cfg, topo, "edge-0")
-
-    def edge() -> EdgeNode:
-        return EdgeNode("edge-0", cfg, spec, dict(modules), "127.0.0.1:0", persistor=Persistor(tmp_path, keep=2))
+    edge = _checked_edge_saving_to(tmp_path)
 
     def claim(k: float) -> Claim:
         return Claim(torch.tensor([3.0, 0.0, k]), torch.arange(12, dtype=torch.float32).reshape(3, 4) * k)
