@@ -658,8 +658,9 @@ class LabelCheck(Aggregator):
                 ]
                 self.scores.extend(_label_score(name, s, self.passed[s], False) for name, s in ok)
             elif len(self._held) >= MIN_SENDERS_TO_FLAG:
-                t, self.flagged = label_scores(self._stats(), self.cut)
-                self._judged = (*self._kept_sums(), None)
+                stats = self._stats()
+                t, self.flagged = label_scores(stats, self.cut)
+                self._judged = (*self._kept_sums(stats), None)
             out = FedAvg()
             for s in self.senders:  # fold order: the sum is the same whatever order the pushes came in
                 if s not in self.flagged:  # summed from copies: the held statistics are read again later
@@ -674,7 +675,7 @@ class LabelCheck(Aggregator):
         ``stats.<task>`` sums of every device the cloud counted) minus its own statistics where they were in
         it, and flag, greedily, those that stand out against both (``label_scores``: either reference alone
         can be the flippers'). Their scores (none with fewer than MIN_SENDERS_TO_FLAG senders)."""
-        from hffm.calibration import label_scores, sums_of
+        from hffm.calibration import federation_rest, label_scores, sums_of
 
         if len(self._held) < MIN_SENDERS_TO_FLAG:
             return []
@@ -682,20 +683,13 @@ class LabelCheck(Aggregator):
         fed = sums_of(federation.values())
         stats = self._stats()
         t, self.flagged = label_scores(stats, self.cut, fed, summed)
-        rest = {}
-        for task, ref in fed.items():  # as label_scores takes it: the federation less every sender here
-            for s in summed:
-                if task in stats[s]:
-                    ref = ref - stats[s][task]
-            rest[task] = ref
-        self._judged = (*self._kept_sums(), rest)
+        self._judged = (*self._kept_sums(stats), federation_rest(fed, stats, summed))
         return self._scored(t)
 
-    def _kept_sums(self) -> tuple[dict, int]:
-        """(task -> the sum of the statistics of the senders not flagged, how many senders that is)."""
+    def _kept_sums(self, stats: Mapping[str, dict]) -> tuple[dict, int]:
+        """(task -> the sum of ``stats`` of the senders not flagged, how many senders that is)."""
         here: dict = {}
         kept = [s for s in self.senders if s not in self.flagged]
-        stats = self._stats()
         for s in kept:
             for task, fs in stats[s].items():
                 here[task] = here[task] + fs if task in here else fs

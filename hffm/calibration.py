@@ -309,6 +309,20 @@ def evidence(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]
     return num / den if den else None
 
 
+def federation_rest(
+    federation: Mapping[str, FeatureStats], stats: Mapping[str, Mapping[str, FeatureStats]], summed: Iterable[str]
+) -> dict[str, FeatureStats]:
+    """task -> ``federation``'s sums less the statistics of every sender of ``stats`` among ``summed`` (those the
+    node sent up): the other clusters' devices, whom nothing here can outvote."""
+    rest = {}
+    for task, ref in federation.items():
+        for s in sorted(set(summed) & set(stats)):
+            if task in stats[s]:
+                ref = ref - stats[s][task]
+        rest[task] = ref
+    return rest
+
+
 def label_scores(
     stats: dict[str, dict[str, FeatureStats]],
     cut: float,
@@ -333,12 +347,7 @@ def label_scores(
     senders = sorted(stats)
     flagged: list[str] = []
     majority = len(senders) // 2 + 1
-    rest: dict[str, FeatureStats] = {}  # the federation without any sender here: the other clusters' devices
-    for task, ref in (federation or {}).items():
-        for s in senders:
-            if s in summed and task in stats[s]:
-                ref = ref - stats[s][task]
-        rest[task] = ref
+    rest = federation_rest(federation or {}, stats, summed)
     # against the rest of the federation a score does not change as senders here are flagged: once. A reference
     # that holds none of a sender's answers (one edge alone; answers only this cluster holds) is no evidence:
     # it cannot clear the sender against the other
