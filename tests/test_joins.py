@@ -301,17 +301,19 @@ def test_with_statistics_first_a_joiner_s_statistics_reach_its_edge_before_its_f
     assert later and all(joiner not in x["synced"] for x in later)
 
 
-def test_a_joiner_that_trains_on_flipped_labels_is_left_out_from_its_first_push(tmp_path):
-    """hfm over real gRPC and mTLS, a cloud round every round (e_agg 1), statistics first with the label and
-    head checks, 2 edges x 4 devices; once round 2 is done ``hffm join`` starts device-1-4, which trains on
+@pytest.mark.parametrize(("method", "collector"), [("hfm", "edge-1"), ("star", "cloud")])
+def test_a_joiner_that_trains_on_flipped_labels_is_left_out_from_its_first_push(tmp_path, method, collector):
+    """hfm (a cloud round every round, e_agg 1) or star over real gRPC and mTLS, statistics first with the label
+    and head checks, 2 edges x 4 devices; once round 2 is done ``hffm join`` starts device-1-4, which trains on
     flipped labels and reports the statistics it trained on (adversary label_flip). Its ``join-stats`` are
-    checked against what edge-1's label check of the last round's phase judged its devices by: it is flagged
-    in the round it joins, and edge-1 counts its first training push and leaves it out. Nobody else is flagged."""
+    checked against what its collector's label check of the last round's phase judged its devices by (edge-1's
+    deferred check in hfm, the cloud's in star): it is flagged in the round it joins, and the collector counts
+    its first training push and leaves it out. Nobody else is flagged."""
     from hffm_cli.main import app
 
     out = tmp_path / "run"
     joiner = "device-1-4"
-    sets = ["method=hfm", "e_agg=1", "rounds=8", "topology.edges=2", "topology.devices_per_edge=4",
+    sets = [f"method={method}", "e_agg=1", "rounds=8", "topology.edges=2", "topology.devices_per_edge=4",
             "runtime.devices_per_process=4", "data.alpha=0.3", "data.train_per_task=800", "train.eval_every=8",
             "data.global_test_per_task=32", "topology.joins=true", "calibration.enabled=true",
             "calibration.epochs=1", "calibration.opening=true", "calibration.label_t=4",
@@ -328,7 +330,7 @@ def test_a_joiner_that_trains_on_flipped_labels_is_left_out_from_its_first_push(
     assert first is not None and first["round"] < cfg.rounds, f"{joiner} joined too late to be checked"
 
     def record(tag: str) -> dict:
-        return next(a for a in first["aggregates"] if a["node"] == "edge-1" and a["tag"].startswith(tag))
+        return next(a for a in first["aggregates"] if a["node"] == collector and a["tag"].startswith(tag))
 
     stats = record("join-stats")
     assert stats["counted"] == [joiner]
