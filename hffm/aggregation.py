@@ -560,15 +560,15 @@ class LabelReference:
     peers: int
     rest: dict | None = None  # task -> FeatureStats
 
-    def score(self, mine: Mapping[str, Any]) -> float | None:
+    def score(self, mine: dict) -> float | None:
         """``mine``'s label_t against this reference as ``label_scores`` would score it beside the senders
         kept (the smaller against here and the rest, where each applies and holds any of its answers; here only
         with at least MIN_SENDERS_TO_FLAG senders in all); None where neither does."""
         from hffm.calibration import evidence
 
-        scores = [evidence(dict(mine), [self.here])] if self.peers + 1 >= MIN_SENDERS_TO_FLAG else []
+        scores = [evidence(mine, [self.here])] if self.peers + 1 >= MIN_SENDERS_TO_FLAG else []
         if self.rest is not None:
-            scores.append(evidence(dict(mine), [self.rest]))
+            scores.append(evidence(mine, [self.rest]))
         known = [v for v in scores if v is not None]
         return min(known) if known else None
 

@@ -396,16 +396,37 @@ def claims_tensors(claims: Mapping[str, Mapping[str, Claim]]) -> dict[str, torch
     return out
 
 
+def _named_parts(
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str,
+    groups: tuple[str, ...] | None,
+    leaves: tuple[str, ...],
+    where: str,
+    what: str,
+) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """Named tensors ``<prefix>/<group>/<key>/<leaf>`` grouped: (group, key) -> leaf -> tensor; ValueError
+    naming ``where`` and the name for any other (``groups`` None: any group), saying it is ``what``."""
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        bits = name.split("/")
+        if (
+            len(bits) != 4
+            or bits[0] != prefix
+            or (groups is not None and bits[1] not in groups)
+            or bits[3] not in leaves
+        ):
+            raise ValueError(f"{where}: {name!r} is {what}")
+        parts.setdefault((bits[1], bits[2]), {})[bits[3]] = t
+    return parts
+
+
 def claims_from(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, dict[str, Claim]]:
     """The claims ``claims_tensors`` made, read back; ValueError naming ``where`` and the entry for anything
     else (an unknown name, a count without its means, shapes that disagree, a negative count, a value that is
     not finite): a damaged round end is refused, not half-believed."""
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        bits = name.split("/")
-        if len(bits) != 4 or bits[0] != "claims" or bits[3] not in ("count", "mean"):
-            raise ValueError(f"{where}: {name!r} is no claim (claims/<sender>/<task>/count or mean)")
-        parts.setdefault((bits[1], bits[2]), {})[bits[3]] = t
+    parts = _named_parts(
+        tensors, "claims", None, ("count", "mean"), where, "no claim (claims/<sender>/<task>/count or mean)"
+    )
     out: dict[str, dict[str, Claim]] = {}
     for (sender, task), p in sorted(parts.items()):
         count, mean = p.get("count"), p.get("mean")
@@ -461,19 +482,8 @@ def reference_from(tensors: Mapping[str, torch.Tensor], meta: object, where: str
             f"{where}: a label reference must be {{round, peers: ints >= 0, here, rest: task lists (rest or null)}}, "
             f"got {meta!r}"
         )
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        bits = name.split("/")
-        if (
-            len(bits) != 4
-            or bits[0] != REFERENCE_PREFIX
-            or bits[1] not in ("here", "rest")
-            or bits[3] not in _STATS_PARTS
-        ):
-            raise ValueError(
-                f"{where}: {name!r} is no part of a label reference ({REFERENCE_PREFIX}/here|rest/<task>/...)"
-            )
-        parts.setdefault((bits[1], bits[2]), {})[bits[3]] = t
+    what = f"no part of a label reference ({REFERENCE_PREFIX}/here|rest/<task>/...)"
+    parts = _named_parts(tensors, REFERENCE_PREFIX, ("here", "rest"), _STATS_PARTS, where, what)
     sums: dict[str, dict[str, FeatureStats]] = {"here": {}, "rest": {}}
     for (part, task), p in sorted(parts.items()):
         entry = f"{where}: label reference {part}/{task}"

@@ -48,7 +48,7 @@ from safetensors.torch import save as save_tensors
 from hffm.modules import ModuleSet, checkpoint_segments, digest_of, load_modules, save_modules
 
 MISLABELLED = "mislabelled"  # state.json extra: sender -> label_t, the senders a node's label checks flagged
-# state.json extra: what the node's last label check judged by ({round, peers, rest}; its sums in the tensors)
+# state.json extra: what the node's last label check judged by ({round, peers, here, rest}; its sums in the tensors)
 LABEL_REFERENCE = "label_reference"
 TENSORS = "tensors.safetensors"  # a round end's NodeState.tensors, beside its modules
 STORE = ".blobs"  # the shared store's name under a checkpoint directory (beside the nodes' <node>/)

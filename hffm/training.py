@@ -41,7 +41,8 @@ def train_local(
     """E_local epochs; each epoch visits every batch of every task once, tasks interleaved. ``lr``: the
     round's learning rate (``round_lr``); None: ``cfg.lr``. ``on_grad(task)``, when given, is called after
     each batch's backward pass and before the optimiser's step: it may read and change the parameters'
-    ``.grad`` (``benchmarks.screen``'s SCAFFOLD correction)."""
+    ``.grad`` (``benchmarks.screen``'s SCAFFOLD correction). ``extra_loss(task, n)``, when given, is added to
+    each batch's objective (n: the batch's samples; ``benchmarks.screen``'s virtual features)."""
     gen = torch.Generator().manual_seed(seed)
     # ViLT's embedding draws a random patch order from torch's global RNG on every forward; without a
     # seed here the result depends on what else ran in the process before (not reproducible).
