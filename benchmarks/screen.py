@@ -1,8 +1,8 @@
 """Screening a training remedy in one process before it is built into the nodes (issue 15).
 
-``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads|virtual] [--server-lr η] [--tau τ]
-[--virtual-weight λ] [--calibrate none|final|cloud] [--out FILE] [--set KEY=VALUE ...]``; ``--plot PNG
---curve LABEL=FILE ... [--central FILE]`` plots curves made before.
+``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads|virtual|moon] [--server-lr η]
+[--tau τ] [--virtual-weight λ] [--moon-mu μ] [--moon-tau τ] [--calibrate none|final|cloud] [--out FILE]
+[--set KEY=VALUE ...]``; ``--plot PNG --curve LABEL=FILE ... [--central FILE]`` plots curves made before.
 
 A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
 edges and cloud; this runs hfm's round plan in one process on the same data, model, seeds and local loop,
@@ -31,6 +31,13 @@ Remedies:
   cross-entropy of the device's head on as many features drawn from them (answers in the global prior), so
   its head cannot fit the device's own prior alone (the idea of FedImpro, Tang et al. 2024, at the pooled
   features). It would send the statistics down as well as up.
+- ``moon``: MOON, model-contrastive learning (Li, He & Song, CVPR 2021). Each local batch adds ``--moon-mu`` μ
+  times the contrastive loss of its pooled features z: −log(e^{sim(z, z_g)/τ} / (e^{sim(z, z_g)/τ} +
+  e^{sim(z, z_p)/τ})), with z_g the same batch's features under the modules the device started the round
+  from (its aggregator's), z_p under the device's own modules of its last round (none in round 1: the
+  start), sim the cosine and τ ``--moon-tau``: the local features are pulled towards the federation's and
+  away from where the device's own skew took them. Nothing more is sent; a device keeps its last local
+  modules, and each batch costs two forward passes more.
 
 ``--calibrate cloud`` calibrates the heads (CCVR, ``hffm.calibration``) after every cloud round's average, as
 the cloud does with ``calibration.enabled`` (the same function, its parameters from ``--set calibration.*``);
@@ -46,6 +53,7 @@ Writes the curve (round, per-task and mean global accuracy) to ``--out`` as JSON
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 import zlib
@@ -55,7 +63,7 @@ import torch
 
 from hffm.aggregation import server_step, weighted_mean
 from hffm.calibration import calibrate_heads, feature_stats, merge, virtual_features
-from hffm.config import HFFMConfig, load_config, resolve_torch_device
+from hffm.config import HFFMConfig, check_precision, load_config, resolve_torch_device
 from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import head_name, task_of, update_weight
 from hffm.model import HFFMModel, build_model
@@ -63,7 +71,7 @@ from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
 from hffm.training import evaluate, round_lr, train_local
 
-REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads", "virtual")
+REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads", "virtual", "moon")
 CALIBRATE = ("none", "final", "cloud")
 
 
@@ -75,6 +83,8 @@ def screen(
     tau: float = 1e-3,
     calibrate: str = "none",
     virtual_weight: float = 1.0,
+    moon_mu: float = 1.0,
+    moon_tau: float = 0.5,
 ) -> tuple[list[dict], ModuleSet]:
     """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
     cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
@@ -85,6 +95,7 @@ def screen(
     if cfg.method not in ("hfm", "star"):
         raise ValueError(f"method: the screen runs hfm or star, not {cfg.method!r}")
     device = resolve_torch_device(cfg.runtime.device)
+    check_precision(cfg.runtime.precision, device)
     torch.set_num_threads(cfg.runtime.torch_threads)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, len(tok), task_labels(cfg)).to(device)
@@ -108,6 +119,8 @@ def screen(
     glob = start
     moments: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # FedAdam's m and v
     gstats: dict = {}  # virtual: the last cloud round's merged feature statistics
+    last: dict[str, ModuleSet] = {}  # moon: each device's modules of its last round
+    anchor = copy.deepcopy(model).eval() if remedy == "moon" else None  # moon: the start's and last round's features
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         new: dict[str, ModuleSet] = {}
@@ -123,6 +136,8 @@ def screen(
                 extra = _virtual_loss(
                     model, gstats, virtual_weight, zlib.crc32(f"{cfg.seed}/v/{d}/{r}".encode()), device
                 )
+            if remedy == "moon":
+                extra = _moon_loss(anchor, names, held[edge_of[d]], last.get(d, held[edge_of[d]]), moon_mu, moon_tau)
             train_local(
                 model,
                 data[d].train,
@@ -135,6 +150,7 @@ def screen(
                 extra_loss=extra,
             )
             new[d] = _snapshot(model, names, r, weights)
+            last[d] = new[d]
             if grads is not None:
                 own_c[d] = grads(weights)
         cloud = r % every == 0
@@ -204,10 +220,35 @@ def _virtual_loss(model: HFFMModel, stats: dict, weight: float, seed: int, devic
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def extra(task: str, n: int) -> torch.Tensor:
+    def extra(task: str, batch: dict, _feats: torch.Tensor) -> torch.Tensor:
         feats, labels = pools[task]
-        idx = torch.randint(len(labels), (n,), generator=gen)
+        idx = torch.randint(len(labels), (len(batch["labels"]),), generator=gen)
         return weight * loss_fn(model.module(head_name(task))(feats[idx].to(device)), labels[idx].to(device))
+
+    return extra
+
+
+def _moon_loss(anchor: HFFMModel, names: list[str], start: ModuleSet, prev: ModuleSet, mu: float, tau: float):
+    """extra_loss for train_local: MOON's model-contrastive loss of a batch's features (the module docstring),
+    ``anchor`` a second model whose modules are switched between ``start`` and ``prev`` for each batch."""
+    cos = torch.nn.CosineSimilarity(dim=-1)
+
+    def features(mods: ModuleSet, batch: dict, task: str) -> torch.Tensor:
+        for n in names:
+            anchor.load_module_state(n, mods[n].tensors)
+        dev = batch["pixel_values"].device
+        # ViLT draws its patch order from torch's RNG on every forward: these draws are forked off, so the
+        # local forwards see the draws plain training sees (with mu = 0 the same result, bit for bit)
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            return anchor.pooled(batch, task)
+
+    def extra(task: str, batch: dict, feats: torch.Tensor) -> torch.Tensor:
+        pos = cos(feats, features(start, batch, task)) / tau
+        neg = cos(feats, features(prev, batch, task)) / tau
+        logits = torch.stack([pos, neg], dim=1)
+        return mu * torch.nn.functional.cross_entropy(
+            logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device)
+        )
 
     return extra
 
@@ -307,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server step size η")
     p.add_argument("--tau", type=float, default=1e-3, help="FedAdam's τ (adaptivity)")
     p.add_argument("--virtual-weight", type=float, default=1.0, help="virtual: the virtual features' loss weight")
+    p.add_argument("--moon-mu", type=float, default=1.0, help="moon: the contrastive loss's weight μ")
+    p.add_argument("--moon-tau", type=float, default=0.5, help="moon: the contrastive loss's temperature τ")
     p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
     p.add_argument("--plot", type=Path, default=None, help="only plot: the curves of --curve LABEL=JSON to this PNG")
@@ -318,13 +361,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = load_config(a.config, a.sets)
     curve, _ = screen(
-        cfg, a.remedy, server_lr=a.server_lr, tau=a.tau, calibrate=a.calibrate, virtual_weight=a.virtual_weight
+        cfg,
+        a.remedy,
+        server_lr=a.server_lr,
+        tau=a.tau,
+        calibrate=a.calibrate,
+        virtual_weight=a.virtual_weight,
+        moon_mu=a.moon_mu,
+        moon_tau=a.moon_tau,
     )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         info = {"remedy": a.remedy, "sets": a.sets, "curve": curve, "calibrate": a.calibrate}
         if a.remedy == "virtual":
             info |= {"virtual_weight": a.virtual_weight}
+        if a.remedy == "moon":
+            info |= {"moon_mu": a.moon_mu, "moon_tau": a.moon_tau}
         if a.remedy == "fedadam":
             info |= {"server_lr": a.server_lr, "tau": a.tau}
         a.out.write_text(json.dumps(info, indent=1))

@@ -360,6 +360,13 @@ class RuntimeConfig(_Strict):
     )
     rpc_timeout_s: float = D(60.0, gt=0, description="deadline of one control or push RPC")
     torch_threads: int = D(1, ge=1, description="torch intra-op threads per process")
+    precision: Literal["fp32", "bf16", "fp16"] = D(
+        "fp32",
+        description="compute precision of the backbone's forward and backward passes (torch autocast: training, "
+        "testing and feature statistics): fp32, bf16, or fp16 (CUDA only; with loss scaling in training). The modules, "
+        "the optimiser's state and what travels stay fp32 (wire.dtype sets the wire); bf16 on a GPU needs one "
+        "that has it (Ampere or newer)",
+    )
     trace_dir: str | None = D(
         None,
         description="when set, every node records each push it accepted and each aggregate it adopted as "
@@ -1197,6 +1204,20 @@ def write_config(cfg: HFFMConfig, path: str | Path) -> Path:
     tmp.write_text(text)
     tmp.replace(p)
     return p
+
+
+def check_precision(precision: str, device: str) -> str:
+    """``precision`` (runtime.precision) if ``device`` can compute in it, else a ConfigError naming the field.
+    fp16 on a CPU is refused: torch has no fast fp16 kernels there (an epoch of the paper-size model took 42
+    times fp32's here, docs/performance.md), while bf16 on a CPU is fast where the CPU has bf16 instructions."""
+    import torch
+
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ConfigError(f"runtime.precision: fp16 needs a CUDA device, not {device} (on a CPU use bf16 or fp32)")
+    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"runtime.precision: bf16 is not supported by {device} ({name}); use fp16 or fp32")
+    return precision
 
 
 def resolve_torch_device(name: str) -> str:

@@ -15,6 +15,7 @@ exactly what the frozen backbone computes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Iterable
@@ -32,6 +33,9 @@ from hffm.ids import (  # noqa: F401 - module names live in hffm.ids
     prompt_name,
     task_of,
 )
+
+# runtime.precision -> the dtype the backbone computes in under torch.autocast (None: plain fp32, no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BottleneckAdapter(nn.Module):
@@ -275,10 +279,13 @@ def build_backbone(cfg: HFFMConfig, vocab_size: int):
 class HFFMModel(nn.Module):
     """A frozen ViLT with Double-Adapters injected in every layer and one head per task."""
 
-    def __init__(self, backbone: nn.Module, modules: nn.ModuleDict) -> None:
+    def __init__(self, backbone: nn.Module, modules: nn.ModuleDict, precision: str = "fp32") -> None:
         super().__init__()
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"runtime.precision: {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
         self.backbone = backbone
         self.trainable = modules
+        self.precision = precision  # the backbone's compute precision (runtime.precision; see pooled)
         layers = backbone.encoder.layer
         for i, layer in enumerate(layers):
             key = adapter_name(i).replace(".", ":")
@@ -316,14 +323,16 @@ class HFFMModel(nn.Module):
         """The backbone's pooled output; ``task`` picks the prompt appended (model.prompt_tokens)."""
         if self._embeddings is not None:
             self._embeddings.task = task
-        out = self.backbone(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch.get("token_type_ids"),
-            pixel_values=batch["pixel_values"],
-            pixel_mask=batch["pixel_mask"],
-        )
-        return out.pooler_output
+        dtype = AUTOCAST_DTYPES[self.precision]
+        with contextlib.nullcontext() if dtype is None else torch.autocast(batch["pixel_values"].device.type, dtype):
+            out = self.backbone(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                token_type_ids=batch.get("token_type_ids"),
+                pixel_values=batch["pixel_values"],
+                pixel_mask=batch["pixel_mask"],
+            )
+        return out.pooler_output.float()  # the heads and every statistic in fp32 (fp32: the same tensor)
 
     def forward(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
         return self.module(head_name(task))(self.pooled(batch, task))
@@ -341,7 +350,7 @@ def build_model(cfg: HFFMConfig, vocab_size: int, task_labels: dict[str, int]) -
     backbone = build_backbone(cfg, vocab_size)
     hidden, layers = backbone.config.hidden_size, backbone.config.num_hidden_layers
     mods = build_trainable_modules(hidden, layers, cfg.model, task_labels)
-    return HFFMModel(backbone, mods)
+    return HFFMModel(backbone, mods, cfg.runtime.precision)
 
 
 def initial_modules(cfg: HFFMConfig, names: list[str], task_labels: dict[str, int]):

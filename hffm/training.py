@@ -36,13 +36,14 @@ def train_local(
     seed: int,
     lr: float | None = None,
     on_grad: Callable[[str], None] | None = None,
-    extra_loss: Callable[[str, int], torch.Tensor] | None = None,
+    extra_loss: Callable[[str, dict, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainStats:
     """E_local epochs; each epoch visits every batch of every task once, tasks interleaved. ``lr``: the
     round's learning rate (``round_lr``); None: ``cfg.lr``. ``on_grad(task)``, when given, is called after
     each batch's backward pass and before the optimiser's step: it may read and change the parameters'
-    ``.grad`` (``benchmarks.screen``'s SCAFFOLD correction). ``extra_loss(task, n)``, when given, is added to
-    each batch's objective (n: the batch's samples; ``benchmarks.screen``'s virtual features)."""
+    ``.grad`` (``benchmarks.screen``'s SCAFFOLD correction). ``extra_loss(task, batch, feats)``, when given, is
+    added to each batch's objective (``feats``: the batch's pooled features, in the graph; ``benchmarks.screen``'s
+    virtual features and MOON)."""
     gen = torch.Generator().manual_seed(seed)
     # ViLT's embedding draws a random patch order from torch's global RNG on every forward; without a
     # seed here the result depends on what else ran in the process before (not reproducible).
@@ -74,6 +75,10 @@ def train_local(
     # dimensions keeps them spread (0: nothing added, every bit as before)
     beta = cfg.decorr
     shared = model.trainable_parameters([n for n in module_names if task_of(n) is None]) if head_only else []
+    # fp16 (runtime.precision) computes the backbone's gradients in half precision, where small ones underflow
+    # to 0: the loss is scaled up before the backward pass and the gradients down before the step (a step
+    # whose gradients overflowed is skipped and the scale lowered). bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(_device_type(device)) if getattr(model, "precision", "fp32") == "fp16" else None
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
@@ -100,23 +105,33 @@ def train_local(
             if beta > 0 and len(idx) > 1:
                 objective = objective + beta * decorrelation(feats)
             if extra_loss is not None:
-                objective = objective + extra_loss(task, len(idx))
+                objective = objective + extra_loss(task, batch, feats)
             if anchors:
                 objective = objective + 0.5 * mu * sum(
                     (p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)
                 )
-            objective.backward()
+            (objective if scaler is None else scaler.scale(objective)).backward()
             if task in head_only:
                 for p in shared:
                     p.grad = None
             if on_grad is not None:
+                if scaler is not None:
+                    scaler.unscale_(opt)  # the hook reads and changes true gradients
                 on_grad(task)
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             total_loss += float(loss.detach())
             seen += len(idx)
             steps += 1
     model.eval()
     return TrainStats(loss=total_loss / max(seen, 1) if not cfg.noop else 0.0, samples=seen, steps=steps)
+
+
+def _device_type(device: str) -> str:
+    return torch.device(device).type
 
 
 def decorrelation(z: torch.Tensor) -> torch.Tensor:

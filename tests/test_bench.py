@@ -329,6 +329,60 @@ def test_the_virtual_remedy_trains_a_device_s_heads_on_answers_it_does_not_hold(
     assert virtual < plain - 0.3, (virtual, plain)  # 2.33 against 2.93 nats here
 
 
+def test_the_moon_remedy_pulls_a_device_s_features_to_the_start_s_and_from_its_last_round_s():
+    """The screen's ``moon`` remedy (MOON's model-contrastive loss): local training keeps the device's pooled
+    features closer, by cosine, to those of the modules it started from than plain training does, and further
+    from those of its own last round's; with μ = 0 it is plain training, bit for bit."""
+    import copy
+
+    import torch
+
+    from benchmarks.screen import _moon_loss, _snapshot
+    from hffm.data import build_device_data
+    from hffm.modules import ModuleSet
+    from hffm.topology import split_table
+    from hffm.training import train_local
+
+    cfg, tok, model = _screen_model(["data.alpha=0.1", "data.train_per_task=160", "train.local_epochs=3"])
+    topo = split_table(cfg)
+    holders = topo.holders_by_task()
+    dev = sorted(topo.device_map)[0]
+    data = build_device_data(cfg, dev, holders, tok, topo.device_map[dev].tasks).train
+    names = model.module_names()
+    start = _snapshot(model, names, 0, {})
+    anchor = copy.deepcopy(model).eval()
+
+    def trained(mods: ModuleSet, mu: float | None, prev: ModuleSet) -> ModuleSet:
+        for n in names:
+            model.load_module_state(n, mods[n].tensors)
+        extra = _moon_loss(anchor, names, mods, prev, mu, 0.5) if mu is not None else None
+        train_local(model, data, names, cfg.train, "cpu", seed=7, extra_loss=extra)
+        return _snapshot(model, names, 1, {})
+
+    last = trained(start, None, start)  # the device's round 1, plain: where its skew took its features
+
+    def cosine_to(mods: ModuleSet, ref: ModuleSet) -> float:
+        sims = []
+        for task, td in data.items():
+            batch = td.batch(torch.arange(len(td)), "cpu")
+            with torch.no_grad():
+                for n in names:
+                    model.load_module_state(n, mods[n].tensors)
+                z = model.pooled(batch, task)
+                for n in names:
+                    model.load_module_state(n, ref[n].tensors)
+                zr = model.pooled(batch, task)
+            sims.append(torch.nn.functional.cosine_similarity(z, zr, dim=-1).mean())
+        return float(torch.stack(sims).mean())
+
+    plain = trained(start, None, last)
+    zero = trained(start, 0.0, last)
+    moon = trained(start, 1.0, last)
+    assert all(torch.equal(plain[n].tensors[k], zero[n].tensors[k]) for n in names for k in plain[n].tensors)
+    assert cosine_to(moon, start) > cosine_to(plain, start) + 0.01, (cosine_to(moon, start), cosine_to(plain, start))
+    assert cosine_to(moon, last) < cosine_to(plain, last), (cosine_to(moon, last), cosine_to(plain, last))
+
+
 def test_scaffold_corrects_every_step_and_keeps_the_mean_raw_gradient():
     """The screen's SCAFFOLD hook with SGD (no momentum), where a run's displacement is exactly -lr x the sum
     of the gradients stepped on: every parameter moves by -lr x (its batches) x (its new c_i + c - c_i), i.e.

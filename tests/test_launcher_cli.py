@@ -127,6 +127,27 @@ def test_start_order_does_not_matter(tmp_path):
     assert res["complete"] and len(res["rounds"]) == 2
 
 
+def test_a_federation_trains_in_bf16_and_its_config_says_so(tmp_path):
+    """runtime.precision=bf16 end to end: real processes over gRPC, every device training, testing and
+    computing under autocast (tests/test_model.py checks what that computes); the run completes with a
+    finite training loss and global accuracy every round, and its config records the precision."""
+    cfg = load_config(None, [*SMALL, "rounds=2", "runtime.precision=bf16"])
+    run(cfg, tmp_path, Console(file=io.StringIO(), width=200), timeout_s=180)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["complete"] and len(res["rounds"]) == 2
+    for r in res["rounds"]:
+        assert r["loss"] is not None and 0 < r["loss"] < 20, r["loss"]
+        assert all(0 <= a["global"] <= 1 for a in r["accuracy"].values()), r["accuracy"]
+    assert load_config(tmp_path / "config.yaml", []).runtime.precision == "bf16"
+
+
+def test_a_precision_the_device_cannot_run_is_refused_before_any_process_starts(tmp_path):
+    cfg = load_config(None, [*SMALL, "rounds=1", "runtime.device=cpu", "runtime.precision=fp16"])
+    with pytest.raises(RunFailed, match="runtime.precision: fp16 needs a CUDA device, not cpu"):
+        run(cfg, tmp_path, Console(file=io.StringIO(), width=200), timeout_s=60)
+    assert _alive(str(tmp_path / "config.yaml")) == []
+
+
 def test_failing_child_stops_everything_and_shows_its_log(tmp_path, monkeypatch):
     # the launcher checks every input it can before starting anything; a child that fails anyway: its
     # environment gives it an override the launcher never reads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hffm.config import load_config
@@ -204,3 +205,103 @@ def test_etf_head_is_a_fixed_frame_that_is_never_sent(small_cfg):
     narrow = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head_hidden": 2})})
     with pytest.raises(ValueError, match="model.head_classifier=etf.*model.head_hidden"):
         build_model(narrow, vocab, _labels(narrow))
+
+
+def _recorded_dtypes(model):
+    """Record the dtype each Double-Adapter's first up-projection computes in."""
+    seen = []
+    for name in model.module_names():
+        if name.startswith("adapter."):
+            model.module(name).a.up.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_reduced_precision_computes_the_backbone_in_it_and_keeps_modules_and_features_fp32(small_cfg, precision, dtype):
+    """runtime.precision: the backbone and its adapters compute under torch.autocast in bf16 or fp16, the
+    pooled features come out fp32 (heads and statistics stay fp32) and near the fp32 model's; the trainable
+    parameters stay fp32. fp32 runs no autocast at all."""
+    tok = build_tokenizer()
+    full = build_model(small_cfg, tok.vocab_size, _labels(small_cfg))
+    half = build_model(
+        small_cfg.model_copy(update={"runtime": small_cfg.runtime.model_copy(update={"precision": precision})}),
+        tok.vocab_size,
+        _labels(small_cfg),
+    )
+    half.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        for m in (full, half):
+            m.module("adapter.0").a.up.weight.normal_(generator=torch.Generator().manual_seed(1))
+    seen_full, seen_half = _recorded_dtypes(full), _recorded_dtypes(half)
+    batch = _batch(small_cfg)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = full.pooled(batch, "art")
+        torch.manual_seed(0)
+        b = half.pooled(batch, "art")
+    assert set(seen_full) == {torch.float32} and set(seen_half) == {dtype}
+    assert a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=0.05, atol=0.05), (a - b).abs().max()
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_and_a_gradient_hook_sees_true_gradients(small_cfg, precision):
+    """Local training under runtime.precision: the modules move and stay fp32 and finite, and the loss falls
+    over epochs. With fp16 the loss is scaled for the backward pass (GradScaler): a gradient hook
+    (``on_grad``) still reads unscaled gradients, of the fp32 run's size, not 65,536 times larger."""
+    from hffm.data import build_device_data
+    from hffm.topology import split_table
+    from hffm.training import train_local
+
+    tok = build_tokenizer()
+    cfg = small_cfg.model_copy(update={"train": small_cfg.train.model_copy(update={"local_epochs": 4})})
+    topo = split_table(cfg)
+    dev = sorted(topo.device_map)[0]
+    data = build_device_data(cfg, dev, topo.holders_by_task(), tok, topo.device_map[dev].tasks).train
+
+    def trained(p: str):
+        c = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"precision": p})})
+        model = build_model(c, tok.vocab_size, _labels(c))
+        start = {n: {k: v.clone() for k, v in model.module_state(n).items()} for n in model.module_names()}
+        norms = []
+
+        def hook(_task):
+            norms.append(float(model.module("adapter.0").a.down.weight.grad.norm()))
+
+        stats = [
+            train_local(model, data, model.module_names(), c.train, "cpu", seed=3, on_grad=hook if i == 0 else None)
+            for i in range(2)
+        ]
+        return model, start, norms, stats
+
+    full, _, full_norms, _ = trained("fp32")
+    model, start, norms, stats = trained(precision)
+    for n in model.module_names():
+        for k, v in model.module_state(n).items():
+            assert v.dtype == torch.float32 and bool(torch.isfinite(v).all()), (n, k)
+    assert any(not torch.equal(model.module_state(n)[k], start[n][k]) for n in start for k in start[n])
+    assert stats[1].loss < stats[0].loss, [s.loss for s in stats]
+    ratio = sorted(a / b for a, b in zip(norms, full_norms, strict=True) if b > 0)
+    assert 0.5 < ratio[len(ratio) // 2] < 2.0, ratio  # the median step's gradient: the fp32 run's size
+
+
+def test_precision_is_checked_where_it_is_read(small_cfg, monkeypatch):
+    """An unknown precision is a config error naming the field; fp16 on a CPU (no fast kernels) and bf16 on a
+    GPU without it are refused before anything runs, naming the field (and the GPU)."""
+    from hffm.config import ConfigError, check_precision
+    from hffm.model import HFFMModel
+
+    with pytest.raises(ConfigError, match="runtime.precision"):
+        load_config(None, ["runtime.precision=fp8"])
+    assert load_config(None, ["runtime.precision=bf16"]).runtime.precision == "bf16"
+    with pytest.raises(ValueError, match="runtime.precision: 'fp8'"):
+        HFFMModel(torch.nn.Module(), torch.nn.ModuleDict(), precision="fp8")
+    assert check_precision("bf16", "cpu") == "bf16" and check_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ConfigError, match="runtime.precision: fp16 needs a CUDA device, not cpu"):
+        check_precision("fp16", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ConfigError, match=r"runtime.precision: bf16 is not supported by cuda:0 \(Tesla V100"):
+        check_precision("bf16", "cuda:0")
+    assert check_precision("fp16", "cuda:0") == "fp16"
