@@ -459,3 +459,16 @@ def test_fedadam_steps_by_adam_on_the_cloud_pseudo_gradient():
         glob = _adam_step(glob, agg, moments, lr=0.02, tau=1e-3)
         assert torch.allclose(glob["head.a"].tensors["w"], want)
         assert (glob["head.a"].version, glob["head.a"].num_samples) == (r, 7.0)
+
+
+def test_precision_benchmark_times_each_precision_against_fp32_and_says_what_it_changes():
+    """benchmarks.precision: fp32 is its own baseline (ratio 1, no feature error); bf16 is timed beside it on
+    the same epoch and its features differ a little; fp32 must be among the precisions; the basis is stated."""
+    from benchmarks.precision import measure
+
+    res = measure("tiny", samples=8, repeat=1, device="cpu", precisions=("fp32", "bf16"))
+    assert res["fp32"]["ratio_to_fp32"] == 1.0 and res["fp32"]["feature_error"] == 0.0
+    assert res["bf16"]["ratio_to_fp32"] > 0 and 0 < res["bf16"]["feature_error"] < 0.1
+    assert res["basis"]["model"] == "tiny" and res["basis"]["samples_per_epoch"] == 16 and "fp16" not in res
+    with pytest.raises(ValueError, match="--precisions"):
+        measure("tiny", samples=8, repeat=1, device="cpu", precisions=("bf16",))
