@@ -146,7 +146,7 @@ def scratch_curve(cfg: HFFMConfig, dev: str, tasks: list[str], rounds: int, targ
     from hffm.topology import Topology
     from hffm.training import evaluate, round_lr, train_local
 
-    device = resolve_torch_device(cfg.runtime.device)
+    device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
     torch.set_num_threads(cfg.runtime.torch_threads)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, len(tok), task_labels(cfg)).to(device)

@@ -63,7 +63,7 @@ import torch
 
 from hffm.aggregation import server_step, weighted_mean
 from hffm.calibration import calibrate_heads, feature_stats, merge, virtual_features
-from hffm.config import HFFMConfig, check_precision, load_config, resolve_torch_device
+from hffm.config import HFFMConfig, load_config, resolve_torch_device
 from hffm.data import build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import head_name, task_of, update_weight
 from hffm.model import HFFMModel, build_model
@@ -94,8 +94,7 @@ def screen(
         raise ValueError(f"--calibrate: {calibrate!r} is not one of {', '.join(CALIBRATE)}")
     if cfg.method not in ("hfm", "star"):
         raise ValueError(f"method: the screen runs hfm or star, not {cfg.method!r}")
-    device = resolve_torch_device(cfg.runtime.device)
-    check_precision(cfg.runtime.precision, device)
+    device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
     torch.set_num_threads(cfg.runtime.torch_threads)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, len(tok), task_labels(cfg)).to(device)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from hffm.config import HFFMConfig, check_precision, resolve_torch_device
+from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import (
     TaskData,
     build_global_test,
@@ -47,8 +47,7 @@ def training_pool(cfg: HFFMConfig, task: str, tokenizer) -> TaskData:
 def run_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> dict:
     """Train for ``cfg.rounds`` rounds of ``train.local_epochs`` epochs over the whole pool; a results
     mapping shaped like a federated run's (``rounds[].accuracy[task]["global"]``, ``loss``)."""
-    device = resolve_torch_device(cfg.runtime.device)
-    check_precision(cfg.runtime.precision, device)
+    device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
     torch.set_num_threads(cfg.runtime.torch_threads)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, len(tok), task_labels(cfg)).to(device)

@@ -1220,14 +1220,17 @@ def check_precision(precision: str, device: str) -> str:
     return precision
 
 
-def resolve_torch_device(name: str) -> str:
-    """``auto`` picks CUDA when present, else CPU."""
+def resolve_torch_device(name: str, precision: str = "fp32") -> str:
+    """The torch device ``name`` (runtime.device) stands for: ``auto`` picks CUDA when present, else CPU; a
+    ConfigError naming the field when it cannot be had, or cannot compute in ``precision`` (runtime.precision,
+    ``check_precision``)."""
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device: {name!r} requested but CUDA is not available")
-    if name != "cpu" and not name.startswith("cuda"):
+    elif name != "cpu" and not name.startswith("cuda"):
         raise ConfigError(f"runtime.device: {name!r} is not one of auto, cpu, cuda, cuda:N")
+    check_precision(precision, name)
     return name

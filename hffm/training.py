@@ -78,7 +78,7 @@ def train_local(
     # fp16 (runtime.precision) computes the backbone's gradients in half precision, where small ones underflow
     # to 0: the loss is scaled up before the backward pass and the gradients down before the step (a step
     # whose gradients overflowed is skipped and the scale lowered). bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler(_device_type(device)) if getattr(model, "precision", "fp32") == "fp16" else None
+    scaler = torch.amp.GradScaler(torch.device(device).type) if model.precision == "fp16" else None
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
@@ -128,10 +128,6 @@ def train_local(
             steps += 1
     model.eval()
     return TrainStats(loss=total_loss / max(seen, 1) if not cfg.noop else 0.0, samples=seen, steps=steps)
-
-
-def _device_type(device: str) -> str:
-    return torch.device(device).type
 
 
 def decorrelation(z: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from rich.console import Console
 
 from hffm.adversary import adversaries
 from hffm.circulation import Circulation, describe
-from hffm.config import ConfigError, HFFMConfig, check_precision, load_config, resolve_torch_device, write_config
+from hffm.config import ConfigError, HFFMConfig, load_config, resolve_torch_device, write_config
 from hffm.ids import CLOUD, role_of
 from hffm.pki import OPERATOR, SCRAPER, provision
 from hffm.results import plot_results
@@ -460,8 +460,7 @@ def _run(
         cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"linger_s": 5.0})})
         write_config(cfg, cfg_path)
     try:  # every input that can fail, each a one-line error before any process starts
-        device = resolve_torch_device(cfg.runtime.device)
-        check_precision(cfg.runtime.precision, device)
+        device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
         try:
             layers = backbone_dims(cfg)[1]
         except OSError as err:  # a backbone directory that holds no ViLT checkpoint

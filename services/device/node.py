@@ -26,7 +26,7 @@ from hffm.adversary import (
     poison,
 )
 from hffm.calibration import empty_stats, feature_stats, to_module, with_stats_spec
-from hffm.config import HFFMConfig, check_precision, resolve_torch_device
+from hffm.config import HFFMConfig, resolve_torch_device
 from hffm.data import DeviceData, TaskData, build_device_data, build_global_test, load_tokenizer, task_labels
 from hffm.ids import head_name, stats_name, stats_task, task_of, update_weight
 from hffm.model import HFFMModel, build_model
@@ -44,8 +44,7 @@ class ModelHost:
 
     def __init__(self, cfg: HFFMConfig) -> None:
         self.cfg = cfg
-        self.device = resolve_torch_device(cfg.runtime.device)
-        check_precision(cfg.runtime.precision, self.device)
+        self.device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
         torch.set_num_threads(cfg.runtime.torch_threads)
         self.tokenizer = load_tokenizer(cfg)
         self.model: HFFMModel = build_model(cfg, len(self.tokenizer), task_labels(cfg)).to(self.device)
