@@ -48,31 +48,32 @@ def measure(
     topo = split_table(cfg)
     (name,) = topo.device_map
     data = build_device_data(cfg, name, topo.holders_by_task(), tok, topo.device_map[name].tasks).train
-    models, start = {}, None
     for p in precisions:
         check_precision(p, dev)
-        c = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"precision": p})})
-        models[p] = build_model(c, len(tok), task_labels(c)).to(dev)
-        if start is None:
-            start = {k: v.clone() for k, v in models[p].trainable.state_dict().items()}
-    names = models["fp32"].module_names()
+    model = build_model(cfg, len(tok), task_labels(cfg)).to(dev)  # one model, its precision switched per turn
+    start = {k: v.clone() for k, v in model.trainable.state_dict().items()}
+    names = model.module_names()
+
+    def reset(p: str) -> None:
+        model.precision = p
+        model.trainable.load_state_dict(start)
 
     def epoch(p: str):
         def fn() -> None:
-            train_local(models[p], data, names, cfg.train, dev, seed=1)
+            train_local(model, data, names, cfg.train, dev, seed=1)
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        fn.prepare = lambda: models[p].trainable.load_state_dict(start)
+        fn.prepare = lambda: reset(p)
         return fn
 
     times = interleaved({p: epoch(p) for p in precisions}, repeat)
     feats, losses = {}, {}
     for p in precisions:  # what each precision computes: the start's features, and one epoch's loss
-        models[p].trainable.load_state_dict(start)
+        reset(p)
         with torch.no_grad():
-            feats[p] = torch.cat([_pooled(models[p], td, t, dev) for t, td in sorted(data.items())])
-        losses[p] = train_local(models[p], data, names, cfg.train, dev, seed=1).loss
+            feats[p] = torch.cat([_pooled(model, td, t, dev) for t, td in sorted(data.items())])
+        losses[p] = train_local(model, data, names, cfg.train, dev, seed=1).loss
     out: dict = {
         "basis": {
             "model": model_size,
