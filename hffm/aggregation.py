@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -553,12 +553,15 @@ class LabelReference:
     """What a label check judged a phase's statistics against, kept for a device that sends statistics later
     (a joiner's ``join-stats``): ``here``, task -> the sum of the statistics of the senders it kept (``peers``
     of them); ``rest``, task -> the federation's sums less every sender here (a deferred check's), or None.
-    ``round``: the round whose modules the statistics were computed under (its closing phase's)."""
+    ``round``: the round whose modules the statistics were computed under (its closing phase's); ``modules``: those
+    that shape the features (every one but the heads), where the node keeps them (an edge, for joiners after an
+    edge round: ``NodeRuntime.end_round``), else None."""
 
     round: int
     here: dict  # task -> FeatureStats
     peers: int
     rest: dict | None = None  # task -> FeatureStats
+    modules: ModuleSet | None = field(default=None, compare=False, repr=False)
 
     def score(self, mine: dict) -> float | None:
         """``mine``'s label_t against this reference as ``label_scores`` would score it beside the senders

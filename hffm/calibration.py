@@ -439,6 +439,7 @@ def claims_from(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, di
 
 
 REFERENCE_PREFIX = "labelref"  # a round end's tensors of its label reference (``reference_tensors``)
+_REFERENCE_MODULES = f"{REFERENCE_PREFIX}/modules/"  # ... and of the modules it was computed under, if kept
 _STATS_PARTS = ("count", "total", "squares", "pooled")
 
 
@@ -455,7 +456,13 @@ def reference_tensors(ref: LabelReference | None) -> tuple[dict[str, torch.Tenso
                 if v is not None:
                     out[f"{REFERENCE_PREFIX}/{part}/{task}/{k}"] = v.double().contiguous()
     rest = None if ref.rest is None else sorted(ref.rest)
-    return out, {"round": ref.round, "peers": ref.peers, "here": sorted(ref.here), "rest": rest}
+    meta = {"round": ref.round, "peers": ref.peers, "here": sorted(ref.here), "rest": rest}
+    if ref.modules is not None:
+        meta["modules"] = sorted(ref.modules)
+        for name, m in sorted(ref.modules.items()):
+            for k, v in sorted(m.tensors.items()):
+                out[f"{_REFERENCE_MODULES}{name}/{k}"] = v.detach().clone().contiguous()
+    return out, meta
 
 
 def reference_from(tensors: Mapping[str, torch.Tensor], meta: object, where: str) -> LabelReference | None:
@@ -474,14 +481,17 @@ def reference_from(tensors: Mapping[str, torch.Tensor], meta: object, where: str
     def tasks(v: object) -> bool:
         return isinstance(v, list) and all(isinstance(t, str) for t in v)
 
-    ok = isinstance(meta, dict) and set(meta) == {"round", "peers", "here", "rest"}
+    keys = {"round", "peers", "here", "rest"}
+    ok = isinstance(meta, dict) and set(meta) in (keys, keys | {"modules"})
     if not (ok and counts(meta["round"]) and counts(meta["peers"]) and tasks(meta["here"])) or not (
-        meta["rest"] is None or tasks(meta["rest"])
+        (meta["rest"] is None or tasks(meta["rest"])) and tasks(meta.get("modules", []))
     ):
         raise ValueError(
-            f"{where}: a label reference must be {{round, peers: ints >= 0, here, rest: task lists (rest or null)}}, "
-            f"got {meta!r}"
+            f"{where}: a label reference must be {{round, peers: ints >= 0, here, rest: task lists (rest or null), "
+            f"modules: module names (optional)}}, got {meta!r}"
         )
+    modules = _reference_modules(tensors, meta, where)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(_REFERENCE_MODULES)}
     what = f"no part of a label reference ({REFERENCE_PREFIX}/here|rest/<task>/...)"
     parts = _named_parts(tensors, REFERENCE_PREFIX, ("here", "rest"), _STATS_PARTS, where, what)
     sums: dict[str, dict[str, FeatureStats]] = {"here": {}, "rest": {}}
@@ -507,7 +517,29 @@ def reference_from(tensors: Mapping[str, torch.Tensor], meta: object, where: str
     for part in ("here", "rest"):
         if sorted(sums[part]) != sorted(meta[part] or []):
             raise ValueError(f"{where}: label reference {part} holds {sorted(sums[part])}, its JSON says {meta[part]}")
-    return LabelReference(meta["round"], sums["here"], meta["peers"], None if meta["rest"] is None else sums["rest"])
+    rest = None if meta["rest"] is None else sums["rest"]
+    return LabelReference(meta["round"], sums["here"], meta["peers"], rest, modules)
+
+
+def _reference_modules(tensors: Mapping[str, torch.Tensor], meta: dict, where: str) -> ModuleSet | None:
+    """The modules a saved label reference was computed under (``labelref/modules/<module>/<tensor>``), as the
+    round's modules (version its round); None where it kept none. ValueError naming ``where`` for tensors of a
+    module its JSON does not list, a module listed without tensors, or a value that is not finite."""
+    held: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name.startswith(_REFERENCE_MODULES):
+            module, _, key = name[len(_REFERENCE_MODULES) :].partition("/")
+            held.setdefault(module, {})[key] = t
+    if "modules" not in meta:
+        if held:
+            raise ValueError(f"{where}: label reference modules {sorted(held)[:2]} its JSON does not list")
+        return None
+    if sorted(held) != sorted(meta["modules"]) or not all(k for ts in held.values() for k in ts):
+        raise ValueError(f"{where}: label reference modules {sorted(held)}, its JSON says {meta['modules']}")
+    for module, ts in held.items():
+        if not all(bool(torch.isfinite(v).all()) for v in ts.values()):
+            raise ValueError(f"{where}: label reference module {module}: a value that is not finite")
+    return {n: Module(n, ts, meta["round"], 1.0) for n, ts in sorted(held.items())}
 
 
 def sums_of(modules: Iterable[Module]) -> dict[str, FeatureStats]:

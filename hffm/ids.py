@@ -90,6 +90,12 @@ def head_name(task: str) -> str:
     return f"{HEAD_PREFIX}{task}"
 
 
+def is_head(module: str) -> bool:
+    """Whether ``module`` is a task's classification head (the one kind of module the pooled features do not pass
+    through: everything else, adapters, modality adapters and prompts, shapes them)."""
+    return module.startswith(HEAD_PREFIX)
+
+
 def prompt_name(task: str) -> str:
     return f"{PROMPT_PREFIX}{task}"
 

@@ -26,7 +26,17 @@ from typing import TYPE_CHECKING
 from hffm.aggregation import Aggregator, LabelCheck, LabelReference, make_aggregator
 from hffm.config import ModelConfig
 from hffm.ids import D2D, role_of, stats_task, task_of
-from hffm.methods import JOIN_STATS, LABEL_CHECK, OPENING_TAGS, STATS, STATS_OF, SYNC, TRAINING_TAG, Collect
+from hffm.methods import (
+    JOIN_REF,
+    JOIN_STATS,
+    LABEL_CHECK,
+    OPENING_TAGS,
+    STATS,
+    STATS_OF,
+    SYNC,
+    TRAINING_TAG,
+    Collect,
+)
 from hffm.modules import Module, ModuleError, ModuleSet
 from hffm.results import SenderScore
 from hffm.wire import PushHeader, digests_follow
@@ -108,6 +118,9 @@ class Inbox:
         # the next round (a joiner) is checked against it as its statistics arrive (``_check_joiner``); saved with
         # each round end and set back from the base, as the flags are
         self.label_reference: LabelReference | None = None
+        # device -> the round whose modules this node sent it this round to compute its join-stats under
+        # (``JOIN_REF``, after an edge round), None where it had no reference's modules to send (``refer``)
+        self.referred: dict[str, int | None] = {}
         self._generation = 0
         self._cv = threading.Condition()
 
@@ -133,6 +146,7 @@ class Inbox:
             self.round = round_
             self.attempt = attempt
             self.registered = set(registered)
+            self.referred = {}
             self._collections = {
                 c.tag: _Collection(
                     c,
@@ -147,6 +161,13 @@ class Inbox:
                 self._collections[c.tag].waiting = c.tag not in OPENING_TAGS
             self._generation += 1
             self._cv.notify_all()
+
+    def refer(self, devices: list[str], round_: int | None) -> None:
+        """This node sends ``devices`` the modules of round ``round_`` (None: no label reference's) to compute their
+        join-stats under (``JOIN_REF``): their labels are checked on arrival where that is its reference's round.
+        Called before the sends, so no statistics computed under them can arrive first."""
+        with self._cv:
+            self.referred.update(dict.fromkeys(devices, round_))
 
     def _aggregator(self, c: Collect, reference: ModuleSet | None) -> Aggregator:
         agg = make_aggregator(c.rule, self._order(c), reference, dict(c.params))
@@ -298,8 +319,9 @@ class Inbox:
                     "before_statistics",
                     f"{h.sender} pushes to {self.node_id}/{h.tag} before its statistics ({JOIN_STATS})",
                 )
-        for m in h.modules:  # a sync carries the state of an earlier round; anything else this round's
-            if (m.version >= h.round) if coll.step.tag == SYNC else (m.version != h.round):
+        earlier = coll.step.tag in (SYNC, JOIN_REF)
+        for m in h.modules:  # a sync (a label reference too) carries an earlier round's state; anything else this one's
+            if (m.version >= h.round) if earlier else (m.version != h.round):
                 raise ModuleError(
                     "FAILED_PRECONDITION",
                     "wrong_version",
@@ -386,14 +408,18 @@ class Inbox:
         """A synced device's statistics (``join-stats``) checked for its labels as they arrive, against what this
         node's label check of the last round's closing phase judged its senders by (``label_reference``): the
         statistics its kept senders sent and the rest of the federation, computed under the modules the device
-        was synced to. Flagged, the device is left out of this round's collects of training updates, which it
-        cannot have pushed to yet (``_check`` refuses a push before its statistics); passing, it is cleared. The
-        step's record scores it either way. Where the reference is older than the last round (an edge round
-        came between: the device's modules are not those the reference's statistics were computed under) or
-        missing, its labels wait for the next calibration phase's check."""
+        was synced to where the last round was the reference's, else under the reference's modules this node sent
+        it (``refer``: after an edge round). Flagged, the device is left out of this round's collects of training
+        updates, which it cannot have pushed to yet (``_check`` refuses a push before its statistics); passing,
+        it is cleared. The step's record scores it either way. Where its statistics are under other modules than
+        the reference's (an edge round came between and this node held no reference modules to send) or there
+        is no reference, its labels wait for the next calibration phase's check."""
         ref = self.label_reference
         agg = coll.aggregator
-        if not isinstance(agg, LabelCheck) or ref is None or self.round is None or ref.round != self.round - 1:
+        if not isinstance(agg, LabelCheck) or ref is None or self.round is None:
+            return
+        under = self.referred[sender] if sender in self.referred else self.round - 1
+        if under != ref.round:
             return
         from hffm.calibration import sums_of  # the model's side of the package
 
@@ -477,7 +503,7 @@ class Inbox:
             # A sync adopts an earlier round's state and keeps its version: a node synced from its tier
             # (an edge from the cloud) may have to sync others next (its devices), and a sync carries
             # an earlier round's modules only. Any other aggregate is this round's.
-            sync = coll.step.tag == SYNC and coll.newest >= 0
+            sync = coll.step.tag in (SYNC, JOIN_REF) and coll.newest >= 0
             modules = (
                 coll.aggregator.result(coll.newest if sync else self.round) if coll.accepted or not optional else {}
             )

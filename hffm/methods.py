@@ -43,6 +43,7 @@ from hffm.ids import (
     EDGE_CLOUD,
     LINK_KINDS,
     head_name,
+    is_head,
     stats_name,
     stats_task,
     task_of,
@@ -88,6 +89,9 @@ OPENING_TAGS = (OPENING_STATS, OPENING_CALIBRATED)
 # statistics first for a device that starts a later round synced (a joiner, one that lost its state): its
 # statistics go to its collector before it trains (calibration.opening with the head check), nothing comes back
 JOIN_STATS = "join-stats"
+# ... computed, after an edge round, under the modules its collector's label check of the last cloud round judged
+# by, which the collector sends it first (the adapters it was synced to are the edge's since; label_t)
+JOIN_REF = "join-ref"
 TRAINING_TAG = "aggregate"  # the tag (prefix) of every collect of training updates and their aggregates
 CLUSTER = "cluster"  # a D2D cluster head's collect of its cluster's updates (hfm-d2d, edge-only-d2d)
 LABEL_CHECK = "label_check"  # a statistics collect's rule with calibration.label_t (hffm.aggregation.LabelCheck)
@@ -377,7 +381,12 @@ class RoundPlan:
         return RoundPlan(self.round, steps)
 
     def with_join_statistics(
-        self, topo: Topology, devices: Iterable[str], quorum: Quorum = Quorum(), label_t: float | None = None
+        self,
+        topo: Topology,
+        devices: Iterable[str],
+        quorum: Quorum = Quorum(),
+        label_t: float | None = None,
+        reference: Callable[[Topology, str], tuple[str, ...]] | None = None,
     ) -> RoundPlan:
         """The plan with each of ``devices`` that trains and sends its update straight to an edge or the cloud (a
         device synced at the start of the round: one that joined, or lost its state; calibration.opening with
@@ -387,9 +396,15 @@ class RoundPlan:
         as a typical device and go unchecked until the next cloud round's statistics. Nothing comes back; the
         collector's step (before its first collect of training updates) only holds the statistics, checked
         against nothing (``LabelCheck`` deferred: the next calibration phase checks the device's labels), and
-        ends with whoever sent by the deadline, or nobody (``Inbox.wait``)."""
+        ends with whoever sent by the deadline, or nobody (``Inbox.wait``). The collector checks the labels of
+        statistics computed under the modules its last label check judged by (``Inbox._check_joiner``): those
+        the device was synced to where the last round was a cloud round. ``reference`` (the round after an edge
+        round, with ``label_t``): the feature modules (every circulating one but the heads: ``reference(topo,
+        device)``) that an edge collector sends the device first, under ``JOIN_REF``, and the device computes
+        these statistics under (``NodeRuntime.join_reference``); the device trains from its sync as before."""
         steps = {n: list(ss) for n, ss in self.steps.items()}
         below: dict[str, list[tuple[str, str]]] = {}  # collector -> (device, link)
+        refs: dict[str, list[Send]] = {}  # collector -> its sends of the reference modules (JOIN_REF)
         for d in sorted(set(devices)):
             ss = steps.get(d, [])
             if topo.role(d) != "device" or not any(isinstance(s, Train) for s in ss):
@@ -401,12 +416,17 @@ class RoundPlan:
             i = next(i for i, x in enumerate(ss) if isinstance(x, Train))
             ss[i:i] = [Stats(tasks), Send(up.to, up.link, JOIN_STATS, tuple(stats_name(t) for t in tasks), up.route)]
             below.setdefault(up.to, []).append((d, up.link))
+            feats = () if reference is None else tuple(m for m in reference(topo, d) if not is_head(m))
+            if feats and topo.role(up.to) == "edge":
+                ss.insert(i, Collect(JOIN_REF, (up.to,), up.link))
+                refs.setdefault(up.to, []).append(Send(d, up.link, JOIN_REF, feats, tuple(reversed(up.route))))
         held = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else ("fedavg", ())
         for n, senders in sorted(below.items()):
             ss = steps[n]
             i = next((i for i, x in enumerate(ss) if isinstance(x, Collect) and x.tag.startswith(TRAINING_TAG)), 0)
             senders_ = tuple(d for d, _ in senders)
-            ss[i:i] = [Collect(JOIN_STATS, senders_, senders[0][1], rule=held[0], params=held[1], quorum=quorum)]
+            ss[i:i] = [*refs.get(n, []), Collect(JOIN_STATS, senders_, senders[0][1], rule=held[0], params=held[1],
+                                                 quorum=quorum)]  # fmt: skip
         return RoundPlan(self.round, steps)
 
     @staticmethod

@@ -30,10 +30,10 @@ from hffm.calibration import (
     virtual_features,
 )
 from hffm.config import ConfigError, load_config
-from hffm.ids import CLOUD, head_name, stats_name
+from hffm.ids import CLOUD, head_name, stats_name, stats_task
 from hffm.methods import CALIBRATED, STATS, Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.model import TaskHead, build_head, build_model
-from hffm.modules import ModuleError, load_modules
+from hffm.modules import Module, ModuleError, load_modules
 
 
 def _clusters(n: int, d: int = 8, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1113,15 +1113,18 @@ def test_an_opening_phase_comes_before_any_training_in_round_1_only(method):
 
 
 @pytest.mark.parametrize("method", ["hfm", "star"])
-@pytest.mark.parametrize("round_", [2, 3])
+@pytest.mark.parametrize("round_", [2, 3, 4])
 def test_a_device_that_starts_a_later_round_synced_sends_its_statistics_before_it_trains(method, round_):
     """Statistics first for joiners too: with calibration.opening and the head check, a device synced at the
     start of a round after the first (one that joined, or lost its state) computes its statistics once synced
     and sends them to its collector (its edge; the cloud in star) under ``join-stats`` before it trains; the
     collector holds them before its first collect of training updates, weighs them as registered (caps) and
     is not made to wait on the device (not critical). Nobody else sends any; round 1 has the opening phase
-    instead; without the head check there is none (nothing would read them)."""
-    from hffm.methods import JOIN_STATS, OPENING_STATS, SYNC, TRAINING_TAG
+    instead; without the head check there is none (nothing would read them). In hfm after an edge round that
+    followed a cloud round (round 4 at e_agg 2), the edge first sends each of them (``join-ref``) every module
+    but the heads, which it collects before it computes them (the modules its edge's label check judged by)."""
+    from hffm.ids import is_head
+    from hffm.methods import JOIN_REF, JOIN_STATS, OPENING_STATS, SYNC, TRAINING_TAG
     from hffm.recovery import critical
 
     sets = [f"method={method}", "calibration.enabled=true", "calibration.opening=true", "e_agg=2",
@@ -1134,6 +1137,7 @@ def test_a_device_that_starts_a_later_round_synced_sends_its_statistics_before_i
     plan = planned.plan
     plan.validate()
     synced = {"device-0-5", "device-1-1"}
+    referred = method == "hfm" and round_ == 4
     assert set(planned.starts.sync) == synced
     collector = {d: (CLOUD if method == "star" else joined.device_map[d].edge) for d in synced}
     for n, steps in plan.steps.items():
@@ -1147,6 +1151,9 @@ def test_a_device_that_starts_a_later_round_synced_sends_its_statistics_before_i
             assert i < j < k and isinstance(steps[j - 1], Stats), (n, tags)
             send = steps[j]
             assert send.to == collector[n] and set(send.modules) == {stats_name(t) for t in joined.device_map[n].tasks}
+            assert (tags[j - 2] == JOIN_REF) == referred and tags.count(JOIN_REF) == referred, (n, tags)
+            if referred:
+                assert steps[j - 2].senders == (collector[n],) and i < j - 2
         elif n in collector.values():
             c = next(s for s in steps if isinstance(s, Collect) and s.tag == JOIN_STATS)
             assert set(c.senders) == {d for d, to in collector.items() if to == n}
@@ -1155,8 +1162,12 @@ def test_a_device_that_starts_a_later_round_synced_sends_its_statistics_before_i
             assert tags.index(JOIN_STATS) == first - 1, (n, tags)
             caps = {d: dict(m) for d, m in c.weight_caps}
             assert all(caps[d] == {stats_name(t): float(samples[d][t]) for t in samples[d]} for d in c.senders)
+            refs = [s for s in steps[: tags.index(JOIN_STATS)] if isinstance(s, Send) and s.tag == JOIN_REF]
+            assert {s.to for s in refs} == (set(c.senders) if referred else set()), (n, tags)
+            for s in refs:  # what shapes its features: every module it holds but the heads
+                assert set(s.modules) == {m for m in joined.modules_for(s.to) if not is_head(m)} and s.modules
         else:
-            assert JOIN_STATS not in tags, (n, tags)
+            assert JOIN_STATS not in tags and JOIN_REF not in tags, (n, tags)
     assert not synced & critical(plan)
     assert not any(getattr(s, "tag", None) == OPENING_STATS for ss in plan.steps.values() for s in ss)
     first = planner.plan(1, joined, samples=samples, held={}).plan  # round 1: the opening phase covers everyone
@@ -1164,3 +1175,43 @@ def test_a_device_that_starts_a_later_round_synced_sends_its_statistics_before_i
     _, _, unchecked = _planned(*sets[:-1])  # no head check: nothing reads them
     plain = unchecked.plan(round_, joined, samples=samples, held=held, cloud_rounds_done=[2] if round_ > 2 else [])
     assert not any(getattr(s, "tag", None) == JOIN_STATS for ss in plain.plan.steps.values() for s in ss)
+
+
+def test_a_joiner_computes_its_statistics_under_the_modules_its_collector_sent_for_them(small_cfg):
+    """A device whose collector sent it modules to compute its next statistics under (``join-ref``: its edge's
+    label reference's, after an edge round) computes those statistics, and only those, under them: they equal
+    the statistics of a device holding them, differ from those under its own modules, and the device's own
+    modules (which it trains from) are not changed; its next statistics are under its own again."""
+    from hffm.ids import is_head
+    from services.common.bootstrap import topology
+    from services.common.rounds import RoundState
+    from services.device.node import DeviceNode, ModelHost
+
+    cfg = small_cfg.model_copy(update={"calibration": small_cfg.calibration.model_copy(update={"enabled": True})})
+    topo = topology(cfg)
+    node = DeviceNode("device-0-0", cfg, topo, ModelHost(cfg), "127.0.0.1:0")
+    tasks = tuple(topo.device_map["device-0-0"].tasks)
+    state = RoundState(3, "hfm", [], {})
+
+    def stats() -> dict[str, torch.Tensor]:
+        node.feature_stats(state, tasks)
+        return {t: node.modules[stats_name(t)].tensors["total"].clone() for t in tasks}
+
+    own = stats()
+    g = torch.Generator().manual_seed(3)
+    sent = {n: Module(n, {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in m.tensors.items()}, 2, 1.0)
+            for n, m in node.modules.items() if not is_head(n) and stats_task(n) is None}  # fmt: skip
+    before = {n: {k: v.clone() for k, v in m.tensors.items()} for n, m in node.modules.items()}
+    node.join_reference(sent)
+    under = stats()
+    assert all(not torch.allclose(under[t], own[t]) for t in tasks)
+    assert all(torch.equal(node.modules[n].tensors[k], v) for n, ts in before.items() if stats_task(n) is None
+               for k, v in ts.items())  # fmt: skip
+    again = stats()
+    assert all(torch.equal(again[t], own[t]) for t in tasks)
+    holder = DeviceNode("device-0-0", cfg, topo, ModelHost(cfg), "127.0.0.1:0")
+    holder.adopt(sent)
+    holder.feature_stats(state, tasks)
+    assert all(torch.allclose(holder.modules[stats_name(t)].tensors["total"], under[t]) for t in tasks)
+    node.close()
+    holder.close()

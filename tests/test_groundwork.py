@@ -559,6 +559,65 @@ def test_what_a_node_s_label_check_judged_by_is_part_of_each_round_end_it_saves(
         edge()
 
 
+def test_an_edge_keeps_the_modules_its_label_check_judged_by_with_its_round_ends(tmp_path):
+    """An edge whose label check of round r's statistics ran in round r keeps, at that round's end, the modules
+    they were computed under: every module it holds then but the heads (LabelReference.modules, for joiners
+    after an edge round: ``join-ref``). They stay as they were while its own modules move on in later rounds,
+    are saved with each round end (``labelref/modules/...``) and read back by a restarted edge, which sends them
+    to a joiner in place of its own (``_refer``); a damaged copy is refused with the round end named."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from hffm.aggregation import LabelReference
+    from hffm.calibration import stats_of
+    from hffm.ids import is_head
+    from hffm.methods import JOIN_REF
+    from services.common.rounds import RoundState
+
+    edge = _checked_edge_saving_to(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 3
+    node = edge()
+    node.inbox.label_reference = LabelReference(1, {"art": stats_of(x, y, 3)}, 4, None)
+    at_1 = {n: {k: v.clone() for k, v in m.tensors.items()} for n, m in node.modules.items() if not is_head(n)}
+    node.end_round(RoundState(1, "hfm", [], {}))
+    kept = node.inbox.label_reference.modules
+    assert kept is not None and set(kept) == set(at_1) and at_1
+    moved = {
+        n: replace(m, tensors={k: v + 1 for k, v in m.tensors.items()}, version=2) for n, m in node.modules.items()
+    }
+    node.adopt(moved)  # round 2, an edge round: its own modules move on, the reference's stay
+    node.end_round(RoundState(2, "hfm", [], {}))
+    assert node.inbox.label_reference.round == 1
+    assert all(torch.equal(kept[n].tensors[k], v) for n, ts in at_1.items() for k, v in ts.items())
+    node.close()
+    node = edge()  # restarted from round 2's end
+    back = node.inbox.label_reference.modules
+    assert back is not None and set(back) == set(at_1) and all(m.version == 1 for m in back.values())
+    assert all(torch.equal(back[n].tensors[k], v) for n, ts in at_1.items() for k, v in ts.items())
+    joiner = "device-0-4"
+    send = Send(joiner, "device_edge", JOIN_REF, tuple(sorted(at_1)))
+    node._refer(RoundState(3, "hfm", [send], {joiner: "127.0.0.1:1"}))
+    assert node.inbox.referred == {joiner: 1} and node._join_ref is back
+    node.inbox.label_reference = replace(node.inbox.label_reference, modules=None)  # none kept: its own, unchecked
+    node._refer(RoundState(3, "hfm", [send], {joiner: "127.0.0.1:1"}))
+    assert node.inbox.referred == {joiner: None} and node._join_ref is None
+    node.close()
+    path = tmp_path / "round-2-attempt-0" / "tensors.safetensors"
+    good = load_file(str(path))
+    name = next(k for k in good if k.startswith("labelref/modules/"))
+    damaged = [
+        {k: v for k, v in good.items() if not k.startswith("labelref/modules/")},  # listed, not there
+        {**good, name: torch.full_like(good[name], float("nan"))},  # not finite
+        {**good, "labelref/modules/head.art/w": torch.zeros(2)},  # a module its JSON does not list
+    ]
+    for bad in damaged:
+        save_file(bad, str(path))
+        with pytest.raises(ValueError, match=r"round end \(2, 0\): label reference module"):
+            edge()
+
+
 def test_a_round_end_s_claims_are_shared_by_content_like_its_modules(tmp_path):
     """tensors.safetensors (the head check's claims) goes through the store as modules.safetensors does: a round
     end whose claims did not change since the last (hfm's rounds between cloud rounds) links the file written

@@ -840,15 +840,18 @@ def test_a_joiner_s_labels_are_checked_as_its_statistics_arrive(checked_edge):
     the modules the joiner was synced to. A joiner whose statistics put each answer's mean where another
     answer's samples lie (trained on flipped labels) is flagged there: its training push, in the same round, is
     counted and left out; an honest joiner passes and is folded. Where an edge round came between (the
-    reference is not of the last round) nothing is checked on arrival: the next phase does it, as before."""
+    reference is not of the last round) a joiner's statistics are checked on arrival only where the edge sent it
+    the reference's modules to compute them under (``JOIN_REF``; ``Inbox.refer``): the others wait for the next
+    phase, as before."""
     from hffm.calibration import stats_of, to_module
     from hffm.ids import CLOUD, head_name, stats_name
     from hffm.methods import CALIBRATED, JOIN_STATS, STATS
 
     node, spec, ch = checked_edge
     peers = tuple(f"device-0-{i}" for i in range(4))
-    honest, flipper, late = "device-0-4", "device-0-5", "device-0-6"
-    addr = {d: f"127.0.0.1:{10 + i}" for i, d in enumerate((*peers, honest, flipper, late))} | {CLOUD: "127.0.0.1:9"}
+    honest, flipper, late, referred, unreferred = (f"device-0-{i}" for i in range(4, 9))
+    joiners = (honest, flipper, late, referred, unreferred)
+    addr = {d: f"127.0.0.1:{10 + i}" for i, d in enumerate((*peers, *joiners))} | {CLOUD: "127.0.0.1:9"}
     classes, hidden = spec[stats_name("art")]["count"][0], spec[stats_name("art")]["total"][1]
     g = torch.Generator().manual_seed(11)
     means = 4 * torch.randn(classes, hidden, generator=g)
@@ -877,9 +880,11 @@ def test_a_joiner_s_labels_are_checked_as_its_statistics_arrive(checked_edge):
     assert checked.scores and not any(sc.flagged for sc in checked.scores)  # the phase's own check: all honest
     assert node.inbox.label_reference.round == 2 and node.inbox.label_reference.peers == 4
 
-    def join_round(r: int, joiners: tuple[str, ...], flipped: set[str]):
+    def join_round(r: int, joiners: tuple[str, ...], flipped: set[str], refer: dict | None = None):
         node.assign(r, "hfm", [Collect(JOIN_STATS, joiners, "device_edge", rule="label_check", params=held),
                                Collect("aggregate", joiners, "device_edge")], addr)  # fmt: skip
+        for j, under in (refer or {}).items():  # what the edge's JOIN_REF sends would tell it
+            node.inbox.refer([j], under)
         for j in joiners:
             push(j, [to_module(stats_name("art"), data(5, flip=j in flipped), r)], r, JOIN_STATS)
         for j in joiners:  # before the edge waits on its statistics: the check held from their arrival
@@ -895,11 +900,16 @@ def test_a_joiner_s_labels_are_checked_as_its_statistics_arrive(checked_edge):
     left = {sc.sender for sc in agg.scores if sc.excluded}
     assert left == {flipper} and all(sc.label_t > 4 for sc in agg.scores if sc.sender == flipper), agg.scores
     assert all(sc.head_drop == pytest.approx(0, abs=1e-6) for sc in agg.scores if sc.sender == honest)
-    # round 5: the reference is round 2's, an edge round (4) between: a flipper joining now is not checked yet
+    # round 5: the reference is round 2's, an edge round (4) between: a flipper joining now is checked on arrival
+    # where the edge sent it round 2's modules (``referred``), not where it sent none or nothing (it is then under
+    # round 4's)
     node.assign(4, "hfm", [Collect("aggregate", peers[:1], "device_edge")], addr)
-    stats, agg = join_round(5, (late,), {late})
-    assert stats.scores == () and late not in node.inbox.mislabelled
-    assert agg.counted == (late,) and not any(sc.excluded for sc in agg.scores)
+    three = (late, referred, unreferred)
+    stats, agg = join_round(5, three, set(three), {referred: 2, unreferred: None})
+    assert [(sc.sender, sc.flagged) for sc in stats.scores] == [(referred, True)], stats.scores
+    assert set(node.inbox.mislabelled) == {flipper, referred}
+    assert set(agg.counted) == set(three)
+    assert {sc.sender for sc in agg.scores if sc.excluded} == {referred}, agg.scores
 
 
 def ems_names(ems) -> list[str]:

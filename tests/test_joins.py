@@ -343,6 +343,45 @@ def test_a_joiner_that_trains_on_flipped_labels_is_left_out_from_its_first_push(
     assert flagged == {joiner}, flagged
 
 
+def test_a_flipper_that_joins_after_an_edge_round_is_checked_under_the_reference_s_modules(tmp_path):
+    """hfm with a cloud round every 6th round (e_agg 6, 12 rounds) over real gRPC and mTLS, statistics first with
+    the label and head checks; once round 6 is done ``hffm join`` starts device-1-4, a label flipper reporting
+    the statistics it trained on. Its first round (8-12: a process takes seconds to start) follows an edge round:
+    it was synced to edge-1's modules of that round, not to those edge-1's label check of round 6's statistics
+    judged by. edge-1 sends it those first
+    (``join-ref``), it computes its ``join-stats`` under them, and edge-1 flags it on arrival and leaves its first
+    training push out (before, its labels waited for round 12's phase and its pushes until then were folded)."""
+    from hffm_cli.main import app
+
+    out = tmp_path / "run"
+    joiner = "device-1-4"
+    sets = ["method=hfm", "e_agg=6", "rounds=12", "topology.edges=2", "topology.devices_per_edge=4",
+            "runtime.devices_per_process=4", "data.alpha=0.3", "data.train_per_task=800", "train.eval_every=12",
+            "data.global_test_per_task=32", "topology.joins=true", "calibration.enabled=true",
+            "calibration.epochs=1", "calibration.opening=true", "calibration.label_t=4",
+            "calibration.head_check=0.3", f"adversary.nodes=[{joiner}]", "adversary.behaviour=label_flip"]  # fmt: skip
+    cfg = load_config(None, sets)
+
+    def join(_sup) -> None:
+        r = CliRunner().invoke(app, ["join", "--run", str(out), "--id", joiner])
+        assert r.exit_code == 0 and f"{joiner} started" in r.output, r.output
+
+    res = _run_and(cfg, out, 6, join)
+    assert res["complete"] and joiner in res["nodes"]
+    first = next((x for x in res["rounds"] if any(h["origin"] == joiner for h in x["hops"])), None)
+    assert first is not None and (first["round"] - 1) % 6 != 0, "its first round must follow an edge round"
+    refs = [h for h in first["hops"] if h["tag"] == "join-ref"]
+    assert [(h["sender"], h["receiver"]) for h in refs] == [("edge-1", joiner)] and refs[0]["bytes"] > 0
+    stats = next(a for a in first["aggregates"] if a["node"] == "edge-1" and a["tag"] == "join-stats")
+    assert stats["counted"] == [joiner]
+    assert stats["scores"] and all(sc["flagged"] and sc["label_t"] > 4 for sc in stats["scores"]), stats["scores"]
+    trained = next(a for a in first["aggregates"] if a["node"] == "edge-1" and a["tag"].startswith("aggregate"))
+    mine = [sc for sc in trained["scores"] if sc["sender"] == joiner]
+    assert joiner in trained["counted"] and mine and all(sc["excluded"] for sc in mine), trained["scores"]
+    flagged = {sc["sender"] for x in res["rounds"] for a in x["aggregates"] for sc in a["scores"] if sc["flagged"]}
+    assert flagged == {joiner}, flagged
+
+
 def test_join_refuses_a_run_that_takes_no_joiners(tmp_path):
     from hffm.config import write_config
     from hffm_cli.main import app

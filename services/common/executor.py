@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from hffm.ids import stats_task
 from hffm.inbox import Aggregate
-from hffm.methods import JOIN_STATS, OPENING_CALIBRATED, Calibrate, Collect, Evaluate, Send, Stats, Train
+from hffm.methods import JOIN_REF, JOIN_STATS, OPENING_CALIBRATED, Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.results import AggregateRecord, NodeReport
 from services.common import faults
 from services.common.rounds import RoundState
@@ -77,7 +77,9 @@ class StepExecutor:
         faults.hit(node.node_id, f"collected.{s.tag}", state.round)
         node.metrics.aggregations.labels(node=node.node_id, tag=s.tag).inc()
         node.trace(f"{state.trace_prefix}-{s.tag}-aggregate", agg.modules)
-        if s.tag != JOIN_STATS:  # synced devices' statistics are held by the inbox (claims), not adopted
+        if s.tag == JOIN_REF:  # what to compute the statistics that follow under: held for them, not adopted
+            node.join_reference(agg.modules)
+        elif s.tag != JOIN_STATS:  # synced devices' statistics are held by the inbox (claims), not adopted
             node.adopt(node.poison_aggregate(s.tag, node.server_step(agg.modules), state.round))
         if agg.left_out:  # senders that missed the deadline are not sent this round's result either
             with node.rounds.lock:

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -20,10 +20,10 @@ import torch
 from hffm.aggregation import LabelReference
 from hffm.calibration import REFERENCE_PREFIX, Claim, claims_from, claims_tensors, reference_from, reference_tensors
 from hffm.config import HFFMConfig
-from hffm.ids import CLOUD, stats_task
+from hffm.ids import CLOUD, is_head, stats_task
 from hffm.inbox import Inbox, RoundAborted
-from hffm.methods import Collect, Step
-from hffm.modules import ModuleError, ModuleSet, ModuleSpec, save_modules
+from hffm.methods import JOIN_REF, Collect, Send, Step
+from hffm.modules import Module, ModuleError, ModuleSet, ModuleSpec, save_modules
 from hffm.persist import LABEL_REFERENCE, MISLABELLED, NodeState, Persistor, valid_flags
 from hffm.pki import Identity
 from hffm.results import NodeReport
@@ -79,6 +79,9 @@ class NodeRuntime:
 
     role = "node"
     relays = False  # devices relay D2D pushes for their peers
+    # edges keep the modules their label check of a cloud round judged by (LabelReference.modules): a device that
+    # joins after an edge round computes its statistics under them for its labels to be checked on arrival
+    keeps_reference = False
 
     def __init__(
         self,
@@ -111,6 +114,10 @@ class NodeRuntime:
             node_id, None if head_check is None else (head_check, cfg.model), statistics_first=cfg.calibration.opening
         )
         self.persistor = persistor
+        # this round's reference modules for joiners (JOIN_REF; ``_refer``); what a device computes its next
+        # statistics under where its collector sent them (``join_reference``)
+        self._join_ref: ModuleSet | None = None
+        self.stats_under: ModuleSet | None = None
         if persistor is not None:
             self._restore()
         # plaintext channels may be shared by the nodes of a process; TLS channels carry this node's certificate
@@ -130,6 +137,7 @@ class NodeRuntime:
             self.metrics,
             self.security.call_metadata(),
             self.security.sign_header,
+            reference=lambda: self._join_ref,
         )
         self.receiver = Receiver(
             node_id,
@@ -238,14 +246,32 @@ class NodeRuntime:
     def start_round(self, state: RoundState) -> None:
         """Before a round's first step: go back to the round end it starts from, modules and label-check
         flags (an aborted attempt may have changed either; a restarted node may hold a later one)."""
-        if state.base is None:
-            return
-        end = self._end_state(state.base)
-        if end is None:
-            raise ModuleError("FAILED_PRECONDITION", "no_base_state", f"{self.node_id} lost round end {state.base}")
-        self.modules = end.modules
-        self._use(end)
-        self.sender.invalidate()
+        self.stats_under = None
+        if state.base is not None:
+            end = self._end_state(state.base)
+            if end is None:
+                raise ModuleError("FAILED_PRECONDITION", "no_base_state", f"{self.node_id} lost round end {state.base}")
+            self.modules = end.modules
+            self._use(end)
+            self.sender.invalidate()
+        self._refer(state)
+
+    def _refer(self, state: RoundState) -> None:
+        """The round's sends of a label reference's modules to joiners (``JOIN_REF``): those its label reference
+        kept where they cover every module asked for, else (none kept, as after a restart from an older round
+        end without them) the node's own; its inbox is told which, before anything is sent."""
+        sends = [s for s in state.steps if isinstance(s, Send) and s.tag == JOIN_REF]
+        ref = self.inbox.label_reference
+        wanted = {m for s in sends for m in s.modules}
+        ok = bool(sends) and ref is not None and ref.modules is not None and wanted <= set(ref.modules)
+        self._join_ref = ref.modules if ok and ref is not None else None
+        if sends:
+            self.inbox.refer([s.to for s in sends], ref.round if ok and ref is not None else None)
+
+    def join_reference(self, modules: ModuleSet) -> None:
+        """A joiner's collector sent the modules to compute its next statistics under (``JOIN_REF``): held for
+        that step alone, never adopted (it trains from its sync)."""
+        self.stats_under = dict(modules)
 
     def end_round(self, state: RoundState) -> None:
         """Every step of the round done: its end is what the node holds now (saved when it persists). Feature
@@ -253,6 +279,12 @@ class NodeRuntime:
         if any(stats_task(n) for n in self.modules):
             self.modules = {n: m for n, m in self.modules.items() if stats_task(n) is None}
             self.sender.invalidate()
+        ref = self.inbox.label_reference
+        if self.keeps_reference and ref is not None and ref.round == state.round and ref.modules is None:
+            # the modules the phase's statistics were computed under: every one but the heads (calibrated since)
+            kept = {n: Module(n, {k: v.clone() for k, v in m.tensors.items()}, state.round, 1.0)
+                    for n, m in self.modules.items() if not is_head(n)}  # fmt: skip
+            self.inbox.label_reference = replace(ref, modules=kept)
         key = (state.round, state.attempt)
         end = self._ends[key] = RoundEnd(
             dict(self.modules), dict(self.inbox.mislabelled), dict(self.inbox.claims), self.inbox.label_reference

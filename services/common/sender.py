@@ -15,7 +15,7 @@ import grpc
 
 from hffm.config import HFFMConfig
 from hffm.ids import role_of, stats_task
-from hffm.methods import SYNC, Send
+from hffm.methods import JOIN_REF, SYNC, Send
 from hffm.modules import EncodedModule, ModuleError, ModuleSet, digest_of, encode_modules
 from hffm.results import Transfer
 from hffm.wire import ModuleHeader, PushHeader, push_id_for
@@ -41,9 +41,12 @@ class Sender:
         metadata: tuple[tuple[str, str], ...] | None = None,
         sign: Callable[[PushHeader], PushHeader] = lambda h: h,
         served: Callable[[ModuleSet], ModuleSet] | None = None,
+        reference: Callable[[], ModuleSet | None] | None = None,
     ) -> None:
         self.node_id, self.role, self.cfg = node_id, role, cfg
         self.served = served  # what the node serves when it relays (a sync); None: what it holds
+        # what it sends a joiner to compute its statistics under (JOIN_REF); None, or None returned: what it holds
+        self.reference = reference
         self._modules = modules  # the node's current modules, read when encoding
         self.channels = channels
         self.rounds = rounds
@@ -105,12 +108,15 @@ class Sender:
             f.result()
 
     def send(self, state: RoundState, s: Send) -> None:
-        if s.tag == SYNC and self.served is not None:  # a relay: what the node serves (config adversary)
+        ref = self.reference() if s.tag == JOIN_REF and self.reference is not None else None
+        if (s.tag == SYNC and self.served is not None) or ref is not None:
             with self._lock:
-                held = self._modules()
+                held = ref if ref is not None else self._modules()
                 if missing := [n for n in s.modules if n not in held]:
                     raise ModuleError("FAILED_PRECONDITION", "missing_module", f"{self.node_id} holds no {missing}")
-                mods = self.served({n: held[n] for n in s.modules})
+                mods = {n: held[n] for n in s.modules}
+                if ref is None:  # a relay: what the node serves (config adversary)
+                    mods = self.served(mods)  # type: ignore[misc]
             wire = self.cfg.wire
             encoded = encode_modules([mods[n] for n in s.modules], wire.dtype, digest_alg=wire.digest)
         else:

@@ -257,7 +257,8 @@ class DeviceNode(NodeRuntime):
 
     def feature_stats(self, state: RoundState, tasks: tuple[str, ...]) -> None:
         """Its training data's feature statistics of ``tasks`` under the modules it holds now (the global ones,
-        in a calibration phase), held as ``stats.<task>`` for the send that follows (hffm/calibration.py)."""
+        in a calibration phase), or those its collector sent it for them (a joiner after an edge round:
+        ``JOIN_REF``), held as ``stats.<task>`` for the send that follows (hffm/calibration.py)."""
         if unknown := [t for t in tasks if t not in self.tasks_at(state.round)]:
             raise ModuleError("INVALID_ARGUMENT", "bad_task", f"{self.node_id} holds no task {unknown}")
         diagonal, pooled = self.cfg.calibration.diagonal, self.cfg.calibration.pooled
@@ -265,8 +266,10 @@ class DeviceNode(NodeRuntime):
         data = {t: source.train[t] for t in tasks if t in source.train}
         if self.stats_lie == "empty":
             data = {}  # a liar reporting no sample of any task
+        under = {**self.modules, **(self.stats_under or {})}  # its collector's reference (JOIN_REF), if it sent one
+        self.stats_under = None
         with self.host.lock:
-            self.host.load(self.modules)
+            self.host.load(under)
             stats = feature_stats(self.host.model, data, self.host.device, diagonal=diagonal, pooled=pooled)
         out = {}
         for t in tasks:

@@ -43,6 +43,7 @@ log = logging.getLogger("hffm.edge")
 
 class EdgeNode(NodeRuntime):
     role = "edge"
+    keeps_reference = True  # for joiners after an edge round (JOIN_REF)
 
     def __init__(self, *args, attacks: bool = False, **kw) -> None:
         super().__init__(*args, **kw)
