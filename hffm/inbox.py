@@ -524,8 +524,10 @@ class Inbox:
                         checked = other.aggregator.check(modules)
                         self._checked(checked)
                         scores += checked
-                        if STATS_OF[tag] == STATS:  # a closing phase's: under the round's modules
-                            self.label_reference = other.aggregator.label_reference(self.round)
+                        # a closing phase's statistics are under the round's modules, the opening phase's under the
+                        # modules the round started from (round 1's: the initial ones, round 0's)
+                        under = self.round if STATS_OF[tag] == STATS else self.round - 1
+                        self.label_reference = other.aggregator.label_reference(under)
             return Aggregate(
                 tag,
                 modules,

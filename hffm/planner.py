@@ -128,9 +128,10 @@ class Planner:
                 plan = pin_syncs(plan, starts, pins)
         if cal.opening and cal.head_check is not None and round_ > 1 and starts.sync:
             # statistics first for the devices that start synced (joiners, lost state) too: before they train
-            # after an edge round the edges' adapters moved on from those their label checks of the last cloud round
-            # (its closing phase) judged by: a joiner's statistics are computed under those, which its edge sends first
-            after_edge = cal.label_t is not None and not self.method.cloud_round(round_ - 1) and bool(cloud_rounds_done)
+            # after an edge round the edges' adapters moved on from those their label checks of the last phase (the
+            # last cloud round's, or round 1's opening phase) judged by: a joiner's statistics are computed under
+            # those, which its edge sends it first
+            after_edge = cal.label_t is not None and not self.method.cloud_round(round_ - 1)
             ref = self.method.circulating if after_edge else None
             plan = plan.with_join_statistics(topo, starts.sync, quorum, cal.label_t, ref)
         if samples is not None:

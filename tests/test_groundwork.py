@@ -560,9 +560,9 @@ def test_what_a_node_s_label_check_judged_by_is_part_of_each_round_end_it_saves(
 
 
 def test_an_edge_keeps_the_modules_its_label_check_judged_by_with_its_round_ends(tmp_path):
-    """An edge whose label check of round r's statistics ran in round r keeps, at that round's end, the modules
-    they were computed under: every module it holds then but the heads (LabelReference.modules, for joiners
-    after an edge round: ``join-ref``). They stay as they were while its own modules move on in later rounds,
+    """An edge whose label check just judged a phase's statistics keeps the modules they were computed under,
+    which it holds then: every module but the heads (LabelReference.modules, for joiners after an edge round:
+    ``join-ref``). They stay as they were while its own modules move on in later rounds,
     are saved with each round end (``labelref/modules/...``) and read back by a restarted edge, which sends them
     to a joiner in place of its own (``_refer``); a damaged copy is refused with the round end named."""
     from dataclasses import replace
@@ -579,8 +579,9 @@ def test_an_edge_keeps_the_modules_its_label_check_judged_by_with_its_round_ends
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 3
     node = edge()
-    node.inbox.label_reference = LabelReference(1, {"art": stats_of(x, y, 3)}, 4, None)
+    node.inbox.label_reference = LabelReference(1, {"art": stats_of(x, y, 3)}, 4, None)  # its check just ran
     at_1 = {n: {k: v.clone() for k, v in m.tensors.items()} for n, m in node.modules.items() if not is_head(n)}
+    node.keep_reference()
     node.end_round(RoundState(1, "hfm", [], {}))
     kept = node.inbox.label_reference.modules
     assert kept is not None and set(kept) == set(at_1) and at_1

@@ -343,14 +343,17 @@ def test_a_joiner_that_trains_on_flipped_labels_is_left_out_from_its_first_push(
     assert flagged == {joiner}, flagged
 
 
-def test_a_flipper_that_joins_after_an_edge_round_is_checked_under_the_reference_s_modules(tmp_path):
+@pytest.mark.parametrize("after", [1, 6])
+def test_a_flipper_that_joins_after_an_edge_round_is_checked_under_the_reference_s_modules(tmp_path, after):
     """hfm with a cloud round every 6th round (e_agg 6, 12 rounds) over real gRPC and mTLS, statistics first with
-    the label and head checks; once round 6 is done ``hffm join`` starts device-1-4, a label flipper reporting
-    the statistics it trained on. Its first round (8-12: a process takes seconds to start) follows an edge round:
-    it was synced to edge-1's modules of that round, not to those edge-1's label check of round 6's statistics
-    judged by. edge-1 sends it those first
+    the label and head checks; once round ``after`` is done ``hffm join`` starts device-1-4, a label flipper
+    reporting the statistics it trained on. Its first round (a process takes seconds to start: after round 1, one
+    of 3-6; after round 6, of 8-12) follows an edge round: it was synced to edge-1's modules of that round, not
+    to those edge-1's label check of the last phase judged by (round 1's opening phase: the initial modules;
+    round 6's closing phase: round 6's). edge-1 sends it those first
     (``join-ref``), it computes its ``join-stats`` under them, and edge-1 flags it on arrival and leaves its first
-    training push out (before, its labels waited for round 12's phase and its pushes until then were folded)."""
+    training push out (before, its labels waited for the next cloud round's phase and its pushes until then were
+    folded)."""
     from hffm_cli.main import app
 
     out = tmp_path / "run"
@@ -366,7 +369,7 @@ def test_a_flipper_that_joins_after_an_edge_round_is_checked_under_the_reference
         r = CliRunner().invoke(app, ["join", "--run", str(out), "--id", joiner])
         assert r.exit_code == 0 and f"{joiner} started" in r.output, r.output
 
-    res = _run_and(cfg, out, 6, join)
+    res = _run_and(cfg, out, after, join)
     assert res["complete"] and joiner in res["nodes"]
     first = next((x for x in res["rounds"] if any(h["origin"] == joiner for h in x["hops"])), None)
     assert first is not None and (first["round"] - 1) % 6 != 0, "its first round must follow an edge round"

@@ -73,6 +73,7 @@ class StepExecutor:
             node.inbox.add_own(s.tag, own)
             node.trace(f"{state.trace_prefix}-{s.tag}-own", own)
         faults.hit(node.node_id, f"collect.{s.tag}", state.round)
+        judged = node.inbox.label_reference
         agg: Aggregate = node.inbox.wait(s.tag, node.cfg.runtime.round_timeout_s)
         faults.hit(node.node_id, f"collected.{s.tag}", state.round)
         node.metrics.aggregations.labels(node=node.node_id, tag=s.tag).inc()
@@ -81,6 +82,8 @@ class StepExecutor:
             node.join_reference(agg.modules)
         elif s.tag != JOIN_STATS:  # synced devices' statistics are held by the inbox (claims), not adopted
             node.adopt(node.poison_aggregate(s.tag, node.server_step(agg.modules), state.round))
+        if node.inbox.label_reference is not judged:  # a phase's label check just ran: under what it judged
+            node.keep_reference()
         if agg.left_out:  # senders that missed the deadline are not sent this round's result either
             with node.rounds.lock:
                 state.lost.update(agg.left_out)

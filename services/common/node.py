@@ -268,6 +268,17 @@ class NodeRuntime:
         if sends:
             self.inbox.refer([s.to for s in sends], ref.round if ok and ref is not None else None)
 
+    def keep_reference(self) -> None:
+        """A label check judged a calibration phase's statistics just now (its collect of the calibrated heads, or
+        in star of the statistics, set ``Inbox.label_reference``): an edge (``keeps_reference``) keeps with it the
+        modules those statistics were computed under, which it holds now: every one but the heads (calibrated by
+        the phase) and the statistics."""
+        ref = self.inbox.label_reference
+        if self.keeps_reference and ref is not None and ref.modules is None:
+            kept = {n: Module(n, {k: v.clone() for k, v in m.tensors.items()}, ref.round, 1.0)
+                    for n, m in self.modules.items() if not is_head(n) and stats_task(n) is None}  # fmt: skip
+            self.inbox.label_reference = replace(ref, modules=kept)
+
     def join_reference(self, modules: ModuleSet) -> None:
         """A joiner's collector sent the modules to compute its next statistics under (``JOIN_REF``): held for
         that step alone, never adopted (it trains from its sync)."""
@@ -279,12 +290,6 @@ class NodeRuntime:
         if any(stats_task(n) for n in self.modules):
             self.modules = {n: m for n, m in self.modules.items() if stats_task(n) is None}
             self.sender.invalidate()
-        ref = self.inbox.label_reference
-        if self.keeps_reference and ref is not None and ref.round == state.round and ref.modules is None:
-            # the modules the phase's statistics were computed under: every one but the heads (calibrated since)
-            kept = {n: Module(n, {k: v.clone() for k, v in m.tensors.items()}, state.round, 1.0)
-                    for n, m in self.modules.items() if not is_head(n)}  # fmt: skip
-            self.inbox.label_reference = replace(ref, modules=kept)
         key = (state.round, state.attempt)
         end = self._ends[key] = RoundEnd(
             dict(self.modules), dict(self.inbox.mislabelled), dict(self.inbox.claims), self.inbox.label_reference
