@@ -76,6 +76,8 @@ def judge_run(results: dict, fake: str, liars: list[str] | tuple[str, ...] = ())
          if v["verdict"] == "disputed"} - {fake}
     )  # fmt: skip
     switched = sorted(r for r, x in rounds.items() if fake in (x.get("specialists") or {}).get("switched", {}))
+    verdicts = [v for x in rounds.values() for v in (x.get("specialists") or {}).get("verdicts", [])]
+    drops = [(v["node"], v["stats_drop"]) for v in verdicts if v.get("stats_drop") is not None]
     discredited = {r: (x.get("specialists") or {}).get("discredited", []) for r, x in rounds.items()}
     when = {n: min((r for r, d in discredited.items() if n in d), default=None) for n in liars}
     return {
@@ -91,11 +93,21 @@ def judge_run(results: dict, fake: str, liars: list[str] | tuple[str, ...] = ())
         "disputed": disputed,
         "served_by": served,
         "complete": bool(results.get("complete")),
+        # specialists.stats_cut: the largest nats a served head lost at the federation's answer means, the fake's
+        # and the honest candidates' (None: no review held a head to statistics)
+        "fake_stats_drop": max((d for n, d in drops if n == fake), default=None),
+        "honest_stats_drop": max((d for n, d in drops if n != fake), default=None),
     }
 
 
 def run_seed(
-    out: Path, seed: int, attack: str = "fake_specialist", liars: int = 0, quorum: int = 2, appeal: int = 0
+    out: Path,
+    seed: int,
+    attack: str = "fake_specialist",
+    liars: int = 0,
+    quorum: int = 2,
+    appeal: int = 0,
+    extra: list[str] | None = None,
 ) -> dict:
     from services.launcher import run
 
@@ -107,6 +119,7 @@ def run_seed(
         f"adversary.behaviour={attack}",
         f"specialists.quorum={quorum}",
         f"specialists.appeal={appeal}",
+        *(extra or []),
     ]
     liar_ids = liars_of(seed, liars)
     cfg = load_config(None, [*sets, f"adversary.liars=[{','.join(liar_ids)}]"] if liars else sets)
@@ -137,6 +150,10 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def _nats(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def markdown(res: dict) -> str:
     s = res["summary"]
     lines = [
@@ -152,15 +169,16 @@ def markdown(res: dict) -> str:
         f"discredited in {s.get('liar_discredited', 0)} seeds (after rounds {s.get('liar_discredited_rounds', [])})",
         "",
         "| seed | fake | caught (round) | relays from it | false flags | disputed "
-        "| gqa served to device-0-2 / -4 / -0 by |",
-        "|---|---|---|---|---|---|---|",
+        "| gqa served to device-0-2 / -4 / -0 by | stats drop: fake, honest (max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         served = " / ".join(str(v) for v in r["served_by"].values())
         lines.append(
             f"| {r['seed']} | {r['fake']} | {'yes' if r['caught'] else 'NO'} ({r['caught_round']}) | "
             f"{r['relays_from_fake'] or '-'} | {', '.join(r['false_flags']) or '-'} | "
-            f"{', '.join(r.get('disputed', [])) or '-'} | {served} |"
+            f"{', '.join(r.get('disputed', [])) or '-'} | {served} | {_nats(r.get('fake_stats_drop'))}, "
+            f"{_nats(r.get('honest_stats_drop'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -173,14 +191,16 @@ def run_seeds(
     liars: int = 0,
     quorum: int = 2,
     appeal: int = 0,
+    extra: list[str] | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in range(seeds):
-        rows.append(run_seed(out, seed, attack, liars, quorum, appeal))
+        rows.append(run_seed(out, seed, attack, liars, quorum, appeal, extra))
         r = rows[-1]
         log(f"seed {seed}: fake {r['fake']} caught={r['caught']} (round {r['caught_round']}), false {r['false_flags']}")
-    res = {"rows": rows, "summary": summary(rows), "config": BASE, "attack": attack, "liars": liars, "quorum": quorum}
+    res = {"rows": rows, "summary": summary(rows), "config": [*BASE, *(extra or [])], "attack": attack}
+    res.update(liars=liars, quorum=quorum)
     res["appeal"] = appeal
     (out / "specialists.json").write_text(json.dumps(res, indent=2))
     (out / "specialists.md").write_text(markdown(res))
@@ -196,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--liar", dest="liars", action="store_const", const=1, help="--liars 1")
     p.add_argument("--quorum", type=int, default=2, help="specialists.quorum")
     p.add_argument("--appeal", type=int, default=0, help="specialists.appeal")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="a config override (repeatable)")
     a = p.parse_args(argv)
-    res = run_seeds(a.out, a.seeds, attack=a.attack, liars=a.liars, quorum=a.quorum, appeal=a.appeal)
+    res = run_seeds(a.out, a.seeds, attack=a.attack, liars=a.liars, quorum=a.quorum, appeal=a.appeal, extra=a.sets)
     print(markdown(res))
     return 0
 

@@ -869,6 +869,14 @@ class SpecialistsConfig(_Strict):
         "by quorum other validators is no longer asked and its accusations are dropped (0: never)",
     )
     timeout_s: float = D(60.0, gt=0, description="each Serve / Validate call")
+    stats_cut: float | None = D(
+        None,
+        gt=0,
+        description="with calibration: a candidate whose served head makes the federation's answers less likely at "
+        "their mean features (the last calibration phase's statistics) than the cloud's head of the task does, by "
+        "more than this many nats on average over the federation's samples, is refused (flagged) whatever its "
+        "validators say: evidence that no validator's vote outweighs (None: off)",
+    )
 
 
 class CalibrationConfig(_Strict):
@@ -1002,6 +1010,8 @@ class HFFMConfig(_Strict):
                 raise ValueError("calibration.head_check: checks heads against the statistics; set calibration.enabled")
             if self.calibration.opening:
                 raise ValueError("calibration.opening: a calibration phase in round 1; set calibration.enabled")
+            if self.specialists.stats_cut is not None:
+                raise ValueError("specialists.stats_cut: holds served heads to the statistics; set calibration.enabled")
             return self
         if self.calibration.pooled and not self.calibration.diagonal:
             raise ValueError(

@@ -81,6 +81,8 @@ class Verdict:
     accusers: list[str] = field(default_factory=list)  # standing accusations after this review
     appeal: list[str] = field(default_factory=list)  # validators asked on appeal (before a refusal or acceptance)
     scores: list[dict] = field(default_factory=list)
+    # nats its served head lost at the federation's answer means against the cloud's head (specialists.stats_cut)
+    stats_drop: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -143,13 +145,24 @@ def judge(
     accusers: Iterable[str] = (),
     quorum: int = 1,
     majority: bool = False,
+    stats_drop: float | None = None,
+    stats_cut: float | None = None,
 ) -> Verdict:
     """The verdict on ``node``'s modules for ``task`` from its validators' ``scores``, given the
     ``accusers`` standing from earlier reviews (see the module's text). ``majority``: a refusal also needs
-    the accusers to outnumber this review's validators that see no drop (the appeal's rule)."""
+    the accusers to outnumber this review's validators that see no drop (the appeal's rule). ``stats_drop``
+    over ``stats_cut`` (its served head against the federation's statistics: evidence, not a vote) refuses it
+    whatever the validators say; under the cut, or unknown (None), the validators decide."""
     scores = list(scores)
     standing = set(accusers)
-    v = Verdict(node, task, ev, scores=[asdict(s) for s in scores], accusers=sorted(standing))
+    v = Verdict(node, task, ev, scores=[asdict(s) for s in scores], accusers=sorted(standing), stats_drop=stats_drop)
+    if refuted(stats_drop, stats_cut):
+        v.verdict = REFUSED
+        if scores:
+            margins = [s.accuracy - s.own_accuracy for s in scores]
+            v.accuracy = statistics.median(s.accuracy for s in scores)
+            v.margin, v.worst = statistics.median(margins), min(margins)
+        return v
     if not scores:
         if standing:
             v.verdict = DISPUTED
@@ -176,6 +189,12 @@ def judge(
     else:
         v.verdict = UNPROVEN
     return v
+
+
+def refuted(stats_drop: float | None, stats_cut: float | None) -> bool:
+    """Whether a served head's drop at the federation's answer means (``Verdict.stats_drop``) is over the cut:
+    refused on that evidence alone."""
+    return stats_drop is not None and stats_cut is not None and stats_drop > stats_cut
 
 
 def contradicted(verdict: Verdict, tolerance: float, quorum: int) -> set[str]:

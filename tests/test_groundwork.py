@@ -559,6 +559,30 @@ def test_what_a_node_s_label_check_judged_by_is_part_of_each_round_end_it_saves(
         edge()
 
 
+def test_the_federation_s_claims_are_part_of_each_round_end_a_node_saves(tmp_path):
+    """What the last calibration phase's statistics said of the whole federation (``NodeRuntime.federation``:
+    the cloud's, which the specialists' review holds served heads to) is saved with a round end beside the head
+    check's claims and read back apart from them by a restarted node; a re-run attempt starts from its base's."""
+    from hffm.calibration import Claim
+    from services.common.rounds import RoundState
+
+    edge = _checked_edge_saving_to(tmp_path)
+    fed = {"art": Claim(torch.tensor([3.0, 0.0, 5.0]), torch.arange(12.0).reshape(3, 4))}
+    node = edge()
+    node.federation = dict(fed)
+    node.end_round(RoundState(1, "hfm", [], {}))
+    node.close()
+    node = edge()
+    got = node.federation["art"]
+    assert set(node.federation) == {"art"} and torch.equal(got.count, fed["art"].count)
+    assert torch.equal(got.mean, fed["art"].mean) and "@federation" not in node.inbox.claims
+    node.federation = {}  # an attempt of round 2 calibrated nothing, aborted; its re-run starts from round 1's
+    node.assign(2, "hfm", [Collect("aggregate", ("device-0-1",), "device_edge")], {}, attempt=1, base=(1, 0))
+    node.start_round(RoundState(2, "hfm", [], {}, attempt=1, base=(1, 0)))
+    assert torch.equal(node.federation["art"].mean, fed["art"].mean)
+    node.close()
+
+
 def test_an_edge_keeps_the_modules_its_label_check_judged_by_with_its_round_ends(tmp_path):
     """An edge whose label check just judged a phase's statistics keeps the modules they were computed under,
     which it holds then: every module but the heads (LabelReference.modules, for joiners after an edge round:

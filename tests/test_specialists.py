@@ -133,6 +133,33 @@ def test_on_appeal_a_refusal_needs_the_accusers_to_outnumber_the_validators_who_
         load_config(None, ["specialists.appeal=-1"])
 
 
+def test_a_head_the_federation_s_statistics_refute_is_refused_whatever_its_validators_say():
+    """specialists.stats_cut: a served head that makes the federation's answers far less likely at their mean
+    features than the cloud's own head does (``stats_drop`` over the cut) is refused on that evidence alone,
+    even where two liars vouching and validators that see no collapse would accept it; under the cut, or with
+    no statistics (None), the validators decide as before. Off without calibration."""
+    from hffm.config import ConfigError
+    from hffm.specialists import refuted
+
+    def s(v, acc, own):
+        return Score(v, acc, own, 20, 4)
+
+    vouched = [s("liar1", 1.0, 0.0), s("liar2", 1.0, 0.0), s("x", 0.59, 0.14), s("y", 0.0, 0.03)]
+    plain = judge("f", "gqa", 0.4, vouched, 0.15, 0.1, quorum=2, majority=True)
+    assert plain.verdict == ACCEPTED  # benchmarks.specialists --liars 2, seed 7: the fake appointed
+    v = judge("f", "gqa", 0.4, vouched, 0.15, 0.1, quorum=2, majority=True, stats_drop=673.2, stats_cut=1.0)
+    assert v.verdict == REFUSED and v.stats_drop == 673.2 and v.to_json()["stats_drop"] == 673.2
+    assert v.accuracy == plain.accuracy and v.worst == plain.worst  # the scores are kept in the record
+    for drop, cut in ((0.07, 1.0), (None, 1.0), (673.2, None)):
+        same = judge("f", "gqa", 0.4, vouched, 0.15, 0.1, quorum=2, majority=True, stats_drop=drop, stats_cut=cut)
+        assert same.verdict == ACCEPTED and not refuted(drop, cut)
+    assert judge("f", "gqa", 0.4, [], 0.15, 0.1, stats_drop=5.0, stats_cut=1.0).verdict == REFUSED  # no scores needed
+    with pytest.raises(ConfigError, match="specialists.stats_cut.*calibration.enabled"):
+        load_config(None, ["specialists.stats_cut=1"])
+    with pytest.raises(ConfigError, match="stats_cut"):
+        load_config(None, ["calibration.enabled=true", "specialists.stats_cut=0"])
+
+
 def test_an_accusation_that_quorum_others_contradict_is_counted_against_its_validator():
     from hffm.specialists import contradicted
 
@@ -479,6 +506,31 @@ def test_two_colluding_liars_flag_an_honest_candidate_unless_the_review_hears_an
                 x["validator"] for x in v["scores"][:3]
             }
     assert all("device-0-1" not in ns for s in reviews.values() for ns in s["appointed"].values())
+    for x in res["rounds"]:
+        assert not [h for h in x["hops"] if h["tag"] == "sync" and h["origin"] == "device-0-1"], x["round"]
+
+
+def test_two_colluding_liars_cannot_vouch_for_a_head_the_federation_s_statistics_refute(tmp_path):
+    """With calibration (statistics first) and specialists.stats_cut, the cloud holds every served head to the
+    federation's statistics of the last calibration phase (round 1's opening phase on): the fake's negated head
+    makes the federation's answers far less likely at their means than the cloud's head does, so it is refused
+    at the first review whatever the two colluding liars (device-0-2 and -4, vouching for it) say; the honest
+    candidates' heads lose next to nothing there, and nobody honest is flagged (appeal 2)."""
+    res = _run_with_an_adversary(
+        tmp_path,
+        ["adversary.behaviour=fake_specialist", "adversary.liars=[device-0-2,device-0-4]", "specialists.quorum=2",
+         "specialists.appeal=2", "calibration.enabled=true", "calibration.opening=true", "calibration.epochs=1",
+         "specialists.stats_cut=1"],
+    )  # fmt: skip
+    assert res["complete"]
+    reviews = {x["round"]: x["specialists"] for x in res["rounds"] if x["specialists"]}
+    verdicts = [(r, v) for r, s in reviews.items() for v in s["verdicts"]]
+    fake = [v for r, v in verdicts if r == 1 and v["node"] == "device-0-1"]
+    assert fake and all(v["verdict"] == REFUSED and v["stats_drop"] > 1 for v in fake), fake
+    assert "device-0-1" in reviews[1]["flagged"]
+    honest = [v["stats_drop"] for _, v in verdicts if v["node"] != "device-0-1"]
+    assert honest and all(d is not None and d <= 1 for d in honest), honest
+    assert {n for s in reviews.values() for n in s["flagged"]} == {"device-0-1"}
     for x in res["rounds"]:
         assert not [h for h in x["hops"] if h["tag"] == "sync" and h["origin"] == "device-0-1"], x["round"]
 

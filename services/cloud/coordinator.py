@@ -20,7 +20,7 @@ import grpc
 
 from hffm.adversary import adversaries
 from hffm.aggregation import server_step
-from hffm.calibration import calibrate_heads, claims_tensors, from_module
+from hffm.calibration import calibrate_heads, claims_of, claims_tensors, from_module
 from hffm.config import HFFMConfig
 from hffm.costmodel import CostModel, Hop
 from hffm.ids import CLOUD, head_name, joining_edge, role_of, stats_name, stats_task
@@ -69,6 +69,7 @@ class CloudNode(NodeRuntime):
             )
         stats = {t: from_module(self.modules[stats_name(t)]) for t in tasks}
         heads, losses = calibrate_heads(self.modules, stats, self.cfg, state.round)
+        self.federation = {**self.federation, **claims_of(stats)}  # what a served head is held to (specialists)
         log.info(
             "round %d: heads calibrated (virtual loss %s)", state.round, {t: round(v, 3) for t, v in losses.items()}
         )

@@ -12,6 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 
 from hffm.config import HFFMConfig
+from hffm.ids import head_name
+from hffm.modules import ModuleError
 from hffm.specialists import (
     ACCEPTED,
     REFUSED,
@@ -22,10 +24,12 @@ from hffm.specialists import (
     contradicted,
     evidence,
     judge,
+    refuted,
     validators,
 )
 from hffm.topology import Topology
 from services.cloud.membership import Membership
+from services.common.convert import blobs_from_pb
 from services.common.node import NodeRuntime
 from services.rpc import pb, pb_grpc
 
@@ -107,14 +111,17 @@ class SpecialistBoard:
             asks[(t, c)] = [(v, pool.submit(self.validate, v, t, c, modules)) for v in vals]
         first: dict[tuple[str, str], tuple[list[Score], Verdict]] = {}
         appeals: dict[tuple[str, str], list[tuple[str, Future]]] = {}
+        drops = {(t, c): self.stats_drop(t, served[(t, c)].result()) for t, c, _ in jobs if (t, c) in asks}
         for t, c, _ in jobs:
             scores = self._scores(round_, t, c, asks.get((t, c), []))
             prior = self.accusers.get((c, t), ())
-            verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, bool(sc.appeal))
+            drop = drops.get((t, c))
+            verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, bool(sc.appeal),
+                            drop, sc.stats_cut)  # fmt: skip
             first[(t, c)] = scores, verdict
             # a decisive verdict (a flag for good, or a role whose relays others adopt) hears more witnesses
             # first: every candidate's appeal is asked at once, so a stalled witness costs one timeout in all
-            if sc.appeal and verdict.verdict in (REFUSED, ACCEPTED):
+            if sc.appeal and verdict.verdict in (REFUSED, ACCEPTED) and not refuted(drop, sc.stats_cut):
                 asked = {v for v, _ in asks.get((t, c), [])}  # scored or failed: not asked twice
                 modules = served[(t, c)].result()
                 more = validators(c, ev[t], [], sc.appeal, unasked | asked)
@@ -125,7 +132,8 @@ class SpecialistBoard:
             if (t, c) in appeals:
                 scores = scores + self._scores(round_, t, c, appeals[(t, c)])
                 prior = self.accusers.get((c, t), ())
-                verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, True)
+                verdict = judge(c, t, ev[t][c], scores, sc.tolerance, sc.min_gain, prior, sc.quorum, True,
+                                drops.get((t, c)), sc.stats_cut)  # fmt: skip
                 verdict.appeal = [v for v, _ in appeals[(t, c)]]
             self.accusers[(c, t)] = set(verdict.accusers)
             self.asked.setdefault((c, t), set()).update(s.validator for s in scores)
@@ -147,6 +155,26 @@ class SpecialistBoard:
             "discredited": discredited,  # validators no longer asked: their accusations stood alone
             "verdicts": [v.to_json() for v in verdicts],
         }
+
+    def stats_drop(self, task: str, served: pb.ServedModules) -> float | None:
+        """With ``specialists.stats_cut``: how many nats the served head of ``task`` loses against the cloud's own
+        at the federation's answer means (the last calibration phase's statistics: ``NodeRuntime.federation``),
+        averaged over the federation's samples (``hffm.calibration.head_drop``); None without statistics of the
+        task, or where what it served is no head the cloud could load (its validators see that too)."""
+        from hffm.calibration import head_drop
+
+        claim = self.node.federation.get(task)
+        name = head_name(task)
+        if self.cfg.specialists.stats_cut is None or claim is None or name not in self.node.modules:
+            return None
+        try:
+            mods = blobs_from_pb(served.modules, self.node.spec)  # checked as a push's: digest, shapes, finite
+        except (ModuleError, ValueError) as err:
+            log.warning("the %s modules served for the review are unreadable: %s", task, err)
+            return None
+        if name not in mods:
+            return None
+        return head_drop({name: mods[name]}, {name: self.node.modules[name]}, {task: claim}, self.cfg.model)
 
     @staticmethod
     def _scores(round_: int, task: str, cand: str, asks: list[tuple[str, Future]]) -> list[Score]:

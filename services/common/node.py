@@ -49,9 +49,12 @@ class RoundEnd:
     flags: dict[str, float] = field(default_factory=dict)
     claims: dict[str, dict[str, Claim]] = field(default_factory=dict)
     label_reference: LabelReference | None = None  # what its last label check judged by (Inbox.label_reference)
+    federation: dict[str, Claim] = field(default_factory=dict)  # the cloud's (NodeRuntime.federation)
 
     def copy(self) -> RoundEnd:
-        return RoundEnd(dict(self.modules), dict(self.flags), dict(self.claims), self.label_reference)
+        return RoundEnd(
+            dict(self.modules), dict(self.flags), dict(self.claims), self.label_reference, dict(self.federation)
+        )
 
     @classmethod
     def read(
@@ -60,14 +63,19 @@ class RoundEnd:
         """A saved round end read back (ValueError naming it for anything damaged)."""
         where = f"round end {key}"
         ref = {k: v for k, v in tensors.items() if k.startswith(f"{REFERENCE_PREFIX}/")}
-        claims = {k: v for k, v in tensors.items() if k not in ref}
+        claims = claims_from({k: v for k, v in tensors.items() if k not in ref}, where)
+        federation = claims.pop(FEDERATION, {})
         return cls(
             modules,
             valid_flags(extra.get(MISLABELLED, {}), key),
-            claims_from(claims, where),
+            claims,
             reference_from(ref, extra.get(LABEL_REFERENCE), where),
+            federation,
         )
 
+
+# the federation's claims are saved beside the senders' under a name no node can have
+FEDERATION = "@federation"
 
 __all__ = ["NodeRuntime", "RoundState"]
 
@@ -118,6 +126,9 @@ class NodeRuntime:
         # statistics under where its collector sent them (``join_reference``)
         self._join_ref: ModuleSet | None = None
         self.stats_under: ModuleSet | None = None
+        # task -> what the last calibration phase's statistics said of the whole federation (the cloud's: counts
+        # and answer means; the specialists' review holds served heads to them), saved with each round end
+        self.federation: dict[str, Claim] = {}
         if persistor is not None:
             self._restore()
         # plaintext channels may be shared by the nodes of a process; TLS channels carry this node's certificate
@@ -224,6 +235,7 @@ class NodeRuntime:
     def _use(self, end: RoundEnd) -> None:
         """The inbox's label-check state as of round end ``end``."""
         self.inbox.mislabelled, self.inbox.claims = dict(end.flags), dict(end.claims)
+        self.federation = dict(end.federation)
         self.inbox.label_reference = end.label_reference
 
     def states(self) -> list[tuple[int, int]]:
@@ -292,7 +304,11 @@ class NodeRuntime:
             self.sender.invalidate()
         key = (state.round, state.attempt)
         end = self._ends[key] = RoundEnd(
-            dict(self.modules), dict(self.inbox.mislabelled), dict(self.inbox.claims), self.inbox.label_reference
+            dict(self.modules),
+            dict(self.inbox.mislabelled),
+            dict(self.inbox.claims),
+            self.inbox.label_reference,
+            dict(self.federation),
         )
         for old in sorted(k for k in self._ends if k != (0, 0))[: -self.cfg.checkpoint.keep]:
             del self._ends[old]
@@ -301,7 +317,8 @@ class NodeRuntime:
             ref_tensors, ref_meta = reference_tensors(end.label_reference)
             if ref_meta is not None:
                 extra[LABEL_REFERENCE] = ref_meta
-            tensors = {**claims_tensors(end.claims), **ref_tensors}
+            claims = {**end.claims, FEDERATION: end.federation} if end.federation else end.claims
+            tensors = {**claims_tensors(claims), **ref_tensors}
             self.persistor.save(
                 NodeState(self.node_id, state.round, self.modules, extra=extra, attempt=state.attempt, tensors=tensors)
             )
