@@ -163,9 +163,10 @@ class SpecialistBoard:
         task, or where what it served is no head the cloud could load (its validators see that too)."""
         from hffm.calibration import head_drop
 
-        claim = self.node.federation.get(task)
-        name = head_name(task)
-        if self.cfg.specialists.stats_cut is None or claim is None or name not in self.node.modules:
+        if self.cfg.specialists.stats_cut is None:
+            return None
+        claim, name = self.node.federation.get(task), head_name(task)
+        if claim is None or name not in self.node.modules:
             return None
         try:
             mods = blobs_from_pb(served.modules, self.node.spec)  # checked as a push's: digest, shapes, finite
