@@ -555,7 +555,7 @@ class LabelReference:
     of them); ``rest``, task -> the federation's sums less every sender here (a deferred check's), or None.
     ``round``: the round whose modules the statistics were computed under (its closing phase's); ``modules``: those
     that shape the features (every one but the heads), where the node keeps them (an edge, for joiners after an
-    edge round: ``NodeRuntime.end_round``), else None."""
+    edge round: ``NodeRuntime.keep_reference``), else None."""
 
     round: int
     here: dict  # task -> FeatureStats

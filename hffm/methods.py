@@ -89,8 +89,8 @@ OPENING_TAGS = (OPENING_STATS, OPENING_CALIBRATED)
 # statistics first for a device that starts a later round synced (a joiner, one that lost its state): its
 # statistics go to its collector before it trains (calibration.opening with the head check), nothing comes back
 JOIN_STATS = "join-stats"
-# ... computed, after an edge round, under the modules its collector's label check of the last cloud round judged
-# by, which the collector sends it first (the adapters it was synced to are the edge's since; label_t)
+# ... computed, after an edge round, under the modules its collector's label check of the last phase judged by,
+# which the collector sends it first (the adapters it was synced to are the edge's since; label_t)
 JOIN_REF = "join-ref"
 TRAINING_TAG = "aggregate"  # the tag (prefix) of every collect of training updates and their aggregates
 CLUSTER = "cluster"  # a D2D cluster head's collect of its cluster's updates (hfm-d2d, edge-only-d2d)

@@ -156,15 +156,10 @@ def judge(
     scores = list(scores)
     standing = set(accusers)
     v = Verdict(node, task, ev, scores=[asdict(s) for s in scores], accusers=sorted(standing), stats_drop=stats_drop)
-    if refuted(stats_drop, stats_cut):
-        v.verdict = REFUSED
-        if scores:
-            margins = [s.accuracy - s.own_accuracy for s in scores]
-            v.accuracy = statistics.median(s.accuracy for s in scores)
-            v.margin, v.worst = statistics.median(margins), min(margins)
-        return v
     if not scores:
-        if standing:
+        if refuted(stats_drop, stats_cut):
+            v.verdict = REFUSED
+        elif standing:
             v.verdict = DISPUTED
         return v
     margins = {s.validator: s.accuracy - s.own_accuracy for s in scores}
@@ -180,7 +175,9 @@ def judge(
     v.accuracy, v.margin, v.worst, v.accusers = acc, margin, worst, sorted(standing)
     clear = sum(m >= -tolerance for m in margins.values())
     outvoted = majority and max(len(standing), doubters) <= clear
-    if not outvoted and (len(standing) >= quorum or (margin < -tolerance and doubters >= quorum)):
+    if refuted(stats_drop, stats_cut):
+        v.verdict = REFUSED
+    elif not outvoted and (len(standing) >= quorum or (margin < -tolerance and doubters >= quorum)):
         v.verdict = REFUSED
     elif standing or margin < -tolerance:
         v.verdict = DISPUTED

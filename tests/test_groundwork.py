@@ -473,15 +473,16 @@ def test_a_restarted_node_reads_an_older_base_from_disk_once(tmp_path):
     node.close()
 
 
-def _checked_edge_saving_to(tmp_path):
-    """A factory of edge-0 (hfm, one edge of four, calibration with the label and head checks, no TLS) saving
-    its round ends under ``tmp_path``: each call a fresh process's node, as a restart makes it."""
+def _checked_edge_saving_to(tmp_path, *more: str):
+    """A factory of edge-0 (hfm, one edge of four, calibration with the label and head checks, no TLS, and
+    ``more`` sets) saving its round ends under ``tmp_path``: each call a fresh process's node, as a restart makes
+    it."""
     from hffm.model import backbone_dims
     from services.common.bootstrap import node_modules
     from services.edge.__main__ import EdgeNode
 
     sets = ["method=hfm", "topology.edges=1", "topology.devices_per_edge=4", "security.tls=false"]
-    sets += ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0.3"]
+    sets += ["calibration.enabled=true", "calibration.label_t=4", "calibration.head_check=0.3", *more]
     cfg = load_config(None, sets)
     topo = Topology.from_config(cfg, backbone_dims(cfg)[1])
     spec, modules = node_modules(cfg, topo, "edge-0")
@@ -588,7 +589,8 @@ def test_an_edge_keeps_the_modules_its_label_check_judged_by_with_its_round_ends
     which it holds then: every module but the heads (LabelReference.modules, for joiners after an edge round:
     ``join-ref``). They stay as they were while its own modules move on in later rounds,
     are saved with each round end (``labelref/modules/...``) and read back by a restarted edge, which sends them
-    to a joiner in place of its own (``_refer``); a damaged copy is refused with the round end named."""
+    to a joiner in place of its own (``_refer``); a damaged copy is refused with the round end named. Without
+    statistics first no joiner sends statistics, and nothing is kept."""
     from dataclasses import replace
 
     from safetensors.torch import load_file, save_file
@@ -599,9 +601,14 @@ def test_an_edge_keeps_the_modules_its_label_check_judged_by_with_its_round_ends
     from hffm.methods import JOIN_REF
     from services.common.rounds import RoundState
 
-    edge = _checked_edge_saving_to(tmp_path)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 3
+    plain = _checked_edge_saving_to(tmp_path / "plain")()
+    plain.inbox.label_reference = LabelReference(1, {"art": stats_of(x, y, 3)}, 4, None)
+    plain.keep_reference()
+    assert plain.inbox.label_reference.modules is None
+    plain.close()
+    edge = _checked_edge_saving_to(tmp_path, "calibration.opening=true")
     node = edge()
     node.inbox.label_reference = LabelReference(1, {"art": stats_of(x, y, 3)}, 4, None)  # its check just ran
     at_1 = {n: {k: v.clone() for k, v in m.tensors.items()} for n, m in node.modules.items() if not is_head(n)}

@@ -372,6 +372,33 @@ def test_a_sync_takes_an_earlier_rounds_modules_and_nothing_else(edge):
     assert synced and {m.version for m in synced.values()} == {1}
 
 
+def test_a_label_reference_takes_an_earlier_rounds_modules_for_the_statistics_alone(edge):
+    """The modules a joiner's collector sends it to compute its statistics under (``join-ref``) are an earlier
+    round's, like a sync's: this round's or a later version is refused, as is a push from anyone but the
+    step's sender, with nothing kept. Taken, they are held for the next statistics (``stats_under``), at their
+    version, and not adopted: the node's own modules stay as they were."""
+    from hffm.methods import JOIN_REF
+
+    node, ch, _ = edge
+    before = {n: m.tensors for n, m in node.modules.items()}
+    node.assign(3, "hfm", [Collect(JOIN_REF, (D0,), "device_edge")], {D0: "127.0.0.1:1", D1: "127.0.0.1:2"})
+    for version in (3, 4):
+        ems = [encode_module(m) for m in _device_modules(node, 5, version=version).values()]
+        _expect(ch, node, push_requests(_header(D0, ems, 3, JOIN_REF), ems, 4096), grpc.StatusCode.FAILED_PRECONDITION,
+                "join-ref")  # fmt: skip
+    sent = _device_modules(node, 5, version=2)
+    ems = [encode_module(m) for m in sent.values()]
+    _expect(ch, node, push_requests(_header(D1, ems, 3, JOIN_REF), ems, 4096), grpc.StatusCode.FAILED_PRECONDITION,
+            "not a sender")  # fmt: skip
+    _push(ch, push_requests(_header(D0, ems, 3, JOIN_REF), ems, 4096))
+    report = ch.control()("AwaitRound", pb.AwaitRequest(round=3), timeout=10)
+    assert [list(a.counted) for a in report.aggregates] == [[D0]]
+    held = node.stats_under
+    assert held is not None and set(held) == set(sent) and {m.version for m in held.values()} == {2}
+    assert all(torch.equal(held[n].tensors[k], v) for n, m in sent.items() for k, v in m.tensors.items())
+    assert all(node.modules[n].tensors is ts for n, ts in before.items())
+
+
 def test_header_round_trip_through_protobuf(edge):
     node, _, _ = edge
     h, _ = _good(node, D0, 1)

@@ -284,9 +284,11 @@ class NodeRuntime:
         """A label check judged a calibration phase's statistics just now (its collect of the calibrated heads, or
         in star of the statistics, set ``Inbox.label_reference``): an edge (``keeps_reference``) keeps with it the
         modules those statistics were computed under, which it holds now: every one but the heads (calibrated by
-        the phase) and the statistics."""
+        the phase) and the statistics; only where joiners send statistics to be checked against them."""
+        cal = self.cfg.calibration
+        joiners = cal.opening and cal.head_check is not None  # only then do joiners send statistics (join-stats)
         ref = self.inbox.label_reference
-        if self.keeps_reference and ref is not None and ref.modules is None:
+        if self.keeps_reference and joiners and ref is not None and ref.modules is None:
             kept = {n: Module(n, {k: v.clone() for k, v in m.tensors.items()}, ref.round, 1.0)
                     for n, m in self.modules.items() if not is_head(n) and stats_task(n) is None}  # fmt: skip
             self.inbox.label_reference = replace(ref, modules=kept)
