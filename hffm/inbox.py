@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from hffm.calibration import Claim
 
 NOT_EXAMINED = "is not the version examined"  # a pinned relay refused (the coordinator flags its sender)
+# collect steps that take an earlier round's modules, kept at their version: a sync, and a label reference's
+EARLIER_STATE = (SYNC, JOIN_REF)
 
 
 class RoundAborted(RuntimeError):
@@ -319,7 +321,7 @@ class Inbox:
                     "before_statistics",
                     f"{h.sender} pushes to {self.node_id}/{h.tag} before its statistics ({JOIN_STATS})",
                 )
-        earlier = coll.step.tag in (SYNC, JOIN_REF)
+        earlier = coll.step.tag in EARLIER_STATE
         for m in h.modules:  # a sync (a label reference too) carries an earlier round's state; anything else this one's
             if (m.version >= h.round) if earlier else (m.version != h.round):
                 raise ModuleError(
@@ -503,7 +505,7 @@ class Inbox:
             # A sync adopts an earlier round's state and keeps its version: a node synced from its tier
             # (an edge from the cloud) may have to sync others next (its devices), and a sync carries
             # an earlier round's modules only. Any other aggregate is this round's.
-            sync = coll.step.tag in (SYNC, JOIN_REF) and coll.newest >= 0
+            sync = coll.step.tag in EARLIER_STATE and coll.newest >= 0
             modules = (
                 coll.aggregator.result(coll.newest if sync else self.round) if coll.accepted or not optional else {}
             )

@@ -87,8 +87,8 @@ class NodeRuntime:
 
     role = "node"
     relays = False  # devices relay D2D pushes for their peers
-    # edges keep the modules their label check of a cloud round judged by (LabelReference.modules): a device that
-    # joins after an edge round computes its statistics under them for its labels to be checked on arrival
+    # edges keep the modules their label check of a phase judged by (LabelReference.modules): a device that joins
+    # after an edge round computes its statistics under them for its labels to be checked on arrival
     keeps_reference = False
 
     def __init__(
@@ -275,10 +275,12 @@ class NodeRuntime:
         sends = [s for s in state.steps if isinstance(s, Send) and s.tag == JOIN_REF]
         ref = self.inbox.label_reference
         wanted = {m for s in sends for m in s.modules}
-        ok = bool(sends) and ref is not None and ref.modules is not None and wanted <= set(ref.modules)
-        self._join_ref = ref.modules if ok and ref is not None else None
+        kept, under = None, None
+        if sends and ref is not None and ref.modules is not None and wanted <= set(ref.modules):
+            kept, under = ref.modules, ref.round
+        self._join_ref = kept
         if sends:
-            self.inbox.refer([s.to for s in sends], ref.round if ok and ref is not None else None)
+            self.inbox.refer([s.to for s in sends], under)
 
     def keep_reference(self) -> None:
         """A label check judged a calibration phase's statistics just now (its collect of the calibrated heads, or
