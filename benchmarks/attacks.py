@@ -144,6 +144,18 @@ RULES["fedavg, update outliers or twins excluded, labels and heads checked, stat
     *RULES["fedavg, update outliers or twins excluded, labels and heads checked, statistics first"],
     "aggregation.claim_bound=2",
 ]
+# senders whose update's matrices look like independent noise flagged too (aggregation.params.structure: a free
+# rider hiding in noise of an honest size)
+NOISE = "aggregation.params={update_z: 3.5, twin_cos: 0.99, structure: 3, exclude_flagged: 1}"
+RULES["fedavg, update outliers, twins or noise excluded"] = ["aggregation.rule=fedavg", NOISE]
+RULES[
+    "fedavg, update outliers, twins or noise excluded, labels and heads checked, statistics first, claims bounded"
+] = [
+    NOISE if s.startswith("aggregation.params=") else s
+    for s in RULES[
+        "fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded"
+    ]
+]
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
     "sign_flip": ["adversary.behaviour=sign_flip", "adversary.scale=10"],
@@ -158,6 +170,9 @@ ATTACKS: dict[str, list[str]] = {
     # a free rider hiding: what it received plus noise the size of an honest update (σ 0.01 per value:
     # an adapter's update of about 2.6 in norm, where honest ones measure 2.4-3.9 at full size)
     "free_ride + noise": ["adversary.behaviour=noise", "adversary.sigma=0.01"],
+    # ... and knowing the structure check: the noise of each matrix one random direction (rank 1), of the
+    # same expected size
+    "free_ride + rank-1 noise": ["adversary.behaviour=noise", "adversary.sigma=0.01", "adversary.noise_rank=1"],
     # label flippers that report their data's true statistics (a liar hiding from the label check)
     "label_flip, honest stats": ["adversary.behaviour=label_flip", "adversary.stats=honest"],
     "label_flip x20, honest stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=honest"],

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from hffm.adversary import adversaries, flip_labels
-from hffm.calibration import feature_stats, label_scores, merge
+from hffm.calibration import LABEL_METRICS, feature_stats, label_scores, merge
 from hffm.config import load_config
 from hffm.data import build_device_data, load_tokenizer, task_labels
 from hffm.model import build_model
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("trace_dir", type=Path)
     p.add_argument("--rounds", type=int, nargs="*", help="default: every round")
     p.add_argument("--cut", type=float, default=4.0, help="calibration.label_t")
+    p.add_argument("--metric", choices=LABEL_METRICS, default="trace", help="calibration.label_metric")
     a = p.parse_args(argv)
     cfg = load_config(a.run_dir / "config.yaml", [])
     tok = load_tokenizer(cfg)
@@ -66,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         federation = merge(list(stats.values()))
         for e in topo.edges:
             cluster = {d.id: stats[d.id] for d in topo.cluster(e)}
-            t_here, by_here = label_scores(cluster, a.cut)
-            t_fed, by_fed = label_scores(cluster, a.cut, federation, set(cluster), here=False)
-            _, by_both = label_scores(cluster, a.cut, federation, set(cluster))
+            t_here, by_here = label_scores(cluster, a.cut, metric=a.metric)
+            t_fed, by_fed = label_scores(cluster, a.cut, federation, set(cluster), here=False, metric=a.metric)
+            _, by_both = label_scores(cluster, a.cut, federation, set(cluster), metric=a.metric)
             row = {
                 "here": {d: round(v, 2) for d, v in t_here.items()},
                 "federation": {d: round(v, 2) for d, v in t_fed.items()},

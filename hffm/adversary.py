@@ -5,8 +5,10 @@ the cloud and back to them), only when it is in ``adversaries`` (an honest node 
 
 Behaviours, with ``start`` the module the device began the round with and ``update`` = trained − start:
 ``sign_flip`` sends start − scale × update (gradient ascent), ``scale`` start + scale × update (a
-boosted update), ``noise`` start + N(0, sigma²) per value (a Gaussian attacker), ``free_ride`` start
-itself (returns what it received, trains nothing).
+boosted update), ``noise`` start + N(0, sigma²) per value (a Gaussian attacker; with ``noise_rank`` k
+each matrix's noise is instead a random rank-k matrix of the same expected size, sigma² per value on
+average: a free rider hiding from the structure check), ``free_ride`` start itself (returns what it
+received, trains nothing).
 
 ``label_flip`` poisons data, not the update: the device trains honestly on its local training set with
 every label y of a task with C answers replaced by C − 1 − y (``flip_labels``), and sends that.
@@ -145,6 +147,17 @@ def collude(cfg: AdversaryConfig, start: ModuleSet, benign: Sequence[ModuleSet],
     return out
 
 
+def _noise(t: torch.Tensor, rank: int | None, g: torch.Generator) -> torch.Tensor:
+    """Unit-variance noise shaped like ``t``: independent per value, or for a matrix with ``rank`` (less than
+    its smaller side) the product of two Gaussian factors with that many columns, scaled so that each value's
+    variance is 1 on average (its expected squared norm is that of independent noise)."""
+    if rank is None or t.dim() != 2 or rank >= min(t.shape):
+        return torch.randn(t.shape, generator=g, dtype=t.dtype)
+    a = torch.randn(t.shape[0], rank, generator=g, dtype=t.dtype)
+    b = torch.randn(rank, t.shape[1], generator=g, dtype=t.dtype)
+    return a @ b / math.sqrt(rank)
+
+
 def poison(cfg: AdversaryConfig, trained: ModuleSet, start: ModuleSet, seed: int, node: str, round_: int) -> ModuleSet:
     """What an attacking node sends in place of ``trained`` (same names, versions and weights), for the
     behaviours that poison the update alone (``UPDATE_ATTACKS``); others send ``trained``. A device's
@@ -164,7 +177,7 @@ def poison(cfg: AdversaryConfig, trained: ModuleSet, start: ModuleSet, seed: int
             elif cfg.behaviour == "scale":
                 v = base + cfg.scale * (t - base)
             elif cfg.behaviour == "noise":
-                v = base + cfg.sigma * torch.randn(t.shape, generator=g, dtype=t.dtype)
+                v = base + cfg.sigma * _noise(t, cfg.noise_rank, g)
             else:  # free_ride
                 v = base.clone()
             tensors[k] = v

@@ -85,6 +85,23 @@ Z_FLOOR = 0.25  # the least spread assumed, relative to the median update's norm
 SAME_UPDATE = 1e-6  # two whole updates closer than this x the median update's norm are the same (twins)
 
 
+STRUCTURE_MIN_SIDE = 8  # narrower matrices (a yes/no head) cannot tell structure from noise: not scored
+
+
+def structure_of(u: torch.Tensor) -> float | None:
+    """How much more of a matrix update ``u`` (m x n) its top singular value holds than independent noise
+    would: (s_1^2 / |u|^2) / ((sqrt(m) + sqrt(n))^2 / (m n)). Independent zero-mean entries of any one size
+    give about 1 (the largest singular value of such a matrix is about sigma (sqrt(m) + sqrt(n)), its squared
+    norm sigma^2 m n); an update made of a few directions gives up to m n / (sqrt(m) + sqrt(n))^2 (a rank-1
+    update). Scale-free: neither shrinking nor boosting noise changes it. None for a zero update."""
+    total = float((u * u).sum())
+    if not total > 0:
+        return None
+    m, n = u.shape
+    top = float(torch.linalg.matrix_norm(u, ord=2)) ** 2
+    return top / total * (m * n) / (math.sqrt(m) + math.sqrt(n)) ** 2
+
+
 def _outlier_z(dist: torch.Tensor, norm: torch.Tensor, ref: list[int]) -> torch.Tensor:
     """The larger robust z-score of a copy's distance and of its update's norm (two-sided), over the
     rows ``ref``, with the floor Z_FLOOR x their median norm."""
@@ -295,7 +312,7 @@ class _Buffered(Aggregator):
     def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
         self.args, common = rule_arguments(self.name, params)
         self.clip_norm, self.flag_z, self.twin_cos = common["clip_norm"], common["flag_z"], common["twin_cos"]
-        self.update_z = common["update_z"]
+        self.update_z, self.structure = common["update_z"], common["structure"]
         self.exclude_flagged = common["exclude_flagged"]
         super().__init__(order, reference)
 
@@ -322,6 +339,7 @@ class _Buffered(Aggregator):
             self._out, self._counts = {}, {}
             self._twins = self._twin_scores() if self.twin_cos is not None else {}
             self._update_zs = self._update_scores() if self.update_z is not None else {}
+            self._structures = self._structure_scores() if self.structure is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
                 like = copies[0][1].shapes()
@@ -329,7 +347,7 @@ class _Buffered(Aggregator):
                 self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
                 senders = [s for s, _ in copies]
-                scored = self.flag_z is not None or self.twin_cos is not None or self.update_z is not None
+                scored = any(p is not None for p in (self.flag_z, self.twin_cos, self.update_z, self.structure))
                 if scored and len(senders) >= MIN_SENDERS_TO_FLAG:
                     keep = self._score(name, senders, x)
                     if len(keep) < len(senders):
@@ -355,10 +373,12 @@ class _Buffered(Aggregator):
         z = _outlier_z(dist, norm, ref)
         twin = [self._twins.get(s, 0.0) for s in senders]
         whole = [self._update_zs.get(s, 0.0) for s in senders]
+        shape = [self._structures.get(s) for s in senders]  # None: not scored (nothing measurable sent)
         flagged = [
             (self.flag_z is not None and bool(z[i] > float(self.flag_z)))
             or (self.update_z is not None and whole[i] > self.update_z)
             or (self.twin_cos is not None and twin[i] >= self.twin_cos)
+            or (self.structure is not None and shape[i] is not None and shape[i] < self.structure)
             for i in range(n)
         ]
         keep = list(range(n))
@@ -382,6 +402,7 @@ class _Buffered(Aggregator):
                     i not in keep,
                     twin[i],
                     whole[i],
+                    structure=shape[i] or 0.0,
                 )
             )
         return keep
@@ -408,6 +429,33 @@ class _Buffered(Aggregator):
         norm = torch.tensor([norm2[s] for s in senders], dtype=torch.float64).sqrt()
         z = _outlier_z(dist, norm, self._reference_rows(senders))
         return {s: float(z[i]) for i, s in enumerate(senders)}
+
+    def _structure_scores(self) -> dict[str, float]:
+        """sender -> how far its whole update is from independent noise: over every matrix (both sides at
+        least STRUCTURE_MIN_SIDE) of every module with at least MIN_SENDERS_TO_FLAG copies, the median of
+        ``structure_of`` its update (copy - centre). Gradient training moves a matrix along a few
+        directions (honest adapters' top singular value holds 15-60 % of their update at full size); noise
+        added to what the sender received, of any size, spreads evenly (3.5 % for a 256 x 64 adapter). A
+        sender with no such matrix, or a zero update in all of them (a plain free rider: the twins catch
+        it), is not scored. Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
+        per: dict[str, list[float]] = {}
+        for name, copies in self._held.items():
+            if len(copies) < MIN_SENDERS_TO_FLAG:
+                continue
+            like = copies[0][1].shapes()
+            if not any(len(d) == 2 and min(d) >= STRUCTURE_MIN_SIDE for d in like.values()):
+                continue
+            x = torch.stack([_flat32(m) for _, m in copies])
+            centre = flat_views(self._centre(name, x).double(), like)
+            for s, m in copies:
+                for k, d in like.items():
+                    if len(d) == 2 and min(d) >= STRUCTURE_MIN_SIDE:
+                        v = structure_of(m.tensors[k].detach().double() - centre[k])
+                        if v is not None:
+                            per.setdefault(s, []).append(v)
+        if len(per) < MIN_SENDERS_TO_FLAG:
+            return {}
+        return {s: float(torch.tensor(v, dtype=torch.float64).quantile(0.5)) for s, v in per.items()}
 
     def _measure(
         self, name: str, x: torch.Tensor, ref: list[int]

@@ -269,19 +269,33 @@ def calibrate_heads(
 # not tell a flipper from an honest skewed device.
 
 
-def label_t(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]]) -> float:
+def label_t(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]], metric: str = "trace") -> float:
     """``evidence`` or 0 where nothing is comparable."""
-    t = evidence(mine, others)
+    t = evidence(mine, others, metric)
     return 0.0 if t is None else t
 
 
-def evidence(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]]) -> float | None:
+LABEL_METRICS = ("trace", "whitened")
+
+
+def evidence(
+    mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]], metric: str = "trace"
+) -> float | None:
     """How far a sender's per-answer mean features are from the others' pooled means of the same answers, in
-    units of what sampling alone would give: for every (task, answer) both hold, T = |mu_mine - mu_others|^2 /
-    (v (1/n_mine + 1/n_others)), v the total within-answer variance (the trace of the pooled within-answer
-    covariance, over every sample of the task the sender and the others hold); the mean of T weighted by the
+    units of what sampling alone would give; the mean over the (task, answer) pairs both hold, weighted by the
     sender's samples. About 1 when the sender's samples of each answer are like the others'; None when nothing
-    is comparable (no answer held by both, no within-answer spread): no evidence either way."""
+    is comparable (no answer held by both, no within-answer spread): no evidence either way.
+
+    ``metric`` ``trace``: T = |mu_mine - mu_others|^2 / (v (1/n_mine + 1/n_others)), v the total within-answer
+    variance (the trace of the pooled within-answer covariance W, over every sample of the task the sender and
+    the others hold). ``whitened``: T = d' W^-1 d / (k (1/n_mine + 1/n_others)), d the difference of the means,
+    W shrunk by ``WHITEN_SHRINK`` times its mean variance and k its effective dimension (tr(W (W + s I)^-1)):
+    Hotelling's statistic per dimension, diagonal W where the statistics are. Where answers differ along
+    directions of little spread (a feature that tells two answers apart varies little within each), the trace
+    drowns them in the large directions' noise and the whitened statistic does not: both are about 1 for honest
+    data, and a flipper's mean, another answer's, stands out further in the second."""
+    if metric not in LABEL_METRICS:
+        raise ValueError(f"label metric must be one of {LABEL_METRICS}, got {metric!r}")
     num = den = 0.0
     for task, fs in mine.items():
         held = [o[task] for o in others if task in o]
@@ -292,21 +306,49 @@ def evidence(mine: dict[str, FeatureStats], others: list[dict[str, FeatureStats]
         n = pooled.count
         present = n >= 0.5
         mu = pooled.total[present] / n[present, None]
-        sq = pooled.squares[present]
-        sq = sq if sq.dim() == 2 else torch.diagonal(sq, dim1=1, dim2=2)
-        within = float((sq.sum(1) - n[present] * (mu * mu).sum(1)).sum())
         dof = float(n[present].sum()) - int(present.sum())
-        if dof <= 0 or within <= 0:
+        if dof <= 0:
             continue
-        v = within / dof
+        sq = pooled.squares[present]
+        if metric == "trace" or pooled.diagonal:
+            sq = sq if sq.dim() == 2 else torch.diagonal(sq, dim1=1, dim2=2)
+            var = (sq.sum(0) - (n[present, None] * mu * mu).sum(0)) / dof  # per coordinate
+            if float(var.sum()) <= 0:
+                continue
+            if metric == "trace":
+                scale = None
+                v = float(var.sum())
+            else:
+                s = WHITEN_SHRINK * float(var.clamp_min(0).mean())
+                scale = 1 / (var.clamp_min(0) + s)
+                v = float((var.clamp_min(0) * scale).sum())  # the effective dimension
+        else:
+            w = (sq.sum(0) - torch.einsum("c,ci,cj->ij", n[present], mu, mu)) / dof
+            w = (w + w.T) / 2
+            lam, vec = torch.linalg.eigh(w)
+            lam = lam.clamp_min(0)
+            if float(lam.sum()) <= 0:
+                continue
+            s = WHITEN_SHRINK * float(lam.mean())
+            scale = (vec, 1 / (lam + s))
+            v = float((lam / (lam + s)).sum())
         for c in range(fs.count.shape[0]):
             a, b = float(fs.count[c]), float(ref.count[c])
             if a < 0.5 or b < 0.5:
                 continue
-            d2 = float(((fs.total[c] / a - ref.total[c] / b) ** 2).sum())
+            diff = fs.total[c] / a - ref.total[c] / b
+            if scale is None:
+                d2 = float((diff**2).sum())
+            elif isinstance(scale, tuple):
+                d2 = float(((scale[0].T @ diff) ** 2 * scale[1]).sum())
+            else:
+                d2 = float((diff**2 * scale).sum())
             num += a * d2 / (v * (1 / a + 1 / b))
             den += a
     return num / den if den else None
+
+
+WHITEN_SHRINK = 1e-2  # the whitened label metric's ridge, times the mean within-answer variance
 
 
 def federation_rest(
@@ -329,6 +371,7 @@ def label_scores(
     federation: dict[str, FeatureStats] | None = None,
     summed: set[str] | frozenset[str] = frozenset(),
     here: bool = True,
+    metric: str = "trace",
 ) -> tuple[dict[str, float], list[str]]:
     """(sender -> ``label_t``, the senders flagged). Each sender is scored against the other senders kept
     (``here``) and, given ``federation`` (task -> the sums of every sender anywhere, ``summed`` of ``stats``'
@@ -351,14 +394,14 @@ def label_scores(
     # against the rest of the federation a score does not change as senders here are flagged: once. A reference
     # that holds none of a sender's answers (one edge alone; answers only this cluster holds) is no evidence:
     # it cannot clear the sender against the other
-    by_rest = {s: evidence(stats[s], [rest]) for s in senders} if federation is not None else {}
+    by_rest = {s: evidence(stats[s], [rest], metric) for s in senders} if federation is not None else {}
 
     while True:
         t: dict[str, float] = {}
         for s in senders:
             scores = [by_rest.get(s)]
             if here:
-                scores.append(evidence(stats[s], [stats[o] for o in senders if o != s and o not in flagged]))
+                scores.append(evidence(stats[s], [stats[o] for o in senders if o != s and o not in flagged], metric))
             known = [v for v in scores if v is not None]
             t[s] = min(known) if known else 0.0
         over = [s for s in senders if s not in flagged and t[s] > cut]

@@ -495,7 +495,10 @@ class AggregationConfig(_Strict):
         "robust z-scores out, module by module), update_z (flag senders whose whole update, every module they sent as "
         "one vector, is this many robust z-scores out: honest non-IID heads stand out alone, attackers' whole "
         "updates do), twin_cos (flag senders whose whole update has this cosine or more with another's: "
-        "colluders sending one vector), exclude_flagged (1: leave the flagged out)",
+        "colluders sending one vector), structure (flag senders whose update's matrices are this close to "
+        "independent noise: the median over them of their top singular value's share over noise's, about 1 for "
+        "noise of any size, 8 or more for honest training: a free rider hiding in noise), exclude_flagged (1: "
+        "leave the flagged out)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
     claim_bound: float | None = D(
@@ -551,7 +554,8 @@ class AggregationConfig(_Strict):
 
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check an aggregation rule's parameters (no torch: health checks load config too) and return
-    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, update_z, twin_cos, exclude_flagged)``.
+    ``(its own arguments with defaults, the common ones: clip_norm, flag_z, update_z, twin_cos, structure,
+    exclude_flagged)``.
     ValueError naming the rule and the parameter."""
     if rule not in RULE_PARAMS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULE_PARAMS)}")
@@ -576,9 +580,10 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
         "flag_z": None,
         "update_z": None,
         "twin_cos": None,
+        "structure": None,
         "exclude_flagged": False,
     }
-    for k in ("clip_norm", "flag_z", "update_z"):
+    for k in ("clip_norm", "flag_z", "update_z", "structure"):
         if k in params:
             v = float(params[k])
             if not (v > 0 and math.isfinite(v)):
@@ -592,9 +597,10 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
     exclude = params.get("exclude_flagged", 0)
     if exclude not in (0, 1):
         raise ValueError(f"aggregation rule {rule!r}: exclude_flagged must be 0 or 1, got {exclude}")
-    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos")):
+    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos", "structure")):
         raise ValueError(
-            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z or twin_cos (what flags a sender)"
+            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z, twin_cos or structure (what flags "
+            "a sender)"
         )
     common["exclude_flagged"] = bool(exclude)
     return args, common
@@ -797,6 +803,13 @@ class AdversaryConfig(_Strict):
     )
     scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
     sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")
+    noise_rank: int | None = D(
+        None,
+        ge=1,
+        description="the noise behaviour's noise in each matrix of a module made of this many random directions "
+        "(rank), of the same expected size as independent noise of sigma (a free rider that knows the structure "
+        "check: aggregation.params.structure); null: independent per value",
+    )
     z: float | None = D(
         None, ge=0, description="alie's z; null: Baruch et al.'s from the senders and attackers at the first aggregator"
     )

@@ -55,7 +55,9 @@ class SenderScore:
     median's, ``z`` the larger robust z-score (median and MAD over the senders) of distance and norm,
     ``twin`` the highest cosine of its whole update (every module it sent) with another sender's,
     ``update_z`` the same robust z-score as ``z`` for its whole update (``update_z``: the distance and
-    norm of every scored module it sent, as one vector)."""
+    norm of every scored module it sent, as one vector), ``structure`` how far its whole update is from
+    independent noise (``structure``: its matrices' top singular value's share of their update, over what
+    independent noise of any size would give; 0 where not scored)."""
 
     module: str
     sender: str
@@ -69,6 +71,7 @@ class SenderScore:
     update_z: float = 0.0  # the robust z-score of the sender's whole update (update_z)
     label_t: float = 0.0  # how far its per-answer mean features are from the others' (calibration.label_t)
     head_drop: float = 0.0  # how much less likely its heads find its reported answers than the start's (head_check)
+    structure: float = 0.0  # its update's top singular values' share over independent noise's (structure)
 
 
 @dataclass(frozen=True)

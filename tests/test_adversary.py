@@ -62,6 +62,23 @@ def test_each_behaviour_sends_what_it_says():
     assert torch.equal(trained["adapter.0"].tensors["w"], torch.tensor([2.0, 1.0, 0.0]))  # untouched
 
 
+def test_low_rank_noise_has_the_rank_and_the_size_asked_for():
+    """noise_rank: each matrix's noise is a random rank-k matrix whose values have sigma^2 variance on
+    average (a squared norm about sigma^2 m n, as independent noise's); vectors stay independent noise."""
+    start = {"adapter.0": Module("adapter.0", {"w": torch.zeros(256, 64), "b": torch.zeros(64)}, 0, 1.0)}
+    sizes = {}
+    for rank in (None, 1, 3):
+        cfg = AdversaryConfig(behaviour="noise", sigma=0.5, noise_rank=rank)
+        got = [poison(cfg, start, start, 0, "device-0-0", r)["adapter.0"].tensors for r in range(20)]
+        ranks = {int(torch.linalg.matrix_rank(t["w"])) for t in got}  # float32, its own tolerance
+        assert ranks == {64 if rank is None else rank}, (rank, ranks)
+        sizes[rank] = float(torch.stack([t["w"].pow(2).mean() for t in got]).mean()) / 0.25
+        assert all(float(t["b"].std()) > 0.3 for t in got)
+    assert 0.9 < sizes[None] < 1.1 and 0.6 < sizes[1] < 1.4 and 0.75 < sizes[3] < 1.25, sizes
+    with pytest.raises(ValueError, match="noise_rank"):
+        AdversaryConfig(behaviour="noise", noise_rank=0)
+
+
 def test_an_unknown_adversary_is_refused_before_any_process_starts(tmp_path):
     cfg = load_config(None, ["adversary.nodes=[device-9-9]", "topology.edges=1", "topology.devices_per_edge=2"])
     with pytest.raises(RunFailed, match=r"adversary.nodes: \['device-9-9'\]"):
@@ -302,3 +319,26 @@ def test_an_attacking_cluster_head_poisons_its_clusters_aggregate(tmp_path):
         run(load_config(None, [*base, f"adversary.nodes=[{nodes}]"]), out, Console(file=io.StringIO()), timeout_s=300)
         got[name] = _flat(out)
     assert torch.equal(got["head"], got["everyone"])
+
+
+def test_a_free_rider_hiding_in_noise_is_flagged_by_its_update_s_structure(tmp_path):
+    """hfm over real gRPC and mTLS, one edge of five devices; device-0-4 trains nothing and sends what it
+    received plus independent noise (adversary noise, sigma 0.003: an update about as large as an honest
+    one). Its edge scores every sender's whole update: by its size (update_z) it passes; by its structure
+    (its matrices' top singular value's share over noise's) it is about 1 where honest devices' are many
+    times that, so it is flagged and left out in every round, and results.json carries the scores."""
+    sets = ["method=hfm", "e_agg=1", "rounds=2", "topology.edges=1", "topology.devices_per_edge=5",
+            "runtime.devices_per_process=5", "data.train_per_task=60", "adversary.nodes=[device-0-4]",
+            "adversary.behaviour=noise", "adversary.sigma=0.003",
+            "aggregation.params={update_z: 3.5, structure: 3, exclude_flagged: 1}"]  # fmt: skip
+    out = tmp_path / "run"
+    res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
+    det = res["detection"]
+    assert det["adversaries"] == ["device-0-4"] and det["flagged"] == ["device-0-4"], det
+    assert det["recall"] == 1.0 and det["false_positive_rate"] == 0.0 and det["scored"] == 2 * 5, det
+    scores = _scores(out, "edge-0")
+    shape = {s["sender"]: s["structure"] for s in scores}
+    assert shape["device-0-4"] < 1.5 and min(v for d, v in shape.items() if d != "device-0-4") > 5, shape
+    zs = {s["sender"]: s["update_z"] for s in scores}
+    assert max(abs(z) for z in zs.values()) < 3.5, zs  # its size gives it away nowhere
+    assert all(s["excluded"] == (s["sender"] == "device-0-4") for s in scores)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hffm.aggregation import make_aggregator, rule_parameters, weighted_mean
+from hffm.aggregation import make_aggregator, rule_parameters, structure_of, weighted_mean
 from hffm.config import ConfigError, load_config
 from hffm.modules import Module
 from tests.conftest import make_module
@@ -233,7 +233,7 @@ def test_bad_parameters_named_at_config_load():
         assert match in str(e.value), (sets, str(e.value))
     cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
     assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
-    common = ["clip_norm", "exclude_flagged", "flag_z", "twin_cos", "update_z"]
+    common = ["clip_norm", "exclude_flagged", "flag_z", "structure", "twin_cos", "update_z"]
     assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
@@ -549,7 +549,7 @@ def test_senders_returning_what_they_received_are_twins():
 
 
 def test_detection_parameters_are_checked():
-    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z or twin_cos"):
+    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z, twin_cos or structure"):
         make_aggregator("median", params={"exclude_flagged": 1})
     with pytest.raises(ValueError, match="flag_z must be finite and > 0"):
         make_aggregator("fedavg", params={"flag_z": 0})
@@ -631,6 +631,7 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
         return SenderScore(module, sender, distance, norm, cosine, z, z > 3.5, False)
 
     good = [sc("device-0-0"), sc("device-0-1", z=math.inf), sc("device-0-1", module="adapter.1", cosine=math.nan)]
+    good.append(SenderScore("adapter.2", "device-0-1", 1.0, 1.0, 0.5, 1.0, True, True, structure=0.97))
     lies = [
         sc("device-1-0", z=99.0),  # not a sender of this step
         sc("device-0-0", z=50.0),  # a second score for (adapter.0, device-0-0)
@@ -643,6 +644,8 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
     lies += [
         SenderScore("adapter.7", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, label_t=-1.0),  # label_t
         SenderScore("adapter.8", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, label_t=math.inf),
+        SenderScore("adapter.9", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, structure=-1.0),  # structure
+        SenderScore("adapter.10", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, structure=math.nan),
     ]
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))
@@ -654,6 +657,7 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
     rep.aggregates.append(AggregateRecord("edge-0", "calibrated", ("cloud",), (), (checked, stranger)))
     back = report_from_pb(report_to_pb(rep))
     assert [(s.module, s.sender, s.z) for s in back.aggregates[0].scores] == [(s.module, s.sender, s.z) for s in good]
+    assert back.aggregates[0].scores[3].structure == 0.97  # carried over the wire
     assert back.aggregates[0].counted == ("device-0-0", "device-0-1")  # the report itself is kept
     assert back.aggregates[2].scores == (checked,)
 
@@ -705,3 +709,69 @@ def test_copies_that_agree_closely_do_not_make_a_small_difference_an_outlier():
             agg.add(n, [m])
         agg.result(1)
         assert [s.sender for s in agg.scores if s.flagged] == want
+
+
+def test_structure_is_the_top_singular_values_share_over_independent_noise_s():
+    """``structure_of`` against a NumPy reference (s_1^2 / |u|^2 over (sqrt m + sqrt n)^2 / (m n)): about 1
+    for independent noise whatever its size, m n / (sqrt m + sqrt n)^2 for a rank-1 update, None for zero."""
+    rng = np.random.default_rng(3)
+    for sigma in (1e-4, 1e-2, 1.0, 100.0):
+        u = rng.normal(0, sigma, size=(256, 64))
+        s = np.linalg.svd(u, compute_uv=False)
+        want = s[0] ** 2 / (u**2).sum() * 256 * 64 / (16 + 8) ** 2
+        got = structure_of(torch.from_numpy(u))
+        assert np.isclose(got, want, rtol=1e-9) and 0.85 < got < 1.15, (sigma, got)
+    a, b = rng.normal(size=(40, 1)), rng.normal(size=(1, 30))
+    assert np.isclose(structure_of(torch.from_numpy(a @ b)), 40 * 30 / (40**0.5 + 30**0.5) ** 2)
+    assert structure_of(torch.zeros(8, 8)) is None
+
+
+def test_structure_flags_a_free_rider_hiding_in_noise_of_an_honest_size():
+    """A free rider sends what it received plus independent noise scaled to an honest update's norm: its
+    distance and norm are the honest senders', so update_z does not see it. Honest updates are a few
+    directions plus a little noise (gradient training's shape); ``structure`` flags the free rider alone, in
+    every module, and with exclude_flagged the aggregate is the honest senders' mean. Matrices narrower than
+    STRUCTURE_MIN_SIDE are not scored; a sender whose update is zero there is not scored (the twins' case)."""
+    g = torch.Generator().manual_seed(15)
+    names = [f"d{i}" for i in range(5)]
+    shapes = {"adapter.0": (64, 16), "adapter.1": (64, 16), "head.art": (3, 16)}
+    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+
+    def trained(sh):  # a main direction, a weaker one and a little noise
+        m, k = sh
+        low = torch.randn(m, 2, generator=g) @ (torch.randn(2, k, generator=g) * torch.tensor([[1.0], [0.3]]))
+        return low + 0.05 * low.norm() / (m * k) ** 0.5 * torch.randn(m, k, generator=g)
+
+    ups = [{n: trained(sh) for n, sh in shapes.items()} for _ in range(4)]
+    size = {n: float(sum(u[n].norm() for u in ups) / 4) for n in shapes}
+    noise = {n: torch.randn(*sh, generator=g) for n, sh in shapes.items()}
+    ups.append({n: t * size[n] / float(t.norm()) for n, t in noise.items()})  # d4: an honest-sized norm
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in ups]
+
+    def run(params, senders=mods):
+        agg = make_aggregator("fedavg", names[: len(senders)], own, params)
+        for n, m in zip(names, senders, strict=False):
+            agg.add(n, list(m.values()))
+        return agg.result(1), agg.scores
+
+    _, scores = run({"update_z": 3.5})
+    assert not any(sc.flagged for sc in scores)  # its size is an honest one
+    out, scores = run({"update_z": 3.5, "structure": 3, "exclude_flagged": 1})
+    assert {sc.sender for sc in scores if sc.flagged} == {sc.sender for sc in scores if sc.excluded} == {"d4"}
+    assert {sc.module for sc in scores if sc.sender == "d4" and sc.excluded} == set(shapes)
+    for i, u in enumerate(ups):  # the median of the two adapters' structure (the 3-wide head is not scored)
+        want = float(np.median([structure_of(u[n].double()) for n in ("adapter.0", "adapter.1")]))
+        assert all(np.isclose(sc.structure, want) for sc in scores if sc.sender == names[i])
+    assert max(sc.structure for sc in scores if sc.sender == "d4") < 1.3
+    assert min(sc.structure for sc in scores if sc.sender != "d4") > 5
+    for n in shapes:
+        want = sum(mods[i][n].tensors["w"] for i in range(4)) / 4
+        assert torch.allclose(out[n].tensors["w"], want, atol=1e-5)
+    zero = {n: Module(n, {"w": own[n].tensors["w"].clone()}, 1, 1.0) for n in shapes}
+    _, scores = run({"structure": 3}, [*mods[:4], zero])
+    assert not any(sc.flagged for sc in scores) and all(sc.structure == 0 for sc in scores if sc.sender == "d4")
+    _, few = run({"structure": 3}, mods[2:])
+    assert few == []  # 3 senders: not scored
+    with pytest.raises(ValueError, match="structure must be finite and > 0"):
+        make_aggregator("fedavg", params={"structure": 0})
+    assert type(make_aggregator("median", params={"structure": 3, "exclude_flagged": 1})).__name__ == "Median"
