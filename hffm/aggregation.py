@@ -348,7 +348,8 @@ class _Buffered(Aggregator):
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
                 senders = [s for s, _ in copies]
                 scored = any(p is not None for p in (self.flag_z, self.twin_cos, self.update_z, self.structure))
-                if scored and len(senders) >= MIN_SENDERS_TO_FLAG:
+                whole_scored = any(s in d for d in (self._twins, self._update_zs, self._structures) for s in senders)
+                if scored and (len(senders) >= MIN_SENDERS_TO_FLAG or whole_scored):
                     keep = self._score(name, senders, x)
                     if len(keep) < len(senders):
                         x, w, senders = x[keep], w[keep], [senders[i] for i in keep]
@@ -363,19 +364,22 @@ class _Buffered(Aggregator):
     def _score(self, name: str, senders: list[str], x: torch.Tensor) -> list[int]:
         """Score every copy of module ``name`` (``scores``); the rows to aggregate: all, or with
         ``exclude_flagged`` those not flagged (never fewer than a majority: past that, the least
-        suspicious majority)."""
+        suspicious majority). A module with fewer than MIN_SENDERS_TO_FLAG copies (a head of a task few
+        senders here hold) has no spread of its own to judge by (z 0), but its senders' whole-update flags
+        (update_z, twin_cos, structure: measured over everything they sent) hold in it too."""
         n = len(senders)
         ref = self._reference_rows(senders)
         med, base, dist, u, norm = self._measure(name, x, ref)
         cu = med - base
         denom = norm * cu.norm()
         cos = torch.where(denom > 0, (u @ cu) / denom.clamp_min(1e-300), torch.zeros_like(denom))
-        z = _outlier_z(dist, norm, ref)
+        spread = n >= MIN_SENDERS_TO_FLAG
+        z = _outlier_z(dist, norm, ref) if spread else torch.zeros(n, dtype=torch.float64)
         twin = [self._twins.get(s, 0.0) for s in senders]
         whole = [self._update_zs.get(s, 0.0) for s in senders]
         shape = [self._structures.get(s) for s in senders]  # None: not scored (nothing measurable sent)
         flagged = [
-            (self.flag_z is not None and bool(z[i] > float(self.flag_z)))
+            (spread and self.flag_z is not None and bool(z[i] > float(self.flag_z)))
             or (self.update_z is not None and whole[i] > self.update_z)
             or (self.twin_cos is not None and twin[i] >= self.twin_cos)
             or (self.structure is not None and shape[i] is not None and shape[i] < self.structure)

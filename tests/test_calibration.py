@@ -353,6 +353,48 @@ def test_label_t_is_the_standardised_distance_of_answer_means_and_flags_only_fli
     assert label_t(alone["a"], [alone["b"]]) == 0.0
 
 
+def test_the_whitened_label_metric_is_hotelling_s_statistic_per_dimension():
+    """``metric="whitened"`` (measured on the full-size matrix's traces and not adopted: docs/robustness.md): the
+    difference of the means in units of the pooled within-answer covariance (full, or diagonal where the
+    statistics are), over its effective dimension: about 1 for honest data, like the trace; where answers
+    differ along directions of little spread, a flipper stands out in it and not in the trace. Against NumPy."""
+    g = torch.Generator().manual_seed(4)
+    d, classes = 24, 3
+    sd = torch.logspace(0, -2, d)
+    centres = torch.zeros(classes, d)
+    for c in range(classes):
+        centres[c, -1 - c] = 0.08  # told apart only where the spread is least
+
+    def draw(counts, flip=False):
+        x = torch.cat([centres[c] + sd * torch.randn(n, d, generator=g) for c, n in enumerate(counts)])
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        return x, (y + 1) % classes if flip else y
+
+    ref_x, ref_y = draw([400, 400, 400])
+    for diagonal in (False, True):
+        ref = {"t": stats_of(ref_x, ref_y, classes, diagonal)}
+        honest = [label_t({"t": stats_of(*draw([50, 20, 40]), classes, diagonal)}, [ref], "whitened") for _ in range(5)]
+        flipped = label_t({"t": stats_of(*draw([50, 20, 40], True), classes, diagonal)}, [ref], "whitened")
+        trace = label_t({"t": stats_of(*draw([50, 20, 40], True), classes, diagonal)}, [ref])
+        assert max(honest) < 2.5 and flipped > 4 > trace, (diagonal, honest, flipped, trace)
+    # by hand (NumPy) for one sender, full covariance
+    x, y = draw([30, 10, 0])
+    mine, others = {"t": stats_of(x, y, classes)}, {"t": stats_of(ref_x, ref_y, classes)}
+    xs, ys = np.concatenate([x.numpy(), ref_x.numpy()]).astype(np.float64), np.concatenate([y, ref_y])
+    w = sum(np.cov(xs[ys == c].T, bias=True) * (ys == c).sum() for c in range(classes)) / (len(ys) - classes)
+    lam, vec = np.linalg.eigh(w)
+    s = 1e-2 * lam.clip(0).mean()
+    k = (lam.clip(0) / (lam.clip(0) + s)).sum()
+    num = 0.0
+    for c in (0, 1):
+        a, b = (y == c).sum().item(), (ref_y == c).sum().item()
+        diff = x.numpy()[y == c].mean(0) - ref_x.numpy()[ref_y == c].mean(0)
+        num += a * float(((vec.T @ diff) ** 2 / (lam.clip(0) + s)).sum()) / (k * (1 / a + 1 / b))
+    assert label_t(mine, [others], "whitened") == pytest.approx(num / 40, rel=1e-6)
+    with pytest.raises(ValueError, match="label metric"):
+        label_t(mine, [others], "cosine")
+
+
 def test_checked_against_the_federation_flippers_who_outvote_their_cluster_are_found():
     """Two flippers holding most of their cluster's samples make its own reference theirs (label_scores flags
     the honest); against the federation's sums (another 12 honest devices' too) they stand out. A deferred

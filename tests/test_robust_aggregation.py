@@ -767,6 +767,20 @@ def test_structure_flags_a_free_rider_hiding_in_noise_of_an_honest_size():
     for n in shapes:
         want = sum(mods[i][n].tensors["w"] for i in range(4)) / 4
         assert torch.allclose(out[n].tensors["w"], want, atol=1e-5)
+    # a head only three senders hold (too few copies for a spread of its own): the free rider's whole-update
+    # flag holds in it too, and the two honest copies are its aggregate
+    rare = Module("head.rare", {"w": torch.randn(3, 16, generator=g)}, 0, 1.0)
+    own_rare = {**own, "head.rare": rare}
+    agg = make_aggregator("fedavg", names, own_rare, {"structure": 3, "exclude_flagged": 1})
+    for i, (n, m) in enumerate(zip(names, mods, strict=True)):
+        extra = [Module("head.rare", {"w": rare.tensors["w"] + ups[i]["head.art"]}, 1, 1.0)] if i >= 2 else []
+        agg.add(n, [*m.values(), *extra])
+    out = agg.result(1)
+    held = [sc for sc in agg.scores if sc.module == "head.rare"]
+    assert {sc.sender for sc in held} == {"d2", "d3", "d4"} and all(sc.z == 0 for sc in held)
+    assert {sc.sender for sc in held if sc.excluded} == {"d4"}
+    want = rare.tensors["w"] + (ups[2]["head.art"] + ups[3]["head.art"]) / 2
+    assert torch.allclose(out["head.rare"].tensors["w"], want, atol=1e-6)
     zero = {n: Module(n, {"w": own[n].tensors["w"].clone()}, 1, 1.0) for n in shapes}
     _, scores = run({"structure": 3}, [*mods[:4], zero])
     assert not any(sc.flagged for sc in scores) and all(sc.structure == 0 for sc in scores if sc.sender == "d4")
