@@ -156,6 +156,15 @@ RULES[
         "fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded"
     ]
 ]
+BEST = "fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded"
+# and senders whose update lies off the other senders' main directions (aggregation.params.subspace: noise of
+# any shape, the free rider that knows the structure check included)
+STRAYS = "aggregation.params={update_z: 3.5, twin_cos: 0.99, structure: 3, subspace: 2, exclude_flagged: 1}"
+RULES["fedavg, update outliers, twins, noise or strays excluded"] = ["aggregation.rule=fedavg", STRAYS]
+RULES[
+    "fedavg, update outliers, twins, noise or strays excluded, labels and heads checked, statistics first, "
+    "claims bounded"
+] = [STRAYS if s.startswith("aggregation.params=") else s for s in RULES[BEST]]
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
     "sign_flip": ["adversary.behaviour=sign_flip", "adversary.scale=10"],

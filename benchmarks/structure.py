@@ -1,46 +1,32 @@
-"""The structure score (``aggregation.params.structure``) offline, on a traced run: every push a collecting
-node received from a device, scored as the node scores it (issue 17; docs/robustness.md "A free rider hiding
-in noise, caught by its update's structure").
+"""The structure and subspace scores (``aggregation.params.structure``, ``subspace``) offline, on a traced run:
+every collect of devices' pushes that a node traced, scored as the node scores it (issue 17; docs/robustness.md
+"A free rider hiding in noise").
 
 ``python -m benchmarks.structure RUN_DIR TRACE_DIR``
 
-Takes a finished run made with ``runtime.trace_dir=TRACE_DIR``. For each round and each device's push that a
-collecting node traced (``r<round>-aggregate-from-<device>``), the device's start is what it received at the
-end of the round before (its ``r<round-1>-broadcast-aggregate``; in round 1 the initial modules, rebuilt from
-the run's config and seed). Every matrix of the push (both sides at least ``STRUCTURE_MIN_SIDE``) is scored by
-``hffm.aggregation.structure_of`` on push - start, and the device's score is the median, as the aggregator's.
-Prints one line per push, then the honest devices' lowest scores and the configured adversaries' highest, and
-JSON at the end.
+Takes a finished run made with ``runtime.trace_dir=TRACE_DIR``. For each round and collecting node, the pushes
+it traced from devices (``r<round>-aggregate-from-<device>``) go into the aggregator the node uses (FedAvg with
+``structure`` and ``subspace``, flags only), with the modules the devices started from as its reference: what
+they received at the end of the round before (``r<round-1>-broadcast-aggregate``), in round 1 the initial
+modules, rebuilt from the run's config and seed. Prints each sender's scores, then the honest devices' lowest
+and the configured adversaries' highest, and JSON at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from hffm.adversary import adversaries
-from hffm.aggregation import STRUCTURE_MIN_SIDE, structure_of
+from hffm.aggregation import make_aggregator
 from hffm.config import load_config
 from hffm.data import load_tokenizer, task_labels
 from hffm.model import build_model
-from hffm.modules import load_modules
+from hffm.modules import Module, load_modules
 from hffm.topology import Topology
 
-
-def score(push: dict, start: dict) -> float | None:
-    """The median ``structure_of`` over every scorable matrix of ``push`` against ``start`` (name -> tensors)."""
-    vals = []
-    for name, m in push.items():
-        if name not in start:
-            continue
-        for k, t in m.tensors.items():
-            if t.dim() == 2 and min(t.shape) >= STRUCTURE_MIN_SIDE:
-                v = structure_of(t.double() - start[name][k].double())
-                if v is not None:
-                    vals.append(v)
-    return statistics.median(vals) if vals else None
+SCORES = ("structure", "subspace")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,30 +38,32 @@ def main(argv: list[str] | None = None) -> None:
     topo = Topology.from_config(cfg, 0)
     bad = adversaries(cfg.adversary, topo.device_map, cfg.seed, topo.edges, cfg.topology.joins)
     model = build_model(cfg, len(load_tokenizer(cfg)), task_labels(cfg))
-    init = {n: model.module_state(n) for n in model.module_names()}
+    init = {n: Module(n, model.module_state(n), 0, 1.0) for n in model.module_names()}
+    collects: dict[tuple[int, str], dict[str, Path]] = {}
+    for f in a.trace_dir.glob("*/r*-aggregate-from-device-*.safetensors"):
+        head, device = f.name.removesuffix(".safetensors").split("-aggregate-from-")
+        if head[1:].isdigit():  # a re-run attempt's (r<round>a<attempt>) are not scored here
+            collects.setdefault((int(head[1:]), f.parent.name), {})[device] = f
     rows = []
-    for f in sorted(a.trace_dir.glob("*/r*-aggregate-from-device-*.safetensors")):
-        head = f.name.split("-aggregate-from-")
-        if not head[0][1:].isdigit():  # a re-run attempt's (r<round>a<attempt>): not scored here
+    for (r, node), pushes in sorted(collects.items()):
+        senders = sorted(pushes)
+        before = a.trace_dir / senders[0] / f"r{r - 1}-broadcast-aggregate.safetensors"
+        start = init if r == 1 else load_modules(str(before)) if before.is_file() else None
+        if start is None:
             continue
-        r, device = int(head[0][1:]), head[1].removesuffix(".safetensors")
-        before = a.trace_dir / device / f"r{r - 1}-broadcast-aggregate.safetensors"
-        if r == 1:
-            start = init
-        elif before.is_file():
-            start = {n: m.tensors for n, m in load_modules(str(before)).items()}
-        else:
-            continue
-        s = score(load_modules(str(f)), start)
-        if s is not None:
-            rows.append(
-                {"round": r, "node": f.parent.name, "device": device, "structure": s, "adversary": device in bad}
-            )
-            print(r, f.parent.name, device, "adversary" if device in bad else "honest", f"{s:.2f}")
-    honest = sorted(x["structure"] for x in rows if not x["adversary"])
-    attackers = sorted(x["structure"] for x in rows if x["adversary"])
-    print("honest pushes", len(honest), "lowest", [round(v, 2) for v in honest[:3]])
-    print("adversaries' pushes", len(attackers), "highest", [round(v, 2) for v in attackers[-3:]])
+        agg = make_aggregator("fedavg", senders, start, {"structure": 3, "subspace": 2})
+        for s in senders:
+            agg.add(s, [m for n, m in load_modules(str(pushes[s])).items() if not n.startswith("stats.")])
+        agg.result(r)
+        for s in senders:
+            got = {k: max(getattr(sc, k) for sc in agg.scores if sc.sender == s) for k in SCORES}
+            rows.append({"round": r, "node": node, "device": s, "adversary": s in bad, **got})
+            print(r, node, s, "adversary" if s in bad else "honest", *(f"{k} {got[k]:.2f}" for k in SCORES))
+    for k in SCORES:
+        honest = sorted(x[k] for x in rows if not x["adversary"])
+        attackers = sorted(x[k] for x in rows if x["adversary"])
+        print(k, "honest pushes", len(honest), "lowest", [round(v, 2) for v in honest[:3]], end="; ")
+        print("adversaries'", len(attackers), "highest", [round(v, 2) for v in attackers[-3:]])
     print(json.dumps({"pushes": rows}))
 
 

@@ -102,6 +102,34 @@ def structure_of(u: torch.Tensor) -> float | None:
     return top / total * (m * n) / (math.sqrt(m) + math.sqrt(n)) ** 2
 
 
+SUBSPACE_RANK = 8  # the other senders' main directions a sender's update is measured along
+SUBSPACE_MIN_SIDE = 4 * SUBSPACE_RANK  # narrower matrices: their main directions are most of the space
+
+
+def subspace_of(u: torch.Tensor, others_gram: torch.Tensor) -> float | None:
+    """How much of a matrix update ``u`` (m x n, m >= n) lies along the others' main directions, over what
+    chance gives: the share of |u|^2 in the span of the top SUBSPACE_RANK eigenvectors of ``others_gram``
+    (the sum of the other senders' u^T u, n x n: their main directions on the short side), divided by
+    SUBSPACE_RANK / n, the share of a random direction. About 1 for noise of any size and rank; honest
+    updates of one round measured 3.3-5.8 (the adapters' short side of 64). None for a zero update or
+    others without a spread."""
+    total = float((u * u).sum())
+    if not total > 0 or not float(others_gram.diagonal().sum()) > 0:
+        return None
+    n = u.shape[1]
+    _, vec = torch.linalg.eigh((others_gram + others_gram.T) / 2)
+    top = vec[:, -SUBSPACE_RANK:]  # eigh sorts ascending
+    return float((u @ top).pow(2).sum()) / total / (SUBSPACE_RANK / n)
+
+
+def _medians(per: dict[str, list[float]]) -> dict[str, float]:
+    """sender -> the median of its values (of two middle values, their mean); none with fewer than
+    MIN_SENDERS_TO_FLAG senders scored."""
+    if len(per) < MIN_SENDERS_TO_FLAG:
+        return {}
+    return {s: float(torch.tensor(v, dtype=torch.float64).quantile(0.5)) for s, v in per.items()}
+
+
 def _outlier_z(dist: torch.Tensor, norm: torch.Tensor, ref: list[int]) -> torch.Tensor:
     """The larger robust z-score of a copy's distance and of its update's norm (two-sided), over the
     rows ``ref``, with the floor Z_FLOOR x their median norm."""
@@ -312,7 +340,7 @@ class _Buffered(Aggregator):
     def __init__(self, order: Sequence[str] = (), reference: Mapping[str, Module] | None = None, **params: Any) -> None:
         self.args, common = rule_arguments(self.name, params)
         self.clip_norm, self.flag_z, self.twin_cos = common["clip_norm"], common["flag_z"], common["twin_cos"]
-        self.update_z, self.structure = common["update_z"], common["structure"]
+        self.update_z, self.structure, self.subspace = common["update_z"], common["structure"], common["subspace"]
         self.exclude_flagged = common["exclude_flagged"]
         super().__init__(order, reference)
 
@@ -340,6 +368,7 @@ class _Buffered(Aggregator):
             self._twins = self._twin_scores() if self.twin_cos is not None else {}
             self._update_zs = self._update_scores() if self.update_z is not None else {}
             self._structures = self._structure_scores() if self.structure is not None else {}
+            self._subspaces = self._subspace_scores() if self.subspace is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
                 like = copies[0][1].shapes()
@@ -347,8 +376,11 @@ class _Buffered(Aggregator):
                 self.peak_bytes = max(self.peak_bytes, self.held_bytes + x.numel() * 4)
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
                 senders = [s for s, _ in copies]
-                scored = any(p is not None for p in (self.flag_z, self.twin_cos, self.update_z, self.structure))
-                whole_scored = any(s in d for d in (self._twins, self._update_zs, self._structures) for s in senders)
+                scored = any(
+                    p is not None for p in (self.flag_z, self.twin_cos, self.update_z, self.structure, self.subspace)
+                )
+                whole = (self._twins, self._update_zs, self._structures, self._subspaces)
+                whole_scored = any(s in d for d in whole for s in senders)
                 if scored and (len(senders) >= MIN_SENDERS_TO_FLAG or whole_scored):
                     keep = self._score(name, senders, x)
                     if len(keep) < len(senders):
@@ -366,7 +398,7 @@ class _Buffered(Aggregator):
         ``exclude_flagged`` those not flagged (never fewer than a majority: past that, the least
         suspicious majority). A module with fewer than MIN_SENDERS_TO_FLAG copies (a head of a task few
         senders here hold) has no spread of its own to judge by (z 0), but its senders' whole-update flags
-        (update_z, twin_cos, structure: measured over everything they sent) hold in it too."""
+        (update_z, twin_cos, structure, subspace: measured over everything they sent) hold in it too."""
         n = len(senders)
         ref = self._reference_rows(senders)
         med, base, dist, u, norm = self._measure(name, x, ref)
@@ -378,11 +410,13 @@ class _Buffered(Aggregator):
         twin = [self._twins.get(s, 0.0) for s in senders]
         whole = [self._update_zs.get(s, 0.0) for s in senders]
         shape = [self._structures.get(s) for s in senders]  # None: not scored (nothing measurable sent)
+        along = [self._subspaces.get(s) for s in senders]
         flagged = [
             (spread and self.flag_z is not None and bool(z[i] > float(self.flag_z)))
             or (self.update_z is not None and whole[i] > self.update_z)
             or (self.twin_cos is not None and twin[i] >= self.twin_cos)
             or (self.structure is not None and shape[i] is not None and shape[i] < self.structure)
+            or (self.subspace is not None and along[i] is not None and along[i] < self.subspace)
             for i in range(n)
         ]
         keep = list(range(n))
@@ -407,6 +441,7 @@ class _Buffered(Aggregator):
                     twin[i],
                     whole[i],
                     structure=shape[i] or 0.0,
+                    subspace=along[i] or 0.0,
                 )
             )
         return keep
@@ -443,23 +478,45 @@ class _Buffered(Aggregator):
         sender with no such matrix, or a zero update in all of them (a plain free rider: the twins catch
         it), is not scored. Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
         per: dict[str, list[float]] = {}
+        for _, _, updates in self._matrix_updates(STRUCTURE_MIN_SIDE):
+            for s, u in updates.items():
+                v = structure_of(u)
+                if v is not None:
+                    per.setdefault(s, []).append(v)
+        return _medians(per)
+
+    def _subspace_scores(self) -> dict[str, float]:
+        """sender -> how much of its whole update lies along the other senders' main directions: over every
+        matrix (both sides at least SUBSPACE_MIN_SIDE) of every module with at least MIN_SENDERS_TO_FLAG
+        copies, the median of ``subspace_of`` its update against the others'. Honest updates of one round
+        share their main directions (the same backbone's features feed every adapter); noise of any shape,
+        one random direction included, falls along them by chance alone (about 1 in this score's units).
+        Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
+        per: dict[str, list[float]] = {}
+        for _, _, updates in self._matrix_updates(SUBSPACE_MIN_SIDE):
+            small = {s: u if u.shape[1] <= u.shape[0] else u.T for s, u in updates.items()}  # rows: the long side
+            gram = {s: u.T @ u for s, u in small.items()}
+            total = sum(gram.values())
+            for s, u in small.items():
+                v = subspace_of(u, total - gram[s])
+                if v is not None:
+                    per.setdefault(s, []).append(v)
+        return _medians(per)
+
+    def _matrix_updates(self, side: int) -> Iterable[tuple[str, str, dict[str, torch.Tensor]]]:
+        """(module, tensor, sender -> its update of that matrix: copy - centre, float64) for every matrix with
+        both sides at least ``side`` of every module with at least MIN_SENDERS_TO_FLAG copies."""
         for name, copies in self._held.items():
             if len(copies) < MIN_SENDERS_TO_FLAG:
                 continue
             like = copies[0][1].shapes()
-            if not any(len(d) == 2 and min(d) >= STRUCTURE_MIN_SIDE for d in like.values()):
+            keys = [k for k, d in like.items() if len(d) == 2 and min(d) >= side]
+            if not keys:
                 continue
             x = torch.stack([_flat32(m) for _, m in copies])
             centre = flat_views(self._centre(name, x).double(), like)
-            for s, m in copies:
-                for k, d in like.items():
-                    if len(d) == 2 and min(d) >= STRUCTURE_MIN_SIDE:
-                        v = structure_of(m.tensors[k].detach().double() - centre[k])
-                        if v is not None:
-                            per.setdefault(s, []).append(v)
-        if len(per) < MIN_SENDERS_TO_FLAG:
-            return {}
-        return {s: float(torch.tensor(v, dtype=torch.float64).quantile(0.5)) for s, v in per.items()}
+            for k in keys:
+                yield name, k, {s: m.tensors[k].detach().double() - centre[k] for s, m in copies}
 
     def _measure(
         self, name: str, x: torch.Tensor, ref: list[int]

@@ -497,8 +497,10 @@ class AggregationConfig(_Strict):
         "updates do), twin_cos (flag senders whose whole update has this cosine or more with another's: "
         "colluders sending one vector), structure (flag senders whose update's matrices are this close to "
         "independent noise: the median over them of their top singular value's share over noise's, about 1 for "
-        "noise of any size, 8 or more for honest training: a free rider hiding in noise), exclude_flagged (1: "
-        "leave the flagged out)",
+        "noise of any size, 8 or more for honest training: a free rider hiding in noise), subspace (flag senders "
+        "whose update's matrices lie this little along the other senders' main directions, over chance: about 1 "
+        "for noise of any shape, one random direction included, 3 or more for honest training), exclude_flagged "
+        "(1: leave the flagged out)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
     claim_bound: float | None = D(
@@ -555,7 +557,7 @@ class AggregationConfig(_Strict):
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check an aggregation rule's parameters (no torch: health checks load config too) and return
     ``(its own arguments with defaults, the common ones: clip_norm, flag_z, update_z, twin_cos, structure,
-    exclude_flagged)``.
+    subspace, exclude_flagged)``.
     ValueError naming the rule and the parameter."""
     if rule not in RULE_PARAMS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULE_PARAMS)}")
@@ -581,9 +583,10 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
         "update_z": None,
         "twin_cos": None,
         "structure": None,
+        "subspace": None,
         "exclude_flagged": False,
     }
-    for k in ("clip_norm", "flag_z", "update_z", "structure"):
+    for k in ("clip_norm", "flag_z", "update_z", "structure", "subspace"):
         if k in params:
             v = float(params[k])
             if not (v > 0 and math.isfinite(v)):
@@ -597,10 +600,10 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
     exclude = params.get("exclude_flagged", 0)
     if exclude not in (0, 1):
         raise ValueError(f"aggregation rule {rule!r}: exclude_flagged must be 0 or 1, got {exclude}")
-    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos", "structure")):
+    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos", "structure", "subspace")):
         raise ValueError(
-            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z, twin_cos or structure (what flags "
-            "a sender)"
+            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z, twin_cos, structure or subspace "
+            "(what flags a sender)"
         )
     common["exclude_flagged"] = bool(exclude)
     return args, common

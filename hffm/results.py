@@ -57,7 +57,8 @@ class SenderScore:
     ``update_z`` the same robust z-score as ``z`` for its whole update (``update_z``: the distance and
     norm of every scored module it sent, as one vector), ``structure`` how far its whole update is from
     independent noise (``structure``: its matrices' top singular value's share of their update, over what
-    independent noise of any size would give; 0 where not scored)."""
+    independent noise of any size would give; 0 where not scored), ``subspace`` how much of it lies along the
+    other senders' main directions, over what chance gives (``subspace``; 0 where not scored)."""
 
     module: str
     sender: str
@@ -72,6 +73,7 @@ class SenderScore:
     label_t: float = 0.0  # how far its per-answer mean features are from the others' (calibration.label_t)
     head_drop: float = 0.0  # how much less likely its heads find its reported answers than the start's (head_check)
     structure: float = 0.0  # its update's top singular values' share over independent noise's (structure)
+    subspace: float = 0.0  # how much of its update lies along the other senders' main directions, over chance
 
 
 @dataclass(frozen=True)

@@ -321,16 +321,22 @@ def test_an_attacking_cluster_head_poisons_its_clusters_aggregate(tmp_path):
     assert torch.equal(got["head"], got["everyone"])
 
 
-def test_a_free_rider_hiding_in_noise_is_flagged_by_its_update_s_structure(tmp_path):
+@pytest.mark.parametrize("rank", [None, 1])
+def test_a_free_rider_hiding_in_noise_is_flagged_by_its_update_s_shape(tmp_path, rank):
     """hfm over real gRPC and mTLS, one edge of five devices; device-0-4 trains nothing and sends what it
-    received plus independent noise (adversary noise, sigma 0.003: an update about as large as an honest
-    one). Its edge scores every sender's whole update: by its size (update_z) it passes; by its structure
-    (its matrices' top singular value's share over noise's) it is about 1 where honest devices' are many
-    times that, so it is flagged and left out in every round, and results.json carries the scores."""
+    received plus noise (adversary noise, sigma 0.003: an update about as large as an honest one). Its edge
+    scores every sender's whole update: by its size (update_z) it passes. Independent noise: by its
+    structure (its matrices' top singular value's share over noise's) it is about 1 where honest devices are
+    many times that. One random direction per matrix (noise_rank 1, a free rider that knows the structure
+    check): its structure is the highest of all, but little of it lies along the other senders' main
+    directions (subspace about 1 over chance, the honest several). Either way it is flagged and left out in
+    every round, by that score alone, and results.json carries the scores."""
     sets = ["method=hfm", "e_agg=1", "rounds=2", "topology.edges=1", "topology.devices_per_edge=5",
             "runtime.devices_per_process=5", "data.train_per_task=60", "adversary.nodes=[device-0-4]",
             "adversary.behaviour=noise", "adversary.sigma=0.003",
-            "aggregation.params={update_z: 3.5, structure: 3, exclude_flagged: 1}"]  # fmt: skip
+            "aggregation.params={update_z: 3.5, structure: 3, subspace: 2, exclude_flagged: 1}"]  # fmt: skip
+    if rank:
+        sets.append(f"adversary.noise_rank={rank}")
     out = tmp_path / "run"
     res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
     det = res["detection"]
@@ -338,7 +344,13 @@ def test_a_free_rider_hiding_in_noise_is_flagged_by_its_update_s_structure(tmp_p
     assert det["recall"] == 1.0 and det["false_positive_rate"] == 0.0 and det["scored"] == 2 * 5, det
     scores = _scores(out, "edge-0")
     shape = {s["sender"]: s["structure"] for s in scores}
-    assert shape["device-0-4"] < 1.5 and min(v for d, v in shape.items() if d != "device-0-4") > 5, shape
+    along = {s["sender"]: s["subspace"] for s in scores}
+    honest = [d for d in shape if d != "device-0-4"]
+    assert min(along[d] for d in honest) > 2.5 and min(shape[d] for d in honest) > 5, (shape, along)
+    if rank:  # the largest structure there is, off everyone else's directions
+        assert shape["device-0-4"] > max(shape[d] for d in honest) and along["device-0-4"] < 1.5, (shape, along)
+    else:
+        assert shape["device-0-4"] < 1.5 and along["device-0-4"] < 1.5, (shape, along)
     zs = {s["sender"]: s["update_z"] for s in scores}
     assert max(abs(z) for z in zs.values()) < 3.5, zs  # its size gives it away nowhere
     assert all(s["excluded"] == (s["sender"] == "device-0-4") for s in scores)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hffm.aggregation import make_aggregator, rule_parameters, structure_of, weighted_mean
+from hffm.aggregation import SUBSPACE_RANK, make_aggregator, rule_parameters, structure_of, subspace_of, weighted_mean
 from hffm.config import ConfigError, load_config
 from hffm.modules import Module
 from tests.conftest import make_module
@@ -233,7 +233,7 @@ def test_bad_parameters_named_at_config_load():
         assert match in str(e.value), (sets, str(e.value))
     cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
     assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
-    common = ["clip_norm", "exclude_flagged", "flag_z", "structure", "twin_cos", "update_z"]
+    common = ["clip_norm", "exclude_flagged", "flag_z", "structure", "subspace", "twin_cos", "update_z"]
     assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
@@ -549,7 +549,7 @@ def test_senders_returning_what_they_received_are_twins():
 
 
 def test_detection_parameters_are_checked():
-    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z, twin_cos or structure"):
+    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z, twin_cos, structure or subspace"):
         make_aggregator("median", params={"exclude_flagged": 1})
     with pytest.raises(ValueError, match="flag_z must be finite and > 0"):
         make_aggregator("fedavg", params={"flag_z": 0})
@@ -646,6 +646,7 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
         SenderScore("adapter.8", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, label_t=math.inf),
         SenderScore("adapter.9", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, structure=-1.0),  # structure
         SenderScore("adapter.10", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, structure=math.nan),
+        SenderScore("adapter.11", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, subspace=-2.0),  # subspace
     ]
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))
@@ -789,3 +790,51 @@ def test_structure_flags_a_free_rider_hiding_in_noise_of_an_honest_size():
     with pytest.raises(ValueError, match="structure must be finite and > 0"):
         make_aggregator("fedavg", params={"structure": 0})
     assert type(make_aggregator("median", params={"structure": 3, "exclude_flagged": 1})).__name__ == "Median"
+
+
+def test_subspace_flags_noise_of_any_shape_off_the_other_senders_directions():
+    """A free rider that knows the structure check sends one random direction per matrix (rank 1: its
+    ``structure`` is the largest there is). Honest updates of a round share their main directions (here: each
+    a mix of the same few input directions); ``subspace`` measures the share of a sender's update along the
+    other senders' top SUBSPACE_RANK directions over chance (a NumPy reference: the leave-one-out SVD of the
+    others' stacked updates), about 1 for the free rider, several times that for the honest: flagged and left
+    out in every module."""
+    g = torch.Generator().manual_seed(16)
+    names = [f"d{i}" for i in range(5)]
+    shapes = {"adapter.0": (128, 64), "adapter.1": (64, 128)}  # either side the short one
+    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    basis = {n: torch.linalg.qr(torch.randn(min(sh), 6, generator=g)).Q for n, sh in shapes.items()}
+
+    def trained(n):  # every honest update mixes the same 6 directions of its short side
+        long = max(shapes[n])
+        u = torch.randn(long, 6, generator=g) @ basis[n].T + 0.02 * torch.randn(long, min(shapes[n]), generator=g)
+        return u if shapes[n][0] == long else u.T
+
+    ups = [{n: trained(n) for n in shapes} for _ in range(4)]
+    ups.append({n: torch.randn(sh[0], 1, generator=g) @ torch.randn(1, sh[1], generator=g) for n, sh in shapes.items()})
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in ups]
+    agg = make_aggregator("fedavg", names, own, {"structure": 3, "subspace": 2, "exclude_flagged": 1})
+    for n, m in zip(names, mods, strict=True):
+        agg.add(n, list(m.values()))
+    out = agg.result(1)
+    for i in range(5):
+        want = []
+        for n in shapes:
+            us = [u[n].double().numpy() for u in ups]
+            us = [u if u.shape[1] <= u.shape[0] else u.T for u in us]  # the short side as columns
+            others = np.concatenate([us[j] for j in range(5) if j != i])
+            top = np.linalg.svd(others, full_matrices=False)[2][:SUBSPACE_RANK].T
+            want.append(((us[i] @ top) ** 2).sum() / (us[i] ** 2).sum() / (SUBSPACE_RANK / us[i].shape[1]))
+        got = {sc.subspace for sc in agg.scores if sc.sender == names[i]}
+        assert len(got) == 1 and np.isclose(got.pop(), np.median(want), rtol=1e-6), i
+    rider = [sc for sc in agg.scores if sc.sender == "d4"]
+    assert all(sc.structure > 3 and sc.subspace < 1.5 and sc.excluded for sc in rider)  # structure passes it
+    assert min(sc.subspace for sc in agg.scores if sc.sender != "d4") > 4
+    assert {sc.sender for sc in agg.scores if sc.flagged} == {"d4"}
+    for n in shapes:
+        want = sum(mods[i][n].tensors["w"] for i in range(4)) / 4
+        assert torch.allclose(out[n].tensors["w"], want, atol=1e-5)
+    assert subspace_of(torch.zeros(40, 32), torch.eye(32)) is None
+    assert subspace_of(torch.ones(40, 32), torch.zeros(32, 32)) is None
+    with pytest.raises(ValueError, match="subspace must be finite and > 0"):
+        make_aggregator("fedavg", params={"subspace": float("nan")})
