@@ -88,17 +88,24 @@ SAME_UPDATE = 1e-6  # two whole updates closer than this x the median update's n
 STRUCTURE_MIN_SIDE = 8  # narrower matrices (a yes/no head) cannot tell structure from noise: not scored
 
 
-def structure_of(u: torch.Tensor) -> float | None:
+def _short_gram(u: torch.Tensor) -> torch.Tensor:
+    """u^T u or u u^T, whichever is smaller: the Gram matrix of a matrix's short side."""
+    return u.T @ u if u.shape[1] <= u.shape[0] else u @ u.T
+
+
+def structure_of(u: torch.Tensor, gram: torch.Tensor | None = None) -> float | None:
     """How much more of a matrix update ``u`` (m x n) its top singular value holds than independent noise
     would: (s_1^2 / |u|^2) / ((sqrt(m) + sqrt(n))^2 / (m n)). Independent zero-mean entries of any one size
     give about 1 (the largest singular value of such a matrix is about sigma (sqrt(m) + sqrt(n)), its squared
     norm sigma^2 m n); an update made of a few directions gives up to m n / (sqrt(m) + sqrt(n))^2 (a rank-1
-    update). Scale-free: neither shrinking nor boosting noise changes it. None for a zero update."""
-    total = float((u * u).sum())
+    update). Scale-free: neither shrinking nor boosting noise changes it. None for a zero update. ``gram``: its
+    short side's Gram matrix, where already made (s_1^2 is its top eigenvalue, |u|^2 its trace)."""
+    g = _short_gram(u) if gram is None else gram
+    total = float(g.diagonal().sum())
     if not total > 0:
         return None
     m, n = u.shape
-    top = float(torch.linalg.matrix_norm(u, ord=2)) ** 2
+    top = float(torch.linalg.eigvalsh(g)[-1])
     return top / total * (m * n) / (math.sqrt(m) + math.sqrt(n)) ** 2
 
 
@@ -106,20 +113,20 @@ SUBSPACE_RANK = 8  # the other senders' main directions a sender's update is mea
 SUBSPACE_MIN_SIDE = 4 * SUBSPACE_RANK  # narrower matrices: their main directions are most of the space
 
 
-def subspace_of(u: torch.Tensor, others_gram: torch.Tensor) -> float | None:
-    """How much of a matrix update ``u`` (m x n, m >= n) lies along the others' main directions, over what
-    chance gives: the share of |u|^2 in the span of the top SUBSPACE_RANK eigenvectors of ``others_gram``
-    (the sum of the other senders' u^T u, n x n: their main directions on the short side), divided by
-    SUBSPACE_RANK / n, the share of a random direction. About 1 for noise of any size and rank; honest
-    updates of one round measured 3.3-5.8 (the adapters' short side of 64). None for a zero update or
-    others without a spread."""
-    total = float((u * u).sum())
+def subspace_of(gram: torch.Tensor, others_gram: torch.Tensor) -> float | None:
+    """How much of a matrix update lies along the other senders' main directions, over what chance gives:
+    with ``gram`` its short side's Gram matrix (u^T u for u of m x n, m >= n) and ``others_gram`` the sum of
+    the other senders' on the same side, the share of |u|^2 in the span of the top SUBSPACE_RANK eigenvectors
+    of ``others_gram`` (their main directions), divided by SUBSPACE_RANK / n, the share of a random direction.
+    About 1 for noise of any size and rank; honest updates of one round measured 2.8 or more (the adapters'
+    short side of 64). None for a zero update or others without a spread."""
+    total = float(gram.diagonal().sum())
     if not total > 0 or not float(others_gram.diagonal().sum()) > 0:
         return None
-    n = u.shape[1]
+    n = gram.shape[0]
     _, vec = torch.linalg.eigh((others_gram + others_gram.T) / 2)
     top = vec[:, -SUBSPACE_RANK:]  # eigh sorts ascending
-    return float((u @ top).pow(2).sum()) / total / (SUBSPACE_RANK / n)
+    return float((top.T @ gram @ top).diagonal().sum()) / total / (SUBSPACE_RANK / n)
 
 
 def _medians(per: dict[str, list[float]]) -> dict[str, float]:
@@ -367,8 +374,8 @@ class _Buffered(Aggregator):
             self._out, self._counts = {}, {}
             self._twins = self._twin_scores() if self.twin_cos is not None else {}
             self._update_zs = self._update_scores() if self.update_z is not None else {}
-            self._structures = self._structure_scores() if self.structure is not None else {}
-            self._subspaces = self._subspace_scores() if self.subspace is not None else {}
+            shapes = self.structure is not None or self.subspace is not None
+            self._structures, self._subspaces = self._shape_scores() if shapes else ({}, {})
             for name in sorted(self._held):
                 copies = self._held.pop(name)
                 like = copies[0][1].shapes()
@@ -469,43 +476,38 @@ class _Buffered(Aggregator):
         z = _outlier_z(dist, norm, self._reference_rows(senders))
         return {s: float(z[i]) for i, s in enumerate(senders)}
 
-    def _structure_scores(self) -> dict[str, float]:
-        """sender -> how far its whole update is from independent noise: over every matrix (both sides at
-        least STRUCTURE_MIN_SIDE) of every module with at least MIN_SENDERS_TO_FLAG copies, the median of
-        ``structure_of`` its update (copy - centre). Gradient training moves a matrix along a few
-        directions (honest adapters' top singular value holds 15-60 % of their update at full size); noise
-        added to what the sender received, of any size, spreads evenly (3.5 % for a 256 x 64 adapter). A
-        sender with no such matrix, or a zero update in all of them (a plain free rider: the twins catch
-        it), is not scored. Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
-        per: dict[str, list[float]] = {}
-        for _, _, updates in self._matrix_updates(STRUCTURE_MIN_SIDE):
+    def _shape_scores(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(sender -> ``structure``, sender -> ``subspace``; each empty where its parameter is not set): over
+        every matrix of every module with at least MIN_SENDERS_TO_FLAG copies (both sides at least
+        STRUCTURE_MIN_SIDE, and SUBSPACE_MIN_SIDE for ``subspace``), the median of the sender's scores of its
+        update (copy - centre), each from its short side's Gram matrix, made once.
+
+        ``structure_of``: gradient training moves a matrix along a few directions (honest adapters' top
+        singular value holds 15-60 % of their update at full size); noise added to what the sender received,
+        of any size, spreads evenly (3.5 % for a 256 x 64 adapter). ``subspace_of`` against the sum of the other
+        senders' Gram matrices: honest updates of a round share their main directions (the same backbone's
+        features feed every adapter); noise of any shape, one random direction included, falls along them by
+        chance alone. A sender with a zero update in every such matrix (a plain free rider: the twins catch
+        it) is not scored; fewer than MIN_SENDERS_TO_FLAG senders scored: none."""
+        shape: dict[str, list[float]] = {}
+        along: dict[str, list[float]] = {}
+        side = STRUCTURE_MIN_SIDE if self.structure is not None else SUBSPACE_MIN_SIDE
+        for updates in self._matrix_updates(side):
+            grams = {s: _short_gram(u) for s, u in updates.items()}
+            total = sum(grams.values())
             for s, u in updates.items():
-                v = structure_of(u)
+                v = structure_of(u, grams[s]) if self.structure is not None else None
                 if v is not None:
-                    per.setdefault(s, []).append(v)
-        return _medians(per)
+                    shape.setdefault(s, []).append(v)
+                if self.subspace is not None and min(u.shape) >= SUBSPACE_MIN_SIDE:
+                    v = subspace_of(grams[s], total - grams[s])
+                    if v is not None:
+                        along.setdefault(s, []).append(v)
+        return _medians(shape), _medians(along)
 
-    def _subspace_scores(self) -> dict[str, float]:
-        """sender -> how much of its whole update lies along the other senders' main directions: over every
-        matrix (both sides at least SUBSPACE_MIN_SIDE) of every module with at least MIN_SENDERS_TO_FLAG
-        copies, the median of ``subspace_of`` its update against the others'. Honest updates of one round
-        share their main directions (the same backbone's features feed every adapter); noise of any shape,
-        one random direction included, falls along them by chance alone (about 1 in this score's units).
-        Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
-        per: dict[str, list[float]] = {}
-        for _, _, updates in self._matrix_updates(SUBSPACE_MIN_SIDE):
-            small = {s: u if u.shape[1] <= u.shape[0] else u.T for s, u in updates.items()}  # rows: the long side
-            gram = {s: u.T @ u for s, u in small.items()}
-            total = sum(gram.values())
-            for s, u in small.items():
-                v = subspace_of(u, total - gram[s])
-                if v is not None:
-                    per.setdefault(s, []).append(v)
-        return _medians(per)
-
-    def _matrix_updates(self, side: int) -> Iterable[tuple[str, str, dict[str, torch.Tensor]]]:
-        """(module, tensor, sender -> its update of that matrix: copy - centre, float64) for every matrix with
-        both sides at least ``side`` of every module with at least MIN_SENDERS_TO_FLAG copies."""
+    def _matrix_updates(self, side: int) -> Iterable[dict[str, torch.Tensor]]:
+        """For every matrix with both sides at least ``side`` of every module with at least MIN_SENDERS_TO_FLAG
+        copies: sender -> its update of that matrix (copy - centre, float64)."""
         for name, copies in self._held.items():
             if len(copies) < MIN_SENDERS_TO_FLAG:
                 continue
@@ -516,7 +518,7 @@ class _Buffered(Aggregator):
             x = torch.stack([_flat32(m) for _, m in copies])
             centre = flat_views(self._centre(name, x).double(), like)
             for k in keys:
-                yield name, k, {s: m.tensors[k].detach().double() - centre[k] for s, m in copies}
+                yield {s: m.tensors[k].detach().double() - centre[k] for s, m in copies}
 
     def _measure(
         self, name: str, x: torch.Tensor, ref: list[int]
