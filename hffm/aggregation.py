@@ -39,8 +39,11 @@ update, the larger robust z-score of distance and norm) and flagged above ``flag
 kept). ``update_z`` scores each sender's whole update the same way (distance and norm over every
 scored module it sent, as one vector) and flags the sender, all its modules, above it: an honest device
 with labels of its own stands out on one head, an attacker that poisons its update everywhere stands out
-as a whole. ``twin_cos`` flags senders whose whole updates point the same way. Scores are in ``scores``
-for the node's report.
+as a whole. ``twin_cos`` flags senders whose whole updates point the same way. ``structure`` and
+``subspace`` flag senders whose update is shaped like noise: its matrices' top singular value no larger
+than independent noise's, or little of it along the other senders' main directions (a free rider hiding in
+noise of an honest size). A sender's whole-update flags hold in every module it sent, one with too few
+copies for a spread of its own included. Scores are in ``scores`` for the node's report.
 
 A new rule is a new subclass registered in ``RULES`` (its name in ``hffm.ids.AGGREGATION_RULES``, its
 parameters in ``hffm.ids.RULE_PARAMS``).
