@@ -144,27 +144,18 @@ RULES["fedavg, update outliers or twins excluded, labels and heads checked, stat
     *RULES["fedavg, update outliers or twins excluded, labels and heads checked, statistics first"],
     "aggregation.claim_bound=2",
 ]
+BEST = "fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded"
 # senders whose update's matrices look like independent noise flagged too (aggregation.params.structure: a free
 # rider hiding in noise of an honest size)
 NOISE = "aggregation.params={update_z: 3.5, twin_cos: 0.99, structure: 3, exclude_flagged: 1}"
-RULES["fedavg, update outliers, twins or noise excluded"] = ["aggregation.rule=fedavg", NOISE]
-RULES[
-    "fedavg, update outliers, twins or noise excluded, labels and heads checked, statistics first, claims bounded"
-] = [
-    NOISE if s.startswith("aggregation.params=") else s
-    for s in RULES[
-        "fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded"
-    ]
-]
-BEST = "fedavg, update outliers or twins excluded, labels and heads checked, statistics first, claims bounded"
 # and senders whose update lies off the other senders' main directions (aggregation.params.subspace: noise of
 # any shape, the free rider that knows the structure check included)
 STRAYS = "aggregation.params={update_z: 3.5, twin_cos: 0.99, structure: 3, subspace: 2, exclude_flagged: 1}"
-RULES["fedavg, update outliers, twins, noise or strays excluded"] = ["aggregation.rule=fedavg", STRAYS]
-RULES[
-    "fedavg, update outliers, twins, noise or strays excluded, labels and heads checked, statistics first, "
-    "claims bounded"
-] = [STRAYS if s.startswith("aggregation.params=") else s for s in RULES[BEST]]
+for _label, _params in (("twins or noise", NOISE), ("twins, noise or strays", STRAYS)):
+    RULES[f"fedavg, update outliers, {_label} excluded"] = ["aggregation.rule=fedavg", _params]
+    RULES[BEST.replace("update outliers or twins", f"update outliers, {_label}", 1)] = [
+        _params if s.startswith("aggregation.params=") else s for s in RULES[BEST]
+    ]
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
     "sign_flip": ["adversary.behaviour=sign_flip", "adversary.scale=10"],
