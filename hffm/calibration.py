@@ -20,7 +20,7 @@ variances and those correlations: d x d per task, not per answer).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -306,49 +306,54 @@ def evidence(
         n = pooled.count
         present = n >= 0.5
         mu = pooled.total[present] / n[present, None]
-        dof = float(n[present].sum()) - int(present.sum())
-        if dof <= 0:
-            continue
         sq = pooled.squares[present]
-        if metric == "trace" or pooled.diagonal:
+        dof = float(n[present].sum()) - int(present.sum())
+        if metric == "trace":
             sq = sq if sq.dim() == 2 else torch.diagonal(sq, dim1=1, dim2=2)
-            var = (sq.sum(0) - (n[present, None] * mu * mu).sum(0)) / dof  # per coordinate
-            if float(var.sum()) <= 0:
+            within = float((sq.sum(1) - n[present] * (mu * mu).sum(1)).sum())
+            if dof <= 0 or within <= 0:
                 continue
-            if metric == "trace":
-                scale = None
-                v = float(var.sum())
-            else:
-                s = WHITEN_SHRINK * float(var.clamp_min(0).mean())
-                scale = 1 / (var.clamp_min(0) + s)
-                v = float((var.clamp_min(0) * scale).sum())  # the effective dimension
+            v, weigh = within / dof, None
         else:
-            w = (sq.sum(0) - torch.einsum("c,ci,cj->ij", n[present], mu, mu)) / dof
-            w = (w + w.T) / 2
-            lam, vec = torch.linalg.eigh(w)
-            lam = lam.clamp_min(0)
-            if float(lam.sum()) <= 0:
+            whitening = _whitening(sq, n[present], mu, dof)
+            if whitening is None:
                 continue
-            s = WHITEN_SHRINK * float(lam.mean())
-            scale = (vec, 1 / (lam + s))
-            v = float((lam / (lam + s)).sum())
+            v, weigh = whitening
         for c in range(fs.count.shape[0]):
             a, b = float(fs.count[c]), float(ref.count[c])
             if a < 0.5 or b < 0.5:
                 continue
             diff = fs.total[c] / a - ref.total[c] / b
-            if scale is None:
-                d2 = float((diff**2).sum())
-            elif isinstance(scale, tuple):
-                d2 = float(((scale[0].T @ diff) ** 2 * scale[1]).sum())
-            else:
-                d2 = float((diff**2 * scale).sum())
+            d2 = float((diff**2).sum()) if weigh is None else weigh(diff)
             num += a * d2 / (v * (1 / a + 1 / b))
             den += a
     return num / den if den else None
 
 
 WHITEN_SHRINK = 1e-2  # the whitened label metric's ridge, times the mean within-answer variance
+
+
+def _whitening(
+    sq: torch.Tensor, n: torch.Tensor, mu: torch.Tensor, dof: float
+) -> tuple[float, Callable[[torch.Tensor], float]] | None:
+    """The whitened label metric's (effective dimension k, d -> d' (W + s I)^-1 d) from the answers' sums of
+    squares ``sq`` (per coordinate or whole), counts ``n`` and means ``mu``: W the pooled within-answer
+    covariance, s WHITEN_SHRINK times its mean variance. None without within-answer spread."""
+    if dof <= 0:
+        return None
+    if sq.dim() == 2:  # diagonal statistics: W diagonal
+        var = ((sq.sum(0) - (n[:, None] * mu * mu).sum(0)) / dof).clamp_min(0)
+        if not float(var.sum()) > 0:
+            return None
+        scale = 1 / (var + WHITEN_SHRINK * float(var.mean()))
+        return float((var * scale).sum()), lambda d: float((d**2 * scale).sum())
+    w = (sq.sum(0) - torch.einsum("c,ci,cj->ij", n, mu, mu)) / dof
+    lam, vec = torch.linalg.eigh((w + w.T) / 2)
+    lam = lam.clamp_min(0)
+    if not float(lam.sum()) > 0:
+        return None
+    inv = 1 / (lam + WHITEN_SHRINK * float(lam.mean()))
+    return float((lam * inv).sum()), lambda d: float(((vec.T @ d) ** 2 * inv).sum())
 
 
 def federation_rest(
