@@ -8,6 +8,8 @@ process's log) and on Ctrl-C. Results land in the run directory.
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import json
 import os
 import queue
@@ -17,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -102,8 +105,11 @@ class Supervisor:
                 self.lost.add(p.name)  # the federation survives losing devices: left out of the next rounds
                 self.view.device_process_lost(p.name, rc, p.log)
                 continue
-            self.view.process_failed(p.name, rc, p.log, _tail(p.log))
-            raise RunFailed(f"{p.name} exited with code {rc}")
+            tail = _tail(p.log)
+            self.view.process_failed(p.name, rc, p.log, tail)
+            err = RunFailed(f"{p.name} exited with code {rc}")
+            err.add_note(f"the end of {p.log}:\n{tail}")  # in a traceback (a test's), not the CLI's one line
+            raise err
 
     def _check_stopped(self, p: Proc, now: float) -> None:
         try:
@@ -141,14 +147,60 @@ def _ephemeral_range() -> tuple[int, int] | None:
     return low, high
 
 
-def free_ports(n: int, host: str) -> list[int]:
-    """``n`` distinct ports nothing holds now, for processes that will listen on them. Below the kernel's
-    ephemeral range where it is known: a port the kernel hands out for ``bind(0)`` is one it may hand to
-    an outgoing connection next, before the process that is to listen on it binds it (README's manual run
-    failed in CI that way, on a port in that range). Scanned from a random start, so two callers at once
-    rarely meet; each port is held until all ``n`` are found."""
+class PortLease:
+    """Ports one launcher has handed out, reserved among the hffm launchers of this machine (this user's)
+    until ``close``: each is a lock file (``flock``) under ``<tmp>/hffm-ports-<uid>/``, and ``free_ports``
+    skips a port another open lease holds. Picked ports are free until their processes bind them,
+    seconds later (Python and torch load first); a process that dies and is restarted frees its port
+    again for a while. Without leases two runs at once (tests on two workers) could pick the same port
+    then. The kernel drops a dead launcher's locks: nothing goes stale."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.gettempdir()) / f"hffm-ports-{os.getuid()}"
+        self._held: dict[int, object] = {}
+
+    def hold(self, port: int) -> bool:
+        """Reserve ``port``; False when another open lease holds it."""
+        if port in self._held:
+            return True
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        fh = open(self.dir / str(port), "a")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        self._held[port] = fh
+        return True
+
+    def release(self, port: int) -> None:
+        fh = self._held.pop(port, None)
+        if fh is not None:
+            fh.close()
+
+    def close(self) -> None:
+        for port in list(self._held):
+            self.release(port)
+
+    def __enter__(self) -> PortLease:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+
+def free_ports(n: int, host: str, lease: PortLease | None = None) -> list[int]:
+    """``n`` distinct ports nothing holds now, for processes that will listen on them, reserved in
+    ``lease`` (PortLease) until it closes; without one only while they are picked (a caller that binds
+    them at once). Below the kernel's ephemeral range where it is known: a port the kernel hands out for
+    ``bind(0)`` is one it may hand to an outgoing connection next, before the process that is to listen
+    on it binds it (README's manual run failed in CI that way, on a port in that range). Scanned from a
+    random start, skipping ports another launcher's lease holds; each port is held until all ``n`` are
+    found."""
     span = _ephemeral_range()
     socks, ports = [], []
+    own = lease is None
+    lease = lease or PortLease()
     try:
         if span is None or span[0] <= 2048 + n:
             for _ in range(n):
@@ -156,17 +208,21 @@ def free_ports(n: int, host: str) -> list[int]:
                 s.bind((host, 0))
                 socks.append(s)
                 ports.append(s.getsockname()[1])
+                lease.hold(ports[-1])
             return ports
         top = span[0]
         low = 10000 if top > 12000 + n else 1024  # [low, top): below the range, above the well-known ports
         start = random.randrange(low, top)
         for i in range(top - low):
             port = low + (start - low + i) % (top - low)
+            if not lease.hold(port):
+                continue  # another run's, bound or about to be
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 s.bind((host, port))
             except OSError:
                 s.close()
+                lease.release(port)
                 continue
             socks.append(s)
             ports.append(port)
@@ -176,16 +232,20 @@ def free_ports(n: int, host: str) -> list[int]:
     finally:
         for s in socks:
             s.close()
+        if own:
+            lease.close()
 
 
-def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -> list[tuple[str, list[str]]]:
+def plan_processes(
+    cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path, lease: PortLease | None = None
+) -> list[tuple[str, list[str]]]:
     """(name, argv) of every process of the run, with loopback ports assigned (gRPC, metrics, and with
-    wire.transport=bulk each node's bulk listener)."""
+    wire.transport=bulk each node's bulk listener), reserved in ``lease`` (free_ports)."""
     host = cfg.runtime.host
     n_dev_procs = -(-len(topo.devices) // cfg.runtime.devices_per_process)
     nodes = 1 + len(topo.edges) + len(topo.devices)
     bulk = cfg.wire.transport == "bulk"  # each node's bulk listener too, picked with the others (no races)
-    ports = iter(free_ports(nodes * (2 if bulk else 1) + 1 + len(topo.edges) + n_dev_procs, host))
+    ports = iter(free_ports(nodes * (2 if bulk else 1) + 1 + len(topo.edges) + n_dev_procs, host, lease))
     py = [sys.executable, "-m"]
     common = ["--config", str(cfg_path)]
     cloud_addr = f"{host}:{next(ports)}"
@@ -217,6 +277,18 @@ def plan_processes(cfg: HFFMConfig, topo: Topology, cfg_path: Path, out: Path) -
     for _, argv in procs:
         argv += ["--metrics-port", str(next(ports)), "--metrics-addr", host]
     return procs
+
+
+def _plan_ports(plan: list[tuple[str, list[str]]]) -> list[int]:
+    """Every port a plan's processes listen on (their --listen, --node, --bulk-port, --metrics-port)."""
+    ports = []
+    for _, argv in plan:
+        for flag, value in itertools.pairwise(argv):
+            if flag in ("--listen", "--node", "--bulk-port", "--metrics-port"):
+                tail = value.rsplit(":", 1)[-1].rsplit("=", 1)[-1]
+                if tail.isdigit():
+                    ports.append(int(tail))
+    return ports
 
 
 def metrics_targets(plan: list[tuple[str, list[str]]], host: str) -> list[dict]:
@@ -500,10 +572,13 @@ def _run(
         )
         write_config(cfg, cfg_path)
     plan_file = out / "processes.json"
+    lease = PortLease()  # the run's ports, reserved against other launchers until it ends
     if resume and plan_file.is_file():  # the same ports: every saved address stays right
         plan = [(n, list(a)) for n, a in json.loads(plan_file.read_text())]
+        for port in _plan_ports(plan):
+            lease.hold(port)
     else:
-        plan = plan_processes(cfg, topo, cfg_path, out)
+        plan = plan_processes(cfg, topo, cfg_path, out, lease)
         plan_file.write_text(json.dumps(plan, indent=1))
     pki_dir = Path(cfg.security.dir) if cfg.security.tls and cfg.security.dir else None
     prom_dir = write_prometheus_dir(out, metrics_targets(plan, cfg.runtime.host), pki_dir)
@@ -566,6 +641,7 @@ def _run(
         raise
     finally:
         _stop_all(procs)
+        lease.close()
         if prom is not None:
             _stop_all([Proc("prometheus", prom, prom_dir / "prometheus.log")])
     if not results_path.exists():

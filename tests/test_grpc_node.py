@@ -974,3 +974,19 @@ def test_with_statistics_first_a_device_without_statistics_weighs_as_a_typical_o
             assert all(agg.modules[n].num_samples == pytest.approx(w) for n, w in want.items())
         else:
             assert weights == {} and all(m.num_samples == 30.0 for m in agg.modules.values())
+
+
+def test_a_second_server_on_a_served_port_fails_loudly_and_the_first_keeps_serving(edge):
+    """gRPC binds with SO_REUSEPORT unless told not to: a second server on a port would bind too and
+    the kernel would split connections between them (another run's node answering this one's calls).
+    Off: the second node says it cannot listen there, and the first goes on answering."""
+    node, ch, topo = edge
+    port = int(ch.address.rsplit(":", 1)[1])
+    spec, modules = node_modules(node.cfg, topo, EDGE)
+    other = _Edge(EDGE, node.cfg, spec, modules, "127.0.0.1:0")
+    with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port}"):
+        NodeServer(other, f"127.0.0.1:{port}", max_workers=2)
+    for _ in range(8):  # a new connection each time: every one reaches the first server
+        with Security(node.cfg.security, "cloud").channel(ch.address, EDGE) as fresh:
+            status = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING

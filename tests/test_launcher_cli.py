@@ -154,9 +154,11 @@ def test_failing_child_stops_everything_and_shows_its_log(tmp_path, monkeypatch)
     monkeypatch.setenv("HFFM_SET", "runtime.nosuch_key=1")
     cfg = load_config(None, [*SMALL, "rounds=2"])
     buf = io.StringIO()
-    with pytest.raises(RunFailed, match="exited with code 1"):
+    with pytest.raises(RunFailed, match="exited with code 1") as failed:
         run(cfg, tmp_path, Console(file=buf, width=200), timeout_s=120)
     assert "runtime.nosuch_key: unknown key" in buf.getvalue()  # the failing process's log is shown
+    # and is in the error's notes: a test (or a library caller) that ran it shows it in the traceback
+    assert any("runtime.nosuch_key: unknown key" in note for note in failed.value.__notes__)
     time.sleep(0.5)
     assert _alive(str(tmp_path / "config.yaml")) == []
 
@@ -396,3 +398,39 @@ def test_free_ports_are_below_the_ephemeral_range_distinct_and_skip_a_held_one(m
         monkeypatch.setattr(random, "randrange", lambda a, b: ports[0])
         got = free_ports(2, "127.0.0.1")
     assert ports[0] not in got and len(set(got)) == 2
+
+
+def test_ports_another_launcher_leased_are_skipped_until_it_is_gone(monkeypatch):
+    """Two runs at once (tests on two workers) pick ports before their processes bind them, seconds
+    later: a port one launcher leased is never another's, and the kernel frees a dead launcher's lease."""
+    import random
+    import subprocess
+    import sys
+
+    from services.launcher import PortLease
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from services.launcher import PortLease, free_ports\n"
+            "lease = PortLease(); print(*free_ports(3, '127.0.0.1', lease), flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    try:
+        theirs = [int(p) for p in holder.stdout.readline().split()]
+        assert len(theirs) == 3
+        monkeypatch.setattr(random, "randrange", lambda a, b: min(theirs))  # our scan starts at their ports
+        with PortLease() as ours:
+            got = free_ports(3, "127.0.0.1", ours)
+            assert not set(got) & set(theirs), (got, theirs)
+            assert not any(ours.hold(p) for p in theirs)  # still theirs: nothing bound them, yet leased
+    finally:
+        holder.kill()
+        holder.wait(10)
+    with PortLease() as after:
+        assert all(after.hold(p) for p in theirs)  # the kernel dropped the dead launcher's locks

@@ -23,6 +23,10 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC binds with SO_REUSEPORT by default: a second server on a port already served would bind too,
+    # silently, and the kernel would split connections between the two (another run's node answering
+    # this run's calls). Off: that bind fails and its process says so.
+    ("grpc.so_reuseport", 0),
 ]
 
 SERVICE_NAMES = {
@@ -100,7 +104,10 @@ class NodeServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = node.security.add_port(self.server, listen)
+        try:
+            self.port = node.security.add_port(self.server, listen)
+        except RuntimeError as err:  # grpc's "Failed to bind to address ..." (in use: no SO_REUSEPORT)
+            raise OSError(f"{node.node_id}: cannot listen on {listen}: {str(err).split(';')[0]}") from None
         if self.port == 0:
             raise OSError(f"{node.node_id}: cannot listen on {listen}")
         self.bulk: BulkServer | None = None
