@@ -151,7 +151,14 @@ NOISE = "aggregation.params={update_z: 3.5, twin_cos: 0.99, structure: 3, exclud
 # and senders whose update lies off the other senders' main directions (aggregation.params.subspace: noise of
 # any shape, the free rider that knows the structure check included)
 STRAYS = "aggregation.params={update_z: 3.5, twin_cos: 0.99, structure: 3, subspace: 2, exclude_flagged: 1}"
-for _label, _params in (("twins or noise", NOISE), ("twins, noise or strays", STRAYS)):
+# and senders whose whole update points where the node's last step went (aggregation.params.echo: a free rider
+# sending the federation's last step back)
+ECHOES = "aggregation.params={update_z: 3.5, twin_cos: 0.99, structure: 3, subspace: 2, echo: 0.5, exclude_flagged: 1}"
+for _label, _params in (
+    ("twins or noise", NOISE),
+    ("twins, noise or strays", STRAYS),
+    ("twins, noise, strays or echoes", ECHOES),
+):
     RULES[f"fedavg, update outliers, {_label} excluded"] = ["aggregation.rule=fedavg", _params]
     RULES[BEST.replace("update outliers or twins", f"update outliers, {_label}", 1)] = [
         _params if s.startswith("aggregation.params=") else s for s in RULES[BEST]
@@ -173,6 +180,9 @@ ATTACKS: dict[str, list[str]] = {
     # ... and knowing the structure check: the noise of each matrix one random direction (rank 1), of the
     # same expected size
     "free_ride + rank-1 noise": ["adversary.behaviour=noise", "adversary.sigma=0.01", "adversary.noise_rank=1"],
+    # ... or sending the last step it saw back (its start minus its previous start, an honest size at full size:
+    # 2.2-2.6 where honest updates measure 2.1-6.4), a fifth of its norm in noise so that two are not twins
+    "echo": ["adversary.behaviour=echo", "adversary.scale=1", "adversary.jitter=0.2"],
     # label flippers that report their data's true statistics (a liar hiding from the label check)
     "label_flip, honest stats": ["adversary.behaviour=label_flip", "adversary.stats=honest"],
     "label_flip x20, honest stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=honest"],

@@ -8,7 +8,10 @@ Behaviours, with ``start`` the module the device began the round with and ``upda
 boosted update), ``noise`` start + N(0, sigma²) per value (a Gaussian attacker; with ``noise_rank`` k
 each matrix's noise is instead a random rank-k matrix of the same expected size, sigma² per value on
 average: a free rider hiding from the structure check), ``free_ride`` start itself (returns what it
-received, trains nothing).
+received, trains nothing), ``echo`` start + scale × (start − ``previous``, the start of its previous round:
+the last step the federation took, as it saw it; trains nothing: a free rider disguised as a plausible update,
+pointing where honest training went last; in its first round start itself), with ``jitter`` > 0 plus independent
+Gaussian noise of that fraction of each tensor's step norm (so that two echoers are not twins).
 
 ``label_flip`` poisons data, not the update: the device trains honestly on its local training set with
 every label y of a task with C answers replaced by C − 1 − y (``flip_labels``), and sends that.
@@ -36,7 +39,7 @@ from hffm.data import DeviceData
 from hffm.ids import HEAD_PREFIX, joining_edge
 from hffm.modules import Module, ModuleSet
 
-UPDATE_ATTACKS = ("sign_flip", "scale", "noise", "free_ride")  # poison the trained update alone
+UPDATE_ATTACKS = ("sign_flip", "scale", "noise", "free_ride", "echo")  # poison the trained update alone
 DATA_ATTACKS = ("label_flip",)  # poison the training data; the update is sent as trained
 COLLUDING_ATTACKS = ("alie", "ipm")  # need the attackers' benign updates (``collude``)
 SERVING_ATTACKS = ("fake_specialist", "bait_switch")  # honest in training and aggregation; poison what they serve
@@ -158,11 +161,20 @@ def _noise(t: torch.Tensor, rank: int | None, g: torch.Generator) -> torch.Tenso
     return a @ b / math.sqrt(rank)
 
 
-def poison(cfg: AdversaryConfig, trained: ModuleSet, start: ModuleSet, seed: int, node: str, round_: int) -> ModuleSet:
+def poison(
+    cfg: AdversaryConfig,
+    trained: ModuleSet,
+    start: ModuleSet,
+    seed: int,
+    node: str,
+    round_: int,
+    previous: ModuleSet | None = None,
+) -> ModuleSet:
     """What an attacking node sends in place of ``trained`` (same names, versions and weights), for the
     behaviours that poison the update alone (``UPDATE_ATTACKS``); others send ``trained``. A device's
     ``trained`` is its locally trained modules; an edge's is the aggregate of its devices, ``start``
-    what it held before (its update is the aggregate's step)."""
+    what it held before (its update is the aggregate's step); ``previous`` what it started its previous
+    round from (``echo``; None: none yet)."""
     if cfg.behaviour not in UPDATE_ATTACKS:
         return trained
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{node}/{round_}/adversary".encode()))
@@ -178,7 +190,12 @@ def poison(cfg: AdversaryConfig, trained: ModuleSet, start: ModuleSet, seed: int
                 v = base + cfg.scale * (t - base)
             elif cfg.behaviour == "noise":
                 v = base + cfg.sigma * _noise(t, cfg.noise_rank, g)
-            else:  # free_ride
+            elif cfg.behaviour == "echo" and previous is not None and name in previous and s is not None:
+                step = base - previous[name].tensors[k].to(t.dtype)
+                v = base + cfg.scale * step
+                if cfg.jitter > 0:
+                    v = v + _noise(t, None, g) * (cfg.jitter * cfg.scale * float(step.norm()) / math.sqrt(t.numel()))
+            else:  # free_ride (echo with no step seen yet)
                 v = base.clone()
             tensors[k] = v
         out[name] = Module(name, tensors, m.version, m.num_samples)

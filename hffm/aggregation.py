@@ -42,8 +42,10 @@ with labels of its own stands out on one head, an attacker that poisons its upda
 as a whole. ``twin_cos`` flags senders whose whole updates point the same way. ``structure`` and
 ``subspace`` flag senders whose update is shaped like noise: its matrices' top singular value no larger
 than independent noise's, or little of it along the other senders' main directions (a free rider hiding in
-noise of an honest size). A sender's whole-update flags hold in every module it sent, one with too few
-copies for a spread of its own included. Scores are in ``scores`` for the node's report.
+noise of an honest size). ``echo`` flags senders whose whole update points where the node's last step went
+(its start minus its previous training collect's, ``previous``, which the node sets): a free rider that
+sends the federation's last step back as its update. A sender's whole-update flags hold in every module it
+sent, one with too few copies for a spread of its own included. Scores are in ``scores`` for the node's report.
 
 A new rule is a new subclass registered in ``RULES`` (its name in ``hffm.ids.AGGREGATION_RULES``, its
 parameters in ``hffm.ids.RULE_PARAMS``).
@@ -165,6 +167,9 @@ class Aggregator(ABC):
         # sender, its modules -> (its head_drop, whether that leaves it out), or None where it is not checked
         # (calibration.head_check; the inbox sets it on collects of devices' training updates)
         self.screen: Screen | None = getattr(self, "screen", None)
+        # module -> what the node started its previous training collect from (``echo``: the last step is
+        # reference - previous; the inbox sets it; empty: none yet, nothing scored)
+        self.previous: dict[str, Module] = getattr(self, "previous", {})
         self.scores: list[SenderScore] = []  # outlier scores per module and sender (rules with flag_z)
         self.pending: dict[str, list[Module]] = {}
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {n: m.shapes() for n, m in self.reference.items()}
@@ -351,6 +356,7 @@ class _Buffered(Aggregator):
         self.args, common = rule_arguments(self.name, params)
         self.clip_norm, self.flag_z, self.twin_cos = common["clip_norm"], common["flag_z"], common["twin_cos"]
         self.update_z, self.structure, self.subspace = common["update_z"], common["structure"], common["subspace"]
+        self.echo = common["echo"]
         self.exclude_flagged = common["exclude_flagged"]
         super().__init__(order, reference)
 
@@ -379,6 +385,7 @@ class _Buffered(Aggregator):
             self._update_zs = self._update_scores() if self.update_z is not None else {}
             shapes = self.structure is not None or self.subspace is not None
             self._structures, self._subspaces = self._shape_scores() if shapes else ({}, {})
+            self._echoes = self._echo_scores() if self.echo is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
                 like = copies[0][1].shapes()
@@ -387,9 +394,10 @@ class _Buffered(Aggregator):
                 w = torch.tensor([float(m.num_samples) for _, m in copies], dtype=torch.float64)
                 senders = [s for s, _ in copies]
                 scored = any(
-                    p is not None for p in (self.flag_z, self.twin_cos, self.update_z, self.structure, self.subspace)
+                    p is not None
+                    for p in (self.flag_z, self.twin_cos, self.update_z, self.structure, self.subspace, self.echo)
                 )
-                whole = (self._twins, self._update_zs, self._structures, self._subspaces)
+                whole = (self._twins, self._update_zs, self._structures, self._subspaces, self._echoes)
                 whole_scored = any(s in d for d in whole for s in senders)
                 if scored and (len(senders) >= MIN_SENDERS_TO_FLAG or whole_scored):
                     keep = self._score(name, senders, x)
@@ -408,7 +416,7 @@ class _Buffered(Aggregator):
         ``exclude_flagged`` those not flagged (never fewer than a majority: past that, the least
         suspicious majority). A module with fewer than MIN_SENDERS_TO_FLAG copies (a head of a task few
         senders here hold) has no spread of its own to judge by (z 0), but its senders' whole-update flags
-        (update_z, twin_cos, structure, subspace: measured over everything they sent) hold in it too."""
+        (update_z, twin_cos, structure, subspace, echo: measured over everything they sent) hold in it too."""
         n = len(senders)
         ref = self._reference_rows(senders)
         med, base, dist, u, norm = self._measure(name, x, ref)
@@ -421,12 +429,14 @@ class _Buffered(Aggregator):
         whole = [self._update_zs.get(s, 0.0) for s in senders]
         shape = [self._structures.get(s) for s in senders]  # None: not scored (nothing measurable sent)
         along = [self._subspaces.get(s) for s in senders]
+        echo = [self._echoes.get(s) for s in senders]  # None: not scored (no last step to compare with)
         flagged = [
             (spread and self.flag_z is not None and bool(z[i] > float(self.flag_z)))
             or (self.update_z is not None and whole[i] > self.update_z)
             or (self.twin_cos is not None and twin[i] >= self.twin_cos)
             or (self.structure is not None and shape[i] is not None and shape[i] < self.structure)
             or (self.subspace is not None and along[i] is not None and along[i] < self.subspace)
+            or (self.echo is not None and echo[i] is not None and echo[i] >= self.echo)
             for i in range(n)
         ]
         keep = list(range(n))
@@ -452,6 +462,7 @@ class _Buffered(Aggregator):
                     whole[i],
                     structure=shape[i] or 0.0,
                     subspace=along[i] or 0.0,
+                    echo=echo[i] or 0.0,
                 )
             )
         return keep
@@ -507,6 +518,33 @@ class _Buffered(Aggregator):
                     if v is not None:
                         along.setdefault(s, []).append(v)
         return _medians(shape), _medians(along)
+
+    def _echo_scores(self) -> dict[str, float]:
+        """sender -> the cosine of its whole update (its copies of every module the node has a last step of,
+        each minus the node's start, concatenated) with the node's last step over the same modules (start -
+        ``previous``), from per-module dot products (no concatenation held). Honest training moves along its
+        own data's gradients, this round's; a free rider echoing the last step (``adversary.behaviour: echo``)
+        points exactly along it, at any scale. A sender with a zero update, or no module with a non-zero last
+        step, is not scored (the twins catch zero updates)."""
+        dot: dict[str, float] = {}
+        uu: dict[str, float] = {}
+        ss: dict[str, float] = {}
+        for name, copies in self._held.items():
+            ref, prev = self.reference.get(name), self.previous.get(name)
+            if ref is None or prev is None or ref.shapes() != prev.shapes():
+                continue
+            start = _flat32(ref).double()
+            step = start - _flat32(prev).double()
+            s2 = float(step @ step)
+            if s2 == 0:
+                continue
+            x = torch.stack([_flat32(m) for _, m in copies]).double() - start
+            d, n2 = x @ step, (x * x).sum(dim=1)
+            for i, (s, _) in enumerate(copies):
+                dot[s] = dot.get(s, 0.0) + float(d[i])
+                uu[s] = uu.get(s, 0.0) + float(n2[i])
+                ss[s] = ss.get(s, 0.0) + s2
+        return {s: dot[s] / math.sqrt(uu[s] * ss[s]) for s in dot if uu[s] > 0}
 
     def _matrix_updates(self, side: int) -> Iterable[dict[str, torch.Tensor]]:
         """For every matrix with both sides at least ``side`` of every module with at least MIN_SENDERS_TO_FLAG

@@ -499,8 +499,10 @@ class AggregationConfig(_Strict):
         "independent noise: the median over them of their top singular value's share over noise's, about 1 for "
         "noise of any size, 8 or more for honest training: a free rider hiding in noise), subspace (flag senders "
         "whose update's matrices lie this little along the other senders' main directions, over chance: about 1 "
-        "for noise of any shape, one random direction included, 3 or more for honest training), exclude_flagged "
-        "(1: leave the flagged out)",
+        "for noise of any shape, one random direction included, 3 or more for honest training), echo (flag senders "
+        "whose whole update has this cosine or more with the node's last step, its start minus its previous "
+        "training collect's: a free rider echoing the federation's last step), exclude_flagged (1: leave the "
+        "flagged out)",
     )
     quorum: QuorumConfig = D(default_factory=QuorumConfig, description="senders needed and how long to wait")
     claim_bound: float | None = D(
@@ -557,7 +559,7 @@ class AggregationConfig(_Strict):
 def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check an aggregation rule's parameters (no torch: health checks load config too) and return
     ``(its own arguments with defaults, the common ones: clip_norm, flag_z, update_z, twin_cos, structure,
-    subspace, exclude_flagged)``.
+    subspace, echo, exclude_flagged)``.
     ValueError naming the rule and the parameter."""
     if rule not in RULE_PARAMS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {sorted(RULE_PARAMS)}")
@@ -584,6 +586,7 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
         "twin_cos": None,
         "structure": None,
         "subspace": None,
+        "echo": None,
         "exclude_flagged": False,
     }
     for k in ("clip_norm", "flag_z", "update_z", "structure", "subspace"):
@@ -592,18 +595,19 @@ def rule_arguments(rule: str, params: dict[str, Any]) -> tuple[dict[str, Any], d
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"aggregation rule {rule!r}: {k} must be finite and > 0, got {params[k]}")
             common[k] = v
-    if "twin_cos" in params:
-        v = float(params["twin_cos"])
-        if not 0 < v <= 1:
-            raise ValueError(f"aggregation rule {rule!r}: twin_cos must be in (0, 1], got {params['twin_cos']}")
-        common["twin_cos"] = v
+    for k in ("twin_cos", "echo"):
+        if k in params:
+            v = float(params[k])
+            if not 0 < v <= 1:
+                raise ValueError(f"aggregation rule {rule!r}: {k} must be in (0, 1], got {params[k]}")
+            common[k] = v
     exclude = params.get("exclude_flagged", 0)
     if exclude not in (0, 1):
         raise ValueError(f"aggregation rule {rule!r}: exclude_flagged must be 0 or 1, got {exclude}")
-    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos", "structure", "subspace")):
+    if exclude and all(common[k] is None for k in ("flag_z", "update_z", "twin_cos", "structure", "subspace", "echo")):
         raise ValueError(
-            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z, twin_cos, structure or subspace "
-            "(what flags a sender)"
+            f"aggregation rule {rule!r}: exclude_flagged needs flag_z, update_z, twin_cos, structure, subspace or "
+            "echo (what flags a sender)"
         )
     common["exclude_flagged"] = bool(exclude)
     return args, common
@@ -772,11 +776,22 @@ class AdversaryConfig(_Strict):
     )
     fraction: float = D(0.0, ge=0, le=1, description="and this fraction of all devices, chosen by seed")
     behaviour: Literal[
-        "sign_flip", "scale", "noise", "free_ride", "label_flip", "alie", "ipm", "fake_specialist", "bait_switch"
+        "sign_flip",
+        "scale",
+        "noise",
+        "free_ride",
+        "echo",
+        "label_flip",
+        "alie",
+        "ipm",
+        "fake_specialist",
+        "bait_switch",
     ] = D(
         "sign_flip",
         description="sign_flip: start - scale x update; scale: start + scale x update; noise: start + "
-        "N(0, sigma^2) per value; free_ride: send what it received, untrained; label_flip: train on "
+        "N(0, sigma^2) per value; free_ride: send what it received, untrained; echo: untrained, send start + "
+        "scale x the last step it saw (start - the start of its previous training round; in its first, start "
+        "itself): a free rider disguised as a plausible update; label_flip: train on "
         "labels y -> C-1-y; alie: start + mean - z std of the colluders' benign updates; ipm: start - "
         "epsilon x their mean; fake_specialist: trains and aggregates honestly, claims claim x its samples "
         "and every answer class (to be examined as a specialist), and serves heads negated and scaled by "
@@ -804,7 +819,7 @@ class AdversaryConfig(_Strict):
         "to judge its heads by), or its data's true ones weighing what it registered (inflated: claim times its "
         "samples, the per-sample shares unchanged, so its weight is not held below its claim)",
     )
-    scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update")
+    scale: float = D(10.0, gt=0, description="how far sign_flip and scale push the update (echo: the last step)")
     sigma: float = D(1.0, gt=0, description="the noise behaviour's standard deviation")
     noise_rank: int | None = D(
         None,
@@ -812,6 +827,12 @@ class AdversaryConfig(_Strict):
         description="the noise behaviour's noise in each matrix of a module made of this many random directions "
         "(rank), of the same expected size as independent noise of sigma (a free rider that knows the structure "
         "check: aggregation.params.structure); null: independent per value",
+    )
+    jitter: float = D(
+        0.0,
+        ge=0,
+        description="echo: independent Gaussian noise added to each tensor's echoed step, this fraction of the "
+        "step's norm (two echoers at one node are then not twins: twin_cos)",
     )
     z: float | None = D(
         None, ge=0, description="alie's z; null: Baruch et al.'s from the senders and attackers at the first aggregator"

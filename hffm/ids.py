@@ -168,7 +168,16 @@ RULE_PARAMS: dict[str, dict[str, tuple[type, float, float, float]]] = {
     "krum": {"f": (int, 0, 1_000_000, 1), "m": (int, 1, 1_000_000, 1)},
     "bulyan": {"f": (int, 0, 1_000_000, 1)},
 }
-COMMON_AGGREGATION_PARAMS = ("clip_norm", "flag_z", "update_z", "twin_cos", "structure", "subspace", "exclude_flagged")
+COMMON_AGGREGATION_PARAMS = (
+    "clip_norm",
+    "flag_z",
+    "update_z",
+    "twin_cos",
+    "structure",
+    "subspace",
+    "echo",
+    "exclude_flagged",
+)
 
 # Link kinds (also metric and results labels).
 DEVICE_EDGE = "device_edge"

@@ -123,6 +123,10 @@ class Inbox:
         # device -> the round whose modules this node sent it this round to compute its join-stats under
         # (``JOIN_REF``, after an edge round), None where it had no reference's modules to send (``refer``)
         self.referred: dict[str, int | None] = {}
+        # round -> the reference of its training collects (this node's start), the last two rounds' kept: an
+        # aggregator with ``echo`` compares each update with the last step, this start minus the one before
+        # (in memory only: a restarted node scores no echo until it has opened two rounds)
+        self._starts: dict[int, ModuleSet] = {}
         self._generation = 0
         self._cv = threading.Condition()
 
@@ -148,6 +152,10 @@ class Inbox:
             self.round = round_
             self.attempt = attempt
             self.registered = set(registered)
+            if reference and any(c.tag.startswith(TRAINING_TAG) for c in collects):
+                self._starts = {r: m for r, m in self._starts.items() if r < round_}
+                self._starts[round_] = reference  # a re-attempt's replaces its round's
+                self._starts = dict(sorted(self._starts.items())[-2:])
             self.referred = {}
             self._collections = {
                 c.tag: _Collection(
@@ -173,6 +181,9 @@ class Inbox:
 
     def _aggregator(self, c: Collect, reference: ModuleSet | None) -> Aggregator:
         agg = make_aggregator(c.rule, self._order(c), reference, dict(c.params))
+        if c.tag.startswith(TRAINING_TAG) and "echo" in dict(c.params):  # the last step: this start - the one before
+            before = [r for r in self._starts if self.round is not None and r < self.round]
+            agg.previous = dict(self._starts[max(before)]) if before else {}
         if c.tag.startswith(TRAINING_TAG) or c.rule == LABEL_CHECK:  # the senders found mislabelled: left out
             agg.excluded = {s: t for s, t in self.mislabelled.items() if s in c.senders}
         if c.tag.startswith(TRAINING_TAG) and self.head_check is not None:
@@ -235,6 +246,8 @@ class Inbox:
         trains): each collect of the round that nothing has reached yet scores its senders against ``reference``
         and leaves out the senders flagged by now (the phase's label check)."""
         with self._cv:
+            if self.round in self._starts:  # the start its devices train from: the next round's last step ends here
+                self._starts[self.round] = reference
             for coll in self._collections.values():
                 if not (coll.closed or coll.accepted or coll.aggregator.senders or coll.aggregator.pending):
                     coll.aggregator = self._aggregator(coll.step, reference)

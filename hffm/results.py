@@ -58,7 +58,8 @@ class SenderScore:
     norm of every scored module it sent, as one vector), ``structure`` how far its whole update is from
     independent noise (``structure``: its matrices' top singular value's share of their update, over what
     independent noise of any size would give; 0 where not scored), ``subspace`` how much of it lies along the
-    other senders' main directions, over what chance gives (``subspace``; 0 where not scored)."""
+    other senders' main directions, over what chance gives (``subspace``; 0 where not scored), ``echo`` the
+    cosine of its whole update with the collecting node's last step (``echo``; 0 where not scored)."""
 
     module: str
     sender: str
@@ -74,6 +75,7 @@ class SenderScore:
     head_drop: float = 0.0  # how much less likely its heads find its reported answers than the start's (head_check)
     structure: float = 0.0  # its update's top singular values' share over independent noise's (structure)
     subspace: float = 0.0  # how much of its update lies along the other senders' main directions, over chance
+    echo: float = 0.0  # the cosine of its whole update with the collecting node's last step (echo)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,31 @@ def test_each_behaviour_sends_what_it_says():
     assert torch.equal(trained["adapter.0"].tensors["w"], torch.tensor([2.0, 1.0, 0.0]))  # untouched
 
 
+def test_an_echo_sends_the_last_step_it_saw_and_trains_nothing():
+    """echo: start + scale x (start - previous start), whatever it trained; its first round (no previous
+    start) what it received; with jitter independent noise of that fraction of the step's norm on top."""
+    before = {"adapter.0": Module("adapter.0", {"w": torch.zeros(64, 16)}, 0, 1.0)}
+    start = {"adapter.0": Module("adapter.0", {"w": torch.ones(64, 16)}, 1, 1.0)}
+    trained = {"adapter.0": Module("adapter.0", {"w": torch.full((64, 16), 5.0)}, 2, 7.0)}
+    cfg = AdversaryConfig(behaviour="echo", scale=2)
+    sent = poison(cfg, trained, start, 0, "device-0-0", 2, before)["adapter.0"]
+    assert torch.equal(sent.tensors["w"], torch.full((64, 16), 3.0)) and sent.num_samples == 7.0
+    first = poison(cfg, trained, start, 0, "device-0-0", 1)["adapter.0"]
+    assert torch.equal(first.tensors["w"], torch.ones(64, 16))
+    jittered = [
+        poison(AdversaryConfig(behaviour="echo", scale=1, jitter=0.2), trained, start, 0, d, 2, before)[
+            "adapter.0"
+        ].tensors["w"]
+        - 1
+        for d in ("device-0-0", "device-0-1")
+    ]
+    for u in jittered:  # the step (all ones, norm 32) and noise of a fifth of its norm
+        assert 0.97 < float(torch.nn.functional.cosine_similarity(u.flatten(), torch.ones(1024), dim=0)) < 0.995
+        assert 0.15 < float((u - 1).norm()) / 32 < 0.25
+    twin = float(torch.nn.functional.cosine_similarity(jittered[0].flatten(), jittered[1].flatten(), dim=0))
+    assert twin < 0.99  # two echoers are not twins
+
+
 def test_low_rank_noise_has_the_rank_and_the_size_asked_for():
     """noise_rank: each matrix's noise is a random rank-k matrix whose values have sigma^2 variance on
     average (a squared norm about sigma^2 m n, as independent noise's); vectors stay independent noise."""
@@ -354,3 +379,30 @@ def test_a_free_rider_hiding_in_noise_is_flagged_by_its_update_s_shape(tmp_path,
     zs = {s["sender"]: s["update_z"] for s in scores}
     assert max(abs(z) for z in zs.values()) < 3.5, zs  # its size gives it away nowhere
     assert all(s["excluded"] == (s["sender"] == "device-0-4") for s in scores)
+
+
+def test_an_echo_of_the_last_step_is_flagged_by_its_direction(tmp_path):
+    """hfm over real gRPC and mTLS, one edge of five devices; device-0-3 and device-0-4 train nothing and send
+    the last step they saw (their start minus their previous start, jitter 0.2: not twins). Round 1 they have
+    no step to echo and send what they received (zero updates: twins). From round 2 on their updates are of an
+    honest size and shape, but the edge's last step (its start minus its previous round's) is where they point:
+    echo flags them, each round, and leaves them out; the honest devices' cosine with it stays near 0."""
+    sets = ["method=hfm", "e_agg=1", "rounds=3", "topology.edges=1", "topology.devices_per_edge=5",
+            "runtime.devices_per_process=5", "data.train_per_task=60", "adversary.nodes=[device-0-3,device-0-4]",
+            "adversary.behaviour=echo", "adversary.scale=1", "adversary.jitter=0.2",
+            "aggregation.params={update_z: 3.5, twin_cos: 0.99, echo: 0.5, exclude_flagged: 1}"]  # fmt: skip
+    out = tmp_path / "run"
+    res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
+    det = res["detection"]
+    assert det["flagged"] == det["adversaries"] == ["device-0-3", "device-0-4"], det
+    assert det["false_positive_rate"] == 0.0, det
+    bad = {"device-0-3", "device-0-4"}
+    for r in res["rounds"]:
+        scores = [s for a in r["aggregates"] if a["node"] == "edge-0" for s in a["scores"]]
+        assert {s["sender"] for s in scores if s["excluded"]} == bad, r["round"]
+        echo = {s["sender"]: s["echo"] for s in scores}
+        if r["round"] == 1:  # no last step yet: not scored; their zero updates are twins
+            assert all(v == 0 for v in echo.values()) and all(s["twin"] == 1 for s in scores if s["sender"] in bad)
+        else:
+            assert min(echo[d] for d in bad) > 0.9 and max(abs(v) for d, v in echo.items() if d not in bad) < 0.5, echo
+            assert all(s["twin"] < 0.99 for s in scores), r["round"]  # flagged by echo alone

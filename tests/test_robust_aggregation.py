@@ -838,3 +838,60 @@ def test_subspace_flags_noise_of_any_shape_off_the_other_senders_directions():
     assert subspace_of(torch.eye(32), torch.zeros(32, 32)) is None
     with pytest.raises(ValueError, match="subspace must be finite and > 0"):
         make_aggregator("fedavg", params={"subspace": float("nan")})
+
+
+def test_echo_flags_a_free_rider_that_sends_the_last_step_back():
+    """A free rider that echoes the federation's last step (its start minus its previous start, at any scale,
+    a little independent noise added so that two of them are not twins) sends an update of an honest size and
+    an honest shape: update_z, twins and structure pass it. ``echo`` is the cosine of a sender's whole update
+    (every module it sent) with the node's last step over the same modules (a NumPy reference): 1 or nearly
+    for the echo, about 0 for honest updates (their own data's directions); flagged at the cut and, with
+    exclude_flagged, left out of every module. No last step (``previous`` unset, a zero step, modules the
+    previous start lacks): not scored."""
+    g = torch.Generator().manual_seed(21)
+    names = [f"d{i}" for i in range(6)]
+    shapes = {"adapter.0": (64, 16), "adapter.1": (64, 16), "head.art": (3, 16)}
+    before = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+
+    def trained(sh):  # a main direction, a weaker one and a little noise
+        m, k = sh
+        low = torch.randn(m, 2, generator=g) @ (torch.randn(2, k, generator=g) * torch.tensor([[1.0], [0.3]]))
+        return low + 0.05 * low.norm() / (m * k) ** 0.5 * torch.randn(m, k, generator=g)
+
+    step = {n: trained(sh) for n, sh in shapes.items()}
+    own = {n: Module(n, {"w": before[n].tensors["w"] + step[n]}, 1, 1.0) for n in shapes}
+    ups = [{n: trained(sh) for n, sh in shapes.items()} for _ in range(4)]
+    for scale in (0.7, 1.3):  # two echoers, each with its own noise: not twins
+        ups.append({n: scale * (s + 0.2 * s.norm() / s.numel() ** 0.5 * torch.randn(s.shape, generator=g))
+                    for n, s in step.items()})  # fmt: skip
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 2, 1.0) for n in shapes} for u in ups]
+
+    def run(params, previous=before, senders=mods):
+        agg = make_aggregator("fedavg", names[: len(senders)], own, params)
+        agg.previous = dict(previous)
+        for n, m in zip(names, senders, strict=False):
+            agg.add(n, list(m.values()))
+        return agg.result(2), agg.scores
+
+    _, scores = run({"update_z": 3.5, "twin_cos": 0.99, "structure": 3})
+    assert not any(sc.flagged for sc in scores)  # its size, its direction's uniqueness and its shape are honest
+    out, scores = run({"update_z": 3.5, "twin_cos": 0.99, "echo": 0.5, "exclude_flagged": 1})
+    assert {sc.sender for sc in scores if sc.flagged} == {sc.sender for sc in scores if sc.excluded} == {"d4", "d5"}
+    flat_step = np.concatenate([step[n].double().numpy().ravel() for n in sorted(shapes)])
+    for i, u in enumerate(ups):  # the cosine over every module sent, as one vector
+        flat = np.concatenate([u[n].double().numpy().ravel() for n in sorted(shapes)])
+        want = flat @ flat_step / np.linalg.norm(flat) / np.linalg.norm(flat_step)
+        assert all(np.isclose(sc.echo, want) for sc in scores if sc.sender == names[i]), (i, want)
+    assert min(sc.echo for sc in scores if sc.sender in ("d4", "d5")) > 0.95
+    assert max(abs(sc.echo) for sc in scores if sc.sender not in ("d4", "d5")) < 0.5
+    assert max(sc.twin for sc in scores if sc.sender == "d4") < 0.99
+    for n in shapes:
+        want = sum(mods[i][n].tensors["w"] for i in range(4)) / 4
+        assert torch.allclose(out[n].tensors["w"], want, atol=1e-5)
+    for previous in ({}, own):  # no previous start, or a zero step: nothing to compare with
+        _, scores = run({"echo": 0.5}, previous)
+        assert not any(sc.flagged for sc in scores) and all(sc.echo == 0 for sc in scores)
+    _, scores = run({"echo": 0.5}, {"adapter.0": before["adapter.0"]})  # one module's step: over it alone
+    assert {sc.sender for sc in scores if sc.flagged} == {"d4", "d5"}
+    with pytest.raises(ValueError, match=r"echo must be in \(0, 1\]"):
+        make_aggregator("fedavg", params={"echo": 1.5})

@@ -192,10 +192,10 @@ def _sender_scores(a: pb.AggregateRecord, checked: set[str] = frozenset()) -> tu
     """The outlier scores of one collect step that a node could have measured: of a sender it counted
     in that step, one per (module, sender), distance and norm finite and ≥ 0, cosine in [-1, 1] or NaN
     (a zero update), z and update_z not NaN, label_t finite and ≥ 0, head_drop finite, structure and subspace
-    finite and ≥ 0. A node cannot incriminate a sender it did not aggregate, or poison the run's results with values no
-    aggregation makes: such a score is dropped (the report kept). ``checked``: senders scored here though
-    counted elsewhere (a deferred label check's, in the calibrated collect: the senders of the node's
-    statistics collect)."""
+    finite and ≥ 0, echo in [-1, 1]. A node cannot incriminate a sender it did not aggregate, or poison the
+    run's results with values no aggregation makes: such a score is dropped (the report kept). ``checked``:
+    senders scored here though counted elsewhere (a deferred label check's, in the calibrated collect: the
+    senders of the node's statistics collect)."""
     counted, seen, out = set(a.counted) | set(checked), set(), []
     for s in a.scores:
         key = (s.module, s.sender)
@@ -207,6 +207,7 @@ def _sender_scores(a: pb.AggregateRecord, checked: set[str] = frozenset()) -> tu
         bad_z = math.isnan(s.z) or math.isnan(s.update_z) or not (math.isfinite(s.label_t) and s.label_t >= 0)
         bad_z = bad_z or not math.isfinite(s.head_drop)
         bad_z = bad_z or not all(math.isfinite(v) and v >= 0 for v in (s.structure, s.subspace))
+        bad_z = bad_z or not -1.0 - 1e-6 <= s.echo <= 1.0 + 1e-6  # NaN fails too
         if not (math.isnan(s.cosine) or -1.0 - 1e-6 <= s.cosine <= 1.0 + 1e-6) or bad_z or bad_twin:
             continue
         seen.add(key)

@@ -199,7 +199,7 @@ class DeviceNode(NodeRuntime):
         t0 = time.perf_counter()
         tasks = self.tasks_at(state.round)
         names = [n for n in self.own_modules if task_of(n) is None or task_of(n) in tasks]
-        self._round_start = self.modules  # an attacking cluster head poisons its aggregate against it
+        previous, self._round_start = self._round_start, self.modules  # an attacking head poisons against it
         new, stats = self._train_on(self.node_id, self.data, names, state.round)
         if self.attacks:
             adv = self.cfg.adversary
@@ -210,7 +210,7 @@ class DeviceNode(NodeRuntime):
                     benign.append(self._train_on(c, data, cnames, state.round)[0])
                 new = collude(adv, self.modules, benign, self.alie_z)
             else:
-                new = poison(adv, new, self.modules, self.cfg.seed, self.node_id, state.round)
+                new = poison(adv, new, self.modules, self.cfg.seed, self.node_id, state.round, previous)
         self.modules = {**self.modules, **new}  # other tasks' heads held as a cluster head stay
         rep = state.report
         rep.train_loss, rep.train_samples, rep.train_s = stats.loss, stats.samples, time.perf_counter() - t0
