@@ -382,10 +382,10 @@ class _Buffered(Aggregator):
         if self._out is None:
             self._out, self._counts = {}, {}
             self._twins = self._twin_scores() if self.twin_cos is not None else {}
+            self._echoes = self._echo_scores() if self.echo is not None else {}
             self._update_zs = self._update_scores() if self.update_z is not None else {}
             shapes = self.structure is not None or self.subspace is not None
             self._structures, self._subspaces = self._shape_scores() if shapes else ({}, {})
-            self._echoes = self._echo_scores() if self.echo is not None else {}
             for name in sorted(self._held):
                 copies = self._held.pop(name)
                 like = copies[0][1].shapes()
@@ -575,13 +575,20 @@ class _Buffered(Aggregator):
 
     def _reference_rows(self, senders: list[str]) -> list[int]:
         """The rows that the scores' medians and MADs are taken over: with ``twin_cos``, the senders that
-        are not twins (at least MIN_REFERENCE of them, else every row). Two colluders sending one vector
-        among five senders would otherwise place the median and shrink the MAD, and the honest three
-        would stand out (measured: every honest sender of a cluster flagged, the colluders kept)."""
+        are not twins, and with ``echo`` that do not echo the last step (at least MIN_REFERENCE of them,
+        else every row). Two colluders sending one vector among five senders would otherwise place the
+        median and shrink the MAD, and the honest three would stand out (measured: every honest sender of a
+        cluster flagged, the colluders kept); two echoes of one step likewise (an honest device flagged by
+        update_z in four rounds of six, measured)."""
         rows = list(range(len(senders)))
-        if self.twin_cos is None:
+        if self.twin_cos is None and self.echo is None:
             return rows
-        ref = [i for i, s in enumerate(senders) if self._twins.get(s, 0.0) < self.twin_cos]
+        ref = [
+            i
+            for i, s in enumerate(senders)
+            if (self.twin_cos is None or self._twins.get(s, 0.0) < self.twin_cos)
+            and (self.echo is None or self._echoes.get(s, 0.0) < self.echo)
+        ]
         return ref if len(ref) >= MIN_REFERENCE else rows
 
     def _twin_scores(self) -> dict[str, float]:

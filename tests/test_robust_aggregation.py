@@ -233,7 +233,7 @@ def test_bad_parameters_named_at_config_load():
         assert match in str(e.value), (sets, str(e.value))
     cfg = load_config(None, ["aggregation.rule=krum", "aggregation.params.f=2", "aggregation.params.m=3"])
     assert cfg.aggregation.params == {"f": 2.0, "m": 3.0}
-    common = ["clip_norm", "exclude_flagged", "flag_z", "structure", "subspace", "twin_cos", "update_z"]
+    common = ["clip_norm", "echo", "exclude_flagged", "flag_z", "structure", "subspace", "twin_cos", "update_z"]
     assert rule_parameters("krum") == sorted([*common, "f", "m"]) and rule_parameters("median") == common
 
 
@@ -549,7 +549,7 @@ def test_senders_returning_what_they_received_are_twins():
 
 
 def test_detection_parameters_are_checked():
-    with pytest.raises(ValueError, match="exclude_flagged needs flag_z, update_z, twin_cos, structure or subspace"):
+    with pytest.raises(ValueError, match="needs flag_z, update_z, twin_cos, structure, subspace or echo"):
         make_aggregator("median", params={"exclude_flagged": 1})
     with pytest.raises(ValueError, match="flag_z must be finite and > 0"):
         make_aggregator("fedavg", params={"flag_z": 0})
@@ -631,7 +631,7 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
         return SenderScore(module, sender, distance, norm, cosine, z, z > 3.5, False)
 
     good = [sc("device-0-0"), sc("device-0-1", z=math.inf), sc("device-0-1", module="adapter.1", cosine=math.nan)]
-    good.append(SenderScore("adapter.2", "device-0-1", 1.0, 1.0, 0.5, 1.0, True, True, structure=0.97))
+    good.append(SenderScore("adapter.2", "device-0-1", 1.0, 1.0, 0.5, 1.0, True, True, structure=0.97, echo=0.98))
     lies = [
         sc("device-1-0", z=99.0),  # not a sender of this step
         sc("device-0-0", z=50.0),  # a second score for (adapter.0, device-0-0)
@@ -647,6 +647,8 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
         SenderScore("adapter.9", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, structure=-1.0),  # structure
         SenderScore("adapter.10", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, structure=math.nan),
         SenderScore("adapter.11", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, subspace=-2.0),  # subspace
+        SenderScore("adapter.12", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, echo=1.5),  # echo: a cosine
+        SenderScore("adapter.13", "device-0-0", 0.0, 0.0, 0.0, 0.0, True, True, echo=math.nan),
     ]
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))
@@ -658,7 +660,7 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
     rep.aggregates.append(AggregateRecord("edge-0", "calibrated", ("cloud",), (), (checked, stranger)))
     back = report_from_pb(report_to_pb(rep))
     assert [(s.module, s.sender, s.z) for s in back.aggregates[0].scores] == [(s.module, s.sender, s.z) for s in good]
-    assert back.aggregates[0].scores[3].structure == 0.97  # carried over the wire
+    assert back.aggregates[0].scores[3].structure == 0.97 and back.aggregates[0].scores[3].echo == 0.98  # carried
     assert back.aggregates[0].counted == ("device-0-0", "device-0-1")  # the report itself is kept
     assert back.aggregates[2].scores == (checked,)
 
@@ -895,3 +897,33 @@ def test_echo_flags_a_free_rider_that_sends_the_last_step_back():
     assert {sc.sender for sc in scores if sc.flagged} == {"d4", "d5"}
     with pytest.raises(ValueError, match=r"echo must be in \(0, 1\]"):
         make_aggregator("fedavg", params={"echo": 1.5})
+
+
+def test_echoes_do_not_set_the_yardstick_the_others_are_scored_by():
+    """Two echoes of one step (a fifth of its norm in noise each: not twins) among five senders sit close
+    together and pull update_z's median onto them: the honest sender with the largest update stands out
+    (measured in the full-size matrix: an honest device flagged in four rounds of six). With echo the medians
+    and MADs are taken over the senders that do not echo: only the echoes are flagged."""
+    g = torch.Generator().manual_seed(13)
+    names = [f"d{i}" for i in range(5)]
+    shapes = {"adapter.0": (30, 20), "adapter.1": (30, 20)}
+    before = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    step = {n: 0.55 * torch.randn(*sh, generator=g) for n, sh in shapes.items()}
+    own = {n: Module(n, {"w": before[n].tensors["w"] + step[n]}, 1, 1.0) for n in shapes}
+    ups = [{n: torch.randn(*sh, generator=g) * s for n, sh in shapes.items()} for s in (0.5, 0.8, 1.2)]
+    for _ in range(2):
+        ups.append(
+            {n: s + 0.2 * s.norm() / s.numel() ** 0.5 * torch.randn(s.shape, generator=g) for n, s in step.items()}
+        )
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 2, 1.0) for n in shapes} for u in ups]
+
+    def flagged(params):
+        agg = make_aggregator("fedavg", names, own, params)
+        agg.previous = dict(before)
+        for n, m in zip(names, mods, strict=True):
+            agg.add(n, list(m.values()))
+        agg.result(2)
+        return {sc.sender for sc in agg.scores if sc.flagged}
+
+    assert flagged({"update_z": 3.5}) == flagged({"update_z": 3.5, "twin_cos": 0.99}) == {"d2"}  # honest
+    assert flagged({"update_z": 3.5, "echo": 0.5}) == {"d3", "d4"}

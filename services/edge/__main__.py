@@ -49,6 +49,7 @@ class EdgeNode(NodeRuntime):
         super().__init__(*args, **kw)
         # config adversary (tests and benchmarks): this edge poisons the aggregate of its devices
         self.attacks = attacks
+        self._last_start: ModuleSet | None = None  # its start when it last poisoned (echo: the step since)
         if attacks:
             log.warning("%s is an adversary: it forwards %s aggregates (config adversary)", self.node_id,
                         self.cfg.adversary.behaviour)  # fmt: skip
@@ -56,7 +57,8 @@ class EdgeNode(NodeRuntime):
     def poison_aggregate(self, tag: str, modules: ModuleSet, round_: int) -> ModuleSet:
         if not self.attacks or tag != "aggregate":  # the devices' updates, not the cloud's broadcast it relays
             return modules
-        return poison(self.cfg.adversary, modules, self.modules, self.cfg.seed, self.node_id, round_)
+        previous, self._last_start = self._last_start, self.modules
+        return poison(self.cfg.adversary, modules, self.modules, self.cfg.seed, self.node_id, round_, previous)
 
 
 class EdgeRegistry(pb_grpc.RegistryServicer):
