@@ -927,3 +927,39 @@ def test_echoes_do_not_set_the_yardstick_the_others_are_scored_by():
 
     assert flagged({"update_z": 3.5}) == flagged({"update_z": 3.5, "twin_cos": 0.99}) == {"d2"}  # honest
     assert flagged({"update_z": 3.5, "echo": 0.5}) == {"d3", "d4"}
+
+
+def test_the_last_step_a_node_compares_echoes_with_is_where_its_devices_trained_from():
+    """The inbox gives each training collect with ``echo`` the start its devices trained from last (their
+    previous start, what an echo subtracts): none in a node's first round; in round 1 with an opening
+    calibration, the start before the heads were calibrated; later, the last start of an earlier round, the
+    calibrated one where calibration moved it; a re-attempt of a round compares with the same."""
+    from hffm.inbox import Inbox
+    from hffm.methods import Collect
+
+    def start(v):
+        return {"adapter.0": Module("adapter.0", {"w": torch.full((4, 3), float(v))}, 0, 1.0)}
+
+    step = Collect("aggregate", ("d0", "d1", "d2", "d3"), "device_edge", params=(("echo", 0.5),))
+    inbox = Inbox("edge-0")
+
+    def previous():
+        agg = inbox._collections["aggregate"].aggregator
+        return {n: float(m.tensors["w"][0, 0]) for n, m in agg.previous.items()}
+
+    inbox.open_round(1, [step], {"d0", "d1", "d2", "d3"}, reference=start(1))
+    assert previous() == {}  # nothing to compare with yet
+    inbox.rebase(start(2))  # round 1's heads calibrated: its devices train from 2, having held 1
+    assert previous() == {"adapter.0": 1.0}
+    inbox.open_round(2, [step], {"d0", "d1", "d2", "d3"}, reference=start(3))
+    assert previous() == {"adapter.0": 2.0}
+    inbox.rebase(start(4))
+    inbox.rebase(start(5))  # moved twice: still the step since round 1's start
+    assert previous() == {"adapter.0": 2.0}
+    inbox.open_round(2, [step], {"d0", "d1", "d2", "d3"}, attempt=1, reference=start(3))  # a re-attempt
+    assert previous() == {"adapter.0": 2.0}
+    inbox.open_round(3, [step], {"d0", "d1", "d2", "d3"}, reference=start(6))
+    assert previous() == {"adapter.0": 3.0}
+    plain = Collect("aggregate", ("d0", "d1", "d2", "d3"), "device_edge")
+    inbox.open_round(4, [plain], {"d0", "d1", "d2", "d3"}, reference=start(7))
+    assert previous() == {}  # no echo asked for: none kept in the aggregator
