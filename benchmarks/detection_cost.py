@@ -1,10 +1,11 @@
-"""What the update-shape scores cost a collecting node (``aggregation.params.structure`` and ``subspace``; issue
-17): one collect of SENDERS uploads of the paper-size module set (ViLT-B/32-sized Double-Adapters, bottleneck
-256, and two heads: ~38 MB fp32 each), aggregated by FedAvg with the whole-update detection the matrix's best
-rows use (``update_z``, ``twin_cos``; the baseline), and with ``structure`` and ``subspace`` added. Timed: the
-adds and ``result`` (scoring and the aggregate), interleaved, the median of ``--repeat`` runs of each; the
+"""What the update-shape and echo scores cost a collecting node (``aggregation.params.structure``, ``subspace``,
+``echo``; issue 17): one collect of SENDERS uploads of the paper-size module set (ViLT-B/32-sized
+Double-Adapters, bottleneck 256, and two heads: ~38 MB fp32 each), aggregated by FedAvg with the whole-update
+detection the matrix's best rows use (``update_z``, ``twin_cos``; the baseline), with ``echo`` added (against a
+last step: the start minus a previous start, both held), and with ``structure`` and ``subspace`` added. Timed:
+the adds and ``result`` (scoring and the aggregate), interleaved, the median of ``--repeat`` runs of each; the
 uploads are honest-looking (each a mix of a few directions per matrix that all share, plus a little noise),
-so nothing is flagged and both aggregates are the same.
+so nothing is flagged and the aggregates are the same.
 
 ``python -m benchmarks.detection_cost [--senders 5] [--repeat 5]``
 """
@@ -57,12 +58,22 @@ def main(argv: list[str] | None = None) -> None:
     start, ups = uploads(a.senders)
     names = [f"device-0-{i}" for i in range(a.senders)]
     base = {"update_z": 3.5, "twin_cos": 0.99, "exclude_flagged": 1}
-    params = {"baseline": base, "with structure and subspace": {**base, "structure": 3, "subspace": 2}}
+    params = {
+        "baseline": base,
+        "with echo": {**base, "echo": 0.5},
+        "with structure and subspace": {**base, "structure": 3, "subspace": 2},
+    }
+    g = torch.Generator().manual_seed(1)  # a previous start: the last step a small random one
+    previous = {
+        n: Module(n, {k: t - 0.01 * torch.randn(t.shape, generator=g) for k, t in m.tensors.items()}, 0, 1.0)
+        for n, m in start.items()
+    }
     flagged: dict[str, int] = {}
 
     def collect(label: str):
         def once() -> None:
             agg = make_aggregator("fedavg", names, start, params[label])
+            agg.previous = previous
             for n, mods in zip(names, ups, strict=True):
                 agg.add(n, mods)
             agg.result(1)
@@ -76,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         "basis": f"{a.senders} uploads of the paper-size module set; timed: adds + result; median of {a.repeat}",
         "median_s": med,
         "ratio": med["with structure and subspace"] / med["baseline"],
+        "ratio_echo": med["with echo"] / med["baseline"],
         "flagged": flagged,
         "machine": machine(),
     }
