@@ -714,6 +714,13 @@ def test_copies_that_agree_closely_do_not_make_a_small_difference_an_outlier():
         assert [s.sender for s in agg.scores if s.flagged] == want
 
 
+def _trained(sh: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """An update shaped as gradient training makes one: a main direction, a weaker one and a little noise."""
+    m, k = sh
+    low = torch.randn(m, 2, generator=g) @ (torch.randn(2, k, generator=g) * torch.tensor([[1.0], [0.3]]))
+    return low + 0.05 * low.norm() / (m * k) ** 0.5 * torch.randn(m, k, generator=g)
+
+
 def test_structure_is_the_top_singular_values_share_over_independent_noise_s():
     """``structure_of`` against a NumPy reference (s_1^2 / |u|^2 over (sqrt m + sqrt n)^2 / (m n)): about 1
     for independent noise whatever its size, m n / (sqrt m + sqrt n)^2 for a rank-1 update, None for zero."""
@@ -740,12 +747,7 @@ def test_structure_flags_a_free_rider_hiding_in_noise_of_an_honest_size():
     shapes = {"adapter.0": (64, 16), "adapter.1": (64, 16), "head.art": (3, 16)}
     own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
 
-    def trained(sh):  # a main direction, a weaker one and a little noise
-        m, k = sh
-        low = torch.randn(m, 2, generator=g) @ (torch.randn(2, k, generator=g) * torch.tensor([[1.0], [0.3]]))
-        return low + 0.05 * low.norm() / (m * k) ** 0.5 * torch.randn(m, k, generator=g)
-
-    ups = [{n: trained(sh) for n, sh in shapes.items()} for _ in range(4)]
+    ups = [{n: _trained(sh, g) for n, sh in shapes.items()} for _ in range(4)]
     size = {n: float(sum(u[n].norm() for u in ups) / 4) for n in shapes}
     noise = {n: torch.randn(*sh, generator=g) for n, sh in shapes.items()}
     ups.append({n: t * size[n] / float(t.norm()) for n, t in noise.items()})  # d4: an honest-sized norm
@@ -855,14 +857,9 @@ def test_echo_flags_a_free_rider_that_sends_the_last_step_back():
     shapes = {"adapter.0": (64, 16), "adapter.1": (64, 16), "head.art": (3, 16)}
     before = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
 
-    def trained(sh):  # a main direction, a weaker one and a little noise
-        m, k = sh
-        low = torch.randn(m, 2, generator=g) @ (torch.randn(2, k, generator=g) * torch.tensor([[1.0], [0.3]]))
-        return low + 0.05 * low.norm() / (m * k) ** 0.5 * torch.randn(m, k, generator=g)
-
-    step = {n: trained(sh) for n, sh in shapes.items()}
+    step = {n: _trained(sh, g) for n, sh in shapes.items()}
     own = {n: Module(n, {"w": before[n].tensors["w"] + step[n]}, 1, 1.0) for n in shapes}
-    ups = [{n: trained(sh) for n, sh in shapes.items()} for _ in range(4)]
+    ups = [{n: _trained(sh, g) for n, sh in shapes.items()} for _ in range(4)]
     for scale in (0.7, 1.3):  # two echoers, each with its own noise: not twins
         ups.append({n: scale * (s + 0.2 * s.norm() / s.numel() ** 0.5 * torch.randn(s.shape, generator=g))
                     for n, s in step.items()})  # fmt: skip
