@@ -123,11 +123,12 @@ class Inbox:
         # device -> the round whose modules this node sent it this round to compute its join-stats under
         # (``JOIN_REF``, after an edge round), None where it had no reference's modules to send (``refer``)
         self.referred: dict[str, int | None] = {}
-        # (round, the reference of its training collects: this node's start), in order, a start that moved
-        # within its round (``rebase``) after the one it moved from: an aggregator with ``echo`` compares each
-        # update with the last step, this start minus the last one of an earlier round (in round 1: minus the
-        # one it moved from). In memory only: a restarted node scores no echo until it has one to compare with.
-        self._starts: list[tuple[int, ModuleSet]] = []
+        # (round, where this node's devices train from in it: its training collects' reference, as ``rebase``
+        # moved it) and their previous start, the other end of the last step an aggregator with ``echo``
+        # compares each update with (the last start of an earlier round; in the first, the start before a
+        # rebase moved it). In memory only: a restarted node scores no echo until it has one to compare with.
+        self._start: tuple[int, ModuleSet] | None = None
+        self._previous_start: ModuleSet = {}
         self._generation = 0
         self._cv = threading.Condition()
 
@@ -154,8 +155,9 @@ class Inbox:
             self.attempt = attempt
             self.registered = set(registered)
             if reference and any(c.tag.startswith(TRAINING_TAG) for c in collects):
-                earlier = [e for e in self._starts if e[0] < round_]  # a re-attempt's replaces its round's
-                self._starts = [*earlier[-1:], (round_, reference)]
+                if self._start is not None and self._start[0] < round_:  # a re-attempt keeps its round's
+                    self._previous_start = self._start[1]
+                self._start = (round_, reference)
             self.referred = {}
             self._collections = {
                 c.tag: _Collection(
@@ -182,9 +184,7 @@ class Inbox:
     def _aggregator(self, c: Collect, reference: ModuleSet | None) -> Aggregator:
         agg = make_aggregator(c.rule, self._order(c), reference, dict(c.params))
         if c.tag.startswith(TRAINING_TAG) and "echo" in dict(c.params):  # the last step: this start - the one before
-            earlier = [m for r, m in self._starts if self.round is not None and r < self.round]
-            moved = [m for r, m in self._starts if r == self.round][:-1]  # what this round's start moved from
-            agg.previous = dict(earlier[-1] if earlier else moved[0] if moved else {})
+            agg.previous = dict(self._previous_start)
         if c.tag.startswith(TRAINING_TAG) or c.rule == LABEL_CHECK:  # the senders found mislabelled: left out
             agg.excluded = {s: t for s, t in self.mislabelled.items() if s in c.senders}
         if c.tag.startswith(TRAINING_TAG) and self.head_check is not None:
@@ -247,10 +247,9 @@ class Inbox:
         trains): each collect of the round that nothing has reached yet scores its senders against ``reference``
         and leaves out the senders flagged by now (the phase's label check)."""
         with self._cv:
-            if self._starts and self._starts[-1][0] == self.round:  # where its devices train from now
-                earlier = [e for e in self._starts if e[0] < self.round][-1:]
-                first = [e for e in self._starts if e[0] == self.round][:1]
-                self._starts = [*earlier, *first, (self.round, reference)]
+            if self._start is not None and self._start[0] == self.round:  # where its devices train from now
+                self._previous_start = self._previous_start or self._start[1]  # the first round: moved from
+                self._start = (self.round, reference)
             for coll in self._collections.values():
                 if not (coll.closed or coll.accepted or coll.aggregator.senders or coll.aggregator.pending):
                     coll.aggregator = self._aggregator(coll.step, reference)
