@@ -24,7 +24,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from hffm.ids import CLOUD, role_of
 from hffm.pki import OPERATOR, SCRAPER, provision
 from hffm.results import plot_results
 from hffm.topology import Topology, final
+from services import spawn
 from services.common.security import Security
 from services.launcher_ui import RunView
 
@@ -52,7 +52,7 @@ class RunFailed(RuntimeError):
 @dataclass
 class Proc:
     name: str
-    popen: subprocess.Popen
+    popen: spawn.Process
     log: Path
     argv: list[str] | None = None
     restarts: int = 0
@@ -79,8 +79,16 @@ class Supervisor:
     is continued after its scenario's stop time. With ``faults.restart: false`` a lost device process is
     tolerated and any other ends the run (as before)."""
 
-    def __init__(self, cfg: HFFMConfig, procs: list[Proc], env: dict[str, str], view: RunView, plan: FaultPlan) -> None:
-        self.cfg, self.procs, self.env, self.view, self.plan = cfg, procs, env, view, plan
+    def __init__(
+        self,
+        cfg: HFFMConfig,
+        procs: list[Proc],
+        env: dict[str, str],
+        view: RunView,
+        plan: FaultPlan,
+        zygote: spawn.Zygote | None = None,
+    ) -> None:
+        self.cfg, self.procs, self.env, self.view, self.plan, self.zygote = cfg, procs, env, view, plan, zygote
         self.lost: set[str] = set()
         self.restarts = 0
 
@@ -129,10 +137,7 @@ class Supervisor:
     def _restart(self, p: Proc) -> None:
         assert p.argv is not None
         env = {k: v for k, v in self.env.items() if k != "HFFM_FAILPOINTS"}  # a failpoint fires once a run
-        with open(p.log, "ab") as fh:
-            p.popen = subprocess.Popen(
-                p.argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
-            )
+        p.popen = spawn.start(p.argv, p.log, env, REPO_ROOT, self.zygote)
         p.restarts += 1
         p.died_at = None
         self.restarts += 1
@@ -377,7 +382,7 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def stop_process_groups(popens: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+def stop_process_groups(popens: list[spawn.Process], grace_s: float = 5.0) -> None:
     """Stop processes started with ``start_new_session``: SIGTERM each one's process group, wait up to
     ``grace_s``, then SIGKILL every group (children that outlived their leader included) and reap."""
 
@@ -609,31 +614,31 @@ def _run(
     )
     view.header(cfg, topo, len(plan), out, info["id"])
     plotted = False
+    zygote: spawn.Zygote | None = None
     try:
-        with ExitStack() as stack:
-            for name, argv in plan:
-                log = out / "logs" / f"{name}.log"
-                fh = stack.enter_context(open(log, "ab" if resume else "wb"))
-                popen = subprocess.Popen(
-                    argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
-                )
-                procs.append(Proc(name, popen, log, argv))
-            supervisor = Supervisor(cfg, procs, env, view, fault_plan)
-            if on_start is not None:
-                on_start(supervisor)
-            _follow(cfg, topo, cloud_addr, supervisor, view, deadline, Security(cfg.security, OPERATOR))
-            # The cloud writes its complete results before it reports the end: plot them while the nodes
-            # shut down (the cloud lingers at least a second), not after.
-            plotted = _plot_if_complete(results_path, out / "results.png")
-            cloud = procs[0].popen
-            try:
-                cloud.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            # Nodes were told to shut down by the cloud; give them a moment, then make sure.
-            end = time.monotonic() + 10 + cfg.runtime.linger_s
-            while time.monotonic() < end and any(p.popen.poll() is None for p in procs):
-                time.sleep(0.1)
+        if cfg.runtime.start_method == "zygote":  # one process imports everything once; the rest fork from it
+            zygote_env = {k: v for k, v in env.items() if k != "HFFM_FAILPOINTS"}  # each child gets its own
+            zygote = spawn.Zygote(zygote_env, REPO_ROOT, out / "zygote.log")  # logs/: the nodes
+        for name, argv in plan:
+            log = out / "logs" / f"{name}.log"
+            popen = spawn.start(argv, log, env, REPO_ROOT, zygote, append=resume)
+            procs.append(Proc(name, popen, log, argv))
+        supervisor = Supervisor(cfg, procs, env, view, fault_plan, zygote)
+        if on_start is not None:
+            on_start(supervisor)
+        _follow(cfg, topo, cloud_addr, supervisor, view, deadline, Security(cfg.security, OPERATOR))
+        # The cloud writes its complete results before it reports the end: plot them while the nodes
+        # shut down (the cloud lingers at least a second), not after.
+        plotted = _plot_if_complete(results_path, out / "results.png")
+        cloud = procs[0].popen
+        try:
+            cloud.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        # Nodes were told to shut down by the cloud; give them a moment, then make sure.
+        end = time.monotonic() + 10 + cfg.runtime.linger_s
+        while time.monotonic() < end and any(p.popen.poll() is None for p in procs):
+            time.sleep(0.1)
         if prom is not None:
             _hold(prom, url, hold_s, view)
     except KeyboardInterrupt:
@@ -641,6 +646,8 @@ def _run(
         raise
     finally:
         _stop_all(procs)
+        if zygote is not None:
+            zygote.close()
         lease.close()
         if prom is not None:
             _stop_all([Proc("prometheus", prom, prom_dir / "prometheus.log")])

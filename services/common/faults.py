@@ -1,7 +1,8 @@
 """Failpoints: a node kills or stops its own process at a named point of a round, so a fault scenario
 hits exactly the phase it names (the pattern of etcd's gofail and TiKV's fail-rs).
 
-``HFFM_FAILPOINTS`` (environment, read once): comma-separated ``node:point:round:action`` with action
+``HFFM_FAILPOINTS`` (environment, read at the first ``hit``, not at import: a process forked from the
+launcher's zygote has its own environment by then): comma-separated ``node:point:round:action`` with action
 ``kill`` (SIGKILL: no cleanup, no goodbye) or ``stop`` (SIGSTOP: the process hangs until someone sends
 SIGCONT). Each fires once per process. Unset (every real run): ``hit`` is a dictionary lookup.
 
@@ -43,12 +44,15 @@ def parse(spec: str) -> dict[tuple[str, str, int], str]:
     return table
 
 
-_TABLE = parse(os.environ.get("HFFM_FAILPOINTS", ""))
+_TABLE: dict[tuple[str, str, int], str] | None = None
 _LOCK = threading.Lock()
 
 
 def hit(node: str, point: str, round_: int) -> None:
     """Fire the failpoint ``(node, point, round_)`` if one is set (once)."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = parse(os.environ.get("HFFM_FAILPOINTS", ""))
     if not _TABLE:
         return
     with _LOCK:

@@ -1,0 +1,307 @@
+"""How the local launcher starts its processes: each one is the command line compose and Kubernetes run
+(``python -m services.<role> ...``), either exec'd as a fresh interpreter or, by default, forked from a
+zygote that imported everything once (``runtime.start_method``: ``zygote`` or ``exec``).
+
+A node process spends about 2 s of CPU importing torch, transformers, gRPC and hffm before it does
+anything; a run starts several, the test suite hundreds. With ``zygote`` a run starts one zygote
+(``python -m services.spawn``, in the run's environment): it imports the node entry points, then forks
+each process the launcher asks for. The child becomes what ``python -m MODULE ARGS`` would be — its own
+session, its output to its log, the request's environment, working directory and argv, its command line
+as ``ps`` shows it (setproctitle) — and runs the
+module with ``runpy`` as ``python -m`` does: an uncaught exception, ``sys.exit`` and interpreter
+shutdown behave the same. The zygote has no threads, sockets or CUDA state when it forks, so a child
+starts as clean as an exec'd one and shares the imported pages copy-on-write.
+
+The zygote is the children's parent: it reaps them and reports each exit to the launcher, which gets a
+handle with ``subprocess.Popen``'s surface (``pid``, ``poll``, ``wait``, ``returncode``, ``send_signal``,
+``terminate``, ``kill``) either way.
+
+Protocol (JSON lines): the launcher writes ``{"argv": [...], "env": {...}, "cwd": ..., "log": ...}`` to the
+zygote's stdin and reads ``{"started": pid}`` or ``{"error": message}``, and, whenever a child ends,
+``{"exited": pid, "code": returncode}`` (negative: the signal that ended it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import runpy
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+import setproctitle
+
+# what the zygote imports before it forks: the node entry points and what they import while starting
+PRELOAD = (
+    "services.cloud.__main__",
+    "services.edge.__main__",
+    "services.device.__main__",
+    "hffm.model",
+    "transformers.models.vilt.modeling_vilt",
+)
+
+
+class Process(Protocol):
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+def python_module(argv: list[str]) -> str | None:
+    """The module ``argv`` runs with this interpreter (``[sys.executable, "-m", MODULE, ...]``), else None."""
+    if len(argv) >= 3 and argv[1] == "-m" and os.path.realpath(argv[0]) == os.path.realpath(sys.executable):
+        return argv[2]
+    return None
+
+
+class Forked:
+    """A process the zygote forked, with ``subprocess.Popen``'s surface."""
+
+    def __init__(self, zygote: Zygote, pid: int, argv: list[str]) -> None:
+        self._zygote, self.pid, self.args = zygote, pid, argv
+
+    @property
+    def returncode(self) -> int | None:
+        return self._zygote.exit_code(self.pid)
+
+    def poll(self) -> int | None:
+        return self._zygote.exit_code(self.pid)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._zygote.wait(self.pid, timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not reaped yet: the pid is still this process's
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __repr__(self) -> str:
+        return f"<Forked pid={self.pid} returncode={self.returncode} args={self.args[2:3]}>"
+
+
+class Zygote:
+    """The launcher's side of one zygote process (started in ``env``; ``close`` ends it)."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
+        with open(log, "ab") as err:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "services.spawn"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        self._log = log
+        self._lock = threading.Lock()  # one request at a time
+        self._cond = threading.Condition()
+        self._exits: dict[int, int] = {}
+        self._replies: list[dict] = []
+        self._gone = False
+        self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            msg = json.loads(line)
+            with self._cond:
+                if "exited" in msg:
+                    self._exits[msg["exited"]] = msg["code"]
+                else:
+                    self._replies.append(msg)
+                self._cond.notify_all()
+        with self._cond:
+            self._gone = True
+            self._cond.notify_all()
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked:
+        request = {"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}
+        with self._lock:
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(json.dumps(request).encode() + b"\n")
+                self._proc.stdin.flush()
+            except BrokenPipeError:
+                pass  # gone: said below
+            with self._cond:
+                self._cond.wait_for(lambda: self._replies or self._gone)
+                if not self._replies:
+                    tail = self._log.read_text(errors="replace")[-2000:] if self._log.exists() else ""
+                    raise RuntimeError(f"the zygote ({self._log}) exited with code {self._proc.wait()}:\n{tail}")
+                reply = self._replies.pop(0)
+        if "error" in reply:
+            raise RuntimeError(f"the zygote could not start {argv[2:3]}: {reply['error']}")
+        return Forked(self, reply["started"], argv)
+
+    def exit_code(self, pid: int) -> int | None:
+        with self._cond:
+            code = self._exits.get(pid)
+            if code is None and self._gone and not os.path.exists(f"/proc/{pid}"):
+                return -signal.SIGKILL  # the zygote died first; its children were reaped by init, codes unknown
+            return code
+
+    def wait(self, pid: int, timeout: float | None) -> int | None:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.exit_code(pid) is None:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(0.2 if left is None else min(left, 0.2))
+            return self.exit_code(pid)
+
+    def close(self) -> None:
+        """End the zygote (the processes it started are the launcher's to stop, and already are)."""
+        if self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.close()  # EOF: it exits
+            except BrokenPipeError:
+                pass
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._reader.join(5)
+
+
+def start(
+    argv: list[str],
+    log: Path,
+    env: dict[str, str],
+    cwd: Path,
+    zygote: Zygote | None = None,
+    append: bool = True,
+) -> Process:
+    """Start ``argv`` with both output streams to ``log`` (appended, or truncated first when not
+    ``append``): forked by ``zygote`` when given and ``argv`` runs a module with this interpreter,
+    else exec'd."""
+    if not append:
+        log.write_bytes(b"")
+    if zygote is not None and python_module(argv) is not None:
+        return zygote.start(argv, env, cwd, log)
+    with open(log, "ab") as fh:
+        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+# --- the zygote process ------------------------------------------------------------------------------
+
+
+def _serve() -> dict:
+    """The zygote's loop: fork a child per request, report exits; return the request in a child."""
+    requests = os.fdopen(os.dup(0), "rb", buffering=0)
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)  # nothing the zygote prints mixes with the replies
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector
+    sel = selectors.DefaultSelector()
+    sel.register(requests, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    children: set[int] = set()
+    pending = b""
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            replies.write(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}) + "\n")
+
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj == wake_r:
+                os.read(wake_r, 4096)
+                reap()
+                continue
+            chunk = requests.read(65536)
+            if not chunk:  # the launcher closed the pipe (or is gone): the zygote's work is done
+                reap()
+                os._exit(0)
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                try:
+                    request = json.loads(line)
+                    pid = os.fork()
+                except (ValueError, OSError) as err:
+                    replies.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
+                    continue
+                if pid == 0:  # the child: leave the zygote behind
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    sel.close()
+                    for fd in (wake_r, wake_w, devnull):
+                        os.close(fd)
+                    replies.close()
+                    requests.close()
+                    return request
+                children.add(pid)
+                replies.write(json.dumps({"started": pid}) + "\n")
+        reap()
+
+
+def _become(request: dict) -> None:
+    """In a forked child: become ``python -m MODULE ARGS`` as the request says, then run it."""
+    os.setsid()  # its own session and process group (start_new_session); stdin is /dev/null
+    fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    argv = request["argv"]
+    setproctitle.setproctitle(" ".join(argv))  # ps, pkill -f and /proc/PID/cmdline show its command line
+    module = argv[2]
+    sys.argv = [module, *argv[3:]]
+    # what the zygote imported runs afresh as __main__ (python -m leaves it out of sys.modules)
+    if not hasattr(sys.modules.get(module), "__path__"):
+        sys.modules.pop(module, None)
+    sys.modules.pop(module + ".__main__", None)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def main() -> None:
+    setproctitle.setproctitle(setproctitle.getproctitle())  # set up now, while the environment is the process's own
+    for name in PRELOAD:
+        __import__(name)
+    gc.collect()
+    gc.freeze()  # what the children share: the collector never writes to those pages
+    request = _serve()
+    _become(request)
+
+
+if __name__ == "__main__":
+    main()

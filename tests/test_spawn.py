@@ -1,0 +1,130 @@
+"""The launcher's zygote (services/spawn.py): a process it forks is what ``python -m`` would have started
+from the same command line — argv, environment, working directory, session, streams, exit codes — and its
+handle answers as ``subprocess.Popen`` does. Each case runs the same command both ways and compares."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services import spawn
+from services.launcher import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    log = tmp_path_factory.mktemp("zygote") / "zygote.log"
+    env = dict(os.environ, SPAWN_TEST_ZYGOTE="only in the zygote's own environment", PYTHONUNBUFFERED="1")
+    z = spawn.Zygote(env, REPO_ROOT, log)
+    yield z
+    z.close()
+
+
+def both(zygote, tmp_path, action: str, cwd: Path | None = None):
+    """Start ``python -m tests.spawn_child ACTION`` exec'd and forked (same env and cwd): the two handles."""
+    argv = [sys.executable, "-m", "tests.spawn_child", action, "an argument"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "SPAWN_TEST": "x"}
+    out = {}
+    for how, z in (("exec", None), ("zygote", zygote)):
+        log = tmp_path / f"{how}-{action}.log"
+        out[how] = (spawn.start(argv, log, env, cwd or REPO_ROOT, z, append=False), log)
+    return out
+
+
+def report(log: Path) -> tuple[dict, list[str]]:
+    lines = log.read_text().splitlines()
+    return json.loads(lines[0]), lines[1:]
+
+
+def test_a_forked_child_is_what_python_m_starts(zygote, tmp_path):
+    started = both(zygote, tmp_path, "report", cwd=tmp_path)
+    (exec_p, exec_log), (fork_p, fork_log) = started["exec"], started["zygote"]
+    assert isinstance(exec_p, subprocess.Popen) and isinstance(fork_p, spawn.Forked)
+    assert exec_p.wait(30) == 0 and fork_p.wait(30) == 0
+    assert fork_p.returncode == 0 and fork_p.poll() == 0
+    exec_report, exec_rest = report(exec_log)
+    fork_report, fork_rest = report(fork_log)
+    assert fork_report == exec_report
+    # run as the main module, with the command line's arguments, in the requested directory, with exactly
+    # the requested environment (not the zygote's), in a session of its own, stdin empty
+    assert fork_report["name"] == "__main__"
+    assert fork_report["argv"][1:] == ["report", "an argument"]
+    assert fork_report["argv"][0].endswith("spawn_child.py")
+    assert fork_report["cwd"] == str(tmp_path)
+    assert fork_report["env"] == {"SPAWN_TEST": "x"}
+    assert fork_report["own_session"] is True
+    assert fork_report["stdin"] == "" and fork_report["main_loaded"] is False
+    # and ps shows its own command line, not the zygote's
+    assert fork_report["cmdline"] == f"{sys.executable} -m tests.spawn_child report an argument"
+    # both streams in the log, and the interpreter's shutdown (atexit) as python -m does it
+    assert fork_rest == exec_rest == ["to stderr", "atexit ran"]
+
+
+@pytest.mark.parametrize(
+    "action,code,says",
+    [
+        ("exit3", 3, None),
+        ("exitmsg", 1, "a message from sys.exit"),
+        ("raise", 1, "RuntimeError: the child failed"),
+        ("killself", -signal.SIGKILL, None),
+    ],
+)
+def test_exit_codes_and_what_a_failing_child_leaves_in_its_log_match(zygote, tmp_path, action, code, says):
+    started = both(zygote, tmp_path, action)
+    for how, (p, log) in started.items():
+        assert p.wait(30) == code, how
+        text = log.read_text()
+        assert text.startswith("{"), how  # its report, unbuffered: written before it died
+        if says:
+            assert says in text, how
+        assert ("atexit ran" in text) == (action != "killself"), how
+
+
+def test_the_handle_waits_signals_and_times_out_as_popen_does(zygote, tmp_path):
+    for how, (p, log) in both(zygote, tmp_path, "sleep").items():
+        assert p.poll() is None and p.returncode is None, how
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(0.3)
+        deadline = time.monotonic() + 30
+        while not log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGTERM)  # the launcher stops a process by its group
+        assert p.wait(30) == -signal.SIGTERM, how
+        p.kill()  # after the end: nothing (the pid may be someone else's by now)
+        assert p.poll() == -signal.SIGTERM
+
+
+def test_a_node_entry_point_runs_forked_and_reports_a_config_error(zygote, tmp_path):
+    """The node modules run as they would with python -m: a bad config is their one-line error, exit 1."""
+    argv = [sys.executable, "-m", "services.edge", "--config", str(tmp_path / "missing.yaml")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for how, z in (("exec", None), ("zygote", zygote)):
+        log = tmp_path / f"{how}.log"
+        p = spawn.start(argv, log, env, REPO_ROOT, z, append=False)
+        assert p.wait(60) == 1, how
+        assert "missing.yaml" in log.read_text(), how
+
+
+def test_a_dead_zygote_is_a_clear_error_not_a_hang(tmp_path):
+    log = tmp_path / "zygote.log"
+    z = spawn.Zygote(dict(os.environ), REPO_ROOT, log)
+    try:
+        z._proc.kill()  # the test's one reach inside: the zygote dying under the launcher
+        z._proc.wait(10)
+        with pytest.raises(RuntimeError, match="the zygote .* exited with code -9"):
+            z.start([sys.executable, "-m", "tests.spawn_child"], dict(os.environ), REPO_ROOT, tmp_path / "c.log")
+    finally:
+        z.close()
+
+
+def test_argv_that_is_not_python_m_is_exec_d(zygote, tmp_path):
+    p = spawn.start(["/bin/sh", "-c", "echo plain; exit 4"], tmp_path / "sh.log", dict(os.environ), tmp_path, zygote)
+    assert isinstance(p, subprocess.Popen) and p.wait(10) == 4
+    assert (tmp_path / "sh.log").read_text() == "plain\n"
