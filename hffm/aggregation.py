@@ -597,6 +597,8 @@ class _Buffered(Aggregator):
         concatenation held). Honest non-IID updates point their own ways; colluders sending one vector
         (ALIE, IPM) are twins at 1, and so are senders whose whole updates are the same (within
         SAME_UPDATE of the median update's norm: free riders sending back what they received, all zero).
+        Measured from the node's start (every module has one), a zero update is a twin at 1 of the start
+        itself: a lone free rider, or an echo with no last step yet, has nobody else to be a twin of.
         Fewer than MIN_SENDERS_TO_FLAG senders: none scored."""
         senders = sorted({s for copies in self._held.values() for s, _ in copies})
         if len(senders) < MIN_SENDERS_TO_FLAG:
@@ -619,7 +621,11 @@ class _Buffered(Aggregator):
             d2 = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0)
             cos = torch.where(d2 <= (SAME_UPDATE * med) ** 2, torch.ones_like(cos), cos)
         cos.fill_diagonal_(-1.0)
-        return {s: float(cos[i].max()) for s, i in index.items()}
+        best = cos.max(dim=1).values
+        if med > 0 and all(self.reference.get(name) is not None for name in self._held):
+            # from a median centre a zero update only says "at the median": a twin of nothing
+            best = torch.where(norms <= SAME_UPDATE * med, torch.ones_like(best), best)
+        return {s: float(best[i]) for s, i in index.items()}
 
     def _centre(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """What a copy's update is measured from: the node's own module at the start of the round, or

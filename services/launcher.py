@@ -617,8 +617,7 @@ def _run(
     zygote: spawn.Zygote | None = None
     try:
         if cfg.runtime.start_method == "zygote":  # one process imports everything once; the rest fork from it
-            zygote_env = {k: v for k, v in env.items() if k != "HFFM_FAILPOINTS"}  # each child gets its own
-            zygote = spawn.Zygote(zygote_env, REPO_ROOT, out / "zygote.log")  # logs/: the nodes
+            zygote = spawn.zygote_for(env, REPO_ROOT)  # this process's, kept for its next run
         for name, argv in plan:
             log = out / "logs" / f"{name}.log"
             popen = spawn.start(argv, log, env, REPO_ROOT, zygote, append=resume)
@@ -646,8 +645,6 @@ def _run(
         raise
     finally:
         _stop_all(procs)
-        if zygote is not None:
-            zygote.close()
         lease.close()
         if prom is not None:
             _stop_all([Proc("prometheus", prom, prom_dir / "prometheus.log")])

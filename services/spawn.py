@@ -3,14 +3,15 @@
 zygote that imported everything once (``runtime.start_method``: ``zygote`` or ``exec``).
 
 A node process spends about 2 s of CPU importing torch, transformers, gRPC and hffm before it does
-anything; a run starts several, the test suite hundreds. With ``zygote`` a run starts one zygote
-(``python -m services.spawn``, in the run's environment): it imports the node entry points, then forks
-each process the launcher asks for. The child becomes what ``python -m MODULE ARGS`` would be — its own
-session, its output to its log, the request's environment, working directory and argv, its command line
-as ``ps`` shows it (setproctitle) — and runs the
-module with ``runpy`` as ``python -m`` does: an uncaught exception, ``sys.exit`` and interpreter
-shutdown behave the same. The zygote has no threads, sockets or CUDA state when it forks, so a child
-starts as clean as an exec'd one and shares the imported pages copy-on-write.
+anything; a run starts several, the test suite hundreds. With ``zygote`` the launcher's first run
+starts a zygote (``python -m services.spawn``, in the run's environment), kept for its later runs
+(``zygote_for``): it imports the node entry points once, then forks each process the launcher asks
+for. The child becomes what ``python -m MODULE ARGS`` would be — its own session, its output to its
+log, the request's environment, working directory and argv, its command line as ``ps`` shows it
+(setproctitle) — and runs the module with ``runpy`` as ``python -m`` does: an uncaught exception,
+``sys.exit`` and interpreter shutdown behave the same. The zygote has no threads, sockets or CUDA
+state when it forks, so a child starts as clean as an exec'd one and shares the imported pages
+copy-on-write.
 
 The zygote is the children's parent: it reaps them and reports each exit to the launcher, which gets a
 handle with ``subprocess.Popen``'s surface (``pid``, ``poll``, ``wait``, ``returncode``, ``send_signal``,
@@ -23,6 +24,7 @@ zygote's stdin and reads ``{"started": pid}`` or ``{"error": message}``, and, wh
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
@@ -31,6 +33,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -118,6 +121,7 @@ class Zygote:
         self._lock = threading.Lock()  # one request at a time
         self._cond = threading.Condition()
         self._exits: dict[int, int] = {}
+        self._started: list[int] = []
         self._replies: list[dict] = []
         self._gone = False
         self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
@@ -154,6 +158,8 @@ class Zygote:
                 reply = self._replies.pop(0)
         if "error" in reply:
             raise RuntimeError(f"the zygote could not start {argv[2:3]}: {reply['error']}")
+        with self._cond:
+            self._started.append(reply["started"])
         return Forked(self, reply["started"], argv)
 
     def exit_code(self, pid: int) -> int | None:
@@ -173,6 +179,15 @@ class Zygote:
                 self._cond.wait(0.2 if left is None else min(left, 0.2))
             return self.exit_code(pid)
 
+    def alive(self) -> bool:
+        with self._cond:
+            return not self._gone and self._proc.poll() is None
+
+    def idle(self) -> bool:
+        """No process it started is still running."""
+        with self._cond:
+            return all(pid in self._exits for pid in self._started)
+
     def close(self) -> None:
         """End the zygote (the processes it started are the launcher's to stop, and already are)."""
         if self._proc.poll() is None:
@@ -187,6 +202,38 @@ class Zygote:
                 self._proc.kill()
                 self._proc.wait()
         self._reader.join(5)
+
+
+PER_RUN_ENV = ("HFFM_RUN_ID", "HFFM_RUN_STARTED", "HFFM_FAILPOINTS")  # each request carries its own
+_SHARED: dict[tuple, Zygote] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def zygote_for(env: dict[str, str], cwd: Path) -> Zygote:
+    """This process's zygote for ``env`` (less what differs from run to run, ``PER_RUN_ENV``): started at
+    the first run and kept for the next ones (a test session, a benchmark of many runs: one import for
+    all of them); a new one when it died or the environment differs. Zygotes of another environment
+    that no longer run anything are ended; the rest end with this process (``atexit``, and the EOF on
+    their request pipe when it dies)."""
+    base = {k: v for k, v in env.items() if k not in PER_RUN_ENV}
+    key = (str(cwd), tuple(sorted(base.items())))
+    with _SHARED_LOCK:
+        for k, z in list(_SHARED.items()):
+            if not z.alive() or (k != key and z.idle()):
+                z.close()
+                del _SHARED[k]
+        if key not in _SHARED:
+            log = Path(tempfile.gettempdir()) / f"hffm-zygote-{os.getpid()}-{len(_SHARED)}.log"
+            _SHARED[key] = Zygote(base, cwd, log)
+        return _SHARED[key]
+
+
+@atexit.register
+def close_zygotes() -> None:
+    with _SHARED_LOCK:
+        for z in _SHARED.values():
+            z.close()
+        _SHARED.clear()
 
 
 def start(

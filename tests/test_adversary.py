@@ -381,22 +381,24 @@ def test_a_free_rider_hiding_in_noise_is_flagged_by_its_update_s_shape(tmp_path,
     assert all(s["excluded"] == (s["sender"] == "device-0-4") for s in scores)
 
 
-def test_an_echo_of_the_last_step_is_flagged_by_its_direction(tmp_path):
-    """hfm over real gRPC and mTLS, one edge of five devices; device-0-3 and device-0-4 train nothing and send
-    the last step they saw (their start minus their previous start, jitter 0.2: not twins). Round 1 they have
-    no step to echo and send what they received (zero updates: twins). From round 2 on their updates are of an
-    honest size and shape, but the edge's last step (its start minus its previous round's) is where they point:
-    echo flags them, each round, and leaves them out; the honest devices' cosine with it stays near 0."""
+@pytest.mark.parametrize("bad", [["device-0-3", "device-0-4"], ["device-0-4"]], ids=["two", "lone"])
+def test_an_echo_of_the_last_step_is_flagged_by_its_direction(tmp_path, bad):
+    """hfm over real gRPC and mTLS, one edge of five devices; the echoes train nothing and send the last step
+    they saw (their start minus their previous start, jitter 0.2: two are not twins). Round 1 they have no
+    step to echo and send what they received: a zero update from the edge's start, a twin of that start
+    (two of them, of each other too). From round 2 on their updates are of an honest size and shape, but the
+    edge's last step (its start minus its previous round's) is where they point: echo flags them, each round,
+    and leaves them out; the honest devices' cosine with it stays near 0."""
     sets = ["method=hfm", "e_agg=1", "rounds=3", "topology.edges=1", "topology.devices_per_edge=5",
-            "runtime.devices_per_process=5", "data.train_per_task=60", "adversary.nodes=[device-0-3,device-0-4]",
+            "runtime.devices_per_process=5", "data.train_per_task=60", f"adversary.nodes=[{','.join(bad)}]",
             "adversary.behaviour=echo", "adversary.scale=1", "adversary.jitter=0.2",
             "aggregation.params={update_z: 3.5, twin_cos: 0.99, echo: 0.5, exclude_flagged: 1}"]  # fmt: skip
     out = tmp_path / "run"
     res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
     det = res["detection"]
-    assert det["flagged"] == det["adversaries"] == ["device-0-3", "device-0-4"], det
+    assert det["flagged"] == det["adversaries"] == bad, det
     assert det["false_positive_rate"] == 0.0, det
-    bad = {"device-0-3", "device-0-4"}
+    bad = set(bad)
     for r in res["rounds"]:
         scores = [s for a in r["aggregates"] if a["node"] == "edge-0" for s in a["scores"]]
         assert {s["sender"] for s in scores if s["excluded"]} == bad, r["round"]

@@ -520,8 +520,10 @@ def test_colluding_twins_do_not_set_the_yardstick_the_others_are_scored_by():
 def test_senders_returning_what_they_received_are_twins():
     """Two free riders send back the node's own modules (their updates are zero: no cosine to compare):
     the same whole update twice is a twin at 1, so with twin_cos both are flagged and left out, and the
-    medians the others are scored by are the honest senders'. One free rider alone is no one's twin; a
-    round in which nobody's update moved (a no-op step) flags nobody."""
+    medians the others are scored by are the honest senders'. One free rider alone is a twin of the start it
+    was sent (its update measured from it is zero); without a start to measure from (the copies' median as
+    the centre) a sender at the median is a twin of nothing. A round in which nobody's update moved (a no-op
+    step) flags nobody."""
     g = torch.Generator().manual_seed(14)
     names = [f"d{i}" for i in range(5)]
     shapes = {"adapter.0": (30, 20), "head.art": (4,)}
@@ -529,9 +531,9 @@ def test_senders_returning_what_they_received_are_twins():
     ups = [{n: torch.randn(*sh, generator=g) for n, sh in shapes.items()} for _ in range(3)]
     zero = {n: torch.zeros(sh) for n, sh in shapes.items()}
 
-    def run(updates):
+    def run(updates, reference=own):
         mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in updates]
-        agg = make_aggregator("fedavg", names[: len(mods)], own, {"twin_cos": 0.99, "exclude_flagged": 1})
+        agg = make_aggregator("fedavg", names[: len(mods)], reference, {"twin_cos": 0.99, "exclude_flagged": 1})
         for n, m in zip(names, mods, strict=False):
             agg.add(n, list(m.values()))
         return mods, agg.result(1), agg.scores
@@ -543,7 +545,15 @@ def test_senders_returning_what_they_received_are_twins():
         want = sum(mods[i][n].tensors["w"] for i in range(3)) / 3
         assert torch.allclose(out[n].tensors["w"], want, atol=1e-6)
     _, _, scores = run([*ups, {n: torch.randn(*sh, generator=g) for n, sh in shapes.items()}, zero])
-    assert not any(sc.flagged for sc in scores)  # one free rider is no one's twin
+    assert {sc.sender for sc in scores if sc.flagged} == {"d4"}  # one free rider: a twin of its start
+    assert {sc.sender: sc.twin for sc in scores}["d4"] == 1.0
+    # no start held: updates are measured from the copies' median, which d4 is (two above it, two below
+    # in every value): zero from there is no sign of free riding
+    up = {n: ups[0][n].abs() + 0.1 for n in shapes}
+    down = {n: -ups[1][n].abs() - 0.1 for n in shapes}
+    _, _, scores = run([up, up, down, down, zero], reference={})
+    assert {sc.sender: sc.twin for sc in scores}["d4"] < 0.99
+    assert {sc.sender for sc in scores if sc.flagged} == {"d0", "d1", "d2", "d3"}  # the pairs are twins
     _, _, scores = run([zero] * 5)
     assert not any(sc.flagged for sc in scores)  # nobody trained
 

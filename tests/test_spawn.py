@@ -128,3 +128,28 @@ def test_argv_that_is_not_python_m_is_exec_d(zygote, tmp_path):
     p = spawn.start(["/bin/sh", "-c", "echo plain; exit 4"], tmp_path / "sh.log", dict(os.environ), tmp_path, zygote)
     assert isinstance(p, subprocess.Popen) and p.wait(10) == 4
     assert (tmp_path / "sh.log").read_text() == "plain\n"
+
+
+def test_one_zygote_serves_a_process_s_runs_until_its_environment_changes(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SPAWN_TEST_KEY="a")
+    first = spawn.zygote_for(dict(env, HFFM_RUN_ID="run-1"), REPO_ROOT)
+    try:
+        assert spawn.zygote_for(dict(env, HFFM_RUN_ID="run-2", HFFM_FAILPOINTS="x:y:1:kill"), REPO_ROOT) is first
+        p = spawn.start(
+            [sys.executable, "-m", "tests.spawn_child", "sleep"], tmp_path / "a.log", env, REPO_ROOT, first, False
+        )
+        # another environment: a zygote of its own; the first still runs a process, so it stays
+        other = spawn.zygote_for(dict(env, SPAWN_TEST_KEY="b"), REPO_ROOT)
+        assert other is not first and first.alive()
+        p.kill()
+        p.wait(30)
+        # idle now: the next request for another environment ends it
+        assert spawn.zygote_for(dict(env, SPAWN_TEST_KEY="b"), REPO_ROOT) is other
+        assert not first.alive()
+        # a zygote that died is replaced, not handed out
+        other._proc.kill()
+        other._proc.wait(10)
+        again = spawn.zygote_for(dict(env, SPAWN_TEST_KEY="b"), REPO_ROOT)
+        assert again is not other and again.alive()
+    finally:
+        spawn.close_zygotes()
