@@ -81,13 +81,21 @@ def pss_of(marker: str) -> int:
         try:
             if marker not in (d / "cmdline").read_bytes().decode(errors="replace"):
                 continue
-            for line in (d / "smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
         except OSError:
             continue
+        total += pss_of_pid(int(d.name))
     return total
+
+
+def pss_of_pid(pid: int) -> int:
+    """One process's proportional set size (bytes; 0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def mem_available() -> int:

@@ -179,6 +179,10 @@ class Zygote:
                 self._cond.wait(0.2 if left is None else min(left, 0.2))
             return self.exit_code(pid)
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def alive(self) -> bool:
         with self._cond:
             return not self._gone and self._proc.poll() is None
@@ -202,6 +206,11 @@ class Zygote:
                 self._proc.kill()
                 self._proc.wait()
         self._reader.join(5)
+        try:
+            if self._log.stat().st_size == 0:  # nothing to tell: no file left behind
+                self._log.unlink()
+        except OSError:
+            pass
 
 
 PER_RUN_ENV = ("HFFM_RUN_ID", "HFFM_RUN_STARTED", "HFFM_FAILPOINTS")  # each request carries its own
@@ -226,6 +235,12 @@ def zygote_for(env: dict[str, str], cwd: Path) -> Zygote:
             log = Path(tempfile.gettempdir()) / f"hffm-zygote-{os.getpid()}-{len(_SHARED)}.log"
             _SHARED[key] = Zygote(base, cwd, log)
         return _SHARED[key]
+
+
+def zygotes() -> list[Zygote]:
+    """This process's zygotes (``zygote_for``)."""
+    with _SHARED_LOCK:
+        return list(_SHARED.values())
 
 
 @atexit.register

@@ -173,6 +173,25 @@ def test_truncated_stream(edge):
     _expect(ch, node, reqs[:-1], grpc.StatusCode.INVALID_ARGUMENT, "truncated")
 
 
+@pytest.mark.parametrize("one_chunk", [True, False])
+def test_the_mid_stream_failpoint_fires_while_the_push_is_incomplete(edge, one_chunk):
+    """``send.<tag>`` (a failpoint that stops or kills the sender) fires with the push incomplete: before the
+    second chunk is yielded, or, for a push of one chunk, before that chunk (the receiver holds the header
+    alone). Fired after the only chunk, the push could be whole at the receiver already."""
+    node, _, _ = edge
+    _, ems = _good(node, D0, 1)
+    ems = sorted(ems, key=lambda em: sum(len(s) for s in em.segments))[:1] if one_chunk else ems
+    chunk_bytes = 4 << 20 if one_chunk else 4096
+    h = _header(D0, ems)
+    seen: list[str] = []
+    for req in push_requests(h, ems, chunk_bytes, lambda: seen.append("failpoint")):
+        seen.append("header" if isinstance(req, pb.PushRequest) else "chunk")
+    assert seen.count("failpoint") == 1 and (seen.count("chunk") == 1) == one_chunk
+    at = seen.index("failpoint")
+    assert seen[:at] == (["header"] if one_chunk else ["header", "chunk"])
+    assert "chunk" in seen[at + 1 :]  # data always follows it
+
+
 def test_out_of_order_chunks(edge):
     node, ch, _ = edge
     h, ems = _good(node, D0, 1)

@@ -148,11 +148,12 @@ def test_a_precision_the_device_cannot_run_is_refused_before_any_process_starts(
     assert _alive(str(tmp_path / "config.yaml")) == []
 
 
-def test_failing_child_stops_everything_and_shows_its_log(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["zygote", "exec"])
+def test_failing_child_stops_everything_and_shows_its_log(tmp_path, monkeypatch, method):
     # the launcher checks every input it can before starting anything; a child that fails anyway: its
     # environment gives it an override the launcher never reads
     monkeypatch.setenv("HFFM_SET", "runtime.nosuch_key=1")
-    cfg = load_config(None, [*SMALL, "rounds=2"])
+    cfg = load_config(None, [*SMALL, "rounds=2", f"runtime.start_method={method}"])
     buf = io.StringIO()
     with pytest.raises(RunFailed, match="exited with code 1") as failed:
         run(cfg, tmp_path, Console(file=buf, width=200), timeout_s=120)
@@ -189,8 +190,8 @@ def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want, via):
             str(tmp_path),
             *sum((["--set", s] for s in sets), []),
         ]
-    else:
-        cmd = [sys.executable, "-c", _LIBRARY_RUN, str(tmp_path), *sets]
+    else:  # and its processes exec'd, not forked from the zygote
+        cmd = [sys.executable, "-c", _LIBRARY_RUN, str(tmp_path), *sets, "runtime.start_method=exec"]
     # As from a terminal: SIGINT handled by default. A test run started in the background of a
     # non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN.
     p = subprocess.Popen(

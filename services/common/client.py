@@ -126,17 +126,24 @@ def push_requests(
     header: PushHeader,
     encoded: Sequence[EncodedModule],
     chunk_bytes: int,
-    after_first_chunk: Callable[[], None] | None = None,
+    mid_stream: Callable[[], None] | None = None,
     trailer: Callable[[], pb.PushTrailer] | None = None,
 ) -> Iterator[pb.PushRequest | ChunkMessage]:
     """The header, then every chunk as a message in protobuf's wire format, its data still the encoded
     blobs' pieces (``chunkwire.ChunkMessage``: gRPC's serializer joins them, the bulk transport sends
-    them as they are); then ``trailer()``'s, when given (``trailed_push``)."""
+    them as they are); then ``trailer()``'s, when given (``trailed_push``). ``mid_stream`` (a failpoint)
+    is called once with the push incomplete on the wire whatever its size: before the second chunk is
+    yielded, or before the only one (the receiver then holds the header alone). Called after the first
+    of one chunk, the push could already be whole at the receiver (the chunk flushed before the call)."""
     yield pb.PushRequest(header=header_to_pb(header))
-    for n, (i, off, pieces) in enumerate(chunk_pieces(encoded, chunk_bytes)):
-        yield chunk_parts(i, off, pieces)
-        if n == 0 and after_first_chunk is not None:
-            after_first_chunk()
+    chunks = iter(chunk_pieces(encoded, chunk_bytes))
+    this, n = next(chunks, None), 0
+    while this is not None:
+        following = next(chunks, None)
+        if mid_stream is not None and (n == 1 or (n == 0 and following is None)):
+            mid_stream()
+        yield chunk_parts(*this)
+        this, n = following, n + 1
     if trailer is not None:
         yield pb.PushRequest(trailer=trailer())
 
@@ -147,7 +154,7 @@ def trailed_push(
     chunk_bytes: int,
     digests: Callable[[], list[bytes]],
     sign: Callable[[PushHeader], PushHeader],
-    after_first_chunk: Callable[[], None] | None = None,
+    mid_stream: Callable[[], None] | None = None,
 ) -> Iterator[pb.PushRequest | ChunkMessage]:
     """A push whose digests follow its chunks (``wire.digests: trailer``): the header signed with every
     digest empty, the chunks while the digests are computed elsewhere, then a trailer with ``digests()``
@@ -159,7 +166,7 @@ def trailed_push(
         mods = tuple(replace(m, digest=d) for m, d in zip(header.modules, ds, strict=True))
         return pb.PushTrailer(digests=ds, signature=sign(replace(header, modules=mods)).signature)
 
-    return push_requests(sign(empty), encoded, chunk_bytes, after_first_chunk, trailer)
+    return push_requests(sign(empty), encoded, chunk_bytes, mid_stream, trailer)
 
 
 def push_callable(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:

@@ -11,7 +11,7 @@ Points (where the code calls ``hit``):
 | point | where |
 |---|---|
 | ``train`` | a device starts its local training |
-| ``send.<tag>`` | a push to collect step ``<tag>`` has sent its first chunk (mid-stream) |
+| ``send.<tag>`` | a push to collect step ``<tag>`` is mid-stream, never whole at the receiver (``push_requests``) |
 | ``relay`` | a device starts relaying a D2D push for a peer |
 | ``collect.<tag>`` | a node starts waiting in collect step ``<tag>`` |
 | ``collected.<tag>`` | collect step ``<tag>`` has every push it waits for, before it aggregates |
