@@ -137,6 +137,8 @@ class Supervisor:
     def _restart(self, p: Proc) -> None:
         assert p.argv is not None
         env = {k: v for k, v in self.env.items() if k != "HFFM_FAILPOINTS"}  # a failpoint fires once a run
+        if self.zygote is not None and not self.zygote.alive():  # it died: a new one (its orphans run on)
+            self.zygote = spawn.zygote_for(self.env, REPO_ROOT)
         p.popen = spawn.start(p.argv, p.log, env, REPO_ROOT, self.zygote)
         p.restarts += 1
         p.died_at = None
@@ -620,7 +622,10 @@ def _run(
             zygote = spawn.zygote_for(env, REPO_ROOT)  # this process's, kept for its next run
         for name, argv in plan:
             log = out / "logs" / f"{name}.log"
-            popen = spawn.start(argv, log, env, REPO_ROOT, zygote, append=resume)
+            try:
+                popen = spawn.start(argv, log, env, REPO_ROOT, zygote, append=resume)
+            except spawn.ZygoteError as err:
+                raise RunFailed(f"{err}\n(runtime.start_method: exec starts fresh interpreters instead)") from None
             procs.append(Proc(name, popen, log, argv))
         supervisor = Supervisor(cfg, procs, env, view, fault_plan, zygote)
         if on_start is not None:

@@ -51,6 +51,10 @@ PRELOAD = (
 )
 
 
+class ZygoteError(RuntimeError):
+    """The zygote is gone or could not start a process (the message says why, with its log's end)."""
+
+
 class Process(Protocol):
     pid: int
 
@@ -154,10 +158,10 @@ class Zygote:
                 self._cond.wait_for(lambda: self._replies or self._gone)
                 if not self._replies:
                     tail = self._log.read_text(errors="replace")[-2000:] if self._log.exists() else ""
-                    raise RuntimeError(f"the zygote ({self._log}) exited with code {self._proc.wait()}:\n{tail}")
+                    raise ZygoteError(f"the zygote ({self._log}) exited with code {self._proc.wait()}:\n{tail}")
                 reply = self._replies.pop(0)
         if "error" in reply:
-            raise RuntimeError(f"the zygote could not start {argv[2:3]}: {reply['error']}")
+            raise ZygoteError(f"the zygote could not start {argv[2:3]}: {reply['error']}")
         with self._cond:
             self._started.append(reply["started"])
         return Forked(self, reply["started"], argv)
@@ -357,8 +361,14 @@ def _become(request: dict) -> None:
 
 def main() -> None:
     setproctitle.setproctitle(setproctitle.getproctitle())  # set up now, while the environment is the process's own
+    # a CUDA check while importing must not initialise the driver (NVML answers it), or no child could use it
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     for name in PRELOAD:
         __import__(name)
+    import torch
+
+    if torch.cuda.is_initialized():  # a child forked now could not initialise CUDA itself
+        sys.exit("services.spawn: importing the nodes initialised CUDA; use runtime.start_method: exec")
     gc.collect()
     gc.freeze()  # what the children share: the collector never writes to those pages
     request = _serve()

@@ -118,7 +118,7 @@ def test_a_dead_zygote_is_a_clear_error_not_a_hang(tmp_path):
     try:
         z._proc.kill()  # the test's one reach inside: the zygote dying under the launcher
         z._proc.wait(10)
-        with pytest.raises(RuntimeError, match="the zygote .* exited with code -9"):
+        with pytest.raises(spawn.ZygoteError, match="the zygote .* exited with code -9"):
             z.start([sys.executable, "-m", "tests.spawn_child"], dict(os.environ), REPO_ROOT, tmp_path / "c.log")
     finally:
         z.close()
@@ -153,3 +153,52 @@ def test_one_zygote_serves_a_process_s_runs_until_its_environment_changes(tmp_pa
         assert again is not other and again.alive()
     finally:
         spawn.close_zygotes()
+
+
+def test_a_run_whose_zygote_dies_goes_on_and_restarts_a_lost_node_from_a_new_one(tmp_path):
+    """The launcher over real processes: once round 1 is done the zygote is SIGKILLed, then edge-0. The nodes
+    the zygote had forked run on; the supervisor starts edge-0 again from a new zygote; the run completes."""
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from hffm.config import load_config
+    from services.launcher import run
+
+    sets = ["topology.edges=2", "topology.devices_per_edge=2", "data.train_per_task=200", "rounds=4",
+            "data.global_test_per_task=64", "faults.restart_delay_s=0.5", "faults.rejoin_wait_s=60"]  # fmt: skip
+    hit: dict = {}
+
+    def on_start(sup) -> None:
+        def go() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and "round 1 done" not in _read(tmp_path / "logs" / "cloud.log"):
+                time.sleep(0.1)
+            hit["zygote"] = sup.zygote
+            os.kill(sup.zygote.pid, signal.SIGKILL)
+            sup.zygote._proc.wait(10)
+            edge = next(p for p in sup.procs if p.name == "edge-0")
+            hit["edge"] = edge.popen.pid
+            os.killpg(edge.popen.pid, signal.SIGKILL)
+
+        threading.Thread(target=go, daemon=True).start()
+        hit["sup"] = sup
+
+    try:
+        res = run(load_config(None, sets), tmp_path, Console(file=io.StringIO()), timeout_s=300, on_start=on_start)
+        assert res["complete"] and len(res["rounds"]) == 4 and res["restarts"] == 1
+        sup = hit["sup"]
+        assert sup.zygote is not hit["zygote"] and not hit["zygote"].alive()
+        edge = next(p for p in sup.procs if p.name == "edge-0")
+        assert edge.popen.pid != hit["edge"] and edge.restarts == 1
+        assert edge.popen.returncode == 0  # the restarted edge ran to the end, its exit seen by the new zygote
+    finally:
+        spawn.close_zygotes()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
