@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import io
 import json
 import os
 import runpy
@@ -69,7 +70,8 @@ class Process(Protocol):
 
 def python_module(argv: list[str]) -> str | None:
     """The module ``argv`` runs with this interpreter (``[sys.executable, "-m", MODULE, ...]``), else None."""
-    if len(argv) >= 3 and argv[1] == "-m" and os.path.realpath(argv[0]) == os.path.realpath(sys.executable):
+    # the same path, not the same file: a virtualenv's python links to the base one and has other packages
+    if len(argv) >= 3 and argv[1] == "-m" and os.path.abspath(argv[0]) == os.path.abspath(sys.executable):
         return argv[2]
     return None
 
@@ -133,17 +135,19 @@ class Zygote:
 
     def _read(self) -> None:
         assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            msg = json.loads(line)
+        try:
+            for line in self._proc.stdout:
+                msg = json.loads(line)
+                with self._cond:
+                    if "exited" in msg:
+                        self._exits[msg["exited"]] = msg["code"]
+                    else:
+                        self._replies.append(msg)
+                    self._cond.notify_all()
+        finally:  # EOF, or a reply it cannot read: gone either way, and whoever waits is told
             with self._cond:
-                if "exited" in msg:
-                    self._exits[msg["exited"]] = msg["code"]
-                else:
-                    self._replies.append(msg)
+                self._gone = True
                 self._cond.notify_all()
-        with self._cond:
-            self._gone = True
-            self._cond.notify_all()
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked:
         request = {"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}
@@ -277,13 +281,8 @@ def start(
 # --- the zygote process ------------------------------------------------------------------------------
 
 
-def _serve() -> dict:
+def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int) -> dict:
     """The zygote's loop: fork a child per request, report exits; return the request in a child."""
-    requests = os.fdopen(os.dup(0), "rb", buffering=0)
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)  # nothing the zygote prints mixes with the replies
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -360,6 +359,13 @@ def _become(request: dict) -> None:
 
 
 def main() -> None:
+    # the request and reply pipes on fds of their own; stdin and stdout /dev/null, so that nothing printed
+    # (by an import, say) mixes with the replies
+    requests = os.fdopen(os.dup(0), "rb", buffering=0)
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
     setproctitle.setproctitle(setproctitle.getproctitle())  # set up now, while the environment is the process's own
     # a CUDA check while importing must not initialise the driver (NVML answers it), or no child could use it
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -371,7 +377,7 @@ def main() -> None:
         sys.exit("services.spawn: importing the nodes initialised CUDA; use runtime.start_method: exec")
     gc.collect()
     gc.freeze()  # what the children share: the collector never writes to those pages
-    request = _serve()
+    request = _serve(requests, replies, devnull)
     _become(request)
 
 
