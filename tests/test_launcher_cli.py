@@ -153,7 +153,7 @@ def test_failing_child_stops_everything_and_shows_its_log(tmp_path, monkeypatch,
     # the launcher checks every input it can before starting anything; a child that fails anyway: its
     # environment gives it an override the launcher never reads
     monkeypatch.setenv("HFFM_SET", "runtime.nosuch_key=1")
-    cfg = load_config(None, [*SMALL, "rounds=2", f"runtime.start_method={method}"])
+    cfg = load_config(None, [*SMALL, "rounds=2", "faults.max_restarts=1", f"runtime.start_method={method}"])
     buf = io.StringIO()
     with pytest.raises(RunFailed, match="exited with code 1") as failed:
         run(cfg, tmp_path, Console(file=buf, width=200), timeout_s=120)
