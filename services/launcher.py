@@ -139,7 +139,7 @@ class Supervisor:
         env = {k: v for k, v in self.env.items() if k != "HFFM_FAILPOINTS"}  # a failpoint fires once a run
         if self.zygote is not None and not self.zygote.alive():  # it died: a new one (its orphans run on)
             self.zygote = spawn.zygote_for(self.env, REPO_ROOT)
-        p.popen = spawn.start(p.argv, p.log, env, REPO_ROOT, self.zygote)
+        p.popen = _start(p.argv, p.log, env, self.zygote)
         p.restarts += 1
         p.died_at = None
         self.restarts += 1
@@ -375,6 +375,16 @@ def start_prometheus(prom_dir: Path, host: str = "127.0.0.1", port: int | None =
             _stop_all([Proc("prometheus", p, prom_dir / "prometheus.log")])
             raise RunFailed(f"Prometheus did not start; see {prom_dir / 'prometheus.log'}")
         time.sleep(0.2)
+
+
+def _start(
+    argv: list[str], log: Path, env: dict[str, str], zygote: spawn.Zygote | None, append: bool = True
+) -> spawn.Process:
+    """One of the run's processes, started in the repository root (forked by ``zygote`` when given)."""
+    try:
+        return spawn.start(argv, log, env, REPO_ROOT, zygote, append=append)
+    except spawn.ZygoteError as err:
+        raise RunFailed(f"{err}\n(runtime.start_method: exec starts fresh interpreters instead)") from None
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -622,11 +632,7 @@ def _run(
             zygote = spawn.zygote_for(env, REPO_ROOT)  # this process's, kept for its next run
         for name, argv in plan:
             log = out / "logs" / f"{name}.log"
-            try:
-                popen = spawn.start(argv, log, env, REPO_ROOT, zygote, append=resume)
-            except spawn.ZygoteError as err:
-                raise RunFailed(f"{err}\n(runtime.start_method: exec starts fresh interpreters instead)") from None
-            procs.append(Proc(name, popen, log, argv))
+            procs.append(Proc(name, _start(argv, log, env, zygote, append=resume), log, argv))
         supervisor = Supervisor(cfg, procs, env, view, fault_plan, zygote)
         if on_start is not None:
             on_start(supervisor)
