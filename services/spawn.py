@@ -115,7 +115,7 @@ class Zygote:
     def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
         with open(log, "ab") as err:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "services.spawn"],
+                [sys.executable, "-m", "services.spawn", str(log)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -281,8 +281,19 @@ def start(
 # --- the zygote process ------------------------------------------------------------------------------
 
 
-def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int) -> dict:
-    """The zygote's loop: fork a child per request, report exits; return the request in a child."""
+def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int, log: str | None) -> dict:
+    """The zygote's loop: fork a child per request, report exits; return the request in a child. It ends
+    when the launcher closes its request pipe or stops reading (it is gone), removing its ``log`` when empty
+    (nothing went wrong: no file left behind, even when the launcher died without closing it)."""
+
+    def leave() -> None:
+        try:
+            if log and os.path.getsize(log) == 0:
+                os.unlink(log)
+        except OSError:
+            pass
+        os._exit(0)
+
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -293,6 +304,12 @@ def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int) -> dict
     children: set[int] = set()
     pending = b""
 
+    def say(msg: dict) -> None:
+        try:
+            replies.write(json.dumps(msg) + "\n")
+        except OSError:  # the launcher is gone (a broken pipe): so is the zygote's work
+            leave()
+
     def reap() -> None:
         while children:
             try:
@@ -302,7 +319,7 @@ def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int) -> dict
             if pid == 0:
                 return
             children.discard(pid)
-            replies.write(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}) + "\n")
+            say({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
     while True:
         for key, _ in sel.select():
@@ -313,7 +330,7 @@ def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int) -> dict
             chunk = requests.read(65536)
             if not chunk:  # the launcher closed the pipe (or is gone): the zygote's work is done
                 reap()
-                os._exit(0)
+                leave()
             pending += chunk
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
@@ -321,7 +338,7 @@ def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int) -> dict
                     request = json.loads(line)
                     pid = os.fork()
                 except (ValueError, OSError) as err:
-                    replies.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
+                    say({"error": f"{type(err).__name__}: {err}"})
                     continue
                 if pid == 0:  # the child: leave the zygote behind
                     signal.set_wakeup_fd(-1)
@@ -333,7 +350,7 @@ def _serve(requests: io.RawIOBase, replies: io.TextIOBase, devnull: int) -> dict
                     requests.close()
                     return request
                 children.add(pid)
-                replies.write(json.dumps({"started": pid}) + "\n")
+                say({"started": pid})
         reap()
 
 
@@ -377,7 +394,7 @@ def main() -> None:
         sys.exit("services.spawn: importing the nodes initialised CUDA; use runtime.start_method: exec")
     gc.collect()
     gc.freeze()  # what the children share: the collector never writes to those pages
-    request = _serve(requests, replies, devnull)
+    request = _serve(requests, replies, devnull, sys.argv[1] if len(sys.argv) > 1 else None)
     _become(request)
 
 

@@ -202,3 +202,30 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def test_a_zygote_whose_launcher_is_gone_ends_quietly_and_leaves_no_log(tmp_path):
+    """Its launcher closed both pipes right after a request (died, say): the zygote forks the child, finds
+    nobody reading its reply (a broken pipe), and exits 0 without a traceback, its empty log removed."""
+    log = tmp_path / "zygote.log"
+    with open(log, "ab") as err:
+        z = subprocess.Popen(
+            [sys.executable, "-m", "services.spawn", str(log)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=dict(os.environ),
+            cwd=REPO_ROOT,
+        )
+    child_log = tmp_path / "child.log"
+    request = {"argv": [sys.executable, "-m", "tests.spawn_child", "exit3"], "env": dict(os.environ),
+               "cwd": str(REPO_ROOT), "log": str(child_log)}  # fmt: skip
+    z.stdout.close()  # nobody reads its replies
+    z.stdin.write(json.dumps(request).encode() + b"\n")
+    z.stdin.close()
+    assert z.wait(120) == 0
+    assert not log.exists()  # empty: removed; a traceback would have kept it
+    deadline = time.monotonic() + 60
+    while "atexit ran" not in (child_log.read_text() if child_log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "atexit ran" in child_log.read_text()  # the child it forked ran on, to its end
