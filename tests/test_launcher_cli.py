@@ -193,15 +193,22 @@ def test_ctrl_c_and_sigterm_stop_every_process(tmp_path, sig, rc_want, via):
     else:  # and its processes exec'd, not forked from the zygote
         cmd = [sys.executable, "-c", _LIBRARY_RUN, str(tmp_path), *sets, "runtime.start_method=exec"]
     # As from a terminal: SIGINT handled by default. A test run started in the background of a
-    # non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN.
+    # non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN: a trampoline
+    # sets it back and execs the command (same pid). Not a preexec_fn: it makes Popen fork() instead of
+    # vfork(), and gRPC's fork handlers in this test process then restart its poller in the child, whose
+    # fds Popen closes: the child can crash before exec ("epoll_wait error: Bad file descriptor",
+    # grpc/grpc#43055; seen once in CI).
+    trampoline = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
     p = subprocess.Popen(
-        cmd,
+        [sys.executable, "-c", trampoline, *cmd[1:]],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=_env(),
         cwd=REPO_ROOT,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     deadline = time.monotonic() + 180
