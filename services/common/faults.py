@@ -63,4 +63,8 @@ def hit(node: str, point: str, round_: int) -> None:
     for h in logging.getLogger().handlers:
         h.flush()
     sys.stderr.flush()
-    os.kill(os.getpid(), ACTIONS[action])
+    # To this thread, not the process: a process-directed SIGSTOP is taken by the main thread, which may
+    # not run for a while on a busy machine, and until it does this thread goes on (a push's last chunk
+    # reached its receiver before the process stopped, seen in CI). Taken by this thread, the signal
+    # stops the whole process before the call returns; SIGKILL ends every thread either way.
+    signal.pthread_kill(threading.get_ident(), ACTIONS[action])
