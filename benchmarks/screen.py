@@ -1,7 +1,8 @@
 """Screening a training remedy in one process before it is built into the nodes (issue 15).
 
-``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads|virtual|moon] [--server-lr η]
-[--tau τ] [--virtual-weight λ] [--moon-mu μ] [--moon-tau τ] [--calibrate none|final|cloud] [--out FILE]
+``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads|virtual|moon|disco] [--server-lr η]
+[--tau τ] [--virtual-weight λ] [--moon-mu μ] [--moon-tau τ] [--disco-a a] [--disco-b b]
+[--calibrate none|final|cloud] [--out FILE]
 [--set KEY=VALUE ...]``; ``--plot PNG --curve LABEL=FILE ... [--central FILE]`` plots curves made before.
 
 A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
@@ -38,6 +39,13 @@ Remedies:
   start), sim the cosine and τ ``--moon-tau``: the local features are pulled towards the federation's and
   away from where the device's own skew took them. Nothing more is sent; a device keeps its last local
   modules, and each batch costs two forward passes more.
+- ``disco``: FedDisco (Ye et al., ICML 2023), discrepancy-aware aggregation weights. Every average (an edge's,
+  the cloud's) weighs a device by ReLU(share − a·d + b) instead of its share of the samples (``--disco-a`` a,
+  ``--disco-b`` b; the paper's 0.5 and 0.1), d the L2 distance between the device's answer distribution and the
+  federation's (pooled) one: a device whose data is far from the whole counts less. A head is weighed by its
+  task's share and distance, the shared modules by the device's share of all samples and its distances' mean
+  over its tasks (weighted by its samples of each). Only label counts would travel (what calibration's
+  statistics already carry).
 
 ``--calibrate cloud`` calibrates the heads (CCVR, ``hffm.calibration``) after every cloud round's average, as
 the cloud does with ``calibration.enabled`` (the same function, its parameters from ``--set calibration.*``);
@@ -71,7 +79,7 @@ from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
 from hffm.training import evaluate, round_lr, train_local
 
-REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads", "virtual", "moon")
+REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads", "virtual", "moon", "disco")
 CALIBRATE = ("none", "final", "cloud")
 
 
@@ -85,6 +93,7 @@ def screen(
     virtual_weight: float = 1.0,
     moon_mu: float = 1.0,
     moon_tau: float = 0.5,
+    disco: tuple[float, float] = (0.5, 0.1),
 ) -> tuple[list[dict], ModuleSet]:
     """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
     cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
@@ -154,7 +163,10 @@ def screen(
                 own_c[d] = grads(weights)
         cloud = r % every == 0
         groups = {e: tuple(devices) if cloud else tuple(d for d in devices if edge_of[d] == e) for e in held}
-        avg = {g: weighted_mean([new[d] for d in g]) for g in set(groups.values())}
+        if remedy == "disco":
+            avg = {g: weighted_mean(_disco_weighted(new, g, data, *disco)) for g in set(groups.values())}
+        else:
+            avg = {g: weighted_mean([new[d] for d in g]) for g in set(groups.values())}
         if cloud:
             (g,) = avg
             avg[g] = server_step(glob, avg[g], cfg.aggregation.server_lr)
@@ -250,6 +262,45 @@ def _moon_loss(anchor: HFFMModel, names: list[str], start: ModuleSet, prev: Modu
         )
 
     return extra
+
+
+def _disco_weighted(
+    new: dict[str, ModuleSet], group: tuple[str, ...], data: dict, a: float, b: float
+) -> list[ModuleSet]:
+    """FedDisco: ``group``'s module sets with each module's weight ReLU(share − a·d + b) (the module
+    docstring), the shares among ``group``, d from the devices' answer counts against the federation's."""
+    counts = {
+        d: {t: torch.tensor(td.label_counts(), dtype=torch.float64) for t, td in data[d].train.items()} for d in data
+    }
+    pooled: dict[str, torch.Tensor] = {}
+    for c in counts.values():
+        for t, v in c.items():
+            pooled[t] = pooled.get(t, torch.zeros_like(v)) + v
+    target = {t: v / v.sum() for t, v in pooled.items()}
+    dist = {
+        d: {t: float((v / v.sum() - target[t]).norm()) for t, v in c.items() if v.sum() > 0} for d, c in counts.items()
+    }
+    out = []
+    for d in group:
+        mods = {}
+        for n, m in new[d].items():
+            t = task_of(n)
+            parts = [x for x in group if (t is None or t in dist[x])]
+            size = {
+                x: float(sum(counts[x][u].sum() for u in dist[x])) if t is None else float(counts[x][t].sum())
+                for x in parts
+            }
+            if t is None:
+                disc = sum(dist[d][u] * float(counts[d][u].sum()) for u in dist[d]) / max(size[d], 1.0)
+            elif t in dist[d]:
+                disc = dist[d][t]
+            else:  # no samples of the task: its head as received, at (next to) no weight
+                mods[n] = Module(n, m.tensors, m.version, 1e-12)
+                continue
+            w = max(size[d] / sum(size.values()) - a * disc + b, 0.0)
+            mods[n] = Module(n, m.tensors, m.version, max(w, 1e-12))
+        out.append(mods)
+    return out
 
 
 def _snapshot(model: HFFMModel, names: list[str], version: int, samples: dict[str, int]) -> ModuleSet:
@@ -349,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--virtual-weight", type=float, default=1.0, help="virtual: the virtual features' loss weight")
     p.add_argument("--moon-mu", type=float, default=1.0, help="moon: the contrastive loss's weight μ")
     p.add_argument("--moon-tau", type=float, default=0.5, help="moon: the contrastive loss's temperature τ")
+    p.add_argument("--disco-a", type=float, default=0.5, help="disco: the discrepancy's coefficient a")
+    p.add_argument("--disco-b", type=float, default=0.1, help="disco: the offset b")
     p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
     p.add_argument("--plot", type=Path, default=None, help="only plot: the curves of --curve LABEL=JSON to this PNG")
@@ -368,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         virtual_weight=a.virtual_weight,
         moon_mu=a.moon_mu,
         moon_tau=a.moon_tau,
+        disco=(a.disco_a, a.disco_b),
     )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -376,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
             info |= {"virtual_weight": a.virtual_weight}
         if a.remedy == "moon":
             info |= {"moon_mu": a.moon_mu, "moon_tau": a.moon_tau}
+        if a.remedy == "disco":
+            info |= {"disco_a": a.disco_a, "disco_b": a.disco_b}
         if a.remedy == "fedadam":
             info |= {"server_lr": a.server_lr, "tau": a.tau}
         a.out.write_text(json.dumps(info, indent=1))

@@ -465,6 +465,60 @@ def test_fedadam_steps_by_adam_on_the_cloud_pseudo_gradient():
         assert (glob["head.a"].version, glob["head.a"].num_samples) == (r, 7.0)
 
 
+def test_feddisco_weighs_a_device_by_its_share_less_its_distance_from_the_federation_s_answers():
+    """The screen's ``disco`` remedy (FedDisco): each module of a device weighs ReLU(share - a·d + b) in its
+    group's average, d the L2 distance of the device's answer distribution from the pooled one; a head by its
+    task's share and distance, the shared modules by all samples and the sample-weighted mean distance; a head
+    of a task the device holds no samples of weighs (next to) nothing. Written out by hand for three devices."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from benchmarks.screen import _disco_weighted
+    from hffm.aggregation import weighted_mean
+    from hffm.modules import Module
+
+    def task(counts):
+        return NS(label_counts=lambda: counts)
+
+    data = {
+        "a": NS(train={"yesno": task([50, 50]), "color": task([10, 0, 0, 0])}),
+        "b": NS(train={"yesno": task([100, 0])}),
+        "c": NS(train={"yesno": task([0, 30]), "color": task([5, 5, 5, 5])}),
+    }
+    new = {
+        d: {n: Module(n, {"w": torch.full((2,), float(i))}, 1, 1.0) for n in ("adapter.0", "head.yesno", "head.color")}
+        for i, d in enumerate(data)
+    }
+    out = dict(zip(data, _disco_weighted(new, ("a", "b", "c"), data, 0.5, 0.1), strict=True))
+    yes = [150 / 230, 80 / 230]  # the pooled answer distributions
+    col = [15 / 30, 5 / 30, 5 / 30, 5 / 30]
+
+    def dist(counts, pooled):
+        total = sum(counts)
+        return sum((c / total - p) ** 2 for c, p in zip(counts, pooled, strict=True)) ** 0.5
+
+    d_a = {"yesno": dist([50, 50], yes), "color": dist([10, 0, 0, 0], col)}
+    want = {
+        ("a", "head.yesno"): 100 / 230 - 0.5 * d_a["yesno"] + 0.1,
+        ("b", "head.yesno"): 100 / 230 - 0.5 * dist([100, 0], yes) + 0.1,
+        ("c", "head.yesno"): 0.0,  # 30/230 - 0.5 x 0.92 + 0.1 < 0
+        ("a", "head.color"): 10 / 30 - 0.5 * d_a["color"] + 0.1,
+        ("c", "head.color"): 20 / 30 - 0.5 * dist([5, 5, 5, 5], col) + 0.1,
+        ("a", "adapter.0"): 110 / 260 - 0.5 * (100 * d_a["yesno"] + 10 * d_a["color"]) / 110 + 0.1,
+        ("b", "adapter.0"): 100 / 260 - 0.5 * dist([100, 0], yes) + 0.1,
+    }
+    for (d, n), w in want.items():
+        assert out[d][n].num_samples == pytest.approx(max(w, 0.0), abs=1e-9), (d, n)
+    assert out["b"]["head.color"].num_samples < 1e-9  # b holds no color samples
+    c_adapter = 50 / 260 - 0.5 * (30 * dist([0, 30], yes) + 20 * dist([5, 5, 5, 5], col)) / 50 + 0.1
+    assert out["c"]["adapter.0"].num_samples == pytest.approx(max(c_adapter, 0.0), abs=1e-9)
+    # the average follows the weights: a and b alone carry the yesno head (c's weight is 0)
+    w_a, w_b = want["a", "head.yesno"], want["b", "head.yesno"]
+    got = weighted_mean(list(out.values()))["head.yesno"].tensors["w"]
+    assert torch.allclose(got, torch.full((2,), (0 * w_a + 1 * w_b) / (w_a + w_b)), atol=1e-6)
+
+
 def test_precision_benchmark_times_each_precision_against_fp32_and_says_what_it_changes():
     """benchmarks.precision: fp32 is its own baseline (ratio 1, no feature error); bf16 is timed beside it on
     the same epoch and its features differ a little; fp32 must be among the precisions; the basis is stated."""
