@@ -183,6 +183,8 @@ ATTACKS: dict[str, list[str]] = {
     # ... or sending the last step it saw back (its start minus its previous start, an honest size at full size:
     # 2.2-2.6 where honest updates measure 2.1-6.4), a fifth of its norm in noise so that two are not twins
     "echo": ["adversary.behaviour=echo", "adversary.scale=1", "adversary.jitter=0.2"],
+    # ... drowned in noise of twice the step's size, which takes its cosine with the step under echo's cut (1/√5)
+    "echo + noise": ["adversary.behaviour=echo", "adversary.scale=1", "adversary.jitter=2"],
     # label flippers that report their data's true statistics (a liar hiding from the label check)
     "label_flip, honest stats": ["adversary.behaviour=label_flip", "adversary.stats=honest"],
     "label_flip x20, honest stats": ["adversary.behaviour=label_flip", "adversary.claim=20", "adversary.stats=honest"],

@@ -44,7 +44,9 @@ as a whole. ``twin_cos`` flags senders whose whole updates point the same way. `
 than independent noise's, or little of it along the other senders' main directions (a free rider hiding in
 noise of an honest size). ``echo`` flags senders whose whole update points where the node's last step went
 (its start minus its previous training collect's, ``previous``, which the node sets): a free rider that
-sends the federation's last step back as its update. A sender's whole-update flags hold in every module it
+sends the federation's last step back as its update. Where the node has that last step, ``structure`` and
+``subspace`` judge each update less its component along it, so an echo drowned in noise of its own, under
+``echo``'s cut, shows its noise's shape. A sender's whole-update flags hold in every module it
 sent, one with too few copies for a spread of its own included. Scores are in ``scores`` for the node's report.
 
 A new rule is a new subclass registered in ``RULES`` (its name in ``hffm.ids.AGGREGATION_RULES``, its
@@ -548,7 +550,11 @@ class _Buffered(Aggregator):
 
     def _matrix_updates(self, side: int) -> Iterable[dict[str, torch.Tensor]]:
         """For every matrix with both sides at least ``side`` of every module with at least MIN_SENDERS_TO_FLAG
-        copies: sender -> its update of that matrix (copy - centre, float64)."""
+        copies: sender -> its update of that matrix (copy - centre, float64). Where the node has the matrix's last
+        step (``echo``: its start minus its previous start), less each update's component along it: the shape
+        scores then judge what a sender added to the last step, so an echo of it drowned in noise of its own (its
+        cosine under ``echo``'s cut) shows its noise's shape; an honest update, about orthogonal to the last step,
+        keeps nearly all of itself."""
         for name, copies in self._held.items():
             if len(copies) < MIN_SENDERS_TO_FLAG:
                 continue
@@ -558,8 +564,15 @@ class _Buffered(Aggregator):
                 continue
             x = torch.stack([_flat32(m) for _, m in copies])
             centre = flat_views(self._centre(name, x).double(), like)
+            ref, prev = self.reference.get(name), self.previous.get(name)
+            last = ref is not None and prev is not None and ref.shapes() == prev.shapes()
             for k in keys:
-                yield {s: m.tensors[k].detach().double() - centre[k] for s, m in copies}
+                updates = {s: m.tensors[k].detach().double() - centre[k] for s, m in copies}
+                step = ref.tensors[k].detach().double() - prev.tensors[k].detach().double() if last else None
+                s2 = float((step * step).sum()) if step is not None else 0.0
+                if s2 > 0:
+                    updates = {s: u - float((u * step).sum()) / s2 * step for s, u in updates.items()}
+                yield updates
 
     def _measure(
         self, name: str, x: torch.Tensor, ref: list[int]

@@ -381,18 +381,25 @@ def test_a_free_rider_hiding_in_noise_is_flagged_by_its_update_s_shape(tmp_path,
     assert all(s["excluded"] == (s["sender"] == "device-0-4") for s in scores)
 
 
-@pytest.mark.parametrize("bad", [["device-0-3", "device-0-4"], ["device-0-4"]], ids=["two", "lone"])
-def test_an_echo_of_the_last_step_is_flagged_by_its_direction(tmp_path, bad):
+@pytest.mark.parametrize(
+    ("bad", "jitter"),
+    [(["device-0-3", "device-0-4"], 0.2), (["device-0-4"], 0.2), (["device-0-3", "device-0-4"], 2.0)],
+    ids=["two", "lone", "drowned"],
+)
+def test_an_echo_of_the_last_step_is_flagged_by_its_direction(tmp_path, bad, jitter):
     """hfm over real gRPC and mTLS, one edge of five devices; the echoes train nothing and send the last step
     they saw (their start minus their previous start, jitter 0.2: two are not twins). Round 1 they have no
     step to echo and send what they received: a zero update from the edge's start, a twin of that start
     (two of them, of each other too). From round 2 on their updates are of an honest size and shape, but the
     edge's last step (its start minus its previous round's) is where they point: echo flags them, each round,
-    and leaves them out; the honest devices' cosine with it stays near 0."""
+    and leaves them out; the honest devices' cosine with it stays near 0. ``drowned``: noise of twice the
+    step's size (jitter 2) takes their cosine under echo's cut, and ``structure``, judging each update less its
+    component along the last step, sees their noise (about 1) where the honest devices' shapes stay high."""
+    params = "update_z: 3.5, twin_cos: 0.99, echo: 0.5, exclude_flagged: 1" + (", structure: 3" if jitter > 1 else "")
     sets = ["method=hfm", "e_agg=1", "rounds=3", "topology.edges=1", "topology.devices_per_edge=5",
             "runtime.devices_per_process=5", "data.train_per_task=60", f"adversary.nodes=[{','.join(bad)}]",
-            "adversary.behaviour=echo", "adversary.scale=1", "adversary.jitter=0.2",
-            "aggregation.params={update_z: 3.5, twin_cos: 0.99, echo: 0.5, exclude_flagged: 1}"]  # fmt: skip
+            "adversary.behaviour=echo", "adversary.scale=1", f"adversary.jitter={jitter}",
+            f"aggregation.params={{{params}}}"]  # fmt: skip
     out = tmp_path / "run"
     res = run(load_config(None, sets), out, Console(file=io.StringIO()), timeout_s=300)
     det = res["detection"]
@@ -405,6 +412,10 @@ def test_an_echo_of_the_last_step_is_flagged_by_its_direction(tmp_path, bad):
         echo = {s["sender"]: s["echo"] for s in scores}
         if r["round"] == 1:  # no last step yet: not scored; their zero updates are twins
             assert all(v == 0 for v in echo.values()) and all(s["twin"] == 1 for s in scores if s["sender"] in bad)
+        elif jitter > 1:  # under echo's cut; their shape, less the last step, is noise's
+            assert all(0.3 < echo[d] < 0.5 for d in bad) and max(abs(v) for v in echo.values()) < 0.5, echo
+            shape = {s["sender"]: s["structure"] for s in scores}
+            assert max(shape[d] for d in bad) < 1.5 < 3 < min(v for d, v in shape.items() if d not in bad), shape
         else:
             assert min(echo[d] for d in bad) > 0.9 and max(abs(v) for d, v in echo.items() if d not in bad) < 0.5, echo
             assert all(s["twin"] < 0.99 for s in scores), r["round"]  # flagged by echo alone

@@ -882,8 +882,10 @@ def test_echo_flags_a_free_rider_that_sends_the_last_step_back():
             agg.add(n, list(m.values()))
         return agg.result(2), agg.scores
 
-    _, scores = run({"update_z": 3.5, "twin_cos": 0.99, "structure": 3})
+    _, scores = run({"update_z": 3.5, "twin_cos": 0.99, "structure": 3}, {})  # no last step known (no echo)
     assert not any(sc.flagged for sc in scores)  # its size, its direction's uniqueness and its shape are honest
+    _, scores = run({"structure": 3})  # less its component along a known last step, its shape is its noise's
+    assert {sc.sender for sc in scores if sc.flagged} == {"d4", "d5"}
     out, scores = run({"update_z": 3.5, "twin_cos": 0.99, "echo": 0.5, "exclude_flagged": 1})
     assert {sc.sender for sc in scores if sc.flagged} == {sc.sender for sc in scores if sc.excluded} == {"d4", "d5"}
     flat_step = np.concatenate([step[n].double().numpy().ravel() for n in sorted(shapes)])
@@ -904,6 +906,48 @@ def test_echo_flags_a_free_rider_that_sends_the_last_step_back():
     assert {sc.sender for sc in scores if sc.flagged} == {"d4", "d5"}
     with pytest.raises(ValueError, match=r"echo must be in \(0, 1\]"):
         make_aggregator("fedavg", params={"echo": 1.5})
+
+
+def test_an_echo_drowned_in_noise_shows_the_noise_s_shape_once_the_last_step_is_taken_out():
+    """An echo of the last step with noise of twice the step's size added (``adversary.jitter`` 2) is under
+    ``echo``'s cut (a cosine of about 1/sqrt(5)), and its update's shape is the step's, structured, plus noise:
+    ``structure`` on the whole update passes it (measured in traced runs: one such push passed every check).
+    With the last step known, the shape scores judge each update less its component along the step: the
+    echo's is its noise (``structure`` about 1), an honest update's nearly all of itself. So the echoes are
+    flagged by ``structure`` and left out, the honest senders neither; without a last step, as before."""
+    g = torch.Generator().manual_seed(5)
+    names = [f"d{i}" for i in range(6)]
+    shapes = {"adapter.0": (256, 64), "adapter.1": (256, 64)}
+    before = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    step = {n: _trained(sh, g) for n, sh in shapes.items()}
+    own = {n: Module(n, {"w": before[n].tensors["w"] + step[n]}, 1, 1.0) for n in shapes}
+    ups = [{n: k * _trained(sh, g) for n, sh in shapes.items()} for k in (0.8, 1.5, 2.2, 3.0)]  # honest sizes vary
+    for _ in range(2):
+        ups.append(
+            {n: s + 2 * s.norm() / s.numel() ** 0.5 * torch.randn(s.shape, generator=g) for n, s in step.items()}
+        )
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 2, 1.0) for n in shapes} for u in ups]
+    params = {"update_z": 3.5, "twin_cos": 0.99, "structure": 3, "echo": 0.5, "exclude_flagged": 1}
+
+    def run(previous):
+        agg = make_aggregator("fedavg", names, own, params)
+        agg.previous = dict(previous)
+        for n, m in zip(names, mods, strict=True):
+            agg.add(n, list(m.values()))
+        out = agg.result(2)
+        return out, {s: min(sc.structure for sc in agg.scores if sc.sender == s) for s in names}, agg.scores
+
+    _, whole, _ = run({})  # no last step: the shapes of the whole updates
+    assert min(whole.values()) > 3  # the echoes' included (the step's shape shows through the noise)
+    out, shape, scores = run(before)
+    echoes = {"d4", "d5"}
+    assert all(0.3 < sc.echo < 0.5 for sc in scores if sc.sender in echoes)  # under echo's cut
+    assert {sc.sender for sc in scores if sc.flagged} == {sc.sender for sc in scores if sc.excluded} == echoes
+    assert max(shape[s] for s in echoes) < 1.5  # their noise's shape
+    assert all(shape[s] > 0.8 * whole[s] for s in names if s not in echoes)  # honest: nearly all of itself
+    for n in shapes:
+        want = sum(mods[i][n].tensors["w"] for i in range(4)) / 4
+        assert torch.allclose(out[n].tensors["w"], want, atol=1e-5)
 
 
 def test_echoes_do_not_set_the_yardstick_the_others_are_scored_by():
