@@ -811,8 +811,8 @@ def test_subspace_flags_noise_of_any_shape_off_the_other_senders_directions():
     ``structure`` is the largest there is). Honest updates of a round share their main directions (here: each
     a mix of the same few input directions); ``subspace`` measures the share of a sender's update along the
     other senders' top SUBSPACE_RANK directions over chance (a NumPy reference: the leave-one-out SVD of the
-    others' stacked updates), about 1 for the free rider, several times that for the honest: flagged and left
-    out in every module."""
+    others' stacked updates, each of unit norm), about 1 for the free rider, several times that for the
+    honest: flagged and left out in every module."""
     g = torch.Generator().manual_seed(16)
     names = [f"d{i}" for i in range(5)]
     shapes = {"adapter.0": (128, 64), "adapter.1": (64, 128)}  # either side the short one
@@ -836,7 +836,7 @@ def test_subspace_flags_noise_of_any_shape_off_the_other_senders_directions():
         for n in shapes:
             us = [u[n].double().numpy() for u in ups]
             us = [u if u.shape[1] <= u.shape[0] else u.T for u in us]  # the short side as columns
-            others = np.concatenate([us[j] for j in range(5) if j != i])
+            others = np.concatenate([us[j] / np.linalg.norm(us[j]) for j in range(5) if j != i])  # one vote each
             top = np.linalg.svd(others, full_matrices=False)[2][:SUBSPACE_RANK].T
             want.append(((us[i] @ top) ** 2).sum() / (us[i] ** 2).sum() / (SUBSPACE_RANK / us[i].shape[1]))
         got = {sc.subspace for sc in agg.scores if sc.sender == names[i]}
@@ -906,6 +906,31 @@ def test_echo_flags_a_free_rider_that_sends_the_last_step_back():
     assert {sc.sender for sc in scores if sc.flagged} == {"d4", "d5"}
     with pytest.raises(ValueError, match=r"echo must be in \(0, 1\]"):
         make_aggregator("fedavg", params={"echo": 1.5})
+
+
+def test_one_loud_sender_does_not_set_the_directions_the_others_are_measured_along():
+    """``subspace`` measures a sender along the other senders' main directions, each other sender one vote
+    (its Gram matrix over its trace): a sender of noise ten times an honest update's size would otherwise make
+    its random directions "the others' main directions" for every honest sender (measured in the matrix: an
+    honest device's score from 3.06 to 1.92, flagged). Only the noise is flagged."""
+    g = torch.Generator().manual_seed(17)
+    names = [f"d{i}" for i in range(6)]
+    shapes = {"adapter.0": (128, 64)}
+    own = {n: Module(n, {"w": torch.randn(*sh, generator=g)}, 0, 1.0) for n, sh in shapes.items()}
+    basis = torch.linalg.qr(torch.randn(64, 6, generator=g)).Q
+    ups = [{"adapter.0": torch.randn(128, 6, generator=g) @ basis.T + 0.02 * torch.randn(128, 64, generator=g)}
+           for _ in range(5)]  # fmt: skip
+    honest = float(ups[0]["adapter.0"].norm())
+    loud = torch.randn(128, 64, generator=g)
+    ups.append({"adapter.0": loud * (10 * honest / float(loud.norm()))})
+    mods = [{n: Module(n, {"w": own[n].tensors["w"] + u[n]}, 1, 1.0) for n in shapes} for u in ups]
+    agg = make_aggregator("fedavg", names, own, {"subspace": 2, "exclude_flagged": 1})
+    for n, m in zip(names, mods, strict=True):
+        agg.add(n, list(m.values()))
+    agg.result(1)
+    along = {sc.sender: sc.subspace for sc in agg.scores}
+    assert min(v for s, v in along.items() if s != "d5") > 4 and along["d5"] < 1.5, along
+    assert {sc.sender for sc in agg.scores if sc.flagged} == {"d5"}
 
 
 def test_an_echo_drowned_in_noise_shows_the_noise_s_shape_once_the_last_step_is_taken_out():
