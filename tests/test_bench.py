@@ -519,6 +519,42 @@ def test_feddisco_weighs_a_device_by_its_share_less_its_distance_from_the_federa
     assert torch.allclose(got, torch.full((2,), (0 * w_a + 1 * w_b) / (w_a + w_b)), atol=1e-6)
 
 
+def test_a_disguised_echo_lies_along_the_step_s_main_directions_at_the_cosine_asked_for():
+    """benchmarks.structure --disguise: the push is start + step + noise, the noise in the span of the step's
+    top K singular directions (both sides), orthogonal to the step and X times its norm, so the update's cosine
+    with the step is 1/sqrt(1 + X^2); a vector gets independent noise of the same relative size."""
+    import torch
+
+    from benchmarks.structure import _disguised
+    from hffm.modules import Module
+
+    g = torch.Generator().manual_seed(4)
+    prev = {"w": torch.randn(64, 16, generator=g), "b": torch.randn(16, generator=g)}
+    step = {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in prev.items()}
+    start = {k: prev[k] + step[k] for k in prev}
+    m = _disguised(
+        Module("adapter.0", start, 1, 1.0),
+        Module("adapter.0", start, 1, 1.0),
+        Module("adapter.0", prev, 0, 1.0),
+        4,
+        2.0,
+        torch.Generator().manual_seed(0),
+    )
+    for k in ("w", "b"):
+        u = (m.tensors[k] - start[k]).double().flatten()
+        s = step[k].double().flatten()
+        assert float(u @ s / u.norm() / s.norm()) == pytest.approx(1 / 5**0.5, abs=1e-5), k
+    noise, sw = (m.tensors["w"] - start["w"] - step["w"]).double(), step["w"].double()
+    left, _, right = torch.linalg.svd(sw, full_matrices=False)
+
+    def outside(x):  # x less its part in the span of the step's top 4 directions (both sides)
+        return x - left[:, :4] @ (left[:, :4].T @ x @ right[:4].T) @ right[:4]
+
+    c = float((outside(noise) * outside(sw)).sum() / (outside(sw) ** 2).sum())
+    assert torch.allclose(outside(noise), c * outside(sw), atol=1e-5)  # a top-4 mix, less its part along the step
+    assert float(noise.norm()) == pytest.approx(2 * float(step["w"].norm()), rel=1e-5)
+
+
 def test_precision_benchmark_times_each_precision_against_fp32_and_says_what_it_changes():
     """benchmarks.precision: fp32 is its own baseline (ratio 1, no feature error); bf16 is timed beside it on
     the same epoch and its features differ a little; fp32 must be among the precisions; the basis is stated."""
