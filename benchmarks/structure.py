@@ -17,8 +17,9 @@ JSON at the end.
 adversary's push is replaced by an echo disguised along the step's own main directions: start + step + noise, the
 noise of each matrix (both sides at least 8) a random mix of the step's top K singular directions (U_K R V_K^T, R
 Gaussian), made orthogonal to the step and scaled to ``--size`` X times the step's norm (its cosine with the step
-1/sqrt(1 + X^2)); other tensors get independent noise of the same relative size, likewise orthogonal. Shaped like an honest update and
-lying along the federation's directions, it is what the shape scores cannot tell from one by construction.
+1/sqrt(1 + X^2)); other tensors get independent noise of the same relative size, likewise orthogonal. Shaped
+like an honest update and lying along the federation's directions, it is what the shape scores cannot tell from
+one by construction.
 """
 
 from __future__ import annotations
