@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -165,6 +166,9 @@ for _label, _params in (
     ]
 ATTACKS: dict[str, list[str]] = {
     "none": ["adversary.fraction=0"],
+    # no attack: the attackers hold no training data (the yardstick of a defence that left theirs out from the
+    # start: what only they hold leaves with them)
+    "absent": ["adversary.behaviour=absent"],
     "sign_flip": ["adversary.behaviour=sign_flip", "adversary.scale=10"],
     "scale": ["adversary.behaviour=scale", "adversary.scale=20"],
     "noise": ["adversary.behaviour=noise", "adversary.sigma=1"],
@@ -294,6 +298,117 @@ def tables(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- draws: the same matrix under other initialisations ------------------------------------------------------
+# One matrix is one draw of everything random in training. The seed fixes the data, its split and the attackers;
+# ``model.init_seed`` draws the adapters' and heads' initial values, and every step after differs with it. Two
+# cells of one draw differing by a few points can be the draw (docs/robustness.md: the same cell moved by up to
+# 3.6 points with the random numbers alone), so a goal of "within 2 points of the clean run" is judged on the
+# difference of each cell from the clean cell of the same draw, over several draws.
+
+
+def draw_dir(out: Path, init_seed: int) -> Path:
+    """Where a draw's matrix is kept: one attacks.json per initialisation."""
+    return out / f"init-{init_seed}"
+
+
+def run_draws(
+    out: Path,
+    init_seeds: list[int],
+    quick: bool = False,
+    sets: list[str] | None = None,
+    log=print,
+    rules: list[str] | None = None,
+    attacks: list[str] | None = None,
+) -> dict:
+    """``run_matrix`` once per initialisation (``model.init_seed``), each under OUT/init-<seed>, then
+    ``summarise_draws`` over every draw kept under OUT."""
+    if len(set(init_seeds)) != len(init_seeds):
+        raise ValueError(f"--init-seed: each draw once, got {init_seeds}")
+    for s in init_seeds:
+        log(f"draw: model.init_seed={s}")
+        run_matrix(draw_dir(out, s), quick, [*(sets or []), f"model.init_seed={s}"], log, rules, attacks)
+    return write_draws(out)
+
+
+def write_draws(out: Path) -> dict:
+    """``summarise_draws`` of OUT, written to OUT/draws.json and OUT/draws.md."""
+    summary = summarise_draws(out)
+    (out / "draws.json").write_text(json.dumps(summary, indent=1))
+    (out / "draws.md").write_text(draw_tables(summary))
+    return summary
+
+
+def summarise_draws(out: Path) -> dict:
+    """rule -> attack -> {"accuracy": [per draw], "vs_clean": [per draw: the cell minus the same draw's clean
+    cell, in points], "tpr"/"fpr": [per draw]} over every OUT/init-*/attacks.json, draws in order of their
+    seed. A draw without the rule's clean cell gives no ``vs_clean`` for it. Draws of other settings than the
+    first's (apart from the initialisation) are refused: they would not be draws of one matrix."""
+    found = sorted(out.glob("init-*/attacks.json"), key=lambda p: int(p.parent.name.removeprefix("init-")))
+    if not found:
+        raise ValueError(f"no draws under {out} (init-<seed>/attacks.json)")
+
+    def settings(path: Path) -> list[str]:
+        return [s for s in json.loads(path.read_text())["sets"] if not s.startswith("model.init_seed=")]
+
+    first = settings(found[0])
+    for path in found[1:]:
+        if not _same_settings(settings(path), first):
+            raise ValueError(f"{path} holds a matrix of other settings than {found[0]}")
+    summary: dict = {"sets": first, "draws": [int(p.parent.name.removeprefix("init-")) for p in found], "cells": {}}
+    for path in found:
+        cells = json.loads(path.read_text())["cells"]
+        for rule, row in cells.items():
+            clean = row.get("none", {}).get("accuracy")
+            for attack, cell in row.items():
+                got = (
+                    summary["cells"]
+                    .setdefault(rule, {})
+                    .setdefault(attack, {"accuracy": [], "vs_clean": [], "tpr": [], "fpr": []})
+                )
+                got["accuracy"].append(cell["accuracy"])
+                got["tpr"].append(cell["tpr"])
+                got["fpr"].append(cell["fpr"])
+                if clean is not None:
+                    got["vs_clean"].append(100 * (cell["accuracy"] - clean))
+    return summary
+
+
+def _spread(xs: list[float], fmt: str) -> str:
+    if not xs:
+        return "—"
+    med = format(statistics.median(xs), fmt)
+    return med if len(xs) == 1 else f"{med} ({format(min(xs), fmt)} to {format(max(xs), fmt)})"
+
+
+def draw_tables(summary: dict) -> str:
+    """Per rule and attack: the median accuracy over the draws and the median of each draw's difference from its
+    own clean run (range in brackets); per rule, the worst attack by that median."""
+    lines = [
+        f"draws (model.init_seed): {', '.join(map(str, summary['draws']))}",
+        "",
+        "| rule | attack | draws | accuracy, median (range) | vs the same draw's clean run, points: median (range) |"
+        " TPR, median | FPR, median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    worst: dict[str, tuple[float, str]] = {}
+    for rule, row in summary["cells"].items():
+        for attack, c in sorted(row.items(), key=lambda kv: list(ATTACKS).index(kv[0]) if kv[0] in ATTACKS else 99):
+            tpr = [t for t in c["tpr"] if t is not None]
+            fpr = [f for f in c["fpr"] if f is not None]
+            lines.append(
+                f"| {rule} | {attack} | {len(c['accuracy'])} | {_spread(c['accuracy'], '.3f')} | "
+                f"{_spread(c['vs_clean'], '+.1f') if attack != 'none' else '—'} | "
+                f"{_pct(statistics.median(tpr)) if tpr else '—'} | {_pct(statistics.median(fpr)) if fpr else '—'} |"
+            )
+            if attack != "none" and c["vs_clean"]:
+                med = statistics.median(c["vs_clean"])
+                if rule not in worst or med < worst[rule][0]:
+                    worst[rule] = (med, attack)
+    lines += ["", "| rule | worst attack by the median difference | points |", "|---|---|---|"]
+    lines += [f"| {rule} | {attack} | {med:+.1f} |" for rule, (med, attack) in worst.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.attacks", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/attacks"))
@@ -309,11 +424,33 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help=f"a column to (re)run (repeatable): {list(ATTACKS)}",
     )
+    p.add_argument(
+        "--init-seed",
+        dest="init_seeds",
+        action="append",
+        type=int,
+        default=[],
+        help="run the matrix once per initialisation (model.init_seed; repeatable), each under OUT/init-<seed>, "
+        "and summarise the draws",
+    )
+    p.add_argument("--summary", action="store_true", help="only summarise the draws kept under OUT")
     a = p.parse_args(argv)
     if unknown := [r for r in a.rules if r not in RULES]:
         p.error(f"--rule: unknown {unknown}; known: {list(RULES)}")
     if unknown := [x for x in a.attacks if x not in ATTACKS]:
         p.error(f"--attack: unknown {unknown}; known: {list(ATTACKS)}")
+    if a.summary or a.init_seeds:
+        try:
+            if a.summary:
+                summary = write_draws(a.out)
+            else:
+                summary = run_draws(
+                    a.out, a.init_seeds, a.quick, a.sets, rules=a.rules or None, attacks=a.attacks or None
+                )
+        except ValueError as err:
+            p.error(str(err))
+        print(draw_tables(summary))
+        return
     res = run_matrix(a.out, a.quick, a.sets, rules=a.rules or None, attacks=a.attacks or None)
     print(tables(res))
 

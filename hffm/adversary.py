@@ -16,6 +16,12 @@ Gaussian noise of that fraction of each tensor's step norm (so that two echoers 
 ``label_flip`` poisons data, not the update: the device trains honestly on its local training set with
 every label y of a task with C answers replaced by C − 1 − y (``flip_labels``), and sends that.
 
+``absent`` is no attack but the yardstick a defence is judged against: the attackers' training data taken
+away (``withhold``), so that they take part holding nothing (no training, statistics of no sample, updates
+of weight 1 against the federation's thousands). A defence that found every attacker and left its data out
+from the first round could reach this run's accuracy and no more: what only the attackers hold leaves with
+them (docs/robustness.md).
+
 ``alie`` and ``ipm`` are colluding attacks that need the benign updates of the attackers (``collude``):
 every attacker also trains, from its own start, on each other attacker's partition (the colluders
 pool their data), and all of them send one vector built from the per-coordinate mean μ and standard
@@ -40,7 +46,7 @@ from hffm.ids import HEAD_PREFIX, joining_edge
 from hffm.modules import Module, ModuleSet
 
 UPDATE_ATTACKS = ("sign_flip", "scale", "noise", "free_ride", "echo")  # poison the trained update alone
-DATA_ATTACKS = ("label_flip",)  # poison the training data; the update is sent as trained
+DATA_ATTACKS = ("label_flip", "absent")  # change the training data; the update is sent as trained
 COLLUDING_ATTACKS = ("alie", "ipm")  # need the attackers' benign updates (``collude``)
 SERVING_ATTACKS = ("fake_specialist", "bait_switch")  # honest in training and aggregation; poison what they serve
 EXAMINED_HONESTLY = ("bait_switch",)  # ... but show the cloud's examination the honest modules
@@ -111,6 +117,22 @@ def flip_labels(data: DeviceData, answers: dict[str, int]) -> DeviceData:
         c = answers[task]
         labels = torch.where(td.labels >= 0, c - 1 - td.labels, td.labels)
         train[task] = replace(td, labels=labels)
+    return replace(data, train=train)
+
+
+def withhold(data: DeviceData) -> DeviceData:
+    """``data`` with no training sample left (``absent``: the yardstick of a perfect defence); the local test
+    split is left as it is."""
+    train = {}
+    for task, td in data.train.items():
+        none = torch.zeros(0, dtype=torch.long)
+        train[task] = replace(
+            td,
+            input_ids=td.input_ids[none],
+            attention_mask=td.attention_mask[none],
+            labels=td.labels[none],
+            scores=[] if td.scores is not None else None,
+        )
     return replace(data, train=train)
 
 

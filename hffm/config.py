@@ -793,6 +793,7 @@ class AdversaryConfig(_Strict):
         "ipm",
         "fake_specialist",
         "bait_switch",
+        "absent",
     ] = D(
         "sign_flip",
         description="sign_flip: start - scale x update; scale: start + scale x update; noise: start + "
@@ -803,7 +804,9 @@ class AdversaryConfig(_Strict):
         "epsilon x their mean; fake_specialist: trains and aggregates honestly, claims claim x its samples "
         "and every answer class (to be examined as a specialist), and serves heads negated and scaled by "
         "scale whenever it serves (a relay, a specialist's examination); bait_switch: the same, but shows the "
-        "cloud's examination its honest modules and relays the poisoned ones",
+        "cloud's examination its honest modules and relays the poisoned ones; absent: no attack, the yardstick of a "
+        "perfect defence: the device takes part holding no training data (it trains nothing, its statistics count "
+        "no sample, its updates weigh 1 sample), as if a defence had left its data out from the start",
     )
     claim: float | None = D(
         None,

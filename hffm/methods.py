@@ -202,10 +202,14 @@ class RoundPlan:
 
         heads = {n for n, c in self.collects() if c.include_self}
         trainers = {n for n, ss in self.steps.items() if any(isinstance(s, Train) for s in ss)} - heads
-        everyone: dict[str, int] = {}
-        for d in topo.devices:
-            for t, k in samples.get(d.id, {}).items():
-                everyone[t] = everyone.get(t, 0) + int(k)
+
+        def everyone(module: str) -> float:
+            """What an aggregate of ``module`` may weigh: every device's own cap summed (each at least 1, as a
+            device holding no sample of a task still weighs 1; the registered total alone refused an honest edge
+            whose devices held none of a task)."""
+            t = task_of(module) or stats_task(module)
+            return float(sum(total(samples.get(d.id, {}), module) for d in topo.devices if t is None or t in d.tasks))
+
         sent = {(src, x.to, x.tag): x.modules for src, x in self.transfers()}
         steps: dict[str, list[Step]] = {}
         for n, ss in self.steps.items():
@@ -216,8 +220,8 @@ class RoundPlan:
                     for sender in s.senders:
                         mods = sent.get((sender, n, s.tag), ())
                         own = sender in trainers and s.tag != SYNC  # a sync carries an aggregate
-                        basis = samples.get(sender, {}) if own else everyone
-                        caps.append((sender, tuple((m, total(basis, m)) for m in mods)))
+                        basis = samples.get(sender, {})
+                        caps.append((sender, tuple((m, total(basis, m) if own else everyone(m)) for m in mods)))
                         if own and bounded is not None and (b := bound(sender, mods, basis)):
                             bounds.append(b)
                     if s.include_self and bounded is not None and n in samples:  # a cluster head's own update

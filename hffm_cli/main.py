@@ -610,14 +610,33 @@ def attacks(
     sets: list[str] = typer.Option([], "--set", help="KEY=VALUE over the matrix's settings (repeatable)"),
     rules: list[str] = typer.Option([], "--rule", help="rows to (re)run, the rest kept from OUT (repeatable)"),
     attack: list[str] = typer.Option([], "--attack", help="columns to (re)run, the rest kept from OUT (repeatable)"),
+    init_seeds: list[int] = typer.Option(
+        [],
+        "--init-seed",
+        help="draws: the matrix once per initialisation (model.init_seed), each under OUT/init-<seed>, and the "
+        "cells' medians and differences from the same draw's clean run (repeatable)",
+    ),
+    summary: bool = typer.Option(False, "--summary", help="only summarise the draws kept under OUT"),
 ) -> None:
     """The rule x attack matrix: every aggregation rule against every poisoning behaviour at 20 %
     attackers (real federations), with the detection's TPR/FPR per cell (docs/robustness.md)."""
-    from benchmarks.attacks import ATTACKS, RULES, run_matrix, tables
+    from benchmarks.attacks import ATTACKS, RULES, draw_tables, run_draws, run_matrix, tables, write_draws
 
     for flag, given, known in (("--rule", rules, RULES), ("--attack", attack, ATTACKS)):
         if unknown := [x for x in given if x not in known]:
             raise typer.BadParameter(f"unknown {unknown}; known: {list(known)}", param_hint=flag)
+    if summary or init_seeds:
+        try:
+            got = (
+                write_draws(out)
+                if summary
+                else run_draws(out, init_seeds, quick, sets, console.print, rules or None, attack or None)
+            )
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--summary" if summary else "--init-seed") from None
+        console.print(draw_tables(got), markup=False)
+        console.print(f"{out / 'draws.json'}  {out / 'draws.md'}")
+        return
     res = run_matrix(out, quick, sets, log=console.print, rules=rules or None, attacks=attack or None)
     console.print(tables(res), markup=False)
     console.print(f"{out / 'attacks.json'}  {out / 'attacks.md'}")

@@ -201,6 +201,50 @@ def test_label_flip_reverses_training_labels_only():
     assert data.train["shape"].labels.tolist() == [0, 1, 4, -1]  # and so is the honest copy
 
 
+def test_withheld_data_leaves_no_training_sample_and_the_test_split_as_it_was():
+    from hffm.adversary import withhold
+    from hffm.data import DeviceData, TaskData
+
+    def td(labels):
+        n = len(labels)
+        return TaskData(
+            "shape", torch.arange(2 * n).view(n, 2), torch.ones(n, 2), None, torch.tensor(labels), ["a", "b", "c"]
+        )
+
+    data = DeviceData(train={"shape": td([0, 1, 2])}, test={"shape": td([0, 1])})
+    gone = withhold(data)
+    assert len(gone.train["shape"]) == 0 and gone.train_samples() == {"shape": 0}
+    assert gone.train["shape"].input_ids.shape == (0, 2) and gone.train["shape"].label_counts() == [0, 0, 0]
+    assert gone.test["shape"].labels.tolist() == [0, 1] and len(data.train["shape"]) == 3
+
+
+def test_absent_attackers_take_part_holding_nothing_and_weigh_one_sample(tmp_path):
+    """adversary.behaviour absent (the matrix's yardstick of a perfect defence), over real gRPC with calibration,
+    statistics first and bounded claims: the two drawn devices register no sample, report statistics of none
+    and push updates of weight 1, untrained; the run completes (an edge's aggregate counts their floor of 1,
+    which the cloud's weight caps refused before)."""
+    sets = ["method=hfm", "e_agg=2", "rounds=2", "topology.edges=2", "topology.devices_per_edge=3",
+            "runtime.devices_per_process=3", "data.train_per_task=120", "data.global_test_per_task=32",
+            "adversary.fraction=0.34", "adversary.behaviour=absent", "calibration.enabled=true",
+            "calibration.label_t=4", "calibration.opening=true", "aggregation.claim_bound=2",
+            "runtime.trace_dir=" + str(tmp_path / "trace")]  # fmt: skip
+    res = run(load_config(None, sets), tmp_path / "run", Console(file=io.StringIO()), timeout_s=300)
+    assert res["complete"]
+    absent = res["detection"]["adversaries"]
+    assert len(absent) == 2
+    from hffm.modules import load_modules
+
+    pushes = {p: load_modules(str(p)) for d in absent for p in (tmp_path / "trace").glob(f"edge-*/r*-from-{d}.*")}
+    assert len(pushes) >= 2 * 2  # each absent device's training pushes of both rounds (statistics too)
+    assert all(m.num_samples == 1 for ms in pushes.values() for m in ms.values())
+    honest = [
+        p
+        for p in (tmp_path / "trace").glob("edge-*/r1-aggregate-from-device-*.*")
+        if not any(d in p.name for d in absent)
+    ]
+    assert honest and all(max(m.num_samples for m in load_modules(str(p)).values()) > 1 for p in honest)
+
+
 def test_alie_z_follows_baruch_et_al():
     from statistics import NormalDist
 

@@ -566,3 +566,45 @@ def test_precision_benchmark_times_each_precision_against_fp32_and_says_what_it_
     assert res["basis"]["model"] == "tiny" and res["basis"]["samples_per_epoch"] == 16 and "fp16" not in res
     with pytest.raises(ValueError, match="--precisions"):
         measure("tiny", samples=8, repeat=1, device="cpu", precisions=("bf16",))
+
+
+def test_draws_are_judged_by_each_cell_s_difference_from_its_own_draw_s_clean_run(tmp_path):
+    """benchmarks.attacks' draws: every OUT/init-<seed>/attacks.json is one draw of the same matrix; each cell's
+    difference is taken from the clean cell of its own draw, and the medians and the worst attack per rule come
+    from those paired differences, not from the medians' difference. Draws of other settings are refused."""
+    import json
+
+    from benchmarks.attacks import BASE, draw_tables, summarise_draws
+
+    def draw(seed, none, flip, sets=BASE):
+        d = tmp_path / "out" / f"init-{seed}"
+        d.mkdir(parents=True)
+        cells = {"r": {"none": {"accuracy": none, "tpr": None, "fpr": 0.0}}}
+        if flip is not None:
+            cells["r"]["label_flip"] = {"accuracy": flip, "tpr": 0.5, "fpr": 0.0}
+        (d / "attacks.json").write_text(json.dumps({"sets": [*sets, f"model.init_seed={seed}"], "cells": cells}))
+
+    with pytest.raises(ValueError, match="no draws"):
+        summarise_draws(tmp_path / "out")
+    r = CliRunner().invoke(app, ["attacks", "--summary", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "no draws" in r.output and "--summary" in r.output
+    # a draw that ran high and one that ran low: paired, the attack costs 1-3 points in every draw; the medians'
+    # difference (0.61 - 0.60) would say +1
+    draw(1234, 0.70, 0.69)
+    draw(1, 0.60, 0.57)
+    draw(2, 0.55, 0.53)
+    draw(3, 0.61, None)  # a draw with the clean cell alone
+    s = summarise_draws(tmp_path / "out")
+    assert s["draws"] == [1, 2, 3, 1234]
+    got = s["cells"]["r"]["label_flip"]
+    assert got["accuracy"] == [0.57, 0.53, 0.69] and [round(v, 6) for v in got["vs_clean"]] == [-3.0, -2.0, -1.0]
+    md = draw_tables(s)
+    assert "| r | label_flip | 3 | 0.570 (0.530 to 0.690) | -2.0 (-3.0 to -1.0) | 50 % | 0 % |" in md
+    assert "| r | label_flip | -2.0 |" in md
+    r = CliRunner().invoke(app, ["attacks", "--summary", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0 and (tmp_path / "out" / "draws.md").read_text() == md
+    r = CliRunner().invoke(app, ["attacks", "--init-seed", "1", "--init-seed", "1", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "each draw once" in r.output
+    draw(4, 0.6, 0.6, sets=[*BASE, "rounds=3"])
+    with pytest.raises(ValueError, match="other settings"):
+        summarise_draws(tmp_path / "out")

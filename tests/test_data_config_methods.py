@@ -512,6 +512,47 @@ def test_claims_are_bounded_by_a_multiple_of_their_tasks_median_and_the_plan_car
         load_config(None, ["aggregation.claim_bound=0.5"])
 
 
+def test_an_aggregate_may_weigh_what_its_devices_may_each_at_least_one_where_one_holds_no_sample():
+    """A device holding no sample of a task still weighs 1 (``update_weight``'s floor), so an edge's aggregate
+    of that task may weigh its devices' caps summed, floors included: the registered total alone (0 + 5 + 7 +
+    9 = 21) refused an honest edge's push of 22 (found with ``adversary.behaviour: absent``, whose devices
+    hold nothing). Devices that do not hold the task add nothing; a device's own cap is its registration."""
+    cfg = load_config(None, ["topology.edges=2", "topology.devices_per_edge=2", "tasks=[art,gqa]", "method=hfm"])
+    topo = Topology.from_config(cfg, 2)
+    samples = {
+        "device-0-0": {"art": 0, "gqa": 4},
+        "device-0-1": {"art": 5, "gqa": 0},
+        "device-1-0": {"art": 7, "gqa": 3},
+        "device-1-1": {"art": 9, "gqa": 2},
+    }
+    plan = make_method("hfm", 2).plan(2, topo).with_weight_caps(samples, topo)
+    edge0 = next(s for s in plan.steps["edge-0"] if isinstance(s, Collect))
+    assert edge0.caps_of("device-0-0")["head.art"] == 1 and edge0.caps_of("device-0-1")["head.art"] == 5
+    cloud = next(s for s in plan.steps["cloud"] if isinstance(s, Collect))
+    assert cloud.caps_of("edge-0")["head.art"] == 1 + 5 + 7 + 9  # was 21: edge-0's 1 + 5 = 6 of it refused
+    assert cloud.caps_of("edge-0")["head.gqa"] == 4 + 1 + 3 + 2
+    assert cloud.caps_of("edge-0")["adapter.0"] == 4 + 5 + 10 + 11
+    one = load_config(
+        None,
+        [
+            "topology.edges=2",
+            "topology.devices_per_edge=2",
+            "tasks=[art,gqa]",
+            "method=hfm",
+            "topology.tasks_per_device=1",
+        ],
+    )
+    topo1 = Topology.from_config(one, 2)
+    held = {d.id: {t: 3 for t in d.tasks} for d in topo1.devices}
+    cloud1 = next(
+        s
+        for s in make_method("hfm", 2).plan(2, topo1).with_weight_caps(held, topo1).steps["cloud"]
+        if isinstance(s, Collect)
+    )
+    holders = sum("art" in d.tasks for d in topo1.devices)
+    assert 0 < holders < 4 and cloud1.caps_of("edge-0")["head.art"] == 3 * holders
+
+
 def test_the_cosine_schedule_falls_from_lr_to_its_final_fraction_over_the_rounds():
     """train.lr_schedule: constant is train.lr every round; cosine starts at train.lr in round 1, is halfway
     at the middle round, ends at lr x lr_final in the last and stays there for rounds beyond it; it never

@@ -24,6 +24,7 @@ from hffm.adversary import (
     flip_labels,
     lie,
     poison,
+    withhold,
 )
 from hffm.calibration import empty_stats, feature_stats, to_module, with_stats_spec
 from hffm.config import HFFMConfig, resolve_torch_device
@@ -117,7 +118,9 @@ class DeviceNode(NodeRuntime):
         if self.attacks:
             log.warning("%s is an adversary: it sends %s updates (config adversary)", node_id, cfg.adversary.behaviour)
             adv = cfg.adversary
-            if adv.behaviour in DATA_ATTACKS:
+            if adv.behaviour == "absent":  # the yardstick: it holds no training data (what it reports agrees)
+                self.data = withhold(self.data)
+            elif adv.behaviour in DATA_ATTACKS:
                 # what its statistics report: its true labels (honest, inflated) or what it trained on
                 self.stats_data = self.data if adv.stats in ("honest", "inflated") else None
                 self.stats_lie = adv.stats
