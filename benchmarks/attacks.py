@@ -201,6 +201,9 @@ ATTACKS: dict[str, list[str]] = {
 }
 
 
+YARDSTICK = "absent"  # not an attack: what a defence that left the attackers' data out from the start reaches
+
+
 def mean_accuracy(results: dict) -> float:
     last = [r for r in results["rounds"] if r["accuracy"]][-1]
     vals = [v["global"] for v in last["accuracy"].values()]
@@ -263,16 +266,20 @@ def _pct(v: float | None) -> str:
 
 
 def tables(res: dict) -> str:
-    """Accuracy per cell with each rule's worst case against the clean FedAvg run, then detection (the
-    clean column's FPR: honest senders flagged with no attacker at all)."""
+    """Accuracy per cell with each rule's worst case (over every column but ``absent``, the yardstick) against
+    the clean FedAvg run, its own clean run and its own attackers-absent run, then detection (the clean column's
+    FPR: honest senders flagged with no attacker at all)."""
     cells = {r: cells for r in RULES if (cells := res["cells"].get(r))}
     cells.update({r: c for r, c in res["cells"].items() if r not in cells})  # rules of other versions
     present = {a for row in cells.values() for a in row}
     attacks = [a for a in ATTACKS if a in present] + sorted(present - set(ATTACKS))
     clean = cells.get("fedavg", {}).get("none", {}).get("accuracy")  # absent where those rows were not run
     lines = [
-        "| rule | " + " | ".join(attacks) + " | worst (points vs clean FedAvg) | worst (points vs its own clean run) |",
-        "|---|" + "---|" * (len(attacks) + 2),
+        "| rule | "
+        + " | ".join(attacks)
+        + " | worst (points vs clean FedAvg) | worst (points vs its own clean run)"
+        + " | worst (points vs its own attackers-absent run) |",
+        "|---|" + "---|" * (len(attacks) + 3),
     ]
 
     def acc(row: dict, a: str) -> str:
@@ -282,10 +289,13 @@ def tables(res: dict) -> str:
         return "—" if ref is None else f"{100 * (worst - ref):+.1f}"
 
     for rule, row in cells.items():
-        worst = min(c["accuracy"] for c in row.values())
+        judged = [c["accuracy"] for a, c in row.items() if a != YARDSTICK]
+        worst = min(judged) if judged else None
         own = row.get("none", {}).get("accuracy")
+        absent = row.get(YARDSTICK, {}).get("accuracy")
         cols = " | ".join(acc(row, a) for a in attacks)
-        lines.append(f"| {rule} | {cols} | {points(worst, clean)} | {points(worst, own)} |")
+        vs = " | ".join("—" if worst is None else points(worst, ref) for ref in (clean, own, absent))
+        lines.append(f"| {rule} | {cols} | {vs} |")
     # "none": no attacker, so no TPR; its FPR is the honest senders flagged in a clean run
     lines += ["", "| rule | " + " | ".join(f"{a} TPR / FPR" for a in attacks) + " |"]
     lines.append("|---|" + "---|" * len(attacks))
@@ -340,9 +350,10 @@ def write_draws(out: Path) -> dict:
 
 def summarise_draws(out: Path) -> dict:
     """rule -> attack -> {"accuracy": [per draw], "vs_clean": [per draw: the cell minus the same draw's clean
-    cell, in points], "tpr"/"fpr": [per draw]} over every OUT/init-*/attacks.json, draws in order of their
-    seed. A draw without the rule's clean cell gives no ``vs_clean`` for it. Draws of other settings than the
-    first's (apart from the initialisation) are refused: they would not be draws of one matrix."""
+    cell, in points], "vs_absent": [the same against the draw's attackers-absent cell], "tpr"/"fpr": [per draw]}
+    over every OUT/init-*/attacks.json, draws in order of their seed. A draw without the rule's clean (absent)
+    cell gives no ``vs_clean`` (``vs_absent``) for it. Draws of other settings than the first's (apart from the
+    initialisation) are refused: they would not be draws of one matrix."""
     found = sorted(out.glob("init-*/attacks.json"), key=lambda p: int(p.parent.name.removeprefix("init-")))
     if not found:
         raise ValueError(f"no draws under {out} (init-<seed>/attacks.json)")
@@ -358,18 +369,22 @@ def summarise_draws(out: Path) -> dict:
     for path in found:
         cells = json.loads(path.read_text())["cells"]
         for rule, row in cells.items():
-            clean = row.get("none", {}).get("accuracy")
+            refs = {
+                "vs_clean": row.get("none", {}).get("accuracy"),
+                "vs_absent": row.get(YARDSTICK, {}).get("accuracy"),
+            }
             for attack, cell in row.items():
                 got = (
                     summary["cells"]
                     .setdefault(rule, {})
-                    .setdefault(attack, {"accuracy": [], "vs_clean": [], "tpr": [], "fpr": []})
+                    .setdefault(attack, {"accuracy": [], "vs_clean": [], "vs_absent": [], "tpr": [], "fpr": []})
                 )
                 got["accuracy"].append(cell["accuracy"])
                 got["tpr"].append(cell["tpr"])
                 got["fpr"].append(cell["fpr"])
-                if clean is not None:
-                    got["vs_clean"].append(100 * (cell["accuracy"] - clean))
+                for key, ref in refs.items():
+                    if ref is not None:
+                        got[key].append(100 * (cell["accuracy"] - ref))
     return summary
 
 
@@ -381,31 +396,46 @@ def _spread(xs: list[float], fmt: str) -> str:
 
 
 def draw_tables(summary: dict) -> str:
-    """Per rule and attack: the median accuracy over the draws and the median of each draw's difference from its
-    own clean run (range in brackets); per rule, the worst attack by that median."""
+    """Per rule and attack: the median accuracy over the draws, and the medians of each draw's difference from
+    its own clean run and from its own attackers-absent run (ranges in brackets); per rule, the worst attack by
+    each median (``absent`` is the yardstick, not an attack)."""
     lines = [
         f"draws (model.init_seed): {', '.join(map(str, summary['draws']))}",
         "",
-        "| rule | attack | draws | accuracy, median (range) | vs the same draw's clean run, points: median (range) |"
-        " TPR, median | FPR, median |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | attack | draws | accuracy, median (range) | vs the same draw's clean run, points: median (range) "
+        "| vs the same draw's attackers-absent run | TPR, median | FPR, median |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    worst: dict[str, tuple[float, str]] = {}
+    worst: dict[str, dict[str, tuple[float, str]]] = {}
+    order = list(ATTACKS)
     for rule, row in summary["cells"].items():
-        for attack, c in sorted(row.items(), key=lambda kv: list(ATTACKS).index(kv[0]) if kv[0] in ATTACKS else 99):
+        for attack, c in sorted(row.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
             tpr = [t for t in c["tpr"] if t is not None]
             fpr = [f for f in c["fpr"] if f is not None]
+            vs_clean = _spread(c["vs_clean"], "+.1f") if attack != "none" else "—"
+            vs_absent = _spread(c.get("vs_absent", []), "+.1f") if attack != YARDSTICK else "—"
             lines.append(
-                f"| {rule} | {attack} | {len(c['accuracy'])} | {_spread(c['accuracy'], '.3f')} | "
-                f"{_spread(c['vs_clean'], '+.1f') if attack != 'none' else '—'} | "
-                f"{_pct(statistics.median(tpr)) if tpr else '—'} | {_pct(statistics.median(fpr)) if fpr else '—'} |"
+                f"| {rule} | {attack} | {len(c['accuracy'])} | {_spread(c['accuracy'], '.3f')} | {vs_clean} | "
+                f"{vs_absent} | {_pct(statistics.median(tpr)) if tpr else '—'} | "
+                f"{_pct(statistics.median(fpr)) if fpr else '—'} |"
             )
-            if attack != "none" and c["vs_clean"]:
-                med = statistics.median(c["vs_clean"])
-                if rule not in worst or med < worst[rule][0]:
-                    worst[rule] = (med, attack)
-    lines += ["", "| rule | worst attack by the median difference | points |", "|---|---|---|"]
-    lines += [f"| {rule} | {attack} | {med:+.1f} |" for rule, (med, attack) in worst.items()]
+            if attack in ("none", YARDSTICK):
+                continue
+            for key in ("vs_clean", "vs_absent"):
+                if c.get(key):
+                    med = statistics.median(c[key])
+                    if key not in worst.setdefault(rule, {}) or med < worst[rule][key][0]:
+                        worst[rule][key] = (med, attack)
+
+    def show(w: tuple[float, str] | None) -> str:
+        return "—" if w is None else f"{w[0]:+.1f} ({w[1]})"
+
+    lines += [
+        "",
+        "| rule | worst attack by the median difference from the clean run | ... from the attackers-absent run |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {rule} | {show(w.get('vs_clean'))} | {show(w.get('vs_absent'))} |" for rule, w in worst.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -158,13 +158,22 @@ def test_the_attack_matrix_tables():
         }
     }
     md = tables(res).splitlines()
-    assert md[0] == "| rule | none | scale | worst (points vs clean FedAvg) | worst (points vs its own clean run) |"
-    assert md[2] == "| fedavg | 0.500 | 0.200 | -30.0 | -30.0 |" and md[3] == "| median | 0.480 | 0.470 | -3.0 | -1.0 |"
+    assert md[0] == (
+        "| rule | none | scale | worst (points vs clean FedAvg) | worst (points vs its own clean run) "
+        "| worst (points vs its own attackers-absent run) |"
+    )
+    assert md[2] == "| fedavg | 0.500 | 0.200 | -30.0 | -30.0 | — |"
+    assert md[3] == "| median | 0.480 | 0.470 | -3.0 | -1.0 | — |"
     assert md[5] == "| rule | none TPR / FPR | scale TPR / FPR |"
     assert md[7] == "| fedavg | — / 0 % | 100 % / 5 % |" and md[8] == "| median | — / 0 % | 50 % / 0 % |"
     # a matrix without the FedAvg row (rows run on their own): no clean FedAvg to compare with
     md = tables({"cells": {"median": res["cells"]["median"], "krum": {"scale": cell(0.4, 1.0, 0.0)}}}).splitlines()
-    assert md[2] == "| median | 0.480 | 0.470 | — | -1.0 |" and md[3] == "| krum | — | 0.400 | — | — |"
+    assert md[2] == "| median | 0.480 | 0.470 | — | -1.0 | — |" and md[3] == "| krum | — | 0.400 | — | — | — |"
+    # the attackers-absent column is the yardstick, never the worst case: below every attack it is not counted
+    res["cells"]["median"]["absent"] = cell(0.40, 0.0, 0.0)
+    md = tables(res).splitlines()
+    assert md[0].startswith("| rule | none | absent | scale |")
+    assert md[3] == "| median | 0.480 | 0.400 | 0.470 | -3.0 | -1.0 | +7.0 |"
 
 
 def test_the_attack_matrix_keeps_the_cells_of_the_same_settings_and_refuses_to_overwrite_others(tmp_path):

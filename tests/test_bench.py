@@ -599,12 +599,21 @@ def test_draws_are_judged_by_each_cell_s_difference_from_its_own_draw_s_clean_ru
     got = s["cells"]["r"]["label_flip"]
     assert got["accuracy"] == [0.57, 0.53, 0.69] and [round(v, 6) for v in got["vs_clean"]] == [-3.0, -2.0, -1.0]
     md = draw_tables(s)
-    assert "| r | label_flip | 3 | 0.570 (0.530 to 0.690) | -2.0 (-3.0 to -1.0) | 50 % | 0 % |" in md
-    assert "| r | label_flip | -2.0 |" in md
+    assert "| r | label_flip | 3 | 0.570 (0.530 to 0.690) | -2.0 (-3.0 to -1.0) | — | 50 % | 0 % |" in md
+    assert "| r | -2.0 (label_flip) | — |" in md
     r = CliRunner().invoke(app, ["attacks", "--summary", "--out", str(tmp_path / "out")])
     assert r.exit_code == 0 and (tmp_path / "out" / "draws.md").read_text() == md
     r = CliRunner().invoke(app, ["attacks", "--init-seed", "1", "--init-seed", "1", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "each draw once" in r.output
+    # with the attackers-absent yardstick in a draw: its cells are judged against it as well, and it is no attack
+    cells = json.loads((tmp_path / "out" / "init-2" / "attacks.json").read_text())
+    cells["cells"]["r"]["absent"] = {"accuracy": 0.54, "tpr": 0.0, "fpr": 0.0}
+    (tmp_path / "out" / "init-2" / "attacks.json").write_text(json.dumps(cells))
+    s = summarise_draws(tmp_path / "out")
+    assert [round(v, 6) for v in s["cells"]["r"]["label_flip"]["vs_absent"]] == [-1.0]
+    md = draw_tables(s)
+    assert "| r | absent | 1 | 0.540 | -1.0 | — | 0 % | 0 % |" in md
+    assert "| r | -2.0 (label_flip) | -1.0 (label_flip) |" in md
     draw(4, 0.6, 0.6, sets=[*BASE, "rounds=3"])
     with pytest.raises(ValueError, match="other settings"):
         summarise_draws(tmp_path / "out")
