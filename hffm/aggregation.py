@@ -872,6 +872,15 @@ class LabelCheck(Aggregator):
         self._judged = (*self._kept_sums(stats), federation_rest(fed, stats, summed))
         return self._scored(t)
 
+    def kept(self, version: int) -> ModuleSet:
+        """The sum of the statistics of the senders not flagged by the last check (``check``: those it flags now
+        are left out too), as modules of ``version``: what a deferred check's node sends up to be calibrated on."""
+        out = FedAvg()
+        for s in self.senders:
+            if s not in self.flagged:
+                out.add(s, [replace(m, owned=False) for m in self._held[s]])
+        return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in out.result(version).items()}
+
     def _kept_sums(self, stats: Mapping[str, dict]) -> tuple[dict, int]:
         """(task -> the sum of ``stats`` of the senders not flagged, how many senders that is)."""
         here: dict = {}

@@ -55,7 +55,7 @@ class RoundAborted(RuntimeError):
 
 @dataclass(frozen=True)
 class Aggregate:
-    """What a collect step adopted: the modules, and whose pushes they count."""
+    """What a collect step aggregated: the modules, and whose pushes they count; and what the node adopts."""
 
     tag: str
     modules: ModuleSet
@@ -65,6 +65,13 @@ class Aggregate:
     # sender -> module -> the weight it was folded with, where that is below what it pushed (Collect.weight_bounds,
     # or the samples its statistics claimed with the head check); sorted
     weights: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+    # what the node adopts where that is not ``modules``: after the federation's statistics (FEDERATION), the
+    # statistics of its own senders that its deferred label check kept, which it sends up to be calibrated on
+    kept: ModuleSet | None = None
+
+    @property
+    def adopted(self) -> ModuleSet:
+        return self.modules if self.kept is None else self.kept
 
 
 @dataclass
@@ -525,6 +532,7 @@ class Inbox:
                 coll.aggregator.result(coll.newest if sync else self.round) if coll.accepted or not optional else {}
             )
             scores = list(coll.aggregator.scores)
+            kept = None
             if coll.step.rule == LABEL_CHECK:
                 assert isinstance(coll.aggregator, LabelCheck)
                 self._checked(scores)
@@ -533,14 +541,16 @@ class Inbox:
                 if tag == STATS and not coll.aggregator.defer:  # checked here and now (the cloud in star)
                     self.label_reference = coll.aggregator.label_reference(self.round)
             elif tag in STATS_OF and any(stats_task(n) for n in modules):
-                # the federation's statistics came back with the calibrated heads: the deferred check of the
-                # same phase's statistics runs now
+                # the federation's statistics came down: the deferred check of the same phase's statistics runs
+                # now, and what this node adopts (and sends up again, CHECKED) is its senders' statistics without
+                # those it flagged (``Aggregate.kept``); the aggregate itself is what came
                 for other in self._collections.values():
                     mine = other.step.tag == STATS_OF[tag] and isinstance(other.aggregator, LabelCheck)
                     if mine and other.aggregator.defer and other.closed:
                         checked = other.aggregator.check(modules)
                         self._checked(checked)
                         scores += checked
+                        kept = other.aggregator.kept(self.round)
                         # a closing phase's statistics are under the round's modules, the opening phase's under the
                         # modules the round started from (round 1's: the initial ones, round 0's)
                         under = self.round if STATS_OF[tag] == STATS else self.round - 1
@@ -552,6 +562,7 @@ class Inbox:
                 tuple(sorted(set(coll.step.senders) - set(coll.accepted))),
                 tuple(scores),
                 tuple((s, tuple(sorted(w.items()))) for s, w in sorted(coll.lowered.items()) if w),
+                kept,
             )
 
     def _checked(self, scores: list[SenderScore]) -> None:

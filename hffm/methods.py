@@ -84,8 +84,16 @@ STATS = "stats"
 CALIBRATED = "calibrated"
 OPENING_STATS = "opening-stats"
 OPENING_CALIBRATED = "opening-calibrated"
-STATS_OF = {CALIBRATED: STATS, OPENING_CALIBRATED: OPENING_STATS}  # a phase's heads down -> its statistics up
-OPENING_TAGS = (OPENING_STATS, OPENING_CALIBRATED)
+# with an edge's label check (calibration.label_t in hfm), between the two: the federation's statistics down to
+# the edges, which check their devices against them, and each edge's statistics up again without the devices it
+# flagged, which the cloud calibrates on (so that no statistics an edge found mislabelled reach the heads
+# calibrated in the very phase that found them)
+FEDERATION = "federation"
+CHECKED = "checked"
+OPENING_FEDERATION = "opening-federation"
+OPENING_CHECKED = "opening-checked"
+STATS_OF = {FEDERATION: STATS, OPENING_FEDERATION: OPENING_STATS}  # the federation's sums -> the statistics checked
+OPENING_TAGS = (OPENING_STATS, OPENING_FEDERATION, OPENING_CHECKED, OPENING_CALIBRATED)
 # statistics first for a device that starts a later round synced (a joiner, one that lost its state): its
 # statistics go to its collector before it trains (calibration.opening with the head check), nothing comes back
 JOIN_STATS = "join-stats"
@@ -266,6 +274,7 @@ class RoundPlan:
         by them first (``hffm.aggregation.LabelCheck``; not in hfm-d2d, whose heads are devices: the config
         refuses it)."""
         stats_tag, calibrated_tag = (OPENING_STATS, OPENING_CALIBRATED) if opening else (STATS, CALIBRATED)
+        fed_tag, checked_tag = (OPENING_FEDERATION, OPENING_CHECKED) if opening else (FEDERATION, CHECKED)
         check = (LABEL_CHECK, (("label_t", float(label_t)),)) if label_t is not None else ("fedavg", ())
         # an edge checks its devices against its peers and the federation's statistics, sent back with the heads
         deferred = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else check
@@ -348,11 +357,16 @@ class RoundPlan:
                 cloud_from += [(d, link, tasks[d]) for d in members]
                 continue
             held = tuple(sorted({t for d in members for t in tasks[d]}))
+            sums = tuple(stats_name(t) for t in held)
+            # with the label check: the federation's sums come down, the edge checks its devices against them and
+            # sends its statistics up again without those it flagged, before the cloud calibrates
+            checking = [Collect(fed_tag, (CLOUD,), EDGE_CLOUD), Send(CLOUD, EDGE_CLOUD, checked_tag, sums)]
             tier(
                 agg,
                 [
                     Collect(stats_tag, tuple(members), link, rule=deferred[0], params=deferred[1], quorum=quorum),
-                    Send(CLOUD, EDGE_CLOUD, stats_tag, tuple(stats_name(t) for t in held)),
+                    Send(CLOUD, EDGE_CLOUD, stats_tag, sums),
+                    *(checking if label_t is not None else []),
                     Collect(calibrated_tag, (CLOUD,), EDGE_CLOUD),
                     *(Send(d, link, calibrated_tag, tuple(head_name(t) for t in tasks[d])) for d in members),
                 ],
@@ -364,22 +378,31 @@ class RoundPlan:
         from_devices = cloud_from[0][1] == DEVICE_CLOUD
         if not from_devices:  # the edges' sums: nothing to check them against (their devices were checked)
             check = ("fedavg", ())
+        senders = tuple(n for n, _, _ in cloud_from)
+        # edges that check their devices' labels (not D2D cluster heads: label_t is refused in hfm-d2d) get the
+        # federation's sums and send their checked statistics back, which the heads are calibrated on
+        checking = (
+            [
+                *(Send(n, link, fed_tag, tuple(stats_name(t) for t in ts)) for n, link, ts in cloud_from),
+                Collect(checked_tag, senders, EDGE_CLOUD),
+            ]
+            if label_t is not None and not from_devices
+            else []
+        )
         tier(
             CLOUD,
             [
                 Collect(
                     stats_tag,
-                    tuple(n for n, _, _ in cloud_from),
+                    senders,
                     cloud_from[0][1],
                     rule=check[0],
                     params=check[1],
                     quorum=quorum if from_devices else Quorum(),
                 ),
+                *checking,
                 Calibrate(held),
-                *(
-                    Send(n, link, calibrated_tag, self._down(ts, label_t is not None and not from_devices))
-                    for n, link, ts in cloud_from
-                ),
+                *(Send(n, link, calibrated_tag, tuple(head_name(t) for t in ts)) for n, link, ts in cloud_from),
             ],
         )
         return RoundPlan(self.round, steps)
@@ -432,12 +455,6 @@ class RoundPlan:
             ss[i:i] = [*refs.get(n, []), Collect(JOIN_STATS, senders_, senders[0][1], rule=held[0], params=held[1],
                                                  quorum=quorum)]  # fmt: skip
         return RoundPlan(self.round, steps)
-
-    @staticmethod
-    def _down(tasks: tuple[str, ...], federation: bool) -> tuple[str, ...]:
-        """What the cloud sends back after calibrating: the tasks' heads, and with ``federation`` (edges that
-        check their devices' labels) the tasks' summed statistics too."""
-        return tuple(head_name(t) for t in tasks) + (tuple(stats_name(t) for t in tasks) if federation else ())
 
     def transfers(self) -> list[tuple[str, Send]]:
         return [(n, s) for n, ss in self.steps.items() for s in ss if isinstance(s, Send)]

@@ -31,7 +31,7 @@ from hffm.calibration import (
 )
 from hffm.config import ConfigError, load_config
 from hffm.ids import CLOUD, head_name, stats_name, stats_task
-from hffm.methods import CALIBRATED, STATS, Calibrate, Collect, Evaluate, Send, Stats, Train
+from hffm.methods import CALIBRATED, CHECKED, FEDERATION, STATS, Calibrate, Collect, Evaluate, Send, Stats, Train
 from hffm.model import TaskHead, build_head, build_model
 from hffm.modules import Module, ModuleError, load_modules
 
@@ -502,7 +502,9 @@ def test_the_plan_checks_labels_in_every_statistics_collect_with_label_t():
     assert all(
         set(s.modules) == {head_name(t) for t in ("art", "gqa")} for _, s in plan.transfers() if s.tag == CALIBRATED
     )
-    # hfm: each edge defers its check to the federation's statistics, which the cloud sends back with the heads
+    # hfm: each edge defers its check to the federation's statistics, which the cloud sends down before it
+    # calibrates; each edge sends its statistics up again without those it flagged, and the cloud calibrates on
+    # those (FEDERATION, then CHECKED, then CALIBRATED: heads only)
     cfg, topo, planner = _planned("calibration.enabled=true", "calibration.label_t=4", "e_agg=2")
     plan = planner.plan(2, topo).plan
     stats = dict((n, s) for n, s in plan.collects() if s.tag == STATS)
@@ -511,14 +513,23 @@ def test_the_plan_checks_labels_in_every_statistics_collect_with_label_t():
     assert all(
         stats[e].rule == "label_check" and stats[e].params == (("defer", 1.0), ("label_t", 4.0)) for e in topo.edges
     )
-    down = {s.to: s.modules for n, s in plan.transfers() if s.tag == CALIBRATED and n == CLOUD}
-    assert set(down) == {"edge-0", "edge-1"}
-    assert all({m for m in mods if m.startswith("stats.")} == {"stats.art", "stats.gqa"} for mods in down.values())
-    assert all(
-        not any(m.startswith("stats.") for m in s.modules)
-        for n, s in plan.transfers()
-        if n != CLOUD and s.tag == CALIBRATED
-    )
+    sums = {"stats.art", "stats.gqa"}
+    down = {s.to: s.modules for n, s in plan.transfers() if s.tag == FEDERATION and n == CLOUD}
+    assert set(down) == {"edge-0", "edge-1"} and all(set(mods) == sums for mods in down.values())
+    up = {n: s.modules for n, s in plan.transfers() if s.tag == CHECKED}
+    assert set(up) == {"edge-0", "edge-1"} and all(set(mods) == sums for mods in up.values())
+    assert all(not any(m.startswith("stats.") for m in s.modules) for n, s in plan.transfers() if s.tag == CALIBRATED)
+    kinds = [(type(s).__name__, getattr(s, "tag", None)) for s in plan.steps[CLOUD]]
+    i = kinds.index(("Collect", STATS))
+    assert kinds[i:] == [("Collect", STATS), ("Send", FEDERATION), ("Send", FEDERATION), ("Collect", CHECKED),
+                         ("Calibrate", None), ("Send", CALIBRATED), ("Send", CALIBRATED)]  # fmt: skip
+    edge = [(type(s).__name__, s.tag) for s in plan.steps["edge-0"] if hasattr(s, "tag")]
+    j = edge.index(("Collect", STATS))
+    assert edge[j:j + 5] == [("Collect", STATS), ("Send", STATS), ("Collect", FEDERATION), ("Send", CHECKED),
+                             ("Collect", CALIBRATED)]  # fmt: skip
+    # without the label check nothing goes down before the heads
+    cfg, topo, planner = _planned("calibration.enabled=true", "e_agg=2")
+    assert not [s for _, s in planner.plan(2, topo).plan.transfers() if s.tag in (FEDERATION, CHECKED)]
     with pytest.raises(ConfigError, match="label_t"):
         load_config(None, ["calibration.enabled=true", "calibration.label_t=0"])
     with pytest.raises(ConfigError, match="calibration.label_t.*calibration.enabled"):
@@ -774,8 +785,10 @@ def test_a_star_run_flags_a_label_flipper_by_its_statistics_and_leaves_them_out(
 def test_hfm_edges_check_their_devices_against_the_federation_and_leave_a_flipper_out(tmp_path):
     """hfm, 2 edges x 4 devices, a cloud round every round (e_agg 1), device-1-0 training on flipped labels,
     calibration with label_t: edge-1 sends its devices' statistics up whole in round 1, checks them against
-    the federation's sums the cloud sends back with the heads, and flags the flipper alone; in round 2 it
-    leaves the flipper's update and statistics out of what it sends up; edge-0 flags nobody."""
+    the federation's sums the cloud sends down, flags the flipper alone and sends its statistics up again
+    without the flipper's, which (with edge-0's) the cloud calibrates the heads on: the flipper's statistics
+    reach no heads, not even in the phase that flags it. In round 2 it leaves the flipper's update and
+    statistics out of what it sends up; edge-0 flags nobody."""
     results = _flipped_run(
         tmp_path,
         "method=hfm",
@@ -794,9 +807,27 @@ def test_hfm_edges_check_their_devices_against_the_federation_and_leave_a_flippe
             # deferred: scored when the federation's sums came; here only the senders left out as flagged before
             held = {(s["sender"], s["excluded"], s["flagged"]) for s in record(r, edge, STATS)["scores"]}
             assert held == ({("device-1-0", True, True)} if (r, edge) == (2, "edge-1") else set()), held
-            scores = record(r, edge, CALIBRATED)["scores"]
+            scores = record(r, edge, FEDERATION)["scores"]
             assert {s["sender"] for s in scores} == {f"device-{edge[-1]}-{i}" for i in range(4)}
             assert {s["sender"] for s in scores if s["flagged"]} == bad, scores
+            assert not record(r, edge, CALIBRATED)["scores"]
+    # round 1: what edge-1 sent up checked is its devices' statistics without the flipper's, and the cloud's
+    # calibration sum is the edges' checked statistics (the first sum, with the flipper's, only went down)
+    trace = tmp_path / "trace"
+    edge_stats = _copies(trace / "edge-1", "r1-stats")
+    checked = load_modules(str(trace / "edge-1" / "r1-federation-kept.safetensors"))
+    want = weighted_mean([edge_stats[d] for d in sorted(edge_stats) if d != "device-1-0"])
+    whole = weighted_mean([edge_stats[d] for d in sorted(edge_stats)])
+    for name, m in checked.items():
+        assert m.num_samples == pytest.approx(want[name].num_samples) and m.num_samples < whole[name].num_samples
+        assert all(torch.allclose(v, want[name].tensors[k], rtol=1e-4, atol=1e-5) for k, v in m.tensors.items())
+    assert _copies(trace / CLOUD, "r1-checked")["edge-1"].keys() == checked.keys()
+    ups = _copies(trace / CLOUD, "r1-checked")
+    calibrated_on = load_modules(str(trace / CLOUD / "r1-checked-aggregate.safetensors"))
+    sums = weighted_mean([ups[e] for e in sorted(ups)])
+    first = load_modules(str(trace / CLOUD / "r1-stats-aggregate.safetensors"))
+    for name, m in calibrated_on.items():
+        assert m.num_samples == pytest.approx(sums[name].num_samples) and m.num_samples < first[name].num_samples
     # round 2: edge-1 counted the flipper's pushes and left them out of both sums it sent up
     for tag in ("aggregate", STATS):
         rec = record(2, "edge-1", tag)
@@ -1032,7 +1063,7 @@ def test_a_liar_that_inflates_its_statistics_with_its_claim_keeps_its_weight_and
     scores = {
         s["sender"]: s["label_t"]
         for a in r1["aggregates"]
-        if a["node"] == "edge-1" and a["tag"] == "calibrated"
+        if a["node"] == "edge-1" and a["tag"] == FEDERATION
         for s in a["scores"]
     }
     assert scores["device-1-0"] > max(v for k, v in scores.items() if k != "device-1-0"), scores

@@ -890,8 +890,8 @@ def test_a_joiner_s_labels_are_checked_as_its_statistics_arrive(checked_edge):
     the reference's modules to compute them under (``JOIN_REF``; ``Inbox.refer``): the others wait for the next
     phase, as before."""
     from hffm.calibration import stats_of, to_module
-    from hffm.ids import CLOUD, head_name, stats_name
-    from hffm.methods import CALIBRATED, JOIN_STATS, STATS
+    from hffm.ids import CLOUD, stats_name
+    from hffm.methods import FEDERATION, JOIN_STATS, STATS
 
     node, spec, ch = checked_edge
     peers = tuple(f"device-0-{i}" for i in range(4))
@@ -912,17 +912,16 @@ def test_a_joiner_s_labels_are_checked_as_its_statistics_arrive(checked_edge):
         assert not _push(ch, push_requests(_header(sender, ems, round_=r, tag=tag, link=link), ems, 4096)).duplicate
 
     held = (("defer", 1.0), ("label_t", 4.0))
-    # round 2, a cloud round's closing phase: the four peers' statistics, then the federation's sums with the heads
+    # round 2, a cloud round's closing phase: the four peers' statistics, then the federation's sums
     node.assign(2, "hfm", [Collect(STATS, peers, "device_edge", rule="label_check", params=held),
-                           Collect(CALIBRATED, (CLOUD,), "edge_cloud")], addr)  # fmt: skip
+                           Collect(FEDERATION, (CLOUD,), "edge_cloud")], addr)  # fmt: skip
     mine = [data(6) for _ in peers]
     for d, fs in zip(peers, mine, strict=True):
         push(d, [to_module(stats_name("art"), fs, 2)], 2, STATS)
     node.inbox.wait(STATS, 10)
     federation = sum([data(6) for _ in range(4)], sum(mine[1:], mine[0]))  # another cluster's four as well
-    heads = Module(head_name("art"), dict(node.modules[head_name("art")].tensors), 2, 48.0)
-    push(CLOUD, [heads, to_module(stats_name("art"), federation, 2)], 2, CALIBRATED, "edge_cloud")
-    checked = node.inbox.wait(CALIBRATED, 10)
+    push(CLOUD, [to_module(stats_name("art"), federation, 2)], 2, FEDERATION, "edge_cloud")
+    checked = node.inbox.wait(FEDERATION, 10)
     assert checked.scores and not any(sc.flagged for sc in checked.scores)  # the phase's own check: all honest
     assert node.inbox.label_reference.round == 2 and node.inbox.label_reference.peers == 4
 

@@ -662,12 +662,12 @@ def test_the_cloud_believes_only_scores_a_node_could_have_measured():
     ]
     rep = NodeReport("edge-0", 3)
     rep.aggregates.append(AggregateRecord("edge-0", "aggregate", ("device-0-0", "device-0-1"), (), (*good, *lies)))
-    # a deferred label check's scores sit in the calibrated collect's record (counted: the cloud): believed for
+    # a deferred label check's scores sit in the federation collect's record (counted: the cloud): believed for
     # the senders of the node's statistics collect, not for others
     checked = SenderScore("stats.art", "device-0-1", 0.0, 0.0, 0.0, 0.0, True, True, label_t=30.0)
     stranger = SenderScore("stats.art", "device-1-0", 0.0, 0.0, 0.0, 0.0, True, True, label_t=30.0)
     rep.aggregates.append(AggregateRecord("edge-0", "stats", ("device-0-0", "device-0-1"), ()))
-    rep.aggregates.append(AggregateRecord("edge-0", "calibrated", ("cloud",), (), (checked, stranger)))
+    rep.aggregates.append(AggregateRecord("edge-0", "federation", ("cloud",), (), (checked, stranger)))
     back = report_from_pb(report_to_pb(rep))
     assert [(s.module, s.sender, s.z) for s in back.aggregates[0].scores] == [(s.module, s.sender, s.z) for s in good]
     assert back.aggregates[0].scores[3].structure == 0.97 and back.aggregates[0].scores[3].echo == 0.98  # carried

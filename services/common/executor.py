@@ -81,7 +81,9 @@ class StepExecutor:
         if s.tag == JOIN_REF:  # what to compute the statistics that follow under: held for them, not adopted
             node.join_reference(agg.modules)
         elif s.tag != JOIN_STATS:  # synced devices' statistics are held by the inbox (claims), not adopted
-            node.adopt(node.poison_aggregate(s.tag, node.server_step(agg.modules), state.round))
+            if agg.kept is not None:  # its senders' statistics its label check kept: what it sends up next
+                node.trace(f"{state.trace_prefix}-{s.tag}-kept", agg.kept)
+            node.adopt(node.poison_aggregate(s.tag, node.server_step(agg.adopted), state.round))
         if node.inbox.label_reference is not judged:  # a phase's label check just ran: under what it judged
             node.keep_reference()
         if agg.left_out:  # senders that missed the deadline are not sent this round's result either
