@@ -770,8 +770,9 @@ class LabelCheck(Aggregator):
     their labels). With ``defer`` (an edge in hfm, whose cluster of a few devices can be outvoted by two
     flippers holding most of an answer: docs/robustness.md) the sum goes up without the senders the node
     found mislabelled before (``excluded``: held and scored, not summed), and ``check`` scores every sender
-    later against both its peers here and the federation's sums, which the cloud sends back with the
-    calibrated heads, and flags those that stand out against both.
+    later against both its peers here and the federation's sums, which the cloud sends down before it
+    calibrates, and flags those that stand out against both; ``kept`` is then what the node sends up again to be
+    calibrated on.
     Holds the senders' statistics (a few hundred KB each for the tiny model) for the round: the deferred check
     and the head check's claims read them after the sum, which is therefore made from copies (an owned
     receive buffer is never its running sum; until 2026-12-06 the first sender's was, and in runs without a

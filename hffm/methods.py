@@ -272,11 +272,13 @@ class RoundPlan:
         head's D2D routes to its cluster), before the devices evaluate. A device's statistics collect waits
         as its update's did (``quorum``). With ``label_t`` each statistics collect checks its senders' labels
         by them first (``hffm.aggregation.LabelCheck``; not in hfm-d2d, whose heads are devices: the config
-        refuses it)."""
+        refuses it); an edge's check waits for the federation's sums (``FEDERATION``, sent down before the cloud
+        calibrates), and the edge sends its statistics up again without the devices it flagged (``CHECKED``),
+        which the cloud calibrates on."""
         stats_tag, calibrated_tag = (OPENING_STATS, OPENING_CALIBRATED) if opening else (STATS, CALIBRATED)
         fed_tag, checked_tag = (OPENING_FEDERATION, OPENING_CHECKED) if opening else (FEDERATION, CHECKED)
         check = (LABEL_CHECK, (("label_t", float(label_t)),)) if label_t is not None else ("fedavg", ())
-        # an edge checks its devices against its peers and the federation's statistics, sent back with the heads
+        # an edge checks its devices against its peers and the federation's statistics, sent down before calibrating
         deferred = (LABEL_CHECK, (("defer", 1.0), ("label_t", float(label_t)))) if label_t is not None else check
         # D2D cluster heads: devices that collect their cluster's updates (their own too when they train)
         heads = {
