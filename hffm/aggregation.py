@@ -848,11 +848,7 @@ class LabelCheck(Aggregator):
                 stats = self._stats()
                 t, self.flagged = label_scores(stats, self.cut)
                 self._judged = (*self._kept_sums(stats), None)
-            out = FedAvg()
-            for s in self.senders:  # fold order: the sum is the same whatever order the pushes came in
-                if s not in self.flagged:  # summed from copies: the held statistics are read again later
-                    out.add(s, [replace(m, owned=False) for m in self._held[s]])
-            self._out = out.result(version)
+            self._out = self._unflagged_sum(version)
             if t:
                 self.scores.extend(self._scored(t))
         return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in self._out.items()}
@@ -876,11 +872,19 @@ class LabelCheck(Aggregator):
     def kept(self, version: int) -> ModuleSet:
         """The sum of the statistics of the senders not flagged by the last check (``check``: those it flags now
         are left out too), as modules of ``version``: what a deferred check's node sends up to be calibrated on."""
+        return {
+            n: Module(n, m.tensors, version, m.num_samples, flat=m.flat)
+            for n, m in self._unflagged_sum(version).items()
+        }
+
+    def _unflagged_sum(self, version: int) -> ModuleSet:
+        """The FedAvg of the held statistics of every sender not in ``flagged``, in fold order (the sum is the same
+        whatever order the pushes came in), summed from copies: the held statistics are read again later."""
         out = FedAvg()
         for s in self.senders:
             if s not in self.flagged:
                 out.add(s, [replace(m, owned=False) for m in self._held[s]])
-        return {n: Module(n, m.tensors, version, m.num_samples, flat=m.flat) for n, m in out.result(version).items()}
+        return out.result(version)
 
     def _kept_sums(self, stats: Mapping[str, dict]) -> tuple[dict, int]:
         """(task -> the sum of ``stats`` of the senders not flagged, how many senders that is)."""
