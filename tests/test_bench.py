@@ -617,3 +617,66 @@ def test_draws_are_judged_by_each_cell_s_difference_from_its_own_draw_s_clean_ru
     draw(4, 0.6, 0.6, sets=[*BASE, "rounds=3"])
     with pytest.raises(ValueError, match="other settings"):
         summarise_draws(tmp_path / "out")
+
+
+def test_the_gap_to_centralised_is_judged_by_each_draw_s_difference_from_its_own_bound(tmp_path, monkeypatch):
+    """benchmarks.gap: each draw (model.init_seed) runs the screened federation and the centralised bound from the
+    same initialisation under OUT/init-<seed>; a task's gap is the median of the draws' paired differences, not
+    the difference of the medians. A draw kept with the same settings and code is not run again; a draw of other
+    settings, or without its bound, is refused."""
+    import json
+
+    import benchmarks.gap as gap
+    from hffm.config import load_config
+
+    out = tmp_path / "gap"
+    sets = ["rounds=2", "e_agg=2", "topology.edges=2", "topology.devices_per_edge=2", "data.train_per_task=64"]
+    sets += ["data.global_test_per_task=32"]
+    gap.main(["--out", str(out), "--init-seed", "1", "--init-seed", "2", *(x for s in sets for x in ("--set", s))])
+    s = json.loads((out / "draws.json").read_text())
+    assert s["draws"] == [1, 2] and set(s["tasks"]) == set(load_config(None, sets).tasks)
+    bounds = []
+    for i, seed in enumerate((1, 2)):
+        fed = json.loads((out / f"init-{seed}" / "screen.json").read_text())
+        bound = json.loads((out / f"init-{seed}" / "centralised.json").read_text())
+        assert fed["sets"][-1] == bound["sets"][-1] == f"model.init_seed={seed}"
+        assert fed["curve"][-1]["round"] == bound["rounds"][-1]["round"] == 2
+        bounds.append(bound["rounds"][0]["loss"])
+        for task, t in s["tasks"].items():
+            want = 100 * (fed["curve"][-1]["accuracy"][task] - bound["rounds"][-1]["accuracy"][task]["global"])
+            assert t["gap"][i] == pytest.approx(want)
+    assert bounds[0] != bounds[1]  # another initialisation: another bound
+    # kept: run again, nothing is made again
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("init-*/*.json")}
+    monkeypatch.setattr(gap, "screen", lambda *a, **k: pytest.fail("a kept draw ran again"))
+    monkeypatch.setattr(gap, "run_centralised", lambda *a, **k: pytest.fail("a kept bound ran again"))
+    gap.main(["--out", str(out), "--init-seed", "2", *(x for s in sets for x in ("--set", s))])
+    assert {p: p.stat().st_mtime_ns for p in out.glob("init-*/*.json")} == stamps
+
+    # paired: a draw that ran high and one that ran low (the medians' difference would say 0)
+    def draw(seed, fed, bound, sets=("rounds=2",), central=True):
+        d = tmp_path / "fab" / f"init-{seed}"
+        d.mkdir(parents=True)
+        key = {"sets": [*sets, f"model.init_seed={seed}"], "remedy": "plain", "calibrate": "cloud"}
+        (d / "screen.json").write_text(json.dumps({**key, "curve": [{"round": 2, "accuracy": {"t": fed}}]}))
+        if central:
+            rounds = [{"round": 2, "accuracy": {"t": {"global": bound}}}]
+            (d / "centralised.json").write_text(json.dumps({"sets": key["sets"], "rounds": rounds}))
+
+    draw(1, 0.70, 0.72)
+    draw(2, 0.60, 0.64)
+    draw(3, 0.64, 0.60)
+    s = gap.summarise(tmp_path / "fab")
+    assert [round(g, 6) for g in s["tasks"]["t"]["gap"]] == [-2.0, -4.0, 4.0]
+    md = gap.tables(s)
+    assert "| t | 0.640 (0.600 to 0.700) | 0.640 (0.600 to 0.720) | -2.0 (-4.0 to +4.0) |" in md
+    assert "worst task by median: t -2.0 points" in md
+    draw(4, 0.6, 0.6, central=False)
+    with pytest.raises(ValueError, match="without its centralised bound"):
+        gap.summarise(tmp_path / "fab")
+    (tmp_path / "fab" / "init-4" / "screen.json").unlink()
+    draw(5, 0.6, 0.6, sets=("rounds=3",))
+    with pytest.raises(ValueError, match="other settings"):
+        gap.summarise(tmp_path / "fab")
+    with pytest.raises(SystemExit):
+        gap.main(["--out", str(out), "--init-seed", "1", "--init-seed", "1"])
