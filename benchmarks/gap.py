@@ -1,7 +1,8 @@
 """The gap to centralised training judged over draws (issue 15).
 
-``python -m benchmarks.gap --out DIR --init-seed S [--init-seed S ...] [--remedy R] [--calibrate C]
-[--set KEY=VALUE ...]``; ``--out DIR`` alone summarises the draws kept there.
+``python -m benchmarks.gap --out DIR --init-seed S [--init-seed S ...] [--set KEY=VALUE ...]`` and any of
+``benchmarks.screen``'s remedy options (``--remedy R``, its parameters, ``--calibrate C``); ``--out DIR`` alone
+summarises the draws kept there.
 
 One screened federation (``benchmarks.screen``: hfm's round plan in one process) and one centralised bound
 (``hffm.centralised``) are each one draw: the same settings with another ``model.init_seed`` (the frozen
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.attacks import _same_settings
 from benchmarks.realdata import code_digest
-from benchmarks.screen import CALIBRATE, REMEDIES, screen
+from benchmarks.screen import remedy_info, remedy_kwargs, remedy_options, screen
 from hffm.centralised import run_centralised
 from hffm.config import load_config
 
@@ -43,24 +44,18 @@ def _kept(path: Path, key: dict) -> dict | None:
     return got if all(got.get(k) == v for k, v in key.items()) else None
 
 
-def run_draw(
-    out: Path,
-    init_seed: int,
-    sets: list[str],
-    remedy: str = "plain",
-    calibrate: str = "none",
-    config: Path | None = None,
-    log=print,
-) -> None:
-    """One draw: the screened federation and the centralised bound of ``sets`` with ``model.init_seed``."""
+def run_draw(out: Path, init_seed: int, a: argparse.Namespace, log=print) -> None:
+    """One draw: the screened federation (``a``: ``benchmarks.screen``'s remedy options) and the centralised
+    bound of ``a.sets`` with ``model.init_seed``."""
     d = draw_dir(out, init_seed)
     d.mkdir(parents=True, exist_ok=True)
-    sets = [*(s for s in sets if not s.startswith(INIT)), f"{INIT}{init_seed}"]
+    sets = [*(s for s in a.sets if not s.startswith(INIT)), f"{INIT}{init_seed}"]
+    config = a.config
     code = code_digest()
-    key = {"sets": sets, "remedy": remedy, "calibrate": calibrate, "code": code}
+    key = {"sets": sets, **remedy_info(a), "code": code}
     if _kept(d / "screen.json", key) is None:
-        log(f"draw {init_seed}: the federation ({remedy}, calibrate {calibrate})")
-        curve, _ = screen(load_config(config, sets), remedy, log=log, calibrate=calibrate)
+        log(f"draw {init_seed}: the federation ({a.remedy}, calibrate {a.calibrate})")
+        curve, _ = screen(load_config(config, sets), a.remedy, log=log, **remedy_kwargs(a))
         (d / "screen.json").write_text(json.dumps({**key, "curve": curve}, indent=1))
     central = {"sets": sets, "code": code}
     if _kept(d / "centralised.json", central) is None:
@@ -77,15 +72,16 @@ def summarise(out: Path) -> dict:
     if not found:
         raise ValueError(f"no draws under {out} (init-<seed>/screen.json)")
 
-    def what(path: Path) -> tuple[list[str], str, str]:
+    def what(path: Path) -> tuple[list[str], dict]:
         got = json.loads(path.read_text())
-        return [s for s in got["sets"] if not s.startswith(INIT)], got["remedy"], got["calibrate"]
+        remedy = {k: v for k, v in got.items() if k not in ("sets", "code", "curve")}
+        return [s for s in got["sets"] if not s.startswith(INIT)], remedy
 
     first = what(found[0])
-    summary: dict = {"sets": first[0], "remedy": first[1], "calibrate": first[2], "draws": [], "tasks": {}}
+    summary: dict = {"sets": first[0], "remedy": first[1], "draws": [], "tasks": {}}
     for path in found:
-        sets, remedy, calibrate = what(path)
-        if not _same_settings(sets, first[0]) or (remedy, calibrate) != first[1:]:
+        sets, remedy = what(path)
+        if not _same_settings(sets, first[0]) or remedy != first[1]:
             raise ValueError(f"{path} holds a draw of other settings than {found[0]}")
         bound_path = path.parent / "centralised.json"
         if not bound_path.exists():
@@ -122,8 +118,8 @@ def tables(summary: dict) -> str:
     """Per task: the medians (ranges) of the federation's and the bound's accuracy and of their paired
     difference; the worst task by median difference; each draw's worst task and mean difference."""
     lines = [
-        f"draws (model.init_seed): {', '.join(map(str, summary['draws']))}; remedy {summary['remedy']}, "
-        f"calibrate {summary['calibrate']}",
+        f"draws (model.init_seed): {', '.join(map(str, summary['draws']))}; "
+        + ", ".join(f"{k} {v}" for k, v in summary["remedy"].items()),
         "",
         "| task | federation, median (range) | centralised, median (range) | federation − centralised, points: "
         "median of the draws' differences (range) |",
@@ -156,17 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gap", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="the draws' folder (DIR/init-<seed>/)")
     p.add_argument("--init-seed", type=int, action="append", default=[], help="one draw (repeatable)")
-    p.add_argument("--remedy", choices=REMEDIES, default="plain")
-    p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
-    p.add_argument("--config", type=Path, default=None, help="a config file (default: the built-in one)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    remedy_options(p)
     a = p.parse_args(argv)
     if len(set(a.init_seed)) != len(a.init_seed):
         p.error(f"--init-seed: each draw once, got {a.init_seed}")
     if any(s.startswith(INIT) for s in a.sets):
         p.error("--set model.init_seed: the draws set it (--init-seed)")
     for s in a.init_seed:
-        run_draw(a.out, s, a.sets, a.remedy, a.calibrate, a.config)
+        run_draw(a.out, s, a)
     print(tables(write(a.out)))
 
 

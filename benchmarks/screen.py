@@ -390,8 +390,8 @@ def plot(curves: dict[str, Path], out: Path, central: Path | None = None) -> Non
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.screen", description=__doc__.split("\n\n")[0])
+def remedy_options(p: argparse.ArgumentParser) -> None:
+    """The options that choose a remedy and its parameters (``screen``'s keywords: ``remedy_kwargs``)."""
     p.add_argument("--remedy", choices=REMEDIES, default="plain")
     p.add_argument("--config", type=Path, default=None, help="a config file (default: the built-in one)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -403,6 +403,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disco-a", type=float, default=0.5, help="disco: the discrepancy's coefficient a")
     p.add_argument("--disco-b", type=float, default=0.1, help="disco: the offset b")
     p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
+
+
+def remedy_kwargs(a: argparse.Namespace) -> dict:
+    """``screen``'s keywords from ``remedy_options``' values."""
+    return {
+        "server_lr": a.server_lr,
+        "tau": a.tau,
+        "calibrate": a.calibrate,
+        "virtual_weight": a.virtual_weight,
+        "moon_mu": a.moon_mu,
+        "moon_tau": a.moon_tau,
+        "disco": (a.disco_a, a.disco_b),
+    }
+
+
+def remedy_info(a: argparse.Namespace) -> dict:
+    """What a kept result records of the remedy: its name, the calibration and the parameters it reads."""
+    info = {"remedy": a.remedy, "calibrate": a.calibrate}
+    if a.remedy == "virtual":
+        info |= {"virtual_weight": a.virtual_weight}
+    if a.remedy == "moon":
+        info |= {"moon_mu": a.moon_mu, "moon_tau": a.moon_tau}
+    if a.remedy == "disco":
+        info |= {"disco_a": a.disco_a, "disco_b": a.disco_b}
+    if a.remedy == "fedadam":
+        info |= {"server_lr": a.server_lr, "tau": a.tau}
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.screen", description=__doc__.split("\n\n")[0])
+    remedy_options(p)
     p.add_argument("--out", type=Path, default=None, help="write the curve here as JSON")
     p.add_argument("--plot", type=Path, default=None, help="only plot: the curves of --curve LABEL=JSON to this PNG")
     p.add_argument("--curve", action="append", default=[], metavar="LABEL=JSON", help="with --plot")
@@ -412,28 +444,10 @@ def main(argv: list[str] | None = None) -> None:
         plot({k: Path(v) for k, v in (c.split("=", 1) for c in a.curve)}, a.plot, a.central)
         return
     cfg = load_config(a.config, a.sets)
-    curve, _ = screen(
-        cfg,
-        a.remedy,
-        server_lr=a.server_lr,
-        tau=a.tau,
-        calibrate=a.calibrate,
-        virtual_weight=a.virtual_weight,
-        moon_mu=a.moon_mu,
-        moon_tau=a.moon_tau,
-        disco=(a.disco_a, a.disco_b),
-    )
+    curve, _ = screen(cfg, a.remedy, **remedy_kwargs(a))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        info = {"remedy": a.remedy, "sets": a.sets, "curve": curve, "calibrate": a.calibrate}
-        if a.remedy == "virtual":
-            info |= {"virtual_weight": a.virtual_weight}
-        if a.remedy == "moon":
-            info |= {"moon_mu": a.moon_mu, "moon_tau": a.moon_tau}
-        if a.remedy == "disco":
-            info |= {"disco_a": a.disco_a, "disco_b": a.disco_b}
-        if a.remedy == "fedadam":
-            info |= {"server_lr": a.server_lr, "tau": a.tau}
+        info = {**remedy_info(a), "sets": a.sets, "curve": curve}
         a.out.write_text(json.dumps(info, indent=1))
 
 

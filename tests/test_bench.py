@@ -654,10 +654,10 @@ def test_the_gap_to_centralised_is_judged_by_each_draw_s_difference_from_its_own
     assert {p: p.stat().st_mtime_ns for p in out.glob("init-*/*.json")} == stamps
 
     # paired: a draw that ran high and one that ran low (the medians' difference would say 0)
-    def draw(seed, fed, bound, sets=("rounds=2",), central=True):
+    def draw(seed, fed, bound, sets=("rounds=2",), central=True, remedy=None):
         d = tmp_path / "fab" / f"init-{seed}"
         d.mkdir(parents=True)
-        key = {"sets": [*sets, f"model.init_seed={seed}"], "remedy": "plain", "calibrate": "cloud"}
+        key = {"sets": [*sets, f"model.init_seed={seed}"], "remedy": "plain", "calibrate": "cloud", **(remedy or {})}
         (d / "screen.json").write_text(json.dumps({**key, "curve": [{"round": 2, "accuracy": {"t": fed}}]}))
         if central:
             rounds = [{"round": 2, "accuracy": {"t": {"global": bound}}}]
@@ -670,12 +670,16 @@ def test_the_gap_to_centralised_is_judged_by_each_draw_s_difference_from_its_own
     assert [round(g, 6) for g in s["tasks"]["t"]["gap"]] == [-2.0, -4.0, 4.0]
     md = gap.tables(s)
     assert "| t | 0.640 (0.600 to 0.700) | 0.640 (0.600 to 0.720) | -2.0 (-4.0 to +4.0) |" in md
-    assert "worst task by median: t -2.0 points" in md
+    assert "worst task by median: t -2.0 points" in md and "remedy plain, calibrate cloud" in md
     draw(4, 0.6, 0.6, central=False)
     with pytest.raises(ValueError, match="without its centralised bound"):
         gap.summarise(tmp_path / "fab")
     (tmp_path / "fab" / "init-4" / "screen.json").unlink()
     draw(5, 0.6, 0.6, sets=("rounds=3",))
+    with pytest.raises(ValueError, match="other settings"):
+        gap.summarise(tmp_path / "fab")
+    (tmp_path / "fab" / "init-5" / "screen.json").unlink()
+    draw(6, 0.6, 0.6, remedy={"remedy": "disco", "disco_a": 0.1, "disco_b": 0.05})
     with pytest.raises(ValueError, match="other settings"):
         gap.summarise(tmp_path / "fab")
     with pytest.raises(SystemExit):
