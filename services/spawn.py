@@ -19,7 +19,10 @@ handle with ``subprocess.Popen``'s surface (``pid``, ``poll``, ``wait``, ``retur
 
 Protocol (JSON lines): the launcher writes ``{"argv": [...], "env": {...}, "cwd": ..., "log": ...}`` to the
 zygote's stdin and reads ``{"started": pid}`` or ``{"error": message}``, and, whenever a child ends,
-``{"exited": pid, "code": returncode}`` (negative: the signal that ended it).
+``{"exited": pid, "code": returncode}`` (negative: the signal that ended it). A pid is reported started only
+after the child that had it before was reaped and reported, so the launcher counts a pid's incarnations and
+an exit belongs to its latest one: a long benchmark wraps pid_max, and a new cloud with an exited child's pid
+must not read that child's exit code (2026-12-07: it ended a run of the attack matrix at once).
 """
 
 from __future__ import annotations
@@ -79,18 +82,19 @@ def python_module(argv: list[str]) -> str | None:
 class Forked:
     """A process the zygote forked, with ``subprocess.Popen``'s surface."""
 
-    def __init__(self, zygote: Zygote, pid: int, argv: list[str]) -> None:
-        self._zygote, self.pid, self.args = zygote, pid, argv
+    def __init__(self, zygote: Zygote, pid: int, argv: list[str], incarnation: int = 1) -> None:
+        # incarnation: which of the zygote's children that had this pid it is (the kernel reuses pids)
+        self._zygote, self.pid, self.args, self.incarnation = zygote, pid, argv, incarnation
 
     @property
     def returncode(self) -> int | None:
-        return self._zygote.exit_code(self.pid)
+        return self._zygote.exit_code(self.pid, self.incarnation)
 
     def poll(self) -> int | None:
-        return self._zygote.exit_code(self.pid)
+        return self._zygote.exit_code(self.pid, self.incarnation)
 
     def wait(self, timeout: float | None = None) -> int:
-        code = self._zygote.wait(self.pid, timeout)
+        code = self._zygote.wait(self.pid, timeout, self.incarnation)
         if code is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
         return code
@@ -126,8 +130,11 @@ class Zygote:
         self._log = log
         self._lock = threading.Lock()  # one request at a time
         self._cond = threading.Condition()
-        self._exits: dict[int, int] = {}
-        self._started: list[int] = []
+        # (pid, incarnation) -> exit code: a pid the kernel gives to a later child is another incarnation,
+        # so an earlier child's exit is never taken for a later one's (a long benchmark wraps pid_max)
+        self._exits: dict[tuple[int, int], int] = {}
+        self._incarnation: dict[int, int] = {}  # pid -> how many children that had it were started
+        self._started: list[tuple[int, int]] = []
         self._replies: list[dict] = []
         self._gone = False
         self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
@@ -139,9 +146,13 @@ class Zygote:
             for line in self._proc.stdout:
                 msg = json.loads(line)
                 with self._cond:
+                    # in the zygote's order: a pid is reported started only after the child that had it
+                    # before was reaped and reported, so an exit is its pid's latest incarnation's
                     if "exited" in msg:
-                        self._exits[msg["exited"]] = msg["code"]
+                        self._exits[(msg["exited"], self._incarnation.get(msg["exited"], 0))] = msg["code"]
                     else:
+                        if "started" in msg:
+                            self._incarnation[msg["started"]] = self._incarnation.get(msg["started"], 0) + 1
                         self._replies.append(msg)
                     self._cond.notify_all()
         finally:  # EOF, or a reply it cannot read: gone either way, and whoever waits is told
@@ -164,28 +175,31 @@ class Zygote:
                     tail = self._log.read_text(errors="replace")[-2000:] if self._log.exists() else ""
                     raise ZygoteError(f"the zygote ({self._log}) exited with code {self._proc.wait()}:\n{tail}")
                 reply = self._replies.pop(0)
+                # read with the reply: no other start can reuse the pid while this one holds the lock
+                incarnation = self._incarnation.get(reply.get("started", -1), 0)
         if "error" in reply:
             raise ZygoteError(f"the zygote could not start {argv[2:3]}: {reply['error']}")
         with self._cond:
-            self._started.append(reply["started"])
-        return Forked(self, reply["started"], argv)
+            self._started.append((reply["started"], incarnation))
+        return Forked(self, reply["started"], argv, incarnation)
 
-    def exit_code(self, pid: int) -> int | None:
+    def exit_code(self, pid: int, incarnation: int = 1) -> int | None:
+        """The exit code of the ``incarnation``-th child with ``pid`` (None while it runs)."""
         with self._cond:
-            code = self._exits.get(pid)
+            code = self._exits.get((pid, incarnation))
             if code is None and self._gone and not os.path.exists(f"/proc/{pid}"):
                 return -signal.SIGKILL  # the zygote died first; its children were reaped by init, codes unknown
             return code
 
-    def wait(self, pid: int, timeout: float | None) -> int | None:
+    def wait(self, pid: int, timeout: float | None, incarnation: int = 1) -> int | None:
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self.exit_code(pid) is None:
+            while self.exit_code(pid, incarnation) is None:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self._cond.wait(0.2 if left is None else min(left, 0.2))
-            return self.exit_code(pid)
+            return self.exit_code(pid, incarnation)
 
     @property
     def pid(self) -> int:
@@ -198,7 +212,7 @@ class Zygote:
     def idle(self) -> bool:
         """No process it started is still running."""
         with self._cond:
-            return all(pid in self._exits for pid in self._started)
+            return all(started in self._exits for started in self._started)
 
     def close(self) -> None:
         """End the zygote (the processes it started are the launcher's to stop, and already are)."""

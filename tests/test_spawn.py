@@ -229,3 +229,48 @@ def test_a_zygote_whose_launcher_is_gone_ends_quietly_and_leaves_no_log(tmp_path
     while "atexit ran" not in (child_log.read_text() if child_log.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "atexit ran" in child_log.read_text()  # the child it forked ran on, to its end
+
+
+def test_a_pid_the_kernel_gives_a_later_child_is_not_taken_for_the_earlier_child_s_exit(tmp_path, monkeypatch):
+    """pid_max wraps in a long benchmark (hundreds of runs from one zygote): a child may get the pid of one
+    that exited before. Its handle must not read the earlier child's exit code (a new cloud taken for one
+    that exited 0 ends the run at once, "the run did not complete"); the earlier handle keeps its own. The
+    zygote's side is played through its pipes, in the zygote's order (started, exited, started again)."""
+    r, w = os.pipe()
+
+    class Pipes:  # the zygote process: its request pipe to nowhere, its replies written by the test
+        def __init__(self, *a, **k):
+            self.stdin = open(os.devnull, "wb")  # noqa: SIM115 (closed by Zygote.close)
+            self.stdout = os.fdopen(r, "rb")
+            self.pid = 1
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(spawn.subprocess, "Popen", Pipes)
+    z = spawn.Zygote({}, tmp_path, tmp_path / "zygote.log")
+    replies = os.fdopen(w, "wb", buffering=0)
+    pid = 2**22 + 7  # above any pid_max: no process of this machine has it
+    argv = [sys.executable, "-m", "services.cloud"]
+
+    def say(msg: dict) -> None:
+        replies.write(json.dumps(msg).encode() + b"\n")
+
+    say({"started": pid})
+    first = z.start(argv, {}, tmp_path, tmp_path / "a.log")
+    assert first.poll() is None and not z.idle()
+    say({"exited": pid, "code": 0})
+    assert first.wait(5) == 0 and z.idle()
+    say({"started": pid})  # the kernel gave the pid to the next child
+    second = z.start(argv, {}, tmp_path, tmp_path / "b.log")
+    assert second.poll() is None and second.returncode is None and first.poll() == 0
+    assert not z.idle()
+    with pytest.raises(subprocess.TimeoutExpired):
+        second.wait(0.3)
+    say({"exited": pid, "code": -signal.SIGTERM})
+    assert second.wait(5) == -signal.SIGTERM and first.poll() == 0 and z.idle()
+    replies.close()
+    z.close()
