@@ -23,17 +23,13 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.attacks import _same_settings
+from benchmarks.attacks import _same_settings, _spread, draw_dir
 from benchmarks.realdata import code_digest
 from benchmarks.screen import remedy_info, remedy_kwargs, remedy_options, screen
 from hffm.centralised import run_centralised
 from hffm.config import load_config
 
 INIT = "model.init_seed="
-
-
-def draw_dir(out: Path, init_seed: int) -> Path:
-    return out / f"init-{init_seed}"
 
 
 def _kept(path: Path, key: dict) -> dict | None:
@@ -50,17 +46,16 @@ def run_draw(out: Path, init_seed: int, a: argparse.Namespace, log=print) -> Non
     d = draw_dir(out, init_seed)
     d.mkdir(parents=True, exist_ok=True)
     sets = [*(s for s in a.sets if not s.startswith(INIT)), f"{INIT}{init_seed}"]
-    config = a.config
     code = code_digest()
     key = {"sets": sets, **remedy_info(a), "code": code}
     if _kept(d / "screen.json", key) is None:
         log(f"draw {init_seed}: the federation ({a.remedy}, calibrate {a.calibrate})")
-        curve, _ = screen(load_config(config, sets), a.remedy, log=log, **remedy_kwargs(a))
+        curve, _ = screen(load_config(a.config, sets), a.remedy, log=log, **remedy_kwargs(a))
         (d / "screen.json").write_text(json.dumps({**key, "curve": curve}, indent=1))
     central = {"sets": sets, "code": code}
     if _kept(d / "centralised.json", central) is None:
         log(f"draw {init_seed}: the centralised bound")
-        results = run_centralised(load_config(config, sets), log=log)
+        results = run_centralised(load_config(a.config, sets), log=log)
         (d / "centralised.json").write_text(json.dumps({**central, **results}, indent=1))
 
 
@@ -109,14 +104,9 @@ def summarise(out: Path) -> dict:
     return summary
 
 
-def _spread(xs: list[float], fmt: str) -> str:
-    med = format(statistics.median(xs), fmt)
-    return med if len(xs) == 1 else f"{med} ({format(min(xs), fmt)} to {format(max(xs), fmt)})"
-
-
 def tables(summary: dict) -> str:
     """Per task: the medians (ranges) of the federation's and the bound's accuracy and of their paired
-    difference; the worst task by median difference; each draw's worst task and mean difference."""
+    difference, and of the tasks' mean; the worst task by median difference, and each draw's worst task."""
     lines = [
         f"draws (model.init_seed): {', '.join(map(str, summary['draws']))}; "
         + ", ".join(f"{k} {v}" for k, v in summary["remedy"].items()),
