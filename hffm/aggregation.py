@@ -872,10 +872,7 @@ class LabelCheck(Aggregator):
     def kept(self, version: int) -> ModuleSet:
         """The sum of the statistics of the senders not flagged by the last check (``check``: those it flags now
         are left out too), as modules of ``version``: what a deferred check's node sends up to be calibrated on."""
-        return {
-            n: Module(n, m.tensors, version, m.num_samples, flat=m.flat)
-            for n, m in self._unflagged_sum(version).items()
-        }
+        return self._unflagged_sum(version)  # FedAvg's result: modules of ``version``, made for this call
 
     def _unflagged_sum(self, version: int) -> ModuleSet:
         """The FedAvg of the held statistics of every sender not in ``flagged``, in fold order (the sum is the same
