@@ -12,8 +12,14 @@ here on **paired** differences: each draw's federation against the bound made fr
 and the medians of those differences per task, not the difference of two single runs.
 
 Each draw lies under DIR/init-<S>: ``screen.json`` (the curve, as ``benchmarks.screen --out`` writes it) and
-``centralised.json`` (``run_centralised``'s results); a draw already there with the same settings and code
+``centralised.json`` (``train_centralised``'s results), with the modules each ended with (``screen.safetensors``,
+``centralised.safetensors``); a draw already there with the same settings and code
 (``benchmarks.realdata.code_digest``) is kept, not run again. Writes DIR/draws.json and DIR/draws.md.
+
+``--probe-epochs N`` splits each draw's gap into the features' share and the heads' share: each run's heads are
+trained on, alone, for N epochs over the whole training pool's features under that run's own frozen adapters
+(a probe: ``refit_heads``), and scored on the global test sets (``probe.json``). The probed federation's
+difference from the probed bound is what the adapters' features allow; the rest of the gap is the heads'.
 """
 
 from __future__ import annotations
@@ -23,11 +29,18 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
+
 from benchmarks.attacks import _same_settings, _spread, draw_dir
 from benchmarks.realdata import code_digest
 from benchmarks.screen import remedy_info, remedy_kwargs, remedy_options, screen
-from hffm.centralised import run_centralised
-from hffm.config import load_config
+from hffm.centralised import train_centralised, training_pool
+from hffm.config import HFFMConfig, load_config, resolve_torch_device
+from hffm.data import build_global_test, load_tokenizer, task_labels
+from hffm.ids import head_name
+from hffm.model import HFFMModel, build_model
+from hffm.modules import ModuleSet, load_modules, save_modules
+from hffm.training import make_optimizer
 
 INIT = "model.init_seed="
 
@@ -42,21 +55,83 @@ def _kept(path: Path, key: dict) -> dict | None:
 
 def run_draw(out: Path, init_seed: int, a: argparse.Namespace, log=print) -> None:
     """One draw: the screened federation (``a``: ``benchmarks.screen``'s remedy options) and the centralised
-    bound of ``a.sets`` with ``model.init_seed``."""
+    bound of ``a.sets`` with ``model.init_seed``, each with the modules it ended with; with ``a.probe_epochs``,
+    both runs' heads probed on their own features (``probe.json``)."""
     d = draw_dir(out, init_seed)
     d.mkdir(parents=True, exist_ok=True)
     sets = [*(s for s in a.sets if not s.startswith(INIT)), f"{INIT}{init_seed}"]
+    cfg = load_config(a.config, sets)
     code = code_digest()
     key = {"sets": sets, **remedy_info(a), "code": code}
-    if _kept(d / "screen.json", key) is None:
+    made = False
+    if _kept(d / "screen.json", key) is None or not (d / "screen.safetensors").exists():
         log(f"draw {init_seed}: the federation ({a.remedy}, calibrate {a.calibrate})")
-        curve, _ = screen(load_config(a.config, sets), a.remedy, log=log, **remedy_kwargs(a))
+        curve, mods = screen(cfg, a.remedy, log=log, **remedy_kwargs(a))
+        save_modules(mods, str(d / "screen.safetensors"))
         (d / "screen.json").write_text(json.dumps({**key, "curve": curve}, indent=1))
+        made = True
     central = {"sets": sets, "code": code}
-    if _kept(d / "centralised.json", central) is None:
+    if _kept(d / "centralised.json", central) is None or not (d / "centralised.safetensors").exists():
         log(f"draw {init_seed}: the centralised bound")
-        results = run_centralised(load_config(a.config, sets), log=log)
+        results, mods = train_centralised(cfg, log=log)
+        save_modules(mods, str(d / "centralised.safetensors"))
         (d / "centralised.json").write_text(json.dumps({**central, **results}, indent=1))
+        made = True
+    if not a.probe_epochs:
+        return
+    probe = {**key, "probe_epochs": a.probe_epochs}
+    if made or _kept(d / "probe.json", probe) is None:
+        log(f"draw {init_seed}: the heads refit on each run's own features ({a.probe_epochs} epochs)")
+        got = {
+            side: refit_heads(cfg, load_modules(str(d / f"{side}.safetensors")), a.probe_epochs)
+            for side in ("screen", "centralised")
+        }
+        probe |= {"federation": got["screen"], "centralised": got["centralised"]}
+        (d / "probe.json").write_text(json.dumps(probe, indent=1))
+
+
+def pooled_features(model: HFFMModel, td, task: str, device: str, batch_size: int = 128) -> tuple:
+    """(features (N, d), labels (N,)) of every sample of ``td`` under the model's current modules."""
+    model.eval()
+    torch.manual_seed(0)  # ViLT's patch order (global RNG), as evaluate fixes it
+    feats, labels = [], []
+    with torch.no_grad():
+        for i in range(0, len(td), batch_size):
+            batch = td.batch(torch.arange(i, min(i + batch_size, len(td))), device)
+            feats.append(model.pooled(batch, task).float())
+            labels.append(batch["labels"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def refit_heads(cfg: HFFMConfig, modules: ModuleSet, epochs: int) -> dict[str, float]:
+    """{task: global test accuracy} once each task's head, starting from ``modules``' own, is trained alone for
+    ``epochs`` epochs (``train.optimizer`` and ``train.lr``, batch ``train.batch_size``, the loss over every
+    training sample of the pool) on the pooled features the frozen backbone and ``modules``' frozen adapters
+    make of the whole training pool: what the best head for those features scores, near enough."""
+    device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, len(tok), task_labels(cfg)).to(device)
+    for n in model.module_names():
+        model.load_module_state(n, modules[n].tensors)
+    out = {}
+    for task in cfg.tasks:
+        feats, labels = pooled_features(model, training_pool(cfg, task, tok), task, device)
+        test = build_global_test(cfg, task, tok)
+        tfeats, _ = pooled_features(model, test, task, device)
+        head = model.module(head_name(task)).train()
+        opt = make_optimizer(list(head.parameters()), cfg.train)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(labels), generator=gen).split(cfg.train.batch_size):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(head(feats[idx]), labels[idx]).backward()
+                opt.step()
+        head.eval()
+        with torch.no_grad():
+            pred = head(tfeats).argmax(-1)
+        correct, score = test.score(torch.arange(len(test)), pred)
+        out[task] = (score if score is not None else correct) / len(test)
+    return out
 
 
 def summarise(out: Path) -> dict:
@@ -93,6 +168,9 @@ def summarise(out: Path) -> dict:
             got["federation"].append(acc)
             got["centralised"].append(b)
             got["gap"].append(100 * (acc - b))
+    probes = [p.parent / "probe.json" for p in found]
+    if all(p.exists() for p in probes):
+        _add_probes(summary, [json.loads(p.read_text()) for p in probes])
     means = [
         statistics.mean(t["federation"][i] for t in summary["tasks"].values())
         - statistics.mean(t["centralised"][i] for t in summary["tasks"].values())
@@ -102,6 +180,22 @@ def summarise(out: Path) -> dict:
     worst = [min(t["gap"][i] for t in summary["tasks"].values()) for i in range(len(summary["draws"]))]
     summary["worst_gap"] = worst
     return summary
+
+
+def _add_probes(summary: dict, probes: list[dict]) -> None:
+    """Per task of ``summary``: the probed accuracies (``refit_heads``) of both runs of every draw, the features'
+    share of the gap (the probed federation's difference from the probed bound, points) and the heads' (the
+    rest of the draw's gap)."""
+    epochs = {p["probe_epochs"] for p in probes}
+    if len(epochs) > 1:
+        raise ValueError(f"the draws' probes trained the heads for different epochs: {sorted(epochs)}")
+    summary["probe_epochs"] = epochs.pop()
+    for task, t in summary["tasks"].items():
+        fed = [p["federation"][task] for p in probes]
+        central = [p["centralised"][task] for p in probes]
+        features = [100 * (f - c) for f, c in zip(fed, central, strict=True)]
+        heads = [g - f for g, f in zip(t["gap"], features, strict=True)]
+        t["probe"] = {"federation": fed, "centralised": central, "features": features, "heads": heads}
 
 
 def tables(summary: dict) -> str:
@@ -128,6 +222,21 @@ def tables(summary: dict) -> str:
         + ", ".join(f"{g:+.1f}" for g in summary["worst_gap"]),
         "",
     ]
+    if "probe_epochs" in summary:
+        lines += [
+            f"each run's heads refit alone on its own features of the whole pool ({summary['probe_epochs']} epochs):",
+            "",
+            "| task | federation refit, median (range) | centralised refit, median (range) | the features' share, "
+            "points: refit − refit (range) | the heads' share, points: the rest of the gap (range) |",
+            "|---|---|---|---|---|",
+        ]
+        for task, t in summary["tasks"].items():
+            q = t["probe"]
+            lines.append(
+                f"| {task} | {_spread(q['federation'], '.3f')} | {_spread(q['centralised'], '.3f')} "
+                f"| {_spread(q['features'], '+.1f')} | {_spread(q['heads'], '+.1f')} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -142,8 +251,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gap", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="the draws' folder (DIR/init-<seed>/)")
     p.add_argument("--init-seed", type=int, action="append", default=[], help="one draw (repeatable)")
+    p.add_argument(
+        "--probe-epochs",
+        type=int,
+        default=0,
+        help="split each draw's gap into the features' and the heads' shares: each run's heads trained alone for "
+        "this many epochs on its own features of the whole pool (0: no probe)",
+    )
     remedy_options(p)
     a = p.parse_args(argv)
+    if a.probe_epochs < 0:
+        p.error(f"--probe-epochs: at least 0, got {a.probe_epochs}")
     if len(set(a.init_seed)) != len(a.init_seed):
         p.error(f"--init-seed: each draw once, got {a.init_seed}")
     if any(s.startswith(INIT) for s in a.sets):

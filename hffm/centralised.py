@@ -25,6 +25,7 @@ from hffm.data import (
     task_pool_labels,
 )
 from hffm.model import build_model
+from hffm.modules import Module, ModuleSet
 from hffm.training import evaluate, round_lr, train_local
 
 
@@ -47,6 +48,11 @@ def training_pool(cfg: HFFMConfig, task: str, tokenizer) -> TaskData:
 def run_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> dict:
     """Train for ``cfg.rounds`` rounds of ``train.local_epochs`` epochs over the whole pool; a results
     mapping shaped like a federated run's (``rounds[].accuracy[task]["global"]``, ``loss``)."""
+    return train_centralised(cfg, log)[0]
+
+
+def train_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> tuple[dict, ModuleSet]:
+    """``run_centralised``'s results and the modules it ended with."""
     device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
     torch.set_num_threads(cfg.runtime.torch_threads)
     tok = load_tokenizer(cfg)
@@ -75,4 +81,9 @@ def run_centralised(cfg: HFFMConfig, log: Callable[[str], None] = print) -> dict
             }
         )
         log(f"round {r:3d}  loss {stats.loss:.3f}  " + " ".join(f"{t}={a['global']:.3f}" for t, a in acc.items()))
-    return {"config": cfg.model_dump(mode="json"), "method": "centralised", "rounds": rounds, "complete": True}
+    results = {"config": cfg.model_dump(mode="json"), "method": "centralised", "rounds": rounds, "complete": True}
+    modules = {
+        n: Module(n, {k: v.detach().cpu().clone() for k, v in model.module_state(n).items()}, cfg.rounds, 1.0)
+        for n in names
+    }
+    return results, modules

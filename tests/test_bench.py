@@ -628,30 +628,48 @@ def test_the_gap_to_centralised_is_judged_by_each_draw_s_difference_from_its_own
 
     import benchmarks.gap as gap
     from hffm.config import load_config
+    from hffm.modules import load_modules
 
     out = tmp_path / "gap"
     sets = ["rounds=2", "e_agg=2", "topology.edges=2", "topology.devices_per_edge=2", "data.train_per_task=64"]
     sets += ["data.global_test_per_task=32"]
-    gap.main(["--out", str(out), "--init-seed", "1", "--init-seed", "2", *(x for s in sets for x in ("--set", s))])
+    args = ["--out", str(out), "--probe-epochs", "3", *(x for s in sets for x in ("--set", s))]
+    gap.main([*args, "--init-seed", "1", "--init-seed", "2"])
     s = json.loads((out / "draws.json").read_text())
     assert s["draws"] == [1, 2] and set(s["tasks"]) == set(load_config(None, sets).tasks)
+    assert s["probe_epochs"] == 3
     bounds = []
     for i, seed in enumerate((1, 2)):
-        fed = json.loads((out / f"init-{seed}" / "screen.json").read_text())
-        bound = json.loads((out / f"init-{seed}" / "centralised.json").read_text())
-        assert fed["sets"][-1] == bound["sets"][-1] == f"model.init_seed={seed}"
+        d = out / f"init-{seed}"
+        fed = json.loads((d / "screen.json").read_text())
+        bound = json.loads((d / "centralised.json").read_text())
+        probe = json.loads((d / "probe.json").read_text())
+        assert fed["sets"][-1] == bound["sets"][-1] == probe["sets"][-1] == f"model.init_seed={seed}"
         assert fed["curve"][-1]["round"] == bound["rounds"][-1]["round"] == 2
         bounds.append(bound["rounds"][0]["loss"])
+        cfg = load_config(None, fed["sets"])
+        # the kept modules are what each run ended with: its heads as they are (0 epochs) score what it scored
+        assert gap.refit_heads(cfg, load_modules(str(d / "screen.safetensors")), 0) == fed["curve"][-1]["accuracy"]
+        last = {t: a["global"] for t, a in bound["rounds"][-1]["accuracy"].items()}
+        assert gap.refit_heads(cfg, load_modules(str(d / "centralised.safetensors")), 0) == last
         for task, t in s["tasks"].items():
             want = 100 * (fed["curve"][-1]["accuracy"][task] - bound["rounds"][-1]["accuracy"][task]["global"])
             assert t["gap"][i] == pytest.approx(want)
+            q = t["probe"]
+            assert q["federation"][i] == probe["federation"][task] and q["centralised"][i] == probe["centralised"][task]
+            assert q["features"][i] == pytest.approx(100 * (probe["federation"][task] - probe["centralised"][task]))
+            assert q["features"][i] + q["heads"][i] == pytest.approx(t["gap"][i])
+        # 3 epochs of head training on fixed features move the heads: the probe is not the run's own score
+        assert probe["federation"] != fed["curve"][-1]["accuracy"] or probe["centralised"] != last
     assert bounds[0] != bounds[1]  # another initialisation: another bound
+    assert "the features' share" in (out / "draws.md").read_text()
     # kept: run again, nothing is made again
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("init-*/*.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("init-*/*")}
     monkeypatch.setattr(gap, "screen", lambda *a, **k: pytest.fail("a kept draw ran again"))
-    monkeypatch.setattr(gap, "run_centralised", lambda *a, **k: pytest.fail("a kept bound ran again"))
-    gap.main(["--out", str(out), "--init-seed", "2", *(x for s in sets for x in ("--set", s))])
-    assert {p: p.stat().st_mtime_ns for p in out.glob("init-*/*.json")} == stamps
+    monkeypatch.setattr(gap, "train_centralised", lambda *a, **k: pytest.fail("a kept bound ran again"))
+    monkeypatch.setattr(gap, "refit_heads", lambda *a, **k: pytest.fail("a kept probe ran again"))
+    gap.main([*args, "--init-seed", "2"])
+    assert {p: p.stat().st_mtime_ns for p in out.glob("init-*/*")} == stamps
 
     # paired: a draw that ran high and one that ran low (the medians' difference would say 0)
     def draw(seed, fed, bound, sets=("rounds=2",), central=True, remedy=None):
@@ -671,6 +689,21 @@ def test_the_gap_to_centralised_is_judged_by_each_draw_s_difference_from_its_own
     md = gap.tables(s)
     assert "| t | 0.640 (0.600 to 0.700) | 0.640 (0.600 to 0.720) | -2.0 (-4.0 to +4.0) |" in md
     assert "worst task by median: t -2.0 points" in md and "remedy plain, calibrate cloud" in md
+    # probed: the features' share is the refit federation's difference from the refit bound, the heads' the rest
+    for seed, (f, c, n) in {1: (0.71, 0.72, 5), 2: (0.66, 0.64, 5), 3: (0.60, 0.62, 5)}.items():
+        probe = {"probe_epochs": n, "federation": {"t": f}, "centralised": {"t": c}}
+        (tmp_path / "fab" / f"init-{seed}" / "probe.json").write_text(json.dumps(probe))
+    q = gap.summarise(tmp_path / "fab")["tasks"]["t"]["probe"]
+    assert [round(x, 6) for x in q["features"]] == [-1.0, 2.0, -2.0]
+    assert [round(x, 6) for x in q["heads"]] == [-1.0, -6.0, 6.0]
+    assert "| t | 0.660 (0.600 to 0.710) | 0.640 (0.620 to 0.720) | -1.0 (-2.0 to +2.0) |" in gap.tables(
+        gap.summarise(tmp_path / "fab")
+    )
+    (tmp_path / "fab" / "init-3" / "probe.json").write_text(json.dumps({**probe, "probe_epochs": 7}))
+    with pytest.raises(ValueError, match="different epochs"):
+        gap.summarise(tmp_path / "fab")
+    for f in (tmp_path / "fab").glob("init-*/probe.json"):
+        f.unlink()
     draw(4, 0.6, 0.6, central=False)
     with pytest.raises(ValueError, match="without its centralised bound"):
         gap.summarise(tmp_path / "fab")
@@ -684,3 +717,5 @@ def test_the_gap_to_centralised_is_judged_by_each_draw_s_difference_from_its_own
         gap.summarise(tmp_path / "fab")
     with pytest.raises(SystemExit):
         gap.main(["--out", str(out), "--init-seed", "1", "--init-seed", "1"])
+    with pytest.raises(SystemExit):
+        gap.main(["--out", str(out), "--init-seed", "1", "--probe-epochs", "-1"])
