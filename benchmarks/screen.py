@@ -1,8 +1,8 @@
 """Screening a training remedy in one process before it is built into the nodes (issue 15).
 
-``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads|virtual|moon|disco] [--server-lr η]
-[--tau τ] [--virtual-weight λ] [--moon-mu μ] [--moon-tau τ] [--disco-a a] [--disco-b b]
-[--calibrate none|final|cloud] [--out FILE]
+``python -m benchmarks.screen [--remedy plain|scaffold|fedadam|frozen_heads|virtual|moon|disco|proto]
+[--server-lr η] [--tau τ] [--virtual-weight λ] [--moon-mu μ] [--moon-tau τ] [--disco-a a] [--disco-b b]
+[--proto-weight λ] [--calibrate none|final|cloud] [--out FILE]
 [--set KEY=VALUE ...]``; ``--plot PNG --curve LABEL=FILE ... [--central FILE]`` plots curves made before.
 
 A remedy for the gap to centralised training (docs/results.md) costs a session to build into the devices,
@@ -46,6 +46,13 @@ Remedies:
   task's share and distance, the shared modules by the device's share of all samples and its distances' mean
   over its tasks (weighted by its samples of each). Only label counts would travel (what calibration's
   statistics already carry).
+- ``proto`` (with ``--calibrate cloud``): the answers' mean features of the last cloud round's calibration
+  statistics (what the cloud already merges; the federation's prototypes) go down to the devices, and each local
+  batch of a task adds ``--proto-weight`` λ times the mean squared distance of each sample's pooled features from
+  its answer's prototype (FedPAC's feature alignment, Xu et al., ICLR 2023; FedProto's regulariser, Tan et al.,
+  AAAI 2022): a device that holds one or two answers cannot move the shared adapters' features of those answers
+  away from where the federation puts them. An answer nobody held adds nothing; round 1, before any statistics,
+  trains as plain does. It would send the means down as well as up.
 
 ``--calibrate cloud`` calibrates the heads (CCVR, ``hffm.calibration``) after every cloud round's average, as
 the cloud does with ``calibration.enabled`` (the same function, its parameters from ``--set calibration.*``);
@@ -79,7 +86,7 @@ from hffm.modules import Module, ModuleSet
 from hffm.topology import split_table
 from hffm.training import evaluate, round_lr, train_local
 
-REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads", "virtual", "moon", "disco")
+REMEDIES = ("plain", "scaffold", "fedadam", "frozen_heads", "virtual", "moon", "disco", "proto")
 CALIBRATE = ("none", "final", "cloud")
 
 
@@ -94,6 +101,7 @@ def screen(
     moon_mu: float = 1.0,
     moon_tau: float = 0.5,
     disco: tuple[float, float] = (0.5, 0.1),
+    proto_weight: float = 0.01,
 ) -> tuple[list[dict], ModuleSet]:
     """Run ``cfg.rounds`` rounds of ``cfg.method`` (hfm or star) with ``remedy``: (the curve, one record per
     cloud round ``{"round", "accuracy": {task: global accuracy}, "mean"}``; the last global modules)."""
@@ -101,6 +109,8 @@ def screen(
         raise ValueError(f"--remedy: {remedy!r} is not one of {', '.join(REMEDIES)}")
     if calibrate not in CALIBRATE:
         raise ValueError(f"--calibrate: {calibrate!r} is not one of {', '.join(CALIBRATE)}")
+    if remedy in ("virtual", "proto") and calibrate != "cloud":
+        raise ValueError(f"--remedy {remedy}: needs the cloud's statistics (--calibrate cloud)")
     if cfg.method not in ("hfm", "star"):
         raise ValueError(f"method: the screen runs hfm or star, not {cfg.method!r}")
     device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
@@ -144,6 +154,8 @@ def screen(
                 extra = _virtual_loss(
                     model, gstats, virtual_weight, zlib.crc32(f"{cfg.seed}/v/{d}/{r}".encode()), device
                 )
+            if remedy == "proto" and gstats:
+                extra = _proto_loss(gstats, proto_weight)
             if remedy == "moon":
                 extra = _moon_loss(anchor, names, held[edge_of[d]], last.get(d, held[edge_of[d]]), moon_mu, moon_tau)
             train_local(
@@ -235,6 +247,23 @@ def _virtual_loss(model: HFFMModel, stats: dict, weight: float, seed: int, devic
         feats, labels = pools[task]
         idx = torch.randint(len(labels), (len(batch["labels"]),), generator=gen)
         return weight * loss_fn(model.module(head_name(task))(feats[idx].to(device)), labels[idx].to(device))
+
+    return extra
+
+
+def _proto_loss(stats: dict, weight: float):
+    """extra_loss for train_local: ``weight`` x the batch's mean squared distance of each sample's pooled features
+    from its answer's mean feature in ``stats`` (the federation's prototypes); answers nobody held add nothing."""
+    means = {t: (fs.total / fs.count.clamp_min(1).unsqueeze(1)).float() for t, fs in stats.items()}
+    held = {t: fs.count.round() >= 1 for t, fs in stats.items()}
+
+    def extra(task: str, batch: dict, feats: torch.Tensor) -> torch.Tensor:
+        labels = batch["labels"].cpu()
+        ok = held[task][labels] if task in held else torch.zeros_like(labels, dtype=torch.bool)
+        if not bool(ok.any()):
+            return feats.sum() * 0.0
+        mu = means[task][labels[ok]].to(feats.device)
+        return weight * (feats[ok.to(feats.device)].float() - mu).pow(2).sum(-1).mean()
 
     return extra
 
@@ -402,6 +431,7 @@ def remedy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moon-tau", type=float, default=0.5, help="moon: the contrastive loss's temperature τ")
     p.add_argument("--disco-a", type=float, default=0.5, help="disco: the discrepancy's coefficient a")
     p.add_argument("--disco-b", type=float, default=0.1, help="disco: the offset b")
+    p.add_argument("--proto-weight", type=float, default=0.01, help="proto: the prototype loss's weight λ")
     p.add_argument("--calibrate", choices=CALIBRATE, default="none", help="CCVR head calibration at the cloud")
 
 
@@ -415,6 +445,7 @@ def remedy_kwargs(a: argparse.Namespace) -> dict:
         "moon_mu": a.moon_mu,
         "moon_tau": a.moon_tau,
         "disco": (a.disco_a, a.disco_b),
+        "proto_weight": a.proto_weight,
     }
 
 
@@ -427,6 +458,8 @@ def remedy_info(a: argparse.Namespace) -> dict:
         info |= {"moon_mu": a.moon_mu, "moon_tau": a.moon_tau}
     if a.remedy == "disco":
         info |= {"disco_a": a.disco_a, "disco_b": a.disco_b}
+    if a.remedy == "proto":
+        info |= {"proto_weight": a.proto_weight}
     if a.remedy == "fedadam":
         info |= {"server_lr": a.server_lr, "tau": a.tau}
     return info

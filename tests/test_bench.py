@@ -387,6 +387,55 @@ def test_the_moon_remedy_pulls_a_device_s_features_to_the_start_s_and_from_its_l
     assert cosine_to(moon, last) < cosine_to(plain, last), (cosine_to(moon, last), cosine_to(plain, last))
 
 
+def test_the_proto_remedy_keeps_a_device_s_features_at_the_federation_s_answer_means():
+    """The screen's ``proto`` remedy (FedPAC's feature alignment): each batch adds λ x the mean squared distance of
+    its samples' pooled features from their answers' means in the federation's statistics. A skewed device
+    trained with it ends with its features nearer those means than plain training leaves them; with λ = 0 it is
+    plain training, bit for bit. Without the cloud's statistics the remedy is refused."""
+    import torch
+
+    from benchmarks.screen import _proto_loss, _snapshot, screen
+    from hffm.calibration import feature_stats, merge
+    from hffm.data import build_device_data
+    from hffm.topology import split_table
+    from hffm.training import train_local
+
+    cfg, tok, model = _screen_model(["data.alpha=0.1", "data.train_per_task=160", "train.local_epochs=3"])
+    topo = split_table(cfg)
+    holders = topo.holders_by_task()
+    data = {d: build_device_data(cfg, d, holders, tok, topo.device_map[d].tasks).train for d in topo.device_map}
+    stats = merge([feature_stats(model, data[d], "cpu") for d in sorted(data)])
+    names = model.module_names()
+    start = _snapshot(model, names, 0, {})
+    dev = sorted(data)[0]
+    means = {t: stats[t].total / stats[t].count.clamp_min(1).unsqueeze(1) for t in stats}
+
+    def trained(weight: float | None) -> tuple[float, dict]:
+        for n in names:
+            model.load_module_state(n, start[n].tensors)
+        extra = _proto_loss(stats, weight) if weight is not None else None
+        train_local(model, data[dev], names, cfg.train, "cpu", seed=7, extra_loss=extra)
+        model.eval()
+        dist = []
+        with torch.no_grad():  # how far the device's features ended from the federation's answer means
+            for task, td in data[dev].items():
+                batch = td.batch(torch.arange(len(td)), "cpu")
+                z = model.pooled(batch, task).double()
+                dist.append((z - means[task][batch["labels"]]).pow(2).sum(-1).mean())
+        return float(torch.stack(dist).mean()), _snapshot(model, names, 1, {})
+
+    plain, plain_mods = trained(None)
+    zero, zero_mods = trained(0.0)
+    proto, _ = trained(1.0)
+    assert all(
+        torch.equal(plain_mods[n].tensors[k], zero_mods[n].tensors[k]) for n in names for k in plain_mods[n].tensors
+    )
+    assert plain == zero
+    assert proto < plain / 2, (proto, plain)
+    with pytest.raises(ValueError, match="--calibrate cloud"):
+        screen(cfg, "proto", log=lambda _: None)
+
+
 def test_scaffold_corrects_every_step_and_keeps_the_mean_raw_gradient():
     """The screen's SCAFFOLD hook with SGD (no momentum), where a run's displacement is exactly -lr x the sum
     of the gradients stepped on: every parameter moves by -lr x (its batches) x (its new c_i + c - c_i), i.e.
