@@ -251,6 +251,27 @@ def _screen_model(sets: list[str]):
     return cfg, tok, build_model(cfg, len(tok), task_labels(cfg))
 
 
+def _bitwise_equal(a: dict, b: dict) -> bool:
+    """Two module sets hold the same tensors, bit for bit."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[n].tensors[k], b[n].tensors[k]) for n in a for k in a[n].tensors)
+
+
+def _skewed_federation():
+    """(config, model, {device: its training data}, the federation's merged feature statistics) of a small
+    Dirichlet(0.1) federation, as the screen builds them: what the screen's remedies from statistics start from."""
+    from hffm.calibration import feature_stats, merge
+    from hffm.data import build_device_data
+    from hffm.topology import split_table
+
+    cfg, tok, model = _screen_model(["data.alpha=0.1", "data.train_per_task=160", "train.local_epochs=3"])
+    topo = split_table(cfg)
+    holders = topo.holders_by_task()
+    data = {d: build_device_data(cfg, d, holders, tok, topo.device_map[d].tasks).train for d in topo.device_map}
+    return cfg, model, data, merge([feature_stats(model, data[d], "cpu") for d in sorted(data)])
+
+
 def test_the_screen_reproduces_a_real_hfm_run(golden_run):
     """benchmarks.screen (hfm's round plan in one process) against the golden run's real services (hfm-d2d:
     D2D changes who aggregates a cluster, not the aggregate): the same global accuracy at every cloud round
@@ -287,17 +308,11 @@ def test_the_virtual_remedy_trains_a_device_s_heads_on_answers_it_does_not_hold(
     import torch
 
     from benchmarks.screen import _snapshot, _virtual_loss
-    from hffm.calibration import feature_stats, merge, virtual_features
-    from hffm.data import build_device_data
+    from hffm.calibration import virtual_features
     from hffm.ids import head_name
-    from hffm.topology import split_table
     from hffm.training import train_local
 
-    cfg, tok, model = _screen_model(["data.alpha=0.1", "data.train_per_task=160", "train.local_epochs=3"])
-    topo = split_table(cfg)
-    holders = topo.holders_by_task()
-    data = {d: build_device_data(cfg, d, holders, tok, topo.device_map[d].tasks).train for d in topo.device_map}
-    stats = merge([feature_stats(model, data[d], "cpu") for d in sorted(data)])
+    cfg, model, data, stats = _skewed_federation()
     names = model.module_names()
     start = _snapshot(model, names, 0, {})
     task, dev = next(
@@ -326,9 +341,7 @@ def test_the_virtual_remedy_trains_a_device_s_heads_on_answers_it_does_not_hold(
     plain, plain_mods = trained(None)
     zero, zero_mods = trained(0.0)
     virtual, _ = trained(1.0)
-    assert all(
-        torch.equal(plain_mods[n].tensors[k], zero_mods[n].tensors[k]) for n in names for k in plain_mods[n].tensors
-    )
+    assert _bitwise_equal(plain_mods, zero_mods)
     assert plain == zero
     assert virtual < plain - 0.3, (virtual, plain)  # 2.33 against 2.93 nats here
 
@@ -382,7 +395,7 @@ def test_the_moon_remedy_pulls_a_device_s_features_to_the_start_s_and_from_its_l
     plain = trained(start, None, last)
     zero = trained(start, 0.0, last)
     moon = trained(start, 1.0, last)
-    assert all(torch.equal(plain[n].tensors[k], zero[n].tensors[k]) for n in names for k in plain[n].tensors)
+    assert _bitwise_equal(plain, zero)
     assert cosine_to(moon, start) > cosine_to(plain, start) + 0.01, (cosine_to(moon, start), cosine_to(plain, start))
     assert cosine_to(moon, last) < cosine_to(plain, last), (cosine_to(moon, last), cosine_to(plain, last))
 
@@ -395,16 +408,9 @@ def test_the_proto_remedy_keeps_a_device_s_features_at_the_federation_s_answer_m
     import torch
 
     from benchmarks.screen import _proto_loss, _snapshot, screen
-    from hffm.calibration import feature_stats, merge
-    from hffm.data import build_device_data
-    from hffm.topology import split_table
     from hffm.training import train_local
 
-    cfg, tok, model = _screen_model(["data.alpha=0.1", "data.train_per_task=160", "train.local_epochs=3"])
-    topo = split_table(cfg)
-    holders = topo.holders_by_task()
-    data = {d: build_device_data(cfg, d, holders, tok, topo.device_map[d].tasks).train for d in topo.device_map}
-    stats = merge([feature_stats(model, data[d], "cpu") for d in sorted(data)])
+    cfg, model, data, stats = _skewed_federation()
     names = model.module_names()
     start = _snapshot(model, names, 0, {})
     dev = sorted(data)[0]
@@ -427,9 +433,7 @@ def test_the_proto_remedy_keeps_a_device_s_features_at_the_federation_s_answer_m
     plain, plain_mods = trained(None)
     zero, zero_mods = trained(0.0)
     proto, _ = trained(1.0)
-    assert all(
-        torch.equal(plain_mods[n].tensors[k], zero_mods[n].tensors[k]) for n in names for k in plain_mods[n].tensors
-    )
+    assert _bitwise_equal(plain_mods, zero_mods)
     assert plain == zero
     assert proto < plain / 2, (proto, plain)
     with pytest.raises(ValueError, match="--calibrate cloud"):
