@@ -34,6 +34,7 @@ import torch
 from benchmarks.attacks import _same_settings, _spread, draw_dir
 from benchmarks.realdata import code_digest
 from benchmarks.screen import remedy_info, remedy_kwargs, remedy_options, screen
+from hffm.calibration import pooled_batches
 from hffm.centralised import train_centralised, training_pool
 from hffm.config import HFFMConfig, load_config, resolve_torch_device
 from hffm.data import build_global_test, load_tokenizer, task_labels
@@ -90,17 +91,14 @@ def run_draw(out: Path, init_seed: int, a: argparse.Namespace, log=print) -> Non
         (d / "probe.json").write_text(json.dumps(probe, indent=1))
 
 
-def pooled_features(model: HFFMModel, td, task: str, device: str, batch_size: int = 128) -> tuple:
-    """(features (N, d), labels (N,)) of every sample of ``td`` under the model's current modules."""
+def pooled_features(model: HFFMModel, td, task: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, d) float32, labels (N,)) of every sample of ``td`` under the model's current modules, on
+    ``device``."""
     model.eval()
     torch.manual_seed(0)  # ViLT's patch order (global RNG), as evaluate fixes it
-    feats, labels = [], []
     with torch.no_grad():
-        for i in range(0, len(td), batch_size):
-            batch = td.batch(torch.arange(i, min(i + batch_size, len(td))), device)
-            feats.append(model.pooled(batch, task).float())
-            labels.append(batch["labels"])
-    return torch.cat(feats), torch.cat(labels)
+        parts = list(pooled_batches(model, td, task, device))
+    return torch.cat([f for f, _ in parts]).float().to(device), torch.cat([y for _, y in parts]).to(device)
 
 
 def refit_heads(cfg: HFFMConfig, modules: ModuleSet, epochs: int) -> dict[str, float]:

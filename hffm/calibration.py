@@ -20,7 +20,7 @@ variances and those correlations: d x d per task, not per answer).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -159,14 +159,20 @@ def feature_stats(
         if len(td) == 0:
             continue
         classes = answers_of(model.module(head_name(task)))
-        parts = []
-        for i in range(0, len(td), batch_size):
-            idx = torch.arange(i, min(i + batch_size, len(td)))
-            batch = td.batch(idx, device)
-            feats = model.pooled(batch, task).cpu()
-            parts.append(stats_of(feats, batch["labels"].cpu(), classes, diagonal, pooled))
+        batches = pooled_batches(model, td, task, device, batch_size)
+        parts = [stats_of(f, y, classes, diagonal, pooled) for f, y in batches]
         out[task] = sum(parts[1:], parts[0])
     return out
+
+
+def pooled_batches(
+    model: HFFMModel, td: TaskData, task: str, device: str, batch_size: int = 128
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled features, labels) of ``td``'s samples, batch by batch in order, under the model's current modules,
+    on the CPU. The caller sets the mode, the gradients and ViLT's patch-order seed."""
+    for i in range(0, len(td), batch_size):
+        batch = td.batch(torch.arange(i, min(i + batch_size, len(td))), device)
+        yield model.pooled(batch, task).cpu(), batch["labels"].cpu()
 
 
 def answers_of(head: nn.Module) -> int:
