@@ -83,10 +83,8 @@ def run_draw(out: Path, init_seed: int, a: argparse.Namespace, log=print) -> Non
     probe = {**key, "probe_epochs": a.probe_epochs}
     if made or _kept(d / "probe.json", probe) is None:
         log(f"draw {init_seed}: the heads refit on each run's own features ({a.probe_epochs} epochs)")
-        got = {
-            side: refit_heads(cfg, load_modules(str(d / f"{side}.safetensors")), a.probe_epochs)
-            for side in ("screen", "centralised")
-        }
+        runs = {side: load_modules(str(d / f"{side}.safetensors")) for side in ("screen", "centralised")}
+        got = refit_heads(cfg, runs, a.probe_epochs)
         probe |= {"federation": got["screen"], "centralised": got["centralised"]}
         (d / "probe.json").write_text(json.dumps(probe, indent=1))
 
@@ -101,34 +99,36 @@ def pooled_features(model: HFFMModel, td, task: str, device: str) -> tuple[torch
     return torch.cat([f for f, _ in parts]).float().to(device), torch.cat([y for _, y in parts]).to(device)
 
 
-def refit_heads(cfg: HFFMConfig, modules: ModuleSet, epochs: int) -> dict[str, float]:
-    """{task: global test accuracy} once each task's head, starting from ``modules``' own, is trained alone for
-    ``epochs`` epochs (``train.optimizer`` and ``train.lr``, batch ``train.batch_size``, the loss over every
-    training sample of the pool) on the pooled features the frozen backbone and ``modules``' frozen adapters
-    make of the whole training pool: what the best head for those features scores, near enough."""
+def refit_heads(cfg: HFFMConfig, runs: dict[str, ModuleSet], epochs: int) -> dict[str, dict[str, float]]:
+    """{run: {task: global test accuracy}} once each task's head of each run of ``runs``, starting from the run's
+    own, is trained alone for ``epochs`` epochs (``train.optimizer`` and ``train.lr``, batch ``train.batch_size``,
+    the loss over every training sample of the pool) on the pooled features the frozen backbone and the run's
+    frozen adapters make of the whole training pool: what the best head for those features scores, near enough.
+    The model and each task's data are built once for every run."""
     device = resolve_torch_device(cfg.runtime.device, cfg.runtime.precision)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, len(tok), task_labels(cfg)).to(device)
-    for n in model.module_names():
-        model.load_module_state(n, modules[n].tensors)
-    out = {}
+    out: dict[str, dict[str, float]] = {run: {} for run in runs}
     for task in cfg.tasks:
-        feats, labels = pooled_features(model, training_pool(cfg, task, tok), task, device)
-        test = build_global_test(cfg, task, tok)
-        tfeats, _ = pooled_features(model, test, task, device)
-        head = model.module(head_name(task)).train()
-        opt = make_optimizer(list(head.parameters()), cfg.train)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(labels), generator=gen).split(cfg.train.batch_size):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(head(feats[idx]), labels[idx]).backward()
-                opt.step()
-        head.eval()
-        with torch.no_grad():
-            pred = head(tfeats).argmax(-1)
-        correct, score = test.score(torch.arange(len(test)), pred)
-        out[task] = (score if score is not None else correct) / len(test)
+        pool, test = training_pool(cfg, task, tok), build_global_test(cfg, task, tok)
+        for run, modules in runs.items():
+            for n in model.module_names():
+                model.load_module_state(n, modules[n].tensors)
+            feats, labels = pooled_features(model, pool, task, device)
+            tfeats, _ = pooled_features(model, test, task, device)
+            head = model.module(head_name(task)).train()
+            opt = make_optimizer(list(head.parameters()), cfg.train)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            for _ in range(epochs):
+                for idx in torch.randperm(len(labels), generator=gen).split(cfg.train.batch_size):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(head(feats[idx]), labels[idx]).backward()
+                    opt.step()
+            head.eval()
+            with torch.no_grad():
+                pred = head(tfeats).argmax(-1)
+            correct, score = test.score(torch.arange(len(test)), pred)
+            out[run][task] = (score if score is not None else correct) / len(test)
     return out
 
 
